@@ -1,0 +1,628 @@
+//! Azure Compute Gallery: galleries, image definitions and image versions. Enforces the naming
+//! rules, the definition/source consistency (OS type, OS state, Hyper-V generation), the
+//! publishing-profile rules (source region among the targets, no duplicate regions, replica counts
+//! 1–100), and replicates each version region by region over emulated time: Unknown → Replicating →
+//! Completed or Failed, with `provisioningState` reading Succeeded as soon as the source region is done.
+
+use std::collections::HashSet;
+
+use serde_json::{Map, Value, json};
+use time::Duration;
+use time::format_description::well_known::Rfc3339;
+
+use super::ArmError;
+use super::resources::{Plan, ResPath};
+use crate::emulator::Ctx;
+use crate::emulator::clock::EmuTime;
+use crate::emulator::regions;
+use crate::emulator::state::{Kind, RegionReplication, ReplicationState, Resource, State};
+
+const STORAGE_TYPES: &[&str] = &["Standard_LRS", "Standard_ZRS", "Premium_LRS", "PremiumV2_LRS"];
+
+fn gallery_name_ok(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 80
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+fn definition_name_ok(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 80
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.' || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// `Major.Minor.Patch`, each a 32-bit signed integer.
+pub fn version_name_ok(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.bytes().all(|c| c.is_ascii_digit()) && p.parse::<i32>().is_ok())
+}
+
+fn missing(target: &str) -> ArmError {
+    ArmError::invalid(target, format!("Required parameter '{target}' is missing (null)."))
+}
+
+fn one_of(value: &str, allowed: &[&str], target: &str) -> Result<String, ArmError> {
+    allowed
+        .iter()
+        .find(|a| a.eq_ignore_ascii_case(value))
+        .map(|a| a.to_string())
+        .ok_or_else(|| {
+            ArmError::invalid(
+                target,
+                format!(
+                    "The value '{value}' of parameter '{target}' is not valid. Allowed values are {}.",
+                    allowed.join(", ")
+                ),
+            )
+        })
+}
+
+pub fn plan_create(
+    ctx: &Ctx,
+    st: &State,
+    path: &ResPath,
+    body: Value,
+    location: &str,
+    now: EmuTime,
+) -> Result<Plan, ArmError> {
+    let jitter = ctx.jitter(&format!("create:{}", path.id()), 0.2);
+    match path.kind {
+        Kind::Gallery => {
+            if !gallery_name_ok(path.name()) {
+                return Err(ArmError::invalid(
+                    "galleryName",
+                    format!(
+                        "The gallery name '{}' is invalid. The gallery name must begin and end with a letter or digit, may contain only letters, digits, underscores and periods (no dashes), and be at most 80 characters long.",
+                        path.name()
+                    ),
+                ));
+            }
+            Ok(Plan {
+                body,
+                facts: json!({"uniqueName": format!("{}-{}", path.sub, path.name().to_ascii_uppercase())}),
+                duration: Duration::seconds(20) * jitter,
+                failure: None,
+                replication: Vec::new(),
+            })
+        }
+        Kind::GalleryImage => plan_definition(path, body, jitter),
+        _ => plan_version(ctx, st, path, body, location, now),
+    }
+}
+
+fn plan_definition(path: &ResPath, mut body: Value, jitter: f64) -> Result<Plan, ArmError> {
+    if !definition_name_ok(path.name()) {
+        return Err(ArmError::invalid(
+            "galleryImageName",
+            format!(
+                "The gallery image name '{}' is invalid. It must begin and end with a letter or digit, may contain letters, digits, underscores, periods and dashes, and be at most 80 characters long.",
+                path.name()
+            ),
+        ));
+    }
+    let props = body
+        .get_mut("properties")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| missing("galleryImage.properties"))?;
+    let os_type = props
+        .get("osType")
+        .and_then(Value::as_str)
+        .ok_or_else(|| missing("galleryImage.properties.osType"))?;
+    let os_type = one_of(os_type, &["Windows", "Linux"], "galleryImage.properties.osType")?;
+    let os_state = props
+        .get("osState")
+        .and_then(Value::as_str)
+        .ok_or_else(|| missing("galleryImage.properties.osState"))?;
+    let os_state = one_of(
+        os_state,
+        &["Generalized", "Specialized"],
+        "galleryImage.properties.osState",
+    )?;
+    let identifier = props
+        .get("identifier")
+        .ok_or_else(|| missing("galleryImage.properties.identifier"))?;
+    for field in ["publisher", "offer", "sku"] {
+        if identifier.get(field).and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err(missing(&format!("galleryImage.properties.identifier.{field}")));
+        }
+    }
+    let generation = match props.get("hyperVGeneration").and_then(Value::as_str) {
+        Some(g) => one_of(g, &["V1", "V2"], "galleryImage.properties.hyperVGeneration")?,
+        None => "V1".to_string(),
+    };
+    props.insert("osType".into(), json!(os_type));
+    props.insert("osState".into(), json!(os_state));
+    props.insert("hyperVGeneration".into(), json!(generation));
+    Ok(Plan {
+        body,
+        facts: json!({}),
+        duration: Duration::seconds(15) * jitter,
+        failure: None,
+        replication: Vec::new(),
+    })
+}
+
+/// What a version's source says about the OS: type, state and generation, plus its size.
+struct SourceFacts {
+    location: String,
+    os_type: Option<String>,
+    os_state: Option<String>,
+    generation: String,
+    os_size_gb: u64,
+    data_sizes: Vec<(u64, u64)>,
+}
+
+fn source_facts(st: &State, body: &Value, now: EmuTime) -> Result<SourceFacts, ArmError> {
+    let profile = body
+        .pointer("/properties/storageProfile")
+        .ok_or_else(|| missing("galleryImageVersion.properties.storageProfile"))?;
+    let ready = |r: &Resource, id: &str| -> Result<(), ArmError> {
+        match r.provisioning_state(now) {
+            "Succeeded" => Ok(()),
+            state => Err(ArmError::new(
+                409,
+                "OperationNotAllowed",
+                format!("The source '{id}' is not ready: its provisioning state is {state}."),
+            )),
+        }
+    };
+    let lookup = |id: &str| -> Result<&Resource, ArmError> {
+        st.get(&format!("/{}", id.trim_start_matches('/')))
+            .ok_or_else(|| ArmError::new(404, "NotFound", format!("The source resource '{id}' was not found.")))
+    };
+    if let Some(id) = profile.pointer("/source/id").and_then(Value::as_str) {
+        let image = lookup(id)?;
+        if image.kind != Kind::Image {
+            return Err(ArmError::invalid(
+                "storageProfile.source.id",
+                format!("'{id}' is not a managed image."),
+            ));
+        }
+        ready(image, id)?;
+        let os = &image.body["properties"]["storageProfile"]["osDisk"];
+        let data_sizes = image.facts["dataDiskSizesGB"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(lun, size)| (lun.parse().unwrap_or(0), size.as_u64().unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Ok(SourceFacts {
+            location: image.location.clone(),
+            os_type: os["osType"].as_str().map(str::to_string),
+            os_state: os["osState"].as_str().map(str::to_string),
+            generation: image.body["properties"]["hyperVGeneration"]
+                .as_str()
+                .unwrap_or("V1")
+                .to_string(),
+            os_size_gb: image.facts["osDiskSizeGB"].as_u64().unwrap_or(0),
+            data_sizes,
+        });
+    }
+    if let Some(id) = profile.pointer("/osDiskImage/source/id").and_then(Value::as_str) {
+        let snap = lookup(id)?;
+        ready(snap, id)?;
+        let mut data_sizes = Vec::new();
+        if let Some(disks) = profile.get("dataDiskImages").and_then(Value::as_array) {
+            for disk in disks {
+                let did = disk
+                    .pointer("/source/id")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| missing("dataDiskImages.source.id"))?;
+                let data = lookup(did)?;
+                ready(data, did)?;
+                data_sizes.push((
+                    disk["lun"].as_u64().unwrap_or(0),
+                    data.facts["diskSizeGB"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
+        return Ok(SourceFacts {
+            location: snap.location.clone(),
+            os_type: snap.facts["osType"].as_str().map(str::to_string),
+            os_state: None,
+            generation: snap.facts["hyperVGeneration"].as_str().unwrap_or("V1").to_string(),
+            os_size_gb: snap.facts["diskSizeGB"].as_u64().unwrap_or(0),
+            data_sizes,
+        });
+    }
+    Err(missing("galleryImageVersion.properties.storageProfile.source"))
+}
+
+/// Target regions as (canonical region, replicas, storage type), checked as Azure checks them.
+fn target_regions(body: &Value, location: &str) -> Result<Vec<(String, u32, String)>, ArmError> {
+    let profile = body.pointer("/properties/publishingProfile");
+    let default_replicas = profile
+        .and_then(|p| p.get("replicaCount"))
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let default_storage = profile
+        .and_then(|p| p.get("storageAccountType"))
+        .and_then(Value::as_str)
+        .unwrap_or("Standard_LRS");
+    let default_storage = one_of(default_storage, STORAGE_TYPES, "publishingProfile.storageAccountType")?;
+    let check_count = |n: i64, target: &str| -> Result<u32, ArmError> {
+        if (1..=100).contains(&n) {
+            Ok(n as u32)
+        } else {
+            Err(ArmError::invalid(
+                target,
+                format!(
+                    "The value {n} of parameter '{target}' is out of range. The value must be between 1 and 100, inclusive."
+                ),
+            ))
+        }
+    };
+    check_count(default_replicas, "publishingProfile.replicaCount")?;
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    match profile.and_then(|p| p.get("targetRegions")).and_then(Value::as_array) {
+        Some(regions_given) if !regions_given.is_empty() => {
+            for (i, region) in regions_given.iter().enumerate() {
+                let raw = region["name"]
+                    .as_str()
+                    .ok_or_else(|| missing(&format!("publishingProfile.targetRegions[{i}].name")))?;
+                let name = regions::canonical(raw).ok_or_else(|| {
+                    ArmError::invalid(
+                        "publishingProfile.targetRegions",
+                        format!("The region '{raw}' in target publishing regions is not a valid Azure region."),
+                    )
+                })?;
+                if !seen.insert(name) {
+                    return Err(ArmError::invalid(
+                        "publishingProfile.targetRegions",
+                        "Duplicate regions are not allowed in target publishing regions.",
+                    ));
+                }
+                let replicas = check_count(
+                    region["regionalReplicaCount"].as_i64().unwrap_or(default_replicas),
+                    "regionalReplicaCount",
+                )?;
+                let storage = match region["storageAccountType"].as_str() {
+                    Some(s) => one_of(s, STORAGE_TYPES, "targetRegions.storageAccountType")?,
+                    None => default_storage.clone(),
+                };
+                out.push((name.to_string(), replicas, storage));
+            }
+        }
+        _ => out.push((location.to_string(), default_replicas as u32, default_storage.clone())),
+    }
+    if !out.iter().any(|(r, _, _)| r == location) {
+        return Err(ArmError::invalid(
+            "publishingProfile.targetRegions",
+            format!(
+                "The source region '{location}' of the gallery image version must be one of the target publishing regions."
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn plan_version(
+    ctx: &Ctx,
+    st: &State,
+    path: &ResPath,
+    body: Value,
+    location: &str,
+    now: EmuTime,
+) -> Result<Plan, ArmError> {
+    if !version_name_ok(path.name()) {
+        return Err(ArmError::invalid(
+            "galleryImageVersionName",
+            format!(
+                "The gallery image version name '{}' is invalid. It must be in the format of <MajorVersion>.<MinorVersion>.<Patch> with all parts being 32-bit integers.",
+                path.name()
+            ),
+        ));
+    }
+    let definition = st
+        .get(&path.parent_id().expect("versions have a parent"))
+        .expect("checked by the caller")
+        .clone();
+    let source = source_facts(st, &body, now)?;
+    if !source.location.eq_ignore_ascii_case(location) {
+        return Err(ArmError::invalid(
+            "storageProfile.source.id",
+            format!(
+                "The source of a gallery image version must be in the same region as the version. The source is in '{}' and the version in '{location}'.",
+                source.location
+            ),
+        ));
+    }
+    let def_props = &definition.body["properties"];
+    let def_os = def_props["osType"].as_str().unwrap_or_default();
+    if let Some(os) = &source.os_type
+        && !os.eq_ignore_ascii_case(def_os)
+    {
+        return Err(ArmError::invalid(
+            "storageProfile",
+            format!(
+                "The OS type of the source ({os}) does not match the OS type of the gallery image definition ({def_os})."
+            ),
+        ));
+    }
+    let def_state = def_props["osState"].as_str().unwrap_or_default();
+    if let Some(state) = &source.os_state
+        && !state.eq_ignore_ascii_case(def_state)
+    {
+        return Err(ArmError::invalid(
+            "storageProfile",
+            format!(
+                "The OS State '{state}' of the source does not match the OS State '{def_state}' in the parent gallery image."
+            ),
+        ));
+    }
+    let def_generation = def_props["hyperVGeneration"].as_str().unwrap_or("V1");
+    if !source.generation.eq_ignore_ascii_case(def_generation) {
+        return Err(ArmError::invalid(
+            "storageProfile",
+            format!(
+                "The gallery image version source has a different Hypervisor generation ({}) than the parent gallery image ({def_generation}).",
+                source.generation
+            ),
+        ));
+    }
+    let targets = target_regions(&body, location)?;
+    let size = source.os_size_gb + source.data_sizes.iter().map(|(_, s)| s).sum::<u64>();
+    let id = path.id();
+    let source_region = targets.iter().find(|(r, _, _)| r == location).expect("checked above");
+    let source_secs = (240.0 + 2.0 * size as f64 + 120.0 * (source_region.1 as f64 - 1.0))
+        * ctx.jitter(&format!("source:{id}"), 0.15);
+    let source_done = now + Duration::seconds_f64(source_secs);
+    let mut faults = ctx.faults.lock().expect("faults lock");
+    let replication = targets
+        .iter()
+        .map(|(region, replicas, storage)| {
+            let (starts, ends) = if region == location {
+                (now, source_done)
+            } else {
+                let secs = (360.0 + 240.0 * (*replicas as f64 - 1.0) + size as f64)
+                    * ctx.jitter(&format!("replicate:{id}:{region}"), 0.2);
+                (source_done, source_done + Duration::seconds_f64(secs))
+            };
+            let fails_at = faults
+                .replication_fails(region)
+                .then(|| (20.0 + 60.0 * ctx.jitter(&format!("failpoint:{id}:{region}"), 0.5) / 1.5).min(95.0) as u8);
+            RegionReplication {
+                region: region.clone(),
+                replicas: *replicas,
+                storage_account_type: storage.clone(),
+                starts,
+                ends,
+                fails_at,
+            }
+        })
+        .collect();
+    let facts = json!({
+        "osSizeGB": source.os_size_gb,
+        "dataSizes": source.data_sizes.iter().map(|(lun, s)| json!({"lun": lun, "sizeInGB": s})).collect::<Vec<_>>(),
+        "publishedDate": now.format(&Rfc3339).unwrap_or_default(),
+    });
+    Ok(Plan {
+        body,
+        facts,
+        duration: Duration::seconds_f64(source_secs),
+        failure: None,
+        replication,
+    })
+}
+
+pub fn plan_update(ctx: &Ctx, _st: &State, existing: &Resource, body: Value, now: EmuTime) -> Result<Plan, ArmError> {
+    let short = Duration::seconds(30) * ctx.jitter(&format!("update:{}:{}", existing.id, now), 0.2);
+    if existing.kind == Kind::GalleryImage {
+        let jitter = ctx.jitter(&format!("update:{}", existing.id), 0.2);
+        let mut plan = plan_definition(
+            &ResPath {
+                sub: existing.subscription.clone(),
+                rg: String::new(),
+                kind: Kind::GalleryImage,
+                names: vec![existing.id.rsplit('/').next().unwrap_or_default().to_string()],
+            },
+            body,
+            jitter,
+        )?;
+        plan.duration = short;
+        return Ok(plan);
+    }
+    if existing.kind != Kind::GalleryImageVersion {
+        return Ok(Plan {
+            body,
+            facts: existing.facts.clone(),
+            duration: short,
+            failure: None,
+            replication: Vec::new(),
+        });
+    }
+    let targets = target_regions(&body, &existing.location)?;
+    let size = existing.facts["osSizeGB"].as_u64().unwrap_or(0);
+    let mut faults = ctx.faults.lock().expect("faults lock");
+    let mut replication = Vec::new();
+    for (region, replicas, storage) in targets {
+        let kept = existing
+            .replication
+            .iter()
+            .find(|r| r.region == region && r.replicas == replicas && r.fails_at.is_none_or(|_| false));
+        match kept {
+            Some(current) => replication.push(current.clone()),
+            None => {
+                // A new region, a changed replica count or a failed region added back: replicate now.
+                let secs = (360.0 + 240.0 * (replicas as f64 - 1.0) + size as f64)
+                    * ctx.jitter(&format!("replicate:{}:{region}:{now}", existing.id), 0.2);
+                let fails_at = faults.replication_fails(&region).then_some(50);
+                replication.push(RegionReplication {
+                    region,
+                    replicas,
+                    storage_account_type: storage,
+                    starts: now,
+                    ends: now + Duration::seconds_f64(secs),
+                    fails_at,
+                });
+            }
+        }
+    }
+    Ok(Plan {
+        body,
+        facts: existing.facts.clone(),
+        duration: short,
+        failure: None,
+        replication,
+    })
+}
+
+pub fn render_properties(
+    ctx: &Ctx,
+    _st: &State,
+    r: &Resource,
+    props: &mut Map<String, Value>,
+    now: EmuTime,
+    expand: bool,
+) {
+    let _ = ctx;
+    match r.kind {
+        Kind::Gallery => {
+            props.insert("identifier".into(), json!({"uniqueName": r.facts["uniqueName"]}));
+            props
+                .entry("sharingProfile")
+                .or_insert(json!({"permissions": "Private"}));
+        }
+        Kind::GalleryImage => {
+            props.entry("architecture").or_insert(json!("x64"));
+        }
+        _ => render_version(r, props, now, expand),
+    }
+}
+
+fn render_version(r: &Resource, props: &mut Map<String, Value>, now: EmuTime, expand: bool) {
+    let profile = props
+        .entry("publishingProfile")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .expect("publishingProfile is an object");
+    profile.entry("replicaCount").or_insert(json!(1));
+    profile.entry("excludeFromLatest").or_insert(json!(false));
+    profile.entry("storageAccountType").or_insert(json!("Standard_LRS"));
+    profile.insert("publishedDate".into(), r.facts["publishedDate"].clone());
+    let exclude_default = profile["excludeFromLatest"].clone();
+    profile.insert(
+        "targetRegions".into(),
+        json!(
+            r.replication
+                .iter()
+                .map(|rep| json!({
+                    "name": regions::display(&rep.region),
+                    "regionalReplicaCount": rep.replicas,
+                    "storageAccountType": rep.storage_account_type,
+                    "excludeFromLatest": exclude_default,
+                }))
+                .collect::<Vec<_>>()
+        ),
+    );
+    if let Some(storage) = props.get_mut("storageProfile").and_then(Value::as_object_mut) {
+        storage.insert(
+            "osDiskImage".into(),
+            json!({"sizeInGB": r.facts["osSizeGB"], "hostCaching": "ReadWrite", "source": storage.get("osDiskImage").and_then(|o| o.get("source")).cloned().unwrap_or(Value::Null)}),
+        );
+        if storage["osDiskImage"]["source"].is_null() {
+            storage["osDiskImage"].as_object_mut().expect("object").remove("source");
+        }
+        let data: Vec<Value> = r.facts["dataSizes"]
+            .as_array()
+            .map(|d| {
+                d.iter()
+                    .map(|x| json!({"lun": x["lun"], "sizeInGB": x["sizeInGB"], "hostCaching": "None"}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        storage.insert("dataDiskImages".into(), json!(data));
+    }
+    let safety = props
+        .entry("safetyProfile")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .expect("object");
+    safety
+        .entry("allowDeletionOfReplicatedLocations")
+        .or_insert(json!(true));
+    safety.insert("reportedForPolicyViolation".into(), json!(false));
+    props.insert("provisioningState".into(), json!(version_state(r, now)));
+    if expand {
+        props.insert("replicationStatus".into(), replication_status(r, now));
+    }
+}
+
+/// A version reads Succeeded once its source region is done, while other regions may still
+/// replicate; Failed when any region failed.
+pub fn version_state(r: &Resource, now: EmuTime) -> &'static str {
+    if let Some(d) = &r.deleting
+        && d.running(now)
+    {
+        return "Deleting";
+    }
+    if r.replication
+        .iter()
+        .any(|rep| matches!(rep.state(now), ReplicationState::Failed(_)))
+    {
+        return "Failed";
+    }
+    if r.current.running(now) {
+        return if r.current.creating { "Creating" } else { "Updating" };
+    }
+    "Succeeded"
+}
+
+pub fn replication_status(r: &Resource, now: EmuTime) -> Value {
+    let states: Vec<ReplicationState> = r.replication.iter().map(|rep| rep.state(now)).collect();
+    let aggregated = if states.iter().any(|s| matches!(s, ReplicationState::Failed(_))) {
+        "Failed"
+    } else if states.iter().all(|s| *s == ReplicationState::Completed) {
+        "Completed"
+    } else if states.iter().all(|s| *s == ReplicationState::Unknown) {
+        "Unknown"
+    } else {
+        "InProgress"
+    };
+    let summary: Vec<Value> = r
+        .replication
+        .iter()
+        .zip(&states)
+        .map(|(rep, state)| {
+            let (name, progress, details) = match state {
+                ReplicationState::Unknown => ("Unknown", 0, ""),
+                ReplicationState::Replicating(p) => ("Replicating", *p, ""),
+                ReplicationState::Completed => ("Completed", 100, ""),
+                ReplicationState::Failed(p) => ("Failed", *p, "Failed with internal server error."),
+            };
+            json!({"region": regions::display(&rep.region), "state": name, "details": details, "progress": progress})
+        })
+        .collect();
+    json!({"aggregatedState": aggregated, "summary": summary})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_azure_rules() {
+        assert!(gallery_name_ok("sigrun_gallery.prod"));
+        assert!(!gallery_name_ok("sigrun-gallery"));
+        assert!(!gallery_name_ok("_lead"));
+        assert!(definition_name_ok("ubuntu-22.04-batch"));
+        assert!(!definition_name_ok("-x"));
+        assert!(version_name_ok("2026.1126.0"));
+        assert!(!version_name_ok("2026.1126"));
+        assert!(!version_name_ok("1.0.99999999999"));
+        assert!(!version_name_ok("1.a.0"));
+    }
+}

@@ -1,0 +1,912 @@
+//! Batch pools and their nodes. Adding a pool checks what Batch checks for a gallery image (it
+//! exists, is generalized, matches the node agent SKU's OS, has a completed replica in the account's
+//! region, the caller may read it; cross-subscription needs `Microsoft.Batch` registered there and the
+//! same tenant) and fixes the allocation: its length grows with the node count and shrinks with the
+//! replicas in the region (one per 600 nodes keeps it within 15 minutes per 1000 nodes); past the
+//! resize timeout the pool goes steady with `AllocationTimedout` and fewer nodes.
+
+use serde_json::{Map, Value, json};
+use time::Duration;
+use time::format_description::well_known::{Rfc2822, Rfc3339};
+
+use super::images;
+use super::{BatchCaller, account_url, error, ok_json};
+use crate::emulator::Ctx;
+use crate::emulator::arm_view;
+use crate::emulator::clock::EmuTime;
+use crate::emulator::http::{Request, Response};
+use crate::emulator::state::{Allocation, Node, POOL_DELETE, Pool, ResizeErrorInfo, State};
+use crate::emulator::world::BatchAccount;
+
+/// Nodes one replica serves in the allocation model (the Batch document's figure).
+const NODES_PER_REPLICA: f64 = 600.0;
+/// Allocation time per 1000 nodes with enough replicas; under the 15 minutes the document asks for.
+const MINUTES_PER_1000_NODES: f64 = 12.0;
+const ALLOCATION_START: Duration = Duration::minutes(1);
+const PAGE_MAX: usize = 1000;
+
+pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCaller) -> Response {
+    let s: Vec<&str> = req.segments.iter().skip(2).map(String::as_str).collect();
+    let method = req.method.as_str();
+    let now = ctx.clock.now();
+    let mut st = ctx.state.lock().expect("state lock");
+    st.purge(now);
+    let (resp, changed) = match (method, s.as_slice()) {
+        ("GET", ["supportedimages"]) => (supported_images(req, account), false),
+        ("GET", ["nodecounts"]) => (node_counts(&st, account, now), false),
+        ("POST", ["pools"]) => add_pool(ctx, &mut st, req, account, caller, now),
+        ("GET", ["pools"]) => (list_pools(ctx, &st, req, account, now), false),
+        (_, ["pools", id]) => match st.pools.get(&State::pool_key(&account.name, id)).cloned() {
+            None if method == "HEAD" => (Response::empty(404), false),
+            None => (pool_not_found(req), false),
+            Some(pool) => {
+                if pool.uses_gallery_image && matches!(caller, BatchCaller::SharedKey) {
+                    (shared_key_refused(req), false)
+                } else {
+                    match method {
+                        "GET" => (
+                            ok_json(200, &render_pool(ctx, &pool, now)).with_header("etag", etag(&pool)),
+                            false,
+                        ),
+                        "HEAD" => (Response::empty(200).with_header("etag", etag(&pool)), false),
+                        "DELETE" => delete_pool(&mut st, req, pool, now),
+                        "PATCH" => patch_pool(&mut st, req, pool, now),
+                        _ => (
+                            error(
+                                req,
+                                405,
+                                "UnsupportedHttpVerb",
+                                "The resource doesn't support the specified HTTP verb.",
+                                &[],
+                            ),
+                            false,
+                        ),
+                    }
+                }
+            }
+        },
+        ("POST", ["pools", id, "resize"]) => resize_pool(ctx, &mut st, req, account, id, now),
+        ("GET", ["pools", id, "nodes"]) => (list_nodes(ctx, &st, req, account, id, now), false),
+        ("GET", ["pools", id, "nodes", node]) => (get_node(ctx, &st, req, account, id, node, now), false),
+        _ => (
+            error(
+                req,
+                404,
+                "InvalidUri",
+                "The requested URI does not represent any resource on the server.",
+                &[],
+            ),
+            false,
+        ),
+    };
+    if changed {
+        ctx.save(&st);
+    }
+    resp
+}
+
+fn pool_not_found(req: &Request) -> Response {
+    error(req, 404, "PoolNotFound", "The specified pool does not exist.", &[])
+}
+
+fn shared_key_refused(req: &Request) -> Response {
+    error(
+        req,
+        403,
+        "AuthenticationFailed",
+        "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.",
+        &[(
+            "AuthenticationErrorDetail",
+            "The specified type of authentication SharedKey is not allowed when external resources of type Compute are linked.",
+        )],
+    )
+}
+
+fn etag(pool: &Pool) -> String {
+    format!("0x8DE{:013X}", pool.etag_counter)
+}
+
+fn rfc1123(t: EmuTime) -> String {
+    t.format(&Rfc2822).unwrap_or_default().replace("+0000", "GMT")
+}
+
+fn stamp(t: EmuTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// ISO 8601 durations as Batch takes them (`PT15M`, `PT1H30M`, `P1DT2H`, `PT90S`).
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let rest = text.strip_prefix('P')?;
+    let (days, time_part) = match rest.split_once('T') {
+        Some((d, t)) => (d, t),
+        None => (rest, ""),
+    };
+    let mut total = 0.0;
+    let mut take = |part: &str, units: &[(char, f64)]| -> Option<()> {
+        let mut number = String::new();
+        for c in part.chars() {
+            if c.is_ascii_digit() || c == '.' {
+                number.push(c);
+            } else {
+                let factor = units.iter().find(|(u, _)| *u == c)?.1;
+                total += number.parse::<f64>().ok()? * factor;
+                number.clear();
+            }
+        }
+        number.is_empty().then_some(())
+    };
+    take(days, &[('D', 86_400.0), ('W', 604_800.0)])?;
+    take(time_part, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)])?;
+    (rest != "T" && !rest.is_empty()).then(|| Duration::seconds_f64(total))
+}
+
+fn supported_images(req: &Request, _account: &BatchAccount) -> Response {
+    let all: Vec<Value> = images::SUPPORTED.iter().map(images::to_json).collect();
+    page(req, all, "supportedimages")
+}
+
+/// One page of `items` with `odata.nextLink` when more remain.
+fn page(req: &Request, items: Vec<Value>, path: &str) -> Response {
+    let max = req
+        .query("maxresults")
+        .and_then(|m| m.parse::<usize>().ok())
+        .unwrap_or(PAGE_MAX)
+        .clamp(1, PAGE_MAX);
+    let skip = req
+        .query("$skiptoken")
+        .and_then(|s| s.parse::<usize>().ok())
+        .unwrap_or(0);
+    let total = items.len();
+    let value: Vec<Value> = items.into_iter().skip(skip).take(max).collect();
+    let mut body = json!({ "value": value });
+    if skip + max < total {
+        let account = req.segments.get(1).cloned().unwrap_or_default();
+        let api = req.query("api-version").unwrap_or_default();
+        let mut link = format!(
+            "{}/{path}?api-version={api}&maxresults={max}&$skiptoken={}",
+            account_url(&req.base_url, &account),
+            skip + max
+        );
+        if let Some(filter) = req.query("$filter") {
+            link.push_str(&format!(
+                "&$filter={}",
+                percent_encoding::utf8_percent_encode(filter, percent_encoding::NON_ALPHANUMERIC)
+            ));
+        }
+        body["odata.nextLink"] = json!(link);
+    }
+    ok_json(200, &body)
+}
+
+fn bad_property(req: &Request, name: &str, reason: &str) -> Response {
+    error(
+        req,
+        400,
+        "InvalidPropertyValue",
+        "The value provided for one of the properties in the request body is invalid.",
+        &[("PropertyName", name), ("Reason", reason)],
+    )
+}
+
+fn missing_property(req: &Request, name: &str) -> Response {
+    error(
+        req,
+        400,
+        "MissingRequiredProperty",
+        "A required property was not specified in the request body.",
+        &[("PropertyName", name)],
+    )
+}
+
+fn add_pool(
+    ctx: &Ctx,
+    st: &mut State,
+    req: &Request,
+    account: &BatchAccount,
+    caller: &BatchCaller,
+    now: EmuTime,
+) -> (Response, bool) {
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return (
+                error(
+                    req,
+                    400,
+                    "InvalidRequestBody",
+                    "The specified Request Body is not syntactically valid.",
+                    &[],
+                ),
+                false,
+            );
+        }
+    };
+    let Some(id) = body["id"].as_str().map(str::to_string) else {
+        return (missing_property(req, "id"), false);
+    };
+    let id = id.as_str();
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+        return (
+            bad_property(
+                req,
+                "id",
+                "A pool id has 1 to 64 letters, digits, hyphens and underscores.",
+            ),
+            false,
+        );
+    }
+    if body["vmSize"].as_str().is_none() {
+        return (missing_property(req, "vmSize"), false);
+    }
+    let Some(vm_config) = body.get("virtualMachineConfiguration").filter(|v| v.is_object()) else {
+        return (missing_property(req, "virtualMachineConfiguration"), false);
+    };
+    let Some(sku) = vm_config["nodeAgentSKUId"].as_str() else {
+        return (missing_property(req, "nodeAgentSKUId"), false);
+    };
+    let Some(image_ref) = vm_config.get("imageReference").filter(|v| v.is_object()) else {
+        return (missing_property(req, "imageReference"), false);
+    };
+    if body["enableAutoScale"].as_bool() == Some(true) {
+        return (
+            bad_property(
+                req,
+                "enableAutoScale",
+                "Autoscale pools are not supported by this emulator.",
+            ),
+            false,
+        );
+    }
+    let key = State::pool_key(&account.name, id);
+    if st.pools.contains_key(&key) {
+        return (
+            error(req, 409, "PoolExists", "The specified pool already exists.", &[]),
+            false,
+        );
+    }
+    let timeout = match body["resizeTimeout"].as_str() {
+        None => Duration::minutes(15),
+        Some(text) => match parse_duration(text) {
+            Some(d) if d >= Duration::minutes(5) => d,
+            Some(_) => {
+                return (
+                    bad_property(req, "resizeTimeout", "The resize timeout must be at least 5 minutes."),
+                    false,
+                );
+            }
+            None => {
+                return (
+                    bad_property(req, "resizeTimeout", "The value is not a valid ISO 8601 duration."),
+                    false,
+                );
+            }
+        },
+    };
+    let Some(sku_os) = images::sku_os(sku) else {
+        return (
+            bad_property(
+                req,
+                "nodeAgentSKUId",
+                &format!("The node agent SKU '{sku}' is not supported."),
+            ),
+            false,
+        );
+    };
+    let (uses_gallery, replicas) = if let Some(image_id) = image_ref["virtualMachineImageId"].as_str() {
+        if matches!(caller, BatchCaller::SharedKey) {
+            return (shared_key_refused(req), false);
+        }
+        let BatchCaller::Aad(claims) = caller else {
+            unreachable!()
+        };
+        match arm_view::gallery_image_for_pool(ctx, st, image_id, account, &claims.oid, now) {
+            Ok(found) => {
+                if !found.os_type.eq_ignore_ascii_case(sku_os) {
+                    return (
+                        bad_property(
+                            req,
+                            "nodeAgentSKUId",
+                            &format!(
+                                "The node agent SKU '{sku}' is for {sku_os} images but the image '{image_id}' is {}.",
+                                found.os_type
+                            ),
+                        ),
+                        false,
+                    );
+                }
+                (true, found.replicas_in_region)
+            }
+            Err(refusal) => {
+                return (
+                    error(req, refusal.status, &refusal.code, &refusal.message, &refusal.values()),
+                    false,
+                );
+            }
+        }
+    } else {
+        let (publisher, offer, image_sku) = (
+            image_ref["publisher"].as_str().unwrap_or_default(),
+            image_ref["offer"].as_str().unwrap_or_default(),
+            image_ref["sku"].as_str().unwrap_or_default(),
+        );
+        match images::find_marketplace(publisher, offer, image_sku) {
+            Some(image) if image.node_agent_sku.eq_ignore_ascii_case(sku) => (false, 100),
+            Some(image) => {
+                return (
+                    bad_property(
+                        req,
+                        "nodeAgentSKUId",
+                        &format!(
+                            "The image {publisher}/{offer}/{image_sku} needs node agent SKU '{}'.",
+                            image.node_agent_sku
+                        ),
+                    ),
+                    false,
+                );
+            }
+            None => {
+                return (
+                    bad_property(req, "imageReference", "The specified image is not supported by Batch."),
+                    false,
+                );
+            }
+        }
+    };
+    let dedicated = body["targetDedicatedNodes"].as_u64().unwrap_or(0) as u32;
+    let low = body["targetLowPriorityNodes"].as_u64().unwrap_or(0) as u32;
+    let has_start_task = body.get("startTask").is_some_and(Value::is_object);
+    let wait = has_start_task && body["startTask"]["waitForSuccess"].as_bool().unwrap_or(true);
+    let mut faults = ctx.faults.lock().expect("faults lock");
+    let allocation_failure = faults.allocation_fails(id);
+    let fail_share = if has_start_task {
+        faults.start_task_failure_share(id)
+    } else {
+        0.0
+    };
+    drop(faults);
+    let mut pool = Pool {
+        account: account.name.clone(),
+        id: id.to_string(),
+        body,
+        created: now,
+        last_modified: now,
+        etag_counter: st.serial(),
+        allocation: Allocation {
+            started: now,
+            ends: now,
+            target_dedicated: dedicated,
+            target_low_priority: low,
+            resize_timeout_secs: timeout.whole_seconds(),
+            error: None,
+        },
+        nodes: Vec::new(),
+        deleting: None,
+        wait_for_start_task: wait,
+        has_start_task,
+        uses_gallery_image: uses_gallery,
+    };
+    allocate(
+        ctx,
+        &mut pool,
+        dedicated,
+        low,
+        timeout,
+        replicas,
+        allocation_failure,
+        fail_share,
+        now,
+    );
+    let resp = Response::empty(201)
+        .with_header("etag", etag(&pool))
+        .with_header("last-modified", rfc1123(now))
+        .with_header(
+            "dataserviceid",
+            format!("{}/pools/{id}", account_url(&req.base_url, &account.name)),
+        )
+        .with_header(
+            "location",
+            format!("{}/pools/{id}", account_url(&req.base_url, &account.name)),
+        );
+    st.pools.insert(key, pool);
+    (resp, true)
+}
+
+/// Fixes an allocation episode: when each new node arrives, which fail their start task, and
+/// whether the resize timeout cuts the allocation short.
+#[allow(clippy::too_many_arguments)]
+fn allocate(
+    ctx: &Ctx,
+    pool: &mut Pool,
+    dedicated: u32,
+    low: u32,
+    timeout: Duration,
+    replicas: u32,
+    failure: Option<String>,
+    fail_share: f64,
+    now: EmuTime,
+) {
+    let alive: Vec<usize> = (0..pool.nodes.len())
+        .filter(|i| pool.nodes[*i].removed.is_none())
+        .collect();
+    let have_dedicated = alive.iter().filter(|i| pool.nodes[**i].dedicated).count() as u32;
+    let have_low = alive.len() as u32 - have_dedicated;
+    let mut ends = now + ALLOCATION_START;
+    let mut error = None;
+    // Shrink first: surplus nodes leave over a minute.
+    for (want, is_dedicated, have) in [(dedicated, true, have_dedicated), (low, false, have_low)] {
+        if have > want {
+            let mut surplus = have - want;
+            for i in alive.iter().rev() {
+                if surplus == 0 {
+                    break;
+                }
+                if pool.nodes[*i].dedicated == is_dedicated {
+                    pool.nodes[*i].removed = Some(now + Duration::minutes(1));
+                    surplus -= 1;
+                }
+            }
+            ends = ends.max(now + Duration::minutes(1));
+        }
+    }
+    let add_dedicated = dedicated.saturating_sub(have_dedicated);
+    let add_low = low.saturating_sub(have_low);
+    let adding = add_dedicated + add_low;
+    if let Some(code) = failure {
+        error = Some(ResizeErrorInfo {
+            message: match code.as_str() {
+                "AccountCoreQuotaReached" => "The specified account has reached its VM core quota.".to_string(),
+                _ => "Desired number of nodes could not be allocated due to an allocation failure in the region."
+                    .to_string(),
+            },
+            code,
+        });
+        ends = now + Duration::minutes(2);
+    } else if adding > 0 {
+        let required = (adding as f64 / NODES_PER_REPLICA).ceil().max(1.0);
+        let slowdown = (required / replicas.max(1) as f64).max(1.0);
+        let span_secs = MINUTES_PER_1000_NODES * 60.0 * adding as f64 / 1000.0
+            * slowdown
+            * ctx.jitter(&format!("alloc:{}:{}", pool.id, now), 0.05);
+        let deadline = now + timeout;
+        let first_index = pool.nodes.len();
+        for k in 0..adding {
+            let index = first_index + k as usize;
+            let allocated = now + ALLOCATION_START + Duration::seconds_f64(span_secs * (k + 1) as f64 / adding as f64);
+            if allocated > deadline {
+                continue;
+            }
+            let node_key = format!("node:{}:{index}", pool.id);
+            pool.nodes.push(Node {
+                id: format!("tvmps_{:016x}_d", hash_of(ctx, &node_key)),
+                dedicated: k < add_dedicated,
+                allocated,
+                boot_secs: (90.0 * ctx.jitter(&format!("{node_key}:boot"), 0.3)) as u32,
+                agent_secs: (45.0 * ctx.jitter(&format!("{node_key}:agent"), 0.3)) as u32,
+                start_task_secs: (40.0 * ctx.jitter(&format!("{node_key}:task"), 0.4)) as u32,
+                start_task_fails: fail_share > 0.0 && ctx.jitter(&format!("{node_key}:fails"), 0.5) - 0.5 < fail_share,
+                removed: None,
+            });
+        }
+        let full = now + ALLOCATION_START + Duration::seconds_f64(span_secs);
+        if full > deadline {
+            ends = deadline;
+            error = Some(ResizeErrorInfo {
+                code: "AllocationTimedout".to_string(),
+                message: "Desired number of dedicated nodes could not be allocated as the resize timeout was reached"
+                    .to_string(),
+            });
+        } else {
+            ends = ends.max(full);
+        }
+    }
+    pool.allocation = Allocation {
+        started: now,
+        ends,
+        target_dedicated: dedicated,
+        target_low_priority: low,
+        resize_timeout_secs: timeout.whole_seconds(),
+        error,
+    };
+}
+
+fn hash_of(ctx: &Ctx, key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (ctx.seed, key).hash(&mut h);
+    h.finish()
+}
+
+/// A node's state at `now`, or `None` when it is not (or no longer) in the pool.
+fn node_state(pool: &Pool, node: &Node, now: EmuTime) -> Option<&'static str> {
+    if now < node.allocated {
+        return None;
+    }
+    if let Some(removed) = node.removed {
+        if now >= removed {
+            return None;
+        }
+        return Some("leavingpool");
+    }
+    let t = (now - node.allocated).whole_seconds();
+    let booted = node.boot_secs as i64;
+    let agent = booted + node.agent_secs as i64;
+    Some(if t < booted {
+        "creating"
+    } else if t < agent {
+        "starting"
+    } else if pool.wait_for_start_task && t < agent + node.start_task_secs as i64 {
+        "waitingforstarttask"
+    } else if pool.wait_for_start_task && node.start_task_fails {
+        "starttaskfailed"
+    } else {
+        "idle"
+    })
+}
+
+fn render_pool(ctx: &Ctx, pool: &Pool, now: EmuTime) -> Value {
+    let _ = ctx;
+    let mut out = pool.body.clone();
+    let obj = out.as_object_mut().expect("pool bodies are objects");
+    let resizing = now < pool.allocation.ends;
+    let present: Vec<&Node> = pool
+        .nodes
+        .iter()
+        .filter(|n| n.allocated <= now && n.removed.is_none_or(|r| now < r))
+        .collect();
+    let url = format!("{}/pools/{}", account_url(&ctx.base_url, &pool.account), pool.id);
+    let deleting = pool.deleting.is_some();
+    obj.insert("url".into(), json!(url));
+    obj.insert("eTag".into(), json!(etag(pool)));
+    obj.insert("lastModified".into(), json!(stamp(pool.last_modified)));
+    obj.insert("creationTime".into(), json!(stamp(pool.created)));
+    obj.insert("state".into(), json!(if deleting { "deleting" } else { "active" }));
+    obj.insert(
+        "stateTransitionTime".into(),
+        json!(stamp(pool.deleting.unwrap_or(pool.created))),
+    );
+    obj.insert(
+        "allocationState".into(),
+        json!(if resizing { "resizing" } else { "steady" }),
+    );
+    obj.insert(
+        "allocationStateTransitionTime".into(),
+        json!(stamp(if resizing {
+            pool.allocation.started
+        } else {
+            pool.allocation.ends
+        })),
+    );
+    obj.insert(
+        "resizeTimeout".into(),
+        json!(format!("PT{}S", pool.allocation.resize_timeout_secs)),
+    );
+    obj.insert(
+        "currentDedicatedNodes".into(),
+        json!(present.iter().filter(|n| n.dedicated).count()),
+    );
+    obj.insert(
+        "currentLowPriorityNodes".into(),
+        json!(present.iter().filter(|n| !n.dedicated).count()),
+    );
+    obj.insert("targetDedicatedNodes".into(), json!(pool.allocation.target_dedicated));
+    obj.insert(
+        "targetLowPriorityNodes".into(),
+        json!(pool.allocation.target_low_priority),
+    );
+    obj.entry("enableAutoScale").or_insert(json!(false));
+    obj.entry("enableInterNodeCommunication").or_insert(json!(false));
+    obj.entry("taskSlotsPerNode").or_insert(json!(1));
+    obj.entry("taskSchedulingPolicy")
+        .or_insert(json!({"nodeFillType": "Spread"}));
+    if let (false, Some(err)) = (resizing, &pool.allocation.error) {
+        obj.insert(
+            "resizeErrors".into(),
+            json!([{"code": err.code, "message": err.message, "values": [{"name": "Reason", "value": err.message}]}]),
+        );
+    }
+    out
+}
+
+fn render_node(ctx: &Ctx, pool: &Pool, node: &Node, index: usize, state: &str, now: EmuTime) -> Value {
+    let url = format!(
+        "{}/pools/{}/nodes/{}",
+        account_url(&ctx.base_url, &pool.account),
+        pool.id,
+        node.id
+    );
+    let start_time = node.allocated + Duration::seconds((node.boot_secs + node.agent_secs) as i64);
+    let mut v = json!({
+        "id": node.id,
+        "url": url,
+        "state": state,
+        "schedulingState": "enabled",
+        "stateTransitionTime": stamp(now.min(node.allocated + Duration::seconds((node.boot_secs + node.agent_secs + node.start_task_secs) as i64))),
+        "lastBootTime": stamp(node.allocated + Duration::seconds(node.boot_secs as i64)),
+        "allocationTime": stamp(node.allocated),
+        "ipAddress": format!("10.{}.{}.{}", (index >> 16) & 255, (index >> 8) & 255, index & 255),
+        "affinityId": format!("TVM:{}", node.id),
+        "vmSize": pool.body["vmSize"],
+        "totalTasksRun": 0,
+        "totalTasksSucceeded": 0,
+        "runningTasksCount": 0,
+        "runningTaskSlotsCount": 0,
+        "isDedicated": node.dedicated,
+        "nodeAgentInfo": {"version": "1.13.16", "lastUpdateTime": stamp(node.allocated)},
+        "virtualMachineInfo": {"imageReference": pool.body["virtualMachineConfiguration"]["imageReference"]},
+    });
+    if pool.has_start_task {
+        v["startTask"] = pool.body["startTask"].clone();
+        if now >= start_time {
+            let done = now >= start_time + Duration::seconds(node.start_task_secs as i64);
+            let mut info = json!({"state": if done { "completed" } else { "running" }, "startTime": stamp(start_time), "retryCount": 0});
+            if done {
+                let failed = node.start_task_fails;
+                info["endTime"] = json!(stamp(start_time + Duration::seconds(node.start_task_secs as i64)));
+                info["exitCode"] = json!(if failed { 1 } else { 0 });
+                info["result"] = json!(if failed { "failure" } else { "success" });
+                info["retryCount"] = pool.body["startTask"]["maxTaskRetryCount"].clone();
+                if failed {
+                    info["failureInfo"] = json!({"category": "usererror", "code": "FailureExitCode", "message": "The task exited with an exit code representing a failure"});
+                }
+            }
+            v["startTaskInfo"] = info;
+        }
+    }
+    v
+}
+
+fn list_pools(ctx: &Ctx, st: &State, req: &Request, account: &BatchAccount, now: EmuTime) -> Response {
+    let prefix = format!("{}/", account.name.to_ascii_lowercase());
+    let pools: Vec<Value> = st
+        .pools
+        .iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .map(|(_, p)| render_pool(ctx, p, now))
+        .collect();
+    page(req, pools, "pools")
+}
+
+fn find_pool<'a>(st: &'a State, account: &BatchAccount, id: &str) -> Option<&'a Pool> {
+    st.pools.get(&State::pool_key(&account.name, id))
+}
+
+/// Nodes at `now` with their index and state, filtered by a `state eq '...'` `$filter` if given.
+fn present_nodes<'a>(pool: &'a Pool, now: EmuTime, filter: Option<&str>) -> Vec<(usize, &'a Node, &'static str)> {
+    let wanted = filter.and_then(|f| {
+        let f = f.trim();
+        f.strip_prefix("state eq '")
+            .and_then(|r| r.strip_suffix('\''))
+            .map(str::to_string)
+    });
+    pool.nodes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| node_state(pool, n, now).map(|s| (i, n, s)))
+        .filter(|(_, _, s)| wanted.as_deref().is_none_or(|w| w.eq_ignore_ascii_case(s)))
+        .collect()
+}
+
+fn list_nodes(ctx: &Ctx, st: &State, req: &Request, account: &BatchAccount, id: &str, now: EmuTime) -> Response {
+    let Some(pool) = find_pool(st, account, id) else {
+        return pool_not_found(req);
+    };
+    let nodes: Vec<Value> = present_nodes(pool, now, req.query("$filter"))
+        .into_iter()
+        .map(|(i, n, s)| render_node(ctx, pool, n, i, s, now))
+        .collect();
+    page(req, nodes, &format!("pools/{}/nodes", pool.id))
+}
+
+fn get_node(
+    ctx: &Ctx,
+    st: &State,
+    req: &Request,
+    account: &BatchAccount,
+    id: &str,
+    node_id: &str,
+    now: EmuTime,
+) -> Response {
+    let Some(pool) = find_pool(st, account, id) else {
+        return pool_not_found(req);
+    };
+    match present_nodes(pool, now, None)
+        .into_iter()
+        .find(|(_, n, _)| n.id.eq_ignore_ascii_case(node_id))
+    {
+        Some((i, n, s)) => ok_json(200, &render_node(ctx, pool, n, i, s, now)),
+        None => error(req, 404, "NodeNotFound", "The specified node does not exist.", &[]),
+    }
+}
+
+const COUNT_STATES: &[(&str, &str)] = &[
+    ("creating", "creating"),
+    ("deallocated", "deallocated"),
+    ("deallocating", "deallocating"),
+    ("idle", "idle"),
+    ("leavingPool", "leavingpool"),
+    ("offline", "offline"),
+    ("preempted", "preempted"),
+    ("rebooting", "rebooting"),
+    ("reimaging", "reimaging"),
+    ("running", "running"),
+    ("starting", "starting"),
+    ("startTaskFailed", "starttaskfailed"),
+    ("unknown", "unknown"),
+    ("unusable", "unusable"),
+    ("waitingForStartTask", "waitingforstarttask"),
+    ("upgradingOS", "upgradingos"),
+];
+
+fn node_counts(st: &State, account: &BatchAccount, now: EmuTime) -> Response {
+    let prefix = format!("{}/", account.name.to_ascii_lowercase());
+    let value: Vec<Value> = st
+        .pools
+        .iter()
+        .filter(|(k, _)| k.starts_with(&prefix))
+        .map(|(_, pool)| {
+            let nodes = present_nodes(pool, now, None);
+            let counts = |dedicated: bool| {
+                let mut m = Map::new();
+                let mine: Vec<&str> = nodes
+                    .iter()
+                    .filter(|(_, n, _)| n.dedicated == dedicated)
+                    .map(|(_, _, s)| *s)
+                    .collect();
+                for (name, state) in COUNT_STATES {
+                    m.insert(name.to_string(), json!(mine.iter().filter(|s| *s == state).count()));
+                }
+                m.insert("total".into(), json!(mine.len()));
+                Value::Object(m)
+            };
+            json!({"poolId": pool.id, "dedicated": counts(true), "lowPriority": counts(false)})
+        })
+        .collect();
+    ok_json(200, &json!({ "value": value }))
+}
+
+fn delete_pool(st: &mut State, _req: &Request, mut pool: Pool, now: EmuTime) -> (Response, bool) {
+    if pool.deleting.is_none() {
+        pool.deleting = Some(now);
+        pool.last_modified = now;
+        pool.etag_counter = st.serial();
+        for node in pool.nodes.iter_mut().filter(|n| n.removed.is_none()) {
+            node.removed = Some(now + POOL_DELETE);
+        }
+        st.pools.insert(State::pool_key(&pool.account, &pool.id), pool);
+    }
+    (Response::empty(202), true)
+}
+
+fn patch_pool(st: &mut State, req: &Request, mut pool: Pool, now: EmuTime) -> (Response, bool) {
+    let Ok(Value::Object(patch)) = serde_json::from_slice::<Value>(&req.body) else {
+        return (
+            error(
+                req,
+                400,
+                "InvalidRequestBody",
+                "The specified Request Body is not syntactically valid.",
+                &[],
+            ),
+            false,
+        );
+    };
+    for (k, v) in patch {
+        if ["metadata", "startTask", "targetNodeCommunicationMode", "resourceTags"].contains(&k.as_str()) {
+            pool.body[k] = v;
+        } else {
+            return (
+                bad_property(req, &k, "This property cannot be updated on an existing pool."),
+                false,
+            );
+        }
+    }
+    pool.last_modified = now;
+    pool.etag_counter = st.serial();
+    let resp = Response::empty(200)
+        .with_header("etag", etag(&pool))
+        .with_header("last-modified", rfc1123(now));
+    st.pools.insert(State::pool_key(&pool.account, &pool.id), pool);
+    (resp, true)
+}
+
+fn resize_pool(
+    ctx: &Ctx,
+    st: &mut State,
+    req: &Request,
+    account: &BatchAccount,
+    id: &str,
+    now: EmuTime,
+) -> (Response, bool) {
+    let Some(mut pool) = find_pool(st, account, id).cloned() else {
+        return (pool_not_found(req), false);
+    };
+    if pool.deleting.is_some() {
+        return (
+            error(
+                req,
+                409,
+                "PoolBeingDeleted",
+                "The specified pool has been marked for deletion and is being reclaimed.",
+                &[],
+            ),
+            false,
+        );
+    }
+    if now < pool.allocation.ends {
+        return (
+            error(
+                req,
+                409,
+                "PoolNotSteady",
+                "The specified pool is not in steady state.",
+                &[],
+            ),
+            false,
+        );
+    }
+    let Ok(body @ Value::Object(_)) = serde_json::from_slice::<Value>(&req.body) else {
+        return (
+            error(
+                req,
+                400,
+                "InvalidRequestBody",
+                "The specified Request Body is not syntactically valid.",
+                &[],
+            ),
+            false,
+        );
+    };
+    let dedicated = body["targetDedicatedNodes"].as_u64().unwrap_or(0) as u32;
+    let low = body["targetLowPriorityNodes"].as_u64().unwrap_or(0) as u32;
+    let timeout = match body["resizeTimeout"].as_str() {
+        None => Duration::minutes(15),
+        Some(t) => match parse_duration(t) {
+            Some(d) if d >= Duration::minutes(5) => d,
+            _ => {
+                return (
+                    bad_property(
+                        req,
+                        "resizeTimeout",
+                        "The resize timeout must be an ISO 8601 duration of at least 5 minutes.",
+                    ),
+                    false,
+                );
+            }
+        },
+    };
+    let replicas = pool
+        .body
+        .pointer("/virtualMachineConfiguration/imageReference/virtualMachineImageId")
+        .and_then(Value::as_str)
+        .and_then(|image| arm_view::replicas_in_region(st, image, &account.location, now))
+        .unwrap_or(100);
+    let fail_share = if pool.has_start_task {
+        ctx.faults.lock().expect("faults lock").start_task_failure_share(id)
+    } else {
+        0.0
+    };
+    allocate(ctx, &mut pool, dedicated, low, timeout, replicas, None, fail_share, now);
+    pool.last_modified = now;
+    pool.etag_counter = st.serial();
+    let resp = Response::empty(202)
+        .with_header("etag", etag(&pool))
+        .with_header("last-modified", rfc1123(now));
+    st.pools.insert(State::pool_key(&account.name, id), pool);
+    (resp, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_durations() {
+        assert_eq!(parse_duration("PT15M"), Some(Duration::minutes(15)));
+        assert_eq!(parse_duration("PT1H30M"), Some(Duration::minutes(90)));
+        assert_eq!(parse_duration("P1DT2H"), Some(Duration::hours(26)));
+        assert_eq!(parse_duration("PT90S"), Some(Duration::seconds(90)));
+        assert_eq!(parse_duration("15M"), None);
+        assert_eq!(parse_duration("PT"), None);
+        assert_eq!(parse_duration("PTXM"), None);
+    }
+}
