@@ -18,7 +18,6 @@ const POLL_HINT: Duration = Duration::seconds(10);
 
 #[allow(clippy::too_many_arguments)]
 pub fn start(
-    ctx: &Ctx,
     st: &mut State,
     flavor: OpFlavor,
     kind: OpKind,
@@ -30,8 +29,6 @@ pub fn start(
     ends: EmuTime,
     failure: Option<ErrorInfo>,
 ) -> Operation {
-    let serial = st.serial();
-    let _ = serial;
     let id = uuid::Uuid::new_v4().to_string();
     let op = Operation {
         id: id.clone(),

@@ -247,7 +247,6 @@ fn put(
     };
     let ends = op_end(now, &plan);
     let op = lro::start(
-        ctx,
         st,
         path.kind.flavor(),
         OpKind::Put,
@@ -419,7 +418,6 @@ fn apply_update(
         )
     });
     let op = lro::start(
-        ctx,
         st,
         path.kind.flavor(),
         kind,
@@ -536,7 +534,6 @@ fn delete(
         _ => Duration::seconds(30),
     } * ctx.jitter(&format!("delete:{id}"), 0.2);
     let op = lro::start(
-        ctx,
         st,
         path.kind.flavor(),
         OpKind::Delete,

@@ -1,0 +1,12 @@
+//! Integration tests: one binary, one module per area. Everything talks to real servers over real
+//! sockets: the emulator (in-process, on an ephemeral port, over TLS) and, where a test needs it,
+//! the `sigrun` binary itself.
+
+mod helpers;
+
+mod cli;
+mod emulator_auth;
+mod emulator_faults;
+mod emulator_lro;
+mod emulator_rules;
+mod spec_examples;
