@@ -3,9 +3,21 @@
 //! exchange messages over a queue.
 //!
 //! A tour of the modules:
+//! - [`azure`]: the Azure operations the pipeline calls (trait, REST client, error classes).
+//! - [`bus`]: the message bus interface and its in-process implementation.
+//! - [`events`]: run history events and the run result derived from them.
+//! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
+//! - [`stages`]: the six stages as state machines over the Azure trait.
 //! - [`cli`]: the command line; the only place that wires everything together.
 //! - [`emulator`]: the built-in Azure emulator (AAD, ARM, Compute Gallery, Batch) used by tests and
 //!   dry runs; it shares no code with the rest.
+//! - [`model`]: resource ids, pipeline specs, the Azure rules, the message envelope (no IO).
 
+pub mod azure;
+pub mod bus;
 pub mod cli;
 pub mod emulator;
+pub mod events;
+pub mod model;
+pub mod runtime;
+pub mod stages;

@@ -51,7 +51,10 @@ impl Reply {
 
     /// ARM's error code (`error.code`) or Batch's (`code`).
     pub fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().or_else(|| self.body["code"].as_str()).unwrap_or("")
+        self.body["error"]["code"]
+            .as_str()
+            .or_else(|| self.body["code"].as_str())
+            .unwrap_or("")
     }
 }
 
@@ -113,7 +116,11 @@ impl TestEmulator {
 
     /// Sends a request with an optional bearer token and JSON body.
     pub async fn call(&self, method: Method, url: &str, token: Option<&str>, body: Option<&Value>) -> Reply {
-        let url = if url.starts_with("http") { url.to_string() } else { format!("{}{url}", self.base()) };
+        let url = if url.starts_with("http") {
+            url.to_string()
+        } else {
+            format!("{}{url}", self.base())
+        };
         let mut req = self.client.request(method, &url);
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -121,14 +128,18 @@ impl TestEmulator {
         if let Some(body) = body {
             req = req.json(body);
         }
-        let resp = req.send().await.unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = resp.bytes().await.expect("body");
         let body = if bytes.is_empty() {
             Value::Null
         } else {
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
         Reply { status, headers, body }
     }
@@ -164,13 +175,20 @@ impl TestEmulator {
 
     /// The emulator's request log.
     pub async fn requests(&self) -> Vec<Value> {
-        let reply = self.call(Method::GET, &format!("{}/_emulator/requests", self.base()), None, None).await;
+        let reply = self
+            .call(Method::GET, &format!("{}/_emulator/requests", self.base()), None, None)
+            .await;
         reply.body["requests"].as_array().cloned().unwrap_or_default()
     }
 
     pub async fn set_faults(&self, spec: &str) {
         let reply = self
-            .call(Method::PUT, &format!("{}/_emulator/faults", self.base()), None, Some(&json!({"spec": spec})))
+            .call(
+                Method::PUT,
+                &format!("{}/_emulator/faults", self.base()),
+                None,
+                Some(&json!({"spec": spec})),
+            )
             .await;
         assert_eq!(reply.status, 200, "set faults: {:?}", reply.body);
     }
@@ -238,7 +256,11 @@ pub async fn publish_version(
                 "identifier": {"publisher": "sigrun", "offer": definition, "sku": "nightly"}}}),
         )
         .await;
-    assert!(reply.status == 201 || reply.status == 200, "definition: {:?}", reply.body);
+    assert!(
+        reply.status == 201 || reply.status == 200,
+        "definition: {:?}",
+        reply.body
+    );
     emu.advance(120.0).await;
     let targets: Vec<Value> = regions
         .iter()

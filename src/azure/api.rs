@@ -1,0 +1,255 @@
+//! The Azure operations the stages and the planner call, as a trait over domain types. Stages see
+//! only this; the REST client (`AzureClient`) implements it with reqwest and azure_identity, and unit
+//! tests may implement it in memory.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+
+use super::error::AzureError;
+use crate::model::ids::{
+    BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId,
+};
+
+/// Tags put on every resource sigrun creates, so what it made is findable.
+pub type Tags = BTreeMap<String, String>;
+
+/// What the build VM looks like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmInfo {
+    pub location: String,
+    pub os_type: String,
+    pub hyper_v_generation: Option<String>,
+    /// Marketplace image it was built from (publisher, offer, sku), if any.
+    pub base_image: Option<(String, String, String)>,
+    /// `None` when the OS disk is not a managed disk (a VHD).
+    pub os_disk: Option<DiskId>,
+    /// (lun, disk); a data disk that is not managed has `None`.
+    pub data_disks: Vec<(u32, Option<DiskId>)>,
+    /// Names of installed VM extensions.
+    pub extensions: Vec<String>,
+}
+
+/// A write Azure accepted; the operation may still be running.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    /// `provisioningState` in the answer, if it had a body.
+    pub provisioning_state: Option<String>,
+    /// `Azure-AsyncOperation` (or `Location`) URL to poll.
+    pub status_url: Option<String>,
+    /// Azure's `Retry-After` hint.
+    pub retry_after: Option<std::time::Duration>,
+}
+
+/// The state of an ARM resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceState {
+    pub provisioning_state: String,
+    pub tags: Tags,
+}
+
+/// The status of a long-running operation read from its status URL.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperationStatus {
+    InProgress { retry_after: Option<std::time::Duration> },
+    Succeeded,
+    Failed { code: String, message: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRequest {
+    pub location: String,
+    pub source: DiskId,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRequest {
+    pub location: String,
+    pub os_type: String,
+    pub hyper_v_generation: String,
+    pub os_snapshot: SnapshotId,
+    /// (lun, snapshot)
+    pub data_snapshots: Vec<(u32, SnapshotId)>,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinitionInfo {
+    pub provisioning_state: String,
+    pub os_type: String,
+    pub os_state: String,
+    pub hyper_v_generation: String,
+    pub publisher: String,
+    pub offer: String,
+    pub sku: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefinitionRequest {
+    pub location: String,
+    pub os_type: String,
+    pub os_state: String,
+    pub hyper_v_generation: String,
+    pub publisher: String,
+    pub offer: String,
+    pub sku: String,
+    pub tags: Tags,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetRegion {
+    pub name: String,
+    pub replicas: u32,
+    pub storage_account_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRequest {
+    pub location: String,
+    pub source: ImageId,
+    pub regions: Vec<TargetRegion>,
+    pub storage_account_type: String,
+    pub exclude_from_latest: bool,
+    /// RFC 3339.
+    pub end_of_life: Option<String>,
+    pub tags: Tags,
+}
+
+/// Replication of one region as `$expand=ReplicationStatus` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionStatus {
+    /// Canonical short name (`eastus`), whatever form Azure answered in.
+    pub region: String,
+    /// `Unknown`, `Replicating`, `Completed` or `Failed`.
+    pub state: String,
+    pub progress: u8,
+    pub details: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionInfo {
+    pub provisioning_state: String,
+    pub exclude_from_latest: bool,
+    pub source: Option<String>,
+    /// (canonical region, replicas)
+    pub target_regions: Vec<(String, u32)>,
+    /// Present when asked for with `expand_replication`.
+    pub replication: Vec<RegionStatus>,
+    pub tags: Tags,
+}
+
+/// The management-plane facts about a Batch account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchAccountInfo {
+    pub id: BatchAccountId,
+    pub location: String,
+    /// Data-plane base URL, with scheme.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupportedImage {
+    pub node_agent_sku_id: String,
+    pub publisher: String,
+    pub offer: String,
+    pub sku: String,
+    /// `linux` or `windows`.
+    pub os_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResizeError {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolInfo {
+    pub id: String,
+    /// `active` or `deleting`.
+    pub state: String,
+    /// `steady`, `resizing` or `stopping`.
+    pub allocation_state: String,
+    pub current_dedicated: u32,
+    pub current_low_priority: u32,
+    pub target_dedicated: u32,
+    pub target_low_priority: u32,
+    pub resize_errors: Vec<ResizeError>,
+    pub metadata: BTreeMap<String, String>,
+    /// `virtualMachineImageId` the pool was built from, if a gallery image.
+    pub image_id: Option<String>,
+}
+
+/// Node counts of one pool by state (dedicated and low-priority added together).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeCounts {
+    pub by_state: BTreeMap<String, u32>,
+    pub total: u32,
+}
+
+impl NodeCounts {
+    pub fn get(&self, state: &str) -> u32 {
+        self.by_state.get(state).copied().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PoolCreated {
+    Created,
+    /// A pool with that id already exists (Batch's `PoolExists`).
+    Exists,
+}
+
+#[async_trait]
+pub trait AzureApi: Send + Sync {
+    async fn get_vm(&self, id: &VmId) -> Result<VmInfo, AzureError>;
+
+    async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError>;
+    async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError>;
+
+    async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError>;
+    async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError>;
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError>;
+
+    async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError>;
+    async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError>;
+
+    async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError>;
+    async fn put_gallery(&self, id: &GalleryId, location: &str, tags: &Tags) -> Result<Accepted, AzureError>;
+    async fn get_definition(&self, id: &GalleryImageId) -> Result<Option<DefinitionInfo>, AzureError>;
+    async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError>;
+    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError>;
+    async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError>;
+    async fn get_version(
+        &self,
+        id: &GalleryImageVersionId,
+        expand_replication: bool,
+    ) -> Result<Option<VersionInfo>, AzureError>;
+    async fn set_exclude_from_latest(&self, id: &GalleryImageVersionId, exclude: bool) -> Result<Accepted, AzureError>;
+    /// Replaces the version's target regions (to remove a failed region, or add it back).
+    async fn set_target_regions(
+        &self,
+        id: &GalleryImageVersionId,
+        regions: &[TargetRegion],
+    ) -> Result<Accepted, AzureError>;
+
+    /// Reads an `Azure-AsyncOperation` status URL.
+    async fn operation_status(&self, status_url: &str) -> Result<OperationStatus, AzureError>;
+
+    async fn get_batch_account(&self, id: &BatchAccountId) -> Result<BatchAccountInfo, AzureError>;
+    async fn supported_images(&self, account: &BatchAccountInfo) -> Result<Vec<SupportedImage>, AzureError>;
+    /// Adds a pool; `body` is Batch's `PoolAddParameter`.
+    async fn add_pool(&self, account_url: &str, body: &serde_json::Value) -> Result<PoolCreated, AzureError>;
+    async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError>;
+    async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError>;
+    async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError>;
+    async fn resize_pool(
+        &self,
+        account_url: &str,
+        pool_id: &str,
+        dedicated: u32,
+        low_priority: u32,
+    ) -> Result<(), AzureError>;
+    async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError>;
+}

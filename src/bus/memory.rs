@@ -1,0 +1,1 @@
+//! The in-process bus (placeholder until the memory bus lands).

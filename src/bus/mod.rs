@@ -1,0 +1,85 @@
+//! The message bus the stages run on. One interface, two implementations: `memory` (in-process,
+//! for `sigrun run` and tests) and the RabbitMQ bus (workers). Stages never see it; the runtime
+//! consumes, publishes, delays, parks and emits events through it.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::events::Event;
+use crate::model::envelope::Stage;
+
+pub mod memory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus connection: {0}")]
+    Connection(String),
+    #[error("publish to {target} not confirmed: {reason}")]
+    NotConfirmed { target: String, reason: String },
+    #[error("bus closed")]
+    Closed,
+}
+
+/// Why a message was parked, carried with it so the parking queue explains itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkReason {
+    pub stage: Option<Stage>,
+    pub error: String,
+    pub attempts: u32,
+    pub message_id: Option<String>,
+}
+
+/// One message taken from a stage queue.
+pub struct Delivery {
+    pub stage: Stage,
+    pub body: Vec<u8>,
+    /// Deliveries of this message so far, this one included (1 on first delivery).
+    pub delivery_count: u32,
+    pub acker: Box<dyn Acker>,
+}
+
+/// Settles a delivery. Dropping a delivery unsettled returns it to its queue.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    async fn ack(self: Box<Self>) -> Result<(), BusError>;
+    /// Returns the message to its queue (counts toward its delivery limit).
+    async fn requeue(self: Box<Self>) -> Result<(), BusError>;
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Puts a message on a stage's work queue; returns once the broker has confirmed it.
+    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError>;
+    /// Puts a message on delay tier `tier` (an index into [`Bus::tiers`]); when the tier's delay
+    /// has passed it lands on `stage`'s work queue. Confirmed like `publish`.
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError>;
+    /// Parks a message that cannot be processed, with the reason. Confirmed.
+    async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError>;
+    /// Publishes a run event. Confirmed.
+    async fn publish_event(&self, event: &Event) -> Result<(), BusError>;
+    /// The next delivery from any of `stages`' queues; `None` once the bus is shut down.
+    async fn next(&self, stages: &[Stage]) -> Option<Delivery>;
+    /// The delay tiers, shortest first.
+    fn tiers(&self) -> &[Duration];
+}
+
+/// The tier to wait on for `delay`: the longest that does not overshoot it, or the shortest.
+/// Waiting longer than a tier hops again (the message carries when it may be looked at).
+pub fn tier_for(tiers: &[Duration], delay: Duration) -> usize {
+    tiers.iter().rposition(|t| *t <= delay).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_never_overshoot_when_a_shorter_one_fits() {
+        let tiers = [Duration::from_secs(1), Duration::from_secs(5), Duration::from_secs(30)];
+        assert_eq!(tier_for(&tiers, Duration::from_millis(10)), 0);
+        assert_eq!(tier_for(&tiers, Duration::from_secs(4)), 0);
+        assert_eq!(tier_for(&tiers, Duration::from_secs(5)), 1);
+        assert_eq!(tier_for(&tiers, Duration::from_secs(600)), 2);
+    }
+}

@@ -1,0 +1,189 @@
+//! Run history: what happened to a run, as events published on the bus (`<pipeline>.<stage>.<event>`
+//! on the events exchange). A run's result is derived from its events alone — no worker keeps state.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::model::envelope::{Branch, Stage};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The run's tree: which regions and pools it will try.
+    RunStarted {
+        regions: Vec<String>,
+        pools: Vec<PoolRef>,
+    },
+    StageStarted,
+    /// A step is waiting on Azure (an operation, replication, allocation).
+    Waiting {
+        what: String,
+    },
+    /// A transient failure; the step is retried.
+    Retried {
+        attempt: u32,
+        error: String,
+    },
+    Throttled {
+        retry_after_ms: Option<u64>,
+    },
+    ResourceCreated {
+        id: String,
+    },
+    RegionCompleted {
+        region: String,
+    },
+    RegionFailed {
+        region: String,
+        reason: String,
+    },
+    PoolCreated {
+        pool_id: String,
+    },
+    PoolVerified {
+        pool_id: String,
+    },
+    PoolFailed {
+        target: String,
+        reason: String,
+    },
+    Promoted {
+        version_id: String,
+    },
+    PreviousPoolRetired {
+        pool_id: String,
+        action: String,
+    },
+    /// The trunk failed before fan-out: nothing after it runs.
+    RunFailed {
+        reason: String,
+    },
+    /// A message could not be processed and was parked.
+    Parked {
+        reason: String,
+    },
+    Cancelled,
+}
+
+impl EventKind {
+    /// The last part of the routing key.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::RunStarted { .. } => "run_started",
+            EventKind::StageStarted => "stage_started",
+            EventKind::Waiting { .. } => "waiting",
+            EventKind::Retried { .. } => "retried",
+            EventKind::Throttled { .. } => "throttled",
+            EventKind::ResourceCreated { .. } => "resource_created",
+            EventKind::RegionCompleted { .. } => "region_completed",
+            EventKind::RegionFailed { .. } => "region_failed",
+            EventKind::PoolCreated { .. } => "pool_created",
+            EventKind::PoolVerified { .. } => "pool_verified",
+            EventKind::PoolFailed { .. } => "pool_failed",
+            EventKind::Promoted { .. } => "promoted",
+            EventKind::PreviousPoolRetired { .. } => "previous_pool_retired",
+            EventKind::RunFailed { .. } => "run_failed",
+            EventKind::Parked { .. } => "parked",
+            EventKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PoolRef {
+    pub region: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub run_id: Uuid,
+    pub pipeline: String,
+    pub version: String,
+    pub stage: Stage,
+    pub branch: Branch,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+impl Event {
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}.{}", self.pipeline, self.stage, self.kind.name())
+    }
+}
+
+/// How a run ended, derived from its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunResult {
+    Running,
+    Succeeded,
+    /// Some pools verified; the rest failed (named, with the reason).
+    PartlySucceeded {
+        failed: Vec<(PoolRef, String)>,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+/// Folds a run's events into its result: it has ended when every pool branch it started has ended
+/// (verified or failed, or skipped because its region failed), or when the trunk failed.
+pub fn run_result(events: &[Event]) -> RunResult {
+    let Some(pools) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunStarted { pools, .. } => Some(pools.clone()),
+        _ => None,
+    }) else {
+        return RunResult::Running;
+    };
+    if let Some(reason) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunFailed { reason } => Some(reason.clone()),
+        EventKind::Cancelled => Some("cancelled".to_string()),
+        _ => None,
+    }) {
+        return RunResult::Failed { reason };
+    }
+    let mut verified = Vec::new();
+    let mut failed: Vec<(PoolRef, String)> = Vec::new();
+    for pool in &pools {
+        let region_failure = events.iter().find_map(|e| match &e.kind {
+            EventKind::RegionFailed { region, reason } if *region == pool.region => Some(reason.clone()),
+            _ => None,
+        });
+        let ended = events.iter().find_map(|e| match (&e.kind, &e.branch) {
+            (EventKind::PoolVerified { .. }, Branch::Pool { region, target })
+                if *region == pool.region && *target == pool.target =>
+            {
+                Some(Ok(()))
+            }
+            (EventKind::PoolFailed { target, reason }, Branch::Pool { region, .. })
+                if *region == pool.region && *target == pool.target =>
+            {
+                Some(Err(reason.clone()))
+            }
+            _ => None,
+        });
+        match (ended, region_failure) {
+            (Some(Ok(())), _) => verified.push(pool.clone()),
+            (Some(Err(reason)), _) => failed.push((pool.clone(), reason)),
+            (None, Some(reason)) => failed.push((
+                pool.clone(),
+                format!("not created: replication to {} failed: {reason}", pool.region),
+            )),
+            (None, None) => return RunResult::Running,
+        }
+    }
+    match (verified.is_empty(), failed.is_empty()) {
+        (_, true) => RunResult::Succeeded,
+        (false, false) => RunResult::PartlySucceeded { failed },
+        (true, false) => RunResult::Failed {
+            reason: failed
+                .iter()
+                .map(|(p, r)| format!("{}/{}: {r}", p.region, p.target))
+                .collect::<Vec<_>>()
+                .join("; "),
+        },
+    }
+}

@@ -1,0 +1,98 @@
+//! The plan: what a pipeline resolves to before anything is created — every name, the replicas per
+//! region (never fewer than the pools there need), each pool's resize timeout and node agent SKU,
+//! and the warnings for values that were raised. `sigrun validate` prints it; a run carries it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::ids::{BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub version: String,
+    /// Absent when an existing version is rolled out.
+    #[serde(default)]
+    pub build: Option<BuildPlan>,
+    pub gallery: GalleryId,
+    pub gallery_region: String,
+    pub create_gallery: bool,
+    pub definition: GalleryImageId,
+    pub version_id: GalleryImageVersionId,
+    pub regions: Vec<RegionPlan>,
+    pub pools: Vec<PoolPlan>,
+    /// `excludeFromLatest` at publish time (true while promotion is gated).
+    pub publish_excluded: bool,
+    /// `excludeFromLatest` once promoted.
+    pub final_excluded: bool,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub end_of_life: Option<OffsetDateTime>,
+    /// Subscriptions (other than the Batch accounts') whose Microsoft.Batch registration is needed.
+    #[serde(default)]
+    pub register_batch_in: Vec<String>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildPlan {
+    #[serde(default)]
+    pub vm: Option<VmId>,
+    pub snapshots: Vec<SnapshotPlan>,
+    pub image: ImageId,
+    pub region: String,
+    pub os_type: String,
+    pub hyper_v_generation: String,
+    /// The build VM's Marketplace base image (publisher, offer, sku), when known.
+    #[serde(default)]
+    pub base_image: Option<(String, String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotPlan {
+    /// `None` for the OS disk.
+    pub lun: Option<u32>,
+    pub source: DiskId,
+    pub id: SnapshotId,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionPlan {
+    pub name: String,
+    pub replicas: u32,
+    /// What the spec asked for, when it named a number.
+    #[serde(default)]
+    pub replicas_asked: Option<u32>,
+    /// Nodes of the pools planned in this region.
+    pub nodes: u32,
+    pub storage_account_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolPlan {
+    pub target: String,
+    pub region: String,
+    pub account: BatchAccountId,
+    pub account_url: String,
+    pub pool_id: String,
+    pub vm_size: String,
+    pub dedicated_nodes: u32,
+    pub low_priority_nodes: u32,
+    pub node_agent_sku_id: String,
+    pub resize_timeout_secs: u64,
+    /// The pool's creation body as Batch takes it (start task, slots, metadata included).
+    pub body: serde_json::Value,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Plan {
+    pub fn pools_in(&self, region: &str) -> impl Iterator<Item = &PoolPlan> {
+        self.pools.iter().filter(move |p| p.region == region)
+    }
+}
