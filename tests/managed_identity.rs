@@ -47,7 +47,10 @@ async fn managed_identity_credential_gets_a_token_arm_accepts() {
 
     // A wrong header secret is refused.
     let reply = client
-        .get(format!("{}?api-version=2019-08-01&resource=https://management.azure.com", info.identity_endpoint))
+        .get(format!(
+            "{}?api-version=2019-08-01&resource=https://management.azure.com",
+            info.identity_endpoint
+        ))
         .header("X-IDENTITY-HEADER", "wrong")
         .send()
         .await

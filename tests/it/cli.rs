@@ -20,15 +20,32 @@ fn help_lists_the_subcommands() {
 #[tokio::test]
 async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
     let mut child = sigrun()
-        .args(["emulator", "--listen", "127.0.0.1:0", "--time-scale", "3600", "--seed", "7"])
+        .args([
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--time-scale",
+            "3600",
+            "--seed",
+            "7",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let info: serde_json::Value = serde_json::from_str(&line).expect("start-up line is JSON");
-    for key in ["base_url", "ca_cert", "tenant_id", "subscription_ids", "batch_accounts", "control_url"] {
+    for key in [
+        "base_url",
+        "ca_cert",
+        "tenant_id",
+        "subscription_ids",
+        "batch_accounts",
+        "control_url",
+    ] {
         assert!(info.get(key).is_some(), "start-up line lacks {key}: {line}");
     }
     let base = info["base_url"].as_str().unwrap();
@@ -51,14 +68,20 @@ async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
         .unwrap();
     assert_eq!(clock["time_scale"], 3600.0);
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let started = Instant::now();
     let exit = loop {
         if let Some(exit) = child.try_wait().unwrap() {
             break exit;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "emulator did not stop on SIGTERM");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "emulator did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "exit status {exit:?}");

@@ -37,7 +37,12 @@ async fn client_secret_credential_gets_tokens_that_arm_and_batch_accept() {
     let cred = credential(&emu, PIPELINE_APP);
     let arm = cred.get_token(&[ARM_SCOPE], None).await.expect("ARM token");
     assert!(arm.expires_on > time::OffsetDateTime::now_utc() + time::Duration::minutes(50));
-    let vm = compute(SUB_IMAGING, "rg-imaging", "virtualMachines/build-ubuntu-2204", COMPUTE_API);
+    let vm = compute(
+        SUB_IMAGING,
+        "rg-imaging",
+        "virtualMachines/build-ubuntu-2204",
+        COMPUTE_API,
+    );
     let reply = emu.get(&vm, arm.token.secret()).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.body["properties"]["storageProfile"]["osDisk"]["osType"], "Linux");
@@ -62,7 +67,10 @@ async fn wrong_secret_and_unknown_client_get_aad_errors() {
         .get_token(&[ARM_SCOPE], None)
         .await
         .expect_err("wrong secret must fail");
-    assert!(format!("{err:?}").contains("7000215"), "AADSTS7000215 expected, got {err:?}");
+    assert!(
+        format!("{err:?}").contains("7000215"),
+        "AADSTS7000215 expected, got {err:?}"
+    );
 
     let reply = emu
         .client
@@ -124,7 +132,10 @@ async fn discovery_documents_point_back_at_the_emulator() {
         .await;
     assert_eq!(reply.status, 200);
     let endpoint = reply.body["tenant_discovery_endpoint"].as_str().unwrap().to_string();
-    assert_eq!(endpoint, format!("{base}/{TENANT}/v2.0/.well-known/openid-configuration"));
+    assert_eq!(
+        endpoint,
+        format!("{base}/{TENANT}/v2.0/.well-known/openid-configuration")
+    );
     assert!(reply.body["metadata"][0]["aliases"].is_array());
 
     let reply = emu.call(Method::GET, &endpoint, None, None).await;
@@ -133,7 +144,12 @@ async fn discovery_documents_point_back_at_the_emulator() {
     assert_eq!(token_endpoint, format!("{base}/{TENANT}/oauth2/v2.0/token"));
     assert!(reply.body["authorization_endpoint"].as_str().unwrap().starts_with(base));
     assert_eq!(reply.body["issuer"], format!("{base}/{TENANT}/v2.0"));
-    for field in ["jwks_uri", "device_authorization_endpoint", "end_session_endpoint", "tenant_region_scope"] {
+    for field in [
+        "jwks_uri",
+        "device_authorization_endpoint",
+        "end_session_endpoint",
+        "tenant_region_scope",
+    ] {
         assert!(reply.body.get(field).is_some(), "openid-configuration lacks {field}");
     }
 }
@@ -150,22 +166,45 @@ async fn imds_style_managed_identity_issues_tokens() {
     let reply = emu.client.get(&url).header("Metadata", "true").send().await.unwrap();
     assert_eq!(reply.status(), 200);
     let body: serde_json::Value = reply.json().await.unwrap();
-    for field in ["access_token", "expires_in", "expires_on", "not_before", "resource", "token_type", "client_id"] {
+    for field in [
+        "access_token",
+        "expires_in",
+        "expires_on",
+        "not_before",
+        "resource",
+        "token_type",
+        "client_id",
+    ] {
         assert!(body[field].is_string(), "IMDS sends `{field}` as a string: {body}");
     }
     let token = body["access_token"].as_str().unwrap();
-    let vm = compute(SUB_IMAGING, "rg-imaging", "virtualMachines/build-ubuntu-2204", COMPUTE_API);
+    let vm = compute(
+        SUB_IMAGING,
+        "rg-imaging",
+        "virtualMachines/build-ubuntu-2204",
+        COMPUTE_API,
+    );
     assert_eq!(emu.get(&vm, token).await.status, 200);
 }
 
 #[tokio::test]
 async fn arm_refuses_missing_bad_and_foreign_tokens() {
     let emu = start_fast().await;
-    let vm = compute(SUB_IMAGING, "rg-imaging", "virtualMachines/build-ubuntu-2204", COMPUTE_API);
+    let vm = compute(
+        SUB_IMAGING,
+        "rg-imaging",
+        "virtualMachines/build-ubuntu-2204",
+        COMPUTE_API,
+    );
     let reply = emu.call(Method::GET, &vm, None, None).await;
     assert_eq!(reply.status, 401);
     assert_eq!(reply.code(), "AuthenticationFailed");
-    assert!(reply.header("www-authenticate").unwrap().starts_with("Bearer authorization_uri="));
+    assert!(
+        reply
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer authorization_uri=")
+    );
 
     let token = emu.arm_token().await;
     let mut tampered = token.clone();
