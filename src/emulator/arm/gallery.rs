@@ -530,6 +530,19 @@ fn render_version(r: &Resource, props: &mut Map<String, Value>, now: EmuTime, ex
     profile.entry("storageAccountType").or_insert(json!("Standard_LRS"));
     profile.insert("publishedDate".into(), r.facts["publishedDate"].clone());
     let exclude_default = profile["excludeFromLatest"].clone();
+    // A region keeps its own excludeFromLatest when the client set one.
+    let given: Vec<Value> = profile
+        .get("targetRegions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let exclude_of = |region: &str| {
+        given
+            .iter()
+            .find(|t| t["name"].as_str().and_then(regions::canonical) == Some(region))
+            .and_then(|t| t.get("excludeFromLatest").filter(|v| v.is_boolean()).cloned())
+            .unwrap_or_else(|| exclude_default.clone())
+    };
     profile.insert(
         "targetRegions".into(),
         json!(
@@ -539,7 +552,7 @@ fn render_version(r: &Resource, props: &mut Map<String, Value>, now: EmuTime, ex
                     "name": regions::display(&rep.region),
                     "regionalReplicaCount": rep.replicas,
                     "storageAccountType": rep.storage_account_type,
-                    "excludeFromLatest": exclude_default,
+                    "excludeFromLatest": exclude_of(&rep.region),
                 }))
                 .collect::<Vec<_>>()
         ),
