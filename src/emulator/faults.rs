@@ -209,7 +209,7 @@ impl Rule {
             Trigger::Always => true,
             Trigger::Probability(p) => draw < *p,
             Trigger::At(list) => list.contains(&self.seen),
-            Trigger::Every(n) => self.seen % n == 0,
+            Trigger::Every(n) => self.seen.is_multiple_of(*n),
         };
         if fires {
             self.fired += 1;

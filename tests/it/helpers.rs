@@ -279,3 +279,102 @@ pub async fn publish_version(
     assert_eq!(reply.status, 201, "version: {:?}", reply.body);
     compute_id(SUB_IMAGING, "rg-gallery", &rest)
 }
+
+/// An emulator whose clock only moves by `advance` (a millionth of real time), so states and counts
+/// read at one instant stay put across several requests.
+pub async fn start_frozen() -> TestEmulator {
+    start(EmulatorOptions {
+        time_scale: 1e-6,
+        ..Default::default()
+    })
+    .await
+}
+
+/// An add-pool body for a gallery image with a start task that must succeed before tasks run.
+pub fn gallery_pool_body(id: &str, image_id: &str, dedicated: u32, resize_timeout: Option<&str>) -> Value {
+    let mut body = json!({
+        "id": id,
+        "vmSize": "Standard_D2s_v5",
+        "targetDedicatedNodes": dedicated,
+        "virtualMachineConfiguration": {
+            "imageReference": {"virtualMachineImageId": image_id},
+            "nodeAgentSKUId": "batch.node.ubuntu 22.04",
+        },
+        "startTask": {"commandLine": "/bin/sh -c 'echo ready'", "waitForSuccess": true, "maxTaskRetryCount": 0},
+    });
+    if let Some(timeout) = resize_timeout {
+        body["resizeTimeout"] = json!(timeout);
+    }
+    body
+}
+
+/// Every node of a pool, following `odata.nextLink` with pages of `page_size`; also returns the
+/// number of pages read.
+pub async fn list_all_nodes(
+    emu: &TestEmulator,
+    token: &str,
+    account: &str,
+    pool: &str,
+    page_size: u32,
+) -> (Vec<Value>, usize) {
+    let mut url = format!(
+        "{}/pools/{pool}/nodes?api-version={BATCH_API}&maxresults={page_size}",
+        emu.batch_url(account)
+    );
+    let (mut nodes, mut pages) = (Vec::new(), 0);
+    loop {
+        let reply = emu.get(&url, token).await;
+        assert_eq!(reply.status, 200, "list nodes: {:?}", reply.body);
+        pages += 1;
+        let page = reply.body["value"].as_array().cloned().unwrap_or_default();
+        assert!(
+            page.len() <= page_size as usize,
+            "a page holds at most {page_size} nodes"
+        );
+        nodes.extend(page);
+        match reply.body["odata.nextLink"].as_str() {
+            Some(next) => url = next.to_string(),
+            None => return (nodes, pages),
+        }
+    }
+}
+
+/// Like [`TestEmulator::call`], with extra request headers (Batch's `client-request-id`/`ocp-date`,
+/// IMDS's `Metadata`). `url` is absolute or relative to the emulator's base URL.
+pub async fn call_with_headers(
+    emu: &TestEmulator,
+    method: Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+    headers: &[(String, String)],
+) -> Reply {
+    let url = if url.starts_with("http") {
+        url.to_string()
+    } else {
+        format!("{}{url}", emu.base())
+    };
+    let mut req = emu.client.request(method, &url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    for (name, value) in headers {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    if let Some(body) = body {
+        req = req.json(body);
+    }
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("request to {url} failed: {e}"));
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.expect("body");
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    Reply { status, headers, body }
+}

@@ -13,7 +13,7 @@ use crate::emulator::Ctx;
 use crate::emulator::clock::EmuTime;
 use crate::emulator::http::{Request, Response};
 use crate::emulator::state::{Kind, Resource, State};
-use crate::emulator::world::{OsType, Vm};
+use crate::emulator::world::{Extension, OsType, Vm};
 
 fn find_vm<'a>(ctx: &'a Ctx, sub: &str, rg: &str, name: &str) -> Option<&'a Vm> {
     ctx.world.vms.iter().find(|vm| {
@@ -127,28 +127,75 @@ pub fn get_vm(
         },
     });
     if !vm.extensions.is_empty() {
-        body["resources"] = json!(
-            vm.extensions
-                .iter()
-                .map(|e| json!({"id": format!("{}/extensions/{}", vm_id(vm), e.name)}))
-                .collect::<Vec<_>>()
-        );
+        // ARM lists the VM's extensions in full here, as the extensions list does.
+        body["resources"] = json!(vm.extensions.iter().map(|e| extension_json(vm, e)).collect::<Vec<_>>());
     }
     if req
         .query("$expand")
         .is_some_and(|e| e.eq_ignore_ascii_case("instanceView"))
     {
-        body["properties"]["instanceView"] = json!({
-            "computerName": vm.name,
-            "osName": match vm.os_type { OsType::Linux => "ubuntu", OsType::Windows => "Windows Server 2022 Datacenter" },
-            "hyperVGeneration": vm.hyper_v_generation,
-            "statuses": [
-                {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"},
-                {"code": "PowerState/deallocated", "level": "Info", "displayStatus": "VM deallocated"}
-            ],
-        });
+        body["properties"]["instanceView"] = instance_view(vm);
     }
     Ok(Response::json(200, &body))
+}
+
+/// The instance view of a prepared (generalized, deallocated) VM: `GET .../instanceView` and
+/// `$expand=instanceView` show the same `VirtualMachineInstanceView`.
+fn instance_view(vm: &Vm) -> Value {
+    let disks: Vec<Value> = std::iter::once(&vm.os_disk.name)
+        .chain(vm.data_disks.iter().map(|d| &d.name))
+        .map(|name| {
+            json!({"name": name, "statuses": [
+                {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"}
+            ]})
+        })
+        .collect();
+    json!({
+        "computerName": vm.name,
+        "osName": match vm.os_type { OsType::Linux => "ubuntu", OsType::Windows => "Windows Server 2022 Datacenter" },
+        "hyperVGeneration": vm.hyper_v_generation,
+        "disks": disks,
+        "statuses": [
+            {"code": "ProvisioningState/succeeded", "level": "Info", "displayStatus": "Provisioning succeeded"},
+            {"code": "PowerState/deallocated", "level": "Info", "displayStatus": "VM deallocated"}
+        ],
+    })
+}
+
+/// `GET .../virtualMachines/{vm}/instanceView`.
+pub fn get_instance_view(
+    ctx: &Ctx,
+    req: &Request,
+    caller: &Caller,
+    sub: &str,
+    rg: &str,
+    name: &str,
+) -> Result<Response, ArmError> {
+    let group = resource_group(ctx, sub, rg)?;
+    check_api_version(req, Family::Compute, "virtualMachines", &group.location)?;
+    let id = format!(
+        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
+        group.name
+    );
+    authorize(ctx, caller, "Microsoft.Compute/virtualMachines/read", &id)?;
+    let vm = find_vm(ctx, sub, rg, name).ok_or_else(|| vm_not_found(&group.name, name))?;
+    Ok(Response::json(200, &instance_view(vm)))
+}
+
+fn extension_json(vm: &Vm, e: &Extension) -> Value {
+    json!({
+        "id": format!("{}/extensions/{}", vm_id(vm), e.name),
+        "name": e.name,
+        "type": "Microsoft.Compute/virtualMachines/extensions",
+        "location": vm.location,
+        "properties": {
+            "publisher": e.publisher,
+            "type": e.kind,
+            "typeHandlerVersion": e.type_handler_version,
+            "autoUpgradeMinorVersion": true,
+            "provisioningState": "Succeeded",
+        },
+    })
 }
 
 pub fn list_extensions(
@@ -167,25 +214,7 @@ pub fn list_extensions(
     );
     authorize(ctx, caller, "Microsoft.Compute/virtualMachines/extensions/read", &id)?;
     let vm = find_vm(ctx, sub, rg, name).ok_or_else(|| vm_not_found(&group.name, name))?;
-    let value: Vec<Value> = vm
-        .extensions
-        .iter()
-        .map(|e| {
-            json!({
-                "id": format!("{}/extensions/{}", vm_id(vm), e.name),
-                "name": e.name,
-                "type": "Microsoft.Compute/virtualMachines/extensions",
-                "location": vm.location,
-                "properties": {
-                    "publisher": e.publisher,
-                    "type": e.kind,
-                    "typeHandlerVersion": e.type_handler_version,
-                    "autoUpgradeMinorVersion": true,
-                    "provisioningState": "Succeeded",
-                },
-            })
-        })
-        .collect();
+    let value: Vec<Value> = vm.extensions.iter().map(|e| extension_json(vm, e)).collect();
     Ok(Response::json(200, &json!({ "value": value })))
 }
 
@@ -225,6 +254,19 @@ fn find_disk(ctx: &Ctx, id: &str) -> Option<SourceDisk> {
                 hyper_v_generation: vm.hyper_v_generation.clone(),
                 unique_id: unique(),
             })
+    })
+}
+
+/// A managed disk of the world's VMs as a gallery image version's disk source: (location, OS type
+/// if it is an OS disk, Hyper-V generation, size in GB).
+pub(super) fn world_disk(ctx: &Ctx, id: &str) -> Option<(String, Option<String>, String, u64)> {
+    find_disk(ctx, id).map(|d| {
+        (
+            d.location,
+            d.os_type.map(str::to_string),
+            d.hyper_v_generation,
+            d.size_gb,
+        )
     })
 }
 
@@ -522,6 +564,7 @@ pub fn render_properties(r: &Resource, props: &mut Map<String, Value>, _now: Emu
             props.entry("hyperVGeneration").or_insert(json!("V1"));
             if let Some(profile) = props.get_mut("storageProfile").and_then(Value::as_object_mut) {
                 profile.entry("zoneResilient").or_insert(json!(false));
+                profile.entry("dataDisks").or_insert(json!([]));
                 if let Some(os) = profile.get_mut("osDisk").and_then(Value::as_object_mut) {
                     os.entry("caching").or_insert(json!("ReadWrite"));
                     os.entry("storageAccountType").or_insert(json!("Standard_LRS"));

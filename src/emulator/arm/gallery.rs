@@ -162,7 +162,7 @@ struct SourceFacts {
     data_sizes: Vec<(u64, u64)>,
 }
 
-fn source_facts(st: &State, body: &Value, now: EmuTime) -> Result<SourceFacts, ArmError> {
+fn source_facts(ctx: &Ctx, st: &State, body: &Value, now: EmuTime) -> Result<SourceFacts, ArmError> {
     let profile = body
         .pointer("/properties/storageProfile")
         .ok_or_else(|| missing("galleryImageVersion.properties.storageProfile"))?;
@@ -210,30 +210,39 @@ fn source_facts(st: &State, body: &Value, now: EmuTime) -> Result<SourceFacts, A
             data_sizes,
         });
     }
-    if let Some(id) = profile.pointer("/osDiskImage/source/id").and_then(Value::as_str) {
+    // A disk image's source: a snapshot made through the API, or a managed disk of the world's VMs.
+    // (location, OS type, Hyper-V generation, size in GB)
+    let disk = |id: &str| -> Result<(String, Option<String>, String, u64), ArmError> {
+        if let Some(disk) = super::compute::world_disk(ctx, id) {
+            return Ok(disk);
+        }
         let snap = lookup(id)?;
         ready(snap, id)?;
+        Ok((
+            snap.location.clone(),
+            snap.facts["osType"].as_str().map(str::to_string),
+            snap.facts["hyperVGeneration"].as_str().unwrap_or("V1").to_string(),
+            snap.facts["diskSizeGB"].as_u64().unwrap_or(0),
+        ))
+    };
+    if let Some(id) = profile.pointer("/osDiskImage/source/id").and_then(Value::as_str) {
+        let (location, os_type, generation, os_size_gb) = disk(id)?;
         let mut data_sizes = Vec::new();
         if let Some(disks) = profile.get("dataDiskImages").and_then(Value::as_array) {
-            for disk in disks {
-                let did = disk
+            for data in disks {
+                let did = data
                     .pointer("/source/id")
                     .and_then(Value::as_str)
                     .ok_or_else(|| missing("dataDiskImages.source.id"))?;
-                let data = lookup(did)?;
-                ready(data, did)?;
-                data_sizes.push((
-                    disk["lun"].as_u64().unwrap_or(0),
-                    data.facts["diskSizeGB"].as_u64().unwrap_or(0),
-                ));
+                data_sizes.push((data["lun"].as_u64().unwrap_or(0), disk(did)?.3));
             }
         }
         return Ok(SourceFacts {
-            location: snap.location.clone(),
-            os_type: snap.facts["osType"].as_str().map(str::to_string),
+            location,
+            os_type,
             os_state: None,
-            generation: snap.facts["hyperVGeneration"].as_str().unwrap_or("V1").to_string(),
-            os_size_gb: snap.facts["diskSizeGB"].as_u64().unwrap_or(0),
+            generation,
+            os_size_gb,
             data_sizes,
         });
     }
@@ -273,6 +282,13 @@ fn target_regions(body: &Value, location: &str) -> Result<Vec<(String, u32, Stri
                 let raw = region["name"]
                     .as_str()
                     .ok_or_else(|| missing(&format!("publishingProfile.targetRegions[{i}].name")))?;
+                if region.get("encryption").is_some_and(|e| !e.is_null()) {
+                    // There are no disk encryption sets in the emulated world to resolve.
+                    return Err(ArmError::invalid(
+                        &format!("publishingProfile.targetRegions[{i}].encryption"),
+                        "Disk encryption sets are not supported by this emulator; publish without targetRegions[].encryption.",
+                    ));
+                }
                 let name = regions::canonical(raw).ok_or_else(|| {
                     ArmError::invalid(
                         "publishingProfile.targetRegions",
@@ -330,7 +346,7 @@ fn plan_version(
         .get(&path.parent_id().expect("versions have a parent"))
         .expect("checked by the caller")
         .clone();
-    let source = source_facts(st, &body, now)?;
+    let source = source_facts(ctx, st, &body, now)?;
     if !source.location.eq_ignore_ascii_case(location) {
         return Err(ArmError::invalid(
             "storageProfile.source.id",
@@ -514,6 +530,19 @@ fn render_version(r: &Resource, props: &mut Map<String, Value>, now: EmuTime, ex
     profile.entry("storageAccountType").or_insert(json!("Standard_LRS"));
     profile.insert("publishedDate".into(), r.facts["publishedDate"].clone());
     let exclude_default = profile["excludeFromLatest"].clone();
+    // A region keeps its own excludeFromLatest when the client set one.
+    let given: Vec<Value> = profile
+        .get("targetRegions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let exclude_of = |region: &str| {
+        given
+            .iter()
+            .find(|t| t["name"].as_str().and_then(regions::canonical) == Some(region))
+            .and_then(|t| t.get("excludeFromLatest").filter(|v| v.is_boolean()).cloned())
+            .unwrap_or_else(|| exclude_default.clone())
+    };
     profile.insert(
         "targetRegions".into(),
         json!(
@@ -523,24 +552,39 @@ fn render_version(r: &Resource, props: &mut Map<String, Value>, now: EmuTime, ex
                     "name": regions::display(&rep.region),
                     "regionalReplicaCount": rep.replicas,
                     "storageAccountType": rep.storage_account_type,
-                    "excludeFromLatest": exclude_default,
+                    "excludeFromLatest": exclude_of(&rep.region),
                 }))
                 .collect::<Vec<_>>()
         ),
     );
     if let Some(storage) = props.get_mut("storageProfile").and_then(Value::as_object_mut) {
-        storage.insert(
-            "osDiskImage".into(),
-            json!({"sizeInGB": r.facts["osSizeGB"], "hostCaching": "ReadWrite", "source": storage.get("osDiskImage").and_then(|o| o.get("source")).cloned().unwrap_or(Value::Null)}),
-        );
-        if storage["osDiskImage"]["source"].is_null() {
-            storage["osDiskImage"].as_object_mut().expect("object").remove("source");
-        }
+        // The sizes come from the source; the caching and the per-disk source the client gave stay.
+        let disk_image = |given: Option<&Value>, size: &Value, caching: &str| {
+            let mut out = json!({"sizeInGB": size, "hostCaching": caching});
+            for key in ["hostCaching", "source"] {
+                if let Some(v) = given.and_then(|g| g.get(key)).filter(|v| !v.is_null()) {
+                    out[key] = v.clone();
+                }
+            }
+            out
+        };
+        let os = disk_image(storage.get("osDiskImage"), &r.facts["osSizeGB"], "ReadWrite");
+        storage.insert("osDiskImage".into(), os);
+        let given_data = storage
+            .get("dataDiskImages")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let data: Vec<Value> = r.facts["dataSizes"]
             .as_array()
             .map(|d| {
                 d.iter()
-                    .map(|x| json!({"lun": x["lun"], "sizeInGB": x["sizeInGB"], "hostCaching": "None"}))
+                    .map(|x| {
+                        let given = given_data.iter().find(|g| g["lun"] == x["lun"]);
+                        let mut out = disk_image(given, &x["sizeInGB"], "None");
+                        out["lun"] = x["lun"].clone();
+                        out
+                    })
                     .collect()
             })
             .unwrap_or_default();

@@ -13,8 +13,11 @@ use crate::emulator::clock::EmuTime;
 use crate::emulator::http::{Request, Response};
 use crate::emulator::state::{ErrorInfo, OpFlavor, OpKind, Operation, State};
 
-/// Emulated seconds a client is asked to wait between polls (ARM's guidance is at least 10 s).
-const POLL_HINT: Duration = Duration::seconds(10);
+/// Bounds of the `Retry-After` an operation answers with: ARM's RPC asks for at least 10 s and at
+/// most 10 minutes. Within them the emulator sends its estimate of the time left, as a resource
+/// provider that knows its operation's progress may.
+const MIN_POLL_HINT: Duration = Duration::seconds(10);
+const MAX_POLL_HINT: Duration = Duration::minutes(10);
 
 #[allow(clippy::too_many_arguments)]
 pub fn start(
@@ -61,7 +64,8 @@ fn status_url(ctx: &Ctx, op: &Operation, monitor: bool) -> String {
 
 /// Adds the polling headers for `op` to an answer.
 pub fn headers(ctx: &Ctx, resp: Response, op: &Operation, with_location: bool) -> Response {
-    let hint = ctx.clock.to_real(POLL_HINT);
+    let left = (op.ends - ctx.clock.now()).clamp(MIN_POLL_HINT, MAX_POLL_HINT);
+    let hint = ctx.clock.to_real(left);
     let mut resp = resp
         .with_header("azure-asyncoperation", status_url(ctx, op, false))
         .with_header("retry-after", format!("{}", hint.as_secs()))

@@ -318,6 +318,9 @@ fn route(ctx: &Ctx, st: &mut State, req: &Request, caller: &Caller, sub: &str) -
             let names: Vec<&str> = s[6..].to_vec();
             match rest {
                 ["virtualmachines", _] => compute::get_vm(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
+                ["virtualmachines", _, "instanceview"] => {
+                    compute::get_instance_view(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
+                }
                 ["virtualmachines", _, "extensions"] => {
                     compute::list_extensions(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
                 }

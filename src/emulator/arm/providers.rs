@@ -1,8 +1,6 @@
 //! Resource providers (GET and register, as Microsoft.Resources serves them) and the management
 //! plane of Batch accounts (GET only: where the account's data plane lives and its region).
 
-use std::collections::BTreeMap;
-
 use serde_json::json;
 use time::Duration;
 
@@ -37,10 +35,7 @@ const NAMESPACES: &[(&str, &[&str])] = &[
 pub fn seed_providers(ctx: &Ctx, st: &mut State) {
     let start = ctx.clock.now() - Duration::days(365);
     for sub in &ctx.world.subscriptions {
-        let entry = st
-            .providers
-            .entry(sub.id.to_ascii_lowercase())
-            .or_insert_with(BTreeMap::new);
+        let entry = st.providers.entry(sub.id.to_ascii_lowercase()).or_default();
         for ns in sub
             .registered_providers
             .iter()

@@ -338,15 +338,32 @@ fn same_json(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Fills in what the create planners default when a body leaves it out (a snapshot's sku, a
+/// definition's Hyper-V generation), so the same body sent again (a retry after a lost answer)
+/// compares equal to the stored one instead of reading as a change.
+fn apply_create_defaults(kind: Kind, body: &mut Value) {
+    let (parent, key, default) = match kind {
+        Kind::Snapshot => ("", "sku", json!({"name": "Standard_LRS"})),
+        Kind::GalleryImage => ("/properties", "hyperVGeneration", json!("V1")),
+        _ => return,
+    };
+    if let Some(obj) = body.pointer_mut(parent).and_then(Value::as_object_mut)
+        && !obj.contains_key(key)
+    {
+        obj.insert(key.to_string(), default);
+    }
+}
+
 fn update(
     ctx: &Ctx,
     st: &mut State,
     path: &ResPath,
     existing: Resource,
-    body: Value,
+    mut body: Value,
     api_version: &str,
     now: EmuTime,
 ) -> Result<(Response, bool), ArmError> {
+    apply_create_defaults(path.kind, &mut body);
     if existing.location != body["location"].as_str().unwrap_or_default() {
         return Err(ArmError::new(
             409,

@@ -9,7 +9,7 @@ mod pools;
 use serde_json::{Value, json};
 
 use super::Ctx;
-use super::auth::{self, Claims, TokenProblem};
+use super::auth::{self, TokenProblem};
 use super::http::{Request, Response};
 
 pub fn account_url(base_url: &str, account: &str) -> String {
@@ -83,7 +83,10 @@ fn api_version_ok(v: &str) -> bool {
 
 /// How the caller authenticated.
 pub enum BatchCaller {
-    Aad(Claims),
+    /// An Azure AD token; the caller's object id.
+    Aad {
+        oid: String,
+    },
     SharedKey,
 }
 
@@ -156,7 +159,7 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         BatchCaller::SharedKey
     } else {
         match ctx.key.verify(authorization, &[auth::BATCH_AUDIENCE]) {
-            Ok(claims) if claims.tid.eq_ignore_ascii_case(&tenant) => BatchCaller::Aad(claims),
+            Ok(claims) if claims.tid.eq_ignore_ascii_case(&tenant) => BatchCaller::Aad { oid: claims.oid },
             Ok(claims) => {
                 return unauthorized(
                     req,
@@ -184,7 +187,7 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Batch/batchAccounts/{}",
         account.subscription, account.resource_group, account.name
     );
-    if let BatchCaller::Aad(claims) = &caller {
+    if let BatchCaller::Aad { oid } = &caller {
         let verb = match req.method.as_str() {
             "GET" | "HEAD" => "read",
             "DELETE" => "delete",
@@ -192,7 +195,7 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         };
         if !auth::allowed(
             &ctx.world,
-            &claims.oid,
+            oid,
             &format!("Microsoft.Batch/batchAccounts/pools/{verb}"),
             &account_id,
         ) {
@@ -202,7 +205,7 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
                 "InsufficientPermissions",
                 &format!(
                     "The identity '{}' does not have permission to perform this operation on account '{}'.",
-                    claims.oid, account.name
+                    oid, account.name
                 ),
                 &[],
             );

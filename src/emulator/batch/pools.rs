@@ -45,10 +45,17 @@ pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCal
                 } else {
                     match method {
                         "GET" => (
-                            ok_json(200, &render_pool(ctx, &pool, now)).with_header("etag", etag(&pool)),
+                            ok_json(200, &render_pool(ctx, &pool, now))
+                                .with_header("etag", etag(&pool))
+                                .with_header("last-modified", rfc1123(pool.last_modified)),
                             false,
                         ),
-                        "HEAD" => (Response::empty(200).with_header("etag", etag(&pool)), false),
+                        "HEAD" => (
+                            Response::empty(200)
+                                .with_header("etag", etag(&pool))
+                                .with_header("last-modified", rfc1123(pool.last_modified)),
+                            false,
+                        ),
                         "DELETE" => delete_pool(&mut st, req, pool, now),
                         "PATCH" => patch_pool(&mut st, req, pool, now),
                         _ => (
@@ -293,13 +300,10 @@ fn add_pool(
         );
     };
     let (uses_gallery, replicas) = if let Some(image_id) = image_ref["virtualMachineImageId"].as_str() {
-        if matches!(caller, BatchCaller::SharedKey) {
+        let BatchCaller::Aad { oid } = caller else {
             return (shared_key_refused(req), false);
-        }
-        let BatchCaller::Aad(claims) = caller else {
-            unreachable!()
         };
-        match arm_view::gallery_image_for_pool(ctx, st, image_id, account, &claims.oid, now) {
+        match arm_view::gallery_image_for_pool(ctx, st, image_id, account, oid, now) {
             Ok(found) => {
                 if !found.os_type.eq_ignore_ascii_case(sku_os) {
                     return (
@@ -598,6 +602,14 @@ fn render_pool(ctx: &Ctx, pool: &Pool, now: EmuTime) -> Value {
     obj.entry("taskSlotsPerNode").or_insert(json!(1));
     obj.entry("taskSchedulingPolicy")
         .or_insert(json!({"nodeFillType": "Spread"}));
+    // Nodes talk to Batch the simplified way only when the pool asks for it.
+    let simplified = pool.body["targetNodeCommunicationMode"]
+        .as_str()
+        .is_some_and(|m| m.eq_ignore_ascii_case("simplified"));
+    obj.insert(
+        "currentNodeCommunicationMode".into(),
+        json!(if simplified { "simplified" } else { "classic" }),
+    );
     if let (false, Some(err)) = (resizing, &pool.allocation.error) {
         obj.insert(
             "resizeErrors".into(),
@@ -644,7 +656,10 @@ fn render_node(ctx: &Ctx, pool: &Pool, node: &Node, index: usize, state: &str, n
                 info["endTime"] = json!(stamp(start_time + Duration::seconds(node.start_task_secs as i64)));
                 info["exitCode"] = json!(if failed { 1 } else { 0 });
                 info["result"] = json!(if failed { "failure" } else { "success" });
-                info["retryCount"] = pool.body["startTask"]["maxTaskRetryCount"].clone();
+                // A failed start task used up its retries (maxTaskRetryCount defaults to 0); a
+                // successful one needed none.
+                let retries = pool.body["startTask"]["maxTaskRetryCount"].as_i64().unwrap_or(0).max(0);
+                info["retryCount"] = json!(if failed { retries } else { 0 });
                 if failed {
                     info["failureInfo"] = json!({"category": "usererror", "code": "FailureExitCode", "message": "The task exited with an exit code representing a failure"});
                 }
@@ -890,7 +905,11 @@ fn resize_pool(
     pool.etag_counter = st.serial();
     let resp = Response::empty(202)
         .with_header("etag", etag(&pool))
-        .with_header("last-modified", rfc1123(now));
+        .with_header("last-modified", rfc1123(now))
+        .with_header(
+            "dataserviceid",
+            format!("{}/pools/{}", account_url(&req.base_url, &account.name), pool.id),
+        );
     st.pools.insert(State::pool_key(&account.name, id), pool);
     (resp, true)
 }
