@@ -6,6 +6,7 @@
 //! - [`azure`]: the Azure operations the pipeline calls (trait, REST client, error classes).
 //! - [`bus`]: the message bus interface and its in-process implementation.
 //! - [`events`]: run history events and the run result derived from them.
+//! - [`planner`]: spec → plan, reading Azure and applying every preflight rule.
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
 //! - [`stages`]: the six stages as state machines over the Azure trait.
 //! - [`cli`]: the command line; the only place that wires everything together.
@@ -19,5 +20,6 @@ pub mod cli;
 pub mod emulator;
 pub mod events;
 pub mod model;
+pub mod planner;
 pub mod runtime;
 pub mod stages;

@@ -84,9 +84,9 @@ impl Branch {
 pub struct InFlight {
     /// What is awaited, e.g. `snapshot`, `image`, `replication`, `allocation`.
     pub what: String,
-    /// `Azure-AsyncOperation` URL when Azure gave one.
+    /// `Azure-AsyncOperation` URLs of the operations still awaited, when Azure gave them.
     #[serde(default)]
-    pub status_url: Option<String>,
+    pub status_urls: Vec<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub started: OffsetDateTime,
     /// Do not look before this (Retry-After, or the delay chosen).
@@ -95,6 +95,17 @@ pub struct InFlight {
     /// Looks taken so far.
     #[serde(default)]
     pub polls: u32,
+    /// Progress seen per item (e.g. per region), to estimate when it completes.
+    #[serde(default)]
+    pub progress: BTreeMap<String, Progress>,
+}
+
+/// One progress reading: percent done at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub percent: u8,
 }
 
 /// What the run has produced so far (resource ids), plus facts later stages need.
@@ -116,6 +127,9 @@ pub struct Artifacts {
     /// Times a failed region was removed and added back.
     #[serde(default)]
     pub region_retries: BTreeMap<String, u32>,
+    /// Regions removed after a failure, to be added back once the version settles.
+    #[serde(default)]
+    pub regions_to_readd: Vec<String>,
     #[serde(default)]
     pub pool: Option<PoolArtifact>,
 }

@@ -2,13 +2,22 @@
 //! the Azure trait, it decides what happens next. No stage does IO except through `AzureApi`, and
 //! none knows the bus: the runtime carries out the outcome the same way for all of them.
 
+mod common;
+mod gallery_publish;
+mod image_create;
+mod pool_create;
+mod replicate;
+mod snapshot;
+mod verify;
+
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use crate::azure::{AzureApi, AzureError};
 use crate::events::EventKind;
-use crate::model::envelope::Envelope;
+use crate::model::envelope::{Envelope, Stage};
 
 /// What a step decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,19 +57,52 @@ impl Step {
     }
 }
 
+/// How stages pace their looks at Azure. Durations are Azure time; `azure_time_factor` converts
+/// them to real time (1 against Azure; 1/N against an emulator running N times faster).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageSettings {
+    /// Look again after this when Azure gives no hint and nothing better is known.
+    #[serde(with = "crate::model::spec::duration")]
+    pub poll_default: Duration,
+    #[serde(with = "crate::model::spec::duration")]
+    pub poll_min: Duration,
+    #[serde(with = "crate::model::spec::duration")]
+    pub poll_max: Duration,
+    /// Times a region whose replication failed is removed and added back before it counts as failed.
+    pub region_retries: u32,
+    pub azure_time_factor: f64,
+}
+
+impl Default for StageSettings {
+    fn default() -> Self {
+        StageSettings {
+            poll_default: Duration::from_secs(30),
+            poll_min: Duration::from_secs(5),
+            poll_max: Duration::from_secs(600),
+            region_retries: 1,
+            azure_time_factor: 1.0,
+        }
+    }
+}
+
 /// What a step may use besides its message.
 pub struct StepContext<'a> {
     pub azure: &'a dyn AzureApi,
     /// Real time now.
     pub now: OffsetDateTime,
+    pub settings: &'a StageSettings,
 }
 
 /// Runs one step of `message`'s stage. Azure failures come back as `Err` for the runtime to
 /// classify (retry, back off, or fail the branch).
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
-    let _ = ctx;
-    Ok(Step::new(Outcome::Fail(format!(
-        "stage {} is not built yet",
-        message.stage
-    ))))
+    match message.stage {
+        Stage::Snapshot => snapshot::step(message, ctx).await,
+        Stage::ImageCreate => image_create::step(message, ctx).await,
+        Stage::GalleryPublish => gallery_publish::step(message, ctx).await,
+        Stage::Replicate => replicate::step(message, ctx).await,
+        Stage::PoolCreate => pool_create::step(message, ctx).await,
+        Stage::Verify => verify::step(message, ctx).await,
+    }
 }

@@ -1,0 +1,606 @@
+//! The planner: turns a pipeline spec into a [`Plan`] by reading Azure (creating nothing) and
+//! applying every preflight rule — the build VM has managed disks, no extensions and a base image
+//! Batch supports; the definition (if it exists) is generalized and matches; every pool's region
+//! gets a replica; replicas and resize timeouts are never below the documented minimums (raised,
+//! with a warning); the node agent SKU matches the image's OS. `sigrun validate` prints the plan;
+//! `sigrun run` carries it in every message.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use time::OffsetDateTime;
+
+use crate::azure::api::{BatchAccountInfo, SupportedImage};
+use crate::azure::{AzureApi, AzureError};
+use crate::model::ids::{DiskId, GalleryImageId, ImageId, SnapshotId};
+use crate::model::plan::{BuildPlan, Plan, PoolPlan, RegionPlan, SnapshotPlan};
+use crate::model::rules;
+use crate::model::spec::{PipelineSpec, Replicas, VersionScheme, duration, render_name};
+
+/// Why a pipeline cannot run; names what is wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The spec asks for something the Azure rules (or Azure's current state) forbid.
+    #[error("{key}: {message}")]
+    Rule { key: String, message: String },
+    /// Reading Azure failed.
+    #[error(transparent)]
+    Azure(#[from] AzureError),
+}
+
+fn rule(key: &str, message: impl Into<String>) -> PlanError {
+    PlanError::Rule {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Canonical region name: `West US 2` → `westus2`.
+pub fn region_key(name: &str) -> String {
+    name.chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+/// `YYYY.MMDD.N` for `today`, N one more than the highest published today.
+pub fn next_nightly(existing: &[String], today: time::Date) -> String {
+    let prefix = format!("{}.{:02}{:02}.", today.year(), today.month() as u8, today.day());
+    let next = existing
+        .iter()
+        .filter_map(|v| v.strip_prefix(&prefix)?.parse::<u32>().ok())
+        .max()
+        .map_or(0, |n| n + 1);
+    format!("{prefix}{next}")
+}
+
+/// Resolves the version this run publishes (or rolls out).
+pub async fn resolve_version(
+    spec: &PipelineSpec,
+    requested: Option<&str>,
+    azure: &dyn AzureApi,
+    today: time::Date,
+) -> Result<String, PlanError> {
+    if let Some(v) = requested {
+        if !crate::model::ids::version_name_ok(v) {
+            return Err(rule(
+                "--version",
+                format!("`{v}` must be Major.Minor.Patch with 32-bit integer parts"),
+            ));
+        }
+        return Ok(v.to_string());
+    }
+    match spec.version.scheme {
+        VersionScheme::Explicit | VersionScheme::Existing => {
+            Ok(spec.version.value.clone().expect("checked when the spec was parsed"))
+        }
+        VersionScheme::Nightly => {
+            let definition = definition_id(spec)?;
+            let existing = azure
+                .list_versions(&definition)
+                .await
+                .or_else(|e| if e.is_not_found() { Ok(Vec::new()) } else { Err(e) })?;
+            Ok(next_nightly(&existing, today))
+        }
+    }
+}
+
+fn definition_id(spec: &PipelineSpec) -> Result<GalleryImageId, PlanError> {
+    let g = &spec.gallery.id;
+    GalleryImageId::new(g.subscription(), g.resource_group(), &[g.name(), &spec.definition.name])
+        .map_err(|e| rule("definition.name", e.to_string()))
+}
+
+/// Options that change what the plan starts from.
+#[derive(Debug, Clone, Default)]
+pub struct PlanInputs {
+    /// The version (resolved by [`resolve_version`]).
+    pub version: String,
+    /// Roll out this existing version instead of building (`--image-version-id`).
+    pub existing_version: bool,
+    /// Publish from this existing managed image (entry at gallery-publish).
+    pub existing_image: Option<ImageId>,
+}
+
+pub async fn plan(
+    spec: &PipelineSpec,
+    inputs: &PlanInputs,
+    azure: &dyn AzureApi,
+    now: OffsetDateTime,
+) -> Result<Plan, PlanError> {
+    let mut warnings = Vec::new();
+    let definition = definition_id(spec)?;
+    let version_id = definition
+        .version(&inputs.version)
+        .map_err(|e| rule("version", e.to_string()))?;
+    let rollout_only = inputs.existing_version || spec.version.scheme == VersionScheme::Existing;
+
+    // Accounts and Batch's supported images (from the first account: the list is the same service-wide).
+    let mut accounts: BTreeMap<String, BatchAccountInfo> = BTreeMap::new();
+    for pool in &spec.pools {
+        let key = pool.account.to_string().to_ascii_lowercase();
+        if !accounts.contains_key(&key) {
+            accounts.insert(key, azure.get_batch_account(&pool.account).await?);
+        }
+    }
+    let supported: Vec<SupportedImage> = match accounts.values().next() {
+        Some(account) => azure.supported_images(account).await?,
+        None => Vec::new(),
+    };
+
+    let build = if rollout_only {
+        None
+    } else {
+        Some(plan_build(spec, inputs, azure, &supported, &mut warnings).await?)
+    };
+
+    // The existing definition must agree with the spec; Batch refuses specialized images.
+    if let Some(existing) = azure.get_definition(&definition).await? {
+        if !rules::generalized(&existing.os_state) {
+            return Err(rule(
+                "definition",
+                format!(
+                    "{definition} exists and is {}; Batch pools need a Generalized image",
+                    existing.os_state
+                ),
+            ));
+        }
+        if !existing.os_type.eq_ignore_ascii_case(spec.definition.os_type.as_str()) {
+            return Err(rule(
+                "definition.os_type",
+                format!(
+                    "{definition} exists with osType {}, the spec says {}",
+                    existing.os_type,
+                    spec.definition.os_type.as_str()
+                ),
+            ));
+        }
+        if !existing
+            .hyper_v_generation
+            .eq_ignore_ascii_case(&spec.definition.hyper_v_generation)
+        {
+            return Err(rule(
+                "definition.hyper_v_generation",
+                format!(
+                    "{definition} exists with {}, the spec says {}",
+                    existing.hyper_v_generation, spec.definition.hyper_v_generation
+                ),
+            ));
+        }
+    } else if rollout_only {
+        return Err(rule(
+            "definition",
+            format!("{definition} does not exist; nothing to roll out"),
+        ));
+    }
+
+    let source_region = match &build {
+        Some(b) => b.region.clone(),
+        None => String::new(),
+    };
+    let gallery_region = spec
+        .gallery
+        .region
+        .as_deref()
+        .map(region_key)
+        .unwrap_or_else(|| source_region.clone());
+
+    // Pools: region from the account, SKU, resize timeout, pool id, body.
+    let mut pools = Vec::new();
+    for (i, pool) in spec.pools.iter().enumerate() {
+        let key = |k: &str| format!("pools[{i}].{k}");
+        let account = &accounts[&pool.account.to_string().to_ascii_lowercase()];
+        let region = region_key(&account.location);
+        let nodes = pool.dedicated_nodes + pool.low_priority_nodes;
+        let sku = choose_sku(spec, pool.node_agent_sku_id.as_str(), build.as_ref(), &supported)
+            .map_err(|m| rule(&key("node_agent_sku_id"), m))?;
+        let minimum = rules::min_resize_timeout(nodes);
+        let timeout = if pool.resize_timeout == "auto" {
+            minimum
+        } else {
+            let asked = duration::parse(&pool.resize_timeout).map_err(|m| rule(&key("resize_timeout"), m))?;
+            if asked < minimum {
+                warnings.push(format!(
+                    "{}: resize_timeout {} is below 15 minutes per 1000 nodes for {nodes} nodes; raised to {}",
+                    key("resize_timeout"),
+                    duration::format(asked),
+                    duration::format(minimum)
+                ));
+                minimum
+            } else {
+                asked
+            }
+        };
+        let pool_id = render_name(&pool.id, &spec.name, &pool.target, &inputs.version);
+        let mut metadata = pool.metadata.clone();
+        metadata.insert("sigrun-pipeline".into(), spec.name.clone());
+        metadata.insert("sigrun-target".into(), pool.target.clone());
+        metadata.insert("sigrun-version".into(), inputs.version.clone());
+        let mut body = json!({
+            "id": pool_id,
+            "vmSize": pool.vm_size,
+            "virtualMachineConfiguration": {
+                "imageReference": {"virtualMachineImageId": version_id.to_string()},
+                "nodeAgentSKUId": sku,
+            },
+            "resizeTimeout": iso_duration(timeout),
+            "targetDedicatedNodes": pool.dedicated_nodes,
+            "targetLowPriorityNodes": pool.low_priority_nodes,
+            "taskSlotsPerNode": pool.task_slots_per_node,
+            "metadata": metadata.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+        });
+        if let Some(task) = &pool.start_task {
+            body["startTask"] = json!({
+                "commandLine": task.command_line,
+                "waitForSuccess": task.wait_for_success,
+                "maxTaskRetryCount": task.max_task_retry_count,
+                "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": if task.elevated { "admin" } else { "nonadmin" }}},
+            });
+        }
+        pools.push(PoolPlan {
+            target: pool.target.clone(),
+            region,
+            account: pool.account.clone(),
+            account_url: account.url.clone(),
+            pool_id,
+            vm_size: pool.vm_size.clone(),
+            dedicated_nodes: pool.dedicated_nodes,
+            low_priority_nodes: pool.low_priority_nodes,
+            node_agent_sku_id: sku,
+            resize_timeout_secs: timeout.as_secs(),
+            body,
+            metadata,
+        });
+    }
+
+    // Regions: every pool's region needs a replica; counts never below one per N nodes.
+    let mut regions = Vec::new();
+    if rollout_only {
+        let version = azure
+            .get_version(&version_id, true)
+            .await?
+            .ok_or_else(|| rule("version", format!("{version_id} does not exist; nothing to roll out")))?;
+        for pool in &pools {
+            if !version.target_regions.iter().any(|(r, _)| *r == pool.region) {
+                return Err(rule(
+                    "pools",
+                    format!(
+                        "pool target {} is in {} but {version_id} has no replica there",
+                        pool.target, pool.region
+                    ),
+                ));
+            }
+        }
+        for (name, replicas) in &version.target_regions {
+            let nodes: u32 = pools
+                .iter()
+                .filter(|p| p.region == *name)
+                .map(|p| p.dedicated_nodes + p.low_priority_nodes)
+                .sum();
+            let needed = rules::replicas_needed(nodes, spec.publish.nodes_per_replica);
+            if *replicas < needed {
+                warnings.push(format!(
+                    "{version_id} has {replicas} replica(s) in {name}, below the {needed} that {nodes} nodes need; pools there may allocate slowly"
+                ));
+            }
+            regions.push(RegionPlan {
+                name: name.clone(),
+                replicas: *replicas,
+                replicas_asked: Some(*replicas),
+                nodes,
+                storage_account_type: spec.publish.storage_account_type.clone(),
+            });
+        }
+    } else {
+        let mut seen = std::collections::HashSet::new();
+        for (i, region) in spec.publish.regions.iter().enumerate() {
+            let name = region_key(&region.name);
+            if !seen.insert(name.clone()) {
+                return Err(rule(
+                    &format!("publish.regions[{i}]"),
+                    format!("region {name} is listed twice"),
+                ));
+            }
+            let nodes: u32 = pools
+                .iter()
+                .filter(|p| p.region == name)
+                .map(|p| p.dedicated_nodes + p.low_priority_nodes)
+                .sum();
+            let needed = rules::replicas_needed(nodes, spec.publish.nodes_per_replica);
+            let (replicas, asked) = match region.replicas {
+                Replicas::Auto => (needed, None),
+                Replicas::Count(n) if n < needed => {
+                    warnings.push(format!(
+                        "publish.regions[{i}].replicas: {n} is below one replica per {} nodes for the {nodes} nodes planned in {name}; raised to {needed}",
+                        spec.publish.nodes_per_replica
+                    ));
+                    (needed, Some(n))
+                }
+                Replicas::Count(n) => (n, Some(n)),
+            };
+            if replicas > rules::MAX_REPLICAS {
+                return Err(rule(
+                    &format!("publish.regions[{i}]"),
+                    format!("{name} needs {replicas} replicas; Azure allows at most 100"),
+                ));
+            }
+            regions.push(RegionPlan {
+                name,
+                replicas,
+                replicas_asked: asked,
+                nodes,
+                storage_account_type: region
+                    .storage_account_type
+                    .clone()
+                    .unwrap_or_else(|| spec.publish.storage_account_type.clone()),
+            });
+        }
+        if !regions.iter().any(|r| r.name == source_region) {
+            return Err(rule(
+                "publish.regions",
+                format!("the image is made in {source_region}; the version's target regions must include it"),
+            ));
+        }
+        for (i, pool) in pools.iter().enumerate() {
+            if !regions.iter().any(|r| r.name == pool.region) {
+                return Err(rule(
+                    &format!("pools[{i}]"),
+                    format!(
+                        "pool target {} uses account {} in {}, but no replica is planned there; add {} to publish.regions",
+                        pool.target, pool.account, pool.region, pool.region
+                    ),
+                ));
+            }
+        }
+    }
+
+    // A gallery in another subscription than a pool's account needs Microsoft.Batch registered there.
+    let mut register_batch_in = Vec::new();
+    for pool in &pools {
+        let gallery_sub = spec.gallery.id.subscription();
+        if !gallery_sub.eq_ignore_ascii_case(pool.account.subscription())
+            && !register_batch_in
+                .iter()
+                .any(|s: &String| s.eq_ignore_ascii_case(gallery_sub))
+            && azure.provider_state(gallery_sub, "Microsoft.Batch").await? != "Registered"
+        {
+            warnings.push(format!(
+                "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
+            ));
+            register_batch_in.push(gallery_sub.to_string());
+        }
+    }
+
+    let gated = spec.promotion.gated && !rollout_only;
+    Ok(Plan {
+        version: inputs.version.clone(),
+        build,
+        gallery: spec.gallery.id.clone(),
+        gallery_region,
+        create_gallery: spec.gallery.create_if_missing,
+        definition,
+        version_id,
+        regions,
+        pools,
+        publish_excluded: gated || spec.publish.exclude_from_latest,
+        final_excluded: spec.publish.exclude_from_latest,
+        end_of_life: spec.publish.end_of_life.map(|d| now + d),
+        register_batch_in,
+        warnings,
+    })
+}
+
+async fn plan_build(
+    spec: &PipelineSpec,
+    inputs: &PlanInputs,
+    azure: &dyn AzureApi,
+    supported: &[SupportedImage],
+    warnings: &mut Vec<String>,
+) -> Result<BuildPlan, PlanError> {
+    let source = spec.source.as_ref().expect("checked when the spec was parsed");
+    let image_spec = spec.image.as_ref().expect("checked when the spec was parsed");
+    let region = region_key(&image_spec.region);
+    let (os_disk, data_disks, vm, base_image, generation) = match &source.vm {
+        Some(vm_id) => {
+            let vm = azure.get_vm(vm_id).await?;
+            if !vm.extensions.is_empty() {
+                return Err(rule(
+                    "source.vm",
+                    format!(
+                        "{vm_id} has VM extensions installed ({}); they break Batch pool deployment — build from a VM without extensions",
+                        vm.extensions.join(", ")
+                    ),
+                ));
+            }
+            let os_disk = vm.os_disk.clone().ok_or_else(|| {
+                rule(
+                    "source.vm",
+                    format!("{vm_id} has an unmanaged (VHD) OS disk; Batch custom images need managed disks"),
+                )
+            })?;
+            let mut data = Vec::new();
+            for (lun, disk) in &vm.data_disks {
+                let disk = disk.clone().ok_or_else(|| {
+                    rule(
+                        "source.vm",
+                        format!("{vm_id} data disk at LUN {lun} is unmanaged; Batch custom images need managed disks"),
+                    )
+                })?;
+                data.push((*lun, disk));
+            }
+            if !vm.os_type.eq_ignore_ascii_case(spec.definition.os_type.as_str()) {
+                return Err(rule(
+                    "definition.os_type",
+                    format!(
+                        "the build VM runs {} but the definition says {}",
+                        vm.os_type,
+                        spec.definition.os_type.as_str()
+                    ),
+                ));
+            }
+            if let Some(generation) = &vm.hyper_v_generation
+                && !generation.eq_ignore_ascii_case(&spec.definition.hyper_v_generation)
+            {
+                return Err(rule(
+                    "definition.hyper_v_generation",
+                    format!(
+                        "the build VM is Hyper-V generation {generation} but the definition says {}",
+                        spec.definition.hyper_v_generation
+                    ),
+                ));
+            }
+            if region_key(&vm.location) != region {
+                return Err(rule(
+                    "image.region",
+                    format!(
+                        "the build VM is in {}; the managed image must be made in the same region, not {region}",
+                        vm.location
+                    ),
+                ));
+            }
+            match &vm.base_image {
+                Some((publisher, offer, sku)) if !supported.is_empty() => {
+                    if !supported.iter().any(|s| {
+                        s.publisher.eq_ignore_ascii_case(publisher)
+                            && s.offer.eq_ignore_ascii_case(offer)
+                            && s.sku.eq_ignore_ascii_case(sku)
+                    }) {
+                        return Err(rule(
+                            "source.vm",
+                            format!(
+                                "{vm_id} was built from {publisher}/{offer}/{sku}, which Batch does not list among its supported images"
+                            ),
+                        ));
+                    }
+                }
+                None => warnings.push(format!(
+                    "{vm_id} has no Marketplace base image; Batch support cannot be checked"
+                )),
+                _ => {}
+            }
+            (
+                os_disk,
+                data,
+                Some(vm_id.clone()),
+                vm.base_image.clone(),
+                vm.hyper_v_generation.clone(),
+            )
+        }
+        None => {
+            let os_disk = source.os_disk.clone().expect("checked when the spec was parsed");
+            let data = source.data_disks.iter().map(|d| (d.lun, d.disk.clone())).collect();
+            (os_disk, data, None, None, None)
+        }
+    };
+    let subscription = image_spec
+        .subscription
+        .clone()
+        .unwrap_or_else(|| os_disk.subscription().to_string());
+    let image_name = render_name(&image_spec.name, &spec.name, "", &inputs.version);
+    let image = match &inputs.existing_image {
+        Some(image) => image.clone(),
+        None => ImageId::new(&subscription, &image_spec.resource_group, &[&image_name])
+            .map_err(|e| rule("image.name", e.to_string()))?,
+    };
+    let snapshot = |suffix: &str, disk: &DiskId, lun: Option<u32>| -> Result<SnapshotPlan, PlanError> {
+        let name = format!("{image_name}-{suffix}");
+        Ok(SnapshotPlan {
+            lun,
+            source: disk.clone(),
+            id: SnapshotId::new(&subscription, &image_spec.resource_group, &[&name])
+                .map_err(|e| rule("image.name", e.to_string()))?,
+        })
+    };
+    let mut snapshots = vec![snapshot("os", &os_disk, None)?];
+    for (lun, disk) in &data_disks {
+        snapshots.push(snapshot(&format!("lun{lun}"), disk, Some(*lun))?);
+    }
+    Ok(BuildPlan {
+        vm,
+        snapshots,
+        image,
+        region,
+        os_type: spec.definition.os_type.as_str().to_string(),
+        hyper_v_generation: generation.unwrap_or_else(|| spec.definition.hyper_v_generation.clone()),
+        base_image,
+    })
+}
+
+/// The node agent SKU: `auto` takes the one Batch lists for the build VM's base image; an explicit
+/// one must exist and run the image's OS.
+fn choose_sku(
+    spec: &PipelineSpec,
+    asked: &str,
+    build: Option<&BuildPlan>,
+    supported: &[SupportedImage],
+) -> Result<String, String> {
+    let os = spec.definition.os_type.as_str();
+    if asked == "auto" {
+        let Some((publisher, offer, sku)) = build.and_then(|b| b.base_image.clone()) else {
+            return Err(
+                "`auto` needs the build VM's Marketplace base image; name the SKU (e.g. \"batch.node.ubuntu 22.04\")"
+                    .into(),
+            );
+        };
+        return supported
+            .iter()
+            .find(|s| {
+                s.publisher.eq_ignore_ascii_case(&publisher)
+                    && s.offer.eq_ignore_ascii_case(&offer)
+                    && s.sku.eq_ignore_ascii_case(&sku)
+            })
+            .map(|s| s.node_agent_sku_id.clone())
+            .ok_or_else(|| format!("Batch lists no node agent SKU for {publisher}/{offer}/{sku}"));
+    }
+    let listed: Vec<&SupportedImage> = supported
+        .iter()
+        .filter(|s| s.node_agent_sku_id.eq_ignore_ascii_case(asked))
+        .collect();
+    match listed.first() {
+        None if supported.is_empty() => Ok(asked.to_string()),
+        None => Err(format!("Batch does not support node agent SKU `{asked}`")),
+        Some(s) if !rules::sku_matches_os(&s.os_type, os) => {
+            Err(format!("`{asked}` is a {} SKU but the image is {os}", s.os_type))
+        }
+        Some(_) => Ok(asked.to_string()),
+    }
+}
+
+/// ISO 8601 duration as Batch takes it (`PT30M`).
+pub fn iso_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs % 60 == 0 {
+        format!("PT{}M", secs / 60)
+    } else {
+        format!("PT{secs}S")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nightly_versions_count_up_per_day() {
+        let day = time::macros::date!(2026 - 11 - 26);
+        assert_eq!(next_nightly(&[], day), "2026.1126.0");
+        let existing = vec![
+            "2026.1126.0".to_string(),
+            "2026.1126.3".to_string(),
+            "2026.1125.9".to_string(),
+        ];
+        assert_eq!(next_nightly(&existing, day), "2026.1126.4");
+        assert_eq!(
+            next_nightly(&existing, time::macros::date!(2026 - 01 - 02)),
+            "2026.0102.0"
+        );
+    }
+
+    #[test]
+    fn durations_for_batch() {
+        assert_eq!(iso_duration(Duration::from_secs(1800)), "PT30M");
+        assert_eq!(iso_duration(Duration::from_secs(2250)), "PT2250S");
+        assert_eq!(region_key("West US 2"), "westus2");
+    }
+}

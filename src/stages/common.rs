@@ -1,0 +1,127 @@
+//! What several stages share: tags for created resources, turning a wait into an outcome, settling
+//! a set of Azure operations, and converting Azure-time estimates into real delays.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::{Outcome, StageSettings, Step, StepContext};
+use crate::azure::AzureError;
+use crate::azure::api::{OperationStatus, Tags};
+use crate::events::EventKind;
+use crate::model::envelope::{Envelope, InFlight};
+
+/// Tags on every resource sigrun creates: which pipeline, run and version made it.
+pub fn tags(message: &Envelope) -> Tags {
+    Tags::from([
+        ("sigrun-pipeline".to_string(), message.pipeline.clone()),
+        ("sigrun-run".to_string(), message.run_id.to_string()),
+        ("sigrun-version".to_string(), message.version.clone()),
+    ])
+}
+
+impl StageSettings {
+    /// A span of Azure time (an estimate, a documented duration) as real time here.
+    pub fn real(&self, azure_time: Duration) -> Duration {
+        azure_time.mul_f64(self.azure_time_factor)
+    }
+
+    /// A delay clamped to the configured poll bounds (in Azure time).
+    pub fn clamp(&self, delay: Duration) -> Duration {
+        delay.clamp(self.real(self.poll_min), self.real(self.poll_max))
+    }
+
+    pub fn default_poll(&self) -> Duration {
+        self.real(self.poll_default)
+    }
+}
+
+/// Keeps waiting on `what`: records the operation in flight and when to look next.
+pub fn wait(
+    mut message: Envelope,
+    what: &str,
+    status_urls: Vec<String>,
+    delay: Duration,
+    now: OffsetDateTime,
+) -> Outcome {
+    let started = match &message.operation {
+        Some(op) if op.what == what => op.started,
+        _ => now,
+    };
+    let (polls, progress) = match message.operation.take() {
+        Some(op) if op.what == what => (op.polls + 1, op.progress),
+        _ => (0, Default::default()),
+    };
+    message.operation = Some(InFlight {
+        what: what.to_string(),
+        status_urls,
+        started,
+        not_before: now + delay,
+        polls,
+        progress,
+    });
+    Outcome::Wait {
+        message: Box::new(message),
+        delay,
+        emit: Vec::new(),
+    }
+}
+
+/// A wait with its event.
+pub fn wait_step(
+    message: Envelope,
+    what: &str,
+    status_urls: Vec<String>,
+    delay: Duration,
+    now: OffsetDateTime,
+) -> Step {
+    let first = message.operation.as_ref().is_none_or(|op| op.what != what);
+    let step = Step::new(wait(message, what, status_urls, delay, now));
+    if first {
+        step.with(EventKind::Waiting { what: what.to_string() })
+    } else {
+        step
+    }
+}
+
+/// Where a set of operations stands.
+pub enum Settled {
+    /// All succeeded.
+    Done,
+    /// Some still run: their URLs and the shortest Retry-After among them.
+    Pending(Vec<String>, Option<Duration>),
+    /// One failed.
+    Failed(String),
+}
+
+/// Reads each operation's status URL once.
+pub async fn settle(ctx: &StepContext<'_>, urls: &[String]) -> Result<Settled, AzureError> {
+    let mut pending = Vec::new();
+    let mut hint: Option<Duration> = None;
+    for url in urls {
+        match ctx.azure.operation_status(url).await? {
+            OperationStatus::Succeeded => {}
+            OperationStatus::InProgress { retry_after } => {
+                pending.push(url.clone());
+                if let Some(r) = retry_after {
+                    hint = Some(hint.map_or(r, |h| h.min(r)));
+                }
+            }
+            OperationStatus::Failed { code, message } => return Ok(Settled::Failed(format!("{code}: {message}"))),
+        }
+    }
+    Ok(if pending.is_empty() {
+        Settled::Done
+    } else {
+        Settled::Pending(pending, hint)
+    })
+}
+
+/// The delay after an Azure hint: the hint itself (never sooner), else the default poll.
+pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration {
+    hint.unwrap_or_else(|| settings.default_poll())
+}
+
+pub fn fail(reason: impl Into<String>) -> Step {
+    Step::new(Outcome::Fail(reason.into()))
+}

@@ -1,0 +1,201 @@
+//! Stage 3, `gallery-publish`: makes sure the gallery and the image definition exist (creating
+//! them if the spec allows; a definition that exists must be Generalized and match the spec's OS
+//! and generation, since Batch refuses anything else), registers `Microsoft.Batch` where a pool's
+//! account lives in another subscription than the gallery, then PUTs the image version with its
+//! target regions, replica counts, storage type, end of life and `excludeFromLatest` (true while
+//! promotion is gated). Each step re-reads Azure, so a replay picks up wherever the last one was.
+
+use super::common::{Settled, after_hint, fail, settle, tags, wait_step};
+use super::{Outcome, Step, StepContext};
+use crate::azure::AzureError;
+use crate::azure::api::{DefinitionRequest, TargetRegion, VersionRequest};
+use crate::events::EventKind;
+use crate::model::envelope::{Envelope, Stage};
+use crate::model::rules;
+
+pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    let plan = message.plan.clone();
+    if let Some(op) = &message.operation
+        && !op.status_urls.is_empty()
+    {
+        match settle(ctx, &op.status_urls).await? {
+            Settled::Done => {}
+            Settled::Pending(urls, hint) => {
+                let what = op.what.clone();
+                return Ok(wait_step(message, &what, urls, after_hint(ctx.settings, hint), ctx.now));
+            }
+            Settled::Failed(reason) => return Ok(fail(format!("{} failed: {reason}", op.what))),
+        }
+    }
+
+    // The gallery.
+    match ctx.azure.get_gallery(&plan.gallery).await? {
+        None if plan.create_gallery => {
+            let accepted = ctx
+                .azure
+                .put_gallery(&plan.gallery, &plan.gallery_region, &tags(&message))
+                .await?;
+            let urls = accepted.status_url.into_iter().collect();
+            return Ok(wait_step(
+                message,
+                "gallery",
+                urls,
+                after_hint(ctx.settings, accepted.retry_after),
+                ctx.now,
+            )
+            .with(EventKind::ResourceCreated {
+                id: plan.gallery.to_string(),
+            }));
+        }
+        None => {
+            return Ok(fail(format!(
+                "gallery {} does not exist and the spec does not allow creating it",
+                plan.gallery
+            )));
+        }
+        Some(state) if state.provisioning_state == "Failed" => {
+            return Ok(fail(format!("gallery {} is in state Failed", plan.gallery)));
+        }
+        Some(state) if state.provisioning_state != "Succeeded" => {
+            return Ok(wait_step(
+                message,
+                "gallery",
+                Vec::new(),
+                ctx.settings.default_poll(),
+                ctx.now,
+            ));
+        }
+        Some(_) => {}
+    }
+
+    // The image definition.
+    let spec = &message.spec.definition;
+    match ctx.azure.get_definition(&plan.definition).await? {
+        None => {
+            let request = DefinitionRequest {
+                location: plan.gallery_region.clone(),
+                os_type: spec.os_type.as_str().to_string(),
+                os_state: spec.os_state.clone(),
+                hyper_v_generation: spec.hyper_v_generation.clone(),
+                publisher: spec.publisher.clone(),
+                offer: spec.offer.clone(),
+                sku: spec.sku.clone(),
+                tags: tags(&message),
+            };
+            let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
+            let urls = accepted.status_url.into_iter().collect();
+            return Ok(wait_step(
+                message,
+                "definition",
+                urls,
+                after_hint(ctx.settings, accepted.retry_after),
+                ctx.now,
+            )
+            .with(EventKind::ResourceCreated {
+                id: plan.definition.to_string(),
+            }));
+        }
+        Some(existing) => {
+            if !rules::generalized(&existing.os_state) {
+                return Ok(fail(format!(
+                    "image definition {} is {}; Batch pools need a Generalized image",
+                    plan.definition, existing.os_state
+                )));
+            }
+            if !existing.os_type.eq_ignore_ascii_case(spec.os_type.as_str()) {
+                return Ok(fail(format!(
+                    "image definition {} is {}, the pipeline builds {}",
+                    plan.definition,
+                    existing.os_type,
+                    spec.os_type.as_str()
+                )));
+            }
+            match existing.provisioning_state.as_str() {
+                "Succeeded" => {}
+                "Failed" => return Ok(fail(format!("image definition {} is in state Failed", plan.definition))),
+                _ => {
+                    return Ok(wait_step(
+                        message,
+                        "definition",
+                        Vec::new(),
+                        ctx.settings.default_poll(),
+                        ctx.now,
+                    ));
+                }
+            }
+        }
+    }
+
+    // Microsoft.Batch where the gallery's subscription differs from an account's.
+    for subscription in &plan.register_batch_in {
+        match ctx
+            .azure
+            .provider_state(subscription, "Microsoft.Batch")
+            .await?
+            .as_str()
+        {
+            "Registered" => {}
+            "Registering" => {
+                return Ok(wait_step(
+                    message,
+                    "registration",
+                    Vec::new(),
+                    ctx.settings.default_poll(),
+                    ctx.now,
+                ));
+            }
+            _ => {
+                ctx.azure.register_provider(subscription, "Microsoft.Batch").await?;
+                return Ok(wait_step(
+                    message,
+                    "registration",
+                    Vec::new(),
+                    ctx.settings.default_poll(),
+                    ctx.now,
+                ));
+            }
+        }
+    }
+
+    // The version.
+    let Some(source) = message
+        .artifacts
+        .image
+        .clone()
+        .or_else(|| plan.build.as_ref().map(|b| b.image.clone()))
+    else {
+        return Ok(fail("no managed image to publish from"));
+    };
+    let location = plan
+        .build
+        .as_ref()
+        .map(|b| b.region.clone())
+        .unwrap_or_else(|| plan.gallery_region.clone());
+    let request = VersionRequest {
+        location,
+        source,
+        regions: plan
+            .regions
+            .iter()
+            .map(|r| TargetRegion {
+                name: r.name.clone(),
+                replicas: r.replicas,
+                storage_account_type: r.storage_account_type.clone(),
+            })
+            .collect(),
+        storage_account_type: message.spec.publish.storage_account_type.clone(),
+        exclude_from_latest: plan.publish_excluded,
+        end_of_life: plan
+            .end_of_life
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+        tags: tags(&message),
+    };
+    ctx.azure.put_version(&plan.version_id, &request).await?;
+    let mut next = message.next(Stage::Replicate, ctx.now);
+    next.artifacts.image_version = Some(plan.version_id.clone());
+    Ok(
+        Step::new(Outcome::Advance(vec![next])).with(EventKind::ResourceCreated {
+            id: plan.version_id.to_string(),
+        }),
+    )
+}

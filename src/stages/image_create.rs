@@ -1,0 +1,79 @@
+//! Stage 2, `image-create`: makes the managed image from the run's snapshots (OS snapshot, data
+//! snapshots at their LUNs), in the snapshots' region, and waits for it. The image's name derives
+//! from the run, so a replay PUTs the same image again.
+
+use super::common::{Settled, after_hint, fail, settle, tags, wait_step};
+use super::{Outcome, Step, StepContext};
+use crate::azure::AzureError;
+use crate::azure::api::ImageRequest;
+use crate::events::EventKind;
+use crate::model::envelope::{Envelope, Stage};
+
+const WHAT: &str = "image";
+
+pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    let Some(build) = message.plan.build.clone() else {
+        return Ok(fail("this run publishes an existing version; it makes no image"));
+    };
+    let waiting = message
+        .operation
+        .as_ref()
+        .filter(|op| op.what == WHAT)
+        .map(|op| op.status_urls.clone());
+    match waiting {
+        None => {
+            let os = message.artifacts.snapshots.iter().find(|s| s.lun.is_none());
+            let Some(os) = os else {
+                return Ok(fail("no OS disk snapshot in the run's artifacts"));
+            };
+            let request = ImageRequest {
+                location: build.region.clone(),
+                os_type: build.os_type.clone(),
+                hyper_v_generation: build.hyper_v_generation.clone(),
+                os_snapshot: os.id.clone(),
+                data_snapshots: message
+                    .artifacts
+                    .snapshots
+                    .iter()
+                    .filter_map(|s| s.lun.map(|lun| (lun, s.id.clone())))
+                    .collect(),
+                tags: tags(&message),
+            };
+            let accepted = ctx.azure.put_image(&build.image, &request).await?;
+            let urls: Vec<String> = accepted.status_url.into_iter().collect();
+            Ok(wait_step(
+                message,
+                WHAT,
+                urls,
+                after_hint(ctx.settings, accepted.retry_after),
+                ctx.now,
+            )
+            .with(EventKind::ResourceCreated {
+                id: build.image.to_string(),
+            }))
+        }
+        Some(urls) if urls.is_empty() => match ctx.azure.get_image(&build.image).await? {
+            Some(state) if state.provisioning_state == "Succeeded" => Ok(advance(message, ctx)),
+            Some(state) if state.provisioning_state == "Failed" => {
+                Ok(fail(format!("managed image {} failed", build.image)))
+            }
+            _ => Ok(wait_step(
+                message,
+                WHAT,
+                Vec::new(),
+                ctx.settings.default_poll(),
+                ctx.now,
+            )),
+        },
+        Some(urls) => match settle(ctx, &urls).await? {
+            Settled::Done => Ok(advance(message, ctx)),
+            Settled::Pending(urls, hint) => Ok(wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now)),
+            Settled::Failed(reason) => Ok(fail(format!("managed image {} failed: {reason}", build.image))),
+        },
+    }
+}
+
+fn advance(mut message: Envelope, ctx: &StepContext<'_>) -> Step {
+    message.artifacts.image = message.plan.build.as_ref().map(|b| b.image.clone());
+    Step::new(Outcome::Advance(vec![message.next(Stage::GalleryPublish, ctx.now)]))
+}

@@ -1,0 +1,55 @@
+//! Stage 5, `pool-create` (one message per pool): adds the Batch pool from the image version, with
+//! the planned node agent SKU, resize timeout and start task, authenticated with Azure AD (never
+//! Shared Key: Batch refuses it for gallery images). The pool carries sigrun's metadata (pipeline,
+//! target, version, run), which is how a replay recognises its own pool and how a later rollout
+//! finds the previous one; a pool id taken by anything else is never touched.
+
+use super::common::fail;
+use super::{Outcome, Step, StepContext};
+use crate::azure::AzureError;
+use crate::azure::api::PoolCreated;
+use crate::events::EventKind;
+use crate::model::envelope::{Branch, Envelope, PoolArtifact, Stage};
+
+pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    let Branch::Pool { target, .. } = message.branch.clone() else {
+        return Ok(fail("pool-create runs on a pool branch"));
+    };
+    let Some(pool) = message.plan.pools.iter().find(|p| p.target == target).cloned() else {
+        return Ok(fail(format!("no pool target `{target}` in the plan")));
+    };
+    let mut body = pool.body.clone();
+    if let Some(metadata) = body.get_mut("metadata").and_then(|m| m.as_array_mut()) {
+        metadata.push(serde_json::json!({"name": "sigrun-run", "value": message.run_id.to_string()}));
+    }
+    let mut events = Vec::new();
+    match ctx.azure.add_pool(&pool.account_url, &body).await? {
+        PoolCreated::Created => events.push(EventKind::PoolCreated {
+            pool_id: pool.pool_id.clone(),
+        }),
+        PoolCreated::Exists => {
+            let existing = ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await?;
+            let ours = existing.as_ref().is_some_and(|p| {
+                p.metadata
+                    .get("sigrun-run")
+                    .is_some_and(|r| *r == message.run_id.to_string())
+            });
+            if !ours {
+                return Ok(fail(format!(
+                    "pool {} already exists in {} and was not created by this run; sigrun never takes over a pool it did not create",
+                    pool.pool_id, pool.account
+                )));
+            }
+        }
+    }
+    message.artifacts.pool = Some(PoolArtifact {
+        account: pool.account.clone(),
+        account_url: pool.account_url.clone(),
+        pool_id: pool.pool_id.clone(),
+        created: ctx.now,
+    });
+    Ok(Step {
+        outcome: Outcome::Advance(vec![message.next(Stage::Verify, ctx.now)]),
+        events,
+    })
+}
