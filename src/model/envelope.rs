@@ -248,3 +248,132 @@ pub fn new_traceparent() -> String {
     let span = &Uuid::new_v4().simple().to_string()[..16];
     format!("00-{trace}-{span}-01")
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::ids::{GalleryId, GalleryImageId};
+    use crate::model::spec::PipelineSpec;
+
+    const SPEC: &str = r#"
+name = "rollout-test"
+[gallery]
+id = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/galleries/g"
+[definition]
+name = "d"
+os_type = "Linux"
+publisher = "p"
+offer = "o"
+sku = "s"
+[version]
+scheme = "existing"
+value = "1.0.0"
+[[pools]]
+target = "t"
+account = "/subscriptions/22222222-2222-4222-8222-222222222222/resourceGroups/rg/providers/Microsoft.Batch/batchAccounts/a"
+vm_size = "Standard_D2s_v5"
+dedicated_nodes = 2
+node_agent_sku_id = "batch.node.ubuntu 22.04"
+"#;
+
+    /// A small valid envelope for tests.
+    pub fn sample() -> Envelope {
+        let spec = PipelineSpec::parse(SPEC, "sample.toml").expect("sample spec");
+        let gallery = GalleryId::parse(&spec.gallery.id.to_string()).unwrap();
+        let definition =
+            GalleryImageId::new(gallery.subscription(), gallery.resource_group(), &[gallery.name(), "d"]).unwrap();
+        let now = OffsetDateTime::now_utc();
+        Envelope {
+            v: ENVELOPE_VERSION,
+            message_id: Uuid::new_v4(),
+            run_id: Uuid::new_v4(),
+            pipeline: spec.name.clone(),
+            version: "1.0.0".into(),
+            stage: Stage::PoolCreate,
+            branch: Branch::Pool {
+                region: "westeurope".into(),
+                target: "t".into(),
+            },
+            plan: Plan {
+                version: "1.0.0".into(),
+                build: None,
+                gallery,
+                gallery_region: "westeurope".into(),
+                create_gallery: false,
+                version_id: definition.version("1.0.0").unwrap(),
+                definition,
+                regions: Vec::new(),
+                pools: Vec::new(),
+                publish_excluded: false,
+                final_excluded: false,
+                end_of_life: None,
+                register_batch_in: Vec::new(),
+                warnings: Vec::new(),
+            },
+            spec,
+            artifacts: Artifacts::default(),
+            operation: Some(InFlight {
+                what: "allocation".into(),
+                status_urls: vec!["https://management.azure.com/x".into()],
+                started: now,
+                not_before: now,
+                polls: 1,
+                progress: BTreeMap::from([("eastus".to_string(), Progress { at: now, percent: 40 })]),
+            }),
+            attempt: 0,
+            run_started: now,
+            stage_started: now,
+            traceparent: new_traceparent(),
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_what_it_cannot_read() {
+        let envelope = sample();
+        assert_eq!(Envelope::decode(&envelope.encode()).unwrap(), envelope);
+        assert!(matches!(Envelope::decode(b"not json"), Err(EnvelopeError::NotJson(_))));
+        assert_eq!(Envelope::decode(br#"{"v":2}"#), Err(EnvelopeError::WrongVersion(2)));
+        assert!(matches!(Envelope::decode(br#"{"v":1}"#), Err(EnvelopeError::Schema(_))));
+        let mut extra: serde_json::Value = serde_json::from_slice(&envelope.encode()).unwrap();
+        extra["surprise"] = serde_json::json!(1);
+        assert!(matches!(
+            Envelope::decode(extra.to_string().as_bytes()),
+            Err(EnvelopeError::Schema(_))
+        ));
+        let big = vec![b' '; MAX_ENVELOPE_BYTES + 1];
+        assert_eq!(
+            Envelope::decode(&big),
+            Err(EnvelopeError::TooLarge(MAX_ENVELOPE_BYTES + 1))
+        );
+    }
+
+    #[test]
+    fn the_json_schema_describes_the_envelope() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../schemas/envelope-v1.schema.json")).unwrap();
+        let encoded: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
+        let properties = schema["properties"].as_object().unwrap();
+        for key in encoded.as_object().unwrap().keys() {
+            assert!(properties.contains_key(key), "schema lacks `{key}`");
+        }
+        for key in properties.keys() {
+            assert!(encoded.get(key).is_some(), "schema has `{key}`, the envelope does not");
+        }
+        for required in schema["required"].as_array().unwrap() {
+            assert!(
+                encoded.get(required.as_str().unwrap()).is_some(),
+                "required {required} missing"
+            );
+        }
+        for nested in ["artifacts", "operation"] {
+            let declared = schema["properties"][nested]["properties"].as_object().unwrap();
+            for key in encoded[nested].as_object().unwrap().keys() {
+                assert!(declared.contains_key(key), "schema lacks `{nested}.{key}`");
+            }
+        }
+        let traceparent = encoded["traceparent"].as_str().unwrap();
+        assert_eq!(traceparent.len(), 55);
+        assert_eq!(encoded["stage"], "pool-create");
+        assert_eq!(encoded["branch"]["kind"], "pool");
+    }
+}

@@ -431,9 +431,12 @@ mod opt_duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        super::duration::parse(&String::deserialize(d)?)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
+        match Option::<String>::deserialize(d)? {
+            Some(text) => super::duration::parse(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
     }
 }
 
