@@ -860,3 +860,26 @@ async fn settings_are_checked_before_anything_runs() {
         .unwrap();
     assert_eq!(err.key, "consumers");
 }
+
+#[test]
+fn a_hold_sits_on_the_operation_when_there_is_one_and_never_moves_earlier() {
+    let t = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
+    let mut message = envelope(Stage::Verify);
+    assert_eq!(message.due(), None);
+    message.hold_until(t(10));
+    message.hold_until(t(5));
+    assert_eq!((message.not_before, message.due()), (Some(t(10)), Some(t(10))));
+
+    let mut op = in_flight("allocation");
+    op.not_before = t(30);
+    message.operation = Some(op);
+    assert_eq!(message.due(), Some(t(30)), "the later of the two");
+    message.hold_until(t(20));
+    assert_eq!(message.operation.as_ref().unwrap().not_before, t(30));
+    message.hold_until(t(40));
+    assert_eq!(message.operation.as_ref().unwrap().not_before, t(40));
+    assert_eq!(message.not_before, Some(t(10)), "the envelope's hold is left alone");
+
+    let next = message.next(Stage::Verify, t(0));
+    assert_eq!((next.due(), next.attempt), (None, 0), "a new step starts with no hold");
+}
