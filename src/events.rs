@@ -130,14 +130,9 @@ pub enum RunResult {
 }
 
 /// Folds a run's events into its result: it has ended when every pool branch it started has ended
-/// (verified or failed, or skipped because its region failed), or when the trunk failed.
+/// (verified or failed, or skipped because its region failed), or when the trunk failed — which
+/// may happen before `RunStarted` (the first step's call fails for good).
 pub fn run_result(events: &[Event]) -> RunResult {
-    let Some(pools) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunStarted { pools, .. } => Some(pools.clone()),
-        _ => None,
-    }) else {
-        return RunResult::Running;
-    };
     if let Some(reason) = events.iter().find_map(|e| match &e.kind {
         EventKind::RunFailed { reason } => Some(reason.clone()),
         EventKind::Cancelled => Some("cancelled".to_string()),
@@ -145,6 +140,12 @@ pub fn run_result(events: &[Event]) -> RunResult {
     }) {
         return RunResult::Failed { reason };
     }
+    let Some(pools) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunStarted { pools, .. } => Some(pools.clone()),
+        _ => None,
+    }) else {
+        return RunResult::Running;
+    };
     let mut verified = Vec::new();
     let mut failed: Vec<(PoolRef, String)> = Vec::new();
     for pool in &pools {
@@ -185,5 +186,179 @@ pub fn run_result(events: &[Event]) -> RunResult {
                 .collect::<Vec<_>>()
                 .join("; "),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(region: &str, target: &str) -> PoolRef {
+        PoolRef {
+            region: region.into(),
+            target: target.into(),
+        }
+    }
+
+    fn event(branch: Branch, kind: EventKind) -> Event {
+        Event {
+            run_id: Uuid::nil(),
+            pipeline: "nightly".into(),
+            version: "2026.1126.0".into(),
+            stage: Stage::Verify,
+            branch,
+            at: OffsetDateTime::UNIX_EPOCH,
+            kind,
+        }
+    }
+
+    fn on(region: &str, target: &str) -> Branch {
+        Branch::Pool {
+            region: region.into(),
+            target: target.into(),
+        }
+    }
+
+    /// A run over two regions: `render` and `sim` in westeurope, `batch` in eastus.
+    fn started() -> Event {
+        event(
+            Branch::Trunk,
+            EventKind::RunStarted {
+                regions: vec!["westeurope".into(), "eastus".into()],
+                pools: vec![
+                    pool("westeurope", "render"),
+                    pool("westeurope", "sim"),
+                    pool("eastus", "batch"),
+                ],
+            },
+        )
+    }
+
+    fn verified(region: &str, target: &str) -> Event {
+        event(
+            on(region, target),
+            EventKind::PoolVerified {
+                pool_id: format!("{target}-1"),
+            },
+        )
+    }
+
+    fn pool_failed(region: &str, target: &str, reason: &str) -> Event {
+        event(
+            on(region, target),
+            EventKind::PoolFailed {
+                target: target.into(),
+                reason: reason.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn nothing_yet_is_running() {
+        assert_eq!(run_result(&[]), RunResult::Running);
+        assert_eq!(
+            run_result(&[event(Branch::Trunk, EventKind::StageStarted)]),
+            RunResult::Running
+        );
+    }
+
+    #[test]
+    fn every_pool_verified_is_success() {
+        let events = [started(), verified("westeurope", "render"), verified("eastus", "batch")];
+        assert_eq!(run_result(&events[..2]), RunResult::Running, "a pool is still pending");
+        let mut events = events.to_vec();
+        events.push(verified("westeurope", "sim"));
+        assert_eq!(run_result(&events), RunResult::Succeeded);
+    }
+
+    #[test]
+    fn a_trunk_failure_fails_the_run_even_before_it_started() {
+        let failed = event(
+            Branch::Trunk,
+            EventKind::RunFailed {
+                reason: "PUT snapshot: HTTP 403".into(),
+            },
+        );
+        assert_eq!(
+            run_result(std::slice::from_ref(&failed)),
+            RunResult::Failed {
+                reason: "PUT snapshot: HTTP 403".into()
+            }
+        );
+        assert_eq!(
+            run_result(&[started(), verified("westeurope", "render"), failed]),
+            RunResult::Failed {
+                reason: "PUT snapshot: HTTP 403".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_failed_region_ends_its_pools_without_them() {
+        let region_failed = event(
+            Branch::Trunk,
+            EventKind::RegionFailed {
+                region: "eastus".into(),
+                reason: "ReplicationFailed".into(),
+            },
+        );
+        let events = [
+            started(),
+            region_failed,
+            verified("westeurope", "render"),
+            verified("westeurope", "sim"),
+        ];
+        assert_eq!(
+            run_result(&events),
+            RunResult::PartlySucceeded {
+                failed: vec![(
+                    pool("eastus", "batch"),
+                    "not created: replication to eastus failed: ReplicationFailed".into()
+                )]
+            }
+        );
+    }
+
+    #[test]
+    fn some_pools_failing_is_partial_success_and_all_failing_is_failure() {
+        let events = [
+            started(),
+            verified("westeurope", "render"),
+            pool_failed("westeurope", "sim", "AllocationFailed"),
+            pool_failed("eastus", "batch", "start task failed"),
+        ];
+        assert_eq!(
+            run_result(&events),
+            RunResult::PartlySucceeded {
+                failed: vec![
+                    (pool("westeurope", "sim"), "AllocationFailed".into()),
+                    (pool("eastus", "batch"), "start task failed".into()),
+                ]
+            }
+        );
+        let events = [
+            started(),
+            pool_failed("westeurope", "render", "a"),
+            pool_failed("westeurope", "sim", "b"),
+            pool_failed("eastus", "batch", "c"),
+        ];
+        assert_eq!(
+            run_result(&events),
+            RunResult::Failed {
+                reason: "westeurope/render: a; westeurope/sim: b; eastus/batch: c".into()
+            }
+        );
+    }
+
+    #[test]
+    fn a_pool_failure_counts_only_for_its_own_region() {
+        // Same target name in another region: not this pool's end.
+        let events = [
+            started(),
+            verified("westeurope", "render"),
+            verified("westeurope", "sim"),
+            pool_failed("westeurope", "batch", "elsewhere"),
+        ];
+        assert_eq!(run_result(&events), RunResult::Running);
     }
 }

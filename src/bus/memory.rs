@@ -1,1 +1,480 @@
-//! The in-process bus (placeholder until the memory bus lands).
+//! The in-process bus behind `sigrun run` and the tests: one FIFO queue per stage, delay tiers as
+//! tokio timers that put a message back on its stage queue when the tier's delay has passed, a
+//! parking list, and an event log with a live broadcast. It keeps the RabbitMQ bus's semantics
+//! where the runtime can tell: a delivery dropped or requeued unsettled goes back to its queue with
+//! its delivery count raised, a delayed message comes back as a new message (count reset), and every
+//! publish is confirmed (here at once). Everything is inspectable, for tests and for the CLI.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, broadcast};
+
+use super::{Acker, Bus, BusError, Delivery, ParkReason};
+use crate::events::Event;
+use crate::model::envelope::Stage;
+
+/// Events a live subscriber may fall behind by before it sees `Lagged` (the log keeps them all).
+const EVENT_BUFFER: usize = 1024;
+
+/// Counters and gauges of a [`MemoryBus`], for tests and progress output.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BusStats {
+    /// Messages put on a stage queue by `publish`.
+    pub published: u64,
+    /// Messages put on a delay tier by `publish_delayed`.
+    pub delayed: u64,
+    /// Deliveries handed out by `next`.
+    pub delivered: u64,
+    pub acked: u64,
+    /// Deliveries returned to their queue, by `requeue` or by being dropped unsettled.
+    pub requeued: u64,
+    pub parked: u64,
+    pub events: u64,
+    /// Now: messages ready on the stage queues.
+    pub ready: u64,
+    /// Now: messages waiting on a delay tier.
+    pub waiting: u64,
+    /// Now: deliveries handed out and not yet settled.
+    pub unacked: u64,
+}
+
+impl BusStats {
+    /// Nothing ready, waiting or unsettled: no message of any run is still in the bus.
+    pub fn is_idle(&self) -> bool {
+        self.ready == 0 && self.waiting == 0 && self.unacked == 0
+    }
+}
+
+/// The in-process bus. Cheap to share behind an `Arc`; all state sits behind one mutex that is
+/// never held across an await.
+pub struct MemoryBus {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    tiers: Vec<Duration>,
+    state: Mutex<State>,
+    /// Wakes consumers waiting in `next` when a message lands or the bus shuts down.
+    arrivals: Notify,
+    live: broadcast::Sender<Event>,
+}
+
+#[derive(Default)]
+struct State {
+    queues: BTreeMap<Stage, VecDeque<Queued>>,
+    /// Arrival order across queues, so a consumer of several stages takes the oldest message first.
+    seq: u64,
+    parked: Vec<(Vec<u8>, ParkReason)>,
+    events: Vec<Event>,
+    stats: BusStats,
+    shut_down: bool,
+}
+
+struct Queued {
+    seq: u64,
+    body: Vec<u8>,
+    /// Times it was delivered before.
+    deliveries: u32,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent between statements, so a panic elsewhere does not spoil it.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts a message at the back of its stage queue and wakes the consumers.
+    fn enqueue(&self, stage: Stage, body: Vec<u8>, deliveries: u32, update: impl FnOnce(&mut BusStats)) {
+        {
+            let mut state = self.lock();
+            state.seq += 1;
+            let seq = state.seq;
+            state
+                .queues
+                .entry(stage)
+                .or_default()
+                .push_back(Queued { seq, body, deliveries });
+            state.stats.ready += 1;
+            update(&mut state.stats);
+        }
+        self.arrivals.notify_waiters();
+    }
+}
+
+impl MemoryBus {
+    /// A bus with these delay tiers (shortest first).
+    ///
+    /// # Panics
+    /// When `tiers` is empty, holds a zero delay or is not strictly increasing: a programming error
+    /// (configured tiers are checked by `RuntimeSettings::check`).
+    pub fn new(tiers: Vec<Duration>) -> MemoryBus {
+        assert!(
+            !tiers.is_empty() && tiers[0] > Duration::ZERO && tiers.windows(2).all(|w| w[0] < w[1]),
+            "delay tiers must be non-empty, non-zero and strictly increasing: {tiers:?}"
+        );
+        let (live, _) = broadcast::channel(EVENT_BUFFER);
+        MemoryBus {
+            inner: Arc::new(Inner {
+                tiers,
+                state: Mutex::new(State::default()),
+                arrivals: Notify::new(),
+                live,
+            }),
+        }
+    }
+
+    /// Every event published so far, in order.
+    pub fn events(&self) -> Vec<Event> {
+        self.inner.lock().events.clone()
+    }
+
+    /// Events as they are published (a subscriber sees those published after it subscribed).
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.live.subscribe()
+    }
+
+    /// Parked messages with the reason, oldest first.
+    pub fn parked(&self) -> Vec<(Vec<u8>, ParkReason)> {
+        self.inner.lock().parked.clone()
+    }
+
+    /// The bodies ready on a stage queue, front first (for tests).
+    pub fn ready(&self, stage: Stage) -> Vec<Vec<u8>> {
+        let state = self.inner.lock();
+        state
+            .queues
+            .get(&stage)
+            .map(|q| q.iter().map(|m| m.body.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn stats(&self) -> BusStats {
+        self.inner.lock().stats
+    }
+
+    /// Stops deliveries: `next` returns `None` from now on, waiting consumers included. Publishing
+    /// keeps working, so in-flight handlers can finish and what they publish stays inspectable.
+    pub fn shutdown(&self) {
+        self.inner.lock().shut_down = true;
+        self.inner.arrivals.notify_waiters();
+    }
+
+    /// Takes the oldest ready message among `stages`' queues.
+    fn take(&self, state: &mut State, stages: &[Stage]) -> Option<Delivery> {
+        let stage = stages
+            .iter()
+            .filter_map(|s| state.queues.get(s)?.front().map(|m| (m.seq, *s)))
+            .min()?
+            .1;
+        let message = state.queues.get_mut(&stage)?.pop_front()?;
+        state.stats.ready -= 1;
+        state.stats.delivered += 1;
+        state.stats.unacked += 1;
+        let delivery_count = message.deliveries + 1;
+        Some(Delivery {
+            stage,
+            body: message.body.clone(),
+            delivery_count,
+            acker: Box::new(MemoryAcker {
+                inner: Arc::clone(&self.inner),
+                stage,
+                unsettled: Some((message.body, delivery_count)),
+            }),
+        })
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+        self.inner.enqueue(stage, body.to_vec(), 0, |s| s.published += 1);
+        Ok(())
+    }
+
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
+        let Some(&delay) = self.inner.tiers.get(tier) else {
+            return Err(BusError::NotConfirmed {
+                target: format!("delay tier {tier}"),
+                reason: format!("the bus has {} tiers", self.inner.tiers.len()),
+            });
+        };
+        {
+            let mut state = self.inner.lock();
+            state.stats.delayed += 1;
+            state.stats.waiting += 1;
+        }
+        // Like a TTL queue dead-lettering back to the work exchange: the message returns as a new
+        // one, its delivery count starting again.
+        let inner = Arc::clone(&self.inner);
+        let body = body.to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            inner.enqueue(stage, body, 0, |s| s.waiting -= 1);
+        });
+        Ok(())
+    }
+
+    async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {
+        let mut state = self.inner.lock();
+        state.parked.push((body.to_vec(), reason.clone()));
+        state.stats.parked += 1;
+        Ok(())
+    }
+
+    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+        {
+            let mut state = self.inner.lock();
+            state.events.push(event.clone());
+            state.stats.events += 1;
+        }
+        // No subscriber is fine: the log has it.
+        let _ = self.inner.live.send(event.clone());
+        Ok(())
+    }
+
+    async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
+        loop {
+            // Register for a wake-up before looking, so an arrival between the look and the wait
+            // is not missed. Nothing is taken before the final return, so this is cancel-safe.
+            let arrival = self.inner.arrivals.notified();
+            let mut arrival = std::pin::pin!(arrival);
+            arrival.as_mut().enable();
+            {
+                let mut state = self.inner.lock();
+                if state.shut_down {
+                    return None;
+                }
+                if let Some(delivery) = self.take(&mut state, stages) {
+                    return Some(delivery);
+                }
+            }
+            arrival.await;
+        }
+    }
+
+    fn tiers(&self) -> &[Duration] {
+        &self.inner.tiers
+    }
+}
+
+/// Settles one delivery; dropping it unsettled requeues the message, as a broker does when a
+/// consumer goes away.
+struct MemoryAcker {
+    inner: Arc<Inner>,
+    stage: Stage,
+    /// The body and its delivery count until settled.
+    unsettled: Option<(Vec<u8>, u32)>,
+}
+
+impl MemoryAcker {
+    fn settle(&mut self, requeue: bool) {
+        let Some((body, deliveries)) = self.unsettled.take() else {
+            return;
+        };
+        if requeue {
+            self.inner.enqueue(self.stage, body, deliveries, |s| {
+                s.unacked -= 1;
+                s.requeued += 1;
+            });
+        } else {
+            let mut state = self.inner.lock();
+            state.stats.unacked -= 1;
+            state.stats.acked += 1;
+        }
+    }
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        self.settle(false);
+        Ok(())
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), BusError> {
+        self.settle(true);
+        Ok(())
+    }
+}
+
+impl Drop for MemoryAcker {
+    fn drop(&mut self) {
+        self.settle(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+    use tokio::time::{Instant, advance};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::events::EventKind;
+    use crate::model::envelope::Branch;
+
+    fn bus() -> MemoryBus {
+        MemoryBus::new(vec![
+            Duration::from_millis(10),
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ])
+    }
+
+    /// Lets spawned tasks (tier timers) run without moving the clock.
+    async fn settle_tasks() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_come_out_oldest_first_across_the_stages_asked_for() {
+        let bus = bus();
+        bus.publish(Stage::Replicate, b"r1").await.unwrap();
+        bus.publish(Stage::Snapshot, b"s1").await.unwrap();
+        bus.publish(Stage::Replicate, b"r2").await.unwrap();
+        let stages = [Stage::Snapshot, Stage::Replicate];
+        let mut bodies = Vec::new();
+        for _ in 0..3 {
+            let d = bus.next(&stages).await.unwrap();
+            assert_eq!(d.delivery_count, 1);
+            bodies.push((d.stage, d.body.clone()));
+            d.acker.ack().await.unwrap();
+        }
+        assert_eq!(
+            bodies,
+            vec![
+                (Stage::Replicate, b"r1".to_vec()),
+                (Stage::Snapshot, b"s1".to_vec()),
+                (Stage::Replicate, b"r2".to_vec()),
+            ]
+        );
+        let stats = bus.stats();
+        assert_eq!((stats.published, stats.delivered, stats.acked), (3, 3, 3));
+        assert!(stats.is_idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_consumer_only_sees_its_stages() {
+        let bus = bus();
+        bus.publish(Stage::Verify, b"v").await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(60), bus.next(&[Stage::Snapshot])).await;
+        assert!(waited.is_err(), "a snapshot consumer must not get a verify message");
+        assert_eq!(bus.ready(Stage::Verify), vec![b"v".to_vec()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_message_reappears_after_its_tier_and_not_before() {
+        let bus = Arc::new(bus());
+        let start = Instant::now();
+        bus.publish_delayed(Stage::Verify, b"later", 1).await.unwrap();
+        settle_tasks().await;
+        assert_eq!(bus.stats().waiting, 1);
+
+        advance(Duration::from_millis(49)).await;
+        settle_tasks().await;
+        assert!(bus.ready(Stage::Verify).is_empty(), "not before 50 ms");
+
+        let d = bus.next(&[Stage::Verify]).await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_millis(50));
+        assert_eq!(d.body, b"later");
+        assert_eq!(d.delivery_count, 1);
+        d.acker.ack().await.unwrap();
+        let stats = bus.stats();
+        assert_eq!((stats.delayed, stats.waiting, stats.published), (1, 0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unknown_tier_is_refused() {
+        let err = bus().publish_delayed(Stage::Verify, b"x", 3).await.unwrap_err();
+        assert!(matches!(err, BusError::NotConfirmed { .. }), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_or_requeued_delivery_returns_with_its_count_raised() {
+        let bus = bus();
+        bus.publish(Stage::Snapshot, b"m").await.unwrap();
+
+        let first = bus.next(&[Stage::Snapshot]).await.unwrap();
+        assert_eq!(bus.stats().unacked, 1);
+        drop(first);
+        let stats = bus.stats();
+        assert_eq!((stats.unacked, stats.requeued, stats.ready), (0, 1, 1));
+
+        let second = bus.next(&[Stage::Snapshot]).await.unwrap();
+        assert_eq!(second.delivery_count, 2);
+        second.acker.requeue().await.unwrap();
+
+        let third = bus.next(&[Stage::Snapshot]).await.unwrap();
+        assert_eq!(third.delivery_count, 3);
+        assert_eq!(third.body, b"m");
+        third.acker.ack().await.unwrap();
+        let stats = bus.stats();
+        assert_eq!((stats.acked, stats.requeued), (1, 2));
+        assert!(stats.is_idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_wakes_waiting_consumers_and_ends_deliveries() {
+        let bus = Arc::new(bus());
+        let waiting = tokio::spawn({
+            let bus = Arc::clone(&bus);
+            async move { bus.next(&[Stage::Snapshot]).await.is_none() }
+        });
+        settle_tasks().await;
+        bus.shutdown();
+        assert!(waiting.await.unwrap(), "a waiting consumer gets None");
+        bus.publish(Stage::Snapshot, b"after").await.unwrap();
+        assert!(bus.next(&[Stage::Snapshot]).await.is_none());
+        assert_eq!(bus.ready(Stage::Snapshot).len(), 1, "publishing still works");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_consumer_wakes_when_a_message_lands() {
+        let bus = Arc::new(bus());
+        let consumer = tokio::spawn({
+            let bus = Arc::clone(&bus);
+            async move {
+                let d = bus.next(&[Stage::Verify]).await.unwrap();
+                let body = d.body.clone();
+                d.acker.ack().await.unwrap();
+                body
+            }
+        });
+        settle_tasks().await;
+        bus.publish_delayed(Stage::Verify, b"woken", 0).await.unwrap();
+        assert_eq!(consumer.await.unwrap(), b"woken");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn parking_and_events_are_kept_and_broadcast() {
+        let bus = bus();
+        let reason = ParkReason {
+            stage: Some(Stage::Snapshot),
+            error: "not JSON".into(),
+            attempts: 1,
+            message_id: None,
+        };
+        bus.park(b"junk", &reason).await.unwrap();
+        assert_eq!(bus.parked(), vec![(b"junk".to_vec(), reason)]);
+
+        let mut live = bus.subscribe();
+        let event = Event {
+            run_id: Uuid::nil(),
+            pipeline: "p".into(),
+            version: "1.0.0".into(),
+            stage: Stage::Snapshot,
+            branch: Branch::Trunk,
+            at: OffsetDateTime::UNIX_EPOCH,
+            kind: EventKind::StageStarted,
+        };
+        bus.publish_event(&event).await.unwrap();
+        assert_eq!(live.recv().await.unwrap(), event);
+        assert_eq!(bus.events(), vec![event]);
+        assert_eq!((bus.stats().parked, bus.stats().events), (1, 1));
+    }
+}

@@ -59,6 +59,8 @@ pub trait Bus: Send + Sync {
     /// Publishes a run event. Confirmed.
     async fn publish_event(&self, event: &Event) -> Result<(), BusError>;
     /// The next delivery from any of `stages`' queues; `None` once the bus is shut down.
+    /// Cancel-safe: dropping the future before it completes takes no message (the runtime races
+    /// it against its shutdown signal).
     async fn next(&self, stages: &[Stage]) -> Option<Delivery>;
     /// The delay tiers, shortest first.
     fn tiers(&self) -> &[Duration];

@@ -172,7 +172,15 @@ pub struct Envelope {
     pub artifacts: Artifacts,
     #[serde(default)]
     pub operation: Option<InFlight>,
-    /// Failed attempts at the current step (reset when the step moves on).
+    /// Do not hand the message to its stage before this, when no operation is in flight to carry
+    /// the time (a retry after a failed call, a wait without an operation). Set by the runtime.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub not_before: Option<OffsetDateTime>,
+    /// Consecutive failed attempts at the current step (the runtime resets it when a step succeeds).
     #[serde(default)]
     pub attempt: u32,
     #[serde(with = "time::serde::rfc3339")]
@@ -221,6 +229,7 @@ impl Envelope {
         next.message_id = Uuid::new_v4();
         next.stage = stage;
         next.operation = None;
+        next.not_before = None;
         next.attempt = 0;
         next.stage_started = now;
         next
@@ -234,6 +243,24 @@ impl Envelope {
             target: target.to_string(),
         };
         child
+    }
+
+    /// When the message may next be looked at: the later of its own hold and its operation's.
+    pub fn due(&self) -> Option<OffsetDateTime> {
+        let op = self.operation.as_ref().map(|op| op.not_before);
+        match (self.not_before, op) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Holds the message until at least `at`: on its operation when one is in flight (the time to
+    /// look at it next), on the envelope otherwise. Never moves an existing hold earlier.
+    pub fn hold_until(&mut self, at: OffsetDateTime) {
+        match &mut self.operation {
+            Some(op) => op.not_before = op.not_before.max(at),
+            None => self.not_before = Some(self.not_before.map_or(at, |t| t.max(at))),
+        }
     }
 
     /// A stable key for deduplicating a step's effects: the run, the stage and the branch.

@@ -1,16 +1,66 @@
 //! The runtime: takes deliveries from the bus, runs the stage step, and carries out the outcome the
 //! same way for every stage — publish (confirmed) then ack, delay on the tiers, retry with backoff
 //! and jitter for transient errors (honouring Retry-After), fail the branch for permanent ones,
-//! park what cannot be decoded, and emit events.
+//! park what cannot be decoded, and emit events. It knows nothing of Azure beyond an error's class.
+//!
+//! - [`runner`] — [`Runtime`], the consumers and the handling of one delivery.
+//! - [`retry`] — what follows a failed step (pure).
+//! - [`settings`] — [`RuntimeSettings`].
+//! - [`complete`] — [`run_to_completion`], one run driven in-process (what `sigrun run` uses).
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
 use crate::azure::AzureError;
 use crate::model::envelope::Envelope;
 use crate::stages::Step;
 
+pub mod complete;
+pub mod retry;
+pub mod runner;
+pub mod settings;
+
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod tests;
+
+pub use complete::{RunError, RunOutcome, run_to_completion};
+pub use runner::{Runtime, RuntimeReport};
+pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
+
 /// What handles a decoded message. Production: the stages; tests: anything.
 #[async_trait]
 pub trait Handler: Send + Sync {
     async fn handle(&self, message: Envelope) -> Result<Step, AzureError>;
+}
+
+/// Where the runtime reads "now" when it compares a message's `not_before` and sets the next one.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// The system's wall clock: what workers and real runs use, since messages carry absolute
+    /// times that other processes compare with theirs.
+    System,
+    /// Tokio's clock, anchored to the wall clock when made: with tokio's time paused in a test,
+    /// "now" moves only as the test advances it, in step with the delay tiers' timers.
+    Tokio {
+        wall: OffsetDateTime,
+        instant: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    pub fn tokio() -> Clock {
+        Clock::Tokio {
+            wall: OffsetDateTime::now_utc(),
+            instant: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> OffsetDateTime {
+        match self {
+            Clock::System => OffsetDateTime::now_utc(),
+            Clock::Tokio { wall, instant } => *wall + instant.elapsed(),
+        }
+    }
 }

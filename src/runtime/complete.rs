@@ -1,0 +1,104 @@
+//! [`run_to_completion`]: one run driven in this process, as `sigrun run` does it — publish the
+//! trigger on the in-process bus, run every stage's consumers, follow the run's events until
+//! [`run_result`] says it has ended (or the time is up), then shut the consumers down gracefully
+//! and hand back the run's history. The first stage's handler is expected to emit `RunStarted`
+//! (a trunk that fails before it still ends the run).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, oneshot};
+use uuid::Uuid;
+
+use super::runner::{Runtime, RuntimeReport};
+use super::settings::{RuntimeSettings, SettingsError};
+use super::{Clock, Handler};
+use crate::bus::memory::MemoryBus;
+use crate::bus::{Bus, BusError};
+use crate::events::{Event, RunResult, run_result};
+use crate::model::envelope::{Envelope, Stage};
+
+/// How a driven run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOutcome {
+    pub run_id: Uuid,
+    /// `Running` when the run did not end in time (see `timed_out`) or the bus shut down under it.
+    pub result: RunResult,
+    /// The run's events, in order.
+    pub events: Vec<Event>,
+    pub timed_out: bool,
+    pub runtime: RuntimeReport,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    #[error("publishing the run's first message: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// Drives the run that `first` starts on `bus` until it ends or `timeout` passes.
+pub async fn run_to_completion(
+    bus: Arc<MemoryBus>,
+    handler: Arc<dyn Handler>,
+    first: Envelope,
+    settings: RuntimeSettings,
+    clock: Clock,
+    timeout: Duration,
+) -> Result<RunOutcome, RunError> {
+    let run_id = first.run_id;
+    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
+    // Subscribed before the trigger goes out, so no event of the run can slip past.
+    let mut updates = bus.subscribe();
+    bus.publish(first.stage, &first.encode()).await?;
+
+    let (stop, stopped) = oneshot::channel::<()>();
+    let running = runtime.run(async {
+        let _ = stopped.await;
+    });
+    let mut running = std::pin::pin!(running);
+    let mut report = None;
+    let timed_out = tokio::select! {
+        ended = tokio::time::timeout(timeout, watch(&bus, run_id, &mut updates)) => ended.is_err(),
+        // The consumers only stop on their own when the bus is shut down under them.
+        stopped = &mut running => {
+            report = Some(stopped);
+            false
+        }
+    };
+    let _ = stop.send(());
+    let report = match report {
+        Some(report) => report,
+        None => running.await,
+    };
+    // Read once more after the consumers stopped: in-flight deliveries may have added events.
+    let events = events_of(&bus, run_id);
+    Ok(RunOutcome {
+        run_id,
+        result: run_result(&events),
+        events,
+        timed_out,
+        runtime: report,
+    })
+}
+
+/// Returns once the run's result is no longer `Running`. The broadcast only says "something
+/// happened"; the bus's log is read each time, so a lagging receiver misses nothing.
+async fn watch(bus: &MemoryBus, run_id: Uuid, updates: &mut broadcast::Receiver<Event>) {
+    loop {
+        if run_result(&events_of(bus, run_id)) != RunResult::Running {
+            return;
+        }
+        match updates.recv().await {
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+            // The bus owns the sender and we hold the bus, so this does not happen; wait for the
+            // timeout rather than spin.
+            Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+        }
+    }
+}
+
+fn events_of(bus: &MemoryBus, run_id: Uuid) -> Vec<Event> {
+    bus.events().into_iter().filter(|e| e.run_id == run_id).collect()
+}

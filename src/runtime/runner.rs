@@ -1,0 +1,444 @@
+//! [`Runtime`]: N consumers over a set of stage queues, each handling one delivery at a time:
+//! decode (park what cannot be decoded), hold back what is not due yet, call the handler, publish
+//! the events and messages the outcome calls for, and settle the delivery — ack only once every
+//! publish it caused is confirmed, requeue if any was not (at-least-once; handlers are idempotent).
+//! Stage-agnostic: it sees envelopes, outcomes and error classes, never what a stage does.
+
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, sleep_until};
+use tracing::{Instrument, Span, debug, error, info, info_span, warn};
+use uuid::Uuid;
+
+use super::retry::{self, Decision};
+use super::settings::{RuntimeSettings, SettingsError};
+use super::{Clock, Handler};
+use crate::azure::AzureError;
+use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
+use crate::events::{Event, EventKind};
+use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Stage};
+use crate::stages::{Outcome, Step};
+
+/// Consumes `stages` from a bus and hands each message to a handler. Cloning shares the bus and
+/// the handler.
+#[derive(Clone)]
+pub struct Runtime {
+    bus: Arc<dyn Bus>,
+    handler: Arc<dyn Handler>,
+    stages: Vec<Stage>,
+    settings: RuntimeSettings,
+    clock: Clock,
+}
+
+/// What a [`Runtime::run`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeReport {
+    /// Deliveries handled to the end (settled one way or another).
+    pub handled: u64,
+    /// Consumers still busy when the shutdown grace ran out; their deliveries went back unacked.
+    pub abandoned: usize,
+}
+
+/// What the runtime publishes for one handled message.
+#[derive(Default)]
+struct Effects {
+    events: Vec<EventKind>,
+    /// Each goes to its own stage: now, or on a delay tier when it is not due yet.
+    messages: Vec<Envelope>,
+    /// Park the input message (a branch that failed for good, kept for inspection and replay).
+    park: Option<ParkReason>,
+}
+
+impl Runtime {
+    /// A runtime over `stages` with the system clock. The settings are checked here.
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        handler: Arc<dyn Handler>,
+        stages: Vec<Stage>,
+        settings: RuntimeSettings,
+    ) -> Result<Runtime, SettingsError> {
+        settings.check()?;
+        Ok(Runtime {
+            bus,
+            handler,
+            stages,
+            settings,
+            clock: Clock::System,
+        })
+    }
+
+    pub fn with_clock(mut self, clock: Clock) -> Runtime {
+        self.clock = clock;
+        self
+    }
+
+    /// Runs the consumers until `shutdown` resolves (or the bus shuts down), then stops taking
+    /// deliveries and gives the in-flight ones `shutdown_grace` to finish before abandoning them.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> RuntimeReport {
+        let runtime = Arc::new(self.clone());
+        let handled = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = watch::channel(false);
+        let mut consumers = JoinSet::new();
+        for consumer in 0..self.settings.consumers {
+            let task = consume(Arc::clone(&runtime), stopped.clone(), Arc::clone(&handled));
+            consumers.spawn(task.instrument(info_span!("consumer", consumer)));
+        }
+        info!(consumers = self.settings.consumers, stages = ?self.stages, "runtime started");
+
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut deadline: Option<Instant> = None;
+        let mut abandoned = 0;
+        loop {
+            tokio::select! {
+                () = &mut shutdown, if deadline.is_none() => {
+                    info!("shutting down: no new deliveries, finishing those in flight");
+                    let _ = stop.send(true);
+                    deadline = Some(Instant::now() + self.settings.shutdown_grace);
+                }
+                joined = consumers.join_next() => match joined {
+                    None => break,
+                    Some(Err(e)) if e.is_panic() => error!("a consumer panicked: {e}"),
+                    Some(_) => {}
+                },
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    abandoned = consumers.len();
+                    warn!(abandoned, "shutdown grace ran out; in-flight deliveries go back to their queues");
+                    // Aborting drops the deliveries unsettled, which returns them to their queues.
+                    consumers.shutdown().await;
+                    break;
+                }
+            }
+        }
+        let report = RuntimeReport {
+            handled: handled.load(Ordering::Relaxed),
+            abandoned,
+        };
+        info!(handled = report.handled, abandoned, "runtime stopped");
+        report
+    }
+
+    /// Handles one delivery to the end: it is acked, requeued, or (dropped mid-way) returned.
+    pub async fn handle_delivery(&self, delivery: Delivery) {
+        let Delivery {
+            stage: queue,
+            body,
+            delivery_count,
+            acker,
+        } = delivery;
+        match Envelope::decode(&body) {
+            Err(error) => {
+                let span = info_span!("delivery", stage = %queue, delivery = delivery_count);
+                self.park_undecodable(queue, &body, delivery_count, error, acker)
+                    .instrument(span)
+                    .await
+            }
+            Ok(message) => {
+                let span = info_span!(
+                    "delivery",
+                    run_id = %message.run_id,
+                    pipeline = %message.pipeline,
+                    stage = %message.stage,
+                    branch = %message.branch.label(),
+                    message_id = %message.message_id,
+                    delivery = delivery_count,
+                );
+                if message.stage != queue {
+                    span.in_scope(
+                        || warn!(queue = %queue, "delivered from another stage's queue; handled as its own stage"),
+                    );
+                }
+                self.handle_message(message, &body, acker).instrument(span).await
+            }
+        }
+    }
+
+    async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>) {
+        let now = self.clock.now();
+        if let Some(wait) = remaining(message.due(), now) {
+            // Early (a tier shorter than the wait, or a message published ahead of time): hop
+            // again without a look; the message itself says when it is due.
+            let tier = tier_for(self.bus.tiers(), wait);
+            debug!(wait_ms = wait.as_millis(), tier, "not due yet; back to a delay tier");
+            let published = self.bus.publish_delayed(message.stage, body, tier).await;
+            return settle(acker, published).await;
+        }
+        // Its hold has passed; clear it so nothing derived from this message inherits it.
+        message.not_before = None;
+        let result = self.call_handler(message.clone()).await;
+        let now = self.clock.now();
+        let effects = match result {
+            Ok(step) => effects_of_step(&message, step, now),
+            Err(error) => self.effects_of_error(&message, &error, now),
+        };
+        let published = self.carry_out(&message, body, effects, now).await;
+        settle(acker, published).await;
+    }
+
+    /// Runs the handler as its own task, so a panic in it becomes an error here (retried as a
+    /// transient failure) instead of taking the consumer down with the delivery unsettled.
+    async fn call_handler(&self, message: Envelope) -> Result<Step, AzureError> {
+        let handler = Arc::clone(&self.handler);
+        let stage = message.stage;
+        let task = tokio::spawn(async move { handler.handle(message).await }.instrument(Span::current()));
+        // If this delivery is abandoned (shutdown), the handler stops with it.
+        let mut task = AbortOnDrop(task);
+        match (&mut task.0).await {
+            Ok(result) => result,
+            Err(join) => {
+                let what = if join.is_panic() {
+                    panic_text(join.into_panic())
+                } else {
+                    "the handler task was cancelled".to_string()
+                };
+                error!(panic = %what, "the handler panicked; retrying as a transient failure");
+                Err(AzureError::network(
+                    format!("{stage} step"),
+                    format!("the handler panicked: {what}"),
+                ))
+            }
+        }
+    }
+
+    fn effects_of_error(&self, message: &Envelope, error: &AzureError, now: OffsetDateTime) -> Effects {
+        match retry::decide(&self.settings.retry, message.attempt, error) {
+            Decision::Retry { attempt, delay, event } => {
+                warn!(%error, attempt, delay_ms = delay.as_millis(), "step failed; retrying");
+                let mut again = message.clone();
+                again.attempt = attempt;
+                again.hold_until(now + delay);
+                Effects {
+                    events: vec![event],
+                    messages: vec![again],
+                    park: None,
+                }
+            }
+            Decision::Fail { reason, give_up } => {
+                warn!(%reason, give_up, "step failed for good; failing the branch");
+                Effects {
+                    events: vec![failure(&message.branch, reason.clone())],
+                    messages: Vec::new(),
+                    park: Some(ParkReason {
+                        stage: Some(message.stage),
+                        error: reason,
+                        attempts: message.attempt.saturating_add(1),
+                        message_id: Some(message.message_id.to_string()),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Publishes what the step caused, in order: events (history first), messages, parking. Stops
+    /// at the first publish that is not confirmed.
+    async fn carry_out(
+        &self,
+        message: &Envelope,
+        body: &[u8],
+        effects: Effects,
+        now: OffsetDateTime,
+    ) -> Result<(), BusError> {
+        for kind in effects.events {
+            self.bus.publish_event(&event_of(message, kind, now)).await?;
+        }
+        for next in &effects.messages {
+            self.route(next, now).await?;
+        }
+        if let Some(reason) = &effects.park {
+            self.bus.park(body, reason).await?;
+        }
+        Ok(())
+    }
+
+    /// A message goes to its stage's queue when due, else to the tier that fits its wait.
+    async fn route(&self, message: &Envelope, now: OffsetDateTime) -> Result<(), BusError> {
+        let body = message.encode();
+        match remaining(message.due(), now) {
+            Some(wait) => {
+                let tier = tier_for(self.bus.tiers(), wait);
+                self.bus.publish_delayed(message.stage, &body, tier).await
+            }
+            None => self.bus.publish(message.stage, &body).await,
+        }
+    }
+
+    /// A message that is not a v1 envelope is parked at once (retrying cannot fix it) and acked.
+    async fn park_undecodable(
+        &self,
+        queue: Stage,
+        body: &[u8],
+        delivery_count: u32,
+        error: EnvelopeError,
+        acker: Box<dyn Acker>,
+    ) {
+        warn!(%error, "message cannot be decoded; parking it");
+        let peek = Peek::of(body);
+        let reason = ParkReason {
+            stage: Some(queue),
+            error: error.to_string(),
+            attempts: delivery_count,
+            message_id: peek.as_ref().and_then(|p| p.message_id.clone()),
+        };
+        let mut parked = self.bus.park(body, &reason).await;
+        // If enough of it reads as a run's message, its run's history says so too.
+        if parked.is_ok()
+            && let Some(run) = peek.and_then(|p| p.run)
+        {
+            let event = Event {
+                run_id: run.run_id,
+                pipeline: run.pipeline,
+                version: run.version,
+                stage: run.stage,
+                branch: run.branch,
+                at: self.clock.now(),
+                kind: EventKind::Parked { reason: reason.error },
+            };
+            parked = self.bus.publish_event(&event).await;
+        }
+        settle(acker, parked).await;
+    }
+}
+
+async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, handled: Arc<AtomicU64>) {
+    loop {
+        let delivery = tokio::select! {
+            // Shutdown wins a tie: no delivery is taken once it is asked for (`next` is cancel-safe).
+            biased;
+            _ = stopped.wait_for(|stop| *stop) => return,
+            delivery = runtime.bus.next(&runtime.stages) => match delivery {
+                Some(delivery) => delivery,
+                None => return,
+            },
+        };
+        runtime.handle_delivery(delivery).await;
+        handled.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effects {
+    let Step { outcome, events } = step;
+    let mut effects = Effects {
+        events,
+        ..Effects::default()
+    };
+    match outcome {
+        Outcome::Advance(next) => effects.messages = next,
+        Outcome::Wait {
+            message: mut waiting,
+            delay,
+            emit,
+        } => {
+            waiting.hold_until(now + delay);
+            effects.messages = emit;
+            effects.messages.push(*waiting);
+        }
+        Outcome::Done => {}
+        Outcome::Fail(reason) => effects.events.push(failure(&message.branch, reason)),
+    }
+    // The step succeeded: only consecutive failures count toward the retry budget, so whatever
+    // it sends on starts again (a long wait survives any number of recovered hiccups).
+    for next in &mut effects.messages {
+        next.attempt = 0;
+    }
+    effects
+}
+
+/// The event that ends a branch: a pool's failure, or the whole run's when the trunk fails.
+fn failure(branch: &Branch, reason: String) -> EventKind {
+    match branch {
+        Branch::Trunk => EventKind::RunFailed { reason },
+        Branch::Pool { target, .. } => EventKind::PoolFailed {
+            target: target.clone(),
+            reason,
+        },
+    }
+}
+
+fn event_of(message: &Envelope, kind: EventKind, at: OffsetDateTime) -> Event {
+    Event {
+        run_id: message.run_id,
+        pipeline: message.pipeline.clone(),
+        version: message.version.clone(),
+        stage: message.stage,
+        branch: message.branch.clone(),
+        at,
+        kind,
+    }
+}
+
+/// How long until `due`, if it is still ahead.
+fn remaining(due: Option<OffsetDateTime>, now: OffsetDateTime) -> Option<Duration> {
+    due.filter(|due| *due > now).map(|due| (due - now).unsigned_abs())
+}
+
+/// Acks once everything the delivery caused is confirmed; otherwise returns it to its queue so it
+/// is handled again (what was published meanwhile may then be published twice: handlers and
+/// consumers are idempotent, the price of never losing a message).
+async fn settle(acker: Box<dyn Acker>, published: Result<(), BusError>) {
+    match published {
+        Ok(()) => {
+            if let Err(e) = acker.ack().await {
+                warn!(error = %e, "ack failed; the message will be delivered again");
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "a publish was not confirmed; returning the message to its queue");
+            if let Err(e) = acker.requeue().await {
+                warn!(error = %e, "requeue failed; the broker returns the message when the channel closes");
+            }
+        }
+    }
+}
+
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn panic_text(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => payload
+            .downcast_ref::<&str>()
+            .map_or_else(|| "a non-text panic payload".to_string(), |s| s.to_string()),
+    }
+}
+
+/// What can be read from a message that is not a valid envelope: its id, and its run if the
+/// run's fields are intact (for a `Parked` event in that run's history).
+struct Peek {
+    message_id: Option<String>,
+    run: Option<RunHeader>,
+}
+
+#[derive(Deserialize)]
+struct RunHeader {
+    run_id: Uuid,
+    pipeline: String,
+    version: String,
+    stage: Stage,
+    branch: Branch,
+}
+
+impl Peek {
+    fn of(body: &[u8]) -> Option<Peek> {
+        if body.len() > MAX_ENVELOPE_BYTES {
+            return None;
+        }
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        Some(Peek {
+            message_id: value.get("message_id").and_then(|v| v.as_str()).map(str::to_string),
+            run: RunHeader::deserialize(&value).ok(),
+        })
+    }
+}

@@ -1,0 +1,196 @@
+//! `RuntimeSettings`: how many consumers, the delay tiers the bus is built with, the retry policy
+//! for transient and throttled Azure errors, and how long shutdown waits for in-flight work. Read
+//! from configuration strictly (unknown keys are errors) with defaults for everything. Durations are
+//! written in milliseconds (`*_ms`) so the tiny tiers of tests and the long ones of production use
+//! the same notation.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// Deliveries handled at once by one process.
+    pub consumers: usize,
+    /// The delay tiers, shortest first. The bus is built with them (the RabbitMQ bus declares one
+    /// TTL queue per tier); the runtime asks the bus, so the two cannot disagree at run time.
+    #[serde(rename = "tiers_ms", with = "millis_list")]
+    pub tiers: Vec<Duration>,
+    pub retry: RetrySettings,
+    /// On shutdown, how long in-flight deliveries may take to finish before they are abandoned
+    /// (an abandoned delivery goes back to its queue unacked).
+    #[serde(rename = "shutdown_grace_ms", with = "millis")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        RuntimeSettings {
+            consumers: 4,
+            tiers: [1, 5, 30, 120, 600].map(Duration::from_secs).to_vec(),
+            retry: RetrySettings::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Retries of a step whose Azure call failed transiently or was throttled: exponential backoff with
+/// jitter (computed with `backon`), counted in the message's `attempt`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// The delay before the first retry.
+    #[serde(rename = "base_delay_ms", with = "millis")]
+    pub base_delay: Duration,
+    pub factor: f32,
+    /// No retry waits longer than this (a throttled call's `Retry-After` excepted).
+    #[serde(rename = "max_delay_ms", with = "millis")]
+    pub max_delay: Duration,
+    /// Spread each delay over `[d, 2d)` so a burst of failures does not come back as a burst.
+    pub jitter: bool,
+    /// Tries of one step, the first included, before the branch fails with the last error.
+    pub max_attempts: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            base_delay: Duration::from_secs(1),
+            factor: 2.0,
+            max_delay: Duration::from_secs(300),
+            jitter: true,
+            max_attempts: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("runtime setting `{key}`: {message}")]
+pub struct SettingsError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl RuntimeSettings {
+    /// Checks what serde cannot: the shapes the runtime relies on.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        let bad = |key, message: String| Err(SettingsError { key, message });
+        if self.consumers == 0 {
+            return bad("consumers", "must be at least 1".into());
+        }
+        if self.tiers.is_empty() || self.tiers[0].is_zero() || self.tiers.windows(2).any(|w| w[0] >= w[1]) {
+            return bad(
+                "tiers_ms",
+                format!(
+                    "{:?}: give at least one delay, each above zero and longer than the one before",
+                    self.tiers.iter().map(Duration::as_millis).collect::<Vec<_>>()
+                ),
+            );
+        }
+        let retry = &self.retry;
+        if retry.max_attempts == 0 {
+            return bad("retry.max_attempts", "must be at least 1 (the first try)".into());
+        }
+        if !(retry.factor >= 1.0 && retry.factor.is_finite()) {
+            return bad(
+                "retry.factor",
+                format!("{}: must be a number of at least 1", retry.factor),
+            );
+        }
+        if retry.base_delay.is_zero() || retry.base_delay > retry.max_delay {
+            return bad(
+                "retry.base_delay_ms",
+                format!(
+                    "{} ms: must be above zero and at most max_delay_ms ({} ms)",
+                    retry.base_delay.as_millis(),
+                    retry.max_delay.as_millis()
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+mod millis_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ds: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(ds.iter().map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        Ok(Vec::<u64>::deserialize(d)?
+            .into_iter()
+            .map(Duration::from_millis)
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_to_what_is_not_written() {
+        let settings: RuntimeSettings = toml::from_str("consumers = 2\n[retry]\nmax_attempts = 3\n").unwrap();
+        assert_eq!(settings.consumers, 2);
+        assert_eq!(settings.retry.max_attempts, 3);
+        assert_eq!(settings.retry.base_delay, Duration::from_secs(1));
+        assert_eq!(settings.tiers, RuntimeSettings::default().tiers);
+        settings.check().unwrap();
+        RuntimeSettings::default().check().unwrap();
+    }
+
+    #[test]
+    fn durations_are_milliseconds_and_round_trip() {
+        let settings: RuntimeSettings =
+            toml::from_str("tiers_ms = [10, 50, 200]\nshutdown_grace_ms = 1500\n[retry]\nbase_delay_ms = 5\n").unwrap();
+        assert_eq!(settings.tiers, [10, 50, 200].map(Duration::from_millis).to_vec());
+        assert_eq!(settings.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(settings.retry.base_delay, Duration::from_millis(5));
+        let text = toml::to_string(&settings).unwrap();
+        assert_eq!(toml::from_str::<RuntimeSettings>(&text).unwrap(), settings);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = toml::from_str::<RuntimeSettings>("[retry]\nmax_attempt = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_attempt"), "{err}");
+        assert!(toml::from_str::<RuntimeSettings>("tiers = [1]\n").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let check = |text: &str| {
+            toml::from_str::<RuntimeSettings>(text)
+                .unwrap()
+                .check()
+                .unwrap_err()
+                .key
+        };
+        assert_eq!(check("consumers = 0"), "consumers");
+        assert_eq!(check("tiers_ms = []"), "tiers_ms");
+        assert_eq!(check("tiers_ms = [50, 10]"), "tiers_ms");
+        assert_eq!(check("tiers_ms = [0, 10]"), "tiers_ms");
+        assert_eq!(check("[retry]\nmax_attempts = 0"), "retry.max_attempts");
+        assert_eq!(check("[retry]\nfactor = 0.5"), "retry.factor");
+        assert_eq!(check("[retry]\nbase_delay_ms = 600000"), "retry.base_delay_ms");
+    }
+}

@@ -1,0 +1,221 @@
+//! Test helpers for the runtime: a sample pipeline (the nightly spec of `model::spec`'s tests), a
+//! small hand-made plan over two regions and three pools, envelopes of that run, and a handler
+//! made of a closure that records when and with what it was called.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::Handler;
+use super::settings::{RetrySettings, RuntimeSettings};
+use crate::azure::AzureError;
+use crate::bus::memory::MemoryBus;
+use crate::events::PoolRef;
+use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, Stage, new_traceparent};
+use crate::model::ids::{BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId};
+use crate::model::plan::{Plan, PoolPlan, RegionPlan};
+use crate::model::spec::PipelineSpec;
+use crate::stages::Step;
+
+pub const NIGHTLY: &str = r#"
+name = "nightly-ubuntu"
+
+[source]
+vm = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg-imaging/providers/Microsoft.Compute/virtualMachines/build-ubuntu-2204"
+
+[image]
+resource_group = "rg-imaging"
+region = "westeurope"
+
+[gallery]
+id = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg-gallery/providers/Microsoft.Compute/galleries/sigrun_gallery"
+
+[definition]
+name = "ubuntu-2204-batch"
+os_type = "Linux"
+publisher = "sigrun"
+offer = "ubuntu"
+sku = "2204-batch"
+
+[publish]
+end_of_life = "90d"
+regions = [
+  { name = "westeurope" },
+  { name = "eastus", replicas = 2 },
+]
+
+[[pools]]
+target = "render"
+account = "/subscriptions/22222222-2222-4222-8222-222222222222/resourceGroups/rg-batch/providers/Microsoft.Batch/batchAccounts/sigrunweu"
+vm_size = "Standard_D4s_v5"
+dedicated_nodes = 2000
+resize_timeout = "auto"
+"#;
+
+const SUB_IMAGES: &str = "11111111-1111-4111-8111-111111111111";
+const SUB_BATCH: &str = "22222222-2222-4222-8222-222222222222";
+pub const VERSION: &str = "2026.1126.0";
+
+/// The pools of the sample plan: two in westeurope, one in eastus.
+pub fn pools() -> Vec<PoolRef> {
+    [("westeurope", "render"), ("westeurope", "sim"), ("eastus", "batch")]
+        .map(|(region, target)| PoolRef {
+            region: region.into(),
+            target: target.into(),
+        })
+        .to_vec()
+}
+
+pub fn regions() -> Vec<String> {
+    vec!["westeurope".into(), "eastus".into()]
+}
+
+fn plan() -> Plan {
+    let gallery = GalleryId::new(SUB_IMAGES, "rg-gallery", &["sigrun_gallery"]).unwrap();
+    let definition = GalleryImageId::new(SUB_IMAGES, "rg-gallery", &["sigrun_gallery", "ubuntu-2204-batch"]).unwrap();
+    let version_id = GalleryImageVersionId::new(
+        SUB_IMAGES,
+        "rg-gallery",
+        &["sigrun_gallery", "ubuntu-2204-batch", VERSION],
+    )
+    .unwrap();
+    let pool = |target: &str, region: &str, account: &str| {
+        let pool_id = format!("nightly-ubuntu-{target}-2026-1126-0");
+        PoolPlan {
+            target: target.into(),
+            region: region.into(),
+            account: BatchAccountId::new(SUB_BATCH, "rg-batch", &[account]).unwrap(),
+            account_url: format!("https://{account}.{region}.batch.azure.com"),
+            pool_id: pool_id.clone(),
+            vm_size: "Standard_D4s_v5".into(),
+            dedicated_nodes: 2,
+            low_priority_nodes: 0,
+            node_agent_sku_id: "batch.node.ubuntu 22.04".into(),
+            resize_timeout_secs: 900,
+            body: serde_json::json!({ "id": pool_id }),
+            metadata: BTreeMap::new(),
+        }
+    };
+    Plan {
+        version: VERSION.into(),
+        build: None,
+        gallery,
+        gallery_region: "westeurope".into(),
+        create_gallery: true,
+        definition,
+        version_id,
+        regions: vec![
+            RegionPlan {
+                name: "westeurope".into(),
+                replicas: 1,
+                replicas_asked: None,
+                nodes: 4,
+                storage_account_type: "Standard_LRS".into(),
+            },
+            RegionPlan {
+                name: "eastus".into(),
+                replicas: 2,
+                replicas_asked: Some(2),
+                nodes: 2,
+                storage_account_type: "Standard_LRS".into(),
+            },
+        ],
+        pools: vec![
+            pool("render", "westeurope", "sigrunweu"),
+            pool("sim", "westeurope", "sigrunweu"),
+            pool("batch", "eastus", "sigruneus"),
+        ],
+        publish_excluded: true,
+        final_excluded: false,
+        end_of_life: None,
+        register_batch_in: Vec::new(),
+        warnings: Vec::new(),
+    }
+}
+
+/// A fresh run's first message, at `stage` on the trunk.
+pub fn envelope(stage: Stage) -> Envelope {
+    let started = OffsetDateTime::UNIX_EPOCH;
+    Envelope {
+        v: ENVELOPE_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        pipeline: "nightly-ubuntu".into(),
+        version: VERSION.into(),
+        stage,
+        branch: Branch::Trunk,
+        spec: PipelineSpec::parse(NIGHTLY, "nightly.toml").unwrap(),
+        plan: plan(),
+        artifacts: Artifacts::default(),
+        operation: None,
+        not_before: None,
+        attempt: 0,
+        run_started: started,
+        stage_started: started,
+        traceparent: new_traceparent(),
+    }
+}
+
+/// Tiny tiers and delays, so paused-time tests stay readable.
+pub fn settings() -> RuntimeSettings {
+    RuntimeSettings {
+        consumers: 2,
+        tiers: [10, 50, 200, 1000].map(Duration::from_millis).to_vec(),
+        retry: RetrySettings {
+            base_delay: Duration::from_millis(100),
+            factor: 2.0,
+            max_delay: Duration::from_secs(10),
+            jitter: true,
+            max_attempts: 5,
+        },
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+pub fn bus() -> Arc<MemoryBus> {
+    Arc::new(MemoryBus::new(settings().tiers))
+}
+
+/// One call of a [`Script`] handler.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub at: Instant,
+    pub message: Envelope,
+}
+
+type Respond = dyn Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync;
+
+/// A handler answering with a closure and keeping every call.
+pub struct Script {
+    respond: Box<Respond>,
+    calls: Mutex<Vec<Call>>,
+}
+
+impl Script {
+    pub fn new(respond: impl Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync + 'static) -> Arc<Script> {
+        Arc::new(Script {
+            respond: Box::new(respond),
+            calls: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Handler for Script {
+    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+        self.calls.lock().unwrap().push(Call {
+            at: Instant::now(),
+            message: message.clone(),
+        });
+        (self.respond)(&message)
+    }
+}
