@@ -348,6 +348,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
                 progress: BTreeMap::from([("eastus".to_string(), Progress { at: now, percent: 40 })]),
             }),
             attempt: 0,
+            not_before: Some(now),
             run_started: now,
             stage_started: now,
             traceparent: new_traceparent(),

@@ -48,10 +48,11 @@ fn kinds(bus: &MemoryBus) -> Vec<EventKind> {
 fn in_flight(what: &str) -> InFlight {
     InFlight {
         what: what.into(),
-        status_url: None,
+        status_urls: Vec::new(),
         started: OffsetDateTime::UNIX_EPOCH,
         not_before: OffsetDateTime::UNIX_EPOCH,
         polls: 0,
+        progress: Default::default(),
     }
 }
 
