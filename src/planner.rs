@@ -120,8 +120,8 @@ pub async fn plan(
     let mut accounts: BTreeMap<String, BatchAccountInfo> = BTreeMap::new();
     for pool in &spec.pools {
         let key = pool.account.to_string().to_ascii_lowercase();
-        if !accounts.contains_key(&key) {
-            accounts.insert(key, azure.get_batch_account(&pool.account).await?);
+        if let std::collections::btree_map::Entry::Vacant(slot) = accounts.entry(key) {
+            slot.insert(azure.get_batch_account(&pool.account).await?);
         }
     }
     let supported: Vec<SupportedImage> = match accounts.values().next() {
@@ -459,20 +459,22 @@ async fn plan_build(
                     ),
                 ));
             }
+            let listed = |(publisher, offer, sku): &(String, String, String)| {
+                supported.iter().any(|s| {
+                    s.publisher.eq_ignore_ascii_case(publisher)
+                        && s.offer.eq_ignore_ascii_case(offer)
+                        && s.sku.eq_ignore_ascii_case(sku)
+                })
+            };
             match &vm.base_image {
-                Some((publisher, offer, sku)) if !supported.is_empty() => {
-                    if !supported.iter().any(|s| {
-                        s.publisher.eq_ignore_ascii_case(publisher)
-                            && s.offer.eq_ignore_ascii_case(offer)
-                            && s.sku.eq_ignore_ascii_case(sku)
-                    }) {
-                        return Err(rule(
-                            "source.vm",
-                            format!(
-                                "{vm_id} was built from {publisher}/{offer}/{sku}, which Batch does not list among its supported images"
-                            ),
-                        ));
-                    }
+                Some(base) if !supported.is_empty() && !listed(base) => {
+                    let (publisher, offer, sku) = base;
+                    return Err(rule(
+                        "source.vm",
+                        format!(
+                            "{vm_id} was built from {publisher}/{offer}/{sku}, which Batch does not list among its supported images"
+                        ),
+                    ));
                 }
                 None => warnings.push(format!(
                     "{vm_id} has no Marketplace base image; Batch support cannot be checked"
@@ -570,7 +572,7 @@ fn choose_sku(
 /// ISO 8601 duration as Batch takes it (`PT30M`).
 pub fn iso_duration(d: Duration) -> String {
     let secs = d.as_secs();
-    if secs % 60 == 0 {
+    if secs.is_multiple_of(60) {
         format!("PT{}M", secs / 60)
     } else {
         format!("PT{secs}S")

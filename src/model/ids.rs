@@ -122,7 +122,7 @@ fn parse(id: &str) -> Result<Parsed, IdError> {
     check_subscription(id, s[1])?;
     check_resource_group(id, s[3])?;
     let rest = &s[6..];
-    if rest.is_empty() || rest.len() % 2 != 0 {
+    if rest.is_empty() || !rest.len().is_multiple_of(2) {
         return Err(fail(id, "expected type/name pairs after the provider namespace"));
     }
     let chain: Vec<(String, String)> = rest.chunks(2).map(|p| (p[0].to_string(), p[1].to_string())).collect();
@@ -326,7 +326,7 @@ mod tests {
         let cases = [
             ("subscriptions/x", "must start"),
             (
-                &format!("/subscriptions/nope/resourceGroups/rg/providers/Microsoft.Compute/snapshots/s") as &str,
+                "/subscriptions/nope/resourceGroups/rg/providers/Microsoft.Compute/snapshots/s",
                 "GUID",
             ),
             (
