@@ -10,10 +10,10 @@ async fn main() -> ExitCode {
     let cli = sigrun::cli::Cli::parse();
     sigrun::cli::init_logging(&cli.log);
     match sigrun::cli::run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             eprintln!("sigrun: {err:#}");
-            ExitCode::FAILURE
+            sigrun::cli::exit_code(&err)
         }
     }
 }

@@ -1,19 +1,24 @@
 //! The command line: argument parsing with clap and one module per subcommand. This is the only
 //! layer that wires the library's parts together and the only one that uses `anyhow`.
+//!
+//! Exit codes: 0 success, 1 a run that failed (or partly failed), 2 bad input (a spec, a setting
+//! or a rule the pipeline would break) — in which case nothing was created.
 
 mod emulator;
+mod plan_view;
+mod run;
+mod session;
+mod validate;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "sigrun",
-    version,
-    about = "Custom VM images into Azure Batch pools, as a staged, queue-driven pipeline"
-)]
+#[command(name = "sigrun", version, about = "Custom VM images into Azure Batch pools, as a staged, queue-driven pipeline")]
 pub struct Cli {
-    /// Log filter (tracing's env-filter syntax), e.g. `info` or `sigrun=debug`.
-    #[arg(long, global = true, env = "SIGRUN_LOG", default_value = "info")]
+    /// Log filter (tracing's env-filter syntax), e.g. `warn` or `sigrun=debug`.
+    #[arg(long, global = true, env = "SIGRUN_LOG", default_value = "warn")]
     pub log: String,
     #[command(subcommand)]
     pub command: Command,
@@ -21,21 +26,42 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run a whole pipeline in this process: all six stages on an in-process bus (by default
+    /// against the built-in Azure emulator).
+    Run(run::RunArgs),
+    /// Parse a pipeline and run every preflight check, creating nothing; print the plan.
+    Validate(validate::ValidateArgs),
     /// Serve the Azure emulator (AAD, ARM compute and galleries, Batch) until SIGINT/SIGTERM.
     Emulator(emulator::EmulatorArgs),
 }
 
+/// An error that means "the input is wrong" (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct InputError(anyhow::Error);
+
+pub fn input_error(err: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(InputError(err.into()))
+}
+
 /// Runs a parsed command line to completion.
-pub async fn run(cli: Cli) -> anyhow::Result<()> {
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Emulator(args) => emulator::run(args).await,
+        Command::Run(args) => run::run(args).await,
+        Command::Validate(args) => validate::run(args).await,
+        Command::Emulator(args) => emulator::run(args).await.map(|()| ExitCode::SUCCESS),
     }
+}
+
+/// The exit code for an error: 2 for bad input, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    if err.downcast_ref::<InputError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
 }
 
 /// Logs go to stderr so stdout stays machine-readable.
 pub fn init_logging(filter: &str) {
     let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

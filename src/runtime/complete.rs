@@ -47,11 +47,26 @@ pub async fn run_to_completion(
     clock: Clock,
     timeout: Duration,
 ) -> Result<RunOutcome, RunError> {
-    let run_id = first.run_id;
+    run_all_to_completion(bus, handler, vec![first], settings, clock, timeout).await
+}
+
+/// As [`run_to_completion`], for a run that starts with several messages (a rollout starts one
+/// pool branch per pool). All belong to one run.
+pub async fn run_all_to_completion(
+    bus: Arc<MemoryBus>,
+    handler: Arc<dyn Handler>,
+    firsts: Vec<Envelope>,
+    settings: RuntimeSettings,
+    clock: Clock,
+    timeout: Duration,
+) -> Result<RunOutcome, RunError> {
+    let run_id = firsts.first().map(|f| f.run_id).unwrap_or_default();
     let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
     // Subscribed before the trigger goes out, so no event of the run can slip past.
     let mut updates = bus.subscribe();
-    bus.publish(first.stage, &first.encode()).await?;
+    for first in &firsts {
+        bus.publish(first.stage, &first.encode()).await?;
+    }
 
     let (stop, stopped) = oneshot::channel::<()>();
     let running = runtime.run(async {

@@ -19,15 +19,17 @@ pub mod complete;
 pub mod retry;
 pub mod runner;
 pub mod settings;
+pub mod stage_handler;
 
 #[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;
 
-pub use complete::{RunError, RunOutcome, run_to_completion};
+pub use complete::{RunError, RunOutcome, run_all_to_completion, run_to_completion};
 pub use runner::{Runtime, RuntimeReport};
 pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
+pub use stage_handler::StageHandler;
 
 /// What handles a decoded message. Production: the stages; tests: anything.
 #[async_trait]

@@ -1,0 +1,114 @@
+//! What `run` and `validate` share: load the settings, start the built-in emulator when configured,
+//! and build the Azure client and the stage and runtime settings, scaled to the emulator's clock.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::azure::config::{AzureSettings, CloudSettings, CredentialSettings};
+use crate::azure::client::AzureClient;
+use crate::config::{Mode, Settings};
+use crate::emulator::{Emulator, EmulatorOptions, World};
+use crate::runtime::RuntimeSettings;
+use crate::stages::StageSettings;
+
+pub struct Session {
+    pub settings: Settings,
+    pub azure: Arc<AzureClient>,
+    /// The built-in emulator, when running against it.
+    pub emulator: Option<Emulator>,
+    pub stages: StageSettings,
+    pub runtime: RuntimeSettings,
+    /// Azure seconds per real second (1 against Azure).
+    pub time_scale: f64,
+}
+
+impl Session {
+    pub async fn open(config: Option<&Path>) -> anyhow::Result<Session> {
+        let settings = Settings::load(config).map_err(super::input_error)?;
+        let mut stages = settings.stages.clone();
+        let mut runtime = settings.runtime.clone();
+        let (azure_settings, emulator, time_scale) = match settings.azure.mode {
+            Mode::Azure => (settings.azure.client.clone().expect("checked on load"), None, 1.0),
+            Mode::Emulator => {
+                let e = &settings.emulator;
+                let world = match &e.world {
+                    Some(path) => World::load(path).map_err(|err| super::input_error(anyhow::anyhow!(err)))?,
+                    None => World::default_world(),
+                };
+                let emulator = Emulator::start(EmulatorOptions {
+                    world,
+                    time_scale: e.time_scale,
+                    seed: e.seed,
+                    faults: e.faults.clone(),
+                    ..Default::default()
+                })
+                .await
+                .context("starting the built-in Azure emulator")?;
+                let info = emulator.info();
+                let mut azure = AzureSettings::new(CredentialSettings::ClientSecret {
+                    tenant_id: e.tenant_id.clone(),
+                    client_id: e.client_id.clone(),
+                    client_secret: e.client_secret.clone(),
+                });
+                azure.cloud = CloudSettings {
+                    authority_host: info.base_url.clone(),
+                    resource_manager: info.base_url.clone(),
+                    ..CloudSettings::default()
+                };
+                azure.extra_ca_cert = info.ca_cert.clone().map(Into::into);
+                // Retries inside the client wait real time; keep them short against a fast clock.
+                azure.retry.min_delay_ms = azure.retry.min_delay_ms.min(50);
+                (azure, Some(emulator), e.time_scale)
+            }
+        };
+        if time_scale != 1.0 {
+            let factor = 1.0 / time_scale;
+            stages.azure_time_factor = factor;
+            runtime.tiers = scaled_tiers(&runtime.tiers, factor);
+            runtime.retry.base_delay = runtime.retry.base_delay.mul_f64(factor).max(Duration::from_millis(1));
+            runtime.retry.max_delay = runtime.retry.max_delay.mul_f64(factor).max(Duration::from_millis(2));
+        }
+        let azure = AzureClient::new(&azure_settings).map_err(|e| super::input_error(anyhow::anyhow!(e)))?;
+        Ok(Session {
+            settings,
+            azure: Arc::new(azure),
+            emulator,
+            stages,
+            runtime,
+            time_scale,
+        })
+    }
+}
+
+/// Delay tiers on a faster clock: each scaled, at least a millisecond, still strictly increasing.
+fn scaled_tiers(tiers: &[Duration], factor: f64) -> Vec<Duration> {
+    let mut out: Vec<Duration> = Vec::new();
+    for tier in tiers {
+        let mut t = tier.mul_f64(factor).max(Duration::from_millis(1));
+        if let Some(last) = out.last()
+            && t <= *last
+        {
+            t = *last + Duration::from_millis(1);
+        }
+        out.push(t);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiers_scale_and_stay_increasing() {
+        let tiers = [1, 5, 30, 120, 600].map(Duration::from_secs);
+        let scaled = scaled_tiers(&tiers, 1.0 / 200.0);
+        assert_eq!(scaled[0], Duration::from_millis(5));
+        assert_eq!(scaled[4], Duration::from_secs(3));
+        let tiny = scaled_tiers(&tiers, 1e-9);
+        assert!(tiny.windows(2).all(|w| w[0] < w[1]), "{tiny:?}");
+    }
+}

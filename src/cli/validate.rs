@@ -1,0 +1,33 @@
+//! `sigrun validate PIPELINE`: parses the spec, runs every preflight check against Azure (reads
+//! only) and prints the plan — names to be created, replicas per region, resize timeouts, node
+//! agent SKUs — with a warning for every value raised to the documented minimum.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::plan_view;
+use super::session::Session;
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The pipeline spec (TOML).
+    pub pipeline: PathBuf,
+    /// Validate for this version instead of the one the scheme gives.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Roll out this existing gallery image version (ARM id) instead of building.
+    #[arg(long)]
+    pub image_version_id: Option<String>,
+    /// Settings file overlaid on the defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
+    let session = Session::open(args.config.as_deref()).await?;
+    let prepared = plan_view::prepare(&args.pipeline, args.version.as_deref(), args.image_version_id.as_deref(), None, &session).await?;
+    print!("{}", plan_view::render(&prepared.spec, &prepared.plan, &args.pipeline));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,136 @@
+//! Settings: the built-in defaults (`config/default.toml`), overlaid by an optional file and by
+//! `SIGRUN__SECTION__KEY` environment variables, read with the `config` crate into typed sections.
+//! Unknown keys and bad values are errors that name the source and the key. Secrets are
+//! `Secret`s, which never print.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::azure::config::{AzureSettings, Secret};
+use crate::runtime::RuntimeSettings;
+use crate::stages::StageSettings;
+
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub azure: AzureSection,
+    #[serde(default)]
+    pub emulator: EmulatorSettings,
+    #[serde(default)]
+    pub stages: StageSettings,
+    #[serde(default)]
+    pub runtime: RuntimeSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The built-in emulator, started in-process.
+    Emulator,
+    /// Azure itself, with `[azure.client]`.
+    Azure,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AzureSection {
+    pub mode: Mode,
+    #[serde(default)]
+    pub client: Option<AzureSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmulatorSettings {
+    pub time_scale: f64,
+    pub seed: u64,
+    pub faults: String,
+    pub world: Option<PathBuf>,
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+}
+
+impl Default for EmulatorSettings {
+    fn default() -> Self {
+        EmulatorSettings {
+            time_scale: 200.0,
+            seed: 0,
+            faults: String::new(),
+            world: None,
+            tenant_id: String::new(),
+            client_id: String::new(),
+            client_secret: Secret::new(""),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Settings {
+    /// Defaults, then `file` (if given), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!("{}: no such file", path.display())));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("SIGRUN")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults and environment".into());
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError(format!("{origin}: {e}")))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.azure.mode == Mode::Azure && self.azure.client.is_none() {
+            return Err(ConfigError("azure.mode = \"azure\" needs an [azure.client] section (credential, cloud)".into()));
+        }
+        if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale.is_finite()) {
+            return Err(ConfigError(format!("emulator.time_scale must be a positive number, got {}", self.emulator.time_scale)));
+        }
+        self.runtime.check().map_err(|e| ConfigError(format!("runtime: {e}")))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_load_and_files_are_checked() {
+        let settings = Settings::load(None).unwrap();
+        assert_eq!(settings.azure.mode, Mode::Emulator);
+        assert_eq!(settings.emulator.time_scale, 200.0);
+        assert!(!format!("{settings:?}").contains("emulator-secret-pipeline"), "secrets never print");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[emulator]\ntime_scael = 3\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("bad.toml") && err.contains("time_scael"), "{err}");
+
+        std::fs::write(&file, "[azure]\nmode = \"azure\"\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("azure.client"), "{err}");
+
+        let err = Settings::load(Some(&dir.path().join("missing.toml"))).unwrap_err().to_string();
+        assert!(err.contains("missing.toml"), "{err}");
+    }
+}
