@@ -14,8 +14,8 @@ use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
 use super::api::{
-    Accepted, DefinitionInfo, DefinitionRequest, ImageRequest, OperationStatus, RegionStatus,
-    ResourceState, SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo,
+    Accepted, DefinitionInfo, DefinitionRequest, ImageRequest, OperationStatus, RegionStatus, ResourceState,
+    SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo,
 };
 use super::config::ApiVersions;
 use super::error::AzureError;
@@ -164,7 +164,13 @@ impl Arm {
         Ok(url)
     }
 
-    async fn send(&self, method: Method, url: Url, operation: String, body: Option<&Value>) -> Result<Reply, AzureError> {
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        operation: String,
+        body: Option<&Value>,
+    ) -> Result<Reply, AzureError> {
         let mut call = Call::new(method, url, Audience::Arm, operation);
         if let Some(body) = body {
             call = call.body(body);
@@ -200,7 +206,8 @@ impl Arm {
         let storage = vm
             .pointer("/properties/storageProfile")
             .ok_or_else(|| unexpected(&operation, &reply, "properties.storageProfile"))?;
-        let os_type = str_at(storage, "/osDisk/osType").ok_or_else(|| unexpected(&operation, &reply, "osDisk.osType"))?;
+        let os_type =
+            str_at(storage, "/osDisk/osType").ok_or_else(|| unexpected(&operation, &reply, "osDisk.osType"))?;
         let disk = |pointer: &str| -> Result<Option<DiskId>, AzureError> {
             match str_at(storage, pointer) {
                 None => Ok(None),
@@ -219,7 +226,11 @@ impl Arm {
             data_disks.push((lun, disk(&format!("/dataDisks/{i}/managedDisk/id"))?));
         }
         let image = &storage["imageReference"];
-        let base_image = match (image["publisher"].as_str(), image["offer"].as_str(), image["sku"].as_str()) {
+        let base_image = match (
+            image["publisher"].as_str(),
+            image["offer"].as_str(),
+            image["sku"].as_str(),
+        ) {
             (Some(p), Some(o), Some(s)) => Some((p.to_string(), o.to_string(), s.to_string())),
             _ => None,
         };
@@ -246,8 +257,9 @@ impl Arm {
     }
 
     fn provider_url(&self, subscription: &str, namespace: &str, register: bool) -> Result<Url, AzureError> {
-        check_subscription(subscription, subscription)
-            .map_err(|e| AzureError::permanent(format!("provider {namespace}"), "InvalidSubscriptionId", e.to_string()))?;
+        check_subscription(subscription, subscription).map_err(|e| {
+            AzureError::permanent(format!("provider {namespace}"), "InvalidSubscriptionId", e.to_string())
+        })?;
         check_namespace(namespace)?;
         let suffix = if register { "/register" } else { "" };
         Ok(self.url(
@@ -291,7 +303,12 @@ impl Arm {
         self.put(url, format!("PUT snapshot {}", id.name()), &body).await
     }
 
-    async fn resource_state(&self, path: String, api_version: &str, operation: String) -> Result<Option<ResourceState>, AzureError> {
+    async fn resource_state(
+        &self,
+        path: String,
+        api_version: &str,
+        operation: String,
+    ) -> Result<Option<ResourceState>, AzureError> {
         let reply = self.get_optional(self.url(&path, api_version, &[]), operation).await?;
         Ok(reply.map(|r| ResourceState {
             provisioning_state: provisioning_state(&r.body),
@@ -300,13 +317,20 @@ impl Arm {
     }
 
     pub async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
-        self.resource_state(id.to_string(), &self.versions.disk, format!("GET snapshot {}", id.name()))
-            .await
+        self.resource_state(
+            id.to_string(),
+            &self.versions.disk,
+            format!("GET snapshot {}", id.name()),
+        )
+        .await
     }
 
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
         let url = self.url(&id.to_string(), &self.versions.disk, &[]);
-        match self.send(Method::DELETE, url, format!("DELETE snapshot {}", id.name()), None).await {
+        match self
+            .send(Method::DELETE, url, format!("DELETE snapshot {}", id.name()), None)
+            .await
+        {
             // Already gone is what a delete wants.
             Err(e) if e.is_not_found() => Ok(()),
             other => other.map(|_| ()),
@@ -341,13 +365,21 @@ impl Arm {
     }
 
     pub async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError> {
-        self.resource_state(id.to_string(), &self.versions.compute, format!("GET image {}", id.name()))
-            .await
+        self.resource_state(
+            id.to_string(),
+            &self.versions.compute,
+            format!("GET image {}", id.name()),
+        )
+        .await
     }
 
     pub async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
-        self.resource_state(id.to_string(), &self.versions.gallery, format!("GET gallery {}", id.name()))
-            .await
+        self.resource_state(
+            id.to_string(),
+            &self.versions.gallery,
+            format!("GET gallery {}", id.name()),
+        )
+        .await
     }
 
     pub async fn put_gallery(&self, id: &GalleryId, location: &str, tags: &Tags) -> Result<Accepted, AzureError> {
@@ -380,7 +412,11 @@ impl Arm {
         }))
     }
 
-    pub async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError> {
+    pub async fn put_definition(
+        &self,
+        id: &GalleryImageId,
+        request: &DefinitionRequest,
+    ) -> Result<Accepted, AzureError> {
         let body = json!({
             "location": request.location,
             "tags": request.tags,
@@ -392,7 +428,8 @@ impl Arm {
             },
         });
         let url = self.url(&id.to_string(), &self.versions.gallery, &[]);
-        self.put(url, format!("PUT image definition {}", id.name()), &body).await
+        self.put(url, format!("PUT image definition {}", id.name()), &body)
+            .await
     }
 
     pub async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError> {
@@ -413,7 +450,11 @@ impl Arm {
                 _ => return Ok(names),
             }
         }
-        Err(AzureError::permanent(operation, "TooManyPages", format!("more than {MAX_PAGES} pages")))
+        Err(AzureError::permanent(
+            operation,
+            "TooManyPages",
+            format!("more than {MAX_PAGES} pages"),
+        ))
     }
 
     fn target_regions(regions: &[TargetRegion]) -> Vec<Value> {
@@ -429,7 +470,11 @@ impl Arm {
             .collect()
     }
 
-    pub async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError> {
+    pub async fn put_version(
+        &self,
+        id: &GalleryImageVersionId,
+        request: &VersionRequest,
+    ) -> Result<Accepted, AzureError> {
         let mut publishing = json!({
             "targetRegions": Self::target_regions(&request.regions),
             "storageAccountType": request.storage_account_type,
@@ -474,7 +519,10 @@ impl Arm {
             .flatten()
             .filter_map(|r| {
                 let replicas = r["regionalReplicaCount"].as_u64().unwrap_or(default_replicas);
-                Some((canonical_region(r["name"].as_str()?), replicas.min(u32::MAX as u64) as u32))
+                Some((
+                    canonical_region(r["name"].as_str()?),
+                    replicas.min(u32::MAX as u64) as u32,
+                ))
             })
             .collect();
         let replication = body["properties"]["replicationStatus"]["summary"]
@@ -500,11 +548,19 @@ impl Arm {
         }))
     }
 
-    pub async fn set_exclude_from_latest(&self, id: &GalleryImageVersionId, exclude: bool) -> Result<Accepted, AzureError> {
+    pub async fn set_exclude_from_latest(
+        &self,
+        id: &GalleryImageVersionId,
+        exclude: bool,
+    ) -> Result<Accepted, AzureError> {
         let body = json!({"properties": {"publishingProfile": {"excludeFromLatest": exclude}}});
         let url = self.url(&id.to_string(), &self.versions.gallery, &[]);
-        self.patch(url, format!("PATCH image version {} excludeFromLatest", id.name()), &body)
-            .await
+        self.patch(
+            url,
+            format!("PATCH image version {} excludeFromLatest", id.name()),
+            &body,
+        )
+        .await
     }
 
     pub async fn set_target_regions(

@@ -138,7 +138,11 @@ mod tests {
 
     #[async_trait]
     impl TokenCredential for Counting {
-        async fn get_token(&self, scopes: &[&str], _: Option<TokenRequestOptions<'_>>) -> azure_core::Result<AccessToken> {
+        async fn get_token(
+            &self,
+            scopes: &[&str],
+            _: Option<TokenRequestOptions<'_>>,
+        ) -> azure_core::Result<AccessToken> {
             let n = self.0.fetch_add(1, Ordering::SeqCst);
             Ok(AccessToken::new(
                 format!("{}-{n}", scopes[0]),

@@ -238,7 +238,13 @@ impl Batch {
         }
     }
 
-    async fn send(&self, method: Method, url: Url, operation: String, body: Option<&Value>) -> Result<Reply, AzureError> {
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        operation: String,
+        body: Option<&Value>,
+    ) -> Result<Reply, AzureError> {
         let mut call = Call::new(method, url, Audience::Batch, operation);
         if let Some(body) = body {
             call = call.body(body);
@@ -261,7 +267,11 @@ impl Batch {
                 _ => return Ok(items),
             }
         }
-        Err(AzureError::permanent(operation, "TooManyPages", format!("more than {MAX_PAGES} pages")))
+        Err(AzureError::permanent(
+            operation,
+            "TooManyPages",
+            format!("more than {MAX_PAGES} pages"),
+        ))
     }
 
     fn next_link(&self, account: &Url, operation: &str, next: &str) -> Result<Url, AzureError> {
@@ -286,11 +296,15 @@ impl Batch {
     pub async fn supported_images(&self, account_url: &str) -> Result<Vec<SupportedImage>, AzureError> {
         let account = self.account(account_url)?;
         let operation = "list supported images";
-        let items = self.list(&account, self.url(&account, "/supportedimages", &[]), operation).await?;
+        let items = self
+            .list(&account, self.url(&account, "/supportedimages", &[]), operation)
+            .await?;
         let mut images = Vec::new();
         for item in items {
             // Entries that are not marketplace images (none today) cannot match a build VM's base.
-            let Ok(info) = serde_json::from_value::<ImageInformation>(item) else { continue };
+            let Ok(info) = serde_json::from_value::<ImageInformation>(item) else {
+                continue;
+            };
             let r = info.image_reference;
             if let (Some(publisher), Some(offer), Some(sku)) = (r.publisher, r.offer, r.sku) {
                 images.push(SupportedImage {
@@ -310,7 +324,10 @@ impl Batch {
         let pool_id = body["id"].as_str().unwrap_or_default();
         self.check_pool_id(pool_id)?;
         let url = self.url(&account, "/pools", &[]);
-        match self.send(Method::POST, url, format!("add pool {pool_id}"), Some(body)).await {
+        match self
+            .send(Method::POST, url, format!("add pool {pool_id}"), Some(body))
+            .await
+        {
             Ok(_) => Ok(PoolCreated::Created),
             // Also what a retry after a lost 201 meets: the caller checks the pool is the one it wanted.
             Err(e) if e.status == Some(409) && e.code.as_deref() == Some("PoolExists") => Ok(PoolCreated::Exists),
@@ -329,15 +346,17 @@ impl Batch {
             Err(e) if e.is_not_found() && e.code.as_deref() != Some("AccountNotFound") => return Ok(None),
             Err(e) => return Err(e),
         };
-        let pool: CloudPool =
-            serde_json::from_value(reply.body.clone()).map_err(|e| unexpected(&operation, &reply, &format!("a pool ({e})")))?;
+        let pool: CloudPool = serde_json::from_value(reply.body.clone())
+            .map_err(|e| unexpected(&operation, &reply, &format!("a pool ({e})")))?;
         Ok(Some(pool.into()))
     }
 
     pub async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError> {
         let account = self.account(account_url)?;
         let operation = "list pools";
-        let items = self.list(&account, self.url(&account, "/pools", &[]), operation).await?;
+        let items = self
+            .list(&account, self.url(&account, "/pools", &[]), operation)
+            .await?;
         items
             .into_iter()
             .map(|item| {
@@ -353,11 +372,17 @@ impl Batch {
         self.check_pool_id(pool_id)?;
         let filter = format!("poolId eq '{pool_id}'");
         let url = self.url(&account, "/nodecounts", &[("$filter", &filter)]);
-        let items = self.list(&account, url, &format!("node counts of pool {pool_id}")).await?;
+        let items = self
+            .list(&account, url, &format!("node counts of pool {pool_id}"))
+            .await?;
         // Filtered again here: the filter is a request, and a pool absent from the answer has no nodes.
         Ok(items
             .iter()
-            .find(|entry| entry["poolId"].as_str().is_some_and(|id| id.eq_ignore_ascii_case(pool_id)))
+            .find(|entry| {
+                entry["poolId"]
+                    .as_str()
+                    .is_some_and(|id| id.eq_ignore_ascii_case(pool_id))
+            })
             .map(node_counts_of)
             .unwrap_or_default())
     }
@@ -388,7 +413,10 @@ impl Batch {
         let account = self.account(account_url)?;
         self.check_pool_id(pool_id)?;
         let url = self.url(&account, &format!("/pools/{pool_id}"), &[]);
-        match self.send(Method::DELETE, url, format!("delete pool {pool_id}"), None).await {
+        match self
+            .send(Method::DELETE, url, format!("delete pool {pool_id}"), None)
+            .await
+        {
             Err(e) if e.is_not_found() && e.code.as_deref() == Some("PoolNotFound") => Ok(()),
             other => other.map(|_| ()),
         }

@@ -10,18 +10,16 @@ use azure_core::credentials::TokenCredential;
 use reqwest::Url;
 
 use super::api::{
-    Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts,
-    OperationStatus, PoolCreated, PoolInfo, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion,
-    VersionInfo, VersionRequest, VmInfo,
+    Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts, OperationStatus,
+    PoolCreated, PoolInfo, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion, VersionInfo,
+    VersionRequest, VmInfo,
 };
 use super::arm::Arm;
 use super::batch::Batch;
 use super::config::{AzureSettings, SettingsError};
 use super::error::AzureError;
 use super::http::{Http, build_client};
-use crate::model::ids::{
-    BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId,
-};
+use crate::model::ids::{BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
 
 #[derive(Clone)]
 pub struct AzureClient {
@@ -46,7 +44,12 @@ impl AzureClient {
         settings.validate()?;
         let client = build_client(settings)?;
         let credential = super::auth::credential(settings, &client)?;
-        Ok(AzureClient::assemble(settings, client, credential, settings.credential.kind()))
+        Ok(AzureClient::assemble(
+            settings,
+            client,
+            credential,
+            settings.credential.kind(),
+        ))
     }
 
     /// A client for `settings` that gets its tokens from `credential` instead of building one
@@ -206,7 +209,9 @@ impl AzureApi for AzureClient {
         dedicated: u32,
         low_priority: u32,
     ) -> Result<(), AzureError> {
-        self.batch.resize_pool(account_url, pool_id, dedicated, low_priority).await
+        self.batch
+            .resize_pool(account_url, pool_id, dedicated, low_priority)
+            .await
     }
 
     async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {

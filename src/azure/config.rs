@@ -279,7 +279,9 @@ impl AzureSettings {
         if suffix.is_empty()
             || suffix.starts_with('.')
             || !suffix.contains('.')
-            || !suffix.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-')
+            || !suffix
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'.' || c == b'-')
         {
             return Err(SettingsError::new(
                 "cloud.batch_endpoint_suffix",
@@ -335,10 +337,16 @@ impl AzureSettings {
 fn parse_base(key: &str, text: &str) -> Result<Url, SettingsError> {
     let url = Url::parse(text).map_err(|e| SettingsError::new(key, format!("`{text}` is not a URL: {e}")))?;
     if url.host_str().is_none() || !url.username().is_empty() || url.password().is_some() {
-        return Err(SettingsError::new(key, format!("`{text}` must be scheme://host[:port]")));
+        return Err(SettingsError::new(
+            key,
+            format!("`{text}` must be scheme://host[:port]"),
+        ));
     }
     if url.query().is_some() || url.fragment().is_some() {
-        return Err(SettingsError::new(key, format!("`{text}` must not have a query or fragment")));
+        return Err(SettingsError::new(
+            key,
+            format!("`{text}` must not have a query or fragment"),
+        ));
     }
     Ok(url)
 }
@@ -405,9 +413,15 @@ mod tests {
             }
         );
         let text = "[credential]\nkind = \"managed_identity\"\n";
-        assert_eq!(toml::from_str::<AzureSettings>(text).unwrap().credential.kind(), "managed_identity");
+        assert_eq!(
+            toml::from_str::<AzureSettings>(text).unwrap().credential.kind(),
+            "managed_identity"
+        );
         let text = "[credential]\nkind = \"azure_cli\"\ntenant_id = \"t\"\n";
-        assert_eq!(toml::from_str::<AzureSettings>(text).unwrap().credential.kind(), "azure_cli");
+        assert_eq!(
+            toml::from_str::<AzureSettings>(text).unwrap().credential.kind(),
+            "azure_cli"
+        );
     }
 
     #[test]

@@ -39,12 +39,15 @@ pub fn build_client(settings: &AzureSettings) -> Result<reqwest::Client, Setting
         .redirect(reqwest::redirect::Policy::none());
     if let Some(path) = &settings.extra_ca_cert {
         let key = "extra_ca_cert";
-        let pem = std::fs::read(path)
-            .map_err(|e| SettingsError::new(key, format!("cannot read {}: {e}", path.display())))?;
+        let pem =
+            std::fs::read(path).map_err(|e| SettingsError::new(key, format!("cannot read {}: {e}", path.display())))?;
         let certs = reqwest::Certificate::from_pem_bundle(&pem)
             .map_err(|e| SettingsError::new(key, format!("{} is not a PEM bundle: {e}", path.display())))?;
         if certs.is_empty() {
-            return Err(SettingsError::new(key, format!("{} holds no certificate", path.display())));
+            return Err(SettingsError::new(
+                key,
+                format!("{} holds no certificate", path.display()),
+            ));
         }
         // Merged with the system roots, so the same client still reaches real Azure.
         builder = builder.tls_certs_merge(certs);
@@ -319,7 +322,10 @@ pub fn request_id(headers: &HeaderMap) -> Option<String> {
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
-        if let Some(ms) = text(name).and_then(|v| v.parse::<f64>().ok()).filter(|v| v.is_finite() && *v >= 0.0) {
+        if let Some(ms) = text(name)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0)
+        {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
     }
@@ -327,8 +333,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     if let Ok(secs) = value.parse::<f64>() {
         return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
     }
-    let date =
-        time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
+    let date = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
     let wait = date - time::OffsetDateTime::now_utc();
     Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
 }
@@ -385,7 +390,13 @@ fn error_fields(json: &Value) -> (Option<String>, String) {
         if let Some(values) = json["values"].as_array() {
             let parts: Vec<String> = values
                 .iter()
-                .filter_map(|v| Some(format!("{}={}", v["key"].as_str()?, v["value"].as_str().unwrap_or_default())))
+                .filter_map(|v| {
+                    Some(format!(
+                        "{}={}",
+                        v["key"].as_str()?,
+                        v["value"].as_str().unwrap_or_default()
+                    ))
+                })
                 .collect();
             if !parts.is_empty() {
                 message = format!("{message} ({})", parts.join(", "));
@@ -437,11 +448,25 @@ fn token_error(scope: &str, err: azure_core::Error) -> AzureError {
         }
         cause = e.get_ref().and_then(|inner| inner.downcast_ref::<azure_core::Error>());
     }
-    if network {
-        AzureError::network(operation, err.to_string())
-    } else {
-        AzureError::permanent(operation, "CredentialUnavailable", err.to_string())
+    let message = err.to_string();
+    if let Some(code) = aadsts_code(&message) {
+        // Entra answered with an error, but azure_identity 1.0 could not read its body (it borrows
+        // `error_description`, which fails on the `\r\n` escapes Entra always puts there), so the
+        // status is lost; the AADSTS code in the message still says what happened.
+        return AzureError::permanent(operation, &code, message);
     }
+    if network {
+        AzureError::network(operation, message)
+    } else {
+        AzureError::permanent(operation, "CredentialUnavailable", message)
+    }
+}
+
+/// The first `AADSTS<digits>` in `text`.
+fn aadsts_code(text: &str) -> Option<String> {
+    let start = text.find("AADSTS")?;
+    let digits: String = text[start + 6..].chars().take_while(char::is_ascii_digit).collect();
+    (!digits.is_empty()).then(|| format!("AADSTS{digits}"))
 }
 
 #[cfg(test)]
@@ -505,7 +530,10 @@ mod tests {
         );
         let h = headers(&[("x-ms-retry-after-ms", "1500"), ("retry-after", "9")]);
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
-        assert_eq!(retry_after(&headers(&[("retry-after", "7")])), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after(&headers(&[("retry-after", "7")])),
+            Some(Duration::from_secs(7))
+        );
         assert_eq!(retry_after(&headers(&[("retry-after", "soon")])), None);
         assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
         let past = headers(&[("retry-after", "Wed, 21 Oct 2015 07:28:00 GMT")]);
@@ -513,7 +541,10 @@ mod tests {
         let soon = time::OffsetDateTime::now_utc() + time::Duration::seconds(120);
         let text = soon.format(&time::format_description::well_known::Rfc2822).unwrap();
         let wait = retry_after(&headers(&[("retry-after", &text)])).unwrap();
-        assert!(wait > Duration::from_secs(100) && wait <= Duration::from_secs(120), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
     }
 
     #[test]
@@ -528,6 +559,14 @@ mod tests {
         let err = parse_error("token", 401, &HeaderMap::new(), body);
         assert_eq!(err.code.as_deref(), Some("invalid_client"));
         assert_eq!(err.message, "AADSTS7000215: Invalid client secret provided.");
+    }
+
+    #[test]
+    fn aadsts_codes_are_found_in_messages() {
+        let text = "ClientSecretCredential authentication failed. invalid type: string \"AADSTS7000215: Invalid client secret\"";
+        assert_eq!(aadsts_code(text).as_deref(), Some("AADSTS7000215"));
+        assert_eq!(aadsts_code("AADSTS: nothing"), None);
+        assert_eq!(aadsts_code("no code"), None);
     }
 
     #[test]
