@@ -404,9 +404,19 @@ impl Batch {
             "resizeTimeout": format!("PT{}S", timeout.as_secs()),
         });
         let url = self.url(&account, &format!("/pools/{pool_id}/resize"), &[]);
-        self.send(Method::POST, url, format!("resize pool {pool_id}"), Some(&body))
+        match self
+            .send(Method::POST, url, format!("resize pool {pool_id}"), Some(&body))
             .await
-            .map(|_| ())
+        {
+            Ok(_) => Ok(()),
+            // What a retry meets when the connection dropped after Batch took the first request:
+            // the pool is resizing. If it is resizing to these targets, the resize asked for is done.
+            Err(e) if e.code.as_deref() == Some("PoolNotSteady") => match self.get_pool(account_url, pool_id).await? {
+                Some(pool) if pool.target_dedicated == dedicated && pool.target_low_priority == low_priority => Ok(()),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {
@@ -417,7 +427,9 @@ impl Batch {
             .send(Method::DELETE, url, format!("delete pool {pool_id}"), None)
             .await
         {
+            // Gone, or on its way out (a repeat after a lost answer): what a delete wants.
             Err(e) if e.is_not_found() && e.code.as_deref() == Some("PoolNotFound") => Ok(()),
+            Err(e) if e.code.as_deref() == Some("PoolBeingDeleted") => Ok(()),
             other => other.map(|_| ()),
         }
     }

@@ -799,6 +799,42 @@ async fn server_errors_and_dropped_connections_are_retried() {
 }
 
 #[tokio::test]
+async fn a_resize_whose_answer_was_lost_is_not_an_error() {
+    // Real-time emulator: a resize keeps the pool resizing for a minute, long past the retry.
+    let emu = start(EmulatorOptions::default()).await;
+    let azure = client_for_app(&emu, PIPELINE_APP);
+    let account = emu.batch_url("sigrunweu");
+    let body = json!({
+        "id": "lost-resize", "vmSize": "Standard_D2s_v3",
+        "virtualMachineConfiguration": {"imageReference": {"publisher": "canonical",
+            "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts-gen2", "version": "latest"},
+            "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
+        "targetDedicatedNodes": 1});
+    assert_eq!(azure.add_pool(&account, &body).await.unwrap(), PoolCreated::Created);
+    emu.advance(1800.0).await;
+    let pool = azure.get_pool(&account, "lost-resize").await.unwrap().unwrap();
+    assert_eq!(pool.allocation_state, "steady");
+
+    // The retry meets PoolNotSteady; the pool resizing to the wanted targets is the resize done.
+    clear_log(&emu).await;
+    emu.set_faults("reset:times=1,api=batch,method=post").await;
+    azure
+        .resize_pool(&account, "lost-resize", 2, 0)
+        .await
+        .expect("resize after a reset");
+    let statuses: Vec<u64> = timeline(&emu, "batch").await.iter().map(|t| t.0).collect();
+    assert_eq!(statuses, vec![0, 409, 200]);
+    let pool = azure.get_pool(&account, "lost-resize").await.unwrap().unwrap();
+    assert_eq!((pool.target_dedicated, pool.allocation_state.as_str()), (2, "resizing"));
+
+    // A resize to other targets while the pool is resizing stays an error, for the runtime to retry.
+    emu.set_faults("").await;
+    let err = azure.resize_pool(&account, "lost-resize", 3, 0).await.unwrap_err();
+    assert_eq!(err.code.as_deref(), Some("PoolNotSteady"));
+    assert_eq!(err.class(), ErrorClass::Transient);
+}
+
+#[tokio::test]
 async fn a_reader_gets_a_permanent_authorization_failure() {
     let emu = start_fast().await;
     let reader = client_for_app(&emu, READER_APP);
