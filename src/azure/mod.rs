@@ -1,9 +1,18 @@
 //! Azure access. `api` is the trait the stages and the planner call and its domain types; `error`
 //! classifies failures. The REST client behind the trait is the only code that knows reqwest and
-//! azure_identity.
+//! azure_identity: `client::AzureClient`, configured by `config::AzureSettings`, built from `auth`
+//! (the credential), `http` (tokens, errors, retries) and the `arm` and `batch` operations.
 
 pub mod api;
+mod arm;
+mod auth;
+mod batch;
+pub mod client;
+pub mod config;
 pub mod error;
+mod http;
 
 pub use api::AzureApi;
+pub use client::AzureClient;
+pub use config::{ApiVersions, AzureSettings, CloudSettings, CredentialSettings, RetrySettings, Secret, SettingsError};
 pub use error::{AzureError, ErrorClass};

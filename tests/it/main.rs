@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod azure_client;
 mod cli;
 mod emulator_auth;
 mod emulator_faults;

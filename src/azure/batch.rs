@@ -1,0 +1,502 @@
+//! The Batch data-plane half of the client: supported images, pools (add, get, list, resize,
+//! delete) and node counts, with Azure AD tokens for `https://batch.core.windows.net/` (Shared Key
+//! is never used: Batch refuses it for pools built from gallery images).
+//!
+//! Account URLs arrive as strings (they travel in messages), so each is checked before a token is
+//! sent to it: https (plain http only when the resource manager is the plain-HTTP emulator), no
+//! credentials, query or fragment, and a host that is a Batch endpoint of the configured cloud
+//! (`*.batch.azure.com`) or the resource manager's own origin (where the emulator serves Batch).
+//! Pool ids must pass `pool_id_ok`; next-page links are followed only within the same account.
+
+use std::sync::Arc;
+
+use reqwest::{Method, Url};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::api::{NodeCounts, PoolCreated, PoolInfo, ResizeError, SupportedImage};
+use super::error::AzureError;
+use super::http::{Audience, Call, Http, Reply};
+use crate::model::ids::pool_id_ok;
+use crate::model::rules::min_resize_timeout;
+
+/// Most pages a list is followed through.
+const MAX_PAGES: usize = 200;
+
+pub struct Batch {
+    http: Arc<Http>,
+    api_version: String,
+    endpoint_suffix: String,
+    /// The resource manager's base: its origin may serve Batch too (the emulator), and its scheme
+    /// says whether plain http is allowed.
+    arm_base: Url,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CloudPool {
+    id: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    allocation_state: String,
+    #[serde(default)]
+    current_dedicated_nodes: u32,
+    #[serde(default)]
+    current_low_priority_nodes: u32,
+    #[serde(default)]
+    target_dedicated_nodes: u32,
+    #[serde(default)]
+    target_low_priority_nodes: u32,
+    #[serde(default)]
+    resize_errors: Vec<CloudResizeError>,
+    #[serde(default)]
+    metadata: Vec<MetadataItem>,
+    #[serde(default)]
+    virtual_machine_configuration: Option<VmConfiguration>,
+}
+
+#[derive(Deserialize)]
+struct CloudResizeError {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct MetadataItem {
+    name: String,
+    #[serde(default)]
+    value: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VmConfiguration {
+    #[serde(default)]
+    image_reference: Option<ImageReference>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageReference {
+    #[serde(default)]
+    virtual_machine_image_id: Option<String>,
+    #[serde(default)]
+    publisher: Option<String>,
+    #[serde(default)]
+    offer: Option<String>,
+    #[serde(default)]
+    sku: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ImageInformation {
+    #[serde(rename = "nodeAgentSKUId")]
+    node_agent_sku_id: String,
+    image_reference: ImageReference,
+    #[serde(default)]
+    os_type: String,
+}
+
+impl From<CloudPool> for PoolInfo {
+    fn from(p: CloudPool) -> PoolInfo {
+        PoolInfo {
+            id: p.id,
+            state: p.state,
+            allocation_state: p.allocation_state,
+            current_dedicated: p.current_dedicated_nodes,
+            current_low_priority: p.current_low_priority_nodes,
+            target_dedicated: p.target_dedicated_nodes,
+            target_low_priority: p.target_low_priority_nodes,
+            resize_errors: p
+                .resize_errors
+                .into_iter()
+                .map(|e| ResizeError {
+                    code: e.code,
+                    message: e.message,
+                })
+                .collect(),
+            metadata: p.metadata.into_iter().map(|m| (m.name, m.value)).collect(),
+            image_id: p
+                .virtual_machine_configuration
+                .and_then(|c| c.image_reference)
+                .and_then(|r| r.virtual_machine_image_id),
+        }
+    }
+}
+
+/// Sums one pool's `dedicated` and `lowPriority` counts per state, with state names lower-cased
+/// as node states are spelled (`waitingForStartTask` → `waitingforstarttask`).
+fn node_counts_of(entry: &Value) -> NodeCounts {
+    let mut counts = NodeCounts::default();
+    let mut total = 0;
+    let mut summed = 0;
+    for kind in ["dedicated", "lowPriority"] {
+        let Some(map) = entry[kind].as_object() else { continue };
+        for (state, n) in map {
+            let n = n.as_u64().unwrap_or(0).min(u32::MAX as u64) as u32;
+            if state == "total" {
+                total += n;
+            } else {
+                *counts.by_state.entry(state.to_ascii_lowercase()).or_insert(0) += n;
+                summed += n;
+            }
+        }
+    }
+    // `total` is what Batch reports; the sum stands in if an answer ever lacks it.
+    counts.total = if total > 0 { total } else { summed };
+    counts
+}
+
+/// `account_url` if a Batch token may be sent there (see the module comment for the rules).
+pub fn check_account_url(account_url: &str, endpoint_suffix: &str, arm_base: &Url) -> Result<Url, AzureError> {
+    let refuse = |why: String| {
+        AzureError::permanent(
+            format!("Batch account {account_url}"),
+            "UntrustedUrl",
+            format!("refusing to send a Batch token to `{account_url}`: {why}"),
+        )
+    };
+    let url = Url::parse(account_url).map_err(|e| refuse(format!("not a URL ({e})")))?;
+    if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+        return Err(refuse("it carries credentials, a query or a fragment".into()));
+    }
+    let emulator_origin = url.origin() == arm_base.origin();
+    match url.scheme() {
+        "https" => {}
+        "http" if emulator_origin && arm_base.scheme() == "http" => {}
+        other => {
+            return Err(refuse(format!(
+                "scheme `{other}` (Batch is reached over https only, except the plain-HTTP emulator)"
+            )));
+        }
+    }
+    let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+    let suffix = endpoint_suffix.to_ascii_lowercase();
+    let batch_host = host.ends_with(&format!(".{suffix}")) && url.path() == "/";
+    if !(batch_host || emulator_origin) {
+        return Err(refuse(format!(
+            "not a Batch endpoint (`https://{{account}}.{{region}}.{suffix}`)"
+        )));
+    }
+    Ok(url)
+}
+
+fn unexpected(operation: &str, reply: &Reply, what: &str) -> AzureError {
+    AzureError {
+        operation: operation.to_string(),
+        status: Some(reply.status),
+        code: Some("UnexpectedResponse".into()),
+        message: format!("the answer lacks {what}"),
+        request_id: super::http::request_id(&reply.headers),
+        retry_after: None,
+    }
+}
+
+impl Batch {
+    pub fn new(http: Arc<Http>, api_version: String, endpoint_suffix: String, arm_base: Url) -> Batch {
+        Batch {
+            http,
+            api_version,
+            endpoint_suffix: endpoint_suffix.to_ascii_lowercase(),
+            arm_base,
+        }
+    }
+
+    /// The account URL, checked (see the module comment for the rules).
+    pub fn account(&self, account_url: &str) -> Result<Url, AzureError> {
+        check_account_url(account_url, &self.endpoint_suffix, &self.arm_base)
+    }
+
+    /// `{account}{path}?api-version=…&extra…`
+    fn url(&self, account: &Url, path: &str, extra: &[(&str, &str)]) -> Url {
+        let mut url = account.clone();
+        let prefix = account.path().trim_end_matches('/');
+        url.set_path(&format!("{prefix}{path}"));
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("api-version", &self.api_version);
+            for (k, v) in extra {
+                query.append_pair(k, v);
+            }
+        }
+        url
+    }
+
+    fn check_pool_id(&self, pool_id: &str) -> Result<(), AzureError> {
+        if pool_id_ok(pool_id) {
+            Ok(())
+        } else {
+            Err(AzureError::permanent(
+                format!("pool {pool_id}"),
+                "InvalidPoolId",
+                "a pool id has 1 to 64 letters, digits, hyphens and underscores",
+            ))
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        operation: String,
+        body: Option<&Value>,
+    ) -> Result<Reply, AzureError> {
+        let mut call = Call::new(method, url, Audience::Batch, operation);
+        if let Some(body) = body {
+            call = call.body(body);
+        }
+        self.http.send(&call).await
+    }
+
+    /// Every item of a paged list, following `odata.nextLink` within the same account.
+    async fn list(&self, account: &Url, first: Url, operation: &str) -> Result<Vec<Value>, AzureError> {
+        let mut url = first;
+        let mut items = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let reply = self.send(Method::GET, url, operation.to_string(), None).await?;
+            let Some(value) = reply.body["value"].as_array() else {
+                return Err(unexpected(operation, &reply, "value"));
+            };
+            items.extend(value.iter().cloned());
+            match reply.body["odata.nextLink"].as_str() {
+                Some(next) if !next.is_empty() => url = self.next_link(account, operation, next)?,
+                _ => return Ok(items),
+            }
+        }
+        Err(AzureError::permanent(
+            operation,
+            "TooManyPages",
+            format!("more than {MAX_PAGES} pages"),
+        ))
+    }
+
+    fn next_link(&self, account: &Url, operation: &str, next: &str) -> Result<Url, AzureError> {
+        let prefix = format!("{}/", account.path().trim_end_matches('/'));
+        match Url::parse(next) {
+            Ok(url)
+                if url.origin() == account.origin()
+                    && url.path().starts_with(&prefix)
+                    && url.username().is_empty()
+                    && url.password().is_none() =>
+            {
+                Ok(url)
+            }
+            _ => Err(AzureError::permanent(
+                operation,
+                "UntrustedUrl",
+                format!("refusing to follow a next link outside the account: `{next}`"),
+            )),
+        }
+    }
+
+    pub async fn supported_images(&self, account_url: &str) -> Result<Vec<SupportedImage>, AzureError> {
+        let account = self.account(account_url)?;
+        let operation = "list supported images";
+        let items = self
+            .list(&account, self.url(&account, "/supportedimages", &[]), operation)
+            .await?;
+        let mut images = Vec::new();
+        for item in items {
+            // Entries that are not marketplace images (none today) cannot match a build VM's base.
+            let Ok(info) = serde_json::from_value::<ImageInformation>(item) else {
+                continue;
+            };
+            let r = info.image_reference;
+            if let (Some(publisher), Some(offer), Some(sku)) = (r.publisher, r.offer, r.sku) {
+                images.push(SupportedImage {
+                    node_agent_sku_id: info.node_agent_sku_id,
+                    publisher,
+                    offer,
+                    sku,
+                    os_type: info.os_type.to_ascii_lowercase(),
+                });
+            }
+        }
+        Ok(images)
+    }
+
+    pub async fn add_pool(&self, account_url: &str, body: &Value) -> Result<PoolCreated, AzureError> {
+        let account = self.account(account_url)?;
+        let pool_id = body["id"].as_str().unwrap_or_default();
+        self.check_pool_id(pool_id)?;
+        let url = self.url(&account, "/pools", &[]);
+        match self
+            .send(Method::POST, url, format!("add pool {pool_id}"), Some(body))
+            .await
+        {
+            Ok(_) => Ok(PoolCreated::Created),
+            // Also what a retry after a lost 201 meets: the caller checks the pool is the one it wanted.
+            Err(e) if e.status == Some(409) && e.code.as_deref() == Some("PoolExists") => Ok(PoolCreated::Exists),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError> {
+        let account = self.account(account_url)?;
+        self.check_pool_id(pool_id)?;
+        let operation = format!("get pool {pool_id}");
+        let url = self.url(&account, &format!("/pools/{pool_id}"), &[]);
+        let reply = match self.send(Method::GET, url, operation.clone(), None).await {
+            Ok(reply) => reply,
+            // A missing account is a configuration mistake, not a missing pool.
+            Err(e) if e.is_not_found() && e.code.as_deref() != Some("AccountNotFound") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let pool: CloudPool = serde_json::from_value(reply.body.clone())
+            .map_err(|e| unexpected(&operation, &reply, &format!("a pool ({e})")))?;
+        Ok(Some(pool.into()))
+    }
+
+    pub async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError> {
+        let account = self.account(account_url)?;
+        let operation = "list pools";
+        let items = self
+            .list(&account, self.url(&account, "/pools", &[]), operation)
+            .await?;
+        items
+            .into_iter()
+            .map(|item| {
+                serde_json::from_value::<CloudPool>(item)
+                    .map(PoolInfo::from)
+                    .map_err(|e| AzureError::permanent(operation, "UnexpectedResponse", format!("not a pool: {e}")))
+            })
+            .collect()
+    }
+
+    pub async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError> {
+        let account = self.account(account_url)?;
+        self.check_pool_id(pool_id)?;
+        let filter = format!("poolId eq '{pool_id}'");
+        let url = self.url(&account, "/nodecounts", &[("$filter", &filter)]);
+        let items = self
+            .list(&account, url, &format!("node counts of pool {pool_id}"))
+            .await?;
+        // Filtered again here: the filter is a request, and a pool absent from the answer has no nodes.
+        Ok(items
+            .iter()
+            .find(|entry| {
+                entry["poolId"]
+                    .as_str()
+                    .is_some_and(|id| id.eq_ignore_ascii_case(pool_id))
+            })
+            .map(node_counts_of)
+            .unwrap_or_default())
+    }
+
+    pub async fn resize_pool(
+        &self,
+        account_url: &str,
+        pool_id: &str,
+        dedicated: u32,
+        low_priority: u32,
+    ) -> Result<(), AzureError> {
+        let account = self.account(account_url)?;
+        self.check_pool_id(pool_id)?;
+        // Batch's default of 15 minutes is too short for big pools: at least 15 minutes per 1000 nodes.
+        let timeout = min_resize_timeout(dedicated.saturating_add(low_priority));
+        let body = json!({
+            "targetDedicatedNodes": dedicated,
+            "targetLowPriorityNodes": low_priority,
+            "resizeTimeout": format!("PT{}S", timeout.as_secs()),
+        });
+        let url = self.url(&account, &format!("/pools/{pool_id}/resize"), &[]);
+        match self
+            .send(Method::POST, url, format!("resize pool {pool_id}"), Some(&body))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // What a retry meets when the connection dropped after Batch took the first request:
+            // the pool is resizing. If it is resizing to these targets, the resize asked for is done.
+            Err(e) if e.code.as_deref() == Some("PoolNotSteady") => match self.get_pool(account_url, pool_id).await? {
+                Some(pool) if pool.target_dedicated == dedicated && pool.target_low_priority == low_priority => Ok(()),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {
+        let account = self.account(account_url)?;
+        self.check_pool_id(pool_id)?;
+        let url = self.url(&account, &format!("/pools/{pool_id}"), &[]);
+        match self
+            .send(Method::DELETE, url, format!("delete pool {pool_id}"), None)
+            .await
+        {
+            // Gone, or on its way out (a repeat after a lost answer): what a delete wants.
+            Err(e) if e.is_not_found() && e.code.as_deref() == Some("PoolNotFound") => Ok(()),
+            Err(e) if e.code.as_deref() == Some("PoolBeingDeleted") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_counts_add_dedicated_and_low_priority() {
+        let entry = json!({
+            "poolId": "p",
+            "dedicated": {"creating": 1, "idle": 3, "startTaskFailed": 1, "waitingForStartTask": 0, "total": 5},
+            "lowPriority": {"idle": 2, "leavingPool": 1, "total": 3},
+        });
+        let counts = node_counts_of(&entry);
+        assert_eq!(counts.get("idle"), 5);
+        assert_eq!(counts.get("creating"), 1);
+        assert_eq!(counts.get("starttaskfailed"), 1);
+        assert_eq!(counts.get("leavingpool"), 1);
+        assert_eq!(counts.get("waitingforstarttask"), 0);
+        assert_eq!(counts.get("unusable"), 0);
+        assert_eq!(counts.total, 8);
+    }
+
+    #[test]
+    fn account_urls_that_may_get_a_token() {
+        let arm: Url = "https://management.azure.com".parse().unwrap();
+        let ok = |u: &str| check_account_url(u, "batch.azure.com", &arm).is_ok();
+        assert!(ok("https://acct.westeurope.batch.azure.com"));
+        assert!(ok("https://ACCT.westeurope.batch.azure.com/"));
+        assert!(!ok("http://acct.westeurope.batch.azure.com"));
+        assert!(!ok("https://acct.westeurope.batch.azure.com.evil.example"));
+        assert!(!ok("https://evilbatch.azure.com"));
+        assert!(!ok("https://user:pw@acct.westeurope.batch.azure.com"));
+        assert!(!ok("https://acct.westeurope.batch.azure.com/?x=1"));
+        assert!(!ok("https://acct.westeurope.batch.azure.com/other/path"));
+        assert!(!ok("acct.westeurope.batch.azure.com"));
+        let err = check_account_url("https://example.com", "batch.azure.com", &arm).unwrap_err();
+        assert_eq!(err.code.as_deref(), Some("UntrustedUrl"));
+        assert_eq!(err.class(), crate::azure::ErrorClass::Permanent);
+
+        // The emulator serves Batch under the resource manager's origin, over http only if ARM is.
+        let emulator: Url = "https://127.0.0.1:8443".parse().unwrap();
+        assert!(check_account_url("https://127.0.0.1:8443/batch/acct", "batch.azure.com", &emulator).is_ok());
+        assert!(check_account_url("http://127.0.0.1:8443/batch/acct", "batch.azure.com", &emulator).is_err());
+        assert!(check_account_url("https://127.0.0.1:9999/batch/acct", "batch.azure.com", &emulator).is_err());
+        let plain: Url = "http://127.0.0.1:8080".parse().unwrap();
+        assert!(check_account_url("http://127.0.0.1:8080/batch/acct", "batch.azure.com", &plain).is_ok());
+    }
+
+    #[test]
+    fn pools_read_with_defaults() {
+        let pool: CloudPool = serde_json::from_value(json!({
+            "id": "p1", "state": "active", "allocationState": "steady",
+            "currentDedicatedNodes": 2, "targetDedicatedNodes": 3,
+            "resizeErrors": [{"code": "AllocationTimedout", "message": "m", "values": []}],
+            "metadata": [{"name": "sigrun-run", "value": "r1"}],
+            "virtualMachineConfiguration": {"imageReference": {"virtualMachineImageId": "/subscriptions/x"}, "nodeAgentSKUId": "s"},
+        }))
+        .unwrap();
+        let info = PoolInfo::from(pool);
+        assert_eq!(info.current_dedicated, 2);
+        assert_eq!(info.current_low_priority, 0);
+        assert_eq!(info.resize_errors[0].code, "AllocationTimedout");
+        assert_eq!(info.metadata["sigrun-run"], "r1");
+        assert_eq!(info.image_id.as_deref(), Some("/subscriptions/x"));
+    }
+}

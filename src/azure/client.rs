@@ -1,0 +1,220 @@
+//! `AzureClient`: the REST implementation of `AzureApi`. It wires the pieces together — settings,
+//! the one reqwest client, the credential, the retrying sender — and hands each operation to the
+//! ARM or the Batch half. Build it once per process and share it: it is cheap to clone.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use azure_core::credentials::TokenCredential;
+use reqwest::Url;
+
+use super::api::{
+    Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts, OperationStatus,
+    PoolCreated, PoolInfo, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion, VersionInfo,
+    VersionRequest, VmInfo,
+};
+use super::arm::Arm;
+use super::batch::Batch;
+use super::config::{AzureSettings, SettingsError};
+use super::error::AzureError;
+use super::http::{Http, build_client};
+use crate::model::ids::{BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
+
+#[derive(Clone)]
+pub struct AzureClient {
+    arm: Arc<Arm>,
+    batch: Arc<Batch>,
+    resource_manager: Url,
+    credential_kind: &'static str,
+}
+
+impl fmt::Debug for AzureClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AzureClient")
+            .field("resource_manager", &self.resource_manager.as_str())
+            .field("credential", &self.credential_kind)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AzureClient {
+    /// A client for `settings`, with the credential they describe.
+    pub fn new(settings: &AzureSettings) -> Result<AzureClient, SettingsError> {
+        settings.validate()?;
+        let client = build_client(settings)?;
+        let credential = super::auth::credential(settings, &client)?;
+        Ok(AzureClient::assemble(
+            settings,
+            client,
+            credential,
+            settings.credential.kind(),
+        ))
+    }
+
+    /// A client for `settings` that gets its tokens from `credential` instead of building one
+    /// (`settings.credential` is then ignored).
+    pub fn with_credential(
+        settings: &AzureSettings,
+        credential: Arc<dyn TokenCredential>,
+    ) -> Result<AzureClient, SettingsError> {
+        settings.validate()?;
+        let client = build_client(settings)?;
+        Ok(AzureClient::assemble(settings, client, credential, "custom"))
+    }
+
+    fn assemble(
+        settings: &AzureSettings,
+        client: reqwest::Client,
+        credential: Arc<dyn TokenCredential>,
+        credential_kind: &'static str,
+    ) -> AzureClient {
+        let resource_manager = settings.resource_manager_url().expect("validated");
+        let http = Arc::new(Http::new(client, credential, settings));
+        AzureClient {
+            arm: Arc::new(Arm::new(
+                http.clone(),
+                resource_manager.clone(),
+                settings.api_versions.clone(),
+            )),
+            batch: Arc::new(Batch::new(
+                http,
+                settings.api_versions.batch.clone(),
+                settings.cloud.batch_endpoint_suffix.clone(),
+                resource_manager.clone(),
+            )),
+            resource_manager,
+            credential_kind,
+        }
+    }
+}
+
+#[async_trait]
+impl AzureApi for AzureClient {
+    async fn get_vm(&self, id: &VmId) -> Result<VmInfo, AzureError> {
+        self.arm.get_vm(id).await
+    }
+
+    async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
+        self.arm.provider_state(subscription, namespace).await
+    }
+
+    async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
+        self.arm.register_provider(subscription, namespace).await
+    }
+
+    async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError> {
+        self.arm.put_snapshot(id, request).await
+    }
+
+    async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
+        self.arm.get_snapshot(id).await
+    }
+
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
+        self.arm.delete_snapshot(id).await
+    }
+
+    async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError> {
+        self.arm.put_image(id, request).await
+    }
+
+    async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError> {
+        self.arm.get_image(id).await
+    }
+
+    async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
+        self.arm.get_gallery(id).await
+    }
+
+    async fn put_gallery(&self, id: &GalleryId, location: &str, tags: &Tags) -> Result<Accepted, AzureError> {
+        self.arm.put_gallery(id, location, tags).await
+    }
+
+    async fn get_definition(&self, id: &GalleryImageId) -> Result<Option<DefinitionInfo>, AzureError> {
+        self.arm.get_definition(id).await
+    }
+
+    async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError> {
+        self.arm.put_definition(id, request).await
+    }
+
+    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError> {
+        self.arm.list_versions(definition).await
+    }
+
+    async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError> {
+        self.arm.put_version(id, request).await
+    }
+
+    async fn get_version(
+        &self,
+        id: &GalleryImageVersionId,
+        expand_replication: bool,
+    ) -> Result<Option<VersionInfo>, AzureError> {
+        self.arm.get_version(id, expand_replication).await
+    }
+
+    async fn set_exclude_from_latest(&self, id: &GalleryImageVersionId, exclude: bool) -> Result<Accepted, AzureError> {
+        self.arm.set_exclude_from_latest(id, exclude).await
+    }
+
+    async fn set_target_regions(
+        &self,
+        id: &GalleryImageVersionId,
+        regions: &[TargetRegion],
+    ) -> Result<Accepted, AzureError> {
+        self.arm.set_target_regions(id, regions).await
+    }
+
+    async fn operation_status(&self, status_url: &str) -> Result<OperationStatus, AzureError> {
+        self.arm.operation_status(status_url).await
+    }
+
+    async fn get_batch_account(&self, id: &BatchAccountId) -> Result<BatchAccountInfo, AzureError> {
+        let (location, url) = self.arm.get_batch_account(id).await?;
+        // Checked now, so a bad endpoint fails here rather than on the first pool call.
+        let checked = self.batch.account(&url)?;
+        Ok(BatchAccountInfo {
+            id: id.clone(),
+            location,
+            url: checked.as_str().trim_end_matches('/').to_string(),
+        })
+    }
+
+    async fn supported_images(&self, account: &BatchAccountInfo) -> Result<Vec<SupportedImage>, AzureError> {
+        self.batch.supported_images(&account.url).await
+    }
+
+    async fn add_pool(&self, account_url: &str, body: &serde_json::Value) -> Result<PoolCreated, AzureError> {
+        self.batch.add_pool(account_url, body).await
+    }
+
+    async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError> {
+        self.batch.get_pool(account_url, pool_id).await
+    }
+
+    async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError> {
+        self.batch.list_pools(account_url).await
+    }
+
+    async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError> {
+        self.batch.node_counts(account_url, pool_id).await
+    }
+
+    async fn resize_pool(
+        &self,
+        account_url: &str,
+        pool_id: &str,
+        dedicated: u32,
+        low_priority: u32,
+    ) -> Result<(), AzureError> {
+        self.batch
+            .resize_pool(account_url, pool_id, dedicated, low_priority)
+            .await
+    }
+
+    async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {
+        self.batch.delete_pool(account_url, pool_id).await
+    }
+}
