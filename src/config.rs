@@ -75,7 +75,8 @@ pub struct ConfigError(String);
 impl Settings {
     /// Defaults, then `file` (if given), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError(format!("{}: no such file", path.display())));
@@ -88,7 +89,9 @@ impl Settings {
                 .separator("__")
                 .try_parsing(true),
         );
-        let origin = file.map(|p| p.display().to_string()).unwrap_or_else(|| "defaults and environment".into());
+        let origin = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "defaults and environment".into());
         let settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
@@ -99,10 +102,15 @@ impl Settings {
 
     fn check(&self) -> Result<(), ConfigError> {
         if self.azure.mode == Mode::Azure && self.azure.client.is_none() {
-            return Err(ConfigError("azure.mode = \"azure\" needs an [azure.client] section (credential, cloud)".into()));
+            return Err(ConfigError(
+                "azure.mode = \"azure\" needs an [azure.client] section (credential, cloud)".into(),
+            ));
         }
         if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale.is_finite()) {
-            return Err(ConfigError(format!("emulator.time_scale must be a positive number, got {}", self.emulator.time_scale)));
+            return Err(ConfigError(format!(
+                "emulator.time_scale must be a positive number, got {}",
+                self.emulator.time_scale
+            )));
         }
         self.runtime.check().map_err(|e| ConfigError(format!("runtime: {e}")))?;
         Ok(())
@@ -118,7 +126,10 @@ mod tests {
         let settings = Settings::load(None).unwrap();
         assert_eq!(settings.azure.mode, Mode::Emulator);
         assert_eq!(settings.emulator.time_scale, 200.0);
-        assert!(!format!("{settings:?}").contains("emulator-secret-pipeline"), "secrets never print");
+        assert!(
+            !format!("{settings:?}").contains("emulator-secret-pipeline"),
+            "secrets never print"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
@@ -130,7 +141,9 @@ mod tests {
         let err = Settings::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("azure.client"), "{err}");
 
-        let err = Settings::load(Some(&dir.path().join("missing.toml"))).unwrap_err().to_string();
+        let err = Settings::load(Some(&dir.path().join("missing.toml")))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing.toml"), "{err}");
     }
 }

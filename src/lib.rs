@@ -9,6 +9,7 @@
 //! - [`planner`]: spec → plan, reading Azure and applying every preflight rule.
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
 //! - [`stages`]: the six stages as state machines over the Azure trait.
+//! - [`config`]: settings: defaults, a file, `SIGRUN__SECTION__KEY` variables.
 //! - [`cli`]: the command line; the only place that wires everything together.
 //! - [`emulator`]: the built-in Azure emulator (AAD, ARM, Compute Gallery, Batch) used by tests and
 //!   dry runs; it shares no code with the rest.
@@ -17,6 +18,7 @@
 pub mod azure;
 pub mod bus;
 pub mod cli;
+pub mod config;
 pub mod emulator;
 pub mod events;
 pub mod model;

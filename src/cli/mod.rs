@@ -15,7 +15,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "sigrun", version, about = "Custom VM images into Azure Batch pools, as a staged, queue-driven pipeline")]
+#[command(
+    name = "sigrun",
+    version,
+    about = "Custom VM images into Azure Batch pools, as a staged, queue-driven pipeline"
+)]
 pub struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `warn` or `sigrun=debug`.
     #[arg(long, global = true, env = "SIGRUN_LOG", default_value = "warn")]
@@ -55,7 +59,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// The exit code for an error: 2 for bad input, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
-    if err.downcast_ref::<InputError>().is_some() { ExitCode::from(2) } else { ExitCode::FAILURE }
+    if err.downcast_ref::<InputError>().is_some() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// Logs go to stderr so stdout stays machine-readable.

@@ -7,15 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::azure::config::{AzureSettings, CloudSettings, CredentialSettings};
 use crate::azure::client::AzureClient;
+use crate::azure::config::{AzureSettings, CloudSettings, CredentialSettings};
 use crate::config::{Mode, Settings};
 use crate::emulator::{Emulator, EmulatorOptions, World};
 use crate::runtime::RuntimeSettings;
 use crate::stages::StageSettings;
 
 pub struct Session {
-    pub settings: Settings,
     pub azure: Arc<AzureClient>,
     /// The built-in emulator, when running against it.
     pub emulator: Option<Emulator>,
@@ -73,7 +72,6 @@ impl Session {
         }
         let azure = AzureClient::new(&azure_settings).map_err(|e| super::input_error(anyhow::anyhow!(e)))?;
         Ok(Session {
-            settings,
             azure: Arc::new(azure),
             emulator,
             stages,

@@ -27,7 +27,14 @@ pub struct ValidateArgs {
 
 pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let session = Session::open(args.config.as_deref()).await?;
-    let prepared = plan_view::prepare(&args.pipeline, args.version.as_deref(), args.image_version_id.as_deref(), None, &session).await?;
+    let prepared = plan_view::prepare(
+        &args.pipeline,
+        args.version.as_deref(),
+        args.image_version_id.as_deref(),
+        None,
+        &session,
+    )
+    .await?;
     print!("{}", plan_view::render(&prepared.spec, &prepared.plan, &args.pipeline));
     Ok(ExitCode::SUCCESS)
 }

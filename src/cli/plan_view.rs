@@ -1,0 +1,196 @@
+//! From a spec file to a checked plan (shared by `run` and `validate`), and the plan printed the
+//! way `terraform plan` prints one: what will be created, with the numbers the rules decided.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use crate::azure::ErrorClass;
+use crate::model::ids::{GalleryImageVersionId, ImageId};
+use crate::model::plan::Plan;
+use crate::model::spec::{PipelineSpec, duration};
+use crate::planner::{self, PlanError, PlanInputs};
+
+use super::input_error;
+use super::session::Session;
+
+pub struct Prepared {
+    pub spec: PipelineSpec,
+    pub plan: Plan,
+    pub inputs: PlanInputs,
+}
+
+pub async fn prepare(
+    path: &Path,
+    version: Option<&str>,
+    image_version_id: Option<&str>,
+    image_id: Option<&str>,
+    session: &Session,
+) -> anyhow::Result<Prepared> {
+    let spec = PipelineSpec::load(path).map_err(input_error)?;
+    let azure = session.azure.as_ref();
+    let mut inputs = PlanInputs::default();
+    let requested = match image_version_id {
+        Some(id) => {
+            let id = GalleryImageVersionId::parse(id)
+                .map_err(|e| input_error(anyhow::anyhow!("--image-version-id: {e}")))?;
+            let definition = id.definition();
+            if !definition
+                .gallery()
+                .to_string()
+                .eq_ignore_ascii_case(&spec.gallery.id.to_string())
+                || !definition.name().eq_ignore_ascii_case(&spec.definition.name)
+            {
+                return Err(input_error(anyhow::anyhow!(
+                    "--image-version-id {id} is not a version of {}'s definition {}",
+                    path.display(),
+                    spec.definition.name
+                )));
+            }
+            inputs.existing_version = true;
+            Some(id.name().to_string())
+        }
+        None => version.map(str::to_string),
+    };
+    if let Some(image) = image_id {
+        inputs.existing_image =
+            Some(ImageId::parse(image).map_err(|e| input_error(anyhow::anyhow!("--image-id: {e}")))?);
+    }
+    let today = time::OffsetDateTime::now_utc().date();
+    inputs.version = planner::resolve_version(&spec, requested.as_deref(), azure, today)
+        .await
+        .map_err(|e| plan_error(path, e))?;
+    let plan = planner::plan(&spec, &inputs, azure, time::OffsetDateTime::now_utc())
+        .await
+        .map_err(|e| plan_error(path, e))?;
+    Ok(Prepared { spec, plan, inputs })
+}
+
+/// A rule broken, or Azure refusing a read for good, is bad input: nothing was created.
+fn plan_error(path: &Path, err: PlanError) -> anyhow::Error {
+    let permanent = match &err {
+        PlanError::Rule { .. } => true,
+        PlanError::Azure(e) => e.class() == ErrorClass::Permanent,
+    };
+    let err = anyhow::anyhow!("{}: {err}", path.display());
+    if permanent { input_error(err) } else { err }
+}
+
+pub fn render(spec: &PipelineSpec, plan: &Plan, path: &Path) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Plan for pipeline {} ({}), version {}",
+        spec.name,
+        path.display(),
+        plan.version
+    );
+    if let Some(build) = &plan.build {
+        for snapshot in &build.snapshots {
+            let disk = match snapshot.lun {
+                None => "OS disk".to_string(),
+                Some(lun) => format!("data disk LUN {lun}"),
+            };
+            let _ = writeln!(
+                out,
+                "  + snapshot    {}  ({disk} {})",
+                snapshot.id,
+                snapshot.source.name()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "  + image       {}  ({}, {}, {})",
+            build.image, build.os_type, build.hyper_v_generation, build.region
+        );
+    }
+    let gallery = if plan.create_gallery {
+        "created if missing"
+    } else {
+        "must exist"
+    };
+    let _ = writeln!(
+        out,
+        "  ~ gallery     {}  ({gallery}, {})",
+        plan.gallery, plan.gallery_region
+    );
+    let _ = writeln!(
+        out,
+        "  ~ definition  {}  ({} {}, Generalized, created if missing)",
+        plan.definition,
+        spec.definition.os_type.as_str(),
+        spec.definition.hyper_v_generation
+    );
+    for subscription in &plan.register_batch_in {
+        let _ = writeln!(out, "  + register    Microsoft.Batch in subscription {subscription}");
+    }
+    if plan.build.is_some() {
+        let promotion = if plan.publish_excluded && !plan.final_excluded {
+            "excluded from latest until a pool verifies"
+        } else if plan.final_excluded {
+            "excluded from latest"
+        } else {
+            "latest at once"
+        };
+        let eol = plan
+            .end_of_life
+            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .map(|t| format!(", end of life {t}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  + version     {}  ({promotion}{eol})", plan.version_id);
+    } else {
+        let _ = writeln!(
+            out,
+            "  = version     {}  (exists; rolled out as it is)",
+            plan.version_id
+        );
+    }
+    for region in &plan.regions {
+        let why = match region.replicas_asked {
+            None => format!(
+                "auto: {} nodes at {} per replica",
+                region.nodes, spec.publish.nodes_per_replica
+            ),
+            Some(asked) if asked < region.replicas => format!("raised from {asked} for {} nodes", region.nodes),
+            Some(_) => format!("as asked; {} nodes planned", region.nodes),
+        };
+        let _ = writeln!(
+            out,
+            "      {:<16} {:>3} replica(s), {}  ({why})",
+            region.name, region.replicas, region.storage_account_type
+        );
+    }
+    for pool in &plan.pools {
+        let _ = writeln!(
+            out,
+            "  + pool        {} in {} ({}): {} dedicated + {} low-priority × {}",
+            pool.pool_id,
+            pool.account.name(),
+            pool.region,
+            pool.dedicated_nodes,
+            pool.low_priority_nodes,
+            pool.vm_size
+        );
+        let _ = writeln!(
+            out,
+            "      node agent SKU {}, resizeTimeout {} (at least 15m per 1000 nodes)",
+            pool.node_agent_sku_id,
+            duration::format(std::time::Duration::from_secs(pool.resize_timeout_secs))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  rollout: previous pool of each target is {}",
+        match spec.rollout.previous_pool {
+            crate::model::spec::PreviousPool::Keep => "kept",
+            crate::model::spec::PreviousPool::ScaleToZero => "scaled to zero",
+            crate::model::spec::PreviousPool::Delete => "deleted",
+        }
+    );
+    if !plan.warnings.is_empty() {
+        let _ = writeln!(out, "Warnings:");
+        for warning in &plan.warnings {
+            let _ = writeln!(out, "  ! {warning}");
+        }
+    }
+    out
+}

@@ -1,0 +1,532 @@
+//! `sigrun run PIPELINE`: plans the pipeline (every preflight rule, creating nothing until it
+//! passes), then runs all six stages in this process on the in-process bus until every branch of
+//! the run has ended. Shows progress per stage, region and pool (bars on a terminal, lines
+//! otherwise) and ends with a summary: resources created, each stage's time (emulated and wall),
+//! Azure calls by kind, retries and throttles. Exit 0 on success, 1 when the run failed or partly
+//! failed (naming what), 2 for bad input.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::input_error;
+use super::plan_view::{self, Prepared};
+use super::session::Session;
+use crate::azure::AzureError;
+use crate::bus::Bus;
+use crate::bus::memory::MemoryBus;
+use crate::events::{Event, EventKind, PoolRef, RunResult};
+use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage, new_traceparent};
+use crate::runtime::{Clock, Handler, StageHandler, run_all_to_completion};
+use crate::stages::Step;
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline spec (TOML).
+    pub pipeline: PathBuf,
+    /// Publish (or roll out) this version instead of the one the scheme gives.
+    #[arg(long)]
+    pub version: Option<String>,
+    /// Start at this stage (snapshot, image-create, gallery-publish, replicate, pool-create).
+    #[arg(long, value_parser = parse_stage)]
+    pub from: Option<Stage>,
+    /// Roll out this existing gallery image version (ARM id): starts at pool-create.
+    #[arg(long)]
+    pub image_version_id: Option<String>,
+    /// Publish from this existing managed image (ARM id): starts at gallery-publish.
+    #[arg(long)]
+    pub image_id: Option<String>,
+    /// Settings file overlaid on the defaults.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Give up after this long (real time), e.g. `30m`.
+    #[arg(long, default_value = "6h")]
+    pub timeout: String,
+}
+
+fn parse_stage(text: &str) -> Result<Stage, String> {
+    Stage::parse(text).ok_or_else(|| {
+        format!("unknown stage `{text}` (snapshot, image-create, gallery-publish, replicate, pool-create)")
+    })
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let timeout = crate::model::spec::duration::parse(&args.timeout)
+        .map_err(|e| input_error(anyhow::anyhow!("--timeout: {e}")))?;
+    let session = Session::open(args.config.as_deref()).await?;
+    let prepared = plan_view::prepare(
+        &args.pipeline,
+        args.version.as_deref(),
+        args.image_version_id.as_deref(),
+        args.image_id.as_deref(),
+        &session,
+    )
+    .await?;
+    for warning in &prepared.plan.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let entry = entry_stage(&args, &prepared)?;
+    let firsts = first_messages(&prepared, entry);
+    let run_id = firsts[0].run_id;
+
+    let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
+    let started_event = Event {
+        run_id,
+        pipeline: prepared.spec.name.clone(),
+        version: prepared.plan.version.clone(),
+        stage: entry,
+        branch: Branch::Trunk,
+        at: OffsetDateTime::now_utc(),
+        kind: EventKind::RunStarted {
+            regions: prepared.plan.regions.iter().map(|r| r.name.clone()).collect(),
+            pools: prepared
+                .plan
+                .pools
+                .iter()
+                .map(|p| PoolRef {
+                    region: p.region.clone(),
+                    target: p.target.clone(),
+                })
+                .collect(),
+        },
+    };
+    bus.publish_event(&started_event).await?;
+    eprintln!(
+        "run {run_id}: {} version {} from {entry} ({})",
+        prepared.spec.name,
+        prepared.plan.version,
+        if session.emulator.is_some() {
+            format!("built-in emulator, {}x time", session.time_scale)
+        } else {
+            "Azure".to_string()
+        }
+    );
+
+    let timings = Arc::new(Timings::default());
+    let handler: Arc<dyn Handler> = Arc::new(Timed {
+        inner: StageHandler::new(session.azure.clone(), session.stages.clone()),
+        timings: timings.clone(),
+    });
+    let progress = tokio::spawn(show_progress(
+        bus.clone(),
+        prepared
+            .plan
+            .pools
+            .iter()
+            .map(|p| (p.region.clone(), p.target.clone()))
+            .collect(),
+    ));
+    let began = Instant::now();
+    let outcome = run_all_to_completion(
+        bus.clone(),
+        handler,
+        firsts,
+        session.runtime.clone(),
+        Clock::System,
+        timeout,
+    )
+    .await?;
+    let wall = began.elapsed();
+    progress.abort();
+
+    let calls = match &session.emulator {
+        Some(emulator) => azure_calls(emulator).await.ok(),
+        None => None,
+    };
+    print!(
+        "{}",
+        summary(
+            &prepared,
+            &outcome.events,
+            &timings,
+            wall,
+            session.time_scale,
+            calls.as_ref()
+        )
+    );
+    if let Some(emulator) = session.emulator {
+        emulator.shutdown().await;
+    }
+    if outcome.timed_out {
+        eprintln!("sigrun: run {run_id} did not end within {}", args.timeout);
+        return Ok(ExitCode::FAILURE);
+    }
+    match outcome.result {
+        RunResult::Succeeded => Ok(ExitCode::SUCCESS),
+        RunResult::PartlySucceeded { failed } => {
+            for (pool, reason) in failed {
+                eprintln!("sigrun: {}/{} failed: {reason}", pool.region, pool.target);
+            }
+            eprintln!("sigrun: run {run_id} partly succeeded");
+            Ok(ExitCode::FAILURE)
+        }
+        RunResult::Failed { reason } => {
+            eprintln!("sigrun: run {run_id} failed: {reason}");
+            Ok(ExitCode::FAILURE)
+        }
+        RunResult::Running => {
+            eprintln!("sigrun: run {run_id} stopped before it ended");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn entry_stage(args: &RunArgs, prepared: &Prepared) -> anyhow::Result<Stage> {
+    let rollout = prepared.plan.build.is_none();
+    let stage = match (args.from, rollout, &prepared.inputs.existing_image) {
+        (Some(Stage::Verify), _, _) => {
+            return Err(input_error(anyhow::anyhow!(
+                "--from verify: a run cannot start at verify; start at pool-create"
+            )));
+        }
+        (Some(stage), true, _) if stage < Stage::PoolCreate => {
+            return Err(input_error(anyhow::anyhow!(
+                "--from {stage}: this run rolls out an existing version; it can only start at pool-create"
+            )));
+        }
+        (Some(stage), _, _) => stage,
+        (None, true, _) => Stage::PoolCreate,
+        (None, false, Some(_)) => Stage::GalleryPublish,
+        (None, false, None) => Stage::Snapshot,
+    };
+    Ok(stage)
+}
+
+/// The run's first messages: one trunk message, or one per pool when the run starts at pool-create.
+fn first_messages(prepared: &Prepared, entry: Stage) -> Vec<Envelope> {
+    let now = OffsetDateTime::now_utc();
+    // The run id follows from pipeline and version: the same trigger twice is the same run.
+    let run_id = Uuid::new_v5(
+        &Uuid::NAMESPACE_URL,
+        format!("sigrun:{}:{}", prepared.spec.name, prepared.plan.version).as_bytes(),
+    );
+    let mut artifacts = Artifacts::default();
+    if let Some(build) = &prepared.plan.build {
+        if entry > Stage::Snapshot {
+            artifacts.snapshots = build
+                .snapshots
+                .iter()
+                .map(|s| SnapshotArtifact {
+                    lun: s.lun,
+                    id: s.id.clone(),
+                })
+                .collect();
+        }
+        if entry > Stage::ImageCreate {
+            artifacts.image = Some(build.image.clone());
+        }
+    }
+    if entry > Stage::GalleryPublish {
+        artifacts.image_version = Some(prepared.plan.version_id.clone());
+    }
+    let trunk = Envelope {
+        v: ENVELOPE_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id,
+        pipeline: prepared.spec.name.clone(),
+        version: prepared.plan.version.clone(),
+        stage: entry,
+        branch: Branch::Trunk,
+        spec: prepared.spec.clone(),
+        plan: prepared.plan.clone(),
+        artifacts,
+        operation: None,
+        attempt: 0,
+        not_before: None,
+        run_started: now,
+        stage_started: now,
+        traceparent: new_traceparent(),
+    };
+    if entry == Stage::PoolCreate {
+        prepared
+            .plan
+            .pools
+            .iter()
+            .map(|p| trunk.for_pool(Stage::PoolCreate, &p.region, &p.target, now))
+            .collect()
+    } else {
+        vec![trunk]
+    }
+}
+
+/// Wall time per stage: from its first step starting to its last step ending.
+#[derive(Default)]
+struct Timings(Mutex<BTreeMap<Stage, (Instant, Instant, u32)>>);
+
+struct Timed {
+    inner: StageHandler,
+    timings: Arc<Timings>,
+}
+
+#[async_trait]
+impl Handler for Timed {
+    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+        let stage = message.stage;
+        let began = Instant::now();
+        let result = self.inner.handle(message).await;
+        let ended = Instant::now();
+        let mut timings = self.timings.0.lock().expect("timings lock");
+        let entry = timings.entry(stage).or_insert((began, ended, 0));
+        entry.0 = entry.0.min(began);
+        entry.1 = entry.1.max(ended);
+        entry.2 += 1;
+        result
+    }
+}
+
+/// Progress from the run's events: a bar per trunk and pool on a terminal, lines otherwise.
+async fn show_progress(bus: Arc<MemoryBus>, pools: Vec<(String, String)>) {
+    use std::io::IsTerminal;
+    let mut events = bus.subscribe();
+    let terminal = std::io::stderr().is_terminal();
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::with_template("{spinner} {prefix:<28} {wide_msg}").expect("valid template");
+    let mut by_branch: BTreeMap<String, ProgressBar> = BTreeMap::new();
+    if terminal {
+        by_branch.insert(
+            "trunk".into(),
+            bars.add(
+                ProgressBar::new_spinner()
+                    .with_style(style.clone())
+                    .with_prefix("build and publish"),
+            ),
+        );
+        for (region, target) in &pools {
+            let label = format!("{region}/{target}");
+            by_branch.insert(
+                label.clone(),
+                bars.add(ProgressBar::new_spinner().with_style(style.clone()).with_prefix(label)),
+            );
+        }
+        for bar in by_branch.values() {
+            bar.enable_steady_tick(Duration::from_millis(120));
+        }
+    }
+    while let Ok(event) = events.recv().await {
+        let line = describe(&event);
+        let label = event.branch.label();
+        match (terminal, by_branch.get(&label)) {
+            (true, Some(bar)) => {
+                bar.set_message(format!("{}: {line}", event.stage));
+                if matches!(
+                    event.kind,
+                    EventKind::PoolVerified { .. } | EventKind::PoolFailed { .. }
+                ) {
+                    bar.finish();
+                }
+                if let EventKind::RegionFailed { region, .. } = &event.kind {
+                    for (l, b) in &by_branch {
+                        if l.starts_with(&format!("{region}/")) {
+                            b.finish_with_message("not created: replication failed");
+                        }
+                    }
+                }
+            }
+            _ => eprintln!("[{:>15}] {:<24} {line}", event.stage.as_str(), label),
+        }
+    }
+}
+
+fn describe(event: &Event) -> String {
+    match &event.kind {
+        EventKind::RunStarted { regions, pools } => {
+            format!("run started: {} region(s), {} pool(s)", regions.len(), pools.len())
+        }
+        EventKind::StageStarted => "started".into(),
+        EventKind::Waiting { what } => format!("waiting for {what}"),
+        EventKind::Retried { attempt, error } => format!("retry {attempt}: {error}"),
+        EventKind::Throttled { retry_after_ms } => {
+            format!("throttled (Retry-After {} ms)", retry_after_ms.unwrap_or(0))
+        }
+        EventKind::ResourceCreated { id } => format!("created {id}"),
+        EventKind::RegionCompleted { region } => format!("replica in {region} completed"),
+        EventKind::RegionFailed { region, reason } => format!("replication to {region} failed: {reason}"),
+        EventKind::PoolCreated { pool_id } => format!("pool {pool_id} created"),
+        EventKind::PoolVerified { pool_id } => format!("pool {pool_id} verified"),
+        EventKind::PoolFailed { target, reason } => format!("pool {target} failed: {reason}"),
+        EventKind::Promoted { version_id } => format!("promoted {version_id} to latest"),
+        EventKind::PreviousPoolRetired { pool_id, action } => format!("previous pool {pool_id} {action}"),
+        EventKind::RunFailed { reason } => format!("run failed: {reason}"),
+        EventKind::Parked { reason } => format!("message parked: {reason}"),
+        EventKind::Cancelled => "cancelled".into(),
+    }
+}
+
+/// Azure requests the emulator answered, by method and resource kind.
+async fn azure_calls(emulator: &crate::emulator::Emulator) -> anyhow::Result<BTreeMap<String, u64>> {
+    let info = emulator.info();
+    let mut client = reqwest::Client::builder().no_proxy();
+    if let Some(ca) = &info.ca_cert {
+        client = client.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&std::fs::read(ca)?)?);
+    }
+    let log: serde_json::Value = client
+        .build()?
+        .get(format!("{}/requests", info.control_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let mut calls = BTreeMap::new();
+    for entry in log["requests"].as_array().into_iter().flatten() {
+        let method = entry["method"].as_str().unwrap_or("?");
+        let kind = call_kind(
+            entry["api"].as_str().unwrap_or(""),
+            entry["path"].as_str().unwrap_or(""),
+        );
+        *calls.entry(format!("{method} {kind}")).or_insert(0) += 1;
+    }
+    Ok(calls)
+}
+
+/// `snapshots`, `galleries/images/versions`, `pools/nodes`, `token`, ... from a request path.
+fn call_kind(api: &str, path: &str) -> String {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match api {
+        "aad" | "identity" => "token".into(),
+        "batch" => segments
+            .iter()
+            .skip(2)
+            .step_by(2)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("/"),
+        _ => {
+            if let Some(i) = segments.iter().position(|s| s.eq_ignore_ascii_case("locations")) {
+                return segments.get(i + 2).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+            }
+            match segments.iter().position(|s| s.eq_ignore_ascii_case("providers")) {
+                Some(i) if segments.len() > i + 2 => segments[i + 2..]
+                    .iter()
+                    .step_by(2)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                Some(_) => "providers".into(),
+                None => "subscriptions".into(),
+            }
+        }
+    }
+}
+
+fn summary(
+    prepared: &Prepared,
+    events: &[Event],
+    timings: &Timings,
+    wall: Duration,
+    time_scale: f64,
+    calls: Option<&BTreeMap<String, u64>>,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let result = crate::events::run_result(events);
+    let _ = writeln!(
+        out,
+        "\nRun of {} version {}: {}",
+        prepared.spec.name,
+        prepared.plan.version,
+        match &result {
+            RunResult::Succeeded => "succeeded".to_string(),
+            RunResult::PartlySucceeded { failed } => format!("partly succeeded ({} failed)", failed.len()),
+            RunResult::Failed { .. } => "failed".to_string(),
+            RunResult::Running => "did not end".to_string(),
+        }
+    );
+    let _ = writeln!(out, "Resources created:");
+    for event in events {
+        match &event.kind {
+            EventKind::ResourceCreated { id } => {
+                let _ = writeln!(out, "  {id}");
+            }
+            EventKind::PoolCreated { pool_id } => {
+                if let Some(pool) = prepared.plan.pools.iter().find(|p| p.pool_id == *pool_id) {
+                    let _ = writeln!(out, "  {}/pools/{pool_id}", pool.account_url);
+                }
+            }
+            _ => {}
+        }
+    }
+    let _ = writeln!(out, "Stages (wall; emulated = wall x {time_scale}):");
+    let timings = timings.0.lock().expect("timings lock");
+    for (stage, (first, last, steps)) in timings.iter() {
+        let span = last.duration_since(*first);
+        let _ = writeln!(
+            out,
+            "  {:<16} {:>8.2} s wall  {:>9}  {steps} step(s)",
+            stage.as_str(),
+            span.as_secs_f64(),
+            crate::model::spec::duration::format(Duration::from_secs_f64(span.as_secs_f64() * time_scale))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<16} {:>8.2} s wall  {:>9}",
+        "total",
+        wall.as_secs_f64(),
+        crate::model::spec::duration::format(Duration::from_secs_f64(wall.as_secs_f64() * time_scale))
+    );
+    let retries = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Retried { .. }))
+        .count();
+    let throttles = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Throttled { .. }))
+        .count();
+    let _ = writeln!(out, "Retries: {retries}; throttled: {throttles}");
+    if let Some(calls) = calls {
+        let total: u64 = calls.values().sum();
+        let _ = writeln!(out, "Azure calls ({total}):");
+        for (kind, n) in calls {
+            let _ = writeln!(out, "  {n:>5}  {kind}");
+        }
+    }
+    if let RunResult::PartlySucceeded { failed } = &result {
+        for (pool, reason) in failed {
+            let _ = writeln!(out, "Failed: {}/{}: {reason}", pool.region, pool.target);
+        }
+    }
+    if let RunResult::Failed { reason } = &result {
+        let _ = writeln!(out, "Failed: {reason}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_kinds() {
+        assert_eq!(
+            call_kind(
+                "arm",
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/snapshots/x"
+            ),
+            "snapshots"
+        );
+        assert_eq!(
+            call_kind(
+                "arm",
+                "/subscriptions/s/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/d/versions/1.0.0"
+            ),
+            "galleries/images/versions"
+        );
+        assert_eq!(
+            call_kind(
+                "arm",
+                "/subscriptions/s/providers/Microsoft.Compute/locations/westeurope/DiskOperations/1"
+            ),
+            "diskoperations"
+        );
+        assert_eq!(call_kind("batch", "/batch/acct/pools/p/nodes"), "pools/nodes");
+        assert_eq!(call_kind("aad", "/t/oauth2/v2.0/token"), "token");
+    }
+}
