@@ -40,6 +40,14 @@ pub struct AzureSection {
     pub mode: Mode,
     #[serde(default)]
     pub client: Option<AzureSettings>,
+    /// How much faster than real time Azure runs: 1 for Azure; an external emulator's
+    /// `--time-scale` when `[azure.client]` points at one. Stages and delay tiers scale by it.
+    #[serde(default = "one")]
+    pub time_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,6 +113,9 @@ impl Settings {
             return Err(ConfigError(
                 "azure.mode = \"azure\" needs an [azure.client] section (credential, cloud)".into(),
             ));
+        }
+        if !(self.azure.time_scale > 0.0 && self.azure.time_scale.is_finite()) {
+            return Err(ConfigError(format!("azure.time_scale must be a positive number, got {}", self.azure.time_scale)));
         }
         if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale.is_finite()) {
             return Err(ConfigError(format!(

@@ -30,7 +30,7 @@ impl Session {
         let mut stages = settings.stages.clone();
         let mut runtime = settings.runtime.clone();
         let (azure_settings, emulator, time_scale) = match settings.azure.mode {
-            Mode::Azure => (settings.azure.client.clone().expect("checked on load"), None, 1.0),
+            Mode::Azure => (settings.azure.client.clone().expect("checked on load"), None, settings.azure.time_scale),
             Mode::Emulator => {
                 let e = &settings.emulator;
                 let world = match &e.world {

@@ -10,4 +10,7 @@ mod emulator_auth;
 mod emulator_faults;
 mod emulator_lro;
 mod emulator_rules;
+mod pipeline;
+mod planner;
 mod spec_examples;
+mod stages;
