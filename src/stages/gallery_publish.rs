@@ -171,6 +171,33 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         .as_ref()
         .map(|b| b.region.clone())
         .unwrap_or_else(|| plan.gallery_region.clone());
+    // A version that exists already is this run's (a replay) or someone else's (refused: versions
+    // are immutable). A replay changes nothing: not its end of life, and not "latest" after
+    // verify promoted it.
+    let existing = ctx.azure.get_version(&plan.version_id, false).await?;
+    if let Some(version) = &existing {
+        let same_source = version.source.as_deref().is_some_and(|s| {
+            s.trim_start_matches('/')
+                .eq_ignore_ascii_case(source.to_string().trim_start_matches('/'))
+        });
+        if !same_source {
+            return Ok(fail(format!(
+                "image version {} already exists from another source ({}); a version cannot be published twice",
+                plan.version_id,
+                version.source.as_deref().unwrap_or("unknown")
+            )));
+        }
+        let mut have: Vec<(String, u32)> = version.target_regions.clone();
+        let mut want: Vec<(String, u32)> = plan.regions.iter().map(|r| (r.name.clone(), r.replicas)).collect();
+        have.sort();
+        want.sort();
+        if have == want {
+            let mut next = message.next(Stage::Replicate, ctx.now);
+            next.artifacts.image_version = Some(plan.version_id.clone());
+            return Ok(Step::new(Outcome::Advance(vec![next])));
+        }
+    }
+    let promoted = existing.as_ref().is_some_and(|v| !v.exclude_from_latest) && !plan.final_excluded;
     let request = VersionRequest {
         location,
         source,
@@ -184,7 +211,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             })
             .collect(),
         storage_account_type: message.spec.publish.storage_account_type.clone(),
-        exclude_from_latest: plan.publish_excluded,
+        exclude_from_latest: plan.publish_excluded && !promoted,
         end_of_life: plan
             .end_of_life
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),

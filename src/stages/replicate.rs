@@ -158,6 +158,10 @@ fn estimate(
     status: &RegionStatus,
     ctx: &StepContext<'_>,
 ) -> Option<Duration> {
+    // A region that has not started (`Unknown`) reads 0% without replicating: no reading to time from.
+    if !status.state.eq_ignore_ascii_case("Replicating") {
+        return None;
+    }
     let now = Progress {
         at: ctx.now,
         percent: status.progress,
