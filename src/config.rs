@@ -115,7 +115,10 @@ impl Settings {
             ));
         }
         if !(self.azure.time_scale > 0.0 && self.azure.time_scale.is_finite()) {
-            return Err(ConfigError(format!("azure.time_scale must be a positive number, got {}", self.azure.time_scale)));
+            return Err(ConfigError(format!(
+                "azure.time_scale must be a positive number, got {}",
+                self.azure.time_scale
+            )));
         }
         if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale.is_finite()) {
             return Err(ConfigError(format!(

@@ -130,8 +130,9 @@ pub enum RunResult {
 }
 
 /// Folds a run's events into its result: it has ended when every pool branch it started has ended
-/// (verified or failed, or skipped because its region failed), or when the trunk failed — which
-/// may happen before `RunStarted` (the first step's call fails for good).
+/// (verified or failed, or skipped because its region failed) and, for a run that replicates, every
+/// region's replication has ended (completed or failed), or when the trunk failed — which may
+/// happen before `RunStarted` (the first step's call fails for good).
 pub fn run_result(events: &[Event]) -> RunResult {
     if let Some(reason) = events.iter().find_map(|e| match &e.kind {
         EventKind::RunFailed { reason } => Some(reason.clone()),
@@ -140,8 +141,8 @@ pub fn run_result(events: &[Event]) -> RunResult {
     }) {
         return RunResult::Failed { reason };
     }
-    let Some(pools) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunStarted { pools, .. } => Some(pools.clone()),
+    let Some((pools, regions, entry)) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunStarted { pools, regions } => Some((pools.clone(), regions.clone(), e.stage)),
         _ => None,
     }) else {
         return RunResult::Running;
@@ -174,6 +175,18 @@ pub fn run_result(events: &[Event]) -> RunResult {
                 format!("not created: replication to {} failed: {reason}", pool.region),
             )),
             (None, None) => return RunResult::Running,
+        }
+    }
+    // A region without pools still replicates: the run is not over (nor "succeeded") while it does.
+    if entry <= Stage::Replicate {
+        let region_ended = |name: &String| {
+            events.iter().any(|e| match &e.kind {
+                EventKind::RegionCompleted { region } | EventKind::RegionFailed { region, .. } => region == name,
+                _ => false,
+            })
+        };
+        if !regions.iter().all(region_ended) {
+            return RunResult::Running;
         }
     }
     match (verified.is_empty(), failed.is_empty()) {
@@ -348,6 +361,38 @@ mod tests {
                 reason: "westeurope/render: a; westeurope/sim: b; eastus/batch: c".into()
             }
         );
+    }
+
+    #[test]
+    fn a_run_that_replicates_ends_when_every_region_has() {
+        // westeurope and eastus have pools; southeastasia only gets a replica.
+        let mut start = event(
+            Branch::Trunk,
+            EventKind::RunStarted {
+                regions: vec!["westeurope".into(), "eastus".into(), "southeastasia".into()],
+                pools: vec![pool("westeurope", "render"), pool("eastus", "batch")],
+            },
+        );
+        start.stage = Stage::Snapshot;
+        let completed = |region: &str| event(Branch::Trunk, EventKind::RegionCompleted { region: region.into() });
+        let mut events = vec![
+            start.clone(),
+            completed("westeurope"),
+            completed("eastus"),
+            verified("westeurope", "render"),
+            verified("eastus", "batch"),
+        ];
+        assert_eq!(
+            run_result(&events),
+            RunResult::Running,
+            "southeastasia still replicates"
+        );
+        events.push(completed("southeastasia"));
+        assert_eq!(run_result(&events), RunResult::Succeeded);
+        // A rollout (entering at pool-create) replicates nothing: its pools alone end it.
+        start.stage = Stage::PoolCreate;
+        let rollout = [start, verified("westeurope", "render"), verified("eastus", "batch")];
+        assert_eq!(run_result(&rollout), RunResult::Succeeded);
     }
 
     #[test]

@@ -115,8 +115,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         inner: StageHandler::new(session.azure.clone(), session.stages.clone()),
         timings: timings.clone(),
     });
+    // Subscribed before the run starts, so no event is missed; drained after it ends, so none is lost.
+    let (stop_progress, stopped) = tokio::sync::oneshot::channel();
     let progress = tokio::spawn(show_progress(
-        bus.clone(),
+        bus.subscribe(),
+        stopped,
         prepared
             .plan
             .pools
@@ -135,7 +138,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     )
     .await?;
     let wall = began.elapsed();
-    progress.abort();
+    let _ = stop_progress.send(());
+    let _ = progress.await;
 
     let calls = match &session.emulator {
         Some(emulator) => azure_calls(emulator).await.ok(),
@@ -282,10 +286,15 @@ impl Handler for Timed {
     }
 }
 
-/// Progress from the run's events: a bar per trunk and pool on a terminal, lines otherwise.
-async fn show_progress(bus: Arc<MemoryBus>, pools: Vec<(String, String)>) {
+/// Progress from the run's events: a bar per trunk and pool on a terminal, lines otherwise. When
+/// `stop` fires (the run has ended), the events still buffered are shown before it returns.
+async fn show_progress(
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    pools: Vec<(String, String)>,
+) {
     use std::io::IsTerminal;
-    let mut events = bus.subscribe();
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     let terminal = std::io::stderr().is_terminal();
     let bars = MultiProgress::new();
     let style = ProgressStyle::with_template("{spinner} {prefix:<28} {wide_msg}").expect("valid template");
@@ -310,7 +319,7 @@ async fn show_progress(bus: Arc<MemoryBus>, pools: Vec<(String, String)>) {
             bar.enable_steady_tick(Duration::from_millis(120));
         }
     }
-    while let Ok(event) = events.recv().await {
+    let show = |event: Event| {
         let line = describe(&event);
         let label = event.branch.label();
         match (terminal, by_branch.get(&label)) {
@@ -331,6 +340,22 @@ async fn show_progress(bus: Arc<MemoryBus>, pools: Vec<(String, String)>) {
                 }
             }
             _ => eprintln!("[{:>15}] {:<24} {line}", event.stage.as_str(), label),
+        }
+    };
+    loop {
+        tokio::select! {
+            received = events.recv() => match received {
+                Ok(event) => show(event),
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return,
+            },
+            _ = &mut stop => loop {
+                match events.try_recv() {
+                    Ok(event) => show(event),
+                    Err(TryRecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            },
         }
     }
 }

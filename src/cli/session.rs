@@ -30,7 +30,11 @@ impl Session {
         let mut stages = settings.stages.clone();
         let mut runtime = settings.runtime.clone();
         let (azure_settings, emulator, time_scale) = match settings.azure.mode {
-            Mode::Azure => (settings.azure.client.clone().expect("checked on load"), None, settings.azure.time_scale),
+            Mode::Azure => (
+                settings.azure.client.clone().expect("checked on load"),
+                None,
+                settings.azure.time_scale,
+            ),
             Mode::Emulator => {
                 let e = &settings.emulator;
                 let world = match &e.world {

@@ -463,7 +463,13 @@ impl PipelineSpec {
     pub fn parse(text: &str, file: &str) -> Result<PipelineSpec, SpecError> {
         let spec: PipelineSpec = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
-            let (key, message) = split_toml_message(e.message());
+            let (mut key, message) = split_toml_message(e.message());
+            // A bad value's message (an invalid id, a wrong type) names no key; its span does.
+            if key == "-"
+                && let Some(found) = e.span().and_then(|s| key_at(text, s.start))
+            {
+                key = found;
+            }
             SpecError {
                 file: file.to_string(),
                 line,
@@ -634,6 +640,37 @@ fn split_toml_message(message: &str) -> (String, String) {
     (key, message.trim().to_string())
 }
 
+/// The key path (`gallery.id`, `pools[1].vm_size`) whose value is written at `offset`, if any.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    use toml::de::{DeTable, DeValue};
+    fn walk(value: &DeValue<'_>, span: std::ops::Range<usize>, path: String, offset: usize) -> Option<String> {
+        let inner = match value {
+            DeValue::Table(table) => table.iter().find_map(|(k, v)| {
+                let name = k.get_ref().as_ref();
+                let path = if path.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{path}.{name}")
+                };
+                walk(v.get_ref(), v.span(), path, offset)
+            }),
+            DeValue::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| walk(item.get_ref(), item.span(), format!("{path}[{i}]"), offset)),
+            _ => None,
+        };
+        inner.or_else(|| (!path.is_empty() && span.contains(&offset)).then_some(path))
+    }
+    let doc = DeTable::parse(text).ok()?;
+    walk(
+        &DeValue::Table(doc.get_ref().clone()),
+        doc.span(),
+        String::new(),
+        offset,
+    )
+}
+
 /// The line where a key path like `pools[1].resize_timeout` is written, if it is.
 fn locate(text: &str, key: &str) -> Option<usize> {
     use toml::de::{DeTable, DeValue};
@@ -752,6 +789,7 @@ resize_timeout = "auto"
         let text = NIGHTLY.replace("galleries/sigrun_gallery", "galleries/sigrun-gallery");
         let err = parse(&text).unwrap_err();
         assert!(err.message.contains("no dashes"), "{err}");
+        assert_eq!(err.key, "gallery.id");
         assert!(err.line.is_some());
 
         let text = NIGHTLY.replace("replicas = 2", "replicas = 0");
