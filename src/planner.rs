@@ -356,20 +356,18 @@ pub async fn plan(
     }
 
     // A gallery in another subscription than a pool's account needs Microsoft.Batch registered there.
+    // One gallery, so one look, however many pools are in other subscriptions.
     let mut register_batch_in = Vec::new();
-    for pool in &pools {
-        let gallery_sub = spec.gallery.id.subscription();
-        if !gallery_sub.eq_ignore_ascii_case(pool.account.subscription())
-            && !register_batch_in
-                .iter()
-                .any(|s: &String| s.eq_ignore_ascii_case(gallery_sub))
-            && azure.provider_state(gallery_sub, "Microsoft.Batch").await? != "Registered"
-        {
-            warnings.push(format!(
-                "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
-            ));
-            register_batch_in.push(gallery_sub.to_string());
-        }
+    let gallery_sub = spec.gallery.id.subscription();
+    if pools
+        .iter()
+        .any(|pool| !gallery_sub.eq_ignore_ascii_case(pool.account.subscription()))
+        && azure.provider_state(gallery_sub, "Microsoft.Batch").await? != "Registered"
+    {
+        warnings.push(format!(
+            "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
+        ));
+        register_batch_in.push(gallery_sub.to_string());
     }
 
     let gated = spec.promotion.gated && !rollout_only;

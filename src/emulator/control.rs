@@ -1,6 +1,8 @@
 //! The control API under `/_emulator`: the request log (for counting calls and checking
 //! `Retry-After`), the fault plan (read and replace at run time), the emulated clock (read and jump
-//! forward) and a summary of what exists. Local tooling only; it takes no token.
+//! forward), a summary of what exists and the timelines fixed for it (when each operation, region
+//! replication and node became ready: what a benchmark measures a client against). Local tooling
+//! only; it takes no token.
 
 use serde_json::{Value, json};
 use time::Duration;
@@ -23,11 +25,12 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         ("GET", ["clock"]) => clock(ctx),
         ("POST", ["clock"]) => advance(ctx, req),
         ("GET", ["state"]) => state(ctx),
+        ("GET", ["timelines"]) => timelines(ctx),
         _ => Response::json(
             404,
             &json!({"error": "unknown control endpoint", "endpoints": [
                 "GET requests[?since=SEQ]", "DELETE requests", "GET faults", "PUT faults {\"spec\": ...}",
-                "GET clock", "POST clock {\"advance_seconds\": N}", "GET state"
+                "GET clock", "POST clock {\"advance_seconds\": N}", "GET state", "GET timelines"
             ]}),
         ),
     }
@@ -112,5 +115,63 @@ fn state(ctx: &Ctx) -> Response {
     Response::json(
         200,
         &json!({"resources": resources, "pools": pools, "operations": st.operations.len()}),
+    )
+}
+
+/// The timelines fixed when operations started (emulated time, RFC 3339): every ARM operation,
+/// each version's per-region replication, and each pool's allocation with the moments its nodes
+/// reach `idle` (or `starttaskfailed`), sorted.
+fn timelines(ctx: &Ctx) -> Response {
+    let at = |t: time::OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+    let st = ctx.state.lock().expect("state lock");
+    let operations: Vec<Value> = st
+        .operations
+        .values()
+        .map(|op| {
+            json!({"resource": op.resource_id, "kind": op.kind, "started": at(op.started), "ends": at(op.ends),
+                "failed": op.failure.is_some()})
+        })
+        .collect();
+    let replication: Vec<Value> = st
+        .resources
+        .values()
+        .filter(|r| !r.replication.is_empty())
+        .map(|r| {
+            let regions: Vec<Value> = r
+                .replication
+                .iter()
+                .map(|rep| json!({"region": rep.region, "starts": at(rep.starts), "ends": at(rep.ends), "fails_at": rep.fails_at}))
+                .collect();
+            json!({"resource": r.id, "location": r.location, "regions": regions})
+        })
+        .collect();
+    let pools: Vec<Value> = st
+        .pools
+        .values()
+        .map(|p| {
+            let (mut idle, mut failed) = (Vec::new(), Vec::new());
+            for node in p.nodes.iter().filter(|n| n.removed.is_none()) {
+                let task = if p.wait_for_start_task { node.start_task_secs } else { 0 };
+                let ready = node.allocated + Duration::seconds((node.boot_secs + node.agent_secs + task) as i64);
+                if p.wait_for_start_task && node.start_task_fails {
+                    failed.push(ready);
+                } else {
+                    idle.push(ready);
+                }
+            }
+            idle.sort();
+            failed.sort();
+            let a = &p.allocation;
+            json!({"account": p.account, "id": p.id, "created": at(p.created),
+                "allocation": {"started": at(a.started), "ends": at(a.ends), "target_dedicated": a.target_dedicated,
+                    "target_low_priority": a.target_low_priority, "error": a.error.as_ref().map(|e| e.code.clone())},
+                "idle_at": idle.into_iter().map(at).collect::<Vec<_>>(),
+                "start_task_failed_at": failed.into_iter().map(at).collect::<Vec<_>>()})
+        })
+        .collect();
+    Response::json(
+        200,
+        &json!({"now": at(ctx.clock.now()), "time_scale": ctx.clock.scale(), "operations": operations,
+            "replication": replication, "pools": pools}),
     )
 }

@@ -116,6 +116,10 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
                 let eta = status.and_then(|s| estimate(&mut progress, s, ctx));
                 match eta {
                     Some(eta) => pending_eta = Some(pending_eta.map_or(eta, |p| p.min(eta))),
+                    // Not started (`Unknown`): Azure replicates to the other regions once the source
+                    // region is done, so such a region waits on one that replicates; it needs no
+                    // look of its own before that one's estimate.
+                    None if status.is_some_and(|s| s.state.eq_ignore_ascii_case("Unknown")) => {}
                     None => unknown_pending = true,
                 }
             }

@@ -3,6 +3,11 @@
 //! spec's deadline. Then it promotes the version (flips `excludeFromLatest` when promotion is gated)
 //! and applies the rollout policy to the previous version's pool of the same target — only a pool
 //! whose metadata says sigrun made it for this pipeline and target.
+//!
+//! Batch gives no hint when to look. The first look waits out the documented 15 minutes per 1000
+//! nodes (at most `poll_max`); later looks are timed from the pace at which nodes joined the pool
+//! (the fastest pace two readings allow, so a look comes early rather than late), and once the
+//! allocation is steady only the node counts are read.
 
 use std::time::Duration;
 
@@ -10,17 +15,26 @@ use super::common::{fail, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
 use crate::events::EventKind;
-use crate::model::envelope::{Branch, Envelope};
+use crate::model::envelope::{Branch, Envelope, Progress};
 use crate::model::spec::PreviousPool;
+
+/// Progress keys: the first and the latest reading of the nodes present while the pool allocates,
+/// and the first reading of idle nodes (percent of the target nodes).
+const ALLOCATED_FIRST: &str = "allocated-first";
+const ALLOCATED_LAST: &str = "allocated-last";
+const IDLE_FIRST: &str = "idle-first";
 
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let (Branch::Pool { target, .. }, Some(pool)) = (message.branch.clone(), message.artifacts.pool.clone()) else {
         return Ok(fail("verify runs on a pool branch after pool-create"));
     };
-    let Some(info) = ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await? else {
-        return Ok(fail(format!("pool {} disappeared before it verified", pool.pool_id)));
+    let Some(planned) = message.plan.pools.iter().find(|p| p.target == target) else {
+        return Ok(fail(format!("no pool target `{target}` in the plan")));
     };
+    let nodes = planned.dedicated_nodes + planned.low_priority_nodes;
     let verify = &message.spec.verify;
+    let target_nodes = nodes as f64;
+    let required = (verify.min_idle_share * target_nodes).ceil();
     let deadline = pool.created + ctx.settings.real(verify.deadline);
     if ctx.now > deadline {
         return Ok(fail(format!(
@@ -29,27 +43,75 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             crate::model::spec::duration::format(verify.deadline)
         )));
     }
-    if info.allocation_state != "steady" {
-        // Batch gives no hint; the documented 15 minutes per 1000 nodes says when to look.
-        let nodes = info.target_dedicated + info.target_low_priority;
-        let expected = pool.created
-            + ctx
-                .settings
-                .real(Duration::from_secs(60 + (nodes as u64 * 900).div_ceil(1000)));
-        let left = (expected - ctx.now).max(time::Duration::ZERO);
-        let delay = ctx
+    let mut progress = message
+        .operation
+        .as_ref()
+        .map(|op| op.progress.clone())
+        .unwrap_or_default();
+    // Batch gives no hint; the documented 15 minutes per 1000 nodes says when to look at the latest.
+    let expected = pool.created
+        + ctx
             .settings
-            .clamp(Duration::from_secs_f64(left.as_seconds_f64()).max(ctx.settings.default_poll()));
-        return Ok(wait_step(message, "allocation", Vec::new(), delay, ctx.now));
+            .real(Duration::from_secs(60 + (nodes as u64 * 900).div_ceil(1000)));
+    let left = Duration::from_secs_f64((expected - ctx.now).max(time::Duration::ZERO).as_seconds_f64());
+    let phase = message.operation.as_ref().map(|op| op.what.clone());
+    // Straight from pool-create: nothing has allocated yet, so the first look is the first wait.
+    if phase.is_none() && ctx.now - pool.created < ctx.settings.real(ctx.settings.poll_min) {
+        let delay = ctx.settings.clamp(left.max(ctx.settings.default_poll()));
+        return Ok(wait_with(message, "allocation", delay, progress, ctx));
     }
-    if let Some(error) = info.resize_errors.first() {
-        return Ok(fail(format!(
-            "pool {} allocation ended with {}: {} ({} of {} dedicated nodes)",
-            pool.pool_id, error.code, error.message, info.current_dedicated, info.target_dedicated
-        )));
+    // Once the allocation was seen steady without errors (the `nodes` wait), only nodes change.
+    if phase.as_deref() != Some("nodes") {
+        let Some(info) = ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await? else {
+            return Ok(fail(format!("pool {} disappeared before it verified", pool.pool_id)));
+        };
+        if info.allocation_state != "steady" {
+            // Nodes join the pool as it allocates: once two looks have seen them arrive, the earliest
+            // end their pace allows comes first.
+            let mut delay = left.max(ctx.settings.default_poll());
+            let reading = Progress {
+                at: ctx.now,
+                percent: percent_of(info.current_dedicated + info.current_low_priority, nodes),
+            };
+            if reading.percent > 0 {
+                let first = *progress.entry(ALLOCATED_FIRST.to_string()).or_insert(reading);
+                progress.insert(ALLOCATED_LAST.to_string(), reading);
+                if let Some(eta) = earliest(first, reading, 100.0) {
+                    delay = delay.min(eta);
+                }
+                // Nearly allocated: nodes turn idle minutes after they join, so the next look also
+                // waits for enough of them, at the pace they joined.
+                if (info.current_dedicated + info.current_low_priority) as f64 >= required
+                    && let Some(percent_per_sec) = pace(first, reading)
+                {
+                    let idle = ctx
+                        .azure
+                        .node_counts(&pool.account_url, &pool.pool_id)
+                        .await?
+                        .get("idle") as f64;
+                    let nodes_per_sec = percent_per_sec * target_nodes / 100.0;
+                    delay = delay.max(Duration::from_secs_f64((required - idle).max(0.0) / nodes_per_sec));
+                }
+            }
+            return Ok(wait_with(
+                message,
+                "allocation",
+                ctx.settings.clamp(delay),
+                progress,
+                ctx,
+            ));
+        }
+        if let Some(error) = info.resize_errors.first() {
+            return Ok(fail(format!(
+                "pool {} allocation ended with {}: {} ({} of {} dedicated nodes)",
+                pool.pool_id, error.code, error.message, info.current_dedicated, info.target_dedicated
+            )));
+        }
     }
     let counts = ctx.azure.node_counts(&pool.account_url, &pool.pool_id).await?;
-    let target_nodes = (info.target_dedicated + info.target_low_priority) as f64;
+    if counts.total == 0 && ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await?.is_none() {
+        return Ok(fail(format!("pool {} disappeared before it verified", pool.pool_id)));
+    }
     let idle = counts.get("idle") as f64;
     let failed = counts.get("starttaskfailed") as f64;
     let allowed_failed = (verify.max_start_task_failed_share * target_nodes).floor();
@@ -59,9 +121,27 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             pool.pool_id
         )));
     }
-    if idle < (verify.min_idle_share * target_nodes).ceil() {
-        let delay = ctx.settings.default_poll();
-        return Ok(wait_step(message, "nodes", Vec::new(), delay, ctx.now));
+    if idle < required {
+        // Nodes turn idle at about the pace they joined: time the next look by that pace, else by
+        // two readings of the idle nodes, else by the default poll.
+        let reading = Progress {
+            at: ctx.now,
+            percent: percent_of(idle as u32, nodes),
+        };
+        let joined = match (progress.get(ALLOCATED_FIRST), progress.get(ALLOCATED_LAST)) {
+            (Some(first), Some(last)) => pace(*first, *last),
+            _ => None,
+        };
+        let first_idle = (reading.percent > 0).then(|| *progress.entry(IDLE_FIRST.to_string()).or_insert(reading));
+        let eta = match (joined, first_idle) {
+            (Some(percent_per_sec), _) => Some(Duration::from_secs_f64(
+                (required - idle) * 100.0 / target_nodes / percent_per_sec,
+            )),
+            (None, Some(first)) => earliest(first, reading, required * 100.0 / target_nodes),
+            (None, None) => None,
+        };
+        let delay = eta.map_or_else(|| ctx.settings.default_poll(), |eta| ctx.settings.clamp(eta));
+        return Ok(wait_with(message, "nodes", delay, progress, ctx));
     }
 
     let mut events = vec![EventKind::PoolVerified {
@@ -113,4 +193,41 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         outcome: Outcome::Done,
         events,
     })
+}
+
+/// A wait that keeps the progress readings (a new `what` would start them over).
+fn wait_with(
+    message: Envelope,
+    what: &str,
+    delay: Duration,
+    progress: std::collections::BTreeMap<String, Progress>,
+    ctx: &StepContext<'_>,
+) -> Step {
+    let mut step = wait_step(message, what, Vec::new(), delay, ctx.now);
+    if let Outcome::Wait { message, .. } = &mut step.outcome
+        && let Some(op) = message.operation.as_mut()
+    {
+        op.progress = progress;
+    }
+    step
+}
+
+fn percent_of(part: u32, whole: u32) -> u8 {
+    (part as u64 * 100 / whole.max(1) as u64).min(100) as u8
+}
+
+/// The fastest pace (percent per second) two readings allow: a reading of `p` percent means
+/// somewhere in [p, p + 1).
+fn pace(before: Progress, now: Progress) -> Option<f64> {
+    let elapsed = (now.at - before.at).as_seconds_f64();
+    (before.percent > 0 && now.percent > before.percent && elapsed > 0.0)
+        .then(|| (now.percent as f64 + 1.0 - before.percent as f64) / elapsed)
+}
+
+/// The earliest moment `goal` percent can be reached at that pace, from now: a look timed by it
+/// comes before the goal, never after it.
+fn earliest(before: Progress, now: Progress, goal: f64) -> Option<Duration> {
+    let pace = pace(before, now)?;
+    let left = (goal - (now.percent as f64 + 1.0)).max(0.0) / pace;
+    Some(Duration::from_secs_f64(left))
 }
