@@ -322,10 +322,12 @@ pub fn request_id(headers: &HeaderMap) -> Option<String> {
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
-        if let Some(ms) = text(name)
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0)
-        {
+        let Some(value) = text(name) else { continue };
+        // Whole milliseconds exactly; a fractional value through f64.
+        if let Ok(ms) = value.parse::<u64>() {
+            return Some(Duration::from_millis(ms));
+        }
+        if let Some(ms) = value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0) {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
     }

@@ -15,11 +15,13 @@ use crate::model::rules;
 
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let plan = message.plan.clone();
+    // What this stage itself just finished creating needs no second look.
+    let mut finished: Option<String> = None;
     if let Some(op) = &message.operation
         && !op.status_urls.is_empty()
     {
         match settle(ctx, &op.status_urls).await? {
-            Settled::Done => {}
+            Settled::Done => finished = Some(op.what.clone()),
             Settled::Pending(urls, hint) => {
                 let what = op.what.clone();
                 return Ok(wait_step(message, &what, urls, after_hint(ctx.settings, hint), ctx.now));
@@ -28,99 +30,103 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         }
     }
 
-    // The gallery.
-    match ctx.azure.get_gallery(&plan.gallery).await? {
-        None if plan.create_gallery => {
-            let accepted = ctx
-                .azure
-                .put_gallery(&plan.gallery, &plan.gallery_region, &tags(&message))
-                .await?;
-            let urls = accepted.status_url.into_iter().collect();
-            return Ok(wait_step(
-                message,
-                "gallery",
-                urls,
-                after_hint(ctx.settings, accepted.retry_after),
-                ctx.now,
-            )
-            .with(EventKind::ResourceCreated {
-                id: plan.gallery.to_string(),
-            }));
+    // The gallery (known to exist once its creation, or the definition's, has finished).
+    if !matches!(finished.as_deref(), Some("gallery" | "definition")) {
+        match ctx.azure.get_gallery(&plan.gallery).await? {
+            None if plan.create_gallery => {
+                let accepted = ctx
+                    .azure
+                    .put_gallery(&plan.gallery, &plan.gallery_region, &tags(&message))
+                    .await?;
+                let urls = accepted.status_url.into_iter().collect();
+                return Ok(wait_step(
+                    message,
+                    "gallery",
+                    urls,
+                    after_hint(ctx.settings, accepted.retry_after),
+                    ctx.now,
+                )
+                .with(EventKind::ResourceCreated {
+                    id: plan.gallery.to_string(),
+                }));
+            }
+            None => {
+                return Ok(fail(format!(
+                    "gallery {} does not exist and the spec does not allow creating it",
+                    plan.gallery
+                )));
+            }
+            Some(state) if state.provisioning_state == "Failed" => {
+                return Ok(fail(format!("gallery {} is in state Failed", plan.gallery)));
+            }
+            Some(state) if state.provisioning_state != "Succeeded" => {
+                return Ok(wait_step(
+                    message,
+                    "gallery",
+                    Vec::new(),
+                    ctx.settings.default_poll(),
+                    ctx.now,
+                ));
+            }
+            Some(_) => {}
         }
-        None => {
-            return Ok(fail(format!(
-                "gallery {} does not exist and the spec does not allow creating it",
-                plan.gallery
-            )));
-        }
-        Some(state) if state.provisioning_state == "Failed" => {
-            return Ok(fail(format!("gallery {} is in state Failed", plan.gallery)));
-        }
-        Some(state) if state.provisioning_state != "Succeeded" => {
-            return Ok(wait_step(
-                message,
-                "gallery",
-                Vec::new(),
-                ctx.settings.default_poll(),
-                ctx.now,
-            ));
-        }
-        Some(_) => {}
     }
 
     // The image definition.
     let spec = &message.spec.definition;
-    match ctx.azure.get_definition(&plan.definition).await? {
-        None => {
-            let request = DefinitionRequest {
-                location: plan.gallery_region.clone(),
-                os_type: spec.os_type.as_str().to_string(),
-                os_state: spec.os_state.clone(),
-                hyper_v_generation: spec.hyper_v_generation.clone(),
-                publisher: spec.publisher.clone(),
-                offer: spec.offer.clone(),
-                sku: spec.sku.clone(),
-                tags: tags(&message),
-            };
-            let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
-            let urls = accepted.status_url.into_iter().collect();
-            return Ok(wait_step(
-                message,
-                "definition",
-                urls,
-                after_hint(ctx.settings, accepted.retry_after),
-                ctx.now,
-            )
-            .with(EventKind::ResourceCreated {
-                id: plan.definition.to_string(),
-            }));
-        }
-        Some(existing) => {
-            if !rules::generalized(&existing.os_state) {
-                return Ok(fail(format!(
-                    "image definition {} is {}; Batch pools need a Generalized image",
-                    plan.definition, existing.os_state
-                )));
+    if finished.as_deref() != Some("definition") {
+        match ctx.azure.get_definition(&plan.definition).await? {
+            None => {
+                let request = DefinitionRequest {
+                    location: plan.gallery_region.clone(),
+                    os_type: spec.os_type.as_str().to_string(),
+                    os_state: spec.os_state.clone(),
+                    hyper_v_generation: spec.hyper_v_generation.clone(),
+                    publisher: spec.publisher.clone(),
+                    offer: spec.offer.clone(),
+                    sku: spec.sku.clone(),
+                    tags: tags(&message),
+                };
+                let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
+                let urls = accepted.status_url.into_iter().collect();
+                return Ok(wait_step(
+                    message,
+                    "definition",
+                    urls,
+                    after_hint(ctx.settings, accepted.retry_after),
+                    ctx.now,
+                )
+                .with(EventKind::ResourceCreated {
+                    id: plan.definition.to_string(),
+                }));
             }
-            if !existing.os_type.eq_ignore_ascii_case(spec.os_type.as_str()) {
-                return Ok(fail(format!(
-                    "image definition {} is {}, the pipeline builds {}",
-                    plan.definition,
-                    existing.os_type,
-                    spec.os_type.as_str()
-                )));
-            }
-            match existing.provisioning_state.as_str() {
-                "Succeeded" => {}
-                "Failed" => return Ok(fail(format!("image definition {} is in state Failed", plan.definition))),
-                _ => {
-                    return Ok(wait_step(
-                        message,
-                        "definition",
-                        Vec::new(),
-                        ctx.settings.default_poll(),
-                        ctx.now,
-                    ));
+            Some(existing) => {
+                if !rules::generalized(&existing.os_state) {
+                    return Ok(fail(format!(
+                        "image definition {} is {}; Batch pools need a Generalized image",
+                        plan.definition, existing.os_state
+                    )));
+                }
+                if !existing.os_type.eq_ignore_ascii_case(spec.os_type.as_str()) {
+                    return Ok(fail(format!(
+                        "image definition {} is {}, the pipeline builds {}",
+                        plan.definition,
+                        existing.os_type,
+                        spec.os_type.as_str()
+                    )));
+                }
+                match existing.provisioning_state.as_str() {
+                    "Succeeded" => {}
+                    "Failed" => return Ok(fail(format!("image definition {} is in state Failed", plan.definition))),
+                    _ => {
+                        return Ok(wait_step(
+                            message,
+                            "definition",
+                            Vec::new(),
+                            ctx.settings.default_poll(),
+                            ctx.now,
+                        ));
+                    }
                 }
             }
         }
