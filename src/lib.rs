@@ -4,7 +4,7 @@
 //!
 //! A tour of the modules:
 //! - [`azure`]: the Azure operations the pipeline calls (trait, REST client, error classes).
-//! - [`bus`]: the message bus interface and its in-process implementation.
+//! - [`bus`]: the message bus interface, its in-process implementation and the RabbitMQ one.
 //! - [`events`]: run history events and the run result derived from them.
 //! - [`planner`]: spec → plan, reading Azure and applying every preflight rule.
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.

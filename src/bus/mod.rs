@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::events::Event;
 use crate::model::envelope::Stage;
 
+pub mod amqp;
 pub mod memory;
 
 #[derive(Debug, thiserror::Error)]

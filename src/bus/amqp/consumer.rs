@@ -1,0 +1,252 @@
+//! Stage consumers and the inbox `next` takes from. Each consumed stage has a channel of its own
+//! with `basic.qos(prefetch)` and a manual-ack consumer on its quorum queue; what the broker
+//! delivers waits in the inbox, tagged with the connection generation, until `next` hands it out.
+//! Taking from the inbox is synchronous, so `next` is cancel-safe: a dropped `next` takes nothing.
+//! A delivery's count comes from the quorum queue's `x-delivery-count` header (absent on the first
+//! delivery). Settling goes through the delivery's own channel; a delivery dropped unsettled is
+//! requeued, as the trait asks.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::connection::Link;
+use super::{Shared, connection_error};
+use crate::bus::{Acker, BusError, Delivery};
+use crate::model::envelope::Stage;
+
+#[derive(Default)]
+pub(super) struct Inbox {
+    state: Mutex<InboxState>,
+    arrivals: Notify,
+}
+
+#[derive(Default)]
+struct InboxState {
+    queues: BTreeMap<Stage, VecDeque<Pending>>,
+    /// Arrival order across stages, so a caller of several stages gets the oldest first.
+    seq: u64,
+    shut_down: bool,
+}
+
+struct Pending {
+    seq: u64,
+    generation: u64,
+    delivery: lapin::message::Delivery,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, stage: Stage, generation: u64, delivery: lapin::message::Delivery) {
+        {
+            let mut state = self.lock();
+            state.seq += 1;
+            let seq = state.seq;
+            state.queues.entry(stage).or_default().push_back(Pending {
+                seq,
+                generation,
+                delivery,
+            });
+        }
+        self.arrivals.notify_waiters();
+    }
+
+    /// Drops what a dead connection delivered: it cannot be acked any more and the broker has
+    /// requeued it already.
+    pub(super) fn forget_generation(&self, generation: u64) {
+        let mut state = self.lock();
+        for queue in state.queues.values_mut() {
+            queue.retain(|p| p.generation != generation);
+        }
+    }
+
+    pub(super) fn shut_down(&self) {
+        self.lock().shut_down = true;
+        self.arrivals.notify_waiters();
+    }
+
+    pub(super) async fn next(&self, shared: &Shared, stages: &[Stage]) -> Option<Delivery> {
+        loop {
+            // Register before looking, so an arrival between the look and the wait wakes us.
+            let arrival = self.arrivals.notified();
+            let mut arrival = std::pin::pin!(arrival);
+            arrival.as_mut().enable();
+            {
+                let mut state = self.lock();
+                if state.shut_down {
+                    return None;
+                }
+                let live = shared.generation.load(Ordering::SeqCst);
+                if let Some((stage, pending)) = take(&mut state, stages, live) {
+                    return Some(delivery(stage, pending.delivery));
+                }
+            }
+            arrival.await;
+        }
+    }
+}
+
+/// Takes the oldest pending delivery of `stages` from the live connection, discarding stale ones.
+fn take(state: &mut InboxState, stages: &[Stage], live: u64) -> Option<(Stage, Pending)> {
+    for stage in stages {
+        if let Some(queue) = state.queues.get_mut(stage) {
+            queue.retain(|p| p.generation == live);
+        }
+    }
+    let stage = stages
+        .iter()
+        .filter_map(|s| state.queues.get(s)?.front().map(|p| (p.seq, *s)))
+        .min()?
+        .1;
+    let pending = state.queues.get_mut(&stage)?.pop_front()?;
+    Some((stage, pending))
+}
+
+/// `x-delivery-count` is the number of earlier returns of the message (absent: none).
+pub(super) fn delivery_count(headers: Option<&FieldTable>) -> u32 {
+    let earlier = headers
+        .and_then(|h| h.inner().get("x-delivery-count"))
+        .and_then(integer)
+        .unwrap_or(0);
+    u32::try_from(earlier).unwrap_or(u32::MAX - 1).saturating_add(1)
+}
+
+/// An integer header value of whatever width the broker chose.
+pub fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortInt(v) => Some(i64::from(*v)),
+        AMQPValue::ShortUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongUInt(v) => Some(i64::from(*v)),
+        AMQPValue::LongLongInt(v) => Some(*v),
+        _ => None,
+    }
+}
+
+fn delivery(stage: Stage, delivery: lapin::message::Delivery) -> Delivery {
+    let delivery_count = delivery_count(delivery.properties.headers().as_ref());
+    Delivery {
+        stage,
+        body: delivery.data,
+        delivery_count,
+        acker: Box::new(AmqpAcker {
+            acker: Some(delivery.acker),
+        }),
+    }
+}
+
+/// Consumes one stage's queue on `link` until the link dies or the task is aborted.
+pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, stage: Stage) {
+    let queue = shared.names.stage_queue(stage);
+    let result = async {
+        let channel = link.connection.create_channel().await?;
+        // Per consumer (global = false): what quorum queues support.
+        channel
+            .basic_qos(shared.settings.prefetch, BasicQosOptions { global: false })
+            .await?;
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        debug!(%stage, generation = link.generation, "consuming");
+        while let Some(delivery) = consumer.next().await {
+            shared.inbox.push(stage, link.generation, delivery?);
+        }
+        Ok::<_, lapin::Error>(())
+    }
+    .await;
+    if shared.is_shut_down() {
+        return;
+    }
+    match result {
+        Err(error) => warn!(%error, %stage, "stage consumer failed; reconnecting"),
+        // Cancelled by the broker (the queue was deleted, the node went down).
+        Ok(()) => warn!(%stage, "stage consumer cancelled by the broker; reconnecting"),
+    }
+    shared.report_broken(link.generation);
+}
+
+/// Settles one delivery on the channel it came from.
+struct AmqpAcker {
+    acker: Option<lapin::Acker>,
+}
+
+#[async_trait]
+impl Acker for AmqpAcker {
+    async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
+        let acker = self.acker.take().expect("settled once");
+        settled(acker.ack(BasicAckOptions::default()).await)
+    }
+
+    async fn requeue(mut self: Box<Self>) -> Result<(), BusError> {
+        let acker = self.acker.take().expect("settled once");
+        settled(acker.nack(requeue()).await)
+    }
+}
+
+/// lapin answers `Ok(false)` when the delivery's channel is gone (the acker is poisoned): nothing
+/// was sent, and the broker has returned or will return the message. The caller must know.
+fn settled(sent: lapin::Result<bool>) -> Result<(), BusError> {
+    match sent {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(BusError::Connection(
+            "the delivery's channel is closed; the broker returns the message to its queue".into(),
+        )),
+        Err(error) => Err(connection_error(error)),
+    }
+}
+
+fn requeue() -> BasicNackOptions {
+    BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    }
+}
+
+impl Drop for AmqpAcker {
+    fn drop(&mut self) {
+        // Unsettled: return it now rather than leave it holding a prefetch slot until the
+        // connection closes. Without a runtime (process exit) the broker returns it on disconnect.
+        if let Some(acker) = self.acker.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                if let Err(error) = acker.nack(requeue()).await {
+                    debug!(%error, "requeue of a dropped delivery failed (its channel is gone; the broker returns it)");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_absent_delivery_count_is_a_first_delivery() {
+        assert_eq!(delivery_count(None), 1);
+        let mut headers = FieldTable::default();
+        assert_eq!(delivery_count(Some(&headers)), 1);
+        headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(2));
+        assert_eq!(delivery_count(Some(&headers)), 3);
+        headers.insert("x-delivery-count".into(), AMQPValue::ShortShortUInt(1));
+        assert_eq!(delivery_count(Some(&headers)), 2);
+    }
+}

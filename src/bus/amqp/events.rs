@@ -1,0 +1,118 @@
+//! Reading the events stream back: the run history `status` and `watch` need. A stream over AMQP
+//! 0-9-1 is consumed like a queue with three rules the broker enforces: `basic.qos` must be set
+//! (per consumer), acks must be manual (auto-ack closes the connection), and where to start is the
+//! `x-stream-offset` consumer argument. Acking does not remove anything from a stream; it only
+//! makes room in the prefetch window. A reader does not survive a reconnect: open a new one from
+//! the last offset it saw.
+
+use futures_util::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, Consumer};
+
+use super::connection_error;
+use super::consumer::integer;
+use super::topology::Names;
+use crate::bus::BusError;
+use crate::events::Event;
+
+/// Where a reader starts in the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamOffset {
+    /// The oldest event still retained.
+    First,
+    /// Only events published after the reader opens.
+    Next,
+    /// The last chunk written, then what follows.
+    Last,
+    /// The event at this offset (as [`StreamedEvent::offset`] reported it), then what follows.
+    At(u64),
+}
+
+impl StreamOffset {
+    fn argument(&self) -> AMQPValue {
+        match self {
+            StreamOffset::First => AMQPValue::LongString(LongString::from("first")),
+            StreamOffset::Next => AMQPValue::LongString(LongString::from("next")),
+            StreamOffset::Last => AMQPValue::LongString(LongString::from("last")),
+            StreamOffset::At(offset) => AMQPValue::LongLongInt(i64::try_from(*offset).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// One event read from the stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamedEvent {
+    pub offset: u64,
+    pub routing_key: String,
+    pub event: Event,
+}
+
+pub struct EventReader {
+    channel: Channel,
+    consumer: Consumer,
+}
+
+impl EventReader {
+    pub(super) async fn open(
+        connection: &Connection,
+        names: &Names,
+        prefetch: u16,
+        offset: StreamOffset,
+    ) -> Result<EventReader, BusError> {
+        let channel = connection.create_channel().await.map_err(connection_error)?;
+        channel
+            .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
+            .await
+            .map_err(connection_error)?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-stream-offset".into(), offset.argument());
+        let consumer = channel
+            .basic_consume(
+                names.events().as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                arguments,
+            )
+            .await
+            .map_err(connection_error)?;
+        Ok(EventReader { channel, consumer })
+    }
+
+    /// The next event; waits for one to be published when the reader is at the end. `None` when
+    /// the reader's channel closed. An event that does not parse is an error (and is skipped).
+    pub async fn next(&mut self) -> Option<Result<StreamedEvent, BusError>> {
+        let delivery = match self.consumer.next().await? {
+            Ok(delivery) => delivery,
+            Err(error) => return Some(Err(connection_error(error))),
+        };
+        let offset = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-stream-offset"))
+            .and_then(integer)
+            .and_then(|o| u64::try_from(o).ok())
+            .unwrap_or_default();
+        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
+            return Some(Err(connection_error(error)));
+        }
+        let routing_key = delivery.routing_key.to_string();
+        Some(
+            serde_json::from_slice(&delivery.data)
+                .map(|event| StreamedEvent {
+                    offset,
+                    routing_key: routing_key.clone(),
+                    event,
+                })
+                .map_err(|e| {
+                    BusError::Connection(format!("event at offset {offset} ({routing_key}) does not parse: {e}"))
+                }),
+        )
+    }
+
+    /// Stops reading and closes the reader's channel.
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}

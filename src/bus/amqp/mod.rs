@@ -1,0 +1,392 @@
+//! The RabbitMQ bus: the [`Bus`] trait over AMQP 0-9-1 with lapin, for workers that share one
+//! broker. Work goes through a direct exchange into one quorum queue per stage (with a delivery
+//! limit that parks poison messages), delays through per-tier TTL queues that dead-letter back to
+//! the work exchange, parking into a quorum queue with the reason in headers, and events into a
+//! stream. Every publish waits for the broker's confirm; deliveries are acked manually.
+//!
+//! - [`topology`] — names and the idempotent declaration of exchanges and queues.
+//! - `publisher` — confirmed publishes and the headers parked messages carry.
+//! - `consumer` — one consumer per stage queue feeding [`AmqpBus::next`], and the acker.
+//! - `connection` — the connection, and reconnecting with backoff (re-declare, re-consume).
+//! - [`events`] — reading the events stream back (what `status` and `watch` need).
+//!
+//! Recovery is this module's own loop rather than lapin's auto-recover: one place decides when a
+//! connection is dead (a consumer's stream ends, a publish fails, the connection reports an
+//! error), and after a reconnect everything is declared again from scratch, so a broker restarted
+//! empty gets its topology back too.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::{Bus, BusError, Delivery, ParkReason};
+use crate::events::Event;
+use crate::model::envelope::Stage;
+
+mod connection;
+mod consumer;
+pub mod events;
+mod publisher;
+pub mod topology;
+
+use connection::Link;
+use consumer::Inbox;
+pub use events::{EventReader, StreamOffset, StreamedEvent};
+pub use publisher::headers;
+use topology::{Names, TopologySpec};
+
+/// How to reach the broker and the shape of what is declared there.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost` or `amqps://…` (the vhost percent-encoded: `%2f`).
+    pub url: String,
+    /// Prefix of every exchange and queue name, so several environments (and tests) share a broker.
+    pub prefix: String,
+    /// Deliveries of one message beyond the first before the broker parks it (`x-delivery-limit`).
+    /// Every return counts: a requeue, a crashed worker, a dropped connection.
+    pub delivery_limit: u32,
+    /// Unacked deliveries a stage consumer may hold (per stage, per process).
+    pub prefetch: u16,
+    /// Retention of the events stream (`x-max-age`: `7D`, `24h`, `30m`…).
+    pub event_max_age: String,
+    /// One connection attempt (TCP, TLS, AMQP handshake) may take this long.
+    #[serde(rename = "connect_timeout_ms", with = "millis")]
+    pub connect_timeout: Duration,
+    /// How long a publish may wait for the connection to come back before it fails.
+    #[serde(rename = "publish_timeout_ms", with = "millis")]
+    pub publish_timeout: Duration,
+    /// Reconnect backoff: first delay, doubled up to the maximum.
+    #[serde(rename = "reconnect_min_ms", with = "millis")]
+    pub reconnect_min: Duration,
+    #[serde(rename = "reconnect_max_ms", with = "millis")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        AmqpSettings {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            prefix: "sigrun".into(),
+            delivery_limit: 10,
+            prefetch: 10,
+            event_max_age: "7D".into(),
+            connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl AmqpSettings {
+    /// The URL with its password replaced, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact(&self.url)
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`; anything else unchanged.
+fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+impl fmt::Debug for AmqpSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpSettings")
+            .field("url", &self.redacted_url())
+            .field("prefix", &self.prefix)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("prefetch", &self.prefetch)
+            .field("event_max_age", &self.event_max_age)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .finish()
+    }
+}
+
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// What the bus's handle, its supervisor task and its consumer tasks share.
+struct Shared {
+    settings: AmqpSettings,
+    names: Names,
+    spec: TopologySpec,
+    /// The live connection, `None` while reconnecting. Publishers wait on it.
+    link: watch::Sender<Option<Arc<Link>>>,
+    /// Generation of the live connection (0: none), for dropping stale buffered deliveries.
+    generation: AtomicU64,
+    /// Whoever sees a connection fail reports its generation here; the supervisor reconnects.
+    broken: mpsc::UnboundedSender<u64>,
+    /// Stages `next` has been asked for: consumed now and after every reconnect.
+    wanted: Mutex<BTreeSet<Stage>>,
+    wanted_changed: Notify,
+    inbox: Inbox,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    fn report_broken(&self, generation: u64) {
+        // The supervisor gone means the bus is closing: nothing to reconnect.
+        let _ = self.broken.send(generation);
+    }
+
+    fn is_shut_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// The RabbitMQ bus. One connection (a publishing channel with confirms, a channel per consumed
+/// stage), re-established with backoff when it drops.
+pub struct AmqpBus {
+    shared: Arc<Shared>,
+    tiers: Vec<Duration>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl AmqpBus {
+    /// Connects, declares the whole topology (idempotently) and starts the connection supervisor.
+    /// Fails if the first connection or declaration fails: a worker that cannot reach its broker
+    /// at start says so instead of retrying silently. Needs a tokio runtime; call
+    /// [`AmqpBus::close`] before that runtime ends (lapin's IO loop must not outlive it).
+    ///
+    /// # Panics
+    /// When `tiers` is empty, holds a zero delay or is not strictly increasing (configured tiers
+    /// are checked by `RuntimeSettings::check`).
+    pub async fn connect(settings: AmqpSettings, tiers: Vec<Duration>) -> Result<AmqpBus, BusError> {
+        assert!(
+            !tiers.is_empty() && tiers[0] > Duration::ZERO && tiers.windows(2).all(|w| w[0] < w[1]),
+            "delay tiers must be non-empty, non-zero and strictly increasing: {tiers:?}"
+        );
+        let (broken, broken_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            names: Names::new(&settings.prefix),
+            spec: TopologySpec {
+                delivery_limit: settings.delivery_limit,
+                tiers: tiers.clone(),
+                event_max_age: settings.event_max_age.clone(),
+            },
+            settings,
+            link: watch::Sender::new(None),
+            generation: AtomicU64::new(0),
+            broken,
+            wanted: Mutex::new(BTreeSet::new()),
+            wanted_changed: Notify::new(),
+            inbox: Inbox::default(),
+            shutdown: watch::Sender::new(false),
+        });
+        let first = connection::establish(&shared, 1).await?;
+        let supervisor = tokio::spawn(connection::supervise(Arc::clone(&shared), first, broken_rx));
+        Ok(AmqpBus {
+            shared,
+            tiers,
+            supervisor: Mutex::new(Some(supervisor)),
+        })
+    }
+
+    pub fn settings(&self) -> &AmqpSettings {
+        &self.shared.settings
+    }
+
+    pub fn names(&self) -> &Names {
+        &self.shared.names
+    }
+
+    /// Connected now (false while reconnecting): what a worker's readiness reports.
+    pub fn is_connected(&self) -> bool {
+        self.shared.link.borrow().is_some()
+    }
+
+    /// Waits until the bus is connected with a connection other than `not_generation` (0: any).
+    /// Returns the connection's generation (1 for the first, raised by every reconnect).
+    pub async fn connected(&self, not_generation: u64) -> Result<u64, BusError> {
+        let link = connection::wait_link(&self.shared, not_generation, self.shared.settings.publish_timeout).await?;
+        Ok(link.generation)
+    }
+
+    /// The generation of the live connection (0 while reconnecting).
+    pub fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::SeqCst)
+    }
+
+    /// Stops deliveries (`next` returns `None`, waiting callers included) and closes the connection
+    /// cleanly; unacked deliveries go back to their queues. Publishing fails from now on.
+    pub async fn close(&self) {
+        self.shared.inbox.shut_down();
+        self.shared.shutdown.send_replace(true);
+        let supervisor = self.supervisor.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(supervisor) = supervisor {
+            let _ = supervisor.await;
+        }
+    }
+
+    /// Deletes the queues and exchanges of `settings.prefix` and these tiers, messages included
+    /// (tests, tearing an environment down), on a connection of its own. Close the buses of that
+    /// prefix first: a live bus sees its consumers cancelled, reconnects and declares it all again.
+    pub async fn delete_topology(settings: &AmqpSettings, tiers: &[Duration]) -> Result<(), BusError> {
+        let connect = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default());
+        let connection = tokio::time::timeout(settings.connect_timeout, connect)
+            .await
+            .map_err(|_| BusError::Connection(format!("{}: no connection", settings.redacted_url())))?
+            .map_err(connection_error)?;
+        let channel = connection.create_channel().await.map_err(connection_error)?;
+        let deleted = topology::delete(&channel, &Names::new(&settings.prefix), tiers).await;
+        let _ = connection.close(200, "topology deleted".into()).await;
+        deleted.map_err(connection_error)
+    }
+
+    /// Reads the events stream from `offset` on a channel of its own (see [`EventReader`]).
+    pub async fn read_events(&self, offset: StreamOffset) -> Result<EventReader, BusError> {
+        let link = connection::wait_link(&self.shared, 0, self.shared.settings.publish_timeout).await?;
+        events::EventReader::open(
+            &link.connection,
+            &self.shared.names,
+            self.shared.settings.prefetch,
+            offset,
+        )
+        .await
+    }
+
+    /// Marks stages as consumed; the supervisor starts their consumers.
+    fn want(&self, stages: &[Stage]) {
+        let mut wanted = self.shared.wanted.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = wanted.len();
+        wanted.extend(stages.iter().copied());
+        if wanted.len() != before {
+            self.shared.wanted_changed.notify_one();
+        }
+    }
+}
+
+impl Drop for AmqpBus {
+    fn drop(&mut self) {
+        // Not closed: tell the supervisor to close the connection in the background.
+        self.shared.inbox.shut_down();
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+pub(crate) fn connection_error(error: lapin::Error) -> BusError {
+    BusError::Connection(error.to_string())
+}
+
+#[async_trait]
+impl Bus for AmqpBus {
+    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+        let exchange = self.shared.names.work();
+        publisher::publish(
+            &self.shared,
+            &exchange,
+            stage.as_str(),
+            body,
+            publisher::work_properties(),
+        )
+        .await
+    }
+
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
+        let Some(&delay) = self.tiers.get(tier) else {
+            return Err(BusError::NotConfirmed {
+                target: format!("delay tier {tier}"),
+                reason: format!("the bus has {} tiers", self.tiers.len()),
+            });
+        };
+        // Routing key = the stage: the tier's fanout exchange ignores it and the TTL dead-letters
+        // the message back to the work exchange with it.
+        let exchange = self.shared.names.tier(delay);
+        publisher::publish(
+            &self.shared,
+            &exchange,
+            stage.as_str(),
+            body,
+            publisher::work_properties(),
+        )
+        .await
+    }
+
+    async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {
+        let exchange = self.shared.names.parking_exchange();
+        let key = reason.stage.map_or("", Stage::as_str);
+        publisher::publish(&self.shared, &exchange, key, body, publisher::park_properties(reason)).await
+    }
+
+    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+        let exchange = self.shared.names.events();
+        let body = serde_json::to_vec(event).expect("events serialize");
+        publisher::publish(
+            &self.shared,
+            &exchange,
+            &event.routing_key(),
+            &body,
+            publisher::event_properties(),
+        )
+        .await
+    }
+
+    async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
+        self.want(stages);
+        self.shared.inbox.next(&self.shared, stages).await
+    }
+
+    fn tiers(&self) -> &[Duration] {
+        &self.tiers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_and_redacted_url_hide_the_password() {
+        let settings = AmqpSettings {
+            url: "amqps://worker:s3cr%40t@broker.example:5671/prod".into(),
+            ..AmqpSettings::default()
+        };
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains("s3cr"), "{printed}");
+        assert!(
+            printed.contains("amqps://worker:***@broker.example:5671/prod"),
+            "{printed}"
+        );
+        assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
+        assert_eq!(redact("amqp://user@host"), "amqp://user@host");
+    }
+
+    #[test]
+    fn settings_read_strictly_with_defaults() {
+        let settings: AmqpSettings = toml::from_str("prefix = \"ci\"\nconnect_timeout_ms = 500\n").unwrap();
+        assert_eq!(settings.prefix, "ci");
+        assert_eq!(settings.connect_timeout, Duration::from_millis(500));
+        assert_eq!(settings.delivery_limit, AmqpSettings::default().delivery_limit);
+        assert!(toml::from_str::<AmqpSettings>("prefetchh = 3").is_err());
+    }
+}

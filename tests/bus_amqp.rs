@@ -1,0 +1,606 @@
+//! The RabbitMQ bus against the real broker at `SIGRUN_TEST_AMQP_URL` (default
+//! amqp://guest:guest@127.0.0.1:5672). Nothing is skipped: an unreachable broker fails every test
+//! with how to start it. Each test declares its own topology under a random name prefix (tests run
+//! in parallel on one broker) and deletes it at the end. Broker-side timing (TTL expiry,
+//! dead-lettering) is awaited with bounded polling; everything else awaits the event itself.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use sigrun::azure::AzureError;
+use sigrun::bus::amqp::{AmqpBus, AmqpSettings, StreamOffset, headers};
+use sigrun::bus::{Bus, BusError, Delivery, ParkReason};
+use sigrun::events::{Event, EventKind};
+use sigrun::model::envelope::{Branch, ENVELOPE_VERSION, Envelope, Stage, new_traceparent};
+use sigrun::model::ids::{GalleryId, GalleryImageId, GalleryImageVersionId};
+use sigrun::model::plan::Plan;
+use sigrun::model::spec::PipelineSpec;
+use sigrun::runtime::{Handler, Runtime, RuntimeSettings};
+use sigrun::stages::{Outcome, Step};
+use time::OffsetDateTime;
+use tokio::time::{Instant, sleep, timeout};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn url() -> String {
+    std::env::var("SIGRUN_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn settings(prefix: &str) -> AmqpSettings {
+    AmqpSettings {
+        url: url(),
+        prefix: prefix.into(),
+        delivery_limit: 2,
+        prefetch: 10,
+        event_max_age: "1h".into(),
+        connect_timeout: Duration::from_secs(5),
+        publish_timeout: Duration::from_secs(15),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_secs(1),
+    }
+}
+
+fn prefix() -> String {
+    format!("sigrun-test-{}", &Uuid::new_v4().simple().to_string()[..12])
+}
+
+fn tiers() -> Vec<Duration> {
+    [150, 400, 800].map(Duration::from_millis).to_vec()
+}
+
+async fn connect(prefix: &str) -> AmqpBus {
+    connect_with(settings(prefix), tiers()).await
+}
+
+async fn connect_with(settings: AmqpSettings, tiers: Vec<Duration>) -> AmqpBus {
+    let url = settings.redacted_url();
+    match AmqpBus::connect(settings, tiers).await {
+        Ok(bus) => bus,
+        Err(error) => panic!(
+            "RabbitMQ is not reachable at {url} ({error}). Start it with `rabbitmq-server -detached` \
+             (or point SIGRUN_TEST_AMQP_URL at a broker)"
+        ),
+    }
+}
+
+/// Deletes the test's topology and closes the bus.
+async fn teardown(bus: AmqpBus) {
+    let (settings, tiers) = (bus.settings().clone(), bus.tiers().to_vec());
+    bus.close().await;
+    AmqpBus::delete_topology(&settings, &tiers)
+        .await
+        .expect("delete the test topology");
+}
+
+async fn next(bus: &AmqpBus, stages: &[Stage]) -> Delivery {
+    timeout(WAIT, bus.next(stages))
+        .await
+        .expect("a delivery within the wait")
+        .expect("the bus is open")
+}
+
+/// A plain connection for looking at queues directly.
+async fn raw() -> Connection {
+    Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("raw connection")
+}
+
+/// Waits (bounded) for a message on `queue` by `basic.get` — for broker-side moves such as
+/// dead-lettering, which no consumer of ours sees.
+async fn get_eventually(connection: &Connection, queue: &str) -> lapin::message::BasicGetMessage {
+    let channel = connection.create_channel().await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .unwrap()
+        {
+            message.delivery.acker.ack(BasicAckOptions::default()).await.unwrap();
+            return message;
+        }
+        assert!(Instant::now() < deadline, "nothing arrived on {queue}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn header<'a>(table: &'a FieldTable, key: &str) -> &'a AMQPValue {
+    table
+        .inner()
+        .get(key)
+        .unwrap_or_else(|| panic!("header {key} in {table:?}"))
+}
+
+fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+#[tokio::test]
+async fn a_published_message_is_delivered_once_confirmed_and_acked() {
+    let bus = connect(&prefix()).await;
+    let mut round_trips = Vec::new();
+    for i in 0..50 {
+        let body = format!("{{\"n\":{i}}}");
+        let start = Instant::now();
+        bus.publish(Stage::Snapshot, body.as_bytes()).await.unwrap();
+        let confirmed = start.elapsed();
+        let d = next(&bus, &[Stage::Snapshot]).await;
+        round_trips.push((confirmed, start.elapsed()));
+        assert_eq!(
+            (d.stage, d.body.as_slice(), d.delivery_count),
+            (Stage::Snapshot, body.as_bytes(), 1)
+        );
+        d.acker.ack().await.unwrap();
+    }
+    let mut confirms: Vec<Duration> = round_trips.iter().map(|r| r.0).collect();
+    let mut deliveries: Vec<Duration> = round_trips.iter().map(|r| r.1).collect();
+    confirms.sort();
+    deliveries.sort();
+    println!(
+        "publish confirm: p50 {:?} max {:?}; publish → next: p50 {:?} max {:?}",
+        percentile(&confirms, 0.5),
+        confirms.last().unwrap(),
+        percentile(&deliveries, 0.5),
+        deliveries.last().unwrap()
+    );
+    // Nothing else is left: another consumer of the stage waits in vain.
+    assert!(
+        timeout(Duration::from_millis(300), bus.next(&[Stage::Snapshot]))
+            .await
+            .is_err()
+    );
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn a_consumer_gets_only_the_stages_it_asks_for() {
+    let bus = connect(&prefix()).await;
+    bus.publish(Stage::Verify, b"v").await.unwrap();
+    bus.publish(Stage::Replicate, b"r").await.unwrap();
+    let d = next(&bus, &[Stage::Replicate]).await;
+    assert_eq!((d.stage, d.body.as_slice()), (Stage::Replicate, b"r".as_slice()));
+    d.acker.ack().await.unwrap();
+    let d = next(&bus, &[Stage::Verify, Stage::Snapshot]).await;
+    assert_eq!((d.stage, d.body.as_slice()), (Stage::Verify, b"v".as_slice()));
+    d.acker.ack().await.unwrap();
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn a_requeued_or_dropped_delivery_comes_back_with_its_count_raised() {
+    let bus = connect(&prefix()).await;
+    bus.publish(Stage::ImageCreate, b"again").await.unwrap();
+    let first = next(&bus, &[Stage::ImageCreate]).await;
+    assert_eq!(first.delivery_count, 1);
+    first.acker.requeue().await.unwrap();
+    let second = next(&bus, &[Stage::ImageCreate]).await;
+    assert_eq!(
+        (second.body.as_slice(), second.delivery_count),
+        (b"again".as_slice(), 2)
+    );
+    // Dropped unsettled: the bus returns it.
+    drop(second);
+    let third = next(&bus, &[Stage::ImageCreate]).await;
+    assert_eq!(third.delivery_count, 3);
+    third.acker.ack().await.unwrap();
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn a_message_returned_past_the_delivery_limit_is_parked_by_the_broker() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    bus.publish(Stage::Replicate, b"poison").await.unwrap();
+    // Limit 2: delivered three times, then dead-lettered to parking.
+    for count in 1..=3 {
+        let d = next(&bus, &[Stage::Replicate]).await;
+        assert_eq!(d.delivery_count, count);
+        d.acker.requeue().await.unwrap();
+    }
+    let raw = raw().await;
+    let parked = get_eventually(&raw, &format!("{prefix}.parked")).await;
+    assert_eq!(parked.delivery.data, b"poison");
+    let headers = parked.delivery.properties.headers().clone().unwrap();
+    let AMQPValue::FieldArray(deaths) = header(&headers, "x-death") else {
+        panic!("x-death is an array: {headers:?}");
+    };
+    let AMQPValue::FieldTable(death) = &deaths.as_slice()[0] else {
+        panic!("an x-death entry is a table");
+    };
+    assert_eq!(text(header(death, "reason")), "delivery_limit");
+    assert_eq!(text(header(death, "queue")), format!("{prefix}.stage.replicate"));
+    assert!(
+        timeout(Duration::from_millis(300), bus.next(&[Stage::Replicate]))
+            .await
+            .is_err(),
+        "not delivered a fourth time"
+    );
+    let _ = raw.close(200, "done".into()).await;
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn a_delayed_message_returns_to_its_stage_after_its_tier_and_not_before() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    let tiers = bus.tiers().to_vec();
+    let stages = [Stage::Snapshot, Stage::GalleryPublish, Stage::Verify];
+    let mut lateness = Vec::new();
+    for round in 0..4 {
+        for (tier, delay) in tiers.iter().enumerate() {
+            let stage = stages[tier];
+            let body = format!("tier {tier} round {round}");
+            let start = Instant::now();
+            bus.publish_delayed(stage, body.as_bytes(), tier).await.unwrap();
+            let d = next(&bus, &[stage]).await;
+            let waited = start.elapsed();
+            // Back on the stage it was published for: the routing key survived dead-lettering.
+            assert_eq!((d.stage, d.body.as_slice()), (stage, body.as_bytes()));
+            assert_eq!(d.delivery_count, 1);
+            assert!(
+                waited >= *delay,
+                "tier {tier} came back after {waited:?}, before {delay:?}"
+            );
+            lateness.push(waited - *delay);
+            d.acker.ack().await.unwrap();
+        }
+    }
+    lateness.sort();
+    println!(
+        "delay tiers {:?}: lateness over {} messages p50 {:?} max {:?}",
+        tiers,
+        lateness.len(),
+        percentile(&lateness, 0.5),
+        lateness.last().unwrap()
+    );
+    assert!(matches!(
+        bus.publish_delayed(Stage::Snapshot, b"x", 3).await,
+        Err(BusError::NotConfirmed { .. })
+    ));
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn park_puts_the_message_and_its_reason_in_the_parking_queue() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    let reason = ParkReason {
+        stage: Some(Stage::PoolCreate),
+        error: "PoolQuotaReached: no dedicated cores left".into(),
+        attempts: 4,
+        message_id: Some("m-123".into()),
+    };
+    bus.park(b"{\"v\":1}", &reason).await.unwrap();
+    let raw = raw().await;
+    let parked = get_eventually(&raw, &format!("{prefix}.parked")).await;
+    assert_eq!(parked.delivery.data, b"{\"v\":1}");
+    let properties = &parked.delivery.properties;
+    assert_eq!(properties.message_id().as_ref().map(|s| s.as_str()), Some("m-123"));
+    assert_eq!(properties.delivery_mode(), &Some(2));
+    let table = properties.headers().clone().unwrap();
+    assert_eq!(text(header(&table, headers::ERROR)), reason.error);
+    assert_eq!(text(header(&table, headers::STAGE)), "pool-create");
+    assert!(matches!(header(&table, headers::ATTEMPTS), AMQPValue::LongLongInt(4)));
+    let seen = text(header(&table, headers::FIRST_SEEN));
+    OffsetDateTime::parse(&seen, &time::format_description::well_known::Rfc3339).expect("an RFC 3339 time");
+    assert!(table.contains_key(headers::LAST_SEEN));
+    let _ = raw.close(200, "done".into()).await;
+    teardown(bus).await;
+}
+
+fn event(kind: EventKind) -> Event {
+    Event {
+        run_id: Uuid::new_v4(),
+        pipeline: "nightly-ubuntu".into(),
+        version: "2026.1126.0".into(),
+        stage: Stage::Replicate,
+        branch: Branch::Trunk,
+        at: OffsetDateTime::now_utc().replace_nanosecond(0).unwrap(),
+        kind,
+    }
+}
+
+#[tokio::test]
+async fn events_land_in_the_stream_and_read_back_from_the_first() {
+    let bus = connect(&prefix()).await;
+    let sent = vec![
+        event(EventKind::StageStarted),
+        event(EventKind::Waiting {
+            what: "replication".into(),
+        }),
+        event(EventKind::RegionCompleted {
+            region: "eastus".into(),
+        }),
+    ];
+    for e in &sent {
+        bus.publish_event(e).await.unwrap();
+    }
+    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
+    let mut offsets = Vec::new();
+    for e in &sent {
+        let got = timeout(WAIT, reader.next())
+            .await
+            .expect("an event")
+            .expect("open")
+            .unwrap();
+        assert_eq!(&got.event, e);
+        assert_eq!(got.routing_key, e.routing_key());
+        offsets.push(got.offset);
+    }
+    assert_eq!(
+        sent.iter().map(Event::routing_key).collect::<Vec<_>>(),
+        [
+            "nightly-ubuntu.replicate.stage_started",
+            "nightly-ubuntu.replicate.waiting",
+            "nightly-ubuntu.replicate.region_completed"
+        ]
+    );
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    reader.close().await;
+    // A reader from an offset starts there.
+    let mut from_second = bus.read_events(StreamOffset::At(offsets[1])).await.unwrap();
+    let got = timeout(WAIT, from_second.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(got.event, sent[1]);
+    from_second.close().await;
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn a_second_bus_on_the_same_prefix_redeclares_idempotently_and_shares_the_queues() {
+    let prefix = prefix();
+    let first = connect(&prefix).await;
+    let second = connect(&prefix).await;
+    first.publish(Stage::Verify, b"shared").await.unwrap();
+    let d = next(&second, &[Stage::Verify]).await;
+    assert_eq!(d.body, b"shared");
+    d.acker.ack().await.unwrap();
+    // Different arguments on the same names are refused by the broker, and said so.
+    let mut changed = settings(&prefix);
+    changed.delivery_limit = 7;
+    let err = match AmqpBus::connect(changed, tiers()).await {
+        Ok(_) => panic!("a changed delivery limit must not redeclare silently"),
+        Err(err) => err.to_string(),
+    };
+    assert!(err.contains("inequivalent arg"), "{err}");
+    second.close().await;
+    teardown(first).await;
+}
+
+/// Force-closes this test's connections (named `sigrun {prefix}`) from the broker's side, as an
+/// operator's `rabbitmqctl close_all_connections` would, without touching other tests' connections.
+fn close_connections_of(prefix: &str) -> usize {
+    let list = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let listing = String::from_utf8_lossy(&list.stdout);
+    let mut closed = 0;
+    for line in listing.lines().filter(|l| l.contains(&format!("sigrun {prefix}"))) {
+        let pid = line.split_whitespace().next().unwrap();
+        let status = Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "test closes it"])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success());
+        closed += 1;
+    }
+    closed
+}
+
+#[tokio::test]
+async fn a_closed_connection_is_reestablished_and_unacked_deliveries_come_back() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    bus.publish(Stage::Snapshot, b"in flight").await.unwrap();
+    let held = next(&bus, &[Stage::Snapshot]).await;
+    assert_eq!(bus.generation(), 1);
+
+    assert_eq!(close_connections_of(&prefix), 1);
+    let started = Instant::now();
+    let generation = bus.connected(1).await.expect("reconnected");
+    println!(
+        "reconnected (generation {generation}) {:?} after the close",
+        started.elapsed()
+    );
+    assert!(generation > 1);
+
+    // The held delivery's channel is gone: acking fails harmlessly, and the broker returned it.
+    assert!(held.acker.ack().await.is_err());
+    let again = next(&bus, &[Stage::Snapshot]).await;
+    assert_eq!(
+        (again.body.as_slice(), again.delivery_count),
+        (b"in flight".as_slice(), 2)
+    );
+    again.acker.ack().await.unwrap();
+
+    bus.publish(Stage::Snapshot, b"after").await.unwrap();
+    let after = next(&bus, &[Stage::Snapshot]).await;
+    assert_eq!((after.body.as_slice(), after.delivery_count), (b"after".as_slice(), 1));
+    after.acker.ack().await.unwrap();
+    teardown(bus).await;
+}
+
+#[tokio::test]
+async fn unacked_deliveries_of_a_closed_bus_go_to_another() {
+    let prefix = prefix();
+    let gone = connect(&prefix).await;
+    let other = connect(&prefix).await;
+    gone.publish(Stage::PoolCreate, b"orphan").await.unwrap();
+    let held = next(&gone, &[Stage::PoolCreate]).await;
+    gone.close().await;
+    assert!(
+        gone.next(&[Stage::PoolCreate]).await.is_none(),
+        "a closed bus delivers nothing"
+    );
+    assert!(matches!(
+        gone.publish(Stage::PoolCreate, b"x").await,
+        Err(BusError::Closed)
+    ));
+
+    let d = next(&other, &[Stage::PoolCreate]).await;
+    assert_eq!((d.body.as_slice(), d.delivery_count), (b"orphan".as_slice(), 2));
+    d.acker.ack().await.unwrap();
+    drop(held);
+    teardown(other).await;
+}
+
+const SPEC: &str = r#"
+name = "amqp-runtime"
+[gallery]
+id = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/galleries/g"
+[definition]
+name = "d"
+os_type = "Linux"
+publisher = "p"
+offer = "o"
+sku = "s"
+[version]
+scheme = "existing"
+value = "1.0.0"
+[[pools]]
+target = "t"
+account = "/subscriptions/22222222-2222-4222-8222-222222222222/resourceGroups/rg/providers/Microsoft.Batch/batchAccounts/a"
+vm_size = "Standard_D2s_v5"
+dedicated_nodes = 2
+node_agent_sku_id = "batch.node.ubuntu 22.04"
+"#;
+
+fn first_message() -> Envelope {
+    let spec = PipelineSpec::parse(SPEC, "amqp.toml").unwrap();
+    let sub = "11111111-1111-4111-8111-111111111111";
+    let now = OffsetDateTime::now_utc();
+    Envelope {
+        v: ENVELOPE_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        pipeline: spec.name.clone(),
+        version: "1.0.0".into(),
+        stage: Stage::Snapshot,
+        branch: Branch::Trunk,
+        plan: Plan {
+            version: "1.0.0".into(),
+            build: None,
+            gallery: GalleryId::new(sub, "rg", &["g"]).unwrap(),
+            gallery_region: "westeurope".into(),
+            create_gallery: false,
+            definition: GalleryImageId::new(sub, "rg", &["g", "d"]).unwrap(),
+            version_id: GalleryImageVersionId::new(sub, "rg", &["g", "d", "1.0.0"]).unwrap(),
+            regions: Vec::new(),
+            pools: Vec::new(),
+            publish_excluded: false,
+            final_excluded: false,
+            end_of_life: None,
+            register_batch_in: Vec::new(),
+            warnings: Vec::new(),
+        },
+        spec,
+        artifacts: Default::default(),
+        operation: None,
+        not_before: None,
+        attempt: 0,
+        run_started: now,
+        stage_started: now,
+        traceparent: new_traceparent(),
+    }
+}
+
+/// Snapshot → (a short wait on a delay tier) → image-create → done, with an event at each step.
+struct TwoStages;
+
+#[async_trait]
+impl Handler for TwoStages {
+    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+        let now = OffsetDateTime::now_utc();
+        Ok(match message.stage {
+            Stage::Snapshot => {
+                let mut next = message.next(Stage::ImageCreate, now);
+                // Held briefly, so the hand-off also goes through a delay tier.
+                next.hold_until(now + Duration::from_millis(200));
+                Step::new(Outcome::Advance(vec![next])).with(EventKind::StageStarted)
+            }
+            Stage::ImageCreate => Step::new(Outcome::Done).with(EventKind::ResourceCreated {
+                id: "/subscriptions/x/image".into(),
+            }),
+            _ => Step::new(Outcome::Fail("unexpected".into())),
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
+    let bus = Arc::new(connect(&prefix()).await);
+    let mut settings = RuntimeSettings {
+        consumers: 2,
+        tiers: tiers(),
+        ..RuntimeSettings::default()
+    };
+    settings.shutdown_grace = Duration::from_secs(5);
+    let runtime = Runtime::new(
+        Arc::clone(&bus) as Arc<dyn Bus>,
+        Arc::new(TwoStages),
+        vec![Stage::Snapshot, Stage::ImageCreate],
+        settings,
+    )
+    .unwrap();
+    let first = first_message();
+    bus.publish(Stage::Snapshot, &first.encode()).await.unwrap();
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        runtime
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let got = timeout(WAIT, reader.next())
+            .await
+            .expect("the run's events")
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.event.run_id, first.run_id);
+        seen.push((got.routing_key, got.event.kind));
+    }
+    reader.close().await;
+    let _ = stop.send(());
+    let report = timeout(WAIT, running).await.unwrap().unwrap();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "amqp-runtime.snapshot.stage_started".to_string(),
+                EventKind::StageStarted
+            ),
+            (
+                "amqp-runtime.image-create.resource_created".to_string(),
+                EventKind::ResourceCreated {
+                    id: "/subscriptions/x/image".into()
+                }
+            ),
+        ]
+    );
+    // Two steps, plus any early return from the tier (the hold is longer than the shortest tier).
+    assert!(report.handled >= 2, "{report:?}");
+    assert_eq!(report.abandoned, 0);
+    let bus = Arc::into_inner(bus).expect("the runtime let go of the bus");
+    teardown(bus).await;
+}
