@@ -7,9 +7,10 @@ use time::OffsetDateTime;
 
 use super::{Outcome, StageSettings, Step, StepContext};
 use crate::azure::AzureError;
-use crate::azure::api::{OperationStatus, Tags};
+use crate::azure::api::{OperationStatus, Tags, TargetRegion};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, InFlight};
+use crate::model::plan::Plan;
 
 /// Tags on every resource sigrun creates: which pipeline, run and version made it.
 pub fn tags(message: &Envelope) -> Tags {
@@ -124,4 +125,18 @@ pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration 
 
 pub fn fail(reason: impl Into<String>) -> Step {
     Step::new(Outcome::Fail(reason.into()))
+}
+
+/// The plan's target regions as the version takes them, leaving out `except` (a failed region
+/// being removed).
+pub fn target_regions(plan: &Plan, except: Option<&str>) -> Vec<TargetRegion> {
+    plan.regions
+        .iter()
+        .filter(|r| except.is_none_or(|e| r.name != e))
+        .map(|r| TargetRegion {
+            name: r.name.clone(),
+            replicas: r.replicas,
+            storage_account_type: r.storage_account_type.clone(),
+        })
+        .collect()
 }

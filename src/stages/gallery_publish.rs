@@ -5,10 +5,10 @@
 //! target regions, replica counts, storage type, end of life and `excludeFromLatest` (true while
 //! promotion is gated). Each step re-reads Azure, so a replay picks up wherever the last one was.
 
-use super::common::{Settled, after_hint, fail, settle, tags, wait_step};
+use super::common::{Settled, after_hint, fail, settle, tags, target_regions, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
-use crate::azure::api::{DefinitionRequest, TargetRegion, VersionRequest};
+use crate::azure::api::{DefinitionRequest, VersionRequest};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Stage};
 use crate::model::rules;
@@ -207,15 +207,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     let request = VersionRequest {
         location,
         source,
-        regions: plan
-            .regions
-            .iter()
-            .map(|r| TargetRegion {
-                name: r.name.clone(),
-                replicas: r.replicas,
-                storage_account_type: r.storage_account_type.clone(),
-            })
-            .collect(),
+        regions: target_regions(&plan, None),
         storage_account_type: message.spec.publish.storage_account_type.clone(),
         exclude_from_latest: plan.publish_excluded && !promoted,
         end_of_life: plan

@@ -7,10 +7,10 @@
 
 use std::time::Duration;
 
-use super::common::{fail, wait};
+use super::common::{fail, target_regions, wait};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
-use crate::azure::api::{RegionStatus, TargetRegion};
+use crate::azure::api::RegionStatus;
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Progress, Stage};
 
@@ -33,16 +33,9 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     if !message.artifacts.regions_to_readd.is_empty()
         && !matches!(version.provisioning_state.as_str(), "Creating" | "Updating")
     {
-        let regions: Vec<TargetRegion> = plan
-            .regions
-            .iter()
-            .map(|r| TargetRegion {
-                name: r.name.clone(),
-                replicas: r.replicas,
-                storage_account_type: r.storage_account_type.clone(),
-            })
-            .collect();
-        ctx.azure.set_target_regions(&plan.version_id, &regions).await?;
+        ctx.azure
+            .set_target_regions(&plan.version_id, &target_regions(&plan, None))
+            .await?;
         message.artifacts.regions_to_readd.clear();
         let delay = ctx.settings.default_poll();
         return Ok(Step {
@@ -81,17 +74,9 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
                 let tries = message.artifacts.region_retries.get(name).copied().unwrap_or(0);
                 if tries < ctx.settings.region_retries {
                     // Remove the failed region now; it is added back once the version settles.
-                    let remaining: Vec<TargetRegion> = plan
-                        .regions
-                        .iter()
-                        .filter(|r| r.name != name)
-                        .map(|r| TargetRegion {
-                            name: r.name.clone(),
-                            replicas: r.replicas,
-                            storage_account_type: r.storage_account_type.clone(),
-                        })
-                        .collect();
-                    ctx.azure.set_target_regions(&plan.version_id, &remaining).await?;
+                    ctx.azure
+                        .set_target_regions(&plan.version_id, &target_regions(&plan, Some(name)))
+                        .await?;
                     message.artifacts.region_retries.insert(name.to_string(), tries + 1);
                     message.artifacts.regions_to_readd.push(name.to_string());
                     events.push(EventKind::Retried {
