@@ -33,6 +33,9 @@ pub struct VmInfo {
 /// A write Azure accepted; the operation may still be running.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Accepted {
+    /// Whether the write created the resource (ARM answered 201, or 202 for a snapshot) rather
+    /// than finding it there (200: the same PUT again, or an update).
+    pub created: bool,
     /// `provisioningState` in the answer, if it had a body.
     pub provisioning_state: Option<String>,
     /// `Azure-AsyncOperation` (or `Location`) URL to poll.

@@ -86,6 +86,7 @@ fn provisioning_state(body: &Value) -> String {
 
 fn accepted(reply: &Reply) -> Accepted {
     Accepted {
+        created: matches!(reply.status, 201 | 202),
         provisioning_state: str_at(&reply.body, "/properties/provisioningState").map(str::to_string),
         status_url: reply
             .header("azure-asyncoperation")

@@ -215,12 +215,15 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
         tags: tags(&message),
     };
-    ctx.azure.put_version(&plan.version_id, &request).await?;
+    let accepted = ctx.azure.put_version(&plan.version_id, &request).await?;
     let mut next = message.next(Stage::Replicate, ctx.now);
     next.artifacts.image_version = Some(plan.version_id.clone());
-    Ok(
-        Step::new(Outcome::Advance(vec![next])).with(EventKind::ResourceCreated {
+    let step = Step::new(Outcome::Advance(vec![next]));
+    Ok(if accepted.created {
+        step.with(EventKind::ResourceCreated {
             id: plan.version_id.to_string(),
-        }),
-    )
+        })
+    } else {
+        step
+    })
 }

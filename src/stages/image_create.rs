@@ -40,17 +40,21 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 tags: tags(&message),
             };
             let accepted = ctx.azure.put_image(&build.image, &request).await?;
+            let created = accepted.created;
             let urls: Vec<String> = accepted.status_url.into_iter().collect();
-            Ok(wait_step(
+            let mut step = wait_step(
                 message,
                 WHAT,
                 urls,
                 after_hint(ctx.settings, accepted.retry_after),
                 ctx.now,
-            )
-            .with(EventKind::ResourceCreated {
-                id: build.image.to_string(),
-            }))
+            );
+            if created {
+                step = step.with(EventKind::ResourceCreated {
+                    id: build.image.to_string(),
+                });
+            }
+            Ok(step)
         }
         Some(urls) if urls.is_empty() => match ctx.azure.get_image(&build.image).await? {
             Some(state) if state.provisioning_state == "Succeeded" => Ok(advance(message, ctx)),

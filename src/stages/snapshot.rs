@@ -36,11 +36,13 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                     tags: tags(&message),
                 };
                 let accepted = ctx.azure.put_snapshot(&snapshot.id, &request).await?;
-                urls.extend(accepted.status_url);
+                urls.extend(accepted.status_url.clone());
                 hint = hint.max(accepted.retry_after);
-                events.push(EventKind::ResourceCreated {
-                    id: snapshot.id.to_string(),
-                });
+                if accepted.created {
+                    events.push(EventKind::ResourceCreated {
+                        id: snapshot.id.to_string(),
+                    });
+                }
             }
             let mut step = wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now);
             step.events.splice(0..0, events);

@@ -702,6 +702,19 @@ async fn the_same_version_twice_creates_nothing_twice_and_changes_nothing() {
     }
     let again: Vec<String> = creations(&az.log_since(mark).await).into_keys().collect();
     second.check(again.is_empty(), format_args!("the second run created {again:?}"));
+    // Its summary lists nothing as created: ARM answered every PUT with 200.
+    let listed = second
+        .stdout
+        .split("Resources created:")
+        .nth(1)
+        .and_then(|rest| rest.split("Stages").next())
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    second.check(
+        listed.is_empty(),
+        format_args!("the second run's summary lists as created: {listed}"),
+    );
     for account in ["sigrunweu", "sigruneus"] {
         let pools = az.pools(account).await;
         second.check(pools.len() == 1, format_args!("one pool in {account}: {pools:?}"));
