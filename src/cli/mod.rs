@@ -8,6 +8,7 @@ mod emulator;
 mod plan_view;
 mod run;
 mod session;
+mod trigger;
 mod validate;
 
 use std::process::ExitCode;
