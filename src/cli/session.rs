@@ -1,4 +1,4 @@
-//! What `run` and `validate` share: load the settings, start the built-in
+//! What `run`, `validate`, `worker` and `submit` share: load the settings, start the built-in
 //! emulator when configured, and build the Azure client and the stage and runtime settings, scaled
 //! to the emulator's clock.
 
@@ -10,6 +10,7 @@ use anyhow::Context;
 
 use crate::azure::client::AzureClient;
 use crate::azure::config::{AzureSettings, CloudSettings, CredentialSettings};
+use crate::bus::amqp::AmqpSettings;
 use crate::config::{Mode, Settings};
 use crate::emulator::{Emulator, EmulatorOptions, World};
 use crate::runtime::RuntimeSettings;
@@ -23,6 +24,8 @@ pub struct Session {
     pub runtime: RuntimeSettings,
     /// Azure seconds per real second (1 against Azure).
     pub time_scale: f64,
+    /// The RabbitMQ bus settings (`worker`, `submit`).
+    pub amqp: AmqpSettings,
 }
 
 impl Session {
@@ -87,6 +90,7 @@ impl Session {
             stages,
             runtime,
             time_scale,
+            amqp: settings.amqp,
         })
     }
 }
