@@ -10,10 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use sigrun::bus::amqp::topology::Names;
 use sigrun::bus::amqp::{AmqpBus, StreamOffset};
 use sigrun::config::Settings;
 use sigrun::emulator::EmulatorOptions;
 use sigrun::events::{self, Event, RunResult};
+use sigrun::model::envelope::Stage;
 use uuid::Uuid;
 
 use crate::helpers::{self, BATCH_API, PIPELINE_APP, TENANT, TestEmulator};
@@ -343,4 +348,67 @@ async fn workers_and_submit_refuse_emulator_mode_and_bad_input() {
     );
     let stdout = std::fs::read_to_string(&missing.stdout).unwrap_or_default();
     assert!(stdout.is_empty(), "no run id for bad input{}", missing.report());
+
+    // A plan that passes but a start the run cannot take: exit 2 after planning, still before the
+    // broker (not even the topology of the test's prefix is declared).
+    let mut from_verify = Process::start(
+        &setup.dir,
+        "from-verify",
+        &[
+            "submit",
+            NIGHTLY,
+            "--version",
+            VERSION,
+            "--from",
+            "verify",
+            "--config",
+            &config,
+        ],
+        &[],
+    );
+    assert_eq!(
+        from_verify.wait(Duration::from_secs(60)).await,
+        Some(2),
+        "{}",
+        from_verify.report()
+    );
+    let stderr = std::fs::read_to_string(&from_verify.stderr).unwrap_or_default();
+    assert!(stderr.contains("--from verify"), "{}", from_verify.report());
+
+    let connection = match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+        Ok(connection) => connection,
+        Err(error) => panic!("RabbitMQ is not reachable ({error}). Start it with `rabbitmq-server -detached`"),
+    };
+    let names = Names::new(&setup.prefix);
+    let queues = [names.events(), names.stage_queue(Stage::Snapshot)];
+    let exists = |queue: String| {
+        let connection = &connection;
+        async move {
+            let channel = connection.create_channel().await.expect("channel");
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_ok()
+        }
+    };
+    for queue in &queues {
+        assert!(
+            !exists(queue.clone()).await,
+            "{queue} should not exist: nothing was published"
+        );
+    }
+    // The check itself: once a bus of the prefix has declared the topology, the queues are there.
+    let (bus, settings) = test_bus(&setup.config).await;
+    for queue in &queues {
+        assert!(exists(queue.clone()).await, "{queue} exists once declared");
+    }
+    bus.close().await;
+    AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
+        .await
+        .expect("delete the test topology");
+    let _ = connection.close(200, "done".into()).await;
 }
