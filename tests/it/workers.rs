@@ -412,3 +412,75 @@ async fn workers_and_submit_refuse_emulator_mode_and_bad_input() {
         .expect("delete the test topology");
     let _ = connection.close(200, "done".into()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_run_exits_0_and_a_new_one_finishes_the_run() {
+    let setup = setup().await;
+    let (bus, settings) = test_bus(&setup.config).await;
+    let config = setup.config.display().to_string();
+    let worker_args = ["worker", "--all-stages", "--config", config.as_str()];
+    let mut first = Process::start(&setup.dir, "first", &worker_args, &[]);
+    let mut submit = Process::start(
+        &setup.dir,
+        "submit",
+        &["submit", NIGHTLY, "--version", VERSION, "--config", &config],
+        &[],
+    );
+    assert_eq!(
+        submit.wait(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        submit.report()
+    );
+    let stdout = std::fs::read_to_string(&submit.stdout).unwrap_or_default();
+    let run_id = Uuid::parse_str(stdout.trim()).expect("submit prints the run id");
+
+    // Stop the worker once the run is under way (its first resource created, the run not ended).
+    let mut reader = bus
+        .read_events(StreamOffset::First)
+        .await
+        .expect("read the events stream");
+    let deadline = tokio::time::Instant::now() + RUN_LIMIT;
+    loop {
+        let streamed = tokio::time::timeout_at(deadline, reader.next())
+            .await
+            .unwrap_or_else(|_| panic!("the run never got under way{}", first.report()))
+            .expect("the stream is open")
+            .expect("an event");
+        if streamed.event.run_id == run_id
+            && matches!(streamed.event.kind, sigrun::events::EventKind::ResourceCreated { .. })
+        {
+            break;
+        }
+    }
+    reader.close().await;
+    first.signal("TERM");
+    assert_eq!(first.wait(Duration::from_secs(20)).await, Some(0), "{}", first.report());
+    let stderr = std::fs::read_to_string(&first.stderr).unwrap_or_default();
+    let stopped = stderr.lines().find(|l| l.starts_with("sigrun worker: stopped"));
+    assert!(stopped.is_some(), "{}", first.report());
+    eprintln!("first worker, SIGTERM mid-run: {}", stopped.unwrap_or_default());
+
+    let second = Process::start(&setup.dir, "second", &worker_args, &[]);
+    let (result, history) = wait_for_run(&bus, run_id, std::slice::from_ref(&second)).await;
+    assert_eq!(
+        result,
+        RunResult::Succeeded,
+        "events: {history:#?}{}{}",
+        first.report(),
+        second.report()
+    );
+    second.signal("TERM");
+    let mut second = second;
+    assert_eq!(
+        second.wait(Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        second.report()
+    );
+
+    bus.close().await;
+    AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
+        .await
+        .expect("delete the test topology");
+}
