@@ -4,11 +4,14 @@
 //! `Secret`s, which never print.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::azure::config::{AzureSettings, Secret};
+use crate::bus::amqp::AmqpSettings;
 use crate::runtime::RuntimeSettings;
+use crate::runtime::settings::scaled_tiers;
 use crate::stages::StageSettings;
 
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -23,6 +26,9 @@ pub struct Settings {
     pub stages: StageSettings,
     #[serde(default)]
     pub runtime: RuntimeSettings,
+    /// The RabbitMQ bus of `worker` and `submit`.
+    #[serde(default)]
+    pub amqp: AmqpSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -108,6 +114,27 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Azure seconds per real second: the built-in emulator's `time_scale` in `emulator` mode,
+    /// `azure.time_scale` otherwise.
+    pub fn time_scale(&self) -> f64 {
+        match self.azure.mode {
+            Mode::Emulator => self.emulator.time_scale,
+            Mode::Azure => self.azure.time_scale,
+        }
+    }
+
+    /// The delay tiers a bus is built with: `runtime.tiers_ms` on Azure's clock, scaled to real
+    /// time. Workers and `submit` of one environment must agree on them (the RabbitMQ bus names
+    /// and declares a queue per tier).
+    pub fn delay_tiers(&self) -> Vec<Duration> {
+        let scale = self.time_scale();
+        if scale == 1.0 {
+            self.runtime.tiers.clone()
+        } else {
+            scaled_tiers(&self.runtime.tiers, 1.0 / scale)
+        }
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         if self.azure.mode == Mode::Azure && self.azure.client.is_none() {
             return Err(ConfigError(
@@ -140,6 +167,9 @@ mod tests {
         let settings = Settings::load(None).unwrap();
         assert_eq!(settings.azure.mode, Mode::Emulator);
         assert_eq!(settings.emulator.time_scale, 200.0);
+        assert_eq!(settings.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(settings.amqp.prefix, "sigrun");
+        assert_eq!(settings.delay_tiers()[0], Duration::from_millis(5));
         assert!(
             !format!("{settings:?}").contains("emulator-secret-pipeline"),
             "secrets never print"
@@ -154,6 +184,22 @@ mod tests {
         std::fs::write(&file, "[azure]\nmode = \"azure\"\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("azure.client"), "{err}");
+
+        std::fs::write(
+            &file,
+            "[amqp]\nprefix = \"env-a\"\nurl = \"amqp://u:p@broker:5673/v\"\n",
+        )
+        .unwrap();
+        let settings = Settings::load(Some(&file)).unwrap();
+        assert_eq!(settings.amqp.prefix, "env-a");
+        assert_eq!(settings.amqp.url, "amqp://u:p@broker:5673/v");
+        assert!(
+            !format!("{settings:?}").contains(":p@"),
+            "the broker password never prints"
+        );
+        std::fs::write(&file, "[amqp]\nprefx = \"x\"\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("prefx"), "{err}");
 
         let err = Settings::load(Some(&dir.path().join("missing.toml")))
             .unwrap_err()

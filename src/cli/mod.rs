@@ -8,7 +8,10 @@ mod emulator;
 mod plan_view;
 mod run;
 mod session;
+mod submit;
+mod trigger;
 mod validate;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -37,6 +40,10 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Serve the Azure emulator (AAD, ARM compute and galleries, Batch) until SIGINT/SIGTERM.
     Emulator(emulator::EmulatorArgs),
+    /// Consume stage queues on RabbitMQ and run those stages until SIGINT/SIGTERM.
+    Worker(worker::WorkerArgs),
+    /// Plan a pipeline and publish its run to the workers on RabbitMQ; print the run id.
+    Submit(submit::SubmitArgs),
 }
 
 /// An error that means "the input is wrong" (exit code 2).
@@ -54,6 +61,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args).await,
         Command::Validate(args) => validate::run(args).await,
         Command::Emulator(args) => emulator::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Worker(args) => worker::run(args).await,
+        Command::Submit(args) => submit::run(args).await,
     }
 }
 

@@ -14,17 +14,16 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use time::OffsetDateTime;
-use uuid::Uuid;
 
 use super::input_error;
 use super::plan_view::{self, Prepared};
 use super::session::Session;
+use super::trigger;
 use crate::azure::AzureError;
 use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
-use crate::events::{Event, EventKind, PoolRef, RunResult};
-use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage, new_traceparent};
+use crate::events::{Event, EventKind, RunResult};
+use crate::model::envelope::{Envelope, Stage};
 use crate::runtime::{Clock, Handler, StageHandler, run_all_to_completion};
 use crate::stages::Step;
 
@@ -36,7 +35,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub version: Option<String>,
     /// Start at this stage (snapshot, image-create, gallery-publish, replicate, pool-create).
-    #[arg(long, value_parser = parse_stage)]
+    #[arg(long, value_parser = trigger::parse_stage)]
     pub from: Option<Stage>,
     /// Roll out this existing gallery image version (ARM id): starts at pool-create.
     #[arg(long)]
@@ -50,12 +49,6 @@ pub struct RunArgs {
     /// Give up after this long (real time), e.g. `30m`.
     #[arg(long, default_value = "6h")]
     pub timeout: String,
-}
-
-fn parse_stage(text: &str) -> Result<Stage, String> {
-    Stage::parse(text).ok_or_else(|| {
-        format!("unknown stage `{text}` (snapshot, image-create, gallery-publish, replicate, pool-create)")
-    })
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -73,31 +66,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     for warning in &prepared.plan.warnings {
         eprintln!("warning: {warning}");
     }
-    let entry = entry_stage(&args, &prepared)?;
-    let firsts = first_messages(&prepared, entry);
+    let entry = trigger::entry_stage(args.from, &prepared)?;
+    let firsts = trigger::first_messages(&prepared, entry);
     let run_id = firsts[0].run_id;
 
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
-    let started_event = Event {
-        run_id,
-        pipeline: prepared.spec.name.clone(),
-        version: prepared.plan.version.clone(),
-        stage: entry,
-        branch: Branch::Trunk,
-        at: OffsetDateTime::now_utc(),
-        kind: EventKind::RunStarted {
-            regions: prepared.plan.regions.iter().map(|r| r.name.clone()).collect(),
-            pools: prepared
-                .plan
-                .pools
-                .iter()
-                .map(|p| PoolRef {
-                    region: p.region.clone(),
-                    target: p.target.clone(),
-                })
-                .collect(),
-        },
-    };
+    let started_event = trigger::run_started(&prepared, entry, run_id);
     bus.publish_event(&started_event).await?;
     eprintln!(
         "run {run_id}: {} version {} from {entry} ({})",
@@ -180,84 +154,6 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             eprintln!("sigrun: run {run_id} stopped before it ended");
             Ok(ExitCode::FAILURE)
         }
-    }
-}
-
-fn entry_stage(args: &RunArgs, prepared: &Prepared) -> anyhow::Result<Stage> {
-    let rollout = prepared.plan.build.is_none();
-    let stage = match (args.from, rollout, &prepared.inputs.existing_image) {
-        (Some(Stage::Verify), _, _) => {
-            return Err(input_error(anyhow::anyhow!(
-                "--from verify: a run cannot start at verify; start at pool-create"
-            )));
-        }
-        (Some(stage), true, _) if stage < Stage::PoolCreate => {
-            return Err(input_error(anyhow::anyhow!(
-                "--from {stage}: this run rolls out an existing version; it can only start at pool-create"
-            )));
-        }
-        (Some(stage), _, _) => stage,
-        (None, true, _) => Stage::PoolCreate,
-        (None, false, Some(_)) => Stage::GalleryPublish,
-        (None, false, None) => Stage::Snapshot,
-    };
-    Ok(stage)
-}
-
-/// The run's first messages: one trunk message, or one per pool when the run starts at pool-create.
-fn first_messages(prepared: &Prepared, entry: Stage) -> Vec<Envelope> {
-    let now = OffsetDateTime::now_utc();
-    // The run id follows from pipeline and version: the same trigger twice is the same run.
-    let run_id = Uuid::new_v5(
-        &Uuid::NAMESPACE_URL,
-        format!("sigrun:{}:{}", prepared.spec.name, prepared.plan.version).as_bytes(),
-    );
-    let mut artifacts = Artifacts::default();
-    if let Some(build) = &prepared.plan.build {
-        if entry > Stage::Snapshot {
-            artifacts.snapshots = build
-                .snapshots
-                .iter()
-                .map(|s| SnapshotArtifact {
-                    lun: s.lun,
-                    id: s.id.clone(),
-                })
-                .collect();
-        }
-        if entry > Stage::ImageCreate {
-            artifacts.image = Some(build.image.clone());
-        }
-    }
-    if entry > Stage::GalleryPublish {
-        artifacts.image_version = Some(prepared.plan.version_id.clone());
-    }
-    let trunk = Envelope {
-        v: ENVELOPE_VERSION,
-        message_id: Uuid::new_v4(),
-        run_id,
-        pipeline: prepared.spec.name.clone(),
-        version: prepared.plan.version.clone(),
-        stage: entry,
-        branch: Branch::Trunk,
-        spec: prepared.spec.clone(),
-        plan: prepared.plan.clone(),
-        artifacts,
-        operation: None,
-        attempt: 0,
-        not_before: None,
-        run_started: now,
-        stage_started: now,
-        traceparent: new_traceparent(),
-    };
-    if entry == Stage::PoolCreate {
-        prepared
-            .plan
-            .pools
-            .iter()
-            .map(|p| trunk.for_pool(Stage::PoolCreate, &p.region, &p.target, now))
-            .collect()
-    } else {
-        vec![trunk]
     }
 }
 

@@ -1,5 +1,6 @@
-//! What `run` and `validate` share: load the settings, start the built-in emulator when configured,
-//! and build the Azure client and the stage and runtime settings, scaled to the emulator's clock.
+//! What `run`, `validate`, `worker` and `submit` share: load the settings, start the built-in
+//! emulator when configured, and build the Azure client and the stage and runtime settings, scaled
+//! to the emulator's clock.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use anyhow::Context;
 
 use crate::azure::client::AzureClient;
 use crate::azure::config::{AzureSettings, CloudSettings, CredentialSettings};
+use crate::bus::amqp::AmqpSettings;
 use crate::config::{Mode, Settings};
 use crate::emulator::{Emulator, EmulatorOptions, World};
 use crate::runtime::RuntimeSettings;
@@ -22,11 +24,18 @@ pub struct Session {
     pub runtime: RuntimeSettings,
     /// Azure seconds per real second (1 against Azure).
     pub time_scale: f64,
+    /// The RabbitMQ bus settings (`worker`, `submit`).
+    pub amqp: AmqpSettings,
 }
 
 impl Session {
     pub async fn open(config: Option<&Path>) -> anyhow::Result<Session> {
         let settings = Settings::load(config).map_err(super::input_error)?;
+        Session::from_settings(settings).await
+    }
+
+    /// Like [`Session::open`], from settings already loaded (and looked at) by the caller.
+    pub async fn from_settings(settings: Settings) -> anyhow::Result<Session> {
         let mut stages = settings.stages.clone();
         let mut runtime = settings.runtime.clone();
         let (azure_settings, emulator, time_scale) = match settings.azure.mode {
@@ -70,7 +79,7 @@ impl Session {
         if time_scale != 1.0 {
             let factor = 1.0 / time_scale;
             stages.azure_time_factor = factor;
-            runtime.tiers = scaled_tiers(&runtime.tiers, factor);
+            runtime.tiers = settings.delay_tiers();
             runtime.retry.base_delay = runtime.retry.base_delay.mul_f64(factor).max(Duration::from_millis(1));
             runtime.retry.max_delay = runtime.retry.max_delay.mul_f64(factor).max(Duration::from_millis(2));
         }
@@ -81,36 +90,7 @@ impl Session {
             stages,
             runtime,
             time_scale,
+            amqp: settings.amqp,
         })
-    }
-}
-
-/// Delay tiers on a faster clock: each scaled, at least a millisecond, still strictly increasing.
-fn scaled_tiers(tiers: &[Duration], factor: f64) -> Vec<Duration> {
-    let mut out: Vec<Duration> = Vec::new();
-    for tier in tiers {
-        let mut t = tier.mul_f64(factor).max(Duration::from_millis(1));
-        if let Some(last) = out.last()
-            && t <= *last
-        {
-            t = *last + Duration::from_millis(1);
-        }
-        out.push(t);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tiers_scale_and_stay_increasing() {
-        let tiers = [1, 5, 30, 120, 600].map(Duration::from_secs);
-        let scaled = scaled_tiers(&tiers, 1.0 / 200.0);
-        assert_eq!(scaled[0], Duration::from_millis(5));
-        assert_eq!(scaled[4], Duration::from_secs(3));
-        let tiny = scaled_tiers(&tiers, 1e-9);
-        assert!(tiny.windows(2).all(|w| w[0] < w[1]), "{tiny:?}");
     }
 }

@@ -35,6 +35,21 @@ impl Default for RuntimeSettings {
     }
 }
 
+/// Delay tiers on a faster clock: each scaled, at least a millisecond, still strictly increasing.
+pub fn scaled_tiers(tiers: &[Duration], factor: f64) -> Vec<Duration> {
+    let mut out: Vec<Duration> = Vec::new();
+    for tier in tiers {
+        let mut t = tier.mul_f64(factor).max(Duration::from_millis(1));
+        if let Some(last) = out.last()
+            && t <= *last
+        {
+            t = *last + Duration::from_millis(1);
+        }
+        out.push(t);
+    }
+    out
+}
+
 /// Retries of a step whose Azure call failed transiently or was throttled: exponential backoff with
 /// jitter (computed with `backon`), counted in the message's `attempt`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +161,16 @@ mod millis_list {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiers_scale_and_stay_increasing() {
+        let tiers = [1, 5, 30, 120, 600].map(Duration::from_secs);
+        let scaled = scaled_tiers(&tiers, 1.0 / 200.0);
+        assert_eq!(scaled[0], Duration::from_millis(5));
+        assert_eq!(scaled[4], Duration::from_secs(3));
+        let tiny = scaled_tiers(&tiers, 1e-9);
+        assert!(tiny.windows(2).all(|w| w[0] < w[1]), "{tiny:?}");
+    }
 
     #[test]
     fn defaults_apply_to_what_is_not_written() {

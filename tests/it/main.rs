@@ -14,3 +14,4 @@ mod pipeline;
 mod planner;
 mod spec_examples;
 mod stages;
+mod workers;

@@ -1,0 +1,102 @@
+//! `sigrun worker --stage S [--stage T …] | --all-stages`: a stage worker on RabbitMQ. Connects the
+//! AMQP bus (declaring the whole topology, idempotently), builds the Azure client, and runs the
+//! runtime with the stages' handler on the given stage queues until SIGINT or SIGTERM; then it
+//! stops consuming, lets in-flight deliveries finish within `runtime.shutdown_grace_ms` (what is
+//! left goes back to its queue unacked) and closes the bus. Workers need `azure.mode = "azure"`:
+//! in `emulator` mode each process would start a private emulator of its own.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{ArgGroup, Args};
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::input_error;
+use super::session::Session;
+use crate::bus::Bus;
+use crate::bus::amqp::AmqpBus;
+use crate::config::{Mode, Settings};
+use crate::model::envelope::Stage;
+use crate::runtime::{Handler, Runtime, StageHandler};
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("stages").required(true).args(["stage", "all_stages"])))]
+pub struct WorkerArgs {
+    /// Consume this stage's queue (repeat for several).
+    #[arg(long, value_parser = parse_any_stage)]
+    pub stage: Vec<Stage>,
+    /// Consume all six stage queues.
+    #[arg(long)]
+    pub all_stages: bool,
+    /// Settings file overlaid on the defaults (`[azure]`, `[amqp]`, `[runtime]`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+fn parse_any_stage(text: &str) -> Result<Stage, String> {
+    Stage::parse(text).ok_or_else(|| {
+        format!("unknown stage `{text}` (snapshot, image-create, gallery-publish, replicate, pool-create, verify)")
+    })
+}
+
+/// Loads the settings and refuses `emulator` mode (for `worker` and `submit`).
+pub fn bus_settings(config: Option<&std::path::Path>, command: &str) -> anyhow::Result<Settings> {
+    let settings = Settings::load(config).map_err(input_error)?;
+    if settings.azure.mode == Mode::Emulator {
+        return Err(input_error(anyhow::anyhow!(
+            "`sigrun {command}` needs azure.mode = \"azure\" (an [azure.client] pointing at Azure or at a \
+             shared `sigrun emulator`): in emulator mode every process would start a private emulator"
+        )));
+    }
+    Ok(settings)
+}
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let stages: Vec<Stage> = if args.all_stages {
+        Stage::ALL.to_vec()
+    } else {
+        let mut stages = args.stage.clone();
+        stages.sort();
+        stages.dedup();
+        stages
+    };
+    let settings = bus_settings(args.config.as_deref(), "worker")?;
+    // Installed before anything else, so a signal during start-up still shuts down cleanly.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let session = Session::from_settings(settings).await?;
+    let url = session.amqp.redacted_url();
+    let prefix = session.amqp.prefix.clone();
+    let bus = AmqpBus::connect(session.amqp.clone(), session.runtime.tiers.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("RabbitMQ at {url}: {e}"))?;
+    let bus = Arc::new(bus);
+    let handler: Arc<dyn Handler> = Arc::new(StageHandler::new(session.azure.clone(), session.stages.clone()));
+    let runtime = Runtime::new(
+        Arc::clone(&bus) as Arc<dyn Bus>,
+        handler,
+        stages.clone(),
+        session.runtime.clone(),
+    )
+    .map_err(|e| input_error(anyhow::anyhow!("runtime: {e}")))?;
+    let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
+    eprintln!(
+        "sigrun worker: consuming {} on {url} (prefix {prefix})",
+        names.join(", ")
+    );
+    let report = runtime
+        .run(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        })
+        .await;
+    bus.close().await;
+    eprintln!(
+        "sigrun worker: stopped ({} deliveries handled, {} returned unfinished)",
+        report.handled, report.abandoned
+    );
+    Ok(ExitCode::SUCCESS)
+}
