@@ -703,9 +703,10 @@ fn locate(text: &str, key: &str) -> Option<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A small nightly spec; the runtime's tests use it too.
     pub const NIGHTLY: &str = r#"
 name = "nightly-ubuntu"
 

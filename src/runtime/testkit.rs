@@ -22,40 +22,7 @@ use crate::model::plan::{Plan, PoolPlan, RegionPlan};
 use crate::model::spec::PipelineSpec;
 use crate::stages::Step;
 
-pub const NIGHTLY: &str = r#"
-name = "nightly-ubuntu"
-
-[source]
-vm = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg-imaging/providers/Microsoft.Compute/virtualMachines/build-ubuntu-2204"
-
-[image]
-resource_group = "rg-imaging"
-region = "westeurope"
-
-[gallery]
-id = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg-gallery/providers/Microsoft.Compute/galleries/sigrun_gallery"
-
-[definition]
-name = "ubuntu-2204-batch"
-os_type = "Linux"
-publisher = "sigrun"
-offer = "ubuntu"
-sku = "2204-batch"
-
-[publish]
-end_of_life = "90d"
-regions = [
-  { name = "westeurope" },
-  { name = "eastus", replicas = 2 },
-]
-
-[[pools]]
-target = "render"
-account = "/subscriptions/22222222-2222-4222-8222-222222222222/resourceGroups/rg-batch/providers/Microsoft.Batch/batchAccounts/sigrunweu"
-vm_size = "Standard_D4s_v5"
-dedicated_nodes = 2000
-resize_timeout = "auto"
-"#;
+pub use crate::model::spec::tests::NIGHTLY;
 
 const SUB_IMAGES: &str = "11111111-1111-4111-8111-111111111111";
 const SUB_BATCH: &str = "22222222-2222-4222-8222-222222222222";

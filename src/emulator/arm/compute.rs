@@ -47,6 +47,26 @@ fn vm_not_found(rg: &str, name: &str) -> ArmError {
     )
 }
 
+/// The world VM a read names, after the checks every VM read shares: resource group, api-version,
+/// the caller's role for `action`.
+fn lookup_vm<'a>(
+    ctx: &'a Ctx,
+    req: &Request,
+    caller: &Caller,
+    (sub, rg, name): (&str, &str, &str),
+    type_name: &str,
+    action: &str,
+) -> Result<&'a Vm, ArmError> {
+    let group = resource_group(ctx, sub, rg)?;
+    check_api_version(req, Family::Compute, type_name, &group.location)?;
+    let id = format!(
+        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
+        group.name
+    );
+    authorize(ctx, caller, action, &id)?;
+    find_vm(ctx, sub, rg, name).ok_or_else(|| vm_not_found(&group.name, name))
+}
+
 pub fn get_vm(
     ctx: &Ctx,
     req: &Request,
@@ -55,14 +75,14 @@ pub fn get_vm(
     rg: &str,
     name: &str,
 ) -> Result<Response, ArmError> {
-    let group = resource_group(ctx, sub, rg)?;
-    check_api_version(req, Family::Compute, "virtualMachines", &group.location)?;
-    let id = format!(
-        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
-        group.name
-    );
-    authorize(ctx, caller, "Microsoft.Compute/virtualMachines/read", &id)?;
-    let vm = find_vm(ctx, sub, rg, name).ok_or_else(|| vm_not_found(&group.name, name))?;
+    let vm = lookup_vm(
+        ctx,
+        req,
+        caller,
+        (sub, rg, name),
+        "virtualMachines",
+        "Microsoft.Compute/virtualMachines/read",
+    )?;
     let os_disk = if vm.os_disk.managed {
         json!({
             "osType": vm.os_type.as_str(),
@@ -171,14 +191,14 @@ pub fn get_instance_view(
     rg: &str,
     name: &str,
 ) -> Result<Response, ArmError> {
-    let group = resource_group(ctx, sub, rg)?;
-    check_api_version(req, Family::Compute, "virtualMachines", &group.location)?;
-    let id = format!(
-        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
-        group.name
-    );
-    authorize(ctx, caller, "Microsoft.Compute/virtualMachines/read", &id)?;
-    let vm = find_vm(ctx, sub, rg, name).ok_or_else(|| vm_not_found(&group.name, name))?;
+    let vm = lookup_vm(
+        ctx,
+        req,
+        caller,
+        (sub, rg, name),
+        "virtualMachines",
+        "Microsoft.Compute/virtualMachines/read",
+    )?;
     Ok(Response::json(200, &instance_view(vm)))
 }
 
@@ -206,14 +226,14 @@ pub fn list_extensions(
     rg: &str,
     name: &str,
 ) -> Result<Response, ArmError> {
-    let group = resource_group(ctx, sub, rg)?;
-    check_api_version(req, Family::Compute, "virtualMachines/extensions", &group.location)?;
-    let id = format!(
-        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{name}",
-        group.name
-    );
-    authorize(ctx, caller, "Microsoft.Compute/virtualMachines/extensions/read", &id)?;
-    let vm = find_vm(ctx, sub, rg, name).ok_or_else(|| vm_not_found(&group.name, name))?;
+    let vm = lookup_vm(
+        ctx,
+        req,
+        caller,
+        (sub, rg, name),
+        "virtualMachines/extensions",
+        "Microsoft.Compute/virtualMachines/extensions/read",
+    )?;
     let value: Vec<Value> = vm.extensions.iter().map(|e| extension_json(vm, e)).collect();
     Ok(Response::json(200, &json!({ "value": value })))
 }
