@@ -362,6 +362,31 @@ async fn events_land_in_the_stream_and_read_back_from_the_first() {
 }
 
 #[tokio::test]
+async fn read_to_end_returns_everything_published_before_it_and_skips_other_markers() {
+    let bus = connect(&prefix()).await;
+    let first = event(EventKind::StageStarted);
+    bus.publish_event(&first).await.unwrap();
+    // Another reader's marker in between is skipped by everyone else.
+    bus.publish_marker().await.unwrap();
+    let second = event(EventKind::RegionCompleted {
+        region: "eastus".into(),
+    });
+    bus.publish_event(&second).await.unwrap();
+    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
+    let read = timeout(WAIT, reader.read_to_end(&bus)).await.expect("the end").unwrap();
+    let read: Vec<Event> = read.into_iter().map(|e| e.unwrap().event).collect();
+    assert_eq!(read, [first.clone(), second.clone()]);
+    // At the end already: a second read finds only what came since.
+    let third = event(EventKind::StageStarted);
+    bus.publish_event(&third).await.unwrap();
+    let read = timeout(WAIT, reader.read_to_end(&bus)).await.expect("the end").unwrap();
+    let read: Vec<Event> = read.into_iter().map(|e| e.unwrap().event).collect();
+    assert_eq!(read, [third]);
+    reader.close().await;
+    teardown(bus).await;
+}
+
+#[tokio::test]
 async fn a_second_bus_on_the_same_prefix_redeclares_idempotently_and_shares_the_queues() {
     let prefix = prefix();
     let first = connect(&prefix).await;

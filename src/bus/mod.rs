@@ -20,6 +20,9 @@ pub enum BusError {
     NotConfirmed { target: String, reason: String },
     #[error("bus closed")]
     Closed,
+    /// Something read from the broker that does not parse (an event in the stream, a marker).
+    #[error("{0}")]
+    Malformed(String),
 }
 
 /// Why a message was parked, carried with it so the parking queue explains itself.

@@ -4,11 +4,18 @@
 //! `x-stream-offset` consumer argument. Acking does not remove anything from a stream; it only
 //! makes room in the prefetch window. A reader does not survive a reconnect: open a new one from
 //! the last offset it saw.
+//!
+//! A stream has no "end" a consumer can see: a reader at the head just waits. To read "everything
+//! published so far" a reader publishes a marker (routing key [`MARKER_ROUTING_KEY`], an id in the
+//! body) and reads up to it; since the stream keeps publish order, every event confirmed before the
+//! marker comes before it. Other readers skip markers.
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer};
+
+use uuid::Uuid;
 
 use super::connection_error;
 use super::consumer::integer;
@@ -38,6 +45,21 @@ impl StreamOffset {
             StreamOffset::At(offset) => AMQPValue::LongLongInt(i64::try_from(*offset).unwrap_or(i64::MAX)),
         }
     }
+}
+
+/// The routing key of a marker on the events exchange (never an event's: those have three parts).
+pub const MARKER_ROUTING_KEY: &str = "marker";
+
+/// One item of the stream: an event, or a marker some reader published to find the end.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamItem {
+    Event(StreamedEvent),
+    Marker(Uuid),
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct MarkerBody {
+    pub marker: Uuid,
 }
 
 /// One event read from the stream.
@@ -79,9 +101,45 @@ impl EventReader {
         Ok(EventReader { channel, consumer })
     }
 
-    /// The next event; waits for one to be published when the reader is at the end. `None` when
-    /// the reader's channel closed. An event that does not parse is an error (and is skipped).
+    /// The next event, skipping markers; waits for one to be published when the reader is at the
+    /// end. `None` when the reader's channel closed. An event that does not parse is [`BusError::Malformed`] (and is
+    /// skipped).
     pub async fn next(&mut self) -> Option<Result<StreamedEvent, BusError>> {
+        loop {
+            match self.next_item().await? {
+                Ok(StreamItem::Marker(_)) => continue,
+                Ok(StreamItem::Event(event)) => return Some(Ok(event)),
+                Err(error) => return Some(Err(error)),
+            }
+        }
+    }
+
+    /// Every event from the reader's position up to now: publishes a marker through `bus` and reads
+    /// until it comes by. Events that do not parse are returned as errors in place.
+    pub async fn read_to_end(
+        &mut self,
+        bus: &super::AmqpBus,
+    ) -> Result<Vec<Result<StreamedEvent, BusError>>, BusError> {
+        let marker = bus.publish_marker().await?;
+        let mut read = Vec::new();
+        loop {
+            match self.next_item().await {
+                None => {
+                    return Err(BusError::Connection(
+                        "the events stream closed before its end was read".into(),
+                    ));
+                }
+                Some(Ok(StreamItem::Marker(seen))) if seen == marker => return Ok(read),
+                Some(Ok(StreamItem::Marker(_))) => {}
+                Some(Ok(StreamItem::Event(event))) => read.push(Ok(event)),
+                Some(Err(error @ BusError::Malformed(_))) => read.push(Err(error)),
+                Some(Err(error)) => return Err(error),
+            }
+        }
+    }
+
+    /// The next item: an event or a marker.
+    pub async fn next_item(&mut self) -> Option<Result<StreamItem, BusError>> {
         let delivery = match self.consumer.next().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(connection_error(error))),
@@ -98,15 +156,24 @@ impl EventReader {
             return Some(Err(connection_error(error)));
         }
         let routing_key = delivery.routing_key.to_string();
+        if routing_key == MARKER_ROUTING_KEY {
+            return Some(
+                serde_json::from_slice::<MarkerBody>(&delivery.data)
+                    .map(|body| StreamItem::Marker(body.marker))
+                    .map_err(|e| BusError::Malformed(format!("marker at offset {offset} does not parse: {e}"))),
+            );
+        }
         Some(
             serde_json::from_slice(&delivery.data)
-                .map(|event| StreamedEvent {
-                    offset,
-                    routing_key: routing_key.clone(),
-                    event,
+                .map(|event| {
+                    StreamItem::Event(StreamedEvent {
+                        offset,
+                        routing_key: routing_key.clone(),
+                        event,
+                    })
                 })
                 .map_err(|e| {
-                    BusError::Connection(format!("event at offset {offset} ({routing_key}) does not parse: {e}"))
+                    BusError::Malformed(format!("event at offset {offset} ({routing_key}) does not parse: {e}"))
                 }),
         )
     }

@@ -38,7 +38,7 @@ pub mod topology;
 
 use connection::Link;
 use consumer::Inbox;
-pub use events::{EventReader, StreamOffset, StreamedEvent};
+pub use events::{EventReader, StreamItem, StreamOffset, StreamedEvent};
 pub use publisher::headers;
 use topology::{Names, TopologySpec};
 
@@ -273,6 +273,22 @@ impl AmqpBus {
             offset,
         )
         .await
+    }
+
+    /// Publishes a marker into the events stream (confirmed) and returns its id: what a reader
+    /// looks for to know it has read everything published before (see [`EventReader::read_to_end`]).
+    pub async fn publish_marker(&self) -> Result<uuid::Uuid, BusError> {
+        let marker = uuid::Uuid::new_v4();
+        let body = serde_json::to_vec(&events::MarkerBody { marker }).expect("markers serialize");
+        publisher::publish(
+            &self.shared,
+            &self.shared.names.events(),
+            events::MARKER_ROUTING_KEY,
+            &body,
+            publisher::event_properties(),
+        )
+        .await?;
+        Ok(marker)
     }
 
     /// Marks stages as consumed; the supervisor starts their consumers.
