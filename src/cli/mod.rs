@@ -5,6 +5,7 @@
 //! or a rule the pipeline would break) — in which case nothing was created.
 
 mod emulator;
+mod endpoints;
 mod plan_view;
 mod run;
 mod session;

@@ -5,6 +5,7 @@
 //! left goes back to its queue unacked) and closes the bus. Workers need `azure.mode = "azure"`:
 //! in `emulator` mode each process would start a private emulator of its own.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use clap::{ArgGroup, Args};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::endpoints;
 use super::input_error;
 use super::session::Session;
 use crate::bus::Bus;
@@ -19,6 +21,7 @@ use crate::bus::amqp::AmqpBus;
 use crate::config::{Mode, Settings};
 use crate::model::envelope::Stage;
 use crate::runtime::{Handler, Runtime, StageHandler};
+use crate::telemetry::{Readiness, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("stages").required(true).args(["stage", "all_stages"])))]
@@ -32,6 +35,10 @@ pub struct WorkerArgs {
     /// Settings file overlaid on the defaults (`[azure]`, `[amqp]`, `[runtime]`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address (port 0: any free port); overrides
+    /// `[telemetry] listen`. Ready = connected to the broker and an Azure token obtainable.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_any_stage(text: &str) -> Result<Stage, String> {
@@ -80,6 +87,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         session.runtime.clone(),
     )
     .map_err(|e| input_error(anyhow::anyhow!("runtime: {e}")))?;
+    let telemetry = Arc::new(Telemetry::new());
+    let runtime = runtime.with_observer(telemetry.clone());
+    let readiness = Readiness::new()
+        .with_bus(Arc::clone(&bus))
+        .with_azure(session.azure.clone());
+    let server = endpoints::start("worker", args.metrics_listen, &session.telemetry, &telemetry, readiness).await?;
     let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
     eprintln!(
         "sigrun worker: consuming {} on {url} (prefix {prefix})",
@@ -93,6 +106,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             }
         })
         .await;
+    endpoints::stop(server).await;
     bus.close().await;
     eprintln!(
         "sigrun worker: stopped ({} deliveries handled, {} returned unfinished)",
