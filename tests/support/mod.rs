@@ -382,19 +382,25 @@ pub fn rabbitmqctl(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Unacknowledged deliveries of a queue (0 when the queue is not listed).
-pub fn unacked(queue: &str) -> u64 {
-    rabbitmqctl(&[
-        "list_queues",
-        "-q",
-        "--no-table-headers",
-        "name",
-        "messages_unacknowledged",
-    ])
-    .lines()
-    .find_map(|line| {
-        let mut fields = line.split_whitespace();
-        (fields.next()? == queue).then(|| fields.next()?.parse().ok()).flatten()
+/// Unacknowledged deliveries of a queue (0 when the queue is not listed), as the broker's
+/// statistics say (refreshed every 5 s). Runs `rabbitmqctl` off the async runtime.
+pub async fn unacked(queue: &str) -> u64 {
+    let queue = queue.to_string();
+    tokio::task::spawn_blocking(move || {
+        rabbitmqctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then(|| fields.next()?.parse().ok()).flatten()
+        })
+        .unwrap_or(0)
     })
-    .unwrap_or(0)
+    .await
+    .expect("rabbitmqctl list_queues")
 }
