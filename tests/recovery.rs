@@ -189,7 +189,9 @@ async fn a_worker_killed_holding_an_unacked_create_step_loses_nothing_and_create
     eprintln!(
         "ResourceCreated events: {}; the snapshot the killed worker created is among them: {}",
         reported.len(),
-        reported.keys().any(|id| first_path.ends_with(id.as_str()) || id.ends_with(first_path.as_str()))
+        reported
+            .keys()
+            .any(|id| first_path.ends_with(id.as_str()) || id.ends_with(first_path.as_str()))
     );
 
     standby.stop().await;

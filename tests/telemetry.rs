@@ -259,7 +259,12 @@ async fn a_worker_whose_azure_identity_is_refused_is_alive_but_not_ready() {
     .await;
     let ready = probe(addr, "/readyz").await.expect("/readyz answers");
     assert!(ready.body.contains("azure"), "the reason names Azure: {ready:?}");
+    eprintln!("readyz without a token: {} {}", ready.status, ready.body.trim());
     assert!(!ready.body.contains(wrong_secret), "no secret in the reason: {ready:?}");
+    assert!(
+        ready.body.trim().lines().count() == 1 && ready.body.len() < 200,
+        "a short reason: {ready:?}"
+    );
     // The bus itself is fine: the token is what is missing.
     let metrics = probe(addr, "/metrics").await.expect("/metrics answers");
     assert_eq!(

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
+use tracing::warn;
 
+use crate::azure::AzureError;
 use crate::azure::client::AzureClient;
 use crate::bus::amqp::AmqpBus;
 
@@ -64,10 +66,43 @@ impl Readiness {
         }
         let answer = match tokio::time::timeout(TOKEN_CHECK_TIMEOUT, azure.check_token()).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(format!("azure: no token: {error}")),
+            Ok(Err(error)) => {
+                warn!(%error, "readiness: no Azure token");
+                Err(short_reason(&error))
+            }
             Err(_) => Err(format!("azure: no token within {} s", TOKEN_CHECK_TIMEOUT.as_secs())),
         };
         *last = Some((Instant::now(), answer.clone()));
         answer
+    }
+}
+
+/// One line for `/readyz`: Entra's code when it gave one (the whole error goes to the log).
+fn short_reason(error: &AzureError) -> String {
+    match (&error.code, error.status) {
+        (Some(code), Some(status)) => format!("azure: no token ({code}, HTTP {status})"),
+        (Some(code), None) => format!("azure: no token ({code})"),
+        (None, _) => {
+            let first_line = error.message.lines().next().unwrap_or_default();
+            let cut: String = first_line.chars().take(120).collect();
+            format!("azure: no token (network: {cut})")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_failures_read_as_one_short_line() {
+        let refused = AzureError::permanent("get token", "AADSTS7000215", "a long message\r\nTrace ID: x");
+        assert_eq!(short_reason(&refused), "azure: no token (AADSTS7000215)");
+        let unreachable = AzureError::network("get token", format!("connection refused{}\nmore", "!".repeat(300)));
+        let reason = short_reason(&unreachable);
+        assert!(
+            reason.starts_with("azure: no token (network: connection refused") && reason.len() < 160,
+            "{reason}"
+        );
     }
 }
