@@ -22,7 +22,9 @@ pub async fn start(
     };
     let server = MetricsServer::start(listen, Arc::clone(telemetry), Arc::new(readiness))
         .await
-        .with_context(|| format!("--metrics-listen {listen}: cannot listen"))?;
+        .with_context(|| {
+            format!("metrics server (--metrics-listen or [telemetry] listen): cannot listen on {listen}")
+        })?;
     eprintln!(
         "sigrun {command}: metrics on http://{}/metrics (also /healthz, /readyz)",
         server.local_addr()
