@@ -1,5 +1,6 @@
+# shellcheck shell=bash
 # Sourced by deploy/check and examples/run-all: a Python venv with deploy/requirements.txt, kept
-# under a cache directory and rebuilt only when the requirements change. Sets $VENV.
+# under a cache directory and rebuilt only when the requirements change (sets $VENV), and apt_install.
 # SIGRUN_TOOLS_CACHE picks the cache directory (default ~/.cache/sigrun-tools).
 sigrun_venv() {
   local repo=$1
@@ -16,4 +17,10 @@ sigrun_venv() {
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
     touch "$VENV/.complete"
   fi
+}
+
+# Installs Debian packages that are missing (apt lists refreshed first: a new machine may have none).
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
