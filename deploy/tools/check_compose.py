@@ -5,7 +5,8 @@
 - one worker per stage (`sigrun worker --stage S --config F --metrics-listen 0.0.0.0:P`), distinct
   ports, each published and scraped by the Prometheus job `sigrun-worker`;
 - Prometheus scrapes RabbitMQ's plugin on 15692 at /metrics and /metrics/per-object, and RabbitMQ
-  enables rabbitmq_management and rabbitmq_prometheus;
+  enables rabbitmq_management and rabbitmq_prometheus; every `rule_files` pattern finds files through
+  the Prometheus service's mounts;
 - the workers' settings point at the emulator as it is started (127.0.0.1 and its --listen port, its
   --time-scale, its CA in the volume they mount) and `stop_grace_period` exceeds the drain bound;
 - Grafana's data source is the stack's Prometheus and its dashboard provider reads the mounted folder.
@@ -147,6 +148,10 @@ def check(compose, base, files):
         targets = {t for c in config.get("static_configs", []) for t in c["targets"]}
         if config.get("metrics_path", "/metrics") != path or "rabbitmq:15692" not in targets:
             problems.append(f"Prometheus job {job} must scrape rabbitmq:15692{path}")
+    for pattern in prometheus.get("rule_files") or []:
+        directory = host_file(base, services.get("prometheus", {}), str(Path(pattern).parent))
+        if directory is None or not sorted(directory.glob(Path(pattern).name)):
+            problems.append(f"Prometheus rule_files {pattern} matches no file through the prometheus service's mounts")
     plugins_file = host_file(base, services.get("rabbitmq", {}), "/etc/rabbitmq/enabled_plugins")
     plugins = read(plugins_file) if plugins_file else ""
     for plugin in ("rabbitmq_management", "rabbitmq_prometheus"):
@@ -200,6 +205,9 @@ def self_test(compose, base):
         ("short stop grace", lambda c: service("worker-snapshot")(c).update(stop_grace_period="20s") or {}, "stop_grace_period 20s"),
         ("worker outside the emulator's namespace",
          lambda c: service("worker-verify")(c).pop("network_mode") and {}, "must share the emulator's network namespace"),
+        ("alert rules not mounted",
+         lambda c: service("prometheus")(c)["volumes"].remove("./prometheus/rules:/etc/prometheus/rules:ro") or {},
+         "rule_files /etc/prometheus/rules/*.yml matches no file"),
         ("a missing bind mount",
          lambda c: service("prometheus")(c)["volumes"].__setitem__(0, "./prometheus/nope.yml:/etc/prometheus/prometheus.yml:ro") or {},
          "bind mount ./prometheus/nope.yml does not exist"),
