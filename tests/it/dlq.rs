@@ -10,14 +10,17 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use sigrun::bus::Bus;
 use sigrun::bus::amqp::AmqpBus;
 use sigrun::bus::amqp::topology::Names;
 use sigrun::events::{Event, EventKind, RunResult, run_result};
-use sigrun::model::envelope::{Branch, MAX_ENVELOPE_BYTES, Stage};
+use sigrun::model::envelope::{Branch, ENVELOPE_VERSION, Envelope, MAX_ENVELOPE_BYTES, Stage, new_traceparent};
+use sigrun::model::ids::{GalleryId, GalleryImageId, GalleryImageVersionId};
+use sigrun::model::plan::Plan;
+use sigrun::model::spec::PipelineSpec;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -281,7 +284,7 @@ async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_replay_refuses_them() {
     let setup = setup().await;
-    let (bus, _) = test_bus(&setup.config).await;
+    let (bus, settings) = test_bus(&setup.config).await;
     let config = setup.config.display().to_string();
     let mut worker = Process::start(
         &setup.dir,
@@ -403,6 +406,95 @@ async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_repla
     assert_eq!(code, Some(2), "{}", process.report());
     assert!(stderr.contains("no run `ffffffff`"), "{}", process.report());
 
+    // A valid message the broker dead-letters (returned past the delivery limit, no worker for
+    // its stage here): parked by the broker with `x-death`, and replayable.
+    let message = envelope(Stage::Verify);
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ is reachable");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+        .basic_publish(
+            work.as_str().into(),
+            "verify".into(),
+            BasicPublishOptions::default(),
+            &message.encode(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    let verify_queue = Names::new(&setup.prefix).stage_queue(Stage::Verify);
+    // Delivered `delivery_limit + 1` times, each returned; then the broker parks it.
+    for _ in 0..=settings.amqp.delivery_limit {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let got = loop {
+            if let Some(got) = channel
+                .basic_get(verify_queue.as_str().into(), BasicGetOptions::default())
+                .await
+                .expect("basic.get")
+            {
+                break got;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the message is back on {verify_queue}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let requeue = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        got.delivery.acker.nack(requeue).await.expect("nack");
+    }
+    let list = parked_eventually(&setup, 5, &[&worker]).await;
+    let dead = list
+        .iter()
+        .find(|m| m["id"] == message.message_id.to_string())
+        .unwrap_or_else(|| panic!("{list:#?}"));
+    assert_eq!(dead["origin"], "broker", "{dead}");
+    assert_eq!(dead["stage"], "verify");
+    assert_eq!(dead["replayable"], true);
+    let why = dead["error"].as_str().unwrap_or_default();
+    assert!(why.contains("delivery_limit") && why.contains(&verify_queue), "{why}");
+    let id = message.message_id.to_string();
+    let (code, stdout, _, process) = sigrun(&setup, "replay-dead", &["dlq", "replay", &id]).await;
+    assert_eq!(code, Some(0), "{}", process.report());
+    assert!(stdout.contains(&format!("replayed {id}")), "{}", process.report());
+    // Back on its stage's queue, its attempts reset and its hold gone; out of parking.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let back = loop {
+        if let Some(got) = channel
+            .basic_get(verify_queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            got.delivery.acker.ack(BasicAckOptions::default()).await.expect("ack");
+            break Envelope::decode(&got.delivery.data).expect("a v1 envelope");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replayed message reaches {verify_queue}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(back.message_id, message.message_id);
+    assert_eq!((back.attempt, back.not_before), (0, None));
+    assert_eq!(parked(&setup).await.len(), 4, "the other four stay parked");
+    let history = follow_until(&bus, message.run_id, &[&worker], |h| !h.is_empty()).await;
+    assert!(
+        matches!(&history[0].kind, EventKind::Replayed { message_id, error }
+            if *message_id == message.message_id && error.contains("delivery_limit")),
+        "{history:#?}"
+    );
+    let _ = connection.close(200, "done".into()).await;
+
     worker.signal("TERM");
     assert_eq!(
         worker.wait(Duration::from_secs(20)).await,
@@ -411,6 +503,48 @@ async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_repla
         worker.report()
     );
     teardown(bus, &setup).await;
+}
+
+/// A valid message of a run of its own at `stage`, as if it had failed twice and were held for an
+/// hour.
+fn envelope(stage: Stage) -> Envelope {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(NIGHTLY)).expect("the spec");
+    let spec = PipelineSpec::parse(&text, NIGHTLY).expect("the nightly spec parses");
+    let sub = "11111111-1111-4111-8111-111111111111";
+    let now = OffsetDateTime::now_utc();
+    Envelope {
+        v: ENVELOPE_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: Uuid::new_v4(),
+        pipeline: spec.name.clone(),
+        version: "1.0.0".into(),
+        stage,
+        branch: Branch::Trunk,
+        plan: Plan {
+            version: "1.0.0".into(),
+            build: None,
+            gallery: GalleryId::new(sub, "rg", &["g"]).expect("id"),
+            gallery_region: "westeurope".into(),
+            create_gallery: false,
+            definition: GalleryImageId::new(sub, "rg", &["g", "d"]).expect("id"),
+            version_id: GalleryImageVersionId::new(sub, "rg", &["g", "d", "1.0.0"]).expect("id"),
+            regions: Vec::new(),
+            pools: Vec::new(),
+            publish_excluded: false,
+            final_excluded: false,
+            end_of_life: None,
+            register_batch_in: Vec::new(),
+            warnings: Vec::new(),
+        },
+        spec,
+        artifacts: Default::default(),
+        operation: None,
+        not_before: Some(now + Duration::from_secs(3600)),
+        attempt: 2,
+        run_started: now,
+        stage_started: now,
+        traceparent: new_traceparent(),
+    }
 }
 
 /// Force-closes the test's connections (named `sigrun {prefix}`) from the broker's side.
