@@ -223,9 +223,10 @@ pub fn run_result(events: &[Event]) -> RunResult {
 
 /// The events that still count: a branch's failure (`RunFailed`, `PoolFailed`, `Parked`) is
 /// dropped when a `Replayed` of that branch comes after it.
-fn standing(events: &[Event]) -> Vec<&Event> {
+/// (Owned, so the rest of `run_result` reads it as it reads any run's events.)
+fn standing(events: &[Event]) -> Vec<Event> {
     let mut replayed: Vec<&Branch> = Vec::new();
-    let mut kept: Vec<&Event> = Vec::with_capacity(events.len());
+    let mut kept: Vec<Event> = Vec::with_capacity(events.len());
     // Backwards, so "a replay after it" is whatever was seen so far.
     for event in events.iter().rev() {
         match &event.kind {
@@ -237,7 +238,7 @@ fn standing(events: &[Event]) -> Vec<&Event> {
             }
             _ => {}
         }
-        kept.push(event);
+        kept.push(event.clone());
     }
     kept.reverse();
     kept
