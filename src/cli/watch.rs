@@ -26,7 +26,7 @@ use crate::bus::amqp::{AmqpBus, EventReader, StreamOffset, StreamedEvent};
 )]
 pub struct WatchArgs {
     /// Only this run's events: its id or a prefix of it.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_run_prefix)]
     pub run: Option<String>,
     /// Only this pipeline's events (the spec's `name`).
     #[arg(long)]
@@ -40,6 +40,17 @@ pub struct WatchArgs {
     /// Settings file overlaid on the defaults (`[amqp]`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+/// A run id or a prefix of one: hex digits and hyphens.
+fn parse_run_prefix(text: &str) -> Result<String, String> {
+    let text = text.trim().to_ascii_lowercase();
+    if text.is_empty() || text.len() > 36 || !text.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+        return Err(format!(
+            "`{text}` is not a run id or a prefix of one (hex digits and hyphens)"
+        ));
+    }
+    Ok(text)
 }
 
 /// The longest wait between two attempts to reopen the stream.
@@ -172,5 +183,21 @@ fn show(args: &WatchArgs, streamed: &StreamedEvent) {
             event.branch.label(),
             describe(event)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_filter_is_a_run_id_or_a_prefix_of_one() {
+        assert_eq!(parse_run_prefix("3F2A-").unwrap(), "3f2a-");
+        assert_eq!(
+            parse_run_prefix("b939eff5-803b-5051-bff2-9c03bfc1db2e").unwrap(),
+            "b939eff5-803b-5051-bff2-9c03bfc1db2e"
+        );
+        assert!(parse_run_prefix("nightly").unwrap_err().contains("not a run id"));
+        assert!(parse_run_prefix("").is_err());
     }
 }
