@@ -64,6 +64,13 @@ pub enum EventKind {
         reason: String,
     },
     Cancelled,
+    /// A parked message of this branch was put back on its stage's queue (`sigrun dlq replay`):
+    /// the branch's earlier failure no longer ends it.
+    Replayed {
+        message_id: Uuid,
+        /// Why it had been parked.
+        error: String,
+    },
 }
 
 impl EventKind {
@@ -86,6 +93,7 @@ impl EventKind {
             EventKind::RunFailed { .. } => "run_failed",
             EventKind::Parked { .. } => "parked",
             EventKind::Cancelled => "cancelled",
+            EventKind::Replayed { .. } => "replayed",
         }
     }
 }
@@ -132,10 +140,16 @@ pub enum RunResult {
 /// Folds a run's events into its result: it has ended when every pool branch it started has ended
 /// (verified or failed, or skipped because its region failed) and, for a run that replicates, every
 /// region's replication has ended (completed or failed), or when the trunk failed — which may
-/// happen before `RunStarted` (the first step's call fails for good).
+/// happen before `RunStarted` (the first step's call fails for good). A message parked without a
+/// failure event of its own (`Parked`: it could not be decoded) fails its branch too.
+///
+/// A branch's failure followed by a `Replayed` of the same branch does not count: the replayed
+/// message carries the branch on, and what happens after the replay decides.
 pub fn run_result(events: &[Event]) -> RunResult {
+    let events = &standing(events);
     if let Some(reason) = events.iter().find_map(|e| match &e.kind {
         EventKind::RunFailed { reason } => Some(reason.clone()),
+        EventKind::Parked { reason } if e.branch == Branch::Trunk => Some(format!("parked: {reason}")),
         EventKind::Cancelled => Some("cancelled".to_string()),
         _ => None,
     }) {
@@ -164,6 +178,11 @@ pub fn run_result(events: &[Event]) -> RunResult {
                 if *region == pool.region && *target == pool.target =>
             {
                 Some(Err(reason.clone()))
+            }
+            (EventKind::Parked { reason }, Branch::Pool { region, target })
+                if *region == pool.region && *target == pool.target =>
+            {
+                Some(Err(format!("parked: {reason}")))
             }
             _ => None,
         });
@@ -200,6 +219,29 @@ pub fn run_result(events: &[Event]) -> RunResult {
                 .join("; "),
         },
     }
+}
+
+/// The events that still count: a branch's failure (`RunFailed`, `PoolFailed`, `Parked`) is
+/// dropped when a `Replayed` of that branch comes after it.
+/// (Owned, so the rest of `run_result` reads it as it reads any run's events.)
+fn standing(events: &[Event]) -> Vec<Event> {
+    let mut replayed: Vec<&Branch> = Vec::new();
+    let mut kept: Vec<Event> = Vec::with_capacity(events.len());
+    // Backwards, so "a replay after it" is whatever was seen so far.
+    for event in events.iter().rev() {
+        match &event.kind {
+            EventKind::Replayed { .. } => replayed.push(&event.branch),
+            EventKind::RunFailed { .. } | EventKind::PoolFailed { .. } | EventKind::Parked { .. }
+                if replayed.contains(&&event.branch) =>
+            {
+                continue;
+            }
+            _ => {}
+        }
+        kept.push(event.clone());
+    }
+    kept.reverse();
+    kept
 }
 
 #[cfg(test)]
@@ -405,5 +447,126 @@ mod tests {
             pool_failed("westeurope", "batch", "elsewhere"),
         ];
         assert_eq!(run_result(&events), RunResult::Running);
+    }
+
+    fn replayed(branch: Branch) -> Event {
+        event(
+            branch,
+            EventKind::Replayed {
+                message_id: Uuid::nil(),
+                error: "gave up after 2 attempts".into(),
+            },
+        )
+    }
+
+    fn trunk_failed(reason: &str) -> Event {
+        event(Branch::Trunk, EventKind::RunFailed { reason: reason.into() })
+    }
+
+    #[test]
+    fn a_replayed_trunk_reopens_the_run_and_what_follows_decides() {
+        let mut events = vec![started(), trunk_failed("gave up after 2 attempts: HTTP 500")];
+        assert!(matches!(run_result(&events), RunResult::Failed { .. }));
+        events.push(replayed(Branch::Trunk));
+        assert_eq!(run_result(&events), RunResult::Running, "reopened by the replay");
+        events.extend([
+            verified("westeurope", "render"),
+            verified("westeurope", "sim"),
+            verified("eastus", "batch"),
+        ]);
+        assert_eq!(run_result(&events), RunResult::Succeeded);
+        // Failing again after the replay ends it again, with the new reason.
+        let mut again = vec![
+            started(),
+            trunk_failed("first"),
+            replayed(Branch::Trunk),
+            trunk_failed("second"),
+        ];
+        assert_eq!(
+            run_result(&again),
+            RunResult::Failed {
+                reason: "second".into()
+            }
+        );
+        // ...and a second replay reopens it once more.
+        again.push(replayed(Branch::Trunk));
+        assert_eq!(run_result(&again), RunResult::Running);
+    }
+
+    #[test]
+    fn a_replayed_pool_reopens_only_that_pool() {
+        let mut events = vec![
+            started(),
+            pool_failed("westeurope", "sim", "gave up after 2 attempts"),
+            pool_failed("eastus", "batch", "AllocationFailed"),
+            verified("westeurope", "render"),
+        ];
+        assert!(matches!(run_result(&events), RunResult::PartlySucceeded { .. }));
+        events.push(replayed(on("westeurope", "sim")));
+        assert_eq!(run_result(&events), RunResult::Running, "sim runs again");
+        events.push(verified("westeurope", "sim"));
+        assert_eq!(
+            run_result(&events),
+            RunResult::PartlySucceeded {
+                failed: vec![(pool("eastus", "batch"), "AllocationFailed".into())]
+            },
+            "batch was not replayed: its failure stands"
+        );
+    }
+
+    #[test]
+    fn a_replay_reopens_nothing_on_other_branches_or_before_it() {
+        // A pool's replay does not reopen the trunk; a trunk replay does not reopen a pool.
+        let trunk_down = [started(), trunk_failed("boom"), replayed(on("westeurope", "sim"))];
+        assert!(matches!(run_result(&trunk_down), RunResult::Failed { .. }));
+        let pools_done = [
+            started(),
+            pool_failed("westeurope", "sim", "x"),
+            replayed(Branch::Trunk),
+            verified("westeurope", "render"),
+            verified("eastus", "batch"),
+        ];
+        assert!(matches!(run_result(&pools_done), RunResult::PartlySucceeded { .. }));
+        // A failure after the replay is not undone by it.
+        let later = [started(), replayed(Branch::Trunk), trunk_failed("after")];
+        assert_eq!(run_result(&later), RunResult::Failed { reason: "after".into() });
+    }
+
+    #[test]
+    fn a_parked_message_fails_its_branch_until_it_is_replayed() {
+        let parked = |branch| {
+            event(
+                branch,
+                EventKind::Parked {
+                    reason: "message does not match envelope v1: plan".into(),
+                },
+            )
+        };
+        let trunk = [started(), parked(Branch::Trunk)];
+        assert_eq!(
+            run_result(&trunk),
+            RunResult::Failed {
+                reason: "parked: message does not match envelope v1: plan".into()
+            }
+        );
+        let mut pools = vec![
+            started(),
+            verified("westeurope", "render"),
+            verified("westeurope", "sim"),
+            parked(on("eastus", "batch")),
+        ];
+        assert_eq!(
+            run_result(&pools),
+            RunResult::PartlySucceeded {
+                failed: vec![(
+                    pool("eastus", "batch"),
+                    "parked: message does not match envelope v1: plan".into()
+                )]
+            }
+        );
+        pools.push(replayed(on("eastus", "batch")));
+        assert_eq!(run_result(&pools), RunResult::Running);
+        pools.push(verified("eastus", "batch"));
+        assert_eq!(run_result(&pools), RunResult::Succeeded);
     }
 }

@@ -256,7 +256,8 @@ async fn show_progress(
     }
 }
 
-fn describe(event: &Event) -> String {
+/// One line saying what an event means (also used by `status` and `watch`).
+pub(super) fn describe(event: &Event) -> String {
     match &event.kind {
         EventKind::RunStarted { regions, pools } => {
             format!("run started: {} region(s), {} pool(s)", regions.len(), pools.len())
@@ -278,6 +279,9 @@ fn describe(event: &Event) -> String {
         EventKind::RunFailed { reason } => format!("run failed: {reason}"),
         EventKind::Parked { reason } => format!("message parked: {reason}"),
         EventKind::Cancelled => "cancelled".into(),
+        EventKind::Replayed { message_id, error } => {
+            format!("replayed parked message {message_id} (parked for: {error})")
+        }
     }
 }
 

@@ -23,30 +23,30 @@ use uuid::Uuid;
 
 use crate::helpers::{self, BATCH_API, PIPELINE_APP, TENANT, TestEmulator};
 
-const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
-const VERSION: &str = "2026.1126.3";
+pub(crate) const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
+pub(crate) const VERSION: &str = "2026.1126.3";
 /// Emulated seconds per real second: the nightly run (about an hour of Azure time) takes ~10 s.
 const SCALE: f64 = 400.0;
 /// No run here should come near this.
-const RUN_LIMIT: Duration = Duration::from_secs(150);
+pub(crate) const RUN_LIMIT: Duration = Duration::from_secs(150);
 
-fn amqp_url() -> String {
+pub(crate) fn amqp_url() -> String {
     std::env::var("SIGRUN_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// An emulator, a config file pointing the binary at it (azure mode) and at the broker under a
 /// prefix of the test's own.
-struct Setup {
-    emu: TestEmulator,
+pub(crate) struct Setup {
+    pub(crate) emu: TestEmulator,
     _dir: tempfile::TempDir,
-    dir: PathBuf,
-    config: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) config: PathBuf,
     /// The same without `[amqp]`: the prefix then comes from `SIGRUN__AMQP__PREFIX`.
     config_without_amqp: PathBuf,
-    prefix: String,
+    pub(crate) prefix: String,
 }
 
-async fn setup() -> Setup {
+pub(crate) async fn setup() -> Setup {
     let emu = helpers::start(EmulatorOptions {
         time_scale: SCALE,
         ..Default::default()
@@ -90,15 +90,15 @@ shutdown_grace_ms = 5000
 }
 
 /// A `sigrun` process started from the repository root, its output in files.
-struct Process {
+pub(crate) struct Process {
     command: String,
     child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
+    pub(crate) stdout: PathBuf,
+    pub(crate) stderr: PathBuf,
 }
 
 impl Process {
-    fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+    pub(crate) fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
         let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
         let mut command = Command::new(env!("CARGO_BIN_EXE_sigrun"));
         command
@@ -122,7 +122,7 @@ impl Process {
         }
     }
 
-    fn report(&self) -> String {
+    pub(crate) fn report(&self) -> String {
         format!(
             "\n=== {}\n=== stdout\n{}\n=== stderr\n{}\n===",
             self.command,
@@ -132,7 +132,7 @@ impl Process {
     }
 
     /// Waits (bounded, without blocking the runtime that serves the emulator) for the exit code.
-    async fn wait(&mut self, limit: Duration) -> Option<i32> {
+    pub(crate) async fn wait(&mut self, limit: Duration) -> Option<i32> {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for sigrun") {
@@ -147,7 +147,7 @@ impl Process {
         }
     }
 
-    fn signal(&self, name: &str) {
+    pub(crate) fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .args([format!("-{name}"), self.child.id().to_string()])
             .status()
@@ -166,7 +166,7 @@ impl Drop for Process {
 }
 
 /// A bus on the test's prefix (for reading events and deleting the topology at the end).
-async fn test_bus(config: &Path) -> (AmqpBus, Settings) {
+pub(crate) async fn test_bus(config: &Path) -> (AmqpBus, Settings) {
     let settings = Settings::load(Some(config)).expect("the test config loads");
     let url = settings.amqp.redacted_url();
     match AmqpBus::connect(settings.amqp.clone(), settings.delay_tiers()).await {

@@ -9,6 +9,7 @@
 //! - `consumer` — one consumer per stage queue feeding [`AmqpBus::next`], and the acker.
 //! - `connection` — the connection, and reconnecting with backoff (re-declare, re-consume).
 //! - [`events`] — reading the events stream back (what `status` and `watch` need).
+//! - [`parking`] — looking into the parking queue without losing what is in it (`dlq`).
 //!
 //! Recovery is this module's own loop rather than lapin's auto-recover: one place decides when a
 //! connection is dead (a consumer's stream ends, a publish fails, the connection reports an
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -33,12 +35,14 @@ use crate::model::envelope::Stage;
 mod connection;
 mod consumer;
 pub mod events;
+pub mod parking;
 mod publisher;
 pub mod topology;
 
 use connection::Link;
 use consumer::Inbox;
 pub use events::{EventReader, StreamItem, StreamOffset, StreamedEvent};
+pub use parking::{ParkedBrowser, ParkedMessage};
 pub use publisher::headers;
 use topology::{Names, TopologySpec};
 
@@ -261,6 +265,45 @@ impl AmqpBus {
         let deleted = topology::delete(&channel, &Names::new(&settings.prefix), tiers).await;
         let _ = connection.close(200, "topology deleted".into()).await;
         deleted.map_err(connection_error)
+    }
+
+    /// Whether the events stream of `settings.prefix` exists, checked passively on a connection of
+    /// its own (declaring nothing): a prefix no worker or submit has used has none.
+    pub async fn topology_exists(settings: &AmqpSettings) -> Result<bool, BusError> {
+        let connect = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default());
+        let connection = tokio::time::timeout(settings.connect_timeout, connect)
+            .await
+            .map_err(|_| BusError::Connection(format!("{}: no connection", settings.redacted_url())))?
+            .map_err(|e| BusError::Connection(format!("{}: {e}", settings.redacted_url())))?;
+        let channel = connection.create_channel().await.map_err(connection_error)?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        let events = Names::new(&settings.prefix).events();
+        // A missing queue closes the channel with 404; any other failure is the broker's.
+        let exists = match channel
+            .queue_declare(events.as_str().into(), passive, lapin::types::FieldTable::default())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error)
+                if matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
+                    if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(connection_error(error)),
+        };
+        let _ = connection.close(200, "checked".into()).await;
+        exists
+    }
+
+    /// Takes up to `limit` parked messages, oldest first, without removing them (see
+    /// [`ParkedBrowser`]).
+    pub async fn browse_parked(&self, limit: usize) -> Result<ParkedBrowser, BusError> {
+        let link = connection::wait_link(&self.shared, 0, self.shared.settings.publish_timeout).await?;
+        ParkedBrowser::open(&link.connection, &self.shared.names, limit).await
     }
 
     /// Reads the events stream from `offset` on a channel of its own (see [`EventReader`]).
