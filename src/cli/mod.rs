@@ -4,12 +4,12 @@
 //! Exit codes: 0 success, 1 a run that failed (or partly failed), 2 bad input (a spec, a setting
 //! or a rule the pipeline would break) — in which case nothing was created.
 
+mod cancel;
 mod emulator;
 mod plan_view;
 mod run;
 mod session;
 mod submit;
-mod trigger;
 mod validate;
 mod worker;
 
@@ -42,8 +42,11 @@ pub enum Command {
     Emulator(emulator::EmulatorArgs),
     /// Consume stage queues on RabbitMQ and run those stages until SIGINT/SIGTERM.
     Worker(worker::WorkerArgs),
-    /// Plan a pipeline and publish its run to the workers on RabbitMQ; print the run id.
+    /// Plan a pipeline and publish a trigger for its run to the workers on RabbitMQ; print the
+    /// run id.
     Submit(submit::SubmitArgs),
+    /// Ask the workers to stop a run: each of its branches stops at its next step.
+    Cancel(cancel::CancelArgs),
 }
 
 /// An error that means "the input is wrong" (exit code 2).
@@ -63,6 +66,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Emulator(args) => emulator::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Worker(args) => worker::run(args).await,
         Command::Submit(args) => submit::run(args).await,
+        Command::Cancel(args) => cancel::run(args).await,
     }
 }
 
