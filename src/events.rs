@@ -63,6 +63,7 @@ pub enum EventKind {
     Parked {
         reason: String,
     },
+    /// A branch stopped at this event's stage, taking no step, because its run was cancelled.
     Cancelled,
     /// A parked message of this branch was put back on its stage's queue (`sigrun dlq replay`):
     /// the branch's earlier failure no longer ends it.
@@ -70,6 +71,19 @@ pub enum EventKind {
         message_id: Uuid,
         /// Why it had been parked.
         error: String,
+    },
+    /// `sigrun cancel` asked for the run to stop: each branch stops at its next step.
+    CancelRequested,
+    /// A trigger for a run that had already started: acked, nothing started again.
+    DuplicateTrigger {
+        /// The trigger's AMQP `message_id` (or CloudEvents `id`), when it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
+    },
+    /// A trigger for this run was refused before the run started (a rule it breaks, Azure refusing
+    /// a read for good); the trigger is parked with the same reason.
+    TriggerRejected {
+        reason: String,
     },
 }
 
@@ -94,6 +108,9 @@ impl EventKind {
             EventKind::Parked { .. } => "parked",
             EventKind::Cancelled => "cancelled",
             EventKind::Replayed { .. } => "replayed",
+            EventKind::CancelRequested => "cancel_requested",
+            EventKind::DuplicateTrigger { .. } => "duplicate_trigger",
+            EventKind::TriggerRejected { .. } => "trigger_rejected",
         }
     }
 }
@@ -135,31 +152,53 @@ pub enum RunResult {
     Failed {
         reason: String,
     },
+    /// Cancelled (`sigrun cancel`): ended at the request. What the run had created, as its
+    /// `ResourceCreated` and `PoolCreated` events name it (a step already under way when the
+    /// request came finishes, and what it creates is listed too).
+    Cancelled {
+        created: Vec<String>,
+    },
 }
 
 /// Folds a run's events into its result: it has ended when every pool branch it started has ended
 /// (verified or failed, or skipped because its region failed) and, for a run that replicates, every
 /// region's replication has ended (completed or failed), or when the trunk failed — which may
-/// happen before `RunStarted` (the first step's call fails for good). A message parked without a
-/// failure event of its own (`Parked`: it could not be decoded) fails its branch too.
+/// happen before `RunStarted` (the first step's call fails for good) — or when it was cancelled
+/// (whichever of a trunk failure and a cancel request came first decides), or when its trigger was
+/// rejected and it never started. A message parked without a failure event of its own (`Parked`: it
+/// could not be decoded) fails its branch too.
 ///
 /// A branch's failure followed by a `Replayed` of the same branch does not count: the replayed
 /// message carries the branch on, and what happens after the replay decides.
 pub fn run_result(events: &[Event]) -> RunResult {
     let events = &standing(events);
-    if let Some(reason) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunFailed { reason } => Some(reason.clone()),
-        EventKind::Parked { reason } if e.branch == Branch::Trunk => Some(format!("parked: {reason}")),
-        EventKind::Cancelled => Some("cancelled".to_string()),
+    if let Some(ended) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunFailed { reason } => Some(RunResult::Failed { reason: reason.clone() }),
+        EventKind::Parked { reason } if e.branch == Branch::Trunk => Some(RunResult::Failed {
+            reason: format!("parked: {reason}"),
+        }),
+        EventKind::CancelRequested => Some(RunResult::Cancelled {
+            created: created(events),
+        }),
         _ => None,
     }) {
-        return RunResult::Failed { reason };
+        return ended;
     }
     let Some((pools, regions, entry)) = events.iter().find_map(|e| match &e.kind {
         EventKind::RunStarted { pools, regions } => Some((pools.clone(), regions.clone(), e.stage)),
         _ => None,
     }) else {
-        return RunResult::Running;
+        // A rejected trigger ends a run that never started; a later trigger that starts it wins.
+        return events
+            .iter()
+            .rev()
+            .find_map(|e| match &e.kind {
+                EventKind::TriggerRejected { reason } => Some(RunResult::Failed {
+                    reason: format!("trigger rejected: {reason}"),
+                }),
+                _ => None,
+            })
+            .unwrap_or(RunResult::Running);
     };
     let mut verified = Vec::new();
     let mut failed: Vec<(PoolRef, String)> = Vec::new();
@@ -242,6 +281,23 @@ fn standing(events: &[Event]) -> Vec<Event> {
     }
     kept.reverse();
     kept
+}
+
+/// What a run created, in order: resource ids, then `pool {id}` for each pool.
+pub fn created(events: &[Event]) -> Vec<String> {
+    let mut created: Vec<String> = Vec::new();
+    for event in events {
+        let item = match &event.kind {
+            EventKind::ResourceCreated { id } => id.clone(),
+            EventKind::PoolCreated { pool_id } => format!("pool {pool_id}"),
+            _ => continue,
+        };
+        // A redelivered step may report the same creation twice.
+        if !created.contains(&item) {
+            created.push(item);
+        }
+    }
+    created
 }
 
 #[cfg(test)]
@@ -435,6 +491,82 @@ mod tests {
         start.stage = Stage::PoolCreate;
         let rollout = [start, verified("westeurope", "render"), verified("eastus", "batch")];
         assert_eq!(run_result(&rollout), RunResult::Succeeded);
+    }
+
+    #[test]
+    fn a_cancelled_run_has_ended_and_lists_what_it_created() {
+        let created = |id: &str| event(Branch::Trunk, EventKind::ResourceCreated { id: id.into() });
+        let mut events = vec![
+            started(),
+            created("/subscriptions/s/snapshots/a"),
+            created("/subscriptions/s/images/b"),
+            created("/subscriptions/s/images/b"),
+        ];
+        assert_eq!(run_result(&events), RunResult::Running);
+        events.push(event(Branch::Trunk, EventKind::CancelRequested));
+        let expected = RunResult::Cancelled {
+            created: vec![
+                "/subscriptions/s/snapshots/a".into(),
+                "/subscriptions/s/images/b".into(),
+            ],
+        };
+        assert_eq!(run_result(&events), expected);
+        // The branches stopping, and a step under way finishing, keep it cancelled.
+        events.push(event(Branch::Trunk, EventKind::Cancelled));
+        events.push(event(
+            on("westeurope", "render"),
+            EventKind::PoolCreated {
+                pool_id: "render-1".into(),
+            },
+        ));
+        match run_result(&events) {
+            RunResult::Cancelled { created } => assert_eq!(created.last().unwrap(), "pool render-1"),
+            other => panic!("{other:?}"),
+        }
+        // A trunk failure before the request decides instead.
+        let failed = event(Branch::Trunk, EventKind::RunFailed { reason: "boom".into() });
+        events.insert(1, failed);
+        assert_eq!(run_result(&events), RunResult::Failed { reason: "boom".into() });
+    }
+
+    #[test]
+    fn a_rejected_trigger_ends_a_run_that_never_started() {
+        let rejected = event(
+            Branch::Trunk,
+            EventKind::TriggerRejected {
+                reason: "publish.regions: no such region".into(),
+            },
+        );
+        assert_eq!(
+            run_result(std::slice::from_ref(&rejected)),
+            RunResult::Failed {
+                reason: "trigger rejected: publish.regions: no such region".into()
+            }
+        );
+        // Fixed and triggered again: the run starts and its rejection no longer counts.
+        let duplicate = event(Branch::Trunk, EventKind::DuplicateTrigger { message_id: None });
+        let events = [rejected, started(), duplicate, verified("westeurope", "render")];
+        assert_eq!(run_result(&events), RunResult::Running);
+    }
+
+    #[test]
+    fn new_event_kinds_round_trip_with_their_routing_keys() {
+        for (kind, name) in [
+            (EventKind::CancelRequested, "cancel_requested"),
+            (
+                EventKind::DuplicateTrigger {
+                    message_id: Some("m-1".into()),
+                },
+                "duplicate_trigger",
+            ),
+            (EventKind::TriggerRejected { reason: "r".into() }, "trigger_rejected"),
+        ] {
+            let e = event(Branch::Trunk, kind);
+            assert_eq!(e.routing_key(), format!("nightly.verify.{name}"));
+            let json = serde_json::to_string(&e).unwrap();
+            assert!(json.contains(&format!("\"kind\":\"{name}\"")), "{json}");
+            assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        }
     }
 
     #[test]

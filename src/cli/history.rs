@@ -160,13 +160,14 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.to_string())
 }
 
-/// `running`, `succeeded`, `partly succeeded`, `failed`.
+/// `running`, `succeeded`, `partly succeeded`, `failed`, `cancelled`.
 pub fn state(result: &RunResult) -> &'static str {
     match result {
         RunResult::Running => "running",
         RunResult::Succeeded => "succeeded",
         RunResult::PartlySucceeded { .. } => "partly succeeded",
         RunResult::Failed { .. } => "failed",
+        RunResult::Cancelled { .. } => "cancelled",
     }
 }
 
@@ -182,6 +183,8 @@ pub fn result_line(result: &RunResult) -> String {
                 .join("; ")
         ),
         RunResult::Failed { reason } => format!("failed: {reason}"),
+        RunResult::Cancelled { created } if created.is_empty() => "cancelled; it had created nothing".to_string(),
+        RunResult::Cancelled { created } => format!("cancelled; it had created: {}", created.join(", ")),
         other => state(other).to_string(),
     }
 }
@@ -197,6 +200,7 @@ pub fn result_json(result: &RunResult) -> Value {
                 .collect::<Vec<_>>(),
         }),
         RunResult::Failed { reason } => json!({"state": "failed", "reason": reason}),
+        RunResult::Cancelled { created } => json!({"state": "cancelled", "created": created}),
         other => json!({"state": state(other)}),
     }
 }

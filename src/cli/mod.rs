@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a run that failed (or partly failed), 2 bad input (a spec, a setting
 //! or a rule the pipeline would break) — in which case nothing was created.
 
+mod cancel;
 mod dlq;
 mod emulator;
 mod history;
@@ -12,7 +13,6 @@ mod run;
 mod session;
 mod status;
 mod submit;
-mod trigger;
 mod validate;
 mod watch;
 mod worker;
@@ -46,7 +46,8 @@ pub enum Command {
     Emulator(emulator::EmulatorArgs),
     /// Consume stage queues on RabbitMQ and run those stages until SIGINT/SIGTERM.
     Worker(worker::WorkerArgs),
-    /// Plan a pipeline and publish its run to the workers on RabbitMQ; print the run id.
+    /// Plan a pipeline and publish a trigger for its run to the workers on RabbitMQ; print the
+    /// run id.
     Submit(submit::SubmitArgs),
     /// Recent runs from the events stream, or one run's timeline and result.
     Status(status::StatusArgs),
@@ -54,6 +55,8 @@ pub enum Command {
     Watch(watch::WatchArgs),
     /// Parked messages: list them with why, or replay them onto their stage's queue.
     Dlq(dlq::DlqArgs),
+    /// Ask the workers to stop a run: each of its branches stops at its next step.
+    Cancel(cancel::CancelArgs),
 }
 
 /// An error that means "the input is wrong" (exit code 2).
@@ -76,6 +79,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => status::run(args).await,
         Command::Watch(args) => watch::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
+        Command::Cancel(args) => cancel::run(args).await,
     }
 }
 

@@ -51,6 +51,8 @@ impl StreamOffset {
 pub const MARKER_ROUTING_KEY: &str = "marker";
 
 /// One item of the stream: an event, or a marker some reader published to find the end.
+// Items are read one at a time and moved once: boxing the event would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamItem {
     /// Boxed: an event is some 200 bytes, a marker 16.

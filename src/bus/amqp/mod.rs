@@ -7,6 +7,7 @@
 //! - [`topology`] — names and the idempotent declaration of exchanges and queues.
 //! - `publisher` — confirmed publishes and the headers parked messages carry.
 //! - `consumer` — one consumer per stage queue feeding [`AmqpBus::next`], and the acker.
+//! - [`triggers`] — publishing triggers, taking them (one admitter at a time), parking and delaying them.
 //! - `connection` — the connection, and reconnecting with backoff (re-declare, re-consume).
 //! - [`events`] — reading the events stream back (what `status` and `watch` need).
 //! - [`parking`] — looking into the parking queue without losing what is in it (`dlq`).
@@ -38,13 +39,15 @@ pub mod events;
 pub mod parking;
 mod publisher;
 pub mod topology;
+pub mod triggers;
 
 use connection::Link;
-use consumer::Inbox;
+use consumer::{Inbox, Source};
 pub use events::{EventReader, StreamItem, StreamOffset, StreamedEvent};
 pub use parking::{ParkedBrowser, ParkedMessage};
 pub use publisher::headers;
 use topology::{Names, TopologySpec};
+pub use triggers::{TriggerDelivery, TriggerMessage};
 
 /// How to reach the broker and the shape of what is declared there.
 #[derive(Clone, PartialEq, Deserialize)]
@@ -150,8 +153,9 @@ struct Shared {
     generation: AtomicU64,
     /// Whoever sees a connection fail reports its generation here; the supervisor reconnects.
     broken: mpsc::UnboundedSender<u64>,
-    /// Stages `next` has been asked for: consumed now and after every reconnect.
-    wanted: Mutex<BTreeSet<Stage>>,
+    /// Queues `next` (stages) and `next_trigger` have been asked for: consumed now and after
+    /// every reconnect.
+    wanted: Mutex<BTreeSet<Source>>,
     wanted_changed: Notify,
     inbox: Inbox,
     shutdown: watch::Sender<bool>,
@@ -322,6 +326,13 @@ impl AmqpBus {
     /// looks for to know it has read everything published before (see [`EventReader::read_to_end`]).
     pub async fn publish_marker(&self) -> Result<uuid::Uuid, BusError> {
         let marker = uuid::Uuid::new_v4();
+        self.publish_marker_id(marker).await?;
+        Ok(marker)
+    }
+
+    /// As [`AmqpBus::publish_marker`] with an id of the caller's, for a reader that must be
+    /// waiting for the marker before it can come by.
+    pub async fn publish_marker_id(&self, marker: uuid::Uuid) -> Result<(), BusError> {
         let body = serde_json::to_vec(&events::MarkerBody { marker }).expect("markers serialize");
         publisher::publish(
             &self.shared,
@@ -330,15 +341,14 @@ impl AmqpBus {
             &body,
             publisher::event_properties(),
         )
-        .await?;
-        Ok(marker)
+        .await
     }
 
-    /// Marks stages as consumed; the supervisor starts their consumers.
-    fn want(&self, stages: &[Stage]) {
+    /// Marks queues as consumed; the supervisor starts their consumers.
+    fn want(&self, sources: &[Source]) {
         let mut wanted = self.shared.wanted.lock().unwrap_or_else(PoisonError::into_inner);
         let before = wanted.len();
-        wanted.extend(stages.iter().copied());
+        wanted.extend(sources.iter().copied());
         if wanted.len() != before {
             self.shared.wanted_changed.notify_one();
         }
@@ -411,8 +421,13 @@ impl Bus for AmqpBus {
     }
 
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
-        self.want(stages);
-        self.shared.inbox.next(&self.shared, stages).await
+        let sources: Vec<Source> = stages.iter().map(|s| Source::Stage(*s)).collect();
+        self.want(&sources);
+        let (source, delivery) = self.shared.inbox.next(&self.shared, &sources).await?;
+        let Source::Stage(stage) = source else {
+            unreachable!("only stage queues were asked for")
+        };
+        Some(consumer::delivery(stage, delivery))
     }
 
     fn tiers(&self) -> &[Duration] {
