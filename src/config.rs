@@ -33,6 +33,24 @@ pub struct Settings {
     /// Where the metrics and health endpoints listen (`worker`, `run`).
     #[serde(default)]
     pub telemetry: TelemetrySettings,
+    /// Where workers find the specs of triggers that carry none.
+    #[serde(default)]
+    pub pipelines: PipelinesSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelinesSettings {
+    /// The directory of pipeline specs (`*.toml`), relative to the worker's working directory.
+    pub dir: PathBuf,
+}
+
+impl Default for PipelinesSettings {
+    fn default() -> Self {
+        PipelinesSettings {
+            dir: PathBuf::from("pipelines"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,6 +192,7 @@ mod tests {
         assert_eq!(settings.amqp.url, "amqp://guest:guest@127.0.0.1:5672/%2f");
         assert_eq!(settings.amqp.prefix, "sigrun");
         assert_eq!(settings.delay_tiers()[0], Duration::from_millis(5));
+        assert_eq!(settings.pipelines.dir, PathBuf::from("pipelines"));
         assert!(
             !format!("{settings:?}").contains("emulator-secret-pipeline"),
             "secrets never print"
@@ -201,6 +220,12 @@ mod tests {
             !format!("{settings:?}").contains(":p@"),
             "the broker password never prints"
         );
+        std::fs::write(&file, "[pipelines]\ndir = \"/etc/sigrun/pipelines\"\n").unwrap();
+        let settings = Settings::load(Some(&file)).unwrap();
+        assert_eq!(settings.pipelines.dir, PathBuf::from("/etc/sigrun/pipelines"));
+        std::fs::write(&file, "[pipelines]\ndirectory = \"x\"\n").unwrap();
+        let err = Settings::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("directory"), "{err}");
         std::fs::write(&file, "[amqp]\nprefx = \"x\"\n").unwrap();
         let err = Settings::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("prefx"), "{err}");

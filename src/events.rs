@@ -63,7 +63,28 @@ pub enum EventKind {
     Parked {
         reason: String,
     },
+    /// A branch stopped at this event's stage, taking no step, because its run was cancelled.
     Cancelled,
+    /// A parked message of this branch was put back on its stage's queue (`sigrun dlq replay`):
+    /// the branch's earlier failure no longer ends it.
+    Replayed {
+        message_id: Uuid,
+        /// Why it had been parked.
+        error: String,
+    },
+    /// `sigrun cancel` asked for the run to stop: each branch stops at its next step.
+    CancelRequested,
+    /// A trigger for a run that had already started: acked, nothing started again.
+    DuplicateTrigger {
+        /// The trigger's AMQP `message_id` (or CloudEvents `id`), when it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
+    },
+    /// A trigger for this run was refused before the run started (a rule it breaks, Azure refusing
+    /// a read for good); the trigger is parked with the same reason.
+    TriggerRejected {
+        reason: String,
+    },
 }
 
 impl EventKind {
@@ -86,6 +107,10 @@ impl EventKind {
             EventKind::RunFailed { .. } => "run_failed",
             EventKind::Parked { .. } => "parked",
             EventKind::Cancelled => "cancelled",
+            EventKind::Replayed { .. } => "replayed",
+            EventKind::CancelRequested => "cancel_requested",
+            EventKind::DuplicateTrigger { .. } => "duplicate_trigger",
+            EventKind::TriggerRejected { .. } => "trigger_rejected",
         }
     }
 }
@@ -127,25 +152,53 @@ pub enum RunResult {
     Failed {
         reason: String,
     },
+    /// Cancelled (`sigrun cancel`): ended at the request. What the run had created, as its
+    /// `ResourceCreated` and `PoolCreated` events name it (a step already under way when the
+    /// request came finishes, and what it creates is listed too).
+    Cancelled {
+        created: Vec<String>,
+    },
 }
 
 /// Folds a run's events into its result: it has ended when every pool branch it started has ended
 /// (verified or failed, or skipped because its region failed) and, for a run that replicates, every
 /// region's replication has ended (completed or failed), or when the trunk failed — which may
-/// happen before `RunStarted` (the first step's call fails for good).
+/// happen before `RunStarted` (the first step's call fails for good) — or when it was cancelled
+/// (whichever of a trunk failure and a cancel request came first decides), or when its trigger was
+/// rejected and it never started. A message parked without a failure event of its own (`Parked`: it
+/// could not be decoded) fails its branch too.
+///
+/// A branch's failure followed by a `Replayed` of the same branch does not count: the replayed
+/// message carries the branch on, and what happens after the replay decides.
 pub fn run_result(events: &[Event]) -> RunResult {
-    if let Some(reason) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunFailed { reason } => Some(reason.clone()),
-        EventKind::Cancelled => Some("cancelled".to_string()),
+    let events = &standing(events);
+    if let Some(ended) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunFailed { reason } => Some(RunResult::Failed { reason: reason.clone() }),
+        EventKind::Parked { reason } if e.branch == Branch::Trunk => Some(RunResult::Failed {
+            reason: format!("parked: {reason}"),
+        }),
+        EventKind::CancelRequested => Some(RunResult::Cancelled {
+            created: created(events),
+        }),
         _ => None,
     }) {
-        return RunResult::Failed { reason };
+        return ended;
     }
     let Some((pools, regions, entry)) = events.iter().find_map(|e| match &e.kind {
         EventKind::RunStarted { pools, regions } => Some((pools.clone(), regions.clone(), e.stage)),
         _ => None,
     }) else {
-        return RunResult::Running;
+        // A rejected trigger ends a run that never started; a later trigger that starts it wins.
+        return events
+            .iter()
+            .rev()
+            .find_map(|e| match &e.kind {
+                EventKind::TriggerRejected { reason } => Some(RunResult::Failed {
+                    reason: format!("trigger rejected: {reason}"),
+                }),
+                _ => None,
+            })
+            .unwrap_or(RunResult::Running);
     };
     let mut verified = Vec::new();
     let mut failed: Vec<(PoolRef, String)> = Vec::new();
@@ -164,6 +217,11 @@ pub fn run_result(events: &[Event]) -> RunResult {
                 if *region == pool.region && *target == pool.target =>
             {
                 Some(Err(reason.clone()))
+            }
+            (EventKind::Parked { reason }, Branch::Pool { region, target })
+                if *region == pool.region && *target == pool.target =>
+            {
+                Some(Err(format!("parked: {reason}")))
             }
             _ => None,
         });
@@ -200,6 +258,46 @@ pub fn run_result(events: &[Event]) -> RunResult {
                 .join("; "),
         },
     }
+}
+
+/// The events that still count: a branch's failure (`RunFailed`, `PoolFailed`, `Parked`) is
+/// dropped when a `Replayed` of that branch comes after it.
+/// (Owned, so the rest of `run_result` reads it as it reads any run's events.)
+fn standing(events: &[Event]) -> Vec<Event> {
+    let mut replayed: Vec<&Branch> = Vec::new();
+    let mut kept: Vec<Event> = Vec::with_capacity(events.len());
+    // Backwards, so "a replay after it" is whatever was seen so far.
+    for event in events.iter().rev() {
+        match &event.kind {
+            EventKind::Replayed { .. } => replayed.push(&event.branch),
+            EventKind::RunFailed { .. } | EventKind::PoolFailed { .. } | EventKind::Parked { .. }
+                if replayed.contains(&&event.branch) =>
+            {
+                continue;
+            }
+            _ => {}
+        }
+        kept.push(event.clone());
+    }
+    kept.reverse();
+    kept
+}
+
+/// What a run created, in order: resource ids, then `pool {id}` for each pool.
+pub fn created(events: &[Event]) -> Vec<String> {
+    let mut created: Vec<String> = Vec::new();
+    for event in events {
+        let item = match &event.kind {
+            EventKind::ResourceCreated { id } => id.clone(),
+            EventKind::PoolCreated { pool_id } => format!("pool {pool_id}"),
+            _ => continue,
+        };
+        // A redelivered step may report the same creation twice.
+        if !created.contains(&item) {
+            created.push(item);
+        }
+    }
+    created
 }
 
 #[cfg(test)]
@@ -396,6 +494,82 @@ mod tests {
     }
 
     #[test]
+    fn a_cancelled_run_has_ended_and_lists_what_it_created() {
+        let created = |id: &str| event(Branch::Trunk, EventKind::ResourceCreated { id: id.into() });
+        let mut events = vec![
+            started(),
+            created("/subscriptions/s/snapshots/a"),
+            created("/subscriptions/s/images/b"),
+            created("/subscriptions/s/images/b"),
+        ];
+        assert_eq!(run_result(&events), RunResult::Running);
+        events.push(event(Branch::Trunk, EventKind::CancelRequested));
+        let expected = RunResult::Cancelled {
+            created: vec![
+                "/subscriptions/s/snapshots/a".into(),
+                "/subscriptions/s/images/b".into(),
+            ],
+        };
+        assert_eq!(run_result(&events), expected);
+        // The branches stopping, and a step under way finishing, keep it cancelled.
+        events.push(event(Branch::Trunk, EventKind::Cancelled));
+        events.push(event(
+            on("westeurope", "render"),
+            EventKind::PoolCreated {
+                pool_id: "render-1".into(),
+            },
+        ));
+        match run_result(&events) {
+            RunResult::Cancelled { created } => assert_eq!(created.last().unwrap(), "pool render-1"),
+            other => panic!("{other:?}"),
+        }
+        // A trunk failure before the request decides instead.
+        let failed = event(Branch::Trunk, EventKind::RunFailed { reason: "boom".into() });
+        events.insert(1, failed);
+        assert_eq!(run_result(&events), RunResult::Failed { reason: "boom".into() });
+    }
+
+    #[test]
+    fn a_rejected_trigger_ends_a_run_that_never_started() {
+        let rejected = event(
+            Branch::Trunk,
+            EventKind::TriggerRejected {
+                reason: "publish.regions: no such region".into(),
+            },
+        );
+        assert_eq!(
+            run_result(std::slice::from_ref(&rejected)),
+            RunResult::Failed {
+                reason: "trigger rejected: publish.regions: no such region".into()
+            }
+        );
+        // Fixed and triggered again: the run starts and its rejection no longer counts.
+        let duplicate = event(Branch::Trunk, EventKind::DuplicateTrigger { message_id: None });
+        let events = [rejected, started(), duplicate, verified("westeurope", "render")];
+        assert_eq!(run_result(&events), RunResult::Running);
+    }
+
+    #[test]
+    fn new_event_kinds_round_trip_with_their_routing_keys() {
+        for (kind, name) in [
+            (EventKind::CancelRequested, "cancel_requested"),
+            (
+                EventKind::DuplicateTrigger {
+                    message_id: Some("m-1".into()),
+                },
+                "duplicate_trigger",
+            ),
+            (EventKind::TriggerRejected { reason: "r".into() }, "trigger_rejected"),
+        ] {
+            let e = event(Branch::Trunk, kind);
+            assert_eq!(e.routing_key(), format!("nightly.verify.{name}"));
+            let json = serde_json::to_string(&e).unwrap();
+            assert!(json.contains(&format!("\"kind\":\"{name}\"")), "{json}");
+            assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        }
+    }
+
+    #[test]
     fn a_pool_failure_counts_only_for_its_own_region() {
         // Same target name in another region: not this pool's end.
         let events = [
@@ -405,5 +579,126 @@ mod tests {
             pool_failed("westeurope", "batch", "elsewhere"),
         ];
         assert_eq!(run_result(&events), RunResult::Running);
+    }
+
+    fn replayed(branch: Branch) -> Event {
+        event(
+            branch,
+            EventKind::Replayed {
+                message_id: Uuid::nil(),
+                error: "gave up after 2 attempts".into(),
+            },
+        )
+    }
+
+    fn trunk_failed(reason: &str) -> Event {
+        event(Branch::Trunk, EventKind::RunFailed { reason: reason.into() })
+    }
+
+    #[test]
+    fn a_replayed_trunk_reopens_the_run_and_what_follows_decides() {
+        let mut events = vec![started(), trunk_failed("gave up after 2 attempts: HTTP 500")];
+        assert!(matches!(run_result(&events), RunResult::Failed { .. }));
+        events.push(replayed(Branch::Trunk));
+        assert_eq!(run_result(&events), RunResult::Running, "reopened by the replay");
+        events.extend([
+            verified("westeurope", "render"),
+            verified("westeurope", "sim"),
+            verified("eastus", "batch"),
+        ]);
+        assert_eq!(run_result(&events), RunResult::Succeeded);
+        // Failing again after the replay ends it again, with the new reason.
+        let mut again = vec![
+            started(),
+            trunk_failed("first"),
+            replayed(Branch::Trunk),
+            trunk_failed("second"),
+        ];
+        assert_eq!(
+            run_result(&again),
+            RunResult::Failed {
+                reason: "second".into()
+            }
+        );
+        // ...and a second replay reopens it once more.
+        again.push(replayed(Branch::Trunk));
+        assert_eq!(run_result(&again), RunResult::Running);
+    }
+
+    #[test]
+    fn a_replayed_pool_reopens_only_that_pool() {
+        let mut events = vec![
+            started(),
+            pool_failed("westeurope", "sim", "gave up after 2 attempts"),
+            pool_failed("eastus", "batch", "AllocationFailed"),
+            verified("westeurope", "render"),
+        ];
+        assert!(matches!(run_result(&events), RunResult::PartlySucceeded { .. }));
+        events.push(replayed(on("westeurope", "sim")));
+        assert_eq!(run_result(&events), RunResult::Running, "sim runs again");
+        events.push(verified("westeurope", "sim"));
+        assert_eq!(
+            run_result(&events),
+            RunResult::PartlySucceeded {
+                failed: vec![(pool("eastus", "batch"), "AllocationFailed".into())]
+            },
+            "batch was not replayed: its failure stands"
+        );
+    }
+
+    #[test]
+    fn a_replay_reopens_nothing_on_other_branches_or_before_it() {
+        // A pool's replay does not reopen the trunk; a trunk replay does not reopen a pool.
+        let trunk_down = [started(), trunk_failed("boom"), replayed(on("westeurope", "sim"))];
+        assert!(matches!(run_result(&trunk_down), RunResult::Failed { .. }));
+        let pools_done = [
+            started(),
+            pool_failed("westeurope", "sim", "x"),
+            replayed(Branch::Trunk),
+            verified("westeurope", "render"),
+            verified("eastus", "batch"),
+        ];
+        assert!(matches!(run_result(&pools_done), RunResult::PartlySucceeded { .. }));
+        // A failure after the replay is not undone by it.
+        let later = [started(), replayed(Branch::Trunk), trunk_failed("after")];
+        assert_eq!(run_result(&later), RunResult::Failed { reason: "after".into() });
+    }
+
+    #[test]
+    fn a_parked_message_fails_its_branch_until_it_is_replayed() {
+        let parked = |branch| {
+            event(
+                branch,
+                EventKind::Parked {
+                    reason: "message does not match envelope v1: plan".into(),
+                },
+            )
+        };
+        let trunk = [started(), parked(Branch::Trunk)];
+        assert_eq!(
+            run_result(&trunk),
+            RunResult::Failed {
+                reason: "parked: message does not match envelope v1: plan".into()
+            }
+        );
+        let mut pools = vec![
+            started(),
+            verified("westeurope", "render"),
+            verified("westeurope", "sim"),
+            parked(on("eastus", "batch")),
+        ];
+        assert_eq!(
+            run_result(&pools),
+            RunResult::PartlySucceeded {
+                failed: vec![(
+                    pool("eastus", "batch"),
+                    "parked: message does not match envelope v1: plan".into()
+                )]
+            }
+        );
+        pools.push(replayed(on("eastus", "batch")));
+        assert_eq!(run_result(&pools), RunResult::Running);
+        pools.push(verified("eastus", "batch"));
+        assert_eq!(run_result(&pools), RunResult::Succeeded);
     }
 }

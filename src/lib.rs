@@ -3,6 +3,8 @@
 //! exchange messages over a queue.
 //!
 //! A tour of the modules:
+//! - [`admission`]: from a request to a started run (plan, entry, first messages), the workers'
+//!   trigger admitter and the run index (started and cancelled runs).
 //! - [`azure`]: the Azure operations the pipeline calls (trait, REST client, error classes).
 //! - [`bus`]: the message bus interface, its in-process implementation and the RabbitMQ one.
 //! - [`events`]: run history events and the run result derived from them.
@@ -14,8 +16,10 @@
 //! - [`cli`]: the command line; the only place that wires everything together.
 //! - [`emulator`]: the built-in Azure emulator (AAD, ARM, Compute Gallery, Batch) used by tests and
 //!   dry runs; it shares no code with the rest.
-//! - [`model`]: resource ids, pipeline specs, the Azure rules, the message envelope (no IO).
+//! - [`model`]: resource ids, pipeline specs, the Azure rules, the message envelope, the trigger
+//!   (no IO).
 
+pub mod admission;
 pub mod azure;
 pub mod bus;
 pub mod cli;

@@ -13,7 +13,7 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
 use sigrun::azure::AzureError;
-use sigrun::bus::amqp::{AmqpBus, AmqpSettings, StreamOffset, headers};
+use sigrun::bus::amqp::{AmqpBus, AmqpSettings, StreamOffset, TriggerDelivery, TriggerMessage, headers};
 use sigrun::bus::{Bus, BusError, Delivery, ParkReason};
 use sigrun::events::{Event, EventKind};
 use sigrun::model::envelope::{Branch, ENVELOPE_VERSION, Envelope, Stage, new_traceparent};
@@ -483,6 +483,109 @@ async fn unacked_deliveries_of_a_closed_bus_go_to_another() {
     d.acker.ack().await.unwrap();
     drop(held);
     teardown(other).await;
+}
+
+async fn next_trigger(bus: &AmqpBus) -> TriggerDelivery {
+    timeout(WAIT, bus.next_trigger())
+        .await
+        .expect("a trigger within the wait")
+        .expect("the bus is open")
+}
+
+#[tokio::test]
+async fn triggers_go_to_one_consumer_at_a_time_and_keep_their_properties_when_delayed_or_parked() {
+    let prefix = prefix();
+    let active = connect(&prefix).await;
+    let standby = connect(&prefix).await;
+    let plain = br#"{"v":1,"pipeline":"a"}"#;
+    let event = br#"{"specversion":"1.0","id":"e-2","source":"/ci","type":"io.sigrun.trigger.v1","data":{"v":1,"pipeline":"b"}}"#;
+    active
+        .publish_trigger(plain, "application/json", Some("t-1"))
+        .await
+        .unwrap();
+    let one = next_trigger(&active).await;
+    // The first consumer is the single active one: the other stands by and gets nothing.
+    assert!(
+        timeout(Duration::from_millis(500), standby.next_trigger())
+            .await
+            .is_err(),
+        "a standby consumer got a trigger"
+    );
+    active
+        .publish_trigger(event, "application/cloudevents+json", Some("t-2"))
+        .await
+        .unwrap();
+    let two = next_trigger(&active).await;
+    assert_eq!(
+        one.message,
+        TriggerMessage {
+            body: plain.to_vec(),
+            content_type: Some("application/json".into()),
+            message_id: Some("t-1".into()),
+            attempts: 0,
+            delivery_count: 1,
+        }
+    );
+    assert_eq!(two.message.body, event.to_vec());
+    assert_eq!(
+        two.message.content_type.as_deref(),
+        Some("application/cloudevents+json")
+    );
+
+    // Put off: back on the triggers queue after the tier, its attempts in a header.
+    let sent = Instant::now();
+    active.delay_trigger(&one.message, 0, 3).await.unwrap();
+    one.acker.ack().await.unwrap();
+    // Parked: reason in the headers, routing key and content type kept.
+    active
+        .park_trigger(&two.message, "no pipeline named `b`")
+        .await
+        .unwrap();
+    two.acker.ack().await.unwrap();
+    let again = next_trigger(&active).await;
+    assert!(
+        sent.elapsed() >= tiers()[0],
+        "back before its tier: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(
+        (
+            again.message.body.as_slice(),
+            again.message.attempts,
+            again.message.message_id.as_deref()
+        ),
+        (plain.as_slice(), 3, Some("t-1"))
+    );
+    assert_eq!(again.message.content_type.as_deref(), Some("application/json"));
+
+    let raw = raw().await;
+    let parked = get_eventually(&raw, &format!("{prefix}.parked")).await;
+    assert_eq!(parked.delivery.data, event.to_vec());
+    assert_eq!(parked.delivery.routing_key.as_str(), "trigger");
+    let properties = &parked.delivery.properties;
+    assert_eq!(
+        properties.content_type().as_ref().map(|s| s.as_str()),
+        Some("application/cloudevents+json")
+    );
+    assert_eq!(properties.message_id().as_ref().map(|s| s.as_str()), Some("t-2"));
+    let table = properties.headers().clone().unwrap();
+    assert_eq!(text(header(&table, headers::ERROR)), "no pipeline named `b`");
+    assert!(!table.contains_key(headers::STAGE), "a trigger has no stage");
+
+    // The active consumer goes away with the trigger unacked: the standby takes over and gets it.
+    active.close().await;
+    let taken_over = next_trigger(&standby).await;
+    assert_eq!(
+        (
+            taken_over.message.message_id.as_deref(),
+            taken_over.message.delivery_count
+        ),
+        (Some("t-1"), 2)
+    );
+    taken_over.acker.ack().await.unwrap();
+    drop(again);
+    let _ = raw.close(200, "done".into()).await;
+    teardown(standby).await;
 }
 
 const SPEC: &str = r#"

@@ -4,14 +4,18 @@
 //! Exit codes: 0 success, 1 a run that failed (or partly failed), 2 bad input (a spec, a setting
 //! or a rule the pipeline would break) — in which case nothing was created.
 
+mod cancel;
+mod dlq;
 mod emulator;
 mod endpoints;
+mod history;
 mod plan_view;
 mod run;
 mod session;
+mod status;
 mod submit;
-mod trigger;
 mod validate;
+mod watch;
 mod worker;
 
 use std::process::ExitCode;
@@ -43,8 +47,17 @@ pub enum Command {
     Emulator(emulator::EmulatorArgs),
     /// Consume stage queues on RabbitMQ and run those stages until SIGINT/SIGTERM.
     Worker(worker::WorkerArgs),
-    /// Plan a pipeline and publish its run to the workers on RabbitMQ; print the run id.
+    /// Plan a pipeline and publish a trigger for its run to the workers on RabbitMQ; print the
+    /// run id.
     Submit(submit::SubmitArgs),
+    /// Recent runs from the events stream, or one run's timeline and result.
+    Status(status::StatusArgs),
+    /// Follow run events live until SIGINT/SIGTERM.
+    Watch(watch::WatchArgs),
+    /// Parked messages: list them with why, or replay them onto their stage's queue.
+    Dlq(dlq::DlqArgs),
+    /// Ask the workers to stop a run: each of its branches stops at its next step.
+    Cancel(cancel::CancelArgs),
 }
 
 /// An error that means "the input is wrong" (exit code 2).
@@ -64,6 +77,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Emulator(args) => emulator::run(args).await.map(|()| ExitCode::SUCCESS),
         Command::Worker(args) => worker::run(args).await,
         Command::Submit(args) => submit::run(args).await,
+        Command::Status(args) => status::run(args).await,
+        Command::Watch(args) => watch::run(args).await,
+        Command::Dlq(args) => dlq::run(args).await,
+        Command::Cancel(args) => cancel::run(args).await,
     }
 }
 

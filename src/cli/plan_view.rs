@@ -1,78 +1,43 @@
-//! From a spec file to a checked plan (shared by `run` and `validate`), and the plan printed the
-//! way `terraform plan` prints one: what will be created, with the numbers the rules decided.
+//! From a spec file to a checked plan (shared by `run`, `validate` and `submit`; the work is
+//! `admission`'s), and the plan printed the way `terraform plan` prints one: what will be
+//! created, with the numbers the rules decided.
 
 use std::fmt::Write;
 use std::path::Path;
 
-use crate::azure::ErrorClass;
-use crate::model::ids::{GalleryImageVersionId, ImageId};
+use crate::admission::{self, PrepareError, RunRequest};
+use crate::model::envelope::Stage;
 use crate::model::plan::Plan;
 use crate::model::spec::{PipelineSpec, duration};
-use crate::planner::{self, PlanError, PlanInputs};
+
+pub use crate::admission::Prepared;
 
 use super::input_error;
 use super::session::Session;
 
-pub struct Prepared {
-    pub spec: PipelineSpec,
-    pub plan: Plan,
-    pub inputs: PlanInputs,
-}
-
-pub async fn prepare(
-    path: &Path,
-    version: Option<&str>,
-    image_version_id: Option<&str>,
-    image_id: Option<&str>,
-    session: &Session,
-) -> anyhow::Result<Prepared> {
+/// Loads the spec at `path` and plans it (see [`admission::prepare`]). Bad input is an
+/// [`input_error`] (exit 2); Azure unreadable just now is a plain error.
+pub async fn prepare(path: &Path, request: &RunRequest, session: &Session) -> anyhow::Result<Prepared> {
     let spec = PipelineSpec::load(path).map_err(input_error)?;
-    let azure = session.azure.as_ref();
-    let mut inputs = PlanInputs::default();
-    let requested = match image_version_id {
-        Some(id) => {
-            let id = GalleryImageVersionId::parse(id)
-                .map_err(|e| input_error(anyhow::anyhow!("--image-version-id: {e}")))?;
-            let definition = id.definition();
-            if !definition
-                .gallery()
-                .to_string()
-                .eq_ignore_ascii_case(&spec.gallery.id.to_string())
-                || !definition.name().eq_ignore_ascii_case(&spec.definition.name)
-            {
-                return Err(input_error(anyhow::anyhow!(
-                    "--image-version-id {id} is not a version of {}'s definition {}",
-                    path.display(),
-                    spec.definition.name
-                )));
-            }
-            inputs.existing_version = true;
-            Some(id.name().to_string())
-        }
-        None => version.map(str::to_string),
-    };
-    if let Some(image) = image_id {
-        inputs.existing_image =
-            Some(ImageId::parse(image).map_err(|e| input_error(anyhow::anyhow!("--image-id: {e}")))?);
-    }
-    let today = time::OffsetDateTime::now_utc().date();
-    inputs.version = planner::resolve_version(&spec, requested.as_deref(), azure, today)
+    let origin = path.display().to_string();
+    admission::prepare(spec, &origin, request, session.azure.as_ref())
         .await
-        .map_err(|e| plan_error(path, e))?;
-    let plan = planner::plan(&spec, &inputs, azure, time::OffsetDateTime::now_utc())
-        .await
-        .map_err(|e| plan_error(path, e))?;
-    Ok(Prepared { spec, plan, inputs })
+        .map_err(|e| match e {
+            PrepareError::Invalid(reason) => input_error(anyhow::anyhow!(reason)),
+            transient @ PrepareError::Transient { .. } => anyhow::Error::new(transient),
+        })
 }
 
-/// A rule broken, or Azure refusing a read for good, is bad input: nothing was created.
-fn plan_error(path: &Path, err: PlanError) -> anyhow::Error {
-    let permanent = match &err {
-        PlanError::Rule { .. } => true,
-        PlanError::Azure(e) => e.class() == ErrorClass::Permanent,
-    };
-    let err = anyhow::anyhow!("{}: {err}", path.display());
-    if permanent { input_error(err) } else { err }
+/// `--from STAGE` on the command line.
+pub fn parse_stage(text: &str) -> Result<Stage, String> {
+    Stage::parse(text).ok_or_else(|| {
+        format!("unknown stage `{text}` (snapshot, image-create, gallery-publish, replicate, pool-create)")
+    })
+}
+
+/// The stage the run starts at ([`admission::entry_stage`]); a start it cannot take is bad input.
+pub fn entry_stage(from: Option<Stage>, prepared: &Prepared) -> anyhow::Result<Stage> {
+    admission::entry_stage(from, prepared).map_err(|e| input_error(anyhow::anyhow!("--{e}")))
 }
 
 pub fn render(spec: &PipelineSpec, plan: &Plan, path: &Path) -> String {

@@ -20,7 +20,7 @@ use super::endpoints;
 use super::input_error;
 use super::plan_view::{self, Prepared};
 use super::session::Session;
-use super::trigger;
+use crate::admission::{self, RunRequest};
 use crate::azure::AzureError;
 use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
@@ -38,7 +38,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub version: Option<String>,
     /// Start at this stage (snapshot, image-create, gallery-publish, replicate, pool-create).
-    #[arg(long, value_parser = trigger::parse_stage)]
+    #[arg(long, value_parser = plan_view::parse_stage)]
     pub from: Option<Stage>,
     /// Roll out this existing gallery image version (ARM id): starts at pool-create.
     #[arg(long)]
@@ -62,26 +62,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let timeout = crate::model::spec::duration::parse(&args.timeout)
         .map_err(|e| input_error(anyhow::anyhow!("--timeout: {e}")))?;
     let session = Session::open(args.config.as_deref()).await?;
+    let request = RunRequest {
+        version: args.version.clone(),
+        image_version_id: args.image_version_id.clone(),
+        image_id: args.image_id.clone(),
+    };
     let telemetry = Arc::new(Telemetry::new());
     let readiness = Readiness::new().with_azure(session.azure.clone());
     let server = endpoints::start("run", args.metrics_listen, &session.telemetry, &telemetry, readiness).await?;
-    let prepared = plan_view::prepare(
-        &args.pipeline,
-        args.version.as_deref(),
-        args.image_version_id.as_deref(),
-        args.image_id.as_deref(),
-        &session,
-    )
-    .await?;
+    let prepared = plan_view::prepare(&args.pipeline, &request, &session).await?;
     for warning in &prepared.plan.warnings {
         eprintln!("warning: {warning}");
     }
-    let entry = trigger::entry_stage(args.from, &prepared)?;
-    let firsts = trigger::first_messages(&prepared, entry);
-    let run_id = firsts[0].run_id;
+    let entry = plan_view::entry_stage(args.from, &prepared)?;
+    let firsts = admission::first_messages(&prepared, entry);
+    let run_id = prepared.run_id();
 
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
-    let started_event = trigger::run_started(&prepared, entry, run_id);
+    let started_event = admission::run_started(&prepared, entry);
     bus.publish_event(&started_event).await?;
     eprintln!(
         "run {run_id}: {} version {} from {entry} ({})",
@@ -160,6 +158,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         RunResult::Failed { reason } => {
             eprintln!("sigrun: run {run_id} failed: {reason}");
+            Ok(ExitCode::FAILURE)
+        }
+        RunResult::Cancelled { .. } => {
+            eprintln!("sigrun: run {run_id} was cancelled");
             Ok(ExitCode::FAILURE)
         }
         RunResult::Running => {
@@ -268,7 +270,8 @@ async fn show_progress(
     }
 }
 
-fn describe(event: &Event) -> String {
+/// One line saying what an event means (also used by `status` and `watch`).
+pub(super) fn describe(event: &Event) -> String {
     match &event.kind {
         EventKind::RunStarted { regions, pools } => {
             format!("run started: {} region(s), {} pool(s)", regions.len(), pools.len())
@@ -289,7 +292,13 @@ fn describe(event: &Event) -> String {
         EventKind::PreviousPoolRetired { pool_id, action } => format!("previous pool {pool_id} {action}"),
         EventKind::RunFailed { reason } => format!("run failed: {reason}"),
         EventKind::Parked { reason } => format!("message parked: {reason}"),
-        EventKind::Cancelled => "cancelled".into(),
+        EventKind::Replayed { message_id, error } => {
+            format!("replayed parked message {message_id} (parked for: {error})")
+        }
+        EventKind::Cancelled => "stopped: the run was cancelled".into(),
+        EventKind::CancelRequested => "cancel requested".into(),
+        EventKind::DuplicateTrigger { .. } => "duplicate trigger (the run had started)".into(),
+        EventKind::TriggerRejected { reason } => format!("trigger rejected: {reason}"),
     }
 }
 
@@ -369,6 +378,7 @@ fn summary(
             RunResult::Succeeded => "succeeded".to_string(),
             RunResult::PartlySucceeded { failed } => format!("partly succeeded ({} failed)", failed.len()),
             RunResult::Failed { .. } => "failed".to_string(),
+            RunResult::Cancelled { .. } => "cancelled".to_string(),
             RunResult::Running => "did not end".to_string(),
         }
     );

@@ -27,14 +27,12 @@ pub struct ValidateArgs {
 
 pub async fn run(args: ValidateArgs) -> anyhow::Result<ExitCode> {
     let session = Session::open(args.config.as_deref()).await?;
-    let prepared = plan_view::prepare(
-        &args.pipeline,
-        args.version.as_deref(),
-        args.image_version_id.as_deref(),
-        None,
-        &session,
-    )
-    .await?;
+    let request = crate::admission::RunRequest {
+        version: args.version.clone(),
+        image_version_id: args.image_version_id.clone(),
+        image_id: None,
+    };
+    let prepared = plan_view::prepare(&args.pipeline, &request, &session).await?;
     print!("{}", plan_view::render(&prepared.spec, &prepared.plan, &args.pipeline));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,9 +1,11 @@
 //! `sigrun worker --stage S [--stage T …] | --all-stages`: a stage worker on RabbitMQ. Connects the
-//! AMQP bus (declaring the whole topology, idempotently), builds the Azure client, and runs the
-//! runtime with the stages' handler on the given stage queues until SIGINT or SIGTERM; then it
-//! stops consuming, lets in-flight deliveries finish within `runtime.shutdown_grace_ms` (what is
-//! left goes back to its queue unacked) and closes the bus. Workers need `azure.mode = "azure"`:
-//! in `emulator` mode each process would start a private emulator of its own.
+//! AMQP bus (declaring the whole topology, idempotently), builds the Azure client, starts the run
+//! index (started and cancelled runs, from the events stream), and runs the runtime with the
+//! stages' handler on the given stage queues — skipping the steps of cancelled runs — and the
+//! trigger admitter, until SIGINT or SIGTERM; then it stops consuming, lets in-flight deliveries
+//! (and a trigger being admitted) finish within `runtime.shutdown_grace_ms` (what is left goes
+//! back to its queue unacked) and closes the bus. Workers need `azure.mode = "azure"`: in
+//! `emulator` mode each process would start a private emulator of its own.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,11 +18,12 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::endpoints;
 use super::input_error;
 use super::session::Session;
+use crate::admission::{Admitter, RunIndex};
 use crate::bus::Bus;
 use crate::bus::amqp::AmqpBus;
 use crate::config::{Mode, Settings};
 use crate::model::envelope::Stage;
-use crate::runtime::{Handler, Runtime, StageHandler};
+use crate::runtime::{Handler, RunGate, Runtime, StageHandler};
 use crate::telemetry::{Readiness, Telemetry};
 
 #[derive(Debug, Args)]
@@ -72,6 +75,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     // Installed before anything else, so a signal during start-up still shuts down cleanly.
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let pipelines_dir = settings.pipelines.dir.clone();
     let session = Session::from_settings(settings).await?;
     let url = session.amqp.redacted_url();
     let prefix = session.amqp.prefix.clone();
@@ -79,37 +83,78 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| anyhow::anyhow!("RabbitMQ at {url}: {e}"))?;
     let bus = Arc::new(bus);
+    // The run index reads the whole retained history before anything is taken, so a run cancelled
+    // earlier is known to be cancelled from the first delivery on.
+    let index = Arc::new(RunIndex::start(Arc::clone(&bus)));
+    if let Err(error) = index.catch_up(session.amqp.publish_timeout).await {
+        bus.close().await;
+        return Err(anyhow::anyhow!("reading the events stream on {url}: {error}"));
+    }
     let handler: Arc<dyn Handler> = Arc::new(StageHandler::new(session.azure.clone(), session.stages.clone()));
-    let runtime = Runtime::new(
+    let runtime = match Runtime::new(
         Arc::clone(&bus) as Arc<dyn Bus>,
         handler,
         stages.clone(),
         session.runtime.clone(),
-    )
-    .map_err(|e| input_error(anyhow::anyhow!("runtime: {e}")))?;
+    ) {
+        Ok(runtime) => runtime.with_gate(Arc::clone(&index) as Arc<dyn RunGate>),
+        Err(e) => {
+            bus.close().await;
+            return Err(input_error(anyhow::anyhow!("runtime: {e}")));
+        }
+    };
+    let admitter = Admitter::new(
+        Arc::clone(&bus),
+        Arc::clone(&index),
+        session.azure.clone(),
+        pipelines_dir.clone(),
+        session.runtime.retry.clone(),
+    );
     let telemetry = Arc::new(Telemetry::new());
     let runtime = runtime.with_observer(telemetry.clone());
     let readiness = Readiness::new()
         .with_bus(Arc::clone(&bus))
         .with_azure(session.azure.clone());
-    let server = endpoints::start("worker", args.metrics_listen, &session.telemetry, &telemetry, readiness).await?;
+    let server = match endpoints::start("worker", args.metrics_listen, &session.telemetry, &telemetry, readiness).await
+    {
+        Ok(server) => server,
+        Err(error) => {
+            bus.close().await;
+            return Err(error);
+        }
+    };
     let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
     eprintln!(
-        "sigrun worker: consuming {} on {url} (prefix {prefix})",
-        names.join(", ")
+        "sigrun worker: consuming {} and triggers on {url} (prefix {prefix}, pipelines in {}; {} run(s) known)",
+        names.join(", "),
+        pipelines_dir.display(),
+        index.started_count()
     );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let admitting = tokio::spawn(async move { admitter.run(stopped).await });
     let report = runtime
         .run(async move {
             tokio::select! {
                 _ = term.recv() => {}
                 _ = interrupt.recv() => {}
             }
+            let _ = stop.send(true);
         })
         .await;
+    // A trigger being admitted gets the same grace; past it, it goes back to its queue unacked.
+    let admitting_abort = admitting.abort_handle();
+    let triggers = match tokio::time::timeout(session.runtime.shutdown_grace, admitting).await {
+        Ok(Ok(handled)) => handled,
+        Ok(Err(_)) | Err(_) => {
+            admitting_abort.abort();
+            0
+        }
+    };
+    drop(index);
     endpoints::stop(server).await;
     bus.close().await;
     eprintln!(
-        "sigrun worker: stopped ({} deliveries handled, {} returned unfinished)",
+        "sigrun worker: stopped ({} deliveries handled, {} returned unfinished, {triggers} trigger(s) handled)",
         report.handled, report.abandoned
     );
     Ok(ExitCode::SUCCESS)

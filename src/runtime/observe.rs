@@ -21,16 +21,19 @@ pub enum Handled {
     Retried,
     /// The message was parked: a step that failed for good, or a message that cannot be decoded.
     Parked,
+    /// The message's run was cancelled: its branch stopped here without a step.
+    Cancelled,
 }
 
 impl Handled {
-    pub const ALL: [Handled; 6] = [
+    pub const ALL: [Handled; 7] = [
         Handled::Advanced,
         Handled::Waiting,
         Handled::Done,
         Handled::Failed,
         Handled::Retried,
         Handled::Parked,
+        Handled::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Handled {
             Handled::Failed => "failed",
             Handled::Retried => "retried",
             Handled::Parked => "parked",
+            Handled::Cancelled => "cancelled",
         }
     }
 }

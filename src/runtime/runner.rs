@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::observe::{Handled, Observer};
 use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
-use super::{Clock, Handler};
+use super::{Clock, Handler, RunGate};
 use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
@@ -38,6 +38,8 @@ pub struct Runtime {
     settings: RuntimeSettings,
     clock: Clock,
     observer: Option<Arc<dyn Observer>>,
+    /// Asked before each step whether the run was cancelled; `None`: nothing is ever cancelled.
+    gate: Option<Arc<dyn RunGate>>,
 }
 
 /// What a [`Runtime::run`] did.
@@ -76,6 +78,7 @@ impl Runtime {
             settings,
             clock: Clock::System,
             observer: None,
+            gate: None,
         })
     }
 
@@ -94,6 +97,13 @@ impl Runtime {
         if let Some(observer) = &self.observer {
             observer.handled(stage, handled);
         }
+    }
+
+    /// Stops the branches of cancelled runs: a delivery of such a run takes no step; its branch
+    /// ends with a `Cancelled` event at the message's stage, and the delivery is acked.
+    pub fn with_gate(mut self, gate: Arc<dyn RunGate>) -> Runtime {
+        self.gate = Some(gate);
+        self
     }
 
     /// Runs the consumers until `shutdown` resolves (or the bus shuts down), then stops taking
@@ -178,6 +188,18 @@ impl Runtime {
 
     async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>) {
         let now = self.clock.now();
+        // Before the due check too: a message waiting on a delay tier stops when it comes back.
+        if self.gate.as_ref().is_some_and(|gate| gate.is_cancelled(message.run_id)) {
+            info!("run cancelled: the branch stops here");
+            let stopped = self
+                .bus
+                .publish_event(&event_of(&message, EventKind::Cancelled, now))
+                .await;
+            if settle(acker, stopped).await {
+                self.observe(message.stage, Handled::Cancelled);
+            }
+            return;
+        }
         if let Some(wait) = remaining(message.due(), now) {
             // Early (a tier shorter than the wait, or a message published ahead of time): hop
             // again without a look; the message itself says when it is due.

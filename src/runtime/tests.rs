@@ -505,6 +505,67 @@ async fn malformed_messages_are_parked_with_the_reason_and_never_handled() {
     assert!(stats.is_idle());
 }
 
+/// A gate with a fixed set of cancelled runs.
+struct Cancelled(Vec<uuid::Uuid>);
+
+impl RunGate for Cancelled {
+    fn is_cancelled(&self, run_id: uuid::Uuid) -> bool {
+        self.0.contains(&run_id)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_runs_branches_stop_at_their_next_step_and_others_go_on() {
+    let bus = testkit::bus();
+    let handler = Script::new(|m| match m.stage {
+        Stage::Replicate => advance_to(m, Stage::PoolCreate),
+        _ => step(Outcome::Done),
+    });
+    let cancelled = envelope(Stage::Replicate);
+    // A pool branch of the cancelled run waiting on a delay tier stops when it comes back, too.
+    let mut waiting = on_pool(Stage::PoolCreate, "westeurope", "render");
+    waiting.run_id = cancelled.run_id;
+    waiting.not_before = Some(OffsetDateTime::now_utc() + Duration::from_secs(3600));
+    let other = envelope(Stage::Replicate);
+    for message in [&cancelled, &waiting, &other] {
+        bus.publish(message.stage, &message.encode()).await.unwrap();
+    }
+    let runtime =
+        runtime(bus.clone(), handler.clone(), Clock::tokio()).with_gate(Arc::new(Cancelled(vec![cancelled.run_id])));
+
+    run_for(&runtime, Duration::from_secs(1)).await;
+
+    let handled: Vec<(uuid::Uuid, Stage)> = handler
+        .calls()
+        .iter()
+        .map(|c| (c.message.run_id, c.message.stage))
+        .collect();
+    assert_eq!(
+        handled,
+        [(other.run_id, Stage::Replicate), (other.run_id, Stage::PoolCreate)]
+    );
+    let mut stopped: Vec<(Stage, String)> = bus
+        .events()
+        .into_iter()
+        .filter(|e| e.run_id == cancelled.run_id)
+        .map(|e| {
+            assert_eq!(e.kind, EventKind::Cancelled);
+            (e.stage, e.branch.label())
+        })
+        .collect();
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        [
+            (Stage::Replicate, "trunk".to_string()),
+            (Stage::PoolCreate, "westeurope/render".to_string())
+        ]
+    );
+    let stats = bus.stats();
+    assert_eq!((stats.acked, stats.requeued, stats.delayed), (4, 0, 0));
+    assert!(stats.is_idle());
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_panicking_handler_is_retried_like_a_transient_failure() {
     let bus = testkit::bus();

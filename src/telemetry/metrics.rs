@@ -28,7 +28,7 @@ impl Telemetry {
             Opts::new(
                 "sigrun_messages_handled_total",
                 "Stage messages handled to the end (acked), by stage and outcome: advanced, waiting, done, \
-                 failed (the stage failed the branch), retried, parked",
+                 failed (the stage failed the branch), retried, parked, cancelled (the run was cancelled)",
             ),
             &["stage", "outcome"],
         )

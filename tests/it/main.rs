@@ -6,6 +6,7 @@ mod helpers;
 
 mod azure_client;
 mod cli;
+mod dlq;
 mod emulator_auth;
 mod emulator_faults;
 mod emulator_lro;

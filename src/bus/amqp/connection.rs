@@ -136,7 +136,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, first: Link, mut broken: mpsc
     }
 }
 
-/// Consumes the wanted stages on `link` until it breaks (returns false) or the bus closes (true).
+/// Consumes the wanted queues on `link` until it breaks (returns false) or the bus closes (true).
 async fn run_link(
     shared: &Arc<Shared>,
     link: &Arc<Link>,
@@ -150,8 +150,8 @@ async fn run_link(
         // Registered before reading the set, so a stage added in between is not missed.
         let changed = shared.wanted_changed.notified();
         let wanted = shared.wanted.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        for stage in wanted.difference(&consuming) {
-            consumers.spawn(consumer::consume(Arc::clone(shared), Arc::clone(link), *stage));
+        for source in wanted.difference(&consuming) {
+            consumers.spawn(consumer::consume(Arc::clone(shared), Arc::clone(link), *source));
         }
         consuming.extend(wanted);
         let closing = tokio::select! {

@@ -1,6 +1,7 @@
-//! Stage consumers and the inbox `next` takes from. Each consumed stage has a channel of its own
-//! with `basic.qos(prefetch)` and a manual-ack consumer on its quorum queue; what the broker
-//! delivers waits in the inbox, tagged with the connection generation, until `next` hands it out.
+//! Stage consumers and the inbox `next` takes from. Each consumed stage (and the triggers queue,
+//! when asked for) has a channel of its own with `basic.qos(prefetch)` and a manual-ack consumer on
+//! its quorum queue; what the broker delivers waits in the inbox, tagged with the connection
+//! generation, until `next` (or `next_trigger`) hands it out.
 //! Taking from the inbox is synchronous, so `next` is cancel-safe: a dropped `next` takes nothing.
 //! A delivery's count comes from the quorum queue's `x-delivery-count` header (absent on the first
 //! delivery). Settling goes through the delivery's own channel; a delivery dropped unsettled is
@@ -18,9 +19,35 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use super::connection::Link;
+use super::topology::Names;
 use super::{Shared, connection_error};
 use crate::bus::{Acker, BusError, Delivery};
 use crate::model::envelope::Stage;
+
+/// A queue the bus consumes from: a stage's work queue or the triggers queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Source {
+    Stage(Stage),
+    Triggers,
+}
+
+impl Source {
+    fn queue(self, names: &Names) -> String {
+        match self {
+            Source::Stage(stage) => names.stage_queue(stage),
+            Source::Triggers => names.triggers(),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Stage(stage) => stage.fmt(f),
+            Source::Triggers => f.write_str("triggers"),
+        }
+    }
+}
 
 #[derive(Default)]
 pub(super) struct Inbox {
@@ -30,7 +57,7 @@ pub(super) struct Inbox {
 
 #[derive(Default)]
 struct InboxState {
-    queues: BTreeMap<Stage, VecDeque<Pending>>,
+    queues: BTreeMap<Source, VecDeque<Pending>>,
     /// Arrival order across stages, so a caller of several stages gets the oldest first.
     seq: u64,
     shut_down: bool,
@@ -47,12 +74,12 @@ impl Inbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn push(&self, stage: Stage, generation: u64, delivery: lapin::message::Delivery) {
+    fn push(&self, source: Source, generation: u64, delivery: lapin::message::Delivery) {
         {
             let mut state = self.lock();
             state.seq += 1;
             let seq = state.seq;
-            state.queues.entry(stage).or_default().push_back(Pending {
+            state.queues.entry(source).or_default().push_back(Pending {
                 seq,
                 generation,
                 delivery,
@@ -75,7 +102,8 @@ impl Inbox {
         self.arrivals.notify_waiters();
     }
 
-    pub(super) async fn next(&self, shared: &Shared, stages: &[Stage]) -> Option<Delivery> {
+    /// The oldest delivery from any of `sources`, waiting for one; `None` once shut down.
+    pub(super) async fn next(&self, shared: &Shared, sources: &[Source]) -> Option<(Source, lapin::message::Delivery)> {
         loop {
             // Register before looking, so an arrival between the look and the wait wakes us.
             let arrival = self.arrivals.notified();
@@ -87,8 +115,8 @@ impl Inbox {
                     return None;
                 }
                 let live = shared.generation.load(Ordering::SeqCst);
-                if let Some((stage, pending)) = take(&mut state, stages, live) {
-                    return Some(delivery(stage, pending.delivery));
+                if let Some((source, pending)) = take(&mut state, sources, live) {
+                    return Some((source, pending.delivery));
                 }
             }
             arrival.await;
@@ -96,20 +124,20 @@ impl Inbox {
     }
 }
 
-/// Takes the oldest pending delivery of `stages` from the live connection, discarding stale ones.
-fn take(state: &mut InboxState, stages: &[Stage], live: u64) -> Option<(Stage, Pending)> {
-    for stage in stages {
-        if let Some(queue) = state.queues.get_mut(stage) {
+/// Takes the oldest pending delivery of `sources` from the live connection, discarding stale ones.
+fn take(state: &mut InboxState, sources: &[Source], live: u64) -> Option<(Source, Pending)> {
+    for source in sources {
+        if let Some(queue) = state.queues.get_mut(source) {
             queue.retain(|p| p.generation == live);
         }
     }
-    let stage = stages
+    let source = sources
         .iter()
         .filter_map(|s| state.queues.get(s)?.front().map(|p| (p.seq, *s)))
         .min()?
         .1;
-    let pending = state.queues.get_mut(&stage)?.pop_front()?;
-    Some((stage, pending))
+    let pending = state.queues.get_mut(&source)?.pop_front()?;
+    Some((source, pending))
 }
 
 /// `x-delivery-count` is the number of earlier returns of the message (absent: none).
@@ -135,21 +163,23 @@ pub fn integer(value: &AMQPValue) -> Option<i64> {
     }
 }
 
-fn delivery(stage: Stage, delivery: lapin::message::Delivery) -> Delivery {
+pub(super) fn delivery(stage: Stage, delivery: lapin::message::Delivery) -> Delivery {
     let delivery_count = delivery_count(delivery.properties.headers().as_ref());
     Delivery {
         stage,
         body: delivery.data,
         delivery_count,
-        acker: Box::new(AmqpAcker {
-            acker: Some(delivery.acker),
-        }),
+        acker: acker(delivery.acker),
     }
 }
 
-/// Consumes one stage's queue on `link` until the link dies or the task is aborted.
-pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, stage: Stage) {
-    let queue = shared.names.stage_queue(stage);
+pub(super) fn acker(acker: lapin::Acker) -> Box<dyn Acker> {
+    Box::new(AmqpAcker { acker: Some(acker) })
+}
+
+/// Consumes one queue on `link` until the link dies or the task is aborted.
+pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, source: Source) {
+    let queue = source.queue(&shared.names);
     let result = async {
         let channel = link.connection.create_channel().await?;
         // Per consumer (global = false): what quorum queues support.
@@ -164,9 +194,9 @@ pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, stage: Stage) 
                 FieldTable::default(),
             )
             .await?;
-        debug!(%stage, generation = link.generation, "consuming");
+        debug!(%source, generation = link.generation, "consuming");
         while let Some(delivery) = consumer.next().await {
-            shared.inbox.push(stage, link.generation, delivery?);
+            shared.inbox.push(source, link.generation, delivery?);
         }
         Ok::<_, lapin::Error>(())
     }
@@ -175,9 +205,9 @@ pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, stage: Stage) 
         return;
     }
     match result {
-        Err(error) => warn!(%error, %stage, "stage consumer failed; reconnecting"),
+        Err(error) => warn!(%error, %source, "consumer failed; reconnecting"),
         // Cancelled by the broker (the queue was deleted, the node went down).
-        Ok(()) => warn!(%stage, "stage consumer cancelled by the broker; reconnecting"),
+        Ok(()) => warn!(%source, "consumer cancelled by the broker; reconnecting"),
     }
     shared.report_broken(link.generation);
 }

@@ -51,9 +51,12 @@ impl StreamOffset {
 pub const MARKER_ROUTING_KEY: &str = "marker";
 
 /// One item of the stream: an event, or a marker some reader published to find the end.
+// Items are read one at a time and moved once: boxing the event would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamItem {
-    Event(StreamedEvent),
+    /// Boxed: an event is some 200 bytes, a marker 16.
+    Event(Box<StreamedEvent>),
     Marker(Uuid),
 }
 
@@ -73,6 +76,9 @@ pub struct StreamedEvent {
 pub struct EventReader {
     channel: Channel,
     consumer: Consumer,
+    /// The offset of the last item read (event or marker): where a reader that replaces this one
+    /// after a reconnect goes on from (`At(position + 1)`).
+    position: Option<u64>,
 }
 
 impl EventReader {
@@ -98,7 +104,11 @@ impl EventReader {
             )
             .await
             .map_err(connection_error)?;
-        Ok(EventReader { channel, consumer })
+        Ok(EventReader {
+            channel,
+            consumer,
+            position: None,
+        })
     }
 
     /// The next event, skipping markers; waits for one to be published when the reader is at the
@@ -108,7 +118,7 @@ impl EventReader {
         loop {
             match self.next_item().await? {
                 Ok(StreamItem::Marker(_)) => continue,
-                Ok(StreamItem::Event(event)) => return Some(Ok(event)),
+                Ok(StreamItem::Event(event)) => return Some(Ok(*event)),
                 Err(error) => return Some(Err(error)),
             }
         }
@@ -131,7 +141,7 @@ impl EventReader {
                 }
                 Some(Ok(StreamItem::Marker(seen))) if seen == marker => return Ok(read),
                 Some(Ok(StreamItem::Marker(_))) => {}
-                Some(Ok(StreamItem::Event(event))) => read.push(Ok(event)),
+                Some(Ok(StreamItem::Event(event))) => read.push(Ok(*event)),
                 Some(Err(error @ BusError::Malformed(_))) => read.push(Err(error)),
                 Some(Err(error)) => return Err(error),
             }
@@ -152,6 +162,7 @@ impl EventReader {
             .and_then(integer)
             .and_then(|o| u64::try_from(o).ok())
             .unwrap_or_default();
+        self.position = Some(offset);
         if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
             return Some(Err(connection_error(error)));
         }
@@ -166,16 +177,21 @@ impl EventReader {
         Some(
             serde_json::from_slice(&delivery.data)
                 .map(|event| {
-                    StreamItem::Event(StreamedEvent {
+                    StreamItem::Event(Box::new(StreamedEvent {
                         offset,
                         routing_key: routing_key.clone(),
                         event,
-                    })
+                    }))
                 })
                 .map_err(|e| {
                     BusError::Malformed(format!("event at offset {offset} ({routing_key}) does not parse: {e}"))
                 }),
         )
+    }
+
+    /// The offset of the last item read (an event or a marker), if any.
+    pub fn position(&self) -> Option<u64> {
+        self.position
     }
 
     /// Stops reading and closes the reader's channel.

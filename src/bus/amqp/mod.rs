@@ -7,8 +7,10 @@
 //! - [`topology`] — names and the idempotent declaration of exchanges and queues.
 //! - `publisher` — confirmed publishes and the headers parked messages carry.
 //! - `consumer` — one consumer per stage queue feeding [`AmqpBus::next`], and the acker.
+//! - [`triggers`] — publishing triggers, taking them (one admitter at a time), parking and delaying them.
 //! - `connection` — the connection, and reconnecting with backoff (re-declare, re-consume).
 //! - [`events`] — reading the events stream back (what `status` and `watch` need).
+//! - [`parking`] — looking into the parking queue without losing what is in it (`dlq`).
 //!
 //! Recovery is this module's own loop rather than lapin's auto-recover: one place decides when a
 //! connection is dead (a consumer's stream ends, a publish fails, the connection reports an
@@ -22,6 +24,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -33,14 +36,18 @@ use crate::model::envelope::Stage;
 mod connection;
 mod consumer;
 pub mod events;
+pub mod parking;
 mod publisher;
 pub mod topology;
+pub mod triggers;
 
 use connection::Link;
-use consumer::Inbox;
+use consumer::{Inbox, Source};
 pub use events::{EventReader, StreamItem, StreamOffset, StreamedEvent};
+pub use parking::{ParkedBrowser, ParkedMessage};
 pub use publisher::headers;
 use topology::{Names, TopologySpec};
+pub use triggers::{TriggerDelivery, TriggerMessage};
 
 /// How to reach the broker and the shape of what is declared there.
 #[derive(Clone, PartialEq, Deserialize)]
@@ -146,8 +153,9 @@ struct Shared {
     generation: AtomicU64,
     /// Whoever sees a connection fail reports its generation here; the supervisor reconnects.
     broken: mpsc::UnboundedSender<u64>,
-    /// Stages `next` has been asked for: consumed now and after every reconnect.
-    wanted: Mutex<BTreeSet<Stage>>,
+    /// Queues `next` (stages) and `next_trigger` have been asked for: consumed now and after
+    /// every reconnect.
+    wanted: Mutex<BTreeSet<Source>>,
     wanted_changed: Notify,
     inbox: Inbox,
     shutdown: watch::Sender<bool>,
@@ -263,6 +271,45 @@ impl AmqpBus {
         deleted.map_err(connection_error)
     }
 
+    /// Whether the events stream of `settings.prefix` exists, checked passively on a connection of
+    /// its own (declaring nothing): a prefix no worker or submit has used has none.
+    pub async fn topology_exists(settings: &AmqpSettings) -> Result<bool, BusError> {
+        let connect = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default());
+        let connection = tokio::time::timeout(settings.connect_timeout, connect)
+            .await
+            .map_err(|_| BusError::Connection(format!("{}: no connection", settings.redacted_url())))?
+            .map_err(|e| BusError::Connection(format!("{}: {e}", settings.redacted_url())))?;
+        let channel = connection.create_channel().await.map_err(connection_error)?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        let events = Names::new(&settings.prefix).events();
+        // A missing queue closes the channel with 404; any other failure is the broker's.
+        let exists = match channel
+            .queue_declare(events.as_str().into(), passive, lapin::types::FieldTable::default())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error)
+                if matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
+                    if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+            {
+                Ok(false)
+            }
+            Err(error) => Err(connection_error(error)),
+        };
+        let _ = connection.close(200, "checked".into()).await;
+        exists
+    }
+
+    /// Takes up to `limit` parked messages, oldest first, without removing them (see
+    /// [`ParkedBrowser`]).
+    pub async fn browse_parked(&self, limit: usize) -> Result<ParkedBrowser, BusError> {
+        let link = connection::wait_link(&self.shared, 0, self.shared.settings.publish_timeout).await?;
+        ParkedBrowser::open(&link.connection, &self.shared.names, limit).await
+    }
+
     /// Reads the events stream from `offset` on a channel of its own (see [`EventReader`]).
     pub async fn read_events(&self, offset: StreamOffset) -> Result<EventReader, BusError> {
         let link = connection::wait_link(&self.shared, 0, self.shared.settings.publish_timeout).await?;
@@ -279,6 +326,13 @@ impl AmqpBus {
     /// looks for to know it has read everything published before (see [`EventReader::read_to_end`]).
     pub async fn publish_marker(&self) -> Result<uuid::Uuid, BusError> {
         let marker = uuid::Uuid::new_v4();
+        self.publish_marker_id(marker).await?;
+        Ok(marker)
+    }
+
+    /// As [`AmqpBus::publish_marker`] with an id of the caller's, for a reader that must be
+    /// waiting for the marker before it can come by.
+    pub async fn publish_marker_id(&self, marker: uuid::Uuid) -> Result<(), BusError> {
         let body = serde_json::to_vec(&events::MarkerBody { marker }).expect("markers serialize");
         publisher::publish(
             &self.shared,
@@ -287,15 +341,14 @@ impl AmqpBus {
             &body,
             publisher::event_properties(),
         )
-        .await?;
-        Ok(marker)
+        .await
     }
 
-    /// Marks stages as consumed; the supervisor starts their consumers.
-    fn want(&self, stages: &[Stage]) {
+    /// Marks queues as consumed; the supervisor starts their consumers.
+    fn want(&self, sources: &[Source]) {
         let mut wanted = self.shared.wanted.lock().unwrap_or_else(PoisonError::into_inner);
         let before = wanted.len();
-        wanted.extend(stages.iter().copied());
+        wanted.extend(sources.iter().copied());
         if wanted.len() != before {
             self.shared.wanted_changed.notify_one();
         }
@@ -368,8 +421,13 @@ impl Bus for AmqpBus {
     }
 
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
-        self.want(stages);
-        self.shared.inbox.next(&self.shared, stages).await
+        let sources: Vec<Source> = stages.iter().map(|s| Source::Stage(*s)).collect();
+        self.want(&sources);
+        let (source, delivery) = self.shared.inbox.next(&self.shared, &sources).await?;
+        let Source::Stage(stage) = source else {
+            unreachable!("only stage queues were asked for")
+        };
+        Some(consumer::delivery(stage, delivery))
     }
 
     fn tiers(&self) -> &[Duration] {

@@ -8,6 +8,7 @@
 //! | --- | --- | --- |
 //! | `{p}.work` | direct exchange | `alternate-exchange={p}.parking` (unroutable messages are parked, not dropped) |
 //! | `{p}.stage.{stage}` | quorum queue | bound to `work` by the stage name; `x-delivery-limit`, dead-letters to `{p}.parking` at-least-once |
+//! | `{p}.triggers` | quorum queue | bound to `work` by `trigger`; as a stage queue, plus `x-single-active-consumer` (one admitter decides at a time) |
 //! | `{p}.wait.{ms}ms` | fanout exchange + quorum queue | `x-message-ttl={ms}`, dead-letters to `{p}.work` keeping the routing key |
 //! | `{p}.parking` | fanout exchange | → quorum queue `{p}.parked` |
 //! | `{p}.events` | topic exchange | `#` → stream queue `{p}.events` with `x-max-age` |
@@ -21,6 +22,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
 use crate::model::envelope::Stage;
+
+/// The routing key of triggers on the work exchange (no stage is named so).
+pub const TRIGGER_ROUTING_KEY: &str = "trigger";
 
 /// Segment size of the events stream: RabbitMQ's default is 500 MB, far more than a run history
 /// needs; smaller segments let `x-max-age` drop old events sooner (retention works per segment).
@@ -49,6 +53,11 @@ impl Names {
 
     pub fn stage_queue(&self, stage: Stage) -> String {
         format!("{}.stage.{stage}", self.prefix)
+    }
+
+    /// The queue triggers land in (routing key [`TRIGGER_ROUTING_KEY`] on the work exchange).
+    pub fn triggers(&self) -> String {
+        format!("{}.triggers", self.prefix)
     }
 
     /// A delay tier's exchange and queue (same name). Named by the delay, not by its index: a
@@ -175,6 +184,16 @@ pub async fn declare(channel: &Channel, names: &Names, spec: &TopologySpec) -> l
             .await?;
         bind(channel, &queue, &work, stage.as_str()).await?;
     }
+    // Triggers: like a stage queue, but one consumer at a time gets them (the others stand by), so
+    // one admitter decides whether a run has started before starting it.
+    let triggers = names.triggers();
+    let mut args = quorum_dead_lettering(&parking);
+    args.push(("x-delivery-limit", AMQPValue::LongInt(limit)));
+    args.push(("x-single-active-consumer", AMQPValue::Boolean(true)));
+    channel
+        .queue_declare(triggers.as_str().into(), durable_queue(), table(args))
+        .await?;
+    bind(channel, &triggers, &work, TRIGGER_ROUTING_KEY).await?;
 
     for &delay in &spec.tiers {
         let tier = names.tier(delay);
@@ -229,6 +248,7 @@ pub async fn declare(channel: &Channel, names: &Names, spec: &TopologySpec) -> l
 /// tearing down an environment; a missing queue or exchange is not an error.
 pub async fn delete(channel: &Channel, names: &Names, tiers: &[Duration]) -> lapin::Result<()> {
     let mut queues: Vec<String> = Stage::ALL.iter().map(|s| names.stage_queue(*s)).collect();
+    queues.push(names.triggers());
     queues.extend(tiers.iter().map(|t| names.tier(*t)));
     queues.push(names.parked_queue());
     queues.push(names.events());
@@ -256,6 +276,8 @@ mod tests {
         let names = Names::new("t1");
         assert_eq!(names.work(), "t1.work");
         assert_eq!(names.stage_queue(Stage::ImageCreate), "t1.stage.image-create");
+        assert_eq!(names.triggers(), "t1.triggers");
+        assert!(Stage::parse(TRIGGER_ROUTING_KEY).is_none(), "no stage shares the key");
         assert_eq!(names.tier(Duration::from_secs(5)), "t1.wait.5000ms");
         assert_eq!(names.parked_queue(), "t1.parked");
         assert_eq!(names.events(), "t1.events");

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Proves validate_k8s.py is not vacuous: takes a rendered overlay that passes, breaks it in one way
+per case (a misspelt CRD field, a wrong queue, a short grace period, …) and asserts that the validator
+reports exactly that problem. Usage: test_validate_k8s.py --kubernetes-version 1.32 --schemas DIR RENDERED.yaml
+Prints `N passed, M failed` and exits 1 if a case was not caught.
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+import validate_k8s
+
+
+def first(objects, kind, name_part=""):
+    return next(o for o in objects if o["kind"] == kind and name_part in o["metadata"]["name"])
+
+
+def worker(objects, stage="verify"):
+    return first(objects, "Deployment", stage)["spec"]["template"]["spec"]
+
+
+def set_settings(objects, old, new):
+    cm = next(o for o in objects if o["kind"] == "ConfigMap" and "sigrun.toml" in (o.get("data") or {}))
+    assert old in cm["data"]["sigrun.toml"], old
+    cm["data"]["sigrun.toml"] = cm["data"]["sigrun.toml"].replace(old, new)
+
+
+# (name, mutation, text expected in a reported problem)
+CASES = [
+    ("misspelt ScaledObject field",
+     lambda o: first(o, "ScaledObject")["spec"].update(maxReplicas=3), "'maxReplicas' was unexpected"),
+    ("ScaledObject on the wrong queue",
+     lambda o: first(o, "ScaledObject", "replicate")["spec"]["triggers"][0]["metadata"].update(queueName="sigrun.stage.verify"),
+     "queue sigrun.stage.replicate"),
+    ("min above max replicas",
+     lambda o: first(o, "ScaledObject")["spec"].update(minReplicaCount=20, maxReplicaCount=2), "minReplicaCount 20 > maxReplicaCount 2"),
+    ("TriggerAuthentication with an unknown field",
+     lambda o: first(o, "TriggerAuthentication")["spec"].update(secretRef=[]), "'secretRef' was unexpected"),
+    ("PodMonitor endpoint misspelt",
+     lambda o: first(o, "PodMonitor")["spec"]["podMetricsEndpoints"][0].update(intervall="15s"), "'intervall' was unexpected"),
+    ("Deployment with an unknown container field",
+     lambda o: worker(o)["containers"][0].update(readinesProbe={}), "'readinesProbe' was unexpected"),
+    ("grace period not above the drain bound",
+     lambda o: worker(o).update(terminationGracePeriodSeconds=30), "must exceed runtime.shutdown_grace_ms"),
+    ("drain bound raised in the settings only",
+     lambda o: set_settings(o, "shutdown_grace_ms = 30000", "shutdown_grace_ms = 90000"), "must exceed runtime.shutdown_grace_ms 90000"),
+    ("prefix changed in the settings only",
+     lambda o: set_settings(o, 'prefix = "sigrun"', 'prefix = "nightly"'), "queue nightly.stage."),
+    ("readiness on the wrong path",
+     lambda o: worker(o)["containers"][0]["readinessProbe"]["httpGet"].update(path="/healthz"), "readinessProbe must GET /readyz"),
+    ("writable root filesystem",
+     lambda o: worker(o)["containers"][0]["securityContext"].update(readOnlyRootFilesystem=False), "readOnlyRootFilesystem must be true"),
+    ("capabilities not dropped",
+     lambda o: worker(o)["containers"][0]["securityContext"].pop("capabilities"), "capabilities.drop must be [ALL]"),
+    ("no seccomp profile",
+     lambda o: worker(o)["securityContext"].pop("seccompProfile"), "seccompProfile.type must be RuntimeDefault"),
+    ("workload identity label missing",
+     lambda o: first(o, "Deployment", "snapshot")["spec"]["template"]["metadata"]["labels"].pop("azure.workload.identity/use"),
+     "azure.workload.identity/use"),
+    ("a stage without workers",
+     lambda o: o.remove(first(o, "Deployment", "pool-create")), "no worker Deployment for stage(s) pool-create"),
+    ("broker URL as a literal",
+     lambda o: worker(o)["containers"][0]["env"][0].update(value="amqp://x", valueFrom=None) or worker(o)["containers"][0]["env"][0].pop("valueFrom"),
+     "SIGRUN__AMQP__URL must come from a Secret"),
+    ("memory limit missing",
+     lambda o: worker(o)["containers"][0]["resources"].pop("limits"), "resources.limits.memory is missing"),
+    ("CronJob pipeline not in the ConfigMap",
+     lambda o: first(o, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(1, "pipelines/nope.toml"),
+     "pipelines/nope.toml is not a file of a mounted ConfigMap"),
+    ("PDB selecting nothing of a stage",
+     lambda o: first(o, "PodDisruptionBudget", "verify")["spec"]["selector"]["matchLabels"].update({"sigrun.io/stage": "x"}),
+     "expected one PodDisruptionBudget"),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--kubernetes-version", required=True)
+    parser.add_argument("--schemas", type=Path, required=True)
+    parser.add_argument("rendered", type=Path)
+    args = parser.parse_args()
+    pristine = [o for o in yaml.safe_load_all(args.rendered.read_text()) if o]
+
+    def problems(objects):
+        report = validate_k8s.Report("case")
+        validate_k8s.check_schemas(objects, args.kubernetes_version, args.schemas, report)
+        validate_k8s.check_rules(objects, report)
+        return report.problems
+
+    baseline = problems(copy.deepcopy(pristine))
+    if baseline:
+        print("the unmodified manifests should pass:\n" + "\n".join(baseline))
+        sys.exit(1)
+    passed = failed = 0
+    for name, mutate, expected in CASES:
+        objects = copy.deepcopy(pristine)
+        mutate(objects)
+        found = problems(objects)
+        if any(expected in line for line in found):
+            passed += 1
+        else:
+            failed += 1
+            print(f"FAIL {name}: expected a problem containing {expected!r}, got {found}")
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+//! The admitter: every `sigrun worker` runs one, whatever its stages. It takes triggers from
+//! `{p}.triggers` — a single-active-consumer queue, so one admitter decides at a time while the
+//! others stand by — and turns each into a started run, a duplicate, a parked trigger or a trigger
+//! put off for later:
+//!
+//! - a trigger that does not parse (not JSON, oversized, another version, a bad field) is parked
+//!   at once with the reason (retrying cannot fix it);
+//! - its spec is the trigger's own `spec` text, else the `[pipelines] dir` file whose `name`
+//!   matches; none → parked, naming the pipelines there are;
+//! - the version is resolved, which names the run: a run that has already started (the run index,
+//!   caught up exactly first) makes the trigger a duplicate — acked, recorded as a
+//!   `DuplicateTrigger` event in the run's history, nothing published again;
+//! - it is planned exactly as `sigrun run` and `submit` plan; bad input → `TriggerRejected` in the
+//!   run's history and parked; Azure unreadable just now → back on a delay tier with its attempt
+//!   count, parked once the retry budget (`[runtime.retry]`) is spent;
+//! - admitted: the first message(s) are published, then `RunStarted`, then the trigger is acked.
+//!   Each publish is confirmed; one that is not returns the trigger to its queue.
+//!
+//! That order makes a redelivery harmless and loses no run: until `RunStarted` is confirmed the
+//! run counts as not started, so a trigger redelivered after a crash admits it again (its first
+//! messages may then go out twice, which the stages' idempotent steps absorb); after it, the
+//! redelivered trigger is a duplicate.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{Instrument, info, info_span, warn};
+use uuid::Uuid;
+
+use super::{PrepareError, RunIndex, RunRequest, entry_stage, first_messages, run_started, trunk_event};
+use crate::azure::AzureApi;
+use crate::bus::amqp::{AmqpBus, TriggerDelivery, TriggerMessage};
+use crate::bus::{Bus, BusError, tier_for};
+use crate::events::EventKind;
+use crate::model::envelope::Stage;
+use crate::model::spec::PipelineSpec;
+use crate::model::trigger::{self, Trigger, run_id};
+use crate::runtime::RetrySettings;
+use crate::runtime::retry::{self, Decision};
+
+/// What became of one trigger.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// The run started: `messages` first message(s) published at `entry`, then `RunStarted`.
+    Started {
+        run_id: Uuid,
+        entry: Stage,
+        messages: usize,
+    },
+    /// The run had started already; nothing was published but a `DuplicateTrigger` event.
+    Duplicate { run_id: Uuid },
+    /// Parked with the reason (`run_id` when the trigger named a run).
+    Parked { run_id: Option<Uuid>, reason: String },
+    /// Put off on a delay tier (Azure could not be read): back after `delay`.
+    Delayed { attempt: u32, delay: Duration },
+    /// A publish was not confirmed: the trigger went back to its queue, to be handled again.
+    Requeued { error: String },
+}
+
+pub struct Admitter {
+    bus: Arc<AmqpBus>,
+    index: Arc<RunIndex>,
+    azure: Arc<dyn AzureApi>,
+    pipelines_dir: PathBuf,
+    retry: RetrySettings,
+    /// How long a catch-up of the run index may take before the trigger is returned.
+    catch_up_limit: Duration,
+}
+
+/// A run the trigger named, for the events written into its history.
+struct Named {
+    run_id: Uuid,
+    pipeline: String,
+    version: String,
+}
+
+impl Admitter {
+    pub fn new(
+        bus: Arc<AmqpBus>,
+        index: Arc<RunIndex>,
+        azure: Arc<dyn AzureApi>,
+        pipelines_dir: PathBuf,
+        retry: RetrySettings,
+    ) -> Admitter {
+        Admitter {
+            bus,
+            index,
+            azure,
+            pipelines_dir,
+            retry,
+            catch_up_limit: Duration::from_secs(30),
+        }
+    }
+
+    /// Takes triggers until `stop` turns true or the bus shuts down; returns how many it handled.
+    /// A trigger being handled when `stop` turns true is finished first.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> u64 {
+        let mut handled = 0;
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                _ = stop.wait_for(|stop| *stop) => return handled,
+                delivery = self.bus.next_trigger() => match delivery {
+                    Some(delivery) => delivery,
+                    None => return handled,
+                },
+            };
+            self.handle(delivery).await;
+            handled += 1;
+        }
+    }
+
+    /// Handles one trigger to the end: acked (started, duplicate, parked, delayed) or requeued.
+    pub async fn handle(&self, delivery: TriggerDelivery) -> Admission {
+        let TriggerDelivery { message, acker } = delivery;
+        let span = info_span!(
+            "trigger",
+            message_id = message.message_id.as_deref().unwrap_or("-"),
+            delivery = message.delivery_count
+        );
+        async {
+            let admission = match self.admit(&message).await {
+                Ok(admission) => {
+                    if let Err(error) = acker.ack().await {
+                        warn!(%error, "ack failed; the trigger will be delivered again");
+                    }
+                    admission
+                }
+                Err(error) => {
+                    warn!(%error, "a publish was not confirmed; returning the trigger to its queue");
+                    if let Err(error) = acker.requeue().await {
+                        warn!(%error, "requeue failed; the broker returns the trigger when the channel closes");
+                    }
+                    Admission::Requeued {
+                        error: error.to_string(),
+                    }
+                }
+            };
+            match &admission {
+                Admission::Started {
+                    run_id,
+                    entry,
+                    messages,
+                } => {
+                    info!(%run_id, %entry, messages, "run started")
+                }
+                Admission::Duplicate { run_id } => info!(%run_id, "duplicate trigger: the run has started already"),
+                Admission::Parked { run_id, reason } => warn!(run_id = ?run_id, %reason, "trigger parked"),
+                Admission::Delayed { attempt, delay } => {
+                    warn!(
+                        attempt,
+                        delay_ms = delay.as_millis(),
+                        "trigger put off: Azure could not be read"
+                    )
+                }
+                Admission::Requeued { .. } => {}
+            }
+            admission
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Decides and publishes; an error means something was not confirmed (requeue, not ack).
+    async fn admit(&self, message: &TriggerMessage) -> Result<Admission, BusError> {
+        let received = match trigger::parse(&message.body, message.content_type.as_deref()) {
+            Ok(received) => received,
+            Err(error) => return self.park(message, None, error.to_string()).await,
+        };
+        let trigger = received.trigger;
+        let trigger_id = message
+            .message_id
+            .clone()
+            .or_else(|| received.cloud_event.map(|event| event.id));
+        let (spec, origin) = match self.spec_of(&trigger).await {
+            Ok(found) => found,
+            Err(reason) => return self.park(message, None, reason).await,
+        };
+        let request = RunRequest {
+            version: trigger.version.clone(),
+            image_version_id: trigger.image_version_id.clone(),
+            image_id: None,
+        };
+        let azure = self.azure.as_ref();
+        let inputs = match super::resolve(&spec, &origin, &request, azure).await {
+            Ok(inputs) => inputs,
+            Err(error) => {
+                // Without a resolved version the run is named only if the trigger gave one.
+                let named = trigger.version.as_ref().map(|version| Named {
+                    run_id: run_id(&spec.name, version),
+                    pipeline: spec.name.clone(),
+                    version: version.clone(),
+                });
+                return self.refuse(message, named.as_ref(), &trigger, error).await;
+            }
+        };
+        let named = Named {
+            run_id: run_id(&spec.name, &inputs.version),
+            pipeline: spec.name.clone(),
+            version: inputs.version.clone(),
+        };
+        if self.index.started(named.run_id).is_none() {
+            // Exact, not merely recent: a run another admitter started just before must count.
+            self.index.catch_up(self.catch_up_limit).await?;
+        }
+        if let Some(entry) = self.index.started(named.run_id) {
+            let event = trunk_event(
+                named.run_id,
+                &named.pipeline,
+                &named.version,
+                entry,
+                EventKind::DuplicateTrigger { message_id: trigger_id },
+            );
+            self.bus.publish_event(&event).await?;
+            return Ok(Admission::Duplicate { run_id: named.run_id });
+        }
+        let prepared = match super::plan(spec, &origin, inputs, azure).await {
+            Ok(prepared) => prepared,
+            Err(error) => return self.refuse(message, Some(&named), &trigger, error).await,
+        };
+        for warning in &prepared.plan.warnings {
+            info!(run_id = %named.run_id, %warning, "plan warning");
+        }
+        let entry = match entry_stage(trigger.from, &prepared) {
+            Ok(entry) => entry,
+            Err(error) => return self.reject(message, Some(&named), &trigger, error.to_string()).await,
+        };
+        let firsts = first_messages(&prepared, entry);
+        for first in &firsts {
+            self.bus.publish(first.stage, &first.encode()).await?;
+        }
+        self.bus.publish_event(&run_started(&prepared, entry)).await?;
+        self.index.record_started(named.run_id, entry);
+        Ok(Admission::Started {
+            run_id: named.run_id,
+            entry,
+            messages: firsts.len(),
+        })
+    }
+
+    /// The trigger's spec and a name for it in errors: its own text, else the pipelines directory.
+    async fn spec_of(&self, trigger: &Trigger) -> Result<(PipelineSpec, String), String> {
+        if let Some(text) = &trigger.spec {
+            let origin = format!("the spec in the trigger for `{}`", trigger.pipeline);
+            let spec = PipelineSpec::parse(text, &origin).map_err(|e| e.to_string())?;
+            if spec.name != trigger.pipeline {
+                return Err(format!(
+                    "the trigger names pipeline `{}` but its spec is named `{}`",
+                    trigger.pipeline, spec.name
+                ));
+            }
+            return Ok((spec, origin));
+        }
+        let dir = self.pipelines_dir.clone();
+        let name = trigger.pipeline.clone();
+        let found = tokio::task::spawn_blocking(move || super::pipelines::find(&dir, &name))
+            .await
+            .map_err(|e| format!("looking for the pipeline: {e}"))?
+            .map_err(|e| e.to_string())?;
+        Ok((found.spec, found.path.display().to_string()))
+    }
+
+    /// A preparation that failed: bad input is rejected; Azure unreadable just now puts the
+    /// trigger off on a delay tier, until the retry budget is spent.
+    async fn refuse(
+        &self,
+        message: &TriggerMessage,
+        named: Option<&Named>,
+        trigger: &Trigger,
+        error: PrepareError,
+    ) -> Result<Admission, BusError> {
+        match error {
+            PrepareError::Invalid(reason) => self.reject(message, named, trigger, reason).await,
+            PrepareError::Transient { origin, error } => match retry::decide(&self.retry, message.attempts, &error) {
+                Decision::Retry { attempt, delay, .. } => {
+                    let tier = tier_for(self.bus.tiers(), delay);
+                    self.bus.delay_trigger(message, tier, attempt).await?;
+                    Ok(Admission::Delayed { attempt, delay })
+                }
+                Decision::Fail { reason, .. } => {
+                    self.reject(message, named, trigger, format!("{origin}: {reason}"))
+                        .await
+                }
+            },
+        }
+    }
+
+    /// Refuses a trigger for good: its run's history hears why (when the trigger named a run),
+    /// then the trigger is parked with the same reason.
+    async fn reject(
+        &self,
+        message: &TriggerMessage,
+        named: Option<&Named>,
+        trigger: &Trigger,
+        reason: String,
+    ) -> Result<Admission, BusError> {
+        if let Some(named) = named {
+            let event = trunk_event(
+                named.run_id,
+                &named.pipeline,
+                &named.version,
+                trigger.from.unwrap_or(Stage::Snapshot),
+                EventKind::TriggerRejected { reason: reason.clone() },
+            );
+            self.bus.publish_event(&event).await?;
+        }
+        self.park(message, named.map(|n| n.run_id), reason).await
+    }
+
+    async fn park(
+        &self,
+        message: &TriggerMessage,
+        run_id: Option<Uuid>,
+        reason: String,
+    ) -> Result<Admission, BusError> {
+        self.bus.park_trigger(message, &reason).await?;
+        Ok(Admission::Parked { run_id, reason })
+    }
+}

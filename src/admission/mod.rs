@@ -1,0 +1,269 @@
+//! Admission: what turns a request for a run into a started run. The same steps serve `sigrun run`
+//! (in-process), `sigrun submit` (plans locally, then publishes a trigger) and the workers'
+//! admitter (takes triggers from RabbitMQ):
+//!
+//! 1. [`resolve`] — the version the run publishes or rolls out (the request's, or the pipeline's
+//!    scheme: reading Azure for a nightly number), which names the run ([`run_id`]);
+//! 2. [`plan`] — every preflight rule, reading Azure and creating nothing;
+//! 3. [`entry_stage`], [`first_messages`], [`run_started`] — where the run starts, its first
+//!    message(s) and the event that opens its history.
+//!
+//! - [`pipelines`] — finding a pipeline spec by name in the `[pipelines] dir`.
+//! - [`run_index`] — the started and cancelled runs, from the events stream (dedup, cancel).
+//! - [`admitter`] — the workers' trigger consumer.
+//!
+//! Errors tell bad input (a rule broken, a bad id, Azure refusing a read for good — nothing was
+//! created, and retrying cannot help) from Azure being unreadable just now (worth another try).
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::azure::{AzureApi, AzureError, ErrorClass};
+use crate::events::{Event, EventKind, PoolRef};
+use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage, new_traceparent};
+use crate::model::ids::{GalleryImageVersionId, ImageId};
+use crate::model::plan::Plan;
+use crate::model::spec::PipelineSpec;
+use crate::planner::{self, PlanError, PlanInputs};
+
+pub mod admitter;
+pub mod pipelines;
+pub mod run_index;
+
+pub use crate::model::trigger::run_id;
+pub use admitter::{Admission, Admitter};
+pub use run_index::RunIndex;
+
+/// What a run was asked to do, beyond its pipeline.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunRequest {
+    /// Publish (or roll out) this version instead of the one the scheme gives.
+    pub version: Option<String>,
+    /// Roll out this existing gallery image version (ARM id).
+    pub image_version_id: Option<String>,
+    /// Publish from this existing managed image (ARM id).
+    pub image_id: Option<String>,
+}
+
+/// A spec with its checked plan.
+pub struct Prepared {
+    pub spec: PipelineSpec,
+    pub plan: Plan,
+    pub inputs: PlanInputs,
+}
+
+impl Prepared {
+    /// The run this plan is: pipeline and version.
+    pub fn run_id(&self) -> Uuid {
+        run_id(&self.spec.name, &self.plan.version)
+    }
+}
+
+/// Why a run cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The input is wrong (a rule it breaks, a bad id, Azure refusing a read for good): nothing
+    /// was created, and trying again will not help.
+    #[error("{0}")]
+    Invalid(String),
+    /// Azure could not be read just now (network, 5xx, throttling).
+    #[error("{origin}: {error}")]
+    Transient { origin: String, error: AzureError },
+}
+
+impl PrepareError {
+    fn of_plan(origin: &str, err: PlanError) -> PrepareError {
+        match err {
+            PlanError::Azure(error) if error.class() != ErrorClass::Permanent => PrepareError::Transient {
+                origin: origin.to_string(),
+                error,
+            },
+            other => PrepareError::Invalid(format!("{origin}: {other}")),
+        }
+    }
+}
+
+/// Step 1: checks the request's ids and resolves the version. `origin` names the spec in errors
+/// (its file, or where a trigger's spec came from).
+pub async fn resolve(
+    spec: &PipelineSpec,
+    origin: &str,
+    request: &RunRequest,
+    azure: &dyn AzureApi,
+) -> Result<PlanInputs, PrepareError> {
+    let mut inputs = PlanInputs::default();
+    let requested = match &request.image_version_id {
+        Some(id) => {
+            let id = GalleryImageVersionId::parse(id)
+                .map_err(|e| PrepareError::Invalid(format!("image version id: {e}")))?;
+            let definition = id.definition();
+            if !definition
+                .gallery()
+                .to_string()
+                .eq_ignore_ascii_case(&spec.gallery.id.to_string())
+                || !definition.name().eq_ignore_ascii_case(&spec.definition.name)
+            {
+                return Err(PrepareError::Invalid(format!(
+                    "image version id {id} is not a version of {origin}'s definition {}",
+                    spec.definition.name
+                )));
+            }
+            inputs.existing_version = true;
+            Some(id.name().to_string())
+        }
+        None => request.version.clone(),
+    };
+    if let Some(image) = &request.image_id {
+        inputs.existing_image =
+            Some(ImageId::parse(image).map_err(|e| PrepareError::Invalid(format!("image id: {e}")))?);
+    }
+    let today = OffsetDateTime::now_utc().date();
+    inputs.version = planner::resolve_version(spec, requested.as_deref(), azure, today)
+        .await
+        .map_err(|e| PrepareError::of_plan(origin, e))?;
+    Ok(inputs)
+}
+
+/// Step 2: plans the run (every preflight rule; reads Azure, creates nothing).
+pub async fn plan(
+    spec: PipelineSpec,
+    origin: &str,
+    inputs: PlanInputs,
+    azure: &dyn AzureApi,
+) -> Result<Prepared, PrepareError> {
+    let plan = planner::plan(&spec, &inputs, azure, OffsetDateTime::now_utc())
+        .await
+        .map_err(|e| PrepareError::of_plan(origin, e))?;
+    Ok(Prepared { spec, plan, inputs })
+}
+
+/// Steps 1 and 2 together.
+pub async fn prepare(
+    spec: PipelineSpec,
+    origin: &str,
+    request: &RunRequest,
+    azure: &dyn AzureApi,
+) -> Result<Prepared, PrepareError> {
+    let inputs = resolve(&spec, origin, request, azure).await?;
+    plan(spec, origin, inputs, azure).await
+}
+
+/// A start the run cannot take (`from` names the stage asked for).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("from {from}: {reason}")]
+pub struct EntryError {
+    pub from: Stage,
+    pub reason: String,
+}
+
+/// The stage a run starts at: `from`, else what the plan needs (a rollout starts at pool-create,
+/// an existing managed image at gallery-publish, a build at snapshot).
+pub fn entry_stage(from: Option<Stage>, prepared: &Prepared) -> Result<Stage, EntryError> {
+    let rollout = prepared.plan.build.is_none();
+    let stage = match (from, rollout, &prepared.inputs.existing_image) {
+        (Some(Stage::Verify), _, _) => {
+            return Err(EntryError {
+                from: Stage::Verify,
+                reason: "a run cannot start at verify; start at pool-create".into(),
+            });
+        }
+        (Some(stage), true, _) if stage < Stage::PoolCreate => {
+            return Err(EntryError {
+                from: stage,
+                reason: "this run rolls out an existing version; it can only start at pool-create".into(),
+            });
+        }
+        (Some(stage), _, _) => stage,
+        (None, true, _) => Stage::PoolCreate,
+        (None, false, Some(_)) => Stage::GalleryPublish,
+        (None, false, None) => Stage::Snapshot,
+    };
+    Ok(stage)
+}
+
+/// The run's first messages: one trunk message, or one per pool when the run starts at pool-create.
+pub fn first_messages(prepared: &Prepared, entry: Stage) -> Vec<Envelope> {
+    let now = OffsetDateTime::now_utc();
+    let mut artifacts = Artifacts::default();
+    if let Some(build) = &prepared.plan.build {
+        if entry > Stage::Snapshot {
+            artifacts.snapshots = build
+                .snapshots
+                .iter()
+                .map(|s| SnapshotArtifact {
+                    lun: s.lun,
+                    id: s.id.clone(),
+                })
+                .collect();
+        }
+        if entry > Stage::ImageCreate {
+            artifacts.image = Some(build.image.clone());
+        }
+    }
+    if entry > Stage::GalleryPublish {
+        artifacts.image_version = Some(prepared.plan.version_id.clone());
+    }
+    let trunk = Envelope {
+        v: ENVELOPE_VERSION,
+        message_id: Uuid::new_v4(),
+        run_id: prepared.run_id(),
+        pipeline: prepared.spec.name.clone(),
+        version: prepared.plan.version.clone(),
+        stage: entry,
+        branch: Branch::Trunk,
+        spec: prepared.spec.clone(),
+        plan: prepared.plan.clone(),
+        artifacts,
+        operation: None,
+        attempt: 0,
+        not_before: None,
+        run_started: now,
+        stage_started: now,
+        traceparent: new_traceparent(),
+    };
+    if entry == Stage::PoolCreate {
+        prepared
+            .plan
+            .pools
+            .iter()
+            .map(|p| trunk.for_pool(Stage::PoolCreate, &p.region, &p.target, now))
+            .collect()
+    } else {
+        vec![trunk]
+    }
+}
+
+/// The event that opens the run's history: the regions and pools it plans.
+pub fn run_started(prepared: &Prepared, entry: Stage) -> Event {
+    trunk_event(
+        prepared.run_id(),
+        &prepared.spec.name,
+        &prepared.plan.version,
+        entry,
+        EventKind::RunStarted {
+            regions: prepared.plan.regions.iter().map(|r| r.name.clone()).collect(),
+            pools: prepared
+                .plan
+                .pools
+                .iter()
+                .map(|p| PoolRef {
+                    region: p.region.clone(),
+                    target: p.target.clone(),
+                })
+                .collect(),
+        },
+    )
+}
+
+/// An event about the run as a whole (its trunk), at `stage`, now.
+pub fn trunk_event(run_id: Uuid, pipeline: &str, version: &str, stage: Stage, kind: EventKind) -> Event {
+    Event {
+        run_id,
+        pipeline: pipeline.to_string(),
+        version: version.to_string(),
+        stage,
+        branch: Branch::Trunk,
+        at: OffsetDateTime::now_utc(),
+        kind,
+    }
+}

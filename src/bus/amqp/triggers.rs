@@ -1,0 +1,141 @@
+//! Triggers on the RabbitMQ bus: publishing one (what `sigrun submit` and event producers do),
+//! taking them from `{p}.triggers` (a single-active-consumer queue, so while several workers wait
+//! only one takes triggers at a time), and what the admitter does with one it cannot admit now:
+//! park it with the reason, or put it on a delay tier to come back later. Both keep the trigger's
+//! content type and message id, so a parked CloudEvent is still one when replayed; a trigger's
+//! routing key is `trigger` everywhere, parking included.
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::AmqpBus;
+use super::consumer::{self, Source, integer};
+use super::publisher::{self, headers};
+use super::topology::TRIGGER_ROUTING_KEY;
+use crate::bus::{Acker, BusError, ParkReason};
+
+/// A trigger as it was delivered: the body and the properties the admitter needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TriggerMessage {
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
+    pub message_id: Option<String>,
+    /// Times it was put off for a transient failure (its `x-sigrun-attempts` header).
+    pub attempts: u32,
+    /// Deliveries of this message so far, this one included.
+    pub delivery_count: u32,
+}
+
+/// A trigger taken from the triggers queue. Dropping it unsettled returns it to the queue.
+pub struct TriggerDelivery {
+    pub message: TriggerMessage,
+    pub acker: Box<dyn Acker>,
+}
+
+const PERSISTENT: u8 = 2;
+
+impl AmqpBus {
+    /// Publishes a trigger to the work exchange with routing key `trigger` (persistent, confirmed).
+    pub async fn publish_trigger(
+        &self,
+        body: &[u8],
+        content_type: &str,
+        message_id: Option<&str>,
+    ) -> Result<(), BusError> {
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type(content_type.into());
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        publisher::publish(
+            &self.shared,
+            &self.shared.names.work(),
+            TRIGGER_ROUTING_KEY,
+            body,
+            properties,
+        )
+        .await
+    }
+
+    /// The next trigger; `None` once the bus is shut down. Consumes the triggers queue from the
+    /// first call on (and after every reconnect). Cancel-safe like [`crate::bus::Bus::next`].
+    pub async fn next_trigger(&self) -> Option<TriggerDelivery> {
+        self.want(&[Source::Triggers]);
+        let (_, delivery) = self.shared.inbox.next(&self.shared, &[Source::Triggers]).await?;
+        let properties = &delivery.properties;
+        let attempts = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(headers::ATTEMPTS))
+            .and_then(integer)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        let message = TriggerMessage {
+            content_type: properties.content_type().as_ref().map(|c| c.to_string()),
+            message_id: properties.message_id().as_ref().map(|m| m.to_string()),
+            attempts,
+            delivery_count: consumer::delivery_count(properties.headers().as_ref()),
+            body: delivery.data,
+        };
+        Some(TriggerDelivery {
+            message,
+            acker: consumer::acker(delivery.acker),
+        })
+    }
+
+    /// Parks a trigger with the reason (confirmed): `x-sigrun-*` headers as for a parked stage
+    /// message, no stage, routing key `trigger`, its content type and message id kept.
+    pub async fn park_trigger(&self, trigger: &TriggerMessage, error: &str) -> Result<(), BusError> {
+        let reason = ParkReason {
+            stage: None,
+            error: error.to_string(),
+            attempts: trigger.attempts.max(trigger.delivery_count),
+            message_id: trigger.message_id.clone(),
+        };
+        let mut properties = publisher::park_properties(&reason);
+        if let Some(content_type) = &trigger.content_type {
+            properties = properties.with_content_type(content_type.as_str().into());
+        }
+        publisher::publish(
+            &self.shared,
+            &self.shared.names.parking_exchange(),
+            TRIGGER_ROUTING_KEY,
+            &trigger.body,
+            properties,
+        )
+        .await
+    }
+
+    /// Puts a trigger on delay tier `tier`; when it expires it is back on the triggers queue,
+    /// carrying `attempts` (confirmed).
+    pub async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError> {
+        let Some(&delay) = self.tiers.get(tier) else {
+            return Err(BusError::NotConfirmed {
+                target: format!("delay tier {tier}"),
+                reason: format!("the bus has {} tiers", self.tiers.len()),
+            });
+        };
+        let mut table = FieldTable::default();
+        table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+        let mut properties = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_headers(table);
+        if let Some(content_type) = &trigger.content_type {
+            properties = properties.with_content_type(content_type.as_str().into());
+        }
+        if let Some(id) = &trigger.message_id {
+            properties = properties.with_message_id(id.as_str().into());
+        }
+        // The tier's fanout exchange keeps the routing key; its TTL dead-letters the trigger back
+        // to the work exchange with it, which routes it to the triggers queue.
+        publisher::publish(
+            &self.shared,
+            &self.shared.names.tier(delay),
+            TRIGGER_ROUTING_KEY,
+            &trigger.body,
+            properties,
+        )
+        .await
+    }
+}
