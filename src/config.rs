@@ -13,6 +13,7 @@ use crate::bus::amqp::AmqpSettings;
 use crate::runtime::RuntimeSettings;
 use crate::runtime::settings::scaled_tiers;
 use crate::stages::StageSettings;
+use crate::telemetry::TelemetrySettings;
 
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -29,6 +30,9 @@ pub struct Settings {
     /// The RabbitMQ bus of `worker` and `submit`.
     #[serde(default)]
     pub amqp: AmqpSettings,
+    /// Where the metrics and health endpoints listen (`worker`, `run`).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     /// Where workers find the specs of triggers that carry none.
     #[serde(default)]
     pub pipelines: PipelinesSettings,

@@ -11,6 +11,7 @@
 //! - [`planner`]: spec → plan, reading Azure and applying every preflight rule.
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
 //! - [`stages`]: the six stages as state machines over the Azure trait.
+//! - [`telemetry`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`config`]: settings: defaults, a file, `SIGRUN__SECTION__KEY` variables.
 //! - [`cli`]: the command line; the only place that wires everything together.
 //! - [`emulator`]: the built-in Azure emulator (AAD, ARM, Compute Gallery, Batch) used by tests and
@@ -29,3 +30,4 @@ pub mod model;
 pub mod planner;
 pub mod runtime;
 pub mod stages;
+pub mod telemetry;

@@ -27,6 +27,7 @@ pub struct AzureClient {
     batch: Arc<Batch>,
     resource_manager: Url,
     credential_kind: &'static str,
+    http: Arc<Http>,
 }
 
 impl fmt::Debug for AzureClient {
@@ -78,14 +79,21 @@ impl AzureClient {
                 settings.api_versions.clone(),
             )),
             batch: Arc::new(Batch::new(
-                http,
+                http.clone(),
                 settings.api_versions.batch.clone(),
                 settings.cloud.batch_endpoint_suffix.clone(),
                 resource_manager.clone(),
             )),
             resource_manager,
             credential_kind,
+            http,
         }
+    }
+
+    /// Gets a Resource Manager token (cached by the credential): can this process call Azure now?
+    /// What readiness checks; the error names the scope and Entra's code, never a secret.
+    pub async fn check_token(&self) -> Result<(), AzureError> {
+        self.http.check_token(super::http::Audience::Arm).await
     }
 }
 

@@ -198,6 +198,19 @@ impl Http {
             .map_err(Failure::into_error)
     }
 
+    /// Gets a token for `audience` (the credential caches it): whether calls could be made now.
+    pub async fn check_token(&self, audience: Audience) -> Result<(), AzureError> {
+        let scope = match audience {
+            Audience::Arm => &self.arm_scope,
+            Audience::Batch => &self.batch_scope,
+        };
+        self.credential
+            .get_token(&[scope.as_str()], None)
+            .await
+            .map(|_| ())
+            .map_err(|e| token_error(scope, e))
+    }
+
     async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
         let scope = match call.audience {
             Audience::Arm => &self.arm_scope,

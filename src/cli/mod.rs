@@ -7,6 +7,7 @@
 mod cancel;
 mod dlq;
 mod emulator;
+mod endpoints;
 mod history;
 mod plan_view;
 mod run;

@@ -6,6 +6,7 @@
 //! failed (naming what), 2 for bad input.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -15,6 +16,7 @@ use async_trait::async_trait;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
+use super::endpoints;
 use super::input_error;
 use super::plan_view::{self, Prepared};
 use super::session::Session;
@@ -24,8 +26,9 @@ use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
 use crate::events::{Event, EventKind, RunResult};
 use crate::model::envelope::{Envelope, Stage};
-use crate::runtime::{Clock, Handler, StageHandler, run_all_to_completion};
+use crate::runtime::{Clock, Handler, StageHandler, run_all_observed};
 use crate::stages::Step;
+use crate::telemetry::{Readiness, Telemetry};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -49,6 +52,10 @@ pub struct RunArgs {
     /// Give up after this long (real time), e.g. `30m`.
     #[arg(long, default_value = "6h")]
     pub timeout: String,
+    /// Serve /metrics, /healthz and /readyz on this address while the run lasts (port 0: any free
+    /// port); overrides `[telemetry] listen`. Ready = an Azure token obtainable.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -60,6 +67,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         image_version_id: args.image_version_id.clone(),
         image_id: args.image_id.clone(),
     };
+    let telemetry = Arc::new(Telemetry::new());
+    let readiness = Readiness::new().with_azure(session.azure.clone());
+    let server = endpoints::start("run", args.metrics_listen, &session.telemetry, &telemetry, readiness).await?;
     let prepared = plan_view::prepare(&args.pipeline, &request, &session).await?;
     for warning in &prepared.plan.warnings {
         eprintln!("warning: {warning}");
@@ -100,13 +110,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .collect(),
     ));
     let began = Instant::now();
-    let outcome = run_all_to_completion(
+    let outcome = run_all_observed(
         bus.clone(),
         handler,
         firsts,
         session.runtime.clone(),
         Clock::System,
         timeout,
+        Some(telemetry),
     )
     .await?;
     let wall = began.elapsed();
@@ -128,6 +139,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             calls.as_ref()
         )
     );
+    endpoints::stop(server).await;
     if let Some(emulator) = session.emulator {
         emulator.shutdown().await;
     }

@@ -15,6 +15,7 @@ use crate::config::{Mode, Settings};
 use crate::emulator::{Emulator, EmulatorOptions, World};
 use crate::runtime::RuntimeSettings;
 use crate::stages::StageSettings;
+use crate::telemetry::TelemetrySettings;
 
 pub struct Session {
     pub azure: Arc<AzureClient>,
@@ -26,6 +27,8 @@ pub struct Session {
     pub time_scale: f64,
     /// The RabbitMQ bus settings (`worker`, `submit`).
     pub amqp: AmqpSettings,
+    /// Where the metrics and health endpoints listen, if anywhere (`worker`, `run`).
+    pub telemetry: TelemetrySettings,
 }
 
 impl Session {
@@ -91,6 +94,7 @@ impl Session {
             runtime,
             time_scale,
             amqp: settings.amqp,
+            telemetry: settings.telemetry,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! back to its queue unacked) and closes the bus. Workers need `azure.mode = "azure"`: in
 //! `emulator` mode each process would start a private emulator of its own.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use clap::{ArgGroup, Args};
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::endpoints;
 use super::input_error;
 use super::session::Session;
 use crate::admission::{Admitter, RunIndex};
@@ -22,6 +24,7 @@ use crate::bus::amqp::AmqpBus;
 use crate::config::{Mode, Settings};
 use crate::model::envelope::Stage;
 use crate::runtime::{Handler, RunGate, Runtime, StageHandler};
+use crate::telemetry::{Readiness, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("stages").required(true).args(["stage", "all_stages"])))]
@@ -35,6 +38,10 @@ pub struct WorkerArgs {
     /// Settings file overlaid on the defaults (`[azure]`, `[amqp]`, `[runtime]`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Serve /metrics, /healthz and /readyz on this address (port 0: any free port); overrides
+    /// `[telemetry] listen`. Ready = connected to the broker and an Azure token obtainable.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_any_stage(text: &str) -> Result<Stage, String> {
@@ -103,6 +110,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         pipelines_dir.clone(),
         session.runtime.retry.clone(),
     );
+    let telemetry = Arc::new(Telemetry::new());
+    let runtime = runtime.with_observer(telemetry.clone());
+    let readiness = Readiness::new()
+        .with_bus(Arc::clone(&bus))
+        .with_azure(session.azure.clone());
+    let server = match endpoints::start("worker", args.metrics_listen, &session.telemetry, &telemetry, readiness).await
+    {
+        Ok(server) => server,
+        Err(error) => {
+            bus.close().await;
+            return Err(error);
+        }
+    };
     let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
     eprintln!(
         "sigrun worker: consuming {} and triggers on {url} (prefix {prefix}, pipelines in {}; {} run(s) known)",
@@ -131,6 +151,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         }
     };
     drop(index);
+    endpoints::stop(server).await;
     bus.close().await;
     eprintln!(
         "sigrun worker: stopped ({} deliveries handled, {} returned unfinished, {triggers} trigger(s) handled)",

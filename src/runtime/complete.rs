@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::runner::{Runtime, RuntimeReport};
 use super::settings::{RuntimeSettings, SettingsError};
-use super::{Clock, Handler};
+use super::{Clock, Handler, Observer};
 use crate::bus::memory::MemoryBus;
 use crate::bus::{Bus, BusError};
 use crate::events::{Event, RunResult, run_result};
@@ -60,8 +60,24 @@ pub async fn run_all_to_completion(
     clock: Clock,
     timeout: Duration,
 ) -> Result<RunOutcome, RunError> {
+    run_all_observed(bus, handler, firsts, settings, clock, timeout, None).await
+}
+
+/// As [`run_all_to_completion`], telling `observer` (the metrics) about every handled delivery.
+pub async fn run_all_observed(
+    bus: Arc<MemoryBus>,
+    handler: Arc<dyn Handler>,
+    firsts: Vec<Envelope>,
+    settings: RuntimeSettings,
+    clock: Clock,
+    timeout: Duration,
+    observer: Option<Arc<dyn Observer>>,
+) -> Result<RunOutcome, RunError> {
     let run_id = firsts.first().map(|f| f.run_id).unwrap_or_default();
-    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
+    let mut runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
+    if let Some(observer) = observer {
+        runtime = runtime.with_observer(observer);
+    }
     // Subscribed before the trigger goes out, so no event of the run can slip past.
     let mut updates = bus.subscribe();
     for first in &firsts {

@@ -16,6 +16,7 @@ use crate::model::envelope::Envelope;
 use crate::stages::Step;
 
 pub mod complete;
+pub mod observe;
 pub mod retry;
 pub mod runner;
 pub mod settings;
@@ -26,7 +27,8 @@ mod testkit;
 #[cfg(test)]
 mod tests;
 
-pub use complete::{RunError, RunOutcome, run_all_to_completion, run_to_completion};
+pub use complete::{RunError, RunOutcome, run_all_observed, run_all_to_completion, run_to_completion};
+pub use observe::{Handled, Observer};
 pub use runner::{Runtime, RuntimeReport};
 pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
 pub use stage_handler::StageHandler;

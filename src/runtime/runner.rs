@@ -18,6 +18,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
+use super::observe::{Handled, Observer};
 use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
 use super::{Clock, Handler, RunGate};
@@ -36,6 +37,7 @@ pub struct Runtime {
     stages: Vec<Stage>,
     settings: RuntimeSettings,
     clock: Clock,
+    observer: Option<Arc<dyn Observer>>,
     /// Asked before each step whether the run was cancelled; `None`: nothing is ever cancelled.
     gate: Option<Arc<dyn RunGate>>,
 }
@@ -50,8 +52,9 @@ pub struct RuntimeReport {
 }
 
 /// What the runtime publishes for one handled message.
-#[derive(Default)]
 struct Effects {
+    /// What became of the message, for the observer.
+    handled: Handled,
     events: Vec<EventKind>,
     /// Each goes to its own stage: now, or on a delay tier when it is not due yet.
     messages: Vec<Envelope>,
@@ -74,6 +77,7 @@ impl Runtime {
             stages,
             settings,
             clock: Clock::System,
+            observer: None,
             gate: None,
         })
     }
@@ -81,6 +85,18 @@ impl Runtime {
     pub fn with_clock(mut self, clock: Clock) -> Runtime {
         self.clock = clock;
         self
+    }
+
+    /// Tells `observer` what became of each delivery (the metrics).
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Runtime {
+        self.observer = Some(observer);
+        self
+    }
+
+    fn observe(&self, stage: Stage, handled: Handled) {
+        if let Some(observer) = &self.observer {
+            observer.handled(stage, handled);
+        }
     }
 
     /// Stops the branches of cancelled runs: a delivery of such a run takes no step; its branch
@@ -179,7 +195,10 @@ impl Runtime {
                 .bus
                 .publish_event(&event_of(&message, EventKind::Cancelled, now))
                 .await;
-            return settle(acker, stopped).await;
+            if settle(acker, stopped).await {
+                self.observe(message.stage, Handled::Cancelled);
+            }
+            return;
         }
         if let Some(wait) = remaining(message.due(), now) {
             // Early (a tier shorter than the wait, or a message published ahead of time): hop
@@ -187,7 +206,10 @@ impl Runtime {
             let tier = tier_for(self.bus.tiers(), wait);
             debug!(wait_ms = wait.as_millis(), tier, "not due yet; back to a delay tier");
             let published = self.bus.publish_delayed(message.stage, body, tier).await;
-            return settle(acker, published).await;
+            if settle(acker, published).await {
+                self.observe(message.stage, Handled::Waiting);
+            }
+            return;
         }
         // Its hold has passed; clear it so nothing derived from this message inherits it.
         message.not_before = None;
@@ -197,8 +219,11 @@ impl Runtime {
             Ok(step) => effects_of_step(&message, step, now),
             Err(error) => self.effects_of_error(&message, &error, now),
         };
+        let handled = effects.handled;
         let published = self.carry_out(&message, body, effects, now).await;
-        settle(acker, published).await;
+        if settle(acker, published).await {
+            self.observe(message.stage, handled);
+        }
     }
 
     /// Runs the handler as its own task, so a panic in it becomes an error here (retried as a
@@ -234,6 +259,7 @@ impl Runtime {
                 again.attempt = attempt;
                 again.hold_until(now + delay);
                 Effects {
+                    handled: Handled::Retried,
                     events: vec![event],
                     messages: vec![again],
                     park: None,
@@ -242,6 +268,7 @@ impl Runtime {
             Decision::Fail { reason, give_up } => {
                 warn!(%reason, give_up, "step failed for good; failing the branch");
                 Effects {
+                    handled: Handled::Parked,
                     events: vec![failure(&message.branch, reason.clone())],
                     messages: Vec::new(),
                     park: Some(ParkReason {
@@ -321,7 +348,9 @@ impl Runtime {
             };
             parked = self.bus.publish_event(&event).await;
         }
-        settle(acker, parked).await;
+        if settle(acker, parked).await {
+            self.observe(queue, Handled::Parked);
+        }
     }
 }
 
@@ -344,22 +373,31 @@ async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, hand
 fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effects {
     let Step { outcome, events } = step;
     let mut effects = Effects {
+        handled: Handled::Done,
         events,
-        ..Effects::default()
+        messages: Vec::new(),
+        park: None,
     };
     match outcome {
-        Outcome::Advance(next) => effects.messages = next,
+        Outcome::Advance(next) => {
+            effects.handled = Handled::Advanced;
+            effects.messages = next;
+        }
         Outcome::Wait {
             message: mut waiting,
             delay,
             emit,
         } => {
             waiting.hold_until(now + delay);
+            effects.handled = Handled::Waiting;
             effects.messages = emit;
             effects.messages.push(*waiting);
         }
         Outcome::Done => {}
-        Outcome::Fail(reason) => effects.events.push(failure(&message.branch, reason)),
+        Outcome::Fail(reason) => {
+            effects.handled = Handled::Failed;
+            effects.events.push(failure(&message.branch, reason));
+        }
     }
     // The step succeeded: only consecutive failures count toward the retry budget, so whatever
     // it sends on starts again (a long wait survives any number of recovered hiccups).
@@ -399,19 +437,22 @@ fn remaining(due: Option<OffsetDateTime>, now: OffsetDateTime) -> Option<Duratio
 
 /// Acks once everything the delivery caused is confirmed; otherwise returns it to its queue so it
 /// is handled again (what was published meanwhile may then be published twice: handlers and
-/// consumers are idempotent, the price of never losing a message).
-async fn settle(acker: Box<dyn Acker>, published: Result<(), BusError>) {
+/// consumers are idempotent, the price of never losing a message). True when acked.
+async fn settle(acker: Box<dyn Acker>, published: Result<(), BusError>) -> bool {
     match published {
-        Ok(()) => {
-            if let Err(e) = acker.ack().await {
+        Ok(()) => match acker.ack().await {
+            Ok(()) => true,
+            Err(e) => {
                 warn!(error = %e, "ack failed; the message will be delivered again");
+                false
             }
-        }
+        },
         Err(e) => {
             warn!(error = %e, "a publish was not confirmed; returning the message to its queue");
             if let Err(e) = acker.requeue().await {
                 warn!(error = %e, "requeue failed; the broker returns the message when the channel closes");
             }
+            false
         }
     }
 }

@@ -1,0 +1,57 @@
+//! What the runtime tells an observer (the metrics) about each delivery it handled: the stage and
+//! what became of the message. Kept apart from the runner so the runtime stays free of any
+//! metrics library; `telemetry::Telemetry` is the production observer.
+
+use crate::model::envelope::Stage;
+
+/// What became of a handled message, decided by the step's outcome or the retry policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Handled {
+    /// The step succeeded and sent the message(s) on to their next stage (`Outcome::Advance`).
+    Advanced,
+    /// The step is waiting on Azure, or the message came back before it was due: it went to a
+    /// delay tier.
+    Waiting,
+    /// The branch ended well with this step (`Outcome::Done`).
+    Done,
+    /// The stage itself said the branch failed (`Outcome::Fail`): the failure event is published,
+    /// the message is not parked.
+    Failed,
+    /// The step failed and is tried again later.
+    Retried,
+    /// The message was parked: a step that failed for good, or a message that cannot be decoded.
+    Parked,
+    /// The message's run was cancelled: its branch stopped here without a step.
+    Cancelled,
+}
+
+impl Handled {
+    pub const ALL: [Handled; 7] = [
+        Handled::Advanced,
+        Handled::Waiting,
+        Handled::Done,
+        Handled::Failed,
+        Handled::Retried,
+        Handled::Parked,
+        Handled::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handled::Advanced => "advanced",
+            Handled::Waiting => "waiting",
+            Handled::Done => "done",
+            Handled::Failed => "failed",
+            Handled::Retried => "retried",
+            Handled::Parked => "parked",
+            Handled::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Told about every delivery once its effects are confirmed and it is acked (a delivery returned
+/// to its queue because a publish failed is told about when it is handled again). Called on the
+/// consumer's task: keep it cheap and non-blocking.
+pub trait Observer: Send + Sync {
+    fn handled(&self, stage: Stage, outcome: Handled);
+}

@@ -1,0 +1,199 @@
+//! A worker killed with SIGKILL while it holds an unacked delivery of a step that creates Azure
+//! resources: the broker hands the delivery to another worker, the run completes, and no resource
+//! is created twice. Real `sigrun worker` processes, the real broker, the emulator in this process.
+//!
+//! The emulator slows the run's second snapshot PUT (30 s), so the snapshot worker is caught half
+//! way through its step: the first snapshot created (201), the delivery unacked. A standby worker
+//! is started and ready, the snapshot worker is SIGKILLed, and the standby takes the redelivered
+//! message and finishes the run. The emulator's request log then shows the step repeated by the
+//! standby, answered by ARM's idempotent 200 for what already existed, every resource PUT answered
+//! "created" (201; 202 for a snapshot, which Azure creates as a long-running operation) at most
+//! once, and at most one pool added per Batch account (the nightly plans one in each).
+
+#[path = "it/helpers.rs"]
+mod helpers;
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sigrun::bus::amqp::topology::Names;
+use sigrun::events::{EventKind, RunResult};
+use sigrun::model::envelope::Stage;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// The second snapshot PUT of the run waits this long in the emulator before it is handled.
+const SLOW_PUT: &str = "slow:api=arm,method=PUT,path=/snapshots/,at=2,delay_ms=30000";
+
+/// How the emulator answers a PUT that created the resource (a repeat of the same PUT gets 200).
+fn is_created(entry: &Value) -> bool {
+    entry["status"] == 201 || entry["status"] == 202
+}
+
+fn answered_at(entry: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(entry["time"].as_str().expect("a logged time"), &Rfc3339).expect("an RFC 3339 time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_holding_an_unacked_create_step_loses_nothing_and_creates_nothing_twice() {
+    let setup = support::setup(SLOW_PUT).await;
+    let (bus, settings) = support::test_bus(&setup.config).await;
+    let snapshot_queue = Names::new(&setup.prefix).stage_queue(Stage::Snapshot);
+
+    let mut doomed = setup.worker("doomed", &["--stage", "snapshot"]);
+    let doomed_addr = doomed.metrics_addr().await;
+    support::wait_for_status(
+        doomed_addr,
+        "/readyz",
+        200,
+        Duration::from_secs(30),
+        "the snapshot worker",
+    )
+    .await;
+    let run_id = setup.submit().await;
+
+    // Wait until the snapshot worker is inside its step: the first snapshot created, the second
+    // PUT held by the emulator, the delivery unacked.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let snapshot_puts = |log: &[Value]| {
+        log.iter()
+            .filter(|e| e["method"] == "PUT" && e["path"].as_str().is_some_and(|p| p.contains("/snapshots/")))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    loop {
+        let log = setup.emu.requests().await;
+        if snapshot_puts(&log).iter().any(is_created) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first snapshot was never created{}",
+            doomed.report()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The broker's view (its queue statistics refresh every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while support::unacked(&snapshot_queue).await != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the broker never showed the snapshot delivery unacked{}",
+            doomed.report()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // A standby, ready before the kill: it gets the delivery back as soon as the broker frees it.
+    let mut standby = setup.worker("standby", &["--all-stages"]);
+    let standby_addr = standby.metrics_addr().await;
+    support::wait_for_status(standby_addr, "/readyz", 200, Duration::from_secs(30), "the standby").await;
+    assert_eq!(
+        support::unacked(&snapshot_queue).await,
+        1,
+        "the delivery is still held by the snapshot worker (the standby got nothing yet){}",
+        standby.report()
+    );
+    let before_kill = setup.emu.requests().await.len();
+    let killed_at = OffsetDateTime::now_utc();
+    doomed.signal("KILL");
+    let code = doomed.wait(Duration::from_secs(10)).await;
+    assert_eq!(code, None, "killed by a signal, no exit code{}", doomed.report());
+
+    let (result, history) = support::wait_for_run(&bus, run_id, std::slice::from_ref(&standby)).await;
+    assert_eq!(
+        result,
+        RunResult::Succeeded,
+        "events: {history:#?}{}{}",
+        doomed.report(),
+        standby.report()
+    );
+
+    let log = setup.emu.requests().await;
+    // The redelivery: the standby's first request after the kill (the slowed PUT, which the
+    // killed worker sent, is left out).
+    let redelivered = log[before_kill..]
+        .iter()
+        .filter(|e| e["fault"].is_null())
+        .find(|e| answered_at(e) > killed_at)
+        .unwrap_or_else(|| panic!("no request after the kill{}", standby.report()));
+    let redelivery_ms = (answered_at(redelivered) - killed_at).whole_milliseconds();
+    eprintln!(
+        "kill -9 → the redelivered step's first request answered: {redelivery_ms} ms ({} {})",
+        redelivered["method"], redelivered["path"]
+    );
+    assert!(
+        redelivered["method"] == "PUT" && redelivered["path"].as_str().is_some_and(|p| p.contains("/snapshots/")),
+        "the standby's first call repeats the snapshot step: {redelivered}"
+    );
+
+    // Every resource PUT was answered "created" at most once; a repeat got ARM's 200.
+    let mut created: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for entry in log.iter().filter(|e| e["method"] == "PUT") {
+        let path = entry["path"].as_str().unwrap_or_default().to_ascii_lowercase();
+        created
+            .entry(path)
+            .or_default()
+            .push(entry["status"].as_u64().unwrap_or(0));
+    }
+    for (path, statuses) in &created {
+        let creates = statuses.iter().filter(|s| **s == 201 || **s == 202).count();
+        assert!(creates <= 1, "{path} was created {creates} times: {statuses:?}");
+    }
+    // Pools are added with a POST to the account's pool collection: one per account.
+    let mut pools_added: BTreeMap<String, usize> = BTreeMap::new();
+    for entry in log.iter().filter(|e| e["method"] == "POST" && e["status"] == 201) {
+        let path = entry["path"].as_str().unwrap_or_default();
+        if path.ends_with("/pools") {
+            *pools_added.entry(path.to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(
+        pools_added.len(),
+        2,
+        "a pool added in each of the two accounts: {pools_added:?}"
+    );
+    assert!(
+        pools_added.values().all(|n| *n == 1),
+        "no pool added twice: {pools_added:?}"
+    );
+    // The first snapshot was created by the killed worker and PUT again by the standby.
+    let first_snapshot = snapshot_puts(&log)
+        .into_iter()
+        .find(is_created)
+        .expect("a snapshot created");
+    let first_path = first_snapshot["path"].as_str().expect("a path").to_ascii_lowercase();
+    assert!(
+        answered_at(&first_snapshot) < killed_at,
+        "created before the kill: {first_snapshot}"
+    );
+    let repeats = &created[&first_path];
+    assert!(
+        repeats.len() >= 2 && repeats[1..].iter().all(|s| *s == 200),
+        "the redelivered step PUT {first_path} again and was answered 200: {repeats:?}"
+    );
+
+    // No resource is reported created twice in the run's history either.
+    let mut reported: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &history {
+        if let EventKind::ResourceCreated { id } = &event.kind {
+            *reported.entry(id.to_ascii_lowercase()).or_default() += 1;
+        }
+    }
+    assert!(
+        reported.values().all(|n| *n == 1),
+        "a resource reported created twice: {reported:#?}"
+    );
+    eprintln!(
+        "ResourceCreated events: {}; the snapshot the killed worker created is among them: {}",
+        reported.len(),
+        reported
+            .keys()
+            .any(|id| first_path.ends_with(id.as_str()) || id.ends_with(first_path.as_str()))
+    );
+
+    standby.stop().await;
+    support::delete_topology(bus, &settings).await;
+}

@@ -1,0 +1,406 @@
+//! What the worker-process test binaries share (`telemetry`, `recovery`, `broker_restart`): an
+//! emulator plus a config that points real `sigrun` processes at it and at the broker under a
+//! prefix of the test's own, the processes themselves (output in files, bounded waits, signals,
+//! the metrics address they print), plain HTTP probes of their endpoints, following a run through
+//! the events stream (reopening the stream when the broker connection drops), and `rabbitmqctl`.
+//! Each binary includes it with `mod support;` next to `#[path = "it/helpers.rs"] mod helpers;`.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigrun::bus::BusError;
+use sigrun::bus::amqp::{AmqpBus, StreamOffset};
+use sigrun::config::Settings;
+use sigrun::emulator::EmulatorOptions;
+use sigrun::events::{self, Event, RunResult};
+use uuid::Uuid;
+
+use crate::helpers::{self, PIPELINE_APP, TENANT, TestEmulator};
+
+pub const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
+pub const VERSION: &str = "2026.1126.3";
+/// Emulated seconds per real second: the nightly run (about an hour of Azure time) takes ~10 s.
+pub const SCALE: f64 = 400.0;
+/// No run here should come near this.
+pub const RUN_LIMIT: Duration = Duration::from_secs(180);
+
+pub fn amqp_url() -> String {
+    std::env::var("SIGRUN_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn broker_down_help(error: impl std::fmt::Display) -> String {
+    format!(
+        "RabbitMQ is not reachable at {} ({error}). Start it with `rabbitmq-server -detached` (or point \
+         SIGRUN_TEST_AMQP_URL at a broker)",
+        amqp_url()
+    )
+}
+
+/// An emulator and a config file pointing the binary at it (azure mode) and at the broker under a
+/// prefix of the test's own.
+pub struct Setup {
+    pub emu: TestEmulator,
+    _dir: tempfile::TempDir,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub prefix: String,
+}
+
+/// Starts an emulator with `faults` (empty: none) and writes the config.
+pub async fn setup(faults: &str) -> Setup {
+    let emu = helpers::start(EmulatorOptions {
+        time_scale: SCALE,
+        faults: faults.to_string(),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let prefix = format!("sigrun-test-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let mut setup = Setup {
+        emu,
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+        config: PathBuf::new(),
+        prefix,
+    };
+    setup.config = setup.write_config("sigrun.toml", &amqp_url(), PIPELINE_APP.1);
+    setup
+}
+
+impl Setup {
+    /// Writes a config like the default one, with another broker URL or client secret.
+    pub fn write_config(&self, name: &str, amqp_url: &str, client_secret: &str) -> PathBuf {
+        let info = self.emu.emulator.info();
+        let text = format!(
+            r#"[azure]
+mode = "azure"
+time_scale = {scale:?}
+
+[azure.client]
+credential = {{ kind = "client_secret", tenant_id = "{TENANT}", client_id = "{client}", client_secret = "{client_secret}" }}
+cloud = {{ authority_host = "{base}", resource_manager = "{base}" }}
+extra_ca_cert = "{ca}"
+
+[runtime]
+shutdown_grace_ms = 5000
+
+[amqp]
+url = "{amqp_url}"
+prefix = "{prefix}"
+"#,
+            scale = info.time_scale,
+            client = PIPELINE_APP.0,
+            base = info.base_url,
+            ca = info.ca_cert.as_deref().expect("the emulator serves TLS"),
+            prefix = self.prefix,
+        );
+        let path = self.dir.join(name);
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    /// A worker process on this setup's config with `args` after `worker --config FILE`, serving
+    /// its endpoints on a free port.
+    pub fn worker(&self, name: &str, args: &[&str]) -> Process {
+        self.worker_with_config(name, &self.config, args)
+    }
+
+    pub fn worker_with_config(&self, name: &str, config: &Path, args: &[&str]) -> Process {
+        let config = config.display().to_string();
+        let mut all = vec!["worker", "--config", config.as_str(), "--metrics-listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Process::start(&self.dir, name, &all, &[])
+    }
+
+    /// `sigrun submit` of the nightly pipeline; returns the run id it prints.
+    pub async fn submit(&self) -> Uuid {
+        let config = self.config.display().to_string();
+        let mut submit = Process::start(
+            &self.dir,
+            "submit",
+            &["submit", NIGHTLY, "--version", VERSION, "--config", &config],
+            &[],
+        );
+        let code = submit.wait(Duration::from_secs(60)).await;
+        assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
+        let stdout = std::fs::read_to_string(&submit.stdout).unwrap_or_default();
+        Uuid::parse_str(stdout.trim())
+            .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()))
+    }
+}
+
+/// A `sigrun` process started from the repository root, its output in files.
+pub struct Process {
+    pub command: String,
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Process {
+    pub fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sigrun"));
+        command
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("SIGRUN_LOG")
+            .env_remove("SIGRUN__AMQP__URL")
+            .env_remove("SIGRUN__AMQP__PREFIX")
+            .env_remove("SIGRUN__TELEMETRY__LISTEN")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command.spawn().expect("sigrun starts");
+        Process {
+            command: format!("sigrun {}", args.join(" ")),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn report(&self) -> String {
+        format!(
+            "\n=== {}\n=== stdout\n{}\n=== stderr\n{}\n===",
+            self.command,
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            self.stderr_text()
+        )
+    }
+
+    /// Waits (bounded, without blocking the runtime that serves the emulator) for the exit code.
+    pub async fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for sigrun") {
+                return status.code();
+            }
+            if started.elapsed() > limit {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not end within {limit:?}{}", self.command, self.report());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{name} {}", self.child.id());
+    }
+
+    /// The address of the metrics server, from the line the process prints when it listens.
+    pub async fn metrics_addr(&mut self) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stderr = self.stderr_text();
+            let found = stderr.lines().find_map(|line| {
+                let rest = line.split_once("metrics on http://")?.1;
+                rest.split_once("/metrics")?.0.parse::<SocketAddr>().ok()
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited ({status}) before serving metrics{}",
+                    self.command,
+                    self.report()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never said where its metrics are{}",
+                self.command,
+                self.report()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGTERM, then exit 0 within 20 s.
+    pub async fn stop(&mut self) {
+        self.signal("TERM");
+        let code = self.wait(Duration::from_secs(20)).await;
+        assert_eq!(code, Some(0), "a worker exits 0 on SIGTERM{}", self.report());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// One HTTP answer: status, content type, body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+/// `GET http://{addr}{path}` with a short timeout; `None` when nothing answered.
+pub async fn probe(addr: SocketAddr, path: &str) -> Option<Answer> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(8))
+        .build()
+        .expect("client");
+    let reply = client.get(format!("http://{addr}{path}")).send().await.ok()?;
+    let status = reply.status().as_u16();
+    let content_type = reply
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = reply.text().await.ok()?;
+    Some(Answer {
+        status,
+        content_type,
+        body,
+    })
+}
+
+/// Polls `path` until it answers `status`; returns the time it took. Panics after `limit`.
+pub async fn wait_for_status(addr: SocketAddr, path: &str, status: u16, limit: Duration, what: &str) -> Duration {
+    let began = Instant::now();
+    let mut last = None;
+    while began.elapsed() < limit {
+        let answer = probe(addr, path).await;
+        if answer.as_ref().is_some_and(|a| a.status == status) {
+            return began.elapsed();
+        }
+        last = answer;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{what}: {path} did not answer {status} within {limit:?}; last answer: {last:?}");
+}
+
+/// The value of one sample (`name{labels}` exactly as rendered, or a bare name) in a scrape.
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// A bus on the config's prefix (reading events, deleting the topology at the end).
+pub async fn test_bus(config: &Path) -> (AmqpBus, Settings) {
+    let settings = Settings::load(Some(config)).expect("the test config loads");
+    match AmqpBus::connect(settings.amqp.clone(), settings.delay_tiers()).await {
+        Ok(bus) => (bus, settings),
+        Err(error) => panic!("{}", broker_down_help(error)),
+    }
+}
+
+/// Closes the bus and deletes the test's topology.
+pub async fn delete_topology(bus: AmqpBus, settings: &Settings) {
+    bus.close().await;
+    AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
+        .await
+        .expect("delete the test topology");
+}
+
+/// Follows the events stream from the start until the run has ended (bounded by [`RUN_LIMIT`]).
+/// When the stream breaks (the broker connection dropped), it is opened again once the bus has
+/// reconnected and read from the start again.
+pub async fn wait_for_run(bus: &AmqpBus, run_id: Uuid, workers: &[Process]) -> (RunResult, Vec<Event>) {
+    let deadline = tokio::time::Instant::now() + RUN_LIMIT;
+    let logs = || workers.iter().map(Process::report).collect::<String>();
+    let mut history = Vec::new();
+    loop {
+        let opened = tokio::time::timeout_at(deadline, bus.read_events(StreamOffset::First)).await;
+        let mut reader = match opened {
+            Err(_) => panic!(
+                "run {run_id} did not end within {RUN_LIMIT:?}; events: {history:#?}{}",
+                logs()
+            ),
+            Ok(Err(_)) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Ok(Ok(reader)) => reader,
+        };
+        history.clear();
+        loop {
+            let next = tokio::time::timeout_at(deadline, reader.next()).await;
+            let streamed = match next {
+                Err(_) => panic!(
+                    "run {run_id} did not end within {RUN_LIMIT:?}; events: {history:#?}{}",
+                    logs()
+                ),
+                Ok(Some(Ok(streamed))) => streamed,
+                Ok(Some(Err(BusError::Malformed(error)))) => panic!("an event does not parse: {error}"),
+                // The connection dropped: read again from the start on the next one.
+                Ok(Some(Err(_)) | None) => break,
+            };
+            if streamed.event.run_id != run_id {
+                continue;
+            }
+            history.push(streamed.event);
+            let result = events::run_result(&history);
+            if result != RunResult::Running {
+                reader.close().await;
+                return (result, history);
+            }
+        }
+    }
+}
+
+/// Runs `rabbitmqctl ARGS` and returns its stdout; panics with its stderr when it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("rabbitmqctl cannot run ({e}); it comes with the rabbitmq-server package"));
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Unacknowledged deliveries of a queue (0 when the queue is not listed), as the broker's
+/// statistics say (refreshed every 5 s). Runs `rabbitmqctl` off the async runtime.
+pub async fn unacked(queue: &str) -> u64 {
+    let queue = queue.to_string();
+    tokio::task::spawn_blocking(move || {
+        rabbitmqctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_unacknowledged",
+        ])
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            (fields.next()? == queue).then(|| fields.next()?.parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+    })
+    .await
+    .expect("rabbitmqctl list_queues")
+}
