@@ -26,7 +26,7 @@ use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Stage};
-use crate::stages::{Outcome, Step};
+use crate::stages::{FailureClass, Observation, Outcome, Step};
 
 /// Consumes `stages` from a bus and hands each message to a handler. Cloning shares the bus and
 /// the handler.
@@ -60,6 +60,19 @@ struct Effects {
     messages: Vec<Envelope>,
     /// Park the input message (a branch that failed for good, kept for inspection and replay).
     park: Option<ParkReason>,
+    /// What the observer is told besides `handled`, once the delivery is acked.
+    measured: Measured,
+}
+
+/// What a handled message measured, for the observer.
+#[derive(Default)]
+struct Measured {
+    /// The branch left its stage (advanced or done): time since it entered it.
+    stage_finished: Option<Duration>,
+    failures: Vec<FailureClass>,
+    /// The operation the message waited on ended: what it was and how long it took.
+    operation_finished: Option<(String, Duration)>,
+    observations: Vec<Observation>,
 }
 
 impl Runtime {
@@ -213,16 +226,22 @@ impl Runtime {
         }
         // Its hold has passed; clear it so nothing derived from this message inherits it.
         message.not_before = None;
+        let began = std::time::Instant::now();
         let result = self.call_handler(message.clone()).await;
+        let handler_time = began.elapsed();
         let now = self.clock.now();
-        let effects = match result {
+        let mut effects = match result {
             Ok(step) => effects_of_step(&message, step, now),
             Err(error) => self.effects_of_error(&message, &error, now),
         };
         let handled = effects.handled;
+        let measured = std::mem::take(&mut effects.measured);
         let published = self.carry_out(&message, body, effects, now).await;
         if settle(acker, published).await {
             self.observe(message.stage, handled);
+            if let Some(observer) = &self.observer {
+                report(observer.as_ref(), &message, handler_time, &measured);
+            }
         }
     }
 
@@ -263,6 +282,7 @@ impl Runtime {
                     events: vec![event],
                     messages: vec![again],
                     park: None,
+                    measured: Measured::default(),
                 }
             }
             Decision::Fail { reason, give_up } => {
@@ -277,6 +297,14 @@ impl Runtime {
                         attempts: message.attempt.saturating_add(1),
                         message_id: Some(message.message_id.to_string()),
                     }),
+                    measured: Measured {
+                        failures: vec![if give_up {
+                            FailureClass::GaveUp
+                        } else {
+                            FailureClass::Permanent
+                        }],
+                        ..Measured::default()
+                    },
                 }
             }
         }
@@ -333,6 +361,10 @@ impl Runtime {
             message_id: peek.as_ref().and_then(|p| p.message_id.clone()),
         };
         let mut parked = self.bus.park(body, &reason).await;
+        let parked_pipeline = peek
+            .as_ref()
+            .and_then(|p| p.run.as_ref())
+            .map(|run| run.pipeline.clone());
         // If enough of it reads as a run's message, its run's history says so too.
         if parked.is_ok()
             && let Some(run) = peek.and_then(|p| p.run)
@@ -350,6 +382,9 @@ impl Runtime {
         }
         if settle(acker, parked).await {
             self.observe(queue, Handled::Parked);
+            if let (Some(observer), Some(pipeline)) = (&self.observer, &parked_pipeline) {
+                observer.stage_failed(pipeline, queue, FailureClass::Malformed);
+            }
         }
     }
 }
@@ -370,13 +405,71 @@ async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, hand
     }
 }
 
+/// Tells the observer what a handled message measured.
+fn report(observer: &dyn Observer, message: &Envelope, handler_time: Duration, measured: &Measured) {
+    observer.handler_time(message.stage, handler_time);
+    if let Some(elapsed) = measured.stage_finished {
+        observer.stage_finished(&message.pipeline, message.stage, elapsed);
+    }
+    for class in &measured.failures {
+        observer.stage_failed(&message.pipeline, message.stage, *class);
+    }
+    if let Some((what, elapsed)) = &measured.operation_finished {
+        observer.operation_finished(what, *elapsed);
+    }
+    for observation in &measured.observations {
+        observer.observed(&message.pipeline, observation);
+    }
+}
+
+/// What a successful step measured: the stage finished, failures by class, the end of the
+/// operation the message waited on (it is not waited on any more), and the step's observations.
+fn measure_step(message: &Envelope, step: &Step, now: OffsetDateTime) -> Measured {
+    let since = |at: OffsetDateTime| (now - at).max(time::Duration::ZERO).unsigned_abs();
+    let stage_finished =
+        matches!(step.outcome, Outcome::Advance(_) | Outcome::Done).then(|| since(message.stage_started));
+    let mut failures: Vec<FailureClass> = step
+        .events
+        .iter()
+        .filter(|e| matches!(e, EventKind::RegionFailed { .. }))
+        .map(|_| FailureClass::RegionFailed)
+        .collect();
+    if matches!(step.outcome, Outcome::Fail(_)) {
+        let class = step.observations.iter().find_map(|o| match o {
+            Observation::Failure(class) => Some(*class),
+            _ => None,
+        });
+        failures.push(class.unwrap_or(FailureClass::Permanent));
+    }
+    let operation_finished = message.operation.as_ref().and_then(|op| {
+        let still_waiting = match &step.outcome {
+            Outcome::Wait { message: next, .. } => next.operation.as_ref().is_some_and(|n| n.what == op.what),
+            _ => false,
+        };
+        (!still_waiting).then(|| (op.what.clone(), since(op.started)))
+    });
+    Measured {
+        stage_finished,
+        failures,
+        operation_finished,
+        observations: step
+            .observations
+            .iter()
+            .filter(|o| !matches!(o, Observation::Failure(_)))
+            .cloned()
+            .collect(),
+    }
+}
+
 fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effects {
-    let Step { outcome, events } = step;
+    let measured = measure_step(message, &step, now);
+    let Step { outcome, events, .. } = step;
     let mut effects = Effects {
         handled: Handled::Done,
         events,
         messages: Vec::new(),
         park: None,
+        measured,
     };
     match outcome {
         Outcome::Advance(next) => {
