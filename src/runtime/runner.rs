@@ -595,3 +595,75 @@ impl Peek {
         })
     }
 }
+
+#[cfg(test)]
+mod measure_tests {
+    use super::*;
+    use crate::model::envelope::InFlight;
+
+    fn waiting_on(what: &str, started: OffsetDateTime) -> Envelope {
+        let mut message = super::super::testkit::envelope(Stage::Replicate);
+        message.stage_started = started;
+        message.operation = Some(InFlight {
+            what: what.into(),
+            status_urls: Vec::new(),
+            started,
+            not_before: started,
+            polls: 3,
+            progress: Default::default(),
+        });
+        message
+    }
+
+    #[test]
+    fn a_step_that_advances_finishes_its_stage_and_the_operation_it_waited_on() {
+        let started = OffsetDateTime::UNIX_EPOCH;
+        let now = started + time::Duration::seconds(90);
+        let message = waiting_on("replication", started);
+        let step =
+            Step::new(Outcome::Advance(vec![message.next(Stage::PoolCreate, now)])).observe(Observation::Replication {
+                region: "eastus".into(),
+                ratio: 1.0,
+            });
+        let measured = measure_step(&message, &step, now);
+        assert_eq!(measured.stage_finished, Some(Duration::from_secs(90)));
+        assert_eq!(
+            measured.operation_finished,
+            Some(("replication".to_string(), Duration::from_secs(90)))
+        );
+        assert!(measured.failures.is_empty());
+        assert_eq!(measured.observations.len(), 1);
+    }
+
+    #[test]
+    fn a_step_still_waiting_finishes_nothing_and_failures_keep_their_class() {
+        let started = OffsetDateTime::UNIX_EPOCH;
+        let now = started + time::Duration::seconds(30);
+        let message = waiting_on("allocation", started);
+        let mut next = message.clone();
+        next.operation.as_mut().unwrap().polls += 1;
+        let waiting = Step::new(Outcome::Wait {
+            message: Box::new(next),
+            delay: Duration::from_secs(5),
+            emit: Vec::new(),
+        })
+        .with(EventKind::RegionFailed {
+            region: "westus".into(),
+            reason: "replication failed".into(),
+        });
+        let measured = measure_step(&message, &waiting, now);
+        assert_eq!(measured.stage_finished, None);
+        assert_eq!(measured.operation_finished, None);
+        assert_eq!(measured.failures, vec![FailureClass::RegionFailed]);
+
+        let failed = Step::new(Outcome::Fail("too many start task failures".into()))
+            .observe(Observation::Failure(FailureClass::StartTask));
+        let measured = measure_step(&message, &failed, now);
+        assert_eq!(measured.failures, vec![FailureClass::StartTask]);
+        // The operation ended (in failure) all the same; the class is not an observation.
+        assert!(measured.operation_finished.is_some());
+        assert!(measured.observations.is_empty());
+        let unclassified = measure_step(&message, &Step::new(Outcome::Fail("gone".into())), now);
+        assert_eq!(unclassified.failures, vec![FailureClass::Permanent]);
+    }
+}

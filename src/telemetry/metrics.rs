@@ -395,4 +395,101 @@ mod tests {
         // A registry of its own: the global default registry is untouched.
         assert!(prometheus::gather().iter().all(|f| !f.name().starts_with("sigrun_")));
     }
+
+    #[test]
+    fn exports_run_level_metrics_from_events_and_what_steps_saw() {
+        use crate::events::{EventKind, PoolRef};
+        use crate::model::envelope::Branch;
+        use time::OffsetDateTime;
+        use uuid::Uuid;
+
+        let telemetry = Telemetry::new().with_pipelines(["nightly".to_string()]);
+        let text = telemetry.render();
+        for series in [
+            "sigrun_runs_started_total{pipeline=\"nightly\"} 0",
+            "sigrun_runs_finished_total{pipeline=\"nightly\",result=\"succeeded\"} 0",
+            "sigrun_stage_failures_total{pipeline=\"nightly\",reason=\"gave_up\",stage=\"snapshot\"} 0",
+            "sigrun_messages_handled_total{outcome=\"retried\",stage=\"verify\"} 0",
+            "sigrun_runs_in_flight{stage=\"replicate\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} pre-initialised:\n{text}");
+        }
+        let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let event = |stage, branch, kind| Event {
+            run_id: Uuid::from_u128(7),
+            pipeline: "nightly".into(),
+            version: "1.0.0".into(),
+            stage,
+            branch,
+            at,
+            kind,
+        };
+        let pool = Branch::Pool {
+            region: "eastus".into(),
+            target: "cpu".into(),
+        };
+        telemetry.event(&event(
+            Stage::Replicate,
+            Branch::Trunk,
+            EventKind::RunStarted {
+                regions: vec!["eastus".into()],
+                pools: vec![PoolRef {
+                    region: "eastus".into(),
+                    target: "cpu".into(),
+                }],
+            },
+        ));
+        assert!(
+            telemetry
+                .render()
+                .contains("sigrun_runs_in_flight{stage=\"replicate\"} 1")
+        );
+        telemetry.event(&event(
+            Stage::Replicate,
+            Branch::Trunk,
+            EventKind::RegionCompleted {
+                region: "eastus".into(),
+            },
+        ));
+        telemetry.event(&event(
+            Stage::Verify,
+            pool.clone(),
+            EventKind::Waiting { what: "nodes".into() },
+        ));
+        assert!(telemetry.render().contains("sigrun_runs_in_flight{stage=\"verify\"} 1"));
+        telemetry.event(&event(
+            Stage::Verify,
+            pool,
+            EventKind::PoolVerified { pool_id: "p".into() },
+        ));
+        telemetry.observed(
+            "nightly",
+            &Observation::PoolNodes {
+                target: "cpu".into(),
+                by_state: vec![("idle".into(), 9), ("starting".into(), 1)],
+            },
+        );
+        telemetry.observed(
+            "nightly",
+            &Observation::Replication {
+                region: "eastus".into(),
+                ratio: 1.0,
+            },
+        );
+        telemetry.stage_failed("not-a-pipeline", Stage::Verify, FailureClass::Malformed);
+        let text = telemetry.render();
+        for series in [
+            "sigrun_runs_started_total{pipeline=\"nightly\"} 1",
+            "sigrun_runs_finished_total{pipeline=\"nightly\",result=\"succeeded\"} 1",
+            "sigrun_runs_in_flight{stage=\"verify\"} 0",
+            "sigrun_last_successful_publish_timestamp_seconds{pipeline=\"nightly\"} 1800000000",
+            "sigrun_pool_nodes{pipeline=\"nightly\",pool=\"cpu\",state=\"idle\"} 9",
+            "sigrun_pool_nodes{pipeline=\"nightly\",pool=\"cpu\",state=\"unusable\"} 0",
+            "sigrun_replication_progress_ratio{pipeline=\"nightly\",region=\"eastus\"} 1",
+            // A pipeline name from an undecodable message is not a label of its own.
+            "sigrun_stage_failures_total{pipeline=\"unknown\",reason=\"malformed\",stage=\"verify\"} 1",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
+    }
 }
