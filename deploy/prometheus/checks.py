@@ -102,6 +102,23 @@ def unknown_metrics(expr):
     return sorted(set(METRIC_TOKEN.findall(expr)) - METRIC_NAMES)
 
 
+# Derived from the shared events stream: every worker exports the same value, so summing over
+# workers multiplies it. Aggregate them with max by (...) first.
+GLOBAL_METRICS = {
+    "sigrun_runs_started_total",
+    "sigrun_runs_finished_total",
+    "sigrun_runs_in_flight",
+    "sigrun_last_successful_publish_timestamp_seconds",
+}
+
+
+def summed_global_metrics(expr):
+    """Global metrics the expression uses without a max aggregation around them."""
+    if "max" in expr:
+        return []
+    return sorted(set(METRIC_TOKEN.findall(expr)) & GLOBAL_METRICS)
+
+
 def substitute(expr, values):
     def replace(match):
         name = match.group(1) or match.group(2)
@@ -139,6 +156,8 @@ def check_rules():
                     problems.add(where, f"annotation {key} is missing")
             for metric in unknown_metrics(rule["expr"]):
                 problems.add(where, f"metric {metric} is not in the metrics contract")
+            for metric in summed_global_metrics(rule["expr"]):
+                problems.add(where, f"{metric} is the same in every worker: aggregate it with max by (...)")
 
     fired, quiet = set(), set()
     for test_file in sorted((RULES / "tests").glob("*.yml")):
@@ -235,6 +254,8 @@ def queries_of(name, dashboard, variables, problems):
     for where, _, expr in queries:
         for metric in unknown_metrics(expr):
             problems.add(where, f"metric {metric} is not in the metrics contract")
+        for metric in summed_global_metrics(expr):
+            problems.add(where, f"{metric} is the same in every worker: aggregate it with max by (...)")
     return queries
 
 

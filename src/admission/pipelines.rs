@@ -19,6 +19,22 @@ pub struct FoundSpec {
 #[error("{0}")]
 pub struct NotFound(pub String);
 
+/// The names of the pipelines `dir/*.toml` defines (files that do not parse are left out; an
+/// unreadable directory has none).
+pub fn names(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml") && path.is_file())
+        .filter_map(|path| PipelineSpec::load(&path).ok().map(|spec| spec.name))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 /// The spec in `dir/*.toml` whose `name` is `name`. Two files with that name are an error too.
 pub fn find(dir: &Path, name: &str) -> Result<FoundSpec, NotFound> {
     let entries = std::fs::read_dir(dir).map_err(|e| {

@@ -22,7 +22,7 @@ use crate::bus::BusError;
 use crate::bus::amqp::{AmqpBus, StreamItem, StreamOffset};
 use crate::events::EventKind;
 use crate::model::envelope::Stage;
-use crate::runtime::RunGate;
+use crate::runtime::{Observer, RunGate};
 
 /// How long to wait before opening the stream again after the reader failed.
 const REOPEN_DELAY: Duration = Duration::from_millis(200);
@@ -49,8 +49,14 @@ impl RunIndex {
     /// Starts tailing the events stream of `bus` from its first retained event. Call
     /// [`RunIndex::catch_up`] before relying on what it says.
     pub fn start(bus: Arc<AmqpBus>) -> RunIndex {
+        RunIndex::start_observed(bus, None)
+    }
+
+    /// As [`RunIndex::start`], also handing every event read, in stream order, to `observer`
+    /// (the run-level metrics, which so read the same stream as the index).
+    pub fn start_observed(bus: Arc<AmqpBus>, observer: Option<Arc<dyn Observer>>) -> RunIndex {
         let runs = Arc::new(Mutex::new(Runs::default()));
-        let tail = tokio::spawn(tail(Arc::clone(&bus), Arc::clone(&runs)));
+        let tail = tokio::spawn(tail(Arc::clone(&bus), Arc::clone(&runs), observer));
         RunIndex { bus, runs, tail }
     }
 
@@ -127,7 +133,7 @@ fn lock(runs: &Mutex<Runs>) -> MutexGuard<'_, Runs> {
 
 /// Reads the stream until aborted, opening it again (from the offset after the last event read)
 /// whenever the reader ends: a reader does not survive a reconnect.
-async fn tail(bus: Arc<AmqpBus>, runs: Arc<Mutex<Runs>>) {
+async fn tail(bus: Arc<AmqpBus>, runs: Arc<Mutex<Runs>>, observer: Option<Arc<dyn Observer>>) {
     let mut offset = StreamOffset::First;
     loop {
         let mut reader = match bus.read_events(offset.clone()).await {
@@ -149,6 +155,9 @@ async fn tail(bus: Arc<AmqpBus>, runs: Arc<Mutex<Runs>>) {
                 }
                 Some(Ok(StreamItem::Event(streamed))) => {
                     offset = StreamOffset::At(streamed.offset + 1);
+                    if let Some(observer) = &observer {
+                        observer.event(&streamed.event);
+                    }
                     let run_id = streamed.event.run_id;
                     let mut runs = lock(&runs);
                     runs.events_read += 1;

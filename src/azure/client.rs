@@ -19,6 +19,7 @@ use super::batch::Batch;
 use super::config::{AzureSettings, SettingsError};
 use super::error::AzureError;
 use super::http::{Http, build_client};
+use super::metrics::{AzureMetrics, named};
 use crate::model::ids::{BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
 
 #[derive(Clone)]
@@ -90,6 +91,12 @@ impl AzureClient {
         }
     }
 
+    /// Counts every request this client (and every clone of it) makes from now on, and what it
+    /// waited for, in `metrics`. The first call wins.
+    pub fn set_metrics(&self, metrics: Arc<AzureMetrics>) {
+        self.http.set_metrics(metrics);
+    }
+
     /// Gets a Resource Manager token (cached by the credential): can this process call Azure now?
     /// What readiness checks; the error names the scope and Entra's code, never a secret.
     pub async fn check_token(&self) -> Result<(), AzureError> {
@@ -100,59 +107,59 @@ impl AzureClient {
 #[async_trait]
 impl AzureApi for AzureClient {
     async fn get_vm(&self, id: &VmId) -> Result<VmInfo, AzureError> {
-        self.arm.get_vm(id).await
+        named("get_vm", self.arm.get_vm(id)).await
     }
 
     async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
-        self.arm.provider_state(subscription, namespace).await
+        named("provider_state", self.arm.provider_state(subscription, namespace)).await
     }
 
     async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
-        self.arm.register_provider(subscription, namespace).await
+        named("register_provider", self.arm.register_provider(subscription, namespace)).await
     }
 
     async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError> {
-        self.arm.put_snapshot(id, request).await
+        named("put_snapshot", self.arm.put_snapshot(id, request)).await
     }
 
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
-        self.arm.get_snapshot(id).await
+        named("get_snapshot", self.arm.get_snapshot(id)).await
     }
 
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
-        self.arm.delete_snapshot(id).await
+        named("delete_snapshot", self.arm.delete_snapshot(id)).await
     }
 
     async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError> {
-        self.arm.put_image(id, request).await
+        named("put_image", self.arm.put_image(id, request)).await
     }
 
     async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError> {
-        self.arm.get_image(id).await
+        named("get_image", self.arm.get_image(id)).await
     }
 
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
-        self.arm.get_gallery(id).await
+        named("get_gallery", self.arm.get_gallery(id)).await
     }
 
     async fn put_gallery(&self, id: &GalleryId, location: &str, tags: &Tags) -> Result<Accepted, AzureError> {
-        self.arm.put_gallery(id, location, tags).await
+        named("put_gallery", self.arm.put_gallery(id, location, tags)).await
     }
 
     async fn get_definition(&self, id: &GalleryImageId) -> Result<Option<DefinitionInfo>, AzureError> {
-        self.arm.get_definition(id).await
+        named("get_definition", self.arm.get_definition(id)).await
     }
 
     async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError> {
-        self.arm.put_definition(id, request).await
+        named("put_definition", self.arm.put_definition(id, request)).await
     }
 
     async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError> {
-        self.arm.list_versions(definition).await
+        named("list_versions", self.arm.list_versions(definition)).await
     }
 
     async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError> {
-        self.arm.put_version(id, request).await
+        named("put_version", self.arm.put_version(id, request)).await
     }
 
     async fn get_version(
@@ -160,11 +167,11 @@ impl AzureApi for AzureClient {
         id: &GalleryImageVersionId,
         expand_replication: bool,
     ) -> Result<Option<VersionInfo>, AzureError> {
-        self.arm.get_version(id, expand_replication).await
+        named("get_version", self.arm.get_version(id, expand_replication)).await
     }
 
     async fn set_exclude_from_latest(&self, id: &GalleryImageVersionId, exclude: bool) -> Result<Accepted, AzureError> {
-        self.arm.set_exclude_from_latest(id, exclude).await
+        named("set_exclude_from_latest", self.arm.set_exclude_from_latest(id, exclude)).await
     }
 
     async fn set_target_regions(
@@ -172,15 +179,15 @@ impl AzureApi for AzureClient {
         id: &GalleryImageVersionId,
         regions: &[TargetRegion],
     ) -> Result<Accepted, AzureError> {
-        self.arm.set_target_regions(id, regions).await
+        named("set_target_regions", self.arm.set_target_regions(id, regions)).await
     }
 
     async fn operation_status(&self, status_url: &str) -> Result<OperationStatus, AzureError> {
-        self.arm.operation_status(status_url).await
+        named("operation_status", self.arm.operation_status(status_url)).await
     }
 
     async fn get_batch_account(&self, id: &BatchAccountId) -> Result<BatchAccountInfo, AzureError> {
-        let (location, url) = self.arm.get_batch_account(id).await?;
+        let (location, url) = named("get_batch_account", self.arm.get_batch_account(id)).await?;
         // Checked now, so a bad endpoint fails here rather than on the first pool call.
         let checked = self.batch.account(&url)?;
         Ok(BatchAccountInfo {
@@ -191,23 +198,23 @@ impl AzureApi for AzureClient {
     }
 
     async fn supported_images(&self, account: &BatchAccountInfo) -> Result<Vec<SupportedImage>, AzureError> {
-        self.batch.supported_images(&account.url).await
+        named("supported_images", self.batch.supported_images(&account.url)).await
     }
 
     async fn add_pool(&self, account_url: &str, body: &serde_json::Value) -> Result<PoolCreated, AzureError> {
-        self.batch.add_pool(account_url, body).await
+        named("add_pool", self.batch.add_pool(account_url, body)).await
     }
 
     async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError> {
-        self.batch.get_pool(account_url, pool_id).await
+        named("get_pool", self.batch.get_pool(account_url, pool_id)).await
     }
 
     async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError> {
-        self.batch.list_pools(account_url).await
+        named("list_pools", self.batch.list_pools(account_url)).await
     }
 
     async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError> {
-        self.batch.node_counts(account_url, pool_id).await
+        named("node_counts", self.batch.node_counts(account_url, pool_id)).await
     }
 
     async fn resize_pool(
@@ -217,12 +224,14 @@ impl AzureApi for AzureClient {
         dedicated: u32,
         low_priority: u32,
     ) -> Result<(), AzureError> {
-        self.batch
-            .resize_pool(account_url, pool_id, dedicated, low_priority)
-            .await
+        named(
+            "resize_pool",
+            self.batch.resize_pool(account_url, pool_id, dedicated, low_priority),
+        )
+        .await
     }
 
     async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {
-        self.batch.delete_pool(account_url, pool_id).await
+        named("delete_pool", self.batch.delete_pool(account_url, pool_id)).await
     }
 }

@@ -6,8 +6,8 @@
 //! Each attempt is logged at debug level with method, path, status, request id and duration;
 //! headers, tokens and bodies are never logged.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use azure_core::credentials::TokenCredential;
@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::config::{AzureSettings, RetrySettings, SettingsError};
 use super::error::AzureError;
+use super::metrics::AzureMetrics;
 
 /// Which API a request goes to; it picks the token scope and the header conventions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +142,8 @@ pub struct Http {
     arm_scope: String,
     batch_scope: String,
     retry: RetrySettings,
+    /// Set once, when the process exports metrics.
+    metrics: OnceLock<Arc<AzureMetrics>>,
 }
 
 impl Http {
@@ -151,6 +154,18 @@ impl Http {
             arm_scope: settings.cloud.arm_scope.clone(),
             batch_scope: settings.cloud.batch_scope.clone(),
             retry: settings.retry.clone(),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// Counts every attempt from now on in `metrics` (the first call wins).
+    pub fn set_metrics(&self, metrics: Arc<AzureMetrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn record_attempt(&self, audience: Audience, status: Option<u16>, elapsed: Duration, retry_after: bool) {
+        if let Some(metrics) = self.metrics.get() {
+            metrics.attempt(audience, status, elapsed, retry_after);
         }
     }
 
@@ -181,6 +196,11 @@ impl Http {
                     // Longer than this call may wait: the caller gets the error with its
                     // `retry_after` and reschedules.
                     return None;
+                }
+                if failure.error().retry_after.is_some()
+                    && let Some(metrics) = self.metrics.get()
+                {
+                    metrics.waited(call.audience, wait);
                 }
                 Some(wait)
             })
@@ -258,6 +278,7 @@ impl Http {
             Err(err) => {
                 let message = describe(&err);
                 log_failure(&message);
+                self.record_attempt(call.audience, None, sent.elapsed(), false);
                 return Err(Failure::Http(AzureError::network(call.operation.clone(), message)));
             }
         };
@@ -268,9 +289,16 @@ impl Http {
             Err(err) => {
                 let message = describe(&err);
                 log_failure(&message);
+                self.record_attempt(call.audience, None, sent.elapsed(), false);
                 return Err(Failure::Http(AzureError::network(call.operation.clone(), message)));
             }
         };
+        self.record_attempt(
+            call.audience,
+            Some(status),
+            sent.elapsed(),
+            retry_after(&headers).is_some(),
+        );
         tracing::debug!(
             method = %call.method,
             path = call.url.path(),

@@ -1,7 +1,8 @@
 //! Azure access. `api` is the trait the stages and the planner call and its domain types; `error`
 //! classifies failures. The REST client behind the trait is the only code that knows reqwest and
 //! azure_identity: `client::AzureClient`, configured by `config::AzureSettings`, built from `auth`
-//! (the credential), `http` (tokens, errors, retries) and the `arm` and `batch` operations.
+//! (the credential), `http` (tokens, errors, retries) and the `arm` and `batch` operations;
+//! `metrics` counts its requests when given a registry.
 
 pub mod api;
 mod arm;
@@ -11,8 +12,10 @@ pub mod client;
 pub mod config;
 pub mod error;
 mod http;
+pub mod metrics;
 
 pub use api::AzureApi;
 pub use client::AzureClient;
 pub use config::{ApiVersions, AzureSettings, CloudSettings, CredentialSettings, RetrySettings, Secret, SettingsError};
 pub use error::{AzureError, ErrorClass};
+pub use metrics::AzureMetrics;

@@ -68,9 +68,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         image_id: args.image_id.clone(),
     };
     let telemetry = Arc::new(Telemetry::new());
+    session.azure.set_metrics(telemetry.azure());
     let readiness = Readiness::new().with_azure(session.azure.clone());
     let server = endpoints::start("run", args.metrics_listen, &session.telemetry, &telemetry, readiness).await?;
     let prepared = plan_view::prepare(&args.pipeline, &request, &session).await?;
+    telemetry.declare_pipeline(&prepared.spec.name);
     for warning in &prepared.plan.warnings {
         eprintln!("warning: {warning}");
     }

@@ -85,12 +85,19 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let bus = Arc::new(bus);
     // The run index reads the whole retained history before anything is taken, so a run cancelled
     // earlier is known to be cancelled from the first delivery on.
-    let index = Arc::new(RunIndex::start(Arc::clone(&bus)));
+    // Created before the index, which feeds it the run history for the run-level metrics.
+    let telemetry = Arc::new(Telemetry::new().with_pipelines(crate::admission::pipelines::names(&pipelines_dir)));
+    session.azure.set_metrics(telemetry.azure());
+    let azure = session.azure.clone();
+    let index = Arc::new(RunIndex::start_observed(
+        Arc::clone(&bus),
+        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
+    ));
     if let Err(error) = index.catch_up(session.amqp.publish_timeout).await {
         bus.close().await;
         return Err(anyhow::anyhow!("reading the events stream on {url}: {error}"));
     }
-    let handler: Arc<dyn Handler> = Arc::new(StageHandler::new(session.azure.clone(), session.stages.clone()));
+    let handler: Arc<dyn Handler> = Arc::new(StageHandler::new(azure.clone(), session.stages.clone()));
     let runtime = match Runtime::new(
         Arc::clone(&bus) as Arc<dyn Bus>,
         handler,
@@ -106,11 +113,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let admitter = Admitter::new(
         Arc::clone(&bus),
         Arc::clone(&index),
-        session.azure.clone(),
+        azure.clone(),
         pipelines_dir.clone(),
         session.runtime.retry.clone(),
     );
-    let telemetry = Arc::new(Telemetry::new());
     let runtime = runtime.with_observer(telemetry.clone());
     let readiness = Readiness::new()
         .with_bus(Arc::clone(&bus))

@@ -75,9 +75,14 @@ pub async fn run_all_observed(
 ) -> Result<RunOutcome, RunError> {
     let run_id = firsts.first().map(|f| f.run_id).unwrap_or_default();
     let mut runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
-    if let Some(observer) = observer {
-        runtime = runtime.with_observer(observer);
+    if let Some(observer) = &observer {
+        runtime = runtime.with_observer(Arc::clone(observer));
     }
+    // The run's events go to the observer in order as they are read (the run-level metrics).
+    let mut fed = Fed {
+        observer: observer.clone(),
+        count: 0,
+    };
     // Subscribed before the trigger goes out, so no event of the run can slip past.
     let mut updates = bus.subscribe();
     for first in &firsts {
@@ -91,7 +96,7 @@ pub async fn run_all_observed(
     let mut running = std::pin::pin!(running);
     let mut report = None;
     let timed_out = tokio::select! {
-        ended = tokio::time::timeout(timeout, watch(&bus, run_id, &mut updates)) => ended.is_err(),
+        ended = tokio::time::timeout(timeout, watch(&bus, run_id, &mut updates, &mut fed)) => ended.is_err(),
         // The consumers only stop on their own when the bus is shut down under them.
         stopped = &mut running => {
             report = Some(stopped);
@@ -105,6 +110,7 @@ pub async fn run_all_observed(
     };
     // Read once more after the consumers stopped: in-flight deliveries may have added events.
     let events = events_of(&bus, run_id);
+    fed.feed(&events);
     Ok(RunOutcome {
         run_id,
         result: run_result(&events),
@@ -116,9 +122,11 @@ pub async fn run_all_observed(
 
 /// Returns once the run's result is no longer `Running`. The broadcast only says "something
 /// happened"; the bus's log is read each time, so a lagging receiver misses nothing.
-async fn watch(bus: &MemoryBus, run_id: Uuid, updates: &mut broadcast::Receiver<Event>) {
+async fn watch(bus: &MemoryBus, run_id: Uuid, updates: &mut broadcast::Receiver<Event>, fed: &mut Fed) {
     loop {
-        if run_result(&events_of(bus, run_id)) != RunResult::Running {
+        let events = events_of(bus, run_id);
+        fed.feed(&events);
+        if run_result(&events) != RunResult::Running {
             return;
         }
         match updates.recv().await {
@@ -127,6 +135,23 @@ async fn watch(bus: &MemoryBus, run_id: Uuid, updates: &mut broadcast::Receiver<
             // timeout rather than spin.
             Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
         }
+    }
+}
+
+/// How far into the run's (append-only) event log the observer has been told.
+struct Fed {
+    observer: Option<Arc<dyn Observer>>,
+    count: usize,
+}
+
+impl Fed {
+    fn feed(&mut self, events: &[Event]) {
+        if let Some(observer) = &self.observer {
+            for event in events.iter().skip(self.count) {
+                observer.event(event);
+            }
+        }
+        self.count = self.count.max(events.len());
     }
 }
 

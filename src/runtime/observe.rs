@@ -2,7 +2,11 @@
 //! what became of the message. Kept apart from the runner so the runtime stays free of any
 //! metrics library; `telemetry::Telemetry` is the production observer.
 
+use std::time::Duration;
+
+use crate::events::Event;
 use crate::model::envelope::Stage;
+use crate::stages::{FailureClass, Observation};
 
 /// What became of a handled message, decided by the step's outcome or the retry policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -52,6 +56,28 @@ impl Handled {
 /// Told about every delivery once its effects are confirmed and it is acked (a delivery returned
 /// to its queue because a publish failed is told about when it is handled again). Called on the
 /// consumer's task: keep it cheap and non-blocking.
+///
+/// The other hooks are told, for an acked delivery, what its step measured; each has a default
+/// that ignores it.
 pub trait Observer: Send + Sync {
     fn handled(&self, stage: Stage, outcome: Handled);
+
+    /// Time the handler (the step) took for one message of `stage`.
+    fn handler_time(&self, _stage: Stage, _elapsed: Duration) {}
+
+    /// A branch of `pipeline` finished `stage` (advanced or done), `elapsed` after entering it.
+    fn stage_finished(&self, _pipeline: &str, _stage: Stage, _elapsed: Duration) {}
+
+    /// A branch of `pipeline` failed at `stage` (or a region of it did: `RegionFailed`).
+    fn stage_failed(&self, _pipeline: &str, _stage: Stage, _class: FailureClass) {}
+
+    /// An Azure operation the envelope was waiting on (`InFlight::what`) reached its end.
+    fn operation_finished(&self, _what: &str, _elapsed: Duration) {}
+
+    /// What a step of `pipeline` saw of Azure (replication progress, pool nodes).
+    fn observed(&self, _pipeline: &str, _observation: &Observation) {}
+
+    /// An event of the run history, in stream order (the run-level metrics). Fed by whatever reads
+    /// the events (the worker's run index, `sigrun run`'s own event log), not by the runtime.
+    fn event(&self, _event: &Event) {}
 }

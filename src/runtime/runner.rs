@@ -27,7 +27,7 @@ use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Stage};
 use crate::model::trace::TraceParent;
-use crate::stages::{Outcome, Step};
+use crate::stages::{FailureClass, Observation, Outcome, Step};
 
 /// Consumes `stages` from a bus and hands each message to a handler. Cloning shares the bus and
 /// the handler.
@@ -61,6 +61,19 @@ struct Effects {
     messages: Vec<Envelope>,
     /// Park the input message (a branch that failed for good, kept for inspection and replay).
     park: Option<ParkReason>,
+    /// What the observer is told besides `handled`, once the delivery is acked.
+    measured: Measured,
+}
+
+/// What a handled message measured, for the observer.
+#[derive(Default)]
+struct Measured {
+    /// The branch left its stage (advanced or done): time since it entered it.
+    stage_finished: Option<Duration>,
+    failures: Vec<FailureClass>,
+    /// The operation the message waited on ended: what it was and how long it took.
+    operation_finished: Option<(String, Duration)>,
+    observations: Vec<Observation>,
 }
 
 impl Runtime {
@@ -218,7 +231,9 @@ impl Runtime {
         }
         // Its hold has passed; clear it so nothing derived from this message inherits it.
         message.not_before = None;
+        let began = std::time::Instant::now();
         let result = self.call_handler(message.clone()).await;
+        let handler_time = began.elapsed();
         let now = self.clock.now();
         let mut effects = match result {
             Ok(step) => effects_of_step(&message, step, now),
@@ -228,9 +243,13 @@ impl Runtime {
             next.traceparent = hop.to_string();
         }
         let handled = effects.handled;
+        let measured = std::mem::take(&mut effects.measured);
         let published = self.carry_out(&message, body, effects, now).await;
         if settle(acker, published).await {
             self.observe(message.stage, handled);
+            if let Some(observer) = &self.observer {
+                report(observer.as_ref(), &message, handler_time, &measured);
+            }
         }
     }
 
@@ -271,6 +290,7 @@ impl Runtime {
                     events: vec![event],
                     messages: vec![again],
                     park: None,
+                    measured: Measured::default(),
                 }
             }
             Decision::Fail { reason, give_up } => {
@@ -285,6 +305,14 @@ impl Runtime {
                         attempts: message.attempt.saturating_add(1),
                         message_id: Some(message.message_id.to_string()),
                     }),
+                    measured: Measured {
+                        failures: vec![if give_up {
+                            FailureClass::GaveUp
+                        } else {
+                            FailureClass::Permanent
+                        }],
+                        ..Measured::default()
+                    },
                 }
             }
         }
@@ -341,6 +369,10 @@ impl Runtime {
             message_id: peek.as_ref().and_then(|p| p.message_id.clone()),
         };
         let mut parked = self.bus.park(body, &reason).await;
+        let parked_pipeline = peek
+            .as_ref()
+            .and_then(|p| p.run.as_ref())
+            .map(|run| run.pipeline.clone());
         // If enough of it reads as a run's message, its run's history says so too.
         if parked.is_ok()
             && let Some(run) = peek.and_then(|p| p.run)
@@ -358,6 +390,9 @@ impl Runtime {
         }
         if settle(acker, parked).await {
             self.observe(queue, Handled::Parked);
+            if let (Some(observer), Some(pipeline)) = (&self.observer, &parked_pipeline) {
+                observer.stage_failed(pipeline, queue, FailureClass::Malformed);
+            }
         }
     }
 }
@@ -378,13 +413,71 @@ async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, hand
     }
 }
 
+/// Tells the observer what a handled message measured.
+fn report(observer: &dyn Observer, message: &Envelope, handler_time: Duration, measured: &Measured) {
+    observer.handler_time(message.stage, handler_time);
+    if let Some(elapsed) = measured.stage_finished {
+        observer.stage_finished(&message.pipeline, message.stage, elapsed);
+    }
+    for class in &measured.failures {
+        observer.stage_failed(&message.pipeline, message.stage, *class);
+    }
+    if let Some((what, elapsed)) = &measured.operation_finished {
+        observer.operation_finished(what, *elapsed);
+    }
+    for observation in &measured.observations {
+        observer.observed(&message.pipeline, observation);
+    }
+}
+
+/// What a successful step measured: the stage finished, failures by class, the end of the
+/// operation the message waited on (it is not waited on any more), and the step's observations.
+fn measure_step(message: &Envelope, step: &Step, now: OffsetDateTime) -> Measured {
+    let since = |at: OffsetDateTime| (now - at).max(time::Duration::ZERO).unsigned_abs();
+    let stage_finished =
+        matches!(step.outcome, Outcome::Advance(_) | Outcome::Done).then(|| since(message.stage_started));
+    let mut failures: Vec<FailureClass> = step
+        .events
+        .iter()
+        .filter(|e| matches!(e, EventKind::RegionFailed { .. }))
+        .map(|_| FailureClass::RegionFailed)
+        .collect();
+    if matches!(step.outcome, Outcome::Fail(_)) {
+        let class = step.observations.iter().find_map(|o| match o {
+            Observation::Failure(class) => Some(*class),
+            _ => None,
+        });
+        failures.push(class.unwrap_or(FailureClass::Permanent));
+    }
+    let operation_finished = message.operation.as_ref().and_then(|op| {
+        let still_waiting = match &step.outcome {
+            Outcome::Wait { message: next, .. } => next.operation.as_ref().is_some_and(|n| n.what == op.what),
+            _ => false,
+        };
+        (!still_waiting).then(|| (op.what.clone(), since(op.started)))
+    });
+    Measured {
+        stage_finished,
+        failures,
+        operation_finished,
+        observations: step
+            .observations
+            .iter()
+            .filter(|o| !matches!(o, Observation::Failure(_)))
+            .cloned()
+            .collect(),
+    }
+}
+
 fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effects {
-    let Step { outcome, events } = step;
+    let measured = measure_step(message, &step, now);
+    let Step { outcome, events, .. } = step;
     let mut effects = Effects {
         handled: Handled::Done,
         events,
         messages: Vec::new(),
         park: None,
+        measured,
     };
     match outcome {
         Outcome::Advance(next) => {
@@ -508,5 +601,77 @@ impl Peek {
             message_id: value.get("message_id").and_then(|v| v.as_str()).map(str::to_string),
             run: RunHeader::deserialize(&value).ok(),
         })
+    }
+}
+
+#[cfg(test)]
+mod measure_tests {
+    use super::*;
+    use crate::model::envelope::InFlight;
+
+    fn waiting_on(what: &str, started: OffsetDateTime) -> Envelope {
+        let mut message = super::super::testkit::envelope(Stage::Replicate);
+        message.stage_started = started;
+        message.operation = Some(InFlight {
+            what: what.into(),
+            status_urls: Vec::new(),
+            started,
+            not_before: started,
+            polls: 3,
+            progress: Default::default(),
+        });
+        message
+    }
+
+    #[test]
+    fn a_step_that_advances_finishes_its_stage_and_the_operation_it_waited_on() {
+        let started = OffsetDateTime::UNIX_EPOCH;
+        let now = started + time::Duration::seconds(90);
+        let message = waiting_on("replication", started);
+        let step =
+            Step::new(Outcome::Advance(vec![message.next(Stage::PoolCreate, now)])).observe(Observation::Replication {
+                region: "eastus".into(),
+                ratio: 1.0,
+            });
+        let measured = measure_step(&message, &step, now);
+        assert_eq!(measured.stage_finished, Some(Duration::from_secs(90)));
+        assert_eq!(
+            measured.operation_finished,
+            Some(("replication".to_string(), Duration::from_secs(90)))
+        );
+        assert!(measured.failures.is_empty());
+        assert_eq!(measured.observations.len(), 1);
+    }
+
+    #[test]
+    fn a_step_still_waiting_finishes_nothing_and_failures_keep_their_class() {
+        let started = OffsetDateTime::UNIX_EPOCH;
+        let now = started + time::Duration::seconds(30);
+        let message = waiting_on("allocation", started);
+        let mut next = message.clone();
+        next.operation.as_mut().unwrap().polls += 1;
+        let waiting = Step::new(Outcome::Wait {
+            message: Box::new(next),
+            delay: Duration::from_secs(5),
+            emit: Vec::new(),
+        })
+        .with(EventKind::RegionFailed {
+            region: "westus".into(),
+            reason: "replication failed".into(),
+        });
+        let measured = measure_step(&message, &waiting, now);
+        assert_eq!(measured.stage_finished, None);
+        assert_eq!(measured.operation_finished, None);
+        assert_eq!(measured.failures, vec![FailureClass::RegionFailed]);
+
+        let failed = Step::new(Outcome::Fail("too many start task failures".into()))
+            .observe(Observation::Failure(FailureClass::StartTask));
+        let measured = measure_step(&message, &failed, now);
+        assert_eq!(measured.failures, vec![FailureClass::StartTask]);
+        // The operation ended (in failure) all the same; the class is not an observation.
+        assert!(measured.operation_finished.is_some());
+        assert!(measured.observations.is_empty());
+        let unclassified = measure_step(&message, &Step::new(Outcome::Fail("gone".into())), now);
+        assert_eq!(unclassified.failures, vec![FailureClass::Permanent]);
     }
 }

@@ -945,3 +945,33 @@ fn a_hold_sits_on_the_operation_when_there_is_one_and_never_moves_earlier() {
     let next = message.next(Stage::Verify, t(0));
     assert_eq!((next.due(), next.attempt), (None, 0), "a new step starts with no hold");
 }
+
+#[tokio::test(start_paused = true)]
+async fn run_all_observed_feeds_the_runs_events_to_the_metrics() {
+    // What `sigrun run --metrics-listen` exports: the run-level metrics from its own event log.
+    let first = envelope(Stage::Snapshot);
+    let telemetry = Arc::new(crate::telemetry::Telemetry::new());
+    let outcome = run_all_observed(
+        testkit::bus(),
+        pipeline(&[], false),
+        vec![first.clone()],
+        testkit::settings(),
+        Clock::tokio(),
+        Duration::from_secs(3600),
+        Some(Arc::clone(&telemetry) as Arc<dyn Observer>),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outcome.result, RunResult::Succeeded);
+    let text = telemetry.render();
+    let pipeline = &first.pipeline;
+    for series in [
+        format!("sigrun_runs_started_total{{pipeline=\"{pipeline}\"}} 1"),
+        format!("sigrun_runs_finished_total{{pipeline=\"{pipeline}\",result=\"succeeded\"}} 1"),
+        "sigrun_runs_in_flight{stage=\"verify\"} 0".to_string(),
+        format!("sigrun_stage_duration_seconds_count{{pipeline=\"{pipeline}\",stage=\"snapshot\"}} 1"),
+        "sigrun_azure_operation_duration_seconds_count{operation=\"image\"} 1".to_string(),
+    ] {
+        assert!(text.contains(&series), "{series}:\n{text}");
+    }
+}

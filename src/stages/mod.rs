@@ -36,11 +36,74 @@ pub enum Outcome {
     Fail(String),
 }
 
-/// An outcome and the events that record it.
+/// An outcome, the events that record it, and what the step saw of Azure on the way (for the
+/// metrics; not part of the run's history).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {
     pub outcome: Outcome,
     pub events: Vec<EventKind>,
+    pub observations: Vec<Observation>,
+}
+
+/// A reading a step took that the metrics export as a gauge.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Observation {
+    /// The image version's replication to `region`: 0–1 (1 once Completed).
+    Replication { region: String, ratio: f64 },
+    /// The nodes of the pool being verified for pool target `target`, by Batch node state.
+    PoolNodes {
+        target: String,
+        by_state: Vec<(String, u32)>,
+    },
+    /// Why the stage failed the branch, when it knows better than "permanent".
+    Failure(FailureClass),
+}
+
+/// The bounded reason classes of `sigrun_stage_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    /// A failure retrying cannot fix (the step's call, or the stage's own verdict).
+    Permanent,
+    /// Transient failures until the retry budget ran out.
+    GaveUp,
+    /// A deadline passed (verify's).
+    Timeout,
+    /// A rule of the plan or of Azure is broken.
+    Rule,
+    /// The message could not be decoded.
+    Malformed,
+    /// A region's replication failed for good.
+    RegionFailed,
+    /// The pool's allocation ended with resize errors.
+    Allocation,
+    /// Too many nodes failed their start task.
+    StartTask,
+}
+
+impl FailureClass {
+    pub const ALL: [FailureClass; 8] = [
+        FailureClass::Permanent,
+        FailureClass::GaveUp,
+        FailureClass::Timeout,
+        FailureClass::Rule,
+        FailureClass::Malformed,
+        FailureClass::RegionFailed,
+        FailureClass::Allocation,
+        FailureClass::StartTask,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureClass::Permanent => "permanent",
+            FailureClass::GaveUp => "gave_up",
+            FailureClass::Timeout => "timeout",
+            FailureClass::Rule => "rule",
+            FailureClass::Malformed => "malformed",
+            FailureClass::RegionFailed => "region_failed",
+            FailureClass::Allocation => "allocation",
+            FailureClass::StartTask => "start_task",
+        }
+    }
 }
 
 impl Step {
@@ -48,7 +111,13 @@ impl Step {
         Step {
             outcome,
             events: Vec::new(),
+            observations: Vec::new(),
         }
+    }
+
+    pub fn observe(mut self, observation: Observation) -> Step {
+        self.observations.push(observation);
+        self
     }
 
     pub fn with(mut self, event: EventKind) -> Step {

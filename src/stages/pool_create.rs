@@ -51,5 +51,6 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     Ok(Step {
         outcome: Outcome::Advance(vec![message.next(Stage::Verify, ctx.now)]),
         events,
+        observations: Vec::new(),
     })
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use super::common::{fail, target_regions, wait};
-use super::{Outcome, Step, StepContext};
+use super::{Observation, Outcome, Step, StepContext};
 use crate::azure::AzureError;
 use crate::azure::api::RegionStatus;
 use crate::events::EventKind;
@@ -41,6 +41,7 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         return Ok(Step {
             outcome: wait(message, WHAT, Vec::new(), delay, ctx.now),
             events,
+            observations: Vec::new(),
         });
     }
 
@@ -111,6 +112,7 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         }
     }
 
+    let observations = replication_ratios(&plan, &version.replication, &message);
     let all_ended = plan.regions.iter().all(|r| {
         message.artifacts.regions_completed.contains(&r.name) || message.artifacts.regions_failed.contains_key(&r.name)
     });
@@ -120,7 +122,11 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         } else {
             Outcome::Advance(emit)
         };
-        return Ok(Step { outcome, events });
+        return Ok(Step {
+            outcome,
+            events,
+            observations,
+        });
     }
     let delay = match (pending_eta, unknown_pending) {
         (Some(eta), false) => ctx.settings.clamp(eta),
@@ -138,7 +144,37 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     if first {
         events.insert(0, EventKind::Waiting { what: WHAT.to_string() });
     }
-    Ok(Step { outcome, events })
+    Ok(Step {
+        outcome,
+        events,
+        observations,
+    })
+}
+
+/// Each planned region's replication as a ratio: 1 once Completed (now or on an earlier look),
+/// else the progress Azure reports.
+fn replication_ratios(
+    plan: &crate::model::plan::Plan,
+    statuses: &[RegionStatus],
+    message: &Envelope,
+) -> Vec<Observation> {
+    plan.regions
+        .iter()
+        .map(|region| {
+            let status = statuses.iter().find(|s| s.region == region.name);
+            let completed = message.artifacts.regions_completed.contains(&region.name)
+                || status.is_some_and(|s| s.state == "Completed");
+            let ratio = if completed {
+                1.0
+            } else {
+                status.map_or(0.0, |s| f64::from(s.progress.min(100)) / 100.0)
+            };
+            Observation::Replication {
+                region: region.name.clone(),
+                ratio,
+            }
+        })
+        .collect()
 }
 
 /// When a replicating region should be done, from two progress readings; records this reading.

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use super::common::{fail, wait_step};
-use super::{Outcome, Step, StepContext};
+use super::{FailureClass, Observation, Outcome, Step, StepContext};
 use crate::azure::AzureError;
 use crate::events::EventKind;
 use crate::model::envelope::{Branch, Envelope, Progress};
@@ -41,7 +41,8 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             "pool {} did not verify within {}",
             pool.pool_id,
             crate::model::spec::duration::format(verify.deadline)
-        )));
+        ))
+        .observe(Observation::Failure(FailureClass::Timeout)));
     }
     let mut progress = message
         .operation
@@ -105,10 +106,15 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             return Ok(fail(format!(
                 "pool {} allocation ended with {}: {} ({} of {} dedicated nodes)",
                 pool.pool_id, error.code, error.message, info.current_dedicated, info.target_dedicated
-            )));
+            ))
+            .observe(Observation::Failure(FailureClass::Allocation)));
         }
     }
     let counts = ctx.azure.node_counts(&pool.account_url, &pool.pool_id).await?;
+    let nodes_seen = Observation::PoolNodes {
+        target: target.clone(),
+        by_state: counts.by_state.iter().map(|(state, n)| (state.clone(), *n)).collect(),
+    };
     if counts.total == 0 && ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await?.is_none() {
         return Ok(fail(format!("pool {} disappeared before it verified", pool.pool_id)));
     }
@@ -119,7 +125,9 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         return Ok(fail(format!(
             "pool {}: {failed} of {target_nodes} nodes failed their start task (at most {allowed_failed} allowed)",
             pool.pool_id
-        )));
+        ))
+        .observe(nodes_seen)
+        .observe(Observation::Failure(FailureClass::StartTask)));
     }
     if idle < required {
         // Nodes turn idle at about the pace they joined: time the next look by that pace, else by
@@ -141,7 +149,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             (None, None) => None,
         };
         let delay = eta.map_or_else(|| ctx.settings.default_poll(), |eta| ctx.settings.clamp(eta));
-        return Ok(wait_with(message, "nodes", delay, progress, ctx));
+        return Ok(wait_with(message, "nodes", delay, progress, ctx).observe(nodes_seen));
     }
 
     let mut events = vec![EventKind::PoolVerified {
@@ -192,6 +200,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     Ok(Step {
         outcome: Outcome::Done,
         events,
+        observations: vec![nodes_seen],
     })
 }
 

@@ -1,16 +1,78 @@
 //! [`Telemetry`]: the metrics a sigrun process exports, in a Prometheus registry it owns. The
-//! runtime reports handled messages through [`Observer`]; the bus gauge is sampled when scraped.
+//! runtime reports handled messages and what their steps measured through [`Observer`]; the run
+//! history (fed in stream order through [`Observer::event`]) gives the run-level metrics; the
+//! Azure client counts its requests in the [`AzureMetrics`] registered here; the bus gauge is
+//! sampled when scraped.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use super::runs::{RESULTS, RunChange, RunTracker};
+use crate::azure::AzureMetrics;
+use crate::events::Event;
 use crate::model::envelope::Stage;
 use crate::runtime::{Handled, Observer};
+use crate::stages::{FailureClass, Observation};
+
+/// Batch node states set to 0 when a reading of a pool does not list them, so a state a pool's
+/// nodes left reads 0 rather than its last count.
+const NODE_STATES: [&str; 11] = [
+    "idle",
+    "running",
+    "starting",
+    "starttaskfailed",
+    "unusable",
+    "creating",
+    "rebooting",
+    "preempted",
+    "leavingpool",
+    "offline",
+    "waitingforstarttask",
+];
+
+/// Long-running operations by the envelope's `InFlight::what`, as the `operation` label names them.
+fn operation_label(what: &str) -> Option<&'static str> {
+    match what {
+        "snapshots" => Some("snapshot"),
+        "image" => Some("image"),
+        "image_version" => Some("image_version"),
+        "replication" => Some("replication"),
+        "allocation" => Some("pool_allocation"),
+        _ => None,
+    }
+}
 
 /// The process's metrics. Share it behind an `Arc`.
 pub struct Telemetry {
     registry: Registry,
     messages_handled: IntCounterVec,
     bus_connected: IntGauge,
+    handler_duration: HistogramVec,
+    stage_duration: HistogramVec,
+    stage_failures: IntCounterVec,
+    operation_duration: HistogramVec,
+    replication: GaugeVec,
+    pool_nodes: IntGaugeVec,
+    runs_started: IntCounterVec,
+    runs_finished: IntCounterVec,
+    runs_in_flight: IntGaugeVec,
+    last_publish: GaugeVec,
+    azure: Arc<AzureMetrics>,
+    runs: Mutex<RunTracker>,
+    /// Configured pipelines: other names (from an undecodable message) are labelled `unknown`.
+    pipelines: Vec<String>,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("a valid metric")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric")
 }
 
 impl Telemetry {
@@ -39,17 +101,160 @@ impl Telemetry {
         )
         .expect("a valid metric");
         bus_connected.set(1);
+        let handler_duration = histogram(
+            "sigrun_handler_duration_seconds",
+            "Time in the stage handler (one step) per message",
+            &["stage"],
+            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        );
+        let stage_duration = histogram(
+            "sigrun_stage_duration_seconds",
+            "Per run and branch: from entering a stage to finishing it (advanced or done)",
+            &["pipeline", "stage"],
+            vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+            ],
+        );
+        let stage_failures = counter(
+            "sigrun_stage_failures_total",
+            "Branch and region failures by pipeline, stage and reason class",
+            &["pipeline", "stage", "reason"],
+        );
+        let operation_duration = histogram(
+            "sigrun_azure_operation_duration_seconds",
+            "Long-running Azure operations: from the start to the terminal state seen",
+            &["operation"],
+            vec![
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+            ],
+        );
+        let replication = GaugeVec::new(
+            Opts::new(
+                "sigrun_replication_progress_ratio",
+                "0-1: the latest image version's replication to a region, as the replicate stage last saw it",
+            ),
+            &["pipeline", "region"],
+        )
+        .expect("a valid metric");
+        let pool_nodes = IntGaugeVec::new(
+            Opts::new(
+                "sigrun_pool_nodes",
+                "Nodes of the pool being verified by Batch node state, as the verify stage last saw them",
+            ),
+            &["pipeline", "pool", "state"],
+        )
+        .expect("a valid metric");
+        let runs_started = counter(
+            "sigrun_runs_started_total",
+            "Runs admitted (from the shared run history: the same in every worker)",
+            &["pipeline"],
+        );
+        let runs_finished = counter(
+            "sigrun_runs_finished_total",
+            "Runs ended, by result (from the shared run history: the same in every worker)",
+            &["pipeline", "result"],
+        );
+        let runs_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "sigrun_runs_in_flight",
+                "Branches of unfinished runs at each stage (from the shared run history: the same in every worker)",
+            ),
+            &["stage"],
+        )
+        .expect("a valid metric");
+        let last_publish = GaugeVec::new(
+            Opts::new(
+                "sigrun_last_successful_publish_timestamp_seconds",
+                "Unix time the last run that published an image version ended succeeded or partly succeeded",
+            ),
+            &["pipeline"],
+        )
+        .expect("a valid metric");
         for metric in [
             Box::new(build_info) as Box<dyn prometheus::core::Collector>,
             Box::new(messages_handled.clone()),
             Box::new(bus_connected.clone()),
+            Box::new(handler_duration.clone()),
+            Box::new(stage_duration.clone()),
+            Box::new(stage_failures.clone()),
+            Box::new(operation_duration.clone()),
+            Box::new(replication.clone()),
+            Box::new(pool_nodes.clone()),
+            Box::new(runs_started.clone()),
+            Box::new(runs_finished.clone()),
+            Box::new(runs_in_flight.clone()),
+            Box::new(last_publish.clone()),
         ] {
             registry.register(metric).expect("metric names are unique");
+        }
+        let azure = Arc::new(AzureMetrics::register(&registry).expect("metric names are unique"));
+        // Every known series from the start, so the first increase is seen by `increase()`.
+        for stage in Stage::ALL {
+            for outcome in Handled::ALL {
+                messages_handled.with_label_values(&[stage.as_str(), outcome.as_str()]);
+            }
+            runs_in_flight.with_label_values(&[stage.as_str()]).set(0);
         }
         Telemetry {
             registry,
             messages_handled,
             bus_connected,
+            handler_duration,
+            stage_duration,
+            stage_failures,
+            operation_duration,
+            replication,
+            pool_nodes,
+            runs_started,
+            runs_finished,
+            runs_in_flight,
+            last_publish,
+            azure,
+            runs: Mutex::new(RunTracker::default()),
+            pipelines: Vec::new(),
+        }
+    }
+
+    /// Declares the configured pipelines: their counters start at 0, and only they (and the
+    /// pipelines of admitted runs) become labels.
+    pub fn with_pipelines(mut self, pipelines: impl IntoIterator<Item = String>) -> Telemetry {
+        for pipeline in pipelines {
+            self.init_pipeline(&pipeline);
+            self.pipelines.push(pipeline);
+        }
+        self
+    }
+
+    /// A pipeline known only once the process runs (`sigrun run`'s): its counters start at 0.
+    pub fn declare_pipeline(&self, pipeline: &str) {
+        self.init_pipeline(pipeline);
+    }
+
+    fn init_pipeline(&self, pipeline: &str) {
+        {
+            self.runs_started.with_label_values(&[pipeline]);
+            for result in RESULTS {
+                self.runs_finished.with_label_values(&[pipeline, result]);
+            }
+            for stage in Stage::ALL {
+                for class in FailureClass::ALL {
+                    self.stage_failures
+                        .with_label_values(&[pipeline, stage.as_str(), class.as_str()]);
+                }
+            }
+        }
+    }
+
+    /// The Azure client's metrics (give them to `AzureClient::with_metrics`).
+    pub fn azure(&self) -> Arc<AzureMetrics> {
+        Arc::clone(&self.azure)
+    }
+
+    fn pipeline_label<'a>(&self, pipeline: &'a str) -> &'a str {
+        if self.pipelines.is_empty() || self.pipelines.iter().any(|p| p == pipeline) {
+            pipeline
+        } else {
+            "unknown"
         }
     }
 
@@ -83,6 +288,77 @@ impl Observer for Telemetry {
         self.messages_handled
             .with_label_values(&[stage.as_str(), outcome.as_str()])
             .inc();
+    }
+
+    fn handler_time(&self, stage: Stage, elapsed: Duration) {
+        self.handler_duration
+            .with_label_values(&[stage.as_str()])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn stage_finished(&self, pipeline: &str, stage: Stage, elapsed: Duration) {
+        self.stage_duration
+            .with_label_values(&[pipeline, stage.as_str()])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn stage_failed(&self, pipeline: &str, stage: Stage, class: FailureClass) {
+        self.stage_failures
+            .with_label_values(&[self.pipeline_label(pipeline), stage.as_str(), class.as_str()])
+            .inc();
+    }
+
+    fn operation_finished(&self, what: &str, elapsed: Duration) {
+        if let Some(operation) = operation_label(what) {
+            self.operation_duration
+                .with_label_values(&[operation])
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    fn observed(&self, pipeline: &str, observation: &Observation) {
+        match observation {
+            Observation::Replication { region, ratio } => {
+                self.replication.with_label_values(&[pipeline, region]).set(*ratio);
+            }
+            Observation::PoolNodes { target, by_state } => {
+                for state in NODE_STATES {
+                    if !by_state.iter().any(|(s, _)| s == state) {
+                        self.pool_nodes.with_label_values(&[pipeline, target, state]).set(0);
+                    }
+                }
+                for (state, count) in by_state {
+                    self.pool_nodes
+                        .with_label_values(&[pipeline, target, state])
+                        .set(i64::from(*count));
+                }
+            }
+            Observation::Failure(_) => {}
+        }
+    }
+
+    fn event(&self, event: &Event) {
+        let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
+        for change in runs.apply(event) {
+            match change {
+                RunChange::Started { pipeline } => self.runs_started.with_label_values(&[&pipeline]).inc(),
+                RunChange::Finished { pipeline, result, at } => {
+                    self.runs_finished.with_label_values(&[&pipeline, result]).inc();
+                    if matches!(result, "succeeded" | "partly_succeeded") {
+                        let gauge = self.last_publish.with_label_values(&[&pipeline]);
+                        let at = at.unix_timestamp_nanos() as f64 / 1e9;
+                        if at > gauge.get() {
+                            gauge.set(at);
+                        }
+                    }
+                }
+            }
+        }
+        for stage in Stage::ALL {
+            self.runs_in_flight
+                .with_label_values(&[stage.as_str()])
+                .set(runs.in_flight(stage) as i64);
+        }
     }
 }
 
@@ -118,5 +394,102 @@ mod tests {
         assert_eq!(CONTENT_TYPE, "text/plain; version=0.0.4");
         // A registry of its own: the global default registry is untouched.
         assert!(prometheus::gather().iter().all(|f| !f.name().starts_with("sigrun_")));
+    }
+
+    #[test]
+    fn exports_run_level_metrics_from_events_and_what_steps_saw() {
+        use crate::events::{EventKind, PoolRef};
+        use crate::model::envelope::Branch;
+        use time::OffsetDateTime;
+        use uuid::Uuid;
+
+        let telemetry = Telemetry::new().with_pipelines(["nightly".to_string()]);
+        let text = telemetry.render();
+        for series in [
+            "sigrun_runs_started_total{pipeline=\"nightly\"} 0",
+            "sigrun_runs_finished_total{pipeline=\"nightly\",result=\"succeeded\"} 0",
+            "sigrun_stage_failures_total{pipeline=\"nightly\",reason=\"gave_up\",stage=\"snapshot\"} 0",
+            "sigrun_messages_handled_total{outcome=\"retried\",stage=\"verify\"} 0",
+            "sigrun_runs_in_flight{stage=\"replicate\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} pre-initialised:\n{text}");
+        }
+        let at = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let event = |stage, branch, kind| Event {
+            run_id: Uuid::from_u128(7),
+            pipeline: "nightly".into(),
+            version: "1.0.0".into(),
+            stage,
+            branch,
+            at,
+            kind,
+        };
+        let pool = Branch::Pool {
+            region: "eastus".into(),
+            target: "cpu".into(),
+        };
+        telemetry.event(&event(
+            Stage::Replicate,
+            Branch::Trunk,
+            EventKind::RunStarted {
+                regions: vec!["eastus".into()],
+                pools: vec![PoolRef {
+                    region: "eastus".into(),
+                    target: "cpu".into(),
+                }],
+            },
+        ));
+        assert!(
+            telemetry
+                .render()
+                .contains("sigrun_runs_in_flight{stage=\"replicate\"} 1")
+        );
+        telemetry.event(&event(
+            Stage::Replicate,
+            Branch::Trunk,
+            EventKind::RegionCompleted {
+                region: "eastus".into(),
+            },
+        ));
+        telemetry.event(&event(
+            Stage::Verify,
+            pool.clone(),
+            EventKind::Waiting { what: "nodes".into() },
+        ));
+        assert!(telemetry.render().contains("sigrun_runs_in_flight{stage=\"verify\"} 1"));
+        telemetry.event(&event(
+            Stage::Verify,
+            pool,
+            EventKind::PoolVerified { pool_id: "p".into() },
+        ));
+        telemetry.observed(
+            "nightly",
+            &Observation::PoolNodes {
+                target: "cpu".into(),
+                by_state: vec![("idle".into(), 9), ("starting".into(), 1)],
+            },
+        );
+        telemetry.observed(
+            "nightly",
+            &Observation::Replication {
+                region: "eastus".into(),
+                ratio: 1.0,
+            },
+        );
+        telemetry.stage_failed("not-a-pipeline", Stage::Verify, FailureClass::Malformed);
+        let text = telemetry.render();
+        for series in [
+            "sigrun_runs_started_total{pipeline=\"nightly\"} 1",
+            "sigrun_runs_finished_total{pipeline=\"nightly\",result=\"succeeded\"} 1",
+            "sigrun_runs_in_flight{stage=\"verify\"} 0",
+            "sigrun_last_successful_publish_timestamp_seconds{pipeline=\"nightly\"} 1800000000",
+            "sigrun_pool_nodes{pipeline=\"nightly\",pool=\"cpu\",state=\"idle\"} 9",
+            "sigrun_pool_nodes{pipeline=\"nightly\",pool=\"cpu\",state=\"unusable\"} 0",
+            "sigrun_replication_progress_ratio{pipeline=\"nightly\",region=\"eastus\"} 1",
+            // A pipeline name from an undecodable message is not a label of its own.
+            "sigrun_stage_failures_total{pipeline=\"unknown\",reason=\"malformed\",stage=\"verify\"} 1",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
     }
 }

@@ -4,11 +4,14 @@
 //!
 //! - [`metrics`] — [`Telemetry`]: a registry of its own (never the global default one) with the
 //!   metrics every process exports; later metrics register on [`Telemetry::registry`].
+//! - [`runs`] — [`runs::RunTracker`]: run-level state (started, ended, branches per stage) folded
+//!   from the run history, for the run-level metrics.
 //! - [`readiness`] — [`Readiness`]: what `/readyz` checks, with the token check cached.
 //! - [`server`] — [`MetricsServer`]: the axum server on `--metrics-listen`.
 
 pub mod metrics;
 pub mod readiness;
+pub mod runs;
 pub mod server;
 
 use std::net::SocketAddr;
