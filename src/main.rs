@@ -8,7 +8,7 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = sigrun::cli::Cli::parse();
-    sigrun::cli::init_logging(&cli.log);
+    sigrun::cli::init_logging(&cli.log, cli.log_format);
     match sigrun::cli::run(cli).await {
         Ok(code) => code,
         Err(err) => {

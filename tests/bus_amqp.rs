@@ -524,6 +524,7 @@ async fn triggers_go_to_one_consumer_at_a_time_and_keep_their_properties_when_de
             message_id: Some("t-1".into()),
             attempts: 0,
             delivery_count: 1,
+            traceparent: None,
         }
     );
     assert_eq!(two.message.body, event.to_vec());

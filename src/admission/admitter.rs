@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, Span, field, info, info_span, warn};
 use uuid::Uuid;
 
 use super::{PrepareError, RunIndex, RunRequest, entry_stage, first_messages, run_started, trunk_event};
@@ -36,6 +36,7 @@ use crate::bus::{Bus, BusError, tier_for};
 use crate::events::EventKind;
 use crate::model::envelope::Stage;
 use crate::model::spec::PipelineSpec;
+use crate::model::trace::TraceParent;
 use crate::model::trigger::{self, Trigger, run_id};
 use crate::runtime::RetrySettings;
 use crate::runtime::retry::{self, Decision};
@@ -115,10 +116,17 @@ impl Admitter {
     /// Handles one trigger to the end: acked (started, duplicate, parked, delayed) or requeued.
     pub async fn handle(&self, delivery: TriggerDelivery) -> Admission {
         let TriggerDelivery { message, acker } = delivery;
+        // The run's fields are recorded as they become known (pipeline, then run id): from then
+        // on every line of the admission carries them, with `stage = "admission"`.
         let span = info_span!(
             "trigger",
             message_id = message.message_id.as_deref().unwrap_or("-"),
-            delivery = message.delivery_count
+            delivery = message.delivery_count,
+            run_id = field::Empty,
+            pipeline = field::Empty,
+            stage = field::Empty,
+            trace_id = field::Empty,
+            span_id = field::Empty,
         );
         async {
             let admission = match self.admit(&message).await {
@@ -170,6 +178,23 @@ impl Admitter {
             Err(error) => return self.park(message, None, error.to_string()).await,
         };
         let trigger = received.trigger;
+        // The producer's trace (AMQP header first, then the CloudEvents extension), else a new
+        // one; the admission is its next span, the parent of the run's first messages.
+        let producer = message.traceparent.as_deref().or(received
+            .cloud_event
+            .as_ref()
+            .and_then(|event| event.traceparent.as_deref()));
+        let trace = match producer.map(|text| (text, TraceParent::parse(text))) {
+            Some((_, Some(parent))) => parent.hop(),
+            Some((text, None)) => {
+                info!(traceparent = %text, "the trigger's traceparent is not W3C trace context; starting a new trace");
+                TraceParent::new()
+            }
+            None => TraceParent::new(),
+        };
+        let span = Span::current();
+        span.record("trace_id", trace.trace_id());
+        span.record("span_id", trace.span_id());
         let trigger_id = message
             .message_id
             .clone()
@@ -178,6 +203,8 @@ impl Admitter {
             Ok(found) => found,
             Err(reason) => return self.park(message, None, reason).await,
         };
+        span.record("pipeline", spec.name.as_str());
+        span.record("stage", "admission");
         let request = RunRequest {
             version: trigger.version.clone(),
             image_version_id: trigger.image_version_id.clone(),
@@ -201,6 +228,7 @@ impl Admitter {
             pipeline: spec.name.clone(),
             version: inputs.version.clone(),
         };
+        span.record("run_id", field::display(named.run_id));
         if self.index.started(named.run_id).is_none() {
             // Exact, not merely recent: a run another admitter started just before must count.
             self.index.catch_up(self.catch_up_limit).await?;
@@ -227,7 +255,7 @@ impl Admitter {
             Ok(entry) => entry,
             Err(error) => return self.reject(message, Some(&named), &trigger, error.to_string()).await,
         };
-        let firsts = first_messages(&prepared, entry);
+        let firsts = first_messages(&prepared, entry, &trace);
         for first in &firsts {
             self.bus.publish(first.stage, &first.encode()).await?;
         }

@@ -20,10 +20,11 @@ use uuid::Uuid;
 
 use crate::azure::{AzureApi, AzureError, ErrorClass};
 use crate::events::{Event, EventKind, PoolRef};
-use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage, new_traceparent};
+use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage};
 use crate::model::ids::{GalleryImageVersionId, ImageId};
 use crate::model::plan::Plan;
 use crate::model::spec::PipelineSpec;
+use crate::model::trace::TraceParent;
 use crate::planner::{self, PlanError, PlanInputs};
 
 pub mod admitter;
@@ -182,7 +183,8 @@ pub fn entry_stage(from: Option<Stage>, prepared: &Prepared) -> Result<Stage, En
 }
 
 /// The run's first messages: one trunk message, or one per pool when the run starts at pool-create.
-pub fn first_messages(prepared: &Prepared, entry: Stage) -> Vec<Envelope> {
+/// `trace` is the admission's span in the run's trace: the messages name it as their parent.
+pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) -> Vec<Envelope> {
     let now = OffsetDateTime::now_utc();
     let mut artifacts = Artifacts::default();
     if let Some(build) = &prepared.plan.build {
@@ -219,7 +221,7 @@ pub fn first_messages(prepared: &Prepared, entry: Stage) -> Vec<Envelope> {
         not_before: None,
         run_started: now,
         stage_started: now,
-        traceparent: new_traceparent(),
+        traceparent: trace.to_string(),
     };
     if entry == Stage::PoolCreate {
         prepared

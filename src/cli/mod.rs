@@ -9,6 +9,7 @@ mod dlq;
 mod emulator;
 mod endpoints;
 mod history;
+mod logging;
 mod plan_view;
 mod run;
 mod session;
@@ -22,6 +23,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use logging::{LogFormat, init_logging};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sigrun",
@@ -32,6 +35,11 @@ pub struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. `warn` or `sigrun=debug`.
     #[arg(long, global = true, env = "SIGRUN_LOG", default_value = "warn")]
     pub log: String,
+    /// Log lines as text for people (`human`) or one JSON object per line (`json`), with the
+    /// fields of the spans they were logged in (a run's `run_id`, `pipeline`, `stage`, `trace_id`)
+    /// at the top level. Logs go to stderr.
+    #[arg(long, global = true, env = "SIGRUN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -91,14 +99,4 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// Logs go to stderr so stdout stays machine-readable.
-pub fn init_logging(filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -77,7 +77,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {warning}");
     }
     let entry = plan_view::entry_stage(args.from, &prepared)?;
-    let firsts = admission::first_messages(&prepared, entry);
+    let firsts = admission::first_messages(&prepared, entry, &crate::model::trace::TraceParent::new());
     let run_id = prepared.run_id();
 
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));

@@ -187,7 +187,8 @@ pub struct Envelope {
     pub run_started: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub stage_started: OffsetDateTime,
-    /// W3C trace context of the run.
+    /// W3C trace context of the run: its trace id stays for the whole run; the parent span id is
+    /// the span (admission or handled delivery) that sent this message.
     pub traceparent: String,
 }
 
@@ -271,9 +272,7 @@ impl Envelope {
 
 /// A W3C `traceparent` for a new run.
 pub fn new_traceparent() -> String {
-    let trace = Uuid::new_v4().simple().to_string();
-    let span = &Uuid::new_v4().simple().to_string()[..16];
-    format!("00-{trace}-{span}-01")
+    super::trace::TraceParent::new().to_string()
 }
 
 #[cfg(test)]

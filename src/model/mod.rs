@@ -1,10 +1,11 @@
 //! The pipeline's data: typed and validated Azure resource ids, pipeline specs, the Azure rules as
-//! pure functions, the message envelope that carries a run between stages and the trigger that asks
-//! for a run. No IO here.
+//! pure functions, the message envelope that carries a run between stages, the trigger that asks
+//! for a run and the W3C trace context that follows it. No IO here.
 
 pub mod envelope;
 pub mod ids;
 pub mod plan;
 pub mod rules;
 pub mod spec;
+pub mod trace;
 pub mod trigger;

@@ -53,6 +53,8 @@ pub struct CloudEventInfo {
     pub source: String,
     pub time: Option<String>,
     pub subject: Option<String>,
+    /// The Distributed Tracing extension's `traceparent`: the run joins the producer's trace.
+    pub traceparent: Option<String>,
 }
 
 /// A parsed trigger and, when it came as a CloudEvent, the event's attributes.
@@ -306,6 +308,7 @@ fn cloud_event(mut object: Map<String, Value>) -> Result<ReceivedTrigger, Trigge
         return Err(attribute("time", format!("`{t}` is not an RFC 3339 timestamp")));
     }
     let subject = text(&object, "subject", false)?;
+    let traceparent = text(&object, "traceparent", false)?;
     text(&object, "dataschema", false)?;
     if object.contains_key("data_base64") {
         return Err(attribute(
@@ -363,6 +366,7 @@ fn cloud_event(mut object: Map<String, Value>) -> Result<ReceivedTrigger, Trigge
             source,
             time,
             subject,
+            traceparent,
         }),
     })
 }
@@ -443,7 +447,11 @@ mod tests {
         // Extension attributes are allowed.
         let mut with_extension = event(data.clone());
         with_extension["traceparent"] = json!("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
-        assert!(parse_json(with_extension, None).is_ok());
+        let info = parse_json(with_extension, None).unwrap().cloud_event.unwrap();
+        assert_eq!(
+            info.traceparent.as_deref(),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
         // A plain trigger announced as a CloudEvent is not one.
         let err = parse_json(data, Some(CONTENT_TYPE_CLOUDEVENTS)).unwrap_err();
         assert_eq!(

@@ -26,6 +26,7 @@ use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Stage};
+use crate::model::trace::TraceParent;
 use crate::stages::{FailureClass, Observation, Outcome, Step};
 
 /// Consumes `stages` from a bus and hands each message to a handler. Cloning shares the bus and
@@ -180,6 +181,8 @@ impl Runtime {
                     .await
             }
             Ok(message) => {
+                // This delivery is a span of the run's trace; what it sends names it as the parent.
+                let hop = TraceParent::parse(&message.traceparent).unwrap_or_default().hop();
                 let span = info_span!(
                     "delivery",
                     run_id = %message.run_id,
@@ -188,18 +191,20 @@ impl Runtime {
                     branch = %message.branch.label(),
                     message_id = %message.message_id,
                     delivery = delivery_count,
+                    trace_id = %hop.trace_id(),
+                    span_id = %hop.span_id(),
                 );
                 if message.stage != queue {
                     span.in_scope(
                         || warn!(queue = %queue, "delivered from another stage's queue; handled as its own stage"),
                     );
                 }
-                self.handle_message(message, &body, acker).instrument(span).await
+                self.handle_message(message, &body, acker, &hop).instrument(span).await
             }
         }
     }
 
-    async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>) {
+    async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>, hop: &TraceParent) {
         let now = self.clock.now();
         // Before the due check too: a message waiting on a delay tier stops when it comes back.
         if self.gate.as_ref().is_some_and(|gate| gate.is_cancelled(message.run_id)) {
@@ -234,6 +239,9 @@ impl Runtime {
             Ok(step) => effects_of_step(&message, step, now),
             Err(error) => self.effects_of_error(&message, &error, now),
         };
+        for next in &mut effects.messages {
+            next.traceparent = hop.to_string();
+        }
         let handled = effects.handled;
         let measured = std::mem::take(&mut effects.measured);
         let published = self.carry_out(&message, body, effects, now).await;

@@ -376,7 +376,7 @@ impl Bus for AmqpBus {
             &exchange,
             stage.as_str(),
             body,
-            publisher::work_properties(),
+            publisher::stage_properties(body),
         )
         .await
     }
@@ -396,7 +396,7 @@ impl Bus for AmqpBus {
             &exchange,
             stage.as_str(),
             body,
-            publisher::work_properties(),
+            publisher::stage_properties(body),
         )
         .await
     }

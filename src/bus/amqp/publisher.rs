@@ -3,7 +3,8 @@
 //! with `reject-publish` overflow — is [`BusError::NotConfirmed`]. A publish that fails because the
 //! connection died is tried again on the next connection (within `publish_timeout`): its fate on
 //! the old one is unknown, so it may arrive twice, which handlers tolerate; it is never lost
-//! silently. Messages are persistent; parked ones carry why in `x-sigrun-*` headers.
+//! silently. Messages are persistent; parked ones carry why in `x-sigrun-*` headers; stage
+//! messages carry their envelope's `traceparent` header.
 
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
@@ -24,6 +25,8 @@ pub mod headers {
     /// When the message was first parked (kept by a replay that parks it again).
     pub const FIRST_SEEN: &str = "x-sigrun-first-seen";
     pub const LAST_SEEN: &str = "x-sigrun-last-seen";
+    /// W3C trace context of a stage message (the envelope's) or of a trigger (the producer's).
+    pub const TRACEPARENT: &str = "traceparent";
 }
 
 /// AMQP delivery mode 2: written to disk (quorum queues persist everything anyway; classic
@@ -34,6 +37,30 @@ pub(super) fn work_properties() -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
         .with_content_type("application/json".into())
+}
+
+/// A stage message's properties: those of all work, plus the envelope's W3C `traceparent` as a
+/// header of the same name, so tools that know AMQP and trace context but not the envelope (and
+/// a consumer in another language) follow the run too. A body that is not an envelope gets none.
+pub(super) fn stage_properties(body: &[u8]) -> BasicProperties {
+    #[derive(serde::Deserialize)]
+    struct TraceFields {
+        traceparent: Option<String>,
+    }
+    let properties = work_properties();
+    match serde_json::from_slice::<TraceFields>(body) {
+        Ok(TraceFields {
+            traceparent: Some(traceparent),
+        }) => {
+            let mut table = FieldTable::default();
+            table.insert(
+                headers::TRACEPARENT.into(),
+                AMQPValue::LongString(LongString::from(traceparent.as_str())),
+            );
+            properties.with_headers(table)
+        }
+        _ => properties,
+    }
 }
 
 pub(super) fn event_properties() -> BasicProperties {

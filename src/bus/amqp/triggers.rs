@@ -6,7 +6,7 @@
 //! routing key is `trigger` everywhere, parking included.
 
 use lapin::BasicProperties;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 
 use super::AmqpBus;
 use super::consumer::{self, Source, integer};
@@ -24,6 +24,8 @@ pub struct TriggerMessage {
     pub attempts: u32,
     /// Deliveries of this message so far, this one included.
     pub delivery_count: u32,
+    /// The producer's W3C trace context (its `traceparent` header), as sent.
+    pub traceparent: Option<String>,
 }
 
 /// A trigger taken from the triggers queue. Dropping it unsettled returns it to the queue.
@@ -42,11 +44,26 @@ impl AmqpBus {
         content_type: &str,
         message_id: Option<&str>,
     ) -> Result<(), BusError> {
+        self.publish_trigger_traced(body, content_type, message_id, None).await
+    }
+
+    /// As [`AmqpBus::publish_trigger`], with a W3C `traceparent` header: the run it starts
+    /// joins that trace.
+    pub async fn publish_trigger_traced(
+        &self,
+        body: &[u8],
+        content_type: &str,
+        message_id: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         let mut properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type(content_type.into());
         if let Some(id) = message_id {
             properties = properties.with_message_id(id.into());
+        }
+        if let Some(traceparent) = traceparent {
+            properties = properties.with_headers(trace_header(traceparent, FieldTable::default()));
         }
         publisher::publish(
             &self.shared,
@@ -71,7 +88,13 @@ impl AmqpBus {
             .and_then(integer)
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0);
+        let traceparent = properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(headers::TRACEPARENT))
+            .and_then(text);
         let message = TriggerMessage {
+            traceparent,
             content_type: properties.content_type().as_ref().map(|c| c.to_string()),
             message_id: properties.message_id().as_ref().map(|m| m.to_string()),
             attempts,
@@ -94,6 +117,10 @@ impl AmqpBus {
             message_id: trigger.message_id.clone(),
         };
         let mut properties = publisher::park_properties(&reason);
+        if let Some(traceparent) = &trigger.traceparent {
+            let table = properties.headers().clone().unwrap_or_default();
+            properties = properties.with_headers(trace_header(traceparent, table));
+        }
         if let Some(content_type) = &trigger.content_type {
             properties = properties.with_content_type(content_type.as_str().into());
         }
@@ -118,6 +145,9 @@ impl AmqpBus {
         };
         let mut table = FieldTable::default();
         table.insert(headers::ATTEMPTS.into(), AMQPValue::LongLongInt(i64::from(attempts)));
+        if let Some(traceparent) = &trigger.traceparent {
+            table = trace_header(traceparent, table);
+        }
         let mut properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_headers(table);
@@ -137,5 +167,24 @@ impl AmqpBus {
             properties,
         )
         .await
+    }
+}
+
+/// `table` with a `traceparent` header added (kept through delays and parking, so a trigger that
+/// comes back still starts its run in the producer's trace).
+fn trace_header(traceparent: &str, mut table: FieldTable) -> FieldTable {
+    table.insert(
+        headers::TRACEPARENT.into(),
+        AMQPValue::LongString(LongString::from(traceparent)),
+    );
+    table
+}
+
+/// A header's text (AMQP has two string types; producers use either).
+fn text(value: &AMQPValue) -> Option<String> {
+    match value {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
     }
 }
