@@ -19,7 +19,9 @@
 //! confirm at a time) and `W` = 64 (what the broker can take with a deep pipeline).
 //!
 //! Rounds alternate stage and broker (`SIGRUN_BENCH_ROUNDS`, default 3); the table shows each
-//! round and the median, and the ratio of the medians.
+//! round and the median, and the ratio of the medians. Beside each rate: this process's CPU time
+//! (user + system) per message over the timed part, which splits what a stage costs its worker
+//! into the client library's share (the broker rows) and ours.
 //!
 //! `cargo bench --bench amqp_throughput`; `SIGRUN_BENCH_MESSAGES` (default 5000),
 //! `SIGRUN_BENCH_AMQP_URL`. Uses its own prefix on the broker and deletes it at the end.
@@ -86,35 +88,46 @@ async fn bench(messages: usize, rounds: usize) {
     let bare_queue = format!("{prefix}.bare");
     declare_quorum(&raw, &bare_queue).await;
 
-    let (mut stage, mut shallow, mut deep) = (Vec::new(), Vec::new(), Vec::new());
+    let ticks = common::clock_ticks();
+    let (mut stage, mut shallow, mut deep) = (Rounds::default(), Rounds::default(), Rounds::default());
     for round in 1..=rounds {
-        let s = through_stage(&prefix, &raw, &envelope, messages).await;
-        let b = broker(&raw, &bare_queue, size, messages, consumers).await;
-        let d = broker(&raw, &bare_queue, size, messages, DEEP).await;
-        println!("round {round}: stage {s:.0} msg/s, broker W={consumers} {b:.0} msg/s, broker W={DEEP} {d:.0} msg/s");
-        stage.push(s);
-        shallow.push(b);
-        deep.push(d);
+        let s = through_stage(&prefix, &raw, &envelope, messages, ticks).await;
+        let b = broker(&raw, &bare_queue, size, messages, consumers, ticks).await;
+        let d = broker(&raw, &bare_queue, size, messages, DEEP, ticks).await;
+        println!(
+            "round {round}: stage {:.0} msg/s, broker W={consumers} {:.0} msg/s, broker W={DEEP} {:.0} msg/s",
+            s.per_second, b.per_second, d.per_second
+        );
+        stage.add(s);
+        shallow.add(b);
+        deep.add(d);
     }
 
-    let (s, b, d) = (
-        common::median(&mut stage),
-        common::median(&mut shallow),
-        common::median(&mut deep),
-    );
+    let (s, b, d) = (stage.median(), shallow.median(), deep.median());
     println!();
-    println!("{:<58} {:>10}", "median of the rounds", "msg/s");
-    println!("{:<58} {:>10.0}", "stage (Runtime + AmqpBus, step returns at once)", s);
     println!(
-        "{:<58} {:>10.0}",
+        "{:<58} {:>10} {:>16}",
+        "median of the rounds", "msg/s", "client CPU/msg"
+    );
+    let row = |name: String, rate: &Rate| {
+        println!(
+            "{:<58} {:>10.0} {:>13.0} µs",
+            name,
+            rate.per_second,
+            rate.cpu_per_message.as_secs_f64() * 1e6
+        );
+    };
+    row("stage (Runtime + AmqpBus, step returns at once)".into(), &s);
+    row(
         format!("broker: lapin, {consumers} confirms in flight + manual-ack consumer"),
-        b
+        &b,
     );
-    println!(
-        "{:<58} {:>10.0}",
+    row(
         format!("broker: lapin, {DEEP} confirms in flight + manual-ack consumer"),
-        d
+        &d,
     );
+    println!("(client CPU/msg: this process's user + system time over the timed part, per message)");
+    let (s, b, d) = (s.per_second, b.per_second, d.per_second);
     println!(
         "\nSTAGE / BROKER: {:.2} at the same concurrency ({consumers} in flight), {:.2} against {DEEP} in flight",
         s / b,
@@ -183,7 +196,7 @@ impl Handler for Pass {
 
 /// Messages per second through the `snapshot` stage, on a bus of its own (closed at the end, so
 /// no consumer of this round holds a delivery into the next).
-async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelope, n: usize) -> f64 {
+async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelope, n: usize, ticks: f64) -> Rate {
     let defaults = common::worker_defaults();
     let bus = Arc::new(common::connect(common::amqp_settings(prefix), defaults.runtime.tiers.clone()).await);
     let names = Names::new(prefix);
@@ -223,6 +236,7 @@ async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelop
         defaults.runtime,
     )
     .expect("the default runtime settings are valid");
+    let cpu_before = common::cpu_time(std::process::id(), ticks);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {
         runtime
@@ -243,6 +257,7 @@ async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelop
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let done = Instant::now();
+    let cpu = common::cpu_time(std::process::id(), ticks) - cpu_before;
     let _ = stop.send(());
     let report = running.await.expect("the runtime stops");
     assert_eq!(report.abandoned, 0, "nothing left unfinished");
@@ -256,11 +271,11 @@ async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelop
         .close()
         .await;
     let elapsed = done - *pass.first_call.get().expect("the handler ran");
-    n as f64 / elapsed.as_secs_f64()
+    Rate::of(n, elapsed, cpu)
 }
 
 /// The broker's own rate: `in_flight` confirmed publishes at a time, one manual-ack consumer.
-async fn broker(raw: &lapin::Connection, queue: &str, size: usize, n: usize, in_flight: usize) -> f64 {
+async fn broker(raw: &lapin::Connection, queue: &str, size: usize, n: usize, in_flight: usize, ticks: f64) -> Rate {
     let publisher = raw.create_channel().await.expect("channel");
     publisher
         .confirm_select(ConfirmSelectOptions::default())
@@ -298,6 +313,7 @@ async fn broker(raw: &lapin::Connection, queue: &str, size: usize, n: usize, in_
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into());
+    let cpu_before = common::cpu_time(std::process::id(), ticks);
     let started = Instant::now();
     futures_util::stream::iter(0..n)
         .map(|_| {
@@ -323,7 +339,43 @@ async fn broker(raw: &lapin::Connection, queue: &str, size: usize, n: usize, in_
         .await
         .expect("the consumer gets every message")
         .expect("the consumer task");
+    let cpu = common::cpu_time(std::process::id(), ticks) - cpu_before;
     let _ = publisher.close(200, "round done".into()).await;
     let _ = consumer_channel.close(200, "round done".into()).await;
-    n as f64 / (done - started).as_secs_f64()
+    Rate::of(n, done - started, cpu)
+}
+
+/// A measured rate and what it cost this process.
+#[derive(Clone, Copy)]
+struct Rate {
+    per_second: f64,
+    cpu_per_message: Duration,
+}
+
+impl Rate {
+    fn of(n: usize, elapsed: Duration, cpu: Duration) -> Rate {
+        Rate {
+            per_second: n as f64 / elapsed.as_secs_f64(),
+            cpu_per_message: cpu / n as u32,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Rounds(Vec<Rate>);
+
+impl Rounds {
+    fn add(&mut self, rate: Rate) {
+        self.0.push(rate);
+    }
+
+    /// The median of each figure on its own.
+    fn median(&self) -> Rate {
+        let mut rates: Vec<f64> = self.0.iter().map(|r| r.per_second).collect();
+        let mut cpu: Vec<f64> = self.0.iter().map(|r| r.cpu_per_message.as_secs_f64()).collect();
+        Rate {
+            per_second: common::median(&mut rates),
+            cpu_per_message: Duration::from_secs_f64(common::median(&mut cpu)),
+        }
+    }
 }
