@@ -1,0 +1,800 @@
+//! What six stage workers cost while 10,000 runs wait on Azure: each worker's peak memory and its
+//! share of a core (goals: ≤ 256 MiB and ≤ 5 % of a core per worker).
+//!
+//! **Set-up.** An emulator runs in this process over real sockets (TLS, default world, time scale
+//! 1: Azure's own durations in real time). Six `sigrun worker --stage X` processes of the built
+//! binary, one per stage, read a config like the one `tests/it/workers.rs` writes (azure mode
+//! against the emulator, the broker under a prefix of this run's own). The nightly pipeline's
+//! managed image is made once beforehand (snapshots, image, gallery, definition, through the
+//! library's Azure client, with the emulated clock jumped past each operation), and every run
+//! publishes from it: what `sigrun submit --image-id` starts.
+//!
+//! **The runs.** `SIGRUN_BENCH_RUNS` (default 10,000) runs of the nightly pipeline, versions
+//! `2026.1127.1`…, each with its own plan (the planner's plan with the version's names), its own
+//! `RunStarted` event and first message at `gallery-publish`, published with confirms (64 in
+//! flight) by the library's `AmqpBus`. They are built with the library rather than sent as
+//! triggers or by 10,000 `sigrun submit` processes: the bench is about the waiting, and a
+//! process per run (planning against Azure each time) would make the set-up take far longer than
+//! the measurement, with nothing of it measured. From there the workers do the pipeline's real
+//! work: `gallery-publish` checks the gallery and definition and PUTs the image version (three
+//! target regions, four replicas in the source region), `replicate` reads its replication status,
+//! and each run then **waits on a real Azure operation**: the version's replication, about 17
+//! minutes of emulated (= real) time in its source region, longer in the others. Nothing of a
+//! waiting run stays in a worker: its message sits on a delay tier on the broker, and each time it
+//! comes back `replicate` reads the version again (a GET with `$expand=ReplicationStatus` to the
+//! emulator), publishes it back to a tier and acks.
+//!
+//! **The pace of the looks** is the configured poll interval: `stages.poll_default` and
+//! `stages.poll_max` are both set to `SIGRUN_BENCH_POLL_S` (default 30 s, the shipped
+//! `poll_default`), so every waiting run is looked at every 30 s: 10,000 / 30 ≈ 333 looks a
+//! second. With the shipped `poll_max` (10 min) `replicate` times its looks from the progress it
+//! reads and looks far less often; `SIGRUN_BENCH_POLL_S=0` keeps the shipped stage settings. (Real
+//! ARM would throttle 333 reads a second in one subscription long before the workers mind; the
+//! emulator only reports its rate-limit headers.)
+//!
+//! **The measurement.** Once every run has had its first look (its `Waiting` event for
+//! `replication` is in the events stream), the window starts (`SIGRUN_BENCH_WINDOW_S`, default
+//! 60 s): each worker's CPU time (utime + stime from `/proc/PID/stat`) at both ends, its `VmRSS`
+//! every second, and its `VmHWM` (peak RSS since it started, the ramp included) at the end; the
+//! emulator's request log for the window says how many looks there were. The broker's Erlang VM
+//! (`beam.smp`, when it is found) and this process (emulator + event reader) are measured the same
+//! way for context. At the end the events say that no run failed, completed a region or was
+//! parked, and SIGTERM stops every worker with exit 0. The prefix's topology is deleted.
+//!
+//! With the shipped settings the looks of runs started together stay together (the second 30 s
+//! after the first, the next ones up to 10 minutes later, from the progress read): a short window
+//! then sees a burst or nothing, depending on where it falls; measure those with a window of a
+//! whole cycle (`SIGRUN_BENCH_POLL_S=0 SIGRUN_BENCH_WINDOW_S=660`), or start the window later
+//! (`SIGRUN_BENCH_SETTLE_S`, default 0).
+//!
+//! `cargo bench --bench amqp_waiting`; `SIGRUN_BENCH_RUNS`, `SIGRUN_BENCH_WINDOW_S`,
+//! `SIGRUN_BENCH_POLL_S`, `SIGRUN_BENCH_SETTLE_S`, `SIGRUN_BENCH_AMQP_URL`.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use sigrun::azure::AzureApi;
+use sigrun::azure::api::{DefinitionRequest, ImageRequest, SnapshotRequest, Tags};
+use sigrun::bus::Bus;
+use sigrun::bus::amqp::{AmqpBus, StreamOffset};
+use sigrun::config::Settings;
+use sigrun::events::{Event, EventKind, PoolRef};
+use sigrun::model::envelope::{Artifacts, Branch, SnapshotArtifact, Stage};
+use sigrun::model::ids::ImageId;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use common::{Nightly, mib};
+
+/// Each step of the set-up (a worker starting, all runs waiting) must end within this.
+const SETUP_LIMIT: Duration = Duration::from_secs(1800);
+const PUBLISH_IN_FLIGHT: usize = 64;
+
+fn main() {
+    if !common::measuring("amqp_waiting") {
+        return;
+    }
+    let options = Options {
+        runs: common::env_or("SIGRUN_BENCH_RUNS", 10_000),
+        window: Duration::from_secs(common::env_or("SIGRUN_BENCH_WINDOW_S", 60)),
+        poll_s: common::env_or("SIGRUN_BENCH_POLL_S", 30),
+        settle: Duration::from_secs(common::env_or("SIGRUN_BENCH_SETTLE_S", 0)),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(bench(options));
+}
+
+struct Options {
+    runs: usize,
+    window: Duration,
+    /// Seconds between looks at a waiting run; 0 = the shipped stage settings.
+    poll_s: u64,
+    /// From all runs waiting to the window's start.
+    settle: Duration,
+}
+
+async fn bench(options: Options) {
+    let began = Instant::now();
+    let nightly = common::nightly(1.0).await;
+    let image = make_image(&nightly).await;
+    let base = common::plan(&nightly.spec, &nightly.azure, Some(image.clone())).await;
+
+    let prefix = common::prefix("waiting");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(&nightly, dir.path(), &prefix, options.poll_s);
+    let settings = Settings::load(Some(&config)).expect("the bench config loads");
+    let bus = Arc::new(common::connect(settings.amqp.clone(), settings.delay_tiers()).await);
+
+    println!("== six stage workers while runs wait on Azure ({})", common::machine());
+    println!(
+        "broker {} (prefix {prefix}); {} runs; looks every {}; window {} s after {} s",
+        settings.amqp.redacted_url(),
+        options.runs,
+        if options.poll_s == 0 {
+            "as the shipped stage settings decide".to_string()
+        } else {
+            format!("{} s", options.poll_s)
+        },
+        options.window.as_secs(),
+        options.settle.as_secs()
+    );
+
+    let mut workers: Vec<Worker> = Stage::ALL
+        .iter()
+        .map(|stage| Worker::start(*stage, &config, dir.path()))
+        .collect();
+    for worker in &mut workers {
+        worker.wait_consuming().await;
+    }
+
+    // The runs: RunStarted and the first message, 64 runs in flight.
+    let publishing_started = Instant::now();
+    let publisher = {
+        let bus = Arc::clone(&bus);
+        let spec = nightly.spec.clone();
+        let (base, image, runs) = (base.clone(), image.clone(), options.runs);
+        tokio::spawn(async move {
+            futures_util::stream::iter(1..=runs)
+                .map(|i| {
+                    let bus = Arc::clone(&bus);
+                    let (spec, base, image) = (&spec, &base, &image);
+                    async move { start_run(bus.as_ref(), spec, base, image, i).await }
+                })
+                .buffer_unordered(PUBLISH_IN_FLIGHT)
+                .collect::<Vec<()>>()
+                .await;
+            Instant::now()
+        })
+    };
+
+    // Every run's first look, from the events stream.
+    let mut history = History::default();
+    let mut events = follow_events(&bus).await;
+    let deadline = Instant::now() + SETUP_LIMIT;
+    let mut last_report = Instant::now();
+    while history.waiting.len() < options.runs {
+        if let Ok(event) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            history.add(&event.expect("the events stream is open"));
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            last_report = Instant::now();
+            println!(
+                "  {:>6.1} s: {} runs started, {} waiting on replication{}",
+                publishing_started.elapsed().as_secs_f64(),
+                history.started.len(),
+                history.waiting.len(),
+                history.trouble()
+            );
+        }
+        for worker in &mut workers {
+            worker.check_alive();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every run was waiting within {SETUP_LIMIT:?}{}",
+            history.trouble()
+        );
+    }
+    let published = publisher.await.expect("the publisher");
+    let all_waiting = Instant::now();
+    println!(
+        "  all {} runs published in {:.1} s and waiting on replication after {:.1} s",
+        options.runs,
+        (published - publishing_started).as_secs_f64(),
+        (all_waiting - publishing_started).as_secs_f64()
+    );
+
+    // The window, after the settling time.
+    let settled = Instant::now() + options.settle;
+    while Instant::now() < settled {
+        if let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(1), events.recv()).await {
+            history.add(&event);
+        }
+        for worker in &mut workers {
+            worker.check_alive();
+        }
+    }
+    let ticks = common::clock_ticks();
+    let broker = broker_pid();
+    let me = std::process::id();
+    let control = Control::new(&nightly);
+    control.clear_log().await;
+    let mut watched: Vec<Watched> = workers
+        .iter()
+        .map(|w| Watched::new(format!("worker {}", w.stage), w.pid(), ticks))
+        .collect();
+    if let Some(pid) = broker {
+        watched.push(Watched::new("rabbitmq (beam.smp)".into(), pid, ticks));
+    }
+    watched.push(Watched::new("bench process (emulator, reader)".into(), me, ticks));
+    let window_started = Instant::now();
+    while window_started.elapsed() < options.window {
+        // Keep reading the stream meanwhile, so a run that fails or finishes in the window shows.
+        let second = Instant::now() + Duration::from_secs(1);
+        while let Ok(Some(event)) = tokio::time::timeout_at(second.into(), events.recv()).await {
+            history.add(&event);
+        }
+        for w in &mut watched {
+            w.sample();
+        }
+        for worker in &mut workers {
+            worker.check_alive();
+        }
+    }
+    let window = window_started.elapsed();
+    for w in &mut watched {
+        w.finish(window);
+    }
+    let requests = control.requests().await;
+    // Whatever the stream still holds from the window.
+    while let Ok(event) = events.try_recv() {
+        history.add(&event);
+    }
+
+    // The end: SIGTERM, exit codes, topology.
+    let mut exits = Vec::new();
+    for worker in &workers {
+        worker.terminate();
+    }
+    for worker in &mut workers {
+        exits.push((worker.stage, worker.wait_exit(Duration::from_secs(30)).await));
+    }
+    let bus = Arc::into_inner(bus).expect("the publisher let go of the bus");
+    common::teardown(bus).await;
+    nightly.emulator.shutdown().await;
+
+    report(&options, &watched, &requests, &history, &exits, window);
+    println!("(whole bench {:.0} s)", began.elapsed().as_secs_f64());
+    let failed: Vec<_> = exits.iter().filter(|(_, code)| *code != Some(0)).collect();
+    assert!(failed.is_empty(), "every worker exits 0 on SIGTERM: {failed:?}");
+    assert!(
+        history.clean(),
+        "no run may fail, finish a region or be parked while waiting{}",
+        history.trouble()
+    );
+}
+
+/// The shared managed image every run publishes from: the nightly plan's snapshots of the build
+/// VM, then the image, the gallery and the definition, the emulated clock jumped past each.
+async fn make_image(nightly: &Nightly) -> ImageId {
+    let azure = &nightly.azure;
+    let control = Control::new(nightly);
+    let build = nightly.plan.build.as_ref().expect("the nightly pipeline builds");
+    let tags = Tags::new();
+    for snapshot in &build.snapshots {
+        let request = SnapshotRequest {
+            location: build.region.clone(),
+            source: snapshot.source.clone(),
+            tags: tags.clone(),
+        };
+        azure.put_snapshot(&snapshot.id, &request).await.expect("snapshot");
+    }
+    control.advance(Duration::from_secs(2 * 3600)).await;
+    let os = build.snapshots.iter().find(|s| s.lun.is_none()).expect("an OS disk");
+    let request = ImageRequest {
+        location: build.region.clone(),
+        os_type: build.os_type.clone(),
+        hyper_v_generation: build.hyper_v_generation.clone(),
+        os_snapshot: os.id.clone(),
+        data_snapshots: build
+            .snapshots
+            .iter()
+            .filter_map(|s| s.lun.map(|lun| (lun, s.id.clone())))
+            .collect(),
+        tags: tags.clone(),
+    };
+    azure.put_image(&build.image, &request).await.expect("image");
+    let plan = &nightly.plan;
+    azure
+        .put_gallery(&plan.gallery, &plan.gallery_region, &tags)
+        .await
+        .expect("gallery");
+    control.advance(Duration::from_secs(2 * 3600)).await;
+    let definition = &nightly.spec.definition;
+    let request = DefinitionRequest {
+        location: plan.gallery_region.clone(),
+        os_type: definition.os_type.as_str().to_string(),
+        os_state: definition.os_state.clone(),
+        hyper_v_generation: definition.hyper_v_generation.clone(),
+        publisher: definition.publisher.clone(),
+        offer: definition.offer.clone(),
+        sku: definition.sku.clone(),
+        tags,
+    };
+    azure
+        .put_definition(&plan.definition, &request)
+        .await
+        .expect("definition");
+    control.advance(Duration::from_secs(3600)).await;
+    let image = azure.get_image(&build.image).await.expect("read the image");
+    assert_eq!(
+        image.map(|i| i.provisioning_state).as_deref(),
+        Some("Succeeded"),
+        "the shared image is made"
+    );
+    let definition = azure
+        .get_definition(&plan.definition)
+        .await
+        .expect("read the definition");
+    assert_eq!(
+        definition.map(|d| d.provisioning_state).as_deref(),
+        Some("Succeeded"),
+        "the definition is made"
+    );
+    build.image.clone()
+}
+
+/// The workers' config: azure mode against the emulator (as `tests/it/workers.rs` writes it), the
+/// looks' pace, the broker under this run's prefix.
+fn write_config(nightly: &Nightly, dir: &Path, prefix: &str, poll_s: u64) -> PathBuf {
+    let info = nightly.emulator.info();
+    let stages = if poll_s == 0 {
+        String::new()
+    } else {
+        format!("\n[stages]\npoll_default = \"{poll_s}s\"\npoll_max = \"{poll_s}s\"\n")
+    };
+    let text = format!(
+        r#"[azure]
+mode = "azure"
+time_scale = 1.0
+
+[azure.client]
+credential = {{ kind = "client_secret", tenant_id = "{tenant}", client_id = "{client}", client_secret = "{secret}" }}
+cloud = {{ authority_host = "{base}", resource_manager = "{base}" }}
+extra_ca_cert = "{ca}"
+
+[runtime]
+shutdown_grace_ms = 5000
+{stages}
+[amqp]
+url = "{url}"
+prefix = "{prefix}"
+event_max_age = "1h"
+"#,
+        tenant = common::TENANT,
+        client = common::CLIENT_ID,
+        secret = common::CLIENT_SECRET,
+        base = info.base_url,
+        ca = info.ca_cert.as_deref().expect("the emulator serves TLS"),
+        url = common::amqp_url(),
+    );
+    let path = dir.join("sigrun.toml");
+    std::fs::write(&path, text).expect("write the workers' config");
+    path
+}
+
+/// Publishes run `i`: its `RunStarted` event, then its first message at `gallery-publish`.
+async fn start_run(
+    bus: &AmqpBus,
+    spec: &sigrun::model::spec::PipelineSpec,
+    base: &sigrun::model::plan::Plan,
+    image: &ImageId,
+    i: usize,
+) {
+    let version = format!("2026.1127.{i}");
+    let mut plan = common::plan_for_version(base, &version);
+    if let Some(build) = plan.build.as_mut() {
+        // The shared image's name came from the base version; it stays what it is.
+        build.image = image.clone();
+    }
+    // As `sigrun submit --image-id` starts a run: the snapshots it names and the image.
+    let artifacts = Artifacts {
+        snapshots: plan
+            .build
+            .as_ref()
+            .map(|b| {
+                b.snapshots
+                    .iter()
+                    .map(|s| SnapshotArtifact {
+                        lun: s.lun,
+                        id: s.id.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        image: Some(image.clone()),
+        ..Artifacts::default()
+    };
+    let message = common::envelope(spec, &plan, Stage::GalleryPublish, artifacts);
+    let started = Event {
+        run_id: message.run_id,
+        pipeline: spec.name.clone(),
+        version: version.clone(),
+        stage: Stage::GalleryPublish,
+        branch: Branch::Trunk,
+        at: OffsetDateTime::now_utc(),
+        kind: EventKind::RunStarted {
+            regions: plan.regions.iter().map(|r| r.name.clone()).collect(),
+            pools: plan
+                .pools
+                .iter()
+                .map(|p| PoolRef {
+                    region: p.region.clone(),
+                    target: p.target.clone(),
+                })
+                .collect(),
+        },
+    };
+    bus.publish_event(&started).await.expect("publish RunStarted");
+    bus.publish(Stage::GalleryPublish, &message.encode())
+        .await
+        .expect("publish the first message");
+}
+
+/// The events stream from its start, read by a task of its own (a reader's `next` must not be
+/// cancelled half-way: it acks what it took) and handed over through a channel.
+async fn follow_events(bus: &AmqpBus) -> mpsc::UnboundedReceiver<Event> {
+    let mut reader = bus
+        .read_events(StreamOffset::First)
+        .await
+        .expect("read the events stream");
+    let (events, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(item) = reader.next().await {
+            let streamed = item.expect("events in the stream parse");
+            if events.send(streamed.event).is_err() {
+                break;
+            }
+        }
+        reader.close().await;
+    });
+    received
+}
+
+/// What the events stream said about the runs.
+#[derive(Default)]
+struct History {
+    started: HashSet<Uuid>,
+    waiting: HashSet<Uuid>,
+    /// Events that should not happen while the runs wait, by kind.
+    unexpected: BTreeMap<String, u64>,
+    first_unexpected: Option<String>,
+}
+
+impl History {
+    fn add(&mut self, event: &Event) {
+        match &event.kind {
+            EventKind::RunStarted { .. } => {
+                self.started.insert(event.run_id);
+            }
+            EventKind::Waiting { what } if what == "replication" => {
+                self.waiting.insert(event.run_id);
+            }
+            EventKind::Waiting { .. } | EventKind::ResourceCreated { .. } | EventKind::StageStarted => {}
+            other => {
+                let name = serde_json::to_value(other)
+                    .ok()
+                    .and_then(|v| v["kind"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "event".into());
+                *self.unexpected.entry(name).or_default() += 1;
+                self.first_unexpected
+                    .get_or_insert_with(|| format!("{} {}: {other:?}", event.run_id, event.stage));
+            }
+        }
+    }
+
+    fn clean(&self) -> bool {
+        self.unexpected.is_empty()
+    }
+
+    fn trouble(&self) -> String {
+        match &self.first_unexpected {
+            None => String::new(),
+            Some(first) => format!("; unexpected events {:?}, the first: {first}", self.unexpected),
+        }
+    }
+}
+
+/// A `sigrun worker` process for one stage, its output in files.
+struct Worker {
+    stage: Stage,
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Worker {
+    fn start(stage: Stage, config: &Path, dir: &Path) -> Worker {
+        let stderr = dir.join(format!("worker-{stage}.err"));
+        let child = Command::new(env!("CARGO_BIN_EXE_sigrun"))
+            .args(["worker", "--stage", stage.as_str(), "--config"])
+            .arg(config)
+            .current_dir(common::root())
+            .env_remove("SIGRUN_LOG")
+            .env_remove("SIGRUN__AMQP__URL")
+            .env_remove("SIGRUN__AMQP__PREFIX")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("sigrun worker starts");
+        Worker { stage, child, stderr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Until it says it consumes its stage.
+    async fn wait_consuming(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.output().contains("sigrun worker: consuming") {
+            self.check_alive();
+            assert!(
+                Instant::now() < deadline,
+                "worker {} did not start consuming:\n{}",
+                self.stage,
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn check_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("look at the worker") {
+            panic!("worker {} exited ({status}):\n{}", self.stage, self.output());
+        }
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM to worker {}", self.stage);
+    }
+
+    async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the worker") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "worker {} did not stop within {limit:?}:\n{}",
+                    self.stage,
+                    self.output()
+                );
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A process measured over the window.
+struct Watched {
+    name: String,
+    pid: u32,
+    ticks: f64,
+    cpu_before: Duration,
+    /// CPU used before the window: start-up and the ramp.
+    cpu_ramp: Duration,
+    rss_max: u64,
+    cpu_window: Duration,
+    share: f64,
+    peak: u64,
+}
+
+impl Watched {
+    fn new(name: String, pid: u32, ticks: f64) -> Watched {
+        let cpu_before = common::cpu_time(pid, ticks);
+        Watched {
+            name,
+            pid,
+            ticks,
+            cpu_before,
+            cpu_ramp: cpu_before,
+            rss_max: common::status_kib(pid, "VmRSS"),
+            cpu_window: Duration::ZERO,
+            share: 0.0,
+            peak: 0,
+        }
+    }
+
+    fn sample(&mut self) {
+        self.rss_max = self.rss_max.max(common::status_kib(self.pid, "VmRSS"));
+    }
+
+    fn finish(&mut self, window: Duration) {
+        self.sample();
+        self.cpu_window = common::cpu_time(self.pid, self.ticks).saturating_sub(self.cpu_before);
+        self.share = self.cpu_window.as_secs_f64() / window.as_secs_f64();
+        self.peak = common::status_kib(self.pid, "VmHWM");
+    }
+}
+
+/// The broker's Erlang VM, if one runs here and is readable (`rabbitmqctl` runs a `beam.smp` of
+/// its own: the broker's is the one that boots `rabbit`).
+fn broker_pid() -> Option<u32> {
+    let output = Command::new("pgrep").args(["-x", "beam.smp"]).output().ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("rabbit\0boot"))
+                .unwrap_or(false)
+                && std::fs::metadata(format!("/proc/{pid}/stat")).is_ok()
+        })
+}
+
+/// The emulator's control API.
+struct Control {
+    client: reqwest::Client,
+    url: String,
+}
+
+impl Control {
+    fn new(nightly: &Nightly) -> Control {
+        let info = nightly.emulator.info();
+        let pem = std::fs::read(info.ca_cert.as_deref().expect("TLS")).expect("read the CA");
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("the CA parses"))
+            .build()
+            .expect("client");
+        Control {
+            client,
+            url: info.control_url.clone(),
+        }
+    }
+
+    async fn advance(&self, by: Duration) {
+        let reply = self
+            .client
+            .post(format!("{}/clock", self.url))
+            .json(&serde_json::json!({ "advance_seconds": by.as_secs_f64() }))
+            .send()
+            .await
+            .expect("advance the emulated clock");
+        assert!(
+            reply.status().is_success(),
+            "advance the emulated clock: {}",
+            reply.status()
+        );
+    }
+
+    async fn clear_log(&self) {
+        let reply = self
+            .client
+            .delete(format!("{}/requests", self.url))
+            .send()
+            .await
+            .expect("clear the request log");
+        assert!(reply.status().is_success(), "clear the request log");
+    }
+
+    /// Requests answered since the log was cleared: (kind, count), kind = method and resource type.
+    async fn requests(&self) -> BTreeMap<String, u64> {
+        let log: Value = self
+            .client
+            .get(format!("{}/requests", self.url))
+            .send()
+            .await
+            .expect("read the request log")
+            .json()
+            .await
+            .expect("the request log is JSON");
+        let mut kinds = BTreeMap::new();
+        for entry in log["requests"].as_array().expect("requests") {
+            let method = entry["method"].as_str().unwrap_or("");
+            let path = entry["path"].as_str().unwrap_or("").to_ascii_lowercase();
+            let status = entry["status"].as_u64().unwrap_or(0);
+            let what = if path.contains("/versions/") {
+                "image version"
+            } else if path.contains("/operations/") || path.contains("operations/") {
+                "operation status"
+            } else if path.contains("oauth2") {
+                "token"
+            } else {
+                "other"
+            };
+            let class = if (200..300).contains(&status) {
+                String::new()
+            } else {
+                format!(" ({status})")
+            };
+            *kinds.entry(format!("{method} {what}{class}")).or_default() += 1;
+        }
+        kinds
+    }
+}
+
+fn report(
+    options: &Options,
+    watched: &[Watched],
+    requests: &BTreeMap<String, u64>,
+    history: &History,
+    exits: &[(Stage, Option<i32>)],
+    window: Duration,
+) {
+    let secs = window.as_secs_f64();
+    println!();
+    println!(
+        "{:<34} {:>12} {:>14} {:>12} {:>10} {:>12}",
+        "process", "peak RSS", "RSS in window", "CPU window", "of a core", "CPU before"
+    );
+    for w in watched {
+        println!(
+            "{:<34} {:>8.1} MiB {:>10.1} MiB {:>10.2} s {:>9.2} % {:>10.1} s",
+            w.name,
+            mib(w.peak),
+            mib(w.rss_max),
+            w.cpu_window.as_secs_f64(),
+            100.0 * w.share,
+            w.cpu_ramp.as_secs_f64()
+        );
+    }
+    println!("(peak RSS = VmHWM since the process started; CPU before = start-up and ramp, before the window)");
+    println!("\nemulator requests in the {secs:.1} s window:");
+    for (kind, n) in requests {
+        println!("  {n:>8}  {kind}  ({:.1}/s)", *n as f64 / secs);
+    }
+    let looks = requests.get("GET image version").copied().unwrap_or(0);
+    if let Some(replicate) = watched.iter().find(|w| w.name == "worker replicate")
+        && looks > 0
+    {
+        println!(
+            "replicate: {looks} looks ({:.1}/s for {} runs), {:.0} µs of CPU per look",
+            looks as f64 / secs,
+            options.runs,
+            replicate.cpu_window.as_secs_f64() * 1e6 / looks as f64
+        );
+    }
+    println!(
+        "runs: {} started, {} waiting on replication; unexpected events: {}",
+        history.started.len(),
+        history.waiting.len(),
+        if history.clean() {
+            "none".to_string()
+        } else {
+            format!("{:?}", history.unexpected)
+        }
+    );
+    let codes: Vec<String> = exits
+        .iter()
+        .map(|(stage, code)| format!("{stage} {}", code.map_or("killed".into(), |c| c.to_string())))
+        .collect();
+    println!("exit codes on SIGTERM: {}", codes.join(", "));
+    let workers: Vec<&Watched> = watched.iter().filter(|w| w.name.starts_with("worker ")).collect();
+    let peak = workers.iter().map(|w| w.peak).max().unwrap_or(0);
+    let share = workers.iter().map(|w| w.share).fold(0.0, f64::max);
+    println!(
+        "\nWORKERS: highest peak RSS {:.1} MiB (goal ≤ 256), highest CPU {:.2} % of a core (goal ≤ 5): {}",
+        mib(peak),
+        100.0 * share,
+        if mib(peak) <= 256.0 && share <= 0.05 {
+            "met"
+        } else {
+            "NOT MET"
+        }
+    );
+}
