@@ -20,8 +20,9 @@
 //! printed too).
 //!
 //! The rows take turns message by message (bare, hand-off, hand-off with an event), so a change
-//! in the load of the machine (it is shared) falls on each alike. Also printed: what encoding and
-//! decoding the envelope costs here (our code on the hand-off's path, without the broker).
+//! in the load of the machine (it is shared) falls on each alike. Also printed: what encoding,
+//! decoding and cloning the envelope cost here (our code on the hand-off's path, without the
+//! broker).
 //!
 //! `cargo bench --bench amqp_handoff`; `SIGRUN_BENCH_SAMPLES` (default 2000, after 200 warm-up
 //! messages per row), `SIGRUN_BENCH_AMQP_URL` (default the local broker). Uses its own prefix on the
@@ -103,7 +104,7 @@ async fn bench(samples: usize) {
     }
     bare.close().await;
     staged.stop().await;
-    let (encode, decode) = codec(&envelope);
+    let (encode, decode, clone) = codec(&envelope);
     let (round_trip, confirm, handoff, handoff_event) = (
         Stats::new(round_trip),
         Stats::new(confirm),
@@ -132,9 +133,10 @@ async fn bench(samples: usize) {
     row("hand-off: step without events", &handoff);
     row("hand-off: step with one event", &handoff_event);
     println!(
-        "envelope encode {:.1} µs, decode {:.1} µs (mean of 1000, this process)",
+        "envelope encode {:.1} µs, decode {:.1} µs, clone {:.1} µs (mean of 1000, this process)",
         encode.as_secs_f64() * 1e6,
-        decode.as_secs_f64() * 1e6
+        decode.as_secs_f64() * 1e6,
+        clone.as_secs_f64() * 1e6
     );
     let (p50, p99) = (handoff.pct(50.0), handoff.pct(99.0));
     let over = |ours: Duration, bare: Duration| ours.as_secs_f64() * 1000.0 - bare.as_secs_f64() * 1000.0;
@@ -375,8 +377,8 @@ impl Staged {
     }
 }
 
-/// Mean time to encode and to decode the envelope.
-fn codec(envelope: &Envelope) -> (Duration, Duration) {
+/// Mean time to encode, to decode and to clone the envelope.
+fn codec(envelope: &Envelope) -> (Duration, Duration, Duration) {
     const N: u32 = 1000;
     let started = Instant::now();
     let mut body = Vec::new();
@@ -388,5 +390,10 @@ fn codec(envelope: &Envelope) -> (Duration, Duration) {
     for _ in 0..N {
         std::hint::black_box(Envelope::decode(&body).expect("decodes"));
     }
-    (encode, started.elapsed() / N)
+    let decode = started.elapsed() / N;
+    let started = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(envelope.clone());
+    }
+    (encode, decode, started.elapsed() / N)
 }

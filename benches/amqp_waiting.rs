@@ -119,13 +119,13 @@ async fn bench(options: Options) {
 
     println!("== six stage workers while runs wait on Azure ({})", common::machine());
     println!(
-        "broker {} (prefix {prefix}); {} runs; looks every {}; window {} s after {} s",
+        "broker {} (prefix {prefix}); {} runs; looks {}; window {} s after {} s",
         settings.amqp.redacted_url(),
         options.runs,
         if options.poll_s == 0 {
-            "as the shipped stage settings decide".to_string()
+            "paced by the shipped stage settings".to_string()
         } else {
-            format!("{} s", options.poll_s)
+            format!("every {} s", options.poll_s)
         },
         options.window.as_secs(),
         options.settle.as_secs()
@@ -138,6 +138,20 @@ async fn bench(options: Options) {
     for worker in &mut workers {
         worker.wait_consuming().await;
     }
+
+    // CPU time so far of everything measured, so the ramp's share can be told apart.
+    let ticks = common::clock_ticks();
+    let broker = broker_pid();
+    let me = std::process::id();
+    let mut measured: Vec<(String, u32)> = workers
+        .iter()
+        .map(|w| (format!("worker {}", w.stage), w.pid()))
+        .collect();
+    if let Some(pid) = broker {
+        measured.push(("rabbitmq (beam.smp)".into(), pid));
+    }
+    measured.push(("bench process (emulator, reader)".into(), me));
+    let before_ramp: Vec<Duration> = measured.iter().map(|(_, pid)| common::cpu_time(*pid, ticks)).collect();
 
     // The runs: RunStarted and the first message, 64 runs in flight.
     let publishing_started = Instant::now();
@@ -206,19 +220,13 @@ async fn bench(options: Options) {
             worker.check_alive();
         }
     }
-    let ticks = common::clock_ticks();
-    let broker = broker_pid();
-    let me = std::process::id();
     let control = Control::new(&nightly);
     control.clear_log().await;
-    let mut watched: Vec<Watched> = workers
-        .iter()
-        .map(|w| Watched::new(format!("worker {}", w.stage), w.pid(), ticks))
+    let mut watched: Vec<Watched> = measured
+        .into_iter()
+        .zip(before_ramp)
+        .map(|((name, pid), before)| Watched::new(name, pid, ticks, before))
         .collect();
-    if let Some(pid) = broker {
-        watched.push(Watched::new("rabbitmq (beam.smp)".into(), pid, ticks));
-    }
-    watched.push(Watched::new("bench process (emulator, reader)".into(), me, ticks));
     let window_started = Instant::now();
     while window_started.elapsed() < options.window {
         // Keep reading the stream meanwhile, so a run that fails or finishes in the window shows.
@@ -595,7 +603,7 @@ struct Watched {
     pid: u32,
     ticks: f64,
     cpu_before: Duration,
-    /// CPU used before the window: start-up and the ramp.
+    /// CPU used from the first run published to the window (the settling time included).
     cpu_ramp: Duration,
     rss_max: u64,
     cpu_window: Duration,
@@ -604,14 +612,15 @@ struct Watched {
 }
 
 impl Watched {
-    fn new(name: String, pid: u32, ticks: f64) -> Watched {
+    /// Starts watching; `before_ramp` is its CPU time when the first run was published.
+    fn new(name: String, pid: u32, ticks: f64, before_ramp: Duration) -> Watched {
         let cpu_before = common::cpu_time(pid, ticks);
         Watched {
             name,
             pid,
             ticks,
             cpu_before,
-            cpu_ramp: cpu_before,
+            cpu_ramp: cpu_before.saturating_sub(before_ramp),
             rss_max: common::status_kib(pid, "VmRSS"),
             cpu_window: Duration::ZERO,
             share: 0.0,
@@ -740,7 +749,7 @@ fn report(
     println!();
     println!(
         "{:<34} {:>12} {:>14} {:>12} {:>10} {:>12}",
-        "process", "peak RSS", "RSS in window", "CPU window", "of a core", "CPU before"
+        "process", "peak RSS", "RSS in window", "CPU window", "of a core", "CPU ramp"
     );
     for w in watched {
         println!(
@@ -753,7 +762,7 @@ fn report(
             w.cpu_ramp.as_secs_f64()
         );
     }
-    println!("(peak RSS = VmHWM since the process started; CPU before = start-up and ramp, before the window)");
+    println!("(peak RSS = VmHWM since the process started; CPU ramp = from the first run published to the window)");
     println!("\nemulator requests in the {secs:.1} s window:");
     for (kind, n) in requests {
         println!("  {n:>8}  {kind}  ({:.1}/s)", *n as f64 / secs);
