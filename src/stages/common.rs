@@ -127,12 +127,12 @@ pub fn fail(reason: impl Into<String>) -> Step {
     Step::new(Outcome::Fail(reason.into()))
 }
 
-/// The plan's target regions as the version takes them, leaving out `except` (a failed region
-/// being removed).
-pub fn target_regions(plan: &Plan, except: Option<&str>) -> Vec<TargetRegion> {
+/// The plan's target regions as the version takes them, leaving out `except` (failed regions
+/// being removed, or failed for good).
+pub fn target_regions(plan: &Plan, except: &[&str]) -> Vec<TargetRegion> {
     plan.regions
         .iter()
-        .filter(|r| except.is_none_or(|e| r.name != e))
+        .filter(|r| !except.contains(&r.name.as_str()))
         .map(|r| TargetRegion {
             name: r.name.clone(),
             replicas: r.replicas,

@@ -207,7 +207,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     let request = VersionRequest {
         location,
         source,
-        regions: target_regions(&plan, None),
+        regions: target_regions(&plan, &[]),
         storage_account_type: message.spec.publish.storage_account_type.clone(),
         exclude_from_latest: plan.publish_excluded && !promoted,
         end_of_life: plan

@@ -2,7 +2,9 @@
 //! `provisioningState` may read Succeeded while regions still replicate, so each region is judged on
 //! its own). A region's pools start the moment its replica is Completed. A region that fails is
 //! removed and added back (Azure's advice) up to the configured number of times, then counts as
-//! failed: its pools are not created and the run's result names it. The next look is timed from the
+//! failed: its pools are not created and the run's result names it. Several regions failing in one
+//! look are removed together (one write), and neither a removal nor a re-add ever puts back a
+//! region that waits to be re-added or that failed for good. The next look is timed from the
 //! progress seen so far.
 
 use std::time::Duration;
@@ -33,8 +35,10 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     if !message.artifacts.regions_to_readd.is_empty()
         && !matches!(version.provisioning_state.as_str(), "Creating" | "Updating")
     {
+        // Everything planned except what failed for good.
+        let failed: Vec<&str> = message.artifacts.regions_failed.keys().map(String::as_str).collect();
         ctx.azure
-            .set_target_regions(&plan.version_id, &target_regions(&plan, None))
+            .set_target_regions(&plan.version_id, &target_regions(&plan, &failed))
             .await?;
         message.artifacts.regions_to_readd.clear();
         let delay = ctx.settings.default_poll();
@@ -47,6 +51,8 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
 
     let mut pending_eta: Option<Duration> = None;
     let mut unknown_pending = false;
+    // Regions failing in this look that get another try.
+    let mut removing: Vec<String> = Vec::new();
     for region in &plan.regions {
         let name = region.name.as_str();
         if message.artifacts.regions_completed.iter().any(|r| r == name)
@@ -74,12 +80,11 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
                 let details = status.map(|s| s.details.clone()).unwrap_or_default();
                 let tries = message.artifacts.region_retries.get(name).copied().unwrap_or(0);
                 if tries < ctx.settings.region_retries {
-                    // Remove the failed region now; it is added back once the version settles.
-                    ctx.azure
-                        .set_target_regions(&plan.version_id, &target_regions(&plan, Some(name)))
-                        .await?;
+                    // Removed below, together with any other region failing in this look; added
+                    // back once the version settles.
                     message.artifacts.region_retries.insert(name.to_string(), tries + 1);
                     message.artifacts.regions_to_readd.push(name.to_string());
+                    removing.push(name.to_string());
                     events.push(EventKind::Retried {
                         attempt: tries + 1,
                         error: format!("replication to {name} failed ({details}); removing and adding the region back"),
@@ -112,6 +117,20 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         }
     }
 
+    if !removing.is_empty() {
+        // One write for every failing region: keep only what neither waits to be re-added nor
+        // failed for good.
+        let out: Vec<&str> = message
+            .artifacts
+            .regions_to_readd
+            .iter()
+            .map(String::as_str)
+            .chain(message.artifacts.regions_failed.keys().map(String::as_str))
+            .collect();
+        ctx.azure
+            .set_target_regions(&plan.version_id, &target_regions(&plan, &out))
+            .await?;
+    }
     let observations = replication_ratios(&plan, &version.replication, &message);
     let all_ended = plan.regions.iter().all(|r| {
         message.artifacts.regions_completed.contains(&r.name) || message.artifacts.regions_failed.contains_key(&r.name)

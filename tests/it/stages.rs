@@ -1263,6 +1263,133 @@ async fn replicate_removes_a_failed_region_and_adds_it_back() {
     assert!(info.replication.iter().all(|r| r.state == "Completed"), "{info:?}");
 }
 
+/// The version's target regions, as Azure holds them now.
+async fn target_region_names(sim: &Sim, message: &Envelope) -> Vec<String> {
+    let info = sim
+        .azure
+        .get_version(&message.plan.version_id, false)
+        .await
+        .unwrap()
+        .unwrap();
+    info.target_regions.iter().map(|(r, _)| r.clone()).collect()
+}
+
+#[tokio::test]
+async fn replicate_gives_every_region_failing_in_one_look_its_own_retry() {
+    let mut sim =
+        Sim::with_faults("replication-fail:region=eastus,times=1;replication-fail:region=southeastasia,times=1").await;
+    let message = at_replicate(&mut sim, NIGHTLY).await;
+    let version_path = format!("/versions/{}", message.plan.version_id.name());
+    // Long enough for the source region to finish and both others to replicate far enough to fail.
+    sim.advance(3000.0).await;
+    let mark = sim.mark().await;
+    let first = sim.drive(&message).await;
+    let writes: Vec<Value> = sim
+        .since(mark)
+        .await
+        .into_iter()
+        .filter(|e| is_put_or_patch_of(e, &version_path))
+        .collect();
+    assert_eq!(
+        writes.len(),
+        1,
+        "both failed regions are removed in one write: {writes:?}"
+    );
+    assert_eq!(target_region_names(&sim, &message).await, vec!["westeurope"]);
+    let (waiting, _, _) = waited(&first);
+    assert_eq!(
+        waiting.artifacts.regions_to_readd,
+        vec!["eastus".to_string(), "southeastasia".to_string()]
+    );
+    assert_eq!(waiting.artifacts.region_retries.get("eastus"), Some(&1));
+    assert_eq!(waiting.artifacts.region_retries.get("southeastasia"), Some(&1));
+    let mut steps = vec![first.clone()];
+    steps.extend(sim.settle(&waiting.clone(), 60.0).await);
+    let events = all_events(&steps);
+    let retried = events.iter().filter(|e| matches!(e, EventKind::Retried { .. })).count();
+    assert_eq!(retried, 2, "one retry per failed region: {events:?}");
+    assert!(
+        !events.iter().any(|e| matches!(e, EventKind::RegionFailed { .. })),
+        "{events:?}"
+    );
+    let info = sim
+        .azure
+        .get_version(&message.plan.version_id, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.replication.len(), 3, "{info:?}");
+    assert!(info.replication.iter().all(|r| r.state == "Completed"), "{info:?}");
+    assert_eq!(
+        branches(&pool_messages(&steps)),
+        vec![
+            pair("eastus", "sim"),
+            pair("westeurope", "render"),
+            pair("westeurope", "tools")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn replicate_never_puts_back_a_region_that_failed_for_good() {
+    let mut sim = Sim::with_faults("replication-fail:region=southeastasia,times=1").await;
+    let mut message = at_replicate(&mut sim, NIGHTLY).await;
+    // eastus failed for good on an earlier look (its retries used up).
+    message
+        .artifacts
+        .regions_failed
+        .insert("eastus".into(), "replication failed: ReplicationFailed".into());
+    message.artifacts.region_retries.insert("eastus".into(), 1);
+    sim.advance(3000.0).await;
+    let mut waiting = message;
+    let mut seen_removal = false;
+    let mut steps = Vec::new();
+    for _ in 0..200 {
+        let step = sim.drive(&waiting).await;
+        let regions = target_region_names(&sim, &waiting).await;
+        if !regions.contains(&"southeastasia".to_string()) {
+            seen_removal = true;
+            assert_eq!(
+                regions,
+                vec!["westeurope"],
+                "the failing region and the failed one are out"
+            );
+        }
+        if seen_removal {
+            assert!(
+                !regions.contains(&"eastus".to_string()),
+                "eastus failed for good and must never be put back: {regions:?}"
+            );
+        }
+        let next = match &step.outcome {
+            Outcome::Wait { message, .. } => Some((**message).clone()),
+            _ => None,
+        };
+        steps.push(step);
+        match next {
+            Some(next) => {
+                waiting = next;
+                sim.advance(60.0).await;
+            }
+            None => break,
+        }
+    }
+    assert!(seen_removal, "southeastasia failed once and was removed");
+    assert_eq!(
+        target_region_names(&sim, &waiting).await,
+        vec!["westeurope", "southeastasia"],
+        "southeastasia came back, eastus did not"
+    );
+    let events = all_events(&steps);
+    assert!(events.contains(&&EventKind::RegionCompleted {
+        region: "southeastasia".into()
+    }));
+    assert!(
+        !events.iter().any(|e| matches!(e, EventKind::RegionFailed { .. })),
+        "eastus had failed before; nothing new failed: {events:?}"
+    );
+}
+
 #[tokio::test]
 async fn replicate_counts_a_region_failed_after_its_retries_and_skips_its_pools() {
     let mut sim = Sim::with_faults("replication-fail:region=eastus").await;
