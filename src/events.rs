@@ -80,6 +80,12 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message_id: Option<String>,
     },
+    /// A stale copy of this step's message was dropped without a step: another copy had taken it
+    /// (a redelivery after its successor went out, a publish that landed twice), or the run had
+    /// finished.
+    DuplicateDropped {
+        message_id: Uuid,
+    },
     /// A trigger for this run was refused before the run started (a rule it breaks, Azure refusing
     /// a read for good); the trigger is parked with the same reason.
     TriggerRejected {
@@ -111,6 +117,7 @@ impl EventKind {
             EventKind::CancelRequested => "cancel_requested",
             EventKind::DuplicateTrigger { .. } => "duplicate_trigger",
             EventKind::TriggerRejected { .. } => "trigger_rejected",
+            EventKind::DuplicateDropped { .. } => "duplicate_dropped",
         }
     }
 }

@@ -8,6 +8,9 @@
 //! - [`azure`]: the Azure operations the pipeline calls (trait, REST client, error classes).
 //! - [`bus`]: the message bus interface, its in-process implementation and the RabbitMQ one.
 //! - [`events`]: run history events and the run result derived from them.
+//! - [`ledger`]: claims and commits in the history stream, so each step of a run happens once
+//!   however many copies of its message the bus delivers; which runs started, were cancelled,
+//!   are still making their pools.
 //! - [`planner`]: spec → plan, reading Azure and applying every preflight rule.
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
 //! - [`stages`]: the six stages as state machines over the Azure trait.
@@ -26,6 +29,7 @@ pub mod cli;
 pub mod config;
 pub mod emulator;
 pub mod events;
+pub mod ledger;
 pub mod model;
 pub mod planner;
 pub mod runtime;

@@ -646,6 +646,8 @@ fn first_message() -> Envelope {
         run_started: now,
         stage_started: now,
         traceparent: new_traceparent(),
+        token: Uuid::new_v4(),
+        made_by: Uuid::nil(),
     }
 }
 

@@ -207,6 +207,8 @@ pub fn envelope(spec: &PipelineSpec, plan: &Plan, stage: Stage, artifacts: Artif
         run_started: now,
         stage_started: now,
         traceparent: new_traceparent(),
+        token: Uuid::nil(),
+        made_by: Uuid::nil(),
     }
 }
 

@@ -13,13 +13,17 @@
 //! - it is planned exactly as `sigrun run` and `submit` plan; bad input → `TriggerRejected` in the
 //!   run's history and parked; Azure unreadable just now → back on a delay tier with its attempt
 //!   count, parked once the retry budget (`[runtime.retry]`) is spent;
-//! - admitted: the first message(s) are published, then `RunStarted`, then the trigger is acked.
-//!   Each publish is confirmed; one that is not returns the trigger to its queue.
+//! - admitted through the ledger ([`super::begin`]): the admission is claimed, the first
+//!   message(s) published, then one commit records `RunStarted` and makes them live; then the
+//!   trigger is acked. Each publish is confirmed; one that is not returns the trigger to its queue.
 //!
-//! That order makes a redelivery harmless and loses no run: until `RunStarted` is confirmed the
-//! run counts as not started, so a trigger redelivered after a crash admits it again (its first
-//! messages may then go out twice, which the stages' idempotent steps absorb); after it, the
-//! redelivered trigger is a duplicate.
+//! The claim makes the admission happen once per run, however the trigger arrives: a duplicate,
+//! a redelivery after the connection dropped mid-admission (the broker hands it to the next
+//! admitter while the first may still be planning), two admitters after a partition. The stream
+//! orders their claims; the first holds the admission, the others find the run started (a
+//! duplicate) or, while the holder may still commit, put their trigger off and look again. A
+//! holder that died before its commit is taken over after the claim timeout; what it had sent is
+//! not live, so stage workers drop it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,17 +33,21 @@ use tokio::sync::watch;
 use tracing::{Instrument, Span, field, info, info_span, warn};
 use uuid::Uuid;
 
-use super::{PrepareError, RunIndex, RunRequest, entry_stage, first_messages, run_started, trunk_event};
+use super::{Begun, PrepareError, RunRequest, begin, entry_stage, trunk_event};
 use crate::azure::AzureApi;
-use crate::bus::amqp::{AmqpBus, TriggerDelivery, TriggerMessage};
-use crate::bus::{Bus, BusError, tier_for};
+use crate::bus::{BusError, TriggerDelivery, TriggerMessage, Triggers, tier_for};
 use crate::events::EventKind;
+use crate::ledger::Ledger;
 use crate::model::envelope::Stage;
 use crate::model::spec::PipelineSpec;
 use crate::model::trace::TraceParent;
 use crate::model::trigger::{self, Trigger, run_id};
 use crate::runtime::RetrySettings;
 use crate::runtime::retry::{self, Decision};
+
+/// How long a trigger whose admission another admitter holds is put off before it is looked at
+/// again.
+const PUT_OFF: Duration = Duration::from_secs(1);
 
 /// What became of one trigger.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,13 +69,11 @@ pub enum Admission {
 }
 
 pub struct Admitter {
-    bus: Arc<AmqpBus>,
-    index: Arc<RunIndex>,
+    bus: Arc<dyn Triggers>,
+    ledger: Arc<Ledger>,
     azure: Arc<dyn AzureApi>,
     pipelines_dir: PathBuf,
     retry: RetrySettings,
-    /// How long a catch-up of the run index may take before the trigger is returned.
-    catch_up_limit: Duration,
 }
 
 /// A run the trigger named, for the events written into its history.
@@ -79,19 +85,18 @@ struct Named {
 
 impl Admitter {
     pub fn new(
-        bus: Arc<AmqpBus>,
-        index: Arc<RunIndex>,
+        bus: Arc<dyn Triggers>,
+        ledger: Arc<Ledger>,
         azure: Arc<dyn AzureApi>,
         pipelines_dir: PathBuf,
         retry: RetrySettings,
     ) -> Admitter {
         Admitter {
             bus,
-            index,
+            ledger,
             azure,
             pipelines_dir,
             retry,
-            catch_up_limit: Duration::from_secs(30),
         }
     }
 
@@ -229,20 +234,9 @@ impl Admitter {
             version: inputs.version.clone(),
         };
         span.record("run_id", field::display(named.run_id));
-        if self.index.started(named.run_id).is_none() {
-            // Exact, not merely recent: a run another admitter started just before must count.
-            self.index.catch_up(self.catch_up_limit).await?;
-        }
-        if let Some(entry) = self.index.started(named.run_id) {
-            let event = trunk_event(
-                named.run_id,
-                &named.pipeline,
-                &named.version,
-                entry,
-                EventKind::DuplicateTrigger { message_id: trigger_id },
-            );
-            self.bus.publish_event(&event).await?;
-            return Ok(Admission::Duplicate { run_id: named.run_id });
+        // Known started already: no need to plan (the claim below decides exactly otherwise).
+        if self.ledger.started(named.run_id).is_some() {
+            return self.duplicate(&named, trigger_id).await;
         }
         let prepared = match super::plan(spec, &origin, inputs, azure).await {
             Ok(prepared) => prepared,
@@ -255,17 +249,37 @@ impl Admitter {
             Ok(entry) => entry,
             Err(error) => return self.reject(message, Some(&named), &trigger, error.to_string()).await,
         };
-        let firsts = first_messages(&prepared, entry, &trace);
-        for first in &firsts {
-            self.bus.publish(first.stage, &first.encode()).await?;
+        match begin(self.bus.as_ref(), &self.ledger, &prepared, entry, &trace).await? {
+            Begun::Started { messages } => Ok(Admission::Started {
+                run_id: named.run_id,
+                entry,
+                messages,
+            }),
+            Begun::AlreadyStarted => self.duplicate(&named, trigger_id).await,
+            Begun::Held => {
+                // Another admitter holds this run's admission and may still commit it.
+                let tier = tier_for(self.bus.tiers(), PUT_OFF);
+                self.bus.delay_trigger(message, tier, message.attempts).await?;
+                Ok(Admission::Delayed {
+                    attempt: message.attempts,
+                    delay: self.bus.tiers()[tier],
+                })
+            }
         }
-        self.bus.publish_event(&run_started(&prepared, entry)).await?;
-        self.index.record_started(named.run_id, entry);
-        Ok(Admission::Started {
-            run_id: named.run_id,
+    }
+
+    /// A trigger for a run that has started: recorded in its history, nothing started again.
+    async fn duplicate(&self, named: &Named, trigger_id: Option<String>) -> Result<Admission, BusError> {
+        let entry = self.ledger.started(named.run_id).unwrap_or(Stage::Snapshot);
+        let event = trunk_event(
+            named.run_id,
+            &named.pipeline,
+            &named.version,
             entry,
-            messages: firsts.len(),
-        })
+            EventKind::DuplicateTrigger { message_id: trigger_id },
+        );
+        self.bus.publish_event(&event).await?;
+        Ok(Admission::Duplicate { run_id: named.run_id })
     }
 
     /// The trigger's spec and a name for it in errors: its own text, else the pipelines directory.

@@ -6,11 +6,15 @@
 //!    scheme: reading Azure for a nightly number), which names the run ([`run_id`]);
 //! 2. [`plan`] — every preflight rule, reading Azure and creating nothing;
 //! 3. [`entry_stage`], [`first_messages`], [`run_started`] — where the run starts, its first
-//!    message(s) and the event that opens its history.
+//!    message(s) and the event that opens its history;
+//! 4. [`begin`] — the run started once through the ledger: the admission claimed, the first
+//!    messages published, one commit recording `RunStarted` and making them live. The workers'
+//!    admitter and `sigrun run` ([`local`]) both start runs this way.
 //!
 //! - [`pipelines`] — finding a pipeline spec by name in the `[pipelines] dir`.
-//! - [`run_index`] — the started and cancelled runs, from the events stream (dedup, cancel).
 //! - [`admitter`] — the workers' trigger consumer.
+//! - [`local`] — a run in this process: the in-process bus, the ledger, the stages, followed to
+//!   its end (`sigrun run`).
 //!
 //! Errors tell bad input (a rule broken, a bad id, Azure refusing a read for good — nothing was
 //! created, and retrying cannot help) from Azure being unreadable just now (worth another try).
@@ -19,8 +23,11 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::azure::{AzureApi, AzureError, ErrorClass};
+use crate::bus::{Bus, BusError};
 use crate::events::{Event, EventKind, PoolRef};
-use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage};
+use crate::ledger::record::{Commit, Consumed, Successor};
+use crate::ledger::{ClaimKey, Claimed, Ledger};
+use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage, message_id};
 use crate::model::ids::{GalleryImageVersionId, ImageId};
 use crate::model::plan::Plan;
 use crate::model::spec::PipelineSpec;
@@ -28,12 +35,11 @@ use crate::model::trace::TraceParent;
 use crate::planner::{self, PlanError, PlanInputs};
 
 pub mod admitter;
+pub mod local;
 pub mod pipelines;
-pub mod run_index;
 
 pub use crate::model::trigger::run_id;
 pub use admitter::{Admission, Admitter};
-pub use run_index::RunIndex;
 
 /// What a run was asked to do, beyond its pipeline.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -207,7 +213,7 @@ pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) ->
     }
     let trunk = Envelope {
         v: ENVELOPE_VERSION,
-        message_id: Uuid::new_v4(),
+        message_id: message_id(prepared.run_id(), entry, &Branch::Trunk),
         run_id: prepared.run_id(),
         pipeline: prepared.spec.name.clone(),
         version: prepared.plan.version.clone(),
@@ -222,6 +228,8 @@ pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) ->
         run_started: now,
         stage_started: now,
         traceparent: trace.to_string(),
+        token: Uuid::new_v4(),
+        made_by: Uuid::nil(),
     };
     if entry == Stage::PoolCreate {
         prepared
@@ -268,4 +276,73 @@ pub fn trunk_event(run_id: Uuid, pipeline: &str, version: &str, stage: Stage, ki
         at: OffsetDateTime::now_utc(),
         kind,
     }
+}
+
+/// What [`begin`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begun {
+    /// This call started the run: `messages` first messages went out, then `RunStarted`.
+    Started { messages: usize },
+    /// The run had been started (by another trigger, or another admitter).
+    AlreadyStarted,
+    /// Another admission of the run holds its claim and may still commit: try again later.
+    Held,
+}
+
+/// Starts the run `prepared` describes at `entry`, once however many admitters try: claims the
+/// admission in the ledger, publishes the first messages (made live by the claim), then commits
+/// `RunStarted` with them. A publish that is not confirmed, or a claim that runs out of time,
+/// releases the claim and fails (the caller returns its trigger to the queue).
+pub async fn begin(
+    bus: &dyn Bus,
+    ledger: &Ledger,
+    prepared: &Prepared,
+    entry: Stage,
+    trace: &TraceParent,
+) -> Result<Begun, BusError> {
+    let run_id = prepared.run_id();
+    let pipeline = prepared.spec.name.as_str();
+    let (claim, deadline) = match ledger.claim(&ClaimKey::admission(run_id, pipeline)).await? {
+        Claimed::Won { claim, deadline } => (claim, deadline),
+        Claimed::Stale => return Ok(Begun::AlreadyStarted),
+        Claimed::Wait => return Ok(Begun::Held),
+    };
+    let mut firsts = first_messages(prepared, entry, trace);
+    for first in &mut firsts {
+        first.made_by = claim;
+    }
+    let publish = async {
+        for first in &firsts {
+            bus.publish(first.stage, &first.encode()).await?;
+        }
+        ledger
+            .commit(Commit {
+                run_id,
+                pipeline: pipeline.to_string(),
+                claim,
+                consumed: Some(Consumed {
+                    message_id: run_id,
+                    token: run_id,
+                }),
+                successors: firsts
+                    .iter()
+                    .map(|first| Successor {
+                        message_id: first.message_id,
+                        token: first.token,
+                        stage: first.stage,
+                        branch: first.branch.clone(),
+                    })
+                    .collect(),
+                events: vec![run_started(prepared, entry)],
+            })
+            .await
+    };
+    let published = tokio::time::timeout_at(deadline.into(), publish)
+        .await
+        .unwrap_or_else(|_| Err(BusError::Connection("the admission's claim ran out of time".into())));
+    if let Err(error) = published {
+        ledger.release(run_id, pipeline, claim).await;
+        return Err(error);
+    }
+    Ok(Begun::Started { messages: firsts.len() })
 }

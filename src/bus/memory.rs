@@ -3,7 +3,9 @@
 //! parking list, and an event log with a live broadcast. It keeps the RabbitMQ bus's semantics
 //! where the runtime can tell: a delivery dropped or requeued unsettled goes back to its queue with
 //! its delivery count raised, a delayed message comes back as a new message (count reset), and every
-//! publish is confirmed (here at once). Everything is inspectable, for tests and for the CLI.
+//! publish is confirmed (here at once). A triggers queue feeds one admitter, and the history is a
+//! log of records that readers follow as they follow the RabbitMQ stream. Everything is
+//! inspectable, for tests and for the CLI.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -12,8 +14,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{Notify, broadcast};
 
-use super::{Acker, Bus, BusError, Delivery, ParkReason};
+use super::{
+    Acker, Bus, BusError, Delivery, HistoryReader, ParkReason, StreamOffset, TriggerDelivery, TriggerMessage, Triggers,
+};
 use crate::events::Event;
+use crate::ledger::record::Record;
 use crate::model::envelope::Stage;
 
 /// Events a live subscriber may fall behind by before it sees `Lagged` (the log keeps them all).
@@ -59,6 +64,8 @@ struct Inner {
     state: Mutex<State>,
     /// Wakes consumers waiting in `next` when a message lands or the bus shuts down.
     arrivals: Notify,
+    /// Wakes history readers when a record is appended.
+    appended: Notify,
     live: broadcast::Sender<Event>,
 }
 
@@ -68,7 +75,10 @@ struct State {
     /// Arrival order across queues, so a consumer of several stages takes the oldest message first.
     seq: u64,
     parked: Vec<(Vec<u8>, ParkReason)>,
-    events: Vec<Event>,
+    /// The history: events and the ledger's records, in publish order.
+    records: Vec<Record>,
+    triggers: VecDeque<(TriggerMessage, u32)>,
+    parked_triggers: Vec<(TriggerMessage, String)>,
     stats: BusStats,
     shut_down: bool,
 }
@@ -121,14 +131,26 @@ impl MemoryBus {
                 tiers,
                 state: Mutex::new(State::default()),
                 arrivals: Notify::new(),
+                appended: Notify::new(),
                 live,
             }),
         }
     }
 
-    /// Every event published so far, in order.
+    /// Every event published so far, in order (those of commits included).
     pub fn events(&self) -> Vec<Event> {
-        self.inner.lock().events.clone()
+        let state = self.inner.lock();
+        state.records.iter().flat_map(|r| r.events().iter().cloned()).collect()
+    }
+
+    /// Every record of the history so far, in order.
+    pub fn records(&self) -> Vec<Record> {
+        self.inner.lock().records.clone()
+    }
+
+    /// Parked triggers with the reason, oldest first.
+    pub fn parked_triggers(&self) -> Vec<(TriggerMessage, String)> {
+        self.inner.lock().parked_triggers.clone()
     }
 
     /// Events as they are published (a subscriber sees those published after it subscribed).
@@ -180,10 +202,43 @@ impl MemoryBus {
             delivery_count,
             acker: Box::new(MemoryAcker {
                 inner: Arc::clone(&self.inner),
-                stage,
+                home: Home::Stage(stage),
                 unsettled: Some((message.body, delivery_count)),
             }),
         })
+    }
+
+    fn take_trigger(&self, state: &mut State) -> Option<TriggerDelivery> {
+        let (mut message, deliveries) = state.triggers.pop_front()?;
+        message.delivery_count = deliveries + 1;
+        Some(TriggerDelivery {
+            acker: Box::new(MemoryAcker {
+                inner: Arc::clone(&self.inner),
+                home: Home::Triggers(Box::new(message.clone())),
+                unsettled: Some((Vec::new(), message.delivery_count)),
+            }),
+            message,
+        })
+    }
+
+    /// Waits for `take` to find something, registering for a wake-up before each look so an
+    /// arrival in between is not missed; nothing is taken before the return (cancel-safe).
+    async fn wait_for<T>(&self, mut take: impl FnMut(&mut State) -> Option<T>) -> Option<T> {
+        loop {
+            let arrival = self.inner.arrivals.notified();
+            let mut arrival = std::pin::pin!(arrival);
+            arrival.as_mut().enable();
+            {
+                let mut state = self.inner.lock();
+                if state.shut_down {
+                    return None;
+                }
+                if let Some(found) = take(&mut state) {
+                    return Some(found);
+                }
+            }
+            arrival.await;
+        }
     }
 }
 
@@ -224,35 +279,36 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+    async fn publish_record(&self, record: &Record) -> Result<(), BusError> {
         {
             let mut state = self.inner.lock();
-            state.events.push(event.clone());
-            state.stats.events += 1;
+            state.records.push(record.clone());
+            state.stats.events += record.events().len() as u64;
         }
-        // No subscriber is fine: the log has it.
-        let _ = self.inner.live.send(event.clone());
+        self.inner.appended.notify_waiters();
+        // No subscriber is fine: the log has them.
+        for event in record.events() {
+            let _ = self.inner.live.send(event.clone());
+        }
         Ok(())
     }
 
+    async fn open_history(&self, from: StreamOffset) -> Result<Box<dyn HistoryReader>, BusError> {
+        let len = self.inner.lock().records.len() as u64;
+        let next = match from {
+            StreamOffset::First => 0,
+            StreamOffset::Next => len,
+            StreamOffset::Last => len.saturating_sub(1),
+            StreamOffset::At(offset) => offset.min(len),
+        };
+        Ok(Box::new(MemoryHistory {
+            inner: Arc::clone(&self.inner),
+            next,
+        }))
+    }
+
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
-        loop {
-            // Register for a wake-up before looking, so an arrival between the look and the wait
-            // is not missed. Nothing is taken before the final return, so this is cancel-safe.
-            let arrival = self.inner.arrivals.notified();
-            let mut arrival = std::pin::pin!(arrival);
-            arrival.as_mut().enable();
-            {
-                let mut state = self.inner.lock();
-                if state.shut_down {
-                    return None;
-                }
-                if let Some(delivery) = self.take(&mut state, stages) {
-                    return Some(delivery);
-                }
-            }
-            arrival.await;
-        }
+        self.wait_for(|state| self.take(state, stages)).await
     }
 
     fn tiers(&self) -> &[Duration] {
@@ -260,11 +316,82 @@ impl Bus for MemoryBus {
     }
 }
 
+#[async_trait]
+impl Triggers for MemoryBus {
+    async fn publish_trigger(&self, trigger: &TriggerMessage) -> Result<(), BusError> {
+        self.inner.lock().triggers.push_back((trigger.clone(), 0));
+        self.inner.arrivals.notify_waiters();
+        Ok(())
+    }
+
+    async fn next_trigger(&self) -> Option<TriggerDelivery> {
+        self.wait_for(|state| self.take_trigger(state)).await
+    }
+
+    async fn park_trigger(&self, trigger: &TriggerMessage, error: &str) -> Result<(), BusError> {
+        self.inner
+            .lock()
+            .parked_triggers
+            .push((trigger.clone(), error.to_string()));
+        Ok(())
+    }
+
+    async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError> {
+        let Some(&delay) = self.inner.tiers.get(tier) else {
+            return Err(BusError::NotConfirmed {
+                target: format!("delay tier {tier}"),
+                reason: format!("the bus has {} tiers", self.inner.tiers.len()),
+            });
+        };
+        let mut trigger = trigger.clone();
+        trigger.attempts = attempts;
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            inner.lock().triggers.push_back((trigger, 0));
+            inner.arrivals.notify_waiters();
+        });
+        Ok(())
+    }
+}
+
+/// A reader of the in-process history: the log from an offset, waiting at its end.
+struct MemoryHistory {
+    inner: Arc<Inner>,
+    next: u64,
+}
+
+#[async_trait]
+impl HistoryReader for MemoryHistory {
+    async fn next_record(&mut self) -> Option<Result<(u64, Record), BusError>> {
+        loop {
+            let appended = self.inner.appended.notified();
+            let mut appended = std::pin::pin!(appended);
+            appended.as_mut().enable();
+            if let Some(record) = self.inner.lock().records.get(self.next as usize).cloned() {
+                let offset = self.next;
+                self.next += 1;
+                return Some(Ok((offset, record)));
+            }
+            appended.await;
+        }
+    }
+
+    async fn close(self: Box<Self>) {}
+}
+
+/// Where a delivery goes back to when it is returned.
+enum Home {
+    Stage(Stage),
+    /// The trigger itself (a trigger delivery carries its message, not a body).
+    Triggers(Box<TriggerMessage>),
+}
+
 /// Settles one delivery; dropping it unsettled requeues the message, as a broker does when a
 /// consumer goes away.
 struct MemoryAcker {
     inner: Arc<Inner>,
-    stage: Stage,
+    home: Home,
     /// The body and its delivery count until settled.
     unsettled: Option<(Vec<u8>, u32)>,
 }
@@ -274,8 +401,16 @@ impl MemoryAcker {
         let Some((body, deliveries)) = self.unsettled.take() else {
             return;
         };
+        if let Home::Triggers(trigger) = &self.home {
+            if requeue {
+                self.inner.lock().triggers.push_back(((**trigger).clone(), deliveries));
+                self.inner.arrivals.notify_waiters();
+            }
+            return;
+        }
+        let Home::Stage(stage) = self.home else { return };
         if requeue {
-            self.inner.enqueue(self.stage, body, deliveries, |s| {
+            self.inner.enqueue(stage, body, deliveries, |s| {
                 s.unacked -= 1;
                 s.requeued += 1;
             });

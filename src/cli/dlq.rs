@@ -21,12 +21,14 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+use uuid::Uuid;
 
 use super::history;
 use super::input_error;
 use crate::bus::Bus;
 use crate::bus::amqp::{AmqpBus, ParkedBrowser, ParkedMessage};
 use crate::events::{Event, EventKind};
+use crate::ledger::record::{Commit, Record, Successor};
 use crate::model::envelope::{Envelope, EnvelopeError, MAX_ENVELOPE_BYTES};
 
 #[derive(Debug, Args)]
@@ -177,8 +179,11 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The run's history first (so the branch is reopened before anything of the replay can end it
-/// again), then the message, then the parked copy out. A failure leaves the copy parked; what was
-/// published by then may be published again by the next replay (handlers are idempotent).
+/// again), then the message, then the parked copy out. The history gets one ledger commit: the
+/// `Replayed` event, and the replayed message's fresh token made live (the parked copy's own was
+/// spent when it was parked, so without a new one the workers would drop it as stale). A failure
+/// leaves the copy parked; the next replay gives it another token, and a copy sent by the failed
+/// one is then stale.
 async fn replay_one(
     bus: &AmqpBus,
     browser: &mut ParkedBrowser,
@@ -188,6 +193,9 @@ async fn replay_one(
 ) -> anyhow::Result<String> {
     envelope.attempt = 0;
     envelope.not_before = None;
+    let replay = Uuid::new_v4();
+    envelope.token = Uuid::new_v4();
+    envelope.made_by = replay;
     let event = Event {
         run_id: envelope.run_id,
         pipeline: envelope.pipeline.clone(),
@@ -200,7 +208,20 @@ async fn replay_one(
             error: parked_for.to_string(),
         },
     };
-    bus.publish_event(&event).await?;
+    let commit = Commit {
+        run_id: envelope.run_id,
+        pipeline: envelope.pipeline.clone(),
+        claim: replay,
+        consumed: None,
+        successors: vec![Successor {
+            message_id: envelope.message_id,
+            token: envelope.token,
+            stage: envelope.stage,
+            branch: envelope.branch.clone(),
+        }],
+        events: vec![event],
+    };
+    bus.publish_record(&Record::Commit(commit)).await?;
     bus.publish(envelope.stage, &envelope.encode()).await?;
     browser.remove(index).await?;
     Ok(format!(

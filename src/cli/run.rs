@@ -20,13 +20,14 @@ use super::endpoints;
 use super::input_error;
 use super::plan_view::{self, Prepared};
 use super::session::Session;
+use crate::admission::local::Local;
 use crate::admission::{self, RunRequest};
 use crate::azure::AzureError;
-use crate::bus::Bus;
 use crate::bus::memory::MemoryBus;
 use crate::events::{Event, EventKind, RunResult};
 use crate::model::envelope::{Envelope, Stage};
-use crate::runtime::{Clock, Handler, StageHandler, run_all_observed};
+use crate::model::trace::TraceParent;
+use crate::runtime::{Clock, Handler, StageHandler};
 use crate::stages::Step;
 use crate::telemetry::{Readiness, Telemetry};
 
@@ -77,12 +78,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {warning}");
     }
     let entry = plan_view::entry_stage(args.from, &prepared)?;
-    let firsts = admission::first_messages(&prepared, entry, &crate::model::trace::TraceParent::new());
     let run_id = prepared.run_id();
 
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
-    let started_event = admission::run_started(&prepared, entry);
-    bus.publish_event(&started_event).await?;
     eprintln!(
         "run {run_id}: {} version {} from {entry} ({})",
         prepared.spec.name,
@@ -112,16 +110,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             .collect(),
     ));
     let began = Instant::now();
-    let outcome = run_all_observed(
-        bus.clone(),
-        handler,
-        firsts,
-        session.runtime.clone(),
-        Clock::System,
+    let local = Local {
+        settings: session.runtime.clone(),
+        ledger: session.runtime.ledger(),
+        clock: Clock::System,
         timeout,
-        Some(telemetry),
-    )
-    .await?;
+        observer: Some(telemetry),
+    };
+    let outcome = admission::local::run(bus.clone(), handler, &prepared, entry, &TraceParent::new(), local).await?;
     let wall = began.elapsed();
     let _ = stop_progress.send(());
     let _ = progress.await;
@@ -301,6 +297,9 @@ pub(super) fn describe(event: &Event) -> String {
         EventKind::CancelRequested => "cancel requested".into(),
         EventKind::DuplicateTrigger { .. } => "duplicate trigger (the run had started)".into(),
         EventKind::TriggerRejected { reason } => format!("trigger rejected: {reason}"),
+        EventKind::DuplicateDropped { message_id } => {
+            format!("dropped a stale copy of message {message_id} (another copy took the step)")
+        }
     }
 }
 

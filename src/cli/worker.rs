@@ -1,8 +1,8 @@
 //! `sigrun worker --stage S [--stage T …] | --all-stages`: a stage worker on RabbitMQ. Connects the
-//! AMQP bus (declaring the whole topology, idempotently), builds the Azure client, starts the run
-//! index (started and cancelled runs, from the events stream), and runs the runtime with the
-//! stages' handler on the given stage queues — skipping the steps of cancelled runs — and the
-//! trigger admitter, until SIGINT or SIGTERM; then it stops consuming, lets in-flight deliveries
+//! AMQP bus (declaring the whole topology, idempotently), builds the Azure client, starts the
+//! ledger (claims, commits, started and cancelled runs, from the events stream), and runs the
+//! runtime with the stages' handler on the given stage queues — each step fenced by the ledger,
+//! the steps of cancelled runs skipped — and the trigger admitter, until SIGINT or SIGTERM; then it stops consuming, lets in-flight deliveries
 //! (and a trigger being admitted) finish within `runtime.shutdown_grace_ms` (what is left goes
 //! back to its queue unacked) and closes the bus. Workers need `azure.mode = "azure"`: in
 //! `emulator` mode each process would start a private emulator of its own.
@@ -18,12 +18,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::endpoints;
 use super::input_error;
 use super::session::Session;
-use crate::admission::{Admitter, RunIndex};
-use crate::bus::Bus;
+use crate::admission::Admitter;
 use crate::bus::amqp::AmqpBus;
+use crate::bus::{Bus, Triggers};
 use crate::config::{Mode, Settings};
+use crate::ledger::Ledger;
 use crate::model::envelope::Stage;
-use crate::runtime::{Handler, RunGate, Runtime, StageHandler};
+use crate::runtime::{Handler, Runtime, StageHandler};
 use crate::telemetry::{Readiness, Telemetry};
 
 #[derive(Debug, Args)]
@@ -89,8 +90,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let telemetry = Arc::new(Telemetry::new().with_pipelines(crate::admission::pipelines::names(&pipelines_dir)));
     session.azure.set_metrics(telemetry.azure());
     let azure = session.azure.clone();
-    let index = Arc::new(RunIndex::start_observed(
-        Arc::clone(&bus),
+    let index = Arc::new(Ledger::start(
+        Arc::clone(&bus) as Arc<dyn Bus>,
+        session.runtime.ledger(),
         Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
     ));
     if let Err(error) = index.catch_up(session.amqp.publish_timeout).await {
@@ -104,14 +106,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         stages.clone(),
         session.runtime.clone(),
     ) {
-        Ok(runtime) => runtime.with_gate(Arc::clone(&index) as Arc<dyn RunGate>),
+        Ok(runtime) => runtime.with_ledger(Arc::clone(&index)),
         Err(e) => {
             bus.close().await;
             return Err(input_error(anyhow::anyhow!("runtime: {e}")));
         }
     };
     let admitter = Admitter::new(
-        Arc::clone(&bus),
+        Arc::clone(&bus) as Arc<dyn Triggers>,
         Arc::clone(&index),
         azure.clone(),
         pipelines_dir.clone(),

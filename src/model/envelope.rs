@@ -190,6 +190,25 @@ pub struct Envelope {
     /// W3C trace context of the run: its trace id stays for the whole run; the parent span id is
     /// the span (admission or handled delivery) that sent this message.
     pub traceparent: String,
+    /// The state this copy carries, for the ledger: new at every step that records something (a
+    /// wait that records nothing keeps it). Nil in a message from before the ledger (not fenced).
+    #[serde(default, skip_serializing_if = "Uuid::is_nil")]
+    pub token: Uuid,
+    /// The claim of the step that sent this state on (nil: none, or from before the ledger).
+    #[serde(default, skip_serializing_if = "Uuid::is_nil")]
+    pub made_by: Uuid,
+}
+
+/// The namespace of message ids (UUID v5).
+const MESSAGE_NAMESPACE: Uuid = Uuid::from_u128(0x6d1c_1c5e_2a47_4f0e_9b1a_5d3e_7c2f_0a11);
+
+/// The id of run `run_id`'s message at `stage` on `branch`: one id per step of a run, whichever
+/// copy or retry carries it, so "one message per step" can be checked and duplicates recognised.
+pub fn message_id(run_id: Uuid, stage: Stage, branch: &Branch) -> Uuid {
+    Uuid::new_v5(
+        &MESSAGE_NAMESPACE,
+        format!("{run_id}:{stage}:{}", branch.label()).as_bytes(),
+    )
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -237,10 +256,11 @@ impl Envelope {
         serde_json::to_vec(self).expect("envelopes serialize")
     }
 
-    /// The same run moved to `stage` as a new message (new id, attempts and operation reset).
+    /// The same run moved to `stage` as the message of that step (its id, attempts and operation
+    /// reset).
     pub fn next(&self, stage: Stage, now: OffsetDateTime) -> Envelope {
         let mut next = self.clone();
-        next.message_id = Uuid::new_v4();
+        next.message_id = message_id(self.run_id, stage, &self.branch);
         next.stage = stage;
         next.operation = None;
         next.not_before = None;
@@ -256,6 +276,7 @@ impl Envelope {
             region: region.to_string(),
             target: target.to_string(),
         };
+        child.message_id = message_id(self.run_id, stage, &child.branch);
         child
     }
 
@@ -364,6 +385,8 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
             run_started: now,
             stage_started: now,
             traceparent: new_traceparent(),
+            token: Uuid::new_v4(),
+            made_by: Uuid::new_v4(),
         }
     }
 

@@ -1,9 +1,11 @@
-//! [`run_to_completion`]: one run driven in this process, as `sigrun run` does it — publish the
-//! trigger on the in-process bus, run every stage's consumers, follow the run's events until
-//! [`run_result`] says it has ended (or the time is up), then shut the consumers down gracefully
-//! and hand back the run's history. The first stage's handler is expected to emit `RunStarted`
-//! (a trunk that fails before it still ends the run).
+//! Driving one run in this process: start it, run every stage's consumers, follow the run's events
+//! until [`run_result`] says it has ended (or the time is up), then shut the consumers down
+//! gracefully and hand back the run's history. [`drive`] takes how the run starts;
+//! [`run_to_completion`] starts it by publishing its first messages unfenced (the runtime's own
+//! tests, whose first stage handler emits `RunStarted`), while `sigrun run` starts it through
+//! admission and the ledger (`admission::local`).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,25 +80,55 @@ pub async fn run_all_observed(
     if let Some(observer) = &observer {
         runtime = runtime.with_observer(Arc::clone(observer));
     }
+    let publisher = Arc::clone(&bus);
+    let start = async move {
+        for first in &firsts {
+            publisher.publish(first.stage, &first.encode()).await?;
+        }
+        Ok(())
+    };
+    drive(bus, runtime, run_id, start, timeout, observer).await
+}
+
+/// Drives run `run_id` on `bus` with `runtime`'s consumers: `start` starts it (publishing its
+/// first messages one way or another), then its events are followed until it ends or `timeout`
+/// passes. `feed`, when given, is told the run's events in order (the run-level metrics; leave it
+/// out when a ledger already tells the observer).
+pub async fn drive(
+    bus: Arc<MemoryBus>,
+    runtime: Runtime,
+    run_id: Uuid,
+    start: impl Future<Output = Result<(), BusError>>,
+    timeout: Duration,
+    feed: Option<Arc<dyn Observer>>,
+) -> Result<RunOutcome, RunError> {
     // The run's events go to the observer in order as they are read (the run-level metrics).
     let mut fed = Fed {
-        observer: observer.clone(),
+        observer: feed,
         count: 0,
     };
-    // Subscribed before the trigger goes out, so no event of the run can slip past.
+    // Subscribed before the run starts, so no event of the run can slip past.
     let mut updates = bus.subscribe();
-    for first in &firsts {
-        bus.publish(first.stage, &first.encode()).await?;
-    }
-
     let (stop, stopped) = oneshot::channel::<()>();
     let running = runtime.run(async {
         let _ = stopped.await;
     });
     let mut running = std::pin::pin!(running);
     let mut report = None;
+    let mut failed_start = None;
     let timed_out = tokio::select! {
-        ended = tokio::time::timeout(timeout, watch(&bus, run_id, &mut updates, &mut fed)) => ended.is_err(),
+        ended = tokio::time::timeout(timeout, async {
+            start.await?;
+            watch(&bus, run_id, &mut updates, &mut fed).await;
+            Ok::<(), BusError>(())
+        }) => match ended {
+            Ok(Ok(())) => false,
+            Ok(Err(error)) => {
+                failed_start = Some(error);
+                false
+            }
+            Err(_) => true,
+        },
         // The consumers only stop on their own when the bus is shut down under them.
         stopped = &mut running => {
             report = Some(stopped);
@@ -108,6 +140,9 @@ pub async fn run_all_observed(
         Some(report) => report,
         None => running.await,
     };
+    if let Some(error) = failed_start {
+        return Err(RunError::Bus(error));
+    }
     // Read once more after the consumers stopped: in-flight deliveries may have added events.
     let events = events_of(&bus, run_id);
     fed.feed(&events);

@@ -27,10 +27,12 @@ pub enum Handled {
     Parked,
     /// The message's run was cancelled: its branch stopped here without a step.
     Cancelled,
+    /// A stale copy of a step another copy took (or of a finished run): dropped without a step.
+    Dropped,
 }
 
 impl Handled {
-    pub const ALL: [Handled; 7] = [
+    pub const ALL: [Handled; 8] = [
         Handled::Advanced,
         Handled::Waiting,
         Handled::Done,
@@ -38,6 +40,7 @@ impl Handled {
         Handled::Retried,
         Handled::Parked,
         Handled::Cancelled,
+        Handled::Dropped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,7 @@ impl Handled {
             Handled::Retried => "retried",
             Handled::Parked => "parked",
             Handled::Cancelled => "cancelled",
+            Handled::Dropped => "dropped",
         }
     }
 }

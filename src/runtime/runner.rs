@@ -1,7 +1,9 @@
 //! [`Runtime`]: N consumers over a set of stage queues, each handling one delivery at a time:
-//! decode (park what cannot be decoded), hold back what is not due yet, call the handler, publish
-//! the events and messages the outcome calls for, and settle the delivery — ack only once every
-//! publish it caused is confirmed, requeue if any was not (at-least-once; handlers are idempotent).
+//! decode (park what cannot be decoded), drop a stale copy, stop a cancelled run's branch, hold
+//! back what is not due yet, call the handler, carry out what the outcome calls for, and settle the
+//! delivery — ack only once every publish it caused is confirmed, requeue if any was not
+//! (at-least-once; handlers are idempotent). With a [`Ledger`], a step that records something is
+//! claimed first and committed last, so of several copies of one message exactly one acts.
 //! Stage-agnostic: it sees envelopes, outcomes and error classes, never what a stage does.
 
 use std::any::Any;
@@ -21,10 +23,12 @@ use uuid::Uuid;
 use super::observe::{Handled, Observer};
 use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
-use super::{Clock, Handler, RunGate};
+use super::{Clock, Handler};
 use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
+use crate::ledger::record::{Commit, Consumed, Successor};
+use crate::ledger::{ClaimKey, Claimed, Ledger, Standing};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Stage};
 use crate::model::trace::TraceParent;
 use crate::stages::{FailureClass, Observation, Outcome, Step};
@@ -39,9 +43,13 @@ pub struct Runtime {
     settings: RuntimeSettings,
     clock: Clock,
     observer: Option<Arc<dyn Observer>>,
-    /// Asked before each step whether the run was cancelled; `None`: nothing is ever cancelled.
-    gate: Option<Arc<dyn RunGate>>,
+    /// Fences each step (claim, commit) and says which runs were cancelled; `None`: nothing is
+    /// fenced and nothing is ever cancelled (tests of the runtime alone).
+    ledger: Option<Arc<Ledger>>,
 }
+
+/// How long a copy whose step another claim holds is put off before it is looked at again.
+const PUT_OFF: Duration = Duration::from_secs(1);
 
 /// What a [`Runtime::run`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -63,6 +71,25 @@ struct Effects {
     park: Option<ParkReason>,
     /// What the observer is told besides `handled`, once the delivery is acked.
     measured: Measured,
+}
+
+impl Effects {
+    /// Whether the step records something the ledger must fence: events, a park, a branch that
+    /// ends (no message goes on), another message, or a change to the run's state. A wait that only
+    /// moves its own hold records nothing: its copies may look at Azure side by side until one of
+    /// them records something.
+    fn records_something(&self, message: &Envelope) -> bool {
+        match self.messages.as_slice() {
+            [next] if self.events.is_empty() && self.park.is_none() => {
+                next.message_id != message.message_id
+                    || next.stage != message.stage
+                    || next.branch != message.branch
+                    || next.artifacts != message.artifacts
+                    || next.attempt != message.attempt
+            }
+            _ => true,
+        }
+    }
 }
 
 /// What a handled message measured, for the observer.
@@ -92,7 +119,7 @@ impl Runtime {
             settings,
             clock: Clock::System,
             observer: None,
-            gate: None,
+            ledger: None,
         })
     }
 
@@ -113,10 +140,11 @@ impl Runtime {
         }
     }
 
-    /// Stops the branches of cancelled runs: a delivery of such a run takes no step; its branch
-    /// ends with a `Cancelled` event at the message's stage, and the delivery is acked.
-    pub fn with_gate(mut self, gate: Arc<dyn RunGate>) -> Runtime {
-        self.gate = Some(gate);
+    /// Fences every step with `ledger` (one copy of a message acts; stale copies are dropped with
+    /// a `DuplicateDropped` event) and stops the branches of cancelled runs: a delivery of such a
+    /// run takes no step; its branch ends with a `Cancelled` event at the message's stage.
+    pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Runtime {
+        self.ledger = Some(ledger);
         self
     }
 
@@ -206,17 +234,27 @@ impl Runtime {
 
     async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>, hop: &TraceParent) {
         let now = self.clock.now();
-        // Before the due check too: a message waiting on a delay tier stops when it comes back.
-        if self.gate.as_ref().is_some_and(|gate| gate.is_cancelled(message.run_id)) {
-            info!("run cancelled: the branch stops here");
-            let stopped = self
-                .bus
-                .publish_event(&event_of(&message, EventKind::Cancelled, now))
-                .await;
-            if settle(acker, stopped).await {
-                self.observe(message.stage, Handled::Cancelled);
+        if let Some(ledger) = &self.ledger {
+            match ledger.standing(&message) {
+                Standing::Stale => return self.drop_stale(&message, acker, now).await,
+                Standing::Live if ledger.held_elsewhere(&message) => {
+                    return self.put_off(&message, body, acker).await;
+                }
+                _ => {}
             }
-            return;
+            // Before the due check too: a message waiting on a delay tier stops when it comes back.
+            if ledger.is_cancelled(message.run_id) {
+                info!("run cancelled: the branch stops here");
+                let effects = Effects {
+                    handled: Handled::Cancelled,
+                    events: vec![EventKind::Cancelled],
+                    messages: Vec::new(),
+                    park: None,
+                    measured: Measured::default(),
+                };
+                self.conclude(&message, body, effects, acker, now).await;
+                return;
+            }
         }
         if let Some(wait) = remaining(message.due(), now) {
             // Early (a tier shorter than the wait, or a message published ahead of time): hop
@@ -242,14 +280,104 @@ impl Runtime {
         for next in &mut effects.messages {
             next.traceparent = hop.to_string();
         }
-        let handled = effects.handled;
         let measured = std::mem::take(&mut effects.measured);
-        let published = self.carry_out(&message, body, effects, now).await;
-        if settle(acker, published).await {
-            self.observe(message.stage, handled);
-            if let Some(observer) = &self.observer {
-                report(observer.as_ref(), &message, handler_time, &measured);
+        if self.conclude(&message, body, effects, acker, now).await
+            && let Some(observer) = &self.observer
+        {
+            report(observer.as_ref(), &message, handler_time, &measured);
+        }
+    }
+
+    /// Carries out what a delivery caused and settles it. A step that records something is
+    /// fenced by the ledger: claimed first, its messages sent with fresh tokens, committed last;
+    /// a copy whose claim loses is dropped, one whose step another claim holds is put off. True
+    /// when the delivery was acked as handled (and the observer told).
+    async fn conclude(
+        &self,
+        message: &Envelope,
+        body: &[u8],
+        mut effects: Effects,
+        acker: Box<dyn Acker>,
+        now: OffsetDateTime,
+    ) -> bool {
+        let handled = effects.handled;
+        let ledger = match &self.ledger {
+            Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
+            _ => {
+                let published = self.carry_out(message, body, &effects, now).await;
+                return self.settled(message.stage, handled, settle(acker, published).await);
             }
+        };
+        let claim = match ledger.claim(&ClaimKey::of(message)).await {
+            Ok(Claimed::Won { claim, deadline }) => (claim, deadline),
+            Ok(Claimed::Stale) => {
+                self.drop_stale(message, acker, now).await;
+                return false;
+            }
+            Ok(Claimed::Wait) => {
+                self.put_off(message, body, acker).await;
+                return false;
+            }
+            Err(error) => {
+                settle(acker, Err(error)).await;
+                return false;
+            }
+        };
+        let (claim, deadline) = claim;
+        for next in &mut effects.messages {
+            next.token = Uuid::new_v4();
+            next.made_by = claim;
+        }
+        let committed = tokio::time::timeout_at(
+            deadline.into(),
+            self.carry_out_committed(ledger, message, body, &effects, claim, now),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BusError::Connection(
+                "the step's claim ran out of time before its commit".into(),
+            ))
+        });
+        if committed.is_err() {
+            // Whatever was sent stays unlisted: the next claimant may take the step over at once.
+            ledger.release(message.run_id, &message.pipeline, claim).await;
+        }
+        self.settled(message.stage, handled, settle(acker, committed).await)
+    }
+
+    /// Tells the observer about a delivery acked as handled; passes `acked` through.
+    fn settled(&self, stage: Stage, handled: Handled, acked: bool) -> bool {
+        if acked {
+            self.observe(stage, handled);
+        }
+        acked
+    }
+
+    /// A copy the ledger knows is stale (its step taken by another copy, or its run finished): it
+    /// takes no step; the run's history says it was dropped, and it is acked.
+    async fn drop_stale(&self, message: &Envelope, acker: Box<dyn Acker>, now: OffsetDateTime) {
+        info!("a stale copy of this step; dropping it");
+        let event = event_of(
+            message,
+            EventKind::DuplicateDropped {
+                message_id: message.message_id,
+            },
+            now,
+        );
+        let published = self.bus.publish_event(&event).await;
+        if settle(acker, published).await {
+            self.observe(message.stage, Handled::Dropped);
+        }
+    }
+
+    /// A copy whose step another claim holds (or whose state is not known yet): back on a delay
+    /// tier, unchanged, to be looked at again.
+    async fn put_off(&self, message: &Envelope, body: &[u8], acker: Box<dyn Acker>) {
+        debug!("the step is held by another claim; putting this copy off");
+        let tier = tier_for(self.bus.tiers(), PUT_OFF);
+        let published = self.bus.publish_delayed(message.stage, body, tier).await;
+        if settle(acker, published).await {
+            self.observe(message.stage, Handled::Waiting);
         }
     }
 
@@ -318,17 +446,17 @@ impl Runtime {
         }
     }
 
-    /// Publishes what the step caused, in order: events (history first), messages, parking. Stops
-    /// at the first publish that is not confirmed.
+    /// Publishes what an unfenced step caused, in order: events (history first), messages,
+    /// parking. Stops at the first publish that is not confirmed.
     async fn carry_out(
         &self,
         message: &Envelope,
         body: &[u8],
-        effects: Effects,
+        effects: &Effects,
         now: OffsetDateTime,
     ) -> Result<(), BusError> {
-        for kind in effects.events {
-            self.bus.publish_event(&event_of(message, kind, now)).await?;
+        for kind in &effects.events {
+            self.bus.publish_event(&event_of(message, kind.clone(), now)).await?;
         }
         for next in &effects.messages {
             self.route(next, now).await?;
@@ -337,6 +465,50 @@ impl Runtime {
             self.bus.park(body, reason).await?;
         }
         Ok(())
+    }
+
+    /// Publishes what a claimed step caused: its messages, the parked copy, then the commit that
+    /// records them with the step's events. Stops at the first publish that is not confirmed.
+    async fn carry_out_committed(
+        &self,
+        ledger: &Ledger,
+        message: &Envelope,
+        body: &[u8],
+        effects: &Effects,
+        claim: Uuid,
+        now: OffsetDateTime,
+    ) -> Result<(), BusError> {
+        for next in &effects.messages {
+            self.route(next, now).await?;
+        }
+        if let Some(reason) = &effects.park {
+            self.bus.park(body, reason).await?;
+        }
+        let commit = Commit {
+            run_id: message.run_id,
+            pipeline: message.pipeline.clone(),
+            claim,
+            consumed: Some(Consumed {
+                message_id: message.message_id,
+                token: message.token,
+            }),
+            successors: effects
+                .messages
+                .iter()
+                .map(|next| Successor {
+                    message_id: next.message_id,
+                    token: next.token,
+                    stage: next.stage,
+                    branch: next.branch.clone(),
+                })
+                .collect(),
+            events: effects
+                .events
+                .iter()
+                .map(|kind| event_of(message, kind.clone(), now))
+                .collect(),
+        };
+        ledger.commit(commit).await
     }
 
     /// A message goes to its stage's queue when due, else to the tier that fits its wait.

@@ -22,6 +22,10 @@ pub struct RuntimeSettings {
     /// (an abandoned delivery goes back to its queue unacked).
     #[serde(rename = "shutdown_grace_ms", with = "millis")]
     pub shutdown_grace: Duration,
+    /// A step's claim in the ledger not committed within this long may be taken over by another
+    /// copy of its message (its holder died); the holder itself gives up at half of it.
+    #[serde(rename = "claim_timeout_ms", with = "millis")]
+    pub claim_timeout: Duration,
 }
 
 impl Default for RuntimeSettings {
@@ -31,6 +35,7 @@ impl Default for RuntimeSettings {
             tiers: [1, 5, 30, 120, 600].map(Duration::from_secs).to_vec(),
             retry: RetrySettings::default(),
             shutdown_grace: Duration::from_secs(30),
+            claim_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -88,11 +93,28 @@ pub struct SettingsError {
 }
 
 impl RuntimeSettings {
+    /// The ledger's settings: the claim timeout, and the time a claim may take to come by.
+    pub fn ledger(&self) -> crate::ledger::LedgerSettings {
+        crate::ledger::LedgerSettings {
+            claim_timeout: self.claim_timeout,
+            read_limit: Duration::from_secs(30),
+        }
+    }
+
     /// Checks what serde cannot: the shapes the runtime relies on.
     pub fn check(&self) -> Result<(), SettingsError> {
         let bad = |key, message: String| Err(SettingsError { key, message });
         if self.consumers == 0 {
             return bad("consumers", "must be at least 1".into());
+        }
+        if self.claim_timeout < Duration::from_millis(100) {
+            return bad(
+                "claim_timeout_ms",
+                format!(
+                    "{} ms: must be at least 100 (a step's publishes must fit in half of it)",
+                    self.claim_timeout.as_millis()
+                ),
+            );
         }
         if self.tiers.is_empty() || self.tiers[0].is_zero() || self.tiers.windows(2).any(|w| w[0] >= w[1]) {
             return bad(

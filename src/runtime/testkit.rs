@@ -125,6 +125,8 @@ pub fn envelope(stage: Stage) -> Envelope {
         run_started: started,
         stage_started: started,
         traceparent: new_traceparent(),
+        token: Uuid::new_v4(),
+        made_by: Uuid::nil(),
     }
 }
 
@@ -141,6 +143,7 @@ pub fn settings() -> RuntimeSettings {
             max_attempts: 5,
         },
         shutdown_grace: Duration::from_secs(5),
+        claim_timeout: Duration::from_secs(2),
     }
 }
 

@@ -505,15 +505,6 @@ async fn malformed_messages_are_parked_with_the_reason_and_never_handled() {
     assert!(stats.is_idle());
 }
 
-/// A gate with a fixed set of cancelled runs.
-struct Cancelled(Vec<uuid::Uuid>);
-
-impl RunGate for Cancelled {
-    fn is_cancelled(&self, run_id: uuid::Uuid) -> bool {
-        self.0.contains(&run_id)
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_runs_branches_stop_at_their_next_step_and_others_go_on() {
     let bus = testkit::bus();
@@ -521,17 +512,37 @@ async fn a_cancelled_runs_branches_stop_at_their_next_step_and_others_go_on() {
         Stage::Replicate => advance_to(m, Stage::PoolCreate),
         _ => step(Outcome::Done),
     });
-    let cancelled = envelope(Stage::Replicate);
+    // Messages from before the ledger (no token): the cancel gate alone decides here.
+    let unfenced = |mut message: Envelope| {
+        message.token = uuid::Uuid::nil();
+        message
+    };
+    let cancelled = unfenced(envelope(Stage::Replicate));
     // A pool branch of the cancelled run waiting on a delay tier stops when it comes back, too.
-    let mut waiting = on_pool(Stage::PoolCreate, "westeurope", "render");
+    let mut waiting = unfenced(on_pool(Stage::PoolCreate, "westeurope", "render"));
     waiting.run_id = cancelled.run_id;
     waiting.not_before = Some(OffsetDateTime::now_utc() + Duration::from_secs(3600));
-    let other = envelope(Stage::Replicate);
+    let other = unfenced(envelope(Stage::Replicate));
+    let request = crate::events::Event {
+        run_id: cancelled.run_id,
+        pipeline: cancelled.pipeline.clone(),
+        version: cancelled.version.clone(),
+        stage: Stage::Replicate,
+        branch: Branch::Trunk,
+        at: OffsetDateTime::now_utc(),
+        kind: EventKind::CancelRequested,
+    };
+    bus.publish_event(&request).await.unwrap();
+    let ledger = Arc::new(crate::ledger::Ledger::start(
+        bus.clone(),
+        testkit::settings().ledger(),
+        None,
+    ));
+    ledger.catch_up(Duration::from_secs(1)).await.unwrap();
     for message in [&cancelled, &waiting, &other] {
         bus.publish(message.stage, &message.encode()).await.unwrap();
     }
-    let runtime =
-        runtime(bus.clone(), handler.clone(), Clock::tokio()).with_gate(Arc::new(Cancelled(vec![cancelled.run_id])));
+    let runtime = runtime(bus.clone(), handler.clone(), Clock::tokio()).with_ledger(ledger);
 
     run_for(&runtime, Duration::from_secs(1)).await;
 
@@ -547,7 +558,7 @@ async fn a_cancelled_runs_branches_stop_at_their_next_step_and_others_go_on() {
     let mut stopped: Vec<(Stage, String)> = bus
         .events()
         .into_iter()
-        .filter(|e| e.run_id == cancelled.run_id)
+        .filter(|e| e.run_id == cancelled.run_id && e.kind != EventKind::CancelRequested)
         .map(|e| {
             assert_eq!(e.kind, EventKind::Cancelled);
             (e.stage, e.branch.label())
@@ -630,8 +641,15 @@ impl Bus for FlakyBus {
         self.inner.park(body, reason).await
     }
 
-    async fn publish_event(&self, event: &crate::events::Event) -> Result<(), BusError> {
-        self.inner.publish_event(event).await
+    async fn publish_record(&self, record: &crate::ledger::record::Record) -> Result<(), BusError> {
+        self.inner.publish_record(record).await
+    }
+
+    async fn open_history(
+        &self,
+        from: crate::bus::StreamOffset,
+    ) -> Result<Box<dyn crate::bus::HistoryReader>, BusError> {
+        self.inner.open_history(from).await
     }
 
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {

@@ -121,7 +121,13 @@ pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
     }) else {
         return Vec::new();
     };
-    let latest = |branch: &Branch| events.iter().rev().find(|e| e.branch == *branch);
+    // A dropped stale copy says nothing of where its branch is now.
+    let latest = |branch: &Branch| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e.branch == *branch && !matches!(e.kind, EventKind::DuplicateDropped { .. }))
+    };
     let ends = |e: &Event| {
         matches!(
             e.kind,

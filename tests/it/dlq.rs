@@ -544,6 +544,8 @@ fn envelope(stage: Stage) -> Envelope {
         run_started: now,
         stage_started: now,
         traceparent: new_traceparent(),
+        token: Uuid::new_v4(),
+        made_by: Uuid::nil(),
     }
 }
 

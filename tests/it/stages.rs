@@ -236,6 +236,8 @@ impl Sim {
             run_started: self.now,
             stage_started: self.now,
             traceparent: new_traceparent(),
+            token: Uuid::new_v4(),
+            made_by: Uuid::nil(),
         }
     }
 

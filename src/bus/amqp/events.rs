@@ -15,42 +15,32 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, Consumer};
 
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::connection_error;
 use super::consumer::integer;
 use super::topology::Names;
-use crate::bus::BusError;
+use crate::bus::{BusError, HistoryReader, StreamOffset};
 use crate::events::Event;
+use crate::ledger::record::{Record, keys};
 
-/// Where a reader starts in the stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamOffset {
-    /// The oldest event still retained.
-    First,
-    /// Only events published after the reader opens.
-    Next,
-    /// The last chunk written, then what follows.
-    Last,
-    /// The event at this offset (as [`StreamedEvent::offset`] reported it), then what follows.
-    At(u64),
-}
-
-impl StreamOffset {
-    fn argument(&self) -> AMQPValue {
-        match self {
-            StreamOffset::First => AMQPValue::LongString(LongString::from("first")),
-            StreamOffset::Next => AMQPValue::LongString(LongString::from("next")),
-            StreamOffset::Last => AMQPValue::LongString(LongString::from("last")),
-            StreamOffset::At(offset) => AMQPValue::LongLongInt(i64::try_from(*offset).unwrap_or(i64::MAX)),
-        }
+/// The argument `x-stream-offset` takes for an offset.
+fn offset_argument(offset: &StreamOffset) -> AMQPValue {
+    match offset {
+        StreamOffset::First => AMQPValue::LongString(LongString::from("first")),
+        StreamOffset::Next => AMQPValue::LongString(LongString::from("next")),
+        StreamOffset::Last => AMQPValue::LongString(LongString::from("last")),
+        StreamOffset::At(offset) => AMQPValue::LongLongInt(i64::try_from(*offset).unwrap_or(i64::MAX)),
     }
 }
 
 /// The routing key of a marker on the events exchange (never an event's: those have three parts).
-pub const MARKER_ROUTING_KEY: &str = "marker";
+pub const MARKER_ROUTING_KEY: &str = keys::MARKER;
 
-/// One item of the stream: an event, or a marker some reader published to find the end.
+/// One item of the stream: an event (alone or one of a commit's), or a record of the ledger.
 // Items are read one at a time and moved once: boxing the event would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
@@ -58,11 +48,6 @@ pub enum StreamItem {
     /// Boxed: an event is some 200 bytes, a marker 16.
     Event(Box<StreamedEvent>),
     Marker(Uuid),
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-pub(super) struct MarkerBody {
-    pub marker: Uuid,
 }
 
 /// One event read from the stream.
@@ -79,6 +64,8 @@ pub struct EventReader {
     /// The offset of the last item read (event or marker): where a reader that replaces this one
     /// after a reconnect goes on from (`At(position + 1)`).
     position: Option<u64>,
+    /// Events of a commit read but not handed out yet.
+    pending: VecDeque<StreamedEvent>,
 }
 
 impl EventReader {
@@ -94,7 +81,7 @@ impl EventReader {
             .await
             .map_err(connection_error)?;
         let mut arguments = FieldTable::default();
-        arguments.insert("x-stream-offset".into(), offset.argument());
+        arguments.insert("x-stream-offset".into(), offset_argument(&offset));
         let consumer = channel
             .basic_consume(
                 names.events().as_str().into(),
@@ -108,6 +95,7 @@ impl EventReader {
             channel,
             consumer,
             position: None,
+            pending: VecDeque::new(),
         })
     }
 
@@ -148,8 +136,40 @@ impl EventReader {
         }
     }
 
-    /// The next item: an event or a marker.
+    /// The next item: an event (a commit's events one by one) or a marker; the ledger's other
+    /// records are skipped.
     pub async fn next_item(&mut self) -> Option<Result<StreamItem, BusError>> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(Ok(StreamItem::Event(Box::new(event))));
+            }
+            let (offset, routing_key, record) = match self.next_raw().await? {
+                Ok(read) => read,
+                Err(error) => return Some(Err(error)),
+            };
+            match record {
+                Record::Marker(marker) => return Some(Ok(StreamItem::Marker(marker))),
+                Record::Event(event) => {
+                    return Some(Ok(StreamItem::Event(Box::new(StreamedEvent {
+                        offset,
+                        routing_key,
+                        event,
+                    }))));
+                }
+                Record::Commit(commit) => self
+                    .pending
+                    .extend(commit.events.into_iter().map(|event| StreamedEvent {
+                        offset,
+                        routing_key: event.routing_key(),
+                        event,
+                    })),
+                Record::Claim(_) | Record::Release(_) => {}
+            }
+        }
+    }
+
+    /// The next record as stored, with its offset and routing key.
+    async fn next_raw(&mut self) -> Option<Result<(u64, String, Record), BusError>> {
         let delivery = match self.consumer.next().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(connection_error(error))),
@@ -167,25 +187,10 @@ impl EventReader {
             return Some(Err(connection_error(error)));
         }
         let routing_key = delivery.routing_key.to_string();
-        if routing_key == MARKER_ROUTING_KEY {
-            return Some(
-                serde_json::from_slice::<MarkerBody>(&delivery.data)
-                    .map(|body| StreamItem::Marker(body.marker))
-                    .map_err(|e| BusError::Malformed(format!("marker at offset {offset} does not parse: {e}"))),
-            );
-        }
         Some(
-            serde_json::from_slice(&delivery.data)
-                .map(|event| {
-                    StreamItem::Event(Box::new(StreamedEvent {
-                        offset,
-                        routing_key: routing_key.clone(),
-                        event,
-                    }))
-                })
-                .map_err(|e| {
-                    BusError::Malformed(format!("event at offset {offset} ({routing_key}) does not parse: {e}"))
-                }),
+            Record::decode(&routing_key, &delivery.data)
+                .map(|record| (offset, routing_key, record))
+                .map_err(|e| BusError::Malformed(format!("offset {offset}: {e}"))),
         )
     }
 
@@ -197,5 +202,16 @@ impl EventReader {
     /// Stops reading and closes the reader's channel.
     pub async fn close(self) {
         let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+#[async_trait]
+impl HistoryReader for EventReader {
+    async fn next_record(&mut self) -> Option<Result<(u64, Record), BusError>> {
+        Some(self.next_raw().await?.map(|(offset, _, record)| (offset, record)))
+    }
+
+    async fn close(self: Box<Self>) {
+        EventReader::close(*self).await;
     }
 }

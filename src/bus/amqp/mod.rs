@@ -29,8 +29,8 @@ use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{Bus, BusError, Delivery, ParkReason};
-use crate::events::Event;
+use super::{Bus, BusError, Delivery, HistoryReader, ParkReason, Triggers};
+use crate::ledger::record::Record;
 use crate::model::envelope::Stage;
 
 mod connection;
@@ -41,13 +41,13 @@ mod publisher;
 pub mod topology;
 pub mod triggers;
 
+pub use crate::bus::{StreamOffset, TriggerDelivery, TriggerMessage};
 use connection::Link;
 use consumer::{Inbox, Source};
-pub use events::{EventReader, StreamItem, StreamOffset, StreamedEvent};
+pub use events::{EventReader, StreamItem, StreamedEvent};
 pub use parking::{ParkedBrowser, ParkedMessage};
 pub use publisher::headers;
 use topology::{Names, TopologySpec};
-pub use triggers::{TriggerDelivery, TriggerMessage};
 
 /// How to reach the broker and the shape of what is declared there.
 #[derive(Clone, PartialEq, Deserialize)]
@@ -333,15 +333,7 @@ impl AmqpBus {
     /// As [`AmqpBus::publish_marker`] with an id of the caller's, for a reader that must be
     /// waiting for the marker before it can come by.
     pub async fn publish_marker_id(&self, marker: uuid::Uuid) -> Result<(), BusError> {
-        let body = serde_json::to_vec(&events::MarkerBody { marker }).expect("markers serialize");
-        publisher::publish(
-            &self.shared,
-            &self.shared.names.events(),
-            events::MARKER_ROUTING_KEY,
-            &body,
-            publisher::event_properties(),
-        )
-        .await
+        self.publish_record(&Record::Marker(marker)).await
     }
 
     /// Marks queues as consumed; the supervisor starts their consumers.
@@ -407,17 +399,20 @@ impl Bus for AmqpBus {
         publisher::publish(&self.shared, &exchange, key, body, publisher::park_properties(reason)).await
     }
 
-    async fn publish_event(&self, event: &Event) -> Result<(), BusError> {
+    async fn publish_record(&self, record: &Record) -> Result<(), BusError> {
         let exchange = self.shared.names.events();
-        let body = serde_json::to_vec(event).expect("events serialize");
         publisher::publish(
             &self.shared,
             &exchange,
-            &event.routing_key(),
-            &body,
+            &record.routing_key(),
+            &record.encode(),
             publisher::event_properties(),
         )
         .await
+    }
+
+    async fn open_history(&self, from: StreamOffset) -> Result<Box<dyn HistoryReader>, BusError> {
+        Ok(Box::new(self.read_events(from).await?))
     }
 
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
@@ -432,6 +427,31 @@ impl Bus for AmqpBus {
 
     fn tiers(&self) -> &[Duration] {
         &self.tiers
+    }
+}
+
+#[async_trait]
+impl Triggers for AmqpBus {
+    async fn publish_trigger(&self, trigger: &TriggerMessage) -> Result<(), BusError> {
+        self.publish_trigger_traced(
+            &trigger.body,
+            trigger.content_type.as_deref().unwrap_or("application/json"),
+            trigger.message_id.as_deref(),
+            trigger.traceparent.as_deref(),
+        )
+        .await
+    }
+
+    async fn next_trigger(&self) -> Option<TriggerDelivery> {
+        AmqpBus::next_trigger(self).await
+    }
+
+    async fn park_trigger(&self, trigger: &TriggerMessage, error: &str) -> Result<(), BusError> {
+        AmqpBus::park_trigger(self, trigger, error).await
+    }
+
+    async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError> {
+        AmqpBus::delay_trigger(self, trigger, tier, attempts).await
     }
 }
 

@@ -12,27 +12,7 @@ use super::AmqpBus;
 use super::consumer::{self, Source, integer};
 use super::publisher::{self, headers};
 use super::topology::TRIGGER_ROUTING_KEY;
-use crate::bus::{Acker, BusError, ParkReason};
-
-/// A trigger as it was delivered: the body and the properties the admitter needs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TriggerMessage {
-    pub body: Vec<u8>,
-    pub content_type: Option<String>,
-    pub message_id: Option<String>,
-    /// Times it was put off for a transient failure (its `x-sigrun-attempts` header).
-    pub attempts: u32,
-    /// Deliveries of this message so far, this one included.
-    pub delivery_count: u32,
-    /// The producer's W3C trace context (its `traceparent` header), as sent.
-    pub traceparent: Option<String>,
-}
-
-/// A trigger taken from the triggers queue. Dropping it unsettled returns it to the queue.
-pub struct TriggerDelivery {
-    pub message: TriggerMessage,
-    pub acker: Box<dyn Acker>,
-}
+use crate::bus::{BusError, ParkReason, TriggerDelivery, TriggerMessage};
 
 const PERSISTENT: u8 = 2;
 

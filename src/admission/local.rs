@@ -1,0 +1,55 @@
+//! A run in this process (`sigrun run`): the in-process bus, a ledger over its history, the stages'
+//! consumers fenced by that ledger, and the run started through [`super::begin`] — the same
+//! admission the workers' admitter makes (claim, first messages, `RunStarted` in one commit) —
+//! then followed until its result says it has ended.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Begun, Prepared, begin};
+use crate::bus::BusError;
+use crate::bus::memory::MemoryBus;
+use crate::ledger::{Ledger, LedgerSettings};
+use crate::model::envelope::Stage;
+use crate::model::trace::TraceParent;
+use crate::runtime::complete::drive;
+use crate::runtime::{Clock, Handler, Observer, RunError, RunOutcome, Runtime, RuntimeSettings};
+
+/// How a local run is driven.
+pub struct Local {
+    pub settings: RuntimeSettings,
+    pub ledger: LedgerSettings,
+    pub clock: Clock,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Told about every handled delivery and, through the ledger, every event of the run.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// Starts the run `prepared` describes at `entry` on `bus` and drives it to its end.
+pub async fn run(
+    bus: Arc<MemoryBus>,
+    handler: Arc<dyn Handler>,
+    prepared: &Prepared,
+    entry: Stage,
+    trace: &TraceParent,
+    local: Local,
+) -> Result<RunOutcome, RunError> {
+    let ledger = Arc::new(Ledger::start(bus.clone(), local.ledger, local.observer.clone()));
+    let mut runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), local.settings)?
+        .with_clock(local.clock)
+        .with_ledger(Arc::clone(&ledger));
+    if let Some(observer) = &local.observer {
+        runtime = runtime.with_observer(Arc::clone(observer));
+    }
+    let start = async {
+        match begin(bus.as_ref(), &ledger, prepared, entry, trace).await? {
+            Begun::Started { .. } => Ok(()),
+            // Nothing else admits runs on a bus of this process's own.
+            other => Err(BusError::Connection(format!(
+                "the run could not be admitted on the in-process bus: {other:?}"
+            ))),
+        }
+    };
+    drive(bus.clone(), runtime, prepared.run_id(), start, local.timeout, None).await
+}

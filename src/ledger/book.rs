@@ -1,0 +1,597 @@
+//! [`Book`]: the ledger's state, folded from the history stream in stream order. Pure: it is told
+//! each record and when it was read, and answers what a message copy is worth (its [`Standing`]),
+//! who holds the step of a message state (a [`Verdict`] on a claim), which runs have started or
+//! been cancelled, and which pool branches a live run is still creating or verifying.
+//!
+//! Every reader of the stream folds the same records in the same order, so every worker reaches
+//! the same answers; only the age of a claim is each reader's own (when it read the claim).
+//!
+//! Rules:
+//! - a token is live once a commit lists it; it is spent once a commit consumes it;
+//! - the first claim read on a token holds it; a claim naming the holder in `supersedes` takes it
+//!   over (the first such claim wins), which a claimant does only after the holder released it or
+//!   held it past the claim timeout;
+//! - a commit counts only when made by the holder of the token it consumes;
+//! - a copy whose token is spent, or that was made by a claim that lost, is stale; so is every copy
+//!   of a run with nothing live left (its records are then forgotten, its start and cancel kept).
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+use super::record::{Claim, Commit, Record, Release};
+use crate::events::{Event, EventKind};
+use crate::model::envelope::{Branch, Stage};
+
+/// What a message copy is worth, as far as the book knows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// The copy carries no token (a message from before the ledger): not fenced.
+    Unfenced,
+    /// Its token is the live state of its slot.
+    Live,
+    /// A copy of a state already stepped, of a step that lost its claim, or of a finished run.
+    Stale,
+    /// Not known (yet): the commit that makes it live may not have been read.
+    Unknown,
+}
+
+/// The answer to a claim, once the claim itself has been read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// This claim holds the token: carry the step out and commit it.
+    Won,
+    /// The state was stepped already (or the copy is stale): drop the copy.
+    Stale,
+    /// Another claim holds the token and may still commit: look again later.
+    Wait,
+    /// The copy's state is not known yet (the commit that makes it live may not have been read).
+    Unknown,
+    /// The holder released the token or held it past the timeout: claim again, superseding it.
+    TakeOver { holder: Uuid },
+}
+
+#[derive(Debug)]
+struct Hold {
+    holder: Uuid,
+    /// When this reader read the holder's claim.
+    since: Instant,
+    committed: bool,
+    released: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// The live token; `None` once consumed without a successor in the same slot.
+    live: Option<Uuid>,
+    branch: Branch,
+}
+
+#[derive(Debug, Default)]
+struct RunBook {
+    /// The stage it entered at, once its admission is recorded.
+    started: Option<Stage>,
+    cancelled: bool,
+    /// Nothing of it is live any more; its slots and claims were forgotten.
+    settled: bool,
+    slots: HashMap<Uuid, Slot>,
+    /// Claims by the token they hold.
+    holds: HashMap<Uuid, Hold>,
+    /// Every claim read: claim id → the token it claimed.
+    claims: HashMap<Uuid, Uuid>,
+    /// Pool targets whose pool verified.
+    verified: HashSet<String>,
+}
+
+/// The ledger's state over every run the stream retains.
+#[derive(Debug, Default)]
+pub struct Book {
+    runs: HashMap<Uuid, RunBook>,
+}
+
+impl Book {
+    /// Folds in the next record of the stream, read at `now`. Returns false for a commit that
+    /// does not count (not made by the holder of what it consumes), whose events are to be ignored.
+    pub fn apply(&mut self, record: &Record, now: Instant) -> bool {
+        match record {
+            Record::Event(event) => {
+                self.run(event.run_id).apply_event(event);
+                true
+            }
+            Record::Claim(claim) => {
+                self.run(claim.run_id).apply_claim(claim, now);
+                true
+            }
+            Record::Commit(commit) => self.run(commit.run_id).apply_commit(commit, now),
+            Record::Release(release) => {
+                self.run(release.run_id).apply_release(release);
+                true
+            }
+            Record::Marker(_) => true,
+        }
+    }
+
+    fn run(&mut self, run_id: Uuid) -> &mut RunBook {
+        self.runs.entry(run_id).or_default()
+    }
+
+    /// What the copy of `message_id` carrying `token`, made by claim `made_by`, is worth. The
+    /// admission of run `r` is the slot `r` with token `r`.
+    pub fn standing(&self, run_id: Uuid, message_id: Uuid, token: Uuid, made_by: Uuid) -> Standing {
+        if token.is_nil() {
+            return Standing::Unfenced;
+        }
+        let Some(run) = self.runs.get(&run_id) else {
+            return Standing::Unknown;
+        };
+        if run.holds.get(&token).is_some_and(|h| h.committed) {
+            return Standing::Stale;
+        }
+        if message_id == run_id && token == run_id {
+            return if run.started.is_some() {
+                Standing::Stale
+            } else {
+                Standing::Live
+            };
+        }
+        if run.settled {
+            return Standing::Stale;
+        }
+        if run.slots.get(&message_id).is_some_and(|s| s.live == Some(token)) {
+            return Standing::Live;
+        }
+        // Not live: stale when the step that made it did not make it live (its claim lost, or
+        // it committed other successors); otherwise its commit may just not have been read.
+        match run.claims.get(&made_by).and_then(|t| run.holds.get(t)) {
+            Some(hold) if hold.holder != made_by || hold.committed => Standing::Stale,
+            _ => Standing::Unknown,
+        }
+    }
+
+    /// The verdict on `claim` (already read) for the copy it was made for.
+    pub fn verdict(&self, claim: &Claim, made_by: Uuid, now: Instant, timeout: Duration) -> Verdict {
+        match self.standing(claim.run_id, claim.message_id, claim.token, made_by) {
+            Standing::Stale => return Verdict::Stale,
+            Standing::Unknown => return Verdict::Unknown,
+            Standing::Unfenced => return Verdict::Won,
+            Standing::Live => {}
+        }
+        let hold = self.runs.get(&claim.run_id).and_then(|run| run.holds.get(&claim.token));
+        match hold {
+            // Not read yet (the caller waits for its claim to be read first).
+            None => Verdict::Wait,
+            Some(hold) if hold.holder == claim.claim => Verdict::Won,
+            Some(hold) if hold.committed => Verdict::Stale,
+            Some(hold) if hold.released || now.saturating_duration_since(hold.since) > timeout => {
+                Verdict::TakeOver { holder: hold.holder }
+            }
+            Some(_) => Verdict::Wait,
+        }
+    }
+
+    /// Whether a claim other than a committed, released or timed-out one holds `token`: a copy of
+    /// that state is put off without a look.
+    pub fn held(&self, run_id: Uuid, token: Uuid, now: Instant, timeout: Duration) -> bool {
+        self.runs
+            .get(&run_id)
+            .and_then(|run| run.holds.get(&token))
+            .is_some_and(|hold| {
+                !hold.committed && !hold.released && now.saturating_duration_since(hold.since) <= timeout
+            })
+    }
+
+    /// Whether claim `claim` has been read.
+    pub fn has_claim(&self, run_id: Uuid, claim: Uuid) -> bool {
+        self.runs
+            .get(&run_id)
+            .is_some_and(|run| run.claims.contains_key(&claim))
+    }
+
+    /// The stage a run entered at, once its admission is recorded.
+    pub fn started(&self, run_id: Uuid) -> Option<Stage> {
+        self.runs.get(&run_id).and_then(|run| run.started)
+    }
+
+    pub fn is_cancelled(&self, run_id: Uuid) -> bool {
+        self.runs.get(&run_id).is_some_and(|run| run.cancelled)
+    }
+
+    /// Runs known to have started.
+    pub fn started_count(&self) -> usize {
+        self.runs.values().filter(|run| run.started.is_some()).count()
+    }
+
+    /// Whether run `run_id` is still creating or verifying its pool for `target`: `None` when the
+    /// run is not known (its history expired, or it never ran here).
+    pub fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
+        let run = self.runs.get(&run_id)?;
+        if run.settled || run.verified.contains(target) {
+            return Some(false);
+        }
+        Some(
+            run.slots.values().any(|slot| {
+                slot.live.is_some() && matches!(&slot.branch, Branch::Pool { target: t, .. } if t == target)
+            }),
+        )
+    }
+
+    /// Slots and claims held in memory (for tests and the memory bench).
+    pub fn open_records(&self) -> usize {
+        self.runs.values().map(|run| run.slots.len() + run.claims.len()).sum()
+    }
+}
+
+impl RunBook {
+    fn apply_event(&mut self, event: &Event) {
+        match &event.kind {
+            EventKind::RunStarted { .. } => {
+                self.started.get_or_insert(event.stage);
+            }
+            EventKind::CancelRequested => self.cancelled = true,
+            EventKind::PoolVerified { .. } => {
+                if let Branch::Pool { target, .. } = &event.branch {
+                    self.verified.insert(target.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_claim(&mut self, claim: &Claim, now: Instant) {
+        self.claims.insert(claim.claim, claim.token);
+        match self.holds.get_mut(&claim.token) {
+            None => {
+                self.holds.insert(
+                    claim.token,
+                    Hold {
+                        holder: claim.claim,
+                        since: now,
+                        committed: false,
+                        released: false,
+                    },
+                );
+            }
+            Some(hold) if !hold.committed && claim.supersedes == Some(hold.holder) => {
+                hold.holder = claim.claim;
+                hold.since = now;
+                hold.released = false;
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn apply_release(&mut self, release: &Release) {
+        if let Some(hold) = self.claims.get(&release.claim).and_then(|t| self.holds.get_mut(t))
+            && hold.holder == release.claim
+        {
+            hold.released = true;
+        }
+    }
+
+    fn apply_commit(&mut self, commit: &Commit, now: Instant) -> bool {
+        if let Some(consumed) = &commit.consumed {
+            match self.holds.get_mut(&consumed.token) {
+                Some(hold) if hold.committed || hold.holder != commit.claim => return false,
+                Some(hold) => hold.committed = true,
+                // Its claim is not in the stream any more (retention): the commit stands.
+                None => {
+                    self.claims.insert(commit.claim, consumed.token);
+                    self.holds.insert(
+                        consumed.token,
+                        Hold {
+                            holder: commit.claim,
+                            since: now,
+                            committed: true,
+                            released: false,
+                        },
+                    );
+                }
+            }
+            if let Some(slot) = self.slots.get_mut(&consumed.message_id)
+                && slot.live == Some(consumed.token)
+            {
+                slot.live = None;
+            }
+        }
+        self.settled = false;
+        for successor in &commit.successors {
+            self.slots.insert(
+                successor.message_id,
+                Slot {
+                    live: Some(successor.token),
+                    branch: successor.branch.clone(),
+                },
+            );
+        }
+        for event in &commit.events {
+            self.apply_event(event);
+        }
+        self.settle();
+        true
+    }
+
+    /// Forgets the slots and claims of a started run with nothing live left.
+    fn settle(&mut self) {
+        if self.started.is_some() && self.slots.values().all(|slot| slot.live.is_none()) {
+            self.settled = true;
+            self.slots = HashMap::new();
+            self.holds = HashMap::new();
+            self.claims = HashMap::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::OffsetDateTime;
+
+    use super::*;
+    use crate::ledger::record::{Consumed, Successor};
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    struct Run {
+        id: Uuid,
+        book: Book,
+        now: Instant,
+    }
+
+    fn claim(run: Uuid, message_id: Uuid, token: Uuid, supersedes: Option<Uuid>) -> Claim {
+        Claim {
+            run_id: run,
+            pipeline: "p".into(),
+            message_id,
+            token,
+            claim: Uuid::new_v4(),
+            supersedes,
+            at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn pool(target: &str) -> Branch {
+        Branch::Pool {
+            region: "eastus".into(),
+            target: target.into(),
+        }
+    }
+
+    fn started(run: Uuid) -> Event {
+        Event {
+            run_id: run,
+            pipeline: "p".into(),
+            version: "1.0.0".into(),
+            stage: Stage::Snapshot,
+            branch: Branch::Trunk,
+            at: OffsetDateTime::UNIX_EPOCH,
+            kind: EventKind::RunStarted {
+                regions: Vec::new(),
+                pools: Vec::new(),
+            },
+        }
+    }
+
+    impl Run {
+        fn new() -> Run {
+            Run {
+                id: Uuid::new_v4(),
+                book: Book::default(),
+                now: Instant::now(),
+            }
+        }
+
+        fn apply(&mut self, record: Record) -> bool {
+            self.book.apply(&record, self.now)
+        }
+
+        fn claim(&mut self, message_id: Uuid, token: Uuid) -> Claim {
+            let claim = claim(self.id, message_id, token, None);
+            self.apply(Record::Claim(claim.clone()));
+            claim
+        }
+
+        fn commit(&mut self, claim: &Claim, successors: Vec<(Uuid, Uuid, Branch)>, events: Vec<Event>) -> bool {
+            self.apply(Record::Commit(Commit {
+                run_id: self.id,
+                pipeline: "p".into(),
+                claim: claim.claim,
+                consumed: Some(Consumed {
+                    message_id: claim.message_id,
+                    token: claim.token,
+                }),
+                successors: successors
+                    .into_iter()
+                    .map(|(message_id, token, branch)| Successor {
+                        message_id,
+                        token,
+                        stage: Stage::Verify,
+                        branch,
+                    })
+                    .collect(),
+                events,
+            }))
+        }
+
+        /// Admits the run with one trunk message; returns its (message id, token, made_by).
+        fn admit(&mut self) -> (Uuid, Uuid, Uuid) {
+            let admission = self.claim(self.id, self.id);
+            let (first, token) = (Uuid::new_v4(), Uuid::new_v4());
+            assert!(self.commit(&admission, vec![(first, token, Branch::Trunk)], vec![started(self.id)]));
+            (first, token, admission.claim)
+        }
+    }
+
+    #[test]
+    fn the_first_claim_wins_and_its_commit_spends_the_token() {
+        let mut run = Run::new();
+        let (first, token, made_by) = run.admit();
+        assert_eq!(run.book.standing(run.id, first, token, made_by), Standing::Live);
+        let a = run.claim(first, token);
+        let b = run.claim(first, token);
+        assert_eq!(run.book.verdict(&a, made_by, run.now, TIMEOUT), Verdict::Won);
+        assert_eq!(run.book.verdict(&b, made_by, run.now, TIMEOUT), Verdict::Wait);
+        assert!(run.book.held(run.id, token, run.now, TIMEOUT));
+        let next = Uuid::new_v4();
+        assert!(run.commit(&a, vec![(first, next, Branch::Trunk)], Vec::new()));
+        assert!(!run.book.held(run.id, token, run.now, TIMEOUT));
+        // The loser's copy is stale now; the successor state is live.
+        assert_eq!(run.book.verdict(&b, made_by, run.now, TIMEOUT), Verdict::Stale);
+        assert_eq!(run.book.standing(run.id, first, token, made_by), Standing::Stale);
+        assert_eq!(run.book.standing(run.id, first, next, a.claim), Standing::Live);
+        // A second commit of the same token does not count, even by its holder.
+        assert!(!run.commit(&a, Vec::new(), Vec::new()));
+    }
+
+    #[test]
+    fn a_commit_by_a_claim_that_does_not_hold_the_token_does_not_count() {
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        let a = run.claim(first, token);
+        let b = run.claim(first, token);
+        assert!(!run.commit(&b, vec![(first, Uuid::new_v4(), Branch::Trunk)], Vec::new()));
+        assert!(run.commit(&a, vec![(first, Uuid::new_v4(), Branch::Trunk)], Vec::new()));
+    }
+
+    #[test]
+    fn a_held_token_is_taken_over_after_release_or_timeout_and_the_old_holders_work_goes_stale() {
+        let mut run = Run::new();
+        let (first, token, made_by) = run.admit();
+        let dead = run.claim(first, token);
+        let waiting = run.claim(first, token);
+        assert_eq!(run.book.verdict(&waiting, made_by, run.now, TIMEOUT), Verdict::Wait);
+        let later = run.now + TIMEOUT + Duration::from_millis(1);
+        assert_eq!(
+            run.book.verdict(&waiting, made_by, later, TIMEOUT),
+            Verdict::TakeOver { holder: dead.claim }
+        );
+        // Two takers supersede the same holder: the first read wins.
+        run.now = later;
+        let taker = claim(run.id, first, token, Some(dead.claim));
+        let second = claim(run.id, first, token, Some(dead.claim));
+        run.apply(Record::Claim(taker.clone()));
+        run.apply(Record::Claim(second.clone()));
+        assert_eq!(run.book.verdict(&taker, made_by, later, TIMEOUT), Verdict::Won);
+        assert_eq!(run.book.verdict(&second, made_by, later, TIMEOUT), Verdict::Wait);
+        // What the dead holder sent on before dying is stale: its claim lost.
+        let orphan = Uuid::new_v4();
+        assert_eq!(run.book.standing(run.id, first, orphan, dead.claim), Standing::Stale);
+        // The dead holder's late commit does not count; the taker's does.
+        assert!(!run.commit(&dead, vec![(first, orphan, Branch::Trunk)], Vec::new()));
+        let next = Uuid::new_v4();
+        assert!(run.commit(&taker, vec![(first, next, Branch::Trunk)], Vec::new()));
+        assert_eq!(run.book.standing(run.id, first, next, taker.claim), Standing::Live);
+
+        // A released claim can be taken over at once.
+        let holder = run.claim(first, next);
+        let other = run.claim(first, next);
+        run.apply(Record::Release(Release {
+            run_id: run.id,
+            pipeline: "p".into(),
+            claim: holder.claim,
+        }));
+        assert_eq!(
+            run.book.verdict(&other, taker.claim, run.now, TIMEOUT),
+            Verdict::TakeOver { holder: holder.claim }
+        );
+    }
+
+    #[test]
+    fn a_successor_whose_commit_is_not_read_is_unknown_until_it_is() {
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        let a = run.claim(first, token);
+        let (pool_message, pool_token) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(
+            run.book.standing(run.id, pool_message, pool_token, a.claim),
+            Standing::Unknown
+        );
+        assert!(run.commit(
+            &a,
+            vec![
+                (first, Uuid::new_v4(), Branch::Trunk),
+                (pool_message, pool_token, pool("render"))
+            ],
+            Vec::new()
+        ));
+        assert_eq!(
+            run.book.standing(run.id, pool_message, pool_token, a.claim),
+            Standing::Live
+        );
+        // A copy the same step made but did not commit (a twin with another token) is stale.
+        assert_eq!(
+            run.book.standing(run.id, pool_message, Uuid::new_v4(), a.claim),
+            Standing::Stale
+        );
+    }
+
+    #[test]
+    fn the_admission_is_one_slot_and_a_second_admission_is_stale() {
+        let mut run = Run::new();
+        assert_eq!(
+            run.book.standing(run.id, run.id, run.id, Uuid::nil()),
+            Standing::Unknown
+        );
+        let a = run.claim(run.id, run.id);
+        let b = run.claim(run.id, run.id);
+        assert_eq!(run.book.standing(run.id, run.id, run.id, Uuid::nil()), Standing::Live);
+        assert_eq!(run.book.verdict(&a, Uuid::nil(), run.now, TIMEOUT), Verdict::Won);
+        assert!(run.commit(
+            &a,
+            vec![(Uuid::new_v4(), Uuid::new_v4(), Branch::Trunk)],
+            vec![started(run.id)]
+        ));
+        assert_eq!(run.book.started(run.id), Some(Stage::Snapshot));
+        assert_eq!(run.book.verdict(&b, Uuid::nil(), run.now, TIMEOUT), Verdict::Stale);
+    }
+
+    #[test]
+    fn a_run_with_nothing_live_is_settled_and_forgotten_but_still_known_started() {
+        let mut run = Run::new();
+        let (first, token, made_by) = run.admit();
+        let a = run.claim(first, token);
+        let pool_message = Uuid::new_v4();
+        let pool_token = Uuid::new_v4();
+        assert!(run.commit(&a, vec![(pool_message, pool_token, pool("render"))], Vec::new()));
+        assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(true));
+        assert_eq!(run.book.pool_in_progress(run.id, "sim"), Some(false));
+        let p = run.claim(pool_message, pool_token);
+        assert!(run.commit(&p, Vec::new(), Vec::new()));
+        assert_eq!(run.book.open_records(), 0);
+        assert_eq!(run.book.started(run.id), Some(Stage::Snapshot));
+        assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
+        // Any copy of a finished run is stale.
+        assert_eq!(run.book.standing(run.id, first, token, made_by), Standing::Stale);
+        assert_eq!(
+            run.book
+                .standing(run.id, Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()),
+            Standing::Stale
+        );
+        assert_eq!(run.book.pool_in_progress(Uuid::new_v4(), "render"), None);
+    }
+
+    #[test]
+    fn a_verified_pool_is_not_in_progress_while_its_branch_retires_older_pools() {
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        let a = run.claim(first, token);
+        let (verify, verify_token) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(run.commit(&a, vec![(verify, verify_token, pool("render"))], Vec::new()));
+        let v = run.claim(verify, verify_token);
+        let mut verified = started(run.id);
+        verified.branch = pool("render");
+        verified.kind = EventKind::PoolVerified {
+            pool_id: "render-1".into(),
+        };
+        assert!(run.commit(&v, vec![(verify, Uuid::new_v4(), pool("render"))], vec![verified]));
+        assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
+    }
+
+    #[test]
+    fn copies_without_a_token_are_not_fenced() {
+        let book = Book::default();
+        assert_eq!(
+            book.standing(Uuid::new_v4(), Uuid::new_v4(), Uuid::nil(), Uuid::nil()),
+            Standing::Unfenced
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! The ledger: what makes each step of a run happen once, whatever the bus does to its messages.
+//! A broker delivers at least once, a publish cut by a dropped connection may land twice, a worker
+//! killed mid-step leaves its delivery to another: so several copies of one message can be alive
+//! at once. The ledger keeps them from all acting.
+//!
+//! Every worker folds the shared history stream into a [`Book`] (tailing it from its first
+//! retained record). A step that records something — events, messages sent on, a park, a changed
+//! run state — first publishes a [`Claim`] on the state its message copy carries (its token) and
+//! waits until its own claim comes by in the stream: every claim published before it has then been
+//! read, so the stream's order decides, the same way for every reader, which claim holds the token.
+//! The holder sends its messages on (each with a fresh token), then publishes one [`Commit`]
+//! (the consumed token, the tokens it made live, its events) and acks. Every other copy is stale
+//! and is dropped with an event; a copy whose state is not known yet waits. A holder that dies
+//! before its commit is superseded after the claim timeout (or at once when it released its claim);
+//! it gives up its own claim halfway through that timeout, so two holders never both commit.
+//!
+//! - [`record`] — the records: claims, commits, releases, markers, events.
+//! - [`book`] — the pure fold and the rules.
+//!
+//! Admission is a step like the others: the slot and token of run `r`'s admission are both `r`, its
+//! commit carries `RunStarted` and makes the first messages live.
+
+pub mod book;
+pub mod record;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+use uuid::Uuid;
+
+pub use book::{Book, Standing, Verdict};
+use record::{Claim, Commit, Record, Release};
+
+use crate::bus::{Bus, BusError, StreamOffset};
+use crate::model::envelope::{Envelope, Stage};
+use crate::runtime::Observer;
+
+/// How long to wait before opening the history again after its reader failed.
+const REOPEN_DELAY: Duration = Duration::from_millis(200);
+
+/// How long a claimant waits for the commit that makes its copy's state known before it puts the
+/// copy off (the commit is published just after the messages it lists, so this is short).
+const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
+
+/// The ledger's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LedgerSettings {
+    /// A claim not committed within this long (as each reader measures it from reading the claim)
+    /// may be taken over; its holder gives up at half of it.
+    pub claim_timeout: Duration,
+    /// How long a claimant waits for its claim to come by in the stream before it gives up.
+    pub read_limit: Duration,
+}
+
+impl Default for LedgerSettings {
+    fn default() -> Self {
+        LedgerSettings {
+            claim_timeout: Duration::from_secs(20),
+            read_limit: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a copy's claim came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claimed {
+    /// This claim holds the step: carry it out before `deadline`, then commit.
+    Won { claim: Uuid, deadline: Instant },
+    /// The step was taken already: drop the copy.
+    Stale,
+    /// Another claim may still commit, or the copy's state is not known yet: look again later.
+    Wait,
+}
+
+/// What a claim is made on: a message copy (its slot, token and maker), or a run's admission.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimKey {
+    pub run_id: Uuid,
+    pub pipeline: String,
+    pub message_id: Uuid,
+    pub token: Uuid,
+    pub made_by: Uuid,
+}
+
+impl ClaimKey {
+    pub fn of(message: &Envelope) -> ClaimKey {
+        ClaimKey {
+            run_id: message.run_id,
+            pipeline: message.pipeline.clone(),
+            message_id: message.message_id,
+            token: message.token,
+            made_by: message.made_by,
+        }
+    }
+
+    /// The admission of run `run_id`.
+    pub fn admission(run_id: Uuid, pipeline: &str) -> ClaimKey {
+        ClaimKey {
+            run_id,
+            pipeline: pipeline.to_string(),
+            message_id: run_id,
+            token: run_id,
+            made_by: Uuid::nil(),
+        }
+    }
+}
+
+struct Shared {
+    book: Mutex<Book>,
+    /// Records read so far; bumped after each is folded in, so waiters can look again.
+    read: watch::Sender<u64>,
+    markers: Mutex<HashMap<Uuid, oneshot::Sender<()>>>,
+}
+
+impl Shared {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The ledger of one bus's history. Dropping it stops the tail.
+pub struct Ledger {
+    bus: Arc<dyn Bus>,
+    shared: Arc<Shared>,
+    settings: LedgerSettings,
+    tail: JoinHandle<()>,
+}
+
+impl Ledger {
+    /// Starts tailing `bus`'s history from its first retained record, handing every event that
+    /// counts to `observer` in stream order (the run-level metrics). Call [`Ledger::catch_up`]
+    /// before relying on what it says.
+    pub fn start(bus: Arc<dyn Bus>, settings: LedgerSettings, observer: Option<Arc<dyn Observer>>) -> Ledger {
+        let shared = Arc::new(Shared {
+            book: Mutex::new(Book::default()),
+            read: watch::Sender::new(0),
+            markers: Mutex::new(HashMap::new()),
+        });
+        let tail = tokio::spawn(tail(Arc::clone(&bus), Arc::clone(&shared), observer));
+        Ledger {
+            bus,
+            shared,
+            settings,
+            tail,
+        }
+    }
+
+    pub fn settings(&self) -> LedgerSettings {
+        self.settings
+    }
+
+    /// Returns once every record confirmed before the call has been read, or fails after `limit`.
+    pub async fn catch_up(&self, limit: Duration) -> Result<(), BusError> {
+        let marker = Uuid::new_v4();
+        let (reached, wait) = oneshot::channel();
+        // Waiting before publishing: the tail may read the marker before the publish returns.
+        lock(&self.shared.markers).insert(marker, reached);
+        let caught_up = async {
+            self.bus.publish_record(&Record::Marker(marker)).await?;
+            match tokio::time::timeout(limit, wait).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(BusError::Closed),
+                Err(_) => Err(BusError::Connection(format!(
+                    "the history was not read up to its marker within {} ms",
+                    limit.as_millis()
+                ))),
+            }
+        }
+        .await;
+        if caught_up.is_err() {
+            lock(&self.shared.markers).remove(&marker);
+        }
+        caught_up
+    }
+
+    /// What the copy is worth now, from what has been read (no IO).
+    pub fn standing(&self, message: &Envelope) -> Standing {
+        self.shared
+            .book()
+            .standing(message.run_id, message.message_id, message.token, message.made_by)
+    }
+
+    /// Whether another claim holds the copy's live state and may still commit (no IO): such a copy
+    /// is put off without a look.
+    pub fn held_elsewhere(&self, message: &Envelope) -> bool {
+        let book = self.shared.book();
+        book.standing(message.run_id, message.message_id, message.token, message.made_by) == Standing::Live
+            && book.held(
+                message.run_id,
+                message.token,
+                Instant::now(),
+                self.settings.claim_timeout,
+            )
+    }
+
+    /// Claims the step of the copy `key` names; returns once the verdict is exact.
+    pub async fn claim(&self, key: &ClaimKey) -> Result<Claimed, BusError> {
+        let mut supersedes = None;
+        loop {
+            let claim = Claim {
+                run_id: key.run_id,
+                pipeline: key.pipeline.clone(),
+                message_id: key.message_id,
+                token: key.token,
+                claim: Uuid::new_v4(),
+                supersedes,
+                at: OffsetDateTime::now_utc(),
+            };
+            let began = Instant::now();
+            self.bus.publish_record(&Record::Claim(claim.clone())).await?;
+            self.wait_until(
+                |book| book.has_claim(claim.run_id, claim.claim),
+                self.settings.read_limit,
+            )
+            .await
+            .map_err(|_| {
+                BusError::Connection(format!(
+                    "the claim did not come by in the history within {} ms",
+                    self.settings.read_limit.as_millis()
+                ))
+            })?;
+            let verdict = self.verdict(&claim, key.made_by).await;
+            debug!(run_id = %key.run_id, message_id = %key.message_id, ?verdict, "claimed");
+            match verdict {
+                Verdict::Won => {
+                    return Ok(Claimed::Won {
+                        claim: claim.claim,
+                        deadline: began + self.settings.claim_timeout / 2,
+                    });
+                }
+                Verdict::Stale => return Ok(Claimed::Stale),
+                Verdict::Wait | Verdict::Unknown => return Ok(Claimed::Wait),
+                Verdict::TakeOver { holder } => {
+                    warn!(run_id = %key.run_id, message_id = %key.message_id, %holder,
+                        "the step's claim was released or timed out; taking it over");
+                    supersedes = Some(holder);
+                }
+            }
+        }
+    }
+
+    /// The verdict on a claim that has been read; a copy whose state is not known yet gets a
+    /// short while for the commit that makes it live to come by.
+    async fn verdict(&self, claim: &Claim, made_by: Uuid) -> Verdict {
+        let timeout = self.settings.claim_timeout;
+        let decide = |book: &Book| book.verdict(claim, made_by, Instant::now(), timeout);
+        let known = self
+            .wait_until(|book| decide(book) != Verdict::Unknown, UNKNOWN_WAIT)
+            .await;
+        match known {
+            Ok(()) => decide(&self.shared.book()),
+            Err(()) => Verdict::Unknown,
+        }
+    }
+
+    /// Publishes a step's commit (confirmed).
+    pub async fn commit(&self, commit: Commit) -> Result<(), BusError> {
+        self.bus.publish_record(&Record::Commit(commit)).await
+    }
+
+    /// Gives up a claim that cannot be carried out (best effort: a release that is lost only makes
+    /// the next claimant wait for the timeout).
+    pub async fn release(&self, run_id: Uuid, pipeline: &str, claim: Uuid) {
+        let release = Record::Release(Release {
+            run_id,
+            pipeline: pipeline.to_string(),
+            claim,
+        });
+        if let Err(error) = self.bus.publish_record(&release).await {
+            debug!(%error, "releasing a claim failed; it times out instead");
+        }
+    }
+
+    /// The stage a run entered at, once its admission is recorded.
+    pub fn started(&self, run_id: Uuid) -> Option<Stage> {
+        self.shared.book().started(run_id)
+    }
+
+    pub fn is_cancelled(&self, run_id: Uuid) -> bool {
+        self.shared.book().is_cancelled(run_id)
+    }
+
+    /// Runs known to have started.
+    pub fn started_count(&self) -> usize {
+        self.shared.book().started_count()
+    }
+
+    /// Whether run `run_id` is still creating or verifying its pool for `target` (`None`: the run
+    /// is not in the retained history).
+    pub fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
+        self.shared.book().pool_in_progress(run_id, target)
+    }
+
+    /// Records read so far.
+    pub fn records_read(&self) -> u64 {
+        *self.shared.read.borrow()
+    }
+
+    /// Slots and claims kept in memory (runs not finished).
+    pub fn open_records(&self) -> usize {
+        self.shared.book().open_records()
+    }
+
+    /// Waits until `ready` holds of the book, looking again after each record read.
+    async fn wait_until(&self, ready: impl Fn(&Book) -> bool, limit: Duration) -> Result<(), ()> {
+        let mut read = self.shared.read.subscribe();
+        let waited = tokio::time::timeout(limit, async {
+            loop {
+                if ready(&self.shared.book()) {
+                    return;
+                }
+                if read.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await;
+        waited.map_err(|_| ())
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        self.tail.abort();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Reads the history until aborted, opening it again (after the last record read) whenever the
+/// reader ends: a reader does not survive a reconnect.
+async fn tail(bus: Arc<dyn Bus>, shared: Arc<Shared>, observer: Option<Arc<dyn Observer>>) {
+    let mut offset = StreamOffset::First;
+    loop {
+        let mut reader = match bus.open_history(offset.clone()).await {
+            Ok(reader) => reader,
+            Err(BusError::Closed) => return,
+            Err(error) => {
+                warn!(%error, "ledger: cannot open the history; trying again");
+                tokio::time::sleep(REOPEN_DELAY).await;
+                continue;
+            }
+        };
+        loop {
+            match reader.next_record().await {
+                None => break,
+                Some(Ok((at, record))) => {
+                    offset = StreamOffset::At(at + 1);
+                    read_one(&shared, observer.as_deref(), &record);
+                }
+                // Another build's record, say: not ours to judge; the rest of the stream counts.
+                Some(Err(BusError::Malformed(reason))) => debug!(%reason, "ledger: skipped a record"),
+                Some(Err(error)) => {
+                    warn!(%error, "ledger: the history failed; opening it again");
+                    break;
+                }
+            }
+        }
+        reader.close().await;
+        tokio::time::sleep(REOPEN_DELAY).await;
+    }
+}
+
+/// Folds one record in, tells the observer its events (those that count), wakes the waiters.
+fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record) {
+    if let Record::Marker(marker) = record
+        && let Some(reached) = lock(&shared.markers).remove(marker)
+    {
+        let _ = reached.send(());
+    }
+    let counts = shared.book().apply(record, Instant::now());
+    if !counts {
+        warn!(run_id = ?record.run_id(), "ledger: a commit by a claim that did not hold its step is ignored");
+    }
+    if counts && let Some(observer) = observer {
+        for event in record.events() {
+            observer.event(event);
+        }
+    }
+    shared.read.send_modify(|read| *read += 1);
+}
