@@ -300,14 +300,23 @@ pub async fn begin(
     entry: Stage,
     trace: &TraceParent,
 ) -> Result<Begun, BusError> {
-    let run_id = prepared.run_id();
-    let pipeline = prepared.spec.name.as_str();
-    let (claim, deadline) = match ledger.claim(&ClaimKey::admission(run_id, pipeline)).await? {
+    let firsts = first_messages(prepared, entry, trace);
+    begin_with(bus, ledger, firsts, run_started(prepared, entry)).await
+}
+
+/// [`begin`] for first messages and a `RunStarted` event made already (all of one run).
+pub async fn begin_with(
+    bus: &dyn Bus,
+    ledger: &Ledger,
+    mut firsts: Vec<Envelope>,
+    started: Event,
+) -> Result<Begun, BusError> {
+    let (run_id, pipeline) = (started.run_id, started.pipeline.clone());
+    let (claim, deadline) = match ledger.claim(&ClaimKey::admission(run_id, &pipeline)).await? {
         Claimed::Won { claim, deadline } => (claim, deadline),
         Claimed::Stale => return Ok(Begun::AlreadyStarted),
         Claimed::Wait => return Ok(Begun::Held),
     };
-    let mut firsts = first_messages(prepared, entry, trace);
     for first in &mut firsts {
         first.made_by = claim;
     }
@@ -318,7 +327,7 @@ pub async fn begin(
         ledger
             .commit(Commit {
                 run_id,
-                pipeline: pipeline.to_string(),
+                pipeline: pipeline.clone(),
                 claim,
                 consumed: Some(Consumed {
                     message_id: run_id,
@@ -333,7 +342,7 @@ pub async fn begin(
                         branch: first.branch.clone(),
                     })
                     .collect(),
-                events: vec![run_started(prepared, entry)],
+                events: vec![started],
             })
             .await
     };
@@ -341,7 +350,7 @@ pub async fn begin(
         .await
         .unwrap_or_else(|_| Err(BusError::Connection("the admission's claim ran out of time".into())));
     if let Err(error) = published {
-        ledger.release(run_id, pipeline, claim).await;
+        ledger.release(run_id, &pipeline, claim).await;
         return Err(error);
     }
     Ok(Begun::Started { messages: firsts.len() })

@@ -122,18 +122,18 @@ impl Book {
         if token.is_nil() {
             return Standing::Unfenced;
         }
+        if message_id == run_id && token == run_id {
+            // The admission: open until the run has started.
+            let run = self.runs.get(&run_id);
+            let started =
+                run.is_some_and(|run| run.started.is_some() || run.holds.get(&token).is_some_and(|h| h.committed));
+            return if started { Standing::Stale } else { Standing::Live };
+        }
         let Some(run) = self.runs.get(&run_id) else {
             return Standing::Unknown;
         };
         if run.holds.get(&token).is_some_and(|h| h.committed) {
             return Standing::Stale;
-        }
-        if message_id == run_id && token == run_id {
-            return if run.started.is_some() {
-                Standing::Stale
-            } else {
-                Standing::Live
-            };
         }
         if run.settled {
             return Standing::Stale;
@@ -179,6 +179,18 @@ impl Book {
             .is_some_and(|hold| {
                 !hold.committed && !hold.released && now.saturating_duration_since(hold.since) <= timeout
             })
+    }
+
+    /// Whether the claim that made a copy has been read and neither committed nor lost: its
+    /// copies are not live until it commits (or are orphans, if it never does).
+    pub fn maker_pending(&self, run_id: Uuid, made_by: Uuid) -> bool {
+        let Some(run) = self.runs.get(&run_id) else {
+            return false;
+        };
+        run.claims
+            .get(&made_by)
+            .and_then(|token| run.holds.get(token))
+            .is_some_and(|hold| hold.holder == made_by && !hold.committed)
     }
 
     /// Whether claim `claim` has been read.
@@ -527,10 +539,7 @@ mod tests {
     #[test]
     fn the_admission_is_one_slot_and_a_second_admission_is_stale() {
         let mut run = Run::new();
-        assert_eq!(
-            run.book.standing(run.id, run.id, run.id, Uuid::nil()),
-            Standing::Unknown
-        );
+        assert_eq!(run.book.standing(run.id, run.id, run.id, Uuid::nil()), Standing::Live);
         let a = run.claim(run.id, run.id);
         let b = run.claim(run.id, run.id);
         assert_eq!(run.book.standing(run.id, run.id, run.id, Uuid::nil()), Standing::Live);

@@ -185,21 +185,43 @@ impl Ledger {
             .standing(message.run_id, message.message_id, message.token, message.made_by)
     }
 
+    /// What the copy is worth, giving a copy whose state is not known yet a short while for the
+    /// commit that makes it live (published just after the copy) to come by.
+    pub async fn settled_standing(&self, message: &Envelope) -> Standing {
+        let standing = |book: &Book| book.standing(message.run_id, message.message_id, message.token, message.made_by);
+        let _ = self
+            .wait_until(|book| standing(book) != Standing::Unknown, UNKNOWN_WAIT)
+            .await;
+        standing(&self.shared.book())
+    }
+
+    /// Whether the step that sent this copy on holds its claim without having committed: until it
+    /// does, the copy may be an orphan of a holder that died.
+    pub fn maker_pending(&self, message: &Envelope) -> bool {
+        self.shared.book().maker_pending(message.run_id, message.made_by)
+    }
+
     /// Whether another claim holds the copy's live state and may still commit (no IO): such a copy
     /// is put off without a look.
     pub fn held_elsewhere(&self, message: &Envelope) -> bool {
         let book = self.shared.book();
         book.standing(message.run_id, message.message_id, message.token, message.made_by) == Standing::Live
-            && book.held(
-                message.run_id,
-                message.token,
-                Instant::now(),
-                self.settings.claim_timeout,
-            )
+            && book.held(message.run_id, message.token, now(), self.settings.claim_timeout)
     }
 
-    /// Claims the step of the copy `key` names; returns once the verdict is exact.
+    /// Claims the step of the copy `key` names; returns once the verdict is exact. A copy that is
+    /// not live (stale, or its state not known yet) claims nothing: a claim that could not commit
+    /// would only hold the step up for others until it timed out.
     pub async fn claim(&self, key: &ClaimKey) -> Result<Claimed, BusError> {
+        let standing = |book: &Book| book.standing(key.run_id, key.message_id, key.token, key.made_by);
+        let _ = self
+            .wait_until(|book| standing(book) != Standing::Unknown, UNKNOWN_WAIT)
+            .await;
+        match standing(&self.shared.book()) {
+            Standing::Stale => return Ok(Claimed::Stale),
+            Standing::Unknown => return Ok(Claimed::Wait),
+            Standing::Live | Standing::Unfenced => {}
+        }
         let mut supersedes = None;
         loop {
             let claim = Claim {
@@ -211,7 +233,7 @@ impl Ledger {
                 supersedes,
                 at: OffsetDateTime::now_utc(),
             };
-            let began = Instant::now();
+            let began = now();
             self.bus.publish_record(&Record::Claim(claim.clone())).await?;
             self.wait_until(
                 |book| book.has_claim(claim.run_id, claim.claim),
@@ -248,7 +270,7 @@ impl Ledger {
     /// short while for the commit that makes it live to come by.
     async fn verdict(&self, claim: &Claim, made_by: Uuid) -> Verdict {
         let timeout = self.settings.claim_timeout;
-        let decide = |book: &Book| book.verdict(claim, made_by, Instant::now(), timeout);
+        let decide = |book: &Book| book.verdict(claim, made_by, now(), timeout);
         let known = self
             .wait_until(|book| decide(book) != Verdict::Unknown, UNKNOWN_WAIT)
             .await;
@@ -375,7 +397,7 @@ fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record) {
     {
         let _ = reached.send(());
     }
-    let counts = shared.book().apply(record, Instant::now());
+    let counts = shared.book().apply(record, now());
     if !counts {
         warn!(run_id = ?record.run_id(), "ledger: a commit by a claim that did not hold its step is ignored");
     }
@@ -385,4 +407,9 @@ fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record) {
         }
     }
     shared.read.send_modify(|read| *read += 1);
+}
+
+/// Now, on tokio's clock (which tests may pause and advance), as a std instant for the book.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }

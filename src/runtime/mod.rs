@@ -23,6 +23,8 @@ pub mod settings;
 pub mod stage_handler;
 
 #[cfg(test)]
+mod fencing_tests;
+#[cfg(test)]
 mod testkit;
 #[cfg(test)]
 mod tests;

@@ -235,9 +235,14 @@ impl Runtime {
     async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>, hop: &TraceParent) {
         let now = self.clock.now();
         if let Some(ledger) = &self.ledger {
-            match ledger.standing(&message) {
+            match ledger.settled_standing(&message).await {
                 Standing::Stale => return self.drop_stale(&message, acker, now).await,
+                // Another copy's step is under way, or the step that sent this copy on has not
+                // committed it (and may never: an orphan of a holder that died).
                 Standing::Live if ledger.held_elsewhere(&message) => {
+                    return self.put_off(&message, body, acker).await;
+                }
+                Standing::Unknown if ledger.maker_pending(&message) => {
                     return self.put_off(&message, body, acker).await;
                 }
                 _ => {}

@@ -1,0 +1,460 @@
+//! The runtime fenced by the ledger, on the in-process bus, under the faults an at-least-once
+//! broker brings: every publish may land twice, an ack may fail after everything it caused was
+//! published (the broker then hands the message out again), a holder may die between its claim
+//! and its commit, and two admitters may start the same run at once. Whatever happens, each step
+//! of a run is worked from one message id, recorded once, and the run ends as it would without
+//! faults. Time is tokio's paused clock; the faults come from a seeded generator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use uuid::Uuid;
+
+use super::testkit::{self, Script, envelope, pools, regions};
+use super::*;
+use crate::admission::{Begun, begin_with};
+use crate::azure::AzureError;
+use crate::bus::memory::MemoryBus;
+use crate::bus::{Acker, Bus, BusError, Delivery, HistoryReader, ParkReason, StreamOffset};
+use crate::events::{Event, EventKind, PoolRef, RunResult, run_result};
+use crate::ledger::record::Record;
+use crate::ledger::{ClaimKey, Claimed, Ledger};
+use crate::model::envelope::{Branch, Envelope, InFlight, Stage};
+use crate::stages::{Outcome, Step};
+
+fn step(outcome: Outcome) -> Result<Step, AzureError> {
+    Ok(Step::new(outcome))
+}
+
+fn waiting_on(message: &Envelope, what: &str, delay: Duration) -> Result<Step, AzureError> {
+    let mut again = message.clone();
+    again.operation = Some(InFlight {
+        what: what.into(),
+        status_urls: Vec::new(),
+        started: message.stage_started,
+        not_before: message.stage_started,
+        polls: 0,
+        progress: Default::default(),
+    });
+    step(Outcome::Wait {
+        message: Box::new(again),
+        delay,
+        emit: Vec::new(),
+    })
+    .map(|s| s.with(EventKind::Waiting { what: what.into() }))
+}
+
+/// A run in miniature with a step of every kind: a wait recorded once (the image), waits that
+/// record nothing (replication before its region completes), a wait that sends pool branches on
+/// and records their region (replicate), a creation that records a resource, and a branch end.
+fn nightly() -> Arc<Script> {
+    Script::new(|m| {
+        let now = m.stage_started;
+        let next = |stage| step(Outcome::Advance(vec![m.next(stage, now)]));
+        match m.stage {
+            Stage::Snapshot => next(Stage::ImageCreate).map(|s| {
+                s.with(EventKind::ResourceCreated {
+                    id: format!("snapshot-{}", m.run_id),
+                })
+            }),
+            Stage::ImageCreate if m.operation.is_none() => waiting_on(m, "image", Duration::from_secs(3)),
+            Stage::ImageCreate => next(Stage::GalleryPublish),
+            Stage::GalleryPublish => next(Stage::Replicate),
+            Stage::Replicate => replicate(m),
+            Stage::PoolCreate => next(Stage::Verify).map(|s| {
+                s.with(EventKind::PoolCreated {
+                    pool_id: m.branch.label(),
+                })
+            }),
+            Stage::Verify => step(Outcome::Done).map(|s| {
+                s.with(EventKind::PoolVerified {
+                    pool_id: m.branch.label(),
+                })
+            }),
+        }
+    })
+}
+
+/// westeurope completes on the first look, eastus on a look at least 30 s after the stage began.
+fn replicate(m: &Envelope) -> Result<Step, AzureError> {
+    let now = m.stage_started;
+    let done = &m.artifacts.regions_completed;
+    let looks = m.operation.as_ref().map_or(0, |op| op.polls);
+    let region = match (done.is_empty(), looks >= 3) {
+        (true, _) => "westeurope",
+        (false, true) => "eastus",
+        (false, false) => {
+            // Nothing new: a wait that records nothing.
+            let mut again = m.clone();
+            if let Some(op) = again.operation.as_mut() {
+                op.polls += 1;
+            }
+            return step(Outcome::Wait {
+                message: Box::new(again),
+                delay: Duration::from_secs(10),
+                emit: Vec::new(),
+            });
+        }
+    };
+    let mut progressed = m.clone();
+    progressed.artifacts.regions_completed.push(region.into());
+    let branches: Vec<Envelope> = pools()
+        .into_iter()
+        .filter(|p: &PoolRef| p.region == region)
+        .map(|p| progressed.for_pool(Stage::PoolCreate, &p.region, &p.target, now))
+        .collect();
+    let completed = EventKind::RegionCompleted { region: region.into() };
+    if region == "eastus" {
+        return step(Outcome::Advance(branches)).map(|s| s.with(completed));
+    }
+    progressed.operation = Some(InFlight {
+        what: "replication".into(),
+        status_urls: Vec::new(),
+        started: now,
+        not_before: now,
+        polls: 0,
+        progress: Default::default(),
+    });
+    step(Outcome::Wait {
+        message: Box::new(progressed),
+        delay: Duration::from_secs(10),
+        emit: branches,
+    })
+    .map(|s| s.with(completed))
+}
+
+/// The in-process bus with an at-least-once broker's faults: each stage publish (now or delayed)
+/// lands twice with probability `twice`, and each ack fails with probability `ack_fails` — the
+/// message goes back to its queue although everything the step caused was published. (Copies of
+/// a waiting message's state look side by side until one records something, so with faults on
+/// every hop their number grows with each hop: the rates are those of a bad day, not of every
+/// publish failing.)
+struct Unreliable {
+    inner: Arc<MemoryBus>,
+    rng: Mutex<ChaCha8Rng>,
+    twice: f64,
+    ack_fails: f64,
+    doubled: AtomicU64,
+    failed_acks: Arc<AtomicU64>,
+}
+
+impl Unreliable {
+    fn new(seed: u64, twice: f64, ack_fails: f64) -> Arc<Unreliable> {
+        Arc::new(Unreliable {
+            inner: testkit::bus(),
+            rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
+            twice,
+            ack_fails,
+            doubled: AtomicU64::new(0),
+            failed_acks: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn roll(&self, p: f64) -> bool {
+        self.rng.lock().unwrap().random_bool(p)
+    }
+
+    fn copies(&self) -> usize {
+        if self.roll(self.twice) {
+            self.doubled.fetch_add(1, Ordering::Relaxed);
+            2
+        } else {
+            1
+        }
+    }
+}
+
+struct FailingAck {
+    inner: Box<dyn Acker>,
+    failed: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl Acker for FailingAck {
+    async fn ack(self: Box<Self>) -> Result<(), BusError> {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.inner.requeue().await?;
+        Err(BusError::Connection("the channel closed before the ack".into()))
+    }
+
+    async fn requeue(self: Box<Self>) -> Result<(), BusError> {
+        self.inner.requeue().await
+    }
+}
+
+#[async_trait]
+impl Bus for Unreliable {
+    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+        for _ in 0..self.copies() {
+            self.inner.publish(stage, body).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
+        for _ in 0..self.copies() {
+            self.inner.publish_delayed(stage, body, tier).await?;
+        }
+        Ok(())
+    }
+
+    async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {
+        self.inner.park(body, reason).await
+    }
+
+    async fn publish_record(&self, record: &Record) -> Result<(), BusError> {
+        self.inner.publish_record(record).await
+    }
+
+    async fn open_history(&self, from: StreamOffset) -> Result<Box<dyn HistoryReader>, BusError> {
+        self.inner.open_history(from).await
+    }
+
+    async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
+        let mut delivery = self.inner.next(stages).await?;
+        if self.roll(self.ack_fails) {
+            delivery.acker = Box::new(FailingAck {
+                inner: delivery.acker,
+                failed: Arc::clone(&self.failed_acks),
+            });
+        }
+        Some(delivery)
+    }
+
+    fn tiers(&self) -> &[Duration] {
+        self.inner.tiers()
+    }
+}
+
+/// A fresh run's first message and its `RunStarted`.
+fn fresh_run() -> (Envelope, Event) {
+    let first = envelope(Stage::Snapshot);
+    let started = Event {
+        run_id: first.run_id,
+        pipeline: first.pipeline.clone(),
+        version: first.version.clone(),
+        stage: Stage::Snapshot,
+        branch: Branch::Trunk,
+        at: first.stage_started,
+        kind: EventKind::RunStarted {
+            regions: regions(),
+            pools: pools(),
+        },
+    };
+    let mut first = first;
+    first.message_id = crate::model::envelope::message_id(first.run_id, Stage::Snapshot, &Branch::Trunk);
+    (first, started)
+}
+
+fn ledger_on(bus: Arc<dyn Bus>) -> Arc<Ledger> {
+    Arc::new(Ledger::start(bus, testkit::settings().ledger(), None))
+}
+
+/// Every step's message id must be one per (run, branch, stage), and no event may be recorded
+/// twice for a branch (retries and dropped copies aside). Returns the dropped copies.
+fn assert_each_step_once(handler: &Script, events: &[Event]) -> usize {
+    let mut ids: BTreeMap<(Uuid, String, Stage), BTreeSet<Uuid>> = BTreeMap::new();
+    for call in handler.calls() {
+        let m = &call.message;
+        ids.entry((m.run_id, m.branch.label(), m.stage))
+            .or_default()
+            .insert(m.message_id);
+    }
+    for (step, seen) in &ids {
+        assert_eq!(seen.len(), 1, "{step:?} was worked from {} message ids", seen.len());
+    }
+    let mut recorded: BTreeMap<String, usize> = BTreeMap::new();
+    let mut dropped = 0;
+    for event in events {
+        match event.kind {
+            EventKind::Retried { .. } => continue,
+            EventKind::DuplicateDropped { .. } => {
+                dropped += 1;
+                continue;
+            }
+            _ => {}
+        }
+        let key = format!(
+            "{} {} {} {}",
+            event.run_id,
+            event.branch.label(),
+            event.stage,
+            serde_json::to_string(&event.kind).unwrap()
+        );
+        *recorded.entry(key).or_default() += 1;
+    }
+    let repeated: Vec<(&String, &usize)> = recorded.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "recorded more than once: {repeated:#?}");
+    dropped
+}
+
+/// Drives `runs` (each admitted through the ledger, twice over) on `bus` until all have ended.
+async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize) -> Vec<Event> {
+    let ledger = ledger_on(bus.clone());
+    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), testkit::settings())
+        .unwrap()
+        .with_clock(Clock::tokio())
+        .with_ledger(Arc::clone(&ledger));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        runtime
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let mut ids = Vec::new();
+    for _ in 0..runs {
+        let (first, started) = fresh_run();
+        ids.push(first.run_id);
+        // A duplicate trigger of each run, admitted by a second admitter of its own.
+        let other = ledger_on(bus.clone());
+        let (a, b) = tokio::join!(
+            begin_with(bus.as_ref(), &ledger, vec![first.clone()], started.clone()),
+            begin_with(bus.as_ref(), &other, vec![first.clone()], started.clone()),
+        );
+        let begun = [a.unwrap(), b.unwrap()];
+        let started_count = begun.iter().filter(|b| matches!(b, Begun::Started { .. })).count();
+        assert_eq!(started_count, 1, "one admission per run: {begun:?}");
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(3600), async {
+        loop {
+            let events = bus.inner.events();
+            let all_ended = ids.iter().all(|id| {
+                let own: Vec<Event> = events.iter().filter(|e| e.run_id == *id).cloned().collect();
+                run_result(&own) != RunResult::Running
+            });
+            if all_ended {
+                return;
+            }
+
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Let stale copies still on the tiers come back and be dropped.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let _ = stop.send(());
+    running.await.unwrap();
+    assert!(ended.is_ok(), "the runs did not end: {:#?}", bus.inner.events());
+    let events = bus.inner.events();
+    for id in &ids {
+        let own: Vec<Event> = events.iter().filter(|e| e.run_id == *id).cloned().collect();
+        assert_eq!(run_result(&own), RunResult::Succeeded, "{own:#?}");
+        let started = own
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::RunStarted { .. }))
+            .count();
+        assert_eq!(started, 1, "one RunStarted per run");
+    }
+    events
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
+    for seed in 0..4 {
+        let bus = Unreliable::new(seed, 0.05, 0.05);
+        let handler = nightly();
+        let events = drive_runs(bus.clone(), handler.clone(), 3).await;
+        let dropped = assert_each_step_once(&handler, &events);
+        let doubled = bus.doubled.load(Ordering::Relaxed);
+        let failed = bus.failed_acks.load(Ordering::Relaxed);
+        assert!(
+            doubled > 2 && failed > 2,
+            "seed {seed}: the faults happened ({doubled}, {failed})"
+        );
+        assert!(dropped > 0, "seed {seed}: stale copies were dropped with an event");
+        assert!(bus.inner.parked().is_empty(), "nothing parked");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_faults_nothing_is_dropped() {
+    let bus = Unreliable::new(7, 0.0, 0.0);
+    let handler = nightly();
+    let events = drive_runs(bus, handler.clone(), 2).await;
+    assert_eq!(assert_each_step_once(&handler, &events), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_claim_timeout() {
+    let bus = Unreliable::new(1, 0.0, 0.0);
+    let ledger = ledger_on(bus.clone());
+    let (first, started) = fresh_run();
+    assert!(matches!(
+        begin_with(bus.as_ref(), &ledger, vec![first.clone()], started).await,
+        Ok(Begun::Started { .. })
+    ));
+    // Another worker claimed the snapshot step, sent its successor on, and died before its
+    // commit; the broker then gave the snapshot message to this worker.
+    ledger.catch_up(Duration::from_secs(1)).await.unwrap();
+    let dead = match ledger.claim(&ClaimKey::of(&first)).await.unwrap() {
+        Claimed::Won { claim, .. } => claim,
+        other => panic!("{other:?}"),
+    };
+    let mut orphan = first.next(Stage::ImageCreate, first.stage_started);
+    orphan.token = Uuid::new_v4();
+    orphan.made_by = dead;
+    bus.inner.publish(Stage::ImageCreate, &orphan.encode()).await.unwrap();
+    let began = tokio::time::Instant::now();
+
+    let handler = Script::new(|m| match m.stage {
+        Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
+        _ => step(Outcome::Fail("stop here".into())),
+    });
+    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), testkit::settings())
+        .unwrap()
+        .with_clock(Clock::tokio())
+        .with_ledger(Arc::clone(&ledger));
+    runtime.run(tokio::time::sleep(Duration::from_secs(10))).await;
+
+    let calls = handler.calls();
+    let snapshot: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::Snapshot).collect();
+    assert_eq!(snapshot.len(), 1, "the snapshot step is worked once, by the taker");
+    assert!(
+        snapshot[0].at - began >= testkit::settings().claim_timeout,
+        "not before the dead holder's claim timed out"
+    );
+    let image: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::ImageCreate).collect();
+    assert_eq!(image.len(), 1, "the orphan is never worked: {image:?}");
+    assert_ne!(image[0].message.token, orphan.token);
+    let events = bus.inner.events();
+    let dropped: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::DuplicateDropped { .. }))
+        .collect();
+    assert_eq!(dropped.len(), 1, "the orphan is dropped with an event: {events:#?}");
+    assert_eq!(dropped[0].stage, Stage::ImageCreate);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_admission_held_by_a_dead_admitter_is_taken_over_and_a_duplicate_starts_nothing() {
+    let bus = Unreliable::new(2, 0.0, 0.0);
+    let (first, started) = fresh_run();
+    let dead = ledger_on(bus.clone());
+    assert!(matches!(
+        dead.claim(&ClaimKey::admission(first.run_id, &first.pipeline)).await,
+        Ok(Claimed::Won { .. })
+    ));
+    let ledger = ledger_on(bus.clone());
+    let began = tokio::time::Instant::now();
+    let again = || begin_with(bus.as_ref(), &ledger, vec![first.clone()], started.clone());
+    assert_eq!(again().await.unwrap(), Begun::Held, "the holder may still commit");
+    tokio::time::sleep(testkit::settings().claim_timeout + Duration::from_millis(1)).await;
+    assert!(matches!(again().await.unwrap(), Begun::Started { messages: 1 }));
+    assert!(tokio::time::Instant::now() - began >= testkit::settings().claim_timeout);
+    assert_eq!(again().await.unwrap(), Begun::AlreadyStarted);
+    let started_events = bus
+        .inner
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e.kind, EventKind::RunStarted { .. }))
+        .count();
+    assert_eq!(started_events, 1);
+    assert_eq!(bus.inner.ready(Stage::Snapshot).len(), 1, "one set of first messages");
+}
