@@ -424,6 +424,7 @@ async fn start_run(
         branch: Branch::Trunk,
         at: OffsetDateTime::now_utc(),
         kind: EventKind::RunStarted {
+            rollout: false,
             regions: plan.regions.iter().map(|r| r.name.clone()).collect(),
             pools: plan
                 .pools

@@ -14,6 +14,10 @@ pub enum EventKind {
     RunStarted {
         regions: Vec<String>,
         pools: Vec<PoolRef>,
+        /// Each verified pool then retires older ones (a rollout policy other than `keep`): a
+        /// branch ends with `RolloutFinished`, not at `PoolVerified`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rollout: bool,
     },
     StageStarted,
     /// A step is waiting on Azure (an operation, replication, allocation).
@@ -55,6 +59,13 @@ pub enum EventKind {
         pool_id: String,
         action: String,
     },
+    /// The branch's rollout policy could not retire previous pools (Azure kept failing or refused):
+    /// reported, the branch still ends well (its pool verified).
+    RetirementFailed {
+        reason: String,
+    },
+    /// The branch's rollout phase ended (after its pool verified): its branch is over.
+    RolloutFinished,
     /// The trunk failed before fan-out: nothing after it runs.
     RunFailed {
         reason: String,
@@ -110,6 +121,8 @@ impl EventKind {
             EventKind::PoolFailed { .. } => "pool_failed",
             EventKind::Promoted { .. } => "promoted",
             EventKind::PreviousPoolRetired { .. } => "previous_pool_retired",
+            EventKind::RetirementFailed { .. } => "retirement_failed",
+            EventKind::RolloutFinished => "rollout_finished",
             EventKind::RunFailed { .. } => "run_failed",
             EventKind::Parked { .. } => "parked",
             EventKind::Cancelled => "cancelled",
@@ -152,6 +165,11 @@ impl Event {
 pub enum RunResult {
     Running,
     Succeeded,
+    /// Every pool verified, but something after it did not work out (retiring previous pools):
+    /// what, one line each.
+    SucceededWithWarnings {
+        warnings: Vec<String>,
+    },
     /// Some pools verified; the rest failed (named, with the reason).
     PartlySucceeded {
         failed: Vec<(PoolRef, String)>,
@@ -191,8 +209,12 @@ pub fn run_result(events: &[Event]) -> RunResult {
     }) {
         return ended;
     }
-    let Some((pools, regions, entry)) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunStarted { pools, regions } => Some((pools.clone(), regions.clone(), e.stage)),
+    let Some((pools, regions, entry, rollout)) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunStarted {
+            pools,
+            regions,
+            rollout,
+        } => Some((pools.clone(), regions.clone(), e.stage, *rollout)),
         _ => None,
     }) else {
         // A rejected trigger ends a run that never started; a later trigger that starts it wins.
@@ -214,24 +236,23 @@ pub fn run_result(events: &[Event]) -> RunResult {
             EventKind::RegionFailed { region, reason } if *region == pool.region => Some(reason.clone()),
             _ => None,
         });
-        let ended = events.iter().find_map(|e| match (&e.kind, &e.branch) {
-            (EventKind::PoolVerified { .. }, Branch::Pool { region, target })
-                if *region == pool.region && *target == pool.target =>
-            {
-                Some(Ok(()))
-            }
-            (EventKind::PoolFailed { target, reason }, Branch::Pool { region, .. })
-                if *region == pool.region && *target == pool.target =>
-            {
-                Some(Err(reason.clone()))
-            }
-            (EventKind::Parked { reason }, Branch::Pool { region, target })
-                if *region == pool.region && *target == pool.target =>
-            {
-                Some(Err(format!("parked: {reason}")))
-            }
+        let on_branch = |e: &&Event| matches!(&e.branch, Branch::Pool { region, target } if *region == pool.region && *target == pool.target);
+        let ended = events.iter().filter(on_branch).find_map(|e| match &e.kind {
+            EventKind::PoolVerified { .. } => Some(Ok(())),
+            EventKind::PoolFailed { reason, .. } => Some(Err(reason.clone())),
+            EventKind::Parked { reason } => Some(Err(format!("parked: {reason}"))),
             _ => None,
         });
+        // A verified pool's branch goes on to retire older pools when the run rolls out.
+        let rolled_out = !rollout
+            || events
+                .iter()
+                .filter(on_branch)
+                .any(|e| e.kind == EventKind::RolloutFinished);
+        let ended = match ended {
+            Some(Ok(())) if !rolled_out => None,
+            other => other,
+        };
         match (ended, region_failure) {
             (Some(Ok(())), _) => verified.push(pool.clone()),
             (Some(Err(reason)), _) => failed.push((pool.clone(), reason)),
@@ -254,8 +275,18 @@ pub fn run_result(events: &[Event]) -> RunResult {
             return RunResult::Running;
         }
     }
+    let warnings: Vec<String> = events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::RetirementFailed { reason } => {
+                Some(format!("{}: retiring previous pools: {reason}", e.branch.label()))
+            }
+            _ => None,
+        })
+        .collect();
     match (verified.is_empty(), failed.is_empty()) {
-        (_, true) => RunResult::Succeeded,
+        (_, true) if warnings.is_empty() => RunResult::Succeeded,
+        (_, true) => RunResult::SucceededWithWarnings { warnings },
         (false, false) => RunResult::PartlySucceeded { failed },
         (true, false) => RunResult::Failed {
             reason: failed
@@ -342,6 +373,7 @@ mod tests {
         event(
             Branch::Trunk,
             EventKind::RunStarted {
+                rollout: false,
                 regions: vec!["westeurope".into(), "eastus".into()],
                 pools: vec![
                     pool("westeurope", "render"),
@@ -369,6 +401,39 @@ mod tests {
                 reason: reason.into(),
             },
         )
+    }
+
+    #[test]
+    fn a_run_that_rolls_out_ends_when_every_verified_pool_finished_its_rollout() {
+        let mut run_started = started();
+        if let EventKind::RunStarted { rollout, .. } = &mut run_started.kind {
+            *rollout = true;
+        }
+        let region = |name: &str| event(Branch::Trunk, EventKind::RegionCompleted { region: name.into() });
+        let mut events = vec![run_started, region("westeurope"), region("eastus")];
+        for (r, t) in [("westeurope", "render"), ("westeurope", "sim"), ("eastus", "batch")] {
+            events.push(verified(r, t));
+        }
+        assert_eq!(run_result(&events), RunResult::Running, "still retiring older pools");
+        events.push(event(on("westeurope", "render"), EventKind::RolloutFinished));
+        events.push(event(on("westeurope", "sim"), EventKind::RolloutFinished));
+        assert_eq!(run_result(&events), RunResult::Running);
+        let mut warned = events.clone();
+        warned.push(event(
+            on("eastus", "batch"),
+            EventKind::RetirementFailed {
+                reason: "resize pool: HTTP 500".into(),
+            },
+        ));
+        warned.push(event(on("eastus", "batch"), EventKind::RolloutFinished));
+        assert_eq!(
+            run_result(&warned),
+            RunResult::SucceededWithWarnings {
+                warnings: vec!["eastus/batch: retiring previous pools: resize pool: HTTP 500".into()]
+            }
+        );
+        events.push(event(on("eastus", "batch"), EventKind::RolloutFinished));
+        assert_eq!(run_result(&events), RunResult::Succeeded);
     }
 
     #[test]
@@ -474,6 +539,7 @@ mod tests {
         let mut start = event(
             Branch::Trunk,
             EventKind::RunStarted {
+                rollout: false,
                 regions: vec!["westeurope".into(), "eastus".into(), "southeastasia".into()],
                 pools: vec![pool("westeurope", "render"), pool("eastus", "batch")],
             },

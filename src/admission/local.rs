@@ -18,24 +18,29 @@ use crate::runtime::{Clock, Handler, Observer, RunError, RunOutcome, Runtime, Ru
 /// How a local run is driven.
 pub struct Local {
     pub settings: RuntimeSettings,
-    pub ledger: LedgerSettings,
     pub clock: Clock,
     /// Give up after this long.
     pub timeout: Duration,
-    /// Told about every handled delivery and, through the ledger, every event of the run.
+    /// Told about every handled delivery (the ledger tells it the run's events).
     pub observer: Option<Arc<dyn Observer>>,
 }
 
-/// Starts the run `prepared` describes at `entry` on `bus` and drives it to its end.
+/// A ledger over `bus`'s history for a local run, telling `observer` the run's events.
+pub fn ledger(bus: &Arc<MemoryBus>, settings: LedgerSettings, observer: Option<Arc<dyn Observer>>) -> Arc<Ledger> {
+    Arc::new(Ledger::start(bus.clone(), settings, observer))
+}
+
+/// Starts the run `prepared` describes at `entry` on `bus` and drives it to its end, fenced by
+/// `ledger` (made by [`ledger`] over the same bus; the handler may ask it about other runs).
 pub async fn run(
     bus: Arc<MemoryBus>,
+    ledger: Arc<Ledger>,
     handler: Arc<dyn Handler>,
     prepared: &Prepared,
     entry: Stage,
     trace: &TraceParent,
     local: Local,
 ) -> Result<RunOutcome, RunError> {
-    let ledger = Arc::new(Ledger::start(bus.clone(), local.ledger, local.observer.clone()));
     let mut runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), local.settings)?
         .with_clock(local.clock)
         .with_ledger(Arc::clone(&ledger));

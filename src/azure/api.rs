@@ -182,6 +182,8 @@ pub struct PoolInfo {
     pub metadata: BTreeMap<String, String>,
     /// `virtualMachineImageId` the pool was built from, if a gallery image.
     pub image_id: Option<String>,
+    /// Batch's `creationTime`.
+    pub created: Option<time::OffsetDateTime>,
 }
 
 /// Node counts of one pool by state (dedicated and low-priority added together).
@@ -253,6 +255,13 @@ pub trait AzureApi: Send + Sync {
         pool_id: &str,
         dedicated: u32,
         low_priority: u32,
+    ) -> Result<(), AzureError>;
+    /// Replaces the pool's metadata with `metadata`.
+    async fn set_pool_metadata(
+        &self,
+        account_url: &str,
+        pool_id: &str,
+        metadata: &BTreeMap<String, String>,
     ) -> Result<(), AzureError>;
     async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError>;
 }

@@ -8,6 +8,7 @@
 //! (`*.batch.azure.com`) or the resource manager's own origin (where the emulator serves Batch).
 //! Pool ids must pass `pool_id_ok`; next-page links are followed only within the same account.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use reqwest::{Method, Url};
@@ -54,6 +55,8 @@ struct CloudPool {
     metadata: Vec<MetadataItem>,
     #[serde(default)]
     virtual_machine_configuration: Option<VmConfiguration>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    creation_time: Option<time::OffsetDateTime>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +127,7 @@ impl From<CloudPool> for PoolInfo {
                 .virtual_machine_configuration
                 .and_then(|c| c.image_reference)
                 .and_then(|r| r.virtual_machine_image_id),
+            created: p.creation_time,
         }
     }
 }
@@ -417,6 +421,30 @@ impl Batch {
             },
             Err(e) => Err(e),
         }
+    }
+
+    /// Replaces the pool's metadata (Batch's pool PATCH: given metadata replaces all of it).
+    pub async fn set_pool_metadata(
+        &self,
+        account_url: &str,
+        pool_id: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), AzureError> {
+        let account = self.account(account_url)?;
+        self.check_pool_id(pool_id)?;
+        let items: Vec<Value> = metadata
+            .iter()
+            .map(|(name, value)| json!({"name": name, "value": value}))
+            .collect();
+        let url = self.url(&account, &format!("/pools/{pool_id}"), &[]);
+        self.send(
+            Method::PATCH,
+            url,
+            format!("update pool {pool_id} metadata"),
+            Some(&json!({ "metadata": items })),
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {

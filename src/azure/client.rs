@@ -231,6 +231,19 @@ impl AzureApi for AzureClient {
         .await
     }
 
+    async fn set_pool_metadata(
+        &self,
+        account_url: &str,
+        pool_id: &str,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<(), AzureError> {
+        named(
+            "set_pool_metadata",
+            self.batch.set_pool_metadata(account_url, pool_id, metadata),
+        )
+        .await
+    }
+
     async fn delete_pool(&self, account_url: &str, pool_id: &str) -> Result<(), AzureError> {
         named("delete_pool", self.batch.delete_pool(account_url, pool_id)).await
     }

@@ -16,7 +16,7 @@ tokio::task_local! {
 }
 
 /// Every client call and the API it goes to: the `operation` label's values.
-pub const OPERATIONS: [(&str, &str); 26] = [
+pub const OPERATIONS: [(&str, &str); 27] = [
     ("arm", "get_vm"),
     ("arm", "provider_state"),
     ("arm", "register_provider"),
@@ -42,6 +42,7 @@ pub const OPERATIONS: [(&str, &str); 26] = [
     ("batch", "list_pools"),
     ("batch", "node_counts"),
     ("batch", "resize_pool"),
+    ("batch", "set_pool_metadata"),
     ("batch", "delete_pool"),
 ];
 

@@ -94,6 +94,7 @@ fn describe(result: &RunResult) -> String {
     match result {
         RunResult::Running => "running".into(),
         RunResult::Succeeded => "succeeded".into(),
+        RunResult::SucceededWithWarnings { warnings } => format!("succeeded with {} warning(s)", warnings.len()),
         RunResult::PartlySucceeded { failed } => format!("partly succeeded, {} failed", failed.len()),
         RunResult::Failed { reason } => format!("failed: {reason}"),
         RunResult::Cancelled { .. } => "cancelled".into(),

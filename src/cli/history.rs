@@ -165,6 +165,7 @@ pub fn state(result: &RunResult) -> &'static str {
     match result {
         RunResult::Running => "running",
         RunResult::Succeeded => "succeeded",
+        RunResult::SucceededWithWarnings { .. } => "succeeded with warnings",
         RunResult::PartlySucceeded { .. } => "partly succeeded",
         RunResult::Failed { .. } => "failed",
         RunResult::Cancelled { .. } => "cancelled",
@@ -183,6 +184,7 @@ pub fn result_line(result: &RunResult) -> String {
                 .join("; ")
         ),
         RunResult::Failed { reason } => format!("failed: {reason}"),
+        RunResult::SucceededWithWarnings { warnings } => format!("succeeded with warnings: {}", warnings.join("; ")),
         RunResult::Cancelled { created } if created.is_empty() => "cancelled; it had created nothing".to_string(),
         RunResult::Cancelled { created } => format!("cancelled; it had created: {}", created.join(", ")),
         other => state(other).to_string(),
@@ -200,6 +202,7 @@ pub fn result_json(result: &RunResult) -> Value {
                 .collect::<Vec<_>>(),
         }),
         RunResult::Failed { reason } => json!({"state": "failed", "reason": reason}),
+        RunResult::SucceededWithWarnings { warnings } => json!({"state": "succeeded", "warnings": warnings}),
         RunResult::Cancelled { created } => json!({"state": "cancelled", "created": created}),
         other => json!({"state": state(other)}),
     }

@@ -92,9 +92,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     );
 
+    let ledger = admission::local::ledger(
+        &bus,
+        session.runtime.ledger(),
+        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
+    );
     let timings = Arc::new(Timings::default());
     let handler: Arc<dyn Handler> = Arc::new(Timed {
-        inner: StageHandler::new(session.azure.clone(), session.stages.clone()),
+        inner: StageHandler::new(session.azure.clone(), session.stages.clone())
+            .with_runs(Arc::clone(&ledger) as Arc<dyn crate::stages::Runs>),
         timings: timings.clone(),
     });
     // Subscribed before the run starts, so no event is missed; drained after it ends, so none is lost.
@@ -112,12 +118,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let began = Instant::now();
     let local = Local {
         settings: session.runtime.clone(),
-        ledger: session.runtime.ledger(),
         clock: Clock::System,
         timeout,
         observer: Some(telemetry),
     };
-    let outcome = admission::local::run(bus.clone(), handler, &prepared, entry, &TraceParent::new(), local).await?;
+    let outcome = admission::local::run(
+        bus.clone(),
+        ledger,
+        handler,
+        &prepared,
+        entry,
+        &TraceParent::new(),
+        local,
+    )
+    .await?;
     let wall = began.elapsed();
     let _ = stop_progress.send(());
     let _ = progress.await;
@@ -147,6 +161,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     match outcome.result {
         RunResult::Succeeded => Ok(ExitCode::SUCCESS),
+        RunResult::SucceededWithWarnings { warnings } => {
+            for warning in warnings {
+                eprintln!("sigrun: warning: {warning}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         RunResult::PartlySucceeded { failed } => {
             for (pool, reason) in failed {
                 eprintln!("sigrun: {}/{} failed: {reason}", pool.region, pool.target);
@@ -271,7 +291,7 @@ async fn show_progress(
 /// One line saying what an event means (also used by `status` and `watch`).
 pub(super) fn describe(event: &Event) -> String {
     match &event.kind {
-        EventKind::RunStarted { regions, pools } => {
+        EventKind::RunStarted { regions, pools, .. } => {
             format!("run started: {} region(s), {} pool(s)", regions.len(), pools.len())
         }
         EventKind::StageStarted => "started".into(),
@@ -288,6 +308,8 @@ pub(super) fn describe(event: &Event) -> String {
         EventKind::PoolFailed { target, reason } => format!("pool {target} failed: {reason}"),
         EventKind::Promoted { version_id } => format!("promoted {version_id} to latest"),
         EventKind::PreviousPoolRetired { pool_id, action } => format!("previous pool {pool_id} {action}"),
+        EventKind::RetirementFailed { reason } => format!("retiring previous pools failed: {reason}"),
+        EventKind::RolloutFinished => "rollout finished".into(),
         EventKind::RunFailed { reason } => format!("run failed: {reason}"),
         EventKind::Parked { reason } => format!("message parked: {reason}"),
         EventKind::Replayed { message_id, error } => {
@@ -377,6 +399,7 @@ fn summary(
         prepared.plan.version,
         match &result {
             RunResult::Succeeded => "succeeded".to_string(),
+            RunResult::SucceededWithWarnings { warnings } => format!("succeeded with {} warning(s)", warnings.len()),
             RunResult::PartlySucceeded { failed } => format!("partly succeeded ({} failed)", failed.len()),
             RunResult::Failed { .. } => "failed".to_string(),
             RunResult::Cancelled { .. } => "cancelled".to_string(),

@@ -99,7 +99,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         bus.close().await;
         return Err(anyhow::anyhow!("reading the events stream on {url}: {error}"));
     }
-    let handler: Arc<dyn Handler> = Arc::new(StageHandler::new(azure.clone(), session.stages.clone()));
+    let handler: Arc<dyn Handler> = Arc::new(
+        StageHandler::new(azure.clone(), session.stages.clone())
+            .with_runs(Arc::clone(&index) as Arc<dyn crate::stages::Runs>),
+    );
     let runtime = match Runtime::new(
         Arc::clone(&bus) as Arc<dyn Bus>,
         handler,

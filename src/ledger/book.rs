@@ -377,6 +377,7 @@ mod tests {
             branch: Branch::Trunk,
             at: OffsetDateTime::UNIX_EPOCH,
             kind: EventKind::RunStarted {
+                rollout: false,
                 regions: Vec::new(),
                 pools: Vec::new(),
             },

@@ -413,3 +413,9 @@ fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record) {
 fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
+
+impl crate::stages::Runs for Ledger {
+    fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
+        Ledger::pool_in_progress(self, run_id, target)
+    }
+}

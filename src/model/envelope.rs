@@ -132,6 +132,13 @@ pub struct Artifacts {
     pub regions_to_readd: Vec<String>,
     #[serde(default)]
     pub pool: Option<PoolArtifact>,
+    /// Looks in a row at retiring previous pools that failed (the rollout phase of verify).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retire_failures: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -66,3 +66,48 @@ mod tests {
         assert!(!sku_matches_os("windows", "Linux"));
     }
 }
+
+/// A gallery image version, `Major.Minor.Patch` with integer parts (Azure's format), ordered as
+/// numbers: `2026.1202.0` comes after `2026.1130.9`, `1.10.0` after `1.9.0`. Which of two runs'
+/// pools is the older is decided by this order, never by when the pools were made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ImageVersion(u64, u64, u64);
+
+impl ImageVersion {
+    /// `None` for anything that is not three integers separated by dots.
+    pub fn parse(text: &str) -> Option<ImageVersion> {
+        let mut parts = text.split('.').map(|part| {
+            (!part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| part.parse::<u64>().ok())
+                .flatten()
+        });
+        let version = ImageVersion(parts.next()??, parts.next()??, parts.next()??);
+        parts.next().is_none().then_some(version)
+    }
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::ImageVersion;
+
+    #[test]
+    fn versions_order_as_numbers_and_anything_else_is_not_a_version() {
+        let v = |t| ImageVersion::parse(t).unwrap();
+        assert!(v("2026.1202.0") > v("2026.1130.9"));
+        assert!(v("1.10.0") > v("1.9.0"));
+        assert!(v("2026.1202.10") > v("2026.1202.9"));
+        assert_eq!(v("01.2.3"), v("1.2.3"));
+        for bad in [
+            "",
+            "1.2",
+            "1.2.3.4",
+            "1.2.x",
+            "1..3",
+            "-1.2.3",
+            "1.2.3 ",
+            "99999999999999999999.0.0",
+        ] {
+            assert_eq!(ImageVersion::parse(bad), None, "{bad:?}");
+        }
+    }
+}

@@ -242,6 +242,7 @@ fn fresh_run() -> (Envelope, Event) {
         branch: Branch::Trunk,
         at: first.stage_started,
         kind: EventKind::RunStarted {
+            rollout: false,
             regions: regions(),
             pools: pools(),
         },

@@ -8,16 +8,28 @@ use time::OffsetDateTime;
 use super::Handler;
 use crate::azure::{AzureApi, AzureError};
 use crate::model::envelope::Envelope;
-use crate::stages::{self, StageSettings, Step, StepContext};
+use crate::stages::{self, NoHistory, Runs, StageSettings, Step, StepContext};
 
 pub struct StageHandler {
     azure: Arc<dyn AzureApi>,
     settings: StageSettings,
+    runs: Arc<dyn Runs>,
 }
 
 impl StageHandler {
     pub fn new(azure: Arc<dyn AzureApi>, settings: StageSettings) -> StageHandler {
-        StageHandler { azure, settings }
+        StageHandler {
+            azure,
+            settings,
+            runs: Arc::new(NoHistory),
+        }
+    }
+
+    /// Lets the stages ask the run history about other runs (the rollout leaves the pools of live
+    /// runs alone).
+    pub fn with_runs(mut self, runs: Arc<dyn Runs>) -> StageHandler {
+        self.runs = runs;
+        self
     }
 }
 
@@ -28,6 +40,7 @@ impl Handler for StageHandler {
             azure: self.azure.as_ref(),
             now: OffsetDateTime::now_utc(),
             settings: &self.settings,
+            runs: self.runs.as_ref(),
         };
         stages::step(message, &ctx).await
     }

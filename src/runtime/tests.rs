@@ -82,6 +82,7 @@ async fn a_run_advances_through_the_stages_and_every_input_is_acked() {
     let handler = Script::new(|m| match m.stage {
         Stage::Snapshot => advance_to(m, Stage::ImageCreate).map(|s| {
             s.with(EventKind::RunStarted {
+                rollout: false,
                 regions: regions(),
                 pools: pools(),
             })
@@ -774,6 +775,7 @@ fn pipeline(fails: &'static [&'static str], eastus_fails: bool) -> Arc<Script> {
         match m.stage {
             Stage::Snapshot => advance_to(m, Stage::ImageCreate).map(|s| {
                 s.with(EventKind::RunStarted {
+                    rollout: false,
                     regions: regions(),
                     pools: pools(),
                 })
@@ -908,6 +910,7 @@ async fn run_to_completion_gives_up_at_its_timeout() {
         })
         .map(|s| {
             s.with(EventKind::RunStarted {
+                rollout: false,
                 regions: regions(),
                 pools: pools(),
             })

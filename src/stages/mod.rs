@@ -7,6 +7,7 @@ mod gallery_publish;
 mod image_create;
 mod pool_create;
 mod replicate;
+mod rollout;
 mod snapshot;
 mod verify;
 
@@ -155,12 +156,30 @@ impl Default for StageSettings {
     }
 }
 
+/// What a step may ask of the run history: whether another run is still making a pool.
+pub trait Runs: Send + Sync {
+    /// Whether run `run_id` is still creating or verifying its pool for `target`; `None` when the
+    /// run is not in the history this process reads.
+    fn pool_in_progress(&self, run_id: uuid::Uuid, target: &str) -> Option<bool>;
+}
+
+/// No history at all: every other run is unknown.
+pub struct NoHistory;
+
+impl Runs for NoHistory {
+    fn pool_in_progress(&self, _run_id: uuid::Uuid, _target: &str) -> Option<bool> {
+        None
+    }
+}
+
 /// What a step may use besides its message.
 pub struct StepContext<'a> {
     pub azure: &'a dyn AzureApi,
     /// Real time now.
     pub now: OffsetDateTime,
     pub settings: &'a StageSettings,
+    /// The other runs, as the history says (the rollout leaves their pools alone while they live).
+    pub runs: &'a dyn Runs,
 }
 
 /// Runs one step of `message`'s stage. Azure failures come back as `Err` for the runtime to
@@ -172,6 +191,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         Stage::GalleryPublish => gallery_publish::step(message, ctx).await,
         Stage::Replicate => replicate::step(message, ctx).await,
         Stage::PoolCreate => pool_create::step(message, ctx).await,
+        Stage::Verify if rollout::is_retiring(&message) => rollout::step(message, ctx).await,
         Stage::Verify => verify::step(message, ctx).await,
     }
 }

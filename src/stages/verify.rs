@@ -1,8 +1,7 @@
 //! Stage 6, `verify` (one message per pool): waits until the pool's allocation is `steady` without
 //! resize errors and enough nodes are `idle` (and few enough in `starttaskfailed`), within the
 //! spec's deadline. Then it promotes the version (flips `excludeFromLatest` when promotion is gated)
-//! and applies the rollout policy to the previous version's pool of the same target — only a pool
-//! whose metadata says sigrun made it for this pipeline and target.
+//! and hands the branch to its rollout phase (`rollout`: retiring the pools of older versions).
 //!
 //! Batch gives no hint when to look. The first look waits out the documented 15 minutes per 1000
 //! nodes (at most `poll_max`); later looks are timed from the pace at which nodes joined the pool
@@ -12,7 +11,7 @@
 use std::time::Duration;
 
 use super::common::{fail, wait_step};
-use super::{FailureClass, Observation, Outcome, Step, StepContext};
+use super::{FailureClass, Observation, Outcome, Step, StepContext, rollout};
 use crate::azure::AzureError;
 use crate::events::EventKind;
 use crate::model::envelope::{Branch, Envelope, Progress};
@@ -152,6 +151,14 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         return Ok(wait_with(message, "nodes", delay, progress, ctx).observe(nodes_seen));
     }
 
+    // The pool says so itself, for runs that cannot read this run's history (another
+    // `sigrun run`, a history past its retention): their rollout may retire it once it is older.
+    let mut metadata = planned.metadata.clone();
+    metadata.insert("sigrun-run".into(), message.run_id.to_string());
+    metadata.insert(rollout::VERIFIED.into(), "true".into());
+    ctx.azure
+        .set_pool_metadata(&pool.account_url, &pool.pool_id, &metadata)
+        .await?;
     let mut events = vec![EventKind::PoolVerified {
         pool_id: pool.pool_id.clone(),
     }];
@@ -169,36 +176,14 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             });
         }
     }
-    let policy = message.spec.rollout.previous_pool;
-    if policy != PreviousPool::Keep {
-        for previous in ctx.azure.list_pools(&pool.account_url).await? {
-            let ours = previous.metadata.get("sigrun-pipeline") == Some(&message.pipeline)
-                && previous.metadata.get("sigrun-target") == Some(&target);
-            if !ours || previous.id.eq_ignore_ascii_case(&pool.pool_id) || previous.state != "active" {
-                continue;
-            }
-            let action = match policy {
-                PreviousPool::ScaleToZero => {
-                    if previous.target_dedicated + previous.target_low_priority == 0 {
-                        continue;
-                    }
-                    ctx.azure.resize_pool(&pool.account_url, &previous.id, 0, 0).await?;
-                    "scaled to zero"
-                }
-                PreviousPool::Delete => {
-                    ctx.azure.delete_pool(&pool.account_url, &previous.id).await?;
-                    "deleted"
-                }
-                PreviousPool::Keep => unreachable!("handled above"),
-            };
-            events.push(EventKind::PreviousPoolRetired {
-                pool_id: previous.id.clone(),
-                action: action.to_string(),
-            });
-        }
-    }
+    // The rollout policy is an effect of its own (its own retries; its failure never fails this
+    // branch): the message goes on in the retire phase.
+    let outcome = match message.spec.rollout.previous_pool {
+        PreviousPool::Keep => Outcome::Done,
+        _ => rollout::begin(message, ctx),
+    };
     Ok(Step {
-        outcome: Outcome::Done,
+        outcome,
         events,
         observations: vec![nodes_seen],
     })

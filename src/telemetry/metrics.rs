@@ -432,6 +432,7 @@ mod tests {
             Stage::Replicate,
             Branch::Trunk,
             EventKind::RunStarted {
+                rollout: false,
                 regions: vec!["eastus".into()],
                 pools: vec![PoolRef {
                     region: "eastus".into(),

@@ -47,7 +47,8 @@ pub struct RunTracker {
 pub fn result_label(result: &RunResult) -> Option<&'static str> {
     match result {
         RunResult::Running => None,
-        RunResult::Succeeded => Some("succeeded"),
+        // Warnings (a rollout that could not retire previous pools) have their own events.
+        RunResult::Succeeded | RunResult::SucceededWithWarnings { .. } => Some("succeeded"),
         RunResult::PartlySucceeded { .. } => Some("partly_succeeded"),
         RunResult::Failed { .. } => Some("failed"),
         RunResult::Cancelled { .. } => Some("cancelled"),
@@ -116,7 +117,7 @@ impl RunTracker {
 /// failed, parked or cancelled.
 pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
     let Some((regions, pools, entry)) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunStarted { regions, pools } => Some((regions, pools, e.stage)),
+        EventKind::RunStarted { regions, pools, .. } => Some((regions, pools, e.stage)),
         _ => None,
     }) else {
         return Vec::new();
@@ -203,6 +204,7 @@ mod tests {
             Stage::Snapshot,
             Branch::Trunk,
             EventKind::RunStarted {
+                rollout: false,
                 regions: vec!["eastus".into(), "westus".into()],
                 pools: vec![
                     PoolRef {

@@ -28,7 +28,7 @@ use sigrun::model::envelope::{
 use sigrun::model::ids::SnapshotId;
 use sigrun::model::spec::PipelineSpec;
 use sigrun::planner::{self, PlanInputs};
-use sigrun::stages::{self, Outcome, StageSettings, Step, StepContext};
+use sigrun::stages::{self, Outcome, Runs, StageSettings, Step, StepContext};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -141,6 +141,19 @@ struct Sim {
     settings: StageSettings,
     /// The steps' clock: moves only with [`Sim::advance`], by as much as the emulator's.
     now: OffsetDateTime,
+    /// The run history as the rollout sees it: these runs are live, every other one has ended.
+    live_runs: LiveRuns,
+}
+
+/// A run history in which the runs listed are still making their pools and every other run has
+/// ended.
+#[derive(Default)]
+struct LiveRuns(std::sync::Mutex<Vec<Uuid>>);
+
+impl Runs for LiveRuns {
+    fn pool_in_progress(&self, run_id: Uuid, _target: &str) -> Option<bool> {
+        Some(self.0.lock().unwrap().contains(&run_id))
+    }
 }
 
 impl Sim {
@@ -173,6 +186,7 @@ impl Sim {
                 ..StageSettings::default()
             },
             now: OffsetDateTime::now_utc(),
+            live_runs: LiveRuns::default(),
         }
     }
 
@@ -257,6 +271,7 @@ impl Sim {
             azure: &self.azure,
             now: self.now,
             settings: &self.settings,
+            runs: &self.live_runs,
         };
         stages::step(message.clone(), &ctx).await
     }
@@ -363,6 +378,23 @@ impl Sim {
             )
             .await;
         assert_eq!(reply.status, 201, "add pool {id}: {:?}", reply.body);
+    }
+
+    /// Resizes a pool straight through the Batch API.
+    async fn resize(&self, account: &str, id: &str, nodes: u32) {
+        let token = self.emu.batch_token().await;
+        let reply = self
+            .emu
+            .post(
+                &format!(
+                    "{}/pools/{id}/resize?api-version={BATCH_API}",
+                    self.emu.batch_url(account)
+                ),
+                &token,
+                &json!({"targetDedicatedNodes": nodes}),
+            )
+            .await;
+        assert_eq!(reply.status, 202, "resize {id}: {:?}", reply.body);
     }
 
     /// What exists: ARM resources (id → type) and Batch pools (`account/id`).
@@ -1568,6 +1600,7 @@ async fn verify_waits_for_allocation_then_promotes_once_and_scales_the_previous_
             ("sigrun-pipeline", "nightly-ubuntu"),
             ("sigrun-target", "render"),
             ("sigrun-version", "2026.1125.0"),
+            ("sigrun-run", &Uuid::new_v4().to_string()),
         ],
     )
     .await;
@@ -1595,14 +1628,16 @@ async fn verify_waits_for_allocation_then_promotes_once_and_scales_the_previous_
     assert_eq!(delay, Duration::from_secs(220), "what is left of the estimate");
     assert!(step.events.is_empty());
 
-    // Until the nodes are idle: verified, promoted, last night's pool scaled to zero.
+    // Until the nodes are idle: verified and promoted; then, in the rollout phase, last night's
+    // pool scaled to zero.
     let mark = sim.mark().await;
     let steps = sim.settle(waiting, 60.0).await;
     let done = steps.last().unwrap();
     assert_eq!(kind(&done.outcome), "done", "{:?}", done.outcome);
+    let verified = &steps[steps.len() - 2];
     let version_id = message.plan.version_id.to_string();
     assert_eq!(
-        done.events,
+        verified.events,
         vec![
             EventKind::PoolVerified {
                 pool_id: pool_id.clone()
@@ -1610,10 +1645,16 @@ async fn verify_waits_for_allocation_then_promotes_once_and_scales_the_previous_
             EventKind::Promoted {
                 version_id: version_id.clone()
             },
+        ]
+    );
+    assert_eq!(
+        done.events,
+        vec![
             EventKind::PreviousPoolRetired {
                 pool_id: previous.into(),
                 action: "scaled to zero".into()
             },
+            EventKind::RolloutFinished,
         ]
     );
     let version = sim
@@ -1651,9 +1692,15 @@ async fn verify_waits_for_allocation_then_promotes_once_and_scales_the_previous_
     let done = steps.last().unwrap();
     assert_eq!(kind(&done.outcome), "done", "{:?}", done.outcome);
     assert_eq!(
-        event_names(done),
+        event_names(&steps[steps.len() - 2]),
         vec!["pool_verified"],
-        "no promotion, no other target's pool: {:?}",
+        "no promotion: {:?}",
+        steps[steps.len() - 2].events
+    );
+    assert_eq!(
+        event_names(done),
+        vec!["rollout_finished"],
+        "no other target's pool: {:?}",
         done.events
     );
     let log = sim.since(mark).await;
@@ -1677,7 +1724,12 @@ async fn verify_deletes_the_previous_pool_under_the_delete_policy() {
         "sigrunweu",
         previous,
         1,
-        &[("sigrun-pipeline", "nightly-ubuntu"), ("sigrun-target", "tools")],
+        &[
+            ("sigrun-pipeline", "nightly-ubuntu"),
+            ("sigrun-target", "tools"),
+            ("sigrun-version", "2026.1125.0"),
+            ("sigrun-run", &Uuid::new_v4().to_string()),
+        ],
     )
     .await;
     // Same target, another pipeline's: not ours to retire.
@@ -1711,6 +1763,111 @@ async fn verify_deletes_the_previous_pool_under_the_delete_policy() {
     assert_eq!(sim.pool("sigrunweu", manual).await.unwrap()["state"], "active");
 }
 
+/// A pool this pipeline made for `target`, as a run of `version` would have (run `run`).
+async fn previous_pool(sim: &Sim, id: &str, target: &str, version: &str, run: Uuid) {
+    let run = run.to_string();
+    let metadata = [
+        ("sigrun-pipeline", "nightly-ubuntu"),
+        ("sigrun-target", target),
+        ("sigrun-version", version),
+        ("sigrun-run", run.as_str()),
+    ];
+    sim.add_marketplace_pool("sigrunweu", id, 2, &metadata).await;
+}
+
+#[tokio::test]
+async fn rollout_retires_only_older_versions_whose_runs_ended_and_waits_for_a_resizing_one() {
+    let mut sim = Sim::new().await;
+    // Tonight's run publishes 2026.1126.0. Around it: a newer run's pool (made earlier, newer
+    // version), an older pool a live run is still verifying, an older pool still resizing, and an
+    // older pool of a run that ended.
+    let (newer, live, resizing, ended) = (
+        "nightly-ubuntu-render-2026-1127-0",
+        "nightly-ubuntu-render-2026-1125-0",
+        "nightly-ubuntu-render-2026-1124-0",
+        "nightly-ubuntu-render-2026-1123-0",
+    );
+    let live_run = Uuid::new_v4();
+    sim.live_runs.0.lock().unwrap().push(live_run);
+    previous_pool(&sim, newer, "render", "2026.1127.0", Uuid::new_v4()).await;
+    previous_pool(&sim, live, "render", "2026.1125.0", live_run).await;
+    previous_pool(&sim, resizing, "render", "2026.1124.0", Uuid::new_v4()).await;
+    previous_pool(&sim, ended, "render", "2026.1123.0", Uuid::new_v4()).await;
+    let (message, _) = verifying(&mut sim, NIGHTLY, "render").await;
+    let mut steps = Vec::new();
+    let mut waiting = message.clone();
+    // Verify until the pool verified: the next message is in the rollout phase.
+    loop {
+        let step = sim.drive(&waiting).await;
+        let next = waited(&step).0.clone();
+        let verified = step.events.iter().any(|e| matches!(e, EventKind::PoolVerified { .. }));
+        steps.push(step);
+        waiting = next;
+        if verified {
+            break;
+        }
+        sim.advance(60.0).await;
+    }
+    assert_eq!(waiting.operation.as_ref().unwrap().what, "retire");
+    // The older pool is resizing again when the rollout looks.
+    sim.resize("sigrunweu", resizing, 40).await;
+    let look = sim.drive(&waiting).await;
+    assert_eq!(
+        look.events,
+        vec![EventKind::PreviousPoolRetired {
+            pool_id: ended.into(),
+            action: "scaled to zero".into()
+        }]
+    );
+    let (next, delay, _) = waited(&look);
+    assert_eq!(delay, sim.settings.default_poll(), "looks again for the resizing pool");
+    sim.advance(1800.0).await;
+    let last = sim.drive(next).await;
+    assert_eq!(kind(&last.outcome), "done");
+    assert_eq!(
+        last.events,
+        vec![
+            EventKind::PreviousPoolRetired {
+                pool_id: resizing.into(),
+                action: "scaled to zero".into()
+            },
+            EventKind::RolloutFinished
+        ]
+    );
+    for (pool, nodes) in [(newer, 2), (live, 2), (resizing, 0), (ended, 0)] {
+        let found = sim.pool("sigrunweu", pool).await.unwrap();
+        assert_eq!(found["targetDedicatedNodes"], nodes, "{pool}");
+    }
+}
+
+#[tokio::test]
+async fn rollout_failures_are_retried_then_reported_without_failing_the_branch() {
+    let mut sim = Sim::with_faults("500:api=batch,method=POST,path=/resize").await;
+    let previous = "nightly-ubuntu-render-2026-1125-0";
+    previous_pool(&sim, previous, "render", "2026.1125.0", Uuid::new_v4()).await;
+    let (message, _) = verifying(&mut sim, NIGHTLY, "render").await;
+    let steps = sim.settle(&message, 60.0).await;
+    let done = steps.last().unwrap();
+    assert_eq!(kind(&done.outcome), "done", "the branch ends well: {:?}", done.outcome);
+    let events = all_events(&steps);
+    let retried = events
+        .iter()
+        .filter(|e| matches!(e, EventKind::Retried { error, .. } if error.contains("retiring previous pools")))
+        .count();
+    assert_eq!(retried, 4, "{events:?}");
+    assert!(
+        matches!(&done.events[..], [EventKind::RetirementFailed { reason }, EventKind::RolloutFinished] if reason.contains("500")),
+        "{:?}",
+        done.events
+    );
+    assert!(events.iter().any(|e| matches!(e, EventKind::PoolVerified { .. })));
+    assert!(!events.iter().any(|e| matches!(e, EventKind::PoolFailed { .. })));
+    assert_eq!(
+        sim.pool("sigrunweu", previous).await.unwrap()["targetDedicatedNodes"],
+        2
+    );
+}
+
 #[tokio::test]
 async fn verify_keeps_the_previous_pool_under_the_keep_policy() {
     let mut sim = Sim::new().await;
@@ -1730,10 +1887,22 @@ async fn verify_keeps_the_previous_pool_under_the_keep_policy() {
     assert_eq!(kind(&done.outcome), "done", "{:?}", done.outcome);
     assert_eq!(event_names(done), vec!["pool_verified", "promoted"]);
     let log = sim.since(mark).await;
+    let own = message.artifacts.pool.as_ref().unwrap().pool_id.clone();
+    let writes: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["api"] == "batch" && e["method"] != "GET")
+        .collect();
     assert!(
-        !log.iter().any(|e| e["api"] == "batch" && e["method"] != "GET"),
-        "Batch only read: {log:?}"
+        writes.len() == 1 && writes[0]["method"] == "PATCH" && writes[0]["path"].as_str().unwrap().ends_with(&own),
+        "Batch wrote only its own pool's metadata (verified): {writes:?}"
     );
+    let ours = sim.pool("sigrunweu", &own).await.unwrap();
+    let verified = ours["metadata"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "sigrun-verified" && m["value"] == "true");
+    assert!(verified, "the pool says it verified: {}", ours["metadata"]);
     let kept = sim.pool("sigrunweu", previous).await.unwrap();
     assert_eq!(kept["state"], "active");
     assert_eq!(kept["targetDedicatedNodes"], 1);
@@ -1817,13 +1986,7 @@ async fn verify_fails_past_its_deadline() {
 async fn replaying_every_message_of_a_finished_run_converges() {
     let mut sim = Sim::new().await;
     let previous = "nightly-ubuntu-render-2026-1125-0";
-    sim.add_marketplace_pool(
-        "sigrunweu",
-        previous,
-        2,
-        &[("sigrun-pipeline", "nightly-ubuntu"), ("sigrun-target", "render")],
-    )
-    .await;
+    previous_pool(&sim, previous, "render", "2026.1125.0", Uuid::new_v4()).await;
     let spec = nightly(&[("dedicated_nodes = 400", "dedicated_nodes = 20")]);
     let trunk = sim.trunk(&spec, Stage::Snapshot).await;
 
