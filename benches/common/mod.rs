@@ -209,6 +209,7 @@ pub fn envelope(spec: &PipelineSpec, plan: &Plan, stage: Stage, artifacts: Artif
         traceparent: new_traceparent(),
         token: Uuid::nil(),
         made_by: Uuid::nil(),
+        admission: Uuid::nil(),
     }
 }
 

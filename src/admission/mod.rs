@@ -230,6 +230,7 @@ pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) ->
         traceparent: trace.to_string(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        admission: Uuid::nil(),
     };
     if entry == Stage::PoolCreate {
         prepared
@@ -320,6 +321,7 @@ pub async fn begin_with(
     };
     for first in &mut firsts {
         first.made_by = claim;
+        first.admission = claim;
     }
     let publish = async {
         for first in &firsts {

@@ -86,6 +86,7 @@ pub struct DefinitionInfo {
     pub publisher: String,
     pub offer: String,
     pub sku: String,
+    pub tags: Tags,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -410,6 +410,7 @@ impl Arm {
             publisher: field("/identifier/publisher")?,
             offer: field("/identifier/offer")?,
             sku: field("/identifier/sku")?,
+            tags: tags_of(&reply.body),
         }))
     }
 

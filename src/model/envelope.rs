@@ -132,6 +132,10 @@ pub struct Artifacts {
     pub regions_to_readd: Vec<String>,
     #[serde(default)]
     pub pool: Option<PoolArtifact>,
+    /// Resources this run recorded as created (their `ResourceCreated` went out) among those it
+    /// looks at on several steps (the gallery, the definition): what a repeat adopts only once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recorded: Vec<String>,
     /// Looks in a row at retiring previous pools that failed (the rollout phase of verify).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retire_failures: u32,
@@ -204,6 +208,11 @@ pub struct Envelope {
     /// The claim of the step that sent this state on (nil: none, or from before the ledger).
     #[serde(default, skip_serializing_if = "Uuid::is_nil")]
     pub made_by: Uuid,
+    /// The claim that admitted the run (nil: from before the ledger). What the run makes is tagged
+    /// with it, so a repeated step tells what this admission made from what an earlier run of the
+    /// same version made.
+    #[serde(default, skip_serializing_if = "Uuid::is_nil")]
+    pub admission: Uuid,
 }
 
 /// The namespace of message ids (UUID v5).
@@ -394,6 +403,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
             traceparent: new_traceparent(),
             token: Uuid::new_v4(),
             made_by: Uuid::new_v4(),
+            admission: Uuid::new_v4(),
         }
     }
 

@@ -621,6 +621,42 @@ impl PipelineSpec {
                 return bad(&key("task_slots_per_node"), "must be at least 1".into());
             }
         }
+        self.check_names()
+    }
+
+    /// Every run names what it makes after its version, so no two runs make, adopt or delete the
+    /// same image or pool (a name without `{version}` would have each night overwrite the last).
+    fn check_names(&self) -> Result<(), (String, String)> {
+        let bad = |key: String, message: String| Err((key, message));
+        if let Some(image) = &self.image
+            && !image.name.contains("{version}")
+        {
+            return bad(
+                "image.name".into(),
+                format!(
+                    "`{}` must contain `{{version}}`: each run names its own image",
+                    image.name
+                ),
+            );
+        }
+        for (i, pool) in self.pools.iter().enumerate() {
+            if !pool.id.contains("{version}") {
+                return bad(
+                    format!("pools[{i}].id"),
+                    format!("`{}` must contain `{{version}}`: each run makes its own pool", pool.id),
+                );
+            }
+            if self.pools.len() > 1 && !pool.id.contains("{target}") {
+                return bad(
+                    format!("pools[{i}].id"),
+                    format!(
+                        "`{}` must contain `{{target}}`: the pipeline has {} pools",
+                        pool.id,
+                        self.pools.len()
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -795,6 +831,22 @@ resize_timeout = "auto"
 
         let text = NIGHTLY.replace("replicas = 2", "replicas = 0");
         assert_eq!(parse(&text).unwrap_err().key, "publish.regions[1].replicas");
+    }
+
+    #[test]
+    fn every_run_names_its_own_image_and_pools() {
+        let text = NIGHTLY.replace("[[pools]]", "[[pools]]\nid = \"render-pool\"");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "pools[0].id");
+        assert!(err.message.contains("{version}"), "{err}");
+        let text = NIGHTLY.replace("[image]", "[image]\nname = \"golden\"");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "image.name");
+        assert!(err.message.contains("{version}"), "{err}");
+        let second = "\n[[pools]]\ntarget = \"sim\"\naccount = \"/subscriptions/22222222-2222-4222-8222-222222222222/resourceGroups/rg-batch/providers/Microsoft.Batch/batchAccounts/sigrunweu\"\nvm_size = \"Standard_D4s_v5\"\ndedicated_nodes = 2\nid = \"pool-{version}\"\n";
+        let err = parse(&format!("{NIGHTLY}{second}")).unwrap_err();
+        assert_eq!(err.key, "pools[1].id");
+        assert!(err.message.contains("{target}"), "{err}");
     }
 
     #[test]

@@ -127,6 +127,7 @@ pub fn envelope(stage: Stage) -> Envelope {
         traceparent: new_traceparent(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        admission: Uuid::nil(),
     }
 }
 

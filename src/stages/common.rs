@@ -12,13 +12,33 @@ use crate::events::EventKind;
 use crate::model::envelope::{Envelope, InFlight};
 use crate::model::plan::Plan;
 
-/// Tags on every resource sigrun creates: which pipeline, run and version made it.
+/// The tag (and pool metadata) key naming the admission of the run that made a resource.
+pub const ADMISSION: &str = "sigrun-admission";
+
+/// Whether a resource's tags say this run (any admission of it) made it.
+pub fn made_by_run(tags: &Tags, message: &Envelope) -> bool {
+    tags.get("sigrun-run") == Some(&message.run_id.to_string())
+}
+
+/// Whether a resource's tags (or a pool's metadata) say this admission of the run made it: an
+/// earlier try of a step, killed before it recorded what it made. (A resource of an earlier run
+/// of the same version carries that run's admission.)
+pub fn made_in_admission(tags: &Tags, message: &Envelope) -> bool {
+    !message.admission.is_nil() && tags.get(ADMISSION) == Some(&message.admission.to_string())
+}
+
+/// Tags on every resource sigrun creates: which pipeline, run and version made it, and in which
+/// admission of the run.
 pub fn tags(message: &Envelope) -> Tags {
-    Tags::from([
+    let mut tags = Tags::from([
         ("sigrun-pipeline".to_string(), message.pipeline.clone()),
         ("sigrun-run".to_string(), message.run_id.to_string()),
         ("sigrun-version".to_string(), message.version.clone()),
-    ])
+    ]);
+    if !message.admission.is_nil() {
+        tags.insert(ADMISSION.to_string(), message.admission.to_string());
+    }
+    tags
 }
 
 impl StageSettings {

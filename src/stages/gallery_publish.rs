@@ -3,9 +3,11 @@
 //! and generation, since Batch refuses anything else), registers `Microsoft.Batch` where a pool's
 //! account lives in another subscription than the gallery, then PUTs the image version with its
 //! target regions, replica counts, storage type, end of life and `excludeFromLatest` (true while
-//! promotion is gated). Each step re-reads Azure, so a replay picks up wherever the last one was.
+//! promotion is gated). Each step re-reads Azure, so a replay picks up wherever the last one was;
+//! what it finds there that its own run made (the tags say) and did not record — an earlier try was
+//! killed before its commit — it records as created then (once: the message remembers).
 
-use super::common::{Settled, after_hint, fail, settle, tags, target_regions, wait_step};
+use super::common::{Settled, after_hint, fail, made_in_admission, settle, tags, target_regions, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
 use crate::azure::api::{DefinitionRequest, VersionRequest};
@@ -13,7 +15,41 @@ use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Stage};
 use crate::model::rules;
 
+/// Resources this step found made by its own run but not recorded yet (an earlier try created
+/// them and was killed before its commit), and those it recorded itself.
+#[derive(Default)]
+struct Adopted {
+    events: Vec<EventKind>,
+    recorded: Vec<String>,
+}
+
+impl Adopted {
+    /// A resource this run made: recorded as created unless the message says it was already.
+    fn ours(&mut self, id: String, tags: &crate::azure::api::Tags, message: &Envelope) {
+        if made_in_admission(tags, message) && !message.artifacts.recorded.contains(&id) {
+            self.events.push(EventKind::ResourceCreated { id: id.clone() });
+            self.recorded.push(id);
+        }
+    }
+}
+
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    let mut adopted = Adopted::default();
+    let mut step = publish(message, ctx, &mut adopted).await?;
+    // What was recorded travels on, so a later look does not record it again.
+    let outgoing: Vec<&mut Envelope> = match &mut step.outcome {
+        Outcome::Wait { message, .. } => vec![message.as_mut()],
+        Outcome::Advance(messages) => messages.iter_mut().collect(),
+        Outcome::Done | Outcome::Fail(_) => Vec::new(),
+    };
+    for message in outgoing {
+        message.artifacts.recorded.extend(adopted.recorded.iter().cloned());
+    }
+    step.events.splice(0..0, adopted.events);
+    Ok(step)
+}
+
+async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted) -> Result<Step, AzureError> {
     let plan = message.plan.clone();
     // What this stage itself just finished creating needs no second look.
     let mut finished: Option<String> = None;
@@ -39,6 +75,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                     .put_gallery(&plan.gallery, &plan.gallery_region, &tags(&message))
                     .await?;
                 let urls = accepted.status_url.into_iter().collect();
+                adopted.recorded.push(plan.gallery.to_string());
                 return Ok(wait_step(
                     message,
                     "gallery",
@@ -59,16 +96,18 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Some(state) if state.provisioning_state == "Failed" => {
                 return Ok(fail(format!("gallery {} is in state Failed", plan.gallery)));
             }
-            Some(state) if state.provisioning_state != "Succeeded" => {
-                return Ok(wait_step(
-                    message,
-                    "gallery",
-                    Vec::new(),
-                    ctx.settings.default_poll(),
-                    ctx.now,
-                ));
+            Some(state) => {
+                adopted.ours(plan.gallery.to_string(), &state.tags, &message);
+                if state.provisioning_state != "Succeeded" {
+                    return Ok(wait_step(
+                        message,
+                        "gallery",
+                        Vec::new(),
+                        ctx.settings.default_poll(),
+                        ctx.now,
+                    ));
+                }
             }
-            Some(_) => {}
         }
     }
 
@@ -89,6 +128,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 };
                 let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
                 let urls = accepted.status_url.into_iter().collect();
+                adopted.recorded.push(plan.definition.to_string());
                 return Ok(wait_step(
                     message,
                     "definition",
@@ -101,6 +141,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 }));
             }
             Some(existing) => {
+                adopted.ours(plan.definition.to_string(), &existing.tags, &message);
                 if !rules::generalized(&existing.os_state) {
                     return Ok(fail(format!(
                         "image definition {} is {}; Batch pools need a Generalized image",
@@ -182,6 +223,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     // verify promoted it.
     let existing = ctx.azure.get_version(&plan.version_id, false).await?;
     if let Some(version) = &existing {
+        adopted.ours(plan.version_id.to_string(), &version.tags, &message);
         let same_source = version.source.as_deref().is_some_and(|s| {
             s.trim_start_matches('/')
                 .eq_ignore_ascii_case(source.to_string().trim_start_matches('/'))
@@ -219,7 +261,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     let mut next = message.next(Stage::Replicate, ctx.now);
     next.artifacts.image_version = Some(plan.version_id.clone());
     let step = Step::new(Outcome::Advance(vec![next]));
-    Ok(if accepted.created {
+    Ok(if accepted.created && existing.is_none() {
         step.with(EventKind::ResourceCreated {
             id: plan.version_id.to_string(),
         })

@@ -2,7 +2,7 @@
 //! snapshots at their LUNs), in the snapshots' region, and waits for it. The image's name derives
 //! from the run, so a replay PUTs the same image again.
 
-use super::common::{Settled, after_hint, fail, settle, tags, wait_step};
+use super::common::{Settled, after_hint, fail, made_by_run, made_in_admission, settle, tags, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
 use crate::azure::api::ImageRequest;
@@ -39,16 +39,21 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                     .collect(),
                 tags: tags(&message),
             };
-            let accepted = ctx.azure.put_image(&build.image, &request).await?;
-            let created = accepted.created;
-            let urls: Vec<String> = accepted.status_url.into_iter().collect();
-            let mut step = wait_step(
-                message,
-                WHAT,
-                urls,
-                after_hint(ctx.settings, accepted.retry_after),
-                ctx.now,
-            );
+            // This run's image may be there already: an earlier try made it (killed before its
+            // commit), or another copy of the message is making it. Joined, not written again.
+            let (accepted, created) = match ctx.azure.get_image(&build.image).await? {
+                Some(found) if made_by_run(&found.tags, &message) => (None, made_in_admission(&found.tags, &message)),
+                _ => {
+                    let accepted = ctx.azure.put_image(&build.image, &request).await?;
+                    let created = accepted.created;
+                    (Some(accepted), created)
+                }
+            };
+            let (urls, hint) = match accepted {
+                Some(accepted) => (accepted.status_url.into_iter().collect(), accepted.retry_after),
+                None => (Vec::new(), None),
+            };
+            let mut step = wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now);
             if created {
                 step = step.with(EventKind::ResourceCreated {
                     id: build.image.to_string(),

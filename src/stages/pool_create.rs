@@ -4,7 +4,7 @@
 //! target, version, run), which is how a replay recognises its own pool and how a later rollout
 //! finds the previous one; a pool id taken by anything else is never touched.
 
-use super::common::fail;
+use super::common::{ADMISSION, fail, made_in_admission};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
 use crate::azure::api::PoolCreated;
@@ -21,6 +21,9 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     let mut body = pool.body.clone();
     if let Some(metadata) = body.get_mut("metadata").and_then(|m| m.as_array_mut()) {
         metadata.push(serde_json::json!({"name": "sigrun-run", "value": message.run_id.to_string()}));
+        if !message.admission.is_nil() {
+            metadata.push(serde_json::json!({"name": ADMISSION, "value": message.admission.to_string()}));
+        }
     }
     let mut events = Vec::new();
     match ctx.azure.add_pool(&pool.account_url, &body).await? {
@@ -39,6 +42,13 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
                     "pool {} already exists in {} and was not created by this run; sigrun never takes over a pool it did not create",
                     pool.pool_id, pool.account
                 )));
+            }
+            // An earlier try of this step in this admission made it and did not record it (killed
+            // before its commit): the run's history still lists it.
+            if existing.is_some_and(|p| made_in_admission(&p.metadata, &message)) {
+                events.push(EventKind::PoolCreated {
+                    pool_id: pool.pool_id.clone(),
+                });
             }
         }
     }

@@ -2,14 +2,16 @@
 //! to a full snapshot in the image's region, then waits for every copy to finish. The preflight
 //! (managed disks, no extensions, supported base image) ran in the planner; the snapshots' names
 //! derive from the run, so a replayed message PUTs the same resources again, which Azure treats as
-//! no change.
+//! no change. A redelivered message first looks for what an earlier try made in the same
+//! admission (its tags say) and records it as created too, so the run's history lists it.
 
-use super::common::{Settled, after_hint, fail, settle, tags, wait_step};
+use super::common::{Settled, after_hint, fail, made_by_run, made_in_admission, settle, tags, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
-use crate::azure::api::SnapshotRequest;
+use crate::azure::api::{Accepted, SnapshotRequest};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, SnapshotArtifact, Stage};
+use crate::model::ids::SnapshotId;
 
 const WHAT: &str = "snapshots";
 
@@ -29,20 +31,30 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             let mut urls = Vec::new();
             let mut hint = None;
             let mut events = Vec::new();
+            let mut joined = false;
             for snapshot in &build.snapshots {
                 let request = SnapshotRequest {
                     location: build.region.clone(),
                     source: snapshot.source.clone(),
                     tags: tags(&message),
                 };
-                let accepted = ctx.azure.put_snapshot(&snapshot.id, &request).await?;
-                urls.extend(accepted.status_url.clone());
-                hint = hint.max(accepted.retry_after);
-                if accepted.created {
+                let put = put_or_join(&snapshot.id, &request, &message, ctx).await?;
+                if put.record {
                     events.push(EventKind::ResourceCreated {
                         id: snapshot.id.to_string(),
                     });
                 }
+                match put.accepted {
+                    Some(accepted) => {
+                        urls.extend(accepted.status_url);
+                        hint = hint.max(accepted.retry_after);
+                    }
+                    None => joined = true,
+                }
+            }
+            // A snapshot joined under way has no operation to follow: read them all instead.
+            if joined {
+                urls.clear();
             }
             let mut step = wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now);
             step.events.splice(0..0, events);
@@ -68,6 +80,38 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Settled::Failed(reason) => Ok(fail(format!("a snapshot of the build VM failed: {reason}"))),
         },
     }
+}
+
+/// What one snapshot's PUT came to: the write accepted (`None`: the snapshot was found there, this
+/// run's, perhaps still copying, and joined without a write), and whether to record it created.
+struct Put {
+    accepted: Option<Accepted>,
+    record: bool,
+}
+
+/// PUTs one snapshot unless this run's is there already: an earlier try of the step (killed
+/// before its commit, or a second copy of its message) may have made it, and may still be copying
+/// it. A snapshot found is joined without a write, and recorded as created when the same admission
+/// of the run made it (an earlier run of the same version made the other ones).
+async fn put_or_join(
+    id: &SnapshotId,
+    request: &SnapshotRequest,
+    message: &Envelope,
+    ctx: &StepContext<'_>,
+) -> Result<Put, AzureError> {
+    if let Some(found) = ctx.azure.get_snapshot(id).await?
+        && made_by_run(&found.tags, message)
+    {
+        return Ok(Put {
+            accepted: None,
+            record: made_in_admission(&found.tags, message),
+        });
+    }
+    let accepted = ctx.azure.put_snapshot(id, request).await?;
+    Ok(Put {
+        record: accepted.created,
+        accepted: Some(accepted),
+    })
 }
 
 fn advance(mut message: Envelope, ctx: &StepContext<'_>) -> Step {

@@ -155,6 +155,9 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     // `sigrun run`, a history past its retention): their rollout may retire it once it is older.
     let mut metadata = planned.metadata.clone();
     metadata.insert("sigrun-run".into(), message.run_id.to_string());
+    if !message.admission.is_nil() {
+        metadata.insert(super::common::ADMISSION.into(), message.admission.to_string());
+    }
     metadata.insert(rollout::VERIFIED.into(), "true".into());
     ctx.azure
         .set_pool_metadata(&pool.account_url, &pool.pool_id, &metadata)

@@ -546,6 +546,7 @@ fn envelope(stage: Stage) -> Envelope {
         traceparent: new_traceparent(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        admission: Uuid::nil(),
     }
 }
 

@@ -252,6 +252,7 @@ impl Sim {
             traceparent: new_traceparent(),
             token: Uuid::new_v4(),
             made_by: Uuid::nil(),
+            admission: Uuid::new_v4(),
         }
     }
 
@@ -652,13 +653,15 @@ async fn snapshot_copies_every_disk_waits_on_retry_after_and_hands_on_the_luns()
         assert_eq!(state.tags["sigrun-pipeline"], "nightly-ubuntu");
     }
 
-    // The first message again (a redelivery): the same PUTs, answered 200 — nothing new.
+    // The first message again (a redelivery): the run's snapshots are found and joined, not
+    // written again — nothing new.
     let before = sim.inventory().await;
     let mark = sim.mark().await;
     let replay = sim.drive(&first).await;
     let (replayed, _, _) = waited(&replay);
     let log = sim.since(mark).await;
-    assert_eq!(statuses(&log, "PUT", "/snapshots/"), vec![200, 200, 200]);
+    assert_eq!(statuses(&log, "PUT", "/snapshots/"), Vec::<u64>::new());
+    assert_eq!(statuses(&log, "GET", "/snapshots/"), vec![200, 200, 200]);
     assert_eq!(sim.inventory().await, before);
     let converged = sim.drive(replayed).await;
     assert_eq!(only_advanced(&converged).artifacts.snapshots, next.artifacts.snapshots);
@@ -666,6 +669,61 @@ async fn snapshot_copies_every_disk_waits_on_retry_after_and_hands_on_the_luns()
 
 // ---------------------------------------------------------------------------------------------
 // image-create
+
+#[tokio::test]
+async fn a_repeated_step_joins_and_records_what_an_earlier_try_of_its_admission_made() {
+    let mut sim = Sim::new().await;
+    let trunk = sim.trunk(NIGHTLY, Stage::Snapshot).await;
+    // A worker made the snapshots and was killed before its commit: nothing recorded them.
+    let first = sim.drive(&trunk).await;
+    assert_eq!(
+        event_names(&first).iter().filter(|n| **n == "resource_created").count(),
+        3
+    );
+    // Another worker takes the message: it finds them (still copying), joins them without a
+    // second write, and records them.
+    let mark = sim.mark().await;
+    let again = sim.drive(&trunk).await;
+    assert_eq!(
+        event_names(&again).iter().filter(|n| **n == "resource_created").count(),
+        3,
+        "{:?}",
+        again.events
+    );
+    let log = sim.since(mark).await;
+    assert_eq!(
+        statuses(&log, "PUT", "/snapshots/"),
+        Vec::<u64>::new(),
+        "no second write"
+    );
+    assert_eq!(statuses(&log, "GET", "/snapshots/"), vec![200, 200, 200]);
+    let (joined, _, _) = waited(&again);
+    assert!(
+        joined.operation.as_ref().unwrap().status_urls.is_empty(),
+        "reads the snapshots themselves"
+    );
+    // A later run of the same version (another admission) finds them too, and records nothing.
+    let mut later = trunk.clone();
+    later.admission = Uuid::new_v4();
+    let other = sim.drive(&later).await;
+    assert!(
+        !event_names(&other).contains(&"resource_created"),
+        "another admission's snapshots are not this one's: {:?}",
+        other.events
+    );
+    // The joined wait ends when the snapshots are there.
+    let steps = sim.settle(joined, 120.0).await;
+    assert_eq!(only_advanced(steps.last().unwrap()).stage, Stage::ImageCreate);
+
+    // The same for a pool: made, not recorded, found by the repeated step.
+    let pools = sim.publish(&trunk).await;
+    let pool = pools.iter().find(|m| branch_of(m).1 == "tools").unwrap();
+    assert_eq!(event_names(&sim.drive(pool).await), vec!["pool_created"]);
+    assert_eq!(event_names(&sim.drive(pool).await), vec!["pool_created"], "adopted");
+    let mut later = pool.clone();
+    later.admission = Uuid::new_v4();
+    assert!(event_names(&sim.drive(&later).await).is_empty());
+}
 
 #[tokio::test]
 async fn image_create_makes_the_image_with_the_data_luns_and_waits_for_it() {
@@ -745,10 +803,11 @@ async fn image_create_makes_the_image_with_the_data_luns_and_waits_for_it() {
     assert_eq!(next.artifacts.image.as_ref(), Some(&build.image));
     assert_eq!(next.artifacts.snapshots, message.artifacts.snapshots);
 
-    // Replayed: the same PUT is ARM's 200, and the finished operation lets it through at once.
+    // Replayed: the run's image is found and joined (no second PUT), and the next look sees it
+    // finished.
     let mark = sim.mark().await;
     let replay = sim.drive(&message).await;
-    assert_eq!(statuses(&sim.since(mark).await, "PUT", "/images/"), vec![200]);
+    assert_eq!(statuses(&sim.since(mark).await, "PUT", "/images/"), Vec::<u64>::new());
     let (replayed, _, _) = waited(&replay);
     assert_eq!(only_advanced(&sim.drive(replayed).await).stage, Stage::GalleryPublish);
 }
@@ -1522,15 +1581,20 @@ async fn pool_create_adds_the_pool_with_sigrun_metadata_and_recognises_its_own_o
     assert_eq!(pool["taskSlotsPerNode"], 4);
     assert_eq!(pool["startTask"]["waitForSuccess"], true);
 
-    // Replayed: Batch says PoolExists, the metadata says it is this run's: on to verify, no second pool.
+    // Replayed: Batch says PoolExists, the metadata says it is this run's: on to verify, no second
+    // pool (this admission made it, so it is recorded again: only one copy's record stands).
     let before = sim.inventory().await;
     let mark = sim.mark().await;
     let step = sim.drive(&render).await;
     let next = only_advanced(&step);
     assert_eq!(next.stage, Stage::Verify);
     assert_eq!(next.artifacts.pool.as_ref().unwrap().pool_id, planned.pool_id);
-    assert!(step.events.is_empty(), "no second PoolCreated: {:?}", step.events);
-    assert_eq!(statuses(&sim.since(mark).await, "POST", "/pools"), vec![409]);
+    assert_eq!(event_names(&step), vec!["pool_created"]);
+    // A later run of the version (another admission) finds it and records nothing.
+    let mut later = render.clone();
+    later.admission = Uuid::new_v4();
+    assert!(sim.drive(&later).await.events.is_empty());
+    assert_eq!(statuses(&sim.since(mark).await, "POST", "/pools"), vec![409, 409]);
     assert_eq!(sim.inventory().await, before);
 }
 
@@ -1993,6 +2057,7 @@ async fn replaying_every_message_of_a_finished_run_converges() {
     // The run, message by message: each first delivery and the kind of its final step.
     let mut queue = vec![trunk.clone()];
     let mut delivered: Vec<(Envelope, &'static str)> = Vec::new();
+    let mut recorded: Vec<String> = Vec::new();
     while !queue.is_empty() {
         let message = queue.remove(0);
         let steps = sim.settle(&message, 60.0).await;
@@ -2004,6 +2069,11 @@ async fn replaying_every_message_of_a_finished_run_converges() {
             last.outcome
         );
         queue.extend(pool_messages(&steps));
+        for event in all_events(&steps) {
+            if let EventKind::ResourceCreated { id } | EventKind::PoolCreated { pool_id: id } = event {
+                recorded.push(id.clone());
+            }
+        }
         delivered.push((message, kind(&last.outcome)));
     }
     let stages: Vec<Stage> = delivered.iter().map(|(m, _)| m.stage).collect();
@@ -2054,13 +2124,18 @@ async fn replaying_every_message_of_a_finished_run_converges() {
         );
         let events = all_events(&steps);
         assert!(
-            !events.iter().any(|e| matches!(
-                e,
-                EventKind::PoolCreated { .. } | EventKind::Promoted { .. } | EventKind::PreviousPoolRetired { .. }
-            )),
+            !events
+                .iter()
+                .any(|e| matches!(e, EventKind::Promoted { .. } | EventKind::PreviousPoolRetired { .. })),
             "replayed {} did something again: {events:?}",
             message.stage
         );
+        // What it records as created (the same admission made it) is what the run had made.
+        for event in &events {
+            if let EventKind::ResourceCreated { id } | EventKind::PoolCreated { pool_id: id } = event {
+                assert!(recorded.contains(id), "replayed {} recorded {id} anew", message.stage);
+            }
+        }
         assert!(
             !sim.azure
                 .get_version(&version_id, false)
