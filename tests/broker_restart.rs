@@ -1,91 +1,31 @@
-//! Workers survive losing the broker: while a run is under way, every broker connection is closed
-//! (`rabbitmqctl close_all_connections`) and then the broker itself is restarted (the node stopped
-//! with `rabbitmqctl stop` and started again with `rabbitmq-server -detached`). Every worker's
-//! `/readyz` must go 503 while it has no connection and 200 again within 10 s of the broker
-//! accepting connections, and the run must complete.
+//! Workers survive losing the broker, on a private RabbitMQ node of the test's own (never the
+//! shared one at 127.0.0.1:5672):
 //!
-//! This disturbs every other client of the broker, so it is a binary of its own with one test:
-//! `cargo test` runs test binaries one after another, so no other broker test runs meanwhile. On a
-//! shared machine it also waits (bounded) until no other client is connected before it stops the
-//! broker, and a guard starts the broker again if the test fails half way.
+//! - while a run is under way every connection is closed and the node is stopped and started
+//!   again: every worker's `/readyz` goes 503 while it has no connection and 200 again within 10 s
+//!   of the node accepting connections, and the run completes;
+//! - a worker started while the node is down (connection refused) keeps trying with backoff, says
+//!   503 on `/readyz`, never exits, and is ready and working within 10 s of the node coming back.
 
 #[path = "it/helpers.rs"]
 mod helpers;
 mod support;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sigrun::bus::amqp::StreamOffset;
 use sigrun::events::{EventKind, RunResult};
-use support::{Process, probe, rabbitmqctl};
+use support::rabbit::RabbitNode;
+use support::{Process, probe};
 
 /// The requirement: workers ready again within this long of the broker being back.
 const BACK_WITHIN: Duration = Duration::from_secs(10);
-const BROKER: &str = "127.0.0.1:5672";
 
-fn broker_accepts() -> bool {
-    let addr: SocketAddr = BROKER.parse().expect("an address");
+fn accepts(node: &RabbitNode) -> bool {
+    let addr: SocketAddr = format!("127.0.0.1:{}", node.amqp_port).parse().expect("an address");
     TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
-
-/// Starts the broker node in the background. Its output goes nowhere: the node outlives this
-/// process and must not hold the test's (or CI's) output pipes open.
-fn start_broker() -> std::io::Result<std::process::ExitStatus> {
-    Command::new("rabbitmq-server")
-        .arg("-detached")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-}
-
-fn await_startup() -> bool {
-    Command::new("rabbitmqctl")
-        .args(["await_startup", "--timeout", "60"])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Waits until the broker accepts TCP connections; returns when it did.
-fn wait_broker_accepts(limit: Duration) -> Instant {
-    let began = Instant::now();
-    while began.elapsed() < limit {
-        if broker_accepts() {
-            return Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("RabbitMQ did not accept connections on {BROKER} within {limit:?} of being started");
-}
-
-/// Starts the broker again when the test ends with it down (a failure half way), so the machine is
-/// left as it was found.
-struct BrokerGuard;
-
-impl Drop for BrokerGuard {
-    fn drop(&mut self) {
-        if !broker_accepts() {
-            eprintln!("broker_restart: the broker is down; starting it again");
-            let _ = start_broker();
-        }
-        if !await_startup() {
-            eprintln!("broker_restart: RabbitMQ did not finish starting; start it with `rabbitmq-server -detached`");
-        }
-    }
-}
-
-/// Names of the connections open on the broker now.
-fn connections() -> Vec<String> {
-    rabbitmqctl(&["list_connections", "-q", "--no-table-headers", "name"])
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect()
 }
 
 /// `/readyz` of one worker, sampled every 25 ms: each change of status with when it happened.
@@ -110,33 +50,30 @@ fn watch_readiness(addr: SocketAddr) -> (Transitions, tokio::task::JoinHandle<()
     (transitions, task)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_come_back_after_all_connections_close_and_the_broker_restarts() {
-    let _guard = BrokerGuard;
-    assert!(
-        broker_accepts(),
-        "{}",
-        support::broker_down_help("nothing listens on 127.0.0.1:5672")
-    );
-    // Nobody else may be using the broker when it is stopped under them (bounded wait).
-    let deadline = Instant::now() + Duration::from_secs(180);
+/// Waits until a worker's `/readyz` said 200 after `since`; returns how long after `since`.
+async fn ready_after(transitions: &Transitions, since: Instant, worker: &Process, closed_at: Instant) -> Duration {
     loop {
-        let others = connections();
-        if others.is_empty() {
-            break;
+        let seen = transitions.lock().expect("transitions lock").clone();
+        if let Some((at, _)) = seen.iter().find(|(at, status)| *at > since && *status == 200) {
+            return at.saturating_duration_since(since);
         }
         assert!(
-            Instant::now() < deadline,
-            "other clients stay connected to the broker this test restarts: {others:?}"
+            since.elapsed() < BACK_WITHIN + Duration::from_secs(20),
+            "{} never ready again: {:?}{}",
+            worker.command,
+            relative(&seen, closed_at),
+            worker.report()
         );
-        eprintln!(
-            "broker_restart: waiting for {} other connection(s) to close",
-            others.len()
-        );
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
 
-    let setup = support::setup("").await;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_come_back_after_all_connections_close_and_the_broker_restarts() {
+    let node = tokio::task::spawn_blocking(|| RabbitNode::start("sigrun-restart"))
+        .await
+        .expect("a private node");
+    let setup = support::setup_on("", &node.url()).await;
     let (bus, settings) = support::test_bus(&setup.config).await;
     let mut workers: Vec<Process> = ["worker0", "worker1"]
         .iter()
@@ -170,56 +107,32 @@ async fn workers_come_back_after_all_connections_close_and_the_broker_restarts()
 
     // Blocking commands run off the runtime, which keeps serving the emulator and the probes.
     let closed_at = Instant::now();
-    let (stop_began, stopped_at) = tokio::task::spawn_blocking(|| {
-        rabbitmqctl(&["close_all_connections", "sigrun test: every connection closed"]);
+    let node = Arc::new(node);
+    let stopping = Arc::clone(&node);
+    let (stop_began, stopped_at) = tokio::task::spawn_blocking(move || {
+        stopping.close_all_connections("sigrun test: every connection closed");
         let stop_began = Instant::now();
-        rabbitmqctl(&["stop"]);
+        stopping.stop();
         (stop_began, Instant::now())
     })
     .await
-    .expect("closing and stopping the broker");
-    assert!(!broker_accepts(), "the broker is down after rabbitmqctl stop");
-    let started = tokio::task::spawn_blocking(start_broker)
+    .expect("closing and stopping the node");
+    assert!(!accepts(&node), "the node is down after it was stopped");
+    let starting = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || starting.start_again())
         .await
-        .expect("starting the broker");
-    assert!(
-        started.as_ref().is_ok_and(|s| s.success()),
-        "rabbitmq-server -detached: {started:?}"
-    );
-    let back_at = tokio::task::spawn_blocking(|| wait_broker_accepts(Duration::from_secs(120)))
-        .await
-        .expect("waiting for the broker");
-    let booted = tokio::task::spawn_blocking(await_startup)
-        .await
-        .expect("rabbitmqctl await_startup");
-    assert!(booted, "the restarted broker finished booting");
+        .expect("starting the node again");
+    let back_at = Instant::now();
     eprintln!(
-        "broker: connections closed, node stopped in {:.2} s, accepting again {:.2} s after the start (down {:.2} s in all)",
+        "broker: connections closed, node stopped in {:.2} s, down {:.2} s in all",
         (stopped_at - stop_began).as_secs_f64(),
-        (back_at - stopped_at).as_secs_f64(),
         (back_at - closed_at).as_secs_f64()
     );
 
     // Every worker: not ready while cut off, ready again within BACK_WITHIN of the broker's return.
     let mut slowest = Duration::ZERO;
     for (i, (transitions, _)) in watched.iter().enumerate() {
-        let ready_again = loop {
-            let seen = transitions.lock().expect("transitions lock").clone();
-            let ready = seen
-                .iter()
-                .find(|(at, status)| *at > back_at && *status == 200)
-                .map(|(at, _)| *at);
-            if let Some(at) = ready {
-                break at;
-            }
-            assert!(
-                back_at.elapsed() < BACK_WITHIN + Duration::from_secs(20),
-                "worker{i} never ready again: {:?}{}",
-                relative(&seen, closed_at),
-                workers[i].report()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let took = ready_after(transitions, back_at, &workers[i], closed_at).await;
         let seen = transitions.lock().expect("transitions lock").clone();
         assert!(
             seen.iter().any(|(at, s)| *at > closed_at && *at < back_at && *s == 503),
@@ -231,7 +144,6 @@ async fn workers_come_back_after_all_connections_close_and_the_broker_restarts()
             "worker{i} stayed up and answered every probe: {:?}",
             relative(&seen, closed_at)
         );
-        let took = ready_again.saturating_duration_since(back_at);
         eprintln!(
             "worker{i}: /readyz 200 {:.2} s after the broker was back; transitions (s since the close): {:?}",
             took.as_secs_f64(),
@@ -254,6 +166,56 @@ async fn workers_come_back_after_all_connections_close_and_the_broker_restarts()
     for worker in &mut workers {
         worker.stop().await;
     }
+    support::delete_topology(bus, &settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_while_the_broker_is_down_waits_for_it_and_never_exits() {
+    let node = tokio::task::spawn_blocking(|| {
+        let node = RabbitNode::start("sigrun-late");
+        node.stop();
+        node
+    })
+    .await
+    .expect("a private node, stopped");
+    let setup = support::setup_on("", &node.url()).await;
+    let mut worker = setup.worker("late", &["--all-stages"]);
+    let addr = worker.metrics_addr().await;
+    let (transitions, watching) = watch_readiness(addr);
+    let started_at = Instant::now();
+    // Refused connections for a while: the worker stays up and not ready.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        worker.child.try_wait().expect("wait").is_none(),
+        "the worker must not exit while the broker is down{}",
+        worker.report()
+    );
+    let seen = transitions.lock().expect("transitions lock").clone();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|(_, s)| *s == 503),
+        "/readyz says 503 while the broker is down: {:?}",
+        relative(&seen, started_at)
+    );
+    let node = Arc::new(node);
+    let starting = Arc::clone(&node);
+    tokio::task::spawn_blocking(move || starting.start_again())
+        .await
+        .expect("starting the node");
+    let back_at = Instant::now();
+    let took = ready_after(&transitions, back_at, &worker, started_at).await;
+    eprintln!(
+        "a worker started with the broker down: ready {:.2} s after it came back",
+        took.as_secs_f64()
+    );
+    assert!(took <= BACK_WITHIN, "ready {took:?} after the broker was back");
+
+    // And it works: a run submitted now completes.
+    let (bus, settings) = support::test_bus(&setup.config).await;
+    let run_id = setup.submit().await;
+    let (result, history) = support::wait_for_run(&bus, run_id, std::slice::from_ref(&worker)).await;
+    assert_eq!(result, RunResult::Succeeded, "events: {history:#?}{}", worker.report());
+    watching.abort();
+    worker.stop().await;
     support::delete_topology(bus, &settings).await;
 }
 

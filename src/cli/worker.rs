@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{ArgGroup, Args};
 use tokio::signal::unix::{SignalKind, signal};
@@ -74,55 +75,16 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     };
     let settings = bus_settings(args.config.as_deref(), "worker")?;
     // Installed before anything else, so a signal during start-up still shuts down cleanly.
-    let mut term = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut stop = Stop::install()?;
     let pipelines_dir = settings.pipelines.dir.clone();
     let session = Session::from_settings(settings).await?;
     let url = session.amqp.redacted_url();
     let prefix = session.amqp.prefix.clone();
-    let bus = AmqpBus::connect(session.amqp.clone(), session.runtime.tiers.clone())
-        .await
-        .map_err(|e| anyhow::anyhow!("RabbitMQ at {url}: {e}"))?;
-    let bus = Arc::new(bus);
-    // The run index reads the whole retained history before anything is taken, so a run cancelled
-    // earlier is known to be cancelled from the first delivery on.
-    // Created before the index, which feeds it the run history for the run-level metrics.
     let telemetry = Arc::new(Telemetry::new().with_pipelines(crate::admission::pipelines::names(&pipelines_dir)));
     session.azure.set_metrics(telemetry.azure());
-    let azure = session.azure.clone();
-    let index = Arc::new(Ledger::start(
-        Arc::clone(&bus) as Arc<dyn Bus>,
-        session.runtime.ledger(),
-        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
-    ));
-    if let Err(error) = index.catch_up(session.amqp.publish_timeout).await {
-        bus.close().await;
-        return Err(anyhow::anyhow!("reading the events stream on {url}: {error}"));
-    }
-    let handler: Arc<dyn Handler> = Arc::new(
-        StageHandler::new(azure.clone(), session.stages.clone())
-            .with_runs(Arc::clone(&index) as Arc<dyn crate::stages::Runs>),
-    );
-    let runtime = match Runtime::new(
-        Arc::clone(&bus) as Arc<dyn Bus>,
-        handler,
-        stages.clone(),
-        session.runtime.clone(),
-    ) {
-        Ok(runtime) => runtime.with_ledger(Arc::clone(&index)),
-        Err(e) => {
-            bus.close().await;
-            return Err(input_error(anyhow::anyhow!("runtime: {e}")));
-        }
-    };
-    let admitter = Admitter::new(
-        Arc::clone(&bus) as Arc<dyn Triggers>,
-        Arc::clone(&index),
-        azure.clone(),
-        pipelines_dir.clone(),
-        session.runtime.retry.clone(),
-    );
-    let runtime = runtime.with_observer(telemetry.clone());
+    // The broker may not be there yet (a restart, a node coming back): the bus connects in the
+    // background with backoff while /readyz says 503, and the worker never exits for it.
+    let bus = Arc::new(AmqpBus::start(session.amqp.clone(), session.runtime.tiers.clone()));
     let readiness = Readiness::new()
         .with_bus(Arc::clone(&bus))
         .with_azure(session.azure.clone());
@@ -134,22 +96,58 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             return Err(error);
         }
     };
+    // The ledger reads the whole retained history before anything is taken, so a run cancelled
+    // earlier is known to be cancelled from the first delivery on. Created after the telemetry,
+    // which it feeds the run history for the run-level metrics.
+    let ledger = Arc::new(Ledger::start(
+        Arc::clone(&bus) as Arc<dyn Bus>,
+        session.runtime.ledger(),
+        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
+    ));
+    if !catch_up_until_stopped(&ledger, &url, &mut stop).await {
+        stopped_early(ledger, server, &bus).await;
+        eprintln!("sigrun worker: stopped before it started consuming");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let azure = session.azure.clone();
+    let handler: Arc<dyn Handler> = Arc::new(
+        StageHandler::new(azure.clone(), session.stages.clone())
+            .with_runs(Arc::clone(&ledger) as Arc<dyn crate::stages::Runs>),
+    );
+    let runtime = match Runtime::new(
+        Arc::clone(&bus) as Arc<dyn Bus>,
+        handler,
+        stages.clone(),
+        session.runtime.clone(),
+    ) {
+        Ok(runtime) => runtime
+            .with_ledger(Arc::clone(&ledger))
+            .with_observer(telemetry.clone()),
+        Err(e) => {
+            stopped_early(ledger, server, &bus).await;
+            return Err(input_error(anyhow::anyhow!("runtime: {e}")));
+        }
+    };
+    let admitter = Admitter::new(
+        Arc::clone(&bus) as Arc<dyn Triggers>,
+        Arc::clone(&ledger),
+        azure,
+        pipelines_dir.clone(),
+        session.runtime.retry.clone(),
+    );
     let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
     eprintln!(
         "sigrun worker: consuming {} and triggers on {url} (prefix {prefix}, pipelines in {}; {} run(s) known)",
         names.join(", "),
         pipelines_dir.display(),
-        index.started_count()
+        ledger.started_count()
     );
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
     let admitting = tokio::spawn(async move { admitter.run(stopped).await });
     let report = runtime
         .run(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-            let _ = stop.send(true);
+            stop.wait().await;
+            let _ = stopping.send(true);
         })
         .await;
     // A trigger being admitted gets the same grace; past it, it goes back to its queue unacked.
@@ -161,7 +159,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
             0
         }
     };
-    drop(index);
+    drop(ledger);
     endpoints::stop(server).await;
     bus.close().await;
     eprintln!(
@@ -169,4 +167,57 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         report.handled, report.abandoned
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM or SIGINT, whichever comes first.
+struct Stop {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Stop {
+    fn install() -> std::io::Result<Stop> {
+        Ok(Stop {
+            term: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+    }
+}
+
+/// Reads the history up to now, trying again (with backoff, saying why) for as long as the broker
+/// is not there; false when asked to stop first.
+async fn catch_up_until_stopped(ledger: &Ledger, url: &str, stop: &mut Stop) -> bool {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let attempt = ledger.catch_up(Duration::from_secs(30));
+        tokio::select! {
+            caught = attempt => match caught {
+                Ok(()) => return true,
+                Err(error) => eprintln!(
+                    "sigrun worker: cannot read the events stream on {url} yet ({error}); trying again in {} ms",
+                    delay.as_millis()
+                ),
+            },
+            () = stop.wait() => return false,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stop.wait() => return false,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Closes what was opened before the worker started consuming.
+async fn stopped_early(ledger: Arc<Ledger>, server: Option<crate::telemetry::MetricsServer>, bus: &AmqpBus) {
+    drop(ledger);
+    endpoints::stop(server).await;
+    bus.close().await;
 }

@@ -4,8 +4,11 @@
 //! the metrics address they print), plain HTTP probes of their endpoints, following a run through
 //! the events stream (reopening the stream when the broker connection drops), and `rabbitmqctl`.
 //! Each binary includes it with `mod support;` next to `#[path = "it/helpers.rs"] mod helpers;`.
+//! [`rabbit`] starts private RabbitMQ nodes for the tests that stop or kill a broker.
 
 #![allow(dead_code)]
+
+pub mod rabbit;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -50,8 +53,13 @@ pub struct Setup {
     pub prefix: String,
 }
 
-/// Starts an emulator with `faults` (empty: none) and writes the config.
+/// Starts an emulator with `faults` (empty: none) and writes the config for the shared broker.
 pub async fn setup(faults: &str) -> Setup {
+    setup_on(faults, &amqp_url()).await
+}
+
+/// As [`setup`], for the broker at `url` (a private node of the test's own).
+pub async fn setup_on(faults: &str, url: &str) -> Setup {
     let emu = helpers::start(EmulatorOptions {
         time_scale: SCALE,
         faults: faults.to_string(),
@@ -67,7 +75,7 @@ pub async fn setup(faults: &str) -> Setup {
         config: PathBuf::new(),
         prefix,
     };
-    setup.config = setup.write_config("sigrun.toml", &amqp_url(), PIPELINE_APP.1);
+    setup.config = setup.write_config("sigrun.toml", url, PIPELINE_APP.1);
     setup
 }
 

@@ -85,11 +85,12 @@ pub(super) async fn wait_link(shared: &Shared, not_generation: u64, wait: Durati
     }
 }
 
-/// Keeps the bus connected until it is closed. Starts with the link made by `connect`.
-pub(super) async fn supervise(shared: Arc<Shared>, first: Link, mut broken: mpsc::UnboundedReceiver<u64>) {
+/// Keeps the bus connected until it is closed. Starts with the link made by `connect`, if any
+/// (else it connects first, as after a drop).
+pub(super) async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut broken: mpsc::UnboundedReceiver<u64>) {
     let mut shutdown = shared.shutdown.subscribe();
-    let mut next_link = Some(first);
-    let mut generation = 1;
+    let mut generation = first.as_ref().map_or(0, |link| link.generation);
+    let mut next_link = first;
     loop {
         let link = match next_link.take() {
             Some(link) => Arc::new(link),

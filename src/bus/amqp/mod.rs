@@ -182,14 +182,33 @@ pub struct AmqpBus {
 
 impl AmqpBus {
     /// Connects, declares the whole topology (idempotently) and starts the connection supervisor.
-    /// Fails if the first connection or declaration fails: a worker that cannot reach its broker
-    /// at start says so instead of retrying silently. Needs a tokio runtime; call
-    /// [`AmqpBus::close`] before that runtime ends (lapin's IO loop must not outlive it).
+    /// Fails if the first connection or declaration fails: a command that cannot reach its broker
+    /// says so instead of retrying silently (`submit`, `status`…; a worker uses [`AmqpBus::start`]).
+    /// Needs a tokio runtime; call [`AmqpBus::close`] before that runtime ends (lapin's IO loop
+    /// must not outlive it).
     ///
     /// # Panics
     /// When `tiers` is empty, holds a zero delay or is not strictly increasing (configured tiers
     /// are checked by `RuntimeSettings::check`).
     pub async fn connect(settings: AmqpSettings, tiers: Vec<Duration>) -> Result<AmqpBus, BusError> {
+        let (shared, broken_rx) = AmqpBus::shared(settings, &tiers);
+        let first = connection::establish(&shared, 1).await?;
+        Ok(AmqpBus::supervised(shared, tiers, Some(first), broken_rx))
+    }
+
+    /// Starts the bus without waiting for the broker: the supervisor connects in the background,
+    /// with backoff, for as long as it takes — a broker still starting, a queue whose home node is
+    /// down, refused connections — and keeps the bus connected from then on. [`AmqpBus::is_connected`]
+    /// says when it is (a worker's readiness); publishes wait for it within `publish_timeout`.
+    ///
+    /// # Panics
+    /// As [`AmqpBus::connect`].
+    pub fn start(settings: AmqpSettings, tiers: Vec<Duration>) -> AmqpBus {
+        let (shared, broken_rx) = AmqpBus::shared(settings, &tiers);
+        AmqpBus::supervised(shared, tiers, None, broken_rx)
+    }
+
+    fn shared(settings: AmqpSettings, tiers: &[Duration]) -> (Arc<Shared>, mpsc::UnboundedReceiver<u64>) {
         assert!(
             !tiers.is_empty() && tiers[0] > Duration::ZERO && tiers.windows(2).all(|w| w[0] < w[1]),
             "delay tiers must be non-empty, non-zero and strictly increasing: {tiers:?}"
@@ -199,7 +218,7 @@ impl AmqpBus {
             names: Names::new(&settings.prefix),
             spec: TopologySpec {
                 delivery_limit: settings.delivery_limit,
-                tiers: tiers.clone(),
+                tiers: tiers.to_vec(),
                 event_max_age: settings.event_max_age.clone(),
             },
             settings,
@@ -211,13 +230,21 @@ impl AmqpBus {
             inbox: Inbox::default(),
             shutdown: watch::Sender::new(false),
         });
-        let first = connection::establish(&shared, 1).await?;
+        (shared, broken_rx)
+    }
+
+    fn supervised(
+        shared: Arc<Shared>,
+        tiers: Vec<Duration>,
+        first: Option<connection::Link>,
+        broken_rx: mpsc::UnboundedReceiver<u64>,
+    ) -> AmqpBus {
         let supervisor = tokio::spawn(connection::supervise(Arc::clone(&shared), first, broken_rx));
-        Ok(AmqpBus {
+        AmqpBus {
             shared,
             tiers,
             supervisor: Mutex::new(Some(supervisor)),
-        })
+        }
     }
 
     pub fn settings(&self) -> &AmqpSettings {

@@ -1,0 +1,133 @@
+//! Private RabbitMQ nodes for the tests that stop, kill or restart a broker: each runs from a
+//! temporary directory of its own, on ports of its own, with a cookie of its own (so no command
+//! here can reach the shared broker at 127.0.0.1:5672), started and driven by
+//! `tests/support/rabbit-node.sh` (the Debian packages' scripts with every path and port set).
+//! Dropping a node kills it and removes its directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One private node.
+pub struct RabbitNode {
+    pub name: String,
+    pub amqp_port: u16,
+    dir: PathBuf,
+    _temp: tempfile::TempDir,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/rabbit-node.sh")
+}
+
+/// A port nothing listens on now (the kernel's choice, released at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Runs the script; panics with its output when it fails.
+fn run(args: &[&str]) -> String {
+    let output = Command::new(script())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("rabbit-node.sh cannot run ({e}); it needs bash and rabbitmq-server"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "rabbit-node.sh {} failed: {text}",
+        args.join(" ")
+    );
+    text
+}
+
+impl RabbitNode {
+    /// Starts a node `{name}@localhost` and waits until it accepts AMQP connections.
+    pub fn start(name: &str) -> RabbitNode {
+        let temp = tempfile::Builder::new()
+            .prefix("sigrun-rabbit-")
+            .tempdir()
+            .expect("a temp dir");
+        let dir = temp.path().join("node");
+        let (amqp, dist) = (free_port(), free_port());
+        let full = format!("{name}@localhost");
+        let began = Instant::now();
+        run(&[
+            "start",
+            &full,
+            &amqp.to_string(),
+            &dist.to_string(),
+            dir.to_str().expect("a UTF-8 path"),
+        ]);
+        eprintln!("private RabbitMQ {full} on {amqp} up in {:?}", began.elapsed());
+        RabbitNode {
+            name: full,
+            amqp_port: amqp,
+            dir,
+            _temp: temp,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    fn dir(&self) -> &str {
+        self.dir.to_str().expect("a UTF-8 path")
+    }
+
+    /// Stops the node cleanly (returns once it has exited).
+    pub fn stop(&self) {
+        run(&["stop", self.dir()]);
+    }
+
+    /// Kills the node's VM with SIGKILL.
+    pub fn kill(&self) {
+        run(&["kill", self.dir()]);
+    }
+
+    /// Starts the node again on its data (durable queues and messages come back).
+    pub fn start_again(&self) -> Duration {
+        let began = Instant::now();
+        run(&["start", self.dir()]);
+        began.elapsed()
+    }
+
+    /// `rabbitmqctl close_all_connections` on this node.
+    pub fn close_all_connections(&self, why: &str) {
+        run(&["close-conns", self.dir(), why]);
+    }
+
+    /// Joins the cluster `seed` belongs to (resets this node first).
+    pub fn join(&self, seed: &RabbitNode) {
+        run(&["cluster-join", self.dir(), seed.dir()]);
+    }
+
+    /// `rabbitmqctl -n NODE ARGS` against this node.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let mut all = vec!["ctl", self.dir()];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Whether the node's VM runs.
+    pub fn running(&self) -> bool {
+        Command::new(script())
+            .args(["running", self.dir()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for RabbitNode {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).args(["destroy", self.dir()]).output();
+    }
+}
