@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod rabbit;
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -126,11 +127,16 @@ prefix = "{prefix}"
 
     /// `sigrun submit` of the nightly pipeline; returns the run id it prints.
     pub async fn submit(&self) -> Uuid {
+        self.submit_version(VERSION).await
+    }
+
+    /// `sigrun submit` of the nightly pipeline at `version`; returns the run id it prints.
+    pub async fn submit_version(&self, version: &str) -> Uuid {
         let config = self.config.display().to_string();
         let mut submit = Process::start(
             &self.dir,
-            "submit",
-            &["submit", NIGHTLY, "--version", VERSION, "--config", &config],
+            &format!("submit-{version}"),
+            &["submit", NIGHTLY, "--version", version, "--config", &config],
             &[],
         );
         let code = submit.wait(Duration::from_secs(60)).await;
