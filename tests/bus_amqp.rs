@@ -35,6 +35,7 @@ fn url() -> String {
 fn settings(prefix: &str) -> AmqpSettings {
     AmqpSettings {
         url: url(),
+        cluster_urls: Vec::new(),
         prefix: prefix.into(),
         delivery_limit: 2,
         prefetch: 10,

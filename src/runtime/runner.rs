@@ -286,6 +286,7 @@ impl Runtime {
             next.traceparent = hop.to_string();
         }
         let measured = std::mem::take(&mut effects.measured);
+        debug!(handled = effects.handled.as_str(), "stepped");
         if self.conclude(&message, body, effects, acker, now).await
             && let Some(observer) = &self.observer
         {

@@ -61,8 +61,13 @@ pub async fn setup(faults: &str) -> Setup {
 
 /// As [`setup`], for the broker at `url` (a private node of the test's own).
 pub async fn setup_on(faults: &str, url: &str) -> Setup {
+    setup_scaled_on(faults, url, SCALE).await
+}
+
+/// As [`setup_on`], with the emulator at `time_scale` emulated seconds per real second.
+pub async fn setup_scaled_on(faults: &str, url: &str, time_scale: f64) -> Setup {
     let emu = helpers::start(EmulatorOptions {
-        time_scale: SCALE,
+        time_scale,
         faults: faults.to_string(),
         ..Default::default()
     })

@@ -34,13 +34,27 @@ pub(crate) struct Link {
 
 /// Connects, declares the topology and opens the publishing channel, within the connect timeout.
 pub(super) async fn establish(shared: &Shared, generation: u64) -> Result<Link, BusError> {
+    // A cluster's other nodes are tried in turn when one cannot be reached.
+    let mut failures = Vec::new();
+    for url in shared.settings.urls() {
+        match establish_on(shared, url, generation).await {
+            Ok(link) => return Ok(link),
+            Err(error) => failures.push(error.to_string()),
+        }
+    }
+    Err(BusError::Connection(failures.join("; ")))
+}
+
+/// Connects to the node at `url` within the connect timeout.
+async fn establish_on(shared: &Shared, url: &str, generation: u64) -> Result<Link, BusError> {
     let settings = &shared.settings;
+    let redacted = super::redact(url);
     let attempt = async {
         // The name lets an operator (and the tests) find this process's connection in
         // `rabbitmqctl list_connections`.
         let properties =
             ConnectionProperties::default().with_connection_name(format!("sigrun {}", shared.names.prefix()).into());
-        let connection = Connection::connect(&settings.url, properties).await?;
+        let connection = Connection::connect(url, properties).await?;
         let publisher = connection.create_channel().await?;
         topology::declare(&publisher, &shared.names, &shared.spec).await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -53,13 +67,11 @@ pub(super) async fn establish(shared: &Shared, generation: u64) -> Result<Link, 
     match timeout(settings.connect_timeout, attempt).await {
         Ok(Ok(link)) => Ok(link),
         Ok(Err(error)) => Err(BusError::Connection(format!(
-            "{} (prefix {}): {error}",
-            settings.redacted_url(),
+            "{redacted} (prefix {}): {error}",
             shared.names.prefix()
         ))),
         Err(_) => Err(BusError::Connection(format!(
-            "{}: no connection within {} ms",
-            settings.redacted_url(),
+            "{redacted}: no connection within {} ms",
             settings.connect_timeout.as_millis()
         ))),
     }

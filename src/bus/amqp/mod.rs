@@ -55,6 +55,9 @@ use topology::{Names, TopologySpec};
 pub struct AmqpSettings {
     /// `amqp://user:password@host:port/vhost` or `amqps://…` (the vhost percent-encoded: `%2f`).
     pub url: String,
+    /// The other nodes of a RabbitMQ cluster, tried in turn (after `url`) whenever a connection
+    /// is made: a worker whose node goes down carries on through another.
+    pub cluster_urls: Vec<String>,
     /// Prefix of every exchange and queue name, so several environments (and tests) share a broker.
     pub prefix: String,
     /// Deliveries of one message beyond the first before the broker parks it (`x-delivery-limit`).
@@ -81,6 +84,7 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         AmqpSettings {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            cluster_urls: Vec::new(),
             prefix: "sigrun".into(),
             delivery_limit: 10,
             prefetch: 10,
@@ -97,6 +101,11 @@ impl AmqpSettings {
     /// The URL with its password replaced, for logs and errors.
     pub fn redacted_url(&self) -> String {
         redact(&self.url)
+    }
+
+    /// Every node to connect to, `url` first.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.cluster_urls.iter().map(String::as_str))
     }
 }
 
@@ -120,6 +129,10 @@ impl fmt::Debug for AmqpSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpSettings")
             .field("url", &self.redacted_url())
+            .field(
+                "cluster_urls",
+                &self.cluster_urls.iter().map(|u| redact(u)).collect::<Vec<_>>(),
+            )
             .field("prefix", &self.prefix)
             .field("delivery_limit", &self.delivery_limit)
             .field("prefetch", &self.prefetch)

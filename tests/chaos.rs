@@ -1,0 +1,449 @@
+//! Chaos: overlapping runs of the nightly pipeline (distinct versions, some triggered twice) on
+//! two worker processes per stage, against the emulator injecting about one fault in five (429
+//! with Retry-After, 500, 503, connections reset after the request took effect), while workers are
+//! killed with SIGKILL every few seconds (and replaced), every broker connection is closed, and the
+//! broker node is restarted — on a private RabbitMQ node of the test's own. Then the same on a
+//! three-node cluster of private nodes (quorum queues replicated on all three), one node killed
+//! mid-run and started again.
+//!
+//! What must hold, whatever happened: every run succeeds; one run per version (one `run_started`);
+//! nothing created twice (the emulator's log); in each account exactly the pools the runs planned;
+//! no request to a run's resources before the Retry-After its last 429 gave; nothing parked; each
+//! (run, branch, stage) worked from one message id (the workers' logs); no event recorded twice for
+//! a branch but retries; every worker still running exits 0 on SIGTERM. The figures are printed.
+//!
+//! Sizes: `SIGRUN_CHAOS_RUNS` (default 4: what CI runs), `SIGRUN_CHAOS_KILL_EVERY_MS` (default
+//! 2500), `SIGRUN_CHAOS_SEED`. `SIGRUN_CHAOS_RUNS=20` is the size the closing notes quote.
+
+#[path = "it/helpers.rs"]
+mod helpers;
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::Value;
+use sigrun::events::{Event, EventKind, RunResult};
+use sigrun::model::envelope::Stage;
+use support::rabbit::RabbitNode;
+use support::{Process, Setup};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+/// The two scenarios share the machine's two cores: one at a time.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
+
+const FAULTS: &str = "429:p=0.05,retry_after=0.5;500:p=0.05;503:p=0.05;reset:p=0.05";
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// What happened to the system while the runs ran.
+#[derive(Default, Debug)]
+struct Disturbed {
+    kills: usize,
+    replacements: usize,
+    connections_closed: usize,
+    node_restarts: usize,
+    nodes_killed: usize,
+}
+
+/// The workers, two per stage, and the replacements of the killed ones.
+struct Fleet {
+    setup: Arc<Setup>,
+    config: std::path::PathBuf,
+    alive: Vec<(Stage, Process)>,
+    dead: Vec<Process>,
+    started: usize,
+}
+
+impl Fleet {
+    fn start(setup: Arc<Setup>, config: std::path::PathBuf) -> Fleet {
+        let mut fleet = Fleet {
+            setup,
+            config,
+            alive: Vec::new(),
+            dead: Vec::new(),
+            started: 0,
+        };
+        for stage in Stage::ALL {
+            for _ in 0..2 {
+                fleet.spawn(stage);
+            }
+        }
+        fleet
+    }
+
+    fn spawn(&mut self, stage: Stage) {
+        self.started += 1;
+        let name = format!("{}-{}", stage.as_str(), self.started);
+        let args = [
+            "--stage",
+            stage.as_str(),
+            "--log",
+            "warn,sigrun::runtime=debug",
+            "--log-format",
+            "json",
+        ];
+        let process = self.setup.worker_with_config(&name, &self.config, &args);
+        self.alive.push((stage, process));
+    }
+
+    /// SIGKILL to a random worker, and a replacement for its stage.
+    async fn kill_one(&mut self, rng: &mut ChaCha8Rng) {
+        let index = rng.random_range(0..self.alive.len());
+        let (stage, mut victim) = self.alive.swap_remove(index);
+        victim.signal("KILL");
+        let _ = victim.wait(Duration::from_secs(10)).await;
+        self.dead.push(victim);
+        self.spawn(stage);
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Process> {
+        self.alive.iter().map(|(_, p)| p).chain(self.dead.iter())
+    }
+
+    fn report(&self) -> String {
+        self.alive.iter().map(|(_, p)| p.report()).collect()
+    }
+}
+
+/// Publishes the runs' triggers: each version once, every other one twice more.
+async fn submit_all(setup: &Setup, versions: &[String]) -> BTreeMap<String, Uuid> {
+    let mut runs = BTreeMap::new();
+    for (i, version) in versions.iter().enumerate() {
+        let run = setup.submit_version(version).await;
+        runs.insert(version.clone(), run);
+        if i % 2 == 0 {
+            assert_eq!(
+                setup.submit_version(version).await,
+                run,
+                "the same version is the same run"
+            );
+        }
+    }
+    runs
+}
+
+/// Follows every run to its end; returns each run's history.
+async fn wait_all(
+    bus: &sigrun::bus::amqp::AmqpBus,
+    runs: &BTreeMap<String, Uuid>,
+) -> BTreeMap<String, (RunResult, Vec<Event>)> {
+    let mut ended = BTreeMap::new();
+    for (version, run) in runs {
+        let (result, history) = support::wait_for_run(bus, *run, &[]).await;
+        ended.insert(version.clone(), (result, history));
+    }
+    ended
+}
+
+/// Every check of the module's header, on what the runs left behind.
+async fn check(
+    setup: &Setup,
+    runs: &BTreeMap<String, Uuid>,
+    ended: &BTreeMap<String, (RunResult, Vec<Event>)>,
+    fleet: &Fleet,
+) -> Figures {
+    let mut figures = Figures::default();
+    for (version, (result, history)) in ended {
+        assert_eq!(
+            *result,
+            RunResult::Succeeded,
+            "{version}: {history:#?}{}",
+            fleet.report()
+        );
+        let started = history
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::RunStarted { .. }))
+            .count();
+        assert_eq!(started, 1, "{version}: one admission");
+        figures.dropped += history
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::DuplicateDropped { .. }))
+            .count();
+        figures.duplicate_triggers += history
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::DuplicateTrigger { .. }))
+            .count();
+        assert_each_event_once(version, history);
+    }
+    figures.succeeded = ended.len();
+    setup.emu.set_faults("").await;
+    let log = setup.emu.requests().await;
+    figures.requests = log.len();
+    figures.faults = log.iter().filter(|e| !e["fault"].is_null()).count();
+    assert_nothing_created_twice(&log);
+    assert_retry_after_honoured(&log);
+    assert_pools_as_planned(setup, runs.len()).await;
+    assert_one_message_per_step(fleet);
+    figures
+}
+
+#[derive(Default, Debug)]
+struct Figures {
+    succeeded: usize,
+    dropped: usize,
+    duplicate_triggers: usize,
+    requests: usize,
+    faults: usize,
+}
+
+fn assert_each_event_once(version: &str, history: &[Event]) {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for event in history {
+        if matches!(
+            event.kind,
+            EventKind::Retried { .. } | EventKind::DuplicateDropped { .. } | EventKind::DuplicateTrigger { .. }
+        ) {
+            continue;
+        }
+        let key = format!(
+            "{} {} {}",
+            event.branch.label(),
+            event.stage,
+            serde_json::to_string(&event.kind).expect("events serialize")
+        );
+        *seen.entry(key).or_default() += 1;
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "{version}: recorded more than once: {repeated:#?}");
+}
+
+/// Each resource PUT answered "created" at most once, each pool added once.
+fn assert_nothing_created_twice(log: &[Value]) {
+    let mut created: BTreeMap<String, usize> = BTreeMap::new();
+    for entry in log {
+        let path = entry["path"].as_str().unwrap_or_default().to_ascii_lowercase();
+        let status = entry["status"].as_u64().unwrap_or(0);
+        let made = (entry["method"] == "PUT" && (status == 201 || status == 202))
+            || (entry["method"] == "POST" && status == 201 && path.ends_with("/pools"));
+        if made {
+            let key = if path.ends_with("/pools") {
+                format!("{path} #{}", entry["request_id"])
+            } else {
+                path
+            };
+            *created.entry(key).or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = created.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "created twice: {twice:#?}");
+}
+
+/// After a 429 on a run's own resource (its version, snapshots, image, pools, operations), the
+/// same path is not asked again before the Retry-After it gave.
+fn assert_retry_after_honoured(log: &[Value]) {
+    let own = |path: &str| {
+        path.contains("2026-11") || path.contains("2026.11") || path.to_ascii_lowercase().contains("operations/")
+    };
+    for (i, e) in log.iter().enumerate().filter(|(_, e)| e["status"] == 429) {
+        let path = e["path"].as_str().unwrap_or_default();
+        if !own(path) {
+            continue;
+        }
+        let wait = e["retry_after_ms"].as_f64().unwrap_or(0.0);
+        let Some(next) = log[i + 1..].iter().find(|n| n["path"] == e["path"]) else {
+            continue;
+        };
+        let gap = next["elapsed_ms"].as_f64().unwrap_or(0.0) - e["elapsed_ms"].as_f64().unwrap_or(0.0);
+        assert!(
+            gap >= wait,
+            "{path} asked again {gap:.1} ms after a 429 with Retry-After {wait} ms"
+        );
+    }
+}
+
+/// Each account holds one pool per run: the render pools in westeurope, the sim pools in eastus.
+async fn assert_pools_as_planned(setup: &Setup, runs: usize) {
+    for (account, target) in [("sigrunweu", "render"), ("sigruneus", "sim")] {
+        let token = setup.emu.batch_token().await;
+        let url = format!(
+            "{}/pools?api-version={}",
+            setup.emu.batch_url(account),
+            helpers::BATCH_API
+        );
+        let reply = setup.emu.get(&url, &token).await;
+        let ids: Vec<&str> = reply.body["value"]
+            .as_array()
+            .map(|pools| pools.iter().filter_map(|p| p["id"].as_str()).collect())
+            .unwrap_or_default();
+        let ours = ids.iter().filter(|id| id.contains(&format!("-{target}-"))).count();
+        assert_eq!(ours, runs, "{account}: one {target} pool per run: {ids:?}");
+    }
+}
+
+/// From the workers' logs: each (run, branch, stage) was worked from one message id.
+fn assert_one_message_per_step(fleet: &Fleet) {
+    let mut ids: BTreeMap<(String, String, String), BTreeSet<String>> = BTreeMap::new();
+    let mut lines = 0;
+    for process in fleet.all() {
+        for line in std::fs::read_to_string(&process.stderr).unwrap_or_default().lines() {
+            let Ok(entry) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if entry["message"] != "stepped" {
+                continue;
+            }
+            lines += 1;
+            let field = |k: &str| entry[k].as_str().unwrap_or_default().to_string();
+            ids.entry((field("run_id"), field("branch"), field("stage")))
+                .or_default()
+                .insert(field("message_id"));
+        }
+    }
+    assert!(lines > 0, "the workers logged their steps");
+    let several: Vec<_> = ids.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(several.is_empty(), "worked from several message ids: {several:#?}");
+}
+
+/// What remains parked under the prefix.
+async fn parked(bus: &sigrun::bus::amqp::AmqpBus) -> usize {
+    let browser = bus.browse_parked(1000).await.expect("browse the parked messages");
+    let n = browser.messages().len();
+    browser.close().await;
+    n
+}
+
+/// A config for the chaos runs: short claim timeout (a killed holder's step is taken over soon),
+/// and the cluster's other nodes.
+fn chaos_config(setup: &Setup, url: &str, others: &[String]) -> std::path::PathBuf {
+    let base = setup.write_config("chaos-base.toml", url, helpers::PIPELINE_APP.1);
+    let mut text = std::fs::read_to_string(&base).expect("the base config");
+    text = text.replace("[runtime]\n", "[runtime]\nclaim_timeout_ms = 5000\n");
+    let cluster: Vec<String> = others.iter().map(|u| format!("\"{u}\"")).collect();
+    text.push_str(&format!("cluster_urls = [{}]\n", cluster.join(", ")));
+    let path = setup.dir.join("chaos.toml");
+    std::fs::write(&path, text).expect("write the chaos config");
+    path
+}
+
+/// Runs the scenario: `disturb` is called every kill interval with the elapsed share of the
+/// expected run time, and does the broker's part.
+async fn scenario(name: &str, url: String, others: Vec<String>, mut disturb: impl FnMut(f64, &mut Disturbed)) {
+    let runs = env_number("SIGRUN_CHAOS_RUNS", 4) as usize;
+    let kill_every = Duration::from_millis(env_number("SIGRUN_CHAOS_KILL_EVERY_MS", 2500));
+    let seed = env_number("SIGRUN_CHAOS_SEED", 7);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let setup = Arc::new(support::setup_scaled_on(FAULTS, &url, 100.0).await);
+    let config = chaos_config(&setup, &url, &others);
+    let (bus, settings) = support::test_bus(&config).await;
+    let mut fleet = Fleet::start(Arc::clone(&setup), config);
+    let versions: Vec<String> = (1..=runs).map(|n| format!("2026.1126.{n}")).collect();
+    let began = Instant::now();
+    let run_ids = submit_all(&setup, &versions).await;
+    let mut disturbed = Disturbed::default();
+    // Disturb while the runs run: each run takes about 40 s here undisturbed.
+    let expected = Duration::from_secs(45);
+    let mut following = Box::pin(wait_all(&bus, &run_ids));
+    let ended = loop {
+        tokio::select! {
+            ended = &mut following => break ended,
+            () = tokio::time::sleep(kill_every) => {}
+        }
+        let share = began.elapsed().as_secs_f64() / expected.as_secs_f64();
+        if share < 1.5 {
+            fleet.kill_one(&mut rng).await;
+            disturbed.kills += 1;
+            disturbed.replacements += 1;
+            disturb(share, &mut disturbed);
+        }
+    };
+    drop(following);
+    let figures = check(&setup, &run_ids, &ended, &fleet).await;
+    let left_parked = parked(&bus).await;
+    assert_eq!(left_parked, 0, "nothing parked");
+    let took = began.elapsed();
+    let mut exit_codes = Vec::new();
+    for (_, worker) in &mut fleet.alive {
+        worker.signal("TERM");
+        exit_codes.push(worker.wait(Duration::from_secs(30)).await);
+    }
+    assert!(
+        exit_codes.iter().all(|c| *c == Some(0)),
+        "every worker exits 0 on SIGTERM: {exit_codes:?}"
+    );
+    eprintln!(
+        "chaos {name} (seed {seed}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} parked",
+        figures.succeeded,
+        runs,
+        took.as_secs_f64(),
+        disturbed.kills,
+        disturbed.connections_closed,
+        disturbed.node_restarts,
+        disturbed.nodes_killed,
+        figures.dropped,
+        figures.duplicate_triggers,
+        figures.faults,
+        figures.requests,
+        left_parked,
+    );
+    support::delete_topology(bus, &settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_one_node() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let node = Arc::new(
+        tokio::task::spawn_blocking(|| RabbitNode::start("sigrun-chaos"))
+            .await
+            .expect("a private node"),
+    );
+    let url = node.url();
+    let (mut closed, mut restarted) = (false, false);
+    scenario("on one node", url, Vec::new(), |share, disturbed| {
+        if share > 0.3 && !closed {
+            closed = true;
+            node.close_all_connections("sigrun chaos: every connection closed");
+            disturbed.connections_closed += 1;
+        } else if share > 0.6 && !restarted {
+            restarted = true;
+            node.stop();
+            node.start_again();
+            disturbed.node_restarts += 1;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_on_a_three_node_cluster_with_a_node_killed() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nodes = tokio::task::spawn_blocking(|| {
+        let seed = RabbitNode::start("sigrun-chaos-a");
+        let b = RabbitNode::start("sigrun-chaos-b");
+        let c = RabbitNode::start("sigrun-chaos-c");
+        b.join(&seed);
+        c.join(&seed);
+        [seed, b, c]
+    })
+    .await
+    .expect("a three-node cluster");
+    let members = nodes[0].ctl(&["cluster_status", "--formatter", "json"]);
+    assert!(
+        nodes.iter().all(|n| members.contains(&n.name)),
+        "all three nodes in one cluster: {members}"
+    );
+    let nodes = Arc::new(nodes);
+    let url = nodes[0].url();
+    let others = vec![nodes[1].url(), nodes[2].url()];
+    let (mut killed, mut back) = (false, false);
+    let cluster = Arc::clone(&nodes);
+    scenario("on a three-node cluster", url, others, move |share, disturbed| {
+        // The node the workers connect to first (and where the queues were declared) dies.
+        if share > 0.3 && !killed {
+            killed = true;
+            cluster[0].kill();
+            disturbed.nodes_killed += 1;
+        } else if share > 0.8 && !back {
+            back = true;
+            cluster[0].start_again();
+            disturbed.node_restarts += 1;
+        }
+    })
+    .await;
+}
