@@ -4,7 +4,7 @@
 //!
 //! A tour of the modules:
 //! - [`admission`]: from a request to a started run (plan, entry, first messages), the workers'
-//!   trigger admitter and the run index (started and cancelled runs).
+//!   trigger admitter, `sigrun run`'s local run.
 //! - [`azure`]: the Azure operations the pipeline calls (trait, REST client, error classes).
 //! - [`bus`]: the message bus interface, its in-process implementation and the RabbitMQ one.
 //! - [`events`]: run history events and the run result derived from them.

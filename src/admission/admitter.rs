@@ -7,9 +7,9 @@
 //!   at once with the reason (retrying cannot fix it);
 //! - its spec is the trigger's own `spec` text, else the `[pipelines] dir` file whose `name`
 //!   matches; none → parked, naming the pipelines there are;
-//! - the version is resolved, which names the run: a run that has already started (the run index,
-//!   caught up exactly first) makes the trigger a duplicate — acked, recorded as a
-//!   `DuplicateTrigger` event in the run's history, nothing published again;
+//! - the version is resolved, which names the run: a run the ledger knows has started makes the
+//!   trigger a duplicate — acked, recorded as a `DuplicateTrigger` event in the run's history,
+//!   nothing published again (a run started meanwhile is caught by the claim below);
 //! - it is planned exactly as `sigrun run` and `submit` plan; bad input → `TriggerRejected` in the
 //!   run's history and parked; Azure unreadable just now → back on a delay tier with its attempt
 //!   count, parked once the retry budget (`[runtime.retry]`) is spent;

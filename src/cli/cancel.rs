@@ -1,7 +1,7 @@
 //! `sigrun cancel RUN`: asks the workers to stop a run. Reads the events stream to find the run
 //! (an unknown run id is bad input, exit 2; a run that has already ended is left alone), then
 //! publishes a `CancelRequested` event with a publisher confirm. Workers learn of it through their
-//! run index; each branch of the run stops at its next step (a step already under way finishes)
+//! ledger; each branch of the run stops at its next step (a step already under way finishes)
 //! with a `Cancelled` event at the stage it stopped at. The run's result is then `cancelled`,
 //! listing what it had created. Needs only the `[amqp]` settings.
 

@@ -35,12 +35,6 @@ pub use runner::{Runtime, RuntimeReport};
 pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
 pub use stage_handler::StageHandler;
 
-/// Whether a run has been cancelled. The runtime asks before each step and, for a cancelled run,
-/// stops the branch instead (workers pass their run index; `sigrun run` passes none).
-pub trait RunGate: Send + Sync {
-    fn is_cancelled(&self, run_id: uuid::Uuid) -> bool;
-}
-
 /// What handles a decoded message. Production: the stages; tests: anything.
 #[async_trait]
 pub trait Handler: Send + Sync {

@@ -82,6 +82,6 @@ pub trait Observer: Send + Sync {
     fn observed(&self, _pipeline: &str, _observation: &Observation) {}
 
     /// An event of the run history, in stream order (the run-level metrics). Fed by whatever reads
-    /// the events (the worker's run index, `sigrun run`'s own event log), not by the runtime.
+    /// the events (the ledger over the events stream, the worker's or `sigrun run`'s), not by the runtime.
     fn event(&self, _event: &Event) {}
 }

@@ -1,6 +1,6 @@
 //! [`RunTracker`]: run-level state folded from the run history in stream order — which runs have
 //! started and ended (and how), and at which stage each unfinished branch is. Pure: the caller
-//! (the worker's run index tailing the shared events stream, or `sigrun run`'s own event log)
+//! (the ledger tailing the shared events stream, a worker's or `sigrun run`'s)
 //! feeds it events and turns what it reports into metrics. Every worker reads the same stream, so
 //! every worker computes the same values.
 
