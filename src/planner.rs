@@ -383,7 +383,11 @@ pub async fn plan(
         pools,
         publish_excluded: gated || spec.publish.exclude_from_latest,
         final_excluded: spec.publish.exclude_from_latest,
-        end_of_life: spec.publish.end_of_life.map(|d| now + d),
+        // Durations are at most ten years (`duration::MAX`): no overflow.
+        end_of_life: spec
+            .publish
+            .end_of_life
+            .and_then(|d| now.checked_add(time::Duration::try_from(d).ok()?)),
         register_batch_in,
         warnings,
     })

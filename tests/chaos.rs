@@ -196,7 +196,10 @@ fn assert_each_event_once(version: &str, history: &[Event]) {
     for event in history {
         if matches!(
             event.kind,
-            EventKind::Retried { .. } | EventKind::DuplicateDropped { .. } | EventKind::DuplicateTrigger { .. }
+            EventKind::Retried { .. }
+                | EventKind::Throttled { .. }
+                | EventKind::DuplicateDropped { .. }
+                | EventKind::DuplicateTrigger { .. }
         ) {
             continue;
         }

@@ -135,6 +135,18 @@ impl Failure {
     }
 }
 
+tokio::task_local! {
+    static HAND_BACK_RETRY_AFTER: bool;
+}
+
+/// Runs `work` with every Azure answer that carries a `Retry-After` handed back to it at once
+/// instead of waited out inside the client: a stage step's runtime then holds the step's message
+/// until then, so the wait is written into the run's state (and a worker killed meanwhile leaves
+/// no copy that would look again sooner).
+pub async fn hand_back_retry_after<F: std::future::Future>(work: F) -> F::Output {
+    HAND_BACK_RETRY_AFTER.scope(true, work).await
+}
+
 /// Sends requests with tokens and retries; shared by the ARM and Batch halves of the client.
 pub struct Http {
     client: reqwest::Client,
@@ -170,7 +182,8 @@ impl Http {
     }
 
     /// Sends `call`, retrying transient failures; a 4xx/5xx that is not retried (or still fails)
-    /// comes back as the `AzureError` Azure's body describes.
+    /// comes back as the `AzureError` Azure's body describes. Inside [`hand_back_retry_after`], an
+    /// answer with a `Retry-After` is not waited out here but returned at once.
     pub async fn send(&self, call: &Call<'_>) -> Result<Reply, AzureError> {
         // One id for all attempts, so Azure support can join them.
         let client_request_id = uuid::Uuid::new_v4().to_string();
@@ -192,6 +205,9 @@ impl Http {
                 // Azure said when to come back: exactly then, never sooner (nor later, as a
                 // backoff of our own would add nothing but delay).
                 let wait = failure.error().retry_after.unwrap_or(backoff);
+                if failure.error().retry_after.is_some() && HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false) {
+                    return None;
+                }
                 if started.elapsed() + wait > budget {
                     // Longer than this call may wait: the caller gets the error with its
                     // `retry_after` and reschedules.

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 mod http;
+pub use http::hand_back_retry_after;
 pub mod metrics;
 
 pub use api::AzureApi;

@@ -48,6 +48,12 @@ pub struct Delivery {
 /// Settles a delivery. Dropping a delivery unsettled returns it to its queue.
 #[async_trait]
 pub trait Acker: Send + Sync {
+    /// Whether the delivery is still held on the connection it came on. Once that connection is
+    /// gone the broker has put the message back for another consumer: publishing its next state
+    /// now would make a second copy.
+    fn still_held(&self) -> bool {
+        true
+    }
     async fn ack(self: Box<Self>) -> Result<(), BusError>;
     /// Returns the message to its queue (counts toward its delivery limit).
     async fn requeue(self: Box<Self>) -> Result<(), BusError>;

@@ -368,7 +368,12 @@ pub mod duration {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// The longest duration any setting or spec takes: ten years (3650d). Longer is refused, so
+    /// no date or deadline computed from one can overflow.
+    pub const MAX: Duration = Duration::from_secs(3650 * 86_400);
+
     pub fn parse(text: &str) -> Result<Duration, String> {
+        let shown = super::super::text::shorten(text, 40);
         let text = text.trim();
         if text.is_empty() {
             return Err("empty duration".into());
@@ -385,16 +390,31 @@ pub mod duration {
                 'm' => 60,
                 'h' => 3600,
                 'd' => 86_400,
-                _ => return Err(format!("`{text}`: unknown unit `{c}` (use s, m, h or d)")),
+                _ => {
+                    return Err(format!(
+                        "`{shown}`: unknown unit `{}` (use s, m, h or d)",
+                        c.escape_default()
+                    ));
+                }
             };
-            let n: u64 = number
-                .parse()
-                .map_err(|_| format!("`{text}`: a number must come before `{c}`"))?;
-            total += n * unit;
+            let too_long = || format!("`{shown}` is longer than {}", format(MAX));
+            let n: u64 = match number.parse() {
+                Ok(n) => n,
+                Err(_) if number.is_empty() => return Err(format!("`{shown}`: a number must come before `{c}`")),
+                Err(_) => return Err(too_long()),
+            };
+            total = n
+                .checked_mul(unit)
+                .and_then(|part| total.checked_add(part))
+                .filter(|t| *t <= MAX.as_secs())
+                .ok_or_else(too_long)?;
             number.clear();
         }
         if !number.is_empty() {
-            return Err(format!("`{text}`: the number {number} has no unit (s, m, h or d)"));
+            return Err(format!(
+                "`{shown}`: the number {} has no unit (s, m, h or d)",
+                super::super::text::shorten(&number, 20)
+            ));
         }
         Ok(Duration::from_secs(total))
     }
@@ -852,6 +872,17 @@ resize_timeout = "auto"
     #[test]
     fn durations() {
         assert_eq!(duration::parse("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(duration::parse("3650d"), Ok(duration::MAX));
+        for absurd in [
+            "3651d",
+            "3000000d",
+            "999999999999999999d",
+            "99999999999999999999999s",
+            "3650d1s",
+        ] {
+            let err = duration::parse(absurd).unwrap_err();
+            assert!(err.contains("longer than 3650d"), "{absurd}: {err}");
+        }
         assert!(duration::parse("15").is_err());
         assert!(duration::parse("3y").is_err());
         assert_eq!(duration::format(Duration::from_secs(7200)), "2h");

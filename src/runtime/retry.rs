@@ -61,7 +61,8 @@ pub fn decide(policy: &RetrySettings, failed_before: u32, error: &AzureError) ->
             give_up: true,
         };
     }
-    let backoff = backoff_delay(policy, failures);
+    // Whatever the class, Azure's word on when to come back is a floor.
+    let backoff = backoff_delay(policy, failures).max(error.retry_after.unwrap_or_default());
     match class {
         ErrorClass::Throttled { retry_after } => Decision::Retry {
             attempt: failures,

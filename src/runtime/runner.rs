@@ -264,6 +264,10 @@ impl Runtime {
         if let Some(wait) = remaining(message.due(), now) {
             // Early (a tier shorter than the wait, or a message published ahead of time): hop
             // again without a look; the message itself says when it is due.
+            if !acker.still_held() {
+                self.let_go(message.stage);
+                return;
+            }
             let tier = tier_for(self.bus.tiers(), wait);
             debug!(wait_ms = wait.as_millis(), tier, "not due yet; back to a delay tier");
             let published = self.bus.publish_delayed(message.stage, body, tier).await;
@@ -310,6 +314,11 @@ impl Runtime {
         let ledger = match &self.ledger {
             Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
             _ => {
+                // Not fenced: a copy whose delivery the broker has taken back must not publish
+                // its next state (that would make a second copy); the redelivery carries on.
+                if !acker.still_held() {
+                    return self.let_go(message.stage);
+                }
                 let published = self.carry_out(message, body, &effects, now).await;
                 return self.settled(message.stage, handled, settle(acker, published).await);
             }
@@ -351,6 +360,13 @@ impl Runtime {
         self.settled(message.stage, handled, settle(acker, committed).await)
     }
 
+    /// A delivery whose connection is gone: nothing is published for it (the broker has given it
+    /// to another consumer); dropping its acker is all there is to do.
+    fn let_go(&self, stage: Stage) -> bool {
+        debug!(%stage, "the delivery's connection is gone; the broker hands it out again");
+        false
+    }
+
     /// Tells the observer about a delivery acked as handled; passes `acked` through.
     fn settled(&self, stage: Stage, handled: Handled, acked: bool) -> bool {
         if acked {
@@ -379,6 +395,10 @@ impl Runtime {
     /// A copy whose step another claim holds (or whose state is not known yet): back on a delay
     /// tier, unchanged, to be looked at again.
     async fn put_off(&self, message: &Envelope, body: &[u8], acker: Box<dyn Acker>) {
+        if !acker.still_held() {
+            self.let_go(message.stage);
+            return;
+        }
         debug!("the step is held by another claim; putting this copy off");
         let tier = tier_for(self.bus.tiers(), PUT_OFF);
         let published = self.bus.publish_delayed(message.stage, body, tier).await;

@@ -42,6 +42,7 @@ impl Handler for StageHandler {
             settings: &self.settings,
             runs: self.runs.as_ref(),
         };
-        stages::step(message, &ctx).await
+        // Throttling comes back to the runtime, which holds the message for the Retry-After.
+        crate::azure::hand_back_retry_after(stages::step(message, &ctx)).await
     }
 }

@@ -102,8 +102,13 @@ impl Inbox {
         self.arrivals.notify_waiters();
     }
 
-    /// The oldest delivery from any of `sources`, waiting for one; `None` once shut down.
-    pub(super) async fn next(&self, shared: &Shared, sources: &[Source]) -> Option<(Source, lapin::message::Delivery)> {
+    /// The oldest delivery from any of `sources` (and the connection generation it came on),
+    /// waiting for one; `None` once shut down.
+    pub(super) async fn next(
+        &self,
+        shared: &Shared,
+        sources: &[Source],
+    ) -> Option<(Source, u64, lapin::message::Delivery)> {
         loop {
             // Register before looking, so an arrival between the look and the wait wakes us.
             let arrival = self.arrivals.notified();
@@ -116,7 +121,7 @@ impl Inbox {
                 }
                 let live = shared.generation.load(Ordering::SeqCst);
                 if let Some((source, pending)) = take(&mut state, sources, live) {
-                    return Some((source, pending.delivery));
+                    return Some((source, pending.generation, pending.delivery));
                 }
             }
             arrival.await;
@@ -163,18 +168,27 @@ pub fn integer(value: &AMQPValue) -> Option<i64> {
     }
 }
 
-pub(super) fn delivery(stage: Stage, delivery: lapin::message::Delivery) -> Delivery {
+pub(super) fn delivery(
+    shared: &Arc<Shared>,
+    generation: u64,
+    stage: Stage,
+    delivery: lapin::message::Delivery,
+) -> Delivery {
     let delivery_count = delivery_count(delivery.properties.headers().as_ref());
     Delivery {
         stage,
         body: delivery.data,
         delivery_count,
-        acker: acker(delivery.acker),
+        acker: acker(shared, generation, delivery.acker),
     }
 }
 
-pub(super) fn acker(acker: lapin::Acker) -> Box<dyn Acker> {
-    Box::new(AmqpAcker { acker: Some(acker) })
+pub(super) fn acker(shared: &Arc<Shared>, generation: u64, acker: lapin::Acker) -> Box<dyn Acker> {
+    Box::new(AmqpAcker {
+        acker: Some(acker),
+        generation,
+        shared: Arc::clone(shared),
+    })
 }
 
 /// Consumes one queue on `link` until the link dies or the task is aborted.
@@ -215,10 +229,17 @@ pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, source: Source
 /// Settles one delivery on the channel it came from.
 struct AmqpAcker {
     acker: Option<lapin::Acker>,
+    /// The connection it came on: once that is gone, the broker has the message back.
+    generation: u64,
+    shared: Arc<Shared>,
 }
 
 #[async_trait]
 impl Acker for AmqpAcker {
+    fn still_held(&self) -> bool {
+        self.shared.generation.load(Ordering::SeqCst) == self.generation
+    }
+
     async fn ack(mut self: Box<Self>) -> Result<(), BusError> {
         let acker = self.acker.take().expect("settled once");
         settled(acker.ack(BasicAckOptions::default()).await)

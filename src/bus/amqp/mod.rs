@@ -458,11 +458,11 @@ impl Bus for AmqpBus {
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
         let sources: Vec<Source> = stages.iter().map(|s| Source::Stage(*s)).collect();
         self.want(&sources);
-        let (source, delivery) = self.shared.inbox.next(&self.shared, &sources).await?;
+        let (source, generation, delivery) = self.shared.inbox.next(&self.shared, &sources).await?;
         let Source::Stage(stage) = source else {
             unreachable!("only stage queues were asked for")
         };
-        Some(consumer::delivery(stage, delivery))
+        Some(consumer::delivery(&self.shared, generation, stage, delivery))
     }
 
     fn tiers(&self) -> &[Duration] {

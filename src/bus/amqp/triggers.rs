@@ -59,7 +59,7 @@ impl AmqpBus {
     /// first call on (and after every reconnect). Cancel-safe like [`crate::bus::Bus::next`].
     pub async fn next_trigger(&self) -> Option<TriggerDelivery> {
         self.want(&[Source::Triggers]);
-        let (_, delivery) = self.shared.inbox.next(&self.shared, &[Source::Triggers]).await?;
+        let (_, generation, delivery) = self.shared.inbox.next(&self.shared, &[Source::Triggers]).await?;
         let properties = &delivery.properties;
         let attempts = properties
             .headers()
@@ -83,7 +83,7 @@ impl AmqpBus {
         };
         Some(TriggerDelivery {
             message,
-            acker: consumer::acker(delivery.acker),
+            acker: consumer::acker(&self.shared, generation, delivery.acker),
         })
     }
 
