@@ -9,14 +9,12 @@ pub const MAX_REASON_BYTES: usize = 4096;
 /// left out; control characters written as escapes.
 pub fn shorten(text: &str, max_chars: usize) -> String {
     let mut out = String::new();
-    let mut kept = 0;
-    for (at, c) in text.char_indices() {
+    for (kept, (at, c)) in text.char_indices().enumerate() {
         if kept == max_chars {
             out.push_str(&format!("…({} more bytes)", text.len() - at));
             return out;
         }
         push_visible(&mut out, c);
-        kept += 1;
     }
     out
 }
