@@ -42,14 +42,14 @@ impl Clock {
     }
 
     pub fn now(&self) -> EmuTime {
-        let anchor = *self.anchor.lock().expect("clock lock");
+        let anchor = *self.anchor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let real = anchor.real.elapsed().as_secs_f64();
         anchor.emulated + Duration::seconds_f64(real * self.scale)
     }
 
     /// Jumps the emulated clock forward (the control API uses this to finish operations at once).
     pub fn advance(&self, by: Duration) {
-        let mut anchor = self.anchor.lock().expect("clock lock");
+        let mut anchor = self.anchor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         anchor.emulated += by;
     }
 

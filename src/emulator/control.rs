@@ -17,7 +17,7 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
     match (req.method.as_str(), s.as_slice()) {
         ("GET", ["requests"]) => requests(ctx, req),
         ("DELETE", ["requests"]) => {
-            ctx.log.lock().expect("log lock").clear();
+            ctx.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
             Response::empty(204)
         }
         ("GET", ["faults"]) => faults(ctx),
@@ -38,13 +38,13 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
 
 fn requests(ctx: &Ctx, req: &Request) -> Response {
     let since = req.query("since").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-    let log = ctx.log.lock().expect("log lock");
+    let log = ctx.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let entries: Vec<&super::log::LogEntry> = log.iter().filter(|e| e.seq > since).collect();
     Response::json(200, &json!({ "requests": entries }))
 }
 
 fn faults(ctx: &Ctx) -> Response {
-    let plan = ctx.faults.lock().expect("faults lock");
+    let plan = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     Response::json(200, &json!({"seed": plan.seed(), "rules": plan.status()}))
 }
 
@@ -56,7 +56,7 @@ fn set_faults(ctx: &Ctx, req: &Request) -> Response {
         },
         Err(_) => String::from_utf8_lossy(&req.body).into_owned(),
     };
-    let mut plan = ctx.faults.lock().expect("faults lock");
+    let mut plan = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     match FaultPlan::parse(&spec, plan.seed()) {
         Ok(new_plan) => {
             *plan = new_plan;
@@ -87,14 +87,14 @@ fn advance(ctx: &Ctx, req: &Request) -> Response {
         return Response::json(400, &json!({"error": "advance_seconds must be between 0 and 1e9"}));
     }
     ctx.clock.advance(Duration::seconds_f64(secs));
-    let st = ctx.state.lock().expect("state lock");
+    let st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     ctx.save(&st);
     clock(ctx)
 }
 
 fn state(ctx: &Ctx) -> Response {
     let now = ctx.clock.now();
-    let mut st = ctx.state.lock().expect("state lock");
+    let mut st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     st.purge(now);
     let resources: Vec<Value> = st
         .resources
@@ -123,7 +123,7 @@ fn state(ctx: &Ctx) -> Response {
 /// reach `idle` (or `starttaskfailed`), sorted.
 fn timelines(ctx: &Ctx) -> Response {
     let at = |t: time::OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
-    let st = ctx.state.lock().expect("state lock");
+    let st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let operations: Vec<Value> = st
         .operations
         .values()

@@ -133,7 +133,7 @@ impl Ctx {
     /// Counts a request against a subscription's hourly budget and returns what is left.
     pub fn remaining(&self, bucket: &str, budget: u64) -> u64 {
         let hour = self.started.elapsed().as_secs() / 3600;
-        let mut rate = self.rate.lock().expect("rate lock");
+        let mut rate = self.rate.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let used = rate.entry(format!("{hour}:{bucket}")).or_insert(0);
         *used += 1;
         budget.saturating_sub(*used)
@@ -218,7 +218,7 @@ impl Emulator {
             rate: Mutex::new(HashMap::new()),
         });
         {
-            let mut st = ctx.state.lock().expect("state lock");
+            let mut st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             arm::seed_providers(&ctx, &mut st);
             ctx.save(&st);
         }
@@ -274,7 +274,7 @@ impl Emulator {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-        let st = self.ctx.state.lock().expect("state lock");
+        let st = self.ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.ctx.save(&st);
     }
 }
@@ -302,7 +302,24 @@ pub(crate) fn classify(req: &Request) -> Api {
     }
 }
 
+/// Answers one request. A handler that panics (a body shape no check foresaw) answers 500 in its
+/// API's error shape instead of taking the connection — or, holding the state lock, every later
+/// request — down with it; the locks recover from poisoning, and each handler leaves the state
+/// consistent between its statements.
 pub(crate) fn dispatch(ctx: &Ctx, api: Api, req: &Request) -> Response {
+    let answered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch_unguarded(ctx, api, req)));
+    answered.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        tracing::error!(method = %req.method, path = %req.path, panic = %what, "emulator handler panicked");
+        server_error(api, req, 500)
+    })
+}
+
+fn dispatch_unguarded(ctx: &Ctx, api: Api, req: &Request) -> Response {
     match api {
         Api::Control => control::handle(ctx, req),
         Api::Arm => arm::handle(ctx, req),

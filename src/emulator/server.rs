@@ -100,8 +100,7 @@ async fn exchange(ctx: Arc<Ctx>, req: hyper::Request<Incoming>, reset: Arc<Notif
         None
     } else {
         ctx.faults
-            .lock()
-            .expect("faults lock")
+            .lock().unwrap_or_else(std::sync::PoisonError::into_inner)
             .on_request(api, request.method.as_str(), &request.path)
     };
     let mut fault_name = None;
@@ -128,7 +127,7 @@ async fn exchange(ctx: Arc<Ctx>, req: hyper::Request<Incoming>, reset: Arc<Notif
     super::stamp(&ctx, api, &request, &mut response);
     let reset_now = matches!(fault, Some(RequestFault::Reset));
     if api != Api::Control {
-        ctx.log.lock().expect("log lock").push(LogEntry::new(
+        ctx.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(LogEntry::new(
             &ctx,
             api,
             &request,

@@ -396,7 +396,7 @@ fn plan_version(
     let source_secs = (240.0 + 2.0 * size as f64 + 120.0 * (source_region.1 as f64 - 1.0))
         * ctx.jitter(&format!("source:{id}"), 0.15);
     let source_done = now + Duration::seconds_f64(source_secs);
-    let mut faults = ctx.faults.lock().expect("faults lock");
+    let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let replication = targets
         .iter()
         .map(|(region, replicas, storage)| {
@@ -462,7 +462,7 @@ pub fn plan_update(ctx: &Ctx, _st: &State, existing: &Resource, body: Value, now
     }
     let targets = target_regions(&body, &existing.location)?;
     let size = existing.facts["osSizeGB"].as_u64().unwrap_or(0);
-    let mut faults = ctx.faults.lock().expect("faults lock");
+    let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut replication = Vec::new();
     for (region, replicas, storage) in targets {
         let kept = existing

@@ -259,7 +259,7 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
     }
     let caller = Caller { claims };
     let now = ctx.clock.now();
-    let mut st = ctx.state.lock().expect("state lock");
+    let mut st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     st.purge(now);
     let result = route(ctx, &mut st, req, &caller, &subscription.id);
     match result {

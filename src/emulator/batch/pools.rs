@@ -29,7 +29,7 @@ pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCal
     let s: Vec<&str> = req.segments.iter().skip(2).map(String::as_str).collect();
     let method = req.method.as_str();
     let now = ctx.clock.now();
-    let mut st = ctx.state.lock().expect("state lock");
+    let mut st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     st.purge(now);
     let (resp, changed) = match (method, s.as_slice()) {
         ("GET", ["supportedimages"]) => (supported_images(req, account), false),
@@ -360,7 +360,7 @@ fn add_pool(
     let low = body["targetLowPriorityNodes"].as_u64().unwrap_or(0) as u32;
     let has_start_task = body.get("startTask").is_some_and(Value::is_object);
     let wait = has_start_task && body["startTask"]["waitForSuccess"].as_bool().unwrap_or(true);
-    let mut faults = ctx.faults.lock().expect("faults lock");
+    let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let allocation_failure = faults.allocation_fails(id);
     let fail_share = if has_start_task {
         faults.start_task_failure_share(id)
@@ -896,7 +896,7 @@ fn resize_pool(
         .and_then(|image| arm_view::replicas_in_region(st, image, &account.location, now))
         .unwrap_or(100);
     let fail_share = if pool.has_start_task {
-        ctx.faults.lock().expect("faults lock").start_task_failure_share(id)
+        ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).start_task_failure_share(id)
     } else {
         0.0
     };
