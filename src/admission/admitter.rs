@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::watch;
 use tracing::{Instrument, Span, field, info, info_span, warn};
 use uuid::Uuid;
@@ -134,7 +135,23 @@ impl Admitter {
             span_id = field::Empty,
         );
         async {
-            let admission = match self.admit(&message).await {
+            let admitted = std::panic::AssertUnwindSafe(self.admit(&message)).catch_unwind().await;
+            let admitted = match admitted {
+                Ok(admitted) => admitted,
+                // A bug met by some input: that trigger is parked with the reason, and admission
+                // goes on for every other.
+                Err(panic) => {
+                    let what = panic_text(&panic);
+                    tracing::error!(panic = %what, "admitting the trigger panicked; parking it");
+                    self.park(
+                        &message,
+                        None,
+                        format!("admitting it failed inside sigrun (a bug): {what}"),
+                    )
+                    .await
+                }
+            };
+            let admission = match admitted {
                 Ok(admission) => {
                     if let Err(error) = acker.ack().await {
                         warn!(%error, "ack failed; the trigger will be delivered again");
@@ -338,6 +355,7 @@ impl Admitter {
         trigger: &Trigger,
         reason: String,
     ) -> Result<Admission, BusError> {
+        let reason = crate::model::text::bounded(&reason);
         if let Some(named) = named {
             let event = trunk_event(
                 named.run_id,
@@ -357,7 +375,17 @@ impl Admitter {
         run_id: Option<Uuid>,
         reason: String,
     ) -> Result<Admission, BusError> {
+        let reason = crate::model::text::bounded(&reason);
         self.bus.park_trigger(message, &reason).await?;
         Ok(Admission::Parked { run_id, reason })
     }
+}
+
+/// What a panic said, for the park reason.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic without a message".into())
 }

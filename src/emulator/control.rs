@@ -17,7 +17,10 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
     match (req.method.as_str(), s.as_slice()) {
         ("GET", ["requests"]) => requests(ctx, req),
         ("DELETE", ["requests"]) => {
-            ctx.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+            ctx.log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
             Response::empty(204)
         }
         ("GET", ["faults"]) => faults(ctx),

@@ -100,7 +100,8 @@ async fn exchange(ctx: Arc<Ctx>, req: hyper::Request<Incoming>, reset: Arc<Notif
         None
     } else {
         ctx.faults
-            .lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .on_request(api, request.method.as_str(), &request.path)
     };
     let mut fault_name = None;
@@ -127,14 +128,17 @@ async fn exchange(ctx: Arc<Ctx>, req: hyper::Request<Incoming>, reset: Arc<Notif
     super::stamp(&ctx, api, &request, &mut response);
     let reset_now = matches!(fault, Some(RequestFault::Reset));
     if api != Api::Control {
-        ctx.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(LogEntry::new(
-            &ctx,
-            api,
-            &request,
-            if reset_now { 0 } else { response.status.as_u16() },
-            fault_name,
-            &response,
-        ));
+        ctx.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(LogEntry::new(
+                &ctx,
+                api,
+                &request,
+                if reset_now { 0 } else { response.status.as_u16() },
+                fault_name,
+                &response,
+            ));
     }
     if reset_now {
         reset.notify_one();

@@ -407,8 +407,9 @@ impl Runtime {
         }
     }
 
-    /// Runs the handler as its own task, so a panic in it becomes an error here (retried as a
-    /// transient failure) instead of taking the consumer down with the delivery unsettled.
+    /// Runs the handler as its own task, so a panic in it becomes an error here (the message is
+    /// parked with it, the branch fails) instead of taking the consumer down with the delivery
+    /// unsettled.
     async fn call_handler(&self, message: Envelope) -> Result<Step, AzureError> {
         let handler = Arc::clone(&self.handler);
         let stage = message.stage;
@@ -423,10 +424,16 @@ impl Runtime {
                 } else {
                     "the handler task was cancelled".to_string()
                 };
-                error!(panic = %what, "the handler panicked; retrying as a transient failure");
-                Err(AzureError::network(
+                // The same message would panic again: the branch fails and the message is parked
+                // with the reason (for a fix, then `dlq replay`), and the consumer goes on.
+                error!(panic = %what, "the handler panicked; parking the message");
+                Err(AzureError::permanent(
                     format!("{stage} step"),
-                    format!("the handler panicked: {what}"),
+                    "HandlerPanicked",
+                    format!(
+                        "the step panicked (a bug in sigrun): {}",
+                        crate::model::text::bounded(&what)
+                    ),
                 ))
             }
         }
@@ -448,6 +455,7 @@ impl Runtime {
                 }
             }
             Decision::Fail { reason, give_up } => {
+                let reason = crate::model::text::bounded(&reason);
                 warn!(%reason, give_up, "step failed for good; failing the branch");
                 Effects {
                     handled: Handled::Parked,
@@ -562,7 +570,7 @@ impl Runtime {
         let peek = Peek::of(body);
         let reason = ParkReason {
             stage: Some(queue),
-            error: error.to_string(),
+            error: crate::model::text::bounded(&error.to_string()),
             attempts: delivery_count,
             message_id: peek.as_ref().and_then(|p| p.message_id.clone()),
         };
@@ -708,6 +716,8 @@ fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effec
 
 /// The event that ends a branch: a pool's failure, or the whole run's when the trunk fails.
 fn failure(branch: &Branch, reason: String) -> EventKind {
+    // A stage's reason may quote what it was given: bounded like everything written back.
+    let reason = crate::model::text::bounded(&reason);
     match branch {
         Branch::Trunk => EventKind::RunFailed { reason },
         Branch::Pool { target, .. } => EventKind::PoolFailed {

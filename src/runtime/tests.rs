@@ -579,14 +579,17 @@ async fn a_cancelled_runs_branches_stop_at_their_next_step_and_others_go_on() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_panicking_handler_is_retried_like_a_transient_failure() {
+async fn a_panicking_handler_parks_its_message_and_the_consumer_goes_on() {
     let bus = testkit::bus();
     let handler = Script::new(|m| {
-        if m.attempt == 0 {
+        if m.stage == Stage::Snapshot {
             panic!("index out of bounds in a stage");
         }
         step(Outcome::Done)
     });
+    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode())
+        .await
+        .unwrap();
     bus.publish(Stage::Snapshot, &envelope(Stage::Snapshot).encode())
         .await
         .unwrap();
@@ -600,13 +603,19 @@ async fn a_panicking_handler_is_retried_like_a_transient_failure() {
     )
     .await;
 
-    assert_eq!(handler.calls().len(), 2);
+    assert_eq!(handler.calls().len(), 2, "the panic did not take the consumer down");
     match kinds(&bus).as_slice() {
-        [EventKind::Retried { attempt: 1, error }] => {
-            assert!(error.contains("handler panicked: index out of bounds"), "{error}")
+        [EventKind::RunFailed { reason }] => {
+            assert!(
+                reason.contains("panicked (a bug in sigrun): index out of bounds"),
+                "{reason}"
+            )
         }
         other => panic!("{other:?}"),
     }
+    let parked = bus.parked();
+    assert_eq!(parked.len(), 1);
+    assert!(parked[0].1.error.contains("index out of bounds"), "{:?}", parked[0].1);
     // Every delivery (the two looks and the retry's tier hops) was settled by that one consumer.
     assert_eq!(report.handled, bus.stats().acked);
     assert!(bus.stats().is_idle());

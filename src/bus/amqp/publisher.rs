@@ -71,7 +71,8 @@ pub(super) fn park_properties(reason: &ParkReason) -> BasicProperties {
     let now = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
     let mut table = FieldTable::default();
     let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-    table.insert(headers::ERROR.into(), text(&reason.error));
+    // Bounded here too: a header must fit in one frame, and a reason may quote hostile input.
+    table.insert(headers::ERROR.into(), text(&crate::model::text::bounded(&reason.error)));
     if let Some(stage) = reason.stage {
         table.insert(headers::STAGE.into(), text(stage.as_str()));
     }

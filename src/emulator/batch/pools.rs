@@ -896,7 +896,10 @@ fn resize_pool(
         .and_then(|image| arm_view::replicas_in_region(st, image, &account.location, now))
         .unwrap_or(100);
     let fail_share = if pool.has_start_task {
-        ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner).start_task_failure_share(id)
+        ctx.faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .start_task_failure_share(id)
     } else {
         0.0
     };
