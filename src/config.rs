@@ -117,7 +117,9 @@ impl Settings {
             if !path.exists() {
                 return Err(ConfigError(format!("{}: no such file", path.display())));
             }
-            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+            let text = crate::input_file::read_bounded(path, crate::input_file::MAX_INPUT_FILE_BYTES)
+                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+            builder = builder.add_source(config::File::from_str(&text, config::FileFormat::Toml));
         }
         builder = builder.add_source(
             config::Environment::with_prefix("SIGRUN")
@@ -163,19 +165,18 @@ impl Settings {
                 "azure.mode = \"azure\" needs an [azure.client] section (credential, cloud)".into(),
             ));
         }
-        if !(self.azure.time_scale > 0.0 && self.azure.time_scale.is_finite()) {
-            return Err(ConfigError(format!(
-                "azure.time_scale must be a positive number, got {}",
-                self.azure.time_scale
-            )));
-        }
-        if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale.is_finite()) {
-            return Err(ConfigError(format!(
-                "emulator.time_scale must be a positive number, got {}",
-                self.emulator.time_scale
-            )));
+        // An emulated hour per millisecond at most: beyond that no clock arithmetic is sound.
+        for (key, scale) in [
+            ("azure.time_scale", self.azure.time_scale),
+            ("emulator.time_scale", self.emulator.time_scale),
+        ] {
+            if !(0.001..=1_000_000.0).contains(&scale) {
+                return Err(ConfigError(format!("{key}: {scale} is outside 0.001–1000000")));
+            }
         }
         self.runtime.check().map_err(|e| ConfigError(format!("runtime: {e}")))?;
+        self.amqp.check().map_err(ConfigError)?;
+        self.stages.check().map_err(ConfigError)?;
         Ok(())
     }
 }

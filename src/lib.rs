@@ -15,6 +15,7 @@
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
 //! - [`stages`]: the six stages as state machines over the Azure trait.
 //! - [`telemetry`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`input_file`]: reading the files a user points at, regular files only, bounded.
 //! - [`config`]: settings: defaults, a file, `SIGRUN__SECTION__KEY` variables.
 //! - [`cli`]: the command line; the only place that wires everything together.
 //! - [`emulator`]: the built-in Azure emulator (AAD, ARM, Compute Gallery, Batch) used by tests and
@@ -29,6 +30,7 @@ pub mod cli;
 pub mod config;
 pub mod emulator;
 pub mod events;
+pub mod input_file;
 pub mod ledger;
 pub mod model;
 pub mod planner;

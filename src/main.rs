@@ -8,7 +8,10 @@ use clap::Parser;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = sigrun::cli::Cli::parse();
-    sigrun::cli::init_logging(&cli.log, cli.log_format);
+    if let Err(error) = sigrun::cli::init_logging(&cli.log, cli.log_format) {
+        eprintln!("sigrun: {error}");
+        return ExitCode::from(2);
+    }
     match sigrun::cli::run(cli).await {
         Ok(code) => code,
         Err(err) => {

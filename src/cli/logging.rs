@@ -28,10 +28,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Starts logging with `filter` (tracing's env-filter syntax; an unreadable one falls back to
-/// `warn`) in `format`, to stderr.
-pub fn init_logging(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("warn"));
+/// Starts logging with `filter` (tracing's env-filter syntax) in `format`, to stderr. A filter
+/// that does not parse is an error naming it (bad input: the caller exits 2), never silently
+/// replaced.
+pub fn init_logging(filter: &str, format: LogFormat) -> Result<(), String> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| {
+        format!(
+            "--log / SIGRUN_LOG `{}`: {e} (e.g. `info`, `warn,sigrun=debug`)",
+            crate::model::text::shorten(filter, 80)
+        )
+    })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -39,6 +45,7 @@ pub fn init_logging(filter: &str, format: LogFormat) {
         LogFormat::Human => builder.with_ansi(std::io::stderr().is_terminal()).try_init(),
         LogFormat::Json => builder.fmt_fields(JsonFields::new()).event_format(FlatJson).try_init(),
     };
+    Ok(())
 }
 
 /// The JSON line format: see the module's documentation.

@@ -54,8 +54,8 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let run_id = prepared.run_id();
 
     // The spec travels as written, so the workers plan what was planned here.
-    let text = std::fs::read_to_string(&args.pipeline)
-        .map_err(|e| input_error(anyhow::anyhow!("{}: cannot read: {e}", args.pipeline.display())))?;
+    let text = crate::input_file::read_bounded(&args.pipeline, crate::input_file::MAX_INPUT_FILE_BYTES)
+        .map_err(|e| input_error(anyhow::anyhow!("{}: {e}", args.pipeline.display())))?;
     let trigger = Trigger {
         v: TRIGGER_VERSION,
         pipeline: prepared.spec.name.clone(),

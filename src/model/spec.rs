@@ -471,12 +471,15 @@ pub fn render_name(template: &str, pipeline: &str, target: &str, version: &str) 
 impl PipelineSpec {
     pub fn load(path: &Path) -> Result<PipelineSpec, SpecError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| SpecError {
-            file: file.clone(),
-            line: None,
-            key: "-".into(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let text =
+            crate::input_file::read_bounded(path, crate::input_file::MAX_INPUT_FILE_BYTES).map_err(|message| {
+                SpecError {
+                    file: file.clone(),
+                    line: None,
+                    key: "-".into(),
+                    message,
+                }
+            })?;
         PipelineSpec::parse(&text, &file)
     }
 

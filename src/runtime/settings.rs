@@ -104,8 +104,26 @@ impl RuntimeSettings {
     /// Checks what serde cannot: the shapes the runtime relies on.
     pub fn check(&self) -> Result<(), SettingsError> {
         let bad = |key, message: String| Err(SettingsError { key, message });
-        if self.consumers == 0 {
-            return bad("consumers", "must be at least 1".into());
+        if !(1..=256).contains(&self.consumers) {
+            return bad("consumers", format!("{} is outside 1–256", self.consumers));
+        }
+        if self.tiers.len() > 20 || self.tiers.iter().any(|t| *t > Duration::from_secs(86_400)) {
+            return bad("tiers_ms", "at most 20 delays, each at most a day (86400000)".into());
+        }
+        for (key, value, max) in [
+            ("shutdown_grace_ms", self.shutdown_grace, Duration::from_secs(3600)),
+            ("claim_timeout_ms", self.claim_timeout, Duration::from_secs(3600)),
+            ("retry.max_delay_ms", self.retry.max_delay, Duration::from_secs(86_400)),
+        ] {
+            if value > max {
+                return bad(key, format!("{} ms is above {} ms", value.as_millis(), max.as_millis()));
+            }
+        }
+        if self.retry.max_attempts > 1000 {
+            return bad(
+                "retry.max_attempts",
+                format!("{} is above 1000", self.retry.max_attempts),
+            );
         }
         if self.claim_timeout < Duration::from_millis(100) {
             return bad(
@@ -129,10 +147,10 @@ impl RuntimeSettings {
         if retry.max_attempts == 0 {
             return bad("retry.max_attempts", "must be at least 1 (the first try)".into());
         }
-        if !(retry.factor >= 1.0 && retry.factor.is_finite()) {
+        if !(1.0..=100.0).contains(&retry.factor) {
             return bad(
                 "retry.factor",
-                format!("{}: must be a number of at least 1", retry.factor),
+                format!("{}: must be a number from 1 to 100", retry.factor),
             );
         }
         if retry.base_delay.is_zero() || retry.base_delay > retry.max_delay {

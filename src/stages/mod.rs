@@ -144,6 +144,32 @@ pub struct StageSettings {
     pub azure_time_factor: f64,
 }
 
+impl StageSettings {
+    /// Checks what serde cannot: the bounds of each look and of the retries, naming the key.
+    pub fn check(&self) -> Result<(), String> {
+        let day = Duration::from_secs(86_400);
+        if self.poll_min.is_zero() || self.poll_min > self.poll_default || self.poll_default > self.poll_max {
+            return Err("stages: poll_min must be above zero and poll_min ≤ poll_default ≤ poll_max".into());
+        }
+        if self.poll_max > day {
+            return Err(format!(
+                "stages.poll_max: {} is longer than a day",
+                crate::model::spec::duration::format(self.poll_max)
+            ));
+        }
+        if self.region_retries > 10 {
+            return Err(format!("stages.region_retries: {} is above 10", self.region_retries));
+        }
+        if !(self.azure_time_factor > 0.0 && self.azure_time_factor <= 1000.0) {
+            return Err(format!(
+                "stages.azure_time_factor: {} is outside (0, 1000]",
+                self.azure_time_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for StageSettings {
     fn default() -> Self {
         StageSettings {

@@ -103,26 +103,96 @@ impl AmqpSettings {
         redact(&self.url)
     }
 
+    /// Checks what serde cannot: URLs the broker can read, and every number within its range.
+    /// Errors name the key, never a URL's text.
+    pub fn check(&self) -> Result<(), String> {
+        check_url("amqp.url", &self.url)?;
+        for (i, url) in self.cluster_urls.iter().enumerate() {
+            check_url(&format!("amqp.cluster_urls[{i}]"), url)?;
+        }
+        let name_ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+        if self.prefix.is_empty() || self.prefix.len() > 100 || !self.prefix.chars().all(name_ok) {
+            return Err(format!(
+                "amqp.prefix `{}`: 1–100 letters, digits, `-`, `_`, `.`",
+                crate::model::text::shorten(&self.prefix, 40)
+            ));
+        }
+        let within = |key: &str, value: u64, low: u64, high: u64| {
+            if (low..=high).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!("amqp.{key}: {value} is outside {low}–{high}"))
+            }
+        };
+        within("delivery_limit", self.delivery_limit.into(), 1, 1000)?;
+        within("prefetch", self.prefetch.into(), 1, 1000)?;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        within("connect_timeout_ms", ms(self.connect_timeout), 100, 600_000)?;
+        within("publish_timeout_ms", ms(self.publish_timeout), 100, 3_600_000)?;
+        within("reconnect_min_ms", ms(self.reconnect_min), 10, 60_000)?;
+        within(
+            "reconnect_max_ms",
+            ms(self.reconnect_max),
+            ms(self.reconnect_min),
+            600_000,
+        )?;
+        let age_ok = self.event_max_age.len() >= 2
+            && self.event_max_age.len() <= 12
+            && self.event_max_age[..self.event_max_age.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            && self.event_max_age.ends_with(['Y', 'M', 'D', 'h', 'm', 's']);
+        if !age_ok {
+            return Err(format!(
+                "amqp.event_max_age `{}`: a number and a unit (Y, M, D, h, m, s), e.g. 7D",
+                crate::model::text::shorten(&self.event_max_age, 20)
+            ));
+        }
+        Ok(())
+    }
+
     /// Every node to connect to, `url` first.
     pub fn urls(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.url.as_str()).chain(self.cluster_urls.iter().map(String::as_str))
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`; anything else unchanged.
-fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end..];
-    let Some(at) = rest.rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &userinfo[..colon], &rest[at..]),
-        None => url.to_string(),
+/// A broker URL fit to print: parsed, its password replaced by `***`. Whatever does not parse as
+/// a URL with a host is never shown at all (its text may hold a password where no parser looks).
+pub(crate) fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.has_host() && !parsed.host_str().unwrap_or_default().is_empty() => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        _ => "<a malformed broker URL, not shown>".to_string(),
     }
+}
+
+/// Checks a broker URL as the broker will read it (`amqp://` or `amqps://`, a host, at most a
+/// vhost as its path), naming `key` and never the URL itself (it may hold a password).
+fn check_url(key: &str, url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url)
+        .map_err(|e| format!("{key}: not a URL ({e}); write amqp://user:password@host:5672/%2f"))?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return Err(format!(
+            "{key}: the scheme must be amqp or amqps, not `{}`",
+            crate::model::text::shorten(parsed.scheme(), 20)
+        ));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "{key}: the URL has no host; write amqp://user:password@host:5672/%2f"
+        ));
+    }
+    if parsed.path().trim_start_matches('/').contains('/') || parsed.fragment().is_some() {
+        return Err(format!(
+            "{key}: the path of a broker URL is its vhost alone (`/%2f` for `/`)"
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Debug for AmqpSettings {
@@ -513,6 +583,48 @@ mod tests {
         );
         assert_eq!(redact("amqp://127.0.0.1:5672"), "amqp://127.0.0.1:5672");
         assert_eq!(redact("amqp://user@host"), "amqp://user@host");
+        // Malformed forms with a password in them are never shown.
+        for bad in [
+            "amqp:/guest:PW@host",
+            "amqp:",
+            "amqp//guest:PW@host",
+            "guest:PW@host",
+            "amqp://:PW@/x",
+        ] {
+            let shown = redact(bad);
+            assert!(!shown.contains("PW"), "{bad} → {shown}");
+        }
+    }
+
+    #[test]
+    fn malformed_urls_and_absurd_numbers_are_refused_by_key_without_the_url() {
+        let with = |url: &str| AmqpSettings {
+            url: url.into(),
+            ..AmqpSettings::default()
+        };
+        assert_eq!(with("amqps://u:p@broker.example:5671/prod").check(), Ok(()));
+        for bad in [
+            "amqp:/guest:PW@host",
+            "amqp:",
+            "amqp//",
+            "http://guest:PW@host",
+            "amqp://guest:PW@host/a/b",
+        ] {
+            let error = with(bad).check().unwrap_err();
+            assert!(error.starts_with("amqp.url"), "{bad}: {error}");
+            assert!(!error.contains("PW"), "{bad}: {error}");
+        }
+        let mut settings = AmqpSettings {
+            prefetch: 0,
+            ..AmqpSettings::default()
+        };
+        assert!(settings.check().unwrap_err().contains("amqp.prefetch"));
+        settings.prefetch = 10;
+        settings.event_max_age = "forever".into();
+        assert!(settings.check().unwrap_err().contains("amqp.event_max_age"));
+        settings.event_max_age = "7D".into();
+        settings.prefix = "x".repeat(300);
+        assert!(settings.check().unwrap_err().contains("amqp.prefix"));
     }
 
     #[test]
