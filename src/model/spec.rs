@@ -468,6 +468,17 @@ pub fn render_name(template: &str, pipeline: &str, target: &str, version: &str) 
         .replace("{version}", &version.replace('.', "-"))
 }
 
+/// The most nodes (dedicated and low-priority together) one pool may plan: Batch's largest
+/// pools are tens of thousands of nodes; beyond this a number is a mistake, and every sum made of
+/// node counts stays far from overflowing.
+pub const MAX_POOL_NODES: u32 = 100_000;
+
+/// The longest a pool's resize or its verification may be given: 30 days.
+pub const MAX_WAIT: Duration = Duration::from_secs(30 * 86_400);
+
+/// The most pools one pipeline may plan.
+pub const MAX_POOLS: usize = 100;
+
 impl PipelineSpec {
     pub fn load(path: &Path) -> Result<PipelineSpec, SpecError> {
         let file = path.display().to_string();
@@ -610,6 +621,18 @@ impl PipelineSpec {
                 return bad(key, format!("{share} is not a share between 0 and 1"));
             }
         }
+        if self.verify.deadline > MAX_WAIT {
+            return bad("verify.deadline", format!("longer than {}", duration::format(MAX_WAIT)));
+        }
+        if self.pools.len() > MAX_POOLS {
+            return bad("pools", format!("{} pools: at most {MAX_POOLS}", self.pools.len()));
+        }
+        if self.publish.regions.len() > 50 {
+            return bad(
+                "publish.regions",
+                format!("{} regions: at most 50", self.publish.regions.len()),
+            );
+        }
         if self.pools.is_empty() && rollout_only {
             return bad("pools", "a rollout needs at least one pool".into());
         }
@@ -626,13 +649,36 @@ impl PipelineSpec {
                     format!("`{}` gives pool id `{sample}`: 1–64 letters, digits, `-`, `_`", pool.id),
                 );
             }
-            if pool.dedicated_nodes + pool.low_priority_nodes == 0 {
-                return bad(&key("dedicated_nodes"), "a pool needs at least one node".into());
+            match pool.dedicated_nodes.checked_add(pool.low_priority_nodes) {
+                Some(0) => return bad(&key("dedicated_nodes"), "a pool needs at least one node".into()),
+                Some(n) if n <= MAX_POOL_NODES => {}
+                _ => {
+                    return bad(
+                        &key("dedicated_nodes"),
+                        format!(
+                            "{} dedicated and {} low-priority nodes: at most {MAX_POOL_NODES} in all",
+                            pool.dedicated_nodes, pool.low_priority_nodes
+                        ),
+                    );
+                }
             }
-            if pool.resize_timeout != "auto"
-                && let Err(e) = duration::parse(&pool.resize_timeout)
-            {
-                return bad(&key("resize_timeout"), format!("`auto` or a duration: {e}"));
+            if pool.task_slots_per_node > 256 {
+                return bad(
+                    &key("task_slots_per_node"),
+                    format!("{} is above Batch's 256", pool.task_slots_per_node),
+                );
+            }
+            if pool.resize_timeout != "auto" {
+                match duration::parse(&pool.resize_timeout) {
+                    Err(e) => return bad(&key("resize_timeout"), format!("`auto` or a duration: {e}")),
+                    Ok(d) if d > MAX_WAIT => {
+                        return bad(
+                            &key("resize_timeout"),
+                            format!("longer than {}", duration::format(MAX_WAIT)),
+                        );
+                    }
+                    Ok(_) => {}
+                }
             }
             if rollout_only && pool.node_agent_sku_id == "auto" {
                 return bad(
@@ -870,6 +916,21 @@ resize_timeout = "auto"
         let err = parse(&format!("{NIGHTLY}{second}")).unwrap_err();
         assert_eq!(err.key, "pools[1].id");
         assert!(err.message.contains("{target}"), "{err}");
+    }
+
+    #[test]
+    fn node_counts_and_waits_are_bounded_without_wrapping() {
+        let text = NIGHTLY.replace(
+            "dedicated_nodes = 2000",
+            "dedicated_nodes = 4294967295\nlow_priority_nodes = 2",
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "pools[0].dedicated_nodes");
+        assert!(err.message.contains("at most 100000"), "{err}");
+        let text = NIGHTLY.replace("resize_timeout = \"auto\"", "resize_timeout = \"999999999999999999d\"");
+        assert_eq!(parse(&text).unwrap_err().key, "pools[0].resize_timeout");
+        let text = NIGHTLY.replace("resize_timeout = \"auto\"", "resize_timeout = \"31d\"");
+        assert!(parse(&text).unwrap_err().message.contains("longer than 30d"));
     }
 
     #[test]

@@ -136,12 +136,8 @@ impl AmqpSettings {
             ms(self.reconnect_min),
             600_000,
         )?;
-        let age_ok = self.event_max_age.len() >= 2
-            && self.event_max_age.len() <= 12
-            && self.event_max_age[..self.event_max_age.len() - 1]
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-            && self.event_max_age.ends_with(['Y', 'M', 'D', 'h', 'm', 's']);
+        let number = self.event_max_age.strip_suffix(['Y', 'M', 'D', 'h', 'm', 's']);
+        let age_ok = number.is_some_and(|n| (1..=10).contains(&n.len()) && n.bytes().all(|b| b.is_ascii_digit()));
         if !age_ok {
             return Err(format!(
                 "amqp.event_max_age `{}`: a number and a unit (Y, M, D, h, m, s), e.g. 7D",

@@ -1,0 +1,440 @@
+//! Property tests: every parser of outside input — pipeline specs, triggers, envelopes, settings
+//! files, Azure resource ids, durations — and the planner are fed arbitrary input, and none may
+//! panic: each answers with a value or a located error. The cases per property come from
+//! `SIGRUN_PROPTEST_CASES` (default 10,000, what CI runs; more on demand).
+//!
+//! Besides wholly random text, the generators mutate valid inputs (the shipped nightly spec, a
+//! real envelope, a trigger) field by field with hostile values — huge and negative numbers,
+//! absurd durations, control characters, long strings — since that is where parsers break.
+//! The planner runs against an in-process Azure that answers like the emulator's world (its logic
+//! is under test here, not the wire).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use async_trait::async_trait;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use sigrun::azure::api::*;
+use sigrun::azure::{AzureApi, AzureError};
+use sigrun::model::envelope::Envelope;
+use sigrun::model::ids::*;
+use sigrun::model::spec::{PipelineSpec, duration};
+use sigrun::planner::{self, PlanInputs};
+
+fn cases() -> u32 {
+    std::env::var("SIGRUN_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
+
+fn runner() -> TestRunner {
+    TestRunner::new(Config {
+        cases: cases(),
+        failure_persistence: None,
+        ..Config::default()
+    })
+}
+
+fn nightly() -> &'static str {
+    static TEXT: OnceLock<String> = OnceLock::new();
+    TEXT.get_or_init(|| {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/nightly-ubuntu.toml"))
+            .expect("the shipped nightly spec")
+    })
+}
+
+/// Values a hostile or careless producer writes where a TOML value goes.
+fn hostile_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        any::<f64>().prop_map(|f| format!("{f:?}")),
+        Just("4294967295".to_string()),
+        Just("-1".to_string()),
+        Just("1e300".to_string()),
+        Just("nan".to_string()),
+        "[0-9]{1,25}[smhd]".prop_map(|d| format!("\"{d}\"")),
+        ".{0,40}".prop_map(|s| format!("{s:?}")),
+        "[a-z]{0,10}".prop_map(|s| format!("\"{s}\"")),
+        prop::collection::vec(any::<u8>(), 0..20)
+            .prop_map(|b| format!("{:?}", String::from_utf8_lossy(&b).into_owned())),
+        Just("\"\\u001b[31m\"".to_string()),
+        (1usize..5000).prop_map(|n| format!("\"{}\"", "x".repeat(n))),
+        Just("[]".to_string()),
+        Just("{}".to_string()),
+        Just("true".to_string()),
+    ]
+}
+
+/// The nightly spec with one `key = value` line's value replaced.
+fn mutated_spec() -> impl Strategy<Value = String> {
+    let lines: Vec<usize> = nightly()
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(" = ") && !l.trim_start().starts_with('#'))
+        .map(|(i, _)| i)
+        .collect();
+    (prop::sample::select(lines), hostile_value(), any::<bool>()).prop_map(|(line, value, twice)| {
+        let mut out: Vec<String> = nightly().lines().map(str::to_string).collect();
+        let key = out[line].split(" = ").next().unwrap_or_default().to_string();
+        out[line] = format!("{key} = {value}");
+        if twice {
+            out.insert(line + 1, format!("{key} = {value}"));
+        }
+        out.join("\n")
+    })
+}
+
+#[test]
+fn specs_parse_or_say_where_they_are_wrong() {
+    let mut runner = runner();
+    let strategy = prop_oneof![
+        mutated_spec(),
+        ".{0,400}",
+        prop::collection::vec(any::<u8>(), 0..400).prop_map(|b| String::from_utf8_lossy(&b).into_owned())
+    ];
+    runner
+        .run(&strategy, |text| {
+            if let Err(error) = PipelineSpec::parse(&text, "p.toml") {
+                prop_assert_eq!(&error.file, "p.toml");
+                prop_assert!(!error.message.is_empty());
+                prop_assert!(
+                    error.to_string().len() < 20_000,
+                    "an error of {} bytes",
+                    error.to_string().len()
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn durations_parse_within_their_bound_or_fail() {
+    let mut runner = runner();
+    runner
+        .run(&"[0-9smhd ]{0,30}", |text| {
+            if let Ok(d) = duration::parse(&text) {
+                prop_assert!(d <= duration::MAX);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+fn trigger_json() -> impl Strategy<Value = Vec<u8>> {
+    let field = prop_oneof![
+        Just("pipeline"),
+        Just("version"),
+        Just("from"),
+        Just("spec"),
+        Just("image_version_id"),
+        Just("v"),
+        Just("specversion"),
+        Just("type"),
+        Just("data"),
+    ];
+    prop::collection::vec((field, hostile_value()), 0..6).prop_map(|fields| {
+        let mut object = serde_json::Map::new();
+        object.insert("v".into(), 1.into());
+        object.insert("pipeline".into(), "nightly-ubuntu".into());
+        for (key, value) in fields {
+            let value = serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value));
+            object.insert(key.into(), value);
+        }
+        serde_json::to_vec(&object).unwrap()
+    })
+}
+
+#[test]
+fn triggers_parse_or_are_refused_with_a_bounded_reason() {
+    let mut runner = runner();
+    let strategy = (
+        prop_oneof![trigger_json(), prop::collection::vec(any::<u8>(), 0..600)],
+        prop::option::of(prop_oneof![
+            Just("application/json".to_string()),
+            Just("application/cloudevents+json".to_string()),
+            ".{0,20}"
+        ]),
+    );
+    runner
+        .run(&strategy, |(body, content_type)| {
+            if let Err(error) = sigrun::model::trigger::parse(&body, content_type.as_deref()) {
+                prop_assert!(error.to_string().len() < 20_000);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A first message of the nightly pipeline, as admission makes it.
+fn sample_envelope() -> &'static serde_json::Value {
+    static SAMPLE: OnceLock<serde_json::Value> = OnceLock::new();
+    SAMPLE.get_or_init(|| {
+        let tokio = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let spec = PipelineSpec::parse(nightly(), "nightly.toml").unwrap();
+        let prepared = tokio
+            .block_on(sigrun::admission::prepare(
+                spec,
+                "nightly.toml",
+                &sigrun::admission::RunRequest::default(),
+                &World,
+            ))
+            .unwrap_or_else(|e| panic!("the nightly plans: {e}"));
+        let firsts = sigrun::admission::first_messages(
+            &prepared,
+            sigrun::model::envelope::Stage::Snapshot,
+            &sigrun::model::trace::TraceParent::new(),
+        );
+        serde_json::from_slice(&firsts[0].encode()).unwrap()
+    })
+}
+
+#[test]
+fn envelopes_decode_or_are_refused() {
+    let mut runner = runner();
+    let keys: Vec<String> = sample_envelope().as_object().unwrap().keys().cloned().collect();
+    let mutated = (prop::sample::select(keys), hostile_value()).prop_map(|(key, value)| {
+        let mut envelope = sample_envelope().clone();
+        envelope[&key] = serde_json::from_str(&value).unwrap_or(serde_json::Value::String(value));
+        serde_json::to_vec(&envelope).unwrap()
+    });
+    let strategy = prop_oneof![mutated, prop::collection::vec(any::<u8>(), 0..600)];
+    runner
+        .run(&strategy, |body| {
+            let _ = Envelope::decode(&body);
+            Ok(())
+        })
+        .unwrap();
+    assert!(
+        Envelope::decode(&serde_json::to_vec(sample_envelope()).unwrap()).is_ok(),
+        "the sample decodes"
+    );
+}
+
+#[test]
+fn settings_files_load_or_name_the_key() {
+    let mut runner = runner();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sigrun.toml");
+    let keys = prop::sample::select(vec![
+        "runtime.consumers",
+        "runtime.tiers_ms",
+        "runtime.claim_timeout_ms",
+        "runtime.shutdown_grace_ms",
+        "runtime.retry.max_attempts",
+        "runtime.retry.factor",
+        "runtime.retry.base_delay_ms",
+        "amqp.url",
+        "amqp.prefetch",
+        "amqp.prefix",
+        "amqp.delivery_limit",
+        "amqp.event_max_age",
+        "amqp.connect_timeout_ms",
+        "emulator.time_scale",
+        "azure.time_scale",
+        "stages.poll_min",
+        "stages.poll_max",
+        "stages.region_retries",
+        "telemetry.listen",
+        "pipelines.dir",
+    ]);
+    runner
+        .run(&(keys, hostile_value()), |(key, value)| {
+            let (section, name) = key.rsplit_once('.').unwrap();
+            std::fs::write(&path, format!("[{section}]\n{name} = {value}\n")).unwrap();
+            if let Err(error) = sigrun::config::Settings::load(Some(&path)) {
+                prop_assert!(error.to_string().len() < 20_000);
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn resource_ids_parse_or_are_refused() {
+    let mut runner = runner();
+    let real = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/d/versions/1.0.0";
+    let strategy = prop_oneof![
+        ".{0,300}",
+        (0..real.len(), ".{0,10}").prop_map(move |(at, s)| {
+            let at = (0..=at).rev().find(|i| real.is_char_boundary(*i)).unwrap_or(0);
+            format!("{}{s}{}", &real[..at], &real[at..])
+        }),
+    ];
+    runner
+        .run(&strategy, |text| {
+            let _ = VmId::parse(&text);
+            let _ = DiskId::parse(&text);
+            let _ = SnapshotId::parse(&text);
+            let _ = ImageId::parse(&text);
+            let _ = GalleryId::parse(&text);
+            let _ = GalleryImageId::parse(&text);
+            if let Ok(id) = GalleryImageVersionId::parse(&text) {
+                // A parsed id renders back to a path that parses to itself.
+                prop_assert_eq!(GalleryImageVersionId::parse(&id.to_string()).ok(), Some(id));
+            }
+            let _ = BatchAccountId::parse(&text);
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Azure as the emulator's world answers the planner: the build VM, its account, Batch's images.
+struct World;
+
+fn unused(what: &str) -> AzureError {
+    AzureError::permanent(what, "NotInThisTest", "the planner does not call this")
+}
+
+#[async_trait]
+impl AzureApi for World {
+    async fn get_vm(&self, id: &VmId) -> Result<VmInfo, AzureError> {
+        let disk = |name: &str| DiskId::new(id.subscription(), id.resource_group(), &[name]).unwrap();
+        Ok(VmInfo {
+            location: "westeurope".into(),
+            os_type: "Linux".into(),
+            hyper_v_generation: Some("V2".into()),
+            base_image: Some((
+                "canonical".into(),
+                "0001-com-ubuntu-server-jammy".into(),
+                "22_04-lts-gen2".into(),
+            )),
+            os_disk: Some(disk("os")),
+            data_disks: vec![(0, Some(disk("data0"))), (1, Some(disk("data1")))],
+            extensions: Vec::new(),
+        })
+    }
+    async fn provider_state(&self, _: &str, _: &str) -> Result<String, AzureError> {
+        Ok("Registered".into())
+    }
+    async fn register_provider(&self, _: &str, _: &str) -> Result<String, AzureError> {
+        Err(unused("register_provider"))
+    }
+    async fn put_snapshot(&self, _: &SnapshotId, _: &SnapshotRequest) -> Result<Accepted, AzureError> {
+        Err(unused("put_snapshot"))
+    }
+    async fn get_snapshot(&self, _: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
+        Err(unused("get_snapshot"))
+    }
+    async fn delete_snapshot(&self, _: &SnapshotId) -> Result<(), AzureError> {
+        Err(unused("delete_snapshot"))
+    }
+    async fn put_image(&self, _: &ImageId, _: &ImageRequest) -> Result<Accepted, AzureError> {
+        Err(unused("put_image"))
+    }
+    async fn get_image(&self, _: &ImageId) -> Result<Option<ResourceState>, AzureError> {
+        Err(unused("get_image"))
+    }
+    async fn get_gallery(&self, _: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
+        Ok(None)
+    }
+    async fn put_gallery(&self, _: &GalleryId, _: &str, _: &Tags) -> Result<Accepted, AzureError> {
+        Err(unused("put_gallery"))
+    }
+    async fn get_definition(&self, _: &GalleryImageId) -> Result<Option<DefinitionInfo>, AzureError> {
+        Ok(None)
+    }
+    async fn put_definition(&self, _: &GalleryImageId, _: &DefinitionRequest) -> Result<Accepted, AzureError> {
+        Err(unused("put_definition"))
+    }
+    async fn list_versions(&self, _: &GalleryImageId) -> Result<Vec<String>, AzureError> {
+        Ok(vec!["2026.1201.0".into(), "2026.1202.3".into()])
+    }
+    async fn put_version(&self, _: &GalleryImageVersionId, _: &VersionRequest) -> Result<Accepted, AzureError> {
+        Err(unused("put_version"))
+    }
+    async fn get_version(&self, _: &GalleryImageVersionId, _: bool) -> Result<Option<VersionInfo>, AzureError> {
+        Ok(None)
+    }
+    async fn set_exclude_from_latest(&self, _: &GalleryImageVersionId, _: bool) -> Result<Accepted, AzureError> {
+        Err(unused("set_exclude_from_latest"))
+    }
+    async fn set_target_regions(&self, _: &GalleryImageVersionId, _: &[TargetRegion]) -> Result<Accepted, AzureError> {
+        Err(unused("set_target_regions"))
+    }
+    async fn operation_status(&self, _: &str) -> Result<OperationStatus, AzureError> {
+        Err(unused("operation_status"))
+    }
+    async fn get_batch_account(&self, id: &BatchAccountId) -> Result<BatchAccountInfo, AzureError> {
+        Ok(BatchAccountInfo {
+            id: id.clone(),
+            location: if id.name().contains("eus") {
+                "eastus"
+            } else {
+                "westeurope"
+            }
+            .into(),
+            url: format!("https://{}.westeurope.batch.azure.com", id.name()),
+        })
+    }
+    async fn supported_images(&self, _: &BatchAccountInfo) -> Result<Vec<SupportedImage>, AzureError> {
+        Ok(vec![SupportedImage {
+            node_agent_sku_id: "batch.node.ubuntu 22.04".into(),
+            publisher: "canonical".into(),
+            offer: "0001-com-ubuntu-server-jammy".into(),
+            sku: "22_04-lts-gen2".into(),
+            os_type: "linux".into(),
+        }])
+    }
+    async fn add_pool(&self, _: &str, _: &serde_json::Value) -> Result<PoolCreated, AzureError> {
+        Err(unused("add_pool"))
+    }
+    async fn get_pool(&self, _: &str, _: &str) -> Result<Option<PoolInfo>, AzureError> {
+        Err(unused("get_pool"))
+    }
+    async fn list_pools(&self, _: &str) -> Result<Vec<PoolInfo>, AzureError> {
+        Err(unused("list_pools"))
+    }
+    async fn node_counts(&self, _: &str, _: &str) -> Result<NodeCounts, AzureError> {
+        Err(unused("node_counts"))
+    }
+    async fn resize_pool(&self, _: &str, _: &str, _: u32, _: u32) -> Result<(), AzureError> {
+        Err(unused("resize_pool"))
+    }
+    async fn set_pool_metadata(&self, _: &str, _: &str, _: &BTreeMap<String, String>) -> Result<(), AzureError> {
+        Err(unused("set_pool_metadata"))
+    }
+    async fn delete_pool(&self, _: &str, _: &str) -> Result<(), AzureError> {
+        Err(unused("delete_pool"))
+    }
+}
+
+#[test]
+fn the_planner_plans_or_refuses_whatever_spec_parses() {
+    let tokio = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let mut runner = runner();
+    let planned = std::cell::Cell::new(0u32);
+    let strategy = (mutated_spec(), prop::option::of("[0-9.]{0,14}"));
+    runner
+        .run(&strategy, |(text, version)| {
+            let Ok(spec) = PipelineSpec::parse(&text, "p.toml") else {
+                return Ok(());
+            };
+            let now = time::OffsetDateTime::now_utc();
+            let result = tokio.block_on(async {
+                let version = planner::resolve_version(&spec, version.as_deref(), &World, now.date()).await?;
+                let inputs = PlanInputs {
+                    version,
+                    ..PlanInputs::default()
+                };
+                planner::plan(&spec, &inputs, &World, now).await
+            });
+            if let Ok(plan) = result {
+                planned.set(planned.get() + 1);
+                // What the Azure rules require of any plan.
+                for region in &plan.regions {
+                    prop_assert!(region.replicas >= 1 && region.replicas <= 100);
+                }
+                for pool in &plan.pools {
+                    prop_assert!(pool.resize_timeout_secs >= 900);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    eprintln!("{} of {} specs planned", planned.get(), cases());
+    assert!(planned.get() > 0, "the generator also makes specs that plan");
+}
