@@ -12,6 +12,10 @@ use time::{Duration, OffsetDateTime};
 /// A point on the emulated clock.
 pub type EmuTime = OffsetDateTime;
 
+/// Where the emulated clock stops: far enough that no timeline reaches it, near enough that
+/// adding an operation's duration to it cannot overflow.
+const END_OF_TIME: OffsetDateTime = time::macros::datetime!(9000-01-01 0:00 UTC);
+
 #[derive(Debug)]
 pub struct Clock {
     scale: f64,
@@ -44,13 +48,24 @@ impl Clock {
     pub fn now(&self) -> EmuTime {
         let anchor = *self.anchor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let real = anchor.real.elapsed().as_secs_f64();
-        anchor.emulated + Duration::seconds_f64(real * self.scale)
+        // Saturates at the end of the representable time rather than panicking on a clock run
+        // far ahead (a huge scale over a long time, or many jumps).
+        Duration::checked_seconds_f64(real * self.scale)
+            .and_then(|ahead| anchor.emulated.checked_add(ahead))
+            .unwrap_or(END_OF_TIME)
     }
 
-    /// Jumps the emulated clock forward (the control API uses this to finish operations at once).
-    pub fn advance(&self, by: Duration) {
+    /// Jumps the emulated clock forward (the control API uses this to finish operations at once);
+    /// false, and no jump, when it would pass the end of representable time.
+    pub fn advance(&self, by: Duration) -> bool {
         let mut anchor = self.anchor.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        anchor.emulated += by;
+        match anchor.emulated.checked_add(by).filter(|t| *t < END_OF_TIME) {
+            Some(later) => {
+                anchor.emulated = later;
+                true
+            }
+            None => false,
+        }
     }
 
     /// How long a client waits in real time for `emulated` to pass.
@@ -74,8 +89,18 @@ mod tests {
             elapsed >= Duration::seconds(60),
             "20 ms at 3600x is over a minute, got {elapsed}"
         );
-        clock.advance(Duration::hours(2));
+        assert!(clock.advance(Duration::hours(2)));
         assert!(clock.now() - start >= Duration::hours(2));
         assert_eq!(clock.to_real(Duration::hours(1)), StdDuration::from_secs(1));
+        // Far ahead, it stops at the end of time instead of panicking.
+        let mut jumps = 0;
+        while clock.advance(Duration::seconds(1_000_000_000)) {
+            jumps += 1;
+        }
+        assert!(jumps > 100, "{jumps}");
+        assert!(clock.now() <= END_OF_TIME);
+        let fast = Clock::new(1e6, OffsetDateTime::now_utc() + Duration::days(365 * 6900));
+        std::thread::sleep(StdDuration::from_millis(5));
+        assert!(fast.now() <= END_OF_TIME);
     }
 }

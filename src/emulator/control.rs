@@ -89,7 +89,12 @@ fn advance(ctx: &Ctx, req: &Request) -> Response {
     if !(0.0..=1e9).contains(&secs) {
         return Response::json(400, &json!({"error": "advance_seconds must be between 0 and 1e9"}));
     }
-    ctx.clock.advance(Duration::seconds_f64(secs));
+    if !ctx.clock.advance(Duration::seconds_f64(secs)) {
+        return Response::json(
+            400,
+            &json!({"error": "the emulated clock cannot go past the year 9000"}),
+        );
+    }
     let st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     ctx.save(&st);
     clock(ctx)

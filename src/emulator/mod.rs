@@ -162,8 +162,8 @@ pub struct Emulator {
 impl Emulator {
     pub async fn start(options: EmulatorOptions) -> anyhow::Result<Emulator> {
         anyhow::ensure!(
-            options.time_scale > 0.0 && options.time_scale.is_finite(),
-            "--time-scale must be a positive number, got {}",
+            options.time_scale > 0.0 && options.time_scale <= 1e6,
+            "--time-scale must be a number above 0 and at most 1000000, got {}",
             options.time_scale
         );
         let plan = FaultPlan::parse(&options.faults, options.seed)?;

@@ -353,8 +353,20 @@ impl Store {
             real_now: OffsetDateTime::now_utc(),
             token_key: base64::engine::general_purpose::STANDARD.encode(token_key),
         };
+        // It holds the token-signing key: readable by its owner alone (0600), from the first byte.
         let tmp = file.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&saved)?)?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            out.write_all(&serde_json::to_vec(&saved)?)?;
+        }
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         std::fs::rename(&tmp, &file)?;
         Ok(())
     }

@@ -185,6 +185,34 @@ fn location_of(body: &Value) -> Result<&'static str, ArmError> {
 }
 
 /// The user's body, minus what ARM ignores or computes (id, name, type, read-only state).
+/// ARM's envelope of every resource body, checked before anything of it is stored or read: an
+/// object, with `properties` an object, `tags` an object of strings, `location` a string.
+fn check_shape(body: &Value) -> Result<(), ArmError> {
+    let invalid = |what: &str| {
+        Err(ArmError::new(
+            400,
+            "InvalidRequestContent",
+            format!("The request content was invalid and could not be deserialized: {what}"),
+        ))
+    };
+    let Some(object) = body.as_object() else {
+        return invalid("the request content must be a JSON object");
+    };
+    match object.get("properties") {
+        None | Some(Value::Null) | Some(Value::Object(_)) => {}
+        Some(_) => return invalid("'properties' must be an object"),
+    }
+    match object.get("tags") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(tags)) if tags.values().all(Value::is_string) => {}
+        Some(_) => return invalid("'tags' must be an object of strings"),
+    }
+    match object.get("location") {
+        None | Some(Value::String(_)) => Ok(()),
+        Some(_) => invalid("'location' must be a string"),
+    }
+}
+
 fn normalize(mut body: Value, location: &str) -> Value {
     if let Some(obj) = body.as_object_mut() {
         obj.remove("id");
@@ -208,13 +236,7 @@ fn put(
     now: EmuTime,
 ) -> Result<(Response, bool), ArmError> {
     let raw = req.json().map_err(|m| ArmError::new(400, "InvalidRequestContent", m))?;
-    if !raw.is_object() {
-        return Err(ArmError::new(
-            400,
-            "InvalidRequestContent",
-            "The request content must be a JSON object.",
-        ));
-    }
+    check_shape(&raw)?;
     let location = location_of(&raw)?;
     let body = normalize(raw, location);
     let id = path.id();
@@ -471,9 +493,11 @@ fn patch(
     now: EmuTime,
 ) -> Result<(Response, bool), ArmError> {
     let patch = req.json().map_err(|m| ArmError::new(400, "InvalidRequestContent", m))?;
+    check_shape(&patch)?;
     let existing = st.get(&path.id()).cloned().ok_or_else(|| not_found(path))?;
     let mut body = existing.body.clone();
     merge_patch(&mut body, &patch);
+    check_shape(&body)?;
     let location = existing.location.clone();
     let body = normalize(body, &location);
     if let Some(property) = changed_immutable(path.kind, &existing.body, &body) {

@@ -67,6 +67,9 @@ fn api_version_ok(v: &str) -> bool {
     if OLDER.contains(&v) {
         return true;
     }
+    if !v.is_ascii() {
+        return false;
+    }
     let (date, suffix) = v.split_at(v.len().min(10));
     let date_ok = time::Date::parse(date, time::macros::format_description!("[year]-[month]-[day]")).is_ok()
         && date.len() == 10

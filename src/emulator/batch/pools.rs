@@ -144,7 +144,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     };
     take(days, &[('D', 86_400.0), ('W', 604_800.0)])?;
     take(time_part, &[('H', 3600.0), ('M', 60.0), ('S', 1.0)])?;
-    (rest != "T" && !rest.is_empty()).then(|| Duration::seconds_f64(total))
+    // A year at most: what no pool needs, and a number no clock arithmetic overflows on.
+    (rest != "T" && !rest.is_empty() && total.is_finite() && total <= 365.0 * 86_400.0)
+        .then(|| Duration::seconds_f64(total))
 }
 
 fn supported_images(req: &Request, _account: &BatchAccount) -> Response {
@@ -205,6 +207,53 @@ fn missing_property(req: &Request, name: &str) -> Response {
     )
 }
 
+/// The most nodes one pool may ask for here: what bounds the cost of one request (each node's
+/// timeline is fixed when the pool is added).
+const MAX_POOL_NODES: u32 = 100_000;
+
+/// A node count as Batch reads it: a whole number, or a string holding one (as `az batch pool
+/// create` sends it); absent means 0. Anything else — negative, fractional, not a number, past
+/// 32 bits — is refused with `InvalidPropertyValue`, never silently read as something else.
+fn node_count(req: &Request, body: &Value, key: &str) -> Result<u32, Response> {
+    let value = match &body[key] {
+        Value::Null => return Ok(0),
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    value
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| bad_property(req, key, "The value must be a whole number of nodes from 0."))
+}
+
+/// The shapes of the optional parts of a pool body this emulator reads: refused as Batch refuses
+/// them rather than read as something else.
+fn check_pool_shape(req: &Request, body: &Value) -> Result<(), Response> {
+    let metadata_ok = match &body["metadata"] {
+        Value::Null => true,
+        Value::Array(items) => items.iter().all(|m| m["name"].is_string() && m["value"].is_string()),
+        _ => false,
+    };
+    if !metadata_ok {
+        return Err(bad_property(
+            req,
+            "metadata",
+            "Metadata is a list of name and value strings.",
+        ));
+    }
+    for key in ["startTask", "virtualMachineConfiguration", "networkConfiguration"] {
+        if !matches!(body[key], Value::Null | Value::Object(_)) {
+            return Err(bad_property(req, key, "The value must be an object."));
+        }
+    }
+    for key in ["vmSize", "resizeTimeout", "displayName"] {
+        if !matches!(body[key], Value::Null | Value::String(_)) {
+            return Err(bad_property(req, key, "The value must be a string."));
+        }
+    }
+    Ok(())
+}
+
 fn add_pool(
     ctx: &Ctx,
     st: &mut State,
@@ -228,6 +277,9 @@ fn add_pool(
             );
         }
     };
+    if let Err(refused) = check_pool_shape(req, &body) {
+        return (refused, false);
+    }
     let Some(id) = body["id"].as_str().map(str::to_string) else {
         return (missing_property(req, "id"), false);
     };
@@ -356,8 +408,24 @@ fn add_pool(
             }
         }
     };
-    let dedicated = body["targetDedicatedNodes"].as_u64().unwrap_or(0) as u32;
-    let low = body["targetLowPriorityNodes"].as_u64().unwrap_or(0) as u32;
+    let dedicated = match node_count(req, &body, "targetDedicatedNodes") {
+        Ok(n) => n,
+        Err(refused) => return (refused, false),
+    };
+    let low = match node_count(req, &body, "targetLowPriorityNodes") {
+        Ok(n) => n,
+        Err(refused) => return (refused, false),
+    };
+    if dedicated + low > MAX_POOL_NODES {
+        return (
+            bad_property(
+                req,
+                "targetDedicatedNodes",
+                &format!("A pool of this emulator has at most {MAX_POOL_NODES} nodes."),
+            ),
+            false,
+        );
+    }
     let has_start_task = body.get("startTask").is_some_and(Value::is_object);
     let wait = has_start_task && body["startTask"]["waitForSuccess"].as_bool().unwrap_or(true);
     let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -805,6 +873,9 @@ fn patch_pool(st: &mut State, req: &Request, mut pool: Pool, now: EmuTime) -> (R
             false,
         );
     };
+    if let Err(refused) = check_pool_shape(req, &Value::Object(patch.clone())) {
+        return (refused, false);
+    }
     for (k, v) in patch {
         if ["metadata", "startTask", "targetNodeCommunicationMode", "resourceTags"].contains(&k.as_str()) {
             pool.body[k] = v;
@@ -871,8 +942,16 @@ fn resize_pool(
             false,
         );
     };
-    let dedicated = body["targetDedicatedNodes"].as_u64().unwrap_or(0) as u32;
-    let low = body["targetLowPriorityNodes"].as_u64().unwrap_or(0) as u32;
+    let counts = node_count(req, &body, "targetDedicatedNodes")
+        .and_then(|dedicated| Ok((dedicated, node_count(req, &body, "targetLowPriorityNodes")?)));
+    let (dedicated, low) = match counts {
+        Ok((d, l)) if d + l <= MAX_POOL_NODES => (d, l),
+        Ok(_) => {
+            let message = format!("A pool of this emulator has at most {MAX_POOL_NODES} nodes.");
+            return (bad_property(req, "targetDedicatedNodes", &message), false);
+        }
+        Err(refused) => return (refused, false),
+    };
     let timeout = match body["resizeTimeout"].as_str() {
         None => Duration::minutes(15),
         Some(t) => match parse_duration(t) {
