@@ -597,7 +597,11 @@ impl PipelineSpec {
         if !rollout_only && self.publish.regions.is_empty() {
             return bad("publish.regions", "name at least one target region".into());
         }
+        check_storage_type("publish.storage_account_type", &self.publish.storage_account_type)?;
         for (i, region) in self.publish.regions.iter().enumerate() {
+            if let Some(t) = &region.storage_account_type {
+                check_storage_type(&format!("publish.regions[{i}].storage_account_type"), t)?;
+            }
             if let Replicas::Count(n) = region.replicas
                 && !(1..=super::rules::MAX_REPLICAS).contains(&n)
             {
@@ -807,6 +811,24 @@ fn locate(text: &str, key: &str) -> Option<usize> {
     span.map(|s| line_of(text, s.start))
 }
 
+/// The storage types a gallery image version's replicas may use
+/// (`storageAccountType`, GalleryRP 2024-03-03).
+const STORAGE_ACCOUNT_TYPES: [&str; 4] = ["Standard_LRS", "Standard_ZRS", "Premium_LRS", "PremiumV2_LRS"];
+
+fn check_storage_type(key: &str, value: &str) -> Result<(), (String, String)> {
+    if STORAGE_ACCOUNT_TYPES.contains(&value) {
+        return Ok(());
+    }
+    Err((
+        key.to_string(),
+        format!(
+            "`{}` is not a storage account type: {}",
+            crate::model::text::shorten(value, 40),
+            STORAGE_ACCOUNT_TYPES.join(", ")
+        ),
+    ))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -900,6 +922,14 @@ resize_timeout = "auto"
 
         let text = NIGHTLY.replace("replicas = 2", "replicas = 0");
         assert_eq!(parse(&text).unwrap_err().key, "publish.regions[1].replicas");
+
+        let text = NIGHTLY.replace("[publish]", "[publish]\nstorage_account_type = \"Floppy_Disk\"");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "publish.storage_account_type");
+        assert!(
+            err.message.contains("Floppy_Disk") && err.message.contains("Premium_LRS"),
+            "{err}"
+        );
     }
 
     #[test]
