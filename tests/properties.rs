@@ -285,6 +285,9 @@ fn resource_ids_parse_or_are_refused() {
 /// Azure as the emulator's world answers the planner: the build VM, its account, Batch's images.
 struct World;
 
+const KNOWN_REGIONS: [&str; 4] = ["westeurope", "eastus", "southeastasia", "northeurope"];
+const OFFERED_SIZES: [&str; 2] = ["Standard_D4s_v5", "Standard_F8s_v2"];
+
 fn unused(what: &str) -> AzureError {
     AzureError::permanent(what, "NotInThisTest", "the planner does not call this")
 }
@@ -309,6 +312,19 @@ impl AzureApi for World {
     }
     async fn provider_state(&self, _: &str, _: &str) -> Result<String, AzureError> {
         Ok("Registered".into())
+    }
+    async fn list_locations(&self, _: &str) -> Result<Vec<String>, AzureError> {
+        Ok(KNOWN_REGIONS.iter().map(|r| r.to_string()).collect())
+    }
+    async fn batch_vm_sizes(&self, _: &str, _: &str) -> Result<Vec<VmSize>, AzureError> {
+        Ok(OFFERED_SIZES
+            .iter()
+            .map(|name| VmSize {
+                name: name.to_string(),
+                family: "standardDSv5Family".into(),
+                vcpus: 4,
+            })
+            .collect())
     }
     async fn register_provider(&self, _: &str, _: &str) -> Result<String, AzureError> {
         Err(unused("register_provider"))
@@ -427,9 +443,15 @@ fn the_planner_plans_or_refuses_whatever_spec_parses() {
                 // What the Azure rules require of any plan.
                 for region in &plan.regions {
                     prop_assert!(region.replicas >= 1 && region.replicas <= 100);
+                    prop_assert!(KNOWN_REGIONS.contains(&region.name.as_str()), "{}", region.name);
                 }
                 for pool in &plan.pools {
                     prop_assert!(pool.resize_timeout_secs >= 900);
+                    prop_assert!(
+                        OFFERED_SIZES.iter().any(|s| s.eq_ignore_ascii_case(&pool.vm_size)),
+                        "{}",
+                        pool.vm_size
+                    );
                 }
             }
             Ok(())

@@ -162,6 +162,15 @@ pub struct SupportedImage {
     pub os_type: String,
 }
 
+/// A VM size Batch offers in a region, with the quota family its cores count against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmSize {
+    pub name: String,
+    pub family: String,
+    /// `vCPUs`, when Batch says (0 when it does not).
+    pub vcpus: u32,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResizeError {
     pub code: String,
@@ -212,6 +221,10 @@ pub trait AzureApi: Send + Sync {
     async fn get_vm(&self, id: &VmId) -> Result<VmInfo, AzureError>;
 
     async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError>;
+    /// The regions `subscription` can use, short names (`westeurope`).
+    async fn list_locations(&self, subscription: &str) -> Result<Vec<String>, AzureError>;
+    /// The VM sizes Batch offers in `location` for accounts of `subscription`.
+    async fn batch_vm_sizes(&self, subscription: &str, location: &str) -> Result<Vec<VmSize>, AzureError>;
     async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError>;
 
     async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError>;

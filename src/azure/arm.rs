@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::api::{
     Accepted, DefinitionInfo, DefinitionRequest, ImageRequest, OperationStatus, RegionStatus, ResourceState,
-    SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo,
+    SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo, VmSize,
 };
 use super::config::ApiVersions;
 use super::error::AzureError;
@@ -112,6 +112,22 @@ fn check_namespace(namespace: &str) -> Result<(), AzureError> {
             format!("`{namespace}` is not a resource provider namespace"),
         ))
     }
+}
+
+/// A `SupportedSku` of the Batch management API; `None` without a name.
+fn vm_size_of(sku: &Value) -> Option<VmSize> {
+    let capability = |name: &str| {
+        sku["capabilities"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"].as_str() == Some(name))?["value"]
+            .as_str()
+    };
+    Some(VmSize {
+        name: sku["name"].as_str()?.to_string(),
+        family: sku["familyName"].as_str().unwrap_or_default().to_string(),
+        vcpus: capability("vCPUs").and_then(|v| v.parse().ok()).unwrap_or(0),
+    })
 }
 
 impl Arm {
@@ -290,6 +306,69 @@ impl Arm {
         Self::registration_state(&operation, &reply)
     }
 
+    fn subscription_checked(subscription: &str, operation: &str) -> Result<(), AzureError> {
+        check_subscription(subscription, subscription)
+            .map_err(|e| AzureError::permanent(operation, "InvalidSubscriptionId", e.to_string()))
+    }
+
+    /// Every `value` item of a paged ARM list, following `nextLink` on this resource manager only.
+    async fn list_all(&self, mut url: Url, operation: &str) -> Result<Vec<Value>, AzureError> {
+        let mut items = Vec::new();
+        for _ in 0..MAX_PAGES {
+            let reply = self.send(Method::GET, url, operation.to_string(), None).await?;
+            // The saved example of List Locations shows a bare array; the service wraps it in `value`.
+            let page = match &reply.body {
+                Value::Array(items) => items.clone(),
+                body => body["value"].as_array().cloned().unwrap_or_default(),
+            };
+            items.extend(page);
+            match reply.body["nextLink"].as_str() {
+                Some(next) if !next.is_empty() => url = self.check_followed(operation, next)?,
+                _ => return Ok(items),
+            }
+        }
+        Err(AzureError::permanent(
+            operation,
+            "TooManyPages",
+            format!("more than {MAX_PAGES} pages"),
+        ))
+    }
+
+    pub async fn list_locations(&self, subscription: &str) -> Result<Vec<String>, AzureError> {
+        let operation = format!("list locations of {subscription}");
+        Self::subscription_checked(subscription, &operation)?;
+        let url = self.url(
+            &format!("/subscriptions/{subscription}/locations"),
+            &self.versions.subscriptions,
+            &[],
+        );
+        let items = self.list_all(url, &operation).await?;
+        Ok(items
+            .iter()
+            .filter_map(|l| l["name"].as_str().map(canonical_region))
+            .collect())
+    }
+
+    pub async fn batch_vm_sizes(&self, subscription: &str, location: &str) -> Result<Vec<VmSize>, AzureError> {
+        let operation = format!("list Batch VM sizes in {location}");
+        Self::subscription_checked(subscription, &operation)?;
+        let location = canonical_region(location);
+        if location.is_empty() || location.len() > 64 || !location.bytes().all(|c| c.is_ascii_alphanumeric()) {
+            return Err(AzureError::permanent(
+                operation,
+                "InvalidLocation",
+                "a region name is letters and digits".to_string(),
+            ));
+        }
+        let url = self.url(
+            &format!("/subscriptions/{subscription}/providers/Microsoft.Batch/locations/{location}/virtualMachineSkus"),
+            &self.versions.batch_management,
+            &[],
+        );
+        let items = self.list_all(url, &operation).await?;
+        Ok(items.iter().filter_map(vm_size_of).collect())
+    }
+
     pub async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError> {
         let body = json!({
             "location": request.location,
@@ -436,27 +515,12 @@ impl Arm {
 
     pub async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError> {
         let operation = format!("list versions of {}", definition.name());
-        let mut url = self.url(&format!("{definition}/versions"), &self.versions.gallery, &[]);
-        let mut names = Vec::new();
-        for _ in 0..MAX_PAGES {
-            let reply = self.send(Method::GET, url, operation.clone(), None).await?;
-            names.extend(
-                reply.body["value"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v["name"].as_str().map(str::to_string)),
-            );
-            match reply.body["nextLink"].as_str() {
-                Some(next) if !next.is_empty() => url = self.check_followed(&operation, next)?,
-                _ => return Ok(names),
-            }
-        }
-        Err(AzureError::permanent(
-            operation,
-            "TooManyPages",
-            format!("more than {MAX_PAGES} pages"),
-        ))
+        let url = self.url(&format!("{definition}/versions"), &self.versions.gallery, &[]);
+        let items = self.list_all(url, &operation).await?;
+        Ok(items
+            .iter()
+            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .collect())
     }
 
     fn target_regions(regions: &[TargetRegion]) -> Vec<Value> {

@@ -12,10 +12,11 @@ use reqwest::Url;
 use super::api::{
     Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts, OperationStatus,
     PoolCreated, PoolInfo, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion, VersionInfo,
-    VersionRequest, VmInfo,
+    VersionRequest, VmInfo, VmSize,
 };
 use super::arm::Arm;
 use super::batch::Batch;
+use super::catalog::Catalog;
 use super::config::{AzureSettings, SettingsError};
 use super::error::AzureError;
 use super::http::{Http, build_client};
@@ -29,6 +30,7 @@ pub struct AzureClient {
     resource_manager: Url,
     credential_kind: &'static str,
     http: Arc<Http>,
+    catalog: Arc<Catalog>,
 }
 
 impl fmt::Debug for AzureClient {
@@ -88,6 +90,7 @@ impl AzureClient {
             resource_manager,
             credential_kind,
             http,
+            catalog: Arc::default(),
         }
     }
 
@@ -112,6 +115,16 @@ impl AzureApi for AzureClient {
 
     async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
         named("provider_state", self.arm.provider_state(subscription, namespace)).await
+    }
+
+    async fn list_locations(&self, subscription: &str) -> Result<Vec<String>, AzureError> {
+        let read = named("list_locations", self.arm.list_locations(subscription));
+        self.catalog.locations(subscription, read).await
+    }
+
+    async fn batch_vm_sizes(&self, subscription: &str, location: &str) -> Result<Vec<VmSize>, AzureError> {
+        let read = named("batch_vm_sizes", self.arm.batch_vm_sizes(subscription, location));
+        self.catalog.vm_sizes(subscription, location, read).await
     }
 
     async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {

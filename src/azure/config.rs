@@ -163,6 +163,8 @@ pub struct ApiVersions {
     pub gallery: String,
     /// Microsoft.Resources: provider registration.
     pub resources: String,
+    /// Microsoft.Resources subscriptions API: a subscription's locations.
+    pub subscriptions: String,
     /// Microsoft.Batch management plane: Batch accounts.
     pub batch_management: String,
     /// Batch data plane.
@@ -176,6 +178,7 @@ impl Default for ApiVersions {
             disk: "2024-03-02".into(),
             gallery: "2024-03-03".into(),
             resources: "2024-07-01".into(),
+            subscriptions: "2022-12-01".into(),
             batch_management: "2024-07-01".into(),
             batch: "2024-07-01.20.0".into(),
         }

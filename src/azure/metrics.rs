@@ -16,9 +16,11 @@ tokio::task_local! {
 }
 
 /// Every client call and the API it goes to: the `operation` label's values.
-pub const OPERATIONS: [(&str, &str); 27] = [
+pub const OPERATIONS: [(&str, &str); 29] = [
     ("arm", "get_vm"),
     ("arm", "provider_state"),
+    ("arm", "list_locations"),
+    ("arm", "batch_vm_sizes"),
     ("arm", "register_provider"),
     ("arm", "put_snapshot"),
     ("arm", "get_snapshot"),

@@ -8,6 +8,7 @@ pub mod api;
 mod arm;
 mod auth;
 mod batch;
+mod catalog;
 pub mod client;
 pub mod config;
 pub mod error;

@@ -20,6 +20,7 @@ pub mod regions;
 mod server;
 mod state;
 mod tls;
+mod vm_sizes;
 pub mod world;
 
 use std::collections::{BTreeMap, HashMap};

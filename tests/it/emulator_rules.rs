@@ -943,6 +943,12 @@ async fn pool_add_validation_and_the_happy_path() {
     assert_eq!(batch_value(&reply, "PropertyName"), "resizeTimeout");
 
     let mut body = pool_body("nightly", &version, LINUX_SKU);
+    body["vmSize"] = json!("Standard_Floppy_v1");
+    let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &body).await;
+    expect(&reply, 400, "InvalidPropertyValue");
+    assert_eq!(batch_value(&reply, "PropertyName"), "vmSize");
+
+    let mut body = pool_body("nightly", &version, LINUX_SKU);
     body.as_object_mut().expect("object").remove("vmSize");
     let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &body).await;
     expect(&reply, 400, "MissingRequiredProperty");
@@ -1023,4 +1029,70 @@ async fn allocation_needs_a_replica_per_600_nodes_and_15_minutes_per_1000() {
             assert_eq!(reply.body["resizeErrors"][0]["code"], "AllocationTimedout", "{id}");
         }
     }
+}
+
+#[tokio::test]
+async fn regions_and_batch_vm_sizes_are_listed_and_paged() {
+    let emu = start_fast().await;
+    let token = emu.arm_token().await;
+    let reply = emu
+        .get(
+            &format!(
+                "{}/subscriptions/{SUB_IMAGING}/locations?api-version=2022-12-01",
+                emu.base()
+            ),
+            &token,
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{:#}", reply.body);
+    let names: Vec<&str> = reply.body["value"]
+        .as_array()
+        .expect("value")
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"westeurope") && !names.contains(&"mars"), "{names:?}");
+    assert_eq!(reply.body["value"][0]["displayName"], "East US");
+
+    let skus = |location: &str, extra: &str| {
+        format!(
+            "{}/subscriptions/{SUB_COMPUTE}/providers/Microsoft.Batch/locations/{location}/virtualMachineSkus?api-version=2024-07-01{extra}",
+            emu.base()
+        )
+    };
+    let mut url = skus("westeurope", "&maxresults=7");
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let reply = emu.get(&url, &token).await;
+        assert_eq!(reply.status, 200, "{:#}", reply.body);
+        pages += 1;
+        let page = reply.body["value"].as_array().expect("value");
+        assert!(page.len() <= 7);
+        seen.extend(page.iter().map(|s| s["name"].as_str().unwrap().to_string()));
+        match reply.body["nextLink"].as_str() {
+            Some(next) => url = next.to_string(),
+            None => break,
+        }
+    }
+    assert!(pages > 2, "{pages} pages");
+    assert!(seen.iter().any(|s| s == "Standard_D4s_v5"));
+    let unique: std::collections::HashSet<_> = seen.iter().collect();
+    assert_eq!(unique.len(), seen.len(), "no size twice across pages");
+
+    let reply = emu.get(&skus("mars", ""), &token).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.body["error"]["code"], "LocationNotAvailableForResourceType");
+    let reply = emu.get(&skus("westeurope", "&maxresults=0"), &token).await;
+    assert_eq!(reply.status, 400);
+    let reply = emu
+        .get(
+            &format!(
+                "{}/subscriptions/{SUB_IMAGING}/locations?api-version=2019-01-01",
+                emu.base()
+            ),
+            &token,
+        )
+        .await;
+    assert_eq!(reply.status, 400, "an api-version the subscriptions API never had");
 }

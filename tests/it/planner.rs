@@ -20,10 +20,14 @@ use crate::helpers::*;
 const VERSION: &str = "1.0.0";
 
 fn azure(emu: &TestEmulator) -> AzureClient {
+    azure_as(emu, PIPELINE_APP)
+}
+
+fn azure_as(emu: &TestEmulator, app: (&str, &str)) -> AzureClient {
     let mut settings = AzureSettings::new(CredentialSettings::ClientSecret {
         tenant_id: TENANT.to_string(),
-        client_id: PIPELINE_APP.0.to_string(),
-        client_secret: Secret::new(PIPELINE_APP.1),
+        client_id: app.0.to_string(),
+        client_secret: Secret::new(app.1),
     });
     settings.cloud.authority_host = emu.base().to_string();
     settings.cloud.resource_manager = emu.base().to_string();
@@ -817,4 +821,122 @@ async fn the_shipped_nightly_pipeline_plans_with_the_documented_numbers() {
     assert_eq!(plan.end_of_life, Some(now + time::Duration::days(90)));
     assert!(plan.register_batch_in.is_empty());
     assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+}
+
+/// Plans the spec text as is (after edits a [`Spec`] cannot express); the refusal's (key, message).
+async fn refused_text(emu: &TestEmulator, text: &str) -> (String, String) {
+    let parsed = PipelineSpec::parse(text, "plan-it.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    clear_log(emu).await;
+    let inputs = PlanInputs {
+        version: VERSION.to_string(),
+        ..PlanInputs::default()
+    };
+    let result = planner::plan(&parsed, &inputs, &azure(emu), OffsetDateTime::now_utc()).await;
+    assert_read_only(emu).await;
+    match result {
+        Err(PlanError::Rule { key, message }) => (key, message),
+        Err(other) => panic!("expected a rule refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal of\n{text}"),
+    }
+}
+
+#[tokio::test]
+async fn regions_and_vm_sizes_azure_does_not_have_are_refused_before_anything_is_made() {
+    let emu = start_frozen().await;
+    let spec = Spec {
+        regions: vec![region("West Europe"), region("mars")],
+        ..Default::default()
+    };
+    let (key, message) = refused(&emu, &spec).await;
+    assert_eq!(key, "publish.regions[1].name");
+    assert!(message.contains("`mars` is not a region of subscription"), "{message}");
+
+    let text = Spec::default()
+        .toml()
+        .replace("[gallery]\n", "[gallery]\nregion = \"atlantis\"\n");
+    let (key, message) = refused_text(&emu, &text).await;
+    assert_eq!(key, "gallery.region");
+    assert!(message.contains("`atlantis`"), "{message}");
+
+    let text = Spec::default().toml().replace("Standard_D4s_v5", "Standard_Floppy_v1");
+    let (key, message) = refused_text(&emu, &text).await;
+    assert_eq!(key, "pools[0].vm_size");
+    assert!(
+        message.contains("`Standard_Floppy_v1` is not a VM size Batch offers in westeurope"),
+        "{message}"
+    );
+
+    // Sizes compare without case, as Batch compares them; both forms of a region name are fine.
+    let text = Spec::default().toml().replace("Standard_D4s_v5", "standard_d4s_v5");
+    let parsed = PipelineSpec::parse(&text, "plan-it.toml").unwrap();
+    let inputs = PlanInputs {
+        version: VERSION.to_string(),
+        ..PlanInputs::default()
+    };
+    planner::plan(&parsed, &inputs, &azure(&emu), OffsetDateTime::now_utc())
+        .await
+        .expect("a size in another case plans");
+}
+
+#[tokio::test]
+async fn a_principal_that_may_not_list_regions_gets_a_warning_not_a_refusal() {
+    let emu = start_frozen().await;
+    let token = emu.arm_token().await;
+    publish_version(
+        &emu,
+        &token,
+        "ubuntu-2204-batch",
+        "Generalized",
+        "2026.1101.0",
+        &[("westeurope", 1)],
+    )
+    .await;
+    emu.advance(4.0 * 3600.0).await;
+    // The rollout app reads only its gallery's resource group: listing the gallery subscription's
+    // regions is forbidden to it.
+    let text = Spec {
+        rollout: true,
+        version: "scheme = \"existing\"\nvalue = \"2026.1101.0\"".into(),
+        regions: Vec::new(),
+        pools: vec![pool(
+            "render",
+            "sigrunweu",
+            10,
+            "node_agent_sku_id = \"batch.node.ubuntu 22.04\"",
+        )],
+        ..Default::default()
+    }
+    .toml()
+    .replace("[gallery]\n", "[gallery]\nregion = \"westeurope\"\n");
+    let parsed = PipelineSpec::parse(&text, "plan-it.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let inputs = PlanInputs {
+        version: "2026.1101.0".to_string(),
+        ..PlanInputs::default()
+    };
+    let plan = planner::plan(
+        &parsed,
+        &inputs,
+        &azure_as(&emu, ROLLOUT_APP),
+        OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("plan: {e}"));
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.starts_with("region names not checked") && w.contains("HTTP 403")),
+        "{:?}",
+        plan.warnings
+    );
+    assert!(
+        plan.warnings
+            .iter()
+            .any(|w| w.starts_with("Microsoft.Batch's registration in the gallery's subscription")),
+        "{:?}",
+        plan.warnings
+    );
+    assert!(
+        plan.register_batch_in.is_empty(),
+        "nothing it could not see is registered"
+    );
 }

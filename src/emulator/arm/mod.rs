@@ -3,6 +3,7 @@
 //! resource provider's, and the caller's role on the scope, then routes to the resource handlers.
 //! Answers carry ARM's error body and its `x-ms-*` headers.
 
+mod catalog;
 mod compute;
 mod gallery;
 mod lro;
@@ -64,6 +65,8 @@ pub fn error(status: u16, code: &str, message: &str, target: Option<&str>) -> Re
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Resources,
+    /// Microsoft.Resources' subscriptions API (locations), versioned apart from the rest.
+    Subscriptions,
     Compute,
     Disk,
     Gallery,
@@ -76,6 +79,7 @@ impl Family {
     fn versions(self) -> (&'static str, &'static [&'static str]) {
         match self {
             Family::Resources => ("2024-07-01", &["2021-04-01", "2022-09-01", "2023-07-01", "2024-03-01"]),
+            Family::Subscriptions => ("2022-12-01", &["2016-06-01", "2020-01-01", "2021-01-01"]),
             Family::Compute => ("2024-07-01", &["2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01"]),
             Family::Disk => ("2024-03-02", &["2023-04-02", "2023-10-02", "2024-03-01"]),
             Family::Gallery => ("2024-03-03", &["2022-03-03", "2022-08-03", "2023-07-03"]),
@@ -281,6 +285,16 @@ fn route(ctx: &Ctx, st: &mut State, req: &Request, caller: &Caller, sub: &str) -
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
     let method = req.method.as_str();
     match l.as_slice() {
+        ["subscriptions", _, "locations"] => catalog::locations(ctx, req, caller, sub).map(|r| (r, false)),
+        [
+            "subscriptions",
+            _,
+            "providers",
+            "microsoft.batch",
+            "locations",
+            _,
+            "virtualmachineskus",
+        ] => catalog::batch_vm_skus(ctx, req, caller, sub, s[5]).map(|r| (r, false)),
         ["subscriptions", _, "providers", _] => providers::provider(ctx, st, req, caller, sub, s[3]),
         ["subscriptions", _, "providers", _, "register"] => providers::register(ctx, st, req, caller, sub, s[3]),
         [

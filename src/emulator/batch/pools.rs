@@ -294,8 +294,15 @@ fn add_pool(
             false,
         );
     }
-    if body["vmSize"].as_str().is_none() {
-        return (missing_property(req, "vmSize"), false);
+    match body["vmSize"].as_str() {
+        None => return (missing_property(req, "vmSize"), false),
+        Some(size) if !crate::emulator::vm_sizes::offered(size) => {
+            return (
+                bad_property(req, "vmSize", "The specified VM size is not supported by Batch."),
+                false,
+            );
+        }
+        Some(_) => {}
     }
     let Some(vm_config) = body.get("virtualMachineConfiguration").filter(|v| v.is_object()) else {
         return (missing_property(req, "virtualMachineConfiguration"), false);

@@ -2,8 +2,11 @@
 //! applying every preflight rule — the build VM has managed disks, no extensions and a base image
 //! Batch supports; the definition (if it exists) is generalized and matches; every pool's region
 //! gets a replica; replicas and resize timeouts are never below the documented minimums (raised,
-//! with a warning); the node agent SKU matches the image's OS. `sigrun validate` prints the plan;
+//! with a warning); the node agent SKU matches the image's OS; regions and VM sizes are ones Azure
+//! has (`azure_values`). `sigrun validate` prints the plan;
 //! `sigrun run` carries it in every message.
+
+mod azure_values;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -254,6 +257,8 @@ pub async fn plan(
         });
     }
 
+    azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
+
     // Regions: every pool's region needs a replica; counts never below one per N nodes.
     let mut regions = Vec::new();
     if rollout_only {
@@ -362,12 +367,18 @@ pub async fn plan(
     if pools
         .iter()
         .any(|pool| !gallery_sub.eq_ignore_ascii_case(pool.account.subscription()))
-        && azure.provider_state(gallery_sub, "Microsoft.Batch").await? != "Registered"
     {
-        warnings.push(format!(
-            "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
-        ));
-        register_batch_in.push(gallery_sub.to_string());
+        let read = azure.provider_state(gallery_sub, "Microsoft.Batch").await;
+        let what = format!("Microsoft.Batch's registration in the gallery's subscription {gallery_sub}");
+        match azure_values::readable(read, &what, &mut warnings)? {
+            Some(state) if state != "Registered" => {
+                warnings.push(format!(
+                    "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
+                ));
+                register_batch_in.push(gallery_sub.to_string());
+            }
+            _ => {}
+        }
     }
 
     let gated = spec.promotion.gated && !rollout_only;
