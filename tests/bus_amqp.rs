@@ -1,8 +1,8 @@
 //! The RabbitMQ bus against the real broker at `SIGRUN_TEST_AMQP_URL` (default
 //! amqp://guest:guest@127.0.0.1:5672). Nothing is skipped: an unreachable broker fails every test
 //! with how to start it. Each test declares its own topology under a random name prefix (tests run
-//! in parallel on one broker) and deletes it at the end. Broker-side timing (TTL expiry,
-//! dead-lettering) is awaited with bounded polling; everything else awaits the event itself.
+//! in parallel on one broker) and deletes it at the end. Broker-side timing (dead-lettering, a
+//! relay's hold) is awaited with bounded polling; everything else awaits the event itself.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -275,6 +275,57 @@ async fn a_delayed_message_returns_to_its_stage_after_its_tier_and_not_before() 
         Err(BusError::NotConfirmed { .. })
     ));
     teardown(bus).await;
+}
+
+/// A relay that dies holding a delayed message (its process killed, its connection gone) leaves
+/// it with the broker; another worker's relay sends it on when due, once, and not before.
+#[tokio::test]
+async fn a_delay_held_by_a_relay_that_dies_comes_back_through_another_once() {
+    let prefix = prefix();
+    let holder = connect(&prefix).await;
+    let delay = *holder.tiers().last().unwrap();
+    let tier = holder.tiers().len() - 1;
+    // Consuming anything starts the holder's relays.
+    let _ = timeout(Duration::from_millis(50), holder.next(&[Stage::Verify])).await;
+    let start = Instant::now();
+    holder.publish_delayed(Stage::Snapshot, b"held", tier).await.unwrap();
+    let queue = holder.names().tier(delay);
+    // A passive declare counts the ready messages only: 0 once the relay holds it unacked.
+    let looker = raw().await;
+    let channel = looker.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ready = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+            .unwrap()
+            .message_count();
+        if ready == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the holder's relay took the message from {queue}");
+        sleep(Duration::from_millis(10)).await;
+    }
+    assert!(start.elapsed() < delay, "taken while it waits");
+    let _ = looker.close(200, "done".into()).await;
+    holder.close().await;
+
+    let other = connect(&prefix).await;
+    let d = next(&other, &[Stage::Snapshot]).await;
+    let waited = start.elapsed();
+    assert_eq!(d.body, b"held");
+    assert_eq!(d.delivery_count, 1, "the stage queue counts its own deliveries only");
+    assert!(waited >= delay, "sent on after {waited:?}, before its {delay:?}");
+    d.acker.ack().await.unwrap();
+    assert!(
+        timeout(delay * 3, other.next(&[Stage::Snapshot])).await.is_err(),
+        "sent on once"
+    );
+    teardown(other).await;
 }
 
 #[tokio::test]

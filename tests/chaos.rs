@@ -323,9 +323,22 @@ fn chaos_config(setup: &Setup, url: &str, others: &[String]) -> std::path::PathB
     path
 }
 
+/// What a scenario needs of its broker besides disturbing it: where its queues stand (printed
+/// when runs stall) and putting it back whole once the runs have ended.
+struct BrokerHooks<R, S> {
+    report: R,
+    restore: S,
+}
+
 /// Runs the scenario: `disturb` is called every kill interval with the elapsed share of the
 /// expected run time, and does the broker's part.
-async fn scenario(name: &str, url: String, others: Vec<String>, mut disturb: impl FnMut(f64, &mut Disturbed)) {
+async fn scenario(
+    name: &str,
+    url: String,
+    others: Vec<String>,
+    mut disturb: impl FnMut(f64, &mut Disturbed),
+    broker: BrokerHooks<impl Fn() -> String, impl FnOnce()>,
+) {
     let runs = env_number("SIGRUN_CHAOS_RUNS", 4) as usize;
     let kill_every = Duration::from_millis(env_number("SIGRUN_CHAOS_KILL_EVERY_MS", 2500));
     let seed = env_number("SIGRUN_CHAOS_SEED", 7);
@@ -341,12 +354,22 @@ async fn scenario(name: &str, url: String, others: Vec<String>, mut disturb: imp
     // Disturb while the runs run: a run takes about 40 s here undisturbed, more when many overlap.
     let expected = Duration::from_secs(45 + 2 * runs as u64);
     let mut following = Box::pin(wait_all(&bus, &run_ids));
+    let mut reported_stall = false;
     let ended = loop {
         tokio::select! {
             ended = &mut following => break ended,
             () = tokio::time::sleep(kill_every) => {}
         }
         let share = began.elapsed().as_secs_f64() / expected.as_secs_f64();
+        if share > 2.5 && !reported_stall {
+            // Runs this late are stuck somewhere: say where the broker holds their messages.
+            reported_stall = true;
+            eprintln!(
+                "chaos {name}: runs not ended after {:?}; the broker's queues:\n{}",
+                began.elapsed(),
+                (broker.report)()
+            );
+        }
         if share < 1.5 {
             fleet.kill_one(&mut rng).await;
             disturbed.kills += 1;
@@ -355,6 +378,8 @@ async fn scenario(name: &str, url: String, others: Vec<String>, mut disturb: imp
         }
     };
     drop(following);
+    // The broker whole again (a node killed late may not be back yet) before checking and cleaning up.
+    (broker.restore)();
     let figures = check(&setup, &run_ids, &ended, &fleet).await;
     let left_parked = parked(&bus).await;
     assert_eq!(left_parked, 0, "nothing parked");
@@ -395,19 +420,29 @@ async fn chaos_on_one_node() {
             .expect("a private node"),
     );
     let url = node.url();
+    let report_node = Arc::clone(&node);
     let (mut closed, mut restarted) = (false, false);
-    scenario("on one node", url, Vec::new(), |share, disturbed| {
-        if share > 0.3 && !closed {
-            closed = true;
-            node.close_all_connections("sigrun chaos: every connection closed");
-            disturbed.connections_closed += 1;
-        } else if share > 0.6 && !restarted {
-            restarted = true;
-            node.stop();
-            node.start_again();
-            disturbed.node_restarts += 1;
-        }
-    })
+    scenario(
+        "on one node",
+        url,
+        Vec::new(),
+        |share, disturbed| {
+            if share > 0.3 && !closed {
+                closed = true;
+                node.close_all_connections("sigrun chaos: every connection closed");
+                disturbed.connections_closed += 1;
+            } else if share > 0.6 && !restarted {
+                restarted = true;
+                node.stop();
+                node.start_again();
+                disturbed.node_restarts += 1;
+            }
+        },
+        BrokerHooks {
+            report: || report_node.queue_report(),
+            restore: || {},
+        },
+    )
     .await;
 }
 
@@ -434,17 +469,30 @@ async fn chaos_on_a_three_node_cluster_with_a_node_killed() {
     let others = vec![nodes[1].url(), nodes[2].url()];
     let (mut killed, mut back) = (false, false);
     let cluster = Arc::clone(&nodes);
-    scenario("on a three-node cluster", url, others, move |share, disturbed| {
-        // The node the workers connect to first (and where the queues were declared) dies.
-        if share > 0.3 && !killed {
-            killed = true;
-            cluster[0].kill();
-            disturbed.nodes_killed += 1;
-        } else if share > 0.8 && !back {
-            back = true;
-            cluster[0].start_again();
-            disturbed.node_restarts += 1;
-        }
-    })
+    scenario(
+        "on a three-node cluster",
+        url,
+        others,
+        move |share, disturbed| {
+            // The node the workers connect to first (and where the queues were declared) dies.
+            if share > 0.3 && !killed {
+                killed = true;
+                cluster[0].kill();
+                disturbed.nodes_killed += 1;
+            } else if share > 0.8 && !back {
+                back = true;
+                cluster[0].start_again();
+                disturbed.node_restarts += 1;
+            }
+        },
+        BrokerHooks {
+            report: || nodes.iter().filter(|n| n.running()).map(|n| n.queue_report()).collect(),
+            restore: || {
+                if !nodes[0].running() {
+                    nodes[0].start_again();
+                }
+            },
+        },
+    )
     .await;
 }

@@ -141,7 +141,7 @@ impl Admitter {
                 // A bug met by some input: that trigger is parked with the reason, and admission
                 // goes on for every other.
                 Err(panic) => {
-                    let what = panic_text(&panic);
+                    let what = crate::model::text::panic_message(&*panic);
                     tracing::error!(panic = %what, "admitting the trigger panicked; parking it");
                     self.park(
                         &message,
@@ -381,11 +381,3 @@ impl Admitter {
     }
 }
 
-/// What a panic said, for the park reason.
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "a panic without a message".into())
-}

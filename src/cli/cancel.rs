@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use clap::Args;
 use uuid::Uuid;
 
-use super::input_error;
+use super::{history, input_error};
 use crate::admission::trunk_event;
 use crate::bus::Bus;
 use crate::bus::amqp::{AmqpBus, StreamOffset};
@@ -30,11 +30,8 @@ pub struct CancelArgs {
 pub async fn run(args: CancelArgs) -> anyhow::Result<ExitCode> {
     let run_id = Uuid::parse_str(args.run.trim())
         .map_err(|e| input_error(anyhow::anyhow!("`{}` is not a run id: {e}", args.run)))?;
-    let settings = Settings::load(args.config.as_deref()).map_err(input_error)?;
-    let url = settings.amqp.redacted_url();
-    let bus = AmqpBus::connect(settings.amqp.clone(), settings.delay_tiers())
-        .await
-        .map_err(|e| anyhow::anyhow!("RabbitMQ at {url}: {e}"))?;
+    // A prefix nothing has used is a typo, not a new environment: nothing is declared for it.
+    let (bus, settings) = history::connect(args.config.as_deref(), "cancel").await?;
     let outcome = cancel(&bus, run_id, &settings).await;
     bus.close().await;
     outcome

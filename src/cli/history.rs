@@ -16,6 +16,7 @@ use crate::bus::BusError;
 use crate::bus::amqp::{AmqpBus, StreamOffset};
 use crate::config::Settings;
 use crate::events::{Event, RunResult};
+use crate::model::text;
 
 /// A bus on the configured prefix for the operator commands. Fails with exit 2 when the settings
 /// are bad or the prefix has no topology on the broker (nothing ever ran there), 1 when the broker
@@ -210,28 +211,39 @@ pub fn result_json(result: &RunResult) -> Value {
 
 /// Prints rows as columns two spaces apart; the last column is not padded.
 pub fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", render_table(header, rows));
+}
+
+/// The table [`print_table`] prints. Cells come from messages and events other systems wrote:
+/// each is cut to [`text::MAX_REASON_BYTES`] with its control characters made visible, so no cell
+/// can move the cursor, recolour the terminal or break a row.
+pub fn render_table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| text::bounded(cell)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
+    for row in &rows {
         for (i, cell) in row.iter().enumerate() {
             widths[i] = widths[i].max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
+    let mut out = String::new();
+    for cells in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
         let last = cells.len() - 1;
-        let mut out = String::new();
-        for (i, cell) in cells.into_iter().enumerate() {
+        for (i, cell) in cells.iter().enumerate() {
             if i == last {
-                out.push_str(cell);
+                line.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+                line.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
+    out
 }
 
 #[cfg(test)]
@@ -285,6 +297,22 @@ mod tests {
         assert!(unknown.to_string().contains("retention"), "{unknown}");
         assert!(run_matches(&a, "3f2a"));
         assert!(!run_matches(&a, "3f2b"));
+    }
+
+    #[test]
+    fn table_cells_cannot_write_escape_sequences_or_break_rows() {
+        let hostile = "parked\u{1b}[2J\u{1b}[31mred\r\nfake row\u{7}".to_string();
+        let table = render_table(
+            &["ID", "WHY"],
+            &[vec!["m1".into(), hostile], vec!["m2".into(), "x".repeat(100_000)]],
+        );
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\r') && !table.contains('\u{7}'),
+            "{table:?}"
+        );
+        assert_eq!(table.lines().count(), 3, "a header and two rows: {table:?}");
+        assert!(table.contains("\\u{1b}[2J"), "the escape shown, not obeyed: {table:?}");
+        assert!(table.len() < 10_000, "a cell is bounded: {} bytes", table.len());
     }
 
     #[test]

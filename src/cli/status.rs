@@ -14,6 +14,7 @@ use serde_json::json;
 use super::history::{self, RunHistory};
 use super::run::describe;
 use crate::events::{EventKind, run_result};
+use crate::model::text;
 
 #[derive(Debug, Args)]
 #[command(
@@ -92,7 +93,11 @@ fn print_timeline(run: &RunHistory) {
     let first = run.first();
     let result = run_result(&run.events);
     println!("run       {}", run.run_id);
-    println!("pipeline  {} {}", first.pipeline, first.version);
+    println!(
+        "pipeline  {} {}",
+        text::bounded(&first.pipeline),
+        text::bounded(&first.version)
+    );
     println!("started   {}", history::time_millis(first.at));
     if !run
         .events
@@ -118,7 +123,7 @@ fn print_timeline(run: &RunHistory) {
         .collect();
     history::print_table(&["TIME", "ELAPSED", "STAGE", "BRANCH", "WHAT"], &rows);
     println!();
-    println!("result: {}", history::result_line(&result));
+    println!("result: {}", text::bounded(&history::result_line(&result)));
 }
 
 fn print_runs_json(runs: &[&RunHistory]) {

@@ -18,6 +18,7 @@ use super::history;
 use super::run::describe;
 use crate::bus::BusError;
 use crate::bus::amqp::{AmqpBus, EventReader, StreamOffset, StreamedEvent};
+use crate::model::text;
 
 #[derive(Debug, Args)]
 #[command(
@@ -173,7 +174,7 @@ fn show(args: &WatchArgs, streamed: &StreamedEvent) {
         println!("{}", json!({"offset": streamed.offset, "event": event}));
     } else {
         let run = event.run_id.simple().to_string();
-        println!(
+        let line = format!(
             "{}  {}  {} {}  {}  {}  {}",
             history::time_millis(event.at),
             &run[..8],
@@ -183,6 +184,8 @@ fn show(args: &WatchArgs, streamed: &StreamedEvent) {
             event.branch.label(),
             describe(event)
         );
+        // Events are other processes' words: printed bounded, escapes shown and not obeyed.
+        println!("{}", text::bounded(&line));
     }
 }
 

@@ -26,7 +26,7 @@ use crate::config::{Mode, Settings};
 use crate::ledger::Ledger;
 use crate::model::envelope::Stage;
 use crate::runtime::{Handler, Runtime, StageHandler};
-use crate::telemetry::{Readiness, Telemetry};
+use crate::telemetry::{Components, Readiness, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("stages").required(true).args(["stage", "all_stages"])))]
@@ -85,7 +85,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     // The broker may not be there yet (a restart, a node coming back): the bus connects in the
     // background with backoff while /readyz says 503, and the worker never exits for it.
     let bus = Arc::new(AmqpBus::start(session.amqp.clone(), session.runtime.tiers.clone()));
+    let components = Components::default();
     let readiness = Readiness::new()
+        .with_components(components.clone())
         .with_bus(Arc::clone(&bus))
         .with_azure(session.azure.clone());
     let server = match endpoints::start("worker", args.metrics_listen, &session.telemetry, &telemetry, readiness).await
@@ -143,7 +145,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         ledger.started_count()
     );
     let (stopping, stopped) = tokio::sync::watch::channel(false);
-    let admitting = tokio::spawn(async move { admitter.run(stopped).await });
+    // Admission ending under a running worker would stop it for everyone, unseen: it is
+    // supervised, and /readyz and /healthz say so.
+    let admitting = tokio::spawn(async move {
+        let run = admitter.run(stopped.clone());
+        components.supervise("admitter", stopped, run).await.unwrap_or(0)
+    });
     let report = runtime
         .run(async move {
             stop.wait().await;

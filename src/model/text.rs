@@ -49,6 +49,17 @@ pub fn for_terminal(text: &str) -> String {
     out
 }
 
+/// What a caught panic said (its `&str` or `String` payload), bounded like a reason: for the park
+/// reason or the log line that reports it.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let said = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    bounded(said)
+}
+
 fn push_visible(out: &mut String, c: char) {
     if c.is_control() {
         out.extend(c.escape_default());

@@ -6,7 +6,6 @@
 //! claimed first and committed last, so of several copies of one message exactly one acts.
 //! Stage-agnostic: it sees envelopes, outcomes and error classes, never what a stage does.
 
-use std::any::Any;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -420,7 +419,7 @@ impl Runtime {
             Ok(result) => result,
             Err(join) => {
                 let what = if join.is_panic() {
-                    panic_text(join.into_panic())
+                    crate::model::text::panic_message(&*join.into_panic())
                 } else {
                     "the handler task was cancelled".to_string()
                 };
@@ -771,15 +770,6 @@ struct AbortOnDrop<T>(JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-fn panic_text(payload: Box<dyn Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => payload
-            .downcast_ref::<&str>()
-            .map_or_else(|| "a non-text panic payload".to_string(), |s| s.to_string()),
     }
 }
 

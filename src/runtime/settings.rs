@@ -14,7 +14,7 @@ pub struct RuntimeSettings {
     /// Deliveries handled at once by one process.
     pub consumers: usize,
     /// The delay tiers, shortest first. The bus is built with them (the RabbitMQ bus declares one
-    /// TTL queue per tier); the runtime asks the bus, so the two cannot disagree at run time.
+    /// queue per tier); the runtime asks the bus, so the two cannot disagree at run time.
     #[serde(rename = "tiers_ms", with = "millis_list")]
     pub tiers: Vec<Duration>,
     pub retry: RetrySettings,

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 pub use metrics::Telemetry;
-pub use readiness::Readiness;
+pub use readiness::{Components, Readiness};
 pub use server::MetricsServer;
 
 /// `[telemetry]` in the settings.

@@ -77,8 +77,12 @@ async fn metrics(State(endpoints): State<Endpoints>) -> Response {
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], endpoints.telemetry.render()).into_response()
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Alive unless a component of the process is down (then only a restart helps).
+async fn healthz(State(endpoints): State<Endpoints>) -> Response {
+    match endpoints.readiness.alive() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()).into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("down: {reason}\n")).into_response(),
+    }
 }
 
 async fn readyz(State(endpoints): State<Endpoints>) -> Response {

@@ -117,6 +117,24 @@ impl RabbitNode {
         run(&all)
     }
 
+    /// What each queue holds and where its leader is, as this node sees it (for a stalled test's
+    /// report; never panics).
+    pub fn queue_report(&self) -> String {
+        let output = Command::new(script())
+            .args(["ctl", self.dir(), "list_queues", "name", "type", "messages_ready"])
+            .args(["messages_unacknowledged", "messages", "leader", "online"])
+            .output();
+        match output {
+            Ok(o) => format!(
+                "{}: {}{}",
+                self.name,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => format!("{}: rabbitmqctl did not run: {e}", self.name),
+        }
+    }
+
     /// Whether the node's VM runs.
     pub fn running(&self) -> bool {
         Command::new(script())

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
 use tracing::{info, warn};
 
-use super::{Shared, connection_error, consumer, topology};
+use super::{Shared, connection_error, consumer, delays, topology};
 use crate::bus::BusError;
 
 /// How long closing a connection may take before it is abandoned.
@@ -158,6 +158,7 @@ async fn run_link(
 ) -> bool {
     let mut consumers = JoinSet::new();
     let mut consuming = BTreeSet::new();
+    let mut relaying = false;
     let mut events = link.connection.events_listener();
     loop {
         // Registered before reading the set, so a stage added in between is not missed.
@@ -165,6 +166,14 @@ async fn run_link(
         let wanted = shared.wanted.lock().unwrap_or_else(PoisonError::into_inner).clone();
         for source in wanted.difference(&consuming) {
             consumers.spawn(consumer::consume(Arc::clone(shared), Arc::clone(link), *source));
+        }
+        // A process that consumes work also relays the delay tiers (a `submit` or `status`
+        // never does): delayed messages come back while any worker runs.
+        if !wanted.is_empty() && !relaying {
+            relaying = true;
+            for &delay in &shared.spec.tiers {
+                consumers.spawn(delays::relay(Arc::clone(shared), Arc::clone(link), delay));
+            }
         }
         consuming.extend(wanted);
         let closing = tokio::select! {

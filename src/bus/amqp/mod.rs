@@ -1,12 +1,13 @@
 //! The RabbitMQ bus: the [`Bus`] trait over AMQP 0-9-1 with lapin, for workers that share one
 //! broker. Work goes through a direct exchange into one quorum queue per stage (with a delivery
-//! limit that parks poison messages), delays through per-tier TTL queues that dead-letter back to
-//! the work exchange, parking into a quorum queue with the reason in headers, and events into a
+//! limit that parks poison messages), delays through per-tier queues that the workers' relays
+//! send back to the work exchange when due, parking into a quorum queue with the reason in headers, and events into a
 //! stream. Every publish waits for the broker's confirm; deliveries are acked manually.
 //!
 //! - [`topology`] — names and the idempotent declaration of exchanges and queues.
 //! - `publisher` — confirmed publishes and the headers parked messages carry.
 //! - `consumer` — one consumer per stage queue feeding [`AmqpBus::next`], and the acker.
+//! - [`delays`] — the delay tiers' relay: held until due, then back on the work exchange.
 //! - [`triggers`] — publishing triggers, taking them (one admitter at a time), parking and delaying them.
 //! - `connection` — the connection, and reconnecting with backoff (re-declare, re-consume).
 //! - [`events`] — reading the events stream back (what `status` and `watch` need).
@@ -35,6 +36,7 @@ use crate::model::envelope::Stage;
 
 mod connection;
 mod consumer;
+pub mod delays;
 pub mod events;
 pub mod parking;
 mod publisher;
@@ -486,15 +488,17 @@ impl Bus for AmqpBus {
                 reason: format!("the bus has {} tiers", self.tiers.len()),
             });
         };
-        // Routing key = the stage: the tier's fanout exchange ignores it and the TTL dead-letters
-        // the message back to the work exchange with it.
+        // Routing key = the stage: the tier's fanout exchange ignores it and the relay sends the
+        // message back to the work exchange with it once due.
         let exchange = self.shared.names.tier(delay);
+        let properties = publisher::stage_properties(body);
+        let headers = delays::with_due(properties.headers().clone().unwrap_or_default(), delay);
         publisher::publish(
             &self.shared,
             &exchange,
             stage.as_str(),
             body,
-            publisher::stage_properties(body),
+            properties.with_headers(headers),
         )
         .await
     }

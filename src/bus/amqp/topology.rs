@@ -9,7 +9,7 @@
 //! | `{p}.work` | direct exchange | `alternate-exchange={p}.parking` (unroutable messages are parked, not dropped) |
 //! | `{p}.stage.{stage}` | quorum queue | bound to `work` by the stage name; `x-delivery-limit`, dead-letters to `{p}.parking` at-least-once |
 //! | `{p}.triggers` | quorum queue | bound to `work` by `trigger`; as a stage queue, plus `x-single-active-consumer` (one admitter decides at a time) |
-//! | `{p}.wait.{ms}ms` | fanout exchange + quorum queue | `x-message-ttl={ms}`, dead-letters to `{p}.work` keeping the routing key |
+//! | `{p}.delay.{ms}ms` | fanout exchange + quorum queue | a delay tier: held by the workers' relays until due, then sent to `{p}.work` with the routing key it came with (`delays.rs`) |
 //! | `{p}.parking` | fanout exchange | → quorum queue `{p}.parked` |
 //! | `{p}.events` | topic exchange | `#` → stream queue `{p}.events` with `x-max-age` |
 
@@ -61,9 +61,14 @@ impl Names {
     }
 
     /// A delay tier's exchange and queue (same name). Named by the delay, not by its index: a
-    /// changed delay is a new queue beside the old one instead of a refused re-declaration, and
-    /// messages already waiting on the old one still come back.
+    /// changed delay is a new queue beside the old one instead of a refused re-declaration.
     pub fn tier(&self, delay: Duration) -> String {
+        format!("{}.delay.{}ms", self.prefix, delay.as_millis())
+    }
+
+    /// The tier queue of earlier builds (a TTL queue dead-lettering to `work`). Messages left on
+    /// one still come back by themselves; only [`delete`] names it.
+    fn legacy_tier(&self, delay: Duration) -> String {
         format!("{}.wait.{}ms", self.prefix, delay.as_millis())
     }
 
@@ -198,8 +203,8 @@ pub async fn declare(channel: &Channel, names: &Names, spec: &TopologySpec) -> l
     for &delay in &spec.tiers {
         let tier = names.tier(delay);
         // Fanout, so the routing key the message was published with (its stage) is left alone and
-        // is still the key when the TTL dead-letters it back to `work`. No
-        // `x-dead-letter-routing-key` for the same reason.
+        // is still the key the relay sends it on with. No TTL and no dead-lettering: the relays
+        // decide when it is due (see `delays.rs` for why).
         channel
             .exchange_declare(
                 tier.as_str().into(),
@@ -208,11 +213,12 @@ pub async fn declare(channel: &Channel, names: &Names, spec: &TopologySpec) -> l
                 FieldTable::default(),
             )
             .await?;
-        let ttl = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        let mut args = quorum_dead_lettering(&work);
-        args.push(("x-message-ttl", AMQPValue::LongLongInt(ttl)));
         channel
-            .queue_declare(tier.as_str().into(), durable_queue(), table(args))
+            .queue_declare(
+                tier.as_str().into(),
+                durable_queue(),
+                table(vec![("x-queue-type", text("quorum"))]),
+            )
             .await?;
         bind(channel, &tier, &tier, "").await?;
     }
@@ -250,6 +256,7 @@ pub async fn delete(channel: &Channel, names: &Names, tiers: &[Duration]) -> lap
     let mut queues: Vec<String> = Stage::ALL.iter().map(|s| names.stage_queue(*s)).collect();
     queues.push(names.triggers());
     queues.extend(tiers.iter().map(|t| names.tier(*t)));
+    queues.extend(tiers.iter().map(|t| names.legacy_tier(*t)));
     queues.push(names.parked_queue());
     queues.push(names.events());
     for queue in queues {
@@ -259,6 +266,7 @@ pub async fn delete(channel: &Channel, names: &Names, tiers: &[Duration]) -> lap
     }
     let mut exchanges = vec![names.work(), names.events(), names.parking_exchange()];
     exchanges.extend(tiers.iter().map(|t| names.tier(*t)));
+    exchanges.extend(tiers.iter().map(|t| names.legacy_tier(*t)));
     for exchange in exchanges {
         channel
             .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
@@ -278,7 +286,7 @@ mod tests {
         assert_eq!(names.stage_queue(Stage::ImageCreate), "t1.stage.image-create");
         assert_eq!(names.triggers(), "t1.triggers");
         assert!(Stage::parse(TRIGGER_ROUTING_KEY).is_none(), "no stage shares the key");
-        assert_eq!(names.tier(Duration::from_secs(5)), "t1.wait.5000ms");
+        assert_eq!(names.tier(Duration::from_secs(5)), "t1.delay.5000ms");
         assert_eq!(names.parked_queue(), "t1.parked");
         assert_eq!(names.events(), "t1.events");
     }

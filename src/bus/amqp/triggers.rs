@@ -130,15 +130,15 @@ impl AmqpBus {
         }
         let mut properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
-            .with_headers(table);
+            .with_headers(super::delays::with_due(table, delay));
         if let Some(content_type) = &trigger.content_type {
             properties = properties.with_content_type(content_type.as_str().into());
         }
         if let Some(id) = &trigger.message_id {
             properties = properties.with_message_id(id.as_str().into());
         }
-        // The tier's fanout exchange keeps the routing key; its TTL dead-letters the trigger back
-        // to the work exchange with it, which routes it to the triggers queue.
+        // The tier's fanout exchange keeps the routing key; once due, the relay sends the trigger
+        // back to the work exchange with it, which routes it to the triggers queue.
         publisher::publish(
             &self.shared,
             &self.shared.names.tier(delay),
