@@ -17,7 +17,11 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<String, String> {
         return Err("not a regular file (a directory, device or pipe is not read)".into());
     }
     if meta.len() > limit {
-        return Err(format!("{} bytes is over the limit of {limit}", meta.len()));
+        return Err(format!(
+            "{} bytes is over the limit of {} ({limit} bytes)",
+            meta.len(),
+            human(limit)
+        ));
     }
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let mut bytes = Vec::new();
@@ -25,9 +29,21 @@ pub fn read_bounded(path: &Path, limit: u64) -> Result<String, String> {
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read: {e}"))?;
     if bytes.len() as u64 > limit {
-        return Err(format!("over the limit of {limit} bytes (it grew while read)"));
+        return Err(format!(
+            "over the limit of {} ({limit} bytes; it grew while read)",
+            human(limit)
+        ));
     }
     String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
+}
+
+/// A limit as people write it: `1 MiB`, `64 KiB`, or bytes.
+fn human(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b} bytes"),
+    }
 }
 
 #[cfg(test)]
@@ -43,7 +59,13 @@ mod tests {
         assert!(read_bounded(&link, 10).unwrap_err().contains("not a regular file"));
         let big = dir.path().join("big.toml");
         std::fs::write(&big, "x".repeat(11)).unwrap();
-        assert!(read_bounded(&big, 10).unwrap_err().contains("over the limit of 10"));
+        assert!(
+            read_bounded(&big, 10)
+                .unwrap_err()
+                .contains("over the limit of 10 bytes")
+        );
+        assert_eq!(human(MAX_INPUT_FILE_BYTES), "1 MiB");
+        assert_eq!(human(256 * 1024), "256 KiB");
         std::fs::write(&big, "name = 1").unwrap();
         assert_eq!(read_bounded(&big, 10).unwrap(), "name = 1");
         std::fs::write(&big, [0xff, 0xfe]).unwrap();

@@ -4,18 +4,20 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use sigrun::model::text::for_terminal;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = sigrun::cli::Cli::parse();
     if let Err(error) = sigrun::cli::init_logging(&cli.log, cli.log_format) {
-        eprintln!("sigrun: {error}");
+        eprintln!("sigrun: {}", for_terminal(&error.to_string()));
         return ExitCode::from(2);
     }
     match sigrun::cli::run(cli).await {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("sigrun: {err:#}");
+            // Errors quote input (a spec's values, an argument): escapes are shown, not obeyed.
+            eprintln!("sigrun: {}", for_terminal(&format!("{err:#}")));
             sigrun::cli::exit_code(&err)
         }
     }

@@ -307,7 +307,10 @@ async fn a_delay_held_by_a_relay_that_dies_comes_back_through_another_once() {
         if ready == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the holder's relay took the message from {queue}");
+        assert!(
+            Instant::now() < deadline,
+            "the holder's relay took the message from {queue}"
+        );
         sleep(Duration::from_millis(10)).await;
     }
     assert!(start.elapsed() < delay, "taken while it waits");

@@ -4,7 +4,8 @@
 //! killed with SIGKILL every few seconds (and replaced), every broker connection is closed, and the
 //! broker node is restarted — on a private RabbitMQ node of the test's own. Then the same on a
 //! three-node cluster of private nodes (quorum queues replicated on all three), one node killed
-//! mid-run and started again.
+//! mid-run and started again. A `sigrun submit` that fails on an injected fault (its reads outlast
+//! the client's retries) is tried again, as a producer would.
 //!
 //! What must hold, whatever happened: every run succeeds; one run per version (one `run_started`);
 //! nothing created twice (the emulator's log); in each account exactly the pools the runs planned;
@@ -118,7 +119,7 @@ async fn submit_all(setup: &Setup, versions: &[String]) -> BTreeMap<String, Uuid
         .iter()
         .enumerate()
         .flat_map(|(i, version)| std::iter::repeat_n(version, if i % 2 == 0 { 2 } else { 1 }))
-        .map(|version| async move { (version.clone(), setup.submit_version(version).await) });
+        .map(|version| async move { (version.clone(), setup.submit_version_retrying(version, 3).await) });
     let mut runs: BTreeMap<String, Uuid> = BTreeMap::new();
     for (version, run) in futures_util::future::join_all(submits).await {
         let known = *runs.entry(version.clone()).or_insert(run);

@@ -380,4 +380,3 @@ impl Admitter {
         Ok(Admission::Parked { run_id, reason })
     }
 }
-

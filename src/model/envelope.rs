@@ -258,6 +258,11 @@ impl Envelope {
         // run decodes its message.
         let probe: VersionProbe = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => EnvelopeError::Schema(e.to_string()),
+            // serde reads a struct from an array too, and then fails on what follows: JSON that is
+            // not an object is a wrong shape, not broken JSON.
+            _ if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() => {
+                EnvelopeError::Schema("an envelope is a JSON object".into())
+            }
             _ => EnvelopeError::NotJson(e.to_string()),
         })?;
         match probe.v.as_ref().and_then(serde_json::Value::as_u64) {
@@ -420,6 +425,13 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
         ));
         assert!(matches!(Envelope::decode(br#""v""#), Err(EnvelopeError::Schema(_))));
         assert!(matches!(Envelope::decode(br#"{"v":1"#), Err(EnvelopeError::NotJson(_))));
+        for not_an_object in [&b"[1,2,3]"[..], b"[1]", b"42", b"null"] {
+            assert!(
+                matches!(Envelope::decode(not_an_object), Err(EnvelopeError::Schema(_))),
+                "{}",
+                String::from_utf8_lossy(not_an_object)
+            );
+        }
         let mut extra: serde_json::Value = serde_json::from_slice(&envelope.encode()).unwrap();
         extra["surprise"] = serde_json::json!(1);
         assert!(matches!(

@@ -504,6 +504,13 @@ impl PipelineSpec {
             {
                 key = found;
             }
+            // A document that does not parse (a duplicate key) has no tree to walk; its span is
+            // the key itself.
+            if key == "-"
+                && let Some(found) = e.span().and_then(|s| bare_key(text.get(s)?))
+            {
+                key = found;
+            }
             SpecError {
                 file: file.to_string(),
                 line,
@@ -750,6 +757,18 @@ fn split_toml_message(message: &str) -> (String, String) {
 }
 
 /// The key path (`gallery.id`, `pools[1].vm_size`) whose value is written at `offset`, if any.
+/// `text` when it is a bare TOML key (letters, digits, `_`, `-`, dotted), as an error's span may
+/// cover.
+fn bare_key(text: &str) -> Option<String> {
+    let text = text.trim();
+    let bare = !text.is_empty()
+        && text.len() <= 64
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    bare.then(|| text.to_string())
+}
+
 fn key_at(text: &str, offset: usize) -> Option<String> {
     use toml::de::{DeTable, DeValue};
     fn walk(value: &DeValue<'_>, span: std::ops::Range<usize>, path: String, offset: usize) -> Option<String> {

@@ -55,7 +55,10 @@ impl Components {
     }
 
     pub fn mark_down(&self, name: &'static str, why: String) {
-        self.down.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push((name, why));
+        self.down
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((name, why));
     }
 
     /// The first component down and why, if any.
@@ -158,7 +161,10 @@ mod tests {
         let components = Components::default();
         let readiness = Readiness::new().with_components(components.clone());
         let (_stop, running) = tokio::sync::watch::channel(false);
-        assert_eq!(components.supervise("steady", running.clone(), async { 3 }).await, Some(3));
+        assert_eq!(
+            components.supervise("steady", running.clone(), async { 3 }).await,
+            Some(3)
+        );
         assert!(readiness.check().await.unwrap_err().starts_with("steady: ended"));
 
         let components = Components::default();

@@ -137,15 +137,39 @@ prefix = "{prefix}"
 
     /// `sigrun submit` of the nightly pipeline at `version`; returns the run id it prints.
     pub async fn submit_version(&self, version: &str) -> Uuid {
+        let (code, submit) = self.try_submit_version(version).await;
+        assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
+        Self::run_id_printed(&submit)
+    }
+
+    /// `sigrun submit` of the nightly pipeline at `version`, up to `tries` times while it exits 1
+    /// (Azure unreadable just now: an injected fault outlasting the client's retries), as a
+    /// producer would; returns the run id it prints.
+    pub async fn submit_version_retrying(&self, version: &str, tries: usize) -> Uuid {
+        for _ in 1..tries {
+            let (code, submit) = self.try_submit_version(version).await;
+            if code == Some(0) {
+                return Self::run_id_printed(&submit);
+            }
+            assert_eq!(code, Some(1), "submit fails only on Azure{}", submit.report());
+        }
+        self.submit_version(version).await
+    }
+
+    async fn try_submit_version(&self, version: &str) -> (Option<i32>, Process) {
         let config = self.config.display().to_string();
+        // Its own output files: submits of one version may run at once.
+        let name = format!("submit-{version}-{}", &Uuid::new_v4().simple().to_string()[..8]);
         let mut submit = Process::start(
             &self.dir,
-            &format!("submit-{version}"),
+            &name,
             &["submit", NIGHTLY, "--version", version, "--config", &config],
             &[],
         );
-        let code = submit.wait(Duration::from_secs(60)).await;
-        assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
+        (submit.wait(Duration::from_secs(60)).await, submit)
+    }
+
+    fn run_id_printed(submit: &Process) -> Uuid {
         let stdout = std::fs::read_to_string(&submit.stdout).unwrap_or_default();
         Uuid::parse_str(stdout.trim())
             .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()))

@@ -57,7 +57,10 @@ pub fn now_ms() -> i64 {
 /// `headers` with the due time of a message delayed by `delay` from now.
 pub fn with_due(mut headers: FieldTable, delay: Duration) -> FieldTable {
     let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-    headers.insert(DUE_HEADER.into(), AMQPValue::LongLongInt(now_ms().saturating_add(delay_ms)));
+    headers.insert(
+        DUE_HEADER.into(),
+        AMQPValue::LongLongInt(now_ms().saturating_add(delay_ms)),
+    );
     headers
 }
 
@@ -126,7 +129,10 @@ async fn release_when_due(shared: Arc<Shared>, link: Arc<Link>, delay: Duration,
     }
     let (exchange, properties) = if wait > MAX_HOLD {
         // Not due within the hold: back on its tier, the same due time in its header.
-        (shared.names.tier(delay), without_broker_headers(&delivery.properties, true))
+        (
+            shared.names.tier(delay),
+            without_broker_headers(&delivery.properties, true),
+        )
     } else {
         (shared.names.work(), without_broker_headers(&delivery.properties, false))
     };
@@ -172,7 +178,14 @@ mod tests {
         table.insert("x-delivery-count".into(), AMQPValue::LongInt(3));
         table.insert("traceparent".into(), AMQPValue::LongString("00-ab-cd-01".into()));
         let waiting_again = without_broker_headers(&BasicProperties::default().with_headers(table.clone()), true);
-        assert!(waiting_again.headers().as_ref().unwrap().inner().contains_key(DUE_HEADER));
+        assert!(
+            waiting_again
+                .headers()
+                .as_ref()
+                .unwrap()
+                .inner()
+                .contains_key(DUE_HEADER)
+        );
         let sent_on = without_broker_headers(&BasicProperties::default().with_headers(table), false);
         let names: Vec<String> = sent_on
             .headers()
