@@ -205,20 +205,17 @@ impl Http {
                 // Azure said when to come back: exactly then, never sooner (nor later, as a
                 // backoff of our own would add nothing but delay).
                 let wait = failure.error().retry_after.unwrap_or(backoff);
-                if failure.error().retry_after.is_some() && HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false) {
-                    return None;
-                }
-                if started.elapsed() + wait > budget {
+                let asked = failure.error().retry_after.is_some();
+                let handed_back = (asked && HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false))
                     // Longer than this call may wait: the caller gets the error with its
                     // `retry_after` and reschedules.
-                    return None;
-                }
-                if failure.error().retry_after.is_some()
-                    && let Some(metrics) = self.metrics.get()
-                {
+                    || started.elapsed() + wait > budget;
+                // Waited here or, handed back, by the caller (the runtime holds the message at
+                // least that long): counted either way, so the metric is all of Azure's asking.
+                if asked && let Some(metrics) = self.metrics.get() {
                     metrics.waited(call.audience, wait);
                 }
-                Some(wait)
+                (!handed_back).then_some(wait)
             })
             .notify(|failure: &Failure, wait| {
                 let e = failure.error();

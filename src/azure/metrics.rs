@@ -99,7 +99,7 @@ impl AzureMetrics {
         let retry_after = CounterVec::new(
             Opts::new(
                 "sigrun_azure_retry_after_seconds_total",
-                "Time waited because Azure said Retry-After, before trying again within a call",
+                "Time Azure asked to wait with Retry-After: waited within a call, or handed back so the message is held that long",
             ),
             &["api"],
         )?;
