@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::config::{AzureSettings, RetrySettings, SettingsError};
 use super::error::AzureError;
 use super::metrics::AzureMetrics;
+use super::throttles::Throttles;
 
 /// Which API a request goes to; it picks the token scope and the header conventions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +157,8 @@ pub struct Http {
     retry: RetrySettings,
     /// Set once, when the process exports metrics.
     metrics: OnceLock<Arc<AzureMetrics>>,
+    /// Paths Azure asked this process not to ask again yet.
+    throttles: Throttles,
 }
 
 impl Http {
@@ -167,6 +170,7 @@ impl Http {
             batch_scope: settings.cloud.batch_scope.clone(),
             retry: settings.retry.clone(),
             metrics: OnceLock::new(),
+            throttles: Throttles::default(),
         }
     }
 
@@ -244,21 +248,13 @@ impl Http {
             .map_err(|e| token_error(scope, e))
     }
 
-    async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
-        let scope = match call.audience {
-            Audience::Arm => &self.arm_scope,
-            Audience::Batch => &self.batch_scope,
-        };
-        let token = self
-            .credential
-            .get_token(&[scope.as_str()], None)
-            .await
-            .map_err(|e| Failure::Token(token_error(scope, e)))?;
+    /// The HTTP request of one attempt: token, ids and body as each API wants them.
+    fn request(&self, call: &Call<'_>, token: &str, client_request_id: &str) -> reqwest::RequestBuilder {
         let mut request = self
             .client
             .request(call.method.clone(), call.url.clone())
             // bearer_auth marks the header sensitive, which keeps it out of reqwest's own Debug.
-            .bearer_auth(token.token.secret())
+            .bearer_auth(token)
             .header(ACCEPT, "application/json");
         request = match call.audience {
             Audience::Arm => request.header("x-ms-client-request-id", client_request_id),
@@ -275,6 +271,23 @@ impl Http {
             // ARM and Batch want a length on a bodiless POST (register, resize without body).
             request = request.header(reqwest::header::CONTENT_LENGTH, "0");
         }
+        request
+    }
+
+    async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
+        if let Some(left) = self.throttles.remaining(call.url.path()) {
+            return Err(Failure::Http(Throttles::held_back(&call.operation, left)));
+        }
+        let scope = match call.audience {
+            Audience::Arm => &self.arm_scope,
+            Audience::Batch => &self.batch_scope,
+        };
+        let token = self
+            .credential
+            .get_token(&[scope.as_str()], None)
+            .await
+            .map_err(|e| Failure::Token(token_error(scope, e)))?;
+        let request = self.request(call, token.token.secret(), client_request_id);
         let sent = Instant::now();
         let log_failure = |message: &str| {
             tracing::debug!(
@@ -322,7 +335,11 @@ impl Http {
             "azure request"
         );
         if status >= 400 {
-            return Err(Failure::Http(parse_error(&call.operation, status, &headers, &bytes)));
+            let error = parse_error(&call.operation, status, &headers, &bytes);
+            if let (429 | 503, Some(wait)) = (status, error.retry_after) {
+                self.throttles.record(call.url.path(), wait);
+            }
+            return Err(Failure::Http(error));
         }
         let body = if bytes.iter().all(u8::is_ascii_whitespace) {
             Value::Null

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 mod http;
+mod throttles;
 pub use http::hand_back_retry_after;
 pub mod metrics;
 

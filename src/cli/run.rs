@@ -136,10 +136,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let _ = stop_progress.send(());
     let _ = progress.await;
 
-    let calls = match &session.emulator {
-        Some(emulator) => azure_calls(emulator).await.ok(),
-        None => None,
-    };
+    let calls = session.emulator.as_ref().map(azure_calls);
     print!(
         "{}",
         summary(
@@ -326,29 +323,13 @@ pub(super) fn describe(event: &Event) -> String {
 }
 
 /// Azure requests the emulator answered, by method and resource kind.
-async fn azure_calls(emulator: &crate::emulator::Emulator) -> anyhow::Result<BTreeMap<String, u64>> {
-    let info = emulator.info();
-    let mut client = reqwest::Client::builder().no_proxy();
-    if let Some(ca) = &info.ca_cert {
-        client = client.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&std::fs::read(ca)?)?);
-    }
-    let log: serde_json::Value = client
-        .build()?
-        .get(format!("{}/requests", info.control_url))
-        .send()
-        .await?
-        .json()
-        .await?;
+fn azure_calls(emulator: &crate::emulator::Emulator) -> BTreeMap<String, u64> {
     let mut calls = BTreeMap::new();
-    for entry in log["requests"].as_array().into_iter().flatten() {
-        let method = entry["method"].as_str().unwrap_or("?");
-        let kind = call_kind(
-            entry["api"].as_str().unwrap_or(""),
-            entry["path"].as_str().unwrap_or(""),
-        );
+    for (api, method, path) in emulator.answered() {
+        let kind = call_kind(api.as_str(), &path);
         *calls.entry(format!("{method} {kind}")).or_insert(0) += 1;
     }
-    Ok(calls)
+    calls
 }
 
 /// `snapshots`, `galleries/images/versions`, `pools/nodes`, `token`, ... from a request path.

@@ -265,6 +265,13 @@ impl Emulator {
     }
 
     /// Emulated time now.
+    /// Every request answered so far, as (front door, method, path), in order: what `sigrun run`
+    /// counts for its summary without a round trip through the control API.
+    pub fn answered(&self) -> Vec<(faults::Api, String, String)> {
+        let log = self.ctx.log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        log.iter().map(|e| (e.api, e.method.clone(), e.path.clone())).collect()
+    }
+
     pub fn now(&self) -> OffsetDateTime {
         self.ctx.clock.now()
     }

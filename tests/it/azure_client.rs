@@ -743,6 +743,24 @@ async fn throttling_is_retried_no_sooner_than_retry_after() {
     );
     assert_eq!(err.code.as_deref(), Some("TooManyRequests"));
     assert_eq!(logged(&emu, "arm").await.len(), 1);
+
+    // Until then, nothing of this process asks that resource again (another run's step, another
+    // copy of a message): the call is answered with the time left, and Azure sees no request.
+    emu.set_faults("").await;
+    let err = azure.get_vm(&vm).await.unwrap_err();
+    let left = err.retry_after.expect("the time left");
+    assert!(
+        left > Duration::from_secs(100) && left <= Duration::from_secs(120),
+        "{left:?}"
+    );
+    assert_eq!(err.status, Some(429));
+    assert_eq!(logged(&emu, "arm").await.len(), 1, "held back, not sent");
+    let other = VmId::new(SUB_IMAGING, "rg-imaging", &["build-windows-2022"]).unwrap();
+    let _ = azure.get_vm(&other).await;
+    assert!(
+        logged(&emu, "arm").await.len() >= 2,
+        "other resources are asked as usual"
+    );
 }
 
 #[tokio::test]

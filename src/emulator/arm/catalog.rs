@@ -68,7 +68,7 @@ pub fn batch_vm_skus(
             "LocationNotAvailableForResourceType",
             format!(
                 "The provided location '{}' is not available for resource type 'Microsoft.Batch/locations'.",
-                crate::model::text::shorten(location, 64)
+                location.chars().take(64).collect::<String>()
             ),
         ));
     };
