@@ -31,10 +31,19 @@ pub enum Audience {
 /// Batch wants this content type on request bodies (its spec's `consumes`).
 const BATCH_CONTENT_TYPE: &str = "application/json; odata=minimalmetadata";
 
+/// `sigrun/VERSION (instance ID)`: the instance is random per process, so Azure's activity log
+/// (and the emulator's request log) tells which worker asked — what an operator needs when one
+/// process misbehaves, and how the chaos test checks each process honours `Retry-After`.
+fn user_agent() -> String {
+    static INSTANCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let instance = INSTANCE.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_string());
+    format!("sigrun/{} (instance {instance})", env!("CARGO_PKG_VERSION"))
+}
+
 /// The reqwest client all Azure traffic (token requests included) goes through.
 pub fn build_client(settings: &AzureSettings) -> Result<reqwest::Client, SettingsError> {
     let mut builder = reqwest::Client::builder()
-        .user_agent(concat!("sigrun/", env!("CARGO_PKG_VERSION")))
+        .user_agent(user_agent())
         .timeout(settings.request_timeout())
         .connect_timeout(settings.request_timeout().min(Duration::from_secs(10)))
         // Azure's APIs answer, they do not redirect; following one could carry a token elsewhere.

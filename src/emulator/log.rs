@@ -26,6 +26,8 @@ pub struct LogEntry {
     /// `Retry-After` sent with the answer, in milliseconds of real time.
     pub retry_after_ms: Option<u64>,
     pub request_id: Option<String>,
+    /// The client's `User-Agent` (sigrun's names its process), at most 200 characters.
+    pub user_agent: Option<String>,
     /// Emulated time at the answer.
     pub emulated_time: String,
 }
@@ -68,6 +70,7 @@ impl LogEntry {
                 .header("x-ms-request-id")
                 .or_else(|| response.header("request-id"))
                 .map(str::to_string),
+            user_agent: request.header("user-agent").map(|ua| ua.chars().take(200).collect()),
             emulated_time: ctx.clock.now().format(&Rfc3339).unwrap_or_default(),
         }
     }

@@ -761,6 +761,15 @@ async fn throttling_is_retried_no_sooner_than_retry_after() {
         logged(&emu, "arm").await.len() >= 2,
         "other resources are asked as usual"
     );
+    // The process is named in every request, the same in each.
+    let agents: std::collections::BTreeSet<String> = logged(&emu, "arm")
+        .await
+        .iter()
+        .map(|r| r["user_agent"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let agent = agents.first().unwrap();
+    assert!(agent.starts_with("sigrun/") && agent.contains("(instance "), "{agent}");
 }
 
 #[tokio::test]
