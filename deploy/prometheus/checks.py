@@ -293,8 +293,8 @@ def fixture_series():
         add("rabbitmq_queue_messages_unacked", f'{BROKER}, queue="sigrun.stage.{stage}"', f"1x{n}")
         add("rabbitmq_queue_messages", f'{BROKER}, queue="sigrun.stage.{stage}"', f"3x{n}")
         add("rabbitmq_queue_consumers", f'{BROKER}, queue="sigrun.stage.{stage}"', f"1x{n}")
-    for queue, messages in (("sigrun.triggers", 1), ("sigrun.parked", 2), ("sigrun.wait.5000ms", 4),
-                            ("sigrun.wait.60000ms", 7)):
+    for queue, messages in (("sigrun.triggers", 1), ("sigrun.parked", 2), ("sigrun.delay.5000ms", 4),
+                            ("sigrun.delay.60000ms", 7)):
         add("rabbitmq_queue_messages_ready", f'{BROKER}, queue="{queue}"', f"{messages}x{n}")
         add("rabbitmq_queue_messages_unacked", f'{BROKER}, queue="{queue}"', f"0x{n}")
         add("rabbitmq_queue_messages", f'{BROKER}, queue="{queue}"', f"{messages}x{n}")
