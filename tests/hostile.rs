@@ -110,6 +110,8 @@ struct EmulatorCase {
     method: String,
     path: String,
     body: Option<String>,
+    /// Sent instead of the bearer token.
+    authorization: Option<String>,
     status: u16,
     code: Option<String>,
 }
@@ -580,8 +582,10 @@ async fn raw_requests(setup: &Setup, cases: &[EmulatorCase]) -> Vec<String> {
         };
         let method = Method::from_bytes(case.method.as_bytes()).expect("a method");
         let mut request = emu.client.request(method, format!("{base}{}", case.path));
-        if let Some(token) = token {
-            request = request.bearer_auth(token);
+        match (&case.authorization, token) {
+            (Some(authorization), _) => request = request.header("authorization", authorization),
+            (None, Some(token)) => request = request.bearer_auth(token),
+            (None, None) => {}
         }
         if let Some(body) = &case.body {
             request = request.header("content-type", "application/json").body(expand(body));

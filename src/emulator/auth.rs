@@ -55,6 +55,12 @@ impl TokenKey {
         &self.0
     }
 
+    /// HMAC-SHA256 of `message` under this key: how other secrets (Batch account keys) are made
+    /// from it, and how a Shared Key signature is computed.
+    pub fn derive(&self, message: &[u8]) -> Vec<u8> {
+        self.sign(message)
+    }
+
     fn sign(&self, message: &[u8]) -> Vec<u8> {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("hmac takes any key length");
         mac.update(message);

@@ -910,11 +910,11 @@ async fn shared_key_is_refused_for_gallery_image_pools() {
     let token = emu.arm_token().await;
     let version = publish_version(&emu, &token, "ubuntu", "Generalized", "1.0.0", &[("westeurope", 1)]).await;
     until_completed(&emu, &token, &version, "West Europe").await;
-    let resp = emu
-        .client
-        .post(format!("{}/pools?api-version={BATCH_API}", emu.batch_url(ACCOUNT_WEU)))
-        .header("authorization", "SharedKey sigrunweu:abc")
-        .json(&pool_body("sharedkey", &version, LINUX_SKU))
+    // Signed with the account's key (so the signature holds): still refused, for the image.
+    let key = account_key(&emu, ACCOUNT_WEU).await;
+    let body = pool_body("sharedkey", &version, LINUX_SKU);
+    let path = format!("/pools?api-version={BATCH_API}");
+    let resp = signed_batch_request(&emu, &key, ACCOUNT_WEU, Method::POST, &path, Some(&body))
         .send()
         .await
         .expect("pool add");
@@ -1095,4 +1095,89 @@ async fn regions_and_batch_vm_sizes_are_listed_and_paged() {
         )
         .await;
     assert_eq!(reply.status, 400, "an api-version the subscriptions API never had");
+}
+
+/// The account's primary key from ARM's Batch Account – Get Keys.
+async fn account_key(emu: &TestEmulator, account: &str) -> String {
+    let token = emu.arm_token().await;
+    let url = format!(
+        "{}/subscriptions/{SUB_COMPUTE}/resourceGroups/rg-batch/providers/Microsoft.Batch/batchAccounts/{account}/listKeys?api-version=2024-07-01",
+        emu.base()
+    );
+    let reply = emu.call(Method::POST, &url, Some(&token), None).await;
+    assert_eq!(reply.status, 200, "listKeys: {:#}", reply.body);
+    assert_eq!(reply.body["accountName"], account);
+    assert_ne!(reply.body["primary"], reply.body["secondary"]);
+    reply.body["primary"].as_str().expect("a primary key").to_string()
+}
+
+/// A Batch request signed as azure-batch's `BatchSharedKeyAuthPolicy` signs it (written here
+/// from the Batch REST documentation, not shared with the emulator).
+fn signed_batch_request(
+    emu: &TestEmulator,
+    key: &str,
+    account: &str,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+) -> reqwest::RequestBuilder {
+    use base64::Engine;
+    use hmac::Mac;
+    let engine = base64::engine::general_purpose::STANDARD;
+    let date = "Wed, 02 Dec 2026 10:00:00 GMT";
+    let content_type = "application/json; odata=minimalmetadata";
+    let bytes = body.map(|b| serde_json::to_vec(b).unwrap());
+    let length = bytes.as_ref().map(|b| b.len().to_string()).unwrap_or_default();
+    let url: reqwest::Url = format!("{}{path}", emu.batch_url(account)).parse().unwrap();
+    let mut query: Vec<(String, String)> = url
+        .query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    query.sort();
+    let mut text = format!(
+        "{method}\n\n\n{length}\n\n{}\n\n\n\n\n\n\nocp-date:{date}\n/{account}{}",
+        if bytes.is_some() { content_type } else { "" },
+        url.path()
+    );
+    for (name, value) in query {
+        text.push_str(&format!("\n{name}:{value}"));
+    }
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&engine.decode(key).unwrap()).unwrap();
+    mac.update(text.as_bytes());
+    let signature = engine.encode(mac.finalize().into_bytes());
+    let mut request = emu
+        .client
+        .request(method, url)
+        .header("ocp-date", date)
+        .header("authorization", format!("SharedKey {account}:{signature}"));
+    if let Some(bytes) = bytes {
+        request = request.header("content-type", content_type).body(bytes);
+    }
+    request
+}
+
+#[tokio::test]
+async fn shared_key_requests_are_checked_by_their_signature() {
+    let emu = start_fast().await;
+    let key = account_key(&emu, ACCOUNT_WEU).await;
+    let path = format!("/pools?api-version={BATCH_API}");
+    let signed = signed_batch_request(&emu, &key, ACCOUNT_WEU, Method::GET, &path, None);
+    let resp = signed.send().await.expect("list pools");
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+
+    // Anything else is refused: a made-up signature, another account's key, a tampered request.
+    let other_key = account_key(&emu, ACCOUNT_EUS).await;
+    let forged = [
+        emu.client
+            .get(format!("{}{path}", emu.batch_url(ACCOUNT_WEU)))
+            .header("authorization", "SharedKey sigrunweu:abc"),
+        signed_batch_request(&emu, &other_key, ACCOUNT_WEU, Method::GET, &path, None),
+        signed_batch_request(&emu, &key, ACCOUNT_WEU, Method::GET, &path, None).query(&[("maxresults", "1")]),
+    ];
+    for request in forged {
+        let resp = request.send().await.expect("list pools");
+        assert_eq!(resp.status(), 403);
+        let body: Value = resp.json().await.expect("batch error json");
+        assert_eq!(body["code"], "AuthenticationFailed", "{body:#}");
+    }
 }

@@ -283,7 +283,6 @@ fn route(ctx: &Ctx, st: &mut State, req: &Request, caller: &Caller, sub: &str) -
     let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
     let lower: Vec<String> = s.iter().map(|x| x.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
-    let method = req.method.as_str();
     match l.as_slice() {
         ["subscriptions", _, "locations"] => catalog::locations(ctx, req, caller, sub).map(|r| (r, false)),
         [
@@ -325,52 +324,76 @@ fn route(ctx: &Ctx, st: &mut State, req: &Request, caller: &Caller, sub: &str) -
             "resourcegroups",
             _,
             "providers",
+            "microsoft.batch",
+            "batchaccounts",
+            _,
+            "listkeys",
+        ] => providers::batch_account_keys(ctx, req, caller, sub, s[3], s[7]).map(|r| (r, false)),
+        [
+            "subscriptions",
+            _,
+            "resourcegroups",
+            _,
+            "providers",
             "microsoft.compute",
             rest @ ..,
-        ] => {
-            let rg = s[3];
-            let names: Vec<&str> = s[6..].to_vec();
-            match rest {
-                ["virtualmachines", _] => compute::get_vm(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
-                ["virtualmachines", _, "instanceview"] => {
-                    compute::get_instance_view(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
-                }
-                ["virtualmachines", _, "extensions"] => {
-                    compute::list_extensions(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
-                }
-                ["snapshots", _] => resources::handle(ctx, st, req, caller, sub, rg, Kind::Snapshot, &[names[1]]),
-                ["images", _] => resources::handle(ctx, st, req, caller, sub, rg, Kind::Image, &[names[1]]),
-                ["galleries", _] => resources::handle(ctx, st, req, caller, sub, rg, Kind::Gallery, &[names[1]]),
-                ["galleries", _, "images"] if method == "GET" => {
-                    resources::list(ctx, st, req, caller, sub, rg, Kind::GalleryImage, &[names[1]]).map(|r| (r, false))
-                }
-                ["galleries", _, "images", _] => {
-                    resources::handle(ctx, st, req, caller, sub, rg, Kind::GalleryImage, &[names[1], names[3]])
-                }
-                ["galleries", _, "images", _, "versions"] if method == "GET" => resources::list(
-                    ctx,
-                    st,
-                    req,
-                    caller,
-                    sub,
-                    rg,
-                    Kind::GalleryImageVersion,
-                    &[names[1], names[3]],
-                )
-                .map(|r| (r, false)),
-                ["galleries", _, "images", _, "versions", _] => resources::handle(
-                    ctx,
-                    st,
-                    req,
-                    caller,
-                    sub,
-                    rg,
-                    Kind::GalleryImageVersion,
-                    &[names[1], names[3], names[5]],
-                ),
-                _ => Err(not_found_route(req)),
-            }
+        ] => route_compute(ctx, st, req, caller, sub, &s, rest),
+        _ => Err(not_found_route(req)),
+    }
+}
+
+/// `…/resourceGroups/{rg}/providers/Microsoft.Compute/{rest}`: VMs, snapshots, images and the
+/// gallery tree. `s` is the path as given, `rest` its lower-cased tail after the provider.
+fn route_compute(
+    ctx: &Ctx,
+    st: &mut State,
+    req: &Request,
+    caller: &Caller,
+    sub: &str,
+    s: &[&str],
+    rest: &[&str],
+) -> Handled {
+    let method = req.method.as_str();
+    let rg = s[3];
+    let names: Vec<&str> = s[6..].to_vec();
+    match rest {
+        ["virtualmachines", _] => compute::get_vm(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
+        ["virtualmachines", _, "instanceview"] => {
+            compute::get_instance_view(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
         }
+        ["virtualmachines", _, "extensions"] => {
+            compute::list_extensions(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
+        }
+        ["snapshots", _] => resources::handle(ctx, st, req, caller, sub, rg, Kind::Snapshot, &[names[1]]),
+        ["images", _] => resources::handle(ctx, st, req, caller, sub, rg, Kind::Image, &[names[1]]),
+        ["galleries", _] => resources::handle(ctx, st, req, caller, sub, rg, Kind::Gallery, &[names[1]]),
+        ["galleries", _, "images"] if method == "GET" => {
+            resources::list(ctx, st, req, caller, sub, rg, Kind::GalleryImage, &[names[1]]).map(|r| (r, false))
+        }
+        ["galleries", _, "images", _] => {
+            resources::handle(ctx, st, req, caller, sub, rg, Kind::GalleryImage, &[names[1], names[3]])
+        }
+        ["galleries", _, "images", _, "versions"] if method == "GET" => resources::list(
+            ctx,
+            st,
+            req,
+            caller,
+            sub,
+            rg,
+            Kind::GalleryImageVersion,
+            &[names[1], names[3]],
+        )
+        .map(|r| (r, false)),
+        ["galleries", _, "images", _, "versions", _] => resources::handle(
+            ctx,
+            st,
+            req,
+            caller,
+            sub,
+            rg,
+            Kind::GalleryImageVersion,
+            &[names[1], names[3], names[5]],
+        ),
         _ => Err(not_found_route(req)),
     }
 }

@@ -171,6 +171,58 @@ pub fn register(
     Ok((Response::json(200, &provider_body(ctx, st, sub, ns, types)), changed))
 }
 
+/// Batch Account – Get Keys (`POST …/listKeys`): the account's Shared Key pair, for clients that
+/// sign with it (`batch/shared_key.rs`). Needs `Microsoft.Batch/batchAccounts/listkeys/action`.
+pub fn batch_account_keys(
+    ctx: &Ctx,
+    req: &Request,
+    caller: &Caller,
+    sub: &str,
+    rg: &str,
+    name: &str,
+) -> Result<Response, ArmError> {
+    let group = resource_group(ctx, sub, rg)?;
+    check_api_version(req, Family::BatchManagement, "batchAccounts", &group.location)?;
+    if req.method != http::Method::POST {
+        return Err(ArmError::new(405, "MethodNotAllowed", "listKeys takes POST."));
+    }
+    let id = format!(
+        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Batch/batchAccounts/{name}",
+        group.name
+    );
+    authorize(ctx, caller, "Microsoft.Batch/batchAccounts/listkeys/action", &id)?;
+    let account = find_batch_account(ctx, sub, rg, name, &group.name)?;
+    let key = |which| crate::emulator::batch::shared_key::account_key(&ctx.key, &account.name, which);
+    Ok(Response::json(
+        200,
+        &json!({"accountName": account.name, "primary": key("primary"), "secondary": key("secondary")}),
+    ))
+}
+
+fn find_batch_account<'a>(
+    ctx: &'a Ctx,
+    sub: &str,
+    rg: &str,
+    name: &str,
+    group: &str,
+) -> Result<&'a crate::emulator::world::BatchAccount, ArmError> {
+    ctx.world
+        .batch_accounts
+        .iter()
+        .find(|a| {
+            a.subscription.eq_ignore_ascii_case(sub)
+                && a.resource_group.eq_ignore_ascii_case(rg)
+                && a.name.eq_ignore_ascii_case(name)
+        })
+        .ok_or_else(|| {
+            ArmError::new(
+                404,
+                "ResourceNotFound",
+                format!("The Resource 'Microsoft.Batch/batchAccounts/{name}' under resource group '{group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"),
+            )
+        })
+}
+
 pub fn batch_account(
     ctx: &Ctx,
     req: &Request,
@@ -193,18 +245,7 @@ pub fn batch_account(
         group.name
     );
     authorize(ctx, caller, "Microsoft.Batch/batchAccounts/read", &id)?;
-    let account = ctx
-        .world
-        .batch_accounts
-        .iter()
-        .find(|a| a.subscription.eq_ignore_ascii_case(sub) && a.resource_group.eq_ignore_ascii_case(rg) && a.name.eq_ignore_ascii_case(name))
-        .ok_or_else(|| {
-            ArmError::new(
-                404,
-                "ResourceNotFound",
-                format!("The Resource 'Microsoft.Batch/batchAccounts/{name}' under resource group '{}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix", group.name),
-            )
-        })?;
+    let account = find_batch_account(ctx, sub, rg, name, &group.name)?;
     let endpoint = crate::emulator::batch::account_url(&ctx.base_url, &account.name);
     let endpoint = endpoint.trim_start_matches("https://").trim_start_matches("http://");
     Ok(Response::json(

@@ -5,12 +5,14 @@
 
 mod images;
 mod pools;
+pub mod shared_key;
 
 use serde_json::{Value, json};
 
 use super::Ctx;
 use super::auth::{self, TokenProblem};
 use super::http::{Request, Response};
+use super::world::BatchAccount;
 
 pub fn account_url(base_url: &str, account: &str) -> String {
     format!("{base_url}/batch/{}", account.to_ascii_lowercase())
@@ -107,6 +109,57 @@ fn unauthorized(req: &Request, tenant: &str, detail: &str) -> Response {
     )
 }
 
+/// Who is calling: a Shared Key whose signature holds, or an Azure AD token of the account's
+/// tenant for Batch; otherwise the answer Batch gives.
+fn authenticate(ctx: &Ctx, req: &Request, account: &BatchAccount) -> Result<BatchCaller, Response> {
+    let tenant = ctx
+        .world
+        .subscriptions
+        .iter()
+        .find(|s| s.id.eq_ignore_ascii_case(&account.subscription))
+        .map(|s| s.tenant.clone())
+        .unwrap_or_default();
+    let authorization = req.header("authorization");
+    let caller = if let Some(shared_key) = authorization.filter(|h| h.starts_with("SharedKey ")) {
+        if let Err(detail) = shared_key::check(&ctx.key, req, &account.name, shared_key) {
+            return Err(error(
+                req,
+                403,
+                "AuthenticationFailed",
+                "Server failed to authenticate the request. Make sure the value of Authorization header is formed correctly including the signature.",
+                &[("AuthenticationErrorDetail", &detail)],
+            ));
+        }
+        BatchCaller::SharedKey
+    } else {
+        match ctx.key.verify(authorization, &[auth::BATCH_AUDIENCE]) {
+            Ok(claims) if claims.tid.eq_ignore_ascii_case(&tenant) => BatchCaller::Aad { oid: claims.oid },
+            Ok(claims) => {
+                return Err(unauthorized(
+                    req,
+                    &tenant,
+                    &format!(
+                        "The access token is from the wrong issuer '{}'. It must match the tenant of the Batch account.",
+                        claims.iss
+                    ),
+                ));
+            }
+            Err(problem) => {
+                let detail = match problem {
+                    TokenProblem::Missing => "The Authorization header is missing.".to_string(),
+                    TokenProblem::Expired { .. } => "The access token has expired.".to_string(),
+                    TokenProblem::WrongAudience { aud } => format!(
+                        "The access token was issued for audience '{aud}', not 'https://batch.core.windows.net/'."
+                    ),
+                    _ => "The access token is invalid.".to_string(),
+                };
+                return Err(unauthorized(req, &tenant, &detail));
+            }
+        }
+    };
+    Ok(caller)
+}
+
 pub fn handle(ctx: &Ctx, req: &Request) -> Response {
     let Some(account) = req.segments.get(1).and_then(|name| {
         ctx.world
@@ -150,41 +203,9 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         }
         Some(_) => {}
     }
-    let tenant = ctx
-        .world
-        .subscriptions
-        .iter()
-        .find(|s| s.id.eq_ignore_ascii_case(&account.subscription))
-        .map(|s| s.tenant.clone())
-        .unwrap_or_default();
-    let authorization = req.header("authorization");
-    let caller = if authorization.is_some_and(|h| h.starts_with("SharedKey ")) {
-        BatchCaller::SharedKey
-    } else {
-        match ctx.key.verify(authorization, &[auth::BATCH_AUDIENCE]) {
-            Ok(claims) if claims.tid.eq_ignore_ascii_case(&tenant) => BatchCaller::Aad { oid: claims.oid },
-            Ok(claims) => {
-                return unauthorized(
-                    req,
-                    &tenant,
-                    &format!(
-                        "The access token is from the wrong issuer '{}'. It must match the tenant of the Batch account.",
-                        claims.iss
-                    ),
-                );
-            }
-            Err(problem) => {
-                let detail = match problem {
-                    TokenProblem::Missing => "The Authorization header is missing.".to_string(),
-                    TokenProblem::Expired { .. } => "The access token has expired.".to_string(),
-                    TokenProblem::WrongAudience { aud } => format!(
-                        "The access token was issued for audience '{aud}', not 'https://batch.core.windows.net/'."
-                    ),
-                    _ => "The access token is invalid.".to_string(),
-                };
-                return unauthorized(req, &tenant, &detail);
-            }
-        }
+    let caller = match authenticate(ctx, req, account) {
+        Ok(caller) => caller,
+        Err(refused) => return refused,
     };
     let account_id = format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Batch/batchAccounts/{}",
