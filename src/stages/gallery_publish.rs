@@ -10,7 +10,7 @@
 use super::common::{Settled, after_hint, fail, made_in_admission, settle, tags, target_regions, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
-use crate::azure::api::{DefinitionRequest, VersionRequest};
+use crate::azure::api::{Accepted, DefinitionRequest, VersionRequest};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Stage};
 use crate::model::rules;
@@ -49,132 +49,155 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     Ok(step)
 }
 
+/// Where a part of the step leaves it: on to the next part, or ending with this step (a wait or
+/// a failure).
+type Part = Result<Option<Step>, AzureError>;
+
 async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted) -> Result<Step, AzureError> {
-    let plan = message.plan.clone();
-    // What this stage itself just finished creating needs no second look.
-    let mut finished: Option<String> = None;
-    if let Some(op) = &message.operation
-        && !op.status_urls.is_empty()
+    let finished = match own_operation(&message, ctx).await? {
+        Ok(finished) => finished,
+        Err(step) => return Ok(step),
+    };
+    let finished = finished.as_deref();
+    // The gallery is known to exist once its creation, or the definition's, has finished.
+    if !matches!(finished, Some("gallery" | "definition"))
+        && let Some(step) = ensure_gallery(&message, ctx, adopted).await?
     {
-        match settle(ctx, &op.status_urls).await? {
-            Settled::Done => finished = Some(op.what.clone()),
-            Settled::Pending(urls, hint) => {
-                let what = op.what.clone();
-                return Ok(wait_step(message, &what, urls, after_hint(ctx.settings, hint), ctx.now));
-            }
-            Settled::Failed(reason) => return Ok(fail(format!("{} failed: {reason}", op.what))),
-        }
+        return Ok(step);
     }
-
-    // The gallery (known to exist once its creation, or the definition's, has finished).
-    if !matches!(finished.as_deref(), Some("gallery" | "definition")) {
-        match ctx.azure.get_gallery(&plan.gallery).await? {
-            None if plan.create_gallery => {
-                let accepted = ctx
-                    .azure
-                    .put_gallery(&plan.gallery, &plan.gallery_region, &tags(&message))
-                    .await?;
-                let urls = accepted.status_url.into_iter().collect();
-                adopted.recorded.push(plan.gallery.to_string());
-                return Ok(wait_step(
-                    message,
-                    "gallery",
-                    urls,
-                    after_hint(ctx.settings, accepted.retry_after),
-                    ctx.now,
-                )
-                .with(EventKind::ResourceCreated {
-                    id: plan.gallery.to_string(),
-                }));
-            }
-            None => {
-                return Ok(fail(format!(
-                    "gallery {} does not exist and the spec does not allow creating it",
-                    plan.gallery
-                )));
-            }
-            Some(state) if state.provisioning_state == "Failed" => {
-                return Ok(fail(format!("gallery {} is in state Failed", plan.gallery)));
-            }
-            Some(state) => {
-                adopted.ours(plan.gallery.to_string(), &state.tags, &message);
-                if state.provisioning_state != "Succeeded" {
-                    return Ok(wait_step(
-                        message,
-                        "gallery",
-                        Vec::new(),
-                        ctx.settings.default_poll(),
-                        ctx.now,
-                    ));
-                }
-            }
-        }
+    if finished != Some("definition")
+        && let Some(step) = ensure_definition(&message, ctx, adopted).await?
+    {
+        return Ok(step);
     }
-
-    // The image definition.
-    let spec = &message.spec.definition;
-    if finished.as_deref() != Some("definition") {
-        match ctx.azure.get_definition(&plan.definition).await? {
-            None => {
-                let request = DefinitionRequest {
-                    location: plan.gallery_region.clone(),
-                    os_type: spec.os_type.as_str().to_string(),
-                    os_state: spec.os_state.clone(),
-                    hyper_v_generation: spec.hyper_v_generation.clone(),
-                    publisher: spec.publisher.clone(),
-                    offer: spec.offer.clone(),
-                    sku: spec.sku.clone(),
-                    tags: tags(&message),
-                };
-                let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
-                let urls = accepted.status_url.into_iter().collect();
-                adopted.recorded.push(plan.definition.to_string());
-                return Ok(wait_step(
-                    message,
-                    "definition",
-                    urls,
-                    after_hint(ctx.settings, accepted.retry_after),
-                    ctx.now,
-                )
-                .with(EventKind::ResourceCreated {
-                    id: plan.definition.to_string(),
-                }));
-            }
-            Some(existing) => {
-                adopted.ours(plan.definition.to_string(), &existing.tags, &message);
-                if !rules::generalized(&existing.os_state) {
-                    return Ok(fail(format!(
-                        "image definition {} is {}; Batch pools need a Generalized image",
-                        plan.definition, existing.os_state
-                    )));
-                }
-                if !existing.os_type.eq_ignore_ascii_case(spec.os_type.as_str()) {
-                    return Ok(fail(format!(
-                        "image definition {} is {}, the pipeline builds {}",
-                        plan.definition,
-                        existing.os_type,
-                        spec.os_type.as_str()
-                    )));
-                }
-                match existing.provisioning_state.as_str() {
-                    "Succeeded" => {}
-                    "Failed" => return Ok(fail(format!("image definition {} is in state Failed", plan.definition))),
-                    _ => {
-                        return Ok(wait_step(
-                            message,
-                            "definition",
-                            Vec::new(),
-                            ctx.settings.default_poll(),
-                            ctx.now,
-                        ));
-                    }
-                }
-            }
-        }
+    if let Some(step) = ensure_batch_registered(&message, ctx).await? {
+        return Ok(step);
     }
+    put_version(message, ctx, adopted).await
+}
 
-    // Microsoft.Batch where the gallery's subscription differs from an account's.
-    for subscription in &plan.register_batch_in {
+/// The operation this stage started last time: what it finished (which needs no second look),
+/// or the step that waits for it or fails with it.
+async fn own_operation(message: &Envelope, ctx: &StepContext<'_>) -> Result<Result<Option<String>, Step>, AzureError> {
+    let Some(op) = message.operation.as_ref().filter(|op| !op.status_urls.is_empty()) else {
+        return Ok(Ok(None));
+    };
+    Ok(match settle(ctx, &op.status_urls).await? {
+        Settled::Done => Ok(Some(op.what.clone())),
+        Settled::Pending(urls, hint) => Err(wait_step(
+            message.clone(),
+            &op.what,
+            urls,
+            after_hint(ctx.settings, hint),
+            ctx.now,
+        )),
+        Settled::Failed(reason) => Err(fail(format!("{} failed: {reason}", op.what))),
+    })
+}
+
+/// Look again after the default poll: something is still being made.
+fn poll_again(message: &Envelope, what: &str, ctx: &StepContext<'_>) -> Step {
+    wait_step(message.clone(), what, Vec::new(), ctx.settings.default_poll(), ctx.now)
+}
+
+/// `id` was just asked for: recorded as created, then waited for.
+fn created(
+    message: &Envelope,
+    what: &str,
+    id: String,
+    accepted: Accepted,
+    ctx: &StepContext<'_>,
+    adopted: &mut Adopted,
+) -> Step {
+    adopted.recorded.push(id.clone());
+    let urls = accepted.status_url.into_iter().collect();
+    wait_step(
+        message.clone(),
+        what,
+        urls,
+        after_hint(ctx.settings, accepted.retry_after),
+        ctx.now,
+    )
+    .with(EventKind::ResourceCreated { id })
+}
+
+/// The gallery exists and has succeeded, or is created if the spec allows.
+async fn ensure_gallery(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted) -> Part {
+    let plan = &message.plan;
+    Ok(match ctx.azure.get_gallery(&plan.gallery).await? {
+        None if plan.create_gallery => {
+            let accepted = ctx
+                .azure
+                .put_gallery(&plan.gallery, &plan.gallery_region, &tags(message))
+                .await?;
+            Some(created(
+                message,
+                "gallery",
+                plan.gallery.to_string(),
+                accepted,
+                ctx,
+                adopted,
+            ))
+        }
+        None => Some(fail(format!(
+            "gallery {} does not exist and the spec does not allow creating it",
+            plan.gallery
+        ))),
+        Some(state) if state.provisioning_state == "Failed" => {
+            Some(fail(format!("gallery {} is in state Failed", plan.gallery)))
+        }
+        Some(state) => {
+            adopted.ours(plan.gallery.to_string(), &state.tags, message);
+            (state.provisioning_state != "Succeeded").then(|| poll_again(message, "gallery", ctx))
+        }
+    })
+}
+
+/// The image definition exists, is Generalized and of the pipeline's OS, and has succeeded; or
+/// is created from the spec.
+async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted) -> Part {
+    let (plan, spec) = (&message.plan, &message.spec.definition);
+    let Some(existing) = ctx.azure.get_definition(&plan.definition).await? else {
+        let request = DefinitionRequest {
+            location: plan.gallery_region.clone(),
+            os_type: spec.os_type.as_str().to_string(),
+            os_state: spec.os_state.clone(),
+            hyper_v_generation: spec.hyper_v_generation.clone(),
+            publisher: spec.publisher.clone(),
+            offer: spec.offer.clone(),
+            sku: spec.sku.clone(),
+            tags: tags(message),
+        };
+        let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
+        let id = plan.definition.to_string();
+        return Ok(Some(created(message, "definition", id, accepted, ctx, adopted)));
+    };
+    adopted.ours(plan.definition.to_string(), &existing.tags, message);
+    if !rules::generalized(&existing.os_state) {
+        return Ok(Some(fail(format!(
+            "image definition {} is {}; Batch pools need a Generalized image",
+            plan.definition, existing.os_state
+        ))));
+    }
+    if !existing.os_type.eq_ignore_ascii_case(spec.os_type.as_str()) {
+        return Ok(Some(fail(format!(
+            "image definition {} is {}, the pipeline builds {}",
+            plan.definition,
+            existing.os_type,
+            spec.os_type.as_str()
+        ))));
+    }
+    Ok(match existing.provisioning_state.as_str() {
+        "Succeeded" => None,
+        "Failed" => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
+        _ => Some(poll_again(message, "definition", ctx)),
+    })
+}
+
+/// `Microsoft.Batch` registered in the gallery's subscription where a pool's account lives in
+/// another (Batch reads the image through it).
+async fn ensure_batch_registered(message: &Envelope, ctx: &StepContext<'_>) -> Part {
+    for subscription in &message.plan.register_batch_in {
         match ctx
             .azure
             .provider_state(subscription, "Microsoft.Batch")
@@ -182,29 +205,19 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
             .as_str()
         {
             "Registered" => {}
-            "Registering" => {
-                return Ok(wait_step(
-                    message,
-                    "registration",
-                    Vec::new(),
-                    ctx.settings.default_poll(),
-                    ctx.now,
-                ));
-            }
+            "Registering" => return Ok(Some(poll_again(message, "registration", ctx))),
             _ => {
                 ctx.azure.register_provider(subscription, "Microsoft.Batch").await?;
-                return Ok(wait_step(
-                    message,
-                    "registration",
-                    Vec::new(),
-                    ctx.settings.default_poll(),
-                    ctx.now,
-                ));
+                return Ok(Some(poll_again(message, "registration", ctx)));
             }
         }
     }
+    Ok(None)
+}
 
-    // The version.
+/// PUTs the image version (or finds this run's own, unchanged) and moves on to `replicate`.
+async fn put_version(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted) -> Result<Step, AzureError> {
+    let plan = message.plan.clone();
     let Some(source) = message
         .artifacts
         .image
