@@ -8,13 +8,14 @@
 //! (the fastest pace two readings allow, so a look comes early rather than late), and once the
 //! allocation is steady only the node counts are read.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::common::{fail, wait_step};
 use super::{FailureClass, Observation, Outcome, Step, StepContext, rollout};
 use crate::azure::AzureError;
 use crate::events::EventKind;
-use crate::model::envelope::{Branch, Envelope, Progress};
+use crate::model::envelope::{Branch, Envelope, PoolArtifact, Progress};
 use crate::model::spec::PreviousPool;
 
 /// Progress keys: the first and the latest reading of the nodes present while the pool allocates,
@@ -23,22 +24,48 @@ const ALLOCATED_FIRST: &str = "allocated-first";
 const ALLOCATED_LAST: &str = "allocated-last";
 const IDLE_FIRST: &str = "idle-first";
 
+/// The progress readings a verify look keeps between looks.
+type Readings = BTreeMap<String, Progress>;
+
+/// What this branch's pool must reach, from the plan and the spec.
+struct Goal {
+    target: String,
+    pool: PoolArtifact,
+    /// Dedicated and low-priority nodes planned.
+    nodes: u32,
+    /// Idle nodes needed: the spec's share of `nodes`, rounded up.
+    required: f64,
+}
+
+impl Goal {
+    fn of(message: &Envelope) -> Result<Goal, Step> {
+        let (Branch::Pool { target, .. }, Some(pool)) = (message.branch.clone(), message.artifacts.pool.clone()) else {
+            return Err(fail("verify runs on a pool branch after pool-create"));
+        };
+        let Some(planned) = message.plan.pools.iter().find(|p| p.target == target) else {
+            return Err(fail(format!("no pool target `{target}` in the plan")));
+        };
+        let nodes = planned.dedicated_nodes + planned.low_priority_nodes;
+        let required = (message.spec.verify.min_idle_share * nodes as f64).ceil();
+        Ok(Goal {
+            target,
+            pool,
+            nodes,
+            required,
+        })
+    }
+}
+
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
-    let (Branch::Pool { target, .. }, Some(pool)) = (message.branch.clone(), message.artifacts.pool.clone()) else {
-        return Ok(fail("verify runs on a pool branch after pool-create"));
+    let goal = match Goal::of(&message) {
+        Ok(goal) => goal,
+        Err(step) => return Ok(step),
     };
-    let Some(planned) = message.plan.pools.iter().find(|p| p.target == target) else {
-        return Ok(fail(format!("no pool target `{target}` in the plan")));
-    };
-    let nodes = planned.dedicated_nodes + planned.low_priority_nodes;
     let verify = &message.spec.verify;
-    let target_nodes = nodes as f64;
-    let required = (verify.min_idle_share * target_nodes).ceil();
-    let deadline = pool.created + ctx.settings.real(verify.deadline);
-    if ctx.now > deadline {
+    if ctx.now > goal.pool.created + ctx.settings.real(verify.deadline) {
         return Ok(fail(format!(
             "pool {} did not verify within {}",
-            pool.pool_id,
+            goal.pool.pool_id,
             crate::model::spec::duration::format(verify.deadline)
         ))
         .observe(Observation::Failure(FailureClass::Timeout)));
@@ -49,111 +76,169 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         .map(|op| op.progress.clone())
         .unwrap_or_default();
     // Batch gives no hint; the documented 15 minutes per 1000 nodes says when to look at the latest.
-    let expected = pool.created
+    let expected = goal.pool.created
         + ctx
             .settings
-            .real(Duration::from_secs(60 + (nodes as u64 * 900).div_ceil(1000)));
+            .real(Duration::from_secs(60 + (goal.nodes as u64 * 900).div_ceil(1000)));
     let left = Duration::from_secs_f64((expected - ctx.now).max(time::Duration::ZERO).as_seconds_f64());
     let phase = message.operation.as_ref().map(|op| op.what.clone());
     // Straight from pool-create: nothing has allocated yet, so the first look is the first wait.
-    if phase.is_none() && ctx.now - pool.created < ctx.settings.real(ctx.settings.poll_min) {
+    if phase.is_none() && ctx.now - goal.pool.created < ctx.settings.real(ctx.settings.poll_min) {
         let delay = ctx.settings.clamp(left.max(ctx.settings.default_poll()));
         return Ok(wait_with(message, "allocation", delay, progress, ctx));
     }
     // Once the allocation was seen steady without errors (the `nodes` wait), only nodes change.
-    if phase.as_deref() != Some("nodes") {
-        let Some(info) = ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await? else {
-            return Ok(fail(format!("pool {} disappeared before it verified", pool.pool_id)));
-        };
-        if info.allocation_state != "steady" {
-            // Nodes join the pool as it allocates: once two looks have seen them arrive, the earliest
-            // end their pace allows comes first.
-            let mut delay = left.max(ctx.settings.default_poll());
-            let reading = Progress {
-                at: ctx.now,
-                percent: percent_of(info.current_dedicated + info.current_low_priority, nodes),
-            };
-            if reading.percent > 0 {
-                let first = *progress.entry(ALLOCATED_FIRST.to_string()).or_insert(reading);
-                progress.insert(ALLOCATED_LAST.to_string(), reading);
-                if let Some(eta) = earliest(first, reading, 100.0) {
-                    delay = delay.min(eta);
-                }
-                // Nearly allocated: nodes turn idle minutes after they join, so the next look also
-                // waits for enough of them, at the pace they joined.
-                if (info.current_dedicated + info.current_low_priority) as f64 >= required
-                    && let Some(percent_per_sec) = pace(first, reading)
-                {
-                    let idle = ctx
-                        .azure
-                        .node_counts(&pool.account_url, &pool.pool_id)
-                        .await?
-                        .get("idle") as f64;
-                    let nodes_per_sec = percent_per_sec * target_nodes / 100.0;
-                    delay = delay.max(Duration::from_secs_f64((required - idle).max(0.0) / nodes_per_sec));
-                }
-            }
-            return Ok(wait_with(
-                message,
-                "allocation",
-                ctx.settings.clamp(delay),
-                progress,
-                ctx,
-            ));
-        }
-        if let Some(error) = info.resize_errors.first() {
-            return Ok(fail(format!(
+    if phase.as_deref() != Some("nodes")
+        && let Some(step) = look_at_allocation(&message, &goal, &mut progress, left, ctx).await?
+    {
+        return Ok(step);
+    }
+    match look_at_nodes(&message, &goal, &mut progress, ctx).await? {
+        Ok(nodes_seen) => verified(message, &goal, nodes_seen, ctx).await,
+        Err(step) => Ok(step),
+    }
+}
+
+/// While the pool allocates: a wait timed by the pace nodes join it; a failure when the
+/// allocation ended with a resize error; nothing once it is steady.
+async fn look_at_allocation(
+    message: &Envelope,
+    goal: &Goal,
+    progress: &mut Readings,
+    left: Duration,
+    ctx: &StepContext<'_>,
+) -> Result<Option<Step>, AzureError> {
+    let pool = &goal.pool;
+    let Some(info) = ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await? else {
+        return Ok(Some(fail(format!(
+            "pool {} disappeared before it verified",
+            pool.pool_id
+        ))));
+    };
+    if info.allocation_state == "steady" {
+        return Ok(info.resize_errors.first().map(|error| {
+            fail(format!(
                 "pool {} allocation ended with {}: {} ({} of {} dedicated nodes)",
                 pool.pool_id, error.code, error.message, info.current_dedicated, info.target_dedicated
             ))
-            .observe(Observation::Failure(FailureClass::Allocation)));
+            .observe(Observation::Failure(FailureClass::Allocation))
+        }));
+    }
+    // Nodes join the pool as it allocates: once two looks have seen them arrive, the earliest end
+    // their pace allows comes first.
+    let mut delay = left.max(ctx.settings.default_poll());
+    let present = info.current_dedicated + info.current_low_priority;
+    let reading = Progress {
+        at: ctx.now,
+        percent: percent_of(present, goal.nodes),
+    };
+    if reading.percent > 0 {
+        let first = *progress.entry(ALLOCATED_FIRST.to_string()).or_insert(reading);
+        progress.insert(ALLOCATED_LAST.to_string(), reading);
+        if let Some(eta) = earliest(first, reading, 100.0) {
+            delay = delay.min(eta);
+        }
+        // Nearly allocated: nodes turn idle minutes after they join, so the next look also waits
+        // for enough of them, at the pace they joined.
+        if present as f64 >= goal.required
+            && let Some(percent_per_sec) = pace(first, reading)
+        {
+            let idle = ctx
+                .azure
+                .node_counts(&pool.account_url, &pool.pool_id)
+                .await?
+                .get("idle") as f64;
+            let nodes_per_sec = percent_per_sec * goal.nodes as f64 / 100.0;
+            delay = delay.max(Duration::from_secs_f64((goal.required - idle).max(0.0) / nodes_per_sec));
         }
     }
+    let delay = ctx.settings.clamp(delay);
+    Ok(Some(wait_with(
+        message.clone(),
+        "allocation",
+        delay,
+        progress.clone(),
+        ctx,
+    )))
+}
+
+/// The pool's nodes by state: what was seen, when enough are idle and few enough failed their
+/// start task; else the failure, or a wait timed by the pace nodes turn idle.
+async fn look_at_nodes(
+    message: &Envelope,
+    goal: &Goal,
+    progress: &mut Readings,
+    ctx: &StepContext<'_>,
+) -> Result<Result<Observation, Step>, AzureError> {
+    let (pool, verify) = (&goal.pool, &message.spec.verify);
     let counts = ctx.azure.node_counts(&pool.account_url, &pool.pool_id).await?;
     let nodes_seen = Observation::PoolNodes {
-        target: target.clone(),
+        target: goal.target.clone(),
         by_state: counts.by_state.iter().map(|(state, n)| (state.clone(), *n)).collect(),
     };
     if counts.total == 0 && ctx.azure.get_pool(&pool.account_url, &pool.pool_id).await?.is_none() {
-        return Ok(fail(format!("pool {} disappeared before it verified", pool.pool_id)));
+        return Ok(Err(fail(format!(
+            "pool {} disappeared before it verified",
+            pool.pool_id
+        ))));
     }
+    let target_nodes = goal.nodes as f64;
     let idle = counts.get("idle") as f64;
     let failed = counts.get("starttaskfailed") as f64;
     let allowed_failed = (verify.max_start_task_failed_share * target_nodes).floor();
     if failed > allowed_failed {
-        return Ok(fail(format!(
+        return Ok(Err(fail(format!(
             "pool {}: {failed} of {target_nodes} nodes failed their start task (at most {allowed_failed} allowed)",
             pool.pool_id
         ))
         .observe(nodes_seen)
-        .observe(Observation::Failure(FailureClass::StartTask)));
+        .observe(Observation::Failure(FailureClass::StartTask))));
     }
-    if idle < required {
-        // Nodes turn idle at about the pace they joined: time the next look by that pace, else by
-        // two readings of the idle nodes, else by the default poll.
-        let reading = Progress {
-            at: ctx.now,
-            percent: percent_of(idle as u32, nodes),
-        };
-        let joined = match (progress.get(ALLOCATED_FIRST), progress.get(ALLOCATED_LAST)) {
-            (Some(first), Some(last)) => pace(*first, *last),
-            _ => None,
-        };
-        let first_idle = (reading.percent > 0).then(|| *progress.entry(IDLE_FIRST.to_string()).or_insert(reading));
-        let eta = match (joined, first_idle) {
-            (Some(percent_per_sec), _) => Some(Duration::from_secs_f64(
-                (required - idle) * 100.0 / target_nodes / percent_per_sec,
-            )),
-            (None, Some(first)) => earliest(first, reading, required * 100.0 / target_nodes),
-            (None, None) => None,
-        };
-        let delay = eta.map_or_else(|| ctx.settings.default_poll(), |eta| ctx.settings.clamp(eta));
-        return Ok(wait_with(message, "nodes", delay, progress, ctx).observe(nodes_seen));
+    if idle >= goal.required {
+        return Ok(Ok(nodes_seen));
     }
+    let delay = until_idle(goal, idle, progress, ctx);
+    Ok(Err(
+        wait_with(message.clone(), "nodes", delay, progress.clone(), ctx).observe(nodes_seen)
+    ))
+}
 
+/// When to look again for idle nodes: nodes turn idle at about the pace they joined, so by that
+/// pace, else by two readings of the idle nodes, else after the default poll.
+fn until_idle(goal: &Goal, idle: f64, progress: &mut Readings, ctx: &StepContext<'_>) -> Duration {
+    let target_nodes = goal.nodes as f64;
+    let reading = Progress {
+        at: ctx.now,
+        percent: percent_of(idle as u32, goal.nodes),
+    };
+    let joined = match (progress.get(ALLOCATED_FIRST), progress.get(ALLOCATED_LAST)) {
+        (Some(first), Some(last)) => pace(*first, *last),
+        _ => None,
+    };
+    let first_idle = (reading.percent > 0).then(|| *progress.entry(IDLE_FIRST.to_string()).or_insert(reading));
+    let eta = match (joined, first_idle) {
+        (Some(percent_per_sec), _) => Some(Duration::from_secs_f64(
+            (goal.required - idle) * 100.0 / target_nodes / percent_per_sec,
+        )),
+        (None, Some(first)) => earliest(first, reading, goal.required * 100.0 / target_nodes),
+        (None, None) => None,
+    };
+    eta.map_or_else(|| ctx.settings.default_poll(), |eta| ctx.settings.clamp(eta))
+}
+
+/// The pool verified: marked so in its metadata, the version promoted when promotion is gated,
+/// and the branch handed to its rollout phase.
+async fn verified(
+    message: Envelope,
+    goal: &Goal,
+    nodes_seen: Observation,
+    ctx: &StepContext<'_>,
+) -> Result<Step, AzureError> {
+    let pool = &goal.pool;
+    let planned = message.plan.pools.iter().find(|p| p.target == goal.target);
     // The pool says so itself, for runs that cannot read this run's history (another
     // `sigrun run`, a history past its retention): their rollout may retire it once it is older.
-    let mut metadata = planned.metadata.clone();
+    let mut metadata = planned.map(|p| p.metadata.clone()).unwrap_or_default();
     metadata.insert("sigrun-run".into(), message.run_id.to_string());
     if !message.admission.is_nil() {
         metadata.insert(super::common::ADMISSION.into(), message.admission.to_string());
@@ -193,13 +278,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
 }
 
 /// A wait that keeps the progress readings (a new `what` would start them over).
-fn wait_with(
-    message: Envelope,
-    what: &str,
-    delay: Duration,
-    progress: std::collections::BTreeMap<String, Progress>,
-    ctx: &StepContext<'_>,
-) -> Step {
+fn wait_with(message: Envelope, what: &str, delay: Duration, progress: Readings, ctx: &StepContext<'_>) -> Step {
     let mut step = wait_step(message, what, Vec::new(), delay, ctx.now);
     if let Outcome::Wait { message, .. } = &mut step.outcome
         && let Some(op) = message.operation.as_mut()
