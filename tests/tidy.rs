@@ -15,7 +15,6 @@ const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("src/planner/mod.rs::plan", 297),
     ("src/emulator/batch/pools.rs::add_pool", 235),
     ("src/model/spec.rs::check", 175),
-    ("src/stages/replicate.rs::step", 151),
     ("src/planner/mod.rs::plan_build", 137),
     ("src/telemetry/metrics.rs::new", 136),
     ("src/cli/run.rs::run", 129),

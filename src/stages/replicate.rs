@@ -7,6 +7,7 @@
 //! region that waits to be re-added or that failed for good. The next look is timed from the
 //! progress seen so far.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::common::{fail, target_regions, wait};
@@ -15,6 +16,7 @@ use crate::azure::AzureError;
 use crate::azure::api::RegionStatus;
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Progress, Stage};
+use crate::model::plan::Plan;
 
 const WHAT: &str = "replication";
 
@@ -23,160 +25,191 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     let Some(version) = ctx.azure.get_version(&plan.version_id, true).await? else {
         return Ok(fail(format!("image version {} does not exist", plan.version_id)));
     };
-    let mut events = Vec::new();
-    let mut emit = Vec::new();
-    let mut progress = message
-        .operation
-        .as_ref()
-        .map(|op| op.progress.clone())
-        .unwrap_or_default();
-
     // A region removed after a failure goes back in once the version has settled.
     if !message.artifacts.regions_to_readd.is_empty()
         && !matches!(version.provisioning_state.as_str(), "Creating" | "Updating")
     {
-        // Everything planned except what failed for good.
-        let failed: Vec<&str> = message.artifacts.regions_failed.keys().map(String::as_str).collect();
-        ctx.azure
-            .set_target_regions(&plan.version_id, &target_regions(&plan, &failed))
-            .await?;
-        message.artifacts.regions_to_readd.clear();
-        let delay = ctx.settings.default_poll();
-        return Ok(Step {
-            outcome: wait(message, WHAT, Vec::new(), delay, ctx.now),
-            events,
-            observations: Vec::new(),
-        });
+        return readd_removed(message, &plan, ctx).await;
     }
-
-    let mut pending_eta: Option<Duration> = None;
-    let mut unknown_pending = false;
-    // Regions failing in this look that get another try.
-    let mut removing: Vec<String> = Vec::new();
+    let mut look = Look {
+        progress: message
+            .operation
+            .as_ref()
+            .map(|op| op.progress.clone())
+            .unwrap_or_default(),
+        ..Look::default()
+    };
     for region in &plan.regions {
-        let name = region.name.as_str();
-        if message.artifacts.regions_completed.iter().any(|r| r == name)
-            || message.artifacts.regions_failed.contains_key(name)
-        {
-            continue;
-        }
-        if message.artifacts.regions_to_readd.iter().any(|r| r == name) {
-            unknown_pending = true;
-            continue;
-        }
-        let status = version.replication.iter().find(|s| s.region == name);
-        match status.map(|s| s.state.as_str()) {
-            Some("Completed") => {
-                message.artifacts.regions_completed.push(name.to_string());
-                events.push(EventKind::RegionCompleted {
-                    region: name.to_string(),
-                });
-                for pool in plan.pools_in(name) {
-                    emit.push(message.for_pool(Stage::PoolCreate, name, &pool.target, ctx.now));
-                }
-                progress.remove(name);
-            }
-            Some("Failed") => {
-                let details = status.map(|s| s.details.clone()).unwrap_or_default();
-                let tries = message.artifacts.region_retries.get(name).copied().unwrap_or(0);
-                if tries < ctx.settings.region_retries {
-                    // Removed below, together with any other region failing in this look; added
-                    // back once the version settles.
-                    message.artifacts.region_retries.insert(name.to_string(), tries + 1);
-                    message.artifacts.regions_to_readd.push(name.to_string());
-                    removing.push(name.to_string());
-                    events.push(EventKind::Retried {
-                        attempt: tries + 1,
-                        error: format!("replication to {name} failed ({details}); removing and adding the region back"),
-                    });
-                    progress.remove(name);
-                    unknown_pending = true;
-                } else {
-                    let reason = format!("replication failed: {details}");
-                    message
-                        .artifacts
-                        .regions_failed
-                        .insert(name.to_string(), reason.clone());
-                    events.push(EventKind::RegionFailed {
-                        region: name.to_string(),
-                        reason,
-                    });
-                }
-            }
-            Some(_) | None => {
-                let eta = status.and_then(|s| estimate(&mut progress, s, ctx));
-                match eta {
-                    Some(eta) => pending_eta = Some(pending_eta.map_or(eta, |p| p.min(eta))),
-                    // Not started (`Unknown`): Azure replicates to the other regions once the source
-                    // region is done, so such a region waits on one that replicates; it needs no
-                    // look of its own before that one's estimate.
-                    None if status.is_some_and(|s| s.state.eq_ignore_ascii_case("Unknown")) => {}
-                    None => unknown_pending = true,
-                }
-            }
-        }
+        let status = version.replication.iter().find(|s| s.region == region.name);
+        look.region(&mut message, &plan, &region.name, status, ctx);
     }
-
-    if !removing.is_empty() {
-        // One write for every failing region: keep only what neither waits to be re-added nor
-        // failed for good.
-        let out: Vec<&str> = message
-            .artifacts
-            .regions_to_readd
-            .iter()
-            .map(String::as_str)
-            .chain(message.artifacts.regions_failed.keys().map(String::as_str))
-            .collect();
-        ctx.azure
-            .set_target_regions(&plan.version_id, &target_regions(&plan, &out))
-            .await?;
+    if look.removing {
+        remove_failing(&message, &plan, ctx).await?;
     }
     let observations = replication_ratios(&plan, &version.replication, &message);
     let all_ended = plan.regions.iter().all(|r| {
         message.artifacts.regions_completed.contains(&r.name) || message.artifacts.regions_failed.contains_key(&r.name)
     });
     if all_ended {
-        let outcome = if emit.is_empty() {
+        let outcome = if look.emit.is_empty() {
             Outcome::Done
         } else {
-            Outcome::Advance(emit)
+            Outcome::Advance(look.emit)
         };
         return Ok(Step {
             outcome,
-            events,
+            events: look.events,
             observations,
         });
     }
-    let delay = match (pending_eta, unknown_pending) {
-        (Some(eta), false) => ctx.settings.clamp(eta),
-        (Some(eta), true) => ctx.settings.clamp(eta.min(ctx.settings.default_poll())),
-        (None, _) => ctx.settings.default_poll(),
-    };
-    let first = message.operation.as_ref().is_none_or(|op| op.what != WHAT);
-    let mut outcome = wait(message, WHAT, Vec::new(), delay, ctx.now);
-    if let Outcome::Wait { message, emit: out, .. } = &mut outcome {
-        if let Some(op) = message.operation.as_mut() {
-            op.progress = progress;
+    Ok(look.wait(message, observations, ctx))
+}
+
+/// Puts back every planned region except those that failed for good, and waits.
+async fn readd_removed(mut message: Envelope, plan: &Plan, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    let failed: Vec<&str> = message.artifacts.regions_failed.keys().map(String::as_str).collect();
+    ctx.azure
+        .set_target_regions(&plan.version_id, &target_regions(plan, &failed))
+        .await?;
+    message.artifacts.regions_to_readd.clear();
+    let delay = ctx.settings.default_poll();
+    Ok(Step::new(wait(message, WHAT, Vec::new(), delay, ctx.now)))
+}
+
+/// One write for every region failing in this look: keeps only what neither waits to be re-added
+/// nor failed for good.
+async fn remove_failing(message: &Envelope, plan: &Plan, ctx: &StepContext<'_>) -> Result<(), AzureError> {
+    let out: Vec<&str> = message
+        .artifacts
+        .regions_to_readd
+        .iter()
+        .map(String::as_str)
+        .chain(message.artifacts.regions_failed.keys().map(String::as_str))
+        .collect();
+    ctx.azure
+        .set_target_regions(&plan.version_id, &target_regions(plan, &out))
+        .await
+        .map(|_| ())
+}
+
+/// What one look at the version's replication found.
+#[derive(Default)]
+struct Look {
+    events: Vec<EventKind>,
+    /// The pool-create messages of regions that completed in this look.
+    emit: Vec<Envelope>,
+    progress: BTreeMap<String, Progress>,
+    /// The soonest a replicating region should be done.
+    pending_eta: Option<Duration>,
+    /// A region waits that no estimate times (being re-added, or no reading yet).
+    unknown_pending: bool,
+    /// A region failed in this look and gets another try: the regions are written once.
+    removing: bool,
+}
+
+impl Look {
+    /// Judges one planned region by its replica's state.
+    fn region(
+        &mut self,
+        message: &mut Envelope,
+        plan: &Plan,
+        name: &str,
+        status: Option<&RegionStatus>,
+        ctx: &StepContext<'_>,
+    ) {
+        let artifacts = &message.artifacts;
+        if artifacts.regions_completed.iter().any(|r| r == name) || artifacts.regions_failed.contains_key(name) {
+            return;
         }
-        *out = emit;
+        if artifacts.regions_to_readd.iter().any(|r| r == name) {
+            self.unknown_pending = true;
+            return;
+        }
+        match status.map(|s| s.state.as_str()) {
+            Some("Completed") => self.completed(message, plan, name, ctx),
+            Some("Failed") => {
+                let details = status.map(|s| s.details.clone()).unwrap_or_default();
+                self.failed(message, name, details, ctx);
+            }
+            Some(_) | None => match status.and_then(|s| estimate(&mut self.progress, s, ctx)) {
+                Some(eta) => self.pending_eta = Some(self.pending_eta.map_or(eta, |p| p.min(eta))),
+                // Not started (`Unknown`): Azure replicates to the other regions once the source
+                // region is done, so such a region waits on one that replicates; it needs no look
+                // of its own before that one's estimate.
+                None if status.is_some_and(|s| s.state.eq_ignore_ascii_case("Unknown")) => {}
+                None => self.unknown_pending = true,
+            },
+        }
     }
-    if first {
-        events.insert(0, EventKind::Waiting { what: WHAT.to_string() });
+
+    /// The region's replica is there: its pools start now.
+    fn completed(&mut self, message: &mut Envelope, plan: &Plan, name: &str, ctx: &StepContext<'_>) {
+        message.artifacts.regions_completed.push(name.to_string());
+        self.events.push(EventKind::RegionCompleted {
+            region: name.to_string(),
+        });
+        for pool in plan.pools_in(name) {
+            self.emit
+                .push(message.for_pool(Stage::PoolCreate, name, &pool.target, ctx.now));
+        }
+        self.progress.remove(name);
     }
-    Ok(Step {
-        outcome,
-        events,
-        observations,
-    })
+
+    /// The region's replication failed: removed and added back while it has tries left, then
+    /// failed for good.
+    fn failed(&mut self, message: &mut Envelope, name: &str, details: String, ctx: &StepContext<'_>) {
+        let artifacts = &mut message.artifacts;
+        let tries = artifacts.region_retries.get(name).copied().unwrap_or(0);
+        if tries < ctx.settings.region_retries {
+            artifacts.region_retries.insert(name.to_string(), tries + 1);
+            artifacts.regions_to_readd.push(name.to_string());
+            self.removing = true;
+            self.events.push(EventKind::Retried {
+                attempt: tries + 1,
+                error: format!("replication to {name} failed ({details}); removing and adding the region back"),
+            });
+            self.progress.remove(name);
+            self.unknown_pending = true;
+        } else {
+            let reason = format!("replication failed: {details}");
+            artifacts.regions_failed.insert(name.to_string(), reason.clone());
+            self.events.push(EventKind::RegionFailed {
+                region: name.to_string(),
+                reason,
+            });
+        }
+    }
+
+    /// The next look, timed by the soonest estimate (or the default poll), carrying the readings
+    /// and the pools of regions completed now.
+    fn wait(mut self, message: Envelope, observations: Vec<Observation>, ctx: &StepContext<'_>) -> Step {
+        let delay = match (self.pending_eta, self.unknown_pending) {
+            (Some(eta), false) => ctx.settings.clamp(eta),
+            (Some(eta), true) => ctx.settings.clamp(eta.min(ctx.settings.default_poll())),
+            (None, _) => ctx.settings.default_poll(),
+        };
+        let first = message.operation.as_ref().is_none_or(|op| op.what != WHAT);
+        let mut outcome = wait(message, WHAT, Vec::new(), delay, ctx.now);
+        if let Outcome::Wait { message, emit: out, .. } = &mut outcome {
+            if let Some(op) = message.operation.as_mut() {
+                op.progress = self.progress;
+            }
+            *out = self.emit;
+        }
+        if first {
+            self.events.insert(0, EventKind::Waiting { what: WHAT.to_string() });
+        }
+        Step {
+            outcome,
+            events: self.events,
+            observations,
+        }
+    }
 }
 
 /// Each planned region's replication as a ratio: 1 once Completed (now or on an earlier look),
 /// else the progress Azure reports.
-fn replication_ratios(
-    plan: &crate::model::plan::Plan,
-    statuses: &[RegionStatus],
-    message: &Envelope,
-) -> Vec<Observation> {
+fn replication_ratios(plan: &Plan, statuses: &[RegionStatus], message: &Envelope) -> Vec<Observation> {
     plan.regions
         .iter()
         .map(|region| {
@@ -198,7 +231,7 @@ fn replication_ratios(
 
 /// When a replicating region should be done, from two progress readings; records this reading.
 fn estimate(
-    progress: &mut std::collections::BTreeMap<String, Progress>,
+    progress: &mut BTreeMap<String, Progress>,
     status: &RegionStatus,
     ctx: &StepContext<'_>,
 ) -> Option<Duration> {
