@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("src/planner/mod.rs::plan", 297),
     ("src/emulator/batch/pools.rs::add_pool", 235),
-    ("src/model/spec.rs::check", 175),
     ("src/planner/mod.rs::plan_build", 137),
     ("src/telemetry/metrics.rs::new", 136),
     ("src/cli/run.rs::run", 129),

@@ -529,6 +529,17 @@ impl PipelineSpec {
 
     /// Checks that need no Azure call. Returns the offending key path and why.
     fn check(&self) -> Result<(), (String, String)> {
+        self.check_identity()?;
+        self.check_version()?;
+        self.check_source()?;
+        self.check_publish()?;
+        self.check_verify()?;
+        self.check_pools()?;
+        self.check_names()
+    }
+
+    /// The pipeline's name and its image definition: what Batch and the gallery accept.
+    fn check_identity(&self) -> Result<(), (String, String)> {
         let bad = |key: &str, message: String| Err((key.to_string(), message));
         if self.name.is_empty()
             || self.name.len() > 40
@@ -560,6 +571,12 @@ impl PipelineSpec {
         if !["V1", "V2"].contains(&self.definition.hyper_v_generation.as_str()) {
             return bad("definition.hyper_v_generation", "must be V1 or V2".into());
         }
+        Ok(())
+    }
+
+    /// The version scheme and its value.
+    fn check_version(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
         match (self.version.scheme, &self.version.value) {
             (VersionScheme::Nightly, Some(_)) => {
                 return bad(
@@ -578,6 +595,12 @@ impl PipelineSpec {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// What the image is built from: nothing for a rollout, a VM or disks otherwise.
+    fn check_source(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
         let rollout_only = self.version.scheme == VersionScheme::Existing;
         match (&self.source, rollout_only) {
             (None, false) => return bad("source", "a pipeline that builds an image needs a [source]".into()),
@@ -601,6 +624,13 @@ impl PipelineSpec {
             }
             (None, true) => {}
         }
+        Ok(())
+    }
+
+    /// Target regions, replicas and storage types.
+    fn check_publish(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
+        let rollout_only = self.version.scheme == VersionScheme::Existing;
         if !rollout_only && self.publish.regions.is_empty() {
             return bad("publish.regions", "name at least one target region".into());
         }
@@ -621,6 +651,18 @@ impl PipelineSpec {
         if self.publish.nodes_per_replica == 0 {
             return bad("publish.nodes_per_replica", "must be at least 1".into());
         }
+        if self.publish.regions.len() > 50 {
+            return bad(
+                "publish.regions",
+                format!("{} regions: at most 50", self.publish.regions.len()),
+            );
+        }
+        Ok(())
+    }
+
+    /// The shares and the deadline a pool verifies by.
+    fn check_verify(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
         for (key, share) in [
             ("verify.min_idle_share", self.verify.min_idle_share),
             (
@@ -635,73 +677,85 @@ impl PipelineSpec {
         if self.verify.deadline > MAX_WAIT {
             return bad("verify.deadline", format!("longer than {}", duration::format(MAX_WAIT)));
         }
+        Ok(())
+    }
+
+    /// The pools: how many, targets unique, each within Batch's limits.
+    fn check_pools(&self) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
+        let rollout_only = self.version.scheme == VersionScheme::Existing;
         if self.pools.len() > MAX_POOLS {
             return bad("pools", format!("{} pools: at most {MAX_POOLS}", self.pools.len()));
-        }
-        if self.publish.regions.len() > 50 {
-            return bad(
-                "publish.regions",
-                format!("{} regions: at most 50", self.publish.regions.len()),
-            );
         }
         if self.pools.is_empty() && rollout_only {
             return bad("pools", "a rollout needs at least one pool".into());
         }
         let mut targets = std::collections::HashSet::new();
         for (i, pool) in self.pools.iter().enumerate() {
-            let key = |k: &str| format!("pools[{i}].{k}");
             if !targets.insert(pool.target.as_str()) {
-                return bad(&key("target"), format!("target `{}` appears twice", pool.target));
-            }
-            let sample = render_name(&pool.id, &self.name, &pool.target, "2026.1231.99");
-            if !pool_id_ok(&sample) {
                 return bad(
-                    &key("id"),
-                    format!("`{}` gives pool id `{sample}`: 1–64 letters, digits, `-`, `_`", pool.id),
+                    &format!("pools[{i}].target"),
+                    format!("target `{}` appears twice", pool.target),
                 );
             }
-            match pool.dedicated_nodes.checked_add(pool.low_priority_nodes) {
-                Some(0) => return bad(&key("dedicated_nodes"), "a pool needs at least one node".into()),
-                Some(n) if n <= MAX_POOL_NODES => {}
-                _ => {
-                    return bad(
-                        &key("dedicated_nodes"),
-                        format!(
-                            "{} dedicated and {} low-priority nodes: at most {MAX_POOL_NODES} in all",
-                            pool.dedicated_nodes, pool.low_priority_nodes
-                        ),
-                    );
-                }
-            }
-            if pool.task_slots_per_node > 256 {
+            self.check_pool(i, pool, rollout_only)?;
+        }
+        Ok(())
+    }
+
+    /// One pool: its id, node counts, task slots, resize timeout and node agent SKU.
+    fn check_pool(&self, i: usize, pool: &PoolSpec, rollout_only: bool) -> Result<(), (String, String)> {
+        let bad = |key: &str, message: String| Err((key.to_string(), message));
+        let key = |k: &str| format!("pools[{i}].{k}");
+        let sample = render_name(&pool.id, &self.name, &pool.target, "2026.1231.99");
+        if !pool_id_ok(&sample) {
+            return bad(
+                &key("id"),
+                format!("`{}` gives pool id `{sample}`: 1–64 letters, digits, `-`, `_`", pool.id),
+            );
+        }
+        match pool.dedicated_nodes.checked_add(pool.low_priority_nodes) {
+            Some(0) => return bad(&key("dedicated_nodes"), "a pool needs at least one node".into()),
+            Some(n) if n <= MAX_POOL_NODES => {}
+            _ => {
                 return bad(
-                    &key("task_slots_per_node"),
-                    format!("{} is above Batch's 256", pool.task_slots_per_node),
+                    &key("dedicated_nodes"),
+                    format!(
+                        "{} dedicated and {} low-priority nodes: at most {MAX_POOL_NODES} in all",
+                        pool.dedicated_nodes, pool.low_priority_nodes
+                    ),
                 );
-            }
-            if pool.resize_timeout != "auto" {
-                match duration::parse(&pool.resize_timeout) {
-                    Err(e) => return bad(&key("resize_timeout"), format!("`auto` or a duration: {e}")),
-                    Ok(d) if d > MAX_WAIT => {
-                        return bad(
-                            &key("resize_timeout"),
-                            format!("longer than {}", duration::format(MAX_WAIT)),
-                        );
-                    }
-                    Ok(_) => {}
-                }
-            }
-            if rollout_only && pool.node_agent_sku_id == "auto" {
-                return bad(
-                    &key("node_agent_sku_id"),
-                    "`auto` reads the build VM's base image; a rollout of an existing version needs the SKU spelled out".into(),
-                );
-            }
-            if pool.task_slots_per_node == 0 {
-                return bad(&key("task_slots_per_node"), "must be at least 1".into());
             }
         }
-        self.check_names()
+        if pool.task_slots_per_node > 256 {
+            return bad(
+                &key("task_slots_per_node"),
+                format!("{} is above Batch's 256", pool.task_slots_per_node),
+            );
+        }
+        if pool.resize_timeout != "auto" {
+            match duration::parse(&pool.resize_timeout) {
+                Err(e) => return bad(&key("resize_timeout"), format!("`auto` or a duration: {e}")),
+                Ok(d) if d > MAX_WAIT => {
+                    return bad(
+                        &key("resize_timeout"),
+                        format!("longer than {}", duration::format(MAX_WAIT)),
+                    );
+                }
+                Ok(_) => {}
+            }
+        }
+        if rollout_only && pool.node_agent_sku_id == "auto" {
+            return bad(
+                &key("node_agent_sku_id"),
+                "`auto` reads the build VM's base image; a rollout of an existing version needs the SKU spelled out"
+                    .into(),
+            );
+        }
+        if pool.task_slots_per_node == 0 {
+            return bad(&key("task_slots_per_node"), "must be at least 1".into());
+        }
+        Ok(())
     }
 
     /// Every run names what it makes after its version, so no two runs make, adopt or delete the
