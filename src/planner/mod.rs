@@ -7,19 +7,20 @@
 //! `sigrun run` carries it in every message.
 
 mod azure_values;
+mod pools;
+mod regions;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::azure::api::{BatchAccountInfo, SupportedImage};
 use crate::azure::{AzureApi, AzureError};
 use crate::model::ids::{DiskId, GalleryImageId, ImageId, SnapshotId};
-use crate::model::plan::{BuildPlan, Plan, PoolPlan, RegionPlan, SnapshotPlan};
+use crate::model::plan::{BuildPlan, Plan, PoolPlan, SnapshotPlan};
 use crate::model::rules;
-use crate::model::spec::{PipelineSpec, Replicas, VersionScheme, duration, render_name};
+use crate::model::spec::{PipelineSpec, VersionScheme, render_name};
 
 /// Why a pipeline cannot run; names what is wrong and where.
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +119,63 @@ pub async fn plan(
         .version(&inputs.version)
         .map_err(|e| rule("version", e.to_string()))?;
     let rollout_only = inputs.existing_version || spec.version.scheme == VersionScheme::Existing;
+    let (accounts, supported) = read_accounts(spec, azure).await?;
+    let build = if rollout_only {
+        None
+    } else {
+        Some(plan_build(spec, inputs, azure, &supported, &mut warnings).await?)
+    };
+    check_existing_definition(spec, &definition, rollout_only, azure).await?;
+    let source_region = build.as_ref().map(|b| b.region.clone()).unwrap_or_default();
+    let gallery_region = spec
+        .gallery
+        .region
+        .as_deref()
+        .map(region_key)
+        .unwrap_or_else(|| source_region.clone());
+    let chosen = pools::Chosen {
+        accounts: &accounts,
+        build: build.as_ref(),
+        supported: &supported,
+        version_id: &version_id,
+    };
+    let pools = pools::plan_pools(spec, inputs, &chosen, &mut warnings)?;
+    azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
+    let regions = if rollout_only {
+        regions::of_existing_version(spec, &pools, &version_id, azure, &mut warnings).await?
+    } else {
+        regions::to_publish(spec, &pools, &source_region, &mut warnings)?
+    };
+    let register_batch_in = batch_registration(spec, &pools, azure, &mut warnings).await?;
+    let gated = spec.promotion.gated && !rollout_only;
+    Ok(Plan {
+        version: inputs.version.clone(),
+        build,
+        gallery: spec.gallery.id.clone(),
+        gallery_region,
+        create_gallery: spec.gallery.create_if_missing,
+        definition,
+        version_id,
+        regions,
+        pools,
+        publish_excluded: gated || spec.publish.exclude_from_latest,
+        final_excluded: spec.publish.exclude_from_latest,
+        // Durations are at most ten years (`duration::MAX`): no overflow.
+        end_of_life: spec
+            .publish
+            .end_of_life
+            .and_then(|d| now.checked_add(time::Duration::try_from(d).ok()?)),
+        register_batch_in,
+        warnings,
+    })
+}
 
-    // Accounts and Batch's supported images (from the first account: the list is the same service-wide).
+/// Each pool's Batch account (read once per account) and Batch's supported images (from the first
+/// account: the list is the same service-wide).
+async fn read_accounts(
+    spec: &PipelineSpec,
+    azure: &dyn AzureApi,
+) -> Result<(BTreeMap<String, BatchAccountInfo>, Vec<SupportedImage>), PlanError> {
     let mut accounts: BTreeMap<String, BatchAccountInfo> = BTreeMap::new();
     for pool in &spec.pools {
         let key = pool.account.to_string().to_ascii_lowercase();
@@ -127,19 +183,23 @@ pub async fn plan(
             slot.insert(azure.get_batch_account(&pool.account).await?);
         }
     }
-    let supported: Vec<SupportedImage> = match accounts.values().next() {
+    let supported = match accounts.values().next() {
         Some(account) => azure.supported_images(account).await?,
         None => Vec::new(),
     };
+    Ok((accounts, supported))
+}
 
-    let build = if rollout_only {
-        None
-    } else {
-        Some(plan_build(spec, inputs, azure, &supported, &mut warnings).await?)
-    };
-
+/// The existing definition must agree with the spec (Batch refuses specialized images); a rollout
+/// needs it to exist.
+async fn check_existing_definition(
+    spec: &PipelineSpec,
+    definition: &GalleryImageId,
+    rollout_only: bool,
+    azure: &dyn AzureApi,
+) -> Result<(), PlanError> {
     // The existing definition must agree with the spec; Batch refuses specialized images.
-    if let Some(existing) = azure.get_definition(&definition).await? {
+    if let Some(existing) = azure.get_definition(definition).await? {
         if !rules::generalized(&existing.os_state) {
             return Err(rule(
                 "definition",
@@ -178,190 +238,17 @@ pub async fn plan(
         ));
     }
 
-    let source_region = match &build {
-        Some(b) => b.region.clone(),
-        None => String::new(),
-    };
-    let gallery_region = spec
-        .gallery
-        .region
-        .as_deref()
-        .map(region_key)
-        .unwrap_or_else(|| source_region.clone());
+    Ok(())
+}
 
-    // Pools: region from the account, SKU, resize timeout, pool id, body.
-    let mut pools = Vec::new();
-    for (i, pool) in spec.pools.iter().enumerate() {
-        let key = |k: &str| format!("pools[{i}].{k}");
-        let account = &accounts[&pool.account.to_string().to_ascii_lowercase()];
-        let region = region_key(&account.location);
-        let nodes = pool.dedicated_nodes + pool.low_priority_nodes;
-        let sku = choose_sku(spec, pool.node_agent_sku_id.as_str(), build.as_ref(), &supported)
-            .map_err(|m| rule(&key("node_agent_sku_id"), m))?;
-        let minimum = rules::min_resize_timeout(nodes);
-        let timeout = if pool.resize_timeout == "auto" {
-            minimum
-        } else {
-            let asked = duration::parse(&pool.resize_timeout).map_err(|m| rule(&key("resize_timeout"), m))?;
-            if asked < minimum {
-                warnings.push(format!(
-                    "{}: resize_timeout {} is below 15 minutes per 1000 nodes for {nodes} nodes; raised to {}",
-                    key("resize_timeout"),
-                    duration::format(asked),
-                    duration::format(minimum)
-                ));
-                minimum
-            } else {
-                asked
-            }
-        };
-        let pool_id = render_name(&pool.id, &spec.name, &pool.target, &inputs.version);
-        let mut metadata = pool.metadata.clone();
-        metadata.insert("sigrun-pipeline".into(), spec.name.clone());
-        metadata.insert("sigrun-target".into(), pool.target.clone());
-        metadata.insert("sigrun-version".into(), inputs.version.clone());
-        let mut body = json!({
-            "id": pool_id,
-            "vmSize": pool.vm_size,
-            "virtualMachineConfiguration": {
-                "imageReference": {"virtualMachineImageId": version_id.to_string()},
-                "nodeAgentSKUId": sku,
-            },
-            "resizeTimeout": iso_duration(timeout),
-            "targetDedicatedNodes": pool.dedicated_nodes,
-            "targetLowPriorityNodes": pool.low_priority_nodes,
-            "taskSlotsPerNode": pool.task_slots_per_node,
-            "metadata": metadata.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
-        });
-        if let Some(task) = &pool.start_task {
-            body["startTask"] = json!({
-                "commandLine": task.command_line,
-                "waitForSuccess": task.wait_for_success,
-                "maxTaskRetryCount": task.max_task_retry_count,
-                "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": if task.elevated { "admin" } else { "nonadmin" }}},
-            });
-        }
-        pools.push(PoolPlan {
-            target: pool.target.clone(),
-            region,
-            account: pool.account.clone(),
-            account_url: account.url.clone(),
-            pool_id,
-            vm_size: pool.vm_size.clone(),
-            dedicated_nodes: pool.dedicated_nodes,
-            low_priority_nodes: pool.low_priority_nodes,
-            node_agent_sku_id: sku,
-            resize_timeout_secs: timeout.as_secs(),
-            body,
-            metadata,
-        });
-    }
-
-    azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
-
-    // Regions: every pool's region needs a replica; counts never below one per N nodes.
-    let mut regions = Vec::new();
-    if rollout_only {
-        let version = azure
-            .get_version(&version_id, true)
-            .await?
-            .ok_or_else(|| rule("version", format!("{version_id} does not exist; nothing to roll out")))?;
-        for pool in &pools {
-            if !version.target_regions.iter().any(|(r, _)| *r == pool.region) {
-                return Err(rule(
-                    "pools",
-                    format!(
-                        "pool target {} is in {} but {version_id} has no replica there",
-                        pool.target, pool.region
-                    ),
-                ));
-            }
-        }
-        for (name, replicas) in &version.target_regions {
-            let nodes: u32 = pools
-                .iter()
-                .filter(|p| p.region == *name)
-                .map(|p| p.dedicated_nodes + p.low_priority_nodes)
-                .sum();
-            let needed = rules::replicas_needed(nodes, spec.publish.nodes_per_replica);
-            if *replicas < needed {
-                warnings.push(format!(
-                    "{version_id} has {replicas} replica(s) in {name}, below the {needed} that {nodes} nodes need; pools there may allocate slowly"
-                ));
-            }
-            regions.push(RegionPlan {
-                name: name.clone(),
-                replicas: *replicas,
-                replicas_asked: Some(*replicas),
-                nodes,
-                storage_account_type: spec.publish.storage_account_type.clone(),
-            });
-        }
-    } else {
-        let mut seen = std::collections::HashSet::new();
-        for (i, region) in spec.publish.regions.iter().enumerate() {
-            let name = region_key(&region.name);
-            if !seen.insert(name.clone()) {
-                return Err(rule(
-                    &format!("publish.regions[{i}]"),
-                    format!("region {name} is listed twice"),
-                ));
-            }
-            let nodes: u32 = pools
-                .iter()
-                .filter(|p| p.region == name)
-                .map(|p| p.dedicated_nodes + p.low_priority_nodes)
-                .sum();
-            let needed = rules::replicas_needed(nodes, spec.publish.nodes_per_replica);
-            let (replicas, asked) = match region.replicas {
-                Replicas::Auto => (needed, None),
-                Replicas::Count(n) if n < needed => {
-                    warnings.push(format!(
-                        "publish.regions[{i}].replicas: {n} is below one replica per {} nodes for the {nodes} nodes planned in {name}; raised to {needed}",
-                        spec.publish.nodes_per_replica
-                    ));
-                    (needed, Some(n))
-                }
-                Replicas::Count(n) => (n, Some(n)),
-            };
-            if replicas > rules::MAX_REPLICAS {
-                return Err(rule(
-                    &format!("publish.regions[{i}]"),
-                    format!("{name} needs {replicas} replicas; Azure allows at most 100"),
-                ));
-            }
-            regions.push(RegionPlan {
-                name,
-                replicas,
-                replicas_asked: asked,
-                nodes,
-                storage_account_type: region
-                    .storage_account_type
-                    .clone()
-                    .unwrap_or_else(|| spec.publish.storage_account_type.clone()),
-            });
-        }
-        if !regions.iter().any(|r| r.name == source_region) {
-            return Err(rule(
-                "publish.regions",
-                format!("the image is made in {source_region}; the version's target regions must include it"),
-            ));
-        }
-        for (i, pool) in pools.iter().enumerate() {
-            if !regions.iter().any(|r| r.name == pool.region) {
-                return Err(rule(
-                    &format!("pools[{i}]"),
-                    format!(
-                        "pool target {} uses account {} in {}, but no replica is planned there; add {} to publish.regions",
-                        pool.target, pool.account, pool.region, pool.region
-                    ),
-                ));
-            }
-        }
-    }
-
-    // A gallery in another subscription than a pool's account needs Microsoft.Batch registered there.
-    // One gallery, so one look, however many pools are in other subscriptions.
+/// A gallery in another subscription than a pool's account needs Microsoft.Batch registered
+/// there. One gallery, so one look, however many pools are in other subscriptions.
+async fn batch_registration(
+    spec: &PipelineSpec,
+    pools: &[PoolPlan],
+    azure: &dyn AzureApi,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<String>, PlanError> {
     let mut register_batch_in = Vec::new();
     let gallery_sub = spec.gallery.id.subscription();
     if pools
@@ -370,7 +257,7 @@ pub async fn plan(
     {
         let read = azure.provider_state(gallery_sub, "Microsoft.Batch").await;
         let what = format!("Microsoft.Batch's registration in the gallery's subscription {gallery_sub}");
-        match azure_values::readable(read, &what, &mut warnings)? {
+        match azure_values::readable(read, &what, warnings)? {
             Some(state) if state != "Registered" => {
                 warnings.push(format!(
                     "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
@@ -381,27 +268,7 @@ pub async fn plan(
         }
     }
 
-    let gated = spec.promotion.gated && !rollout_only;
-    Ok(Plan {
-        version: inputs.version.clone(),
-        build,
-        gallery: spec.gallery.id.clone(),
-        gallery_region,
-        create_gallery: spec.gallery.create_if_missing,
-        definition,
-        version_id,
-        regions,
-        pools,
-        publish_excluded: gated || spec.publish.exclude_from_latest,
-        final_excluded: spec.publish.exclude_from_latest,
-        // Durations are at most ten years (`duration::MAX`): no overflow.
-        end_of_life: spec
-            .publish
-            .end_of_life
-            .and_then(|d| now.checked_add(time::Duration::try_from(d).ok()?)),
-        register_batch_in,
-        warnings,
-    })
+    Ok(register_batch_in)
 }
 
 async fn plan_build(

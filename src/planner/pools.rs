@@ -1,0 +1,125 @@
+//! The planner's pools: for each pool of the spec, its region (the account's), node agent SKU,
+//! resize timeout (never below 15 minutes per 1000 nodes: raised with a warning), id, metadata
+//! and the Batch body `pool-create` sends.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::{PlanError, PlanInputs, choose_sku, iso_duration, region_key, rule};
+use crate::azure::api::{BatchAccountInfo, SupportedImage};
+use crate::model::ids::GalleryImageVersionId;
+use crate::model::plan::{BuildPlan, PoolPlan};
+use crate::model::rules;
+use crate::model::spec::{PipelineSpec, PoolSpec, duration, render_name};
+
+/// What the pools are planned from besides the spec.
+pub struct Chosen<'a> {
+    /// Batch accounts by lower-cased id.
+    pub accounts: &'a BTreeMap<String, BatchAccountInfo>,
+    pub build: Option<&'a BuildPlan>,
+    pub supported: &'a [SupportedImage],
+    pub version_id: &'a GalleryImageVersionId,
+}
+
+pub fn plan_pools(
+    spec: &PipelineSpec,
+    inputs: &PlanInputs,
+    chosen: &Chosen<'_>,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<PoolPlan>, PlanError> {
+    spec.pools
+        .iter()
+        .enumerate()
+        .map(|(i, pool)| plan_pool(spec, inputs, chosen, i, pool, warnings))
+        .collect()
+}
+
+fn plan_pool(
+    spec: &PipelineSpec,
+    inputs: &PlanInputs,
+    chosen: &Chosen<'_>,
+    i: usize,
+    pool: &PoolSpec,
+    warnings: &mut Vec<String>,
+) -> Result<PoolPlan, PlanError> {
+    let key = |k: &str| format!("pools[{i}].{k}");
+    let account = &chosen.accounts[&pool.account.to_string().to_ascii_lowercase()];
+    let sku = choose_sku(spec, pool.node_agent_sku_id.as_str(), chosen.build, chosen.supported)
+        .map_err(|m| rule(&key("node_agent_sku_id"), m))?;
+    let timeout = resize_timeout(pool, &key("resize_timeout"), warnings)?;
+    let pool_id = render_name(&pool.id, &spec.name, &pool.target, &inputs.version);
+    let mut metadata = pool.metadata.clone();
+    metadata.insert("sigrun-pipeline".into(), spec.name.clone());
+    metadata.insert("sigrun-target".into(), pool.target.clone());
+    metadata.insert("sigrun-version".into(), inputs.version.clone());
+    let body = pool_body(pool, &pool_id, &sku, timeout, &metadata, chosen.version_id);
+    Ok(PoolPlan {
+        target: pool.target.clone(),
+        region: region_key(&account.location),
+        account: pool.account.clone(),
+        account_url: account.url.clone(),
+        pool_id,
+        vm_size: pool.vm_size.clone(),
+        dedicated_nodes: pool.dedicated_nodes,
+        low_priority_nodes: pool.low_priority_nodes,
+        node_agent_sku_id: sku,
+        resize_timeout_secs: timeout.as_secs(),
+        body,
+        metadata,
+    })
+}
+
+/// The pool's resize timeout: `auto` is the documented minimum for its nodes; a shorter one asked
+/// for is raised to it, with a warning.
+fn resize_timeout(pool: &PoolSpec, key: &str, warnings: &mut Vec<String>) -> Result<Duration, PlanError> {
+    let nodes = pool.dedicated_nodes + pool.low_priority_nodes;
+    let minimum = rules::min_resize_timeout(nodes);
+    if pool.resize_timeout == "auto" {
+        return Ok(minimum);
+    }
+    let asked = duration::parse(&pool.resize_timeout).map_err(|m| rule(key, m))?;
+    if asked >= minimum {
+        return Ok(asked);
+    }
+    warnings.push(format!(
+        "{key}: resize_timeout {} is below 15 minutes per 1000 nodes for {nodes} nodes; raised to {}",
+        duration::format(asked),
+        duration::format(minimum)
+    ));
+    Ok(minimum)
+}
+
+/// The Batch REST body of Pool – Add for this pool, from the gallery image version.
+fn pool_body(
+    pool: &PoolSpec,
+    pool_id: &str,
+    sku: &str,
+    timeout: Duration,
+    metadata: &BTreeMap<String, String>,
+    version_id: &GalleryImageVersionId,
+) -> Value {
+    let mut body = json!({
+        "id": pool_id,
+        "vmSize": pool.vm_size,
+        "virtualMachineConfiguration": {
+            "imageReference": {"virtualMachineImageId": version_id.to_string()},
+            "nodeAgentSKUId": sku,
+        },
+        "resizeTimeout": iso_duration(timeout),
+        "targetDedicatedNodes": pool.dedicated_nodes,
+        "targetLowPriorityNodes": pool.low_priority_nodes,
+        "taskSlotsPerNode": pool.task_slots_per_node,
+        "metadata": metadata.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+    });
+    if let Some(task) = &pool.start_task {
+        body["startTask"] = json!({
+            "commandLine": task.command_line,
+            "waitForSuccess": task.wait_for_success,
+            "maxTaskRetryCount": task.max_task_retry_count,
+            "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": if task.elevated { "admin" } else { "nonadmin" }}},
+        });
+    }
+    body
+}
