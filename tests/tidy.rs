@@ -15,12 +15,11 @@ const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("src/emulator/batch/pools.rs::add_pool", 235),
     ("src/planner/mod.rs::plan_build", 137),
     ("src/telemetry/metrics.rs::new", 136),
-    ("src/cli/run.rs::run", 129),
+    ("src/cli/run.rs::run", 126),
     ("src/emulator/aad.rs::token", 128),
     ("src/cli/plan_view.rs::render", 119),
     ("src/cli/worker.rs::run", 111),
     ("src/model/trigger.rs::cloud_event", 109),
-    ("src/emulator/batch/mod.rs::handle", 109),
     ("src/emulator/arm/gallery.rs::plan_version", 108),
     ("src/emulator/world.rs::check", 107),
     ("src/events.rs::run_result", 102),
@@ -172,6 +171,9 @@ fn no_function_grows_past_a_hundred_lines() {
                     seen.push(key.clone());
                     if length > limit {
                         too_long.push(format!("{key}: {length} lines, more than its {limit}"));
+                    }
+                    if length <= MAX_FUNCTION_LINES {
+                        too_long.push(format!("{key}: {length} lines now: take it off LONG_FUNCTIONS"));
                     }
                 }
                 None if length > MAX_FUNCTION_LINES => {
