@@ -7,6 +7,7 @@
 //! `sigrun run` carries it in every message.
 
 mod azure_values;
+mod build;
 mod pools;
 mod regions;
 
@@ -17,10 +18,10 @@ use time::OffsetDateTime;
 
 use crate::azure::api::{BatchAccountInfo, SupportedImage};
 use crate::azure::{AzureApi, AzureError};
-use crate::model::ids::{DiskId, GalleryImageId, ImageId, SnapshotId};
-use crate::model::plan::{BuildPlan, Plan, PoolPlan, SnapshotPlan};
+use crate::model::ids::{GalleryImageId, ImageId};
+use crate::model::plan::{BuildPlan, Plan, PoolPlan};
 use crate::model::rules;
-use crate::model::spec::{PipelineSpec, VersionScheme, render_name};
+use crate::model::spec::{PipelineSpec, VersionScheme};
 
 /// Why a pipeline cannot run; names what is wrong and where.
 #[derive(Debug, thiserror::Error)]
@@ -123,7 +124,7 @@ pub async fn plan(
     let build = if rollout_only {
         None
     } else {
-        Some(plan_build(spec, inputs, azure, &supported, &mut warnings).await?)
+        Some(build::plan_build(spec, inputs, azure, &supported, &mut warnings).await?)
     };
     check_existing_definition(spec, &definition, rollout_only, azure).await?;
     let source_region = build.as_ref().map(|b| b.region.clone()).unwrap_or_default();
@@ -271,141 +272,17 @@ async fn batch_registration(
     Ok(register_batch_in)
 }
 
-async fn plan_build(
-    spec: &PipelineSpec,
-    inputs: &PlanInputs,
-    azure: &dyn AzureApi,
-    supported: &[SupportedImage],
-    warnings: &mut Vec<String>,
-) -> Result<BuildPlan, PlanError> {
-    let source = spec.source.as_ref().expect("checked when the spec was parsed");
-    let image_spec = spec.image.as_ref().expect("checked when the spec was parsed");
-    let region = region_key(&image_spec.region);
-    let (os_disk, data_disks, vm, base_image, generation) = match &source.vm {
-        Some(vm_id) => {
-            let vm = azure.get_vm(vm_id).await?;
-            if !vm.extensions.is_empty() {
-                return Err(rule(
-                    "source.vm",
-                    format!(
-                        "{vm_id} has VM extensions installed ({}); they break Batch pool deployment — build from a VM without extensions",
-                        vm.extensions.join(", ")
-                    ),
-                ));
-            }
-            let os_disk = vm.os_disk.clone().ok_or_else(|| {
-                rule(
-                    "source.vm",
-                    format!("{vm_id} has an unmanaged (VHD) OS disk; Batch custom images need managed disks"),
-                )
-            })?;
-            let mut data = Vec::new();
-            for (lun, disk) in &vm.data_disks {
-                let disk = disk.clone().ok_or_else(|| {
-                    rule(
-                        "source.vm",
-                        format!("{vm_id} data disk at LUN {lun} is unmanaged; Batch custom images need managed disks"),
-                    )
-                })?;
-                data.push((*lun, disk));
-            }
-            if !vm.os_type.eq_ignore_ascii_case(spec.definition.os_type.as_str()) {
-                return Err(rule(
-                    "definition.os_type",
-                    format!(
-                        "the build VM runs {} but the definition says {}",
-                        vm.os_type,
-                        spec.definition.os_type.as_str()
-                    ),
-                ));
-            }
-            if let Some(generation) = &vm.hyper_v_generation
-                && !generation.eq_ignore_ascii_case(&spec.definition.hyper_v_generation)
-            {
-                return Err(rule(
-                    "definition.hyper_v_generation",
-                    format!(
-                        "the build VM is Hyper-V generation {generation} but the definition says {}",
-                        spec.definition.hyper_v_generation
-                    ),
-                ));
-            }
-            if region_key(&vm.location) != region {
-                return Err(rule(
-                    "image.region",
-                    format!(
-                        "the build VM is in {}; the managed image must be made in the same region, not {region}",
-                        vm.location
-                    ),
-                ));
-            }
-            let listed = |(publisher, offer, sku): &(String, String, String)| {
-                supported.iter().any(|s| {
-                    s.publisher.eq_ignore_ascii_case(publisher)
-                        && s.offer.eq_ignore_ascii_case(offer)
-                        && s.sku.eq_ignore_ascii_case(sku)
-                })
-            };
-            match &vm.base_image {
-                Some(base) if !supported.is_empty() && !listed(base) => {
-                    let (publisher, offer, sku) = base;
-                    return Err(rule(
-                        "source.vm",
-                        format!(
-                            "{vm_id} was built from {publisher}/{offer}/{sku}, which Batch does not list among its supported images"
-                        ),
-                    ));
-                }
-                None => warnings.push(format!(
-                    "{vm_id} has no Marketplace base image; Batch support cannot be checked"
-                )),
-                _ => {}
-            }
-            (
-                os_disk,
-                data,
-                Some(vm_id.clone()),
-                vm.base_image.clone(),
-                vm.hyper_v_generation.clone(),
-            )
-        }
-        None => {
-            let os_disk = source.os_disk.clone().expect("checked when the spec was parsed");
-            let data = source.data_disks.iter().map(|d| (d.lun, d.disk.clone())).collect();
-            (os_disk, data, None, None, None)
-        }
-    };
-    let subscription = image_spec
-        .subscription
-        .clone()
-        .unwrap_or_else(|| os_disk.subscription().to_string());
-    let image_name = render_name(&image_spec.name, &spec.name, "", &inputs.version);
-    let image = match &inputs.existing_image {
-        Some(image) => image.clone(),
-        None => ImageId::new(&subscription, &image_spec.resource_group, &[&image_name])
-            .map_err(|e| rule("image.name", e.to_string()))?,
-    };
-    let snapshot = |suffix: &str, disk: &DiskId, lun: Option<u32>| -> Result<SnapshotPlan, PlanError> {
-        let name = format!("{image_name}-{suffix}");
-        Ok(SnapshotPlan {
-            lun,
-            source: disk.clone(),
-            id: SnapshotId::new(&subscription, &image_spec.resource_group, &[&name])
-                .map_err(|e| rule("image.name", e.to_string()))?,
-        })
-    };
-    let mut snapshots = vec![snapshot("os", &os_disk, None)?];
-    for (lun, disk) in &data_disks {
-        snapshots.push(snapshot(&format!("lun{lun}"), disk, Some(*lun))?);
-    }
-    Ok(BuildPlan {
-        vm,
-        snapshots,
-        image,
-        region,
-        os_type: spec.definition.os_type.as_str().to_string(),
-        hyper_v_generation: generation.unwrap_or_else(|| spec.definition.hyper_v_generation.clone()),
-        base_image,
+/// The entry of Batch's supported images for a Marketplace image, if Batch lists it.
+fn supported_image<'a>(
+    supported: &'a [SupportedImage],
+    publisher: &str,
+    offer: &str,
+    sku: &str,
+) -> Option<&'a SupportedImage> {
+    supported.iter().find(|s| {
+        s.publisher.eq_ignore_ascii_case(publisher)
+            && s.offer.eq_ignore_ascii_case(offer)
+            && s.sku.eq_ignore_ascii_case(sku)
     })
 }
 
@@ -425,13 +302,7 @@ fn choose_sku(
                     .into(),
             );
         };
-        return supported
-            .iter()
-            .find(|s| {
-                s.publisher.eq_ignore_ascii_case(&publisher)
-                    && s.offer.eq_ignore_ascii_case(&offer)
-                    && s.sku.eq_ignore_ascii_case(&sku)
-            })
+        return supported_image(supported, &publisher, &offer, &sku)
             .map(|s| s.node_agent_sku_id.clone())
             .ok_or_else(|| format!("Batch lists no node agent SKU for {publisher}/{offer}/{sku}"));
     }
