@@ -195,19 +195,7 @@ pub(super) fn acker(shared: &Arc<Shared>, generation: u64, acker: lapin::Acker) 
 pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, source: Source) {
     let queue = source.queue(&shared.names);
     let result = async {
-        let channel = link.connection.create_channel().await?;
-        // Per consumer (global = false): what quorum queues support.
-        channel
-            .basic_qos(shared.settings.prefetch, BasicQosOptions { global: false })
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut consumer = open(&link, &queue, shared.settings.prefetch).await?;
         debug!(%source, generation = link.generation, "consuming");
         while let Some(delivery) = consumer.next().await {
             shared.inbox.push(source, link.generation, delivery?);
@@ -215,13 +203,34 @@ pub(super) async fn consume(shared: Arc<Shared>, link: Arc<Link>, source: Source
         Ok::<_, lapin::Error>(())
     }
     .await;
+    ended(&shared, &link, result, &queue);
+}
+
+/// A manual-ack consumer of `queue` on a channel of its own holding at most `prefetch` unacked
+/// deliveries (per consumer, `global = false`: what quorum queues support).
+pub(super) async fn open(link: &Link, queue: &str, prefetch: u16) -> lapin::Result<lapin::Consumer> {
+    let channel = link.connection.create_channel().await?;
+    channel.basic_qos(prefetch, BasicQosOptions { global: false }).await?;
+    channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// A consumer of `queue` on `link` stopped: unless the bus is closing, the link is reported
+/// broken and the supervisor reconnects (and consumes again).
+pub(super) fn ended(shared: &Shared, link: &Link, result: lapin::Result<()>, queue: &str) {
     if shared.is_shut_down() {
         return;
     }
     match result {
-        Err(error) => warn!(%error, %source, "consumer failed; reconnecting"),
+        Err(error) => warn!(%error, %queue, "consumer failed; reconnecting"),
         // Cancelled by the broker (the queue was deleted, the node went down).
-        Ok(()) => warn!(%source, "consumer cancelled by the broker; reconnecting"),
+        Ok(()) => warn!(%queue, "consumer cancelled by the broker; reconnecting"),
     }
     shared.report_broken(link.generation);
 }

@@ -28,13 +28,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::connection::Link;
-use super::consumer::integer;
+use super::consumer::{self, integer};
 use super::{Shared, publisher};
 
 /// The header holding when a delayed message is due (Unix time, milliseconds).
@@ -79,18 +79,7 @@ fn due_ms(properties: &BasicProperties) -> i64 {
 pub(super) async fn relay(shared: Arc<Shared>, link: Arc<Link>, delay: Duration) {
     let queue = shared.names.tier(delay);
     let result = async {
-        let channel = link.connection.create_channel().await?;
-        channel
-            .basic_qos(RELAY_WINDOW, BasicQosOptions { global: false })
-            .await?;
-        let mut deliveries = channel
-            .basic_consume(
-                queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let mut deliveries = consumer::open(&link, &queue, RELAY_WINDOW).await?;
         debug!(%queue, generation = link.generation, "relaying delays");
         let mut held = JoinSet::new();
         loop {
@@ -107,14 +96,7 @@ pub(super) async fn relay(shared: Arc<Shared>, link: Arc<Link>, delay: Duration)
         Ok::<_, lapin::Error>(())
     }
     .await;
-    if shared.is_shut_down() {
-        return;
-    }
-    match result {
-        Err(error) => warn!(%error, %queue, "delay relay failed; reconnecting"),
-        Ok(()) => warn!(%queue, "delay relay cancelled by the broker; reconnecting"),
-    }
-    shared.report_broken(link.generation);
+    consumer::ended(&shared, &link, result, &queue);
 }
 
 /// Holds one delivery until it is due (or [`MAX_HOLD`]), sends it on, then acks it. Nothing is

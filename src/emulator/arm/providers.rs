@@ -8,6 +8,7 @@ use super::{ArmError, Caller, Family, authorize, check_api_version, resource_gro
 use crate::emulator::Ctx;
 use crate::emulator::http::{Request, Response};
 use crate::emulator::state::{ProviderRegistration, State};
+use crate::emulator::world::BatchAccount;
 
 const NAMESPACES: &[(&str, &[&str])] = &[
     (
@@ -171,8 +172,54 @@ pub fn register(
     Ok((Response::json(200, &provider_body(ctx, st, sub, ns, types)), changed))
 }
 
+/// What a Batch account call and Get Keys both do first: the group exists, the api-version fits,
+/// the method is the one served, the caller may do `action`, and the account is in the world.
+struct AccountCall<'a> {
+    ctx: &'a Ctx,
+    req: &'a Request,
+    caller: &'a Caller,
+    sub: &'a str,
+    rg: &'a str,
+    name: &'a str,
+}
+
+impl<'a> AccountCall<'a> {
+    fn account(&self, method: http::Method, action: &str) -> Result<&'a BatchAccount, ArmError> {
+        let (ctx, name) = (self.ctx, self.name);
+        let group = resource_group(ctx, self.sub, self.rg)?;
+        check_api_version(self.req, Family::BatchManagement, "batchAccounts", &group.location)?;
+        if self.req.method != method {
+            return Err(ArmError::new(
+                405,
+                "MethodNotAllowed",
+                format!("The emulator serves {method} here only."),
+            ));
+        }
+        let id = format!(
+            "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Batch/batchAccounts/{name}",
+            self.sub, group.name
+        );
+        authorize(ctx, self.caller, action, &id)?;
+        ctx.world
+            .batch_accounts
+            .iter()
+            .find(|a| {
+                a.subscription.eq_ignore_ascii_case(self.sub)
+                    && a.resource_group.eq_ignore_ascii_case(self.rg)
+                    && a.name.eq_ignore_ascii_case(name)
+            })
+            .ok_or_else(|| {
+                ArmError::new(
+                    404,
+                    "ResourceNotFound",
+                    format!("The Resource 'Microsoft.Batch/batchAccounts/{name}' under resource group '{}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix", group.name),
+                )
+            })
+    }
+}
+
 /// Batch Account – Get Keys (`POST …/listKeys`): the account's Shared Key pair, for clients that
-/// sign with it (`batch/shared_key.rs`). Needs `Microsoft.Batch/batchAccounts/listkeys/action`.
+/// sign with it (`batch/shared_key.rs`).
 pub fn batch_account_keys(
     ctx: &Ctx,
     req: &Request,
@@ -181,46 +228,20 @@ pub fn batch_account_keys(
     rg: &str,
     name: &str,
 ) -> Result<Response, ArmError> {
-    let group = resource_group(ctx, sub, rg)?;
-    check_api_version(req, Family::BatchManagement, "batchAccounts", &group.location)?;
-    if req.method != http::Method::POST {
-        return Err(ArmError::new(405, "MethodNotAllowed", "listKeys takes POST."));
-    }
-    let id = format!(
-        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Batch/batchAccounts/{name}",
-        group.name
-    );
-    authorize(ctx, caller, "Microsoft.Batch/batchAccounts/listkeys/action", &id)?;
-    let account = find_batch_account(ctx, sub, rg, name, &group.name)?;
+    let call = AccountCall {
+        ctx,
+        req,
+        caller,
+        sub,
+        rg,
+        name,
+    };
+    let account = call.account(http::Method::POST, "Microsoft.Batch/batchAccounts/listkeys/action")?;
     let key = |which| crate::emulator::batch::shared_key::account_key(&ctx.key, &account.name, which);
     Ok(Response::json(
         200,
         &json!({"accountName": account.name, "primary": key("primary"), "secondary": key("secondary")}),
     ))
-}
-
-fn find_batch_account<'a>(
-    ctx: &'a Ctx,
-    sub: &str,
-    rg: &str,
-    name: &str,
-    group: &str,
-) -> Result<&'a crate::emulator::world::BatchAccount, ArmError> {
-    ctx.world
-        .batch_accounts
-        .iter()
-        .find(|a| {
-            a.subscription.eq_ignore_ascii_case(sub)
-                && a.resource_group.eq_ignore_ascii_case(rg)
-                && a.name.eq_ignore_ascii_case(name)
-        })
-        .ok_or_else(|| {
-            ArmError::new(
-                404,
-                "ResourceNotFound",
-                format!("The Resource 'Microsoft.Batch/batchAccounts/{name}' under resource group '{group}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"),
-            )
-        })
 }
 
 pub fn batch_account(
@@ -231,21 +252,15 @@ pub fn batch_account(
     rg: &str,
     name: &str,
 ) -> Result<Response, ArmError> {
-    let group = resource_group(ctx, sub, rg)?;
-    check_api_version(req, Family::BatchManagement, "batchAccounts", &group.location)?;
-    if req.method != http::Method::GET {
-        return Err(ArmError::new(
-            405,
-            "MethodNotAllowed",
-            "The emulator serves GET on Batch accounts only.",
-        ));
-    }
-    let id = format!(
-        "/subscriptions/{sub}/resourceGroups/{}/providers/Microsoft.Batch/batchAccounts/{name}",
-        group.name
-    );
-    authorize(ctx, caller, "Microsoft.Batch/batchAccounts/read", &id)?;
-    let account = find_batch_account(ctx, sub, rg, name, &group.name)?;
+    let call = AccountCall {
+        ctx,
+        req,
+        caller,
+        sub,
+        rg,
+        name,
+    };
+    let account = call.account(http::Method::GET, "Microsoft.Batch/batchAccounts/read")?;
     let endpoint = crate::emulator::batch::account_url(&ctx.base_url, &account.name);
     let endpoint = endpoint.trim_start_matches("https://").trim_start_matches("http://");
     Ok(Response::json(
