@@ -197,16 +197,7 @@ pub enum RunResult {
 /// message carries the branch on, and what happens after the replay decides.
 pub fn run_result(events: &[Event]) -> RunResult {
     let events = &standing(events);
-    if let Some(ended) = events.iter().find_map(|e| match &e.kind {
-        EventKind::RunFailed { reason } => Some(RunResult::Failed { reason: reason.clone() }),
-        EventKind::Parked { reason } if e.branch == Branch::Trunk => Some(RunResult::Failed {
-            reason: format!("parked: {reason}"),
-        }),
-        EventKind::CancelRequested => Some(RunResult::Cancelled {
-            created: created(events),
-        }),
-        _ => None,
-    }) {
+    if let Some(ended) = ended_for_all(events) {
         return ended;
     }
     let Some((pools, regions, entry, rollout)) = events.iter().find_map(|e| match &e.kind {
@@ -217,65 +208,94 @@ pub fn run_result(events: &[Event]) -> RunResult {
         } => Some((pools.clone(), regions.clone(), e.stage, *rollout)),
         _ => None,
     }) else {
-        // A rejected trigger ends a run that never started; a later trigger that starts it wins.
-        return events
-            .iter()
-            .rev()
-            .find_map(|e| match &e.kind {
-                EventKind::TriggerRejected { reason } => Some(RunResult::Failed {
-                    reason: format!("trigger rejected: {reason}"),
-                }),
-                _ => None,
-            })
-            .unwrap_or(RunResult::Running);
+        return never_started(events);
     };
     let mut verified = Vec::new();
     let mut failed: Vec<(PoolRef, String)> = Vec::new();
     for pool in &pools {
-        let region_failure = events.iter().find_map(|e| match &e.kind {
-            EventKind::RegionFailed { region, reason } if *region == pool.region => Some(reason.clone()),
-            _ => None,
-        });
-        let on_branch = |e: &&Event| matches!(&e.branch, Branch::Pool { region, target } if *region == pool.region && *target == pool.target);
-        let ended = events.iter().filter(on_branch).find_map(|e| match &e.kind {
-            EventKind::PoolVerified { .. } => Some(Ok(())),
-            EventKind::PoolFailed { reason, .. } => Some(Err(reason.clone())),
-            EventKind::Parked { reason } => Some(Err(format!("parked: {reason}"))),
-            _ => None,
-        });
-        // A verified pool's branch goes on to retire older pools when the run rolls out.
-        let rolled_out = !rollout
-            || events
-                .iter()
-                .filter(on_branch)
-                .any(|e| e.kind == EventKind::RolloutFinished);
-        let ended = match ended {
-            Some(Ok(())) if !rolled_out => None,
-            other => other,
-        };
-        match (ended, region_failure) {
-            (Some(Ok(())), _) => verified.push(pool.clone()),
-            (Some(Err(reason)), _) => failed.push((pool.clone(), reason)),
-            (None, Some(reason)) => failed.push((
-                pool.clone(),
-                format!("not created: replication to {} failed: {reason}", pool.region),
-            )),
-            (None, None) => return RunResult::Running,
+        match pool_end(events, pool, rollout) {
+            Some(Ok(())) => verified.push(pool.clone()),
+            Some(Err(reason)) => failed.push((pool.clone(), reason)),
+            None => return RunResult::Running,
         }
     }
     // A region without pools still replicates: the run is not over (nor "succeeded") while it does.
-    if entry <= Stage::Replicate {
-        let region_ended = |name: &String| {
-            events.iter().any(|e| match &e.kind {
-                EventKind::RegionCompleted { region } | EventKind::RegionFailed { region, .. } => region == name,
-                _ => false,
-            })
-        };
-        if !regions.iter().all(region_ended) {
-            return RunResult::Running;
-        }
+    if entry <= Stage::Replicate && !regions.iter().all(|name| region_ended(events, name)) {
+        return RunResult::Running;
     }
-    let warnings: Vec<String> = events
+    verdict(verified, failed, retirement_warnings(events))
+}
+
+/// What ends the whole run at once: the trunk failing or parked, or a cancel.
+fn ended_for_all(events: &[Event]) -> Option<RunResult> {
+    events.iter().find_map(|e| match &e.kind {
+        EventKind::RunFailed { reason } => Some(RunResult::Failed { reason: reason.clone() }),
+        EventKind::Parked { reason } if e.branch == Branch::Trunk => Some(RunResult::Failed {
+            reason: format!("parked: {reason}"),
+        }),
+        EventKind::CancelRequested => Some(RunResult::Cancelled {
+            created: created(events),
+        }),
+        _ => None,
+    })
+}
+
+/// A run without `RunStarted`: a rejected trigger ended it (a later trigger that starts it wins),
+/// else it is still to start.
+fn never_started(events: &[Event]) -> RunResult {
+    events
+        .iter()
+        .rev()
+        .find_map(|e| match &e.kind {
+            EventKind::TriggerRejected { reason } => Some(RunResult::Failed {
+                reason: format!("trigger rejected: {reason}"),
+            }),
+            _ => None,
+        })
+        .unwrap_or(RunResult::Running)
+}
+
+/// How a pool's branch ended: verified (and, when the run rolls out, its rollout finished),
+/// failed, or not created because its region's replication failed; `None` while it goes on.
+fn pool_end(events: &[Event], pool: &PoolRef, rollout: bool) -> Option<Result<(), String>> {
+    let on_branch = |e: &&Event| matches!(&e.branch, Branch::Pool { region, target } if *region == pool.region && *target == pool.target);
+    let ended = events.iter().filter(on_branch).find_map(|e| match &e.kind {
+        EventKind::PoolVerified { .. } => Some(Ok(())),
+        EventKind::PoolFailed { reason, .. } => Some(Err(reason.clone())),
+        EventKind::Parked { reason } => Some(Err(format!("parked: {reason}"))),
+        _ => None,
+    });
+    // A verified pool's branch goes on to retire older pools when the run rolls out.
+    let rolled_out = !rollout
+        || events
+            .iter()
+            .filter(on_branch)
+            .any(|e| e.kind == EventKind::RolloutFinished);
+    let ended = match ended {
+        Some(Ok(())) if !rolled_out => None,
+        other => other,
+    };
+    ended.or_else(|| {
+        events.iter().find_map(|e| match &e.kind {
+            EventKind::RegionFailed { region, reason } if *region == pool.region => Some(Err(format!(
+                "not created: replication to {} failed: {reason}",
+                pool.region
+            ))),
+            _ => None,
+        })
+    })
+}
+
+fn region_ended(events: &[Event], name: &String) -> bool {
+    events.iter().any(|e| match &e.kind {
+        EventKind::RegionCompleted { region } | EventKind::RegionFailed { region, .. } => region == name,
+        _ => false,
+    })
+}
+
+/// Retirements that kept failing: warnings on a run that otherwise succeeded.
+fn retirement_warnings(events: &[Event]) -> Vec<String> {
+    events
         .iter()
         .filter_map(|e| match &e.kind {
             EventKind::RetirementFailed { reason } => {
@@ -283,7 +303,11 @@ pub fn run_result(events: &[Event]) -> RunResult {
             }
             _ => None,
         })
-        .collect();
+        .collect()
+}
+
+/// Every pool has ended: the run's result from which verified and which failed.
+fn verdict(verified: Vec<PoolRef>, failed: Vec<(PoolRef, String)>, warnings: Vec<String>) -> RunResult {
     match (verified.is_empty(), failed.is_empty()) {
         (_, true) if warnings.is_empty() => RunResult::Succeeded,
         (_, true) => RunResult::SucceededWithWarnings { warnings },

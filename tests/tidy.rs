@@ -21,7 +21,6 @@ const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("src/model/trigger.rs::cloud_event", 109),
     ("src/emulator/arm/gallery.rs::plan_version", 108),
     ("src/emulator/world.rs::check", 107),
-    ("src/events.rs::run_result", 102),
     ("src/emulator/faults.rs::parse_rule", 102),
 ];
 const MAX_FUNCTION_LINES: usize = 100;
