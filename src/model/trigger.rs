@@ -186,10 +186,7 @@ pub fn parse(body: &[u8], content_type: Option<&str>) -> Result<ReceivedTrigger,
     if body.len() > MAX_TRIGGER_BYTES {
         return Err(TriggerError::TooLarge(body.len()));
     }
-    // The media type without parameters (`; charset=utf-8`), case-insensitively.
-    let media = content_type
-        .map(|c| c.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
-        .filter(|c| !c.is_empty());
+    let media = content_type.map(media_type).filter(|c| !c.is_empty());
     let structured = match media.as_deref() {
         Some(CONTENT_TYPE_CLOUDEVENTS) => Some(true),
         None | Some(CONTENT_TYPE_JSON) => None,
@@ -260,78 +257,117 @@ fn unknown_or_missing(message: &str) -> Option<String> {
     rest.split('`').next().map(str::to_string)
 }
 
-/// A CloudEvents 1.0 structured-mode event (JSON format) carrying a trigger in `data`.
+/// A CloudEvents 1.0 structured-mode event (JSON format) carrying a trigger in `data`. An event
+/// wrong in several ways is refused for the first fault in this order: context attributes,
+/// `data_base64`, extension attributes, `data`, then the trigger in it.
 fn cloud_event(mut object: Map<String, Value>) -> Result<ReceivedTrigger, TriggerError> {
-    let text = |object: &Map<String, Value>, name: &str, required: bool| -> Result<Option<String>, TriggerError> {
-        match object.get(name) {
-            None | Some(Value::Null) if required => Err(attribute(name, "missing (required by CloudEvents 1.0)")),
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) if required && s.is_empty() => Err(attribute(name, "empty")),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(other) => Err(attribute(name, format!("must be a string, not {}", kind_of(other)))),
-        }
-    };
-    let specversion = text(&object, "specversion", true)?.unwrap_or_default();
-    if specversion != "1.0" {
-        return Err(attribute(
-            "specversion",
-            format!("`{specversion}`: only \"1.0\" is read"),
-        ));
-    }
-    let id = text(&object, "id", true)?.unwrap_or_default();
-    let source = text(&object, "source", true)?.unwrap_or_default();
-    let kind = text(&object, "type", true)?.unwrap_or_default();
-    if kind != CLOUDEVENT_TYPE {
-        return Err(attribute(
-            "type",
-            format!("`{kind}`: a trigger's type is `{CLOUDEVENT_TYPE}`"),
-        ));
-    }
-    if let Some(content_type) = text(&object, "datacontenttype", false)? {
-        let media = content_type
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        if media != CONTENT_TYPE_JSON {
-            return Err(attribute(
-                "datacontenttype",
-                format!("`{content_type}`: the data must be `{CONTENT_TYPE_JSON}`"),
-            ));
-        }
-    }
-    let time = text(&object, "time", false)?;
-    if let Some(t) = &time
-        && time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_err()
-    {
-        return Err(attribute("time", format!("`{t}` is not an RFC 3339 timestamp")));
-    }
-    let subject = text(&object, "subject", false)?;
-    let traceparent = text(&object, "traceparent", false)?;
-    text(&object, "dataschema", false)?;
+    let info = context_attributes(&object)?;
     if object.contains_key("data_base64") {
         return Err(attribute(
             "data_base64",
             "not accepted: put the trigger JSON itself in `data`",
         ));
     }
-    for (name, value) in &object {
-        let known = [
+    extension_attributes(&object)?;
+    let data = trigger_data(object.remove("data"))?;
+    Ok(ReceivedTrigger {
+        trigger: plain(data, "data.")?,
+        cloud_event: Some(info),
+    })
+}
+
+/// The members CloudEvents 1.0 defines for a structured-mode JSON event (`data_base64` aside,
+/// which is refused on its own); any other member is an extension attribute.
+const CLOUDEVENT_MEMBERS: [&str; 9] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "datacontenttype",
+    "dataschema",
+    "subject",
+    "time",
+    "data",
+];
+
+/// The context attributes: the required ones present and non-empty, each one a string, and the
+/// values a trigger depends on (`specversion`, `type`, `datacontenttype`, `time`) checked.
+fn context_attributes(object: &Map<String, Value>) -> Result<CloudEventInfo, TriggerError> {
+    let specversion = required_text(object, "specversion")?;
+    if specversion != "1.0" {
+        return Err(attribute(
             "specversion",
-            "id",
-            "source",
+            format!("`{specversion}`: only \"1.0\" is read"),
+        ));
+    }
+    let id = required_text(object, "id")?;
+    let source = required_text(object, "source")?;
+    let kind = required_text(object, "type")?;
+    if kind != CLOUDEVENT_TYPE {
+        return Err(attribute(
             "type",
+            format!("`{kind}`: a trigger's type is `{CLOUDEVENT_TYPE}`"),
+        ));
+    }
+    if let Some(content_type) = optional_text(object, "datacontenttype")? {
+        data_content_type(&content_type)?;
+    }
+    let time = optional_text(object, "time")?;
+    if let Some(t) = &time
+        && time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).is_err()
+    {
+        return Err(attribute("time", format!("`{t}` is not an RFC 3339 timestamp")));
+    }
+    let subject = optional_text(object, "subject")?;
+    let traceparent = optional_text(object, "traceparent")?;
+    // Not kept, but a `dataschema` that is not a string is still a malformed event.
+    optional_text(object, "dataschema")?;
+    Ok(CloudEventInfo {
+        id,
+        source,
+        time,
+        subject,
+        traceparent,
+    })
+}
+
+/// A required attribute: present, a string, not empty.
+fn required_text(object: &Map<String, Value>, name: &str) -> Result<String, TriggerError> {
+    match object.get(name) {
+        None | Some(Value::Null) => Err(attribute(name, "missing (required by CloudEvents 1.0)")),
+        Some(Value::String(s)) if s.is_empty() => Err(attribute(name, "empty")),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(attribute(name, format!("must be a string, not {}", kind_of(other)))),
+    }
+}
+
+/// An optional attribute: absent (or null), or a string.
+fn optional_text(object: &Map<String, Value>, name: &str) -> Result<Option<String>, TriggerError> {
+    match object.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(attribute(name, format!("must be a string, not {}", kind_of(other)))),
+    }
+}
+
+/// `datacontenttype`, when given, must say the data is plain JSON (parameters aside).
+fn data_content_type(content_type: &str) -> Result<(), TriggerError> {
+    if media_type(content_type) != CONTENT_TYPE_JSON {
+        return Err(attribute(
             "datacontenttype",
-            "dataschema",
-            "subject",
-            "time",
-            "data",
-        ];
-        if known.contains(&name.as_str()) {
+            format!("`{content_type}`: the data must be `{CONTENT_TYPE_JSON}`"),
+        ));
+    }
+    Ok(())
+}
+
+/// Extension attributes: CloudEvents 1.0 names are lower-case letters and digits, and their values
+/// are scalars.
+fn extension_attributes(object: &Map<String, Value>) -> Result<(), TriggerError> {
+    for (name, value) in object {
+        if CLOUDEVENT_MEMBERS.contains(&name.as_str()) {
             continue;
         }
-        // Extension attributes: CloudEvents 1.0 names are lower-case letters and digits.
         let name_ok = !name.is_empty() && name.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         if !name_ok {
             return Err(attribute(
@@ -349,26 +385,30 @@ fn cloud_event(mut object: Map<String, Value>) -> Result<ReceivedTrigger, Trigge
             ));
         }
     }
-    let data = match object.remove("data") {
-        None | Some(Value::Null) => return Err(attribute("data", "missing: it carries the trigger")),
-        Some(Value::Object(data)) => data,
-        Some(other) => {
-            return Err(attribute(
-                "data",
-                format!("must be the trigger as a JSON object, not {}", kind_of(&other)),
-            ));
-        }
-    };
-    Ok(ReceivedTrigger {
-        trigger: plain(data, "data.")?,
-        cloud_event: Some(CloudEventInfo {
-            id,
-            source,
-            time,
-            subject,
-            traceparent,
-        }),
-    })
+    Ok(())
+}
+
+/// The event's `data`: the trigger, as a JSON object.
+fn trigger_data(data: Option<Value>) -> Result<Map<String, Value>, TriggerError> {
+    match data {
+        None | Some(Value::Null) => Err(attribute("data", "missing: it carries the trigger")),
+        Some(Value::Object(data)) => Ok(data),
+        Some(other) => Err(attribute(
+            "data",
+            format!("must be the trigger as a JSON object, not {}", kind_of(&other)),
+        )),
+    }
+}
+
+/// The media type without parameters (`; charset=utf-8`), lower-cased: media types are
+/// case-insensitive.
+fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
 }
 
 fn kind_of(value: &Value) -> &'static str {
