@@ -218,107 +218,196 @@ impl Rule {
     }
 }
 
+/// One rule, `KIND[:KEY=VALUE,...]`: every parameter is read first (the first bad one is the
+/// error), then the kind picks the fault the parameters shape.
 fn parse_rule(text: &str, seed: u64, index: u64) -> Result<Rule, FaultSpecError> {
     let err = |message: String| FaultSpecError {
         rule: text.to_string(),
         message,
     };
     let (kind_name, params) = text.split_once(':').unwrap_or((text, ""));
-    let mut trigger = Trigger::Always;
-    let mut apis = vec![Api::Arm, Api::Batch];
-    let (mut method, mut path, mut times) = (None, None, None);
-    let (mut retry_after, mut delay_ms) = (1.0_f64, 500_u64);
-    let (mut region, mut pool, mut share) = (None, "*".to_string(), None);
-    let mut code = "AllocationFailed".to_string();
+    let (mut matching, mut shape) = (Matching::default(), Shape::default());
     for param in params.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, value) = param
             .split_once('=')
             .ok_or_else(|| err(format!("parameter `{param}` is not KEY=VALUE")))?;
-        let number = |v: &str| {
-            v.parse::<f64>()
-                .map_err(|_| err(format!("`{key}` wants a number, got `{v}`")))
-        };
-        let count = |v: &str| {
-            v.parse::<u64>()
-                .map_err(|_| err(format!("`{key}` wants a whole number, got `{v}`")))
-        };
-        match key {
-            "p" => {
-                let p = number(value)?;
-                if !(0.0..=1.0).contains(&p) {
-                    return Err(err(format!("p must be between 0 and 1, got {p}")));
-                }
-                trigger = Trigger::Probability(p);
-            }
-            "at" => trigger = Trigger::At(value.split('|').map(count).collect::<Result<_, _>>()?),
-            "every" => {
-                let n = count(value)?;
-                if n == 0 {
-                    return Err(err("every must be at least 1".into()));
-                }
-                trigger = Trigger::Every(n);
-            }
-            "times" => times = Some(count(value)?),
-            "api" => {
-                apis = match value {
-                    "arm" => vec![Api::Arm],
-                    "batch" => vec![Api::Batch],
-                    "aad" => vec![Api::Aad, Api::Identity],
-                    "any" => vec![Api::Arm, Api::Batch, Api::Aad, Api::Identity],
-                    other => return Err(err(format!("api must be arm, batch, aad or any, got `{other}`"))),
-                }
-            }
-            "method" => method = Some(value.to_ascii_uppercase()),
-            "path" => path = Some(value.to_string()),
-            "retry_after" => retry_after = number(value)?,
-            "delay_ms" => delay_ms = count(value)?,
-            "region" => region = Some(value.to_string()),
-            "pool" => pool = value.to_string(),
-            "share" => {
-                let s = number(value)?;
-                if !(0.0..=1.0).contains(&s) {
-                    return Err(err(format!("share must be between 0 and 1, got {s}")));
-                }
-                share = Some(s);
-            }
-            "code" => code = value.to_string(),
-            other => return Err(err(format!("unknown parameter `{other}`"))),
+        if !matching.set(key, value).map_err(&err)? && !shape.set(key, value).map_err(&err)? {
+            return Err(err(format!("unknown parameter `{key}`")));
         }
     }
-    let kind = match kind_name.trim() {
-        "429" => Kind::Request(RequestFault::Throttle {
-            retry_after_secs: retry_after,
-        }),
-        "500" => Kind::Request(RequestFault::ServerError { status: 500 }),
-        "503" => Kind::Request(RequestFault::ServerError { status: 503 }),
-        "reset" => Kind::Request(RequestFault::Reset),
-        "slow" => Kind::Request(RequestFault::Slow { delay_ms }),
-        "replication-fail" => Kind::ReplicationFail {
-            region: region.ok_or_else(|| err("replication-fail needs region=NAME (or *)".into()))?,
-        },
-        "allocation-fail" => Kind::AllocationFail { pool, code },
-        "starttask-fail" => Kind::StartTaskFail {
-            pool,
-            share: share.ok_or_else(|| err("starttask-fail needs share=FRACTION".into()))?,
-        },
-        other => {
-            return Err(err(format!(
-                "unknown fault `{other}` (429, 500, 503, reset, slow, replication-fail, allocation-fail, starttask-fail)"
-            )));
-        }
-    };
+    let kind = shape.into_kind(kind_name.trim()).map_err(err)?;
     Ok(Rule {
         text: text.to_string(),
         kind,
-        trigger,
-        apis,
-        method,
-        path,
-        times,
+        trigger: matching.trigger,
+        apis: matching.apis,
+        method: matching.method,
+        path: matching.path,
+        times: matching.times,
         seen: 0,
         fired: 0,
-        rng: ChaCha8Rng::seed_from_u64(seed ^ (index.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        rng: rule_rng(seed, index),
     })
+}
+
+/// Which requests and matches a rule fires on: its trigger (every match unless `p`, `at` or
+/// `every` says otherwise), the front doors (ARM and Batch unless `api` says otherwise), the
+/// method and path filters, and the cap on how often it fires.
+struct Matching {
+    trigger: Trigger,
+    apis: Vec<Api>,
+    method: Option<String>,
+    path: Option<String>,
+    times: Option<u64>,
+}
+
+impl Default for Matching {
+    fn default() -> Matching {
+        Matching {
+            trigger: Trigger::Always,
+            apis: vec![Api::Arm, Api::Batch],
+            method: None,
+            path: None,
+            times: None,
+        }
+    }
+}
+
+impl Matching {
+    /// Reads `key` if it is one of the matching parameters; `false` when it is not.
+    fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        match key {
+            "p" => self.trigger = Trigger::Probability(fraction(key, value)?),
+            "at" => {
+                let list = value.split('|').map(|v| count(key, v)).collect::<Result<_, _>>()?;
+                self.trigger = Trigger::At(list);
+            }
+            "every" => {
+                let n = count(key, value)?;
+                if n == 0 {
+                    return Err("every must be at least 1".into());
+                }
+                self.trigger = Trigger::Every(n);
+            }
+            "times" => self.times = Some(count(key, value)?),
+            "api" => self.apis = apis_named(value)?,
+            "method" => self.method = Some(value.to_ascii_uppercase()),
+            "path" => self.path = Some(value.to_string()),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+/// What the fault does, for the kinds that read it: the throttle's `Retry-After`, the slow
+/// answer's delay, the failing region, the pools a domain fault applies to (all unless `pool`
+/// says otherwise), the share of failed start tasks and the allocation's error code.
+struct Shape {
+    retry_after: f64,
+    delay_ms: u64,
+    region: Option<String>,
+    pool: String,
+    share: Option<f64>,
+    code: String,
+}
+
+impl Default for Shape {
+    fn default() -> Shape {
+        Shape {
+            retry_after: 1.0,
+            delay_ms: 500,
+            region: None,
+            pool: "*".to_string(),
+            share: None,
+            code: "AllocationFailed".to_string(),
+        }
+    }
+}
+
+impl Shape {
+    /// Reads `key` if it is one of the shaping parameters; `false` when it is not.
+    fn set(&mut self, key: &str, value: &str) -> Result<bool, String> {
+        match key {
+            "retry_after" => self.retry_after = number(key, value)?,
+            "delay_ms" => self.delay_ms = count(key, value)?,
+            "region" => self.region = Some(value.to_string()),
+            "pool" => self.pool = value.to_string(),
+            "share" => self.share = Some(fraction(key, value)?),
+            "code" => self.code = value.to_string(),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The fault a kind name stands for; `replication-fail` needs its region and `starttask-fail`
+    /// its share, the others have defaults for what they read.
+    fn into_kind(self, name: &str) -> Result<Kind, String> {
+        Ok(match name {
+            "429" => Kind::Request(RequestFault::Throttle {
+                retry_after_secs: self.retry_after,
+            }),
+            "500" => Kind::Request(RequestFault::ServerError { status: 500 }),
+            "503" => Kind::Request(RequestFault::ServerError { status: 503 }),
+            "reset" => Kind::Request(RequestFault::Reset),
+            "slow" => Kind::Request(RequestFault::Slow {
+                delay_ms: self.delay_ms,
+            }),
+            "replication-fail" => Kind::ReplicationFail {
+                region: self.region.ok_or("replication-fail needs region=NAME (or *)")?,
+            },
+            "allocation-fail" => Kind::AllocationFail {
+                pool: self.pool,
+                code: self.code,
+            },
+            "starttask-fail" => Kind::StartTaskFail {
+                pool: self.pool,
+                share: self.share.ok_or("starttask-fail needs share=FRACTION")?,
+            },
+            other => {
+                return Err(format!(
+                    "unknown fault `{other}` (429, 500, 503, reset, slow, replication-fail, allocation-fail, starttask-fail)"
+                ));
+            }
+        })
+    }
+}
+
+fn number(key: &str, value: &str) -> Result<f64, String> {
+    value
+        .parse::<f64>()
+        .map_err(|_| format!("`{key}` wants a number, got `{value}`"))
+}
+
+fn count(key: &str, value: &str) -> Result<u64, String> {
+    value
+        .parse::<u64>()
+        .map_err(|_| format!("`{key}` wants a whole number, got `{value}`"))
+}
+
+/// A probability or a share: a number from 0 to 1.
+fn fraction(key: &str, value: &str) -> Result<f64, String> {
+    let n = number(key, value)?;
+    if !(0.0..=1.0).contains(&n) {
+        return Err(format!("{key} must be between 0 and 1, got {n}"));
+    }
+    Ok(n)
+}
+
+/// The front doors `api=` names: `aad` covers the managed identity endpoints too.
+fn apis_named(value: &str) -> Result<Vec<Api>, String> {
+    Ok(match value {
+        "arm" => vec![Api::Arm],
+        "batch" => vec![Api::Batch],
+        "aad" => vec![Api::Aad, Api::Identity],
+        "any" => vec![Api::Arm, Api::Batch, Api::Aad, Api::Identity],
+        other => return Err(format!("api must be arm, batch, aad or any, got `{other}`")),
+    })
+}
+
+/// Each rule draws from its own generator, seeded from the plan's seed and the rule's place in
+/// the plan, so one rule's draws never shift another's.
+fn rule_rng(seed: u64, index: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ (index.wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// `*` matches any run of characters; everything else matches itself, ignoring case.

@@ -239,33 +239,52 @@ impl World {
         Ok(world)
     }
 
+    /// The cross-checks parsing cannot make, in the order the tables are read: tenants,
+    /// subscriptions, principals, VMs, Batch accounts. The first flaw is the error, named by its key.
     fn check(&self, origin: &str) -> Result<(), WorldError> {
-        let invalid = |key: String, message: String| WorldError::Invalid {
-            path: origin.to_string(),
-            key,
-            message,
-        };
-        if self.tenants.is_empty() {
-            return Err(invalid("tenants".into(), "at least one tenant is needed".into()));
-        }
         let tenants: HashSet<String> = self.tenants.iter().map(|t| t.id.to_ascii_lowercase()).collect();
-        let subscriptions: HashSet<String> = self.subscriptions.iter().map(|s| s.id.to_ascii_lowercase()).collect();
+        self.check_tenants()
+            .and_then(|()| self.check_subscriptions(&tenants))
+            .and_then(|()| self.check_principals(&tenants))
+            .and_then(|()| self.check_vms())
+            .and_then(|()| self.check_batch_accounts())
+            .map_err(|flaw| WorldError::Invalid {
+                path: origin.to_string(),
+                key: flaw.key,
+                message: flaw.message,
+            })
+    }
+
+    /// A world has at least one tenant: every principal and subscription belongs to one.
+    fn check_tenants(&self) -> Result<(), Flaw> {
+        if self.tenants.is_empty() {
+            return Err(Flaw::new("tenants", "at least one tenant is needed"));
+        }
+        Ok(())
+    }
+
+    /// A subscription belongs to a known tenant, and its resource groups are in known regions.
+    fn check_subscriptions(&self, tenants: &HashSet<String>) -> Result<(), Flaw> {
         for (i, sub) in self.subscriptions.iter().enumerate() {
             if !tenants.contains(&sub.tenant.to_ascii_lowercase()) {
-                return Err(invalid(
+                return Err(Flaw::new(
                     format!("subscriptions[{i}].tenant"),
                     format!("unknown tenant {}", sub.tenant),
                 ));
             }
             for (j, rg) in sub.resource_groups.iter().enumerate() {
-                if regions::canonical(&rg.location).is_none() {
-                    return Err(invalid(
-                        format!("subscriptions[{i}].resource_groups[{j}].location"),
-                        format!("unknown region {}", rg.location),
-                    ));
-                }
+                known_region(
+                    format!("subscriptions[{i}].resource_groups[{j}].location"),
+                    &rg.location,
+                )?;
             }
         }
+        Ok(())
+    }
+
+    /// An app or managed identity belongs to a known tenant, an app has a secret, and each role
+    /// assignment names a known role (custom or built in) on an ARM scope.
+    fn check_principals(&self, tenants: &HashSet<String>) -> Result<(), Flaw> {
         let role_names: HashSet<String> = self
             .roles
             .iter()
@@ -275,41 +294,41 @@ impl World {
         for (table, principals) in [("apps", &self.apps), ("managed_identities", &self.managed_identities)] {
             for (i, p) in principals.iter().enumerate() {
                 if !tenants.contains(&p.tenant.to_ascii_lowercase()) {
-                    return Err(invalid(
+                    return Err(Flaw::new(
                         format!("{table}[{i}].tenant"),
                         format!("unknown tenant {}", p.tenant),
                     ));
                 }
                 if table == "apps" && p.client_secret.is_none() {
-                    return Err(invalid(
+                    return Err(Flaw::new(
                         format!("{table}[{i}].client_secret"),
-                        "an app needs a secret".into(),
+                        "an app needs a secret",
                     ));
                 }
                 for (j, r) in p.roles.iter().enumerate() {
                     if !role_names.contains(&r.role.to_ascii_lowercase()) {
-                        return Err(invalid(
+                        return Err(Flaw::new(
                             format!("{table}[{i}].roles[{j}].role"),
                             format!("unknown role {}", r.role),
                         ));
                     }
                     if !r.scope.starts_with("/subscriptions/") {
-                        return Err(invalid(
+                        return Err(Flaw::new(
                             format!("{table}[{i}].roles[{j}].scope"),
-                            "a scope is an ARM id starting with /subscriptions/".into(),
+                            "a scope is an ARM id starting with /subscriptions/",
                         ));
                     }
                 }
             }
         }
-        let has_group = |sub: &str, rg: &str| {
-            self.subscriptions.iter().any(|s| {
-                s.id.eq_ignore_ascii_case(sub) && s.resource_groups.iter().any(|g| g.name.eq_ignore_ascii_case(rg))
-            })
-        };
+        Ok(())
+    }
+
+    /// A build VM is in a resource group the world has, in a known region.
+    fn check_vms(&self) -> Result<(), Flaw> {
         for (i, vm) in self.vms.iter().enumerate() {
-            if !has_group(&vm.subscription, &vm.resource_group) {
-                return Err(invalid(
+            if !self.has_group(&vm.subscription, &vm.resource_group) {
+                return Err(Flaw::new(
                     format!("vms[{i}].resource_group"),
                     format!(
                         "no resource group {} in subscription {}",
@@ -317,34 +336,61 @@ impl World {
                     ),
                 ));
             }
-            if regions::canonical(&vm.location).is_none() {
-                return Err(invalid(
-                    format!("vms[{i}].location"),
-                    format!("unknown region {}", vm.location),
-                ));
-            }
+            known_region(format!("vms[{i}].location"), &vm.location)?;
         }
+        Ok(())
+    }
+
+    /// A Batch account is in a known subscription, in a resource group the world has, in a known
+    /// region.
+    fn check_batch_accounts(&self) -> Result<(), Flaw> {
+        let subscriptions: HashSet<String> = self.subscriptions.iter().map(|s| s.id.to_ascii_lowercase()).collect();
         for (i, acct) in self.batch_accounts.iter().enumerate() {
             if !subscriptions.contains(&acct.subscription.to_ascii_lowercase()) {
-                return Err(invalid(
+                return Err(Flaw::new(
                     format!("batch_accounts[{i}].subscription"),
                     format!("unknown subscription {}", acct.subscription),
                 ));
             }
-            if !has_group(&acct.subscription, &acct.resource_group) {
-                return Err(invalid(
+            if !self.has_group(&acct.subscription, &acct.resource_group) {
+                return Err(Flaw::new(
                     format!("batch_accounts[{i}].resource_group"),
                     format!("no resource group {}", acct.resource_group),
                 ));
             }
-            if regions::canonical(&acct.location).is_none() {
-                return Err(invalid(
-                    format!("batch_accounts[{i}].location"),
-                    format!("unknown region {}", acct.location),
-                ));
-            }
+            known_region(format!("batch_accounts[{i}].location"), &acct.location)?;
         }
         Ok(())
+    }
+
+    /// Whether subscription `sub` has resource group `rg`; ids and names ignore case, as ARM's do.
+    fn has_group(&self, sub: &str, rg: &str) -> bool {
+        self.subscriptions.iter().any(|s| {
+            s.id.eq_ignore_ascii_case(sub) && s.resource_groups.iter().any(|g| g.name.eq_ignore_ascii_case(rg))
+        })
+    }
+}
+
+/// What a cross-check found wrong: the key (`vms[0].location`) and why.
+struct Flaw {
+    key: String,
+    message: String,
+}
+
+impl Flaw {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Flaw {
+        Flaw {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A location the emulator knows as an Azure region (any spelling `regions::canonical` accepts).
+fn known_region(key: String, location: &str) -> Result<(), Flaw> {
+    match regions::canonical(location) {
+        Some(_) => Ok(()),
+        None => Err(Flaw::new(key, format!("unknown region {location}"))),
     }
 }
 
