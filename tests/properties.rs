@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use sigrun::azure::api::*;
-use sigrun::azure::{AzureApi, AzureError};
+use sigrun::azure::{AzureApi, AzureError, RegistrationState};
 use sigrun::model::envelope::Envelope;
 use sigrun::model::ids::*;
 use sigrun::model::spec::{PipelineSpec, duration};
@@ -310,8 +310,8 @@ impl AzureApi for World {
             extensions: Vec::new(),
         })
     }
-    async fn provider_state(&self, _: &str, _: &str) -> Result<String, AzureError> {
-        Ok("Registered".into())
+    async fn provider_state(&self, _: &str, _: &str) -> Result<RegistrationState, AzureError> {
+        Ok(RegistrationState::Registered)
     }
     async fn list_locations(&self, _: &str) -> Result<Vec<String>, AzureError> {
         Ok(KNOWN_REGIONS.iter().map(|r| r.to_string()).collect())
@@ -326,7 +326,7 @@ impl AzureApi for World {
             })
             .collect())
     }
-    async fn register_provider(&self, _: &str, _: &str) -> Result<String, AzureError> {
+    async fn register_provider(&self, _: &str, _: &str) -> Result<RegistrationState, AzureError> {
         Err(unused("register_provider"))
     }
     async fn put_snapshot(&self, _: &SnapshotId, _: &SnapshotRequest) -> Result<Accepted, AzureError> {

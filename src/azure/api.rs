@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 
 use super::error::AzureError;
+use super::states::{AllocationState, PoolState, ProvisioningState, RegistrationState, ReplicationState};
 use crate::model::ids::{
     BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId,
 };
@@ -37,7 +38,7 @@ pub struct Accepted {
     /// than finding it there (200: the same PUT again, or an update).
     pub created: bool,
     /// `provisioningState` in the answer, if it had a body.
-    pub provisioning_state: Option<String>,
+    pub provisioning_state: Option<ProvisioningState>,
     /// `Azure-AsyncOperation` (or `Location`) URL to poll.
     pub status_url: Option<String>,
     /// Azure's `Retry-After` hint.
@@ -47,7 +48,7 @@ pub struct Accepted {
 /// The state of an ARM resource.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceState {
-    pub provisioning_state: String,
+    pub provisioning_state: ProvisioningState,
     pub tags: Tags,
 }
 
@@ -79,7 +80,7 @@ pub struct ImageRequest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct DefinitionInfo {
-    pub provisioning_state: String,
+    pub provisioning_state: ProvisioningState,
     pub os_type: String,
     pub os_state: String,
     pub hyper_v_generation: String,
@@ -125,15 +126,14 @@ pub struct VersionRequest {
 pub struct RegionStatus {
     /// Canonical short name (`eastus`), whatever form Azure answered in.
     pub region: String,
-    /// `Unknown`, `Replicating`, `Completed` or `Failed`.
-    pub state: String,
+    pub state: ReplicationState,
     pub progress: u8,
     pub details: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VersionInfo {
-    pub provisioning_state: String,
+    pub provisioning_state: ProvisioningState,
     pub exclude_from_latest: bool,
     pub source: Option<String>,
     /// (canonical region, replicas)
@@ -180,10 +180,8 @@ pub struct ResizeError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolInfo {
     pub id: String,
-    /// `active` or `deleting`.
-    pub state: String,
-    /// `steady`, `resizing` or `stopping`.
-    pub allocation_state: String,
+    pub state: PoolState,
+    pub allocation_state: AllocationState,
     pub current_dedicated: u32,
     pub current_low_priority: u32,
     pub target_dedicated: u32,
@@ -220,12 +218,12 @@ pub enum PoolCreated {
 pub trait AzureApi: Send + Sync {
     async fn get_vm(&self, id: &VmId) -> Result<VmInfo, AzureError>;
 
-    async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError>;
+    async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<RegistrationState, AzureError>;
     /// The regions `subscription` can use, short names (`westeurope`).
     async fn list_locations(&self, subscription: &str) -> Result<Vec<String>, AzureError>;
     /// The VM sizes Batch offers in `location` for accounts of `subscription`.
     async fn batch_vm_sizes(&self, subscription: &str, location: &str) -> Result<Vec<VmSize>, AzureError>;
-    async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError>;
+    async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<RegistrationState, AzureError>;
 
     async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError>;
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError>;

@@ -20,6 +20,7 @@ use super::api::{
 use super::config::ApiVersions;
 use super::error::AzureError;
 use super::http::{Audience, Call, Http, Reply};
+use super::states::{ProvisioningState, RegistrationState, ReplicationState};
 use crate::model::ids::{
     BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId,
     check_subscription,
@@ -78,16 +79,14 @@ fn tags_of(body: &Value) -> Tags {
 }
 
 /// ARM: a resource without `provisioningState` has succeeded.
-fn provisioning_state(body: &Value) -> String {
-    str_at(body, "/properties/provisioningState")
-        .unwrap_or("Succeeded")
-        .to_string()
+fn provisioning_state(body: &Value) -> ProvisioningState {
+    str_at(body, "/properties/provisioningState").map_or(ProvisioningState::Succeeded, ProvisioningState::parse)
 }
 
 fn accepted(reply: &Reply) -> Accepted {
     Accepted {
         created: matches!(reply.status, 201 | 202),
-        provisioning_state: str_at(&reply.body, "/properties/provisioningState").map(str::to_string),
+        provisioning_state: str_at(&reply.body, "/properties/provisioningState").map(ProvisioningState::parse),
         status_url: reply
             .header("azure-asyncoperation")
             .or_else(|| reply.header("location"))
@@ -286,20 +285,24 @@ impl Arm {
         ))
     }
 
-    fn registration_state(operation: &str, reply: &Reply) -> Result<String, AzureError> {
+    fn registration_state(operation: &str, reply: &Reply) -> Result<RegistrationState, AzureError> {
         str_at(&reply.body, "/registrationState")
-            .map(str::to_string)
+            .map(RegistrationState::parse)
             .ok_or_else(|| unexpected(operation, reply, "registrationState"))
     }
 
-    pub async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
+    pub async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<RegistrationState, AzureError> {
         let url = self.provider_url(subscription, namespace, false)?;
         let operation = format!("GET provider {namespace} in {subscription}");
         let reply = self.send(Method::GET, url, operation.clone(), None).await?;
         Self::registration_state(&operation, &reply)
     }
 
-    pub async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
+    pub async fn register_provider(
+        &self,
+        subscription: &str,
+        namespace: &str,
+    ) -> Result<RegistrationState, AzureError> {
         let url = self.provider_url(subscription, namespace, true)?;
         let operation = format!("register provider {namespace} in {subscription}");
         let reply = self.send(Method::POST, url, operation.clone(), None).await?;
@@ -598,7 +601,7 @@ impl Arm {
             .filter_map(|s| {
                 Some(RegionStatus {
                     region: canonical_region(s["region"].as_str()?),
-                    state: s["state"].as_str().unwrap_or("Unknown").to_string(),
+                    state: ReplicationState::parse(s["state"].as_str().unwrap_or("Unknown")),
                     progress: s["progress"].as_u64().unwrap_or(0).min(100) as u8,
                     details: s["details"].as_str().unwrap_or_default().to_string(),
                 })

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use super::api::{NodeCounts, PoolCreated, PoolInfo, ResizeError, SupportedImage};
 use super::error::AzureError;
 use super::http::{Audience, Call, Http, Reply};
+use super::states::{AllocationState, PoolState};
 use crate::model::ids::pool_id_ok;
 use crate::model::rules::min_resize_timeout;
 
@@ -108,8 +109,8 @@ impl From<CloudPool> for PoolInfo {
     fn from(p: CloudPool) -> PoolInfo {
         PoolInfo {
             id: p.id,
-            state: p.state,
-            allocation_state: p.allocation_state,
+            state: PoolState::parse(&p.state),
+            allocation_state: AllocationState::parse(&p.allocation_state),
             current_dedicated: p.current_dedicated_nodes,
             current_low_priority: p.current_low_priority_nodes,
             target_dedicated: p.target_dedicated_nodes,

@@ -21,6 +21,7 @@ use super::config::{AzureSettings, SettingsError};
 use super::error::AzureError;
 use super::http::{Http, build_client};
 use super::metrics::{AzureMetrics, named};
+use super::states::RegistrationState;
 use crate::model::ids::{BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
 
 #[derive(Clone)]
@@ -113,7 +114,7 @@ impl AzureApi for AzureClient {
         named("get_vm", self.arm.get_vm(id)).await
     }
 
-    async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
+    async fn provider_state(&self, subscription: &str, namespace: &str) -> Result<RegistrationState, AzureError> {
         named("provider_state", self.arm.provider_state(subscription, namespace)).await
     }
 
@@ -127,7 +128,7 @@ impl AzureApi for AzureClient {
         self.catalog.vm_sizes(subscription, location, read).await
     }
 
-    async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<String, AzureError> {
+    async fn register_provider(&self, subscription: &str, namespace: &str) -> Result<RegistrationState, AzureError> {
         named("register_provider", self.arm.register_provider(subscription, namespace)).await
     }
 

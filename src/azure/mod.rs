@@ -16,9 +16,11 @@ mod http;
 mod throttles;
 pub use http::hand_back_retry_after;
 pub mod metrics;
+pub mod states;
 
 pub use api::AzureApi;
 pub use client::AzureClient;
 pub use config::{ApiVersions, AzureSettings, CloudSettings, CredentialSettings, RetrySettings, Secret, SettingsError};
 pub use error::{AzureError, ErrorClass};
 pub use metrics::AzureMetrics;
+pub use states::{AllocationState, PoolState, ProvisioningState, RegistrationState, ReplicationState};

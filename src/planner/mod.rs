@@ -17,7 +17,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use crate::azure::api::{BatchAccountInfo, SupportedImage};
-use crate::azure::{AzureApi, AzureError};
+use crate::azure::{AzureApi, AzureError, RegistrationState};
 use crate::model::ids::{GalleryImageId, ImageId};
 use crate::model::plan::{BuildPlan, Plan, PoolPlan};
 use crate::model::rules;
@@ -259,7 +259,7 @@ async fn batch_registration(
         let read = azure.provider_state(gallery_sub, "Microsoft.Batch").await;
         let what = format!("Microsoft.Batch's registration in the gallery's subscription {gallery_sub}");
         match azure_values::readable(read, &what, warnings)? {
-            Some(state) if state != "Registered" => {
+            Some(state) if state != RegistrationState::Registered => {
                 warnings.push(format!(
                     "Microsoft.Batch is not registered in the gallery's subscription {gallery_sub}; it will be registered before publishing"
                 ));

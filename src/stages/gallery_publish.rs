@@ -9,8 +9,8 @@
 
 use super::common::{Settled, after_hint, fail, made_in_admission, settle, tags, target_regions, wait_step};
 use super::{Outcome, Step, StepContext};
-use crate::azure::AzureError;
 use crate::azure::api::{Accepted, DefinitionRequest, VersionRequest};
+use crate::azure::{AzureError, ProvisioningState, RegistrationState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Stage};
 use crate::model::rules;
@@ -143,12 +143,12 @@ async fn ensure_gallery(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut
             "gallery {} does not exist and the spec does not allow creating it",
             plan.gallery
         ))),
-        Some(state) if state.provisioning_state == "Failed" => {
+        Some(state) if state.provisioning_state == ProvisioningState::Failed => {
             Some(fail(format!("gallery {} is in state Failed", plan.gallery)))
         }
         Some(state) => {
             adopted.ours(plan.gallery.to_string(), &state.tags, message);
-            (state.provisioning_state != "Succeeded").then(|| poll_again(message, "gallery", ctx))
+            (state.provisioning_state != ProvisioningState::Succeeded).then(|| poll_again(message, "gallery", ctx))
         }
     })
 }
@@ -187,9 +187,9 @@ async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &
             spec.os_type.as_str()
         ))));
     }
-    Ok(match existing.provisioning_state.as_str() {
-        "Succeeded" => None,
-        "Failed" => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
+    Ok(match existing.provisioning_state {
+        ProvisioningState::Succeeded => None,
+        ProvisioningState::Failed => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
         _ => Some(poll_again(message, "definition", ctx)),
     })
 }
@@ -198,14 +198,9 @@ async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &
 /// another (Batch reads the image through it).
 async fn ensure_batch_registered(message: &Envelope, ctx: &StepContext<'_>) -> Part {
     for subscription in &message.plan.register_batch_in {
-        match ctx
-            .azure
-            .provider_state(subscription, "Microsoft.Batch")
-            .await?
-            .as_str()
-        {
-            "Registered" => {}
-            "Registering" => return Ok(Some(poll_again(message, "registration", ctx))),
+        match ctx.azure.provider_state(subscription, "Microsoft.Batch").await? {
+            RegistrationState::Registered => {}
+            RegistrationState::Registering => return Ok(Some(poll_again(message, "registration", ctx))),
             _ => {
                 ctx.azure.register_provider(subscription, "Microsoft.Batch").await?;
                 return Ok(Some(poll_again(message, "registration", ctx)));

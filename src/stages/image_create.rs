@@ -4,8 +4,8 @@
 
 use super::common::{Settled, after_hint, fail, made_by_run, made_in_admission, settle, tags, wait_step};
 use super::{Outcome, Step, StepContext};
-use crate::azure::AzureError;
 use crate::azure::api::ImageRequest;
+use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Stage};
 
@@ -62,8 +62,8 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Ok(step)
         }
         Some(urls) if urls.is_empty() => match ctx.azure.get_image(&build.image).await? {
-            Some(state) if state.provisioning_state == "Succeeded" => Ok(advance(message, ctx)),
-            Some(state) if state.provisioning_state == "Failed" => {
+            Some(state) if state.provisioning_state == ProvisioningState::Succeeded => Ok(advance(message, ctx)),
+            Some(state) if state.provisioning_state == ProvisioningState::Failed => {
                 Ok(fail(format!("managed image {} failed", build.image)))
             }
             _ => Ok(wait_step(

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use super::common::{fail, target_regions, wait};
 use super::{Observation, Outcome, Step, StepContext};
-use crate::azure::AzureError;
 use crate::azure::api::RegionStatus;
+use crate::azure::{AzureError, ReplicationState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Progress, Stage};
 use crate::model::plan::Plan;
@@ -26,9 +26,7 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         return Ok(fail(format!("image version {} does not exist", plan.version_id)));
     };
     // A region removed after a failure goes back in once the version has settled.
-    if !message.artifacts.regions_to_readd.is_empty()
-        && !matches!(version.provisioning_state.as_str(), "Creating" | "Updating")
-    {
+    if !message.artifacts.regions_to_readd.is_empty() && !version.provisioning_state.is_changing() {
         return readd_removed(message, &plan, ctx).await;
     }
     let mut look = Look {
@@ -125,9 +123,9 @@ impl Look {
             self.unknown_pending = true;
             return;
         }
-        match status.map(|s| s.state.as_str()) {
-            Some("Completed") => self.completed(message, plan, name, ctx),
-            Some("Failed") => {
+        match status.map(|s| &s.state) {
+            Some(ReplicationState::Completed) => self.completed(message, plan, name, ctx),
+            Some(ReplicationState::Failed) => {
                 let details = status.map(|s| s.details.clone()).unwrap_or_default();
                 self.failed(message, name, details, ctx);
             }
@@ -136,7 +134,7 @@ impl Look {
                 // Not started (`Unknown`): Azure replicates to the other regions once the source
                 // region is done, so such a region waits on one that replicates; it needs no look
                 // of its own before that one's estimate.
-                None if status.is_some_and(|s| s.state.eq_ignore_ascii_case("Unknown")) => {}
+                None if status.is_some_and(|s| s.state == ReplicationState::Unknown) => {}
                 None => self.unknown_pending = true,
             },
         }
@@ -215,7 +213,7 @@ fn replication_ratios(plan: &Plan, statuses: &[RegionStatus], message: &Envelope
         .map(|region| {
             let status = statuses.iter().find(|s| s.region == region.name);
             let completed = message.artifacts.regions_completed.contains(&region.name)
-                || status.is_some_and(|s| s.state == "Completed");
+                || status.is_some_and(|s| s.state == ReplicationState::Completed);
             let ratio = if completed {
                 1.0
             } else {
@@ -236,7 +234,7 @@ fn estimate(
     ctx: &StepContext<'_>,
 ) -> Option<Duration> {
     // A region that has not started (`Unknown`) reads 0% without replicating: no reading to time from.
-    if !status.state.eq_ignore_ascii_case("Replicating") {
+    if status.state != ReplicationState::Replicating {
         return None;
     }
     let now = Progress {

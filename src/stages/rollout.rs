@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 use super::common::wait;
 use super::{Outcome, Runs, Step, StepContext};
 use crate::azure::api::PoolInfo;
-use crate::azure::{AzureError, ErrorClass};
+use crate::azure::{AllocationState, AzureError, ErrorClass, PoolState};
 use crate::events::EventKind;
 use crate::model::envelope::{Branch, Envelope};
 use crate::model::rules::ImageVersion;
@@ -159,7 +159,7 @@ async fn retire_older_pools(message: &Envelope, ctx: &StepContext<'_>) -> Result
 fn judge(pool: &PoolInfo, own: &Own<'_>, runs: &dyn Runs) -> Judged {
     let meta = |key: &str| pool.metadata.get(key).map(String::as_str);
     let ours = meta("sigrun-pipeline") == Some(own.pipeline) && meta("sigrun-target") == Some(own.target);
-    if !ours || pool.id.eq_ignore_ascii_case(own.pool_id) || pool.state != "active" {
+    if !ours || pool.id.eq_ignore_ascii_case(own.pool_id) || pool.state != PoolState::Active {
         return Judged::Leave;
     }
     let older = meta("sigrun-version")
@@ -173,9 +173,9 @@ fn judge(pool: &PoolInfo, own: &Own<'_>, runs: &dyn Runs) -> Judged {
         PreviousPool::ScaleToZero => pool.target_dedicated == 0 && pool.target_low_priority == 0,
         PreviousPool::Delete => false,
     };
-    match (retired, own.policy, pool.allocation_state.as_str()) {
+    match (retired, own.policy, &pool.allocation_state) {
         (true, _, _) => Judged::Leave,
-        (false, PreviousPool::ScaleToZero, state) if state != "steady" => Judged::WaitSteady,
+        (false, PreviousPool::ScaleToZero, state) if *state != AllocationState::Steady => Judged::WaitSteady,
         (false, _, _) => Judged::Retire,
     }
 }
@@ -252,8 +252,8 @@ mod tests {
     fn pool(id: &str, version: &str, run: Uuid, created_secs_ago: i64) -> PoolInfo {
         PoolInfo {
             id: id.into(),
-            state: "active".into(),
-            allocation_state: "steady".into(),
+            state: PoolState::Active,
+            allocation_state: AllocationState::Steady,
             current_dedicated: 2,
             current_low_priority: 0,
             target_dedicated: 2,
@@ -340,14 +340,14 @@ mod tests {
     fn a_resizing_pool_is_waited_for_and_a_retired_one_left_alone() {
         let done = Live(Vec::new());
         let mut resizing = pool("render-2026-1201-0", "2026.1201.0", Uuid::new_v4(), 86400);
-        resizing.allocation_state = "resizing".into();
+        resizing.allocation_state = AllocationState::Resizing;
         assert_eq!(judged(&resizing, PreviousPool::ScaleToZero, &done), Judged::WaitSteady);
         assert_eq!(judged(&resizing, PreviousPool::Delete, &done), Judged::Retire);
         let mut zero = pool("render-2026-1201-0", "2026.1201.0", Uuid::new_v4(), 86400);
         zero.target_dedicated = 0;
         assert_eq!(judged(&zero, PreviousPool::ScaleToZero, &done), Judged::Leave);
         let mut deleting = zero.clone();
-        deleting.state = "deleting".into();
+        deleting.state = PoolState::Deleting;
         assert_eq!(judged(&deleting, PreviousPool::Delete, &done), Judged::Leave);
     }
 }

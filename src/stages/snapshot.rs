@@ -7,8 +7,8 @@
 
 use super::common::{Settled, after_hint, fail, made_by_run, made_in_admission, settle, tags, wait_step};
 use super::{Outcome, Step, StepContext};
-use crate::azure::AzureError;
 use crate::azure::api::{Accepted, SnapshotRequest};
+use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, SnapshotArtifact, Stage};
 use crate::model::ids::SnapshotId;
@@ -132,8 +132,8 @@ async fn all_succeeded(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool
     let build = message.plan.build.as_ref().expect("checked by the caller");
     for snapshot in &build.snapshots {
         match ctx.azure.get_snapshot(&snapshot.id).await? {
-            Some(state) if state.provisioning_state == "Succeeded" => {}
-            Some(state) if state.provisioning_state == "Failed" => {
+            Some(state) if state.provisioning_state == ProvisioningState::Succeeded => {}
+            Some(state) if state.provisioning_state == ProvisioningState::Failed => {
                 return Err(AzureError::permanent(
                     format!("snapshot {}", snapshot.id.name()),
                     "SnapshotFailed",

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::common::{fail, wait_step};
 use super::{FailureClass, Observation, Outcome, Step, StepContext, rollout};
-use crate::azure::AzureError;
+use crate::azure::{AllocationState, AzureError};
 use crate::events::EventKind;
 use crate::model::envelope::{Branch, Envelope, PoolArtifact, Progress};
 use crate::model::spec::PreviousPool;
@@ -115,7 +115,7 @@ async fn look_at_allocation(
             pool.pool_id
         ))));
     };
-    if info.allocation_state == "steady" {
+    if info.allocation_state == AllocationState::Steady {
         return Ok(info.resize_errors.first().map(|error| {
             fail(format!(
                 "pool {} allocation ended with {}: {} ({} of {} dedicated nodes)",

@@ -16,7 +16,7 @@ use sigrun::azure::api::{
     Accepted, DefinitionRequest, ImageRequest, OperationStatus, PoolCreated, SnapshotRequest, Tags, TargetRegion,
     VersionRequest,
 };
-use sigrun::azure::{AzureApi, AzureClient, AzureSettings, CredentialSettings, ErrorClass, Secret};
+use sigrun::azure::{AzureApi, AzureClient, AzureSettings, CredentialSettings, ErrorClass, RegistrationState, Secret};
 use sigrun::emulator::EmulatorOptions;
 use sigrun::model::ids::{
     BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId,
@@ -239,18 +239,33 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
 
     // Provider registration, as for a gallery in another subscription.
     assert_eq!(
-        azure.provider_state(SUB_IMAGING, "Microsoft.Batch").await.unwrap(),
+        azure
+            .provider_state(SUB_IMAGING, "Microsoft.Batch")
+            .await
+            .unwrap()
+            .as_str(),
         "Registered"
     );
     assert_eq!(
-        azure.provider_state(SUB_SHARED, "Microsoft.Batch").await.unwrap(),
+        azure
+            .provider_state(SUB_SHARED, "Microsoft.Batch")
+            .await
+            .unwrap()
+            .as_str(),
         "NotRegistered"
     );
     let state = azure.register_provider(SUB_SHARED, "Microsoft.Batch").await.unwrap();
-    assert!(state == "Registering" || state == "Registered", "{state}");
+    assert!(
+        matches!(state, RegistrationState::Registering | RegistrationState::Registered),
+        "{state}"
+    );
     emu.advance(300.0).await;
     assert_eq!(
-        azure.provider_state(SUB_SHARED, "Microsoft.Batch").await.unwrap(),
+        azure
+            .provider_state(SUB_SHARED, "Microsoft.Batch")
+            .await
+            .unwrap()
+            .as_str(),
         "Registered"
     );
 
@@ -263,14 +278,14 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
         .await
         .unwrap()
         .expect("snapshot exists");
-    assert_eq!(snapshot.provisioning_state, "Succeeded");
+    assert_eq!(snapshot.provisioning_state.as_str(), "Succeeded");
     assert_eq!(snapshot.tags, tags("nightly"));
     let image = azure.get_image(&chain.image).await.unwrap().expect("image exists");
-    assert_eq!(image.provisioning_state, "Succeeded");
+    assert_eq!(image.provisioning_state.as_str(), "Succeeded");
     assert_eq!(image.tags["sigrun-run"], "nightly");
     let gallery = GalleryId::new(SUB_IMAGING, "rg-gallery", &["sigrun_gallery"]).unwrap();
     let gallery_state = azure.get_gallery(&gallery).await.unwrap().expect("gallery exists");
-    assert_eq!(gallery_state.provisioning_state, "Succeeded");
+    assert_eq!(gallery_state.provisioning_state.as_str(), "Succeeded");
     let definition = azure
         .get_definition(&chain.definition)
         .await
@@ -292,7 +307,7 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
         ),
         ("sigrun", "nightly", "nightly")
     );
-    assert_eq!(definition.provisioning_state, "Succeeded");
+    assert_eq!(definition.provisioning_state.as_str(), "Succeeded");
 
     // The version, replicated to two regions; replication read with region names made canonical.
     let version = chain.definition.version("2026.1126.0").unwrap();
@@ -304,7 +319,10 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
         )
         .await
         .expect("put version");
-    assert_eq!(accepted.provisioning_state.as_deref(), Some("Creating"));
+    assert_eq!(
+        accepted.provisioning_state.as_ref().map(|s| s.as_str()),
+        Some("Creating")
+    );
     let status_url = accepted.status_url.clone().expect("status url");
     assert!(matches!(
         azure.operation_status(&status_url).await.unwrap(),
@@ -317,7 +335,7 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
         .expect("version exists");
     let regions: Vec<&str> = early.replication.iter().map(|r| r.region.as_str()).collect();
     assert_eq!(regions, vec!["westeurope", "eastus"]);
-    assert!(early.replication.iter().any(|r| r.state != "Completed"));
+    assert!(early.replication.iter().any(|r| r.state.as_str() != "Completed"));
     let mut done = false;
     for _ in 0..40 {
         emu.advance(300.0).await;
@@ -325,7 +343,7 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
         if info
             .replication
             .iter()
-            .all(|r| r.state == "Completed" && r.progress == 100)
+            .all(|r| r.state.as_str() == "Completed" && r.progress == 100)
         {
             done = true;
             break;
@@ -334,7 +352,7 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
     assert!(done, "replication never completed");
     complete(&emu, &azure, &accepted, 300.0).await;
     let info = azure.get_version(&version, true).await.unwrap().expect("version");
-    assert_eq!(info.provisioning_state, "Succeeded");
+    assert_eq!(info.provisioning_state.as_str(), "Succeeded");
     assert_eq!(
         info.target_regions,
         vec![("westeurope".to_string(), 1), ("eastus".to_string(), 2)]
@@ -407,8 +425,8 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
     assert_eq!(azure.add_pool(&account.url, &body).await.unwrap(), PoolCreated::Exists);
     let pool = azure.get_pool(&account.url, pool_id).await.unwrap().expect("pool");
     assert_eq!(pool.id, pool_id);
-    assert_eq!(pool.state, "active");
-    assert_eq!(pool.allocation_state, "resizing");
+    assert_eq!(pool.state.as_str(), "active");
+    assert_eq!(pool.allocation_state.as_str(), "resizing");
     assert_eq!(pool.target_dedicated, 3);
     assert_eq!(pool.metadata["sigrun-run"], "it-full");
     assert_eq!(pool.image_id.as_deref(), Some(version.to_string().as_str()));
@@ -417,7 +435,7 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
         emu.advance(120.0).await;
         let pool = azure.get_pool(&account.url, pool_id).await.unwrap().expect("pool");
         let counts = azure.node_counts(&account.url, pool_id).await.unwrap();
-        if pool.allocation_state == "steady" && counts.get("idle") == 3 {
+        if pool.allocation_state.as_str() == "steady" && counts.get("idle") == 3 {
             steady = Some((pool, counts));
             break;
         }
@@ -443,7 +461,10 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
 
     azure.delete_pool(&account.url, pool_id).await.expect("delete pool");
     let deleting = azure.get_pool(&account.url, pool_id).await.unwrap();
-    assert!(deleting.as_ref().is_none_or(|p| p.state == "deleting"), "{deleting:?}");
+    assert!(
+        deleting.as_ref().is_none_or(|p| p.state.as_str() == "deleting"),
+        "{deleting:?}"
+    );
     for _ in 0..20 {
         emu.advance(600.0).await;
         if azure.get_pool(&account.url, pool_id).await.unwrap().is_none() {
@@ -480,7 +501,10 @@ async fn operation_status_runs_in_progress_then_succeeded_or_failed() {
         .put_gallery(&gallery, "westeurope", &tags("status"))
         .await
         .unwrap();
-    assert_eq!(accepted.provisioning_state.as_deref(), Some("Creating"));
+    assert_eq!(
+        accepted.provisioning_state.as_ref().map(|s| s.as_str()),
+        Some("Creating")
+    );
     let url = accepted.status_url.clone().expect("Azure-AsyncOperation");
     assert!(url.contains("/capsOperations/"), "{url}");
     assert!(accepted.retry_after.is_some());
@@ -523,8 +547,8 @@ async fn operation_status_runs_in_progress_then_succeeded_or_failed() {
     }
     let info = azure.get_version(&version, true).await.unwrap().unwrap();
     let eastus = info.replication.iter().find(|r| r.region == "eastus").unwrap();
-    assert_eq!(eastus.state, "Failed");
-    assert_eq!(info.provisioning_state, "Failed");
+    assert_eq!(eastus.state.as_str(), "Failed");
+    assert_eq!(info.provisioning_state.as_str(), "Failed");
 
     // A snapshot PUT answers with `Location` too; that form reads 202 until done, then the result.
     let token = emu.arm_token().await;
@@ -555,7 +579,7 @@ async fn operation_status_runs_in_progress_then_succeeded_or_failed() {
     }
     assert!(finished, "the Location form never reported the end");
     let state = azure.get_snapshot(&snap).await.unwrap().expect("snapshot");
-    assert_eq!(state.provisioning_state, "Succeeded");
+    assert_eq!(state.provisioning_state.as_str(), "Succeeded");
 }
 
 #[tokio::test]
@@ -840,7 +864,7 @@ async fn a_resize_whose_answer_was_lost_is_not_an_error() {
     assert_eq!(azure.add_pool(&account, &body).await.unwrap(), PoolCreated::Created);
     emu.advance(1800.0).await;
     let pool = azure.get_pool(&account, "lost-resize").await.unwrap().unwrap();
-    assert_eq!(pool.allocation_state, "steady");
+    assert_eq!(pool.allocation_state.as_str(), "steady");
 
     // The retry meets PoolNotSteady; the pool resizing to the wanted targets is the resize done.
     clear_log(&emu).await;

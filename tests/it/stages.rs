@@ -648,7 +648,7 @@ async fn snapshot_copies_every_disk_waits_on_retry_after_and_hands_on_the_luns()
     );
     for s in &next.artifacts.snapshots {
         let state = sim.azure.get_snapshot(&s.id).await.unwrap().expect("snapshot exists");
-        assert_eq!(state.provisioning_state, "Succeeded");
+        assert_eq!(state.provisioning_state.as_str(), "Succeeded");
         assert_eq!(state.tags["sigrun-run"], first.run_id.to_string());
         assert_eq!(state.tags["sigrun-pipeline"], "nightly-ubuntu");
     }
@@ -1073,7 +1073,11 @@ async fn gallery_publish_registers_microsoft_batch_for_a_gallery_in_another_subs
 
     // Not registered: register, then wait; while it registers, wait without asking again.
     assert_eq!(
-        sim.azure.provider_state(SUB_SHARED, "Microsoft.Batch").await.unwrap(),
+        sim.azure
+            .provider_state(SUB_SHARED, "Microsoft.Batch")
+            .await
+            .unwrap()
+            .as_str(),
         "NotRegistered"
     );
     let mark = sim.mark().await;
@@ -1102,7 +1106,11 @@ async fn gallery_publish_registers_microsoft_batch_for_a_gallery_in_another_subs
     // Registered: the version goes out.
     sim.advance(120.0).await;
     assert_eq!(
-        sim.azure.provider_state(SUB_SHARED, "Microsoft.Batch").await.unwrap(),
+        sim.azure
+            .provider_state(SUB_SHARED, "Microsoft.Batch")
+            .await
+            .unwrap()
+            .as_str(),
         "Registered"
     );
     let step = sim.drive(waiting).await;
@@ -1161,7 +1169,7 @@ async fn replicate_starts_a_regions_pools_the_moment_its_replica_completes() {
         if info
             .replication
             .iter()
-            .any(|r| r.region == "westeurope" && r.state == "Completed")
+            .any(|r| r.region == "westeurope" && r.state.as_str() == "Completed")
         {
             found = true;
             break;
@@ -1173,7 +1181,8 @@ async fn replicate_starts_a_regions_pools_the_moment_its_replica_completes() {
     for region in ["eastus", "southeastasia"] {
         let status = reading1.replication.iter().find(|r| r.region == region).unwrap();
         assert_eq!(
-            status.state, "Replicating",
+            status.state.as_str(),
+            "Replicating",
             "{region} starts when the source region is done"
         );
     }
@@ -1353,7 +1362,10 @@ async fn replicate_removes_a_failed_region_and_adds_it_back() {
         ]
     );
     let info = sim.azure.get_version(&version_id, true).await.unwrap().unwrap();
-    assert!(info.replication.iter().all(|r| r.state == "Completed"), "{info:?}");
+    assert!(
+        info.replication.iter().all(|r| r.state.as_str() == "Completed"),
+        "{info:?}"
+    );
 }
 
 /// The version's target regions, as Azure holds them now.
@@ -1412,7 +1424,10 @@ async fn replicate_gives_every_region_failing_in_one_look_its_own_retry() {
         .unwrap()
         .unwrap();
     assert_eq!(info.replication.len(), 3, "{info:?}");
-    assert!(info.replication.iter().all(|r| r.state == "Completed"), "{info:?}");
+    assert!(
+        info.replication.iter().all(|r| r.state.as_str() == "Completed"),
+        "{info:?}"
+    );
     assert_eq!(
         branches(&pool_messages(&steps)),
         vec![
