@@ -7,6 +7,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -49,23 +50,45 @@ fn operation_label(what: &str) -> Option<&'static str> {
 /// The process's metrics. Share it behind an `Arc`.
 pub struct Telemetry {
     registry: Registry,
-    messages_handled: IntCounterVec,
     bus_connected: IntGauge,
-    handler_duration: HistogramVec,
-    stage_duration: HistogramVec,
-    stage_failures: IntCounterVec,
-    operation_duration: HistogramVec,
-    replication: GaugeVec,
-    pool_nodes: IntGaugeVec,
-    runs_started: IntCounterVec,
-    runs_finished: IntCounterVec,
-    runs_in_flight: IntGaugeVec,
-    last_publish: GaugeVec,
+    stages: StageMetrics,
+    observed: ObservedMetrics,
+    history: RunMetrics,
     azure: Arc<AzureMetrics>,
     runs: Mutex<RunTracker>,
     /// Configured pipelines: other names (from an undecodable message) are labelled `unknown`.
     pipelines: Vec<String>,
 }
+
+/// What the runtime reports of each message it handles and of each branch's stages.
+struct StageMetrics {
+    messages_handled: IntCounterVec,
+    handler_duration: HistogramVec,
+    stage_duration: HistogramVec,
+    stage_failures: IntCounterVec,
+}
+
+/// What steps saw of Azure: long-running operations, replication, the nodes of a pool verified.
+struct ObservedMetrics {
+    operation_duration: HistogramVec,
+    replication: GaugeVec,
+    pool_nodes: IntGaugeVec,
+}
+
+/// Run-level metrics, from the shared run history (the same in every worker).
+struct RunMetrics {
+    started: IntCounterVec,
+    finished: IntCounterVec,
+    in_flight: IntGaugeVec,
+    last_publish: GaugeVec,
+}
+
+/// One handler step: milliseconds to, at worst, tens of seconds.
+const STEP_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// A stage or a long-running Azure operation: a second to four hours.
+const LONG_BUCKETS: [f64; 13] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
     HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("a valid metric")
@@ -75,140 +98,194 @@ fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     IntCounterVec::new(Opts::new(name, help), labels).expect("a valid metric")
 }
 
-impl Telemetry {
-    /// A registry with `sigrun_build_info`, `sigrun_messages_handled_total` and
-    /// `sigrun_bus_connected`.
-    pub fn new() -> Telemetry {
-        let registry = Registry::new();
-        let build_info = IntGaugeVec::new(
-            Opts::new("sigrun_build_info", "Always 1; the version of this sigrun build"),
+fn gauge(name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), labels).expect("a valid metric")
+}
+
+fn int_gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("a valid metric")
+}
+
+/// Registers `metric` and hands it back (the registry keeps a clone; both share the values).
+fn register<M: Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric names are unique");
+    metric
+}
+
+/// `sigrun_build_info`: always 1, its label the version.
+fn register_build_info(registry: &Registry) {
+    let build_info = register(
+        registry,
+        int_gauge(
+            "sigrun_build_info",
+            "Always 1; the version of this sigrun build",
             &["version"],
-        )
-        .expect("a valid metric");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let messages_handled = IntCounterVec::new(
-            Opts::new(
-                "sigrun_messages_handled_total",
-                "Stage messages handled to the end (acked), by stage and outcome: advanced, waiting, done, \
-                 failed (the stage failed the branch), retried, parked, cancelled (the run was cancelled)",
-            ),
-            &["stage", "outcome"],
-        )
-        .expect("a valid metric");
-        let bus_connected = IntGauge::new(
+        ),
+    );
+    build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+}
+
+/// `sigrun_bus_connected`, 1 until the bus says otherwise.
+fn register_bus_connected(registry: &Registry) -> IntGauge {
+    let bus_connected = register(
+        registry,
+        IntGauge::new(
             "sigrun_bus_connected",
             "1 while connected to the message bus (always 1 for the in-process bus of `sigrun run`)",
         )
-        .expect("a valid metric");
-        bus_connected.set(1);
-        let handler_duration = histogram(
-            "sigrun_handler_duration_seconds",
-            "Time in the stage handler (one step) per message",
-            &["stage"],
-            vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
-        );
-        let stage_duration = histogram(
-            "sigrun_stage_duration_seconds",
-            "Per run and branch: from entering a stage to finishing it (advanced or done)",
-            &["pipeline", "stage"],
-            vec![
-                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
-            ],
-        );
-        let stage_failures = counter(
-            "sigrun_stage_failures_total",
-            "Branch and region failures by pipeline, stage and reason class",
-            &["pipeline", "stage", "reason"],
-        );
-        let operation_duration = histogram(
-            "sigrun_azure_operation_duration_seconds",
-            "Long-running Azure operations: from the start to the terminal state seen",
-            &["operation"],
-            vec![
-                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 14400.0,
-            ],
-        );
-        let replication = GaugeVec::new(
-            Opts::new(
-                "sigrun_replication_progress_ratio",
-                "0-1: the latest image version's replication to a region, as the replicate stage last saw it",
+        .expect("a valid metric"),
+    );
+    bus_connected.set(1);
+    bus_connected
+}
+
+impl StageMetrics {
+    fn register(registry: &Registry) -> StageMetrics {
+        let metrics = StageMetrics {
+            messages_handled: register(
+                registry,
+                counter(
+                    "sigrun_messages_handled_total",
+                    "Stage messages handled to the end (acked), by stage and outcome: advanced, waiting, done, \
+                     failed (the stage failed the branch), retried, parked, cancelled (the run was cancelled)",
+                    &["stage", "outcome"],
+                ),
             ),
-            &["pipeline", "region"],
-        )
-        .expect("a valid metric");
-        let pool_nodes = IntGaugeVec::new(
-            Opts::new(
-                "sigrun_pool_nodes",
-                "Nodes of the pool being verified by Batch node state, as the verify stage last saw them",
+            handler_duration: register(
+                registry,
+                histogram(
+                    "sigrun_handler_duration_seconds",
+                    "Time in the stage handler (one step) per message",
+                    &["stage"],
+                    STEP_BUCKETS.to_vec(),
+                ),
             ),
-            &["pipeline", "pool", "state"],
-        )
-        .expect("a valid metric");
-        let runs_started = counter(
-            "sigrun_runs_started_total",
-            "Runs admitted (from the shared run history: the same in every worker)",
-            &["pipeline"],
-        );
-        let runs_finished = counter(
-            "sigrun_runs_finished_total",
-            "Runs ended, by result (from the shared run history: the same in every worker)",
-            &["pipeline", "result"],
-        );
-        let runs_in_flight = IntGaugeVec::new(
-            Opts::new(
-                "sigrun_runs_in_flight",
-                "Branches of unfinished runs at each stage (from the shared run history: the same in every worker)",
+            stage_duration: register(
+                registry,
+                histogram(
+                    "sigrun_stage_duration_seconds",
+                    "Per run and branch: from entering a stage to finishing it (advanced or done)",
+                    &["pipeline", "stage"],
+                    LONG_BUCKETS.to_vec(),
+                ),
             ),
-            &["stage"],
-        )
-        .expect("a valid metric");
-        let last_publish = GaugeVec::new(
-            Opts::new(
-                "sigrun_last_successful_publish_timestamp_seconds",
-                "Unix time the last run that published an image version ended succeeded or partly succeeded",
+            stage_failures: register(
+                registry,
+                counter(
+                    "sigrun_stage_failures_total",
+                    "Branch and region failures by pipeline, stage and reason class",
+                    &["pipeline", "stage", "reason"],
+                ),
             ),
-            &["pipeline"],
-        )
-        .expect("a valid metric");
-        for metric in [
-            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
-            Box::new(messages_handled.clone()),
-            Box::new(bus_connected.clone()),
-            Box::new(handler_duration.clone()),
-            Box::new(stage_duration.clone()),
-            Box::new(stage_failures.clone()),
-            Box::new(operation_duration.clone()),
-            Box::new(replication.clone()),
-            Box::new(pool_nodes.clone()),
-            Box::new(runs_started.clone()),
-            Box::new(runs_finished.clone()),
-            Box::new(runs_in_flight.clone()),
-            Box::new(last_publish.clone()),
-        ] {
-            registry.register(metric).expect("metric names are unique");
-        }
-        let azure = Arc::new(AzureMetrics::register(&registry).expect("metric names are unique"));
+        };
         // Every known series from the start, so the first increase is seen by `increase()`.
         for stage in Stage::ALL {
             for outcome in Handled::ALL {
-                messages_handled.with_label_values(&[stage.as_str(), outcome.as_str()]);
+                metrics
+                    .messages_handled
+                    .with_label_values(&[stage.as_str(), outcome.as_str()]);
             }
-            runs_in_flight.with_label_values(&[stage.as_str()]).set(0);
         }
+        metrics
+    }
+}
+
+impl ObservedMetrics {
+    fn register(registry: &Registry) -> ObservedMetrics {
+        ObservedMetrics {
+            operation_duration: register(
+                registry,
+                histogram(
+                    "sigrun_azure_operation_duration_seconds",
+                    "Long-running Azure operations: from the start to the terminal state seen",
+                    &["operation"],
+                    LONG_BUCKETS.to_vec(),
+                ),
+            ),
+            replication: register(
+                registry,
+                gauge(
+                    "sigrun_replication_progress_ratio",
+                    "0-1: the latest image version's replication to a region, as the replicate stage last saw it",
+                    &["pipeline", "region"],
+                ),
+            ),
+            pool_nodes: register(
+                registry,
+                int_gauge(
+                    "sigrun_pool_nodes",
+                    "Nodes of the pool being verified by Batch node state, as the verify stage last saw them",
+                    &["pipeline", "pool", "state"],
+                ),
+            ),
+        }
+    }
+}
+
+impl RunMetrics {
+    fn register(registry: &Registry) -> RunMetrics {
+        let metrics = RunMetrics {
+            started: register(
+                registry,
+                counter(
+                    "sigrun_runs_started_total",
+                    "Runs admitted (from the shared run history: the same in every worker)",
+                    &["pipeline"],
+                ),
+            ),
+            finished: register(
+                registry,
+                counter(
+                    "sigrun_runs_finished_total",
+                    "Runs ended, by result (from the shared run history: the same in every worker)",
+                    &["pipeline", "result"],
+                ),
+            ),
+            in_flight: register(
+                registry,
+                int_gauge(
+                    "sigrun_runs_in_flight",
+                    "Branches of unfinished runs at each stage (from the shared run history: the same in every \
+                     worker)",
+                    &["stage"],
+                ),
+            ),
+            last_publish: register(
+                registry,
+                gauge(
+                    "sigrun_last_successful_publish_timestamp_seconds",
+                    "Unix time the last run that published an image version ended succeeded or partly succeeded",
+                    &["pipeline"],
+                ),
+            ),
+        };
+        // Every stage from the start, so an idle stage reads 0 rather than nothing.
+        for stage in Stage::ALL {
+            metrics.in_flight.with_label_values(&[stage.as_str()]).set(0);
+        }
+        metrics
+    }
+}
+
+impl Telemetry {
+    /// A registry of its own holding every metric above (build info, the bus, stages, what steps
+    /// saw of Azure, runs, and the Azure client's [`AzureMetrics`]), the series known up front at 0.
+    pub fn new() -> Telemetry {
+        let registry = Registry::new();
+        register_build_info(&registry);
+        let bus_connected = register_bus_connected(&registry);
+        let stages = StageMetrics::register(&registry);
+        let observed = ObservedMetrics::register(&registry);
+        let history = RunMetrics::register(&registry);
+        let azure = Arc::new(AzureMetrics::register(&registry).expect("metric names are unique"));
         Telemetry {
             registry,
-            messages_handled,
             bus_connected,
-            handler_duration,
-            stage_duration,
-            stage_failures,
-            operation_duration,
-            replication,
-            pool_nodes,
-            runs_started,
-            runs_finished,
-            runs_in_flight,
-            last_publish,
+            stages,
+            observed,
+            history,
             azure,
             runs: Mutex::new(RunTracker::default()),
             pipelines: Vec::new(),
@@ -232,13 +309,14 @@ impl Telemetry {
 
     fn init_pipeline(&self, pipeline: &str) {
         {
-            self.runs_started.with_label_values(&[pipeline]);
+            self.history.started.with_label_values(&[pipeline]);
             for result in RESULTS {
-                self.runs_finished.with_label_values(&[pipeline, result]);
+                self.history.finished.with_label_values(&[pipeline, result]);
             }
             for stage in Stage::ALL {
                 for class in FailureClass::ALL {
-                    self.stage_failures
+                    self.stages
+                        .stage_failures
                         .with_label_values(&[pipeline, stage.as_str(), class.as_str()]);
                 }
             }
@@ -285,32 +363,37 @@ impl Default for Telemetry {
 
 impl Observer for Telemetry {
     fn handled(&self, stage: Stage, outcome: Handled) {
-        self.messages_handled
+        self.stages
+            .messages_handled
             .with_label_values(&[stage.as_str(), outcome.as_str()])
             .inc();
     }
 
     fn handler_time(&self, stage: Stage, elapsed: Duration) {
-        self.handler_duration
+        self.stages
+            .handler_duration
             .with_label_values(&[stage.as_str()])
             .observe(elapsed.as_secs_f64());
     }
 
     fn stage_finished(&self, pipeline: &str, stage: Stage, elapsed: Duration) {
-        self.stage_duration
+        self.stages
+            .stage_duration
             .with_label_values(&[pipeline, stage.as_str()])
             .observe(elapsed.as_secs_f64());
     }
 
     fn stage_failed(&self, pipeline: &str, stage: Stage, class: FailureClass) {
-        self.stage_failures
+        self.stages
+            .stage_failures
             .with_label_values(&[self.pipeline_label(pipeline), stage.as_str(), class.as_str()])
             .inc();
     }
 
     fn operation_finished(&self, what: &str, elapsed: Duration) {
         if let Some(operation) = operation_label(what) {
-            self.operation_duration
+            self.observed
+                .operation_duration
                 .with_label_values(&[operation])
                 .observe(elapsed.as_secs_f64());
         }
@@ -319,16 +402,23 @@ impl Observer for Telemetry {
     fn observed(&self, pipeline: &str, observation: &Observation) {
         match observation {
             Observation::Replication { region, ratio } => {
-                self.replication.with_label_values(&[pipeline, region]).set(*ratio);
+                self.observed
+                    .replication
+                    .with_label_values(&[pipeline, region])
+                    .set(*ratio);
             }
             Observation::PoolNodes { target, by_state } => {
                 for state in NODE_STATES {
                     if !by_state.iter().any(|(s, _)| s == state) {
-                        self.pool_nodes.with_label_values(&[pipeline, target, state]).set(0);
+                        self.observed
+                            .pool_nodes
+                            .with_label_values(&[pipeline, target, state])
+                            .set(0);
                     }
                 }
                 for (state, count) in by_state {
-                    self.pool_nodes
+                    self.observed
+                        .pool_nodes
                         .with_label_values(&[pipeline, target, state])
                         .set(i64::from(*count));
                 }
@@ -341,11 +431,11 @@ impl Observer for Telemetry {
         let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
         for change in runs.apply(event) {
             match change {
-                RunChange::Started { pipeline } => self.runs_started.with_label_values(&[&pipeline]).inc(),
+                RunChange::Started { pipeline } => self.history.started.with_label_values(&[&pipeline]).inc(),
                 RunChange::Finished { pipeline, result, at } => {
-                    self.runs_finished.with_label_values(&[&pipeline, result]).inc();
+                    self.history.finished.with_label_values(&[&pipeline, result]).inc();
                     if matches!(result, "succeeded" | "partly_succeeded") {
-                        let gauge = self.last_publish.with_label_values(&[&pipeline]);
+                        let gauge = self.history.last_publish.with_label_values(&[&pipeline]);
                         let at = at.unix_timestamp_nanos() as f64 / 1e9;
                         if at > gauge.get() {
                             gauge.set(at);
@@ -355,7 +445,8 @@ impl Observer for Telemetry {
             }
         }
         for stage in Stage::ALL {
-            self.runs_in_flight
+            self.history
+                .in_flight
                 .with_label_values(&[stage.as_str()])
                 .set(runs.in_flight(stage) as i64);
         }
