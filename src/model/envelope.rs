@@ -78,12 +78,52 @@ impl Branch {
     }
 }
 
+/// What a waiting message waits on. Its wire name is also the `what` label of the operation
+/// metrics and of the run's `Waiting` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// The build VM's disks being copied (`snapshot`).
+    Snapshots,
+    /// The managed image being made (`image-create`).
+    Image,
+    /// The gallery being created (`gallery-publish`).
+    Gallery,
+    /// The image definition being created (`gallery-publish`).
+    Definition,
+    /// `Microsoft.Batch` being registered in the gallery's subscription (`gallery-publish`).
+    Registration,
+    /// The image version replicating to its regions (`replicate`).
+    Replication,
+    /// The pool allocating its nodes (`verify`).
+    Allocation,
+    /// The pool's nodes starting until enough are idle (`verify`).
+    Nodes,
+    /// Older versions' pools being retired (verify's rollout).
+    Retire,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Snapshots => "snapshots",
+            Phase::Image => "image",
+            Phase::Gallery => "gallery",
+            Phase::Definition => "definition",
+            Phase::Registration => "registration",
+            Phase::Replication => "replication",
+            Phase::Allocation => "allocation",
+            Phase::Nodes => "nodes",
+            Phase::Retire => "retire",
+        }
+    }
+}
+
 /// An Azure operation the message is waiting on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InFlight {
-    /// What is awaited, e.g. `snapshot`, `image`, `replication`, `allocation`.
-    pub what: String,
+    pub what: Phase,
     /// `Azure-AsyncOperation` URLs of the operations still awaited, when Azure gave them.
     #[serde(default)]
     pub status_urls: Vec<String>,
@@ -394,7 +434,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
             spec,
             artifacts: Artifacts::default(),
             operation: Some(InFlight {
-                what: "allocation".into(),
+                what: Phase::Allocation,
                 status_urls: vec!["https://management.azure.com/x".into()],
                 started: now,
                 not_before: now,

@@ -24,17 +24,17 @@ use crate::bus::{Acker, Bus, BusError, Delivery, HistoryReader, ParkReason, Stre
 use crate::events::{Event, EventKind, PoolRef, RunResult, run_result};
 use crate::ledger::record::Record;
 use crate::ledger::{ClaimKey, Claimed, Ledger};
-use crate::model::envelope::{Branch, Envelope, InFlight, Stage};
+use crate::model::envelope::{Branch, Envelope, InFlight, Phase, Stage};
 use crate::stages::{Outcome, Step};
 
 fn step(outcome: Outcome) -> Result<Step, AzureError> {
     Ok(Step::new(outcome))
 }
 
-fn waiting_on(message: &Envelope, what: &str, delay: Duration) -> Result<Step, AzureError> {
+fn waiting_on(message: &Envelope, what: Phase, delay: Duration) -> Result<Step, AzureError> {
     let mut again = message.clone();
     again.operation = Some(InFlight {
-        what: what.into(),
+        what,
         status_urls: Vec::new(),
         started: message.stage_started,
         not_before: message.stage_started,
@@ -46,7 +46,11 @@ fn waiting_on(message: &Envelope, what: &str, delay: Duration) -> Result<Step, A
         delay,
         emit: Vec::new(),
     })
-    .map(|s| s.with(EventKind::Waiting { what: what.into() }))
+    .map(|s| {
+        s.with(EventKind::Waiting {
+            what: what.as_str().into(),
+        })
+    })
 }
 
 /// A run in miniature with a step of every kind: a wait recorded once (the image), waits that
@@ -62,7 +66,7 @@ fn nightly() -> Arc<Script> {
                     id: format!("snapshot-{}", m.run_id),
                 })
             }),
-            Stage::ImageCreate if m.operation.is_none() => waiting_on(m, "image", Duration::from_secs(3)),
+            Stage::ImageCreate if m.operation.is_none() => waiting_on(m, Phase::Image, Duration::from_secs(3)),
             Stage::ImageCreate => next(Stage::GalleryPublish),
             Stage::GalleryPublish => next(Stage::Replicate),
             Stage::Replicate => replicate(m),
@@ -113,7 +117,7 @@ fn replicate(m: &Envelope) -> Result<Step, AzureError> {
         return step(Outcome::Advance(branches)).map(|s| s.with(completed));
     }
     progressed.operation = Some(InFlight {
-        what: "replication".into(),
+        what: Phase::Replication,
         status_urls: Vec::new(),
         started: now,
         not_before: now,

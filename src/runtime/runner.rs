@@ -28,7 +28,7 @@ use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
 use crate::ledger::record::{Commit, Consumed, Successor};
 use crate::ledger::{ClaimKey, Claimed, Ledger, Standing};
-use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Stage};
+use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Phase, Stage};
 use crate::model::trace::TraceParent;
 use crate::stages::{FailureClass, Observation, Outcome, Step};
 
@@ -98,7 +98,7 @@ struct Measured {
     stage_finished: Option<Duration>,
     failures: Vec<FailureClass>,
     /// The operation the message waited on ended: what it was and how long it took.
-    operation_finished: Option<(String, Duration)>,
+    operation_finished: Option<(Phase, Duration)>,
     observations: Vec<Observation>,
 }
 
@@ -628,7 +628,7 @@ fn report(observer: &dyn Observer, message: &Envelope, handler_time: Duration, m
         observer.stage_failed(&message.pipeline, message.stage, *class);
     }
     if let Some((what, elapsed)) = &measured.operation_finished {
-        observer.operation_finished(what, *elapsed);
+        observer.operation_finished(what.as_str(), *elapsed);
     }
     for observation in &measured.observations {
         observer.observed(&message.pipeline, observation);
@@ -659,7 +659,7 @@ fn measure_step(message: &Envelope, step: &Step, now: OffsetDateTime) -> Measure
             Outcome::Wait { message: next, .. } => next.operation.as_ref().is_some_and(|n| n.what == op.what),
             _ => false,
         };
-        (!still_waiting).then(|| (op.what.clone(), since(op.started)))
+        (!still_waiting).then(|| (op.what, since(op.started)))
     });
     Measured {
         stage_finished,
@@ -807,11 +807,11 @@ mod measure_tests {
     use super::*;
     use crate::model::envelope::InFlight;
 
-    fn waiting_on(what: &str, started: OffsetDateTime) -> Envelope {
+    fn waiting_on(what: Phase, started: OffsetDateTime) -> Envelope {
         let mut message = super::super::testkit::envelope(Stage::Replicate);
         message.stage_started = started;
         message.operation = Some(InFlight {
-            what: what.into(),
+            what,
             status_urls: Vec::new(),
             started,
             not_before: started,
@@ -825,7 +825,7 @@ mod measure_tests {
     fn a_step_that_advances_finishes_its_stage_and_the_operation_it_waited_on() {
         let started = OffsetDateTime::UNIX_EPOCH;
         let now = started + time::Duration::seconds(90);
-        let message = waiting_on("replication", started);
+        let message = waiting_on(Phase::Replication, started);
         let step =
             Step::new(Outcome::Advance(vec![message.next(Stage::PoolCreate, now)])).observe(Observation::Replication {
                 region: "eastus".into(),
@@ -835,7 +835,7 @@ mod measure_tests {
         assert_eq!(measured.stage_finished, Some(Duration::from_secs(90)));
         assert_eq!(
             measured.operation_finished,
-            Some(("replication".to_string(), Duration::from_secs(90)))
+            Some((Phase::Replication, Duration::from_secs(90)))
         );
         assert!(measured.failures.is_empty());
         assert_eq!(measured.observations.len(), 1);
@@ -845,7 +845,7 @@ mod measure_tests {
     fn a_step_still_waiting_finishes_nothing_and_failures_keep_their_class() {
         let started = OffsetDateTime::UNIX_EPOCH;
         let now = started + time::Duration::seconds(30);
-        let message = waiting_on("allocation", started);
+        let message = waiting_on(Phase::Allocation, started);
         let mut next = message.clone();
         next.operation.as_mut().unwrap().polls += 1;
         let waiting = Step::new(Outcome::Wait {

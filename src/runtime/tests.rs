@@ -15,7 +15,7 @@ use super::*;
 use crate::bus::memory::MemoryBus;
 use crate::bus::{Bus, BusError, Delivery, ParkReason};
 use crate::events::{EventKind, PoolRef, RunResult};
-use crate::model::envelope::{Branch, Envelope, InFlight, MAX_ENVELOPE_BYTES, Stage};
+use crate::model::envelope::{Branch, Envelope, InFlight, MAX_ENVELOPE_BYTES, Phase, Stage};
 use crate::stages::{Outcome, Step};
 
 fn step(outcome: Outcome) -> Result<Step, AzureError> {
@@ -45,9 +45,9 @@ fn kinds(bus: &MemoryBus) -> Vec<EventKind> {
     bus.events().into_iter().map(|e| e.kind).collect()
 }
 
-fn in_flight(what: &str) -> InFlight {
+fn in_flight(what: Phase) -> InFlight {
     InFlight {
-        what: what.into(),
+        what,
         status_urls: Vec::new(),
         started: OffsetDateTime::UNIX_EPOCH,
         not_before: OffsetDateTime::UNIX_EPOCH,
@@ -133,7 +133,7 @@ async fn a_wait_comes_back_after_its_delay_and_not_before() {
             return step(Outcome::Done);
         }
         let mut again = m.clone();
-        let mut op = m.operation.clone().unwrap_or_else(|| in_flight("replication"));
+        let mut op = m.operation.clone().unwrap_or_else(|| in_flight(Phase::Replication));
         op.polls += 1;
         again.operation = Some(op);
         // As if this look came after three failed ones: a successful step must not carry them on.
@@ -183,7 +183,7 @@ async fn an_early_message_is_held_back_until_its_not_before() {
     let handler = Script::new(|_| step(Outcome::Done));
     // One waits on its operation, one on the envelope's own hold (a retry with no operation).
     let mut on_operation = envelope(Stage::ImageCreate);
-    let mut op = in_flight("image");
+    let mut op = in_flight(Phase::Image);
     op.not_before = clock.now() + Duration::from_millis(300);
     on_operation.operation = Some(op);
     let mut on_envelope = envelope(Stage::Verify);
@@ -791,7 +791,7 @@ fn pipeline(fails: &'static [&'static str], eastus_fails: bool) -> Arc<Script> {
             }),
             Stage::ImageCreate if m.operation.is_none() => {
                 let mut again = m.clone();
-                again.operation = Some(in_flight("image"));
+                again.operation = Some(in_flight(Phase::Image));
                 step(Outcome::Wait {
                     message: Box::new(again),
                     delay: Duration::from_secs(3),
@@ -962,7 +962,7 @@ fn a_hold_sits_on_the_operation_when_there_is_one_and_never_moves_earlier() {
     message.hold_until(t(5));
     assert_eq!((message.not_before, message.due()), (Some(t(10)), Some(t(10))));
 
-    let mut op = in_flight("allocation");
+    let mut op = in_flight(Phase::Allocation);
     op.not_before = t(30);
     message.operation = Some(op);
     assert_eq!(message.due(), Some(t(30)), "the later of the two");

@@ -9,7 +9,7 @@ use super::{Outcome, StageSettings, Step, StepContext};
 use crate::azure::AzureError;
 use crate::azure::api::{OperationStatus, Tags, TargetRegion};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, InFlight};
+use crate::model::envelope::{Envelope, InFlight, Phase};
 use crate::model::plan::Plan;
 
 /// The tag (and pool metadata) key naming the admission of the run that made a resource.
@@ -60,7 +60,7 @@ impl StageSettings {
 /// Keeps waiting on `what`: records the operation in flight and when to look next.
 pub fn wait(
     mut message: Envelope,
-    what: &str,
+    what: Phase,
     status_urls: Vec<String>,
     delay: Duration,
     now: OffsetDateTime,
@@ -74,7 +74,7 @@ pub fn wait(
         _ => (0, Default::default()),
     };
     message.operation = Some(InFlight {
-        what: what.to_string(),
+        what,
         status_urls,
         started,
         not_before: now + delay,
@@ -91,7 +91,7 @@ pub fn wait(
 /// A wait with its event.
 pub fn wait_step(
     message: Envelope,
-    what: &str,
+    what: Phase,
     status_urls: Vec<String>,
     delay: Duration,
     now: OffsetDateTime,
@@ -99,7 +99,9 @@ pub fn wait_step(
     let first = message.operation.as_ref().is_none_or(|op| op.what != what);
     let step = Step::new(wait(message, what, status_urls, delay, now));
     if first {
-        step.with(EventKind::Waiting { what: what.to_string() })
+        step.with(EventKind::Waiting {
+            what: what.as_str().to_string(),
+        })
     } else {
         step
     }

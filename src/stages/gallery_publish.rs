@@ -12,7 +12,7 @@ use super::{Outcome, Step, StepContext};
 use crate::azure::api::{Accepted, DefinitionRequest, VersionRequest};
 use crate::azure::{AzureError, ProvisioningState, RegistrationState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, Stage};
+use crate::model::envelope::{Envelope, Phase, Stage};
 use crate::model::rules;
 
 /// Resources this step found made by its own run but not recorded yet (an earlier try created
@@ -58,14 +58,13 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
         Ok(finished) => finished,
         Err(step) => return Ok(step),
     };
-    let finished = finished.as_deref();
     // The gallery is known to exist once its creation, or the definition's, has finished.
-    if !matches!(finished, Some("gallery" | "definition"))
+    if !matches!(finished, Some(Phase::Gallery | Phase::Definition))
         && let Some(step) = ensure_gallery(&message, ctx, adopted).await?
     {
         return Ok(step);
     }
-    if finished != Some("definition")
+    if finished != Some(Phase::Definition)
         && let Some(step) = ensure_definition(&message, ctx, adopted).await?
     {
         return Ok(step);
@@ -78,32 +77,32 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
 
 /// The operation this stage started last time: what it finished (which needs no second look),
 /// or the step that waits for it or fails with it.
-async fn own_operation(message: &Envelope, ctx: &StepContext<'_>) -> Result<Result<Option<String>, Step>, AzureError> {
+async fn own_operation(message: &Envelope, ctx: &StepContext<'_>) -> Result<Result<Option<Phase>, Step>, AzureError> {
     let Some(op) = message.operation.as_ref().filter(|op| !op.status_urls.is_empty()) else {
         return Ok(Ok(None));
     };
     Ok(match settle(ctx, &op.status_urls).await? {
-        Settled::Done => Ok(Some(op.what.clone())),
+        Settled::Done => Ok(Some(op.what)),
         Settled::Pending(urls, hint) => Err(wait_step(
             message.clone(),
-            &op.what,
+            op.what,
             urls,
             after_hint(ctx.settings, hint),
             ctx.now,
         )),
-        Settled::Failed(reason) => Err(fail(format!("{} failed: {reason}", op.what))),
+        Settled::Failed(reason) => Err(fail(format!("{} failed: {reason}", op.what.as_str()))),
     })
 }
 
 /// Look again after the default poll: something is still being made.
-fn poll_again(message: &Envelope, what: &str, ctx: &StepContext<'_>) -> Step {
+fn poll_again(message: &Envelope, what: Phase, ctx: &StepContext<'_>) -> Step {
     wait_step(message.clone(), what, Vec::new(), ctx.settings.default_poll(), ctx.now)
 }
 
 /// `id` was just asked for: recorded as created, then waited for.
 fn created(
     message: &Envelope,
-    what: &str,
+    what: Phase,
     id: String,
     accepted: Accepted,
     ctx: &StepContext<'_>,
@@ -132,7 +131,7 @@ async fn ensure_gallery(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut
                 .await?;
             Some(created(
                 message,
-                "gallery",
+                Phase::Gallery,
                 plan.gallery.to_string(),
                 accepted,
                 ctx,
@@ -148,7 +147,7 @@ async fn ensure_gallery(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut
         }
         Some(state) => {
             adopted.ours(plan.gallery.to_string(), &state.tags, message);
-            (state.provisioning_state != ProvisioningState::Succeeded).then(|| poll_again(message, "gallery", ctx))
+            (state.provisioning_state != ProvisioningState::Succeeded).then(|| poll_again(message, Phase::Gallery, ctx))
         }
     })
 }
@@ -170,7 +169,7 @@ async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &
         };
         let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
         let id = plan.definition.to_string();
-        return Ok(Some(created(message, "definition", id, accepted, ctx, adopted)));
+        return Ok(Some(created(message, Phase::Definition, id, accepted, ctx, adopted)));
     };
     adopted.ours(plan.definition.to_string(), &existing.tags, message);
     if !rules::generalized(&existing.os_state) {
@@ -190,7 +189,7 @@ async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &
     Ok(match existing.provisioning_state {
         ProvisioningState::Succeeded => None,
         ProvisioningState::Failed => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
-        _ => Some(poll_again(message, "definition", ctx)),
+        _ => Some(poll_again(message, Phase::Definition, ctx)),
     })
 }
 
@@ -200,10 +199,10 @@ async fn ensure_batch_registered(message: &Envelope, ctx: &StepContext<'_>) -> P
     for subscription in &message.plan.register_batch_in {
         match ctx.azure.provider_state(subscription, "Microsoft.Batch").await? {
             RegistrationState::Registered => {}
-            RegistrationState::Registering => return Ok(Some(poll_again(message, "registration", ctx))),
+            RegistrationState::Registering => return Ok(Some(poll_again(message, Phase::Registration, ctx))),
             _ => {
                 ctx.azure.register_provider(subscription, "Microsoft.Batch").await?;
-                return Ok(Some(poll_again(message, "registration", ctx)));
+                return Ok(Some(poll_again(message, Phase::Registration, ctx)));
             }
         }
     }

@@ -7,9 +7,9 @@ use super::{Outcome, Step, StepContext};
 use crate::azure::api::ImageRequest;
 use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, Stage};
+use crate::model::envelope::{Envelope, Phase, Stage};
 
-const WHAT: &str = "image";
+const WHAT: Phase = Phase::Image;
 
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let Some(build) = message.plan.build.clone() else {

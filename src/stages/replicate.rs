@@ -15,10 +15,10 @@ use super::{Observation, Outcome, Step, StepContext};
 use crate::azure::api::RegionStatus;
 use crate::azure::{AzureError, ReplicationState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, Progress, Stage};
+use crate::model::envelope::{Envelope, Phase, Progress, Stage};
 use crate::model::plan::Plan;
 
-const WHAT: &str = "replication";
+const WHAT: Phase = Phase::Replication;
 
 pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let plan = message.plan.clone();
@@ -195,7 +195,12 @@ impl Look {
             *out = self.emit;
         }
         if first {
-            self.events.insert(0, EventKind::Waiting { what: WHAT.to_string() });
+            self.events.insert(
+                0,
+                EventKind::Waiting {
+                    what: WHAT.as_str().to_string(),
+                },
+            );
         }
         Step {
             outcome,

@@ -27,12 +27,12 @@ use super::{Outcome, Runs, Step, StepContext};
 use crate::azure::api::PoolInfo;
 use crate::azure::{AllocationState, AzureError, ErrorClass, PoolState};
 use crate::events::EventKind;
-use crate::model::envelope::{Branch, Envelope};
+use crate::model::envelope::{Branch, Envelope, Phase};
 use crate::model::rules::ImageVersion;
 use crate::model::spec::PreviousPool;
 
 /// The operation a message in this phase waits on.
-const RETIRING: &str = "retire";
+const RETIRING: Phase = Phase::Retire;
 
 /// The pool metadata key verify sets on a pool once it verified.
 pub const VERIFIED: &str = "sigrun-verified";

@@ -10,10 +10,10 @@ use super::{Outcome, Step, StepContext};
 use crate::azure::api::{Accepted, SnapshotRequest};
 use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, SnapshotArtifact, Stage};
+use crate::model::envelope::{Envelope, Phase, SnapshotArtifact, Stage};
 use crate::model::ids::SnapshotId;
 
-const WHAT: &str = "snapshots";
+const WHAT: Phase = Phase::Snapshots;
 
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let Some(build) = message.plan.build.clone() else {

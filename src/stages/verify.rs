@@ -15,7 +15,7 @@ use super::common::{fail, wait_step};
 use super::{FailureClass, Observation, Outcome, Step, StepContext, rollout};
 use crate::azure::{AllocationState, AzureError};
 use crate::events::EventKind;
-use crate::model::envelope::{Branch, Envelope, PoolArtifact, Progress};
+use crate::model::envelope::{Branch, Envelope, Phase, PoolArtifact, Progress};
 use crate::model::spec::PreviousPool;
 
 /// Progress keys: the first and the latest reading of the nodes present while the pool allocates,
@@ -81,14 +81,14 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             .settings
             .real(Duration::from_secs(60 + (goal.nodes as u64 * 900).div_ceil(1000)));
     let left = Duration::from_secs_f64((expected - ctx.now).max(time::Duration::ZERO).as_seconds_f64());
-    let phase = message.operation.as_ref().map(|op| op.what.clone());
+    let phase = message.operation.as_ref().map(|op| op.what);
     // Straight from pool-create: nothing has allocated yet, so the first look is the first wait.
     if phase.is_none() && ctx.now - goal.pool.created < ctx.settings.real(ctx.settings.poll_min) {
         let delay = ctx.settings.clamp(left.max(ctx.settings.default_poll()));
-        return Ok(wait_with(message, "allocation", delay, progress, ctx));
+        return Ok(wait_with(message, Phase::Allocation, delay, progress, ctx));
     }
     // Once the allocation was seen steady without errors (the `nodes` wait), only nodes change.
-    if phase.as_deref() != Some("nodes")
+    if phase != Some(Phase::Nodes)
         && let Some(step) = look_at_allocation(&message, &goal, &mut progress, left, ctx).await?
     {
         return Ok(step);
@@ -155,7 +155,7 @@ async fn look_at_allocation(
     let delay = ctx.settings.clamp(delay);
     Ok(Some(wait_with(
         message.clone(),
-        "allocation",
+        Phase::Allocation,
         delay,
         progress.clone(),
         ctx,
@@ -198,9 +198,14 @@ async fn look_at_nodes(
         return Ok(Ok(nodes_seen));
     }
     let delay = until_idle(goal, idle, progress, ctx);
-    Ok(Err(
-        wait_with(message.clone(), "nodes", delay, progress.clone(), ctx).observe(nodes_seen)
-    ))
+    Ok(Err(wait_with(
+        message.clone(),
+        Phase::Nodes,
+        delay,
+        progress.clone(),
+        ctx,
+    )
+    .observe(nodes_seen)))
 }
 
 /// When to look again for idle nodes: nodes turn idle at about the pace they joined, so by that
@@ -278,7 +283,7 @@ async fn verified(
 }
 
 /// A wait that keeps the progress readings (a new `what` would start them over).
-fn wait_with(message: Envelope, what: &str, delay: Duration, progress: Readings, ctx: &StepContext<'_>) -> Step {
+fn wait_with(message: Envelope, what: Phase, delay: Duration, progress: Readings, ctx: &StepContext<'_>) -> Step {
     let mut step = wait_step(message, what, Vec::new(), delay, ctx.now);
     if let Outcome::Wait { message, .. } = &mut step.outcome
         && let Some(op) = message.operation.as_mut()

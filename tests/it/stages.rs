@@ -554,7 +554,7 @@ async fn snapshot_copies_every_disk_waits_on_retry_after_and_hands_on_the_luns()
     let (waiting, delay, emit) = waited(&step);
     assert!(emit.is_empty());
     let op = waiting.operation.as_ref().expect("an operation in flight");
-    assert_eq!(op.what, "snapshots");
+    assert_eq!(op.what.as_str(), "snapshots");
     assert_eq!(op.polls, 0);
     assert_eq!(waiting.stage, Stage::Snapshot);
 
@@ -614,7 +614,7 @@ async fn snapshot_copies_every_disk_waits_on_retry_after_and_hands_on_the_luns()
     let again = sim.drive(waiting).await;
     let (still, delay, _) = waited(&again);
     let op = still.operation.as_ref().unwrap();
-    assert_eq!(op.what, "snapshots");
+    assert_eq!(op.what.as_str(), "snapshots");
     assert_eq!(op.polls, 1);
     assert_eq!(op.status_urls.len(), 3, "none finished yet");
     assert!(delay > Duration::ZERO);
@@ -738,7 +738,7 @@ async fn image_create_makes_the_image_with_the_data_luns_and_waits_for_it() {
     let step = sim.drive(&message).await;
     let (waiting, delay, _) = waited(&step);
     let op = waiting.operation.as_ref().unwrap();
-    assert_eq!(op.what, "image");
+    assert_eq!(op.what.as_str(), "image");
     assert_eq!(op.status_urls.len(), 1);
     let mut names = event_names(&step);
     names.sort();
@@ -864,7 +864,7 @@ async fn gallery_publish_creates_what_is_missing_and_publishes_the_gated_version
     let mark = sim.mark().await;
     let step = sim.drive(&message).await;
     let (waiting, _, _) = waited(&step);
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "gallery");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "gallery");
     assert_eq!(
         step.events,
         vec![
@@ -880,7 +880,7 @@ async fn gallery_publish_creates_what_is_missing_and_publishes_the_gated_version
     );
     let step = sim.drive(waiting).await;
     let (waiting, _, _) = waited(&step);
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "gallery");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "gallery");
     assert!(step.events.is_empty());
 
     // The definition, as the spec describes it.
@@ -888,7 +888,7 @@ async fn gallery_publish_creates_what_is_missing_and_publishes_the_gated_version
     let mark = sim.mark().await;
     let step = sim.drive(waiting).await;
     let (waiting, _, _) = waited(&step);
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "definition");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "definition");
     assert!(step.events.contains(&EventKind::ResourceCreated {
         id: plan.definition.to_string()
     }));
@@ -1066,7 +1066,7 @@ async fn gallery_publish_registers_microsoft_batch_for_a_gallery_in_another_subs
     for what in ["gallery", "definition"] {
         let step = sim.drive(&message).await;
         let (waiting, _, _) = waited(&step);
-        assert_eq!(waiting.operation.as_ref().unwrap().what, what);
+        assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), what);
         message = waiting.clone();
         sim.advance(60.0).await;
     }
@@ -1083,14 +1083,14 @@ async fn gallery_publish_registers_microsoft_batch_for_a_gallery_in_another_subs
     let mark = sim.mark().await;
     let step = sim.drive(&message).await;
     let (waiting, delay, _) = waited(&step);
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "registration");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "registration");
     assert_eq!(delay, sim.settings.default_poll());
     assert!(step.events.contains(&EventKind::Waiting {
         what: "registration".into()
     }));
     let step = sim.drive(waiting).await;
     let (waiting, _, _) = waited(&step);
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "registration");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "registration");
     let log = sim.since(mark).await;
     let registers: Vec<&Value> = log
         .iter()
@@ -1150,7 +1150,7 @@ async fn replicate_starts_a_regions_pools_the_moment_its_replica_completes() {
     let step = sim.drive(&message).await;
     let (first_wait, delay, emit) = waited(&step);
     assert!(emit.is_empty());
-    assert_eq!(first_wait.operation.as_ref().unwrap().what, "replication");
+    assert_eq!(first_wait.operation.as_ref().unwrap().what.as_str(), "replication");
     assert_eq!(delay, sim.settings.default_poll(), "nothing to estimate from yet");
     assert_eq!(
         step.events,
@@ -1693,7 +1693,7 @@ async fn verify_waits_for_allocation_then_promotes_once_and_scales_the_previous_
     // Resizing: the next look at the documented 15 minutes per 1000 nodes (plus the first minute).
     let step = sim.drive(&message).await;
     let (waiting, delay, _) = waited(&step);
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "allocation");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "allocation");
     assert_eq!(delay, Duration::from_secs(60 + 400 * 900 / 1000));
     assert_eq!(
         step.events,
@@ -1887,7 +1887,7 @@ async fn rollout_retires_only_older_versions_whose_runs_ended_and_waits_for_a_re
         }
         sim.advance(60.0).await;
     }
-    assert_eq!(waiting.operation.as_ref().unwrap().what, "retire");
+    assert_eq!(waiting.operation.as_ref().unwrap().what.as_str(), "retire");
     // The older pool is resizing again when the rollout looks.
     sim.resize("sigrunweu", resizing, 40).await;
     let look = sim.drive(&waiting).await;
@@ -2006,7 +2006,7 @@ async fn verify_fails_when_too_few_replicas_let_the_allocation_time_out() {
     assert!(
         steps[..steps.len() - 1]
             .iter()
-            .all(|s| waited(s).0.operation.as_ref().unwrap().what == "allocation"),
+            .all(|s| waited(s).0.operation.as_ref().unwrap().what.as_str() == "allocation"),
         "waited on the allocation until it ended"
     );
 }
