@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use uuid::Uuid;
 
 use super::endpoints;
 use super::input_error;
@@ -25,9 +26,10 @@ use crate::admission::{self, RunRequest};
 use crate::azure::AzureError;
 use crate::bus::memory::MemoryBus;
 use crate::events::{Event, EventKind, RunResult};
+use crate::ledger::Ledger;
 use crate::model::envelope::{Envelope, Stage};
 use crate::model::trace::TraceParent;
-use crate::runtime::{Clock, Handler, StageHandler};
+use crate::runtime::{Clock, Handler, RunOutcome, StageHandler};
 use crate::stages::Step;
 use crate::telemetry::{Readiness, Telemetry};
 
@@ -63,79 +65,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let timeout = crate::model::spec::duration::parse(&args.timeout)
         .map_err(|e| input_error(anyhow::anyhow!("--timeout: {e}")))?;
     let session = Session::open(args.config.as_deref()).await?;
-    let request = RunRequest {
-        version: args.version.clone(),
-        image_version_id: args.image_version_id.clone(),
-        image_id: args.image_id.clone(),
-    };
     let telemetry = Arc::new(Telemetry::new());
     session.azure.set_metrics(telemetry.azure());
     let readiness = Readiness::new().with_azure(session.azure.clone());
     let server = endpoints::start("run", args.metrics_listen, &session.telemetry, &telemetry, readiness).await?;
-    let prepared = plan_view::prepare(&args.pipeline, &request, &session).await?;
-    telemetry.declare_pipeline(&prepared.spec.name);
-    for warning in &prepared.plan.warnings {
-        eprintln!("warning: {warning}");
-    }
-    let entry = plan_view::entry_stage(args.from, &prepared)?;
+    let (prepared, entry) = plan(&args, &session, &telemetry).await?;
     let run_id = prepared.run_id();
-
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
-    eprintln!(
-        "run {run_id}: {} version {} from {entry} ({})",
-        prepared.spec.name,
-        prepared.plan.version,
-        if session.emulator.is_some() {
-            format!("built-in emulator, {}x time", session.time_scale)
-        } else {
-            "Azure".to_string()
-        }
-    );
-
-    let ledger = admission::local::ledger(
-        &bus,
-        session.runtime.ledger(),
-        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
-    );
+    announce(run_id, &prepared, entry, &session);
     let timings = Arc::new(Timings::default());
-    let handler: Arc<dyn Handler> = Arc::new(Timed {
-        inner: StageHandler::new(session.azure.clone(), session.stages.clone())
-            .with_runs(Arc::clone(&ledger) as Arc<dyn crate::stages::Runs>),
-        timings: timings.clone(),
-    });
-    // Subscribed before the run starts, so no event is missed; drained after it ends, so none is lost.
-    let (stop_progress, stopped) = tokio::sync::oneshot::channel();
-    let progress = tokio::spawn(show_progress(
-        bus.subscribe(),
-        stopped,
-        prepared
-            .plan
-            .pools
-            .iter()
-            .map(|p| (p.region.clone(), p.target.clone()))
-            .collect(),
-    ));
-    let began = Instant::now();
-    let local = Local {
-        settings: session.runtime.clone(),
-        clock: Clock::System,
-        timeout,
-        observer: Some(telemetry),
-    };
-    let outcome = admission::local::run(
-        bus.clone(),
-        ledger,
-        handler,
-        &prepared,
-        entry,
-        &TraceParent::new(),
-        local,
-    )
-    .await?;
-    let wall = began.elapsed();
-    let _ = stop_progress.send(());
-    let _ = progress.await;
-
+    let (outcome, wall) = run_here(&bus, &prepared, entry, &session, telemetry, timeout, &timings).await?;
     let calls = session.emulator.as_ref().map(azure_calls);
     print!(
         "{}",
@@ -152,36 +91,121 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(emulator) = session.emulator {
         emulator.shutdown().await;
     }
+    Ok(exit_code(run_id, &args.timeout, outcome))
+}
+
+/// Plans the pipeline (every preflight rule; bad input is exit 2), shows the plan's warnings and
+/// picks the stage the run starts at.
+async fn plan(args: &RunArgs, session: &Session, telemetry: &Telemetry) -> anyhow::Result<(Prepared, Stage)> {
+    let request = RunRequest {
+        version: args.version.clone(),
+        image_version_id: args.image_version_id.clone(),
+        image_id: args.image_id.clone(),
+    };
+    let prepared = plan_view::prepare(&args.pipeline, &request, session).await?;
+    telemetry.declare_pipeline(&prepared.spec.name);
+    for warning in &prepared.plan.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let entry = plan_view::entry_stage(args.from, &prepared)?;
+    Ok((prepared, entry))
+}
+
+/// The line saying which run starts, where, and against what.
+fn announce(run_id: Uuid, prepared: &Prepared, entry: Stage, session: &Session) {
+    eprintln!(
+        "run {run_id}: {} version {} from {entry} ({})",
+        prepared.spec.name,
+        prepared.plan.version,
+        if session.emulator.is_some() {
+            format!("built-in emulator, {}x time", session.time_scale)
+        } else {
+            "Azure".to_string()
+        }
+    );
+}
+
+/// Runs the plan on `bus` in this process until it ends or `timeout` passes, with its progress
+/// shown meanwhile; the outcome and the wall time the run took.
+async fn run_here(
+    bus: &Arc<MemoryBus>,
+    prepared: &Prepared,
+    entry: Stage,
+    session: &Session,
+    telemetry: Arc<Telemetry>,
+    timeout: Duration,
+    timings: &Arc<Timings>,
+) -> anyhow::Result<(RunOutcome, Duration)> {
+    let ledger = admission::local::ledger(
+        bus,
+        session.runtime.ledger(),
+        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
+    );
+    let handler = timed_handler(session, &ledger, timings);
+    let progress = Progress::start(bus, prepared);
+    let began = Instant::now();
+    let local = Local {
+        settings: session.runtime.clone(),
+        clock: Clock::System,
+        timeout,
+        observer: Some(telemetry),
+    };
+    let outcome = admission::local::run(
+        bus.clone(),
+        ledger,
+        handler,
+        prepared,
+        entry,
+        &TraceParent::new(),
+        local,
+    )
+    .await?;
+    let wall = began.elapsed();
+    progress.finish().await;
+    Ok((outcome, wall))
+}
+
+/// The stages' handler, fenced by `ledger`, timing each stage into `timings` for the summary.
+fn timed_handler(session: &Session, ledger: &Arc<Ledger>, timings: &Arc<Timings>) -> Arc<dyn Handler> {
+    Arc::new(Timed {
+        inner: StageHandler::new(session.azure.clone(), session.stages.clone())
+            .with_runs(Arc::clone(ledger) as Arc<dyn crate::stages::Runs>),
+        timings: timings.clone(),
+    })
+}
+
+/// Exit 0 when the run succeeded (with or without warnings), 1 otherwise, saying why on stderr.
+fn exit_code(run_id: Uuid, timeout: &str, outcome: RunOutcome) -> ExitCode {
     if outcome.timed_out {
-        eprintln!("sigrun: run {run_id} did not end within {}", args.timeout);
-        return Ok(ExitCode::FAILURE);
+        eprintln!("sigrun: run {run_id} did not end within {timeout}");
+        return ExitCode::FAILURE;
     }
     match outcome.result {
-        RunResult::Succeeded => Ok(ExitCode::SUCCESS),
+        RunResult::Succeeded => ExitCode::SUCCESS,
         RunResult::SucceededWithWarnings { warnings } => {
             for warning in warnings {
                 eprintln!("sigrun: warning: {warning}");
             }
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
         RunResult::PartlySucceeded { failed } => {
             for (pool, reason) in failed {
                 eprintln!("sigrun: {}/{} failed: {reason}", pool.region, pool.target);
             }
             eprintln!("sigrun: run {run_id} partly succeeded");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
         RunResult::Failed { reason } => {
             eprintln!("sigrun: run {run_id} failed: {reason}");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
         RunResult::Cancelled { .. } => {
             eprintln!("sigrun: run {run_id} was cancelled");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
         RunResult::Running => {
             eprintln!("sigrun: run {run_id} stopped before it ended");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
     }
 }
@@ -208,6 +232,35 @@ impl Handler for Timed {
         entry.1 = entry.1.max(ended);
         entry.2 += 1;
         result
+    }
+}
+
+/// The progress display beside a run: subscribed before the run starts, so no event is missed;
+/// drained after it ends, so none is lost.
+struct Progress {
+    stop: tokio::sync::oneshot::Sender<()>,
+    shown: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(bus: &MemoryBus, prepared: &Prepared) -> Progress {
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let shown = tokio::spawn(show_progress(
+            bus.subscribe(),
+            stopped,
+            prepared
+                .plan
+                .pools
+                .iter()
+                .map(|p| (p.region.clone(), p.target.clone()))
+                .collect(),
+        ));
+        Progress { stop, shown }
+    }
+
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.shown.await;
     }
 }
 

@@ -25,8 +25,8 @@ use crate::bus::{Bus, Triggers};
 use crate::config::{Mode, Settings};
 use crate::ledger::Ledger;
 use crate::model::envelope::Stage;
-use crate::runtime::{Handler, Runtime, StageHandler};
-use crate::telemetry::{Components, Readiness, Telemetry};
+use crate::runtime::{Handler, Runtime, RuntimeReport, SettingsError, StageHandler};
+use crate::telemetry::{Components, MetricsServer, Readiness, Telemetry};
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("stages").required(true).args(["stage", "all_stages"])))]
@@ -65,85 +65,133 @@ pub fn bus_settings(config: Option<&std::path::Path>, command: &str) -> anyhow::
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let stages: Vec<Stage> = if args.all_stages {
-        Stage::ALL.to_vec()
-    } else {
-        let mut stages = args.stage.clone();
-        stages.sort();
-        stages.dedup();
-        stages
-    };
+    let stages = chosen_stages(&args);
     let settings = bus_settings(args.config.as_deref(), "worker")?;
     // Installed before anything else, so a signal during start-up still shuts down cleanly.
     let mut stop = Stop::install()?;
     let pipelines_dir = settings.pipelines.dir.clone();
     let session = Session::from_settings(settings).await?;
     let url = session.amqp.redacted_url();
-    let prefix = session.amqp.prefix.clone();
     let telemetry = Arc::new(Telemetry::new().with_pipelines(crate::admission::pipelines::names(&pipelines_dir)));
     session.azure.set_metrics(telemetry.azure());
     // The broker may not be there yet (a restart, a node coming back): the bus connects in the
     // background with backoff while /readyz says 503, and the worker never exits for it.
     let bus = Arc::new(AmqpBus::start(session.amqp.clone(), session.runtime.tiers.clone()));
     let components = Components::default();
-    let readiness = Readiness::new()
-        .with_components(components.clone())
-        .with_bus(Arc::clone(&bus))
-        .with_azure(session.azure.clone());
-    let server = match endpoints::start("worker", args.metrics_listen, &session.telemetry, &telemetry, readiness).await
-    {
-        Ok(server) => server,
-        Err(error) => {
-            bus.close().await;
-            return Err(error);
-        }
-    };
+    let server = serve_endpoints(&args, &session, &telemetry, &bus, &components).await?;
     // The ledger reads the whole retained history before anything is taken, so a run cancelled
     // earlier is known to be cancelled from the first delivery on. Created after the telemetry,
     // which it feeds the run history for the run-level metrics.
-    let ledger = Arc::new(Ledger::start(
-        Arc::clone(&bus) as Arc<dyn Bus>,
-        session.runtime.ledger(),
-        Some(Arc::clone(&telemetry) as Arc<dyn crate::runtime::Observer>),
-    ));
+    let ledger = start_ledger(&bus, &session, &telemetry);
     if !catch_up_until_stopped(&ledger, &url, &mut stop).await {
-        stopped_early(ledger, server, &bus).await;
+        close(ledger, server, &bus).await;
         eprintln!("sigrun worker: stopped before it started consuming");
         return Ok(ExitCode::SUCCESS);
     }
-    let azure = session.azure.clone();
-    let handler: Arc<dyn Handler> = Arc::new(
-        StageHandler::new(azure.clone(), session.stages.clone())
-            .with_runs(Arc::clone(&ledger) as Arc<dyn crate::stages::Runs>),
-    );
-    let runtime = match Runtime::new(
-        Arc::clone(&bus) as Arc<dyn Bus>,
-        handler,
-        stages.clone(),
-        session.runtime.clone(),
-    ) {
-        Ok(runtime) => runtime
-            .with_ledger(Arc::clone(&ledger))
-            .with_observer(telemetry.clone()),
+    let runtime = match stage_runtime(&bus, &session, &ledger, &telemetry, stages.clone()) {
+        Ok(runtime) => runtime,
         Err(e) => {
-            stopped_early(ledger, server, &bus).await;
+            close(ledger, server, &bus).await;
             return Err(input_error(anyhow::anyhow!("runtime: {e}")));
         }
     };
     let admitter = Admitter::new(
         Arc::clone(&bus) as Arc<dyn Triggers>,
         Arc::clone(&ledger),
-        azure,
+        session.azure.clone(),
         pipelines_dir.clone(),
         session.runtime.retry.clone(),
     );
     let names: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
     eprintln!(
-        "sigrun worker: consuming {} and triggers on {url} (prefix {prefix}, pipelines in {}; {} run(s) known)",
+        "sigrun worker: consuming {} and triggers on {url} (prefix {}, pipelines in {}; {} run(s) known)",
         names.join(", "),
+        session.amqp.prefix,
         pipelines_dir.display(),
         ledger.started_count()
     );
+    let (report, triggers) = consume(&runtime, admitter, components, stop, session.runtime.shutdown_grace).await;
+    close(ledger, server, &bus).await;
+    eprintln!(
+        "sigrun worker: stopped ({} deliveries handled, {} returned unfinished, {triggers} trigger(s) handled)",
+        report.handled, report.abandoned
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The stages asked for, in order and each once.
+fn chosen_stages(args: &WorkerArgs) -> Vec<Stage> {
+    if args.all_stages {
+        return Stage::ALL.to_vec();
+    }
+    let mut stages = args.stage.clone();
+    stages.sort();
+    stages.dedup();
+    stages
+}
+
+/// /metrics, /healthz and /readyz, if asked for (ready: the components running, the broker
+/// connected, an Azure token obtainable). When they cannot start, the bus is closed first.
+async fn serve_endpoints(
+    args: &WorkerArgs,
+    session: &Session,
+    telemetry: &Arc<Telemetry>,
+    bus: &Arc<AmqpBus>,
+    components: &Components,
+) -> anyhow::Result<Option<MetricsServer>> {
+    let readiness = Readiness::new()
+        .with_components(components.clone())
+        .with_bus(Arc::clone(bus))
+        .with_azure(session.azure.clone());
+    match endpoints::start("worker", args.metrics_listen, &session.telemetry, telemetry, readiness).await {
+        Ok(server) => Ok(server),
+        Err(error) => {
+            bus.close().await;
+            Err(error)
+        }
+    }
+}
+
+/// The ledger over the events stream (claims, commits, started and cancelled runs), telling the
+/// telemetry the run history.
+fn start_ledger(bus: &Arc<AmqpBus>, session: &Session, telemetry: &Arc<Telemetry>) -> Arc<Ledger> {
+    Arc::new(Ledger::start(
+        Arc::clone(bus) as Arc<dyn Bus>,
+        session.runtime.ledger(),
+        Some(Arc::clone(telemetry) as Arc<dyn crate::runtime::Observer>),
+    ))
+}
+
+/// The runtime over `stages`' queues with the stages' handler, each step fenced by `ledger`.
+fn stage_runtime(
+    bus: &Arc<AmqpBus>,
+    session: &Session,
+    ledger: &Arc<Ledger>,
+    telemetry: &Arc<Telemetry>,
+    stages: Vec<Stage>,
+) -> Result<Runtime, SettingsError> {
+    let handler: Arc<dyn Handler> = Arc::new(
+        StageHandler::new(session.azure.clone(), session.stages.clone())
+            .with_runs(Arc::clone(ledger) as Arc<dyn crate::stages::Runs>),
+    );
+    let runtime = Runtime::new(
+        Arc::clone(bus) as Arc<dyn Bus>,
+        handler,
+        stages,
+        session.runtime.clone(),
+    )?;
+    Ok(runtime.with_ledger(Arc::clone(ledger)).with_observer(telemetry.clone()))
+}
+
+/// Consumes the stage queues and admits triggers until `stop` fires, then gives both
+/// `shutdown_grace` to finish: the runtime's report and the number of triggers handled.
+async fn consume(
+    runtime: &Runtime,
+    admitter: Admitter,
+    components: Components,
+    mut stop: Stop,
+    shutdown_grace: Duration,
+) -> (RuntimeReport, u64) {
     let (stopping, stopped) = tokio::sync::watch::channel(false);
     // Admission ending under a running worker would stop it for everyone, unseen: it is
     // supervised, and /readyz and /healthz say so.
@@ -159,21 +207,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         .await;
     // A trigger being admitted gets the same grace; past it, it goes back to its queue unacked.
     let admitting_abort = admitting.abort_handle();
-    let triggers = match tokio::time::timeout(session.runtime.shutdown_grace, admitting).await {
+    let triggers = match tokio::time::timeout(shutdown_grace, admitting).await {
         Ok(Ok(handled)) => handled,
         Ok(Err(_)) | Err(_) => {
             admitting_abort.abort();
             0
         }
     };
-    drop(ledger);
-    endpoints::stop(server).await;
-    bus.close().await;
-    eprintln!(
-        "sigrun worker: stopped ({} deliveries handled, {} returned unfinished, {triggers} trigger(s) handled)",
-        report.handled, report.abandoned
-    );
-    Ok(ExitCode::SUCCESS)
+    (report, triggers)
 }
 
 /// SIGTERM or SIGINT, whichever comes first.
@@ -222,8 +263,8 @@ async fn catch_up_until_stopped(ledger: &Ledger, url: &str, stop: &mut Stop) -> 
     }
 }
 
-/// Closes what was opened before the worker started consuming.
-async fn stopped_early(ledger: Arc<Ledger>, server: Option<crate::telemetry::MetricsServer>, bus: &AmqpBus) {
+/// Closes what the worker opened: its share of the ledger, the endpoints, then the bus.
+async fn close(ledger: Arc<Ledger>, server: Option<MetricsServer>, bus: &AmqpBus) {
     drop(ledger);
     endpoints::stop(server).await;
     bus.close().await;
