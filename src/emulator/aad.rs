@@ -54,6 +54,8 @@ fn find_tenant<'a>(ctx: &'a Ctx, tenant: &str) -> Option<&'a str> {
         .map(|t| t.id.as_str())
 }
 
+/// The client-credentials grant, checked in AAD's order: the tenant, the form and its grant type,
+/// the app and its secret, the scope; then a token for the scope's resource.
 fn token(ctx: &Ctx, req: &Request, tenant: &str) -> Response {
     let Some(tenant_id) = find_tenant(ctx, tenant) else {
         return aad_error(
@@ -65,113 +67,22 @@ fn token(ctx: &Ctx, req: &Request, tenant: &str) -> Response {
             ),
         );
     };
-    let content_type = req.header("content-type").unwrap_or_default();
-    if !content_type.starts_with("application/x-www-form-urlencoded") {
-        return aad_error(
-            400,
-            "invalid_request",
-            900_144,
-            "AADSTS900144: The request body must contain the following parameter: 'grant_type'.",
-        );
+    let form = match client_credentials_form(req) {
+        Ok(form) => form,
+        Err(refused) => return refused,
+    };
+    let client = match registered_app(ctx, &form, tenant_id) {
+        Ok(client) => client,
+        Err(refused) => return refused,
+    };
+    if let Err(refused) = check_client_secret(&form, &client) {
+        return refused;
     }
-    let form: Vec<(String, String)> = form_urlencoded::parse(&req.body).into_owned().collect();
-    let field = |name: &str| form.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    match field("grant_type") {
-        Some("client_credentials") => {}
-        Some(other) => {
-            return aad_error(
-                400,
-                "unsupported_grant_type",
-                70_003,
-                &format!("AADSTS70003: The app requested an unsupported grant type '{other}'."),
-            );
-        }
-        None => {
-            return aad_error(
-                400,
-                "invalid_request",
-                900_144,
-                "AADSTS900144: The request body must contain the following parameter: 'grant_type'.",
-            );
-        }
-    }
-    let Some(client_id) = field("client_id") else {
-        return aad_error(
-            400,
-            "invalid_request",
-            900_144,
-            "AADSTS900144: The request body must contain the following parameter: 'client_id'.",
-        );
+    let resource = match scope_resource(&form, tenant_id) {
+        Ok(resource) => resource,
+        Err(refused) => return refused,
     };
-    let Some(app) = ctx
-        .world
-        .apps
-        .iter()
-        .find(|a| a.client_id.eq_ignore_ascii_case(client_id) && a.tenant.eq_ignore_ascii_case(tenant_id))
-    else {
-        return aad_error(
-            400,
-            "unauthorized_client",
-            700_016,
-            &format!(
-                "AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{tenant_id}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant."
-            ),
-        );
-    };
-    if field("client_assertion").is_some() {
-        return aad_error(
-            401,
-            "invalid_client",
-            700_027,
-            "AADSTS700027: Client assertion failed signature validation: this emulator accepts client secrets only.",
-        );
-    }
-    let secret_ok = match (field("client_secret"), app.client_secret.as_deref()) {
-        (Some(given), Some(expected)) => constant_time_eq(given.as_bytes(), expected.as_bytes()),
-        _ => false,
-    };
-    if !secret_ok {
-        return aad_error(
-            401,
-            "invalid_client",
-            7_000_215,
-            &format!(
-                "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
-            ),
-        );
-    }
-    let Some(scope) = field("scope") else {
-        return aad_error(
-            400,
-            "invalid_request",
-            900_144,
-            "AADSTS900144: The request body must contain the following parameter: 'scope'.",
-        );
-    };
-    let resource = match auth::resource_of_scope(scope) {
-        Some(r) if auth::known_resource(&r) => r,
-        Some(r) => {
-            return aad_error(
-                400,
-                "invalid_resource",
-                500_011,
-                &format!(
-                    "AADSTS500011: The resource principal named {r} was not found in the tenant named {tenant_id}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant."
-                ),
-            );
-        }
-        None => {
-            return aad_error(
-                400,
-                "invalid_scope",
-                1_002_012,
-                &format!(
-                    "AADSTS1002012: The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
-                ),
-            );
-        }
-    };
-    let (access_token, _) = ctx.key.issue(app, &resource);
+    let (access_token, _) = ctx.key.issue(client.app, &resource);
     Response::json(
         200,
         &json!({
@@ -181,6 +92,130 @@ fn token(ctx: &Ctx, req: &Request, tenant: &str) -> Response {
             "access_token": access_token,
         }),
     )
+}
+
+/// A token request's form fields, in the order they were sent.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    /// The first value of field `name`.
+    fn field(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// AADSTS900144, what AAD answers for a form without one of the parameters the grant needs.
+fn missing_parameter(name: &str) -> Response {
+    aad_error(
+        400,
+        "invalid_request",
+        900_144,
+        &format!("AADSTS900144: The request body must contain the following parameter: '{name}'."),
+    )
+}
+
+/// The token endpoint reads a form-encoded body only (anything else reads as a form without
+/// `grant_type`), and this emulator grants client credentials only.
+fn client_credentials_form(req: &Request) -> Result<Form, Response> {
+    let content_type = req.header("content-type").unwrap_or_default();
+    if !content_type.starts_with("application/x-www-form-urlencoded") {
+        return Err(missing_parameter("grant_type"));
+    }
+    let form = Form(form_urlencoded::parse(&req.body).into_owned().collect());
+    match form.field("grant_type") {
+        Some("client_credentials") => Ok(form),
+        Some(other) => Err(aad_error(
+            400,
+            "unsupported_grant_type",
+            70_003,
+            &format!("AADSTS70003: The app requested an unsupported grant type '{other}'."),
+        )),
+        None => Err(missing_parameter("grant_type")),
+    }
+}
+
+/// The app a token request names: its `client_id` as sent, and its registration.
+struct Client<'a> {
+    id: &'a str,
+    app: &'a Principal,
+}
+
+/// The `client_id` names an app registered in the tenant the request was sent to.
+fn registered_app<'a>(ctx: &'a Ctx, form: &'a Form, tenant_id: &str) -> Result<Client<'a>, Response> {
+    let Some(client_id) = form.field("client_id") else {
+        return Err(missing_parameter("client_id"));
+    };
+    ctx.world
+        .apps
+        .iter()
+        .find(|a| a.client_id.eq_ignore_ascii_case(client_id) && a.tenant.eq_ignore_ascii_case(tenant_id))
+        .map(|app| Client { id: client_id, app })
+        .ok_or_else(|| {
+            aad_error(
+                400,
+                "unauthorized_client",
+                700_016,
+                &format!(
+                    "AADSTS700016: Application with identifier '{client_id}' was not found in the directory '{tenant_id}'. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant."
+                ),
+            )
+        })
+}
+
+/// The app proves itself with its client secret (compared in constant time); a client
+/// assertion (certificate or federated credential) is refused, as this emulator has none to check.
+fn check_client_secret(form: &Form, client: &Client) -> Result<(), Response> {
+    if form.field("client_assertion").is_some() {
+        return Err(aad_error(
+            401,
+            "invalid_client",
+            700_027,
+            "AADSTS700027: Client assertion failed signature validation: this emulator accepts client secrets only.",
+        ));
+    }
+    let secret_ok = match (form.field("client_secret"), client.app.client_secret.as_deref()) {
+        (Some(given), Some(expected)) => constant_time_eq(given.as_bytes(), expected.as_bytes()),
+        _ => false,
+    };
+    if !secret_ok {
+        let client_id = client.id;
+        return Err(aad_error(
+            401,
+            "invalid_client",
+            7_000_215,
+            &format!(
+                "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client_id}'."
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The scope is a resource's `/.default` (what client credentials ask for), and the resource is
+/// one the emulator serves.
+fn scope_resource(form: &Form, tenant_id: &str) -> Result<String, Response> {
+    let Some(scope) = form.field("scope") else {
+        return Err(missing_parameter("scope"));
+    };
+    match auth::resource_of_scope(scope) {
+        Some(r) if auth::known_resource(&r) => Ok(r),
+        Some(r) => Err(aad_error(
+            400,
+            "invalid_resource",
+            500_011,
+            &format!(
+                "AADSTS500011: The resource principal named {r} was not found in the tenant named {tenant_id}. This can happen if the application has not been installed by the administrator of the tenant or consented to by any user in the tenant."
+            ),
+        )),
+        None => Err(aad_error(
+            400,
+            "invalid_scope",
+            1_002_012,
+            &format!(
+                "AADSTS1002012: The provided value for scope {scope} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
+            ),
+        )),
+    }
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

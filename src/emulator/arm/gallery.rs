@@ -249,8 +249,15 @@ fn source_facts(ctx: &Ctx, st: &State, body: &Value, now: EmuTime) -> Result<Sou
     Err(missing("galleryImageVersion.properties.storageProfile.source"))
 }
 
-/// Target regions as (canonical region, replicas, storage type), checked as Azure checks them.
-fn target_regions(body: &Value, location: &str) -> Result<Vec<(String, u32, String)>, ArmError> {
+/// A region a version publishes to: its canonical name, its replica count and storage type.
+struct TargetRegion {
+    region: String,
+    replicas: u32,
+    storage: String,
+}
+
+/// Target regions, checked as Azure checks them.
+fn target_regions(body: &Value, location: &str) -> Result<Vec<TargetRegion>, ArmError> {
     let profile = body.pointer("/properties/publishingProfile");
     let default_replicas = profile
         .and_then(|p| p.get("replicaCount"))
@@ -309,12 +316,20 @@ fn target_regions(body: &Value, location: &str) -> Result<Vec<(String, u32, Stri
                     Some(s) => one_of(s, STORAGE_TYPES, "targetRegions.storageAccountType")?,
                     None => default_storage.clone(),
                 };
-                out.push((name.to_string(), replicas, storage));
+                out.push(TargetRegion {
+                    region: name.to_string(),
+                    replicas,
+                    storage,
+                });
             }
         }
-        _ => out.push((location.to_string(), default_replicas as u32, default_storage.clone())),
+        _ => out.push(TargetRegion {
+            region: location.to_string(),
+            replicas: default_replicas as u32,
+            storage: default_storage.clone(),
+        }),
     }
-    if !out.iter().any(|(r, _, _)| r == location) {
+    if !out.iter().any(|t| t.region == location) {
         return Err(ArmError::invalid(
             "publishingProfile.targetRegions",
             format!(
@@ -325,6 +340,9 @@ fn target_regions(body: &Value, location: &str) -> Result<Vec<(String, u32, Stri
     Ok(out)
 }
 
+/// A new image version: a valid name; a source that is ready, in the version's region and
+/// matching its definition; target regions as Azure checks them. Then its timeline: the source
+/// region publishes first, and every other region replicates after it.
 fn plan_version(
     ctx: &Ctx,
     st: &State,
@@ -333,93 +351,23 @@ fn plan_version(
     location: &str,
     now: EmuTime,
 ) -> Result<Plan, ArmError> {
-    if !version_name_ok(path.name()) {
-        return Err(ArmError::invalid(
-            "galleryImageVersionName",
-            format!(
-                "The gallery image version name '{}' is invalid. It must be in the format of <MajorVersion>.<MinorVersion>.<Patch> with all parts being 32-bit integers.",
-                path.name()
-            ),
-        ));
-    }
+    check_version_name(path.name())?;
     let definition = st
         .get(&path.parent_id().expect("versions have a parent"))
-        .expect("checked by the caller")
-        .clone();
+        .expect("checked by the caller");
     let source = source_facts(ctx, st, &body, now)?;
-    if !source.location.eq_ignore_ascii_case(location) {
-        return Err(ArmError::invalid(
-            "storageProfile.source.id",
-            format!(
-                "The source of a gallery image version must be in the same region as the version. The source is in '{}' and the version in '{location}'.",
-                source.location
-            ),
-        ));
-    }
-    let def_props = &definition.body["properties"];
-    let def_os = def_props["osType"].as_str().unwrap_or_default();
-    if let Some(os) = &source.os_type
-        && !os.eq_ignore_ascii_case(def_os)
-    {
-        return Err(ArmError::invalid(
-            "storageProfile",
-            format!(
-                "The OS type of the source ({os}) does not match the OS type of the gallery image definition ({def_os})."
-            ),
-        ));
-    }
-    let def_state = def_props["osState"].as_str().unwrap_or_default();
-    if let Some(state) = &source.os_state
-        && !state.eq_ignore_ascii_case(def_state)
-    {
-        return Err(ArmError::invalid(
-            "storageProfile",
-            format!(
-                "The OS State '{state}' of the source does not match the OS State '{def_state}' in the parent gallery image."
-            ),
-        ));
-    }
-    let def_generation = def_props["hyperVGeneration"].as_str().unwrap_or("V1");
-    if !source.generation.eq_ignore_ascii_case(def_generation) {
-        return Err(ArmError::invalid(
-            "storageProfile",
-            format!(
-                "The gallery image version source has a different Hypervisor generation ({}) than the parent gallery image ({def_generation}).",
-                source.generation
-            ),
-        ));
-    }
+    check_source_region(&source, location)?;
+    check_source_matches_definition(&source, &definition.body["properties"])?;
     let targets = target_regions(&body, location)?;
     let size = source.os_size_gb + source.data_sizes.iter().map(|(_, s)| s).sum::<u64>();
     let id = path.id();
-    let source_region = targets.iter().find(|(r, _, _)| r == location).expect("checked above");
-    let source_secs = (240.0 + 2.0 * size as f64 + 120.0 * (source_region.1 as f64 - 1.0))
-        * ctx.jitter(&format!("source:{id}"), 0.15);
-    let source_done = now + Duration::seconds_f64(source_secs);
-    let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let replication = targets
+    let source_region = targets
         .iter()
-        .map(|(region, replicas, storage)| {
-            let (starts, ends) = if region == location {
-                (now, source_done)
-            } else {
-                let secs = (360.0 + 240.0 * (*replicas as f64 - 1.0) + size as f64)
-                    * ctx.jitter(&format!("replicate:{id}:{region}"), 0.2);
-                (source_done, source_done + Duration::seconds_f64(secs))
-            };
-            let fails_at = faults
-                .replication_fails(region)
-                .then(|| (20.0 + 60.0 * ctx.jitter(&format!("failpoint:{id}:{region}"), 0.5) / 1.5).min(95.0) as u8);
-            RegionReplication {
-                region: region.clone(),
-                replicas: *replicas,
-                storage_account_type: storage.clone(),
-                starts,
-                ends,
-                fails_at,
-            }
-        })
-        .collect();
+        .find(|t| t.region == location)
+        .expect("checked by target_regions");
+    let source_secs = source_region_secs(ctx, &id, size, source_region.replicas);
+    let source_done = now + Duration::seconds_f64(source_secs);
+    let replication = replication_timelines(ctx, &id, &targets, location, size, now, source_done);
     let facts = json!({
         "osSizeGB": source.os_size_gb,
         "dataSizes": source.data_sizes.iter().map(|(lun, s)| json!({"lun": lun, "sizeInGB": s})).collect::<Vec<_>>(),
@@ -432,6 +380,116 @@ fn plan_version(
         failure: None,
         replication,
     })
+}
+
+/// A version's name is `Major.Minor.Patch`, each part a 32-bit integer.
+fn check_version_name(name: &str) -> Result<(), ArmError> {
+    if version_name_ok(name) {
+        return Ok(());
+    }
+    Err(ArmError::invalid(
+        "galleryImageVersionName",
+        format!(
+            "The gallery image version name '{name}' is invalid. It must be in the format of <MajorVersion>.<MinorVersion>.<Patch> with all parts being 32-bit integers."
+        ),
+    ))
+}
+
+/// A version's source is in the version's own region: Azure copies it out from there.
+fn check_source_region(source: &SourceFacts, location: &str) -> Result<(), ArmError> {
+    if source.location.eq_ignore_ascii_case(location) {
+        return Ok(());
+    }
+    Err(ArmError::invalid(
+        "storageProfile.source.id",
+        format!(
+            "The source of a gallery image version must be in the same region as the version. The source is in '{}' and the version in '{location}'.",
+            source.location
+        ),
+    ))
+}
+
+/// A version's source matches its definition: the OS type and OS state (where the source tells
+/// them; a disk has no OS state) and the Hyper-V generation (V1 when unset), in that order.
+fn check_source_matches_definition(source: &SourceFacts, definition: &Value) -> Result<(), ArmError> {
+    let def_os = definition["osType"].as_str().unwrap_or_default();
+    if let Some(os) = &source.os_type
+        && !os.eq_ignore_ascii_case(def_os)
+    {
+        return Err(ArmError::invalid(
+            "storageProfile",
+            format!(
+                "The OS type of the source ({os}) does not match the OS type of the gallery image definition ({def_os})."
+            ),
+        ));
+    }
+    let def_state = definition["osState"].as_str().unwrap_or_default();
+    if let Some(state) = &source.os_state
+        && !state.eq_ignore_ascii_case(def_state)
+    {
+        return Err(ArmError::invalid(
+            "storageProfile",
+            format!(
+                "The OS State '{state}' of the source does not match the OS State '{def_state}' in the parent gallery image."
+            ),
+        ));
+    }
+    let def_generation = definition["hyperVGeneration"].as_str().unwrap_or("V1");
+    if !source.generation.eq_ignore_ascii_case(def_generation) {
+        return Err(ArmError::invalid(
+            "storageProfile",
+            format!(
+                "The gallery image version source has a different Hypervisor generation ({}) than the parent gallery image ({def_generation}).",
+                source.generation
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// How long the source region takes to publish: four minutes, two seconds per GB of disks and two
+/// minutes per replica past the first, jittered ±15%.
+fn source_region_secs(ctx: &Ctx, id: &str, size_gb: u64, replicas: u32) -> f64 {
+    (240.0 + 2.0 * size_gb as f64 + 120.0 * (replicas as f64 - 1.0)) * ctx.jitter(&format!("source:{id}"), 0.15)
+}
+
+/// Each target region's timeline: the source region's from now until it is published; every other
+/// region's from then, six minutes, four per replica past the first and a second per GB, jittered
+/// ±20%. A region the fault plan fails stops at a progress drawn from the seed (at most 95%).
+fn replication_timelines(
+    ctx: &Ctx,
+    id: &str,
+    targets: &[TargetRegion],
+    location: &str,
+    size_gb: u64,
+    now: EmuTime,
+    source_done: EmuTime,
+) -> Vec<RegionReplication> {
+    let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    targets
+        .iter()
+        .map(|target| {
+            let region = &target.region;
+            let (starts, ends) = if region == location {
+                (now, source_done)
+            } else {
+                let secs = (360.0 + 240.0 * (target.replicas as f64 - 1.0) + size_gb as f64)
+                    * ctx.jitter(&format!("replicate:{id}:{region}"), 0.2);
+                (source_done, source_done + Duration::seconds_f64(secs))
+            };
+            let fails_at = faults
+                .replication_fails(region)
+                .then(|| (20.0 + 60.0 * ctx.jitter(&format!("failpoint:{id}:{region}"), 0.5) / 1.5).min(95.0) as u8);
+            RegionReplication {
+                region: region.clone(),
+                replicas: target.replicas,
+                storage_account_type: target.storage.clone(),
+                starts,
+                ends,
+                fails_at,
+            }
+        })
+        .collect()
 }
 
 pub fn plan_update(ctx: &Ctx, _st: &State, existing: &Resource, body: Value, now: EmuTime) -> Result<Plan, ArmError> {
@@ -464,7 +522,12 @@ pub fn plan_update(ctx: &Ctx, _st: &State, existing: &Resource, body: Value, now
     let size = existing.facts["osSizeGB"].as_u64().unwrap_or(0);
     let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut replication = Vec::new();
-    for (region, replicas, storage) in targets {
+    for TargetRegion {
+        region,
+        replicas,
+        storage,
+    } in targets
+    {
         let kept = existing
             .replication
             .iter()
