@@ -34,7 +34,10 @@ pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCal
     let (resp, changed) = match (method, s.as_slice()) {
         ("GET", ["supportedimages"]) => (supported_images(req, account), false),
         ("GET", ["nodecounts"]) => (node_counts(&st, account, now), false),
-        ("POST", ["pools"]) => add_pool(ctx, &mut st, req, account, caller, now),
+        ("POST", ["pools"]) => match add_pool(ctx, &mut st, req, account, caller, now) {
+            Ok(created) => (created, true),
+            Err(refused) => (refused, false),
+        },
         ("GET", ["pools"]) => (list_pools(ctx, &st, req, account, now), false),
         (_, ["pools", id]) => match st.pools.get(&State::pool_key(&account.name, id)).cloned() {
             None if method == "HEAD" => (Response::empty(404), false),
@@ -254,6 +257,9 @@ fn check_pool_shape(req: &Request, body: &Value) -> Result<(), Response> {
     Ok(())
 }
 
+/// Add Pool: Batch's checks first (the first that fails is the answer, and nothing changes), then
+/// the pool as asked with nothing allocated yet, its allocation fixed now (the fault plan may fail
+/// it, or fail some nodes' start task), stored, and 201.
 fn add_pool(
     ctx: &Ctx,
     st: &mut State,
@@ -261,233 +267,365 @@ fn add_pool(
     account: &BatchAccount,
     caller: &BatchCaller,
     now: EmuTime,
-) -> (Response, bool) {
-    let body: Value = match serde_json::from_slice(&req.body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            return (
-                error(
-                    req,
-                    400,
-                    "InvalidRequestBody",
-                    "The specified Request Body is not syntactically valid.",
-                    &[],
-                ),
-                false,
-            );
-        }
-    };
-    if let Err(refused) = check_pool_shape(req, &body) {
-        return (refused, false);
-    }
-    let Some(id) = body["id"].as_str().map(str::to_string) else {
-        return (missing_property(req, "id"), false);
-    };
-    let id = id.as_str();
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
-        return (
-            bad_property(
-                req,
-                "id",
-                "A pool id has 1 to 64 letters, digits, hyphens and underscores.",
-            ),
-            false,
-        );
-    }
-    match body["vmSize"].as_str() {
-        None => return (missing_property(req, "vmSize"), false),
-        Some(size) if !crate::emulator::vm_sizes::offered(size) => {
-            return (
-                bad_property(req, "vmSize", "The specified VM size is not supported by Batch."),
-                false,
-            );
-        }
-        Some(_) => {}
-    }
-    let Some(vm_config) = body.get("virtualMachineConfiguration").filter(|v| v.is_object()) else {
-        return (missing_property(req, "virtualMachineConfiguration"), false);
-    };
-    let Some(sku) = vm_config["nodeAgentSKUId"].as_str() else {
-        return (missing_property(req, "nodeAgentSKUId"), false);
-    };
-    let Some(image_ref) = vm_config.get("imageReference").filter(|v| v.is_object()) else {
-        return (missing_property(req, "imageReference"), false);
-    };
-    if body["enableAutoScale"].as_bool() == Some(true) {
-        return (
-            bad_property(
-                req,
-                "enableAutoScale",
-                "Autoscale pools are not supported by this emulator.",
-            ),
-            false,
-        );
-    }
-    let key = State::pool_key(&account.name, id);
-    if st.pools.contains_key(&key) {
-        return (
-            error(req, 409, "PoolExists", "The specified pool already exists.", &[]),
-            false,
-        );
-    }
-    let timeout = match body["resizeTimeout"].as_str() {
-        None => Duration::minutes(15),
-        Some(text) => match parse_duration(text) {
-            Some(d) if d >= Duration::minutes(5) => d,
-            Some(_) => {
-                return (
-                    bad_property(req, "resizeTimeout", "The resize timeout must be at least 5 minutes."),
-                    false,
-                );
-            }
-            None => {
-                return (
-                    bad_property(req, "resizeTimeout", "The value is not a valid ISO 8601 duration."),
-                    false,
-                );
-            }
-        },
-    };
-    let Some(sku_os) = images::sku_os(sku) else {
-        return (
-            bad_property(
-                req,
-                "nodeAgentSKUId",
-                &format!("The node agent SKU '{sku}' is not supported."),
-            ),
-            false,
-        );
-    };
-    let (uses_gallery, replicas) = if let Some(image_id) = image_ref["virtualMachineImageId"].as_str() {
-        let BatchCaller::Aad { oid } = caller else {
-            return (shared_key_refused(req), false);
-        };
-        match arm_view::gallery_image_for_pool(ctx, st, image_id, account, oid, now) {
-            Ok(found) => {
-                if !found.os_type.eq_ignore_ascii_case(sku_os) {
-                    return (
-                        bad_property(
-                            req,
-                            "nodeAgentSKUId",
-                            &format!(
-                                "The node agent SKU '{sku}' is for {sku_os} images but the image '{image_id}' is {}.",
-                                found.os_type
-                            ),
-                        ),
-                        false,
-                    );
-                }
-                (true, found.replicas_in_region)
-            }
-            Err(refusal) => {
-                return (
-                    error(req, refusal.status, &refusal.code, &refusal.message, &refusal.values()),
-                    false,
-                );
-            }
-        }
-    } else {
-        let (publisher, offer, image_sku) = (
-            image_ref["publisher"].as_str().unwrap_or_default(),
-            image_ref["offer"].as_str().unwrap_or_default(),
-            image_ref["sku"].as_str().unwrap_or_default(),
-        );
-        match images::find_marketplace(publisher, offer, image_sku) {
-            Some(image) if image.node_agent_sku.eq_ignore_ascii_case(sku) => (false, 100),
-            Some(image) => {
-                return (
-                    bad_property(
-                        req,
-                        "nodeAgentSKUId",
-                        &format!(
-                            "The image {publisher}/{offer}/{image_sku} needs node agent SKU '{}'.",
-                            image.node_agent_sku
-                        ),
-                    ),
-                    false,
-                );
-            }
-            None => {
-                return (
-                    bad_property(req, "imageReference", "The specified image is not supported by Batch."),
-                    false,
-                );
-            }
-        }
-    };
-    let dedicated = match node_count(req, &body, "targetDedicatedNodes") {
-        Ok(n) => n,
-        Err(refused) => return (refused, false),
-    };
-    let low = match node_count(req, &body, "targetLowPriorityNodes") {
-        Ok(n) => n,
-        Err(refused) => return (refused, false),
-    };
-    if dedicated + low > MAX_POOL_NODES {
-        return (
-            bad_property(
-                req,
-                "targetDedicatedNodes",
-                &format!("A pool of this emulator has at most {MAX_POOL_NODES} nodes."),
-            ),
-            false,
-        );
-    }
-    let has_start_task = body.get("startTask").is_some_and(Value::is_object);
-    let wait = has_start_task && body["startTask"]["waitForSuccess"].as_bool().unwrap_or(true);
-    let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let allocation_failure = faults.allocation_fails(id);
-    let fail_share = if has_start_task {
-        faults.start_task_failure_share(id)
-    } else {
-        0.0
-    };
-    drop(faults);
+) -> Result<Response, Response> {
+    let asked = accepted_pool(ctx, st, req, account, caller, now)?;
+    let start_task = StartTask::of(&asked.body);
+    let faults = PoolFaults::drawn(ctx, &asked.id, start_task.present);
     let mut pool = Pool {
         account: account.name.clone(),
-        id: id.to_string(),
-        body,
+        id: asked.id.clone(),
+        body: asked.body,
         created: now,
         last_modified: now,
         etag_counter: st.serial(),
         allocation: Allocation {
             started: now,
             ends: now,
-            target_dedicated: dedicated,
-            target_low_priority: low,
-            resize_timeout_secs: timeout.whole_seconds(),
+            target_dedicated: asked.dedicated,
+            target_low_priority: asked.low_priority,
+            resize_timeout_secs: asked.resize_timeout.whole_seconds(),
             error: None,
         },
         nodes: Vec::new(),
         deleting: None,
-        wait_for_start_task: wait,
-        has_start_task,
-        uses_gallery_image: uses_gallery,
+        wait_for_start_task: start_task.wait_for_success,
+        has_start_task: start_task.present,
+        uses_gallery_image: asked.image.from_gallery,
     };
     allocate(
         ctx,
         &mut pool,
-        dedicated,
-        low,
-        timeout,
-        replicas,
-        allocation_failure,
-        fail_share,
+        asked.dedicated,
+        asked.low_priority,
+        asked.resize_timeout,
+        asked.image.replicas_in_region,
+        faults.allocation_failure,
+        faults.start_task_failure_share,
         now,
     );
-    let resp = Response::empty(201)
-        .with_header("etag", etag(&pool))
+    let resp = pool_created(req, account, &pool, now);
+    st.pools.insert(asked.key, pool);
+    Ok(resp)
+}
+
+/// An Add Pool request that passed Batch's checks: what the new pool is made of.
+struct AcceptedPool {
+    /// The pool's key in the state (account and id).
+    key: String,
+    id: String,
+    body: Value,
+    resize_timeout: Duration,
+    image: BootImage,
+    dedicated: u32,
+    low_priority: u32,
+}
+
+/// Batch's checks of an Add Pool request, in Batch's order: the body and its shape, the id, the
+/// VM size, the VM configuration, no autoscale, an id not taken, the resize timeout, the node
+/// agent SKU and the image, the node counts.
+fn accepted_pool(
+    ctx: &Ctx,
+    st: &State,
+    req: &Request,
+    account: &BatchAccount,
+    caller: &BatchCaller,
+    now: EmuTime,
+) -> Result<AcceptedPool, Response> {
+    let body = pool_body(req)?;
+    let id = pool_id(req, &body)?;
+    check_vm_size(req, &body)?;
+    let vm = vm_configuration(req, &body)?;
+    check_not_autoscale(req, &body)?;
+    let key = State::pool_key(&account.name, &id);
+    if st.pools.contains_key(&key) {
+        return Err(error(req, 409, "PoolExists", "The specified pool already exists.", &[]));
+    }
+    let resize_timeout = resize_timeout(req, &body)?;
+    let image = boot_image(ctx, st, req, account, caller, &vm, now)?;
+    let dedicated = node_count(req, &body, "targetDedicatedNodes")?;
+    let low_priority = node_count(req, &body, "targetLowPriorityNodes")?;
+    check_pool_size(req, dedicated, low_priority)?;
+    Ok(AcceptedPool {
+        key,
+        id,
+        body,
+        resize_timeout,
+        image,
+        dedicated,
+        low_priority,
+    })
+}
+
+/// A pool body is a JSON object, and its optional parts have the shapes Batch reads.
+fn pool_body(req: &Request) -> Result<Value, Response> {
+    let body = match serde_json::from_slice(&req.body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return Err(error(
+                req,
+                400,
+                "InvalidRequestBody",
+                "The specified Request Body is not syntactically valid.",
+                &[],
+            ));
+        }
+    };
+    check_pool_shape(req, &body)?;
+    Ok(body)
+}
+
+/// A pool id is required and has 1 to 64 letters, digits, hyphens and underscores.
+fn pool_id(req: &Request, body: &Value) -> Result<String, Response> {
+    let Some(id) = body["id"].as_str() else {
+        return Err(missing_property(req, "id"));
+    };
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_') {
+        return Err(bad_property(
+            req,
+            "id",
+            "A pool id has 1 to 64 letters, digits, hyphens and underscores.",
+        ));
+    }
+    Ok(id.to_string())
+}
+
+/// A pool names its VM size, and Batch offers that size.
+fn check_vm_size(req: &Request, body: &Value) -> Result<(), Response> {
+    match body["vmSize"].as_str() {
+        None => Err(missing_property(req, "vmSize")),
+        Some(size) if !crate::emulator::vm_sizes::offered(size) => Err(bad_property(
+            req,
+            "vmSize",
+            "The specified VM size is not supported by Batch.",
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// What a pool's `virtualMachineConfiguration` names: the node agent SKU and the image.
+struct VmConfiguration<'a> {
+    node_agent_sku: &'a str,
+    image: ImageReference<'a>,
+}
+
+/// The image a pool's nodes boot: a Compute Gallery image (version) by its ARM id, or a
+/// marketplace image by publisher, offer and SKU.
+enum ImageReference<'a> {
+    Gallery {
+        id: &'a str,
+    },
+    Marketplace {
+        publisher: &'a str,
+        offer: &'a str,
+        sku: &'a str,
+    },
+}
+
+/// A pool has a `virtualMachineConfiguration` with a node agent SKU and an image reference.
+fn vm_configuration<'a>(req: &Request, body: &'a Value) -> Result<VmConfiguration<'a>, Response> {
+    let Some(vm_config) = body.get("virtualMachineConfiguration").filter(|v| v.is_object()) else {
+        return Err(missing_property(req, "virtualMachineConfiguration"));
+    };
+    let Some(node_agent_sku) = vm_config["nodeAgentSKUId"].as_str() else {
+        return Err(missing_property(req, "nodeAgentSKUId"));
+    };
+    let Some(image_ref) = vm_config.get("imageReference").filter(|v| v.is_object()) else {
+        return Err(missing_property(req, "imageReference"));
+    };
+    let image = match image_ref["virtualMachineImageId"].as_str() {
+        Some(id) => ImageReference::Gallery { id },
+        None => ImageReference::Marketplace {
+            publisher: image_ref["publisher"].as_str().unwrap_or_default(),
+            offer: image_ref["offer"].as_str().unwrap_or_default(),
+            sku: image_ref["sku"].as_str().unwrap_or_default(),
+        },
+    };
+    Ok(VmConfiguration { node_agent_sku, image })
+}
+
+/// This emulator refuses autoscale pools: it models fixed targets only.
+fn check_not_autoscale(req: &Request, body: &Value) -> Result<(), Response> {
+    if body["enableAutoScale"].as_bool() == Some(true) {
+        return Err(bad_property(
+            req,
+            "enableAutoScale",
+            "Autoscale pools are not supported by this emulator.",
+        ));
+    }
+    Ok(())
+}
+
+/// The resize timeout is an ISO 8601 duration of at least 5 minutes; 15 minutes when absent.
+fn resize_timeout(req: &Request, body: &Value) -> Result<Duration, Response> {
+    let Some(text) = body["resizeTimeout"].as_str() else {
+        return Ok(Duration::minutes(15));
+    };
+    match parse_duration(text) {
+        Some(d) if d >= Duration::minutes(5) => Ok(d),
+        Some(_) => Err(bad_property(
+            req,
+            "resizeTimeout",
+            "The resize timeout must be at least 5 minutes.",
+        )),
+        None => Err(bad_property(
+            req,
+            "resizeTimeout",
+            "The value is not a valid ISO 8601 duration.",
+        )),
+    }
+}
+
+/// What the allocation model needs to know of a pool's image.
+struct BootImage {
+    /// A gallery image: Shared Key callers may not reach the pool afterwards.
+    from_gallery: bool,
+    /// Replicas of the image in the account's region, which bound how fast nodes allocate.
+    replicas_in_region: u32,
+}
+
+/// The node agent SKU is one Batch supports, and the image is one Batch can boot with it: a
+/// gallery image Batch may use (checked through ARM, for an AAD caller only) of the SKU's OS, or a
+/// supported marketplace image whose SKU it is.
+fn boot_image(
+    ctx: &Ctx,
+    st: &State,
+    req: &Request,
+    account: &BatchAccount,
+    caller: &BatchCaller,
+    vm: &VmConfiguration,
+    now: EmuTime,
+) -> Result<BootImage, Response> {
+    let sku = vm.node_agent_sku;
+    let Some(sku_os) = images::sku_os(sku) else {
+        return Err(bad_property(
+            req,
+            "nodeAgentSKUId",
+            &format!("The node agent SKU '{sku}' is not supported."),
+        ));
+    };
+    match vm.image {
+        ImageReference::Gallery { id } => {
+            let BatchCaller::Aad { oid } = caller else {
+                return Err(shared_key_refused(req));
+            };
+            let found = arm_view::gallery_image_for_pool(ctx, st, id, account, oid, now)
+                .map_err(|refusal| error(req, refusal.status, &refusal.code, &refusal.message, &refusal.values()))?;
+            if !found.os_type.eq_ignore_ascii_case(sku_os) {
+                return Err(bad_property(
+                    req,
+                    "nodeAgentSKUId",
+                    &format!(
+                        "The node agent SKU '{sku}' is for {sku_os} images but the image '{id}' is {}.",
+                        found.os_type
+                    ),
+                ));
+            }
+            Ok(BootImage {
+                from_gallery: true,
+                replicas_in_region: found.replicas_in_region,
+            })
+        }
+        ImageReference::Marketplace {
+            publisher,
+            offer,
+            sku: image_sku,
+        } => marketplace_image(req, sku, publisher, offer, image_sku),
+    }
+}
+
+/// A marketplace image is one Batch supports, with the node agent SKU Batch pairs with it.
+fn marketplace_image(
+    req: &Request,
+    sku: &str,
+    publisher: &str,
+    offer: &str,
+    image_sku: &str,
+) -> Result<BootImage, Response> {
+    match images::find_marketplace(publisher, offer, image_sku) {
+        // Azure serves marketplace images from its own copies: counted as the most replicas a region
+        // may hold of a gallery image.
+        Some(image) if image.node_agent_sku.eq_ignore_ascii_case(sku) => Ok(BootImage {
+            from_gallery: false,
+            replicas_in_region: 100,
+        }),
+        Some(image) => Err(bad_property(
+            req,
+            "nodeAgentSKUId",
+            &format!(
+                "The image {publisher}/{offer}/{image_sku} needs node agent SKU '{}'.",
+                image.node_agent_sku
+            ),
+        )),
+        None => Err(bad_property(
+            req,
+            "imageReference",
+            "The specified image is not supported by Batch.",
+        )),
+    }
+}
+
+/// A pool of this emulator has at most `MAX_POOL_NODES` nodes, dedicated and low-priority together.
+fn check_pool_size(req: &Request, dedicated: u32, low_priority: u32) -> Result<(), Response> {
+    if dedicated + low_priority > MAX_POOL_NODES {
+        return Err(bad_property(
+            req,
+            "targetDedicatedNodes",
+            &format!("A pool of this emulator has at most {MAX_POOL_NODES} nodes."),
+        ));
+    }
+    Ok(())
+}
+
+/// A pool's start task as its nodes see it: whether there is one, and whether a node waits for it
+/// to succeed before it is idle (Batch's default when a start task is given).
+struct StartTask {
+    present: bool,
+    wait_for_success: bool,
+}
+
+impl StartTask {
+    fn of(body: &Value) -> StartTask {
+        let present = body.get("startTask").is_some_and(Value::is_object);
+        StartTask {
+            present,
+            wait_for_success: present && body["startTask"]["waitForSuccess"].as_bool().unwrap_or(true),
+        }
+    }
+}
+
+/// What the fault plan does to a new pool: the resize error its allocation ends with, and the share
+/// of its nodes whose start task fails (asked only when it has a start task, so a pool without one
+/// takes no draw from a start-task rule).
+struct PoolFaults {
+    allocation_failure: Option<String>,
+    start_task_failure_share: f64,
+}
+
+impl PoolFaults {
+    fn drawn(ctx: &Ctx, pool: &str, has_start_task: bool) -> PoolFaults {
+        let mut faults = ctx.faults.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let allocation_failure = faults.allocation_fails(pool);
+        let start_task_failure_share = if has_start_task {
+            faults.start_task_failure_share(pool)
+        } else {
+            0.0
+        };
+        PoolFaults {
+            allocation_failure,
+            start_task_failure_share,
+        }
+    }
+}
+
+/// 201 as Batch answers an add: the pool's ETag and last-modified time, and its URL as both
+/// `DataServiceId` and `Location`.
+fn pool_created(req: &Request, account: &BatchAccount, pool: &Pool, now: EmuTime) -> Response {
+    let url = format!("{}/pools/{}", account_url(&req.base_url, &account.name), pool.id);
+    Response::empty(201)
+        .with_header("etag", etag(pool))
         .with_header("last-modified", rfc1123(now))
-        .with_header(
-            "dataserviceid",
-            format!("{}/pools/{id}", account_url(&req.base_url, &account.name)),
-        )
-        .with_header(
-            "location",
-            format!("{}/pools/{id}", account_url(&req.base_url, &account.name)),
-        );
-    st.pools.insert(key, pool);
-    (resp, true)
+        .with_header("dataserviceid", url.clone())
+        .with_header("location", url)
 }
 
 /// Fixes an allocation episode: when each new node arrives, which fail their start task, and
