@@ -74,7 +74,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
     announce(run_id, &prepared, entry, &session);
     let timings = Arc::new(Timings::default());
-    let (outcome, wall) = run_here(&bus, &prepared, entry, &session, telemetry, timeout, &timings).await?;
+    let (outcome, wall) = run_in_process(&bus, &prepared, entry, &session, telemetry, timeout, &timings).await?;
     let calls = session.emulator.as_ref().map(azure_calls);
     print!(
         "{}",
@@ -127,7 +127,7 @@ fn announce(run_id: Uuid, prepared: &Prepared, entry: Stage, session: &Session) 
 
 /// Runs the plan on `bus` in this process until it ends or `timeout` passes, with its progress
 /// shown meanwhile; the outcome and the wall time the run took.
-async fn run_here(
+async fn run_in_process(
     bus: &Arc<MemoryBus>,
     prepared: &Prepared,
     entry: Stage,
