@@ -328,7 +328,7 @@ async fn make_image(nightly: &Nightly) -> ImageId {
     control.advance(Duration::from_secs(3600)).await;
     let image = azure.get_image(&build.image).await.expect("read the image");
     assert_eq!(
-        image.map(|i| i.provisioning_state).as_deref(),
+        image.map(|i| i.provisioning_state.to_string()).as_deref(),
         Some("Succeeded"),
         "the shared image is made"
     );
@@ -337,7 +337,7 @@ async fn make_image(nightly: &Nightly) -> ImageId {
         .await
         .expect("read the definition");
     assert_eq!(
-        definition.map(|d| d.provisioning_state).as_deref(),
+        definition.map(|d| d.provisioning_state.to_string()).as_deref(),
         Some("Succeeded"),
         "the definition is made"
     );

@@ -395,7 +395,7 @@ impl AzureApi for World {
             os_type: "linux".into(),
         }])
     }
-    async fn add_pool(&self, _: &str, _: &serde_json::Value) -> Result<PoolCreated, AzureError> {
+    async fn add_pool(&self, _: &str, _: &PoolRequest) -> Result<PoolCreated, AzureError> {
         Err(unused("add_pool"))
     }
     async fn get_pool(&self, _: &str, _: &str) -> Result<Option<PoolInfo>, AzureError> {

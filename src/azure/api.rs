@@ -11,6 +11,7 @@ use super::states::{AllocationState, PoolState, ProvisioningState, RegistrationS
 use crate::model::ids::{
     BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId,
 };
+use crate::model::spec::StartTaskSpec;
 
 /// Tags put on every resource sigrun creates, so what it made is findable.
 pub type Tags = BTreeMap<String, String>;
@@ -207,6 +208,22 @@ impl NodeCounts {
     }
 }
 
+/// A pool to add, built from a gallery image version (Batch's `PoolAddParameter`; `azure::batch`
+/// alone renders it as JSON).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolRequest {
+    pub id: String,
+    pub vm_size: String,
+    pub image: GalleryImageVersionId,
+    pub node_agent_sku_id: String,
+    pub resize_timeout: std::time::Duration,
+    pub dedicated_nodes: u32,
+    pub low_priority_nodes: u32,
+    pub task_slots_per_node: u32,
+    pub start_task: Option<StartTaskSpec>,
+    pub metadata: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum PoolCreated {
     Created,
@@ -256,8 +273,7 @@ pub trait AzureApi: Send + Sync {
 
     async fn get_batch_account(&self, id: &BatchAccountId) -> Result<BatchAccountInfo, AzureError>;
     async fn supported_images(&self, account: &BatchAccountInfo) -> Result<Vec<SupportedImage>, AzureError>;
-    /// Adds a pool; `body` is Batch's `PoolAddParameter`.
-    async fn add_pool(&self, account_url: &str, body: &serde_json::Value) -> Result<PoolCreated, AzureError>;
+    async fn add_pool(&self, account_url: &str, pool: &PoolRequest) -> Result<PoolCreated, AzureError>;
     async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError>;
     async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError>;
     async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError>;

@@ -15,12 +15,50 @@ use reqwest::{Method, Url};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::api::{NodeCounts, PoolCreated, PoolInfo, ResizeError, SupportedImage};
+use super::api::{NodeCounts, PoolCreated, PoolInfo, PoolRequest, ResizeError, SupportedImage};
 use super::error::AzureError;
 use super::http::{Audience, Call, Http, Reply};
 use super::states::{AllocationState, PoolState};
 use crate::model::ids::pool_id_ok;
 use crate::model::rules::min_resize_timeout;
+
+/// Batch's `PoolAddParameter` for `pool`: the gallery image version as `virtualMachineImageId`,
+/// the start task run as the pool's auto-user.
+fn pool_add_body(pool: &PoolRequest) -> Value {
+    let mut body = json!({
+        "id": pool.id,
+        "vmSize": pool.vm_size,
+        "virtualMachineConfiguration": {
+            "imageReference": {"virtualMachineImageId": pool.image.to_string()},
+            "nodeAgentSKUId": pool.node_agent_sku_id,
+        },
+        "resizeTimeout": iso_duration(pool.resize_timeout),
+        "targetDedicatedNodes": pool.dedicated_nodes,
+        "targetLowPriorityNodes": pool.low_priority_nodes,
+        "taskSlotsPerNode": pool.task_slots_per_node,
+        "metadata": pool.metadata.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
+    });
+    if let Some(task) = &pool.start_task {
+        let elevation = if task.elevated { "admin" } else { "nonadmin" };
+        body["startTask"] = json!({
+            "commandLine": task.command_line,
+            "waitForSuccess": task.wait_for_success,
+            "maxTaskRetryCount": task.max_task_retry_count,
+            "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": elevation}},
+        });
+    }
+    body
+}
+
+/// ISO 8601 duration as Batch takes it (`PT30M`).
+fn iso_duration(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    if secs.is_multiple_of(60) {
+        format!("PT{}M", secs / 60)
+    } else {
+        format!("PT{secs}S")
+    }
+}
 
 /// Most pages a list is followed through.
 const MAX_PAGES: usize = 200;
@@ -324,13 +362,13 @@ impl Batch {
         Ok(images)
     }
 
-    pub async fn add_pool(&self, account_url: &str, body: &Value) -> Result<PoolCreated, AzureError> {
+    pub async fn add_pool(&self, account_url: &str, pool: &PoolRequest) -> Result<PoolCreated, AzureError> {
         let account = self.account(account_url)?;
-        let pool_id = body["id"].as_str().unwrap_or_default();
-        self.check_pool_id(pool_id)?;
+        self.check_pool_id(&pool.id)?;
         let url = self.url(&account, "/pools", &[]);
+        let body = pool_add_body(pool);
         match self
-            .send(Method::POST, url, format!("add pool {pool_id}"), Some(body))
+            .send(Method::POST, url, format!("add pool {}", pool.id), Some(&body))
             .await
         {
             Ok(_) => Ok(PoolCreated::Created),
@@ -467,6 +505,72 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ids::GalleryImageVersionId;
+    use crate::model::spec::StartTaskSpec;
+
+    fn render_pool() -> PoolRequest {
+        let image = GalleryImageVersionId::new(
+            "11111111-1111-4111-8111-111111111111",
+            "rg-gallery",
+            &["sigrun_gallery", "ubuntu", "2026.1126.0"],
+        )
+        .unwrap();
+        PoolRequest {
+            id: "nightly-render-2026-1126-0".into(),
+            vm_size: "Standard_D4s_v5".into(),
+            image,
+            node_agent_sku_id: "batch.node.ubuntu 22.04".into(),
+            resize_timeout: std::time::Duration::from_secs(2250),
+            dedicated_nodes: 2000,
+            low_priority_nodes: 10,
+            task_slots_per_node: 4,
+            start_task: Some(StartTaskSpec {
+                command_line: "/bin/sh -c 'warm-cache'".into(),
+                elevated: true,
+                wait_for_success: true,
+                max_task_retry_count: 2,
+            }),
+            metadata: BTreeMap::from([("sigrun-run".to_string(), "r".to_string())]),
+        }
+    }
+
+    #[test]
+    fn a_pool_request_renders_as_batchs_pool_add_parameter() {
+        let pool = render_pool();
+        let body = pool_add_body(&pool);
+        assert_eq!(body["id"], "nightly-render-2026-1126-0");
+        assert_eq!(
+            body["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
+            pool.image.to_string()
+        );
+        assert_eq!(
+            body["virtualMachineConfiguration"]["nodeAgentSKUId"],
+            "batch.node.ubuntu 22.04"
+        );
+        assert_eq!(body["resizeTimeout"], "PT2250S");
+        assert_eq!(
+            (
+                &body["targetDedicatedNodes"],
+                &body["targetLowPriorityNodes"],
+                &body["taskSlotsPerNode"]
+            ),
+            (&json!(2000), &json!(10), &json!(4))
+        );
+        assert_eq!(body["metadata"], json!([{"name": "sigrun-run", "value": "r"}]));
+        let task = &body["startTask"];
+        assert_eq!(task["userIdentity"]["autoUser"]["elevationLevel"], "admin");
+        assert_eq!(
+            (&task["waitForSuccess"], &task["maxTaskRetryCount"]),
+            (&json!(true), &json!(2))
+        );
+        let plain = pool_add_body(&PoolRequest {
+            start_task: None,
+            resize_timeout: std::time::Duration::from_secs(1800),
+            ..pool
+        });
+        assert!(plain.get("startTask").is_none());
+        assert_eq!(plain["resizeTimeout"], "PT30M");
+    }
 
     #[test]
     fn node_counts_add_dedicated_and_low_priority() {

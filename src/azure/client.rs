@@ -11,7 +11,7 @@ use reqwest::Url;
 
 use super::api::{
     Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts, OperationStatus,
-    PoolCreated, PoolInfo, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion, VersionInfo,
+    PoolCreated, PoolInfo, PoolRequest, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion, VersionInfo,
     VersionRequest, VmInfo, VmSize,
 };
 use super::arm::Arm;
@@ -215,8 +215,8 @@ impl AzureApi for AzureClient {
         named("supported_images", self.batch.supported_images(&account.url)).await
     }
 
-    async fn add_pool(&self, account_url: &str, body: &serde_json::Value) -> Result<PoolCreated, AzureError> {
-        named("add_pool", self.batch.add_pool(account_url, body)).await
+    async fn add_pool(&self, account_url: &str, pool: &PoolRequest) -> Result<PoolCreated, AzureError> {
+        named("add_pool", self.batch.add_pool(account_url, pool)).await
     }
 
     async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError> {

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::ids::{BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
+use super::spec::StartTaskSpec;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,8 +87,9 @@ pub struct PoolPlan {
     pub low_priority_nodes: u32,
     pub node_agent_sku_id: String,
     pub resize_timeout_secs: u64,
-    /// The pool's creation body as Batch takes it (start task, slots, metadata included).
-    pub body: serde_json::Value,
+    pub task_slots_per_node: u32,
+    #[serde(default)]
+    pub start_task: Option<StartTaskSpec>,
     pub metadata: BTreeMap<String, String>,
 }
 

@@ -12,7 +12,6 @@ mod pools;
 mod regions;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use time::OffsetDateTime;
 
@@ -138,7 +137,6 @@ pub async fn plan(
         accounts: &accounts,
         build: build.as_ref(),
         supported: &supported,
-        version_id: &version_id,
     };
     let pools = pools::plan_pools(spec, inputs, &chosen, &mut warnings)?;
     azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
@@ -320,16 +318,6 @@ fn choose_sku(
     }
 }
 
-/// ISO 8601 duration as Batch takes it (`PT30M`).
-pub fn iso_duration(d: Duration) -> String {
-    let secs = d.as_secs();
-    if secs.is_multiple_of(60) {
-        format!("PT{}M", secs / 60)
-    } else {
-        format!("PT{secs}S")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,8 +340,6 @@ mod tests {
 
     #[test]
     fn durations_for_batch() {
-        assert_eq!(iso_duration(Duration::from_secs(1800)), "PT30M");
-        assert_eq!(iso_duration(Duration::from_secs(2250)), "PT2250S");
         assert_eq!(region_key("West US 2"), "westus2");
     }
 }

@@ -1,15 +1,12 @@
 //! The planner's pools: for each pool of the spec, its region (the account's), node agent SKU,
 //! resize timeout (never below 15 minutes per 1000 nodes: raised with a warning), id, metadata
-//! and the Batch body `pool-create` sends.
+//! and what `pool-create` adds besides (slots, start task).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::{Value, json};
-
-use super::{PlanError, PlanInputs, choose_sku, iso_duration, region_key, rule};
+use super::{PlanError, PlanInputs, choose_sku, region_key, rule};
 use crate::azure::api::{BatchAccountInfo, SupportedImage};
-use crate::model::ids::GalleryImageVersionId;
 use crate::model::plan::{BuildPlan, PoolPlan};
 use crate::model::rules;
 use crate::model::spec::{PipelineSpec, PoolSpec, duration, render_name};
@@ -20,7 +17,6 @@ pub struct Chosen<'a> {
     pub accounts: &'a BTreeMap<String, BatchAccountInfo>,
     pub build: Option<&'a BuildPlan>,
     pub supported: &'a [SupportedImage],
-    pub version_id: &'a GalleryImageVersionId,
 }
 
 pub fn plan_pools(
@@ -54,7 +50,6 @@ fn plan_pool(
     metadata.insert("sigrun-pipeline".into(), spec.name.clone());
     metadata.insert("sigrun-target".into(), pool.target.clone());
     metadata.insert("sigrun-version".into(), inputs.version.clone());
-    let body = pool_body(pool, &pool_id, &sku, timeout, &metadata, chosen.version_id);
     Ok(PoolPlan {
         target: pool.target.clone(),
         region: region_key(&account.location),
@@ -66,7 +61,8 @@ fn plan_pool(
         low_priority_nodes: pool.low_priority_nodes,
         node_agent_sku_id: sku,
         resize_timeout_secs: timeout.as_secs(),
-        body,
+        task_slots_per_node: pool.task_slots_per_node,
+        start_task: pool.start_task.clone(),
         metadata,
     })
 }
@@ -89,37 +85,4 @@ fn resize_timeout(pool: &PoolSpec, key: &str, warnings: &mut Vec<String>) -> Res
         duration::format(minimum)
     ));
     Ok(minimum)
-}
-
-/// The Batch REST body of Pool – Add for this pool, from the gallery image version.
-fn pool_body(
-    pool: &PoolSpec,
-    pool_id: &str,
-    sku: &str,
-    timeout: Duration,
-    metadata: &BTreeMap<String, String>,
-    version_id: &GalleryImageVersionId,
-) -> Value {
-    let mut body = json!({
-        "id": pool_id,
-        "vmSize": pool.vm_size,
-        "virtualMachineConfiguration": {
-            "imageReference": {"virtualMachineImageId": version_id.to_string()},
-            "nodeAgentSKUId": sku,
-        },
-        "resizeTimeout": iso_duration(timeout),
-        "targetDedicatedNodes": pool.dedicated_nodes,
-        "targetLowPriorityNodes": pool.low_priority_nodes,
-        "taskSlotsPerNode": pool.task_slots_per_node,
-        "metadata": metadata.iter().map(|(k, v)| json!({"name": k, "value": v})).collect::<Vec<_>>(),
-    });
-    if let Some(task) = &pool.start_task {
-        body["startTask"] = json!({
-            "commandLine": task.command_line,
-            "waitForSuccess": task.wait_for_success,
-            "maxTaskRetryCount": task.max_task_retry_count,
-            "userIdentity": {"autoUser": {"scope": "pool", "elevationLevel": if task.elevated { "admin" } else { "nonadmin" }}},
-        });
-    }
-    body
 }

@@ -58,13 +58,14 @@ fn plan() -> Plan {
             region: region.into(),
             account: BatchAccountId::new(SUB_BATCH, "rg-batch", &[account]).unwrap(),
             account_url: format!("https://{account}.{region}.batch.azure.com"),
-            pool_id: pool_id.clone(),
+            pool_id,
             vm_size: "Standard_D4s_v5".into(),
             dedicated_nodes: 2,
             low_priority_nodes: 0,
             node_agent_sku_id: "batch.node.ubuntu 22.04".into(),
             resize_timeout_secs: 900,
-            body: serde_json::json!({ "id": pool_id }),
+            task_slots_per_node: 1,
+            start_task: None,
             metadata: BTreeMap::new(),
         }
     };

@@ -4,12 +4,15 @@
 //! target, version, run), which is how a replay recognises its own pool and how a later rollout
 //! finds the previous one; a pool id taken by anything else is never touched.
 
+use std::time::Duration;
+
 use super::common::{ADMISSION, fail, made_in_admission};
 use super::{Outcome, Step, StepContext};
 use crate::azure::AzureError;
-use crate::azure::api::PoolCreated;
+use crate::azure::api::{PoolCreated, PoolRequest};
 use crate::events::EventKind;
 use crate::model::envelope::{Branch, Envelope, PoolArtifact, Stage};
+use crate::model::plan::PoolPlan;
 
 pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let Branch::Pool { target, .. } = message.branch.clone() else {
@@ -18,15 +21,8 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     let Some(pool) = message.plan.pools.iter().find(|p| p.target == target).cloned() else {
         return Ok(fail(format!("no pool target `{target}` in the plan")));
     };
-    let mut body = pool.body.clone();
-    if let Some(metadata) = body.get_mut("metadata").and_then(|m| m.as_array_mut()) {
-        metadata.push(serde_json::json!({"name": "sigrun-run", "value": message.run_id.to_string()}));
-        if !message.admission.is_nil() {
-            metadata.push(serde_json::json!({"name": ADMISSION, "value": message.admission.to_string()}));
-        }
-    }
     let mut events = Vec::new();
-    match ctx.azure.add_pool(&pool.account_url, &body).await? {
+    match ctx.azure.add_pool(&pool.account_url, &request(&pool, &message)).await? {
         PoolCreated::Created => events.push(EventKind::PoolCreated {
             pool_id: pool.pool_id.clone(),
         }),
@@ -63,4 +59,26 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         events,
         observations: Vec::new(),
     })
+}
+
+/// The pool as planned, from the run's image version, with the run's metadata besides the
+/// plan's: `sigrun-run` (a replay knows its own pool) and the admission that made it.
+fn request(pool: &PoolPlan, message: &Envelope) -> PoolRequest {
+    let mut metadata = pool.metadata.clone();
+    metadata.insert("sigrun-run".into(), message.run_id.to_string());
+    if !message.admission.is_nil() {
+        metadata.insert(ADMISSION.into(), message.admission.to_string());
+    }
+    PoolRequest {
+        id: pool.pool_id.clone(),
+        vm_size: pool.vm_size.clone(),
+        image: message.plan.version_id.clone(),
+        node_agent_sku_id: pool.node_agent_sku_id.clone(),
+        resize_timeout: Duration::from_secs(pool.resize_timeout_secs),
+        dedicated_nodes: pool.dedicated_nodes,
+        low_priority_nodes: pool.low_priority_nodes,
+        task_slots_per_node: pool.task_slots_per_node,
+        start_task: pool.start_task.clone(),
+        metadata,
+    }
 }

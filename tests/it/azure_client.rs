@@ -13,8 +13,8 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use reqwest::Method;
 use serde_json::{Value, json};
 use sigrun::azure::api::{
-    Accepted, DefinitionRequest, ImageRequest, OperationStatus, PoolCreated, SnapshotRequest, Tags, TargetRegion,
-    VersionRequest,
+    Accepted, DefinitionRequest, ImageRequest, OperationStatus, PoolCreated, PoolRequest, SnapshotRequest, Tags,
+    TargetRegion, VersionRequest,
 };
 use sigrun::azure::{AzureApi, AzureClient, AzureSettings, CredentialSettings, ErrorClass, RegistrationState, Secret};
 use sigrun::emulator::EmulatorOptions;
@@ -187,19 +187,27 @@ fn version_request(chain: &Chain, name: &str, regions: &[(&str, u32)]) -> Versio
     }
 }
 
-fn pool_body(id: &str, image: &GalleryImageVersionId, nodes: u32) -> Value {
-    json!({
-        "id": id,
-        "vmSize": "Standard_D2s_v3",
-        "virtualMachineConfiguration": {
-            "imageReference": {"virtualMachineImageId": image.to_string()},
-            "nodeAgentSKUId": "batch.node.ubuntu 22.04",
-        },
-        "targetDedicatedNodes": nodes,
-        "targetLowPriorityNodes": 0,
-        "resizeTimeout": "PT15M",
-        "metadata": [{"name": "sigrun-run", "value": "it-full"}],
-    })
+fn pool_request(id: &str, image: &GalleryImageVersionId, nodes: u32) -> PoolRequest {
+    PoolRequest {
+        id: id.into(),
+        vm_size: "Standard_D2s_v3".into(),
+        image: image.clone(),
+        node_agent_sku_id: "batch.node.ubuntu 22.04".into(),
+        resize_timeout: Duration::from_secs(15 * 60),
+        dedicated_nodes: nodes,
+        low_priority_nodes: 0,
+        task_slots_per_node: 1,
+        start_task: None,
+        metadata: [("sigrun-run".to_string(), "it-full".to_string())].into(),
+    }
+}
+
+/// A gallery image version in westeurope that pools can be added from.
+async fn a_gallery_version(emu: &TestEmulator, definition: &str) -> GalleryImageVersionId {
+    let token = emu.arm_token().await;
+    let id = publish_version(emu, &token, definition, "Generalized", "1.0.0", &[("westeurope", 1)]).await;
+    emu.advance(3600.0).await;
+    GalleryImageVersionId::parse(&id).unwrap()
 }
 
 #[tokio::test]
@@ -420,7 +428,7 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
 
     let pool_id = "sigrun-it-nightly";
     assert_eq!(azure.get_pool(&account.url, pool_id).await.unwrap(), None);
-    let body = pool_body(pool_id, &version, 3);
+    let body = pool_request(pool_id, &version, 3);
     assert_eq!(azure.add_pool(&account.url, &body).await.unwrap(), PoolCreated::Created);
     assert_eq!(azure.add_pool(&account.url, &body).await.unwrap(), PoolCreated::Exists);
     let pool = azure.get_pool(&account.url, pool_id).await.unwrap().expect("pool");
@@ -658,12 +666,9 @@ async fn errors_carry_status_code_and_request_id() {
 
     // Batch's odata error shape, with its `values`.
     let account = emu.batch_url("sigrunweu");
-    let mut body = json!({
-        "id": "bad-timeout", "vmSize": "Standard_D2s_v3",
-        "virtualMachineConfiguration": {"imageReference": {"publisher": "canonical",
-            "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts-gen2", "version": "latest"},
-            "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
-        "targetDedicatedNodes": 1, "resizeTimeout": "PT1M"});
+    let image = a_gallery_version(&emu, "bad-timeout").await;
+    let mut body = pool_request("bad-timeout", &image, 1);
+    body.resize_timeout = Duration::from_secs(60);
     let err = azure.add_pool(&account, &body).await.unwrap_err();
     assert_eq!(
         (err.status, err.code.as_deref()),
@@ -678,7 +683,7 @@ async fn errors_carry_status_code_and_request_id() {
     assert!(err.request_id.is_some());
 
     // A pool id that could leave its path segment is refused before anything is sent.
-    body["id"] = json!("../pools/x");
+    body.id = "../pools/x".into();
     let err = azure.add_pool(&account, &body).await.unwrap_err();
     assert_eq!(err.code.as_deref(), Some("InvalidPoolId"));
     let err = azure.get_pool(&account, "a/b").await.unwrap_err();
@@ -824,12 +829,8 @@ async fn server_errors_and_dropped_connections_are_retried() {
 
     // The same on Batch: the pool was added before the cut, the retry meets PoolExists.
     let account = emu.batch_url("sigrunweu");
-    let body = json!({
-        "id": "reset-pool", "vmSize": "Standard_D2s_v3",
-        "virtualMachineConfiguration": {"imageReference": {"publisher": "canonical",
-            "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts-gen2", "version": "latest"},
-            "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
-        "targetDedicatedNodes": 1});
+    let image = a_gallery_version(&emu, "reset").await;
+    let body = pool_request("reset-pool", &image, 1);
     clear_log(&emu).await;
     emu.set_faults("reset:times=1,api=batch,method=post").await;
     assert_eq!(azure.add_pool(&account, &body).await.unwrap(), PoolCreated::Exists);
@@ -855,12 +856,8 @@ async fn a_resize_whose_answer_was_lost_is_not_an_error() {
     let emu = start(EmulatorOptions::default()).await;
     let azure = client_for_app(&emu, PIPELINE_APP);
     let account = emu.batch_url("sigrunweu");
-    let body = json!({
-        "id": "lost-resize", "vmSize": "Standard_D2s_v3",
-        "virtualMachineConfiguration": {"imageReference": {"publisher": "canonical",
-            "offer": "0001-com-ubuntu-server-jammy", "sku": "22_04-lts-gen2", "version": "latest"},
-            "nodeAgentSKUId": "batch.node.ubuntu 22.04"},
-        "targetDedicatedNodes": 1});
+    let image = a_gallery_version(&emu, "lost-resize").await;
+    let body = pool_request("lost-resize", &image, 1);
     assert_eq!(azure.add_pool(&account, &body).await.unwrap(), PoolCreated::Created);
     emu.advance(1800.0).await;
     let pool = azure.get_pool(&account, "lost-resize").await.unwrap().unwrap();

@@ -494,9 +494,7 @@ async fn resize_timeout_is_15_minutes_per_1000_nodes() {
     };
     let plan = plan_ok(&emu, &spec).await;
     assert_eq!(plan.pools[0].resize_timeout_secs, 30 * 60);
-    assert_eq!(plan.pools[0].body["resizeTimeout"], "PT30M");
     assert_eq!(plan.pools[1].resize_timeout_secs, 15 * 60);
-    assert_eq!(plan.pools[1].body["resizeTimeout"], "PT15M");
     assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
 
     // Given too low: raised, with a warning. Given above the minimum: kept.
@@ -509,9 +507,7 @@ async fn resize_timeout_is_15_minutes_per_1000_nodes() {
     };
     let plan = plan_ok(&emu, &spec).await;
     assert_eq!(plan.pools[0].resize_timeout_secs, 30 * 60);
-    assert_eq!(plan.pools[0].body["resizeTimeout"], "PT30M");
     assert_eq!(plan.pools[1].resize_timeout_secs, 45 * 60);
-    assert_eq!(plan.pools[1].body["resizeTimeout"], "PT45M");
     assert_eq!(
         plan.warnings,
         vec![
@@ -528,10 +524,6 @@ async fn node_agent_sku_auto_comes_from_batchs_list_for_the_base_image() {
     let emu = start_frozen().await;
     let plan = plan_ok(&emu, &Spec::default()).await;
     assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.ubuntu 22.04");
-    assert_eq!(
-        plan.pools[0].body["virtualMachineConfiguration"]["nodeAgentSKUId"],
-        "batch.node.ubuntu 22.04"
-    );
     assert_eq!(
         plan.build.as_ref().unwrap().base_image,
         Some((
@@ -806,14 +798,7 @@ async fn the_shipped_nightly_pipeline_plans_with_the_documented_numbers() {
     );
     assert_eq!(render.node_agent_sku_id, "batch.node.ubuntu 22.04");
     assert_eq!(render.resize_timeout_secs, 1800);
-    assert_eq!(
-        render.body["virtualMachineConfiguration"]["imageReference"]["virtualMachineImageId"],
-        plan.version_id.to_string()
-    );
-    assert_eq!(
-        render.body["startTask"]["userIdentity"]["autoUser"]["elevationLevel"],
-        "admin"
-    );
+    assert!(render.start_task.as_ref().is_some_and(|task| task.elevated), "{render:?}");
     assert_eq!(render.metadata["sigrun-version"], "2026.1126.0");
     let sim = &plan.pools[1];
     assert_eq!((sim.region.as_str(), sim.resize_timeout_secs), ("eastus", 1200));
