@@ -277,7 +277,7 @@ struct Relay {
 
 #[async_trait]
 impl Handler for Relay {
-    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, _now: time::OffsetDateTime) -> Result<Step, AzureError> {
         match message.stage {
             Stage::Snapshot => {
                 let next = message.next(Stage::ImageCreate, OffsetDateTime::now_utc());

@@ -712,7 +712,7 @@ struct TwoStages;
 
 #[async_trait]
 impl Handler for TwoStages {
-    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, _now: time::OffsetDateTime) -> Result<Step, AzureError> {
         let now = OffsetDateTime::now_utc();
         Ok(match message.stage {
             Stage::Snapshot => {

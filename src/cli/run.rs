@@ -221,10 +221,10 @@ struct Timed {
 
 #[async_trait]
 impl Handler for Timed {
-    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, now: time::OffsetDateTime) -> Result<Step, AzureError> {
         let stage = message.stage;
         let began = Instant::now();
-        let result = self.inner.handle(message).await;
+        let result = self.inner.handle(message, now).await;
         let ended = Instant::now();
         let mut timings = self.timings.0.lock().expect("timings lock");
         let entry = timings.entry(stage).or_insert((began, ended, 0));

@@ -35,10 +35,26 @@ pub use runner::{Runtime, RuntimeReport};
 pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
 pub use stage_handler::StageHandler;
 
-/// What handles a decoded message. Production: the stages; tests: anything.
+/// What handles a decoded message. Production: the stages; tests: anything. `now` is the
+/// runtime's clock (so a test with tokio's time paused steps in step with its delay tiers).
 #[async_trait]
 pub trait Handler: Send + Sync {
-    async fn handle(&self, message: Envelope) -> Result<Step, AzureError>;
+    async fn handle(&self, message: Envelope, now: OffsetDateTime) -> Result<Step, AzureError>;
+}
+
+/// Why a step produced no outcome: Azure (classified for retry by [`retry::decide`]), or the
+/// handler itself broke (a bug: retrying the same message would break it again).
+#[derive(Debug)]
+pub enum StepError {
+    Azure(AzureError),
+    /// The handler panicked or its task was cancelled; the text says which and why.
+    Broken(String),
+}
+
+impl From<AzureError> for StepError {
+    fn from(error: AzureError) -> StepError {
+        StepError::Azure(error)
+    }
 }
 
 /// Where the runtime reads "now" when it compares a message's `not_before` and sets the next one.

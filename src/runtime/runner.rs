@@ -22,7 +22,7 @@ use uuid::Uuid;
 use super::observe::{Handled, Observer};
 use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
-use super::{Clock, Handler};
+use super::{Clock, Handler, StepError};
 use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
 use crate::events::{Event, EventKind};
@@ -278,12 +278,13 @@ impl Runtime {
         // Its hold has passed; clear it so nothing derived from this message inherits it.
         message.not_before = None;
         let began = std::time::Instant::now();
-        let result = self.call_handler(message.clone()).await;
+        let result = self.call_handler(message.clone(), now).await;
         let handler_time = began.elapsed();
         let now = self.clock.now();
         let mut effects = match result {
             Ok(step) => effects_of_step(&message, step, now),
-            Err(error) => self.effects_of_error(&message, &error, now),
+            Err(StepError::Azure(error)) => self.effects_of_error(&message, &error, now),
+            Err(StepError::Broken(why)) => broken(&message, &why),
         };
         for next in &mut effects.messages {
             next.traceparent = hop.to_string();
@@ -409,32 +410,21 @@ impl Runtime {
     /// Runs the handler as its own task, so a panic in it becomes an error here (the message is
     /// parked with it, the branch fails) instead of taking the consumer down with the delivery
     /// unsettled.
-    async fn call_handler(&self, message: Envelope) -> Result<Step, AzureError> {
+    async fn call_handler(&self, message: Envelope, now: OffsetDateTime) -> Result<Step, StepError> {
         let handler = Arc::clone(&self.handler);
-        let stage = message.stage;
-        let task = tokio::spawn(async move { handler.handle(message).await }.instrument(Span::current()));
+        let task = tokio::spawn(async move { handler.handle(message, now).await }.instrument(Span::current()));
         // If this delivery is abandoned (shutdown), the handler stops with it.
         let mut task = AbortOnDrop(task);
         match (&mut task.0).await {
-            Ok(result) => result,
-            Err(join) => {
-                let what = if join.is_panic() {
-                    crate::model::text::panic_message(&*join.into_panic())
-                } else {
-                    "the handler task was cancelled".to_string()
-                };
-                // The same message would panic again: the branch fails and the message is parked
-                // with the reason (for a fix, then `dlq replay`), and the consumer goes on.
+            Ok(result) => Ok(result?),
+            Err(join) if join.is_panic() => {
+                let what = crate::model::text::panic_message(&*join.into_panic());
                 error!(panic = %what, "the handler panicked; parking the message");
-                Err(AzureError::permanent(
-                    format!("{stage} step"),
-                    "HandlerPanicked",
-                    format!(
-                        "the step panicked (a bug in sigrun): {}",
-                        crate::model::text::bounded(&what)
-                    ),
-                ))
+                Err(StepError::Broken(format!(
+                    "the step panicked (a bug in sigrun): {what}"
+                )))
             }
+            Err(_) => Err(StepError::Broken("the step's task was cancelled".into())),
         }
     }
 
@@ -454,27 +444,13 @@ impl Runtime {
                 }
             }
             Decision::Fail { reason, give_up } => {
-                let reason = crate::model::text::bounded(&reason);
                 warn!(%reason, give_up, "step failed for good; failing the branch");
-                Effects {
-                    handled: Handled::Parked,
-                    events: vec![failure(&message.branch, reason.clone())],
-                    messages: Vec::new(),
-                    park: Some(ParkReason {
-                        stage: Some(message.stage),
-                        error: reason,
-                        attempts: message.attempt.saturating_add(1),
-                        message_id: Some(message.message_id.to_string()),
-                    }),
-                    measured: Measured {
-                        failures: vec![if give_up {
-                            FailureClass::GaveUp
-                        } else {
-                            FailureClass::Permanent
-                        }],
-                        ..Measured::default()
-                    },
-                }
+                let class = if give_up {
+                    FailureClass::GaveUp
+                } else {
+                    FailureClass::Permanent
+                };
+                parked_failure(message, &reason, class)
             }
         }
     }
@@ -714,6 +690,33 @@ fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effec
 }
 
 /// The event that ends a branch: a pool's failure, or the whole run's when the trunk fails.
+/// A step that broke (a panic): the same message would break it again, so the branch fails and
+/// the message is parked with the reason (for a fix, then `dlq replay`); the consumer goes on.
+fn broken(message: &Envelope, why: &str) -> Effects {
+    parked_failure(message, why, FailureClass::Permanent)
+}
+
+/// The branch fails with `reason` and the message is parked with it, for `dlq replay` once
+/// what failed is fixed.
+fn parked_failure(message: &Envelope, reason: &str, class: FailureClass) -> Effects {
+    let reason = crate::model::text::bounded(reason);
+    Effects {
+        handled: Handled::Parked,
+        events: vec![failure(&message.branch, reason.clone())],
+        messages: Vec::new(),
+        park: Some(ParkReason {
+            stage: Some(message.stage),
+            error: reason,
+            attempts: message.attempt.saturating_add(1),
+            message_id: Some(message.message_id.to_string()),
+        }),
+        measured: Measured {
+            failures: vec![class],
+            ..Measured::default()
+        },
+    }
+}
+
 fn failure(branch: &Branch, reason: String) -> EventKind {
     // A stage's reason may quote what it was given: bounded like everything written back.
     let reason = crate::model::text::bounded(&reason);

@@ -35,10 +35,10 @@ impl StageHandler {
 
 #[async_trait]
 impl Handler for StageHandler {
-    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, now: OffsetDateTime) -> Result<Step, AzureError> {
         let ctx = StepContext {
             azure: self.azure.as_ref(),
-            now: OffsetDateTime::now_utc(),
+            now,
             settings: &self.settings,
             runs: self.runs.as_ref(),
         };

@@ -183,7 +183,7 @@ impl Script {
 
 #[async_trait]
 impl Handler for Script {
-    async fn handle(&self, message: Envelope) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, _now: OffsetDateTime) -> Result<Step, AzureError> {
         self.calls.lock().unwrap().push(Call {
             at: Instant::now(),
             message: message.clone(),
