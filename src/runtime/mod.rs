@@ -25,7 +25,7 @@ pub mod stage_handler;
 #[cfg(test)]
 mod fencing_tests;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
 

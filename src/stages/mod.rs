@@ -3,6 +3,10 @@
 //! none knows the bus: the runtime carries out the outcome the same way for all of them.
 
 mod common;
+#[cfg(test)]
+mod decisions;
+#[cfg(test)]
+mod fake_azure;
 mod gallery_publish;
 mod image_create;
 mod pool_create;

@@ -12,6 +12,7 @@ use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Phase, SnapshotArtifact, Stage};
 use crate::model::ids::SnapshotId;
+use crate::model::plan::BuildPlan;
 
 const WHAT: Phase = Phase::Snapshots;
 
@@ -61,21 +62,19 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Ok(step)
         }
         // Azure gave no operations to follow: read the snapshots themselves.
-        Some(urls) if urls.is_empty() => {
-            if all_succeeded(&message, ctx).await? {
-                Ok(advance(message, ctx))
-            } else {
-                Ok(wait_step(
-                    message,
-                    WHAT,
-                    Vec::new(),
-                    ctx.settings.default_poll(),
-                    ctx.now,
-                ))
-            }
-        }
+        Some(urls) if urls.is_empty() => match snapshots_state(&build, ctx).await? {
+            Copied::All => Ok(advance(message, &build, ctx)),
+            Copied::Failed(snapshot) => Ok(fail(format!("snapshot {snapshot} of the build VM failed"))),
+            Copied::NotYet => Ok(wait_step(
+                message,
+                WHAT,
+                Vec::new(),
+                ctx.settings.default_poll(),
+                ctx.now,
+            )),
+        },
         Some(urls) => match settle(ctx, &urls).await? {
-            Settled::Done => Ok(advance(message, ctx)),
+            Settled::Done => Ok(advance(message, &build, ctx)),
             Settled::Pending(urls, hint) => Ok(wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now)),
             Settled::Failed(reason) => Ok(fail(format!("a snapshot of the build VM failed: {reason}"))),
         },
@@ -114,8 +113,7 @@ async fn put_or_join(
     })
 }
 
-fn advance(mut message: Envelope, ctx: &StepContext<'_>) -> Step {
-    let build = message.plan.build.as_ref().expect("checked by the caller");
+fn advance(mut message: Envelope, build: &BuildPlan, ctx: &StepContext<'_>) -> Step {
     message.artifacts.snapshots = build
         .snapshots
         .iter()
@@ -127,21 +125,26 @@ fn advance(mut message: Envelope, ctx: &StepContext<'_>) -> Step {
     Step::new(Outcome::Advance(vec![message.next(Stage::ImageCreate, ctx.now)]))
 }
 
-/// Whether every planned snapshot reads Succeeded; a Failed one is an error.
-async fn all_succeeded(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool, AzureError> {
-    let build = message.plan.build.as_ref().expect("checked by the caller");
+/// Where the copies of the build VM's disks stand, read from the snapshots themselves.
+enum Copied {
+    All,
+    NotYet,
+    /// This snapshot reads Failed: the branch fails, as for a failed image.
+    Failed(String),
+}
+
+async fn snapshots_state(build: &BuildPlan, ctx: &StepContext<'_>) -> Result<Copied, AzureError> {
     for snapshot in &build.snapshots {
-        match ctx.azure.get_snapshot(&snapshot.id).await? {
-            Some(state) if state.provisioning_state == ProvisioningState::Succeeded => {}
-            Some(state) if state.provisioning_state == ProvisioningState::Failed => {
-                return Err(AzureError::permanent(
-                    format!("snapshot {}", snapshot.id.name()),
-                    "SnapshotFailed",
-                    "the snapshot's provisioning failed",
-                ));
-            }
-            _ => return Ok(false),
+        match ctx
+            .azure
+            .get_snapshot(&snapshot.id)
+            .await?
+            .map(|s| s.provisioning_state)
+        {
+            Some(ProvisioningState::Succeeded) => {}
+            Some(ProvisioningState::Failed) => return Ok(Copied::Failed(snapshot.id.name().to_string())),
+            _ => return Ok(Copied::NotYet),
         }
     }
-    Ok(true)
+    Ok(Copied::All)
 }

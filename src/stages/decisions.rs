@@ -1,0 +1,618 @@
+//! The stages' decisions as a table: a message and what Azure holds go in, the step's outcome and
+//! the writes it asked for come out. Azure is the in-memory [`FakeAzure`], so the whole table runs
+//! in milliseconds without sockets; the wire (REST, the emulator's lifecycles) is tested in
+//! `tests/it/stages.rs` and `tests/it/azure_client.rs`.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::fake_azure::{FakeAzure, World};
+use super::{NoHistory, Outcome, StageSettings, Step, StepContext};
+use crate::azure::api::{
+    DefinitionInfo, NodeCounts, OperationStatus, PoolInfo, RegionStatus, ResizeError, VersionInfo,
+};
+use crate::azure::{AllocationState, PoolState, ProvisioningState, RegistrationState, ReplicationState};
+use crate::model::envelope::{Branch, Envelope, InFlight, Phase, PoolArtifact, Stage};
+use crate::model::ids::{DiskId, ImageId, SnapshotId};
+use crate::model::plan::{BuildPlan, SnapshotPlan};
+use crate::runtime::testkit;
+
+/// What a case expects of the step.
+#[derive(Debug)]
+enum Expect {
+    /// Handed on to these stages, in order.
+    Advance(&'static [Stage]),
+    /// Waiting on this phase.
+    Wait(Phase),
+    /// The branch failed, the reason containing this.
+    Fail(&'static str),
+}
+
+struct Case {
+    name: &'static str,
+    stage: Stage,
+    /// Shapes the message: branch, what it waits on, artifacts, plan.
+    message: fn(&mut Envelope),
+    /// What Azure holds when the step looks.
+    azure: fn(&mut World, &Envelope),
+    expect: Expect,
+    /// The writes the step must ask for, in order (`*` alone: any).
+    writes: &'static [&'static str],
+}
+
+/// "Now" for every case: a day after the run started.
+fn now() -> OffsetDateTime {
+    OffsetDateTime::UNIX_EPOCH + Duration::from_secs(86_400)
+}
+
+fn untouched(_: &mut Envelope) {}
+fn empty(_: &mut World, _: &Envelope) {}
+
+fn sub(message: &Envelope) -> String {
+    message.plan.gallery.subscription().to_string()
+}
+
+/// A build of two disks: the OS disk and one data disk.
+fn with_build(message: &mut Envelope) {
+    let sub = sub(message);
+    let disk = |name: &str| DiskId::new(&sub, "rg-imaging", &[name]).unwrap();
+    let snapshot = |name: &str| SnapshotId::new(&sub, "rg-imaging", &[name]).unwrap();
+    message.plan.build = Some(BuildPlan {
+        vm: None,
+        snapshots: vec![
+            SnapshotPlan {
+                lun: None,
+                source: disk("os"),
+                id: snapshot("nightly-os"),
+            },
+            SnapshotPlan {
+                lun: Some(0),
+                source: disk("data0"),
+                id: snapshot("nightly-data0"),
+            },
+        ],
+        image: ImageId::new(&sub, "rg-imaging", &["nightly"]).unwrap(),
+        region: "westeurope".into(),
+        os_type: "Linux".into(),
+        hyper_v_generation: "V2".into(),
+        base_image: None,
+    });
+}
+
+fn waiting_on(message: &mut Envelope, what: Phase, status_urls: &[&str]) {
+    message.operation = Some(InFlight {
+        what,
+        status_urls: status_urls.iter().map(|u| u.to_string()).collect(),
+        started: now(),
+        not_before: now(),
+        polls: 0,
+        progress: Default::default(),
+    });
+}
+
+fn snapshot_ids(message: &Envelope) -> Vec<SnapshotId> {
+    let build = message.plan.build.as_ref().expect("the case has a build");
+    build.snapshots.iter().map(|s| s.id.clone()).collect()
+}
+
+fn run_tags(message: &Envelope) -> crate::azure::api::Tags {
+    super::common::tags(message)
+}
+
+fn other_run_tags() -> crate::azure::api::Tags {
+    [("sigrun-run".to_string(), uuid::Uuid::new_v4().to_string())].into()
+}
+
+fn definition(os_state: &str) -> DefinitionInfo {
+    DefinitionInfo {
+        provisioning_state: ProvisioningState::Succeeded,
+        os_type: "Linux".into(),
+        os_state: os_state.into(),
+        hyper_v_generation: "V2".into(),
+        publisher: "sigrun".into(),
+        offer: "ubuntu".into(),
+        sku: "2204-batch".into(),
+        tags: Default::default(),
+    }
+}
+
+/// The gallery and its definition are there and succeeded; the image is made.
+fn published_up_to_the_version(world: &mut World, message: &Envelope) {
+    world.resource(&message.plan.gallery, ProvisioningState::Succeeded, Default::default());
+    world.definitions.insert(
+        message.plan.definition.to_string().to_ascii_lowercase(),
+        definition("Generalized"),
+    );
+}
+
+fn at_gallery_publish(message: &mut Envelope) {
+    with_build(message);
+    message.artifacts.image = message.plan.build.as_ref().map(|b| b.image.clone());
+}
+
+fn version(source: &str, replication: Vec<RegionStatus>) -> VersionInfo {
+    VersionInfo {
+        provisioning_state: ProvisioningState::Succeeded,
+        exclude_from_latest: true,
+        source: Some(source.into()),
+        target_regions: vec![("westeurope".into(), 1), ("eastus".into(), 2)],
+        replication,
+        tags: Default::default(),
+    }
+}
+
+fn region(name: &str, state: ReplicationState, progress: u8) -> RegionStatus {
+    RegionStatus {
+        region: name.into(),
+        state,
+        progress,
+        details: String::new(),
+    }
+}
+
+/// The `render` pool's branch after pool-create, its pool made `age` before now.
+fn render_branch(message: &mut Envelope, age: Duration) {
+    message.branch = Branch::Pool {
+        region: "westeurope".into(),
+        target: "render".into(),
+    };
+    let planned = message.plan.pools.iter().find(|p| p.target == "render").unwrap();
+    message.artifacts.pool = Some(PoolArtifact {
+        account: planned.account.clone(),
+        account_url: planned.account_url.clone(),
+        pool_id: planned.pool_id.clone(),
+        created: now() - age,
+    });
+}
+
+fn render_pool(message: &Envelope) -> PoolInfo {
+    let planned = message.plan.pools.iter().find(|p| p.target == "render").unwrap();
+    PoolInfo {
+        id: planned.pool_id.clone(),
+        state: PoolState::Active,
+        allocation_state: AllocationState::Steady,
+        current_dedicated: planned.dedicated_nodes,
+        current_low_priority: 0,
+        target_dedicated: planned.dedicated_nodes,
+        target_low_priority: 0,
+        resize_errors: Vec::new(),
+        metadata: [("sigrun-run".to_string(), message.run_id.to_string())].into(),
+        image_id: Some(message.plan.version_id.to_string()),
+        created: None,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut cases = snapshot_cases();
+    cases.extend(image_and_gallery_cases());
+    cases.extend(replicate_cases());
+    cases.extend(pool_cases());
+    cases
+}
+
+fn snapshot_cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "snapshot: a rollout of an existing version has nothing to copy",
+            stage: Stage::Snapshot,
+            message: untouched,
+            azure: empty,
+            expect: Expect::Fail("nothing to snapshot"),
+            writes: &[],
+        },
+        Case {
+            name: "snapshot: every disk is copied, then waited for",
+            stage: Stage::Snapshot,
+            message: with_build,
+            azure: empty,
+            expect: Expect::Wait(Phase::Snapshots),
+            writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
+        },
+        Case {
+            name: "snapshot: a copy this run made already is joined, not written again",
+            stage: Stage::Snapshot,
+            message: with_build,
+            azure: |world, message| {
+                let ids = snapshot_ids(message);
+                world.resource(&ids[0], ProvisioningState::Creating, run_tags(message));
+            },
+            expect: Expect::Wait(Phase::Snapshots),
+            writes: &["put_snapshot nightly-data0"],
+        },
+        Case {
+            name: "snapshot: another run's snapshot of the same name is written over",
+            stage: Stage::Snapshot,
+            message: with_build,
+            azure: |world, message| {
+                let ids = snapshot_ids(message);
+                world.resource(&ids[0], ProvisioningState::Succeeded, other_run_tags());
+            },
+            expect: Expect::Wait(Phase::Snapshots),
+            writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
+        },
+        Case {
+            name: "snapshot: all copies succeeded → image-create",
+            stage: Stage::Snapshot,
+            message: |m| {
+                with_build(m);
+                waiting_on(m, Phase::Snapshots, &[]);
+            },
+            azure: |world, message| {
+                for id in snapshot_ids(message) {
+                    world.resource(&id, ProvisioningState::Succeeded, run_tags(message));
+                }
+            },
+            expect: Expect::Advance(&[Stage::ImageCreate]),
+            writes: &[],
+        },
+        Case {
+            name: "snapshot: one copy still running → wait",
+            stage: Stage::Snapshot,
+            message: |m| {
+                with_build(m);
+                waiting_on(m, Phase::Snapshots, &[]);
+            },
+            azure: |world, message| {
+                let ids = snapshot_ids(message);
+                world.resource(&ids[0], ProvisioningState::Succeeded, run_tags(message));
+                world.resource(&ids[1], ProvisioningState::Creating, run_tags(message));
+            },
+            expect: Expect::Wait(Phase::Snapshots),
+            writes: &[],
+        },
+        Case {
+            name: "snapshot: a copy that reads Failed fails the branch (as a failed image does)",
+            stage: Stage::Snapshot,
+            message: |m| {
+                with_build(m);
+                waiting_on(m, Phase::Snapshots, &[]);
+            },
+            azure: |world, message| {
+                let ids = snapshot_ids(message);
+                world.resource(&ids[0], ProvisioningState::Succeeded, run_tags(message));
+                world.resource(&ids[1], ProvisioningState::Failed, run_tags(message));
+            },
+            expect: Expect::Fail("snapshot nightly-data0 of the build VM failed"),
+            writes: &[],
+        },
+        Case {
+            name: "snapshot: a failed copy operation fails the branch with Azure's reason",
+            stage: Stage::Snapshot,
+            message: |m| {
+                with_build(m);
+                waiting_on(m, Phase::Snapshots, &["https://fake/op/1"]);
+            },
+            azure: |world, _| {
+                world.operations.insert(
+                    "https://fake/op/1".into(),
+                    OperationStatus::Failed {
+                        code: "DiskCopyFailed".into(),
+                        message: "the source disk went away".into(),
+                    },
+                );
+            },
+            expect: Expect::Fail("the source disk went away"),
+            writes: &[],
+        },
+    ]
+}
+
+fn image_and_gallery_cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "image-create: the image reads Failed → the branch fails",
+            stage: Stage::ImageCreate,
+            message: |m| {
+                with_build(m);
+                waiting_on(m, Phase::Image, &[]);
+            },
+            azure: |world, message| {
+                let image = &message.plan.build.as_ref().unwrap().image;
+                world.resource(image, ProvisioningState::Failed, run_tags(message));
+            },
+            expect: Expect::Fail("managed image"),
+            writes: &[],
+        },
+        Case {
+            name: "image-create: the image succeeded → gallery-publish",
+            stage: Stage::ImageCreate,
+            message: |m| {
+                with_build(m);
+                waiting_on(m, Phase::Image, &[]);
+            },
+            azure: |world, message| {
+                let image = &message.plan.build.as_ref().unwrap().image;
+                world.resource(image, ProvisioningState::Succeeded, run_tags(message));
+            },
+            expect: Expect::Advance(&[Stage::GalleryPublish]),
+            writes: &[],
+        },
+        Case {
+            name: "gallery-publish: a missing gallery the spec may not create fails the branch",
+            stage: Stage::GalleryPublish,
+            message: |m| {
+                at_gallery_publish(m);
+                m.plan.create_gallery = false;
+            },
+            azure: empty,
+            expect: Expect::Fail("does not exist and the spec does not allow creating it"),
+            writes: &[],
+        },
+        Case {
+            name: "gallery-publish: a missing gallery is created, then waited for",
+            stage: Stage::GalleryPublish,
+            message: at_gallery_publish,
+            azure: empty,
+            expect: Expect::Wait(Phase::Gallery),
+            writes: &["put_gallery sigrun_gallery"],
+        },
+        Case {
+            name: "gallery-publish: a Specialized definition is refused (Batch needs Generalized)",
+            stage: Stage::GalleryPublish,
+            message: at_gallery_publish,
+            azure: |world, message| {
+                published_up_to_the_version(world, message);
+                world
+                    .definitions
+                    .values_mut()
+                    .for_each(|d| d.os_state = "Specialized".into());
+            },
+            expect: Expect::Fail("Batch pools need a Generalized image"),
+            writes: &[],
+        },
+        Case {
+            name: "gallery-publish: a Windows definition does not take a Linux image",
+            stage: Stage::GalleryPublish,
+            message: at_gallery_publish,
+            azure: |world, message| {
+                published_up_to_the_version(world, message);
+                world
+                    .definitions
+                    .values_mut()
+                    .for_each(|d| d.os_type = "Windows".into());
+            },
+            expect: Expect::Fail("the pipeline builds Linux"),
+            writes: &[],
+        },
+        Case {
+            name: "gallery-publish: a version made from another source is never published over",
+            stage: Stage::GalleryPublish,
+            message: at_gallery_publish,
+            azure: |world, message| {
+                published_up_to_the_version(world, message);
+                let key = message.plan.version_id.to_string().to_ascii_lowercase();
+                world
+                    .versions
+                    .insert(key, version("/subscriptions/x/images/other", Vec::new()));
+            },
+            expect: Expect::Fail("a version cannot be published twice"),
+            writes: &[],
+        },
+        Case {
+            name: "gallery-publish: Microsoft.Batch is registered where a pool's account needs it",
+            stage: Stage::GalleryPublish,
+            message: |m| {
+                at_gallery_publish(m);
+                m.plan.register_batch_in = vec![sub(m)];
+            },
+            azure: |world, message| {
+                published_up_to_the_version(world, message);
+                world.providers.insert(sub(message), RegistrationState::NotRegistered);
+            },
+            expect: Expect::Wait(Phase::Registration),
+            writes: &["register_provider Microsoft.Batch 11111111-1111-4111-8111-111111111111"],
+        },
+        Case {
+            name: "gallery-publish: the version is put and replicate takes over",
+            stage: Stage::GalleryPublish,
+            message: at_gallery_publish,
+            azure: published_up_to_the_version,
+            expect: Expect::Advance(&[Stage::Replicate]),
+            writes: &["put_version 2026.1126.0"],
+        },
+    ]
+}
+
+fn replicate_cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "replicate: a version that is gone fails the branch",
+            stage: Stage::Replicate,
+            message: untouched,
+            azure: empty,
+            expect: Expect::Fail("does not exist"),
+            writes: &[],
+        },
+        Case {
+            name: "replicate: a region still replicating is waited for",
+            stage: Stage::Replicate,
+            message: untouched,
+            azure: |world, message| {
+                let key = message.plan.version_id.to_string().to_ascii_lowercase();
+                let regions = vec![
+                    region("westeurope", ReplicationState::Replicating, 40),
+                    region("eastus", ReplicationState::Unknown, 0),
+                ];
+                world.versions.insert(key, version("/x", regions));
+            },
+            expect: Expect::Wait(Phase::Replication),
+            writes: &[],
+        },
+        Case {
+            name: "replicate: every region replicated → a pool-create per pool, the trunk ends",
+            stage: Stage::Replicate,
+            message: untouched,
+            azure: |world, message| {
+                let key = message.plan.version_id.to_string().to_ascii_lowercase();
+                let regions = vec![
+                    region("westeurope", ReplicationState::Completed, 100),
+                    region("eastus", ReplicationState::Completed, 100),
+                ];
+                world.versions.insert(key, version("/x", regions));
+            },
+            expect: Expect::Advance(&[Stage::PoolCreate, Stage::PoolCreate, Stage::PoolCreate]),
+            writes: &[],
+        },
+    ]
+}
+
+fn pool_cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "pool-create: the pool is added with the run's metadata → verify",
+            stage: Stage::PoolCreate,
+            message: |m| render_branch(m, Duration::ZERO),
+            azure: empty,
+            expect: Expect::Advance(&[Stage::Verify]),
+            writes: &["add_pool nightly-ubuntu-render-2026-1126-0"],
+        },
+        Case {
+            name: "pool-create: a pool of that id another run made is never taken over",
+            stage: Stage::PoolCreate,
+            message: |m| render_branch(m, Duration::ZERO),
+            azure: |world, message| {
+                let mut pool = render_pool(message);
+                pool.metadata = other_run_tags();
+                world.pools.insert(pool.id.clone(), pool);
+            },
+            expect: Expect::Fail("sigrun never takes over a pool it did not create"),
+            writes: &["add_pool nightly-ubuntu-render-2026-1126-0"],
+        },
+        Case {
+            name: "verify: a pool past its deadline fails the branch",
+            stage: Stage::Verify,
+            message: |m| render_branch(m, Duration::from_secs(30 * 86_400)),
+            azure: empty,
+            expect: Expect::Fail("did not verify within"),
+            writes: &[],
+        },
+        Case {
+            name: "verify: a pool that disappeared fails the branch",
+            stage: Stage::Verify,
+            message: |m| render_branch(m, Duration::from_secs(600)),
+            azure: empty,
+            expect: Expect::Fail("disappeared before it verified"),
+            writes: &[],
+        },
+        Case {
+            name: "verify: an allocation that ended with a resize error fails the branch",
+            stage: Stage::Verify,
+            message: |m| render_branch(m, Duration::from_secs(600)),
+            azure: |world, message| {
+                let mut pool = render_pool(message);
+                pool.current_dedicated = 1200;
+                pool.resize_errors = vec![ResizeError {
+                    code: "AccountCoreQuotaReached".into(),
+                    message: "the account's core quota is reached".into(),
+                }];
+                world.pools.insert(pool.id.clone(), pool);
+            },
+            expect: Expect::Fail("AccountCoreQuotaReached"),
+            writes: &[],
+        },
+        Case {
+            name: "verify: a steady pool whose nodes are still starting is waited for",
+            stage: Stage::Verify,
+            message: |m| render_branch(m, Duration::from_secs(600)),
+            azure: |world, message| {
+                let pool = render_pool(message);
+                let counts = NodeCounts {
+                    by_state: [("starting".to_string(), pool.current_dedicated)].into(),
+                    total: pool.current_dedicated,
+                };
+                world.node_counts.insert(pool.id.clone(), counts);
+                world.pools.insert(pool.id.clone(), pool);
+            },
+            expect: Expect::Wait(Phase::Nodes),
+            writes: &[],
+        },
+    ]
+}
+
+/// Runs one case's step against its own fake Azure.
+async fn step_of(case: &Case) -> (Step, FakeAzure) {
+    let mut message = testkit::envelope(case.stage);
+    (case.message)(&mut message);
+    let azure = FakeAzure::default();
+    (case.azure)(&mut azure.world(), &message);
+    let settings = StageSettings::default();
+    let ctx = StepContext {
+        azure: &azure,
+        now: now(),
+        settings: &settings,
+        runs: &NoHistory,
+    };
+    let step = super::step(message, &ctx)
+        .await
+        .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
+    (step, azure)
+}
+
+/// How `step` differs from what `case` expects, if it does.
+fn mismatch(case: &Case, step: &Step, azure: &FakeAzure) -> Option<String> {
+    let outcome_ok = match (&case.expect, &step.outcome) {
+        (Expect::Advance(stages), Outcome::Advance(next)) => next.iter().map(|m| m.stage).eq(stages.iter().copied()),
+        (Expect::Wait(phase), Outcome::Wait { message, .. }) => {
+            message.operation.as_ref().map(|op| op.what) == Some(*phase)
+        }
+        (Expect::Fail(reason), Outcome::Fail(said)) => said.contains(reason),
+        _ => false,
+    };
+    let writes = &azure.world().writes;
+    let writes_ok = case.writes == ["*"] || writes.iter().map(String::as_str).eq(case.writes.iter().copied());
+    (!outcome_ok || !writes_ok).then(|| {
+        format!(
+            "{}\n  expected {:?} with writes {:?}\n  got {} with writes {writes:?}",
+            case.name,
+            case.expect,
+            case.writes,
+            summary(&step.outcome)
+        )
+    })
+}
+
+/// An outcome in the words of [`Expect`] (a whole envelope is pages long).
+fn summary(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Advance(next) => format!("Advance({:?})", next.iter().map(|m| m.stage).collect::<Vec<_>>()),
+        Outcome::Wait { message, delay, .. } => {
+            format!("Wait({:?}, {delay:?})", message.operation.as_ref().map(|op| op.what))
+        }
+        Outcome::Done => "Done".into(),
+        Outcome::Fail(reason) => format!("Fail({reason:?})"),
+    }
+}
+
+#[tokio::test]
+async fn every_stage_decides_as_its_rules_say() {
+    let mut wrong = Vec::new();
+    for case in cases() {
+        let (step, azure) = step_of(&case).await;
+        wrong.extend(mismatch(&case, &step, &azure));
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} cases decided otherwise:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_pool_is_added_as_planned_with_the_runs_metadata() {
+    let case = &pool_cases()[0];
+    let (_, azure) = step_of(case).await;
+    let world = azure.world();
+    let [added] = world.added_pools.as_slice() else {
+        panic!("one pool added, got {:?}", world.added_pools);
+    };
+    assert_eq!(added.node_agent_sku_id, "batch.node.ubuntu 22.04");
+    assert_eq!(added.resize_timeout, Duration::from_secs(900));
+    assert!(added.metadata.contains_key("sigrun-run"), "{:?}", added.metadata);
+    assert!(
+        added.image.to_string().ends_with("/versions/2026.1126.0"),
+        "{}",
+        added.image
+    );
+}
