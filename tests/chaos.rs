@@ -291,7 +291,7 @@ fn assert_one_message_per_step(fleet: &Fleet) {
     let mut ids: BTreeMap<(String, String, String), BTreeSet<String>> = BTreeMap::new();
     let mut lines = 0;
     for process in fleet.all() {
-        for line in std::fs::read_to_string(&process.stderr).unwrap_or_default().lines() {
+        for line in process.stderr_text().lines() {
             let Ok(entry) = serde_json::from_str::<Value>(line) else {
                 continue;
             };

@@ -24,7 +24,8 @@ use sigrun::model::spec::PipelineSpec;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::workers::{NIGHTLY, Process, RUN_LIMIT, Setup, VERSION, amqp_url, setup, test_bus};
+use crate::process::Process;
+use crate::workers::{NIGHTLY, RUN_LIMIT, Setup, VERSION, amqp_url, setup, test_bus};
 
 /// Runs `sigrun ARGS --config <the test's>` to its end: exit code, stdout, stderr.
 async fn sigrun(setup: &Setup, name: &str, args: &[&str]) -> (Option<i32>, String, String, Process) {
@@ -33,8 +34,8 @@ async fn sigrun(setup: &Setup, name: &str, args: &[&str]) -> (Option<i32>, Strin
     all.extend(["--config", config.as_str()]);
     let mut process = Process::start(&setup.dir, name, &all, &[]);
     let code = process.wait(Duration::from_secs(60)).await;
-    let stdout = std::fs::read_to_string(&process.stdout).unwrap_or_default();
-    let stderr = std::fs::read_to_string(&process.stderr).unwrap_or_default();
+    let stdout = process.stdout_text();
+    let stderr = process.stderr_text();
     (code, stdout, stderr, process)
 }
 
@@ -264,7 +265,7 @@ async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_
     file_holds(&watch.stdout, "verified", &watch).await;
     watch.signal("TERM");
     assert_eq!(watch.wait(Duration::from_secs(20)).await, Some(0), "{}", watch.report());
-    let watched = std::fs::read_to_string(&watch.stdout).unwrap_or_default();
+    let watched = watch.stdout_text();
     assert!(watched.contains(&format!("replayed parked message {id}")), "{watched}");
     assert!(
         watched.lines().all(|l| l.contains(short)),
@@ -622,7 +623,7 @@ async fn watch_follows_one_run_live_across_a_closed_connection_and_ends_on_sigin
     watch.signal("INT");
     assert_eq!(watch.wait(Duration::from_secs(20)).await, Some(0), "{}", watch.report());
 
-    let watched = std::fs::read_to_string(&watch.stdout).unwrap_or_default();
+    let watched = watch.stdout_text();
     let steps: Vec<&str> = watched
         .lines()
         .map(|l| l.rsplit("waiting for ").next().unwrap_or_default())
@@ -640,7 +641,7 @@ async fn watch_follows_one_run_live_across_a_closed_connection_and_ends_on_sigin
             .all(|l| l.contains(short) && l.contains("replicate  trunk")),
         "{watched}"
     );
-    let stderr = std::fs::read_to_string(&watch.stderr).unwrap_or_default();
+    let stderr = watch.stderr_text();
     assert!(stderr.contains("lost the events stream"), "{}", watch.report());
     teardown(bus, &setup).await;
 }

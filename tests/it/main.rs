@@ -3,6 +3,9 @@
 //! the `sigrun` binary itself.
 
 mod helpers;
+/// The `sigrun` process of the worker-process binaries (`tests/support/`), one copy for all.
+#[path = "../support/process.rs"]
+mod process;
 
 mod azure_client;
 mod cli;

@@ -8,7 +8,6 @@
 //! to start it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +28,7 @@ use sigrun::model::trigger::{MAX_TRIGGER_BYTES, run_id};
 use uuid::Uuid;
 
 use crate::helpers::{self, BATCH_API, PIPELINE_APP, TENANT, TestEmulator};
+use crate::process::Process;
 
 pub(crate) const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
 pub(crate) const VERSION: &str = "2026.1126.3";
@@ -118,82 +118,6 @@ dir = "{pipelines}"
     }
 }
 
-/// A `sigrun` process started from the repository root, its output in files.
-pub(crate) struct Process {
-    command: String,
-    child: Child,
-    pub(crate) stdout: PathBuf,
-    pub(crate) stderr: PathBuf,
-}
-
-impl Process {
-    pub(crate) fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sigrun"));
-        command
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env_remove("SIGRUN_LOG")
-            .env_remove("SIGRUN__AMQP__URL")
-            .env_remove("SIGRUN__AMQP__PREFIX")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("sigrun starts");
-        Process {
-            command: format!("sigrun {}", args.join(" ")),
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    pub(crate) fn report(&self) -> String {
-        format!(
-            "\n=== {}\n=== stdout\n{}\n=== stderr\n{}\n===",
-            self.command,
-            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
-            std::fs::read_to_string(&self.stderr).unwrap_or_default()
-        )
-    }
-
-    /// Waits (bounded, without blocking the runtime that serves the emulator) for the exit code.
-    pub(crate) async fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for sigrun") {
-                return status.code();
-            }
-            if started.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("{} did not end within {limit:?}{}", self.command, self.report());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub(crate) fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} {}", self.child.id());
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A bus on the test's prefix (for reading events and deleting the topology at the end).
 pub(crate) async fn test_bus(config: &Path) -> (AmqpBus, Settings) {
     let settings = Settings::load(Some(config)).expect("the test config loads");
@@ -268,7 +192,7 @@ async fn nightly_run_on_workers(worker_args: &[&[&str]]) {
     );
     let code = submit.wait(Duration::from_secs(60)).await;
     assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
-    let stdout = std::fs::read_to_string(&submit.stdout).unwrap_or_default();
+    let stdout = submit.stdout_text();
     let run_id = Uuid::parse_str(stdout.trim())
         .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()));
 
@@ -300,7 +224,7 @@ async fn nightly_run_on_workers(worker_args: &[&[&str]]) {
     for worker in &mut workers {
         let code = worker.wait(Duration::from_secs(20)).await;
         assert_eq!(code, Some(0), "a worker exits 0 on SIGTERM{}", worker.report());
-        let stderr = std::fs::read_to_string(&worker.stderr).unwrap_or_default();
+        let stderr = worker.stderr_text();
         assert!(stderr.contains("sigrun worker: stopped"), "{}", worker.report());
     }
 
@@ -341,7 +265,7 @@ async fn workers_and_submit_refuse_emulator_mode_and_bad_input() {
         "{}",
         worker.report()
     );
-    let stderr = std::fs::read_to_string(&worker.stderr).unwrap_or_default();
+    let stderr = worker.stderr_text();
     assert!(stderr.contains("azure.mode = \"azure\""), "{}", worker.report());
 
     let mut submit = Process::start(dir.path(), "submit", &["submit", NIGHTLY], &[]);
@@ -375,7 +299,7 @@ async fn workers_and_submit_refuse_emulator_mode_and_bad_input() {
         "{}",
         missing.report()
     );
-    let stdout = std::fs::read_to_string(&missing.stdout).unwrap_or_default();
+    let stdout = missing.stdout_text();
     assert!(stdout.is_empty(), "no run id for bad input{}", missing.report());
 
     // A plan that passes but a start the run cannot take: exit 2 after planning, still before the
@@ -401,7 +325,7 @@ async fn workers_and_submit_refuse_emulator_mode_and_bad_input() {
         "{}",
         from_verify.report()
     );
-    let stderr = std::fs::read_to_string(&from_verify.stderr).unwrap_or_default();
+    let stderr = from_verify.stderr_text();
     assert!(stderr.contains("--from verify"), "{}", from_verify.report());
 
     let connection = match Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
@@ -461,7 +385,7 @@ async fn a_worker_stopped_mid_run_exits_0_and_a_new_one_finishes_the_run() {
         "{}",
         submit.report()
     );
-    let stdout = std::fs::read_to_string(&submit.stdout).unwrap_or_default();
+    let stdout = submit.stdout_text();
     let run_id = Uuid::parse_str(stdout.trim()).expect("submit prints the run id");
 
     // Stop the worker once the run is under way (its first resource created, the run not ended).
@@ -485,7 +409,7 @@ async fn a_worker_stopped_mid_run_exits_0_and_a_new_one_finishes_the_run() {
     reader.close().await;
     first.signal("TERM");
     assert_eq!(first.wait(Duration::from_secs(20)).await, Some(0), "{}", first.report());
-    let stderr = std::fs::read_to_string(&first.stderr).unwrap_or_default();
+    let stderr = first.stderr_text();
     let stopped = stderr.lines().find(|l| l.starts_with("sigrun worker: stopped"));
     assert!(stopped.is_some(), "{}", first.report());
     eprintln!("first worker, SIGTERM mid-run: {}", stopped.unwrap_or_default());
@@ -950,7 +874,7 @@ async fn a_trigger_azure_cannot_plan_just_now_is_put_off_and_admitted_later() {
         "{history:#?}"
     );
     stop_workers(&mut workers).await;
-    let stderr = std::fs::read_to_string(&workers[0].stderr).unwrap_or_default();
+    let stderr = workers[0].stderr_text();
     assert_eq!(
         stderr.matches("trigger put off").count(),
         2,
@@ -989,7 +913,7 @@ async fn a_cancelled_run_stops_at_its_next_step_and_its_history_names_what_it_cr
         "{}",
         submit.report()
     );
-    let run = Uuid::parse_str(std::fs::read_to_string(&submit.stdout).unwrap_or_default().trim()).expect("a run id");
+    let run = Uuid::parse_str(submit.stdout_text().trim()).expect("a run id");
 
     // Replicating: the trunk waits on the replication between looks.
     wait_for_event(
@@ -1007,7 +931,7 @@ async fn a_cancelled_run_stops_at_its_next_step_and_its_history_names_what_it_cr
         "{}",
         cancel.report()
     );
-    let stderr = std::fs::read_to_string(&cancel.stderr).unwrap_or_default();
+    let stderr = cancel.stderr_text();
     assert!(stderr.contains("cancel requested"), "{}", cancel.report());
 
     let stopped = wait_for_event(
@@ -1062,11 +986,7 @@ async fn a_cancelled_run_stops_at_its_next_step_and_its_history_names_what_it_cr
     // Cancelling it again changes nothing; an unknown or malformed run id is bad input.
     let mut again = Process::start(&setup.dir, "again", &["cancel", &run_text, "--config", &config], &[]);
     assert_eq!(again.wait(Duration::from_secs(30)).await, Some(0), "{}", again.report());
-    assert!(
-        std::fs::read_to_string(&again.stderr)
-            .unwrap_or_default()
-            .contains("already ended")
-    );
+    assert!(again.stderr_text().contains("already ended"));
     let unknown = Uuid::new_v4().to_string();
     for (name, id) in [("unknown", unknown.as_str()), ("malformed", "not-a-run")] {
         let mut cancel = Process::start(&setup.dir, name, &["cancel", id, "--config", &config], &[]);

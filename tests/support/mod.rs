@@ -1,19 +1,23 @@
 //! What the worker-process test binaries share (`telemetry`, `recovery`, `broker_restart`): an
 //! emulator plus a config that points real `sigrun` processes at it and at the broker under a
-//! prefix of the test's own, the processes themselves (output in files, bounded waits, signals,
-//! the metrics address they print), plain HTTP probes of their endpoints, following a run through
-//! the events stream (reopening the stream when the broker connection drops), and `rabbitmqctl`.
+//! prefix of the test's own, the processes themselves ([`process`], shared with `tests/it/`:
+//! output in files, bounded waits, signals, the metrics address they print), plain HTTP probes of
+//! their endpoints, following a run through the events stream (reopening the stream when the
+//! broker connection drops), and `rabbitmqctl`.
 //! Each binary includes it with `mod support;` next to `#[path = "it/helpers.rs"] mod helpers;`.
 //! [`rabbit`] starts private RabbitMQ nodes for the tests that stop or kill a broker.
 
 #![allow(dead_code)]
 
+pub mod process;
 pub mod rabbit;
 pub mod relay;
 
+pub use process::Process;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sigrun::bus::BusError;
@@ -170,126 +174,8 @@ prefix = "{prefix}"
     }
 
     fn run_id_printed(submit: &Process) -> Uuid {
-        let stdout = std::fs::read_to_string(&submit.stdout).unwrap_or_default();
-        Uuid::parse_str(stdout.trim())
+        Uuid::parse_str(submit.stdout_text().trim())
             .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()))
-    }
-}
-
-/// A `sigrun` process started from the repository root, its output in files.
-pub struct Process {
-    pub command: String,
-    pub child: Child,
-    pub stdout: PathBuf,
-    pub stderr: PathBuf,
-}
-
-impl Process {
-    pub fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        let (stdout, stderr) = (dir.join(format!("{name}.out")), dir.join(format!("{name}.err")));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_sigrun"));
-        command
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env_remove("SIGRUN_LOG")
-            .env_remove("SIGRUN__AMQP__URL")
-            .env_remove("SIGRUN__AMQP__PREFIX")
-            .env_remove("SIGRUN__TELEMETRY__LISTEN")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"));
-        for (key, value) in env {
-            command.env(key, value);
-        }
-        let child = command.spawn().expect("sigrun starts");
-        Process {
-            command: format!("sigrun {}", args.join(" ")),
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    pub fn stderr_text(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    pub fn report(&self) -> String {
-        format!(
-            "\n=== {}\n=== stdout\n{}\n=== stderr\n{}\n===",
-            self.command,
-            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
-            self.stderr_text()
-        )
-    }
-
-    /// Waits (bounded, without blocking the runtime that serves the emulator) for the exit code.
-    pub async fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for sigrun") {
-                return status.code();
-            }
-            if started.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!("{} did not end within {limit:?}{}", self.command, self.report());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{name} {}", self.child.id());
-    }
-
-    /// The address of the metrics server, from the line the process prints when it listens.
-    pub async fn metrics_addr(&mut self) -> SocketAddr {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let stderr = self.stderr_text();
-            let found = stderr.lines().find_map(|line| {
-                let rest = line.split_once("metrics on http://")?.1;
-                rest.split_once("/metrics")?.0.parse::<SocketAddr>().ok()
-            });
-            if let Some(addr) = found {
-                return addr;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited ({status}) before serving metrics{}",
-                    self.command,
-                    self.report()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never said where its metrics are{}",
-                self.command,
-                self.report()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, then exit 0 within 20 s.
-    pub async fn stop(&mut self) {
-        self.signal("TERM");
-        let code = self.wait(Duration::from_secs(20)).await;
-        assert_eq!(code, Some(0), "a worker exits 0 on SIGTERM{}", self.report());
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
