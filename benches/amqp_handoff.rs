@@ -283,7 +283,7 @@ impl Handler for Relay {
                 let next = message.next(Stage::ImageCreate, OffsetDateTime::now_utc());
                 let mut step = Step::new(Outcome::Advance(vec![next]));
                 if self.with_event.load(Ordering::Relaxed) {
-                    step = step.with(EventKind::StageStarted);
+                    step = step.with(EventKind::Throttled { retry_after_ms: None });
                 }
                 *self.returned.lock().expect("lock") = Some(Instant::now());
                 Ok(step)

@@ -481,7 +481,7 @@ impl History {
             EventKind::Waiting { what } if what == "replication" => {
                 self.waiting.insert(event.run_id);
             }
-            EventKind::Waiting { .. } | EventKind::ResourceCreated { .. } | EventKind::StageStarted => {}
+            EventKind::Waiting { .. } | EventKind::ResourceCreated { .. } => {}
             other => {
                 let name = serde_json::to_value(other)
                     .ok()

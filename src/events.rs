@@ -19,7 +19,6 @@ pub enum EventKind {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         rollout: bool,
     },
-    StageStarted,
     /// A step is waiting on Azure (an operation, replication, allocation).
     Waiting {
         what: String,
@@ -109,7 +108,6 @@ impl EventKind {
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::RunStarted { .. } => "run_started",
-            EventKind::StageStarted => "stage_started",
             EventKind::Waiting { .. } => "waiting",
             EventKind::Retried { .. } => "retried",
             EventKind::Throttled { .. } => "throttled",
@@ -464,7 +462,7 @@ mod tests {
     fn nothing_yet_is_running() {
         assert_eq!(run_result(&[]), RunResult::Running);
         assert_eq!(
-            run_result(&[event(Branch::Trunk, EventKind::StageStarted)]),
+            run_result(&[event(Branch::Trunk, EventKind::Throttled { retry_after_ms: None })]),
             RunResult::Running
         );
     }

@@ -375,7 +375,7 @@ fn event(kind: EventKind) -> Event {
 async fn events_land_in_the_stream_and_read_back_from_the_first() {
     let bus = connect(&prefix()).await;
     let sent = vec![
-        event(EventKind::StageStarted),
+        event(EventKind::Throttled { retry_after_ms: None }),
         event(EventKind::Waiting {
             what: "replication".into(),
         }),
@@ -401,7 +401,7 @@ async fn events_land_in_the_stream_and_read_back_from_the_first() {
     assert_eq!(
         sent.iter().map(Event::routing_key).collect::<Vec<_>>(),
         [
-            "nightly-ubuntu.replicate.stage_started",
+            "nightly-ubuntu.replicate.throttled",
             "nightly-ubuntu.replicate.waiting",
             "nightly-ubuntu.replicate.region_completed"
         ]
@@ -419,7 +419,7 @@ async fn events_land_in_the_stream_and_read_back_from_the_first() {
 #[tokio::test]
 async fn read_to_end_returns_everything_published_before_it_and_skips_other_markers() {
     let bus = connect(&prefix()).await;
-    let first = event(EventKind::StageStarted);
+    let first = event(EventKind::Throttled { retry_after_ms: None });
     bus.publish_event(&first).await.unwrap();
     // Another reader's marker in between is skipped by everyone else.
     bus.publish_marker().await.unwrap();
@@ -432,7 +432,7 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     let read: Vec<Event> = read.into_iter().map(|e| e.unwrap().event).collect();
     assert_eq!(read, [first.clone(), second.clone()]);
     // At the end already: a second read finds only what came since.
-    let third = event(EventKind::StageStarted);
+    let third = event(EventKind::Throttled { retry_after_ms: None });
     bus.publish_event(&third).await.unwrap();
     let read = timeout(WAIT, reader.read_to_end(&bus)).await.expect("the end").unwrap();
     let read: Vec<Event> = read.into_iter().map(|e| e.unwrap().event).collect();
@@ -719,7 +719,7 @@ impl Handler for TwoStages {
                 let mut next = message.next(Stage::ImageCreate, now);
                 // Held briefly, so the hand-off also goes through a delay tier.
                 next.hold_until(now + Duration::from_millis(200));
-                Step::new(Outcome::Advance(vec![next])).with(EventKind::StageStarted)
+                Step::new(Outcome::Advance(vec![next])).with(EventKind::Throttled { retry_after_ms: None })
             }
             Stage::ImageCreate => Step::new(Outcome::Done).with(EventKind::ResourceCreated {
                 id: "/subscriptions/x/image".into(),
@@ -774,8 +774,8 @@ async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
         seen,
         vec![
             (
-                "amqp-runtime.snapshot.stage_started".to_string(),
-                EventKind::StageStarted
+                "amqp-runtime.snapshot.throttled".to_string(),
+                EventKind::Throttled { retry_after_ms: None }
             ),
             (
                 "amqp-runtime.image-create.resource_created".to_string(),

@@ -605,7 +605,7 @@ mod tests {
             stage: Stage::Snapshot,
             branch: Branch::Trunk,
             at: OffsetDateTime::UNIX_EPOCH,
-            kind: EventKind::StageStarted,
+            kind: EventKind::Throttled { retry_after_ms: None },
         };
         bus.publish_event(&event).await.unwrap();
         assert_eq!(live.recv().await.unwrap(), event);

@@ -267,8 +267,8 @@ mod tests {
     #[test]
     fn runs_group_in_order_of_first_appearance() {
         let events = vec![
-            event(2, EventKind::StageStarted),
-            event(1, EventKind::StageStarted),
+            event(2, EventKind::Throttled { retry_after_ms: None }),
+            event(1, EventKind::Throttled { retry_after_ms: None }),
             event(2, EventKind::Cancelled),
         ];
         let runs = group_by_run(events);
@@ -284,8 +284,8 @@ mod tests {
         let a = Uuid::parse_str("3f2a0000-0000-4000-8000-000000000001").unwrap();
         let b = Uuid::parse_str("3f2b0000-0000-4000-8000-000000000002").unwrap();
         let runs = group_by_run(vec![
-            event(a.as_u128(), EventKind::StageStarted),
-            event(b.as_u128(), EventKind::StageStarted),
+            event(a.as_u128(), EventKind::Throttled { retry_after_ms: None }),
+            event(b.as_u128(), EventKind::Throttled { retry_after_ms: None }),
         ]);
         assert_eq!(find_run(&runs, &a.to_string()).unwrap().run_id, a);
         assert_eq!(find_run(&runs, "3F2B").unwrap().run_id, b);

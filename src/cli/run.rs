@@ -344,7 +344,6 @@ pub(super) fn describe(event: &Event) -> String {
         EventKind::RunStarted { regions, pools, .. } => {
             format!("run started: {} region(s), {} pool(s)", regions.len(), pools.len())
         }
-        EventKind::StageStarted => "started".into(),
         EventKind::Waiting { what } => format!("waiting for {what}"),
         EventKind::Retried { attempt, error } => format!("retry {attempt}: {error}"),
         EventKind::Throttled { retry_after_ms } => {

@@ -91,7 +91,7 @@ async fn a_run_advances_through_the_stages_and_every_input_is_acked() {
         Stage::GalleryPublish => advance_to(m, Stage::Replicate),
         Stage::Replicate => advance_to(m, Stage::PoolCreate),
         Stage::PoolCreate => advance_to(m, Stage::Verify),
-        Stage::Verify => step(Outcome::Done).map(|s| s.with(EventKind::StageStarted)),
+        Stage::Verify => step(Outcome::Done).map(|s| s.with(EventKind::Throttled { retry_after_ms: None })),
     });
     let first = envelope(Stage::Snapshot);
     bus.publish(Stage::Snapshot, &first.encode()).await.unwrap();
