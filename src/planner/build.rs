@@ -26,13 +26,17 @@ pub async fn plan_build(
     supported: &[SupportedImage],
     warnings: &mut Vec<String>,
 ) -> Result<BuildPlan, PlanError> {
-    let source = spec.source.as_ref().expect("checked when the spec was parsed");
-    let image_spec = spec.image.as_ref().expect("checked when the spec was parsed");
+    // `PipelineSpec::parse` checks these, but a spec also arrives by `Deserialize` in a message.
+    let source = spec.source.as_ref().ok_or_else(|| rule("source", "a build needs a source"))?;
+    let image_spec = spec.image.as_ref().ok_or_else(|| rule("image", "a build needs an image section"))?;
     let region = region_key(&image_spec.region);
     let disks = match &source.vm {
         Some(vm_id) => from_vm(spec, vm_id, &region, azure, supported, warnings).await?,
         None => Disks {
-            os_disk: source.os_disk.clone().expect("checked when the spec was parsed"),
+            os_disk: source
+                .os_disk
+                .clone()
+                .ok_or_else(|| rule("source.os_disk", "a source without a VM names its OS disk"))?,
             data: source.data_disks.iter().map(|d| (d.lun, d.disk.clone())).collect(),
             vm: None,
             base_image: None,

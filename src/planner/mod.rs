@@ -77,7 +77,11 @@ pub async fn resolve_version(
     }
     match spec.version.scheme {
         VersionScheme::Explicit | VersionScheme::Existing => {
-            Ok(spec.version.value.clone().expect("checked when the spec was parsed"))
+            let scheme = if spec.version.scheme == VersionScheme::Explicit { "explicit" } else { "existing" };
+            spec.version
+                .value
+                .clone()
+                .ok_or_else(|| rule("version.value", format!("the `{scheme}` scheme names its version")))
         }
         VersionScheme::Nightly => {
             let definition = definition_id(spec)?;

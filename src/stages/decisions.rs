@@ -185,7 +185,9 @@ fn render_pool(message: &Envelope) -> PoolInfo {
 
 fn cases() -> Vec<Case> {
     let mut cases = snapshot_cases();
+    cases.extend(snapshot_look_cases());
     cases.extend(image_and_gallery_cases());
+    cases.extend(gallery_rule_cases());
     cases.extend(replicate_cases());
     cases.extend(pool_cases());
     cases
@@ -246,6 +248,12 @@ fn snapshot_cases() -> Vec<Case> {
             expect: Expect::Advance(&[Stage::ImageCreate]),
             writes: &[],
         },
+    ]
+}
+
+/// Snapshot's looks at copies under way.
+fn snapshot_look_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "snapshot: one copy still running → wait",
             stage: Stage::Snapshot,
@@ -347,6 +355,12 @@ fn image_and_gallery_cases() -> Vec<Case> {
             expect: Expect::Wait(Phase::Gallery),
             writes: &["put_gallery sigrun_gallery"],
         },
+    ]
+}
+
+/// gallery-publish's rules for what it finds there: the definition, the version, Batch's registration.
+fn gallery_rule_cases() -> Vec<Case> {
+    vec![
         Case {
             name: "gallery-publish: a Specialized definition is refused (Batch needs Generalized)",
             stage: Stage::GalleryPublish,
