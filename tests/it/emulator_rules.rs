@@ -960,6 +960,13 @@ async fn pool_add_validation_and_the_happy_path() {
     expect(&reply, 400, "InvalidPropertyValue");
 
     until_completed(&emu, &token, &version, "West Europe").await;
+    // Two counts whose sum overflows 32 bits are too many nodes, not a small pool.
+    let mut huge = body.clone();
+    huge["targetDedicatedNodes"] = json!(u32::MAX);
+    huge["targetLowPriorityNodes"] = json!(2);
+    let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &huge).await;
+    expect(&reply, 400, "InvalidPropertyValue");
+    assert_eq!(batch_value(&reply, "PropertyName"), "targetDedicatedNodes");
     let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &body).await;
     assert_eq!(reply.status, 201, "{:#}", reply.body);
     assert!(reply.header("etag").is_some_and(|e| !e.is_empty()), "ETag");

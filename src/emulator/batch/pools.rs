@@ -566,7 +566,8 @@ fn marketplace_image(
 
 /// A pool of this emulator has at most `MAX_POOL_NODES` nodes, dedicated and low-priority together.
 fn check_pool_size(req: &Request, dedicated: u32, low_priority: u32) -> Result<(), Response> {
-    if dedicated + low_priority > MAX_POOL_NODES {
+    // Summed wide: two u32 counts near the maximum must not wrap into a small pool.
+    if u64::from(dedicated) + u64::from(low_priority) > u64::from(MAX_POOL_NODES) {
         return Err(bad_property(
             req,
             "targetDedicatedNodes",
@@ -1090,7 +1091,7 @@ fn resize_pool(
     let counts = node_count(req, &body, "targetDedicatedNodes")
         .and_then(|dedicated| Ok((dedicated, node_count(req, &body, "targetLowPriorityNodes")?)));
     let (dedicated, low) = match counts {
-        Ok((d, l)) if d + l <= MAX_POOL_NODES => (d, l),
+        Ok((d, l)) if u64::from(d) + u64::from(l) <= u64::from(MAX_POOL_NODES) => (d, l),
         Ok(_) => {
             let message = format!("A pool of this emulator has at most {MAX_POOL_NODES} nodes.");
             return (bad_property(req, "targetDedicatedNodes", &message), false);
