@@ -23,11 +23,11 @@ use serde::Deserialize;
 use sigrun::bus::amqp::{AmqpBus, ParkedMessage};
 use sigrun::events::RunResult;
 use sigrun::model::text::MAX_REASON_BYTES;
+use support::process::NIGHTLY;
 use support::{Process, Setup};
 use uuid::Uuid;
 
 const CORPUS: &str = "tests/hostile/corpus.toml";
-const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
 /// The data segment limit (RLIMIT_DATA, which bounds malloc's heap and mmaps) every command runs
 /// under: a read that is not bounded, or a number turned into an allocation, aborts instead.
 const DATA_LIMIT: &str = "--data=536870912";

@@ -23,7 +23,8 @@ use sigrun::events::RunResult;
 use sigrun::model::envelope::{Envelope, Stage};
 use sigrun::model::trace::TraceParent;
 use sigrun::model::trigger::{Trigger, run_id};
-use support::{NIGHTLY, Process, VERSION};
+use support::process::NIGHTLY;
+use support::{Process, VERSION};
 
 const PIPELINE: &str = "nightly-ubuntu";
 const PRODUCER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";

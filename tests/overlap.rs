@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use sigrun::events::{Event, EventKind, RunResult};
+use support::Process;
 use support::relay::{Relay, broker_addr};
-use support::{NIGHTLY, Process};
 use uuid::Uuid;
 
 fn count(history: &[Event], name: &str) -> usize {
@@ -175,5 +175,4 @@ async fn overlapping_runs_all_succeed_and_retire_only_older_pools() {
         worker.stop().await;
     }
     support::delete_topology(bus, &settings).await;
-    let _ = NIGHTLY;
 }

@@ -214,7 +214,12 @@ async fn run_serves_the_endpoints_from_the_telemetry_setting_while_it_runs() {
     )
     .expect("write config");
     let config = config.display().to_string();
-    let mut run = Process::start(dir.path(), "run", &["run", support::NIGHTLY, "--config", &config], &[]);
+    let mut run = Process::start(
+        dir.path(),
+        "run",
+        &["run", support::process::NIGHTLY, "--config", &config],
+        &[],
+    );
     let addr = run.metrics_addr().await;
     let health = probe(addr, "/healthz").await.expect("/healthz answers");
     assert_eq!(health.status, 200, "{health:?}");

@@ -24,8 +24,8 @@ use sigrun::model::spec::PipelineSpec;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::process::Process;
-use crate::workers::{NIGHTLY, RUN_LIMIT, Setup, VERSION, amqp_url, setup, test_bus};
+use crate::process::{NIGHTLY, Process};
+use crate::workers::{RUN_LIMIT, Setup, VERSION, amqp_url, setup, test_bus};
 
 /// Runs `sigrun ARGS --config <the test's>` to its end: exit code, stdout, stderr.
 async fn sigrun(setup: &Setup, name: &str, args: &[&str]) -> (Option<i32>, String, String, Process) {
@@ -99,12 +99,6 @@ async fn follow_until(
     }
 }
 
-async fn submit(setup: &Setup) -> Uuid {
-    let (code, stdout, _, process) = sigrun(setup, "submit", &["submit", NIGHTLY, "--version", VERSION]).await;
-    assert_eq!(code, Some(0), "{}", process.report());
-    Uuid::parse_str(stdout.trim()).unwrap_or_else(|_| panic!("submit prints the run id{}", process.report()))
-}
-
 /// Waits (bounded) until `file` holds `text` (a process's output).
 async fn file_holds(file: &Path, text: &str, process: &Process) -> String {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -147,7 +141,7 @@ async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_
             ("SIGRUN__AZURE__CLIENT__RETRY__MAX_ATTEMPTS", "1"),
         ],
     );
-    let run_id = submit(&setup).await;
+    let run_id = setup.submit().await;
     let history = follow_until(&bus, run_id, &[&worker], |h| run_result(h) != RunResult::Running).await;
     let RunResult::Failed { reason } = run_result(&history) else {
         panic!("the run fails first: {history:#?}{}", worker.report());

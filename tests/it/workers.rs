@@ -28,9 +28,8 @@ use sigrun::model::trigger::{MAX_TRIGGER_BYTES, run_id};
 use uuid::Uuid;
 
 use crate::helpers::{self, BATCH_API, PIPELINE_APP, TENANT, TestEmulator};
-use crate::process::Process;
+use crate::process::{NIGHTLY, Process, submit_run};
 
-pub(crate) const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
 pub(crate) const VERSION: &str = "2026.1126.3";
 /// Emulated seconds per real second: the nightly run (about an hour of Azure time) takes ~10 s.
 const SCALE: f64 = 400.0;
@@ -55,6 +54,13 @@ pub(crate) struct Setup {
     config_without_amqp: PathBuf,
     pub(crate) pipelines: PathBuf,
     pub(crate) prefix: String,
+}
+
+impl Setup {
+    /// `sigrun submit` of the nightly pipeline at [`VERSION`]; returns the run id it prints.
+    pub(crate) async fn submit(&self) -> Uuid {
+        submit_run(&self.dir, &self.config, VERSION, &[]).await
+    }
 }
 
 pub(crate) async fn setup() -> Setup {
@@ -179,22 +185,12 @@ async fn nightly_run_on_workers(worker_args: &[&[&str]]) {
         .collect();
 
     // The prefix from the environment this time (SIGRUN__AMQP__PREFIX over a file without [amqp]).
-    let env_config = setup.config_without_amqp.display().to_string();
     let url = amqp_url();
-    let mut submit = Process::start(
-        &setup.dir,
-        "submit",
-        &["submit", NIGHTLY, "--version", VERSION, "--config", &env_config],
-        &[
-            ("SIGRUN__AMQP__PREFIX", setup.prefix.as_str()),
-            ("SIGRUN__AMQP__URL", url.as_str()),
-        ],
-    );
-    let code = submit.wait(Duration::from_secs(60)).await;
-    assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
-    let stdout = submit.stdout_text();
-    let run_id = Uuid::parse_str(stdout.trim())
-        .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()));
+    let env = [
+        ("SIGRUN__AMQP__PREFIX", setup.prefix.as_str()),
+        ("SIGRUN__AMQP__URL", url.as_str()),
+    ];
+    let run_id = submit_run(&setup.dir, &setup.config_without_amqp, VERSION, &env).await;
 
     let began = Instant::now();
     let (result, history) = wait_for_run(&bus, run_id, &workers).await;
@@ -373,20 +369,7 @@ async fn a_worker_stopped_mid_run_exits_0_and_a_new_one_finishes_the_run() {
     let config = setup.config.display().to_string();
     let worker_args = ["worker", "--all-stages", "--config", config.as_str()];
     let mut first = Process::start(&setup.dir, "first", &worker_args, &[]);
-    let mut submit = Process::start(
-        &setup.dir,
-        "submit",
-        &["submit", NIGHTLY, "--version", VERSION, "--config", &config],
-        &[],
-    );
-    assert_eq!(
-        submit.wait(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        submit.report()
-    );
-    let stdout = submit.stdout_text();
-    let run_id = Uuid::parse_str(stdout.trim()).expect("submit prints the run id");
+    let run_id = setup.submit().await;
 
     // Stop the worker once the run is under way (its first resource created, the run not ended).
     let mut reader = bus
@@ -901,19 +884,7 @@ async fn a_cancelled_run_stops_at_its_next_step_and_its_history_names_what_it_cr
         &["worker", "--all-stages", "--config", &config],
         &[],
     )];
-    let mut submit = Process::start(
-        &setup.dir,
-        "submit",
-        &["submit", NIGHTLY, "--version", VERSION, "--config", &config],
-        &[],
-    );
-    assert_eq!(
-        submit.wait(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        submit.report()
-    );
-    let run = Uuid::parse_str(submit.stdout_text().trim()).expect("a run id");
+    let run = setup.submit().await;
 
     // Replicating: the trunk waits on the replication between looks.
     wait_for_event(

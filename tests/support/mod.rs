@@ -1,9 +1,9 @@
 //! What the worker-process test binaries share (`telemetry`, `recovery`, `broker_restart`): an
 //! emulator plus a config that points real `sigrun` processes at it and at the broker under a
 //! prefix of the test's own, the processes themselves ([`process`], shared with `tests/it/`:
-//! output in files, bounded waits, signals, the metrics address they print), plain HTTP probes of
-//! their endpoints, following a run through the events stream (reopening the stream when the
-//! broker connection drops), and `rabbitmqctl`.
+//! output in files, bounded waits, signals, the metrics address they print, and `submit_run`),
+//! plain HTTP probes of their endpoints, following a run through the events stream (reopening
+//! the stream when the broker connection drops), and `rabbitmqctl`.
 //! Each binary includes it with `mod support;` next to `#[path = "it/helpers.rs"] mod helpers;`.
 //! [`rabbit`] starts private RabbitMQ nodes for the tests that stop or kill a broker.
 
@@ -13,7 +13,7 @@ pub mod process;
 pub mod rabbit;
 pub mod relay;
 
-pub use process::Process;
+pub use process::{Process, run_id_printed, submit_run, try_submit};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,7 +29,6 @@ use uuid::Uuid;
 
 use crate::helpers::{self, PIPELINE_APP, TENANT, TestEmulator};
 
-pub const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
 pub const VERSION: &str = "2026.1126.3";
 /// Emulated seconds per real second: the nightly run (about an hour of Azure time) takes ~10 s.
 pub const SCALE: f64 = 400.0;
@@ -141,9 +140,7 @@ prefix = "{prefix}"
 
     /// `sigrun submit` of the nightly pipeline at `version`; returns the run id it prints.
     pub async fn submit_version(&self, version: &str) -> Uuid {
-        let (code, submit) = self.try_submit_version(version).await;
-        assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
-        Self::run_id_printed(&submit)
+        submit_run(&self.dir, &self.config, version, &[]).await
     }
 
     /// `sigrun submit` of the nightly pipeline at `version`, up to `tries` times while it exits 1
@@ -151,31 +148,13 @@ prefix = "{prefix}"
     /// producer would; returns the run id it prints.
     pub async fn submit_version_retrying(&self, version: &str, tries: usize) -> Uuid {
         for _ in 1..tries {
-            let (code, submit) = self.try_submit_version(version).await;
+            let (code, submit) = try_submit(&self.dir, &self.config, version, &[]).await;
             if code == Some(0) {
-                return Self::run_id_printed(&submit);
+                return run_id_printed(&submit);
             }
             assert_eq!(code, Some(1), "submit fails only on Azure{}", submit.report());
         }
         self.submit_version(version).await
-    }
-
-    async fn try_submit_version(&self, version: &str) -> (Option<i32>, Process) {
-        let config = self.config.display().to_string();
-        // Its own output files: submits of one version may run at once.
-        let name = format!("submit-{version}-{}", &Uuid::new_v4().simple().to_string()[..8]);
-        let mut submit = Process::start(
-            &self.dir,
-            &name,
-            &["submit", NIGHTLY, "--version", version, "--config", &config],
-            &[],
-        );
-        (submit.wait(Duration::from_secs(60)).await, submit)
-    }
-
-    fn run_id_printed(submit: &Process) -> Uuid {
-        Uuid::parse_str(submit.stdout_text().trim())
-            .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()))
     }
 }
 

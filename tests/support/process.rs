@@ -1,6 +1,7 @@
 //! A `sigrun` process of the built binary, as every test binary that runs real processes starts it:
 //! from the repository root, its output in files, with bounded waits, signals and the metrics
-//! address it prints. Shared by `tests/it/` (`#[path]`-included from `it/main.rs`) and, through
+//! address it prints; and [`submit_run`], the one way a test submits a run and learns its id.
+//! Shared by `tests/it/` (`#[path]`-included from `it/main.rs`) and, through
 //! `support`, by the worker-process binaries.
 
 #![allow(dead_code)]
@@ -9,6 +10,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use uuid::Uuid;
+
+/// The pipeline the tests submit, relative to the repository root.
+pub const NIGHTLY: &str = "pipelines/nightly-ubuntu.toml";
 
 /// A `sigrun` process started from the repository root, its output in files.
 pub struct Process {
@@ -133,4 +139,28 @@ impl Drop for Process {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `sigrun submit` of the nightly pipeline at `version` with `config` (and `env` set), to its end:
+/// the exit code and the process. Each submit has output files of its own, so several (even of
+/// one version) may run at once.
+pub async fn try_submit(dir: &Path, config: &Path, version: &str, env: &[(&str, &str)]) -> (Option<i32>, Process) {
+    let config = config.display().to_string();
+    let name = format!("submit-{version}-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    let args = ["submit", NIGHTLY, "--version", version, "--config", &config];
+    let mut submit = Process::start(dir, &name, &args, env);
+    (submit.wait(Duration::from_secs(60)).await, submit)
+}
+
+/// As [`try_submit`], which must exit 0; returns the run id it printed.
+pub async fn submit_run(dir: &Path, config: &Path, version: &str, env: &[(&str, &str)]) -> Uuid {
+    let (code, submit) = try_submit(dir, config, version, env).await;
+    assert_eq!(code, Some(0), "submit should exit 0{}", submit.report());
+    run_id_printed(&submit)
+}
+
+/// The run id a successful submit printed, alone on stdout.
+pub fn run_id_printed(submit: &Process) -> Uuid {
+    Uuid::parse_str(submit.stdout_text().trim())
+        .unwrap_or_else(|_| panic!("submit should print the run id alone on stdout{}", submit.report()))
 }
