@@ -27,7 +27,7 @@ use crate::bus::{Bus, BusError};
 use crate::events::{Event, EventKind, PoolRef};
 use crate::ledger::record::{Commit, Consumed, Successor};
 use crate::ledger::{ClaimKey, Claimed, Ledger};
-use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, SnapshotArtifact, Stage, message_id};
+use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, Stage, message_id};
 use crate::model::ids::{GalleryImageVersionId, ImageId};
 use crate::model::plan::Plan;
 use crate::model::spec::{PipelineSpec, PreviousPool};
@@ -195,14 +195,7 @@ pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) ->
     let mut artifacts = Artifacts::default();
     if let Some(build) = &prepared.plan.build {
         if entry > Stage::Snapshot {
-            artifacts.snapshots = build
-                .snapshots
-                .iter()
-                .map(|s| SnapshotArtifact {
-                    lun: s.lun,
-                    id: s.id.clone(),
-                })
-                .collect();
+            artifacts.snapshots = build.snapshot_artifacts();
         }
         if entry > Stage::ImageCreate {
             artifacts.image = Some(build.image.clone());

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use super::envelope::SnapshotArtifact;
 use super::ids::{BatchAccountId, DiskId, GalleryId, GalleryImageId, GalleryImageVersionId, ImageId, SnapshotId, VmId};
 use super::spec::StartTaskSpec;
 
@@ -50,6 +51,19 @@ pub struct BuildPlan {
     /// The build VM's Marketplace base image (publisher, offer, sku), when known.
     #[serde(default)]
     pub base_image: Option<(String, String, String)>,
+}
+
+impl BuildPlan {
+    /// The snapshots as the run records them once made.
+    pub fn snapshot_artifacts(&self) -> Vec<SnapshotArtifact> {
+        self.snapshots
+            .iter()
+            .map(|s| SnapshotArtifact {
+                lun: s.lun,
+                id: s.id.clone(),
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -33,6 +33,41 @@ pub fn generalized(os_state: &str) -> bool {
     os_state.eq_ignore_ascii_case("Generalized")
 }
 
+/// Why an existing image definition cannot take this pipeline's images: Batch builds pools only
+/// from Generalized images, and a definition holds images of one OS. Read as "… is Specialized;
+/// Batch pools need a Generalized image".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionMismatch {
+    #[error("is {0}; Batch pools need a Generalized image")]
+    NotGeneralized(String),
+    #[error("has osType {found}, the spec says {wanted}")]
+    OtherOs { found: String, wanted: String },
+}
+
+impl DefinitionMismatch {
+    /// The spec key the mismatch is about.
+    pub fn key(&self) -> &'static str {
+        match self {
+            DefinitionMismatch::NotGeneralized(_) => "definition",
+            DefinitionMismatch::OtherOs { .. } => "definition.os_type",
+        }
+    }
+}
+
+/// Whether a definition of `os_state` and `os_type` takes the images of a pipeline building `wanted_os`.
+pub fn definition_fits(os_state: &str, os_type: &str, wanted_os: &str) -> Result<(), DefinitionMismatch> {
+    if !generalized(os_state) {
+        return Err(DefinitionMismatch::NotGeneralized(os_state.to_string()));
+    }
+    if !os_type.eq_ignore_ascii_case(wanted_os) {
+        return Err(DefinitionMismatch::OtherOs {
+            found: os_type.to_string(),
+            wanted: wanted_os.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// The node agent SKU must match the image's OS: Batch lists each SKU with its `osType`.
 pub fn sku_matches_os(sku_os_type: &str, image_os_type: &str) -> bool {
     sku_os_type.eq_ignore_ascii_case(image_os_type)

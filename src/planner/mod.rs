@@ -77,7 +77,11 @@ pub async fn resolve_version(
     }
     match spec.version.scheme {
         VersionScheme::Explicit | VersionScheme::Existing => {
-            let scheme = if spec.version.scheme == VersionScheme::Explicit { "explicit" } else { "existing" };
+            let scheme = if spec.version.scheme == VersionScheme::Explicit {
+                "explicit"
+            } else {
+                "existing"
+            };
             spec.version
                 .value
                 .clone()
@@ -203,25 +207,8 @@ async fn check_existing_definition(
 ) -> Result<(), PlanError> {
     // The existing definition must agree with the spec; Batch refuses specialized images.
     if let Some(existing) = azure.get_definition(definition).await? {
-        if !rules::generalized(&existing.os_state) {
-            return Err(rule(
-                "definition",
-                format!(
-                    "{definition} exists and is {}; Batch pools need a Generalized image",
-                    existing.os_state
-                ),
-            ));
-        }
-        if !existing.os_type.eq_ignore_ascii_case(spec.definition.os_type.as_str()) {
-            return Err(rule(
-                "definition.os_type",
-                format!(
-                    "{definition} exists with osType {}, the spec says {}",
-                    existing.os_type,
-                    spec.definition.os_type.as_str()
-                ),
-            ));
-        }
+        rules::definition_fits(&existing.os_state, &existing.os_type, spec.definition.os_type.as_str())
+            .map_err(|mismatch| rule(mismatch.key(), format!("{definition} exists and {mismatch}")))?;
         if !existing
             .hyper_v_generation
             .eq_ignore_ascii_case(&spec.definition.hyper_v_generation)

@@ -107,6 +107,31 @@ pub fn wait_step(
     }
 }
 
+/// The status URLs a message follows when it waits on `what`; `None` on the step's first look.
+pub fn awaited(message: &Envelope, what: Phase) -> Option<Vec<String>> {
+    message
+        .operation
+        .as_ref()
+        .filter(|op| op.what == what)
+        .map(|op| op.status_urls.clone())
+}
+
+/// Looks again after the default poll, with no operation to follow: something is still being made.
+pub fn look_again(message: Envelope, what: Phase, ctx: &StepContext<'_>) -> Step {
+    wait_step(message, what, Vec::new(), ctx.settings.default_poll(), ctx.now)
+}
+
+/// Follows Azure's operations (`status_urls`), looking again after its hint or the default poll.
+pub fn follow(
+    message: Envelope,
+    what: Phase,
+    status_urls: Vec<String>,
+    hint: Option<Duration>,
+    ctx: &StepContext<'_>,
+) -> Step {
+    wait_step(message, what, status_urls, after_hint(ctx.settings, hint), ctx.now)
+}
+
 /// Where a set of operations stands.
 pub enum Settled {
     /// All succeeded.

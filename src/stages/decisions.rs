@@ -386,7 +386,7 @@ fn gallery_rule_cases() -> Vec<Case> {
                     .values_mut()
                     .for_each(|d| d.os_type = "Windows".into());
             },
-            expect: Expect::Fail("the pipeline builds Linux"),
+            expect: Expect::Fail("has osType Windows, the spec says Linux"),
             writes: &[],
         },
         Case {

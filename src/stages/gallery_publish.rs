@@ -7,7 +7,7 @@
 //! what it finds there that its own run made (the tags say) and did not record — an earlier try was
 //! killed before its commit — it records as created then (once: the message remembers).
 
-use super::common::{Settled, after_hint, fail, made_in_admission, settle, tags, target_regions, wait_step};
+use super::common::{Settled, fail, follow, look_again, made_in_admission, settle, tags, target_regions};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::{Accepted, DefinitionRequest, VersionRequest};
 use crate::azure::{AzureError, ProvisioningState, RegistrationState};
@@ -83,20 +83,9 @@ async fn own_operation(message: &Envelope, ctx: &StepContext<'_>) -> Result<Resu
     };
     Ok(match settle(ctx, &op.status_urls).await? {
         Settled::Done => Ok(Some(op.what)),
-        Settled::Pending(urls, hint) => Err(wait_step(
-            message.clone(),
-            op.what,
-            urls,
-            after_hint(ctx.settings, hint),
-            ctx.now,
-        )),
+        Settled::Pending(urls, hint) => Err(follow(message.clone(), op.what, urls, hint, ctx)),
         Settled::Failed(reason) => Err(fail(format!("{} failed: {reason}", op.what.as_str()))),
     })
-}
-
-/// Look again after the default poll: something is still being made.
-fn poll_again(message: &Envelope, what: Phase, ctx: &StepContext<'_>) -> Step {
-    wait_step(message.clone(), what, Vec::new(), ctx.settings.default_poll(), ctx.now)
 }
 
 /// `id` was just asked for: recorded as created, then waited for.
@@ -110,14 +99,7 @@ fn created(
 ) -> Step {
     adopted.recorded.push(id.clone());
     let urls = accepted.status_url.into_iter().collect();
-    wait_step(
-        message.clone(),
-        what,
-        urls,
-        after_hint(ctx.settings, accepted.retry_after),
-        ctx.now,
-    )
-    .with(EventKind::ResourceCreated { id })
+    follow(message.clone(), what, urls, accepted.retry_after, ctx).with(EventKind::ResourceCreated { id })
 }
 
 /// The gallery exists and has succeeded, or is created if the spec allows.
@@ -147,7 +129,8 @@ async fn ensure_gallery(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut
         }
         Some(state) => {
             adopted.ours(plan.gallery.to_string(), &state.tags, message);
-            (state.provisioning_state != ProvisioningState::Succeeded).then(|| poll_again(message, Phase::Gallery, ctx))
+            (state.provisioning_state != ProvisioningState::Succeeded)
+                .then(|| look_again(message.clone(), Phase::Gallery, ctx))
         }
     })
 }
@@ -172,24 +155,13 @@ async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &
         return Ok(Some(created(message, Phase::Definition, id, accepted, ctx, adopted)));
     };
     adopted.ours(plan.definition.to_string(), &existing.tags, message);
-    if !rules::generalized(&existing.os_state) {
-        return Ok(Some(fail(format!(
-            "image definition {} is {}; Batch pools need a Generalized image",
-            plan.definition, existing.os_state
-        ))));
-    }
-    if !existing.os_type.eq_ignore_ascii_case(spec.os_type.as_str()) {
-        return Ok(Some(fail(format!(
-            "image definition {} is {}, the pipeline builds {}",
-            plan.definition,
-            existing.os_type,
-            spec.os_type.as_str()
-        ))));
+    if let Err(mismatch) = rules::definition_fits(&existing.os_state, &existing.os_type, spec.os_type.as_str()) {
+        return Ok(Some(fail(format!("image definition {} {mismatch}", plan.definition))));
     }
     Ok(match existing.provisioning_state {
         ProvisioningState::Succeeded => None,
         ProvisioningState::Failed => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
-        _ => Some(poll_again(message, Phase::Definition, ctx)),
+        _ => Some(look_again(message.clone(), Phase::Definition, ctx)),
     })
 }
 
@@ -199,10 +171,10 @@ async fn ensure_batch_registered(message: &Envelope, ctx: &StepContext<'_>) -> P
     for subscription in &message.plan.register_batch_in {
         match ctx.azure.provider_state(subscription, "Microsoft.Batch").await? {
             RegistrationState::Registered => {}
-            RegistrationState::Registering => return Ok(Some(poll_again(message, Phase::Registration, ctx))),
+            RegistrationState::Registering => return Ok(Some(look_again(message.clone(), Phase::Registration, ctx))),
             _ => {
                 ctx.azure.register_provider(subscription, "Microsoft.Batch").await?;
-                return Ok(Some(poll_again(message, Phase::Registration, ctx)));
+                return Ok(Some(look_again(message.clone(), Phase::Registration, ctx)));
             }
         }
     }

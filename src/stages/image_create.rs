@@ -2,7 +2,7 @@
 //! snapshots at their LUNs), in the snapshots' region, and waits for it. The image's name derives
 //! from the run, so a replay PUTs the same image again.
 
-use super::common::{Settled, after_hint, fail, made_by_run, made_in_admission, settle, tags, wait_step};
+use super::common::{Settled, awaited, fail, follow, look_again, made_by_run, made_in_admission, settle, tags};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::ImageRequest;
 use crate::azure::{AzureError, ProvisioningState};
@@ -15,12 +15,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     let Some(build) = message.plan.build.clone() else {
         return Ok(fail("this run publishes an existing version; it makes no image"));
     };
-    let waiting = message
-        .operation
-        .as_ref()
-        .filter(|op| op.what == WHAT)
-        .map(|op| op.status_urls.clone());
-    match waiting {
+    match awaited(&message, WHAT) {
         None => {
             let os = message.artifacts.snapshots.iter().find(|s| s.lun.is_none());
             let Some(os) = os else {
@@ -53,7 +48,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 Some(accepted) => (accepted.status_url.into_iter().collect(), accepted.retry_after),
                 None => (Vec::new(), None),
             };
-            let mut step = wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now);
+            let mut step = follow(message, WHAT, urls, hint, ctx);
             if created {
                 step = step.with(EventKind::ResourceCreated {
                     id: build.image.to_string(),
@@ -66,17 +61,11 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Some(state) if state.provisioning_state == ProvisioningState::Failed => {
                 Ok(fail(format!("managed image {} failed", build.image)))
             }
-            _ => Ok(wait_step(
-                message,
-                WHAT,
-                Vec::new(),
-                ctx.settings.default_poll(),
-                ctx.now,
-            )),
+            _ => Ok(look_again(message, WHAT, ctx)),
         },
         Some(urls) => match settle(ctx, &urls).await? {
             Settled::Done => Ok(advance(message, ctx)),
-            Settled::Pending(urls, hint) => Ok(wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now)),
+            Settled::Pending(urls, hint) => Ok(follow(message, WHAT, urls, hint, ctx)),
             Settled::Failed(reason) => Ok(fail(format!("managed image {} failed: {reason}", build.image))),
         },
     }

@@ -5,12 +5,12 @@
 //! no change. A redelivered message first looks for what an earlier try made in the same
 //! admission (its tags say) and records it as created too, so the run's history lists it.
 
-use super::common::{Settled, after_hint, fail, made_by_run, made_in_admission, settle, tags, wait_step};
+use super::common::{Settled, awaited, fail, follow, look_again, made_by_run, made_in_admission, settle, tags};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::{Accepted, SnapshotRequest};
 use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, Phase, SnapshotArtifact, Stage};
+use crate::model::envelope::{Envelope, Phase, Stage};
 use crate::model::ids::SnapshotId;
 use crate::model::plan::BuildPlan;
 
@@ -22,12 +22,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             "this run publishes an existing version; it has nothing to snapshot",
         ));
     };
-    let waiting = message
-        .operation
-        .as_ref()
-        .filter(|op| op.what == WHAT)
-        .map(|op| op.status_urls.clone());
-    match waiting {
+    match awaited(&message, WHAT) {
         None => {
             let mut urls = Vec::new();
             let mut hint = None;
@@ -57,7 +52,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             if joined {
                 urls.clear();
             }
-            let mut step = wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now);
+            let mut step = follow(message, WHAT, urls, hint, ctx);
             step.events.splice(0..0, events);
             Ok(step)
         }
@@ -65,17 +60,11 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         Some(urls) if urls.is_empty() => match snapshots_state(&build, ctx).await? {
             Copied::All => Ok(advance(message, &build, ctx)),
             Copied::Failed(snapshot) => Ok(fail(format!("snapshot {snapshot} of the build VM failed"))),
-            Copied::NotYet => Ok(wait_step(
-                message,
-                WHAT,
-                Vec::new(),
-                ctx.settings.default_poll(),
-                ctx.now,
-            )),
+            Copied::NotYet => Ok(look_again(message, WHAT, ctx)),
         },
         Some(urls) => match settle(ctx, &urls).await? {
             Settled::Done => Ok(advance(message, &build, ctx)),
-            Settled::Pending(urls, hint) => Ok(wait_step(message, WHAT, urls, after_hint(ctx.settings, hint), ctx.now)),
+            Settled::Pending(urls, hint) => Ok(follow(message, WHAT, urls, hint, ctx)),
             Settled::Failed(reason) => Ok(fail(format!("a snapshot of the build VM failed: {reason}"))),
         },
     }
@@ -114,14 +103,7 @@ async fn put_or_join(
 }
 
 fn advance(mut message: Envelope, build: &BuildPlan, ctx: &StepContext<'_>) -> Step {
-    message.artifacts.snapshots = build
-        .snapshots
-        .iter()
-        .map(|s| SnapshotArtifact {
-            lun: s.lun,
-            id: s.id.clone(),
-        })
-        .collect();
+    message.artifacts.snapshots = build.snapshot_artifacts();
     Step::new(Outcome::Advance(vec![message.next(Stage::ImageCreate, ctx.now)]))
 }
 

@@ -355,7 +355,7 @@ async fn an_existing_definition_of_another_os_is_refused() {
     assert_eq!(
         message,
         format!(
-            "{} exists with osType Windows, the spec says Linux",
+            "{} exists and has osType Windows, the spec says Linux",
             definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-2204-batch")
         )
     );
@@ -798,7 +798,10 @@ async fn the_shipped_nightly_pipeline_plans_with_the_documented_numbers() {
     );
     assert_eq!(render.node_agent_sku_id, "batch.node.ubuntu 22.04");
     assert_eq!(render.resize_timeout_secs, 1800);
-    assert!(render.start_task.as_ref().is_some_and(|task| task.elevated), "{render:?}");
+    assert!(
+        render.start_task.as_ref().is_some_and(|task| task.elevated),
+        "{render:?}"
+    );
     assert_eq!(render.metadata["sigrun-version"], "2026.1126.0");
     let sim = &plan.pools[1];
     assert_eq!((sim.region.as_str(), sim.resize_timeout_secs), ("eastus", 1200));
