@@ -27,8 +27,14 @@ pub async fn plan_build(
     warnings: &mut Vec<String>,
 ) -> Result<BuildPlan, PlanError> {
     // `PipelineSpec::parse` checks these, but a spec also arrives by `Deserialize` in a message.
-    let source = spec.source.as_ref().ok_or_else(|| rule("source", "a build needs a source"))?;
-    let image_spec = spec.image.as_ref().ok_or_else(|| rule("image", "a build needs an image section"))?;
+    let source = spec
+        .source
+        .as_ref()
+        .ok_or_else(|| rule("source", "a build needs a source"))?;
+    let image_spec = spec
+        .image
+        .as_ref()
+        .ok_or_else(|| rule("image", "a build needs an image section"))?;
     let region = region_key(&image_spec.region);
     let disks = match &source.vm {
         Some(vm_id) => from_vm(spec, vm_id, &region, azure, supported, warnings).await?,
