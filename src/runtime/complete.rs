@@ -1,9 +1,8 @@
 //! Driving one run in this process: start it, run every stage's consumers, follow the run's events
 //! until [`run_result`] says it has ended (or the time is up), then shut the consumers down
-//! gracefully and hand back the run's history. [`drive`] takes how the run starts;
-//! [`run_to_completion`] starts it by publishing its first messages unfenced (the runtime's own
-//! tests, whose first stage handler emits `RunStarted`), while `sigrun run` starts it through
-//! admission and the ledger (`admission::local`).
+//! gracefully and hand back the run's history. [`drive`] takes how the run starts: `sigrun run`
+//! starts it through admission and the ledger (`admission::local`), which commits `RunStarted`
+//! with the first messages; the runtime's own tests publish their first message unfenced.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -12,13 +11,12 @@ use std::time::Duration;
 use tokio::sync::{broadcast, oneshot};
 use uuid::Uuid;
 
+use super::Observer;
 use super::runner::{Runtime, RuntimeReport};
-use super::settings::{RuntimeSettings, SettingsError};
-use super::{Clock, Handler, Observer};
+use super::settings::SettingsError;
+use crate::bus::BusError;
 use crate::bus::memory::MemoryBus;
-use crate::bus::{Bus, BusError};
 use crate::events::{Event, RunResult, run_result};
-use crate::model::envelope::{Envelope, Stage};
 
 /// How a driven run ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,56 +36,6 @@ pub enum RunError {
     Settings(#[from] SettingsError),
     #[error("publishing the run's first message: {0}")]
     Bus(#[from] BusError),
-}
-
-/// Drives the run that `first` starts on `bus` until it ends or `timeout` passes.
-pub async fn run_to_completion(
-    bus: Arc<MemoryBus>,
-    handler: Arc<dyn Handler>,
-    first: Envelope,
-    settings: RuntimeSettings,
-    clock: Clock,
-    timeout: Duration,
-) -> Result<RunOutcome, RunError> {
-    run_all_to_completion(bus, handler, vec![first], settings, clock, timeout).await
-}
-
-/// As [`run_to_completion`], for a run that starts with several messages (a rollout starts one
-/// pool branch per pool). All belong to one run.
-pub async fn run_all_to_completion(
-    bus: Arc<MemoryBus>,
-    handler: Arc<dyn Handler>,
-    firsts: Vec<Envelope>,
-    settings: RuntimeSettings,
-    clock: Clock,
-    timeout: Duration,
-) -> Result<RunOutcome, RunError> {
-    run_all_observed(bus, handler, firsts, settings, clock, timeout, None).await
-}
-
-/// As [`run_all_to_completion`], telling `observer` (the metrics) about every handled delivery.
-pub async fn run_all_observed(
-    bus: Arc<MemoryBus>,
-    handler: Arc<dyn Handler>,
-    firsts: Vec<Envelope>,
-    settings: RuntimeSettings,
-    clock: Clock,
-    timeout: Duration,
-    observer: Option<Arc<dyn Observer>>,
-) -> Result<RunOutcome, RunError> {
-    let run_id = firsts.first().map(|f| f.run_id).unwrap_or_default();
-    let mut runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
-    if let Some(observer) = &observer {
-        runtime = runtime.with_observer(Arc::clone(observer));
-    }
-    let publisher = Arc::clone(&bus);
-    let start = async move {
-        for first in &firsts {
-            publisher.publish(first.stage, &first.encode()).await?;
-        }
-        Ok(())
-    };
-    drive(bus, runtime, run_id, start, timeout, observer).await
 }
 
 /// Drives run `run_id` on `bus` with `runtime`'s consumers: `start` starts it (publishing its

@@ -6,7 +6,8 @@
 //! - [`runner`] — [`Runtime`], the consumers and the handling of one delivery.
 //! - [`retry`] — what follows a failed step (pure).
 //! - [`settings`] — [`RuntimeSettings`].
-//! - [`complete`] — [`run_to_completion`], one run driven in-process (what `sigrun run` uses).
+//! - [`complete`] — [`complete::drive`], one run driven in-process (what `sigrun run` uses, through
+//!   `admission::local`).
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
@@ -29,7 +30,7 @@ pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
 
-pub use complete::{RunError, RunOutcome, run_all_observed, run_all_to_completion, run_to_completion};
+pub use complete::{RunError, RunOutcome};
 pub use observe::{Handled, Observer};
 pub use runner::{Runtime, RuntimeReport};
 pub use settings::{RetrySettings, RuntimeSettings, SettingsError};

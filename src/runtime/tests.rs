@@ -844,6 +844,23 @@ fn pipeline(fails: &'static [&'static str], eastus_fails: bool) -> Arc<Script> {
     })
 }
 
+/// Drives the run that `first` starts on `bus` until it ends or `timeout` passes, publishing
+/// `first` unfenced (the runtime's tests: their handlers emit `RunStarted`).
+async fn run_to_completion(
+    bus: Arc<MemoryBus>,
+    handler: Arc<dyn Handler>,
+    first: Envelope,
+    settings: RuntimeSettings,
+    clock: Clock,
+    timeout: Duration,
+) -> Result<RunOutcome, RunError> {
+    let run_id = first.run_id;
+    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
+    let publisher = Arc::clone(&bus);
+    let start = async move { publisher.publish(first.stage, &first.encode()).await };
+    super::complete::drive(bus, runtime, run_id, start, timeout, None).await
+}
+
 async fn drive(handler: Arc<Script>, first: Envelope) -> RunOutcome {
     run_to_completion(
         testkit::bus(),

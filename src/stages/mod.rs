@@ -17,7 +17,7 @@ mod verify;
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use time::OffsetDateTime;
 
 use crate::azure::{AzureApi, AzureError};
@@ -133,7 +133,7 @@ impl Step {
 
 /// How stages pace their looks at Azure. Durations are Azure time; `azure_time_factor` converts
 /// them to real time (1 against Azure; 1/N against an emulator running N times faster).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StageSettings {
     /// Look again after this when Azure gives no hint and nothing better is known.
