@@ -854,11 +854,27 @@ async fn run_to_completion(
     clock: Clock,
     timeout: Duration,
 ) -> Result<RunOutcome, RunError> {
+    run_observed(bus, handler, first, settings, clock, timeout, None).await
+}
+
+/// As [`run_to_completion`], telling `observer` (the metrics) about every delivery and event.
+async fn run_observed(
+    bus: Arc<MemoryBus>,
+    handler: Arc<dyn Handler>,
+    first: Envelope,
+    settings: RuntimeSettings,
+    clock: Clock,
+    timeout: Duration,
+    observer: Option<Arc<dyn Observer>>,
+) -> Result<RunOutcome, RunError> {
     let run_id = first.run_id;
-    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
+    let mut runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)?.with_clock(clock);
+    if let Some(observer) = &observer {
+        runtime = runtime.with_observer(Arc::clone(observer));
+    }
     let publisher = Arc::clone(&bus);
     let start = async move { publisher.publish(first.stage, &first.encode()).await };
-    super::complete::drive(bus, runtime, run_id, start, timeout, None).await
+    super::complete::drive(bus, runtime, run_id, start, timeout, observer).await
 }
 
 async fn drive(handler: Arc<Script>, first: Envelope) -> RunOutcome {
@@ -994,14 +1010,14 @@ fn a_hold_sits_on_the_operation_when_there_is_one_and_never_moves_earlier() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_all_observed_feeds_the_runs_events_to_the_metrics() {
+async fn a_driven_run_feeds_its_events_to_the_metrics() {
     // What `sigrun run --metrics-listen` exports: the run-level metrics from its own event log.
     let first = envelope(Stage::Snapshot);
     let telemetry = Arc::new(crate::telemetry::Telemetry::new());
-    let outcome = run_all_observed(
+    let outcome = run_observed(
         testkit::bus(),
         pipeline(&[], false),
-        vec![first.clone()],
+        first.clone(),
         testkit::settings(),
         Clock::tokio(),
         Duration::from_secs(3600),
