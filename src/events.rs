@@ -765,7 +765,7 @@ mod tests {
             event(
                 branch,
                 EventKind::Parked {
-                    reason: "message does not match envelope v1: plan".into(),
+                    reason: "message does not match envelope v2: plan".into(),
                 },
             )
         };
@@ -773,7 +773,7 @@ mod tests {
         assert_eq!(
             run_result(&trunk),
             RunResult::Failed {
-                reason: "parked: message does not match envelope v1: plan".into()
+                reason: "parked: message does not match envelope v2: plan".into()
             }
         );
         let mut pools = vec![
@@ -787,7 +787,7 @@ mod tests {
             RunResult::PartlySucceeded {
                 failed: vec![(
                     pool("eastus", "batch"),
-                    "parked: message does not match envelope v1: plan".into()
+                    "parked: message does not match envelope v2: plan".into()
                 )]
             }
         );

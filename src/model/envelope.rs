@@ -1,7 +1,8 @@
-//! The message envelope, version 1: everything a run's step needs travels in it, so workers keep no
+//! The message envelope, version 2: everything a run's step needs travels in it, so workers keep no
 //! state and any worker can take any message. Documented as JSON Schema in
-//! `schemas/envelope-v1.schema.json`; a message of another version, or one that does not parse, is
-//! parked with the reason, never dropped.
+//! `schemas/envelope-v2.schema.json`; a message of another version, or one that does not parse, is
+//! parked with the reason, never dropped (version 1 carried each pool's Batch body as JSON: its
+//! messages are parked as another version by this build, and this build's by one of version 1).
 
 use std::collections::BTreeMap;
 
@@ -13,7 +14,7 @@ use super::ids::{BatchAccountId, GalleryImageVersionId, ImageId, SnapshotId};
 use super::plan::Plan;
 use super::spec::PipelineSpec;
 
-pub const ENVELOPE_VERSION: u32 = 1;
+pub const ENVELOPE_VERSION: u32 = 2;
 /// Larger messages are refused (and parked): a run's state is a few kilobytes.
 pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 
@@ -275,7 +276,7 @@ pub enum EnvelopeError {
     NotJson(String),
     #[error("message has envelope version {0}; this build reads version {ENVELOPE_VERSION}")]
     WrongVersion(u64),
-    #[error("message does not match envelope v1: {0}")]
+    #[error("message does not match envelope v{ENVELOPE_VERSION}: {0}")]
     Schema(String),
 }
 
@@ -305,6 +306,10 @@ impl Envelope {
             }
             _ => EnvelopeError::NotJson(e.to_string()),
         })?;
+        // serde also reads a struct from an array (`[1]` has "version" 1): only an object is one.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(EnvelopeError::Schema("an envelope is a JSON object".into()));
+        }
         match probe.v.as_ref().and_then(serde_json::Value::as_u64) {
             Some(v) if v == ENVELOPE_VERSION as u64 => {}
             Some(v) => return Err(EnvelopeError::WrongVersion(v)),
@@ -457,8 +462,9 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
         let envelope = sample();
         assert_eq!(Envelope::decode(&envelope.encode()).unwrap(), envelope);
         assert!(matches!(Envelope::decode(b"not json"), Err(EnvelopeError::NotJson(_))));
-        assert_eq!(Envelope::decode(br#"{"v":2}"#), Err(EnvelopeError::WrongVersion(2)));
-        assert!(matches!(Envelope::decode(br#"{"v":1}"#), Err(EnvelopeError::Schema(_))));
+        assert_eq!(Envelope::decode(br#"{"v":1}"#), Err(EnvelopeError::WrongVersion(1)));
+        assert_eq!(Envelope::decode(br#"{"v":3}"#), Err(EnvelopeError::WrongVersion(3)));
+        assert!(matches!(Envelope::decode(br#"{"v":2}"#), Err(EnvelopeError::Schema(_))));
         assert!(matches!(
             Envelope::decode(br#"{"v":"1"}"#),
             Err(EnvelopeError::Schema(_))
@@ -488,7 +494,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
     #[test]
     fn the_json_schema_describes_the_envelope() {
         let schema: serde_json::Value =
-            serde_json::from_str(include_str!("../../schemas/envelope-v1.schema.json")).unwrap();
+            serde_json::from_str(include_str!("../../schemas/envelope-v2.schema.json")).unwrap();
         let encoded: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
         let properties = schema["properties"].as_object().unwrap();
         for key in encoded.as_object().unwrap().keys() {

@@ -467,7 +467,7 @@ async fn malformed_messages_are_parked_with_the_reason_and_never_handled() {
     broken.as_object_mut().unwrap().remove("plan");
     let bodies: Vec<Vec<u8>> = vec![
         b"not json at all".to_vec(),
-        br#"{"v":2,"message_id":"m-2"}"#.to_vec(),
+        br#"{"v":1,"message_id":"m-2"}"#.to_vec(),
         vec![b' '; MAX_ENVELOPE_BYTES + 1],
         serde_json::to_vec(&broken).unwrap(),
     ];
@@ -486,7 +486,7 @@ async fn malformed_messages_are_parked_with_the_reason_and_never_handled() {
     let reasons: Vec<&ParkReason> = parked.iter().map(|(_, r)| r).collect();
     assert_eq!(parked.len(), 4);
     assert!(reasons[0].error.contains("not JSON"), "{}", reasons[0].error);
-    assert!(reasons[1].error.contains("envelope version 2"), "{}", reasons[1].error);
+    assert!(reasons[1].error.contains("envelope version 1"), "{}", reasons[1].error);
     assert_eq!(reasons[1].message_id.as_deref(), Some("m-2"));
     assert!(reasons[2].error.contains("over the limit"), "{}", reasons[2].error);
     assert!(reasons[3].error.contains("plan"), "{}", reasons[3].error);

@@ -301,10 +301,14 @@ async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_repla
     let broken_run = Uuid::new_v4();
     let broken_id = Uuid::new_v4();
     let garbage = b"\x00\x01 this is not JSON".to_vec();
-    let oversized = format!("{{\"v\":1,\"pad\":\"{}\"}}", "x".repeat(MAX_ENVELOPE_BYTES)).into_bytes();
+    let oversized = format!(
+        "{{\"v\":{ENVELOPE_VERSION},\"pad\":\"{}\"}}",
+        "x".repeat(MAX_ENVELOPE_BYTES)
+    )
+    .into_bytes();
     // Its run can be read, the rest cannot: the run's history says it was parked.
     let broken = serde_json::json!({
-        "v": 1, "message_id": broken_id, "run_id": broken_run, "pipeline": "nightly-ubuntu",
+        "v": ENVELOPE_VERSION, "message_id": broken_id, "run_id": broken_run, "pipeline": "nightly-ubuntu",
         "version": "2026.1126.9", "stage": "snapshot", "branch": {"kind": "trunk"},
     })
     .to_string()
@@ -340,7 +344,7 @@ async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_repla
     };
     let not_json = find("not JSON");
     let too_big = find("over the limit");
-    let schema = find("does not match envelope v1");
+    let schema = find(&format!("does not match envelope v{ENVELOPE_VERSION}"));
     let unroutable = find("no-such-stage");
     for message in [not_json, too_big, schema] {
         assert_eq!(message["origin"], "runtime", "{message}");
@@ -393,7 +397,9 @@ async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_repla
     let (code, timeline, _, process) = sigrun(&setup, "status-broken", &["status", &broken_run.to_string()]).await;
     assert_eq!(code, Some(0), "{}", process.report());
     assert!(
-        timeline.contains("message parked: message does not match envelope v1"),
+        timeline.contains(&format!(
+            "message parked: message does not match envelope v{ENVELOPE_VERSION}"
+        )),
         "{timeline}"
     );
     assert!(timeline.contains("result: failed: parked: "), "{timeline}");
