@@ -247,8 +247,8 @@ async fn no_secret_in_any_line_of_whole_runs_logged_at_trace_level() {
     let setup = support::setup("").await;
     let user = format!("{}-user", setup.prefix);
     let password = format!("pw-{}", &uuid::Uuid::new_v4().simple().to_string()[..20]);
-    support::rabbitmqctl(&["add_user", &user, &password]);
-    support::rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
+    support::broker::rabbitmqctl(&["add_user", &user, &password]);
+    support::broker::rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
     let url = format!("amqp://{user}:{password}@127.0.0.1:5672/%2f");
     let config = setup.write_config("password.toml", &url, helpers::PIPELINE_APP.1);
     let (bus, settings) = support::test_bus(&config).await;
@@ -269,7 +269,7 @@ async fn no_secret_in_any_line_of_whole_runs_logged_at_trace_level() {
         worker.stop().await;
     }
     support::delete_topology(bus, &settings).await;
-    support::rabbitmqctl(&["delete_user", &user]);
+    support::broker::rabbitmqctl(&["delete_user", &user]);
     let mut with_password = secrets.to_vec();
     with_password.push(("broker password", password.as_str()));
     for worker in &workers {

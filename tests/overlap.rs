@@ -12,12 +12,36 @@ mod helpers;
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use sigrun::bus::amqp::topology::Names;
 use sigrun::events::{Event, EventKind, RunResult};
 use support::Process;
 use support::relay::{Relay, broker_addr};
 use uuid::Uuid;
+
+/// Waits (bounded) until the consumers of `queue`, as whether each is the active one, are
+/// `expected` (in order: waiting ones first).
+async fn wait_for_consumers(queue: &str, expected: &[bool], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut active: Vec<bool> = support::broker::consumers()
+            .await
+            .into_iter()
+            .filter(|(name, _)| name == queue)
+            .map(|(_, active)| active)
+            .collect();
+        active.sort();
+        if active == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the consumers of {queue} are {active:?}, not {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
 
 fn count(history: &[Event], name: &str) -> usize {
     history.iter().filter(|e| e.kind.name() == name).count()
@@ -41,7 +65,8 @@ async fn one_admission_per_version_when_the_connection_drops_during_planning() {
         "the relayed worker",
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let triggers = Names::new(&setup.prefix).triggers();
+    wait_for_consumers(&triggers, &[true], "the relayed worker consuming the triggers").await;
     let run_id = setup.submit().await;
     // It has taken the trigger and reads the VM (5 s); another worker stands by meanwhile.
     let mut second = setup.worker("second", &["--all-stages"]);
@@ -54,10 +79,10 @@ async fn one_admission_per_version_when_the_connection_drops_during_planning() {
         "the second worker",
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for_consumers(&triggers, &[false, true], "the second worker standing by").await;
     // Cut the admitter off mid-plan: the broker hands the trigger to the second worker.
     relay.set_cut(true);
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for_consumers(&triggers, &[true], "the second worker taking over").await;
     relay.set_cut(false);
 
     let workers = [first, second];

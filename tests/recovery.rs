@@ -77,7 +77,7 @@ async fn a_worker_killed_holding_an_unacked_create_step_loses_nothing_and_create
     }
     // The broker's view (its queue statistics refresh every 5 s).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while support::unacked(&snapshot_queue).await != 1 {
+    while support::broker::unacked(&snapshot_queue).await != 1 {
         assert!(
             Instant::now() < deadline,
             "the broker never showed the snapshot delivery unacked{}",
@@ -91,7 +91,7 @@ async fn a_worker_killed_holding_an_unacked_create_step_loses_nothing_and_create
     let standby_addr = standby.metrics_addr().await;
     support::wait_for_status(standby_addr, "/readyz", 200, Duration::from_secs(30), "the standby").await;
     assert_eq!(
-        support::unacked(&snapshot_queue).await,
+        support::broker::unacked(&snapshot_queue).await,
         1,
         "the delivery is still held by the snapshot worker (the standby got nothing yet){}",
         standby.report()

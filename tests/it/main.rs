@@ -3,7 +3,9 @@
 //! the `sigrun` binary itself.
 
 mod helpers;
-/// The `sigrun` process of the worker-process binaries (`tests/support/`), one copy for all.
+// Shared with the worker-process binaries (`tests/support/`): one copy for all.
+#[path = "../support/broker.rs"]
+mod broker;
 #[path = "../support/process.rs"]
 mod process;
 

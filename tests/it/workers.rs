@@ -27,6 +27,7 @@ use sigrun::model::envelope::{Branch, Stage};
 use sigrun::model::trigger::{MAX_TRIGGER_BYTES, run_id};
 use uuid::Uuid;
 
+use crate::broker;
 use crate::helpers::{self, BATCH_API, PIPELINE_APP, TENANT, TestEmulator};
 use crate::process::{NIGHTLY, Process, submit_run};
 
@@ -662,6 +663,51 @@ async fn history_now(bus: &AmqpBus, run: Uuid) -> Vec<Event> {
         .collect()
 }
 
+/// What is left of the runs on the prefix's queues (each stage's and each delay tier's) once no
+/// worker consumes them: (queue, messages) of each that is not empty. Waits (bounded) until the
+/// broker lists no consumer of any of them, for only then has it put back what they held.
+async fn work_left(settings: &Settings) -> Vec<(String, u32)> {
+    let names = Names::new(&settings.amqp.prefix);
+    let mut queues: Vec<String> = Stage::ALL.iter().map(|stage| names.stage_queue(*stage)).collect();
+    queues.extend(settings.delay_tiers().into_iter().map(|tier| names.tier(tier)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let consumed: Vec<String> = broker::consumers()
+            .await
+            .into_iter()
+            .map(|(queue, _)| queue)
+            .filter(|queue| queues.contains(queue))
+            .collect();
+        if consumed.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "consumed with every worker stopped: {consumed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A get, not a passive declare: the queue answers a get or the get fails, while a passive
+    // declare reads 0 messages when the queue is slow to answer.
+    let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut left = Vec::new();
+    for queue in queues {
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await
+            .unwrap_or_else(|e| panic!("basic.get from {queue}: {e}"));
+        if let Some(message) = got {
+            left.push((queue, message.message_count + 1));
+        }
+    }
+    // Closing the connection puts back what was got.
+    let _ = connection.close(200, "done".into()).await;
+    left
+}
+
 async fn stop_workers(workers: &mut [Process]) {
     for worker in workers.iter() {
         worker.signal("TERM");
@@ -913,9 +959,14 @@ async fn a_cancelled_run_stops_at_its_next_step_and_its_history_names_what_it_cr
     )
     .await;
     assert_eq!((stopped.stage, &stopped.branch), (Stage::Replicate, &Branch::Trunk));
-    // Long enough for the replication to finish and pools to be created, had the run gone on
-    // (the nightly run takes about 10 s at this scale).
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // The worker stops, and once the broker has seen it go, whatever it held (a delivery in hand,
+    // a delayed message its relay kept) is back on its queue. Every stage and delay queue empty
+    // then means nothing of the run is left to take a step: the history and Azure below are
+    // final. Had the stop not held, the trunk's next message would be left, or its steps in the
+    // history.
+    stop_workers(&mut workers).await;
+    let left = work_left(&settings).await;
+    assert!(left.is_empty(), "nothing is left to run after the stop: {left:?}");
     let history = history_now(&bus, run).await;
     let at = history
         .iter()
@@ -975,7 +1026,6 @@ async fn a_cancelled_run_stops_at_its_next_step_and_its_history_names_what_it_cr
         .count();
     assert_eq!(requests, 1);
 
-    stop_workers(&mut workers).await;
     bus.close().await;
     AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
         .await

@@ -3,12 +3,14 @@
 //! prefix of the test's own, the processes themselves ([`process`], shared with `tests/it/`:
 //! output in files, bounded waits, signals, the metrics address they print, and `submit_run`),
 //! plain HTTP probes of their endpoints, following a run through the events stream (reopening
-//! the stream when the broker connection drops), and `rabbitmqctl`.
+//! the stream when the broker connection drops), and the broker as `rabbitmqctl` shows it
+//! ([`broker`], shared with `tests/it/` too).
 //! Each binary includes it with `mod support;` next to `#[path = "it/helpers.rs"] mod helpers;`.
 //! [`rabbit`] starts private RabbitMQ nodes for the tests that stop or kill a broker.
 
 #![allow(dead_code)]
 
+pub mod broker;
 pub mod process;
 pub mod rabbit;
 pub mod relay;
@@ -17,7 +19,6 @@ pub use process::{Process, run_id_printed, submit_run, try_submit};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sigrun::bus::BusError;
@@ -273,42 +274,4 @@ pub async fn wait_for_run(bus: &AmqpBus, run_id: Uuid, workers: &[Process]) -> (
             }
         }
     }
-}
-
-/// Runs `rabbitmqctl ARGS` and returns its stdout; panics with its stderr when it fails.
-pub fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("rabbitmqctl cannot run ({e}); it comes with the rabbitmq-server package"));
-    assert!(
-        output.status.success(),
-        "rabbitmqctl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// Unacknowledged deliveries of a queue (0 when the queue is not listed), as the broker's
-/// statistics say (refreshed every 5 s). Runs `rabbitmqctl` off the async runtime.
-pub async fn unacked(queue: &str) -> u64 {
-    let queue = queue.to_string();
-    tokio::task::spawn_blocking(move || {
-        rabbitmqctl(&[
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_unacknowledged",
-        ])
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            (fields.next()? == queue).then(|| fields.next()?.parse().ok()).flatten()
-        })
-        .unwrap_or(0)
-    })
-    .await
-    .expect("rabbitmqctl list_queues")
 }
