@@ -1,12 +1,17 @@
 //! The planner against the emulator through the real `AzureClient`: every preflight rule of the
-//! Azure documentation, as spec variants written as TOML. Refusals are checked by the rule's key and
-//! message; accepted plans by the values the rules decided (replicas per region, resize timeouts,
-//! node agent SKUs, subscriptions to register, the nightly version) and the warnings for raised
-//! values. Every plan is followed by a look at the emulator's request log: planning reads Azure and
-//! writes nothing (only GETs, and POSTs for tokens).
+//! Azure documentation, as spec variants written as TOML. Rules that share a shape are tables of
+//! cases — a name, the spec (and inputs, and who plans), and the refusal (the rule's key and
+//! message) or the values an accepted plan carries (replicas per region, resize timeouts, node
+//! agent SKUs, subscriptions to register) and its warnings for raised values — planned one after
+//! the other on one emulator per table; a failing case is reported by its name. Every plan is
+//! followed by a look at the emulator's request log: planning reads Azure and writes nothing (only
+//! GETs, and POSTs for tokens).
 
+use std::panic::AssertUnwindSafe;
+
+use futures_util::FutureExt;
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{Value, json};
 use sigrun::azure::{AzureClient, AzureSettings, CredentialSettings, Secret};
 use sigrun::model::ids::{BatchAccountId, GalleryImageId, VmId};
 use sigrun::model::plan::Plan;
@@ -151,10 +156,9 @@ async fn clear_log(emu: &TestEmulator) {
 }
 
 /// Planning reads and never writes: every logged request is a GET to ARM or Batch, or a token POST.
-async fn assert_read_only(emu: &TestEmulator) {
-    let log = emu.requests().await;
+fn assert_read_only(log: &[Value]) {
     assert!(!log.is_empty(), "planning reads Azure");
-    for entry in &log {
+    for entry in log {
         let (api, method) = (entry["api"].as_str().unwrap(), entry["method"].as_str().unwrap());
         let ok = match api {
             "arm" | "batch" => method == "GET",
@@ -173,27 +177,128 @@ async fn plan_with(emu: &TestEmulator, spec: &Spec, mut inputs: PlanInputs) -> R
     let parsed = spec.parse();
     clear_log(emu).await;
     let result = planner::plan(&parsed, &inputs, &azure(emu), OffsetDateTime::now_utc()).await;
-    assert_read_only(emu).await;
+    assert_read_only(&emu.requests().await);
     result
 }
 
-async fn plan_ok(emu: &TestEmulator, spec: &Spec) -> Plan {
-    plan_with(emu, spec, PlanInputs::default())
-        .await
-        .unwrap_or_else(|e| panic!("plan: {e}\n{}", spec.toml()))
+/// One planning case of a table: the spec, edited as text where a [`Spec`] cannot say it, the
+/// inputs (the version defaults to 1.0.0), who plans, and what must come of it.
+struct Case {
+    name: &'static str,
+    spec: Spec,
+    /// Replacements in the spec's TOML: (what, by what); each must apply.
+    edits: Vec<(&'static str, &'static str)>,
+    inputs: PlanInputs,
+    app: (&'static str, &'static str),
+    expect: Expect,
 }
 
-/// The refusal's (key, message).
-async fn refused(emu: &TestEmulator, spec: &Spec) -> (String, String) {
-    refused_with(emu, spec, PlanInputs::default()).await
+enum Expect {
+    /// Refused by the rule at the key, with a message.
+    Refused(&'static str, Message),
+    /// Planned; the check gets the plan and the requests planning made.
+    Planned(Box<dyn Fn(&Plan, &[Value])>),
 }
 
-async fn refused_with(emu: &TestEmulator, spec: &Spec, inputs: PlanInputs) -> (String, String) {
-    match plan_with(emu, spec, inputs).await {
-        Err(PlanError::Rule { key, message }) => (key, message),
-        Err(other) => panic!("expected a rule refusal, got {other}"),
-        Ok(plan) => panic!("expected a refusal, got a plan: {plan:#?}"),
+/// A refusal's message: all of it, or how it ends, or a part of it (where it names what Azure
+/// decides, such as a subscription's regions).
+enum Message {
+    Is(String),
+    EndsWith(&'static str),
+    Has(&'static str),
+}
+
+impl Case {
+    fn refused(name: &'static str, spec: Spec, key: &'static str, message: Message) -> Case {
+        Case::new(name, spec, Expect::Refused(key, message))
     }
+
+    fn planned(name: &'static str, spec: Spec, check: impl Fn(&Plan, &[Value]) + 'static) -> Case {
+        Case::new(name, spec, Expect::Planned(Box::new(check)))
+    }
+
+    fn new(name: &'static str, spec: Spec, expect: Expect) -> Case {
+        Case {
+            name,
+            spec,
+            edits: Vec::new(),
+            inputs: PlanInputs::default(),
+            app: PIPELINE_APP,
+            expect,
+        }
+    }
+
+    fn edit(mut self, what: &'static str, by: &'static str) -> Case {
+        self.edits.push((what, by));
+        self
+    }
+
+    fn inputs(mut self, inputs: PlanInputs) -> Case {
+        self.inputs = inputs;
+        self
+    }
+
+    fn planned_by(mut self, app: (&'static str, &'static str)) -> Case {
+        self.app = app;
+        self
+    }
+
+    /// Plans the case and checks what came of it; panics (with the spec) when it is not that.
+    async fn check(self, emu: &TestEmulator) {
+        let mut text = self.spec.toml();
+        for (what, by) in &self.edits {
+            assert!(text.contains(what), "the edit of `{what}` applies to\n{text}");
+            text = text.replace(what, by);
+        }
+        let parsed = PipelineSpec::parse(&text, "plan-it.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let mut inputs = self.inputs;
+        if inputs.version.is_empty() {
+            inputs.version = VERSION.to_string();
+        }
+        clear_log(emu).await;
+        let result = planner::plan(&parsed, &inputs, &azure_as(emu, self.app), OffsetDateTime::now_utc()).await;
+        let log = emu.requests().await;
+        assert_read_only(&log);
+        match (result, self.expect) {
+            (Err(PlanError::Rule { key, message }), Expect::Refused(rule, expected)) => {
+                assert_eq!(key, rule, "refused by another rule: {message}");
+                match expected {
+                    Message::Is(expected) => assert_eq!(message, expected),
+                    Message::EndsWith(end) => assert!(message.ends_with(end), "{message}"),
+                    Message::Has(part) => assert!(message.contains(part), "{message}"),
+                }
+            }
+            (Ok(plan), Expect::Planned(check)) => check(&plan, &log),
+            (Ok(plan), Expect::Refused(..)) => panic!("expected a refusal, got a plan: {plan:#?}"),
+            (Err(PlanError::Rule { key, message }), Expect::Planned(_)) => {
+                panic!("plan: refused by {key}: {message}\n{text}")
+            }
+            (Err(other), _) => panic!("expected a rule refusal or a plan, got {other}\n{text}"),
+        }
+    }
+}
+
+/// Checks every case on `emu`, one after the other; then fails naming each case that failed.
+async fn check_cases(emu: &TestEmulator, cases: Vec<Case>) {
+    let total = cases.len();
+    let mut failed = Vec::new();
+    for case in cases {
+        let name = case.name;
+        if let Err(panic) = AssertUnwindSafe(case.check(emu)).catch_unwind().await {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            failed.push(format!("case `{name}`: {why}"));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {total} cases failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
 }
 
 fn replicas_of(plan: &Plan, region: &str) -> (u32, Option<u32>, u32) {
@@ -234,405 +339,397 @@ async fn existing_definition(emu: &TestEmulator, name: &str, os_type: &str, os_s
     emu.advance(600.0).await;
 }
 
-// ---- the build VM ----
+// ---- refusals: one rule each, on the default world ----
 
 #[tokio::test]
-async fn a_build_vm_with_an_extension_is_refused() {
+async fn a_spec_that_breaks_a_rule_is_refused_by_that_rule() {
     let emu = start_frozen().await;
-    let spec = Spec {
-        vm: "build-with-extension".into(),
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "source.vm");
-    assert_eq!(
-        message,
-        format!(
-            "{} has VM extensions installed (CustomScript); they break Batch pool deployment — build from a VM without extensions",
-            vm_id("build-with-extension")
+    let sku = |id: &str| format!("node_agent_sku_id = \"{id}\"");
+    let cases = vec![
+        // The build VM.
+        Case::refused(
+            "a build VM with an extension",
+            Spec {
+                vm: "build-with-extension".into(),
+                ..Default::default()
+            },
+            "source.vm",
+            Message::Is(format!(
+                "{} has VM extensions installed (CustomScript); they break Batch pool deployment — build from a VM without extensions",
+                vm_id("build-with-extension")
+            )),
+        ),
+        Case::refused(
+            "a build VM with unmanaged disks",
+            Spec {
+                vm: "build-unmanaged".into(),
+                ..Default::default()
+            },
+            "source.vm",
+            Message::Is(format!(
+                "{} has an unmanaged (VHD) OS disk; Batch custom images need managed disks",
+                vm_id("build-unmanaged")
+            )),
+        ),
+        Case::refused(
+            "a base image Batch does not support",
+            Spec {
+                vm: "build-unsupported-base".into(),
+                ..Default::default()
+            },
+            "source.vm",
+            Message::Is(format!(
+                "{} was built from someone/custom-distro/1, which Batch does not list among its supported images",
+                vm_id("build-unsupported-base")
+            )),
+        ),
+        Case::refused(
+            "a definition of another OS than the build VM's",
+            Spec {
+                vm: "build-win2022".into(),
+                ..Default::default()
+            },
+            "definition.os_type",
+            Message::Is("the build VM runs Windows but the definition says Linux".into()),
+        ),
+        Case::refused(
+            "a definition of another Hyper-V generation than the build VM's",
+            Spec {
+                generation: "V1".into(),
+                ..Default::default()
+            },
+            "definition.hyper_v_generation",
+            Message::Is("the build VM is Hyper-V generation V2 but the definition says V1".into()),
+        ),
+        Case::refused(
+            "an image made outside the build VM's region",
+            Spec {
+                image_region: "eastus".into(),
+                regions: vec![region("westeurope"), region("eastus")],
+                ..Default::default()
+            },
+            "image.region",
+            Message::Is(
+                "the build VM is in westeurope; the managed image must be made in the same region, not eastus".into(),
+            ),
+        ),
+        // Regions.
+        Case::refused(
+            "a pool in a region without a replica",
+            Spec {
+                pools: vec![pool("render", "sigrunweu", 10, ""), pool("sim", "sigruneus", 10, "")],
+                ..Default::default()
+            },
+            "pools[1]",
+            Message::Is(format!(
+                "pool target sim uses account {} in eastus, but no replica is planned there; add eastus to publish.regions",
+                BatchAccountId::parse(&account("sigruneus")).unwrap()
+            )),
+        ),
+        Case::refused(
+            "target regions without the image's region",
+            Spec {
+                regions: vec![region("eastus")],
+                pools: vec![pool("sim", "sigruneus", 10, "")],
+                ..Default::default()
+            },
+            "publish.regions",
+            Message::Is("the image is made in westeurope; the version's target regions must include it".into()),
+        ),
+        Case::refused(
+            "a region listed twice in two spellings",
+            Spec {
+                regions: vec![region("westeurope"), region("westus"), region("West US")],
+                ..Default::default()
+            },
+            "publish.regions[2]",
+            Message::Is("region westus is listed twice".into()),
+        ),
+        // Node agent SKUs.
+        Case::refused(
+            "an explicit SKU of another OS than the image's",
+            Spec {
+                pools: vec![pool("render", "sigrunweu", 10, &sku("batch.node.windows amd64"))],
+                ..Default::default()
+            },
+            "pools[0].node_agent_sku_id",
+            Message::Is("`batch.node.windows amd64` is a windows SKU but the image is Linux".into()),
+        ),
+        Case::refused(
+            "an explicit SKU Batch does not support",
+            Spec {
+                pools: vec![pool("render", "sigrunweu", 10, &sku("batch.node.plan9 4"))],
+                ..Default::default()
+            },
+            "pools[0].node_agent_sku_id",
+            Message::Is("Batch does not support node agent SKU `batch.node.plan9 4`".into()),
+        ),
+        // What only Azure knows, refused before anything is made.
+        Case::refused(
+            "a target region the subscription does not have",
+            Spec {
+                regions: vec![region("West Europe"), region("mars")],
+                ..Default::default()
+            },
+            "publish.regions[1].name",
+            Message::Has("`mars` is not a region of subscription"),
+        ),
+        Case::refused(
+            "a gallery region Azure does not have",
+            Spec::default(),
+            "gallery.region",
+            Message::Has("`atlantis`"),
         )
-    );
-}
-
-#[tokio::test]
-async fn a_build_vm_with_unmanaged_disks_is_refused() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        vm: "build-unmanaged".into(),
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "source.vm");
-    assert_eq!(
-        message,
-        format!(
-            "{} has an unmanaged (VHD) OS disk; Batch custom images need managed disks",
-            vm_id("build-unmanaged")
+        .edit("[gallery]\n", "[gallery]\nregion = \"atlantis\"\n"),
+        Case::refused(
+            "a VM size Batch does not offer in the pool's region",
+            Spec::default(),
+            "pools[0].vm_size",
+            Message::Has("`Standard_Floppy_v1` is not a VM size Batch offers in westeurope"),
         )
-    );
+        .edit("Standard_D4s_v5", "Standard_Floppy_v1"),
+    ];
+    check_cases(&emu, cases).await;
 }
 
-#[tokio::test]
-async fn a_base_image_batch_does_not_support_is_refused() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        vm: "build-unsupported-base".into(),
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "source.vm");
-    assert_eq!(
-        message,
-        format!(
-            "{} was built from someone/custom-distro/1, which Batch does not list among its supported images",
-            vm_id("build-unsupported-base")
-        )
-    );
-}
+// ---- accepted plans: the values the rules decided, on the default world ----
 
 #[tokio::test]
-async fn os_type_and_generation_must_match_the_build_vm() {
+async fn an_accepted_plan_carries_the_values_the_rules_decided() {
     let emu = start_frozen().await;
-    let spec = Spec {
-        vm: "build-win2022".into(),
+    let three_regions = || vec![region("westeurope"), region("eastus"), region("southeastasia")];
+    let sizes = || {
+        vec![
+            pool("render", "sigrunweu", 2000, ""),
+            // Dedicated and low-priority nodes both count: 2500 + 500 = 3000.
+            pool("sim", "sigruneus", 2500, "low_priority_nodes = 500"),
+        ]
+    };
+    let replicas_given = |eastus: u32| Spec {
+        regions: vec![region("westeurope"), region_with("eastus", eastus)],
+        pools: vec![pool("render", "sigrunweu", 10, ""), pool("sim", "sigruneus", 3000, "")],
         ..Default::default()
     };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "definition.os_type");
-    assert_eq!(message, "the build VM runs Windows but the definition says Linux");
-
-    let spec = Spec {
-        generation: "V1".into(),
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "definition.hyper_v_generation");
-    assert_eq!(
-        message,
-        "the build VM is Hyper-V generation V2 but the definition says V1"
-    );
-}
-
-#[tokio::test]
-async fn the_image_is_made_in_the_build_vms_region() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        image_region: "eastus".into(),
+    let resize = |render: &str, small: &str| Spec {
         regions: vec![region("westeurope"), region("eastus")],
+        pools: vec![
+            pool("render", "sigrunweu", 2000, render),
+            pool("small", "sigruneus", 10, small),
+        ],
         ..Default::default()
     };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "image.region");
-    assert_eq!(
-        message,
-        "the build VM is in westeurope; the managed image must be made in the same region, not eastus"
-    );
+    let cases = vec![
+        // Replicas.
+        Case::planned(
+            "replicas auto: one per 600 nodes per region",
+            Spec {
+                regions: three_regions(),
+                pools: sizes(),
+                ..Default::default()
+            },
+            |plan, _| {
+                assert_eq!(replicas_of(plan, "westeurope"), (4, None, 2000));
+                assert_eq!(replicas_of(plan, "eastus"), (5, None, 3000));
+                assert_eq!(
+                    replicas_of(plan, "southeastasia"),
+                    (1, None, 0),
+                    "a region without pools still gets one replica"
+                );
+                assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+            },
+        ),
+        Case::planned(
+            "replicas auto: one per 300 nodes, the later guidance",
+            Spec {
+                regions: three_regions(),
+                pools: sizes(),
+                nodes_per_replica: Some(300),
+                ..Default::default()
+            },
+            |plan, _| {
+                assert_eq!(replicas_of(plan, "eastus"), (10, None, 3000));
+                assert_eq!(replicas_of(plan, "westeurope"), (7, None, 2000));
+            },
+        ),
+        Case::planned(
+            "replicas given below the minimum are raised, with a warning",
+            replicas_given(2),
+            |plan, _| {
+                assert_eq!(replicas_of(plan, "eastus"), (5, Some(2), 3000));
+                assert_eq!(
+                plan.warnings,
+                vec![
+                    "publish.regions[1].replicas: 2 is below one replica per 600 nodes for the 3000 nodes planned in eastus; raised to 5"
+                        .to_string()
+                ]
+            );
+            },
+        ),
+        Case::planned(
+            "replicas given above the minimum are kept",
+            replicas_given(8),
+            |plan, _| {
+                assert_eq!(replicas_of(plan, "eastus"), (8, Some(8), 3000));
+                assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+            },
+        ),
+        // Resize timeouts.
+        Case::planned(
+            "resize timeout auto: 15 minutes per 1000 nodes",
+            resize("", "resize_timeout = \"auto\""),
+            |plan, _| {
+                assert_eq!(plan.pools[0].resize_timeout_secs, 30 * 60);
+                assert_eq!(plan.pools[1].resize_timeout_secs, 15 * 60);
+                assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+            },
+        ),
+        Case::planned(
+            "resize timeout given: raised when too low, with a warning; kept above the minimum",
+            resize("resize_timeout = \"20m\"", "resize_timeout = \"45m\""),
+            |plan, _| {
+                assert_eq!(plan.pools[0].resize_timeout_secs, 30 * 60);
+                assert_eq!(plan.pools[1].resize_timeout_secs, 45 * 60);
+                assert_eq!(
+                    plan.warnings,
+                    vec![
+                        "pools[0].resize_timeout: resize_timeout 20m is below 15 minutes per 1000 nodes for 2000 nodes; raised to 30m"
+                            .to_string()
+                    ]
+                );
+            },
+        ),
+        // Node agent SKUs.
+        Case::planned(
+            "node agent SKU auto, from Batch's list for the base image",
+            Spec::default(),
+            |plan, _| {
+                assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.ubuntu 22.04");
+                assert_eq!(
+                    plan.build.as_ref().unwrap().base_image,
+                    Some((
+                        "canonical".to_string(),
+                        "0001-com-ubuntu-server-jammy".to_string(),
+                        "22_04-lts-gen2".to_string()
+                    ))
+                );
+            },
+        ),
+        Case::planned(
+            "node agent SKU auto for a Windows image",
+            Spec {
+                vm: "build-win2022".into(),
+                definition: "winserver-2022-batch".into(),
+                os_type: "Windows".into(),
+                ..Default::default()
+            },
+            |plan, _| assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.windows amd64"),
+        ),
+        Case::planned(
+            "an explicit SKU Batch supports for the image's OS",
+            Spec {
+                pools: vec![pool(
+                    "render",
+                    "sigrunweu",
+                    10,
+                    "node_agent_sku_id = \"batch.node.ubuntu 24.04\"",
+                )],
+                ..Default::default()
+            },
+            |plan, _| assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.ubuntu 24.04"),
+        ),
+        // Subscriptions.
+        Case::planned(
+            "a gallery in another subscription needs Microsoft.Batch registered there",
+            Spec {
+                gallery: gallery_id(SUB_SHARED, "rg-shared"),
+                ..Default::default()
+            },
+            |plan, _| {
+                assert_eq!(plan.register_batch_in, vec![SUB_SHARED.to_string()]);
+                assert_eq!(
+                    plan.warnings,
+                    vec![format!(
+                        "Microsoft.Batch is not registered in the gallery's subscription {SUB_SHARED}; it will be registered before publishing"
+                    )]
+                );
+                assert_eq!(
+                    plan.definition,
+                    definition_id(SUB_SHARED, "rg-shared", "ubuntu-2204-batch")
+                );
+            },
+        ),
+        // The imaging subscription is another subscription too, but Microsoft.Batch is registered
+        // there; one look answers for every pool.
+        Case::planned(
+            "Microsoft.Batch registered in the gallery's subscription: read once, nothing to register",
+            Spec {
+                regions: vec![region("westeurope"), region("eastus")],
+                pools: vec![pool("render", "sigrunweu", 10, ""), pool("sim", "sigruneus", 10, "")],
+                ..Default::default()
+            },
+            |plan, log| {
+                assert!(plan.register_batch_in.is_empty());
+                assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
+                let looks = log
+                    .iter()
+                    .filter(|e| e["path"].as_str().unwrap().ends_with("/providers/Microsoft.Batch"))
+                    .count();
+                assert_eq!(looks, 1, "Microsoft.Batch's registration is read once");
+            },
+        ),
+        // Sizes compare without case, as Batch compares them; both forms of a region name are fine.
+        Case::planned("a VM size in another case", Spec::default(), |_, _| {})
+            .edit("Standard_D4s_v5", "standard_d4s_v5"),
+    ];
+    check_cases(&emu, cases).await;
 }
 
 // ---- an existing image definition ----
 
 #[tokio::test]
-async fn an_existing_specialized_definition_is_refused() {
+async fn an_existing_definition_must_be_generalized_and_of_the_specs_os() {
     let emu = start_frozen().await;
-    existing_definition(&emu, "ubuntu-2204-batch", "Linux", "Specialized").await;
-    let (key, message) = refused(&emu, &Spec::default()).await;
-    assert_eq!(key, "definition");
-    assert_eq!(
-        message,
-        format!(
-            "{} exists and is Specialized; Batch pools need a Generalized image",
-            definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-2204-batch")
-        )
-    );
-}
-
-#[tokio::test]
-async fn an_existing_definition_of_another_os_is_refused() {
-    let emu = start_frozen().await;
-    existing_definition(&emu, "ubuntu-2204-batch", "Windows", "Generalized").await;
-    let (key, message) = refused(&emu, &Spec::default()).await;
-    assert_eq!(key, "definition.os_type");
-    assert_eq!(
-        message,
-        format!(
-            "{} exists and has osType Windows, the spec says Linux",
-            definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-2204-batch")
-        )
-    );
-
-    // A matching generalized definition is fine.
+    existing_definition(&emu, "ubuntu-specialized", "Linux", "Specialized").await;
+    existing_definition(&emu, "ubuntu-as-windows", "Windows", "Generalized").await;
     existing_definition(&emu, "ubuntu-ok", "Linux", "Generalized").await;
-    let spec = Spec {
-        definition: "ubuntu-ok".into(),
+    let definition = |name: &str| Spec {
+        definition: name.into(),
         ..Default::default()
     };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(plan.definition, definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-ok"));
-}
-
-// ---- replicas ----
-
-#[tokio::test]
-async fn replicas_auto_are_one_per_600_nodes_per_region() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        regions: vec![region("westeurope"), region("eastus"), region("southeastasia")],
-        pools: vec![
-            pool("render", "sigrunweu", 2000, ""),
-            // Dedicated and low-priority nodes both count: 2500 + 500 = 3000.
-            pool("sim", "sigruneus", 2500, "low_priority_nodes = 500"),
-        ],
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(replicas_of(&plan, "westeurope"), (4, None, 2000));
-    assert_eq!(replicas_of(&plan, "eastus"), (5, None, 3000));
-    assert_eq!(
-        replicas_of(&plan, "southeastasia"),
-        (1, None, 0),
-        "a region without pools still gets one replica"
-    );
-    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-
-    // The later guidance: one replica per 300 nodes.
-    let spec = Spec {
-        nodes_per_replica: Some(300),
-        ..spec
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(replicas_of(&plan, "eastus"), (10, None, 3000));
-    assert_eq!(replicas_of(&plan, "westeurope"), (7, None, 2000));
-}
-
-#[tokio::test]
-async fn replicas_given_below_the_minimum_are_raised_with_a_warning_and_above_kept() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        regions: vec![region("westeurope"), region_with("eastus", 2)],
-        pools: vec![pool("render", "sigrunweu", 10, ""), pool("sim", "sigruneus", 3000, "")],
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(replicas_of(&plan, "eastus"), (5, Some(2), 3000));
-    assert_eq!(
-        plan.warnings,
-        vec![
-            "publish.regions[1].replicas: 2 is below one replica per 600 nodes for the 3000 nodes planned in eastus; raised to 5"
-                .to_string()
-        ]
-    );
-
-    let spec = Spec {
-        regions: vec![region("westeurope"), region_with("eastus", 8)],
-        ..spec
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(replicas_of(&plan, "eastus"), (8, Some(8), 3000));
-    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-}
-
-// ---- regions ----
-
-#[tokio::test]
-async fn a_pool_in_a_region_without_a_replica_is_refused() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        pools: vec![pool("render", "sigrunweu", 10, ""), pool("sim", "sigruneus", 10, "")],
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "pools[1]");
-    assert_eq!(
-        message,
-        format!(
-            "pool target sim uses account {} in eastus, but no replica is planned there; add eastus to publish.regions",
-            BatchAccountId::parse(&account("sigruneus")).unwrap()
-        )
-    );
-}
-
-#[tokio::test]
-async fn the_images_region_must_be_a_target_region() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        regions: vec![region("eastus")],
-        pools: vec![pool("sim", "sigruneus", 10, "")],
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "publish.regions");
-    assert_eq!(
-        message,
-        "the image is made in westeurope; the version's target regions must include it"
-    );
-}
-
-#[tokio::test]
-async fn a_region_listed_twice_in_two_spellings_is_refused() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        regions: vec![region("westeurope"), region("westus"), region("West US")],
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "publish.regions[2]");
-    assert_eq!(message, "region westus is listed twice");
-}
-
-// ---- resize timeouts ----
-
-#[tokio::test]
-async fn resize_timeout_is_15_minutes_per_1000_nodes() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        regions: vec![region("westeurope"), region("eastus")],
-        pools: vec![
-            pool("render", "sigrunweu", 2000, ""),
-            pool("small", "sigruneus", 10, "resize_timeout = \"auto\""),
-        ],
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(plan.pools[0].resize_timeout_secs, 30 * 60);
-    assert_eq!(plan.pools[1].resize_timeout_secs, 15 * 60);
-    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-
-    // Given too low: raised, with a warning. Given above the minimum: kept.
-    let spec = Spec {
-        pools: vec![
-            pool("render", "sigrunweu", 2000, "resize_timeout = \"20m\""),
-            pool("small", "sigruneus", 10, "resize_timeout = \"45m\""),
-        ],
-        ..spec
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(plan.pools[0].resize_timeout_secs, 30 * 60);
-    assert_eq!(plan.pools[1].resize_timeout_secs, 45 * 60);
-    assert_eq!(
-        plan.warnings,
-        vec![
-            "pools[0].resize_timeout: resize_timeout 20m is below 15 minutes per 1000 nodes for 2000 nodes; raised to 30m"
-                .to_string()
-        ]
-    );
-}
-
-// ---- node agent SKUs ----
-
-#[tokio::test]
-async fn node_agent_sku_auto_comes_from_batchs_list_for_the_base_image() {
-    let emu = start_frozen().await;
-    let plan = plan_ok(&emu, &Spec::default()).await;
-    assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.ubuntu 22.04");
-    assert_eq!(
-        plan.build.as_ref().unwrap().base_image,
-        Some((
-            "canonical".to_string(),
-            "0001-com-ubuntu-server-jammy".to_string(),
-            "22_04-lts-gen2".to_string()
-        ))
-    );
-
-    let windows = Spec {
-        vm: "build-win2022".into(),
-        definition: "winserver-2022-batch".into(),
-        os_type: "Windows".into(),
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &windows).await;
-    assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.windows amd64");
-}
-
-#[tokio::test]
-async fn an_explicit_sku_must_exist_and_run_the_images_os() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        pools: vec![pool(
-            "render",
-            "sigrunweu",
-            10,
-            "node_agent_sku_id = \"batch.node.windows amd64\"",
-        )],
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "pools[0].node_agent_sku_id");
-    assert_eq!(
-        message,
-        "`batch.node.windows amd64` is a windows SKU but the image is Linux"
-    );
-
-    let spec = Spec {
-        pools: vec![pool(
-            "render",
-            "sigrunweu",
-            10,
-            "node_agent_sku_id = \"batch.node.plan9 4\"",
-        )],
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "pools[0].node_agent_sku_id");
-    assert_eq!(message, "Batch does not support node agent SKU `batch.node.plan9 4`");
-
-    let spec = Spec {
-        pools: vec![pool(
-            "render",
-            "sigrunweu",
-            10,
-            "node_agent_sku_id = \"batch.node.ubuntu 24.04\"",
-        )],
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(plan.pools[0].node_agent_sku_id, "batch.node.ubuntu 24.04");
-}
-
-// ---- subscriptions ----
-
-#[tokio::test]
-async fn a_gallery_in_another_subscription_needs_microsoft_batch_registered_there() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        gallery: gallery_id(SUB_SHARED, "rg-shared"),
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert_eq!(plan.register_batch_in, vec![SUB_SHARED.to_string()]);
-    assert_eq!(
-        plan.warnings,
-        vec![format!(
-            "Microsoft.Batch is not registered in the gallery's subscription {SUB_SHARED}; it will be registered before publishing"
-        )]
-    );
-    assert_eq!(
-        plan.definition,
-        definition_id(SUB_SHARED, "rg-shared", "ubuntu-2204-batch")
-    );
-
-    // The imaging subscription is another subscription too, but Microsoft.Batch is registered there;
-    // one look answers for every pool.
-    let spec = Spec {
-        regions: vec![region("westeurope"), region("eastus")],
-        pools: vec![pool("render", "sigrunweu", 10, ""), pool("sim", "sigruneus", 10, "")],
-        ..Default::default()
-    };
-    let plan = plan_ok(&emu, &spec).await;
-    assert!(plan.register_batch_in.is_empty());
-    assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-    let looks = emu
-        .requests()
-        .await
-        .iter()
-        .filter(|e| e["path"].as_str().unwrap().ends_with("/providers/Microsoft.Batch"))
-        .count();
-    assert_eq!(looks, 1, "Microsoft.Batch's registration is read once");
+    let cases = vec![
+        Case::refused(
+            "an existing specialized definition",
+            definition("ubuntu-specialized"),
+            "definition",
+            Message::Is(format!(
+                "{} exists and is Specialized; Batch pools need a Generalized image",
+                definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-specialized")
+            )),
+        ),
+        Case::refused(
+            "an existing definition of another OS",
+            definition("ubuntu-as-windows"),
+            "definition.os_type",
+            Message::Is(format!(
+                "{} exists and has osType Windows, the spec says Linux",
+                definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-as-windows")
+            )),
+        ),
+        Case::planned(
+            "a matching generalized definition",
+            definition("ubuntu-ok"),
+            |plan, _| {
+                assert_eq!(plan.definition, definition_id(SUB_IMAGING, "rg-gallery", "ubuntu-ok"));
+            },
+        ),
+    ];
+    check_cases(&emu, cases).await;
 }
 
 // ---- rollout of an existing version ----
 
 #[tokio::test]
-async fn a_rollout_needs_a_replica_in_every_pools_region() {
+async fn a_rollout_plans_an_existing_version_with_a_replica_in_every_pools_region() {
     let emu = start_frozen().await;
     let token = emu.arm_token().await;
     let version_id = publish_version(
@@ -645,6 +742,7 @@ async fn a_rollout_needs_a_replica_in_every_pools_region() {
     )
     .await;
     emu.advance(4.0 * 3600.0).await;
+    let sku = "node_agent_sku_id = \"batch.node.ubuntu 22.04\"";
     let rollout = |pools: Vec<String>| Spec {
         rollout: true,
         version: "scheme = \"existing\"\nvalue = \"2026.1101.0\"".into(),
@@ -652,53 +750,81 @@ async fn a_rollout_needs_a_replica_in_every_pools_region() {
         pools,
         ..Default::default()
     };
-    let inputs = || PlanInputs {
-        version: "2026.1101.0".into(),
+    let inputs = |version: &str, existing_version: bool| PlanInputs {
+        version: version.into(),
+        existing_version,
         ..Default::default()
     };
-    let sku = "node_agent_sku_id = \"batch.node.ubuntu 22.04\"";
-
-    let spec = rollout(vec![
-        pool("render", "sigrunweu", 10, sku),
-        pool("sim", "sigruneus", 10, sku),
-    ]);
-    let (key, message) = refused_with(&emu, &spec, inputs()).await;
-    assert_eq!(key, "pools");
-    assert_eq!(
-        message,
-        format!("pool target sim is in eastus but {version_id} has no replica there")
-    );
-
-    // Covered: the plan builds nothing and takes the version's regions; too few replicas warn.
-    let plan = plan_with(&emu, &rollout(vec![pool("render", "sigrunweu", 2000, sku)]), inputs())
-        .await
-        .expect("rollout plan");
-    assert!(plan.build.is_none());
-    assert_eq!(plan.version_id.to_string(), version_id);
-    assert_eq!(replicas_of(&plan, "westeurope"), (1, Some(1), 2000));
-    assert!(
-        !plan.publish_excluded,
-        "a rollout publishes nothing, so nothing is gated"
-    );
-    assert_eq!(
-        plan.warnings,
-        vec![format!(
-            "{version_id} has 1 replica(s) in westeurope, below the 4 that 2000 nodes need; pools there may allocate slowly"
-        )]
-    );
-
-    // A version that does not exist is refused.
-    let missing = PlanInputs {
-        version: "2026.1101.7".into(),
-        existing_version: true,
-        ..Default::default()
-    };
-    let (key, message) = refused_with(&emu, &rollout(vec![pool("render", "sigrunweu", 10, sku)]), missing).await;
-    assert_eq!(key, "version");
-    assert!(
-        message.ends_with("2026.1101.7 does not exist; nothing to roll out"),
-        "{message}"
-    );
+    let covered = version_id.clone();
+    let cases = vec![
+        Case::refused(
+            "a pool in a region the version has no replica in",
+            rollout(vec![pool("render", "sigrunweu", 10, sku), pool("sim", "sigruneus", 10, sku)]),
+            "pools",
+            Message::Is(format!(
+                "pool target sim is in eastus but {version_id} has no replica there"
+            )),
+        )
+        .inputs(inputs("2026.1101.0", false)),
+        // Covered: the plan builds nothing and takes the version's regions; too few replicas warn.
+        Case::planned(
+            "pools where the version has replicas, too few for their nodes",
+            rollout(vec![pool("render", "sigrunweu", 2000, sku)]),
+            move |plan, _| {
+                assert!(plan.build.is_none());
+                assert_eq!(plan.version_id.to_string(), covered);
+                assert_eq!(replicas_of(plan, "westeurope"), (1, Some(1), 2000));
+                assert!(
+                    !plan.publish_excluded,
+                    "a rollout publishes nothing, so nothing is gated"
+                );
+                assert_eq!(
+                    plan.warnings,
+                    vec![format!(
+                        "{covered} has 1 replica(s) in westeurope, below the 4 that 2000 nodes need; pools there may allocate slowly"
+                    )]
+                );
+            },
+        )
+        .inputs(inputs("2026.1101.0", false)),
+        Case::refused(
+            "a version that does not exist",
+            rollout(vec![pool("render", "sigrunweu", 10, sku)]),
+            "version",
+            Message::EndsWith("2026.1101.7 does not exist; nothing to roll out"),
+        )
+        .inputs(inputs("2026.1101.7", true)),
+        // The rollout app reads only its gallery's resource group: listing the gallery
+        // subscription's regions is forbidden to it.
+        Case::planned(
+            "a principal that may not list regions gets a warning, not a refusal",
+            rollout(vec![pool("render", "sigrunweu", 10, sku)]),
+            |plan, _| {
+                assert!(
+                    plan.warnings
+                        .iter()
+                        .any(|w| w.starts_with("region names not checked") && w.contains("HTTP 403")),
+                    "{:?}",
+                    plan.warnings
+                );
+                assert!(
+                    plan.warnings
+                        .iter()
+                        .any(|w| w.starts_with("Microsoft.Batch's registration in the gallery's subscription")),
+                    "{:?}",
+                    plan.warnings
+                );
+                assert!(
+                    plan.register_batch_in.is_empty(),
+                    "nothing it could not see is registered"
+                );
+            },
+        )
+        .edit("[gallery]\n", "[gallery]\nregion = \"westeurope\"\n")
+        .inputs(inputs("2026.1101.0", false))
+        .planned_by(ROLLOUT_APP),
+    ];
+    check_cases(&emu, cases).await;
 }
 
 // ---- nightly versions ----
@@ -715,7 +841,7 @@ async fn nightly_versions_count_up_per_day_from_the_existing_ones() {
     // No definition yet: the first of the day.
     clear_log(&emu).await;
     let version = planner::resolve_version(&parsed, None, &client, today).await.unwrap();
-    assert_read_only(&emu).await;
+    assert_read_only(&emu.requests().await);
     assert_eq!(version, "2026.1126.0");
 
     for v in ["2026.1125.4", "2026.1126.0", "2026.1126.1"] {
@@ -731,7 +857,7 @@ async fn nightly_versions_count_up_per_day_from_the_existing_ones() {
     }
     clear_log(&emu).await;
     let version = planner::resolve_version(&parsed, None, &client, today).await.unwrap();
-    assert_read_only(&emu).await;
+    assert_read_only(&emu.requests().await);
     assert_eq!(version, "2026.1126.2");
     let next_day = planner::resolve_version(&parsed, None, &client, date!(2026 - 11 - 27))
         .await
@@ -779,7 +905,7 @@ async fn the_shipped_nightly_pipeline_plans_with_the_documented_numbers() {
     clear_log(&emu).await;
     let now = OffsetDateTime::now_utc();
     let plan = planner::plan(&spec, &inputs, &client, now).await.expect("plan");
-    assert_read_only(&emu).await;
+    assert_read_only(&emu.requests().await);
 
     let build = plan.build.as_ref().expect("a build");
     assert_eq!(build.vm, Some(VmId::parse(&vm_id("build-ubuntu-2204")).unwrap()));
@@ -809,122 +935,4 @@ async fn the_shipped_nightly_pipeline_plans_with_the_documented_numbers() {
     assert_eq!(plan.end_of_life, Some(now + time::Duration::days(90)));
     assert!(plan.register_batch_in.is_empty());
     assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
-}
-
-/// Plans the spec text as is (after edits a [`Spec`] cannot express); the refusal's (key, message).
-async fn refused_text(emu: &TestEmulator, text: &str) -> (String, String) {
-    let parsed = PipelineSpec::parse(text, "plan-it.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
-    clear_log(emu).await;
-    let inputs = PlanInputs {
-        version: VERSION.to_string(),
-        ..PlanInputs::default()
-    };
-    let result = planner::plan(&parsed, &inputs, &azure(emu), OffsetDateTime::now_utc()).await;
-    assert_read_only(emu).await;
-    match result {
-        Err(PlanError::Rule { key, message }) => (key, message),
-        Err(other) => panic!("expected a rule refusal, got {other}"),
-        Ok(_) => panic!("expected a refusal of\n{text}"),
-    }
-}
-
-#[tokio::test]
-async fn regions_and_vm_sizes_azure_does_not_have_are_refused_before_anything_is_made() {
-    let emu = start_frozen().await;
-    let spec = Spec {
-        regions: vec![region("West Europe"), region("mars")],
-        ..Default::default()
-    };
-    let (key, message) = refused(&emu, &spec).await;
-    assert_eq!(key, "publish.regions[1].name");
-    assert!(message.contains("`mars` is not a region of subscription"), "{message}");
-
-    let text = Spec::default()
-        .toml()
-        .replace("[gallery]\n", "[gallery]\nregion = \"atlantis\"\n");
-    let (key, message) = refused_text(&emu, &text).await;
-    assert_eq!(key, "gallery.region");
-    assert!(message.contains("`atlantis`"), "{message}");
-
-    let text = Spec::default().toml().replace("Standard_D4s_v5", "Standard_Floppy_v1");
-    let (key, message) = refused_text(&emu, &text).await;
-    assert_eq!(key, "pools[0].vm_size");
-    assert!(
-        message.contains("`Standard_Floppy_v1` is not a VM size Batch offers in westeurope"),
-        "{message}"
-    );
-
-    // Sizes compare without case, as Batch compares them; both forms of a region name are fine.
-    let text = Spec::default().toml().replace("Standard_D4s_v5", "standard_d4s_v5");
-    let parsed = PipelineSpec::parse(&text, "plan-it.toml").unwrap();
-    let inputs = PlanInputs {
-        version: VERSION.to_string(),
-        ..PlanInputs::default()
-    };
-    planner::plan(&parsed, &inputs, &azure(&emu), OffsetDateTime::now_utc())
-        .await
-        .expect("a size in another case plans");
-}
-
-#[tokio::test]
-async fn a_principal_that_may_not_list_regions_gets_a_warning_not_a_refusal() {
-    let emu = start_frozen().await;
-    let token = emu.arm_token().await;
-    publish_version(
-        &emu,
-        &token,
-        "ubuntu-2204-batch",
-        "Generalized",
-        "2026.1101.0",
-        &[("westeurope", 1)],
-    )
-    .await;
-    emu.advance(4.0 * 3600.0).await;
-    // The rollout app reads only its gallery's resource group: listing the gallery subscription's
-    // regions is forbidden to it.
-    let text = Spec {
-        rollout: true,
-        version: "scheme = \"existing\"\nvalue = \"2026.1101.0\"".into(),
-        regions: Vec::new(),
-        pools: vec![pool(
-            "render",
-            "sigrunweu",
-            10,
-            "node_agent_sku_id = \"batch.node.ubuntu 22.04\"",
-        )],
-        ..Default::default()
-    }
-    .toml()
-    .replace("[gallery]\n", "[gallery]\nregion = \"westeurope\"\n");
-    let parsed = PipelineSpec::parse(&text, "plan-it.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let inputs = PlanInputs {
-        version: "2026.1101.0".to_string(),
-        ..PlanInputs::default()
-    };
-    let plan = planner::plan(
-        &parsed,
-        &inputs,
-        &azure_as(&emu, ROLLOUT_APP),
-        OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("plan: {e}"));
-    assert!(
-        plan.warnings
-            .iter()
-            .any(|w| w.starts_with("region names not checked") && w.contains("HTTP 403")),
-        "{:?}",
-        plan.warnings
-    );
-    assert!(
-        plan.warnings
-            .iter()
-            .any(|w| w.starts_with("Microsoft.Batch's registration in the gallery's subscription")),
-        "{:?}",
-        plan.warnings
-    );
-    assert!(
-        plan.register_batch_in.is_empty(),
-        "nothing it could not see is registered"
-    );
 }
