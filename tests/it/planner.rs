@@ -196,9 +196,11 @@ struct Case {
 enum Expect {
     /// Refused by the rule at the key, with a message.
     Refused(&'static str, Message),
-    /// Planned; the check gets the plan and the requests planning made.
-    Planned(Box<dyn Fn(&Plan, &[Value])>),
+    Planned(PlanCheck),
 }
+
+/// What an accepted plan must hold; it gets the plan and the requests planning made.
+type PlanCheck = Box<dyn Fn(&Plan, &[Value])>;
 
 /// A refusal's message: all of it, or how it ends, or a part of it (where it names what Azure
 /// decides, such as a subscription's regions).
