@@ -158,6 +158,9 @@ async fn bench(samples: usize) {
 struct BareLapin {
     connection: lapin::Connection,
     publisher: lapin::Channel,
+    /// Closed before the queue is deleted: a consumer still open on it races the broker's cancel
+    /// against its own, and lapin ends the connection on the stray cancel-ok.
+    consumer_channel: lapin::Channel,
     queue: String,
     body: Vec<u8>,
     arrivals: mpsc::UnboundedReceiver<Instant>,
@@ -216,6 +219,7 @@ impl BareLapin {
         BareLapin {
             connection,
             publisher,
+            consumer_channel,
             queue,
             body: vec![b'x'; size],
             arrivals,
@@ -259,6 +263,7 @@ impl BareLapin {
 
     async fn close(self) {
         self.consuming.abort();
+        let _ = self.consumer_channel.close(200, "bench done".into()).await;
         self.publisher
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())
             .await
