@@ -11,8 +11,8 @@ use reqwest::Url;
 
 use super::api::{
     Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts, OperationStatus,
-    PoolCreated, PoolInfo, PoolRequest, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion, VersionInfo,
-    VersionRequest, VmInfo, VmSize,
+    PoolCreated, PoolInfo, PoolRequest, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion,
+    VersionInfo, VersionRequest, VmInfo, VmSize,
 };
 use super::arm::Arm;
 use super::batch::Batch;
