@@ -2,8 +2,9 @@
 //! `/metrics`, `/healthz` and `/readyz` while its broker connection is up, cut and back (the cut is
 //! a TCP relay between the worker and the real broker that the test closes and reopens, so no other
 //! test sharing the broker is disturbed), the messages it handled counted by stage and outcome, a
-//! worker whose Azure identity is refused (alive, not ready, no secret in the reason), and
-//! `sigrun run` serving the endpoints from `[telemetry] listen` while it runs.
+//! worker whose Azure identity is refused (alive, not ready, no secret in the reason),
+//! `sigrun run` serving the endpoints from `[telemetry] listen` while it runs, and a history reader
+//! (what the ledger tails) that ends when its connection is cut instead of waiting for ever.
 
 #[path = "it/helpers.rs"]
 mod helpers;
@@ -11,7 +12,11 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use sigrun::bus::{Bus, StreamOffset};
 use sigrun::events::RunResult;
+use sigrun::ledger::Ledger;
 use support::relay::{Relay, broker_addr, broker_url_parts};
 use support::{Process, probe, sample, wait_for_status};
 
@@ -256,4 +261,51 @@ async fn run_serves_the_endpoints_from_the_telemetry_setting_while_it_runs() {
     assert_eq!(run.wait(Duration::from_secs(120)).await, Some(0), "{}", run.report());
     // The server ends with the run.
     assert!(probe(addr, "/healthz").await.is_none(), "nothing listens after the run");
+}
+
+/// The cut that once hung a worker for good: its ledger's first catch-up was reading the stream
+/// when the connection went, lapin never ended that consumer, and the ledger waited on it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_reader_cut_from_its_broker_ends_and_the_ledger_catches_up_after() {
+    let setup = support::setup("").await;
+    let relay = Relay::start(broker_addr()).await;
+    let (before_host, _, after_host) = broker_url_parts();
+    let config = setup.write_config(
+        "relayed.toml",
+        &format!("{before_host}{}{after_host}", relay.addr),
+        helpers::PIPELINE_APP.1,
+    );
+    let (bus, settings) = support::test_bus(&config).await;
+    let bus = Arc::new(bus);
+    let mut reader = bus.open_history(StreamOffset::First).await.expect("open the history");
+
+    relay.set_cut(true);
+    let ended = tokio::time::timeout(Duration::from_secs(20), reader.next_record())
+        .await
+        .expect("a reader whose connection is cut ends within 20 s");
+    assert!(
+        matches!(ended, None | Some(Err(_))),
+        "no record comes from a cut connection: {ended:?}"
+    );
+    reader.close().await;
+
+    // A ledger started while cut catches up once the broker is reachable again.
+    let ledger = Ledger::start(Arc::clone(&bus) as Arc<dyn Bus>, settings.runtime.ledger(), None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.set_cut(false);
+    let began = Instant::now();
+    let mut caught = Err(sigrun::bus::BusError::Closed);
+    while began.elapsed() < Duration::from_secs(30) && caught.is_err() {
+        caught = ledger.catch_up(Duration::from_secs(5)).await;
+    }
+    caught.expect("the ledger catches up after the cut");
+    eprintln!(
+        "ledger caught up {:.0} ms after the relay reopened",
+        began.elapsed().as_secs_f64() * 1000.0
+    );
+    drop(ledger);
+    bus.close().await;
+    sigrun::bus::amqp::AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
+        .await
+        .expect("delete the test's topology");
 }

@@ -13,13 +13,16 @@
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Channel, Consumer};
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::connection::Link;
 use super::connection_error;
 use super::consumer::integer;
 use super::topology::Names;
@@ -61,6 +64,11 @@ pub struct StreamedEvent {
 pub struct EventReader {
     channel: Channel,
     consumer: Consumer,
+    /// The bus's link as the supervisor replaces it, and the generation this reader reads on: a
+    /// consumer of a connection lapin gave up on may never end by itself (a cut during the
+    /// ledger's first catch-up left it waiting for ever), so the reader ends when its link does.
+    link: watch::Receiver<Option<Arc<Link>>>,
+    generation: u64,
     /// The offset of the last item read (event or marker): where a reader that replaces this one
     /// after a reconnect goes on from (`At(position + 1)`).
     position: Option<u64>,
@@ -70,12 +78,13 @@ pub struct EventReader {
 
 impl EventReader {
     pub(super) async fn open(
-        connection: &Connection,
+        link: &Link,
+        watched: watch::Receiver<Option<Arc<Link>>>,
         names: &Names,
         prefetch: u16,
         offset: StreamOffset,
     ) -> Result<EventReader, BusError> {
-        let channel = connection.create_channel().await.map_err(connection_error)?;
+        let channel = link.connection.create_channel().await.map_err(connection_error)?;
         channel
             .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
             .await
@@ -94,6 +103,8 @@ impl EventReader {
         Ok(EventReader {
             channel,
             consumer,
+            link: watched,
+            generation: link.generation,
             position: None,
             pending: VecDeque::new(),
         })
@@ -170,9 +181,20 @@ impl EventReader {
 
     /// The next record as stored, with its offset and routing key.
     async fn next_raw(&mut self) -> Option<Result<(u64, String, Record), BusError>> {
-        let delivery = match self.consumer.next().await? {
-            Ok(delivery) => delivery,
-            Err(error) => return Some(Err(connection_error(error))),
+        let generation = self.generation;
+        let link_gone = self
+            .link
+            .wait_for(|link| link.as_ref().is_none_or(|l| l.generation != generation));
+        let delivery = tokio::select! {
+            next = self.consumer.next() => match next? {
+                Ok(delivery) => delivery,
+                Err(error) => return Some(Err(connection_error(error))),
+            },
+            _ = link_gone => {
+                return Some(Err(BusError::Connection(
+                    "the broker connection the events stream was read on is gone".into(),
+                )));
+            }
         };
         let offset = delivery
             .properties

@@ -420,14 +420,23 @@ impl AmqpBus {
 
     /// Reads the events stream from `offset` on a channel of its own (see [`EventReader`]).
     pub async fn read_events(&self, offset: StreamOffset) -> Result<EventReader, BusError> {
-        let link = connection::wait_link(&self.shared, 0, self.shared.settings.publish_timeout).await?;
-        events::EventReader::open(
-            &link.connection,
+        let wait = self.shared.settings.publish_timeout;
+        let link = connection::wait_link(&self.shared, 0, wait).await?;
+        // Opening answers within the publish timeout or not at all: on a connection that died
+        // before the supervisor noticed, the channel's replies never come.
+        let opening = events::EventReader::open(
+            &link,
+            self.shared.link.subscribe(),
             &self.shared.names,
             self.shared.settings.prefetch,
             offset,
-        )
-        .await
+        );
+        tokio::time::timeout(wait, opening).await.unwrap_or_else(|_| {
+            Err(BusError::Connection(format!(
+                "the events stream did not open within {} ms",
+                wait.as_millis()
+            )))
+        })
     }
 
     /// Publishes a marker into the events stream (confirmed) and returns its id: what a reader
