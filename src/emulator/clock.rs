@@ -68,16 +68,24 @@ impl Clock {
         }
     }
 
-    /// How long a client waits in real time for `emulated` to pass.
+    /// How long a client waits in real time for `emulated` to pass; at a tiny time scale that is
+    /// longer than a `Duration` holds, and saturates rather than panicking the request.
     pub fn to_real(&self, emulated: Duration) -> StdDuration {
         let secs = emulated.as_seconds_f64().max(0.0) / self.scale;
-        StdDuration::from_secs_f64(secs)
+        StdDuration::try_from_secs_f64(secs).unwrap_or(StdDuration::MAX)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_longer_than_a_duration_holds_saturates() {
+        let clock = Clock::new(1e-15, OffsetDateTime::UNIX_EPOCH + Duration::days(20_000));
+        assert_eq!(clock.to_real(Duration::days(3650)), StdDuration::MAX);
+        assert_eq!(clock.to_real(Duration::seconds(-5)), StdDuration::ZERO);
+    }
 
     #[test]
     fn scaled_clock_runs_faster_and_advances() {

@@ -48,7 +48,7 @@ impl LogEntry {
                 response
                     .header("retry-after")
                     .and_then(|v| v.parse::<u64>().ok())
-                    .map(|s| s * 1000)
+                    .map(|s| s.saturating_mul(1000))
             });
         LogEntry {
             seq: ctx.next_seq(),

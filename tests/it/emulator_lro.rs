@@ -56,6 +56,26 @@ async fn async_status(emu: &TestEmulator, url: &str, token: &str) -> Value {
     reply.body
 }
 
+/// At a time scale so small that the real wait for an operation outgrows a `Duration`, the answer
+/// still comes (the hint saturates) instead of the connection dropping on a panic.
+#[tokio::test]
+async fn a_tiny_time_scale_still_answers_with_a_poll_hint() {
+    let emu = start(EmulatorOptions {
+        time_scale: 1e-15,
+        ..Default::default()
+    })
+    .await;
+    let token = emu.arm_token().await;
+    let url = compute(SUB_IMAGING, "rg-imaging", "snapshots/tiny-scale", DISK_API);
+    let put = emu.put(&url, &token, &snapshot_body()).await;
+    assert_eq!(put.status, 202, "{:?}", put.body);
+    let hint: u64 = put
+        .header("retry-after")
+        .and_then(|h| h.parse().ok())
+        .expect("a numeric Retry-After");
+    assert!(hint > 1_000_000, "a wait of ages in real time: {hint}");
+}
+
 #[tokio::test]
 async fn snapshot_put_polls_through_async_operation_and_location() {
     let emu = start(EmulatorOptions::default()).await;

@@ -69,7 +69,10 @@ pub fn headers(ctx: &Ctx, resp: Response, op: &Operation, with_location: bool) -
     let mut resp = resp
         .with_header("azure-asyncoperation", status_url(ctx, op, false))
         .with_header("retry-after", format!("{}", hint.as_secs()))
-        .with_header("retry-after-ms", format!("{}", hint.as_millis()));
+        .with_header(
+            "retry-after-ms",
+            format!("{}", u64::try_from(hint.as_millis()).unwrap_or(u64::MAX)),
+        );
     if with_location {
         resp = resp.with_header("location", status_url(ctx, op, true));
     }
