@@ -400,6 +400,15 @@ pub fn request_id(headers: &HeaderMap) -> Option<String> {
 /// How long Azure asks to wait: the millisecond headers when present (they are precise), else
 /// `Retry-After` in seconds or as an HTTP date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    stated_retry_after(headers).map(|wait| wait.min(MAX_RETRY_AFTER))
+}
+
+/// The longest wait a `Retry-After` is taken for. Azure asks for seconds to minutes; a header
+/// beyond a day (a broken proxy, a hostile answer) is read as a day, so no deadline computed from
+/// it can overflow.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(86_400);
+
+fn stated_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
     for name in ["retry-after-ms", "x-ms-retry-after-ms"] {
         let Some(value) = text(name) else { continue };
@@ -407,17 +416,22 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         if let Ok(ms) = value.parse::<u64>() {
             return Some(Duration::from_millis(ms));
         }
-        if let Some(ms) = value.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0) {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if let Some(wait) = value.parse::<f64>().ok().and_then(|ms| seconds(ms / 1000.0)) {
+            return Some(wait);
         }
     }
     let value = text("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return seconds(secs);
     }
     let date = time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
     let wait = date - time::OffsetDateTime::now_utc();
     Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
+}
+
+/// A non-negative number of seconds as a wait (one too long for a `Duration` is the longest).
+fn seconds(secs: f64) -> Option<Duration> {
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::try_from_secs_f64(secs).unwrap_or(MAX_RETRY_AFTER))
 }
 
 /// An error answer as an `AzureError`. Understands ARM's `{"error":{"code","message","details"}}`,
@@ -600,6 +614,13 @@ mod tests {
 
     #[test]
     fn throttling_prefers_milliseconds() {
+        for absurd in ["1e300", "18446744073709551615", "99999999999999999999999"] {
+            for name in ["retry-after", "retry-after-ms", "x-ms-retry-after-ms"] {
+                let h = headers(&[(name, absurd)]);
+                assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER), "{name}: {absurd}");
+            }
+        }
+        assert_eq!(retry_after(&headers(&[("retry-after", "-3")])), None);
         let h = headers(&[("retry-after", "1"), ("retry-after-ms", "300"), ("request-id", "r")]);
         let body = br#"{"code":"TooManyRequests","message":{"value":"busy"}}"#;
         let err = parse_error("GET pool", 429, &h, body);
