@@ -384,6 +384,8 @@ impl AzureApi for World {
             }
             .into(),
             url: format!("https://{}.westeurope.batch.azure.com", id.name()),
+            // Quotas unknown: the planner's quota check has nothing to hold the plan to.
+            quotas: AccountQuotas::default(),
         })
     }
     async fn supported_images(&self, _: &BatchAccountInfo) -> Result<Vec<SupportedImage>, AzureError> {

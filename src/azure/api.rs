@@ -151,6 +151,22 @@ pub struct BatchAccountInfo {
     pub location: String,
     /// Data-plane base URL, with scheme.
     pub url: String,
+    pub quotas: AccountQuotas,
+}
+
+/// What a Batch account may hold, as ARM reports it (`None` where the answer does not say).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AccountQuotas {
+    /// `poolQuota`: pools in the account, whatever their state.
+    pub pools: Option<u32>,
+    /// `dedicatedCoreQuota`: vCPUs of dedicated nodes.
+    pub dedicated_cores: Option<u32>,
+    /// `lowPriorityCoreQuota`: vCPUs of Spot/low-priority nodes.
+    pub low_priority_cores: Option<u32>,
+    /// `dedicatedCoreQuotaPerVMFamilyEnforced`: whether the per-family quotas bind too.
+    pub per_family_enforced: bool,
+    /// `dedicatedCoreQuotaPerVMFamily`, by family name (`standardDSv5Family`).
+    pub dedicated_cores_per_family: BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,6 +197,8 @@ pub struct ResizeError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PoolInfo {
     pub id: String,
+    /// `vmSize` (what its nodes' cores count at).
+    pub vm_size: String,
     pub state: PoolState,
     pub allocation_state: AllocationState,
     pub current_dedicated: u32,

@@ -14,8 +14,8 @@ use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
 use super::api::{
-    Accepted, DefinitionInfo, DefinitionRequest, ImageRequest, OperationStatus, RegionStatus, ResourceState,
-    SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo, VmSize,
+    Accepted, AccountQuotas, DefinitionInfo, DefinitionRequest, ImageRequest, OperationStatus, RegionStatus,
+    ResourceState, SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo, VmSize,
 };
 use super::config::ApiVersions;
 use super::error::AzureError;
@@ -682,7 +682,8 @@ impl Arm {
     }
 
     /// The account's region and data-plane URL (not yet checked: the Batch half does that).
-    pub async fn get_batch_account(&self, id: &BatchAccountId) -> Result<(String, String), AzureError> {
+    /// The account's region, data-plane URL and quotas.
+    pub async fn get_batch_account(&self, id: &BatchAccountId) -> Result<(String, String, AccountQuotas), AzureError> {
         let operation = format!("GET Batch account {}", id.name());
         let url = self.url(&id.to_string(), &self.versions.batch_management, &[]);
         let reply = self.send(Method::GET, url, operation.clone(), None).await?;
@@ -692,13 +693,55 @@ impl Arm {
         // The endpoint comes without a scheme; the resource manager's tells whether this is the
         // plain-HTTP emulator.
         let url = format!("{}://{}", self.base.scheme(), endpoint.trim_end_matches('/'));
-        Ok((canonical_region(location), url))
+        Ok((canonical_region(location), url, quotas_of(&reply.body["properties"])))
+    }
+}
+
+/// A Batch account's quotas from its properties; a missing or non-numeric one is unknown.
+fn quotas_of(properties: &Value) -> AccountQuotas {
+    let count = |value: &Value| value.as_u64().map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    AccountQuotas {
+        pools: count(&properties["poolQuota"]),
+        dedicated_cores: count(&properties["dedicatedCoreQuota"]),
+        low_priority_cores: count(&properties["lowPriorityCoreQuota"]),
+        per_family_enforced: properties["dedicatedCoreQuotaPerVMFamilyEnforced"]
+            .as_bool()
+            .unwrap_or(false),
+        dedicated_cores_per_family: properties["dedicatedCoreQuotaPerVMFamily"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|family| Some((family["name"].as_str()?.to_string(), count(&family["coreQuota"])?)))
+            .collect(),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    #[test]
+    fn account_quotas_are_read_and_unknown_ones_stay_unknown() {
+        let properties = json!({
+            "poolQuota": 20, "dedicatedCoreQuota": 500, "lowPriorityCoreQuota": "many",
+            "dedicatedCoreQuotaPerVMFamilyEnforced": true,
+            "dedicatedCoreQuotaPerVMFamily": [{"name": "standardDSv5Family", "coreQuota": 96}, {"name": "x"}],
+        });
+        let quotas = quotas_of(&properties);
+        assert_eq!(
+            (quotas.pools, quotas.dedicated_cores, quotas.low_priority_cores),
+            (Some(20), Some(500), None)
+        );
+        assert!(quotas.per_family_enforced);
+        assert_eq!(
+            quotas.dedicated_cores_per_family,
+            BTreeMap::from([("standardDSv5Family".to_string(), 96)])
+        );
+        assert_eq!(quotas_of(&json!({"poolQuota": 1u64 << 40})).pools, Some(u32::MAX));
+        assert_eq!(quotas_of(&Value::Null), AccountQuotas::default());
+    }
 
     #[test]
     fn regions_are_canonical() {

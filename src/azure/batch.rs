@@ -77,6 +77,8 @@ pub struct Batch {
 struct CloudPool {
     id: String,
     #[serde(default)]
+    vm_size: String,
+    #[serde(default)]
     state: String,
     #[serde(default)]
     allocation_state: String,
@@ -147,6 +149,7 @@ impl From<CloudPool> for PoolInfo {
     fn from(p: CloudPool) -> PoolInfo {
         PoolInfo {
             id: p.id,
+            vm_size: p.vm_size,
             state: PoolState::parse(&p.state),
             allocation_state: AllocationState::parse(&p.allocation_state),
             current_dedicated: p.current_dedicated_nodes,

@@ -201,13 +201,14 @@ impl AzureApi for AzureClient {
     }
 
     async fn get_batch_account(&self, id: &BatchAccountId) -> Result<BatchAccountInfo, AzureError> {
-        let (location, url) = named("get_batch_account", self.arm.get_batch_account(id)).await?;
+        let (location, url, quotas) = named("get_batch_account", self.arm.get_batch_account(id)).await?;
         // Checked now, so a bad endpoint fails here rather than on the first pool call.
         let checked = self.batch.account(&url)?;
         Ok(BatchAccountInfo {
             id: id.clone(),
             location,
             url: checked.as_str().trim_end_matches('/').to_string(),
+            quotas,
         })
     }
 

@@ -14,7 +14,7 @@ pub mod config;
 pub mod error;
 mod http;
 mod throttles;
-pub use http::hand_back_retry_after;
+pub use http::{MAX_RETRY_AFTER, hand_back_retry_after};
 pub mod metrics;
 pub mod states;
 

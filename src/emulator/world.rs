@@ -5,7 +5,7 @@
 //! Parsed strictly (unknown keys are errors) and cross-checked after parsing, so a typo in a world
 //! file is reported with the file and the key instead of surfacing later as a puzzling 404.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -200,6 +200,18 @@ pub struct BatchAccount {
     pub dedicated_core_quota: u32,
     #[serde(default = "default_core_quota")]
     pub low_priority_core_quota: u32,
+    /// `poolQuota`: pools the account may hold.
+    #[serde(default = "default_pool_quota")]
+    pub pool_quota: u32,
+    /// `dedicatedCoreQuotaPerVMFamily`, by family; binding only with `per_family_enforced`.
+    #[serde(default)]
+    pub dedicated_core_quota_per_family: BTreeMap<String, u32>,
+    #[serde(default)]
+    pub per_family_enforced: bool,
+}
+
+fn default_pool_quota() -> u32 {
+    100
 }
 
 fn default_core_quota() -> u32 {

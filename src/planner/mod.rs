@@ -3,12 +3,14 @@
 //! Batch supports; the definition (if it exists) is generalized and matches; every pool's region
 //! gets a replica; replicas and resize timeouts are never below the documented minimums (raised,
 //! with a warning); the node agent SKU matches the image's OS; regions and VM sizes are ones Azure
-//! has (`azure_values`). `sigrun validate` prints the plan;
+//! has (`azure_values`); every Batch account's pools fit its pool and core quotas (`quotas`).
+//! `sigrun validate` prints the plan;
 //! `sigrun run` carries it in every message.
 
 mod azure_values;
 mod build;
 mod pools;
+mod quotas;
 mod regions;
 
 use std::collections::BTreeMap;
@@ -148,6 +150,7 @@ pub async fn plan(
     };
     let pools = pools::plan_pools(spec, inputs, &chosen, &mut warnings)?;
     azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
+    quotas::check(&pools, &accounts, azure, &mut warnings).await?;
     let regions = if rollout_only {
         regions::of_existing_version(spec, &pools, &version_id, azure, &mut warnings).await?
     } else {

@@ -170,6 +170,7 @@ fn render_pool(message: &Envelope) -> PoolInfo {
     let planned = message.plan.pools.iter().find(|p| p.target == "render").unwrap();
     PoolInfo {
         id: planned.pool_id.clone(),
+        vm_size: planned.vm_size.clone(),
         state: PoolState::Active,
         allocation_state: AllocationState::Steady,
         current_dedicated: planned.dedicated_nodes,

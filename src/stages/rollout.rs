@@ -252,6 +252,7 @@ mod tests {
     fn pool(id: &str, version: &str, run: Uuid, created_secs_ago: i64) -> PoolInfo {
         PoolInfo {
             id: id.into(),
+            vm_size: "Standard_D4s_v5".into(),
             state: PoolState::Active,
             allocation_state: AllocationState::Steady,
             current_dedicated: 2,

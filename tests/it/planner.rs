@@ -490,6 +490,33 @@ async fn a_spec_that_breaks_a_rule_is_refused_by_that_rule() {
             Message::Has("`Standard_Floppy_v1` is not a VM size Batch offers in westeurope"),
         )
         .edit("Standard_D4s_v5", "Standard_Floppy_v1"),
+        // The Batch accounts' quotas (sigrunsea: 48 dedicated cores, 5 pools).
+        Case::refused(
+            "a pool over the account's dedicated core quota",
+            Spec {
+                regions: vec![region("westeurope"), region("southeastasia")],
+                pools: vec![pool("render", "sigrunweu", 10, ""), pool("asia", "sigrunsea", 20, "")],
+                ..Default::default()
+            },
+            "pools[1].account",
+            Message::Is(
+                "Batch account sigrunsea cannot take this plan: it needs 80 dedicated cores, dedicatedCoreQuota is 48 with 0 in use (headroom 48)"
+                    .into(),
+            ),
+        ),
+        Case::refused(
+            "more pools than the account's pool quota",
+            Spec {
+                regions: vec![region("southeastasia")],
+                pools: (1..=6).map(|n| pool(&format!("p{n}"), "sigrunsea", 1, "")).collect(),
+                ..Default::default()
+            },
+            "pools[0].account",
+            Message::Is(
+                "Batch account sigrunsea cannot take this plan: it needs 6 pools, poolQuota is 5 with 0 in use (headroom 5)"
+                    .into(),
+            ),
+        ),
     ];
     check_cases(&emu, cases).await;
 }

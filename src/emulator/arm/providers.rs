@@ -279,8 +279,13 @@ pub fn batch_account(
                 "publicNetworkAccess": "Enabled",
                 "dedicatedCoreQuota": account.dedicated_core_quota,
                 "lowPriorityCoreQuota": account.low_priority_core_quota,
-                "dedicatedCoreQuotaPerVMFamilyEnforced": false,
-                "poolQuota": 100,
+                "dedicatedCoreQuotaPerVMFamily": account
+                    .dedicated_core_quota_per_family
+                    .iter()
+                    .map(|(name, quota)| json!({"name": name, "coreQuota": quota}))
+                    .collect::<Vec<_>>(),
+                "dedicatedCoreQuotaPerVMFamilyEnforced": account.per_family_enforced,
+                "poolQuota": account.pool_quota,
                 "activeJobAndJobScheduleQuota": 300,
                 "allowedAuthenticationModes": ["SharedKey", "AAD", "TaskAuthenticationToken"],
             },
