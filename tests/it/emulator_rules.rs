@@ -10,6 +10,8 @@ use crate::helpers::*;
 
 const ACCOUNT_WEU: &str = "sigrunweu";
 const ACCOUNT_EUS: &str = "sigruneus";
+/// The shipped world's account with small quotas (5 pools, 48 cores).
+const ACCOUNT_SEA: &str = "sigrunsea";
 const LINUX_SKU: &str = "batch.node.ubuntu 22.04";
 
 /// An emulator whose clock only moves when a test advances it (one emulated second per real
@@ -1187,4 +1189,40 @@ async fn shared_key_requests_are_checked_by_their_signature() {
         let body: Value = resp.json().await.expect("batch error json");
         assert_eq!(body["code"], "AuthenticationFailed", "{body:#}");
     }
+}
+
+/// Batch refuses a pool past the account's `poolQuota` with `PoolQuotaReached` (409), while a
+/// repeated add of a pool it holds still meets `PoolExists`.
+#[tokio::test]
+async fn a_pool_past_the_pool_quota_is_refused() {
+    let emu = start_steady().await;
+    let token = emu.arm_token().await;
+    let batch = emu.batch_token().await;
+    let version = publish_version(
+        &emu,
+        &token,
+        "ubuntu",
+        "Generalized",
+        "1.0.0",
+        &[("westeurope", 1), ("southeastasia", 1)],
+    )
+    .await;
+    until_completed(&emu, &token, &version, "Southeast Asia").await;
+    for n in 1..=5 {
+        let reply = add_pool(
+            &emu,
+            ACCOUNT_SEA,
+            &batch,
+            &pool_body(&format!("q{n}"), &version, LINUX_SKU),
+        )
+        .await;
+        assert_eq!(reply.status, 201, "pool {n} of 5: {:#}", reply.body);
+    }
+    let reply = add_pool(&emu, ACCOUNT_SEA, &batch, &pool_body("q6", &version, LINUX_SKU)).await;
+    expect(&reply, 409, "PoolQuotaReached");
+    let reply = add_pool(&emu, ACCOUNT_SEA, &batch, &pool_body("q5", &version, LINUX_SKU)).await;
+    expect(&reply, 409, "PoolExists");
+    // Another account's quota is its own.
+    let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &pool_body("q6", &version, LINUX_SKU)).await;
+    assert_ne!(reply.code(), "PoolQuotaReached", "{:#}", reply.body);
 }

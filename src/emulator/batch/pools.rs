@@ -340,6 +340,7 @@ fn accepted_pool(
     if st.pools.contains_key(&key) {
         return Err(error(req, 409, "PoolExists", "The specified pool already exists.", &[]));
     }
+    check_pool_quota(st, req, account)?;
     let resize_timeout = resize_timeout(req, &body)?;
     let image = boot_image(ctx, st, req, account, caller, &vm, now)?;
     let dedicated = node_count(req, &body, "targetDedicatedNodes")?;
@@ -354,6 +355,26 @@ fn accepted_pool(
         dedicated,
         low_priority,
     })
+}
+
+/// Batch refuses a pool past the account's `poolQuota`, counting every pool it holds, one being
+/// deleted too (a retry of an add that went through meets `PoolExists` first).
+fn check_pool_quota(st: &State, req: &Request, account: &BatchAccount) -> Result<(), Response> {
+    let held = st
+        .pools
+        .values()
+        .filter(|pool| pool.account.eq_ignore_ascii_case(&account.name))
+        .count();
+    if held >= account.pool_quota as usize {
+        return Err(error(
+            req,
+            409,
+            "PoolQuotaReached",
+            "Pool quota for the account has been reached.",
+            &[],
+        ));
+    }
+    Ok(())
 }
 
 /// A pool body is a JSON object, and its optional parts have the shapes Batch reads.
