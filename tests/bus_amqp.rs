@@ -691,6 +691,7 @@ fn first_message() -> Envelope {
             final_excluded: false,
             end_of_life: None,
             register_batch_in: Vec::new(),
+            quota_use: Vec::new(),
             warnings: Vec::new(),
         },
         spec,

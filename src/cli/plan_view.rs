@@ -62,6 +62,18 @@ pub fn render(spec: &PipelineSpec, plan: &Plan, path: &Path) -> String {
     for pool in &plan.pools {
         render_pool(&mut out, pool);
     }
+    for quota in &plan.quota_use {
+        let _ = writeln!(
+            out,
+            "  Batch account {} {}: {} in use + {} planned of {} (headroom after: {})",
+            quota.account,
+            quota.quota,
+            quota.in_use,
+            quota.adds,
+            quota.limit,
+            quota.headroom_after()
+        );
+    }
     let _ = writeln!(
         out,
         "  rollout: previous pool of each target is {}",

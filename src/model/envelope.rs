@@ -434,6 +434,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
                 final_excluded: false,
                 end_of_life: None,
                 register_batch_in: Vec::new(),
+                quota_use: Vec::new(),
                 warnings: Vec::new(),
             },
             spec,

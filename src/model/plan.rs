@@ -34,8 +34,33 @@ pub struct Plan {
     /// Subscriptions (other than the Batch accounts') whose Microsoft.Batch registration is needed.
     #[serde(default)]
     pub register_batch_in: Vec<String>,
+    /// Each Batch account quota the plan was held to: what is in use and what the plan adds.
+    #[serde(default)]
+    pub quota_use: Vec<QuotaUse>,
     #[serde(default)]
     pub warnings: Vec<String>,
+}
+
+/// One quota of one Batch account as the planner found it (`poolQuota`, `dedicatedCoreQuota`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaUse {
+    /// The account's name.
+    pub account: String,
+    /// Azure's name of the quota (`dedicatedCoreQuotaPerVMFamily standardDSv5Family` for a family).
+    pub quota: String,
+    pub limit: u32,
+    /// What the account's other pools take now.
+    pub in_use: u64,
+    /// What the plan's pools take.
+    pub adds: u64,
+}
+
+impl QuotaUse {
+    /// What is left once the plan's pools are made (0 when over).
+    pub fn headroom_after(&self) -> u64 {
+        u64::from(self.limit).saturating_sub(self.in_use.saturating_add(self.adds))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -150,7 +150,7 @@ pub async fn plan(
     };
     let pools = pools::plan_pools(spec, inputs, &chosen, &mut warnings)?;
     azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
-    quotas::check(&pools, &accounts, azure, &mut warnings).await?;
+    let quota_use = quotas::check(&pools, &accounts, azure, &mut warnings).await?;
     let regions = if rollout_only {
         regions::of_existing_version(spec, &pools, &version_id, azure, &mut warnings).await?
     } else {
@@ -176,6 +176,7 @@ pub async fn plan(
             .end_of_life
             .and_then(|d| now.checked_add(time::Duration::try_from(d).ok()?)),
         register_batch_in,
+        quota_use,
         warnings,
     })
 }

@@ -16,6 +16,7 @@ use super::azure_values::readable;
 use super::{PlanError, PoolPlan, rule};
 use crate::azure::PoolState;
 use crate::azure::api::{AzureApi, BatchAccountInfo, PoolInfo, VmSize};
+use crate::model::plan::QuotaUse;
 
 /// What pools take of an account's quotas.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -44,7 +45,8 @@ pub(super) async fn check(
     accounts: &BTreeMap<String, BatchAccountInfo>,
     azure: &dyn AzureApi,
     warnings: &mut Vec<String>,
-) -> Result<(), PlanError> {
+) -> Result<Vec<QuotaUse>, PlanError> {
+    let mut uses = Vec::new();
     for (key, account) in accounts {
         let planned: Vec<(usize, &PoolPlan)> = pools
             .iter()
@@ -57,9 +59,9 @@ pub(super) async fn check(
         if planned.is_empty() || !any_quota {
             continue;
         }
-        check_account(account, &planned, azure, warnings).await?;
+        uses.extend(check_account(account, &planned, azure, warnings).await?);
     }
-    Ok(())
+    Ok(uses)
 }
 
 async fn check_account(
@@ -67,11 +69,11 @@ async fn check_account(
     planned: &[(usize, &PoolPlan)],
     azure: &dyn AzureApi,
     warnings: &mut Vec<String>,
-) -> Result<(), PlanError> {
+) -> Result<Vec<QuotaUse>, PlanError> {
     let name = account.id.name();
     let what = format!("the pools of Batch account {name}");
     let Some(existing) = readable(azure.list_pools(&account.url).await, &what, warnings)? else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let read = azure.batch_vm_sizes(account.id.subscription(), &account.location).await;
     let sizes = readable(read, "VM sizes", warnings)?.unwrap_or_default();
@@ -95,27 +97,33 @@ async fn check_account(
             "low-priority cores",
         ),
     ];
+    let mut uses = Vec::new();
     for (quota_name, quota, used, added, unit) in limits {
         if let Some(quota) = quota {
             fits(&key, name, quota_name, quota, used, added, unit)?;
+            uses.push(quota_use(name, quota_name, quota, used, added));
         }
     }
     if quotas.per_family_enforced {
         for (family, added) in &adds.dedicated_by_family {
             let quota = quotas.dedicated_cores_per_family.get(family).copied().unwrap_or(0);
             let used = in_use.dedicated_by_family.get(family).copied().unwrap_or(0);
-            fits(
-                &key,
-                name,
-                &format!("dedicatedCoreQuotaPerVMFamily {family}"),
-                quota,
-                used,
-                *added,
-                "dedicated cores",
-            )?;
+            let quota_name = format!("dedicatedCoreQuotaPerVMFamily {family}");
+            fits(&key, name, &quota_name, quota, used, *added, "dedicated cores")?;
+            uses.push(quota_use(name, &quota_name, quota, used, *added));
         }
     }
-    Ok(())
+    Ok(uses)
+}
+
+fn quota_use(account: &str, quota: &str, limit: u32, in_use: u64, adds: u64) -> QuotaUse {
+    QuotaUse {
+        account: account.to_string(),
+        quota: quota.to_string(),
+        limit,
+        in_use,
+        adds,
+    }
 }
 
 /// What the account's pools hold now (but the ones the plan names) and what the plan adds.

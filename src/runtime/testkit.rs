@@ -102,6 +102,7 @@ fn plan() -> Plan {
         final_excluded: false,
         end_of_life: None,
         register_batch_in: Vec::new(),
+        quota_use: Vec::new(),
         warnings: Vec::new(),
     }
 }

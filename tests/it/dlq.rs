@@ -535,6 +535,7 @@ fn envelope(stage: Stage) -> Envelope {
             final_excluded: false,
             end_of_life: None,
             register_batch_in: Vec::new(),
+            quota_use: Vec::new(),
             warnings: Vec::new(),
         },
         spec,

@@ -1189,6 +1189,10 @@ async fn bad_inputs_exit_2_name_the_problem_and_write_nothing() {
         "the sim pool keeps its 20m",
     );
     plan.check(
+        line(&["Batch account sigrunweu dedicatedCoreQuota", "+ 8000 planned of 200000"]),
+        "the render pool's 2000 × 4 cores against the account's quota",
+    );
+    plan.check(
         !plan.stdout.contains("Warnings:"),
         "the shipped pipeline needs no warning",
     );

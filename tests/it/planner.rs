@@ -548,6 +548,36 @@ async fn an_accepted_plan_carries_the_values_the_rules_decided() {
         ..Default::default()
     };
     let cases = vec![
+        // Quotas: each account's held to, with what the plan adds (sim: 2500 + 500 F8s_v2 nodes).
+        Case::planned(
+            "the quotas each account was held to",
+            Spec {
+                regions: three_regions(),
+                pools: sizes(),
+                ..Default::default()
+            },
+            |plan, _| {
+                let used = |account: &str, quota: &str| {
+                    let found = plan.quota_use.iter().find(|q| q.account == account && q.quota == quota);
+                    found.map(|q| (q.in_use, q.adds, q.limit))
+                };
+                assert_eq!(
+                    used("sigrunweu", "poolQuota"),
+                    Some((0, 1, 150)),
+                    "{:?}",
+                    plan.quota_use
+                );
+                assert_eq!(used("sigrunweu", "dedicatedCoreQuota"), Some((0, 8000, 200_000)));
+                assert_eq!(used("sigruneus", "dedicatedCoreQuota"), Some((0, 2500 * 4, 50_000)));
+                assert_eq!(used("sigruneus", "lowPriorityCoreQuota"), Some((0, 500 * 4, 20_000)));
+                assert_eq!(
+                    plan.quota_use.len(),
+                    6,
+                    "three quotas of two accounts: {:?}",
+                    plan.quota_use
+                );
+            },
+        ),
         // Replicas.
         Case::planned(
             "replicas auto: one per 600 nodes per region",
