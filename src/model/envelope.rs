@@ -105,6 +105,19 @@ pub enum Phase {
 }
 
 impl Phase {
+    pub const ALL: [Phase; 9] = [
+        Phase::Snapshots,
+        Phase::Image,
+        Phase::Gallery,
+        Phase::Definition,
+        Phase::Registration,
+        Phase::Replication,
+        Phase::Allocation,
+        Phase::Nodes,
+        Phase::Retire,
+    ];
+
+    /// Its wire name (the serde one): a metric label and the `Waiting` event's text.
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Snapshots => "snapshots",
@@ -490,6 +503,13 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
             Envelope::decode(&big),
             Err(EnvelopeError::TooLarge(MAX_ENVELOPE_BYTES + 1))
         );
+    }
+
+    #[test]
+    fn a_phases_label_is_its_wire_name() {
+        for phase in Phase::ALL {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.as_str(), "{phase:?}");
+        }
     }
 
     #[test]

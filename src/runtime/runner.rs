@@ -278,7 +278,8 @@ impl Runtime {
         // Its hold has passed; clear it so nothing derived from this message inherits it.
         message.not_before = None;
         let began = std::time::Instant::now();
-        let result = self.call_handler(message.clone(), now).await;
+        // Read again: the ledger's checks above may have waited for a commit to come by.
+        let result = self.call_handler(message.clone(), self.clock.now()).await;
         let handler_time = began.elapsed();
         let now = self.clock.now();
         let mut effects = match result {

@@ -845,19 +845,8 @@ fn pipeline(fails: &'static [&'static str], eastus_fails: bool) -> Arc<Script> {
 }
 
 /// Drives the run that `first` starts on `bus` until it ends or `timeout` passes, publishing
-/// `first` unfenced (the runtime's tests: their handlers emit `RunStarted`).
-async fn run_to_completion(
-    bus: Arc<MemoryBus>,
-    handler: Arc<dyn Handler>,
-    first: Envelope,
-    settings: RuntimeSettings,
-    clock: Clock,
-    timeout: Duration,
-) -> Result<RunOutcome, RunError> {
-    run_observed(bus, handler, first, settings, clock, timeout, None).await
-}
-
-/// As [`run_to_completion`], telling `observer` (the metrics) about every delivery and event.
+/// `first` unfenced (the runtime's tests: their handlers emit `RunStarted`), telling `observer`
+/// (the metrics), if any, about every delivery and event.
 async fn run_observed(
     bus: Arc<MemoryBus>,
     handler: Arc<dyn Handler>,
@@ -878,20 +867,21 @@ async fn run_observed(
 }
 
 async fn drive(handler: Arc<Script>, first: Envelope) -> RunOutcome {
-    run_to_completion(
+    run_observed(
         testkit::bus(),
         handler,
         first,
         testkit::settings(),
         Clock::tokio(),
         Duration::from_secs(3600),
+        None,
     )
     .await
     .unwrap()
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_to_completion_reports_success() {
+async fn a_driven_run_reports_success() {
     let first = envelope(Stage::Snapshot);
     let start = Instant::now();
     let outcome = drive(pipeline(&[], false), first.clone()).await;
@@ -910,7 +900,7 @@ async fn run_to_completion_reports_success() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_to_completion_reports_partial_success() {
+async fn a_driven_run_reports_partial_success() {
     let outcome = drive(pipeline(&["sim"], true), envelope(Stage::Snapshot)).await;
     match outcome.result {
         RunResult::PartlySucceeded { failed } => {
@@ -928,7 +918,7 @@ async fn run_to_completion_reports_partial_success() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_to_completion_reports_a_failed_run() {
+async fn a_driven_run_reports_a_failed_run() {
     // The very first call fails for good: there is no RunStarted, and the run still ends.
     let handler = Script::new(|_| Err(forbidden()));
     let outcome = drive(handler, envelope(Stage::Snapshot)).await;
@@ -943,7 +933,7 @@ async fn run_to_completion_reports_a_failed_run() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_to_completion_gives_up_at_its_timeout() {
+async fn a_driven_run_gives_up_at_its_timeout() {
     let handler = Script::new(|m| {
         step(Outcome::Wait {
             message: Box::new(m.clone()),
@@ -959,13 +949,14 @@ async fn run_to_completion_gives_up_at_its_timeout() {
         })
     });
     let start = Instant::now();
-    let outcome = run_to_completion(
+    let outcome = run_observed(
         testkit::bus(),
         handler,
         envelope(Stage::Snapshot),
         testkit::settings(),
         Clock::tokio(),
         Duration::from_secs(1700),
+        None,
     )
     .await
     .unwrap();
