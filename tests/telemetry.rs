@@ -4,7 +4,7 @@
 //! test sharing the broker is disturbed), the messages it handled counted by stage and outcome, a
 //! worker whose Azure identity is refused (alive, not ready, no secret in the reason),
 //! `sigrun run` serving the endpoints from `[telemetry] listen` while it runs, and a history reader
-//! (what the ledger tails) that ends when its connection is cut instead of waiting for ever.
+//! (what the ledger tails) that ends when its connection goes silent instead of waiting on it.
 
 #[path = "it/helpers.rs"]
 mod helpers;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
+use sigrun::bus::amqp::AmqpBus;
 use sigrun::bus::{Bus, StreamOffset};
 use sigrun::events::RunResult;
 use sigrun::ledger::Ledger;
@@ -263,10 +264,12 @@ async fn run_serves_the_endpoints_from_the_telemetry_setting_while_it_runs() {
     assert!(probe(addr, "/healthz").await.is_none(), "nothing listens after the run");
 }
 
-/// The cut that once hung a worker for good: its ledger's first catch-up was reading the stream
-/// when the connection went, lapin never ended that consumer, and the ledger waited on it forever.
+/// A connection that goes silent (no reset, no close) under a history reader: the publish that
+/// finds it dead replaces the link within `publish_timeout`, the reader on the old link ends with
+/// it (lapin alone would leave it waiting until the heartbeat, a minute or more), and a ledger
+/// catches up on the new link. This is what once hung a worker's first catch-up for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_history_reader_cut_from_its_broker_ends_and_the_ledger_catches_up_after() {
+async fn a_history_reader_on_a_silent_connection_ends_and_the_ledger_catches_up_after() {
     let setup = support::setup("").await;
     let relay = Relay::start(broker_addr()).await;
     let (before_host, _, after_host) = broker_url_parts();
@@ -275,37 +278,50 @@ async fn a_history_reader_cut_from_its_broker_ends_and_the_ledger_catches_up_aft
         &format!("{before_host}{}{after_host}", relay.addr),
         helpers::PIPELINE_APP.1,
     );
-    let (bus, settings) = support::test_bus(&config).await;
+    let mut settings = sigrun::config::Settings::load(Some(&config)).expect("the test config loads");
+    settings.amqp.publish_timeout = Duration::from_secs(2);
+    let bus = AmqpBus::connect(settings.amqp.clone(), settings.delay_tiers())
+        .await
+        .expect("the broker through the relay");
     let bus = Arc::new(bus);
     let mut reader = bus.open_history(StreamOffset::First).await.expect("open the history");
 
-    relay.set_cut(true);
-    let ended = tokio::time::timeout(Duration::from_secs(20), reader.next_record())
+    relay.stall();
+    let stalled_at = Instant::now();
+    let marker = sigrun::ledger::record::Record::Marker(uuid::Uuid::new_v4());
+    let published = bus.publish_record(&marker).await;
+    assert!(published.is_err(), "a silent connection confirms nothing");
+    let ended = tokio::time::timeout(Duration::from_secs(10), reader.next_record())
         .await
-        .expect("a reader whose connection is cut ends within 20 s");
+        .expect("the reader on the dead link ends with it");
     assert!(
         matches!(ended, None | Some(Err(_))),
-        "no record comes from a cut connection: {ended:?}"
+        "no record comes from a silent connection: {ended:?}"
+    );
+    eprintln!(
+        "reader ended {:.0} ms after the connection went silent",
+        stalled_at.elapsed().as_secs_f64() * 1000.0
     );
     reader.close().await;
 
-    // A ledger started while cut catches up once the broker is reachable again.
     let ledger = Ledger::start(Arc::clone(&bus) as Arc<dyn Bus>, settings.runtime.ledger(), None);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    relay.set_cut(false);
+    // As the worker does: tried again while the bus reconnects (closing the silent connection
+    // waits out its close timeout first).
     let began = Instant::now();
-    let mut caught = Err(sigrun::bus::BusError::Closed);
-    while began.elapsed() < Duration::from_secs(30) && caught.is_err() {
+    let mut caught = ledger.catch_up(Duration::from_secs(5)).await;
+    while caught.is_err() && began.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
         caught = ledger.catch_up(Duration::from_secs(5)).await;
     }
-    caught.expect("the ledger catches up after the cut");
+    caught.expect("the ledger catches up on a new connection");
     eprintln!(
-        "ledger caught up {:.0} ms after the relay reopened",
+        "ledger caught up {:.0} ms later",
         began.elapsed().as_secs_f64() * 1000.0
     );
     drop(ledger);
     bus.close().await;
-    sigrun::bus::amqp::AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
+    AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
         .await
         .expect("delete the test's topology");
+    relay.set_cut(true);
 }

@@ -1,7 +1,8 @@
 //! A TCP relay between a `sigrun` process and the real broker that a test can cut and reopen:
 //! while cut, open connections are dropped (the broker sees them close) and new ones are closed at
 //! once. Only the process whose URL points at the relay loses its broker; nothing else sharing
-//! the broker is disturbed.
+//! the broker is disturbed. A stall is the quieter failure: the connections stay open and nothing
+//! crosses them (no reset, no close), as when a network path goes silent.
 
 use std::net::SocketAddr;
 
@@ -16,6 +17,8 @@ use super::amqp_url;
 pub struct Relay {
     pub addr: SocketAddr,
     cut: watch::Sender<bool>,
+    /// Bumped by each stall: a connection open before the bump goes silent.
+    stall: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
 
@@ -24,7 +27,9 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the relay");
         let addr = listener.local_addr().expect("relay address");
         let (cut, _) = watch::channel(false);
+        let (stall, _) = watch::channel(0u64);
         let watcher = cut.clone();
+        let staller = stall.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else {
@@ -34,22 +39,36 @@ impl Relay {
                     continue; // dropped: closed at once
                 }
                 let mut cut = watcher.subscribe();
+                let mut cut_while_stalled = watcher.subscribe();
+                let mut stalled = staller.subscribe();
+                let epoch = *stalled.borrow();
                 tokio::spawn(async move {
                     let Ok(mut broker) = TcpStream::connect(upstream).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
-                        _ = cut.wait_for(|cut| *cut) => {}
+                    let went_silent = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => false,
+                        _ = cut.wait_for(|cut| *cut) => false,
+                        _ = stalled.wait_for(|now| *now != epoch) => true,
+                    };
+                    if went_silent {
+                        // Both sockets stay open, silent, until the relay is cut.
+                        let _ = cut_while_stalled.wait_for(|cut| *cut).await;
                     }
+                    drop((client, broker));
                 });
             }
         });
-        Relay { addr, cut, task }
+        Relay { addr, cut, stall, task }
     }
 
     pub fn set_cut(&self, cut: bool) {
         self.cut.send_replace(cut);
+    }
+
+    /// Silences the open connections (nothing crosses, nothing closes); new ones are relayed.
+    pub fn stall(&self) {
+        self.stall.send_modify(|epoch| *epoch += 1);
     }
 }
 

@@ -115,19 +115,27 @@ pub(super) async fn publish(
             }
             Err(other) => return Err(other),
         };
-        let sent = link
-            .publisher
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                body,
-                properties.clone(),
-            )
-            .await;
-        let confirmed = match sent {
-            Ok(confirm) => confirm.await,
-            Err(error) => Err(error),
+        let sending = async {
+            let confirm = link
+                .publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties.clone(),
+                )
+                .await?;
+            confirm.await
+        };
+        // A connection gone silent (no reset, no close) never confirms: past the deadline it is
+        // taken for dead, so the link is replaced rather than waited on until the heartbeat.
+        let Ok(confirmed) = tokio::time::timeout_at(deadline, sending).await else {
+            shared.report_broken(link.generation);
+            return Err(BusError::NotConfirmed {
+                target: target(),
+                reason: format!("no confirm within {} ms", shared.settings.publish_timeout.as_millis()),
+            });
         };
         match confirmed {
             Ok(confirmation) if confirmation.is_ack() => return Ok(()),
