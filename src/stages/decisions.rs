@@ -91,6 +91,18 @@ fn waiting_on(message: &mut Envelope, what: Phase, status_urls: &[&str]) {
     });
 }
 
+/// A build whose snapshots are being copied, read from the snapshots themselves.
+fn copying(message: &mut Envelope) {
+    with_build(message);
+    waiting_on(message, Phase::Snapshots, &[]);
+}
+
+/// A build whose image is being made, read from the image itself.
+fn imaging(message: &mut Envelope) {
+    with_build(message);
+    waiting_on(message, Phase::Image, &[]);
+}
+
 fn snapshot_ids(message: &Envelope) -> Vec<SnapshotId> {
     let build = message.plan.build.as_ref().expect("the case has a build");
     build.snapshots.iter().map(|s| s.id.clone()).collect()
@@ -237,10 +249,7 @@ fn snapshot_cases() -> Vec<Case> {
         Case {
             name: "snapshot: all copies succeeded → image-create",
             stage: Stage::Snapshot,
-            message: |m| {
-                with_build(m);
-                waiting_on(m, Phase::Snapshots, &[]);
-            },
+            message: copying,
             azure: |world, message| {
                 for id in snapshot_ids(message) {
                     world.resource(&id, ProvisioningState::Succeeded, run_tags(message));
@@ -258,10 +267,7 @@ fn snapshot_look_cases() -> Vec<Case> {
         Case {
             name: "snapshot: one copy still running → wait",
             stage: Stage::Snapshot,
-            message: |m| {
-                with_build(m);
-                waiting_on(m, Phase::Snapshots, &[]);
-            },
+            message: copying,
             azure: |world, message| {
                 let ids = snapshot_ids(message);
                 world.resource(&ids[0], ProvisioningState::Succeeded, run_tags(message));
@@ -273,10 +279,7 @@ fn snapshot_look_cases() -> Vec<Case> {
         Case {
             name: "snapshot: a copy that reads Failed fails the branch (as a failed image does)",
             stage: Stage::Snapshot,
-            message: |m| {
-                with_build(m);
-                waiting_on(m, Phase::Snapshots, &[]);
-            },
+            message: copying,
             azure: |world, message| {
                 let ids = snapshot_ids(message);
                 world.resource(&ids[0], ProvisioningState::Succeeded, run_tags(message));
@@ -312,10 +315,7 @@ fn image_and_gallery_cases() -> Vec<Case> {
         Case {
             name: "image-create: the image reads Failed → the branch fails",
             stage: Stage::ImageCreate,
-            message: |m| {
-                with_build(m);
-                waiting_on(m, Phase::Image, &[]);
-            },
+            message: imaging,
             azure: |world, message| {
                 let image = &message.plan.build.as_ref().unwrap().image;
                 world.resource(image, ProvisioningState::Failed, run_tags(message));
@@ -326,10 +326,7 @@ fn image_and_gallery_cases() -> Vec<Case> {
         Case {
             name: "image-create: the image succeeded → gallery-publish",
             stage: Stage::ImageCreate,
-            message: |m| {
-                with_build(m);
-                waiting_on(m, Phase::Image, &[]);
-            },
+            message: imaging,
             azure: |world, message| {
                 let image = &message.plan.build.as_ref().unwrap().image;
                 world.resource(image, ProvisioningState::Succeeded, run_tags(message));
