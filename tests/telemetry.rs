@@ -289,7 +289,9 @@ async fn a_history_reader_on_a_silent_connection_ends_and_the_ledger_catches_up_
     relay.stall();
     let stalled_at = Instant::now();
     let marker = sigrun::ledger::record::Record::Marker(uuid::Uuid::new_v4());
-    let published = bus.publish_record(&marker).await;
+    let published = tokio::time::timeout(Duration::from_secs(15), bus.publish_record(&marker))
+        .await
+        .expect("a publish on a silent connection gives up within its publish_timeout");
     assert!(published.is_err(), "a silent connection confirms nothing");
     let ended = tokio::time::timeout(Duration::from_secs(10), reader.next_record())
         .await
@@ -302,7 +304,9 @@ async fn a_history_reader_on_a_silent_connection_ends_and_the_ledger_catches_up_
         "reader ended {:.0} ms after the connection went silent",
         stalled_at.elapsed().as_secs_f64() * 1000.0
     );
-    reader.close().await;
+    tokio::time::timeout(Duration::from_secs(15), reader.close())
+        .await
+        .expect("closing a reader on a silent connection does not wait for ever");
 
     let ledger = Ledger::start(Arc::clone(&bus) as Arc<dyn Bus>, settings.runtime.ledger(), None);
     // As the worker does: tried again while the bus reconnects (closing the silent connection
@@ -319,7 +323,9 @@ async fn a_history_reader_on_a_silent_connection_ends_and_the_ledger_catches_up_
         began.elapsed().as_secs_f64() * 1000.0
     );
     drop(ledger);
-    bus.close().await;
+    tokio::time::timeout(Duration::from_secs(30), bus.close())
+        .await
+        .expect("the bus closes");
     AmqpBus::delete_topology(&settings.amqp, &settings.delay_tiers())
         .await
         .expect("delete the test's topology");

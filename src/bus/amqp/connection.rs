@@ -23,7 +23,7 @@ use super::{Shared, connection_error, consumer, delays, topology};
 use crate::bus::BusError;
 
 /// How long closing a connection may take before it is abandoned.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Link {
     pub generation: u64,

@@ -221,9 +221,11 @@ impl EventReader {
         self.position
     }
 
-    /// Stops reading and closes the reader's channel.
+    /// Stops reading and closes the reader's channel; on a connection gone silent the close-ok
+    /// never comes, so it is waited for at most the links' close timeout.
     pub async fn close(self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        let closing = self.channel.close(200, "done".into());
+        let _ = tokio::time::timeout(super::connection::CLOSE_TIMEOUT, closing).await;
     }
 }
 
