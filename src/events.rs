@@ -65,6 +65,24 @@ pub enum EventKind {
     },
     /// The branch's rollout phase ended (after its pool verified): its branch is over.
     RolloutFinished,
+    /// Intermediates the run no longer needs are to be deleted (`[retention] intermediates`): a
+    /// clean-up branch starts, and the run ends only once it has finished.
+    CleanUpScheduled {
+        what: Intermediate,
+    },
+    /// A resource this run deleted (an intermediate, an old version, a retired pool), confirmed
+    /// gone (or on its way out, for a pool).
+    ResourceDeleted {
+        what: DeletedKind,
+        id: String,
+    },
+    /// A clean-up branch ended: what it was to delete is gone, or it gave up (`failed`: a warning,
+    /// never a failure of the run).
+    CleanUpFinished {
+        what: Intermediate,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failed: Option<String>,
+    },
     /// The trunk failed before fan-out: nothing after it runs.
     RunFailed {
         reason: String,
@@ -121,6 +139,9 @@ impl EventKind {
             EventKind::PreviousPoolRetired { .. } => "previous_pool_retired",
             EventKind::RetirementFailed { .. } => "retirement_failed",
             EventKind::RolloutFinished => "rollout_finished",
+            EventKind::CleanUpScheduled { .. } => "clean_up_scheduled",
+            EventKind::ResourceDeleted { .. } => "resource_deleted",
+            EventKind::CleanUpFinished { .. } => "clean_up_finished",
             EventKind::RunFailed { .. } => "run_failed",
             EventKind::Parked { .. } => "parked",
             EventKind::Cancelled => "cancelled",
@@ -129,6 +150,36 @@ impl EventKind {
             EventKind::DuplicateTrigger { .. } => "duplicate_trigger",
             EventKind::TriggerRejected { .. } => "trigger_rejected",
             EventKind::DuplicateDropped { .. } => "duplicate_dropped",
+        }
+    }
+}
+
+pub use crate::model::envelope::Intermediate;
+
+/// The kinds of resource sigrun deletes (the `kind` label of `sigrun_resources_deleted_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletedKind {
+    Snapshot,
+    Image,
+    ImageVersion,
+    Pool,
+}
+
+impl DeletedKind {
+    pub const ALL: [DeletedKind; 4] = [
+        DeletedKind::Snapshot,
+        DeletedKind::Image,
+        DeletedKind::ImageVersion,
+        DeletedKind::Pool,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeletedKind::Snapshot => "snapshot",
+            DeletedKind::Image => "image",
+            DeletedKind::ImageVersion => "image_version",
+            DeletedKind::Pool => "pool",
         }
     }
 }
@@ -221,7 +272,26 @@ pub fn run_result(events: &[Event]) -> RunResult {
     if entry <= Stage::Replicate && !regions.iter().all(|name| region_ended(events, name)) {
         return RunResult::Running;
     }
-    verdict(verified, failed, retirement_warnings(events))
+    if !clean_ups_ended(events) {
+        return RunResult::Running;
+    }
+    verdict(verified, failed, warnings(events))
+}
+
+/// Every clean-up the trunk scheduled has finished (or given up, or was parked).
+fn clean_ups_ended(events: &[Event]) -> bool {
+    events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::CleanUpScheduled { what } => Some(what),
+            _ => None,
+        })
+        .all(|what| {
+            events.iter().any(|e| {
+                e.branch == Branch::CleanUp { what }
+                    && matches!(e.kind, EventKind::CleanUpFinished { .. } | EventKind::Parked { .. })
+            })
+        })
 }
 
 /// What ends the whole run at once: the trunk failing or parked, or a cancel.
@@ -291,13 +361,20 @@ fn region_ended(events: &[Event], name: &String) -> bool {
     })
 }
 
-/// Retirements that kept failing: warnings on a run that otherwise succeeded.
-fn retirement_warnings(events: &[Event]) -> Vec<String> {
+/// Side effects that kept failing (retiring previous pools, deleting intermediates): warnings on
+/// a run that otherwise succeeded.
+fn warnings(events: &[Event]) -> Vec<String> {
     events
         .iter()
         .filter_map(|e| match &e.kind {
             EventKind::RetirementFailed { reason } => {
                 Some(format!("{}: retiring previous pools: {reason}", e.branch.label()))
+            }
+            EventKind::CleanUpFinished {
+                failed: Some(reason), ..
+            } => Some(format!("{}: {reason}", e.branch.label())),
+            EventKind::Parked { reason } if matches!(e.branch, Branch::CleanUp { .. }) => {
+                Some(format!("{}: parked: {reason}", e.branch.label()))
             }
             _ => None,
         })
@@ -341,6 +418,20 @@ fn standing(events: &[Event]) -> Vec<Event> {
     }
     kept.reverse();
     kept
+}
+
+/// What a run deleted, in order, as `{kind} {id}` (a repeat reported once).
+pub fn deleted(events: &[Event]) -> Vec<String> {
+    let mut deleted: Vec<String> = Vec::new();
+    for event in events {
+        if let EventKind::ResourceDeleted { what, id } = &event.kind {
+            let item = format!("{} {id}", what.as_str());
+            if !deleted.contains(&item) {
+                deleted.push(item);
+            }
+        }
+    }
+    deleted
 }
 
 /// What a run created, in order: resource ids, then `pool {id}` for each pool.

@@ -344,6 +344,9 @@ impl AzureApi for World {
     async fn get_image(&self, _: &ImageId) -> Result<Option<ResourceState>, AzureError> {
         Err(unused("get_image"))
     }
+    async fn delete_image(&self, _: &ImageId) -> Result<(), AzureError> {
+        Err(unused("delete_image"))
+    }
     async fn get_gallery(&self, _: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
         Ok(None)
     }
@@ -356,8 +359,22 @@ impl AzureApi for World {
     async fn put_definition(&self, _: &GalleryImageId, _: &DefinitionRequest) -> Result<Accepted, AzureError> {
         Err(unused("put_definition"))
     }
-    async fn list_versions(&self, _: &GalleryImageId) -> Result<Vec<String>, AzureError> {
-        Ok(vec!["2026.1201.0".into(), "2026.1202.3".into()])
+    async fn delete_version(&self, _: &GalleryImageVersionId) -> Result<(), AzureError> {
+        Err(unused("delete_version"))
+    }
+    async fn list_versions(&self, _: &GalleryImageId) -> Result<Vec<ListedVersion>, AzureError> {
+        let listed = |name: &str| ListedVersion {
+            name: name.into(),
+            info: VersionInfo {
+                provisioning_state: sigrun::azure::ProvisioningState::Succeeded,
+                exclude_from_latest: false,
+                source: None,
+                target_regions: Vec::new(),
+                replication: Vec::new(),
+                tags: Tags::new(),
+            },
+        };
+        Ok(vec![listed("2026.1201.0"), listed("2026.1202.3")])
     }
     async fn put_version(&self, _: &GalleryImageVersionId, _: &VersionRequest) -> Result<Accepted, AzureError> {
         Err(unused("put_version"))

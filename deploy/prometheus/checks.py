@@ -59,6 +59,9 @@ CONTRACT = {
     "sigrun_replication_progress_ratio": {"pipeline", "region"},
     "sigrun_pool_nodes": {"pipeline", "pool", "state"},
     "sigrun_last_successful_publish_timestamp_seconds": {"pipeline"},
+    "sigrun_resources_deleted_total": {"pipeline", "kind"},
+    "sigrun_batch_quota_headroom": {"account", "quota"},
+    "sigrun_pipeline_quota_need": {"pipeline", "account", "quota"},
     "sigrun_bus_connected": set(),
     "rabbitmq_queue_messages_ready": {"vhost", "queue"},
     "rabbitmq_queue_messages_unacked": {"vhost", "queue"},
@@ -102,13 +105,17 @@ def unknown_metrics(expr):
     return sorted(set(METRIC_TOKEN.findall(expr)) - METRIC_NAMES)
 
 
-# Derived from the shared events stream: every worker exports the same value, so summing over
-# workers multiplies it. Aggregate them with max by (...) first.
+# Every worker exports the same value, so summing over workers multiplies it: derived from the
+# shared events stream, or read by each worker's quota watch from the same Batch accounts.
+# Aggregate them with max by (...) first.
 GLOBAL_METRICS = {
     "sigrun_runs_started_total",
     "sigrun_runs_finished_total",
     "sigrun_runs_in_flight",
     "sigrun_last_successful_publish_timestamp_seconds",
+    "sigrun_resources_deleted_total",
+    "sigrun_batch_quota_headroom",
+    "sigrun_pipeline_quota_need",
 }
 
 
@@ -263,6 +270,9 @@ def queries_of(name, dashboard, variables, problems):
 # has, counters rising, so every panel has something to show. Times are minutes from 0; 1m scrapes.
 FIXTURE_MINUTES = 25 * 60
 STAGES = ["snapshot", "image-create", "gallery-publish", "replicate", "pool-create", "verify"]
+# Batch account sigrunweu's quotas: (quota, what it leaves, what each pipeline's pools take of it).
+QUOTAS = (("poolQuota", 12, 2), ("dedicatedCoreQuota", 6000, 8000), ("lowPriorityCoreQuota", -4, 0),
+          ("dedicatedCoreQuotaPerVMFamily standardDSv5Family", 1800, 8000))
 WORKER = 'job="sigrun-worker", instance="worker-0:9464"'
 BROKER = 'job="rabbitmq", instance="rabbitmq:15692", vhost="/"'
 
@@ -313,6 +323,13 @@ def fixture_series():
             add("sigrun_replication_progress_ratio", f'{p}, region="{region}"', f"{ratio}x{n}")
         for state, nodes in (("idle", 1900), ("running", 80), ("starttaskfailed", 15), ("unusable", 5)):
             add("sigrun_pool_nodes", f'{p}, pool="render-{pipeline}", state="{state}"', f"{nodes}x{n}")
+        for kind, per_minute in (("snapshot", 0.01), ("image", 0.01), ("image_version", 0.005),
+                                 ("pool", 0.005)):
+            add("sigrun_resources_deleted_total", f'{p}, kind="{kind}"', f"0+{per_minute}x{n}")
+        for quota, _, need in QUOTAS:
+            add("sigrun_pipeline_quota_need", f'{p}, account="sigrunweu", quota="{quota}"', f"{need}x{n}")
+    for quota, headroom, _ in QUOTAS:
+        add("sigrun_batch_quota_headroom", f'{WORKER}, account="sigrunweu", quota="{quota}"', f"{headroom}x{n}")
     for api, operation in (("arm", "create_snapshot"), ("arm", "get_image_version"), ("batch", "get_pool"),
                            ("aad", "get_token")):
         labels = f'{WORKER}, api="{api}", operation="{operation}"'

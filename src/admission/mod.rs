@@ -30,7 +30,7 @@ use crate::ledger::{ClaimKey, Claimed, Ledger};
 use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, Stage, message_id};
 use crate::model::ids::{GalleryImageVersionId, ImageId};
 use crate::model::plan::Plan;
-use crate::model::spec::{PipelineSpec, PreviousPool};
+use crate::model::spec::PipelineSpec;
 use crate::model::trace::TraceParent;
 use crate::planner::{self, PlanError, PlanInputs};
 
@@ -245,7 +245,9 @@ pub fn run_started(prepared: &Prepared, entry: Stage) -> Event {
         &prepared.plan.version,
         entry,
         EventKind::RunStarted {
-            rollout: prepared.spec.rollout.previous_pool != PreviousPool::Keep,
+            // Every verified pool's branch goes on to the rollout phase: the rollout policy, then
+            // retention.
+            rollout: true,
             regions: prepared.plan.regions.iter().map(|r| r.name.clone()).collect(),
             pools: prepared
                 .plan

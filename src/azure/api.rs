@@ -144,6 +144,13 @@ pub struct VersionInfo {
     pub tags: Tags,
 }
 
+/// A version of a definition, as the list of its versions names it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedVersion {
+    pub name: String,
+    pub info: VersionInfo,
+}
+
 /// The management-plane facts about a Batch account.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchAccountInfo {
@@ -211,6 +218,16 @@ pub struct PoolInfo {
     pub image_id: Option<String>,
     /// Batch's `creationTime`.
     pub created: Option<time::OffsetDateTime>,
+    /// Batch's `allocationStateTransitionTime`: since when the pool has been resizing, or steady
+    /// (for a pool scaled to zero, when it was retired).
+    pub allocation_changed: Option<time::OffsetDateTime>,
+}
+
+/// A Batch account's pools, with Batch's clock at the answer (its `Date`), to age them by.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolList {
+    pub pools: Vec<PoolInfo>,
+    pub as_of: Option<time::OffsetDateTime>,
 }
 
 /// Node counts of one pool by state (dedicated and low-priority added together).
@@ -262,16 +279,21 @@ pub trait AzureApi: Send + Sync {
 
     async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError>;
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError>;
+    /// Starts deleting the snapshot; it is gone once `get_snapshot` no longer finds it.
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError>;
 
     async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError>;
     async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError>;
+    /// Starts deleting the image; it is gone once `get_image` no longer finds it.
+    async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError>;
 
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError>;
     async fn put_gallery(&self, id: &GalleryId, location: &str, tags: &Tags) -> Result<Accepted, AzureError>;
     async fn get_definition(&self, id: &GalleryImageId) -> Result<Option<DefinitionInfo>, AzureError>;
     async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError>;
-    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError>;
+    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<ListedVersion>, AzureError>;
+    /// Starts deleting the version; it is gone once `get_version` no longer finds it.
+    async fn delete_version(&self, id: &GalleryImageVersionId) -> Result<(), AzureError>;
     async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError>;
     async fn get_version(
         &self,
@@ -294,6 +316,13 @@ pub trait AzureApi: Send + Sync {
     async fn add_pool(&self, account_url: &str, pool: &PoolRequest) -> Result<PoolCreated, AzureError>;
     async fn get_pool(&self, account_url: &str, pool_id: &str) -> Result<Option<PoolInfo>, AzureError>;
     async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError>;
+    /// The pools and Batch's time at the answer. (Without a `Date` header, `as_of` is `None`.)
+    async fn list_pools_dated(&self, account_url: &str) -> Result<PoolList, AzureError> {
+        Ok(PoolList {
+            pools: self.list_pools(account_url).await?,
+            as_of: None,
+        })
+    }
     async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError>;
     async fn resize_pool(
         &self,

@@ -14,8 +14,8 @@ use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
 use super::api::{
-    Accepted, AccountQuotas, DefinitionInfo, DefinitionRequest, ImageRequest, OperationStatus, RegionStatus,
-    ResourceState, SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo, VmSize,
+    Accepted, AccountQuotas, DefinitionInfo, DefinitionRequest, ImageRequest, ListedVersion, OperationStatus,
+    RegionStatus, ResourceState, SnapshotRequest, Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo, VmSize,
 };
 use super::config::ApiVersions;
 use super::error::AzureError;
@@ -76,6 +76,45 @@ fn tags_of(body: &Value) -> Tags {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A gallery image version as a GET or a list answers it.
+fn version_info(body: &Value) -> VersionInfo {
+    let profile = &body["properties"]["publishingProfile"];
+    let default_replicas = profile["replicaCount"].as_u64().unwrap_or(1);
+    let target_regions = profile["targetRegions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            let replicas = r["regionalReplicaCount"].as_u64().unwrap_or(default_replicas);
+            Some((
+                canonical_region(r["name"].as_str()?),
+                replicas.min(u32::MAX as u64) as u32,
+            ))
+        })
+        .collect();
+    let replication = body["properties"]["replicationStatus"]["summary"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| {
+            Some(RegionStatus {
+                region: canonical_region(s["region"].as_str()?),
+                state: ReplicationState::parse(s["state"].as_str().unwrap_or("Unknown")),
+                progress: s["progress"].as_u64().unwrap_or(0).min(100) as u8,
+                details: s["details"].as_str().unwrap_or_default().to_string(),
+            })
+        })
+        .collect();
+    VersionInfo {
+        provisioning_state: provisioning_state(body),
+        exclude_from_latest: profile["excludeFromLatest"].as_bool().unwrap_or(false),
+        source: str_at(body, "/properties/storageProfile/source/id").map(str::to_string),
+        target_regions,
+        replication,
+        tags: tags_of(body),
+    }
 }
 
 /// ARM: a resource without `provisioningState` has succeeded.
@@ -410,11 +449,23 @@ impl Arm {
 
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
         let url = self.url(&id.to_string(), &self.versions.disk, &[]);
-        match self
-            .send(Method::DELETE, url, format!("DELETE snapshot {}", id.name()), None)
-            .await
-        {
-            // Already gone is what a delete wants.
+        self.delete(url, format!("DELETE snapshot {}", id.name())).await
+    }
+
+    pub async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError> {
+        let url = self.url(&id.to_string(), &self.versions.compute, &[]);
+        self.delete(url, format!("DELETE image {}", id.name())).await
+    }
+
+    pub async fn delete_version(&self, id: &GalleryImageVersionId) -> Result<(), AzureError> {
+        let url = self.url(&id.to_string(), &self.versions.gallery, &[]);
+        self.delete(url, format!("DELETE image version {}", id.name())).await
+    }
+
+    /// Starts a delete. Azure answers 200/204 (gone) or 202 (deleting: the caller confirms by
+    /// reading the resource until it is not found); already gone is what a delete wants.
+    async fn delete(&self, url: Url, operation: String) -> Result<(), AzureError> {
+        match self.send(Method::DELETE, url, operation, None).await {
             Err(e) if e.is_not_found() => Ok(()),
             other => other.map(|_| ()),
         }
@@ -516,13 +567,18 @@ impl Arm {
             .await
     }
 
-    pub async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError> {
+    pub async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<ListedVersion>, AzureError> {
         let operation = format!("list versions of {}", definition.name());
         let url = self.url(&format!("{definition}/versions"), &self.versions.gallery, &[]);
         let items = self.list_all(url, &operation).await?;
         Ok(items
             .iter()
-            .filter_map(|v| v["name"].as_str().map(str::to_string))
+            .filter_map(|v| {
+                Some(ListedVersion {
+                    name: v["name"].as_str()?.to_string(),
+                    info: version_info(v),
+                })
+            })
             .collect())
     }
 
@@ -579,42 +635,7 @@ impl Arm {
         let Some(reply) = self.get_optional(url, operation).await? else {
             return Ok(None);
         };
-        let body = &reply.body;
-        let profile = &body["properties"]["publishingProfile"];
-        let default_replicas = profile["replicaCount"].as_u64().unwrap_or(1);
-        let target_regions = profile["targetRegions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|r| {
-                let replicas = r["regionalReplicaCount"].as_u64().unwrap_or(default_replicas);
-                Some((
-                    canonical_region(r["name"].as_str()?),
-                    replicas.min(u32::MAX as u64) as u32,
-                ))
-            })
-            .collect();
-        let replication = body["properties"]["replicationStatus"]["summary"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| {
-                Some(RegionStatus {
-                    region: canonical_region(s["region"].as_str()?),
-                    state: ReplicationState::parse(s["state"].as_str().unwrap_or("Unknown")),
-                    progress: s["progress"].as_u64().unwrap_or(0).min(100) as u8,
-                    details: s["details"].as_str().unwrap_or_default().to_string(),
-                })
-            })
-            .collect();
-        Ok(Some(VersionInfo {
-            provisioning_state: provisioning_state(body),
-            exclude_from_latest: profile["excludeFromLatest"].as_bool().unwrap_or(false),
-            source: str_at(body, "/properties/storageProfile/source/id").map(str::to_string),
-            target_regions,
-            replication,
-            tags: tags_of(body),
-        }))
+        Ok(Some(version_info(&reply.body)))
     }
 
     pub async fn set_exclude_from_latest(

@@ -15,7 +15,7 @@ use reqwest::{Method, Url};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::api::{NodeCounts, PoolCreated, PoolInfo, PoolRequest, ResizeError, SupportedImage};
+use super::api::{NodeCounts, PoolCreated, PoolInfo, PoolList, PoolRequest, ResizeError, SupportedImage};
 use super::error::AzureError;
 use super::http::{Audience, Call, Http, Reply};
 use super::states::{AllocationState, PoolState};
@@ -98,6 +98,8 @@ struct CloudPool {
     virtual_machine_configuration: Option<VmConfiguration>,
     #[serde(default, with = "time::serde::rfc3339::option")]
     creation_time: Option<time::OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    allocation_state_transition_time: Option<time::OffsetDateTime>,
 }
 
 #[derive(Deserialize)]
@@ -170,6 +172,7 @@ impl From<CloudPool> for PoolInfo {
                 .and_then(|c| c.image_reference)
                 .and_then(|r| r.virtual_machine_image_id),
             created: p.creation_time,
+            allocation_changed: p.allocation_state_transition_time,
         }
     }
 }
@@ -300,17 +303,29 @@ impl Batch {
 
     /// Every item of a paged list, following `odata.nextLink` within the same account.
     async fn list(&self, account: &Url, first: Url, operation: &str) -> Result<Vec<Value>, AzureError> {
+        Ok(self.list_dated(account, first, operation).await?.0)
+    }
+
+    /// A paged list and Batch's time at its first page (its `Date` header, when it has one).
+    async fn list_dated(
+        &self,
+        account: &Url,
+        first: Url,
+        operation: &str,
+    ) -> Result<(Vec<Value>, Option<time::OffsetDateTime>), AzureError> {
         let mut url = first;
         let mut items = Vec::new();
+        let mut as_of = None;
         for _ in 0..MAX_PAGES {
             let reply = self.send(Method::GET, url, operation.to_string(), None).await?;
+            as_of = as_of.or_else(|| reply.header("date").and_then(http_date));
             let Some(value) = reply.body["value"].as_array() else {
                 return Err(unexpected(operation, &reply, "value"));
             };
             items.extend(value.iter().cloned());
             match reply.body["odata.nextLink"].as_str() {
                 Some(next) if !next.is_empty() => url = self.next_link(account, operation, next)?,
-                _ => return Ok(items),
+                _ => return Ok((items, as_of)),
             }
         }
         Err(AzureError::permanent(
@@ -397,20 +412,21 @@ impl Batch {
         Ok(Some(pool.into()))
     }
 
-    pub async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError> {
+    pub async fn list_pools(&self, account_url: &str) -> Result<PoolList, AzureError> {
         let account = self.account(account_url)?;
         let operation = "list pools";
-        let items = self
-            .list(&account, self.url(&account, "/pools", &[]), operation)
+        let (items, as_of) = self
+            .list_dated(&account, self.url(&account, "/pools", &[]), operation)
             .await?;
-        items
+        let pools = items
             .into_iter()
             .map(|item| {
                 serde_json::from_value::<CloudPool>(item)
                     .map(PoolInfo::from)
                     .map_err(|e| AzureError::permanent(operation, "UnexpectedResponse", format!("not a pool: {e}")))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        Ok(PoolList { pools, as_of })
     }
 
     pub async fn node_counts(&self, account_url: &str, pool_id: &str) -> Result<NodeCounts, AzureError> {
@@ -503,6 +519,16 @@ impl Batch {
             other => other.map(|_| ()),
         }
     }
+}
+
+/// An HTTP-date (`Wed, 02 Dec 2026 19:13:14 GMT`, RFC 9110's preferred form); `None` otherwise.
+fn http_date(text: &str) -> Option<time::OffsetDateTime> {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::PrimitiveDateTime::parse(text.trim(), &format)
+        .ok()
+        .map(time::PrimitiveDateTime::assume_utc)
 }
 
 #[cfg(test)]

@@ -10,9 +10,9 @@ use azure_core::credentials::TokenCredential;
 use reqwest::Url;
 
 use super::api::{
-    Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, NodeCounts, OperationStatus,
-    PoolCreated, PoolInfo, PoolRequest, ResourceState, SnapshotRequest, SupportedImage, Tags, TargetRegion,
-    VersionInfo, VersionRequest, VmInfo, VmSize,
+    Accepted, AzureApi, BatchAccountInfo, DefinitionInfo, DefinitionRequest, ImageRequest, ListedVersion, NodeCounts,
+    OperationStatus, PoolCreated, PoolInfo, PoolList, PoolRequest, ResourceState, SnapshotRequest, SupportedImage,
+    Tags, TargetRegion, VersionInfo, VersionRequest, VmInfo, VmSize,
 };
 use super::arm::Arm;
 use super::batch::Batch;
@@ -152,6 +152,10 @@ impl AzureApi for AzureClient {
         named("get_image", self.arm.get_image(id)).await
     }
 
+    async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError> {
+        named("delete_image", self.arm.delete_image(id)).await
+    }
+
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
         named("get_gallery", self.arm.get_gallery(id)).await
     }
@@ -168,8 +172,12 @@ impl AzureApi for AzureClient {
         named("put_definition", self.arm.put_definition(id, request)).await
     }
 
-    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<String>, AzureError> {
+    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<ListedVersion>, AzureError> {
         named("list_versions", self.arm.list_versions(definition)).await
+    }
+
+    async fn delete_version(&self, id: &GalleryImageVersionId) -> Result<(), AzureError> {
+        named("delete_version", self.arm.delete_version(id)).await
     }
 
     async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError> {
@@ -225,6 +233,10 @@ impl AzureApi for AzureClient {
     }
 
     async fn list_pools(&self, account_url: &str) -> Result<Vec<PoolInfo>, AzureError> {
+        Ok(self.list_pools_dated(account_url).await?.pools)
+    }
+
+    async fn list_pools_dated(&self, account_url: &str) -> Result<PoolList, AzureError> {
         named("list_pools", self.batch.list_pools(account_url)).await
     }
 

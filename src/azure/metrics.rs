@@ -16,7 +16,7 @@ tokio::task_local! {
 }
 
 /// Every client call and the API it goes to: the `operation` label's values.
-pub const OPERATIONS: [(&str, &str); 29] = [
+pub const OPERATIONS: [(&str, &str); 31] = [
     ("arm", "get_vm"),
     ("arm", "provider_state"),
     ("arm", "list_locations"),
@@ -27,6 +27,7 @@ pub const OPERATIONS: [(&str, &str); 29] = [
     ("arm", "delete_snapshot"),
     ("arm", "put_image"),
     ("arm", "get_image"),
+    ("arm", "delete_image"),
     ("arm", "get_gallery"),
     ("arm", "put_gallery"),
     ("arm", "get_definition"),
@@ -34,6 +35,7 @@ pub const OPERATIONS: [(&str, &str); 29] = [
     ("arm", "list_versions"),
     ("arm", "put_version"),
     ("arm", "get_version"),
+    ("arm", "delete_version"),
     ("arm", "set_exclude_from_latest"),
     ("arm", "set_target_regions"),
     ("arm", "operation_status"),

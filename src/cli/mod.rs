@@ -11,6 +11,7 @@ mod endpoints;
 mod history;
 mod logging;
 mod plan_view;
+mod prune;
 mod run;
 mod session;
 mod status;
@@ -66,6 +67,9 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     /// Ask the workers to stop a run: each of its branches stops at its next step.
     Cancel(cancel::CancelArgs),
+    /// Apply the pipeline's retention now: delete its old versions and the pools retired past
+    /// their grace (`--dry-run`: print what would go).
+    Prune(prune::PruneArgs),
 }
 
 /// An error that means "the input is wrong" (exit code 2).
@@ -89,6 +93,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch(args) => watch::run(args).await,
         Command::Dlq(args) => dlq::run(args).await,
         Command::Cancel(args) => cancel::run(args).await,
+        Command::Prune(args) => prune::run(args).await,
     }
 }
 

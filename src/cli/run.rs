@@ -359,6 +359,13 @@ pub(super) fn describe(event: &Event) -> String {
         EventKind::PreviousPoolRetired { pool_id, action } => format!("previous pool {pool_id} {action}"),
         EventKind::RetirementFailed { reason } => format!("retiring previous pools failed: {reason}"),
         EventKind::RolloutFinished => "rollout finished".into(),
+        EventKind::CleanUpScheduled { what } => format!("clean-up of the {} scheduled", what.as_str()),
+        EventKind::ResourceDeleted { what, id } => format!("deleted {} {id}", what.as_str()),
+        EventKind::CleanUpFinished { what, failed: None } => format!("clean-up of the {} finished", what.as_str()),
+        EventKind::CleanUpFinished {
+            what,
+            failed: Some(reason),
+        } => format!("clean-up of the {} gave up: {reason}", what.as_str()),
         EventKind::RunFailed { reason } => format!("run failed: {reason}"),
         EventKind::Parked { reason } => format!("message parked: {reason}"),
         EventKind::Replayed { message_id, error } => {
@@ -414,6 +421,32 @@ fn call_kind(api: &str, path: &str) -> String {
     }
 }
 
+/// What the run created and what it deleted (intermediates, old versions, retired pools).
+fn resources(out: &mut String, prepared: &Prepared, events: &[Event]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "Resources created:");
+    for event in events {
+        match &event.kind {
+            EventKind::ResourceCreated { id } => {
+                let _ = writeln!(out, "  {id}");
+            }
+            EventKind::PoolCreated { pool_id } => {
+                if let Some(pool) = prepared.plan.pools.iter().find(|p| p.pool_id == *pool_id) {
+                    let _ = writeln!(out, "  {}/pools/{pool_id}", pool.account_url);
+                }
+            }
+            _ => {}
+        }
+    }
+    let deleted = crate::events::deleted(events);
+    if !deleted.is_empty() {
+        let _ = writeln!(out, "Resources deleted:");
+        for item in deleted {
+            let _ = writeln!(out, "  {item}");
+        }
+    }
+}
+
 fn summary(
     prepared: &Prepared,
     events: &[Event],
@@ -439,20 +472,7 @@ fn summary(
             RunResult::Running => "did not end".to_string(),
         }
     );
-    let _ = writeln!(out, "Resources created:");
-    for event in events {
-        match &event.kind {
-            EventKind::ResourceCreated { id } => {
-                let _ = writeln!(out, "  {id}");
-            }
-            EventKind::PoolCreated { pool_id } => {
-                if let Some(pool) = prepared.plan.pools.iter().find(|p| p.pool_id == *pool_id) {
-                    let _ = writeln!(out, "  {}/pools/{pool_id}", pool.account_url);
-                }
-            }
-            _ => {}
-        }
-    }
+    resources(&mut out, prepared, events);
     let _ = writeln!(out, "Stages (wall; emulated = wall x {time_scale}):");
     let timings = timings.0.lock().expect("timings lock");
     for (stage, (first, last, steps)) in timings.iter() {

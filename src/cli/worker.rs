@@ -110,13 +110,38 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
         pipelines_dir.display(),
         ledger.started_count()
     );
+    let (quota_stop, quota_watch) = watch_quotas(&session, &telemetry, &pipelines_dir);
     let (report, triggers) = consume(&runtime, admitter, components, stop, session.runtime.shutdown_grace).await;
+    let _ = quota_stop.send(true);
+    if let Some(watch) = quota_watch {
+        let _ = watch.await;
+    }
     close(ledger, server, &bus).await;
     eprintln!(
         "sigrun worker: stopped ({} deliveries handled, {} returned unfinished, {triggers} trigger(s) handled)",
         report.handled, report.abandoned
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The quota watch (`[telemetry] quota_watch`; none at `0s`), and how to stop it.
+fn watch_quotas(
+    session: &Session,
+    telemetry: &Arc<Telemetry>,
+    pipelines_dir: &std::path::Path,
+) -> (tokio::sync::watch::Sender<bool>, Option<tokio::task::JoinHandle<()>>) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let every = session.telemetry.quota_watch;
+    let watch = (!every.is_zero()).then(|| {
+        tokio::spawn(crate::telemetry::quota_watch::run(
+            Arc::clone(telemetry),
+            session.azure.clone() as Arc<dyn crate::azure::AzureApi>,
+            pipelines_dir.to_path_buf(),
+            every,
+            stopped,
+        ))
+    });
+    (stop, watch)
 }
 
 /// The stages asked for, in order and each once.

@@ -337,8 +337,18 @@ fn dispatch_unguarded(ctx: &Ctx, api: Api, req: &Request) -> Response {
     }
 }
 
-/// Headers each API sends on every answer.
+/// Headers each API sends on every answer; every one has a `Date` (HTTP-date) on the emulated
+/// clock, which is what a client reads Azure's time from.
 pub(crate) fn stamp(ctx: &Ctx, api: Api, req: &Request, resp: &mut Response) {
+    if api != Api::Control {
+        let format = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        let now = ctx.clock.now().to_offset(time::UtcOffset::UTC);
+        if let Ok(date) = now.format(&format) {
+            resp.set_header("date", date);
+        }
+    }
     match api {
         Api::Arm => arm::stamp(ctx, req, resp),
         Api::Batch => batch::stamp(req, resp),

@@ -72,6 +72,14 @@ pub fn offered(name: &str) -> bool {
     SIZES.iter().any(|s| s.name.eq_ignore_ascii_case(name)) || LEGACY_NAMES.iter().any(|l| l.eq_ignore_ascii_case(name))
 }
 
+/// A size's quota family and vCPUs (`None` for the legacy names and unknown sizes).
+pub fn cores(name: &str) -> Option<(&'static str, u32)> {
+    SIZES
+        .iter()
+        .find(|s| s.name.eq_ignore_ascii_case(name))
+        .map(|s| (s.family, s.vcpus))
+}
+
 /// Every size, rendered as a `SupportedSku` of the Batch management API.
 pub fn rendered() -> Vec<Value> {
     SIZES

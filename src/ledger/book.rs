@@ -228,6 +228,13 @@ impl Book {
         )
     }
 
+    /// Whether run `run_id` still has a message live (anything of it may still act); `None` when
+    /// the book does not hold the run.
+    pub fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
+        let run = self.runs.get(&run_id)?;
+        Some(!run.settled && run.slots.values().any(|slot| slot.live.is_some()))
+    }
+
     /// Slots and claims held in memory (for tests and the memory bench).
     pub fn open_records(&self) -> usize {
         self.runs.values().map(|run| run.slots.len() + run.claims.len()).sum()

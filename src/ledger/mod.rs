@@ -318,6 +318,10 @@ impl Ledger {
         self.shared.book().pool_in_progress(run_id, target)
     }
 
+    pub fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
+        self.shared.book().run_in_progress(run_id)
+    }
+
     /// Records read so far.
     pub fn records_read(&self) -> u64 {
         *self.shared.read.borrow()
@@ -417,5 +421,9 @@ fn now() -> Instant {
 impl crate::stages::Runs for Ledger {
     fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
         Ledger::pool_in_progress(self, run_id, target)
+    }
+
+    fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
+        Ledger::run_in_progress(self, run_id)
     }
 }

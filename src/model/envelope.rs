@@ -67,7 +67,14 @@ impl std::fmt::Display for Stage {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Branch {
     Trunk,
-    Pool { region: String, target: String },
+    Pool {
+        region: String,
+        target: String,
+    },
+    /// Deleting intermediates the run no longer needs, beside the trunk.
+    CleanUp {
+        what: Intermediate,
+    },
 }
 
 impl Branch {
@@ -75,6 +82,25 @@ impl Branch {
         match self {
             Branch::Trunk => "trunk".to_string(),
             Branch::Pool { region, target } => format!("{region}/{target}"),
+            Branch::CleanUp { what } => format!("clean-up/{}", what.as_str()),
+        }
+    }
+}
+
+/// What a clean-up branch deletes: the snapshots once the image exists, the image once the
+/// version exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Intermediate {
+    Snapshots,
+    Image,
+}
+
+impl Intermediate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Intermediate::Snapshots => "snapshots",
+            Intermediate::Image => "image",
         }
     }
 }
@@ -102,10 +128,12 @@ pub enum Phase {
     Nodes,
     /// Older versions' pools being retired (verify's rollout).
     Retire,
+    /// Intermediates being deleted (a clean-up branch).
+    Delete,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Snapshots,
         Phase::Image,
         Phase::Gallery,
@@ -115,6 +143,7 @@ impl Phase {
         Phase::Allocation,
         Phase::Nodes,
         Phase::Retire,
+        Phase::Delete,
     ];
 
     /// Its wire name (the serde one): a metric label and the `Waiting` event's text.
@@ -128,6 +157,7 @@ impl Phase {
             Phase::Replication => "replication",
             Phase::Allocation => "allocation",
             Phase::Nodes => "nodes",
+            Phase::Delete => "delete",
             Phase::Retire => "retire",
         }
     }
@@ -190,9 +220,14 @@ pub struct Artifacts {
     /// looks at on several steps (the gallery, the definition): what a repeat adopts only once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recorded: Vec<String>,
-    /// Looks in a row at retiring previous pools that failed (the rollout phase of verify).
+    /// Looks in a row at a side effect that failed: retiring previous pools (verify's rollout
+    /// phase) or deleting intermediates (a clean-up branch).
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub retire_failures: u32,
+    #[serde(rename = "retire_failures")]
+    pub side_effect_failures: u32,
+    /// Resources a clean-up branch asked Azure to delete and has not yet seen gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleting: Vec<String>,
 }
 
 fn is_zero(n: &u32) -> bool {

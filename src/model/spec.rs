@@ -46,6 +46,8 @@ pub struct PipelineSpec {
     pub promotion: PromotionSpec,
     #[serde(default)]
     pub rollout: RolloutSpec,
+    #[serde(default)]
+    pub retention: RetentionSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -352,6 +354,58 @@ pub struct RolloutSpec {
     pub previous_pool: PreviousPool,
 }
 
+/// What a run leaves behind, and for how long (`[retention]`).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSpec {
+    /// Whether old versions and retired pools are deleted (`keep_versions`, `pool_grace`, and a
+    /// full account's oldest retired pool making room); `false` keeps them all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The run's snapshots once its managed image exists, and the image once its gallery version
+    /// does: deleted (`delete`) or kept (`keep`).
+    #[serde(default)]
+    pub intermediates: Intermediates,
+    /// The newest versions of the definition kept (besides every version a pool still uses and the
+    /// one `latest` resolves to); older ones this pipeline published are deleted.
+    #[serde(default = "default_keep_versions")]
+    pub keep_versions: u32,
+    /// How long a pool the rollout scaled to zero is kept before it is deleted.
+    #[serde(default = "default_pool_grace", with = "duration")]
+    pub pool_grace: Duration,
+}
+
+/// The largest `keep_versions`: a definition holds at most this many versions worth keeping apart.
+pub const MAX_KEEP_VERSIONS: u32 = 1000;
+
+impl Default for RetentionSpec {
+    fn default() -> Self {
+        RetentionSpec {
+            enabled: true,
+            intermediates: Intermediates::default(),
+            keep_versions: default_keep_versions(),
+            pool_grace: default_pool_grace(),
+        }
+    }
+}
+
+fn default_keep_versions() -> u32 {
+    10
+}
+
+fn default_pool_grace() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+
+/// What becomes of a run's snapshots and managed image once what replaces them exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Intermediates {
+    #[default]
+    Delete,
+    Keep,
+}
+
 /// What happens to the previous version's pool of the same target once the new one verifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -534,8 +588,27 @@ impl PipelineSpec {
         self.check_source()?;
         self.check_publish()?;
         self.check_verify()?;
+        self.check_retention()?;
         self.check_pools()?;
         self.check_names()
+    }
+
+    /// At least the newest version is kept; the grace is a wait like any other.
+    fn check_retention(&self) -> Result<(), (String, String)> {
+        let keep = self.retention.keep_versions;
+        if !(1..=MAX_KEEP_VERSIONS).contains(&keep) {
+            return Err((
+                "retention.keep_versions".into(),
+                format!("{keep} is outside 1..={MAX_KEEP_VERSIONS}"),
+            ));
+        }
+        if self.retention.pool_grace > MAX_WAIT {
+            return Err((
+                "retention.pool_grace".into(),
+                format!("longer than {}", duration::format(MAX_WAIT)),
+            ));
+        }
+        Ok(())
     }
 
     /// The pipeline's name and its image definition: what Batch and the gallery accept.

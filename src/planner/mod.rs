@@ -11,6 +11,7 @@ mod azure_values;
 mod build;
 mod pools;
 mod quotas;
+pub use quotas::survey as survey_quotas;
 mod regions;
 
 use std::collections::BTreeMap;
@@ -91,16 +92,20 @@ pub async fn resolve_version(
         }
         VersionScheme::Nightly => {
             let definition = definition_id(spec)?;
-            let existing = azure
+            let existing: Vec<String> = azure
                 .list_versions(&definition)
                 .await
-                .or_else(|e| if e.is_not_found() { Ok(Vec::new()) } else { Err(e) })?;
+                .or_else(|e| if e.is_not_found() { Ok(Vec::new()) } else { Err(e) })?
+                .into_iter()
+                .map(|v| v.name)
+                .collect();
             Ok(next_nightly(&existing, today))
         }
     }
 }
 
-fn definition_id(spec: &PipelineSpec) -> Result<GalleryImageId, PlanError> {
+/// The spec's image definition, as an id.
+pub fn definition_id(spec: &PipelineSpec) -> Result<GalleryImageId, PlanError> {
     let g = &spec.gallery.id;
     GalleryImageId::new(g.subscription(), g.resource_group(), &[g.name(), &spec.definition.name])
         .map_err(|e| rule("definition.name", e.to_string()))
@@ -150,7 +155,7 @@ pub async fn plan(
     };
     let pools = pools::plan_pools(spec, inputs, &chosen, &mut warnings)?;
     azure_values::check(spec, &pools, !rollout_only, azure, &mut warnings).await?;
-    let quota_use = quotas::check(&pools, &accounts, azure, &mut warnings).await?;
+    let quota_use = quotas::check(spec.retention.enabled, &pools, &accounts, azure, &mut warnings).await?;
     let regions = if rollout_only {
         regions::of_existing_version(spec, &pools, &version_id, azure, &mut warnings).await?
     } else {

@@ -9,14 +9,18 @@
 //! `lowPriorityCoreQuota` and, when enforced, the dedicated quota of each VM family. A pool the
 //! plan names that exists already (a run admitted again) counts once, as the plan's. Quotas the
 //! account does not state, and lists the caller may not read (403), are not checked (a warning).
+//! The pipeline's own retired pools (scaled to zero by its rollout) are room under `poolQuota`: a
+//! plan that fits only once they are deleted is taken, with a warning saying so.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::azure_values::readable;
 use super::{PlanError, PoolPlan, rule};
-use crate::azure::PoolState;
 use crate::azure::api::{AzureApi, BatchAccountInfo, PoolInfo, VmSize};
+use crate::azure::{AzureError, PoolState};
 use crate::model::plan::QuotaUse;
+use crate::model::spec::{PipelineSpec, PoolSpec};
+use crate::stages::retention;
 
 /// What pools take of an account's quotas.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -41,6 +45,7 @@ impl Usage {
 
 /// Every account's pools fit its quotas with what it holds already.
 pub(super) async fn check(
+    reclaim: bool,
     pools: &[PoolPlan],
     accounts: &BTreeMap<String, BatchAccountInfo>,
     azure: &dyn AzureApi,
@@ -59,12 +64,23 @@ pub(super) async fn check(
         if planned.is_empty() || !any_quota {
             continue;
         }
-        uses.extend(check_account(account, &planned, azure, warnings).await?);
+        uses.extend(check_account(reclaim, account, &planned, azure, warnings).await?);
     }
     Ok(uses)
 }
 
+/// A pool as the quotas count it: the plan's, or (for the quota watch) the spec's.
+struct Planned<'a> {
+    index: usize,
+    /// Empty when not known yet (the quota watch plans no ids).
+    pool_id: &'a str,
+    vm_size: &'a str,
+    dedicated: u32,
+    low_priority: u32,
+}
+
 async fn check_account(
+    reclaim: bool,
     account: &BatchAccountInfo,
     planned: &[(usize, &PoolPlan)],
     azure: &dyn AzureApi,
@@ -77,10 +93,52 @@ async fn check_account(
     };
     let read = azure.batch_vm_sizes(account.id.subscription(), &account.location).await;
     let sizes = readable(read, "VM sizes", warnings)?.unwrap_or_default();
-    let (in_use, adds) = usage(&existing, planned, &sizes, warnings);
+    let counted: Vec<Planned<'_>> = planned
+        .iter()
+        .map(|(index, p)| Planned {
+            index: *index,
+            pool_id: &p.pool_id,
+            vm_size: &p.vm_size,
+            dedicated: p.dedicated_nodes,
+            low_priority: p.low_priority_nodes,
+        })
+        .collect();
+    let (in_use, adds) = usage(&existing, &counted, &sizes, warnings);
     let key = format!("pools[{}].account", planned[0].0);
+    // Retired pools of the pipeline hold no cores but count against poolQuota; pool-create
+    // deletes the oldest when the account is full, so they are room the plan may take.
+    let pipeline = planned[0].1.metadata.get("sigrun-pipeline").map_or("", String::as_str);
+    let reclaimable = if reclaim {
+        retention::reclaimable(pipeline, &account.url, &existing) as u64
+    } else {
+        0
+    };
+    let mut uses = Vec::new();
+    for (quota, unit) in quota_uses(account, &in_use, &adds) {
+        let over = fits(&key, name, &quota.quota, quota.limit, quota.in_use, quota.adds, unit);
+        match over {
+            Err(_) if quota.quota == "poolQuota" && reclaimable > 0 => {
+                let after = quota.in_use.saturating_sub(reclaimable);
+                fits(&key, name, &quota.quota, quota.limit, after, quota.adds, unit)?;
+                warnings.push(format!(
+                    "{key}: Batch account {name} fits this plan only after retention: {reclaimable} retired pool(s) of this pipeline are deleted to make room (poolQuota {}, {} in use)",
+                    quota.limit, quota.in_use
+                ));
+            }
+            other => other?,
+        }
+        uses.push(quota);
+    }
+    Ok(uses)
+}
+
+/// Each quota the account states, with what its pools take and what `adds` would add (and the
+/// unit its refusal names).
+fn quota_uses(account: &BatchAccountInfo, in_use: &Usage, adds: &Usage) -> Vec<(QuotaUse, &'static str)> {
+    let name = account.id.name();
     let quotas = &account.quotas;
-    let limits = [
+    let mut uses = Vec::new();
+    let stated = [
         ("poolQuota", quotas.pools, in_use.pools, adds.pools, "pools"),
         (
             "dedicatedCoreQuota",
@@ -97,11 +155,9 @@ async fn check_account(
             "low-priority cores",
         ),
     ];
-    let mut uses = Vec::new();
-    for (quota_name, quota, used, added, unit) in limits {
+    for (quota_name, quota, used, added, unit) in stated {
         if let Some(quota) = quota {
-            fits(&key, name, quota_name, quota, used, added, unit)?;
-            uses.push(quota_use(name, quota_name, quota, used, added));
+            uses.push((quota_use(name, quota_name, quota, used, added), unit));
         }
     }
     if quotas.per_family_enforced {
@@ -109,9 +165,46 @@ async fn check_account(
             let quota = quotas.dedicated_cores_per_family.get(family).copied().unwrap_or(0);
             let used = in_use.dedicated_by_family.get(family).copied().unwrap_or(0);
             let quota_name = format!("dedicatedCoreQuotaPerVMFamily {family}");
-            fits(&key, name, &quota_name, quota, used, *added, "dedicated cores")?;
-            uses.push(quota_use(name, &quota_name, quota, used, *added));
+            uses.push((quota_use(name, &quota_name, quota, used, *added), "dedicated cores"));
         }
+    }
+    uses
+}
+
+/// What `spec`'s pools would take of their accounts' quotas now, beside what the accounts hold:
+/// the quota watch's reading (`sigrun_batch_quota_headroom`), made without planning the rest.
+/// The pipeline's need for pools is net of its retired pools (the pool quota takes them back).
+pub async fn survey(spec: &PipelineSpec, azure: &dyn AzureApi) -> Result<Vec<QuotaUse>, AzureError> {
+    let mut by_account: BTreeMap<String, Vec<(usize, &PoolSpec)>> = BTreeMap::new();
+    for (index, pool) in spec.pools.iter().enumerate() {
+        let key = pool.account.to_string().to_ascii_lowercase();
+        by_account.entry(key).or_default().push((index, pool));
+    }
+    let mut uses = Vec::new();
+    for pools in by_account.values() {
+        let account = azure.get_batch_account(&pools[0].1.account).await?;
+        let existing = azure.list_pools(&account.url).await?;
+        let sizes = azure
+            .batch_vm_sizes(account.id.subscription(), &account.location)
+            .await?;
+        let counted: Vec<Planned<'_>> = pools
+            .iter()
+            .map(|(index, p)| Planned {
+                index: *index,
+                pool_id: "",
+                vm_size: &p.vm_size,
+                dedicated: p.dedicated_nodes,
+                low_priority: p.low_priority_nodes,
+            })
+            .collect();
+        let (in_use, mut adds) = usage(&existing, &counted, &sizes, &mut Vec::new());
+        // The pipeline's retired pools make room for its own: its need is net of them, so the
+        // account's headroom is one number whichever pipeline reads it.
+        if spec.retention.enabled {
+            let reclaimable = retention::reclaimable(&spec.name, &account.url, &existing) as u64;
+            adds.pools = adds.pools.saturating_sub(reclaimable);
+        }
+        uses.extend(quota_uses(&account, &in_use, &adds).into_iter().map(|(u, _)| u));
     }
     Ok(uses)
 }
@@ -129,12 +222,16 @@ fn quota_use(account: &str, quota: &str, limit: u32, in_use: u64, adds: u64) -> 
 /// What the account's pools hold now (but the ones the plan names) and what the plan adds.
 fn usage(
     existing: &[PoolInfo],
-    planned: &[(usize, &PoolPlan)],
+    planned: &[Planned<'_>],
     sizes: &[VmSize],
     warnings: &mut Vec<String>,
 ) -> (Usage, Usage) {
     let size_of = |name: &str| sizes.iter().find(|s| s.name.eq_ignore_ascii_case(name) && s.vcpus > 0);
-    let planned_ids: BTreeSet<String> = planned.iter().map(|(_, p)| p.pool_id.to_ascii_lowercase()).collect();
+    let planned_ids: BTreeSet<String> = planned
+        .iter()
+        .filter(|p| !p.pool_id.is_empty())
+        .map(|p| p.pool_id.to_ascii_lowercase())
+        .collect();
     let mut in_use = Usage::default();
     for pool in existing {
         if pool.state == PoolState::Deleting || planned_ids.contains(&pool.id.to_ascii_lowercase()) {
@@ -145,15 +242,15 @@ fn usage(
         in_use.add(size_of(&pool.vm_size), dedicated, low_priority);
     }
     let mut adds = Usage::default();
-    for (i, pool) in planned {
-        let size = size_of(&pool.vm_size);
+    for pool in planned {
+        let size = size_of(pool.vm_size);
         if size.is_none() {
             warnings.push(format!(
-                "pools[{i}].vm_size: Batch does not say how many vCPUs {} has; its cores are not counted against the quota",
-                pool.vm_size
+                "pools[{}].vm_size: Batch does not say how many vCPUs {} has; its cores are not counted against the quota",
+                pool.index, pool.vm_size
             ));
         }
-        adds.add(size, pool.dedicated_nodes, pool.low_priority_nodes);
+        adds.add(size, pool.dedicated, pool.low_priority);
     }
     (in_use, adds)
 }

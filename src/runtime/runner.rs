@@ -727,6 +727,11 @@ fn failure(branch: &Branch, reason: String) -> EventKind {
             target: target.clone(),
             reason,
         },
+        // A clean-up never fails its run: what stayed is a warning.
+        Branch::CleanUp { what } => EventKind::CleanUpFinished {
+            what: *what,
+            failed: Some(reason),
+        },
     }
 }
 

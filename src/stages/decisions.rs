@@ -13,7 +13,7 @@ use crate::azure::api::{
     DefinitionInfo, NodeCounts, OperationStatus, PoolInfo, RegionStatus, ResizeError, VersionInfo,
 };
 use crate::azure::{AllocationState, PoolState, ProvisioningState, RegistrationState, ReplicationState};
-use crate::model::envelope::{Branch, Envelope, InFlight, Phase, PoolArtifact, Stage};
+use crate::model::envelope::{Branch, Envelope, InFlight, Intermediate, Phase, PoolArtifact, Stage};
 use crate::model::ids::{DiskId, ImageId, SnapshotId};
 use crate::model::plan::{BuildPlan, SnapshotPlan};
 use crate::runtime::testkit;
@@ -27,6 +27,8 @@ enum Expect {
     Wait(Phase),
     /// The branch failed, the reason containing this.
     Fail(&'static str),
+    /// The branch ended.
+    Done,
 }
 
 struct Case {
@@ -193,6 +195,7 @@ fn render_pool(message: &Envelope) -> PoolInfo {
         metadata: [("sigrun-run".to_string(), message.run_id.to_string())].into(),
         image_id: Some(message.plan.version_id.to_string()),
         created: None,
+        allocation_changed: None,
     }
 }
 
@@ -203,7 +206,86 @@ fn cases() -> Vec<Case> {
     cases.extend(gallery_rule_cases());
     cases.extend(replicate_cases());
     cases.extend(pool_cases());
+    cases.extend(clean_up_cases());
     cases
+}
+
+/// A clean-up branch of the run's snapshots (the image exists).
+fn cleaning_snapshots(message: &mut Envelope) {
+    with_build(message);
+    message.branch = Branch::CleanUp {
+        what: Intermediate::Snapshots,
+    };
+    message.artifacts.snapshots = message.plan.build.as_ref().unwrap().snapshot_artifacts();
+}
+
+/// ... whose deletes were asked for on an earlier look.
+fn deleting_snapshots(message: &mut Envelope) {
+    cleaning_snapshots(message);
+    waiting_on(message, Phase::Delete, &[]);
+    message.artifacts.deleting = snapshot_ids(message).iter().map(ToString::to_string).collect();
+}
+
+fn clean_up_cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "clean-up: the run's snapshots are deleted, then waited for",
+            stage: Stage::ImageCreate,
+            message: cleaning_snapshots,
+            azure: |world, message| {
+                for id in snapshot_ids(message) {
+                    world.resource(&id, ProvisioningState::Succeeded, run_tags(message));
+                }
+            },
+            expect: Expect::Wait(Phase::Delete),
+            writes: &["delete_snapshot nightly-os", "delete_snapshot nightly-data0"],
+        },
+        Case {
+            name: "clean-up: a snapshot another run made under the name is never deleted",
+            stage: Stage::ImageCreate,
+            message: cleaning_snapshots,
+            azure: |world, message| {
+                let ids = snapshot_ids(message);
+                world.resource(&ids[0], ProvisioningState::Succeeded, other_run_tags());
+                world.resource(&ids[1], ProvisioningState::Succeeded, run_tags(message));
+            },
+            expect: Expect::Wait(Phase::Delete),
+            writes: &["delete_snapshot nightly-data0"],
+        },
+        Case {
+            name: "clean-up: a delete under way is waited for, not asked again",
+            stage: Stage::ImageCreate,
+            message: deleting_snapshots,
+            azure: |world, message| {
+                let ids = snapshot_ids(message);
+                world.resource(&ids[1], ProvisioningState::Deleting, run_tags(message));
+            },
+            expect: Expect::Wait(Phase::Delete),
+            writes: &[],
+        },
+        Case {
+            name: "clean-up: once Azure no longer finds them, the branch ends",
+            stage: Stage::ImageCreate,
+            message: deleting_snapshots,
+            azure: empty,
+            expect: Expect::Done,
+            writes: &[],
+        },
+        Case {
+            name: "clean-up: nothing of the run's left to delete ends at once",
+            stage: Stage::Replicate,
+            message: |message| {
+                with_build(message);
+                message.branch = Branch::CleanUp {
+                    what: Intermediate::Image,
+                };
+                message.artifacts.image = Some(message.plan.build.as_ref().unwrap().image.clone());
+            },
+            azure: empty,
+            expect: Expect::Done,
+            writes: &[],
+        },
+    ]
 }
 
 fn snapshot_cases() -> Vec<Case> {
@@ -327,6 +409,21 @@ fn image_and_gallery_cases() -> Vec<Case> {
             name: "image-create: the image succeeded → gallery-publish",
             stage: Stage::ImageCreate,
             message: imaging,
+            azure: |world, message| {
+                let image = &message.plan.build.as_ref().unwrap().image;
+                world.resource(image, ProvisioningState::Succeeded, run_tags(message));
+            },
+            // ... and the snapshots, no longer needed, are cleaned up beside it.
+            expect: Expect::Advance(&[Stage::GalleryPublish, Stage::ImageCreate]),
+            writes: &[],
+        },
+        Case {
+            name: "image-create: a pipeline that keeps its intermediates schedules no clean-up",
+            stage: Stage::ImageCreate,
+            message: |message| {
+                imaging(message);
+                message.spec.retention.intermediates = crate::model::spec::Intermediates::Keep;
+            },
             azure: |world, message| {
                 let image = &message.plan.build.as_ref().unwrap().image;
                 world.resource(image, ProvisioningState::Succeeded, run_tags(message));
@@ -569,6 +666,7 @@ fn mismatch(case: &Case, step: &Step, azure: &FakeAzure) -> Option<String> {
             message.operation.as_ref().map(|op| op.what) == Some(*phase)
         }
         (Expect::Fail(reason), Outcome::Fail(said)) => said.contains(reason),
+        (Expect::Done, Outcome::Done) => true,
         _ => false,
     };
     let writes = &azure.world().writes;
@@ -608,6 +706,34 @@ async fn every_stage_decides_as_its_rules_say() {
         "{} cases decided otherwise:\n{}",
         wrong.len(),
         wrong.join("\n")
+    );
+}
+
+#[tokio::test]
+async fn a_clean_up_reports_each_resource_confirmed_gone_and_then_finishes() {
+    use crate::events::{DeletedKind, EventKind};
+    let case = &clean_up_cases()[3];
+    let (step, _) = step_of(case).await;
+    let deleted: Vec<&EventKind> = step
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                EventKind::ResourceDeleted {
+                    what: DeletedKind::Snapshot,
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(deleted.len(), 2, "{:?}", step.events);
+    assert_eq!(
+        step.events.last(),
+        Some(&EventKind::CleanUpFinished {
+            what: Intermediate::Snapshots,
+            failed: None
+        })
     );
 }
 

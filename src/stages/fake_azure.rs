@@ -126,14 +126,19 @@ impl AzureApi for FakeAzure {
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
         Ok(self.resource(id))
     }
-    async fn delete_snapshot(&self, _: &SnapshotId) -> Result<(), AzureError> {
-        Err(not_here("delete_snapshot"))
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
+        self.world().writes.push(format!("delete_snapshot {}", id.name()));
+        Ok(())
     }
     async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError> {
         Ok(self.put("put_image", key(id), id.name(), &request.tags))
     }
     async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError> {
         Ok(self.resource(id))
+    }
+    async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError> {
+        self.world().writes.push(format!("delete_image {}", id.name()));
+        Ok(())
     }
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
         Ok(self.resource(id))
@@ -147,8 +152,23 @@ impl AzureApi for FakeAzure {
     async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError> {
         Ok(self.put("put_definition", key(id), id.name(), &request.tags))
     }
-    async fn list_versions(&self, _: &GalleryImageId) -> Result<Vec<String>, AzureError> {
-        Err(not_here("list_versions"))
+    async fn list_versions(&self, definition: &GalleryImageId) -> Result<Vec<ListedVersion>, AzureError> {
+        let prefix = format!("{}/versions/", key(definition));
+        let world = self.world();
+        Ok(world
+            .versions
+            .iter()
+            .filter_map(|(id, info)| {
+                Some(ListedVersion {
+                    name: id.strip_prefix(&prefix)?.to_string(),
+                    info: info.clone(),
+                })
+            })
+            .collect())
+    }
+    async fn delete_version(&self, id: &GalleryImageVersionId) -> Result<(), AzureError> {
+        self.world().writes.push(format!("delete_version {}", id.name()));
+        Ok(())
     }
     async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError> {
         Ok(self.put("put_version", key(id), id.name(), &request.tags))

@@ -2,12 +2,13 @@
 //! snapshots at their LUNs), in the snapshots' region, and waits for it. The image's name derives
 //! from the run, so a replay PUTs the same image again.
 
+use super::clean_up;
 use super::common::{Settled, awaited, fail, follow, look_again, made_by_run, made_in_admission, settle, tags};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::ImageRequest;
 use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, Phase, Stage};
+use crate::model::envelope::{Envelope, Intermediate, Phase, Stage};
 
 const WHAT: Phase = Phase::Image;
 
@@ -71,7 +72,17 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     }
 }
 
+/// The image exists: the trunk goes on to the gallery, and the snapshots, no longer needed, are
+/// cleaned up beside it.
 fn advance(mut message: Envelope, ctx: &StepContext<'_>) -> Step {
     message.artifacts.image = message.plan.build.as_ref().map(|b| b.image.clone());
-    Step::new(Outcome::Advance(vec![message.next(Stage::GalleryPublish, ctx.now)]))
+    let mut next = vec![message.next(Stage::GalleryPublish, ctx.now)];
+    let mut events = Vec::new();
+    if let Some((clean_up, scheduled)) = clean_up::schedule(&message, Intermediate::Snapshots, ctx) {
+        next.push(clean_up);
+        events.push(scheduled);
+    }
+    let mut step = Step::new(Outcome::Advance(next));
+    step.events = events;
+    step
 }

@@ -2,6 +2,7 @@
 //! the Azure trait, it decides what happens next. No stage does IO except through `AzureApi`, and
 //! none knows the bus: the runtime carries out the outcome the same way for all of them.
 
+mod clean_up;
 mod common;
 #[cfg(test)]
 mod decisions;
@@ -11,6 +12,7 @@ mod gallery_publish;
 mod image_create;
 mod pool_create;
 mod replicate;
+pub mod retention;
 mod rollout;
 mod snapshot;
 mod verify;
@@ -191,6 +193,9 @@ pub trait Runs: Send + Sync {
     /// Whether run `run_id` is still creating or verifying its pool for `target`; `None` when the
     /// run is not in the history this process reads.
     fn pool_in_progress(&self, run_id: uuid::Uuid, target: &str) -> Option<bool>;
+    /// Whether run `run_id` may still act (a message of it is live); `None` when the run is not
+    /// in the history this process reads.
+    fn run_in_progress(&self, run_id: uuid::Uuid) -> Option<bool>;
 }
 
 /// No history at all: every other run is unknown.
@@ -198,6 +203,10 @@ pub struct NoHistory;
 
 impl Runs for NoHistory {
     fn pool_in_progress(&self, _run_id: uuid::Uuid, _target: &str) -> Option<bool> {
+        None
+    }
+
+    fn run_in_progress(&self, _run_id: uuid::Uuid) -> Option<bool> {
         None
     }
 }
@@ -215,6 +224,9 @@ pub struct StepContext<'a> {
 /// Runs one step of `message`'s stage. Azure failures come back as `Err` for the runtime to
 /// classify (retry, back off, or fail the branch).
 pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    if clean_up::is_clean_up(&message) {
+        return clean_up::step(message, ctx).await;
+    }
     match message.stage {
         Stage::Snapshot => snapshot::step(message, ctx).await,
         Stage::ImageCreate => image_create::step(message, ctx).await,

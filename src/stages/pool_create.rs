@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use super::common::{ADMISSION, fail, made_in_admission};
-use super::{Outcome, Step, StepContext};
-use crate::azure::AzureError;
-use crate::azure::api::{PoolCreated, PoolRequest};
-use crate::events::EventKind;
-use crate::model::envelope::{Branch, Envelope, PoolArtifact, Stage};
+use super::common::{ADMISSION, fail, look_again, made_in_admission};
+use super::{Outcome, Step, StepContext, retention};
+use crate::azure::api::{PoolCreated, PoolInfo, PoolRequest};
+use crate::azure::{AzureError, PoolState};
+use crate::events::{DeletedKind, EventKind};
+use crate::model::envelope::{Branch, Envelope, Phase, PoolArtifact, Stage};
 use crate::model::plan::PoolPlan;
 
 pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
@@ -22,7 +22,13 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         return Ok(fail(format!("no pool target `{target}` in the plan")));
     };
     let mut events = Vec::new();
-    match ctx.azure.add_pool(&pool.account_url, &request(&pool, &message)).await? {
+    let added = match ctx.azure.add_pool(&pool.account_url, &request(&pool, &message)).await {
+        Err(full) if full.code.as_deref() == Some(POOL_QUOTA_REACHED) && message.spec.retention.enabled => {
+            return make_room(message, &pool, full, ctx).await;
+        }
+        other => other?,
+    };
+    match added {
         PoolCreated::Created => events.push(EventKind::PoolCreated {
             pool_id: pool.pool_id.clone(),
         }),
@@ -59,6 +65,59 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         events,
         observations: Vec::new(),
     })
+}
+
+/// Batch's answer to a pool add past the account's `poolQuota`.
+const POOL_QUOTA_REACHED: &str = "PoolQuotaReached";
+
+/// The account holds as many pools as its quota allows: the pool quota is never what fails a
+/// rollout while this pipeline has retired pools there. The oldest of them (scaled to zero, a
+/// newer pool of its target beside it) is deleted ahead of its grace, and the add is tried again
+/// once Batch has let it go; while one is being deleted no other is. Without one (or with
+/// `[retention] enabled = false`), the add's error stands.
+async fn make_room(
+    message: Envelope,
+    pool: &PoolPlan,
+    full: AzureError,
+    ctx: &StepContext<'_>,
+) -> Result<Step, AzureError> {
+    let listed = ctx.azure.list_pools_dated(&pool.account_url).await?;
+    let ours = |p: &&PoolInfo| p.metadata.get("sigrun-pipeline") == Some(&message.pipeline);
+    let deleting = listed.pools.iter().filter(ours).any(|p| p.state == PoolState::Deleting);
+    let mut step = look_again(message.clone(), Phase::Allocation, ctx);
+    if !deleting {
+        let survey = retention::Survey {
+            definition: message.plan.definition.clone(),
+            versions: Vec::new(),
+            pools: listed
+                .pools
+                .into_iter()
+                .map(|p| retention::AccountPool {
+                    account_url: pool.account_url.clone(),
+                    pool: p,
+                })
+                .collect(),
+            as_of: ctx.now,
+        };
+        let policy = retention::Policy {
+            pipeline: message.pipeline.clone(),
+            keep_versions: message.spec.retention.keep_versions,
+            pool_grace: Duration::ZERO,
+            ceiling: None,
+        };
+        let Some(mut oldest) = retention::judge(&survey, &policy, ctx.runs)
+            .into_iter()
+            .find(|v| v.kind == DeletedKind::Pool)
+        else {
+            return Err(full);
+        };
+        oldest.delete = true;
+        let mut deleted = Vec::new();
+        retention::apply(ctx.azure, &message.plan.definition, &[oldest], &mut deleted).await?;
+        step.events.extend(deleted);
+    }
+    tracing::info!(pool = %pool.pool_id, account = %pool.account, "pool quota reached; a retired pool makes room");
+    Ok(step)
 }
 
 /// The pool as planned, from the run's image version, with the run's metadata besides the

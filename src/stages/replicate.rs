@@ -10,12 +10,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::clean_up;
 use super::common::{fail, target_regions, wait};
 use super::{Observation, Outcome, Step, StepContext};
 use crate::azure::api::RegionStatus;
 use crate::azure::{AzureError, ReplicationState};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, Phase, Progress, Stage};
+use crate::model::envelope::{Envelope, Intermediate, Phase, Progress, Stage};
 use crate::model::plan::Plan;
 
 const WHAT: Phase = Phase::Replication;
@@ -49,6 +50,11 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         message.artifacts.regions_completed.contains(&r.name) || message.artifacts.regions_failed.contains_key(&r.name)
     });
     if all_ended {
+        // Every region has its replica (or failed for good): the image is no longer needed.
+        if let Some((clean_up, scheduled)) = clean_up::schedule(&message, Intermediate::Image, ctx) {
+            look.emit.push(clean_up);
+            look.events.push(scheduled);
+        }
         let outcome = if look.emit.is_empty() {
             Outcome::Done
         } else {

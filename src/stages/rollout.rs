@@ -1,6 +1,7 @@
-//! The rollout policy (`[rollout] previous_pool`), verify's last phase once the branch's own pool
-//! verified: the pools this pipeline made for the same target for *older* versions are scaled to
-//! zero or deleted. Overlapping runs of one pipeline are the normal case, so what may be retired
+//! Verify's last phase once the branch's own pool verified: the rollout policy (`[rollout]
+//! previous_pool`), then retention (`retention.rs`: old versions, pools retired past their grace).
+//! By the policy, the pools this pipeline made for the same target for *older* versions are scaled
+//! to zero or deleted. Overlapping runs of one pipeline are the normal case, so what may be retired
 //! is decided pool by pool:
 //!
 //! - only pools whose metadata says this pipeline made them for this target, never the branch's
@@ -14,7 +15,7 @@
 //!   Batch, so no clock is mixed with another);
 //! - a pool still resizing is waited for (Batch refuses to resize a pool that is not steady).
 //!
-//! Retiring is an effect of its own: its failures are retried here with backoff and, when they
+//! Retiring and retention are effects of their own: its failures are retried here with backoff and, when they
 //! persist, reported (`RetirementFailed`, and the run succeeds with a warning) — they never fail
 //! the branch, whose pool verified, and never park it. The phase ends with `RolloutFinished`.
 
@@ -23,7 +24,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::common::wait;
-use super::{Outcome, Runs, Step, StepContext};
+use super::{Outcome, Runs, Step, StepContext, retention};
 use crate::azure::api::PoolInfo;
 use crate::azure::{AllocationState, AzureError, ErrorClass, PoolState};
 use crate::events::EventKind;
@@ -51,13 +52,16 @@ pub fn begin(message: Envelope, ctx: &StepContext<'_>) -> Outcome {
 }
 
 pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
-    match retire_older_pools(&message, ctx).await {
-        Ok(Look { events, resizing: None }) => Ok(finished(events)),
-        Ok(Look {
-            events,
-            resizing: Some(pool_id),
-        }) => {
-            message.artifacts.retire_failures = 0;
+    let mut events = Vec::new();
+    let looked = retire_older_pools(&message, &mut events, ctx).await;
+    let looked = match looked {
+        Ok(None) => retain(&message, &mut events, ctx).await.map(|()| None),
+        other => other,
+    };
+    match looked {
+        Ok(None) => Ok(finished(events)),
+        Ok(Some(pool_id)) => {
+            message.artifacts.side_effect_failures = 0;
             let mut step = Step::new(wait(
                 message,
                 RETIRING,
@@ -69,14 +73,26 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
             tracing::info!(%pool_id, "a previous pool is still resizing; retiring it once it is steady");
             Ok(step)
         }
-        Err(error) => Ok(failed(message, &error, ctx)),
+        Err(error) => Ok(failed(message, events, &error, ctx)),
     }
 }
 
-/// What one look did: the pools it retired, and a pool it must wait for.
-struct Look {
-    events: Vec<EventKind>,
-    resizing: Option<String>,
+/// Retention (`[retention]`): the pipeline's old versions and the pools retired longer than the
+/// grace, in every account of the run's pools, judged by `retention` and deleted.
+async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepContext<'_>) -> Result<(), AzureError> {
+    if !message.spec.retention.enabled {
+        return Ok(());
+    }
+    let accounts: Vec<String> = message.plan.pools.iter().map(|p| p.account_url.clone()).collect();
+    let survey = retention::survey(ctx.azure, &message.plan.definition, &accounts, ctx.now).await?;
+    let policy = retention::Policy {
+        pipeline: message.pipeline.clone(),
+        keep_versions: message.spec.retention.keep_versions,
+        pool_grace: message.spec.retention.pool_grace,
+        ceiling: ImageVersion::parse(&message.version),
+    };
+    let verdicts = retention::judge(&survey, &policy, ctx.runs);
+    retention::apply(ctx.azure, &message.plan.definition, &verdicts, events).await
 }
 
 /// What the branch knows of itself, to judge the account's other pools by.
@@ -101,18 +117,23 @@ enum Judged {
     WaitSteady,
 }
 
-async fn retire_older_pools(message: &Envelope, ctx: &StepContext<'_>) -> Result<Look, AzureError> {
+/// Retires what the policy says (into `events`); returns a pool it must wait for.
+async fn retire_older_pools(
+    message: &Envelope,
+    events: &mut Vec<EventKind>,
+    ctx: &StepContext<'_>,
+) -> Result<Option<String>, AzureError> {
     let (Branch::Pool { target, .. }, Some(pool), Some(version)) = (
         &message.branch,
         &message.artifacts.pool,
         ImageVersion::parse(&message.version),
     ) else {
         // Nothing to judge others by: nothing is retired.
-        return Ok(Look {
-            events: Vec::new(),
-            resizing: None,
-        });
+        return Ok(None);
     };
+    if message.spec.rollout.previous_pool == PreviousPool::Keep {
+        return Ok(None);
+    }
     let pools = ctx.azure.list_pools(&pool.account_url).await?;
     let own = Own {
         pipeline: &message.pipeline,
@@ -126,14 +147,11 @@ async fn retire_older_pools(message: &Envelope, ctx: &StepContext<'_>) -> Result
             .find(|p| p.id.eq_ignore_ascii_case(&pool.pool_id))
             .and_then(|p| p.created),
     };
-    let mut look = Look {
-        events: Vec::new(),
-        resizing: None,
-    };
+    let mut resizing = None;
     for previous in pools {
         match judge(&previous, &own, ctx.runs) {
             Judged::Leave => {}
-            Judged::WaitSteady => look.resizing = Some(previous.id.clone()),
+            Judged::WaitSteady => resizing = Some(previous.id.clone()),
             Judged::Retire => {
                 let action = match own.policy {
                     PreviousPool::Delete => {
@@ -145,14 +163,14 @@ async fn retire_older_pools(message: &Envelope, ctx: &StepContext<'_>) -> Result
                         "scaled to zero"
                     }
                 };
-                look.events.push(EventKind::PreviousPoolRetired {
+                events.push(EventKind::PreviousPoolRetired {
                     pool_id: previous.id.clone(),
                     action: action.to_string(),
                 });
             }
         }
     }
-    Ok(look)
+    Ok(resizing)
 }
 
 /// Whether `pool` is one this branch retires now, later, or never.
@@ -210,21 +228,23 @@ fn finished(mut events: Vec<EventKind>) -> Step {
 
 /// A look that failed: tried again with backoff (at least the Retry-After Azure gave), then
 /// reported. The branch's pool verified, so the branch ends well either way.
-fn failed(mut message: Envelope, error: &AzureError, ctx: &StepContext<'_>) -> Step {
-    let failures = message.artifacts.retire_failures.saturating_add(1);
+fn failed(mut message: Envelope, mut events: Vec<EventKind>, error: &AzureError, ctx: &StepContext<'_>) -> Step {
+    let failures = message.artifacts.side_effect_failures.saturating_add(1);
     if error.class() == ErrorClass::Permanent || failures >= MAX_FAILURES {
         tracing::warn!(%error, failures, "retiring previous pools failed; the run succeeds with a warning");
-        return finished(vec![EventKind::RetirementFailed {
+        events.push(EventKind::RetirementFailed {
             reason: error.to_string(),
-        }]);
+        });
+        return finished(events);
     }
-    message.artifacts.retire_failures = failures;
+    message.artifacts.side_effect_failures = failures;
     let backoff = ctx
         .settings
         .default_poll()
         .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0);
     let delay = backoff.max(error.retry_after.unwrap_or_default());
     let mut step = Step::new(wait(message, RETIRING, Vec::new(), delay, ctx.now));
+    step.events = events;
     step.events.push(EventKind::Retried {
         attempt: failures,
         error: format!("retiring previous pools: {error}"),
@@ -245,6 +265,10 @@ mod tests {
 
     impl Runs for Live {
         fn pool_in_progress(&self, run_id: Uuid, _target: &str) -> Option<bool> {
+            Some(self.0.contains(&run_id))
+        }
+
+        fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
             Some(self.0.contains(&run_id))
         }
     }
@@ -268,6 +292,7 @@ mod tests {
             ]),
             image_id: None,
             created: Some(OffsetDateTime::now_utc() - time::Duration::seconds(created_secs_ago)),
+            allocation_changed: None,
         }
     }
 

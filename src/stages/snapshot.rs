@@ -3,7 +3,9 @@
 //! (managed disks, no extensions, supported base image) ran in the planner; the snapshots' names
 //! derive from the run, so a replayed message PUTs the same resources again, which Azure treats as
 //! no change. A redelivered message first looks for what an earlier try made in the same
-//! admission (its tags say) and records it as created too, so the run's history lists it.
+//! admission (its tags say) and records it as created too, so the run's history lists it. A run
+//! whose version this run already published (the run again, its intermediates cleaned up) copies
+//! nothing and goes on to gallery-publish, which joins the version.
 
 use super::common::{Settled, awaited, fail, follow, look_again, made_by_run, made_in_admission, settle, tags};
 use super::{Outcome, Step, StepContext};
@@ -23,6 +25,14 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         ));
     };
     match awaited(&message, WHAT) {
+        None if published_already(&message, ctx).await? => {
+            // This run's version exists already (the run again, after its clean-up deleted the
+            // snapshots and the image): nothing to copy; gallery-publish joins the version.
+            let mut next = message.next(Stage::GalleryPublish, ctx.now);
+            next.artifacts.snapshots = build.snapshot_artifacts();
+            next.artifacts.image = Some(build.image.clone());
+            Ok(Step::new(Outcome::Advance(vec![next])))
+        }
         None => {
             let mut urls = Vec::new();
             let mut hint = None;
@@ -68,6 +78,13 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Settled::Failed(reason) => Ok(fail(format!("a snapshot of the build VM failed: {reason}"))),
         },
     }
+}
+
+/// Whether this run's image version exists, made by this run and provisioned: what the snapshots
+/// and the image were for is done.
+async fn published_already(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool, AzureError> {
+    let version = ctx.azure.get_version(&message.plan.version_id, false).await?;
+    Ok(version.is_some_and(|v| made_by_run(&v.tags, message) && v.provisioning_state == ProvisioningState::Succeeded))
 }
 
 /// What one snapshot's PUT came to: the write accepted (`None`: the snapshot was found there, this

@@ -16,7 +16,6 @@ use super::{FailureClass, Observation, Outcome, Step, StepContext, rollout};
 use crate::azure::{AllocationState, AzureError};
 use crate::events::EventKind;
 use crate::model::envelope::{Branch, Envelope, Phase, PoolArtifact, Progress};
-use crate::model::spec::PreviousPool;
 
 /// Progress keys: the first and the latest reading of the nodes present while the pool allocates,
 /// and the first reading of idle nodes (percent of the target nodes).
@@ -269,12 +268,9 @@ async fn verified(
             });
         }
     }
-    // The rollout policy is an effect of its own (its own retries; its failure never fails this
-    // branch): the message goes on in the retire phase.
-    let outcome = match message.spec.rollout.previous_pool {
-        PreviousPool::Keep => Outcome::Done,
-        _ => rollout::begin(message, ctx),
-    };
+    // The rollout policy and retention are effects of their own (their own retries; their
+    // failure never fails this branch): the message goes on in the retire phase.
+    let outcome = rollout::begin(message, ctx);
     Ok(Step {
         outcome,
         events,

@@ -14,7 +14,7 @@ use prometheus::{
 
 use super::runs::{RESULTS, RunChange, RunTracker};
 use crate::azure::AzureMetrics;
-use crate::events::Event;
+use crate::events::{DeletedKind, Event, EventKind};
 use crate::model::envelope::Stage;
 use crate::runtime::{Handled, Observer};
 use crate::stages::{FailureClass, Observation};
@@ -54,6 +54,7 @@ pub struct Telemetry {
     stages: StageMetrics,
     observed: ObservedMetrics,
     history: RunMetrics,
+    quota: QuotaMetrics,
     azure: Arc<AzureMetrics>,
     runs: Mutex<RunTracker>,
     /// Configured pipelines: other names (from an undecodable message) are labelled `unknown`.
@@ -76,11 +77,42 @@ struct ObservedMetrics {
 }
 
 /// Run-level metrics, from the shared run history (the same in every worker).
+/// The quota watch's readings.
+struct QuotaMetrics {
+    headroom: IntGaugeVec,
+    need: IntGaugeVec,
+}
+
+impl QuotaMetrics {
+    fn register(registry: &Registry) -> QuotaMetrics {
+        QuotaMetrics {
+            headroom: register(
+                registry,
+                int_gauge(
+                    "sigrun_batch_quota_headroom",
+                    "What a Batch account's quota leaves: the limit less what its pools hold (a pipeline's retired \
+                     pools left out), as the quota watch last read it",
+                    &["account", "quota"],
+                ),
+            ),
+            need: register(
+                registry,
+                int_gauge(
+                    "sigrun_pipeline_quota_need",
+                    "What a pipeline's pools take of a Batch account's quota (pools, or vCPUs of their nodes)",
+                    &["pipeline", "account", "quota"],
+                ),
+            ),
+        }
+    }
+}
+
 struct RunMetrics {
     started: IntCounterVec,
     finished: IntCounterVec,
     in_flight: IntGaugeVec,
     last_publish: GaugeVec,
+    deleted: IntCounterVec,
 }
 
 /// One handler step: milliseconds to, at worst, tens of seconds.
@@ -260,6 +292,15 @@ impl RunMetrics {
                     &["pipeline"],
                 ),
             ),
+            deleted: register(
+                registry,
+                counter(
+                    "sigrun_resources_deleted_total",
+                    "Resources runs deleted (intermediates, old versions, retired pools), by kind (from the shared \
+                     run history: the same in every worker)",
+                    &["pipeline", "kind"],
+                ),
+            ),
         };
         // Every stage from the start, so an idle stage reads 0 rather than nothing.
         for stage in Stage::ALL {
@@ -279,6 +320,7 @@ impl Telemetry {
         let stages = StageMetrics::register(&registry);
         let observed = ObservedMetrics::register(&registry);
         let history = RunMetrics::register(&registry);
+        let quota = QuotaMetrics::register(&registry);
         let azure = Arc::new(AzureMetrics::register(&registry).expect("metric names are unique"));
         Telemetry {
             registry,
@@ -286,6 +328,7 @@ impl Telemetry {
             stages,
             observed,
             history,
+            quota,
             azure,
             runs: Mutex::new(RunTracker::default()),
             pipelines: Vec::new(),
@@ -313,6 +356,9 @@ impl Telemetry {
             for result in RESULTS {
                 self.history.finished.with_label_values(&[pipeline, result]);
             }
+            for kind in DeletedKind::ALL {
+                self.history.deleted.with_label_values(&[pipeline, kind.as_str()]);
+            }
             for stage in Stage::ALL {
                 for class in FailureClass::ALL {
                     self.stages
@@ -333,6 +379,21 @@ impl Telemetry {
             pipeline
         } else {
             "unknown"
+        }
+    }
+
+    /// A quota reading of `pipeline`'s accounts (the quota watch's).
+    pub fn quota_reading(&self, pipeline: &str, uses: &[crate::model::plan::QuotaUse]) {
+        let pipeline = self.pipeline_label(pipeline);
+        for quota in uses {
+            let labels = [quota.account.as_str(), quota.quota.as_str()];
+            let headroom = i64::from(quota.limit) - i64::try_from(quota.in_use).unwrap_or(i64::MAX);
+            self.quota.headroom.with_label_values(&labels).set(headroom);
+            let need = i64::try_from(quota.adds).unwrap_or(i64::MAX);
+            self.quota
+                .need
+                .with_label_values(&[pipeline, labels[0], labels[1]])
+                .set(need);
         }
     }
 
@@ -428,6 +489,10 @@ impl Observer for Telemetry {
     }
 
     fn event(&self, event: &Event) {
+        if let EventKind::ResourceDeleted { what, .. } = &event.kind {
+            let pipeline = self.pipeline_label(&event.pipeline);
+            self.history.deleted.with_label_values(&[pipeline, what.as_str()]).inc();
+        }
         let mut runs = self.runs.lock().unwrap_or_else(PoisonError::into_inner);
         for change in runs.apply(event) {
             match change {

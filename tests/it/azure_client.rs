@@ -370,10 +370,10 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
     assert_eq!(info.tags, tags("nightly"));
     let plain = azure.get_version(&version, false).await.unwrap().expect("version");
     assert!(plain.replication.is_empty(), "replication is only read when expanded");
-    assert_eq!(
-        azure.list_versions(&chain.definition).await.unwrap(),
-        vec!["2026.1126.0".to_string()]
-    );
+    let listed = azure.list_versions(&chain.definition).await.unwrap();
+    let names: Vec<&str> = listed.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["2026.1126.0"]);
+    assert_eq!(listed[0].info.tags, tags("nightly"), "the list says what a GET says");
     let accepted = azure.set_exclude_from_latest(&version, true).await.expect("patch");
     complete(&emu, &azure, &accepted, 60.0).await;
     assert!(

@@ -1226,3 +1226,107 @@ async fn a_pool_past_the_pool_quota_is_refused() {
     let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &pool_body("q6", &version, LINUX_SKU)).await;
     assert_ne!(reply.code(), "PoolQuotaReached", "{:#}", reply.body);
 }
+
+/// A pool of the Southeast Asia account as Batch reports it.
+async fn sea_pool(emu: &TestEmulator, token: &str, id: &str) -> Value {
+    let url = format!("{}/pools/{id}?api-version={BATCH_API}", emu.batch_url(ACCOUNT_SEA));
+    let reply = emu.get(&url, token).await;
+    assert_eq!(reply.status, 200, "GET pool {id}: {:#}", reply.body);
+    reply.body
+}
+
+#[tokio::test]
+async fn allocation_stops_at_the_core_quotas_and_ends_steady_naming_the_quota() {
+    let emu = start_steady().await;
+    let token = emu.arm_token().await;
+    let batch = emu.batch_token().await;
+    let version = publish_version(
+        &emu,
+        &token,
+        "ubuntu",
+        "Generalized",
+        "1.0.0",
+        &[("westeurope", 1), ("southeastasia", 1)],
+    )
+    .await;
+    until_completed(&emu, &token, &version, "Southeast Asia").await;
+    // sigrunsea: 48 dedicated and 48 low-priority cores; Standard_D2s_v3 has 2 vCPUs.
+    let mut first = pool_body("first", &version, LINUX_SKU);
+    first["targetDedicatedNodes"] = json!(20);
+    assert_eq!(add_pool(&emu, ACCOUNT_SEA, &batch, &first).await.status, 201);
+    let mut over = pool_body("over", &version, LINUX_SKU);
+    over["targetDedicatedNodes"] = json!(10);
+    over["targetLowPriorityNodes"] = json!(30);
+    // Batch takes the pool: the quota shows only as it allocates.
+    assert_eq!(add_pool(&emu, ACCOUNT_SEA, &batch, &over).await.status, 201);
+
+    emu.advance(600.0).await;
+    let during = sea_pool(&emu, &batch, "over").await;
+    assert_eq!(
+        during["allocationState"], "resizing",
+        "it keeps trying until its resize timeout: {during:#}"
+    );
+    emu.advance(900.0).await;
+    let after = sea_pool(&emu, &batch, "over").await;
+    assert_eq!(after["allocationState"], "steady", "{after:#}");
+    assert_eq!(after["currentDedicatedNodes"], 4, "(48 - 40) / 2 dedicated nodes fit");
+    assert_eq!(after["targetDedicatedNodes"], 10, "the target stays as asked");
+    assert_eq!(after["resizeErrors"][0]["code"], "AccountCoreQuotaReached", "{after:#}");
+    let first = sea_pool(&emu, &batch, "first").await;
+    assert_eq!(first["currentDedicatedNodes"], 20, "the pool that fitted is whole");
+    assert!(
+        first["resizeErrors"].as_array().is_none_or(|e| e.is_empty()),
+        "{first:#}"
+    );
+
+    // Low-priority cores bind on their own: a pool of only low-priority nodes past them.
+    let mut spot = pool_body("spot", &version, LINUX_SKU);
+    spot["targetDedicatedNodes"] = json!(0);
+    spot["targetLowPriorityNodes"] = json!(30);
+    assert_eq!(add_pool(&emu, ACCOUNT_SEA, &batch, &spot).await.status, 201);
+    emu.advance(1800.0).await;
+    let spot = sea_pool(&emu, &batch, "spot").await;
+    assert_eq!(
+        spot["resizeErrors"][0]["code"], "AccountLowPriorityCoreQuotaReached",
+        "{spot:#}"
+    );
+    assert_eq!(
+        spot["currentLowPriorityNodes"].as_u64().unwrap() + after["currentLowPriorityNodes"].as_u64().unwrap(),
+        24,
+        "48 low-priority cores hold 24 nodes between the two pools"
+    );
+}
+
+#[tokio::test]
+async fn a_version_a_pool_was_made_from_cannot_be_deleted_until_the_pool_is_gone() {
+    let emu = start_steady().await;
+    let token = emu.arm_token().await;
+    let batch = emu.batch_token().await;
+    let regions = [("westeurope", 1), ("southeastasia", 1)];
+    let version = publish_version(&emu, &token, "ubuntu", "Generalized", "1.0.0", &regions).await;
+    until_completed(&emu, &token, &version, "Southeast Asia").await;
+    assert_eq!(
+        add_pool(&emu, ACCOUNT_SEA, &batch, &pool_body("user", &version, LINUX_SKU))
+            .await
+            .status,
+        201
+    );
+    let url = format!("{version}?api-version={GALLERY_API}");
+    let refused = emu.delete(&url, &token).await;
+    expect(&refused, 409, "OperationNotAllowed");
+    assert!(
+        message(&refused).contains("user"),
+        "names the pool: {}",
+        message(&refused)
+    );
+
+    let pool = format!("{}/pools/user?api-version={BATCH_API}", emu.batch_url(ACCOUNT_SEA));
+    assert_eq!(emu.delete(&pool, &batch).await.status, 202);
+    let still = emu.delete(&url, &token).await;
+    expect(&still, 409, "OperationNotAllowed");
+    emu.advance(180.0).await;
+    let deleted = emu.delete(&url, &token).await;
+    assert_eq!(deleted.status, 202, "{:#}", deleted.body);
+    emu.advance(300.0).await;
+    assert_eq!(emu.get(&url, &token).await.status, 404);
+}

@@ -179,13 +179,17 @@ struct Azure {
 }
 
 async fn azure(seed: u64, faults: &str) -> Azure {
-    let emu = helpers::start(EmulatorOptions {
+    azure_with(EmulatorOptions {
         time_scale: SCALE,
         seed,
         faults: faults.to_string(),
         ..Default::default()
     })
-    .await;
+    .await
+}
+
+async fn azure_with(options: EmulatorOptions) -> Azure {
+    let emu = helpers::start(options).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let info = emu.emulator.info();
     let text = format!(
@@ -662,8 +666,24 @@ async fn nightly_run_publishes_replicates_creates_pools_and_promotes() {
         .filter_map(|r| r["id"].as_str().map(str::to_string))
         .collect();
     run.check(
-        ids.len() == 7,
-        format_args!("3 snapshots, an image, a gallery, a definition and a version: {ids:?}"),
+        ids.len() == 3,
+        format_args!("a gallery, a definition and a version (the snapshots and the image cleaned up): {ids:?}"),
+    );
+    let deleted: Vec<&str> = run
+        .stdout
+        .lines()
+        .skip_while(|l| *l != "Resources deleted:")
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .map(str::trim)
+        .collect();
+    run.check(
+        deleted.len() == 4
+            && deleted.iter().filter(|d| d.starts_with("snapshot /")).count() == 3
+            && deleted
+                .iter()
+                .any(|d| *d == format!("image {}", image_id("nightly-ubuntu", &version))),
+        format_args!("the summary lists the 3 snapshots and the image deleted: {deleted:?}"),
     );
     for id in &ids {
         let resource = az.arm(id, false).await.unwrap_or_default();
@@ -844,7 +864,16 @@ async fn a_failed_region_fails_its_pool_and_the_others_verify() {
 #[tokio::test]
 async fn rollout_of_an_existing_version_and_publish_from_an_existing_image() {
     let az = azure(14, "").await;
-    az.run(NIGHTLY, &["--version", "2026.1126.6"]).await.code(0);
+    // Its image stays (intermediates kept): a later version is published from it below.
+    let keeping = az.pipeline(
+        "nightly-keep.toml",
+        &edit(
+            &nightly_text(),
+            "intermediates = \"delete\"",
+            "intermediates = \"keep\"",
+        ),
+    );
+    az.run(&keeping, &["--version", "2026.1126.6"]).await.code(0);
     let vid = version_id("2026.1126.6");
 
     let mark = az.mark().await;
@@ -1294,3 +1323,8 @@ async fn windows_nightly_runs_to_success() {
         format_args!("the Windows pool: {pool}"),
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 10. A fleet over many nights: clean-up, retention and quotas
+
+mod fleet;

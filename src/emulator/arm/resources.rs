@@ -569,6 +569,9 @@ fn delete(
             ),
         ));
     }
+    if path.kind == Kind::GalleryImageVersion {
+        refuse_if_pools_use(st, &id, path.name(), now)?;
+    }
     let duration = match path.kind {
         Kind::GalleryImageVersion => Duration::minutes(2),
         Kind::Gallery | Kind::GalleryImage => Duration::seconds(20),
@@ -596,6 +599,38 @@ fn delete(
     });
     st.resources.insert(State::key(&id), resource);
     Ok((lro::headers(ctx, Response::empty(202), &op, true), true))
+}
+
+/// A version a Batch pool was made from (and that is not yet gone) cannot be deleted. Public
+/// material does not say how Azure answers; the emulator refuses it as Compute refuses other
+/// deletes of a resource in use (a departure listed in ARCHITECTURE.md).
+fn refuse_if_pools_use(st: &State, id: &str, name: &str, now: EmuTime) -> Result<(), ArmError> {
+    let users: Vec<&str> = st
+        .pools
+        .values()
+        .filter(|pool| {
+            pool.deleting
+                .is_none_or(|since| now < since + crate::emulator::state::POOL_DELETE)
+        })
+        .filter(|pool| {
+            pool.body
+                .pointer("/virtualMachineConfiguration/imageReference/virtualMachineImageId")
+                .and_then(serde_json::Value::as_str)
+                .is_some_and(|image| image.eq_ignore_ascii_case(id))
+        })
+        .map(|pool| pool.id.as_str())
+        .collect();
+    if users.is_empty() {
+        return Ok(());
+    }
+    Err(ArmError::new(
+        409,
+        "OperationNotAllowed",
+        format!(
+            "Gallery image version '{name}' cannot be deleted: it is in use by Batch pool(s) {}.",
+            users.join(", ")
+        ),
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -5,6 +5,7 @@
 
 mod images;
 mod pools;
+mod quota;
 pub mod shared_key;
 
 use serde_json::{Value, json};

@@ -10,6 +10,7 @@ use time::Duration;
 use time::format_description::well_known::{Rfc2822, Rfc3339};
 
 use super::images;
+use super::quota;
 use super::{BatchCaller, account_url, error, ok_json};
 use crate::emulator::Ctx;
 use crate::emulator::arm_view;
@@ -292,6 +293,8 @@ fn add_pool(
         has_start_task: start_task.present,
         uses_gallery_image: asked.image.from_gallery,
     };
+    let vm_size = pool.body["vmSize"].as_str().unwrap_or_default().to_string();
+    let room = quota::room(st, account, &pool.id, &vm_size, now);
     allocate(
         ctx,
         &mut pool,
@@ -301,6 +304,7 @@ fn add_pool(
         asked.image.replicas_in_region,
         faults.allocation_failure,
         faults.start_task_failure_share,
+        room,
         now,
     );
     let resp = pool_created(req, account, &pool, now);
@@ -650,6 +654,33 @@ fn pool_created(req: &Request, account: &BatchAccount, pool: &Pool, now: EmuTime
         .with_header("location", url)
 }
 
+/// What a resize of `pool` meets: the replicas of its image in the account's region, the share
+/// of start tasks the fault plan fails, and the room the account's core quotas leave.
+fn resize_conditions(
+    ctx: &Ctx,
+    st: &State,
+    account: &BatchAccount,
+    pool: &Pool,
+    now: EmuTime,
+) -> (u32, f64, quota::Room) {
+    let replicas = pool
+        .body
+        .pointer("/virtualMachineConfiguration/imageReference/virtualMachineImageId")
+        .and_then(Value::as_str)
+        .and_then(|image| arm_view::replicas_in_region(st, image, &account.location, now))
+        .unwrap_or(100);
+    let fail_share = if pool.has_start_task {
+        ctx.faults
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .start_task_failure_share(&pool.id)
+    } else {
+        0.0
+    };
+    let vm_size = pool.body["vmSize"].as_str().unwrap_or_default();
+    (replicas, fail_share, quota::room(st, account, &pool.id, vm_size, now))
+}
+
 /// Fixes an allocation episode: when each new node arrives, which fail their start task, and
 /// whether the resize timeout cuts the allocation short.
 #[allow(clippy::too_many_arguments)]
@@ -662,6 +693,7 @@ fn allocate(
     replicas: u32,
     failure: Option<String>,
     fail_share: f64,
+    room: quota::Room,
     now: EmuTime,
 ) {
     let alive: Vec<usize> = (0..pool.nodes.len())
@@ -687,8 +719,16 @@ fn allocate(
             ends = ends.max(now + Duration::minutes(1));
         }
     }
-    let add_dedicated = dedicated.saturating_sub(have_dedicated);
-    let add_low = low.saturating_sub(have_low);
+    // Only what the account's cores allow arrives; the quota that stops the rest is the error.
+    let quota_reached = if dedicated > room.dedicated {
+        Some(room.dedicated_code)
+    } else if low > room.low_priority {
+        Some(quota::LOW_PRIORITY_CORE_QUOTA_REACHED)
+    } else {
+        None
+    };
+    let add_dedicated = dedicated.min(room.dedicated).saturating_sub(have_dedicated);
+    let add_low = low.min(room.low_priority).saturating_sub(have_low);
     let adding = add_dedicated + add_low;
     if let Some(code) = failure {
         error = Some(ResizeErrorInfo {
@@ -707,25 +747,14 @@ fn allocate(
             * slowdown
             * ctx.jitter(&format!("alloc:{}:{}", pool.id, now), 0.05);
         let deadline = now + timeout;
-        let first_index = pool.nodes.len();
-        for k in 0..adding {
-            let index = first_index + k as usize;
-            let allocated = now + ALLOCATION_START + Duration::seconds_f64(span_secs * (k + 1) as f64 / adding as f64);
-            if allocated > deadline {
-                continue;
-            }
-            let node_key = format!("node:{}:{index}", pool.id);
-            pool.nodes.push(Node {
-                id: format!("tvmps_{:016x}_d", hash_of(ctx, &node_key)),
-                dedicated: k < add_dedicated,
-                allocated,
-                boot_secs: (90.0 * ctx.jitter(&format!("{node_key}:boot"), 0.3)) as u32,
-                agent_secs: (45.0 * ctx.jitter(&format!("{node_key}:agent"), 0.3)) as u32,
-                start_task_secs: (40.0 * ctx.jitter(&format!("{node_key}:task"), 0.4)) as u32,
-                start_task_fails: fail_share > 0.0 && ctx.jitter(&format!("{node_key}:fails"), 0.5) - 0.5 < fail_share,
-                removed: None,
-            });
-        }
+        let arriving = Arrivals {
+            dedicated: add_dedicated,
+            total: adding,
+            span_secs,
+            deadline,
+            fail_share,
+        };
+        add_nodes(ctx, pool, &arriving, now);
         let full = now + ALLOCATION_START + Duration::seconds_f64(span_secs);
         if full > deadline {
             ends = deadline;
@@ -738,6 +767,14 @@ fn allocate(
             ends = ends.max(full);
         }
     }
+    if let Some(code) = quota_reached.filter(|_| error.is_none() || adding > 0) {
+        // Azure keeps trying for more until the resize timeout, then settles at the quota.
+        ends = ends.max(now + timeout);
+        error = Some(ResizeErrorInfo {
+            code: code.to_string(),
+            message: quota::message(code).to_string(),
+        });
+    }
     pool.allocation = Allocation {
         started: now,
         ends,
@@ -746,6 +783,41 @@ fn allocate(
         resize_timeout_secs: timeout.whole_seconds(),
         error,
     };
+}
+
+/// The nodes one allocation adds: how many (the first `dedicated` of them dedicated), spread over
+/// `span_secs`, none after `deadline`.
+struct Arrivals {
+    dedicated: u32,
+    total: u32,
+    span_secs: f64,
+    deadline: EmuTime,
+    fail_share: f64,
+}
+
+/// Fixes each arriving node: when it is allocated, how long it boots, whether its start task fails.
+fn add_nodes(ctx: &Ctx, pool: &mut Pool, arriving: &Arrivals, now: EmuTime) {
+    let first_index = pool.nodes.len();
+    for k in 0..arriving.total {
+        let index = first_index + k as usize;
+        let share = (k + 1) as f64 / arriving.total as f64;
+        let allocated = now + ALLOCATION_START + Duration::seconds_f64(arriving.span_secs * share);
+        if allocated > arriving.deadline {
+            continue;
+        }
+        let node_key = format!("node:{}:{index}", pool.id);
+        let fail_share = arriving.fail_share;
+        pool.nodes.push(Node {
+            id: format!("tvmps_{:016x}_d", hash_of(ctx, &node_key)),
+            dedicated: k < arriving.dedicated,
+            allocated,
+            boot_secs: (90.0 * ctx.jitter(&format!("{node_key}:boot"), 0.3)) as u32,
+            agent_secs: (45.0 * ctx.jitter(&format!("{node_key}:agent"), 0.3)) as u32,
+            start_task_secs: (40.0 * ctx.jitter(&format!("{node_key}:task"), 0.4)) as u32,
+            start_task_fails: fail_share > 0.0 && ctx.jitter(&format!("{node_key}:fails"), 0.5) - 0.5 < fail_share,
+            removed: None,
+        });
+    }
 }
 
 fn hash_of(ctx: &Ctx, key: &str) -> u64 {
@@ -1135,21 +1207,10 @@ fn resize_pool(
             }
         },
     };
-    let replicas = pool
-        .body
-        .pointer("/virtualMachineConfiguration/imageReference/virtualMachineImageId")
-        .and_then(Value::as_str)
-        .and_then(|image| arm_view::replicas_in_region(st, image, &account.location, now))
-        .unwrap_or(100);
-    let fail_share = if pool.has_start_task {
-        ctx.faults
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .start_task_failure_share(id)
-    } else {
-        0.0
-    };
-    allocate(ctx, &mut pool, dedicated, low, timeout, replicas, None, fail_share, now);
+    let (replicas, fail_share, room) = resize_conditions(ctx, st, account, &pool, now);
+    allocate(
+        ctx, &mut pool, dedicated, low, timeout, replicas, None, fail_share, room, now,
+    );
     pool.last_modified = now;
     pool.etag_counter = st.serial();
     let resp = Response::empty(202)

@@ -1,0 +1,207 @@
+//! The clean-up branch (`[retention] intermediates = "delete"`, the default): once the trunk has
+//! confirmed what replaces them, a run's intermediates are deleted beside it — its snapshots once
+//! the managed image Succeeded (scheduled by `image-create`), its image once every region of the
+//! version has ended (scheduled by `replicate`). Each is a branch of its own (`Branch::CleanUp`)
+//! on the queue of the stage that scheduled it, so a slow or failing delete never holds up the
+//! trunk, and its retries are its own.
+//!
+//! Every look reads each intermediate: one this run made (its `sigrun-run` tag: a resource
+//! someone else made under the same name is never touched) that is still there is deleted (unless
+//! already deleting) and remembered in `artifacts.deleting`; one remembered there that Azure no
+//! longer finds is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
+//! nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
+//! backoff and, when they persist, when Azure refuses, or when deletes do not finish within
+//! `GIVE_UP_AFTER`, the branch ends with `CleanUpFinished { failed }`, a warning in the run's
+//! result naming what stayed.
+
+use std::time::Duration;
+
+use super::common::{wait, wait_step};
+use super::{Outcome, Step, StepContext};
+use crate::azure::api::ResourceState;
+use crate::azure::{AzureError, ErrorClass, ProvisioningState};
+use crate::events::{DeletedKind, EventKind};
+use crate::model::envelope::{Branch, Envelope, Intermediate, Phase, message_id};
+use crate::model::ids::{ImageId, SnapshotId};
+use crate::model::spec::{Intermediates, duration};
+
+const WHAT: Phase = Phase::Delete;
+
+/// Failed looks in a row after which the branch gives up (with a warning).
+const MAX_FAILURES: u32 = 5;
+
+/// How long (Azure time) deletes may take before the branch gives up on them.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
+
+/// Whether the message is a clean-up branch's.
+pub fn is_clean_up(message: &Envelope) -> bool {
+    matches!(message.branch, Branch::CleanUp { .. })
+}
+
+/// The clean-up of `what`, to go out with the trunk step that confirmed what replaces it (and the
+/// event that tells the run to wait for it); none when the pipeline keeps its intermediates or
+/// the run built nothing.
+pub fn schedule(trunk: &Envelope, what: Intermediate, ctx: &StepContext<'_>) -> Option<(Envelope, EventKind)> {
+    if trunk.spec.retention.intermediates == Intermediates::Keep || trunk.plan.build.is_none() {
+        return None;
+    }
+    let mut child = trunk.next(trunk.stage, ctx.now);
+    child.branch = Branch::CleanUp { what };
+    child.message_id = message_id(trunk.run_id, trunk.stage, &child.branch);
+    child.artifacts.deleting.clear();
+    child.artifacts.side_effect_failures = 0;
+    Some((child, EventKind::CleanUpScheduled { what }))
+}
+
+pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    let Branch::CleanUp { what } = message.branch else {
+        return Ok(Step::new(Outcome::Fail(
+            "a clean-up step on a branch that is not one".into(),
+        )));
+    };
+    let mut gone = Vec::new();
+    let looked = look(&mut message, what, &mut gone, ctx).await;
+    let mut step = match looked {
+        Ok(0) => finished(what, None),
+        Ok(_) => keep_waiting(message, what, ctx),
+        Err(error) => failed(message, what, &error, ctx),
+    };
+    let confirmed = gone.into_iter().map(|r| EventKind::ResourceDeleted {
+        what: r.kind(),
+        id: r.id(),
+    });
+    step.events.splice(0..0, confirmed);
+    Ok(step)
+}
+
+/// One look at every intermediate: deletes what this run made and is still there, confirms gone
+/// what it deleted before (into `gone`); returns how many are still there.
+async fn look(
+    message: &mut Envelope,
+    what: Intermediate,
+    gone: &mut Vec<Resource>,
+    ctx: &StepContext<'_>,
+) -> Result<usize, AzureError> {
+    let run = message.run_id.to_string();
+    let mut left = 0;
+    for resource in intermediates(message, what) {
+        let id = resource.id();
+        let deleting = &mut message.artifacts.deleting;
+        match resource.read(ctx).await? {
+            None => {
+                if let Some(at) = deleting.iter().position(|d| *d == id) {
+                    deleting.remove(at);
+                    gone.push(resource);
+                }
+            }
+            Some(found) if found.tags.get("sigrun-run") == Some(&run) => {
+                if found.provisioning_state != ProvisioningState::Deleting {
+                    resource.delete(ctx).await?;
+                }
+                if !deleting.contains(&id) {
+                    deleting.push(id);
+                }
+                left += 1;
+            }
+            Some(_) => tracing::warn!(%id, "intermediate not deleted: another run made it"),
+        }
+    }
+    Ok(left)
+}
+
+/// A resource of the run's intermediates.
+#[derive(Debug, Clone, PartialEq)]
+enum Resource {
+    Snapshot(SnapshotId),
+    Image(ImageId),
+}
+
+impl Resource {
+    fn kind(&self) -> DeletedKind {
+        match self {
+            Resource::Snapshot(_) => DeletedKind::Snapshot,
+            Resource::Image(_) => DeletedKind::Image,
+        }
+    }
+
+    fn id(&self) -> String {
+        match self {
+            Resource::Snapshot(id) => id.to_string(),
+            Resource::Image(id) => id.to_string(),
+        }
+    }
+
+    /// Its state and tags; `None` once Azure no longer finds it.
+    async fn read(&self, ctx: &StepContext<'_>) -> Result<Option<ResourceState>, AzureError> {
+        match self {
+            Resource::Snapshot(id) => ctx.azure.get_snapshot(id).await,
+            Resource::Image(id) => ctx.azure.get_image(id).await,
+        }
+    }
+
+    async fn delete(&self, ctx: &StepContext<'_>) -> Result<(), AzureError> {
+        match self {
+            Resource::Snapshot(id) => ctx.azure.delete_snapshot(id).await,
+            Resource::Image(id) => ctx.azure.delete_image(id).await,
+        }
+    }
+}
+
+/// What the branch deletes, from what the trunk recorded.
+fn intermediates(message: &Envelope, what: Intermediate) -> Vec<Resource> {
+    match what {
+        Intermediate::Snapshots => message
+            .artifacts
+            .snapshots
+            .iter()
+            .map(|s| Resource::Snapshot(s.id.clone()))
+            .collect(),
+        Intermediate::Image => message.artifacts.image.iter().cloned().map(Resource::Image).collect(),
+    }
+}
+
+/// Deletes under way: look again, unless they have taken longer than `GIVE_UP_AFTER`.
+fn keep_waiting(mut message: Envelope, what: Intermediate, ctx: &StepContext<'_>) -> Step {
+    let waited = message
+        .operation
+        .as_ref()
+        .filter(|op| op.what == WHAT)
+        .map_or(time::Duration::ZERO, |op| ctx.now - op.started);
+    if waited > ctx.settings.real(GIVE_UP_AFTER) {
+        let reason = format!(
+            "still there after {}: {}",
+            duration::format(GIVE_UP_AFTER),
+            message.artifacts.deleting.join(", ")
+        );
+        return finished(what, Some(reason));
+    }
+    message.artifacts.side_effect_failures = 0;
+    wait_step(message, WHAT, Vec::new(), ctx.settings.default_poll(), ctx.now)
+}
+
+/// The branch ends; `failed` is the warning when it gave up.
+fn finished(what: Intermediate, failed: Option<String>) -> Step {
+    Step::new(Outcome::Done).with(EventKind::CleanUpFinished { what, failed })
+}
+
+/// A look that failed: tried again with backoff (at least Azure's Retry-After), then given up
+/// with a warning.
+fn failed(mut message: Envelope, what: Intermediate, error: &AzureError, ctx: &StepContext<'_>) -> Step {
+    let failures = message.artifacts.side_effect_failures.saturating_add(1);
+    if error.class() == ErrorClass::Permanent || failures >= MAX_FAILURES {
+        tracing::warn!(%error, failures, "deleting intermediates failed; the run goes on with a warning");
+        return finished(what, Some(format!("deleting {}: {error}", what.as_str())));
+    }
+    message.artifacts.side_effect_failures = failures;
+    let backoff = ctx
+        .settings
+        .default_poll()
+        .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0);
+    let delay = backoff.max(error.retry_after.unwrap_or_default());
+    let mut step = Step::new(wait(message, WHAT, Vec::new(), delay, ctx.now));
+    step.events.push(EventKind::Retried {
+        attempt: failures,
+        error: format!("deleting {}: {error}", what.as_str()),
+    });
+    step
+}

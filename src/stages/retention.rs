@@ -1,0 +1,453 @@
+//! Retention: what a pipeline's past runs leave behind that may go, decided as pure judgements
+//! over one survey of Azure and carried out by the same code in a run's rollout phase and in
+//! `sigrun prune`.
+//!
+//! **Versions** of the pipeline's definition are deleted only when every one of these holds:
+//! this pipeline published it (its `sigrun-pipeline` tag: a version without the tag, or another
+//! pipeline's, is never touched); it is not among the newest `keep_versions` of this pipeline's
+//! versions; it is not the version `latest` resolves to (the highest version number not excluded
+//! from latest); no pool in the pipeline's Batch accounts uses it (`virtualMachineImageId` naming
+//! it, or naming the definition, which is `latest`); it is not newer than the run deciding (a
+//! newer run keeps its own); it has finished provisioning; and the run that made it is not live in
+//! the history (for a run the history does not hold, a finished version is judged by the rest).
+//!
+//! **Pools** the rollout retired (this pipeline's, scaled to zero and steady, a newer version's
+//! pool of the same target beside them) are deleted once retired for `pool_grace` as Batch's
+//! clock tells (the pool's `allocationStateTransitionTime` against the list's `Date`), oldest
+//! first. The newest pool of a target is never deleted here, whatever its size.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use super::Runs;
+use crate::azure::api::{ListedVersion, PoolInfo};
+use crate::azure::{AllocationState, AzureApi, AzureError, PoolState};
+use crate::events::{DeletedKind, EventKind};
+use crate::model::ids::GalleryImageId;
+use crate::model::rules::ImageVersion;
+
+/// What retention is held to: the pipeline's `[retention]` and, in a run, the run's own version.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub pipeline: String,
+    pub keep_versions: u32,
+    pub pool_grace: Duration,
+    /// Versions newer than this (the deciding run's own) are never touched; `None` in `prune`.
+    pub ceiling: Option<ImageVersion>,
+}
+
+/// One look at what retention judges: the definition's versions and the accounts' pools.
+#[derive(Debug, Clone)]
+pub struct Survey {
+    pub definition: GalleryImageId,
+    pub versions: Vec<ListedVersion>,
+    pub pools: Vec<AccountPool>,
+    /// Batch's clock at the pools' answers (the local clock when Batch gave no `Date`).
+    pub as_of: OffsetDateTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountPool {
+    pub account_url: String,
+    pub pool: PoolInfo,
+}
+
+/// What retention decided about one resource, with why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub kind: DeletedKind,
+    /// The version's name, or the pool's id.
+    pub name: String,
+    /// The pool's account URL (empty for a version).
+    pub account_url: String,
+    pub delete: bool,
+    pub why: String,
+}
+
+/// Reads what retention judges: the definition's versions (none when it does not exist) and the
+/// pools of every account in `account_urls`.
+pub async fn survey(
+    azure: &dyn AzureApi,
+    definition: &GalleryImageId,
+    account_urls: &[String],
+    local_now: OffsetDateTime,
+) -> Result<Survey, AzureError> {
+    let versions = match azure.list_versions(definition).await {
+        Err(e) if e.is_not_found() => Vec::new(),
+        other => other?,
+    };
+    let mut pools = Vec::new();
+    let mut as_of = None;
+    let mut seen: Vec<&String> = Vec::new();
+    for url in account_urls {
+        if seen.contains(&url) {
+            continue;
+        }
+        seen.push(url);
+        let listed = azure.list_pools_dated(url).await?;
+        as_of = as_of.or(listed.as_of);
+        pools.extend(listed.pools.into_iter().map(|pool| AccountPool {
+            account_url: url.clone(),
+            pool,
+        }));
+    }
+    Ok(Survey {
+        definition: definition.clone(),
+        versions,
+        pools,
+        as_of: as_of.unwrap_or(local_now),
+    })
+}
+
+/// Every version and every retired pool of the pipeline, judged.
+pub fn judge(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verdict> {
+    let mut verdicts = judge_versions(survey, policy, runs);
+    verdicts.extend(judge_pools(&survey.pools, survey.as_of, policy));
+    verdicts
+}
+
+/// How many of one account's pools are `pipeline`'s retired ones: what the pool quota may take
+/// back (pool-create deletes the oldest of them when the account is full).
+pub fn reclaimable(pipeline: &str, account_url: &str, pools: &[PoolInfo]) -> usize {
+    let pools: Vec<AccountPool> = pools
+        .iter()
+        .map(|pool| AccountPool {
+            account_url: account_url.to_string(),
+            pool: pool.clone(),
+        })
+        .collect();
+    let policy = Policy {
+        pipeline: pipeline.to_string(),
+        keep_versions: 1,
+        pool_grace: Duration::ZERO,
+        ceiling: None,
+    };
+    judge_pools(&pools, OffsetDateTime::UNIX_EPOCH, &policy).len()
+}
+
+fn judge_versions(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verdict> {
+    let ours = |v: &ListedVersion| v.info.tags.get("sigrun-pipeline") == Some(&policy.pipeline);
+    let mut newest: Vec<ImageVersion> = survey
+        .versions
+        .iter()
+        .filter(|v| ours(v))
+        .filter_map(|v| ImageVersion::parse(&v.name))
+        .collect();
+    newest.sort_unstable_by(|a, b| b.cmp(a));
+    newest.truncate(policy.keep_versions as usize);
+    let latest = survey
+        .versions
+        .iter()
+        .filter(|v| !v.info.exclude_from_latest)
+        .filter_map(|v| ImageVersion::parse(&v.name))
+        .max();
+    let definition = survey.definition.to_string();
+    survey
+        .versions
+        .iter()
+        .filter(|v| ours(v))
+        .map(|v| {
+            let keep = why_kept(v, &newest, latest, &definition, survey, policy, runs);
+            Verdict {
+                kind: DeletedKind::ImageVersion,
+                name: v.name.clone(),
+                account_url: String::new(),
+                delete: keep.is_none(),
+                why: keep.unwrap_or_else(|| format!("older than the newest {} and unused", policy.keep_versions)),
+            }
+        })
+        .collect()
+}
+
+/// Why a version of this pipeline stays, if it does.
+fn why_kept(
+    v: &ListedVersion,
+    newest: &[ImageVersion],
+    latest: Option<ImageVersion>,
+    definition: &str,
+    survey: &Survey,
+    policy: &Policy,
+    runs: &dyn Runs,
+) -> Option<String> {
+    let Some(number) = ImageVersion::parse(&v.name) else {
+        return Some("not a version number".into());
+    };
+    if newest.contains(&number) {
+        return Some(format!("among the newest {}", policy.keep_versions));
+    }
+    if latest == Some(number) {
+        return Some("`latest` resolves to it".into());
+    }
+    if policy.ceiling.is_some_and(|ceiling| number > ceiling) {
+        return Some("newer than the run deciding".into());
+    }
+    let id = format!("{definition}/versions/{}", v.name);
+    if let Some(user) = survey.pools.iter().find(|p| {
+        p.pool
+            .image_id
+            .as_deref()
+            .is_some_and(|image| image.eq_ignore_ascii_case(&id))
+    }) {
+        return Some(format!("pool {} uses it", user.pool.id));
+    }
+    if v.info.provisioning_state.is_changing() {
+        return Some(format!("still {}", v.info.provisioning_state.as_str()));
+    }
+    let run = v
+        .info
+        .tags
+        .get("sigrun-run")
+        .and_then(|r| uuid::Uuid::parse_str(r).ok());
+    if run.and_then(|run| runs.run_in_progress(run)) == Some(true) {
+        return Some("its run is still going".into());
+    }
+    None
+}
+
+fn judge_pools(pools: &[AccountPool], as_of: OffsetDateTime, policy: &Policy) -> Vec<Verdict> {
+    let ours = |p: &&AccountPool| p.pool.metadata.get("sigrun-pipeline") == Some(&policy.pipeline);
+    let version_of = |p: &AccountPool| {
+        p.pool
+            .metadata
+            .get("sigrun-version")
+            .and_then(|v| ImageVersion::parse(v))
+    };
+    // The newest pool of each (account, target): never retention's to delete.
+    let mut newest: BTreeMap<(String, String), ImageVersion> = BTreeMap::new();
+    for pool in pools.iter().filter(ours) {
+        let (Some(target), Some(version)) = (pool.pool.metadata.get("sigrun-target"), version_of(pool)) else {
+            continue;
+        };
+        let slot = newest
+            .entry((pool.account_url.clone(), target.clone()))
+            .or_insert(version);
+        *slot = (*slot).max(version);
+    }
+    let mut retired: Vec<(&AccountPool, OffsetDateTime)> = pools
+        .iter()
+        .filter(ours)
+        .filter_map(|p| {
+            let target = p.pool.metadata.get("sigrun-target")?;
+            let newer_beside = newest
+                .get(&(p.account_url.clone(), target.clone()))
+                .is_some_and(|n| Some(*n) > version_of(p));
+            (newer_beside && is_retired(&p.pool)).then_some((p, p.pool.allocation_changed?))
+        })
+        .collect();
+    retired.sort_by_key(|(_, since)| *since);
+    retired
+        .into_iter()
+        .map(|(p, since)| {
+            let age: Duration = (as_of - since).try_into().unwrap_or_default();
+            let due = age >= policy.pool_grace;
+            Verdict {
+                kind: DeletedKind::Pool,
+                name: p.pool.id.clone(),
+                account_url: p.account_url.clone(),
+                delete: due,
+                why: format!(
+                    "retired {} ago (grace {})",
+                    crate::model::spec::duration::format(Duration::from_secs(age.as_secs())),
+                    crate::model::spec::duration::format(policy.pool_grace)
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Scaled to zero by the rollout and settled there.
+pub fn is_retired(pool: &PoolInfo) -> bool {
+    pool.state == PoolState::Active
+        && pool.allocation_state == AllocationState::Steady
+        && pool.target_dedicated == 0
+        && pool.target_low_priority == 0
+}
+
+/// Carries out the deletes among `verdicts`; returns a `ResourceDeleted` for each delete Azure
+/// accepted. Stops at the first error (what was deleted before it is in `done`).
+pub async fn apply(
+    azure: &dyn AzureApi,
+    definition: &GalleryImageId,
+    verdicts: &[Verdict],
+    done: &mut Vec<EventKind>,
+) -> Result<(), AzureError> {
+    for verdict in verdicts.iter().filter(|v| v.delete) {
+        let id = match verdict.kind {
+            DeletedKind::ImageVersion => {
+                let id = definition
+                    .version(&verdict.name)
+                    .map_err(|e| AzureError::permanent("delete_version", "InvalidVersion", e.to_string()))?;
+                azure.delete_version(&id).await?;
+                id.to_string()
+            }
+            DeletedKind::Pool => {
+                azure.delete_pool(&verdict.account_url, &verdict.name).await?;
+                format!("{}/pools/{}", verdict.account_url, verdict.name)
+            }
+            DeletedKind::Snapshot | DeletedKind::Image => continue,
+        };
+        done.push(EventKind::ResourceDeleted { what: verdict.kind, id });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::azure::ProvisioningState;
+    use crate::azure::api::{Tags, VersionInfo};
+    use crate::stages::NoHistory;
+
+    const DEFINITION: &str = "/subscriptions/11111111-1111-4111-8111-111111111111/resourceGroups/rg/providers/Microsoft.Compute/galleries/g/images/ubuntu";
+    const ACCOUNT: &str = "https://sigrunweu.westeurope.batch.azure.com";
+
+    fn version(name: &str, pipeline: &str) -> ListedVersion {
+        ListedVersion {
+            name: name.into(),
+            info: VersionInfo {
+                provisioning_state: ProvisioningState::Succeeded,
+                exclude_from_latest: false,
+                source: None,
+                target_regions: Vec::new(),
+                replication: Vec::new(),
+                tags: Tags::from([
+                    ("sigrun-pipeline".to_string(), pipeline.to_string()),
+                    ("sigrun-run".to_string(), uuid::Uuid::new_v4().to_string()),
+                ]),
+            },
+        }
+    }
+
+    fn pool(id: &str, target: &str, version: &str, nodes: u32, retired_days_ago: i64) -> AccountPool {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::days(100);
+        AccountPool {
+            account_url: ACCOUNT.into(),
+            pool: PoolInfo {
+                id: id.into(),
+                vm_size: "Standard_D4s_v5".into(),
+                state: PoolState::Active,
+                allocation_state: AllocationState::Steady,
+                current_dedicated: nodes,
+                current_low_priority: 0,
+                target_dedicated: nodes,
+                target_low_priority: 0,
+                resize_errors: Vec::new(),
+                metadata: BTreeMap::from([
+                    ("sigrun-pipeline".to_string(), "nightly".to_string()),
+                    ("sigrun-target".to_string(), target.to_string()),
+                    ("sigrun-version".to_string(), version.to_string()),
+                ]),
+                image_id: Some(format!("{DEFINITION}/versions/{version}")),
+                created: Some(now - time::Duration::days(retired_days_ago + 1)),
+                allocation_changed: Some(now - time::Duration::days(retired_days_ago)),
+            },
+        }
+    }
+
+    fn survey(versions: Vec<ListedVersion>, pools: Vec<AccountPool>) -> Survey {
+        Survey {
+            definition: GalleryImageId::parse(DEFINITION).unwrap(),
+            versions,
+            pools,
+            as_of: OffsetDateTime::UNIX_EPOCH + time::Duration::days(100),
+        }
+    }
+
+    fn policy(keep: u32) -> Policy {
+        Policy {
+            pipeline: "nightly".into(),
+            keep_versions: keep,
+            pool_grace: Duration::from_secs(3 * 86_400),
+            ceiling: None,
+        }
+    }
+
+    fn deleted(verdicts: &[Verdict]) -> Vec<&str> {
+        verdicts.iter().filter(|v| v.delete).map(|v| v.name.as_str()).collect()
+    }
+
+    #[test]
+    fn the_newest_k_latest_and_versions_in_use_stay_and_only_this_pipelines_go() {
+        let mut versions: Vec<ListedVersion> = (1..=8).map(|d| version(&format!("2026.120{d}.0"), "nightly")).collect();
+        versions.push(version("2026.1101.0", "weekly"));
+        let mut untagged = version("2025.0101.0", "nightly");
+        untagged.info.tags.clear();
+        versions.push(untagged);
+        // The newest is gated (excluded from latest): `latest` resolves to 2026.1207.0.
+        versions[7].info.exclude_from_latest = true;
+        let pools = vec![pool("nightly-render-2026-1202-0", "render", "2026.1202.0", 0, 5)];
+        let verdicts = judge(&survey(versions, pools), &policy(1), &NoHistory);
+        assert_eq!(
+            deleted(&verdicts),
+            [
+                "2026.1201.0",
+                "2026.1203.0",
+                "2026.1204.0",
+                "2026.1205.0",
+                "2026.1206.0"
+            ]
+        );
+        let why = |name: &str| verdicts.iter().find(|v| v.name == name).unwrap().why.clone();
+        assert_eq!(why("2026.1208.0"), "among the newest 1");
+        assert_eq!(why("2026.1207.0"), "`latest` resolves to it");
+        assert_eq!(why("2026.1202.0"), "pool nightly-render-2026-1202-0 uses it");
+        assert!(
+            verdicts
+                .iter()
+                .all(|v| v.name != "2026.1101.0" && v.name != "2025.0101.0")
+        );
+    }
+
+    #[test]
+    fn a_version_being_made_newer_than_the_run_or_of_a_live_run_stays() {
+        struct Live(uuid::Uuid);
+        impl Runs for Live {
+            fn pool_in_progress(&self, _: uuid::Uuid, _: &str) -> Option<bool> {
+                None
+            }
+            fn run_in_progress(&self, run: uuid::Uuid) -> Option<bool> {
+                Some(run == self.0)
+            }
+        }
+        let mut creating = version("2026.1201.0", "nightly");
+        creating.info.provisioning_state = ProvisioningState::Creating;
+        let live = version("2026.1202.0", "nightly");
+        let live_run = uuid::Uuid::parse_str(&live.info.tags["sigrun-run"]).unwrap();
+        let old = version("2026.1203.0", "nightly");
+        let newer = version("2026.1210.0", "nightly");
+        let latest = version("2026.1211.0", "nightly");
+        let versions = vec![creating, live, old, newer, latest];
+        let mut in_run = policy(1);
+        in_run.ceiling = ImageVersion::parse("2026.1205.0");
+        let verdicts = judge(&survey(versions, Vec::new()), &in_run, &Live(live_run));
+        assert_eq!(deleted(&verdicts), ["2026.1203.0"]);
+        let why = |name: &str| verdicts.iter().find(|v| v.name == name).unwrap().why.clone();
+        assert_eq!(why("2026.1201.0"), "still Creating");
+        assert_eq!(why("2026.1202.0"), "its run is still going");
+        assert_eq!(why("2026.1210.0"), "newer than the run deciding");
+    }
+
+    #[test]
+    fn retired_pools_go_after_the_grace_oldest_first_and_the_newest_of_a_target_never() {
+        let pools = vec![
+            pool("render-3", "render", "2026.1203.0", 10, 0),
+            pool("render-2", "render", "2026.1202.0", 0, 2),
+            pool("render-1", "render", "2026.1201.0", 0, 4),
+            pool("render-0", "render", "2026.1130.0", 0, 5),
+            // Scaled to zero by hand, but the newest of its target: not retention's.
+            pool("sim-1", "sim", "2026.1201.0", 0, 30),
+            // Still resizing to zero: not retired yet.
+            {
+                let mut p = pool("sim-0", "sim", "2026.1130.0", 0, 30);
+                p.pool.allocation_state = AllocationState::Resizing;
+                p
+            },
+        ];
+        let verdicts = judge(&survey(Vec::new(), pools), &policy(10), &NoHistory);
+        let judged: Vec<(&str, bool)> = verdicts.iter().map(|v| (v.name.as_str(), v.delete)).collect();
+        assert_eq!(judged, [("render-0", true), ("render-1", true), ("render-2", false)]);
+        assert_eq!(verdicts[2].why, "retired 2d ago (grace 3d)");
+    }
+}
