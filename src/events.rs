@@ -550,6 +550,71 @@ mod tests {
     }
 
     #[test]
+    fn a_run_waits_for_the_clean_ups_it_scheduled_and_a_failed_one_is_a_warning() {
+        use crate::model::envelope::Intermediate;
+        let clean_up = |what| Branch::CleanUp { what };
+        let region = |name: &str| event(Branch::Trunk, EventKind::RegionCompleted { region: name.into() });
+        let mut events = vec![
+            started(),
+            event(
+                Branch::Trunk,
+                EventKind::CleanUpScheduled {
+                    what: Intermediate::Snapshots,
+                },
+            ),
+            region("westeurope"),
+            region("eastus"),
+            event(
+                Branch::Trunk,
+                EventKind::CleanUpScheduled {
+                    what: Intermediate::Image,
+                },
+            ),
+        ];
+        for (r, t) in [("westeurope", "render"), ("westeurope", "sim"), ("eastus", "batch")] {
+            events.push(verified(r, t));
+        }
+        events.push(event(
+            clean_up(Intermediate::Snapshots),
+            EventKind::ResourceDeleted {
+                what: DeletedKind::Snapshot,
+                id: "/subscriptions/s/snapshots/os".into(),
+            },
+        ));
+        events.push(event(
+            clean_up(Intermediate::Snapshots),
+            EventKind::CleanUpFinished {
+                what: Intermediate::Snapshots,
+                failed: None,
+            },
+        ));
+        assert_eq!(run_result(&events), RunResult::Running, "the image's clean-up goes on");
+        let mut gave_up = events.clone();
+        gave_up.push(event(
+            clean_up(Intermediate::Image),
+            EventKind::CleanUpFinished {
+                what: Intermediate::Image,
+                failed: Some("deleting image: HTTP 409".into()),
+            },
+        ));
+        assert_eq!(
+            run_result(&gave_up),
+            RunResult::SucceededWithWarnings {
+                warnings: vec!["clean-up/image: deleting image: HTTP 409".into()]
+            }
+        );
+        events.push(event(
+            clean_up(Intermediate::Image),
+            EventKind::CleanUpFinished {
+                what: Intermediate::Image,
+                failed: None,
+            },
+        ));
+        assert_eq!(run_result(&events), RunResult::Succeeded);
+        assert_eq!(deleted(&events), ["snapshot /subscriptions/s/snapshots/os"]);
+    }
+
+    #[test]
     fn nothing_yet_is_running() {
         assert_eq!(run_result(&[]), RunResult::Running);
         assert_eq!(

@@ -124,9 +124,20 @@ async fn a_worker_killed_holding_an_unacked_create_step_loses_nothing_and_create
         "kill -9 → the redelivered step's first request answered: {redelivery_ms} ms ({} {})",
         redelivered["method"], redelivered["path"]
     );
+    // The snapshot step again: does the run's version exist already (then nothing is copied), and
+    // then what did the killed worker make?
+    let path = |e: &Value| e["path"].as_str().unwrap_or_default().to_string();
     assert!(
-        redelivered["method"] == "GET" && redelivered["path"].as_str().is_some_and(|p| p.contains("/snapshots/")),
-        "the standby's first call repeats the snapshot step, looking for what the killed worker made: {redelivered}"
+        redelivered["method"] == "GET" && path(redelivered).contains("/versions/"),
+        "the standby's first call repeats the snapshot step, looking for the run's version: {redelivered}"
+    );
+    let looked_for_snapshot = log[before_kill..]
+        .iter()
+        .filter(|e| e["fault"].is_null() && answered_at(e) > killed_at)
+        .find(|e| path(e).contains("/snapshots/"));
+    assert!(
+        looked_for_snapshot.is_some_and(|e| e["method"] == "GET"),
+        "then it looks for what the killed worker made before writing: {looked_for_snapshot:?}"
     );
 
     // Every resource PUT was answered "created" at most once; a repeat got ARM's 200.

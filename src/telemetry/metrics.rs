@@ -553,6 +553,61 @@ mod tests {
     }
 
     #[test]
+    fn exports_deletions_by_kind_and_the_quota_watchs_readings() {
+        use crate::events::{DeletedKind, EventKind};
+        use crate::model::envelope::{Branch, Intermediate};
+        use crate::model::plan::QuotaUse;
+
+        let telemetry = Telemetry::new().with_pipelines(["nightly".to_string()]);
+        assert!(
+            telemetry
+                .render()
+                .contains("sigrun_resources_deleted_total{kind=\"image_version\",pipeline=\"nightly\"} 0")
+        );
+        let deleted = |what| Event {
+            run_id: uuid::Uuid::from_u128(9),
+            pipeline: "nightly".into(),
+            version: "1.0.0".into(),
+            stage: Stage::ImageCreate,
+            branch: Branch::CleanUp {
+                what: Intermediate::Snapshots,
+            },
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            kind: EventKind::ResourceDeleted {
+                what,
+                id: "/subscriptions/x".into(),
+            },
+        };
+        telemetry.event(&deleted(DeletedKind::Snapshot));
+        telemetry.event(&deleted(DeletedKind::Snapshot));
+        telemetry.event(&deleted(DeletedKind::Pool));
+        let quota = |quota: &str, limit, in_use, adds| QuotaUse {
+            account: "sigrunweu".into(),
+            quota: quota.into(),
+            limit,
+            in_use,
+            adds,
+        };
+        telemetry.quota_reading(
+            "nightly",
+            &[
+                quota("poolQuota", 150, 152, 1),
+                quota("dedicatedCoreQuota", 200, 40, 32),
+            ],
+        );
+        let text = telemetry.render();
+        for series in [
+            "sigrun_resources_deleted_total{kind=\"snapshot\",pipeline=\"nightly\"} 2",
+            "sigrun_resources_deleted_total{kind=\"pool\",pipeline=\"nightly\"} 1",
+            "sigrun_batch_quota_headroom{account=\"sigrunweu\",quota=\"poolQuota\"} -2",
+            "sigrun_batch_quota_headroom{account=\"sigrunweu\",quota=\"dedicatedCoreQuota\"} 160",
+            "sigrun_pipeline_quota_need{account=\"sigrunweu\",pipeline=\"nightly\",quota=\"dedicatedCoreQuota\"} 32",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
+    }
+
+    #[test]
     fn exports_run_level_metrics_from_events_and_what_steps_saw() {
         use crate::events::{EventKind, PoolRef};
         use crate::model::envelope::Branch;

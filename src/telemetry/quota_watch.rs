@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::Telemetry;
 use crate::azure::AzureApi;
@@ -43,8 +44,11 @@ pub async fn look(telemetry: &Telemetry, azure: &dyn AzureApi, dir: &std::path::
     }
 }
 
+/// One pipeline's reading, in a span of its own: its requests belong to no run.
 async fn read(telemetry: &Telemetry, azure: &dyn AzureApi, spec: &PipelineSpec) {
-    match crate::planner::survey_quotas(spec, azure).await {
+    let span = tracing::info_span!("quota_watch", pipeline = %spec.name);
+    let surveyed = crate::planner::survey_quotas(spec, azure).instrument(span).await;
+    match surveyed {
         Ok(uses) => telemetry.quota_reading(&spec.name, &uses),
         Err(error) => tracing::warn!(pipeline = %spec.name, %error, "quota watch: the accounts could not be read"),
     }

@@ -256,3 +256,31 @@ async fn prune_applies_retention_to_leftovers_and_a_dry_run_changes_nothing() {
     second.code(0).stdout_has("Deleted 3 resource(s).");
     assert_eq!(live_versions(&az).await, [version_of(4)], "the newest version stays");
 }
+
+#[tokio::test]
+async fn a_run_over_a_core_quota_fails_in_preflight_in_under_a_second_creating_nothing() {
+    let az = azure(42, "").await;
+    let text = edit(
+        &nightly_with_sea_pool(),
+        "dedicated_nodes = 10\n",
+        "dedicated_nodes = 20\n",
+    );
+    let spec = az.pipeline("nightly-sea.toml", &text);
+    let mark = az.mark().await;
+    let run = az.run(&spec, &["--version", "2026.1126.9"]).await;
+    run.code(2).stderr_has(
+        "Batch account sigrunsea cannot take this plan: it needs 80 dedicated cores, dedicatedCoreQuota is 48 with 0 in use (headroom 48)",
+    );
+    run.check(
+        run.wall < Duration::from_secs(1),
+        format_args!("refused in preflight, not after replication: {:?}", run.wall),
+    );
+    let writes: Vec<String> = az
+        .log_since(mark)
+        .await
+        .iter()
+        .filter(|e| is_write(e))
+        .map(method_path)
+        .collect();
+    run.check(writes.is_empty(), format_args!("nothing was created: {writes:?}"));
+}
