@@ -70,8 +70,8 @@ pub enum EventKind {
     CleanUpScheduled {
         what: Intermediate,
     },
-    /// A resource this run deleted (an intermediate, an old version, a retired pool), confirmed
-    /// gone (or on its way out, for a pool).
+    /// A resource this run deleted: an intermediate once confirmed gone; an old version or a
+    /// retired pool once Azure accepted its delete.
     ResourceDeleted {
         what: DeletedKind,
         id: String,
@@ -397,8 +397,8 @@ fn verdict(verified: Vec<PoolRef>, failed: Vec<(PoolRef, String)>, warnings: Vec
     }
 }
 
-/// The events that still count: a branch's failure (`RunFailed`, `PoolFailed`, `Parked`) is
-/// dropped when a `Replayed` of that branch comes after it.
+/// The events that still count: a branch's failure (`RunFailed`, `PoolFailed`, `Parked`, a
+/// clean-up that gave up) is dropped when a `Replayed` of that branch comes after it.
 /// (Owned, so the rest of `run_result` reads it as it reads any run's events.)
 fn standing(events: &[Event]) -> Vec<Event> {
     let mut replayed: Vec<&Branch> = Vec::new();
@@ -407,7 +407,10 @@ fn standing(events: &[Event]) -> Vec<Event> {
     for event in events.iter().rev() {
         match &event.kind {
             EventKind::Replayed { .. } => replayed.push(&event.branch),
-            EventKind::RunFailed { .. } | EventKind::PoolFailed { .. } | EventKind::Parked { .. }
+            EventKind::RunFailed { .. }
+            | EventKind::PoolFailed { .. }
+            | EventKind::Parked { .. }
+            | EventKind::CleanUpFinished { failed: Some(_), .. }
                 if replayed.contains(&&event.branch) =>
             {
                 continue;

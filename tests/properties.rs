@@ -372,6 +372,7 @@ impl AzureApi for World {
                 target_regions: Vec::new(),
                 replication: Vec::new(),
                 tags: Tags::new(),
+                published: None,
             },
         };
         Ok(vec![listed("2026.1201.0"), listed("2026.1202.3")])

@@ -142,6 +142,8 @@ pub struct VersionInfo {
     /// Present when asked for with `expand_replication`.
     pub replication: Vec<RegionStatus>,
     pub tags: Tags,
+    /// `publishingProfile.publishedDate`: when Azure took the version.
+    pub published: Option<time::OffsetDateTime>,
 }
 
 /// A version of a definition, as the list of its versions names it.

@@ -114,6 +114,9 @@ fn version_info(body: &Value) -> VersionInfo {
         target_regions,
         replication,
         tags: tags_of(body),
+        published: profile["publishedDate"]
+            .as_str()
+            .and_then(|d| time::OffsetDateTime::parse(d, &time::format_description::well_known::Rfc3339).ok()),
     }
 }
 

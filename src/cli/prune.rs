@@ -46,6 +46,7 @@ pub async fn run(args: PruneArgs) -> anyhow::Result<ExitCode> {
         keep_versions: spec.retention.keep_versions,
         pool_grace: spec.retention.pool_grace,
         ceiling: None,
+        young: retention::young_for(&spec),
     };
     let verdicts = retention::judge(&survey, &policy, &NoHistory);
     print!("{}", render(&spec, &verdicts, args.dry_run));

@@ -130,10 +130,13 @@ pub enum Phase {
     Retire,
     /// Intermediates being deleted (a clean-up branch).
     Delete,
+    /// Room under the Batch account's pool quota, a retired pool being deleted (`pool-create`).
+    #[serde(rename = "pool_quota")]
+    PoolQuota,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 10] = [
+    pub const ALL: [Phase; 11] = [
         Phase::Snapshots,
         Phase::Image,
         Phase::Gallery,
@@ -144,6 +147,7 @@ impl Phase {
         Phase::Nodes,
         Phase::Retire,
         Phase::Delete,
+        Phase::PoolQuota,
     ];
 
     /// Its wire name (the serde one): a metric label and the `Waiting` event's text.
@@ -158,6 +162,7 @@ impl Phase {
             Phase::Allocation => "allocation",
             Phase::Nodes => "nodes",
             Phase::Delete => "delete",
+            Phase::PoolQuota => "pool_quota",
             Phase::Retire => "retire",
         }
     }

@@ -598,10 +598,13 @@ async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, hand
 /// Tells the observer what a handled message measured.
 fn report(observer: &dyn Observer, message: &Envelope, handler_time: Duration, measured: &Measured) {
     observer.handler_time(message.stage, handler_time);
-    if let Some(elapsed) = measured.stage_finished {
+    // A clean-up steps on its scheduler's queue but is not that stage's work: its time and its
+    // failures (a warning) stay out of the stage's duration and failure series.
+    let stage_work = !matches!(message.branch, Branch::CleanUp { .. });
+    if let Some(elapsed) = measured.stage_finished.filter(|_| stage_work) {
         observer.stage_finished(&message.pipeline, message.stage, elapsed);
     }
-    for class in &measured.failures {
+    for class in measured.failures.iter().filter(|_| stage_work) {
         observer.stage_failed(&message.pipeline, message.stage, *class);
     }
     if let Some((what, elapsed)) = &measured.operation_finished {

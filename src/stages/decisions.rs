@@ -153,6 +153,7 @@ fn version(source: &str, replication: Vec<RegionStatus>) -> VersionInfo {
         target_regions: vec![("westeurope".into(), 1), ("eastus".into(), 2)],
         replication,
         tags: Default::default(),
+        published: None,
     }
 }
 

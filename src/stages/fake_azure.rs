@@ -33,6 +33,8 @@ pub struct World {
     pub writes: Vec<String>,
     /// Pools added, as sent.
     pub added_pools: Vec<PoolRequest>,
+    /// Names (a version's, a pool's id) whose delete Azure refuses (409 `OperationNotAllowed`).
+    pub refused_deletes: Vec<String>,
 }
 
 fn key(id: &impl ToString) -> String {
@@ -76,6 +78,22 @@ impl FakeAzure {
 
     fn resource(&self, id: &impl ToString) -> Option<ResourceState> {
         self.world().resources.get(&key(id)).cloned()
+    }
+}
+
+impl FakeAzure {
+    /// A delete: refused when the test says so, else logged.
+    fn refuse_or_log(&self, call: &str, name: &str) -> Result<(), AzureError> {
+        let mut world = self.world();
+        if world.refused_deletes.iter().any(|n| n == name) {
+            return Err(AzureError::permanent(
+                call,
+                "OperationNotAllowed",
+                format!("{name} is in use"),
+            ));
+        }
+        world.writes.push(format!("{call} {name}"));
+        Ok(())
     }
 }
 
@@ -167,8 +185,7 @@ impl AzureApi for FakeAzure {
             .collect())
     }
     async fn delete_version(&self, id: &GalleryImageVersionId) -> Result<(), AzureError> {
-        self.world().writes.push(format!("delete_version {}", id.name()));
-        Ok(())
+        self.refuse_or_log("delete_version", id.name())
     }
     async fn put_version(&self, id: &GalleryImageVersionId, request: &VersionRequest) -> Result<Accepted, AzureError> {
         Ok(self.put("put_version", key(id), id.name(), &request.tags))
@@ -246,7 +263,6 @@ impl AzureApi for FakeAzure {
         Ok(())
     }
     async fn delete_pool(&self, _: &str, pool_id: &str) -> Result<(), AzureError> {
-        self.world().writes.push(format!("delete_pool {pool_id}"));
-        Ok(())
+        self.refuse_or_log("delete_pool", pool_id)
     }
 }

@@ -70,54 +70,76 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
 /// Batch's answer to a pool add past the account's `poolQuota`.
 const POOL_QUOTA_REACHED: &str = "PoolQuotaReached";
 
+/// How long (Azure time) a pool add waits for room under the pool quota before the quota's error
+/// stands.
+const ROOM_WAIT: Duration = Duration::from_secs(3600);
+
 /// The account holds as many pools as its quota allows: the pool quota is never what fails a
-/// rollout while this pipeline has retired pools there. The oldest of them (scaled to zero, a
-/// newer pool of its target beside it) is deleted ahead of its grace, and the add is tried again
-/// once Batch has let it go; while one is being deleted no other is. Without one (or with
-/// `[retention] enabled = false`), the add's error stands.
+/// rollout while this pipeline has retired pools there. The oldest of them (marked retired,
+/// scaled to zero, a newer pool of its target beside it) is deleted ahead of its grace, and the
+/// add is tried again once Batch has let it go. While any pool of the account is being deleted
+/// (room is coming) none is; after `ROOM_WAIT`, without a retired pool, or with `[retention]
+/// enabled = false`, the add's error stands.
 async fn make_room(
     message: Envelope,
     pool: &PoolPlan,
     full: AzureError,
     ctx: &StepContext<'_>,
 ) -> Result<Step, AzureError> {
+    let waited = message
+        .operation
+        .as_ref()
+        .filter(|op| op.what == Phase::PoolQuota)
+        .map_or(time::Duration::ZERO, |op| ctx.now - op.started);
+    if waited > ctx.settings.real(ROOM_WAIT) {
+        return Err(full);
+    }
     let listed = ctx.azure.list_pools_dated(&pool.account_url).await?;
-    let ours = |p: &&PoolInfo| p.metadata.get("sigrun-pipeline") == Some(&message.pipeline);
-    let deleting = listed.pools.iter().filter(ours).any(|p| p.state == PoolState::Deleting);
-    let mut step = look_again(message.clone(), Phase::Allocation, ctx);
-    if !deleting {
-        let survey = retention::Survey {
-            definition: message.plan.definition.clone(),
-            versions: Vec::new(),
-            pools: listed
-                .pools
-                .into_iter()
-                .map(|p| retention::AccountPool {
-                    account_url: pool.account_url.clone(),
-                    pool: p,
-                })
-                .collect(),
-            as_of: ctx.now,
-        };
-        let policy = retention::Policy {
-            pipeline: message.pipeline.clone(),
-            keep_versions: message.spec.retention.keep_versions,
-            pool_grace: Duration::ZERO,
-            ceiling: None,
-        };
-        let Some(mut oldest) = retention::judge(&survey, &policy, ctx.runs)
-            .into_iter()
-            .find(|v| v.kind == DeletedKind::Pool)
-        else {
+    let room_coming = listed.pools.iter().any(|p| p.state == PoolState::Deleting);
+    let mut deleted = Vec::new();
+    if !room_coming {
+        let Some(oldest) = oldest_retired(&message, &pool.account_url, listed.pools, ctx) else {
             return Err(full);
         };
-        oldest.delete = true;
-        let mut deleted = Vec::new();
         retention::apply(ctx.azure, &message.plan.definition, &[oldest], &mut deleted).await?;
-        step.events.extend(deleted);
     }
     tracing::info!(pool = %pool.pool_id, account = %pool.account, "pool quota reached; a retired pool makes room");
+    let mut step = look_again(message, Phase::PoolQuota, ctx);
+    step.events.extend(deleted);
     Ok(step)
+}
+
+/// The pipeline's oldest retired pool in the account, judged to go now (its grace waived).
+fn oldest_retired(
+    message: &Envelope,
+    account_url: &str,
+    pools: Vec<PoolInfo>,
+    ctx: &StepContext<'_>,
+) -> Option<retention::Verdict> {
+    let survey = retention::Survey {
+        definition: message.plan.definition.clone(),
+        versions: Vec::new(),
+        pools: pools
+            .into_iter()
+            .map(|p| retention::AccountPool {
+                account_url: account_url.to_string(),
+                pool: p,
+            })
+            .collect(),
+        as_of: ctx.now,
+    };
+    let policy = retention::Policy {
+        pipeline: message.pipeline.clone(),
+        keep_versions: message.spec.retention.keep_versions,
+        pool_grace: Duration::ZERO,
+        ceiling: None,
+        young: retention::young_for(&message.spec),
+    };
+    let mut oldest = retention::judge(&survey, &policy, ctx.runs)
+        .into_iter()
+        .find(|v| v.kind == DeletedKind::Pool)?;
+    oldest.delete = true;
+    Some(oldest)
 }
 
 /// The pool as planned, from the run's image version, with the run's metadata besides the

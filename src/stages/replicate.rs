@@ -50,8 +50,13 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         message.artifacts.regions_completed.contains(&r.name) || message.artifacts.regions_failed.contains_key(&r.name)
     });
     if all_ended {
-        // Every region has its replica (or failed for good): the image is no longer needed.
-        if let Some((clean_up, scheduled)) = clean_up::schedule(&message, Intermediate::Image, ctx) {
+        // Every region has its replica (or failed for good): the image is no longer needed, unless
+        // no region got one (the run failed; a new try publishes from it again).
+        let replicated = !message.artifacts.regions_completed.is_empty();
+        let scheduled = replicated
+            .then(|| clean_up::schedule(&message, Intermediate::Image, ctx))
+            .flatten();
+        if let Some((clean_up, scheduled)) = scheduled {
             look.emit.push(clean_up);
             look.events.push(scheduled);
         }

@@ -5,16 +5,23 @@
 //! **Versions** of the pipeline's definition are deleted only when every one of these holds:
 //! this pipeline published it (its `sigrun-pipeline` tag: a version without the tag, or another
 //! pipeline's, is never touched); it is not among the newest `keep_versions` of this pipeline's
-//! versions; it is not the version `latest` resolves to (the highest version number not excluded
-//! from latest); no pool in the pipeline's Batch accounts uses it (`virtualMachineImageId` naming
-//! it, or naming the definition, which is `latest`); it is not newer than the run deciding (a
-//! newer run keeps its own); it has finished provisioning; and the run that made it is not live in
-//! the history (for a run the history does not hold, a finished version is judged by the rest).
+//! versions and not the version `latest` resolves to (the highest version number not excluded
+//! from latest; versions being deleted count for neither); no pool in the pipeline's Batch
+//! accounts uses it (`virtualMachineImageId` naming it, or naming the definition, which is
+//! `latest`); it is not newer than the run deciding (a newer run keeps its own); it has finished
+//! provisioning and is not being deleted already; and the run that made it is not live in the
+//! history. A run the history does not hold (another `sigrun run` process, `prune`) may still be
+//! creating its pools from it: its version stays while younger than `young` (the verify deadline
+//! and a day) by its `publishedDate`.
 //!
-//! **Pools** the rollout retired (this pipeline's, scaled to zero and steady, a newer version's
-//! pool of the same target beside them) are deleted once retired for `pool_grace` as Batch's
-//! clock tells (the pool's `allocationStateTransitionTime` against the list's `Date`), oldest
-//! first. The newest pool of a target is never deleted here, whatever its size.
+//! **Pools** the rollout retired (this pipeline's, marked `sigrun-retired` when it scaled them to
+//! zero, steady at zero, a newer version's pool of the same target beside them) are deleted once
+//! retired for `pool_grace` as Batch's clock tells (the pool's `allocationStateTransitionTime`
+//! against the list's `Date`), oldest first. The newest pool of a target is never deleted here,
+//! nor a pool scaled to zero by anyone else.
+//!
+//! `apply` carries on past a delete Azure refuses (a pool in an account the survey did not read
+//! may use a version) and reports the first error once the rest are done.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -23,7 +30,7 @@ use time::OffsetDateTime;
 
 use super::Runs;
 use crate::azure::api::{ListedVersion, PoolInfo};
-use crate::azure::{AllocationState, AzureApi, AzureError, PoolState};
+use crate::azure::{AllocationState, AzureApi, AzureError, PoolState, ProvisioningState};
 use crate::events::{DeletedKind, EventKind};
 use crate::model::ids::GalleryImageId;
 use crate::model::rules::ImageVersion;
@@ -36,7 +43,19 @@ pub struct Policy {
     pub pool_grace: Duration,
     /// Versions newer than this (the deciding run's own) are never touched; `None` in `prune`.
     pub ceiling: Option<ImageVersion>,
+    /// A version of a run the history does not hold is kept while younger than this.
+    pub young: Duration,
 }
+
+/// How long a version of a run the history does not hold is kept: its run may still be
+/// replicating, creating and verifying pools from it (the verify deadline, and a day for the rest).
+pub fn young_for(spec: &crate::model::spec::PipelineSpec) -> Duration {
+    spec.verify.deadline.saturating_add(Duration::from_secs(86_400))
+}
+
+/// The pool metadata key the rollout sets (to the time, RFC 3339) when it scales a pool to zero:
+/// only pools it retired are retention's.
+pub const RETIRED: &str = "sigrun-retired";
 
 /// One look at what retention judges: the definition's versions and the accounts' pools.
 #[derive(Debug, Clone)]
@@ -60,8 +79,9 @@ pub struct Verdict {
     pub kind: DeletedKind,
     /// The version's name, or the pool's id.
     pub name: String,
-    /// The pool's account URL (empty for a version).
+    /// The pool's account URL and target (empty for a version).
     pub account_url: String,
+    pub target: String,
     pub delete: bool,
     pub why: String,
 }
@@ -123,16 +143,19 @@ pub fn reclaimable(pipeline: &str, account_url: &str, pools: &[PoolInfo]) -> usi
         keep_versions: 1,
         pool_grace: Duration::ZERO,
         ceiling: None,
+        young: Duration::ZERO,
     };
     judge_pools(&pools, OffsetDateTime::UNIX_EPOCH, &policy).len()
 }
 
 fn judge_versions(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verdict> {
     let ours = |v: &ListedVersion| v.info.tags.get("sigrun-pipeline") == Some(&policy.pipeline);
+    let staying = |v: &&ListedVersion| v.info.provisioning_state != ProvisioningState::Deleting;
     let mut newest: Vec<ImageVersion> = survey
         .versions
         .iter()
         .filter(|v| ours(v))
+        .filter(staying)
         .filter_map(|v| ImageVersion::parse(&v.name))
         .collect();
     newest.sort_unstable_by(|a, b| b.cmp(a));
@@ -140,6 +163,7 @@ fn judge_versions(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verd
     let latest = survey
         .versions
         .iter()
+        .filter(staying)
         .filter(|v| !v.info.exclude_from_latest)
         .filter_map(|v| ImageVersion::parse(&v.name))
         .max();
@@ -154,6 +178,7 @@ fn judge_versions(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verd
                 kind: DeletedKind::ImageVersion,
                 name: v.name.clone(),
                 account_url: String::new(),
+                target: String::new(),
                 delete: keep.is_none(),
                 why: keep.unwrap_or_else(|| format!("older than the newest {} and unused", policy.keep_versions)),
             }
@@ -174,6 +199,9 @@ fn why_kept(
     let Some(number) = ImageVersion::parse(&v.name) else {
         return Some("not a version number".into());
     };
+    if v.info.provisioning_state == ProvisioningState::Deleting {
+        return Some("already being deleted".into());
+    }
     if newest.contains(&number) {
         return Some(format!("among the newest {}", policy.keep_versions));
     }
@@ -200,10 +228,26 @@ fn why_kept(
         .tags
         .get("sigrun-run")
         .and_then(|r| uuid::Uuid::parse_str(r).ok());
-    if run.and_then(|run| runs.run_in_progress(run)) == Some(true) {
-        return Some("its run is still going".into());
+    match run.and_then(|run| runs.run_in_progress(run)) {
+        Some(true) => Some("its run is still going".into()),
+        Some(false) => None,
+        // A run this history does not hold may still be making its pools from it.
+        None => young(v, survey.as_of, policy.young),
     }
-    None
+}
+
+/// Why a version whose run is unknown stays: published less than `young` ago (or when unknown).
+fn young(v: &ListedVersion, as_of: OffsetDateTime, young: Duration) -> Option<String> {
+    let Some(published) = v.info.published else {
+        return Some("its run is unknown and its publish date too".into());
+    };
+    let age: Duration = (as_of - published).try_into().unwrap_or_default();
+    (age < young).then(|| {
+        format!(
+            "published {} ago by a run this history does not hold",
+            crate::model::spec::duration::format(Duration::from_secs(age.as_secs()))
+        )
+    })
 }
 
 fn judge_pools(pools: &[AccountPool], as_of: OffsetDateTime, policy: &Policy) -> Vec<Verdict> {
@@ -230,9 +274,10 @@ fn judge_pools(pools: &[AccountPool], as_of: OffsetDateTime, policy: &Policy) ->
         .filter(ours)
         .filter_map(|p| {
             let target = p.pool.metadata.get("sigrun-target")?;
+            let version = version_of(p)?;
             let newer_beside = newest
                 .get(&(p.account_url.clone(), target.clone()))
-                .is_some_and(|n| Some(*n) > version_of(p));
+                .is_some_and(|n| *n > version);
             (newer_beside && is_retired(&p.pool)).then_some((p, p.pool.allocation_changed?))
         })
         .collect();
@@ -246,6 +291,7 @@ fn judge_pools(pools: &[AccountPool], as_of: OffsetDateTime, policy: &Policy) ->
                 kind: DeletedKind::Pool,
                 name: p.pool.id.clone(),
                 account_url: p.account_url.clone(),
+                target: p.pool.metadata.get("sigrun-target").cloned().unwrap_or_default(),
                 delete: due,
                 why: format!(
                     "retired {} ago (grace {})",
@@ -257,40 +303,56 @@ fn judge_pools(pools: &[AccountPool], as_of: OffsetDateTime, policy: &Policy) ->
         .collect()
 }
 
-/// Scaled to zero by the rollout and settled there.
+/// Scaled to zero by the rollout (its mark) and settled there.
 pub fn is_retired(pool: &PoolInfo) -> bool {
-    pool.state == PoolState::Active
+    pool.metadata.contains_key(RETIRED)
+        && pool.state == PoolState::Active
         && pool.allocation_state == AllocationState::Steady
         && pool.target_dedicated == 0
         && pool.target_low_priority == 0
 }
 
-/// Carries out the deletes among `verdicts`; returns a `ResourceDeleted` for each delete Azure
-/// accepted. Stops at the first error (what was deleted before it is in `done`).
+/// Carries out the deletes among `verdicts`, into `done` a `ResourceDeleted` for each delete Azure
+/// accepted. One refused does not stop the rest: the first error comes back once all were tried.
 pub async fn apply(
     azure: &dyn AzureApi,
     definition: &GalleryImageId,
     verdicts: &[Verdict],
     done: &mut Vec<EventKind>,
 ) -> Result<(), AzureError> {
+    let mut first_error = None;
     for verdict in verdicts.iter().filter(|v| v.delete) {
-        let id = match verdict.kind {
-            DeletedKind::ImageVersion => {
-                let id = definition
-                    .version(&verdict.name)
-                    .map_err(|e| AzureError::permanent("delete_version", "InvalidVersion", e.to_string()))?;
-                azure.delete_version(&id).await?;
-                id.to_string()
+        match delete(azure, definition, verdict).await {
+            Ok(id) => done.push(EventKind::ResourceDeleted { what: verdict.kind, id }),
+            Err(error) => {
+                tracing::warn!(%error, name = %verdict.name, "retention: a delete was refused; the others go on");
+                first_error.get_or_insert(error);
             }
-            DeletedKind::Pool => {
-                azure.delete_pool(&verdict.account_url, &verdict.name).await?;
-                format!("{}/pools/{}", verdict.account_url, verdict.name)
-            }
-            DeletedKind::Snapshot | DeletedKind::Image => continue,
-        };
-        done.push(EventKind::ResourceDeleted { what: verdict.kind, id });
+        }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Deletes what one verdict names; its id as the run's history records it.
+async fn delete(azure: &dyn AzureApi, definition: &GalleryImageId, verdict: &Verdict) -> Result<String, AzureError> {
+    match verdict.kind {
+        DeletedKind::ImageVersion => {
+            let id = definition
+                .version(&verdict.name)
+                .map_err(|e| AzureError::permanent("delete_version", "InvalidVersion", e.to_string()))?;
+            azure.delete_version(&id).await?;
+            Ok(id.to_string())
+        }
+        DeletedKind::Pool => {
+            azure.delete_pool(&verdict.account_url, &verdict.name).await?;
+            Ok(format!("{}/pools/{}", verdict.account_url, verdict.name))
+        }
+        DeletedKind::Snapshot | DeletedKind::Image => Err(AzureError::permanent(
+            "retention",
+            "NotRetention",
+            "retention deletes versions and pools only",
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +378,8 @@ mod tests {
                     ("sigrun-pipeline".to_string(), pipeline.to_string()),
                     ("sigrun-run".to_string(), uuid::Uuid::new_v4().to_string()),
                 ]),
+                // A month before the survey: no run could still be using it unseen.
+                published: Some(OffsetDateTime::UNIX_EPOCH + time::Duration::days(70)),
             },
         }
     }
@@ -338,6 +402,7 @@ mod tests {
                     ("sigrun-pipeline".to_string(), "nightly".to_string()),
                     ("sigrun-target".to_string(), target.to_string()),
                     ("sigrun-version".to_string(), version.to_string()),
+                    (RETIRED.to_string(), "2026-01-01T00:00:00Z".to_string()),
                 ]),
                 image_id: Some(format!("{DEFINITION}/versions/{version}")),
                 created: Some(now - time::Duration::days(retired_days_ago + 1)),
@@ -361,6 +426,7 @@ mod tests {
             keep_versions: keep,
             pool_grace: Duration::from_secs(3 * 86_400),
             ceiling: None,
+            young: Duration::from_secs(86_400),
         }
     }
 
@@ -427,6 +493,76 @@ mod tests {
         assert_eq!(why("2026.1201.0"), "still Creating");
         assert_eq!(why("2026.1202.0"), "its run is still going");
         assert_eq!(why("2026.1210.0"), "newer than the run deciding");
+    }
+
+    #[test]
+    fn versions_being_deleted_count_for_neither_the_newest_nor_latest() {
+        let mut versions: Vec<ListedVersion> = (1..=3).map(|d| version(&format!("2026.120{d}.0"), "nightly")).collect();
+        versions[2].info.provisioning_state = ProvisioningState::Deleting;
+        let verdicts = judge(&survey(versions, Vec::new()), &policy(1), &NoHistory);
+        let why = |name: &str| verdicts.iter().find(|v| v.name == name).unwrap().why.clone();
+        assert_eq!(why("2026.1203.0"), "already being deleted");
+        assert_eq!(why("2026.1202.0"), "among the newest 1");
+        assert_eq!(deleted(&verdicts), ["2026.1201.0"]);
+    }
+
+    #[test]
+    fn a_version_of_a_run_the_history_does_not_hold_stays_while_young() {
+        let mut fresh = version("2026.1201.0", "nightly");
+        fresh.info.published = Some(OffsetDateTime::UNIX_EPOCH + time::Duration::hours(100 * 24 - 5));
+        let mut undated = version("2026.1202.0", "nightly");
+        undated.info.published = None;
+        let old = version("2026.1203.0", "nightly");
+        let newest = version("2026.1204.0", "nightly");
+        let verdicts = judge(
+            &survey(vec![fresh, undated, old, newest], Vec::new()),
+            &policy(1),
+            &NoHistory,
+        );
+        let why = |name: &str| verdicts.iter().find(|v| v.name == name).unwrap().why.clone();
+        assert_eq!(
+            why("2026.1201.0"),
+            "published 5h ago by a run this history does not hold"
+        );
+        assert_eq!(why("2026.1202.0"), "its run is unknown and its publish date too");
+        assert_eq!(deleted(&verdicts), ["2026.1203.0"]);
+    }
+
+    #[tokio::test]
+    async fn one_refused_delete_does_not_stop_the_others() {
+        use crate::stages::fake_azure::FakeAzure;
+        let azure = FakeAzure::default();
+        azure.world().refused_deletes.push("2026.1201.0".into());
+        let versions: Vec<ListedVersion> = (1..=3).map(|d| version(&format!("2026.120{d}.0"), "nightly")).collect();
+        let pools = vec![
+            pool("render-2", "render", "2026.1203.0", 4, 0),
+            pool("render-1", "render", "2026.1202.0", 0, 9),
+        ];
+        let survey = survey(versions, pools);
+        let verdicts = judge(&survey, &policy(1), &NoHistory);
+        let mut done = Vec::new();
+        let applied = apply(&azure, &survey.definition, &verdicts, &mut done).await;
+        assert!(applied.is_err_and(|e| e.to_string().contains("in use")));
+        assert_eq!(
+            azure.world().writes,
+            ["delete_pool render-1"],
+            "the pool went despite the version"
+        );
+        assert_eq!(done.len(), 1);
+    }
+
+    #[test]
+    fn a_pool_at_zero_the_rollout_did_not_retire_is_not_retentions() {
+        let mut by_hand = pool("render-1", "render", "2026.1201.0", 0, 30);
+        by_hand.pool.metadata.remove(RETIRED);
+        let mut unversioned = pool("render-x", "render", "2026.1201.0", 0, 30);
+        unversioned
+            .pool
+            .metadata
+            .insert("sigrun-version".into(), "latest".into());
+        let pools = vec![pool("render-2", "render", "2026.1202.0", 4, 0), by_hand, unversioned];
+        let verdicts = judge(&survey(Vec::new(), pools), &policy(10), &NoHistory);
+        assert!(verdicts.is_empty(), "{verdicts:?}");
     }
 
     #[test]

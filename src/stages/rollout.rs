@@ -27,7 +27,7 @@ use super::common::wait;
 use super::{Outcome, Runs, Step, StepContext, retention};
 use crate::azure::api::PoolInfo;
 use crate::azure::{AllocationState, AzureError, ErrorClass, PoolState};
-use crate::events::EventKind;
+use crate::events::{DeletedKind, EventKind};
 use crate::model::envelope::{Branch, Envelope, Phase};
 use crate::model::rules::ImageVersion;
 use crate::model::spec::PreviousPool;
@@ -77,9 +77,13 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     }
 }
 
-/// Retention (`[retention]`): the pipeline's old versions and the pools retired longer than the
-/// grace, in every account of the run's pools, judged by `retention` and deleted.
+/// Retention (`[retention]`), judged by `retention` over the definition's versions and every
+/// account of the run's pools. Each branch deletes its own target's retired pools; the versions
+/// are the first planned pool's branch's to delete, so a run asks for each delete once.
 async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepContext<'_>) -> Result<(), AzureError> {
+    let (Branch::Pool { target, .. }, Some(own)) = (&message.branch, &message.artifacts.pool) else {
+        return Ok(());
+    };
     if !message.spec.retention.enabled {
         return Ok(());
     }
@@ -90,8 +94,16 @@ async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepConte
         keep_versions: message.spec.retention.keep_versions,
         pool_grace: message.spec.retention.pool_grace,
         ceiling: ImageVersion::parse(&message.version),
+        young: retention::young_for(&message.spec),
     };
-    let verdicts = retention::judge(&survey, &policy, ctx.runs);
+    let versions_are_ours = message.plan.pools.first().is_some_and(|p| p.target == *target);
+    let verdicts: Vec<retention::Verdict> = retention::judge(&survey, &policy, ctx.runs)
+        .into_iter()
+        .filter(|v| match v.kind {
+            DeletedKind::Pool => v.target == *target && v.account_url == own.account_url,
+            _ => versions_are_ours,
+        })
+        .collect();
     retention::apply(ctx.azure, &message.plan.definition, &verdicts, events).await
 }
 
@@ -159,6 +171,13 @@ async fn retire_older_pools(
                         "deleted"
                     }
                     _ => {
+                        // Marked first: only pools the rollout retired are retention's to delete.
+                        let mut metadata = previous.metadata.clone();
+                        let now = ctx.now.format(&time::format_description::well_known::Rfc3339);
+                        metadata.insert(retention::RETIRED.into(), now.unwrap_or_default());
+                        ctx.azure
+                            .set_pool_metadata(&pool.account_url, &previous.id, &metadata)
+                            .await?;
                         ctx.azure.resize_pool(&pool.account_url, &previous.id, 0, 0).await?;
                         "scaled to zero"
                     }

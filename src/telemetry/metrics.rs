@@ -76,7 +76,6 @@ struct ObservedMetrics {
     pool_nodes: IntGaugeVec,
 }
 
-/// Run-level metrics, from the shared run history (the same in every worker).
 /// The quota watch's readings.
 struct QuotaMetrics {
     headroom: IntGaugeVec,
@@ -90,8 +89,8 @@ impl QuotaMetrics {
                 registry,
                 int_gauge(
                     "sigrun_batch_quota_headroom",
-                    "What a Batch account's quota leaves: the limit less what its pools hold (a pipeline's retired \
-                     pools left out), as the quota watch last read it",
+                    "What a Batch account's quota leaves: the limit less what its pools hold now, as the quota watch \
+                     last read it",
                     &["account", "quota"],
                 ),
             ),
@@ -99,7 +98,8 @@ impl QuotaMetrics {
                 registry,
                 int_gauge(
                     "sigrun_pipeline_quota_need",
-                    "What a pipeline's pools take of a Batch account's quota (pools, or vCPUs of their nodes)",
+                    "What a pipeline's next run adds to a Batch account's quota (pools, net of the pipeline's retired \
+                     ones; or vCPUs of their nodes)",
                     &["pipeline", "account", "quota"],
                 ),
             ),
@@ -107,6 +107,7 @@ impl QuotaMetrics {
     }
 }
 
+/// Run-level metrics, from the shared run history (the same in every worker).
 struct RunMetrics {
     started: IntCounterVec,
     finished: IntCounterVec,

@@ -26,7 +26,11 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        look(&telemetry, azure.as_ref(), &dir).await;
+        // A look may take a while (every pipeline's accounts): a stop does not wait for it.
+        tokio::select! {
+            _ = look(&telemetry, azure.as_ref(), &dir) => {}
+            _ = stop.wait_for(|stopping| *stopping) => return,
+        }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = stop.wait_for(|stopping| *stopping) => return,
