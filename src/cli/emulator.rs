@@ -62,7 +62,8 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Until SIGINT (Ctrl-C) or SIGTERM.
+pub(super) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     tokio::select! {

@@ -5,6 +5,7 @@
 //! or a rule the pipeline would break) — in which case nothing was created.
 
 mod cancel;
+mod dev;
 mod dlq;
 mod emulator;
 mod endpoints;
@@ -67,6 +68,9 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     /// Ask the workers to stop a run: each of its branches stops at its next step.
     Cancel(cancel::CancelArgs),
+    /// A local stack in one command: the emulator, workers of every stage on the local broker
+    /// (a private prefix), and the config file that joins them; prints a ready `submit` line.
+    Dev(dev::DevArgs),
     /// Apply the pipeline's retention now: delete its old versions and the pools retired past
     /// their grace (`--dry-run`: print what would go).
     Prune(prune::PruneArgs),
@@ -94,6 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(args) => dlq::run(args).await,
         Command::Cancel(args) => cancel::run(args).await,
         Command::Prune(args) => prune::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
     }
 }
 

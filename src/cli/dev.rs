@@ -1,0 +1,197 @@
+//! `sigrun dev`: a whole local stack in one command, for trying sigrun out and for developing it:
+//! the Azure emulator (in this process), `--workers` worker processes of every stage on the local
+//! RabbitMQ broker under a private prefix, and the config file that `submit`, `status`, `watch`,
+//! `dlq`, `cancel` and further workers need to join them. It prints where everything is and a
+//! ready `sigrun submit` line, then runs until SIGINT or SIGTERM, when it stops the workers
+//! (SIGTERM: they finish what they hold), the emulator, and removes its prefix's queues.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::input_error;
+use crate::bus::amqp::{AmqpBus, AmqpSettings};
+use crate::config::{Mode, Settings};
+use crate::emulator::{Emulator, EmulatorInfo, EmulatorOptions, World};
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the config file and the workers' logs go.
+    #[arg(long, default_value = ".sigrun-dev")]
+    pub dir: PathBuf,
+    /// Worker processes, each consuming every stage.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub workers: u8,
+    /// Settings overlaid on the defaults: `[amqp] url` (the broker), `[emulator]` (time scale,
+    /// seed, faults, world, identity), `[pipelines] dir`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(args.config.as_deref()).map_err(input_error)?;
+    if settings.azure.mode != Mode::Emulator {
+        return Err(input_error(anyhow::anyhow!(
+            "`sigrun dev` runs on the built-in emulator: leave [azure] mode = \"emulator\""
+        )));
+    }
+    let amqp = AmqpSettings {
+        prefix: format!("sigrun-dev-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        ..settings.amqp.clone()
+    };
+    let tiers = settings.delay_tiers();
+    let bus = AmqpBus::connect(amqp.clone(), tiers.clone()).await.map_err(|e| {
+        input_error(anyhow::anyhow!(
+            "`sigrun dev` needs RabbitMQ at {}: {e}. Start it with `rabbitmq-server -detached` (or \
+             `scripts/test-env`), or point [amqp] url at one",
+            amqp.redacted_url()
+        ))
+    })?;
+    bus.close().await;
+    let emulator = start_emulator(&settings).await?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let dir = args.dir.canonicalize()?;
+    let config = dir.join("sigrun.toml");
+    std::fs::write(&config, config_text(&settings, &amqp, emulator.info())?)
+        .with_context(|| format!("writing {}", config.display()))?;
+    let mut workers = Vec::new();
+    for n in 1..=args.workers {
+        workers.push(spawn_worker(&dir, &config, n)?);
+    }
+    println!("{}", banner(emulator.info(), &config, &dir, &amqp, args.workers));
+    super::emulator::wait_for_signal().await?;
+    eprintln!("sigrun dev: stopping");
+    stop_workers(workers).await;
+    emulator.shutdown().await;
+    if let Err(e) = AmqpBus::delete_topology(&amqp, &tiers).await {
+        eprintln!("sigrun dev: the queues under {} stay: {e}", amqp.prefix);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn start_emulator(settings: &Settings) -> anyhow::Result<Emulator> {
+    let e = &settings.emulator;
+    let world = match &e.world {
+        Some(path) => World::load(path).map_err(|err| input_error(anyhow::anyhow!(err)))?,
+        None => World::default_world(),
+    };
+    Emulator::start(EmulatorOptions {
+        world,
+        time_scale: e.time_scale,
+        seed: e.seed,
+        faults: e.faults.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("starting the Azure emulator")
+}
+
+/// The settings a process joining the stack reads: the emulator as Azure (its identity, its CA),
+/// its clock, the broker and the stack's prefix, the pipelines.
+fn config_text(settings: &Settings, amqp: &AmqpSettings, info: &EmulatorInfo) -> anyhow::Result<String> {
+    use toml::{Table, Value};
+    let table = |pairs: Vec<(&str, Value)>| -> Value {
+        Value::Table(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Table>())
+    };
+    let text = |s: &str| Value::String(s.to_string());
+    let e = &settings.emulator;
+    let pipelines = std::path::absolute(&settings.pipelines.dir)?;
+    let client = table(vec![
+        (
+            "credential",
+            table(vec![
+                ("kind", text("client_secret")),
+                ("tenant_id", text(&e.tenant_id)),
+                ("client_id", text(&e.client_id)),
+                ("client_secret", text(e.client_secret.expose())),
+            ]),
+        ),
+        (
+            "cloud",
+            table(vec![
+                ("authority_host", text(&info.base_url)),
+                ("resource_manager", text(&info.base_url)),
+            ]),
+        ),
+        ("extra_ca_cert", text(info.ca_cert.as_deref().unwrap_or_default())),
+    ]);
+    let config = table(vec![
+        (
+            "azure",
+            table(vec![
+                ("mode", text("azure")),
+                ("time_scale", Value::Float(e.time_scale)),
+                ("client", client),
+            ]),
+        ),
+        (
+            "amqp",
+            table(vec![("url", text(&amqp.url)), ("prefix", text(&amqp.prefix))]),
+        ),
+        (
+            "pipelines",
+            table(vec![("dir", text(&pipelines.display().to_string()))]),
+        ),
+    ]);
+    let mut out = String::from("# Written by `sigrun dev`: join its stack with `--config` this file.\n");
+    out.push_str(&toml::to_string(&config)?);
+    Ok(out)
+}
+
+fn spawn_worker(dir: &Path, config: &Path, n: u8) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join(format!("worker-{n}.log")))?;
+    Command::new(std::env::current_exe()?)
+        .arg("worker")
+        .arg("--all-stages")
+        .arg("--config")
+        .arg(config)
+        .arg("--metrics-listen")
+        .arg("127.0.0.1:0")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting a worker")
+}
+
+/// Where everything is, and what to type next.
+fn banner(info: &EmulatorInfo, config: &Path, dir: &Path, amqp: &AmqpSettings, workers: u8) -> String {
+    let config = config.display();
+    let mut out = String::new();
+    let _ = writeln!(out, "sigrun dev is up:");
+    let _ = writeln!(out, "  emulator   {} (control: {})", info.base_url, info.control_url);
+    let _ = writeln!(out, "  broker     {} (prefix {})", amqp.redacted_url(), amqp.prefix);
+    let _ = writeln!(
+        out,
+        "  workers    {workers}, every stage (logs: {}/worker-*.log)",
+        dir.display()
+    );
+    let _ = writeln!(out, "  config     {config}");
+    let _ = writeln!(out, "Next:");
+    let _ = writeln!(out, "  sigrun submit pipelines/nightly-ubuntu.toml --config {config}");
+    let _ = writeln!(out, "  sigrun watch --config {config}");
+    let _ = write!(out, "Stop with Ctrl-C.");
+    out
+}
+
+/// SIGTERM to each worker (they finish what they hold within their shutdown grace), then waits
+/// for them, killing one that is still there after 30 s.
+async fn stop_workers(workers: Vec<Child>) {
+    for worker in &workers {
+        let _ = Command::new("kill").arg("-TERM").arg(worker.id().to_string()).status();
+    }
+    for mut worker in workers {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while matches!(worker.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if matches!(worker.try_wait(), Ok(None)) {
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+    }
+}
