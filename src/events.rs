@@ -234,6 +234,20 @@ pub enum RunResult {
     },
 }
 
+impl RunResult {
+    /// Its name for people and pages (`succeeded with warnings`, `partly succeeded`, ...).
+    pub fn label(&self) -> &'static str {
+        match self {
+            RunResult::Running => "running",
+            RunResult::Succeeded => "succeeded",
+            RunResult::SucceededWithWarnings { .. } => "succeeded with warnings",
+            RunResult::PartlySucceeded { .. } => "partly succeeded",
+            RunResult::Failed { .. } => "failed",
+            RunResult::Cancelled { .. } => "cancelled",
+        }
+    }
+}
+
 /// Folds a run's events into its result: it has ended when every pool branch it started has ended
 /// (verified or failed, or skipped because its region failed) and, for a run that replicates, every
 /// region's replication has ended (completed or failed), or when the trunk failed — which may

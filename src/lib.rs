@@ -37,3 +37,4 @@ pub mod planner;
 pub mod runtime;
 pub mod stages;
 pub mod telemetry;
+pub mod ui;

@@ -110,3 +110,143 @@ async fn sigrun_dev_without_a_broker_says_how_to_start_one() {
         "names the broker and the fix: {err}"
     );
 }
+
+/// The value of the next SSE `data:` line of `stream` that satisfies `wanted`, within `limit`.
+async fn next_live(
+    response: &mut reqwest::Response,
+    buffer: &mut String,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+    limit: Duration,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let message: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = message.lines().find_map(|l| l.strip_prefix("data:")) {
+                let value: serde_json::Value = serde_json::from_str(data.trim()).expect("live data is JSON");
+                if wanted(&value) {
+                    return value;
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "nothing wanted came on /live within {limit:?}");
+        match tokio::time::timeout(left, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => buffer.push_str(&String::from_utf8_lossy(&chunk)),
+            other => panic!("/live ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_runs_page_shows_a_run_appear_and_finish_live_and_its_page_draws_every_lane() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stack = dir.path().join("stack").display().to_string();
+    let mut dev = Process::start(dir.path(), "dev", &["dev", "--dir", &stack, "--workers", "1"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dev.stdout_text().contains("Stop with Ctrl-C.") {
+        assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = banner_value(&dev.stdout_text(), "config").expect("config");
+    let mut ui = Process::start(
+        dir.path(),
+        "ui",
+        &["ui", "--listen", "127.0.0.1:0", "--config", &config],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ui.stdout_text().starts_with("http://") {
+        assert!(Instant::now() < deadline, "sigrun ui did not start{}", ui.report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = ui.stdout_text().trim().to_string();
+    let client = reqwest::Client::new();
+    let mut live = client.get(format!("{base}live")).send().await.expect("/live");
+    assert_eq!(live.status(), 200);
+    let mut buffer = String::new();
+
+    let mut submit = Process::start(
+        dir.path(),
+        "submit",
+        &["submit", "pipelines/nightly-ubuntu.toml", "--config", &config],
+        &[],
+    );
+    assert_eq!(
+        submit.wait(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        submit.report()
+    );
+    let run = support::run_id_printed(&submit).to_string();
+    let of_run = |v: &serde_json::Value| v["run"]["run_id"] == run.as_str();
+    let appeared = next_live(&mut live, &mut buffer, of_run, Duration::from_secs(30)).await;
+    assert_eq!(appeared["run"]["state"], "running", "{appeared}");
+    let finished = next_live(
+        &mut live,
+        &mut buffer,
+        |v| of_run(v) && v["run"]["state"] != "running",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(finished["run"]["state"], "succeeded", "{finished}");
+    assert!(
+        finished["row"]
+            .as_str()
+            .is_some_and(|row| row.contains(&format!("id=\"run-{run}\"")))
+    );
+
+    let runs = client.get(&base).send().await.expect("/");
+    let csp = runs.headers()["content-security-policy"]
+        .to_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+        "{csp}"
+    );
+    let runs = runs.text().await.expect("runs page");
+    assert!(
+        runs.contains(&format!("<tr id=\"run-{run}\" data-state=\"succeeded\">")),
+        "{runs}"
+    );
+
+    let page = client
+        .get(format!("{base}runs/{run}"))
+        .send()
+        .await
+        .expect("run page")
+        .text()
+        .await
+        .expect("text");
+    for (stage, lane) in [
+        ("snapshot", "trunk"),
+        ("image-create", "trunk"),
+        ("gallery-publish", "trunk"),
+        ("replicate", "trunk"),
+        ("pool-create", "westeurope/render"),
+        ("verify", "westeurope/render"),
+        ("pool-create", "eastus/sim"),
+        ("verify", "eastus/sim"),
+        ("image-create", "clean-up/snapshots"),
+        ("replicate", "clean-up/image"),
+    ] {
+        assert!(
+            page.contains(&format!("data-stage=\"{stage}\" data-lane=\"{lane}\"")),
+            "a {stage} bar on the {lane} lane: {page}"
+        );
+    }
+    assert!(
+        page.contains("https://portal.azure.com/#resource/subscriptions/"),
+        "portal links"
+    );
+    assert!(page.contains("/versions/"), "the version it created");
+    assert!(page.contains("deleted snapshot"), "what it deleted");
+    let missing = client.get(format!("{base}runs/not-a-run")).send().await.expect("404");
+    assert_eq!(missing.status(), 404);
+
+    ui.signal("TERM");
+    assert_eq!(ui.wait(Duration::from_secs(30)).await, Some(0), "{}", ui.report());
+    dev.signal("TERM");
+    assert_eq!(dev.wait(Duration::from_secs(60)).await, Some(0), "{}", dev.report());
+}

@@ -163,14 +163,7 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
 
 /// `running`, `succeeded`, `partly succeeded`, `failed`, `cancelled`.
 pub fn state(result: &RunResult) -> &'static str {
-    match result {
-        RunResult::Running => "running",
-        RunResult::Succeeded => "succeeded",
-        RunResult::SucceededWithWarnings { .. } => "succeeded with warnings",
-        RunResult::PartlySucceeded { .. } => "partly succeeded",
-        RunResult::Failed { .. } => "failed",
-        RunResult::Cancelled { .. } => "cancelled",
-    }
+    result.label()
 }
 
 /// The state with its reasons, on one line.

@@ -17,6 +17,7 @@ mod run;
 mod session;
 mod status;
 mod submit;
+mod ui;
 mod validate;
 mod watch;
 mod worker;
@@ -68,6 +69,8 @@ pub enum Command {
     Dlq(dlq::DlqArgs),
     /// Ask the workers to stop a run: each of its branches stops at its next step.
     Cancel(cancel::CancelArgs),
+    /// Serve the web page for runs: recent runs (live), each run's timeline, resources and events.
+    Ui(ui::UiArgs),
     /// A local stack in one command: the emulator, workers of every stage on the local broker
     /// (a private prefix), and the config file that joins them; prints a ready `submit` line.
     Dev(dev::DevArgs),
@@ -99,6 +102,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cancel(args) => cancel::run(args).await,
         Command::Prune(args) => prune::run(args).await,
         Command::Dev(args) => dev::run(args).await,
+        Command::Ui(args) => ui::run(args).await,
     }
 }
 
