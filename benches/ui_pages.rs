@@ -165,7 +165,9 @@ fn main() {
         pages::runs_page(&index.recent(&all, 200), &index.pipelines(), &all).len()
     });
     let one = Uuid::from_u128(runs as u128 / 2 + 1);
-    let run_page = timed(repeat, || pages::run_page(index.run(&one).expect("the run")).len());
+    let run_page = timed(repeat, || {
+        pages::run_page(index.run(&one).expect("the run"), false).len()
+    });
     println!(
         "{:<22} {:>10} {:>10} {:>10} {:>8}",
         "page", "median", "worst", "goal", "bytes"

@@ -250,3 +250,115 @@ async fn the_runs_page_shows_a_run_appear_and_finish_live_and_its_page_draws_eve
     dev.signal("TERM");
     assert_eq!(dev.wait(Duration::from_secs(60)).await, Some(0), "{}", dev.report());
 }
+
+/// `sigrun ui` on `config`, with `env`; its base URL once it serves.
+async fn ui_on(dir: &std::path::Path, name: &str, config: &str, env: &[(&str, &str)]) -> (Process, String) {
+    let mut ui = Process::start(dir, name, &["ui", "--listen", "127.0.0.1:0", "--config", config], env);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ui.stdout_text().starts_with("http://") {
+        assert!(Instant::now() < deadline, "sigrun ui did not start{}", ui.report());
+        if let Ok(Some(_)) = ui.child.try_wait() {
+            panic!("sigrun ui exited{}", ui.report());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let base = ui.stdout_text().trim().to_string();
+    (ui, base)
+}
+
+#[tokio::test]
+async fn cancelling_from_the_page_needs_the_token_and_then_stops_the_run() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let stack = dir.path().join("stack").display().to_string();
+    let mut dev = Process::start(dir.path(), "dev", &["dev", "--dir", &stack, "--workers", "1"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dev.stdout_text().contains("Stop with Ctrl-C.") {
+        assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = banner_value(&dev.stdout_text(), "config").expect("config");
+    let token = "s3cret-ui-token";
+    let (mut acting, base) = ui_on(dir.path(), "ui-token", &config, &[("SIGRUN_UI_TOKEN", token)]).await;
+    let (mut reading, read_only) = ui_on(dir.path(), "ui-read-only", &config, &[]).await;
+    let client = reqwest::Client::new();
+
+    let mut submit = Process::start(
+        dir.path(),
+        "submit",
+        &["submit", "pipelines/nightly-ubuntu.toml", "--config", &config],
+        &[],
+    );
+    assert_eq!(
+        submit.wait(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        submit.report()
+    );
+    let run = support::run_id_printed(&submit).to_string();
+    // The run is on the page (and running) once its first event has been read.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = client.get(format!("{base}runs/{run}")).send().await.expect("run page");
+        if page.status() == 200 {
+            let text = page.text().await.expect("text");
+            assert!(
+                text.contains("<form id=\"cancel\""),
+                "a page that may act offers the form"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run never showed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cancel = |base: &str, auth: Option<&str>| {
+        let mut request = client.post(format!("{base}runs/{run}/cancel"));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let refused = cancel(&read_only, Some(&format!("Bearer {token}")))
+        .await
+        .expect("post");
+    assert_eq!(refused.status(), 403, "a read-only page acts for no one");
+    assert_eq!(cancel(&base, None).await.expect("post").status(), 401, "no token");
+    assert_eq!(
+        cancel(&base, Some("Bearer wrong-token")).await.expect("post").status(),
+        401
+    );
+    let accepted = cancel(&base, Some(&format!("Bearer {token}"))).await.expect("post");
+    assert_eq!(accepted.status(), 202, "{:?}", accepted.text().await);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let runs = client
+            .get(&base)
+            .send()
+            .await
+            .expect("runs")
+            .text()
+            .await
+            .expect("text");
+        if runs.contains(&format!("<tr id=\"run-{run}\" data-state=\"cancelled\">")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run was not cancelled: {runs}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = cancel(&base, Some(&format!("Bearer {token}"))).await.expect("post");
+    assert_eq!(again.status(), 409, "an ended run is left alone");
+    assert!(
+        !acting.stderr_text().contains(token) && !acting.stdout_text().contains(token),
+        "the token never prints"
+    );
+
+    for process in [&mut acting, &mut reading, &mut dev] {
+        process.signal("TERM");
+        assert_eq!(
+            process.wait(Duration::from_secs(60)).await,
+            Some(0),
+            "{}",
+            process.report()
+        );
+    }
+}

@@ -5,13 +5,16 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
-use super::history;
+use super::{history, input_error};
+use crate::bus::Bus;
 use crate::bus::amqp::{AmqpBus, StreamOffset};
-use crate::ui::{Feed, UiServer};
+use crate::events::Event;
+use crate::ui::{Actions, ActionsAllowed, Feed, UiServer};
 
 #[derive(Debug, Args)]
 pub struct UiArgs {
@@ -21,15 +24,48 @@ pub struct UiArgs {
     /// Settings file overlaid on the defaults (`[amqp]`: the broker and prefix to show).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Allow actions (cancel a run) to callers sending `Authorization: Bearer TOKEN`; without
+    /// it the page is read-only. Best given in the environment, never on a shared command line.
+    #[arg(long, env = "SIGRUN_UI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// The page's actions, on the bus it reads.
+struct BusActions(Arc<AmqpBus>);
+
+#[async_trait::async_trait]
+impl Actions for BusActions {
+    async fn publish(&self, event: Event) -> Result<(), String> {
+        self.0.publish_event(&event).await.map_err(|e| e.to_string())
+    }
 }
 
 pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
+    let token = match args.token.as_deref().map(str::trim) {
+        Some("") => return Err(input_error(anyhow::anyhow!("--token / SIGRUN_UI_TOKEN is empty"))),
+        Some(token) if token.len() > 1024 => {
+            return Err(input_error(anyhow::anyhow!(
+                "--token / SIGRUN_UI_TOKEN is over 1024 bytes"
+            )));
+        }
+        other => other.map(str::to_string),
+    };
     let (bus, settings) = history::connect(args.config.as_deref(), "ui").await?;
+    let bus = Arc::new(bus);
     let feed = Feed::default();
-    let server = UiServer::start(args.listen, feed.clone()).await?;
+    let allowed = token.map(|token| ActionsAllowed {
+        token,
+        actions: Arc::new(BusActions(Arc::clone(&bus))),
+    });
+    let actions = if allowed.is_some() {
+        "cancel with the token"
+    } else {
+        "read-only"
+    };
+    let server = UiServer::start(args.listen, feed.clone(), allowed).await?;
     println!("http://{}/", server.local_addr());
     eprintln!(
-        "sigrun ui: serving the runs of prefix `{}` on {} at http://{}/ (Ctrl-C to stop)",
+        "sigrun ui: serving the runs of prefix `{}` on {} at http://{}/, {actions} (Ctrl-C to stop)",
         settings.amqp.prefix,
         settings.amqp.redacted_url(),
         server.local_addr()

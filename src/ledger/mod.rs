@@ -115,6 +115,9 @@ struct Shared {
     /// Records read so far; bumped after each is folded in, so waiters can look again.
     read: watch::Sender<u64>,
     markers: Mutex<HashMap<Uuid, oneshot::Sender<()>>>,
+    /// Told when a catch-up's marker was not read in time: the tail's reader, whatever it waits
+    /// on, is given up and the history opened again where it left off.
+    reopen: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -140,6 +143,7 @@ impl Ledger {
             book: Mutex::new(Book::default()),
             read: watch::Sender::new(0),
             markers: Mutex::new(HashMap::new()),
+            reopen: tokio::sync::Notify::new(),
         });
         let tail = tokio::spawn(tail(Arc::clone(&bus), Arc::clone(&shared), observer));
         Ledger {
@@ -174,6 +178,9 @@ impl Ledger {
         .await;
         if caught_up.is_err() {
             lock(&self.shared.markers).remove(&marker);
+            // The marker went out but the reader never gave it back: a reader left on a link
+            // that stopped delivering without closing. The next catch-up reads through a new one.
+            self.shared.reopen.notify_one();
         }
         caught_up
     }
@@ -375,7 +382,14 @@ async fn tail(bus: Arc<dyn Bus>, shared: Arc<Shared>, observer: Option<Arc<dyn O
             }
         };
         loop {
-            match reader.next_record().await {
+            let next = tokio::select! {
+                next = reader.next_record() => next,
+                () = shared.reopen.notified() => {
+                    warn!("ledger: the history reader delivered no marker in time; opening it again");
+                    break;
+                }
+            };
+            match next {
                 None => break,
                 Some(Ok((at, record))) => {
                     offset = StreamOffset::At(at + 1);

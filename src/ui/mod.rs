@@ -2,8 +2,11 @@
 //! from the events stream. `/` lists recent runs (filter by pipeline and state) and stays live
 //! through `/live` (Server-Sent Events: one stream per viewer from the index's broadcast, never a
 //! broker connection per viewer); `/runs/{id}` draws one run's timeline, resources and events.
-//! Read-only. Every answer carries a Content-Security-Policy that allows the page's own script and
-//! style only, and every text from a message is escaped (`pages::escape`).
+//! Read-only unless started with a token: then `POST /runs/{id}/cancel` with `Authorization:
+//! Bearer TOKEN` asks the workers to stop the run (as `sigrun cancel` does); without a token every
+//! action is 403, with a wrong or missing one 401. Every answer carries a Content-Security-Policy
+//! that allows the page's own script and style only, and every text from a message is escaped
+//! (`pages::escape`).
 
 pub mod index;
 pub mod pages;
@@ -23,7 +26,7 @@ use serde::Deserialize;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use self::index::{Filter, RunIndex, RunSummary};
-use crate::events::Event;
+use crate::events::{Event, EventKind};
 
 /// Runs the runs page lists.
 const PAGE_RUNS: usize = 200;
@@ -58,11 +61,26 @@ impl Feed {
     }
 }
 
-/// What the handlers share: the feed, and whether the server is closing (live streams end then,
-/// so a graceful stop does not wait on viewers that never leave).
+/// What the page may ask of the workers: publish an event into the run history (a cancel
+/// request). The command wires it to the bus.
+#[async_trait::async_trait]
+pub trait Actions: Send + Sync {
+    async fn publish(&self, event: Event) -> Result<(), String>;
+}
+
+/// Who may act, and how: the token callers must send, and the bus behind it.
+#[derive(Clone)]
+pub struct ActionsAllowed {
+    pub token: String,
+    pub actions: Arc<dyn Actions>,
+}
+
+/// What the handlers share: the feed, who may act, and whether the server is closing (live
+/// streams end then, so a graceful stop does not wait on viewers that never leave).
 #[derive(Clone)]
 struct Shared {
     feed: Feed,
+    allowed: Option<ActionsAllowed>,
     closing: watch::Receiver<bool>,
 }
 
@@ -75,19 +93,21 @@ pub struct UiServer {
 }
 
 impl UiServer {
-    pub async fn start(listen: SocketAddr, feed: Feed) -> std::io::Result<UiServer> {
+    pub async fn start(listen: SocketAddr, feed: Feed, allowed: Option<ActionsAllowed>) -> std::io::Result<UiServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
         let (closing, closing_rx) = watch::channel(false);
         let app = Router::new()
             .route("/", get(runs))
             .route("/runs/{id}", get(run))
+            .route("/runs/{id}/cancel", axum::routing::post(cancel))
             .route("/live", get(live))
             .route("/app.js", get(script))
             .route("/style.css", get(style))
             .layer(axum::middleware::map_response(secure))
             .with_state(Shared {
                 feed,
+                allowed,
                 closing: closing_rx,
             });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -158,9 +178,69 @@ async fn run(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
     let index = feed.index.read().unwrap_or_else(|p| p.into_inner());
     let found = uuid::Uuid::parse_str(&id).ok().and_then(|id| index.run(&id));
     match found {
-        Some(entry) => html(pages::run_page(entry)),
+        Some(entry) => html(pages::run_page(entry, shared.allowed.is_some())),
         None => (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response(),
     }
+}
+
+/// Asks the workers to stop a running run, for a caller with the token.
+async fn cancel(State(shared): State<Shared>, Path(id): Path<String>, headers: axum::http::HeaderMap) -> Response {
+    let Some(allowed) = &shared.allowed else {
+        return (
+            StatusCode::FORBIDDEN,
+            "read-only: this page was started without a token\n",
+        )
+            .into_response();
+    };
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if !sent.is_some_and(|sent| same_secret(sent, &allowed.token)) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            "a valid `Authorization: Bearer TOKEN` is needed\n",
+        )
+            .into_response();
+    }
+    let request = {
+        let index = shared.feed.index.read().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = uuid::Uuid::parse_str(&id).ok().and_then(|id| index.run(&id)) else {
+            return (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response();
+        };
+        if entry.summary.state != "running" {
+            return (
+                StatusCode::CONFLICT,
+                format!("the run has already ended ({})\n", entry.summary.state),
+            )
+                .into_response();
+        }
+        let first = &entry.events[0];
+        crate::admission::trunk_event(
+            first.run_id,
+            &first.pipeline,
+            &first.version,
+            first.stage,
+            EventKind::CancelRequested,
+        )
+    };
+    match allowed.actions.publish(request).await {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            "cancel requested: each branch stops at its next step\n",
+        )
+            .into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the cancel request was not published: {error}\n"),
+        )
+            .into_response(),
+    }
+}
+
+/// Whether `sent` is the token, comparing every byte (no early exit on the first difference).
+fn same_secret(sent: &str, token: &str) -> bool {
+    sent.len() == token.len() && sent.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// Each run's summary as it changes: an SSE `run` event with the summary as JSON and the row as

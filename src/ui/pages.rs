@@ -101,8 +101,9 @@ pub fn runs_page(runs: &[RunSummary], pipelines: &[String], filter: &Filter) -> 
     page("Runs", &body)
 }
 
-/// One run: its result, a timeline of its branches, what it created and deleted, its events.
-pub fn run_page(run: &RunEntry) -> String {
+/// One run: its result, a timeline of its branches, what it created and deleted, its events;
+/// a cancel form when the page may act and the run is still going.
+pub fn run_page(run: &RunEntry, actions: bool) -> String {
     let s = &run.summary;
     let result = run_result(&run.events);
     let mut body = format!(
@@ -113,6 +114,14 @@ pub fn run_page(run: &RunEntry) -> String {
         escape(&format!("{result:?}"))
     );
     let _ = write!(body, "<p>run {} · started {}</p>", s.run_id, time_text(s.started));
+    if actions && s.state == "running" {
+        let _ = write!(
+            body,
+            "<form id=\"cancel\" data-run=\"{}\"><input type=\"password\" name=\"token\" placeholder=\"token\" \
+             autocomplete=\"off\"><button>Cancel this run</button><output></output></form>",
+            s.run_id
+        );
+    }
     body.push_str(&timeline(&run.events));
     body.push_str(&resources(&run.events));
     body.push_str(&event_table(&run.events));
@@ -242,7 +251,7 @@ mod tests {
         index.apply(event(EventKind::RunFailed {
             reason: "<script>alert(1)</script>".into(),
         }));
-        let page = run_page(index.run(&Uuid::from_u128(1)).unwrap());
+        let page = run_page(index.run(&Uuid::from_u128(1)).unwrap(), false);
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{page}");
         assert!(!page.contains("<script>alert"), "{page}");
     }

@@ -23,3 +23,22 @@
     }
   });
 })();
+
+// The run page's cancel form (present only when the page may act): the token goes as a header,
+// never in the URL; the server's answer is shown as text.
+(function () {
+  const form = document.getElementById("cancel");
+  if (!form) return;
+  form.addEventListener("submit", function (e) {
+    e.preventDefault();
+    const token = form.elements.token.value;
+    fetch("/runs/" + form.dataset.run + "/cancel", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + token },
+    }).then(function (answer) {
+      return answer.text().then(function (text) {
+        form.querySelector("output").textContent = answer.status + " " + text;
+      });
+    });
+  });
+})();
