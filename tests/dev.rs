@@ -11,6 +11,31 @@ use std::time::{Duration, Instant};
 
 use support::Process;
 
+/// `sigrun dev` with one worker in `dir`, once its banner says it is up.
+async fn dev_stack(dir: &std::path::Path) -> Process {
+    let stack = dir.join("stack").display().to_string();
+    let dev = Process::start(dir, "dev", &["dev", "--dir", &stack, "--workers", "1"], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !dev.stdout_text().contains("Stop with Ctrl-C.") {
+        assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    dev
+}
+
+/// `sigrun submit` of the nightly on the stack of `config`; the run id it printed.
+async fn submit_nightly(dir: &std::path::Path, config: &str) -> String {
+    let args = ["submit", "pipelines/nightly-ubuntu.toml", "--config", config];
+    let mut submit = Process::start(dir, "submit", &args, &[]);
+    assert_eq!(
+        submit.wait(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        submit.report()
+    );
+    support::run_id_printed(&submit).to_string()
+}
+
 /// The value after `label` on the banner's lines (`  config     /path`).
 fn banner_value(banner: &str, label: &str) -> Option<String> {
     banner
@@ -22,14 +47,7 @@ fn banner_value(banner: &str, label: &str) -> Option<String> {
 #[tokio::test]
 async fn sigrun_dev_brings_up_a_stack_a_submitted_nightly_runs_on_and_stops_clean() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let stack = dir.path().join("stack");
-    let stack_arg = stack.display().to_string();
-    let mut dev = Process::start(dir.path(), "dev", &["dev", "--dir", &stack_arg, "--workers", "1"], &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dev.stdout_text().contains("Stop with Ctrl-C.") {
-        assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut dev = dev_stack(dir.path()).await;
     let banner = dev.stdout_text();
     let config = banner_value(&banner, "config").expect("the banner names the config");
     let prefix = banner_value(&banner.replace("(prefix ", "\nprefix "), "prefix")
@@ -141,44 +159,15 @@ async fn next_live(
 #[tokio::test]
 async fn the_runs_page_shows_a_run_appear_and_finish_live_and_its_page_draws_every_lane() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let stack = dir.path().join("stack").display().to_string();
-    let mut dev = Process::start(dir.path(), "dev", &["dev", "--dir", &stack, "--workers", "1"], &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dev.stdout_text().contains("Stop with Ctrl-C.") {
-        assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut dev = dev_stack(dir.path()).await;
     let config = banner_value(&dev.stdout_text(), "config").expect("config");
-    let mut ui = Process::start(
-        dir.path(),
-        "ui",
-        &["ui", "--listen", "127.0.0.1:0", "--config", &config],
-        &[],
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ui.stdout_text().starts_with("http://") {
-        assert!(Instant::now() < deadline, "sigrun ui did not start{}", ui.report());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let base = ui.stdout_text().trim().to_string();
+    let (mut ui, base) = ui_on(dir.path(), "ui", &config, &[]).await;
     let client = reqwest::Client::new();
     let mut live = client.get(format!("{base}live")).send().await.expect("/live");
     assert_eq!(live.status(), 200);
     let mut buffer = String::new();
 
-    let mut submit = Process::start(
-        dir.path(),
-        "submit",
-        &["submit", "pipelines/nightly-ubuntu.toml", "--config", &config],
-        &[],
-    );
-    assert_eq!(
-        submit.wait(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        submit.report()
-    );
-    let run = support::run_id_printed(&submit).to_string();
+    let run = submit_nightly(dir.path(), &config).await;
     let of_run = |v: &serde_json::Value| v["run"]["run_id"] == run.as_str();
     let appeared = next_live(&mut live, &mut buffer, of_run, Duration::from_secs(30)).await;
     assert_eq!(appeared["run"]["state"], "running", "{appeared}");
@@ -269,32 +258,14 @@ async fn ui_on(dir: &std::path::Path, name: &str, config: &str, env: &[(&str, &s
 #[tokio::test]
 async fn cancelling_from_the_page_needs_the_token_and_then_stops_the_run() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let stack = dir.path().join("stack").display().to_string();
-    let mut dev = Process::start(dir.path(), "dev", &["dev", "--dir", &stack, "--workers", "1"], &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !dev.stdout_text().contains("Stop with Ctrl-C.") {
-        assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut dev = dev_stack(dir.path()).await;
     let config = banner_value(&dev.stdout_text(), "config").expect("config");
     let token = "s3cret-ui-token";
     let (mut acting, base) = ui_on(dir.path(), "ui-token", &config, &[("SIGRUN_UI_TOKEN", token)]).await;
     let (mut reading, read_only) = ui_on(dir.path(), "ui-read-only", &config, &[]).await;
     let client = reqwest::Client::new();
 
-    let mut submit = Process::start(
-        dir.path(),
-        "submit",
-        &["submit", "pipelines/nightly-ubuntu.toml", "--config", &config],
-        &[],
-    );
-    assert_eq!(
-        submit.wait(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        submit.report()
-    );
-    let run = support::run_id_printed(&submit).to_string();
+    let run = submit_nightly(dir.path(), &config).await;
     // The run is on the page (and running) once its first event has been read.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

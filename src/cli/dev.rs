@@ -16,7 +16,7 @@ use clap::Args;
 use super::input_error;
 use crate::bus::amqp::{AmqpBus, AmqpSettings};
 use crate::config::{Mode, Settings};
-use crate::emulator::{Emulator, EmulatorInfo, EmulatorOptions, World};
+use crate::emulator::EmulatorInfo;
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -52,7 +52,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         ))
     })?;
     bus.close().await;
-    let emulator = start_emulator(&settings).await?;
+    let emulator = super::session::start_emulator(&settings.emulator).await?;
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let dir = args.dir.canonicalize()?;
     let config = dir.join("sigrun.toml");
@@ -71,23 +71,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         eprintln!("sigrun dev: the queues under {} stay: {e}", amqp.prefix);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn start_emulator(settings: &Settings) -> anyhow::Result<Emulator> {
-    let e = &settings.emulator;
-    let world = match &e.world {
-        Some(path) => World::load(path).map_err(|err| input_error(anyhow::anyhow!(err)))?,
-        None => World::default_world(),
-    };
-    Emulator::start(EmulatorOptions {
-        world,
-        time_scale: e.time_scale,
-        seed: e.seed,
-        faults: e.faults.clone(),
-        ..Default::default()
-    })
-    .await
-    .context("starting the Azure emulator")
 }
 
 /// The settings a process joining the stack reads: the emulator as Azure (its identity, its CA),

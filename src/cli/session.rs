@@ -49,19 +49,7 @@ impl Session {
             ),
             Mode::Emulator => {
                 let e = &settings.emulator;
-                let world = match &e.world {
-                    Some(path) => World::load(path).map_err(|err| super::input_error(anyhow::anyhow!(err)))?,
-                    None => World::default_world(),
-                };
-                let emulator = Emulator::start(EmulatorOptions {
-                    world,
-                    time_scale: e.time_scale,
-                    seed: e.seed,
-                    faults: e.faults.clone(),
-                    ..Default::default()
-                })
-                .await
-                .context("starting the built-in Azure emulator")?;
+                let emulator = start_emulator(e).await?;
                 let info = emulator.info();
                 let mut azure = AzureSettings::new(CredentialSettings::ClientSecret {
                     tenant_id: e.tenant_id.clone(),
@@ -97,4 +85,22 @@ impl Session {
             telemetry: settings.telemetry,
         })
     }
+}
+
+/// The built-in emulator as `[emulator]` describes it (world, time scale, seed, faults), on a
+/// free loopback port: what `sigrun run` and `sigrun dev` start.
+pub async fn start_emulator(e: &crate::config::EmulatorSettings) -> anyhow::Result<Emulator> {
+    let world = match &e.world {
+        Some(path) => World::load(path).map_err(|err| super::input_error(anyhow::anyhow!(err)))?,
+        None => World::default_world(),
+    };
+    Emulator::start(EmulatorOptions {
+        world,
+        time_scale: e.time_scale,
+        seed: e.seed,
+        faults: e.faults.clone(),
+        ..Default::default()
+    })
+    .await
+    .context("starting the built-in Azure emulator")
 }

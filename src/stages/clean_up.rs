@@ -16,19 +16,16 @@
 
 use std::time::Duration;
 
-use super::common::{wait, wait_step};
+use super::common::{SideEffectRetry, retry_side_effect, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::ResourceState;
-use crate::azure::{AzureError, ErrorClass, ProvisioningState};
+use crate::azure::{AzureError, ProvisioningState};
 use crate::events::{DeletedKind, EventKind};
 use crate::model::envelope::{Branch, Envelope, Intermediate, Phase, message_id};
 use crate::model::ids::{ImageId, SnapshotId};
 use crate::model::spec::{Intermediates, duration};
 
 const WHAT: Phase = Phase::Delete;
-
-/// Failed looks in a row after which the branch gives up (with a warning).
-const MAX_FAILURES: u32 = 5;
 
 /// How long (Azure time) deletes may take before the branch gives up on them.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(3600);
@@ -184,24 +181,11 @@ fn finished(what: Intermediate, failed: Option<String>) -> Step {
     Step::new(Outcome::Done).with(EventKind::CleanUpFinished { what, failed })
 }
 
-/// A look that failed: tried again with backoff (at least Azure's Retry-After), then given up
-/// with a warning.
-fn failed(mut message: Envelope, what: Intermediate, error: &AzureError, ctx: &StepContext<'_>) -> Step {
-    let failures = message.artifacts.side_effect_failures.saturating_add(1);
-    if error.class() == ErrorClass::Permanent || failures >= MAX_FAILURES {
-        tracing::warn!(%error, failures, "deleting intermediates failed; the run goes on with a warning");
-        return finished(what, Some(format!("deleting {}: {error}", what.as_str())));
+/// A look that failed: tried again with backoff, then given up with a warning.
+fn failed(message: Envelope, what: Intermediate, error: &AzureError, ctx: &StepContext<'_>) -> Step {
+    let doing = format!("deleting {}", what.as_str());
+    match retry_side_effect(message, WHAT, error, &doing, ctx) {
+        SideEffectRetry::GiveUp => finished(what, Some(format!("{doing}: {error}"))),
+        SideEffectRetry::Again(step) => step,
     }
-    message.artifacts.side_effect_failures = failures;
-    let backoff = ctx
-        .settings
-        .default_poll()
-        .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0);
-    let delay = backoff.max(error.retry_after.unwrap_or_default());
-    let mut step = Step::new(wait(message, WHAT, Vec::new(), delay, ctx.now));
-    step.events.push(EventKind::Retried {
-        attempt: failures,
-        error: format!("deleting {}: {error}", what.as_str()),
-    });
-    step
 }

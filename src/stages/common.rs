@@ -187,3 +187,44 @@ pub fn target_regions(plan: &Plan, except: &[&str]) -> Vec<TargetRegion> {
         })
         .collect()
 }
+
+/// Failed looks in a row after which a side effect (retiring previous pools, deleting
+/// intermediates) gives up with a warning.
+const SIDE_EFFECT_MAX_FAILURES: u32 = 5;
+
+/// What follows a side effect's failed look.
+pub enum SideEffectRetry {
+    /// Azure refused for good, or it failed too many times in a row: report it and end.
+    GiveUp,
+    /// Look again on `what` after a backoff (at least Azure's Retry-After), with its `Retried`.
+    Again(Step),
+}
+
+/// The one retry rule of the side effects that never fail their branch (`doing` names the effect
+/// in the `Retried` event): backoff doubling from a quarter of the default poll, counted in
+/// `artifacts.side_effect_failures`.
+pub fn retry_side_effect(
+    mut message: Envelope,
+    what: Phase,
+    error: &AzureError,
+    doing: &str,
+    ctx: &StepContext<'_>,
+) -> SideEffectRetry {
+    let failures = message.artifacts.side_effect_failures.saturating_add(1);
+    if error.class() == crate::azure::ErrorClass::Permanent || failures >= SIDE_EFFECT_MAX_FAILURES {
+        tracing::warn!(%error, failures, "{doing} failed; the run goes on with a warning");
+        return SideEffectRetry::GiveUp;
+    }
+    message.artifacts.side_effect_failures = failures;
+    let backoff = ctx
+        .settings
+        .default_poll()
+        .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0);
+    let delay = backoff.max(error.retry_after.unwrap_or_default());
+    SideEffectRetry::Again(
+        Step::new(wait(message, what, Vec::new(), delay, ctx.now)).with(EventKind::Retried {
+            attempt: failures,
+            error: format!("{doing}: {error}"),
+        }),
+    )
+}

@@ -23,10 +23,10 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::common::wait;
+use super::common::{SideEffectRetry, retry_side_effect, wait};
 use super::{Outcome, Runs, Step, StepContext, retention};
 use crate::azure::api::PoolInfo;
-use crate::azure::{AllocationState, AzureError, ErrorClass, PoolState};
+use crate::azure::{AllocationState, AzureError, PoolState};
 use crate::events::{DeletedKind, EventKind};
 use crate::model::envelope::{Branch, Envelope, Phase};
 use crate::model::rules::ImageVersion;
@@ -37,9 +37,6 @@ const RETIRING: Phase = Phase::Retire;
 
 /// The pool metadata key verify sets on a pool once it verified.
 pub const VERIFIED: &str = "sigrun-verified";
-
-/// Failed looks (in a row) after which the phase reports the failure and ends.
-const MAX_FAILURES: u32 = 5;
 
 /// Whether the message is in the retire phase.
 pub fn is_retiring(message: &Envelope) -> bool {
@@ -245,30 +242,21 @@ fn finished(mut events: Vec<EventKind>) -> Step {
     step
 }
 
-/// A look that failed: tried again with backoff (at least the Retry-After Azure gave), then
-/// reported. The branch's pool verified, so the branch ends well either way.
-fn failed(mut message: Envelope, mut events: Vec<EventKind>, error: &AzureError, ctx: &StepContext<'_>) -> Step {
-    let failures = message.artifacts.side_effect_failures.saturating_add(1);
-    if error.class() == ErrorClass::Permanent || failures >= MAX_FAILURES {
-        tracing::warn!(%error, failures, "retiring previous pools failed; the run succeeds with a warning");
-        events.push(EventKind::RetirementFailed {
-            reason: error.to_string(),
-        });
-        return finished(events);
+/// A look that failed: tried again with backoff, then reported. The branch's pool verified, so
+/// the branch ends well either way; what this look retired is recorded either way.
+fn failed(message: Envelope, mut events: Vec<EventKind>, error: &AzureError, ctx: &StepContext<'_>) -> Step {
+    match retry_side_effect(message, RETIRING, error, "retiring previous pools", ctx) {
+        SideEffectRetry::GiveUp => {
+            events.push(EventKind::RetirementFailed {
+                reason: error.to_string(),
+            });
+            finished(events)
+        }
+        SideEffectRetry::Again(mut step) => {
+            step.events.splice(0..0, events);
+            step
+        }
     }
-    message.artifacts.side_effect_failures = failures;
-    let backoff = ctx
-        .settings
-        .default_poll()
-        .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0);
-    let delay = backoff.max(error.retry_after.unwrap_or_default());
-    let mut step = Step::new(wait(message, RETIRING, Vec::new(), delay, ctx.now));
-    step.events = events;
-    step.events.push(EventKind::Retried {
-        attempt: failures,
-        error: format!("retiring previous pools: {error}"),
-    });
-    step
 }
 
 #[cfg(test)]

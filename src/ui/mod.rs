@@ -55,10 +55,6 @@ impl Feed {
         let summary = self.index.write().unwrap_or_else(|p| p.into_inner()).apply(event);
         let _ = self.changes.send(summary);
     }
-
-    pub fn runs(&self) -> usize {
-        self.index.read().unwrap_or_else(|p| p.into_inner()).len()
-    }
 }
 
 /// What the page may ask of the workers: publish an event into the run history (a cancel

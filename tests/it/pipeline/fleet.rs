@@ -106,15 +106,7 @@ async fn forty_nightlies_leave_only_what_retention_keeps() {
     assert!(left.is_empty(), "intermediates left behind: {left:?}");
 
     // Versions: the newest K, plus those a pool uses.
-    let versions = az
-        .arm_list(&format!("{NIGHTLY_DEFINITION}/versions"), GALLERY_API)
-        .await;
-    let mut names: Vec<String> = versions
-        .iter()
-        .filter(|v| v["properties"]["provisioningState"] != "Deleting")
-        .filter_map(|v| v["name"].as_str().map(str::to_string))
-        .collect();
-    names.sort();
+    let names = live_versions(&az).await;
     let mut pools = az.pools("sigrunweu").await;
     pools.extend(az.pools("sigruneus").await);
     let used: Vec<String> = pools
