@@ -166,7 +166,7 @@ fn main() {
     });
     let one = Uuid::from_u128(runs as u128 / 2 + 1);
     let run_page = timed(repeat, || {
-        pages::run_page(index.run(&one).expect("the run"), false).len()
+        pages::run_page(index.run(&one).expect("the run"), Some(Ok(Vec::new())), false).len()
     });
     println!(
         "{:<22} {:>10} {:>10} {:>10} {:>8}",

@@ -15,8 +15,10 @@
 //! - [`runtime`]: consume → step → publish → ack, retries, delays, parking.
 //! - [`stages`]: the six stages as state machines over the Azure trait.
 //! - [`telemetry`]: Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`dlq`]: a parked message read for people, and putting it back (`sigrun dlq`, the web page).
 //! - [`input_file`]: reading the files a user points at, regular files only, bounded.
 //! - [`config`]: settings: defaults, a file, `SIGRUN__SECTION__KEY` variables.
+//! - [`ui`]: the web page for runs and the fleet (`sigrun ui`, `sigrun dev`).
 //! - [`cli`]: the command line; the only place that wires everything together.
 //! - [`emulator`]: the built-in Azure emulator (AAD, ARM, Compute Gallery, Batch) used by tests and
 //!   dry runs; it shares no code with the rest.
@@ -28,6 +30,7 @@ pub mod azure;
 pub mod bus;
 pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod emulator;
 pub mod events;
 pub mod input_file;

@@ -14,7 +14,12 @@ use support::Process;
 /// `sigrun dev` with one worker in `dir`, once its banner says it is up.
 async fn dev_stack(dir: &std::path::Path) -> Process {
     let stack = dir.join("stack").display().to_string();
-    let dev = Process::start(dir, "dev", &["dev", "--dir", &stack, "--workers", "1"], &[]);
+    let dev = Process::start(
+        dir,
+        "dev",
+        &["dev", "--dir", &stack, "--workers", "1", "--ui-listen", "127.0.0.1:0"],
+        &[],
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !dev.stdout_text().contains("Stop with Ctrl-C.") {
         assert!(Instant::now() < deadline, "sigrun dev did not come up{}", dev.report());
@@ -273,8 +278,8 @@ async fn cancelling_from_the_page_needs_the_token_and_then_stops_the_run() {
         if page.status() == 200 {
             let text = page.text().await.expect("text");
             assert!(
-                text.contains("<form id=\"cancel\""),
-                "a page that may act offers the form"
+                text.contains("<button id=\"cancel\"") && text.contains("id=\"token\""),
+                "a page that may act offers the button and a token field"
             );
             break;
         }

@@ -1,8 +1,9 @@
 //! `sigrun dev`: a whole local stack in one command, for trying sigrun out and for developing it:
 //! the Azure emulator (in this process), `--workers` worker processes of every stage on the local
-//! RabbitMQ broker under a private prefix, and the config file that `submit`, `status`, `watch`,
-//! `dlq`, `cancel` and further workers need to join them. It prints where everything is and a
-//! ready `sigrun submit` line, then runs until SIGINT or SIGTERM, when it stops the workers
+//! RabbitMQ broker under a private prefix, the web page (`sigrun ui`'s, in this process, its fleet
+//! page reading the emulator), and the config file that `submit`, `status`, `watch`, `dlq`,
+//! `cancel` and further workers need to join them. It prints where everything is and a ready
+//! `sigrun submit` line, then runs until SIGINT or SIGTERM, when it stops the page, the workers
 //! (SIGTERM: they finish what they hold), the emulator, and removes its prefix's queues.
 
 use std::fmt::Write as _;
@@ -17,6 +18,7 @@ use super::input_error;
 use crate::bus::amqp::{AmqpBus, AmqpSettings};
 use crate::config::{Mode, Settings};
 use crate::emulator::EmulatorInfo;
+use crate::ui::fleet::FleetSource;
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -30,9 +32,17 @@ pub struct DevArgs {
     /// seed, faults, world, identity), `[pipelines] dir`.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Where to serve the web page (port 0: any free port, printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub ui_listen: std::net::SocketAddr,
+    /// Allow the page's actions (cancel, replay) to callers sending `Authorization: Bearer
+    /// TOKEN`; read-only without it.
+    #[arg(long, env = "SIGRUN_UI_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let token = super::ui::checked_token(args.token.as_deref())?;
     let settings = Settings::load(args.config.as_deref()).map_err(input_error)?;
     if settings.azure.mode != Mode::Emulator {
         return Err(input_error(anyhow::anyhow!(
@@ -62,15 +72,47 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     for n in 1..=args.workers {
         workers.push(spawn_worker(&dir, &config, n)?);
     }
-    println!("{}", banner(emulator.info(), &config, &dir, &amqp, args.workers));
+    let page = serve_page(&config, &amqp, &tiers, args.ui_listen, token).await;
+    let page = match page {
+        Ok(page) => page,
+        Err(error) => {
+            stop_workers(workers).await;
+            emulator.shutdown().await;
+            return Err(error);
+        }
+    };
+    println!(
+        "{}",
+        banner(emulator.info(), &config, &dir, &amqp, args.workers, &page.url())
+    );
     super::emulator::wait_for_signal().await?;
     eprintln!("sigrun dev: stopping");
+    page.stop().await;
     stop_workers(workers).await;
     emulator.shutdown().await;
     if let Err(e) = AmqpBus::delete_topology(&amqp, &tiers).await {
         eprintln!("sigrun dev: the queues under {} stay: {e}", amqp.prefix);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The web page over the stack's prefix, its fleet page reading the emulator as the workers do
+/// (through the config they were given).
+async fn serve_page(
+    config: &Path,
+    amqp: &AmqpSettings,
+    tiers: &[Duration],
+    listen: std::net::SocketAddr,
+    token: Option<String>,
+) -> anyhow::Result<super::ui::Served> {
+    let joined = Settings::load(Some(config)).map_err(input_error)?;
+    let session = super::session::Session::from_settings(joined.clone()).await?;
+    let azure: std::sync::Arc<dyn crate::azure::AzureApi> = session.azure;
+    let fleet = std::sync::Arc::new(FleetSource::new(azure, joined.pipelines.dir.clone()));
+    let bus = AmqpBus::connect(amqp.clone(), tiers.to_vec()).await?;
+    super::ui::serve(std::sync::Arc::new(bus), listen, token, Some(fleet), None)
+        .await
+        .with_context(|| format!("serving the web page on {listen}"))
 }
 
 /// The settings a process joining the stack reads: the emulator as Azure (its identity, its CA),
@@ -142,7 +184,7 @@ fn spawn_worker(dir: &Path, config: &Path, n: u8) -> anyhow::Result<Child> {
 }
 
 /// Where everything is, and what to type next.
-fn banner(info: &EmulatorInfo, config: &Path, dir: &Path, amqp: &AmqpSettings, workers: u8) -> String {
+fn banner(info: &EmulatorInfo, config: &Path, dir: &Path, amqp: &AmqpSettings, workers: u8, page: &str) -> String {
     let config = config.display();
     let mut out = String::new();
     let _ = writeln!(out, "sigrun dev is up:");
@@ -154,6 +196,7 @@ fn banner(info: &EmulatorInfo, config: &Path, dir: &Path, amqp: &AmqpSettings, w
         dir.display()
     );
     let _ = writeln!(out, "  config     {config}");
+    let _ = writeln!(out, "  web page   {page}");
     let _ = writeln!(out, "Next:");
     let _ = writeln!(out, "  sigrun submit pipelines/nightly-ubuntu.toml --config {config}");
     let _ = writeln!(out, "  sigrun watch --config {config}");

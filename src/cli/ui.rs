@@ -1,6 +1,9 @@
-//! `sigrun ui [--listen ADDR]`: the web page for runs (`crate::ui`) over the configured prefix's
-//! events stream: reads it from the oldest kept event, then follows it (reopening where it left
-//! off when the connection drops), and serves until SIGINT or SIGTERM. Prints the page's URL.
+//! `sigrun ui [--listen ADDR]`: the web page for runs and the fleet (`crate::ui`) over the
+//! configured prefix's events stream and parking queue: reads the stream from the oldest kept
+//! event, then follows it (reopening where it left off when the connection drops), and serves
+//! until SIGINT or SIGTERM. The fleet page reads Azure when the settings point at it (`[azure]
+//! mode = "azure"`, as `sigrun dev`'s config does). Prints the page's URL. [`serve`] is the same
+//! page for `sigrun dev`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,72 +14,181 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{history, input_error};
+use crate::azure::AzureApi;
 use crate::bus::Bus;
 use crate::bus::amqp::{AmqpBus, StreamOffset};
+use crate::config::Mode;
+use crate::dlq::Parked;
 use crate::events::Event;
-use crate::ui::{Actions, ActionsAllowed, Feed, UiServer};
+use crate::ui::fleet::FleetSource;
+use crate::ui::{Actions, ActionsAllowed, Backends, Feed, ParkedView, Parking, ReplayRefused, UiServer};
+
+/// Parked messages a look reads at most (the oldest).
+const PARKED_LIMIT: usize = 1_000;
 
 #[derive(Debug, Args)]
 pub struct UiArgs {
     /// Where to serve the page (loopback by default; port 0: any free port, printed).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Settings file overlaid on the defaults (`[amqp]`: the broker and prefix to show).
+    /// Settings file overlaid on the defaults (`[amqp]`: the broker and prefix to show; `[azure]`
+    /// and `[pipelines] dir`: the fleet).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Allow actions (cancel a run) to callers sending `Authorization: Bearer TOKEN`; without
-    /// it the page is read-only. Best given in the environment, never on a shared command line.
+    /// Allow actions (cancel a run, replay a parked message) to callers sending `Authorization:
+    /// Bearer TOKEN`; without it the page is read-only. Best given in the environment, never on a
+    /// shared command line.
     #[arg(long, env = "SIGRUN_UI_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 }
 
-/// The page's actions, on the bus it reads.
-struct BusActions(Arc<AmqpBus>);
+pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
+    let token = checked_token(args.token.as_deref())?;
+    let (bus, settings) = history::connect(args.config.as_deref(), "ui").await?;
+    let (azure, fleet_note) = match settings.azure.mode {
+        Mode::Azure => {
+            let session = super::session::Session::from_settings(settings.clone()).await?;
+            (Some(session.azure as Arc<dyn AzureApi>), None)
+        }
+        Mode::Emulator => (
+            None,
+            Some(
+                "The fleet page reads Azure: start `sigrun ui` with settings whose [azure] mode is \"azure\" \
+                 (`sigrun dev` serves it on its emulator)."
+                    .to_string(),
+            ),
+        ),
+    };
+    let fleet = azure.map(|azure| Arc::new(FleetSource::new(azure, settings.pipelines.dir.clone())));
+    let acting = if token.is_some() {
+        "actions with the token"
+    } else {
+        "read-only"
+    };
+    let served = serve(Arc::new(bus), args.listen, token, fleet, fleet_note).await?;
+    println!("{}", served.url());
+    eprintln!(
+        "sigrun ui: serving the runs of prefix `{}` on {} at {}, {acting} (Ctrl-C to stop)",
+        settings.amqp.prefix,
+        settings.amqp.redacted_url(),
+        served.url()
+    );
+    super::emulator::wait_for_signal().await?;
+    served.stop().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The token as given, refused when empty or absurdly long.
+pub fn checked_token(token: Option<&str>) -> anyhow::Result<Option<String>> {
+    match token.map(str::trim) {
+        Some("") => Err(input_error(anyhow::anyhow!("--token / SIGRUN_UI_TOKEN is empty"))),
+        Some(token) if token.len() > 1024 => Err(input_error(anyhow::anyhow!(
+            "--token / SIGRUN_UI_TOKEN is over 1024 bytes"
+        ))),
+        other => Ok(other.map(str::to_string)),
+    }
+}
+
+/// The page being served, and the reader feeding it.
+pub struct Served {
+    server: UiServer,
+    follower: tokio::task::JoinHandle<()>,
+    bus: Arc<AmqpBus>,
+}
+
+impl Served {
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.server.local_addr())
+    }
+
+    pub async fn stop(self) {
+        self.follower.abort();
+        self.server.stop().await;
+        self.bus.close().await;
+    }
+}
+
+/// Serves the page on `listen` over `bus`'s events stream and parking queue.
+pub async fn serve(
+    bus: Arc<AmqpBus>,
+    listen: SocketAddr,
+    token: Option<String>,
+    fleet: Option<Arc<FleetSource>>,
+    fleet_note: Option<String>,
+) -> anyhow::Result<Served> {
+    let feed = Feed::default();
+    let backend = Arc::new(BusBackend(Arc::clone(&bus)));
+    let backends = Backends {
+        parking: Some(Arc::clone(&backend) as Arc<dyn Parking>),
+        fleet,
+        fleet_note,
+        allowed: token.map(|token| ActionsAllowed {
+            token,
+            actions: backend as Arc<dyn Actions>,
+        }),
+    };
+    let server = UiServer::start(listen, feed.clone(), backends).await?;
+    let reader = Arc::clone(&bus);
+    let follower = tokio::spawn(async move { follow(&reader, &feed).await });
+    Ok(Served { server, follower, bus })
+}
+
+/// The page's reads and actions, on the bus it serves.
+struct BusBackend(Arc<AmqpBus>);
 
 #[async_trait::async_trait]
-impl Actions for BusActions {
+impl Actions for BusBackend {
     async fn publish(&self, event: Event) -> Result<(), String> {
         self.0.publish_event(&event).await.map_err(|e| e.to_string())
     }
 }
 
-pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
-    let token = match args.token.as_deref().map(str::trim) {
-        Some("") => return Err(input_error(anyhow::anyhow!("--token / SIGRUN_UI_TOKEN is empty"))),
-        Some(token) if token.len() > 1024 => {
-            return Err(input_error(anyhow::anyhow!(
-                "--token / SIGRUN_UI_TOKEN is over 1024 bytes"
-            )));
-        }
-        other => other.map(str::to_string),
-    };
-    let (bus, settings) = history::connect(args.config.as_deref(), "ui").await?;
-    let bus = Arc::new(bus);
-    let feed = Feed::default();
-    let allowed = token.map(|token| ActionsAllowed {
-        token,
-        actions: Arc::new(BusActions(Arc::clone(&bus))),
-    });
-    let actions = if allowed.is_some() {
-        "cancel with the token"
-    } else {
-        "read-only"
-    };
-    let server = UiServer::start(args.listen, feed.clone(), allowed).await?;
-    println!("http://{}/", server.local_addr());
-    eprintln!(
-        "sigrun ui: serving the runs of prefix `{}` on {} at http://{}/, {actions} (Ctrl-C to stop)",
-        settings.amqp.prefix,
-        settings.amqp.redacted_url(),
-        server.local_addr()
-    );
-    tokio::select! {
-        () = follow(&bus, &feed) => {}
-        signalled = super::emulator::wait_for_signal() => signalled?,
+#[async_trait::async_trait]
+impl Parking for BusBackend {
+    async fn parked(&self) -> Result<Vec<ParkedView>, String> {
+        let browser = self.0.browse_parked(PARKED_LIMIT).await.map_err(|e| e.to_string())?;
+        let parked = browser.messages().iter().map(|m| view(&Parked::of(m))).collect();
+        browser.close().await;
+        Ok(parked)
     }
-    server.stop().await;
-    bus.close().await;
-    Ok(ExitCode::SUCCESS)
+
+    async fn replay(&self, id: &str) -> Result<String, ReplayRefused> {
+        let failed = |e: &dyn std::fmt::Display| ReplayRefused::Failed(e.to_string());
+        let mut browser = self.0.browse_parked(PARKED_LIMIT).await.map_err(|e| failed(&e))?;
+        let found = browser.messages().iter().position(|m| m.id == id);
+        let replayed = match found {
+            None => Err(ReplayRefused::NotFound),
+            Some(index) => {
+                let message = browser.messages()[index].clone();
+                let parked = Parked::of(&message);
+                match parked.envelope {
+                    Err(why) => Err(ReplayRefused::NotReplayable(why.to_string())),
+                    Ok(envelope) => crate::dlq::replay(&self.0, &mut browser, index, envelope, &parked.error)
+                        .await
+                        .map_err(|e| failed(&e)),
+                }
+            }
+        };
+        browser.close().await;
+        replayed
+    }
+}
+
+fn view(parked: &Parked<'_>) -> ParkedView {
+    ParkedView {
+        id: parked.message.id.clone(),
+        run_id: parked
+            .run
+            .run_id
+            .as_deref()
+            .and_then(|id| uuid::Uuid::parse_str(id).ok()),
+        stage: parked.stage.clone(),
+        branch: parked.run.branch.clone(),
+        error: parked.error.clone(),
+        attempts: parked.attempts,
+        last_seen: parked.last_seen,
+        not_replayable: parked.not_replayable(),
+    }
 }
 
 /// Feeds every event of the stream, from the oldest kept, into `feed`, for ever: a reader that is

@@ -104,6 +104,14 @@ impl RunIndex {
         names
     }
 
+    /// Every run held, and whether it is still going (what retention asks of a run history).
+    pub fn running(&self) -> HashMap<Uuid, bool> {
+        self.runs
+            .iter()
+            .map(|(id, run)| (*id, run.summary.state == "running"))
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.runs.len()
     }

@@ -1,15 +1,18 @@
-//! The web page for runs (`sigrun ui`): an HTTP server over a [`RunIndex`] that the caller feeds
-//! from the events stream. `/` lists recent runs (filter by pipeline and state) and stays live
-//! through `/live` (Server-Sent Events: one stream per viewer from the index's broadcast, never a
-//! broker connection per viewer); `/runs/{id}` draws one run's timeline, resources and events.
-//! Read-only unless started with a token: then `POST /runs/{id}/cancel` with `Authorization:
-//! Bearer TOKEN` asks the workers to stop the run (as `sigrun cancel` does); without a token every
-//! action is 403, with a wrong or missing one 401. Every answer carries a Content-Security-Policy
-//! that allows the page's own script and style only, and every text from a message is escaped
-//! (`pages::escape`).
+//! The web page for runs and the fleet (`sigrun ui`, `sigrun dev`): an HTTP server over a
+//! [`RunIndex`] that the caller feeds from the events stream. `/` lists recent runs (filter by
+//! pipeline and state) and stays live through `/live` (Server-Sent Events: one stream per viewer
+//! from the index's broadcast, never a broker connection per viewer); `/runs/{id}` draws one run's
+//! timeline, resources, parked messages and events; `/fleet` shows each pipeline's versions,
+//! replicas, pools, quota headroom and what retention deletes next. Actions (`actions`) need the
+//! token. Every answer carries a Content-Security-Policy that allows the page's own script and
+//! style only, and every text from a message, a spec or Azure is escaped (`pages::escape`).
 
+pub mod actions;
+pub mod fleet;
+mod fleet_page;
 pub mod index;
 pub mod pages;
+pub mod parking;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,13 +23,17 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures_util::Stream;
 use serde::Deserialize;
 use tokio::sync::{broadcast, oneshot, watch};
 
+pub use self::actions::{Actions, ActionsAllowed};
+use self::fleet::{FleetSource, KnownRuns};
 use self::index::{Filter, RunIndex, RunSummary};
-use crate::events::{Event, EventKind};
+use self::parking::ParkedCache;
+pub use self::parking::{ParkedView, Parking, ReplayRefused};
+use crate::events::Event;
 
 /// Runs the runs page lists.
 const PAGE_RUNS: usize = 200;
@@ -57,18 +64,16 @@ impl Feed {
     }
 }
 
-/// What the page may ask of the workers: publish an event into the run history (a cancel
-/// request). The command wires it to the bus.
-#[async_trait::async_trait]
-pub trait Actions: Send + Sync {
-    async fn publish(&self, event: Event) -> Result<(), String>;
-}
-
-/// Who may act, and how: the token callers must send, and the bus behind it.
-#[derive(Clone)]
-pub struct ActionsAllowed {
-    pub token: String,
-    pub actions: Arc<dyn Actions>,
+/// What the pages read besides the events stream, and who may act.
+#[derive(Clone, Default)]
+pub struct Backends {
+    /// The parking queue: run pages list their run's parked messages.
+    pub parking: Option<Arc<dyn Parking>>,
+    /// The fleet page's reading of Azure; without it the page says `fleet_note`.
+    pub fleet: Option<Arc<FleetSource>>,
+    pub fleet_note: Option<String>,
+    /// Actions, for callers with the token; read-only without.
+    pub allowed: Option<ActionsAllowed>,
 }
 
 /// What the handlers share: the feed, who may act, and whether the server is closing (live
@@ -76,6 +81,9 @@ pub struct ActionsAllowed {
 #[derive(Clone)]
 struct Shared {
     feed: Feed,
+    parked: Option<Arc<ParkedCache>>,
+    fleet: Option<Arc<FleetSource>>,
+    fleet_note: Option<String>,
     allowed: Option<ActionsAllowed>,
     closing: watch::Receiver<bool>,
 }
@@ -89,21 +97,26 @@ pub struct UiServer {
 }
 
 impl UiServer {
-    pub async fn start(listen: SocketAddr, feed: Feed, allowed: Option<ActionsAllowed>) -> std::io::Result<UiServer> {
+    pub async fn start(listen: SocketAddr, feed: Feed, backends: Backends) -> std::io::Result<UiServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let local_addr = listener.local_addr()?;
         let (closing, closing_rx) = watch::channel(false);
         let app = Router::new()
             .route("/", get(runs))
             .route("/runs/{id}", get(run))
-            .route("/runs/{id}/cancel", axum::routing::post(cancel))
+            .route("/runs/{id}/cancel", post(actions::cancel))
+            .route("/parked/{id}/replay", post(actions::replay))
+            .route("/fleet", get(fleet_page))
             .route("/live", get(live))
             .route("/app.js", get(script))
             .route("/style.css", get(style))
             .layer(axum::middleware::map_response(secure))
             .with_state(Shared {
                 feed,
-                allowed,
+                parked: backends.parking.map(|p| Arc::new(ParkedCache::new(p))),
+                fleet: backends.fleet,
+                fleet_note: backends.fleet_note,
+                allowed: backends.allowed,
                 closing: closing_rx,
             });
         let (stop, stopped) = oneshot::channel::<()>();
@@ -170,73 +183,38 @@ async fn runs(State(shared): State<Shared>, Query(query): Query<RunsQuery>) -> R
 }
 
 async fn run(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
-    let feed = shared.feed;
-    let index = feed.index.read().unwrap_or_else(|p| p.into_inner());
-    let found = uuid::Uuid::parse_str(&id).ok().and_then(|id| index.run(&id));
-    match found {
-        Some(entry) => html(pages::run_page(entry, shared.allowed.is_some())),
+    let Some(run_id) = uuid::Uuid::parse_str(&id).ok() else {
+        return (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response();
+    };
+    let parked = match &shared.parked {
+        Some(cache) => Some(cache.current().await),
+        None => None,
+    };
+    let index = shared.feed.index.read().unwrap_or_else(|p| p.into_inner());
+    match index.run(&run_id) {
+        Some(entry) => {
+            let parked = parked
+                .as_deref()
+                .map(|p| p.as_ref().map(|all| pages::of_run(all, run_id)));
+            html(pages::run_page(entry, parked, shared.allowed.is_some()))
+        }
         None => (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response(),
     }
 }
 
-/// Asks the workers to stop a running run, for a caller with the token.
-async fn cancel(State(shared): State<Shared>, Path(id): Path<String>, headers: axum::http::HeaderMap) -> Response {
-    let Some(allowed) = &shared.allowed else {
-        return (
-            StatusCode::FORBIDDEN,
-            "read-only: this page was started without a token\n",
-        )
-            .into_response();
+/// Each pipeline's versions, replicas, pools, quotas and retention, as last read.
+async fn fleet_page(State(shared): State<Shared>) -> Response {
+    let Some(source) = &shared.fleet else {
+        let note = shared.fleet_note.as_deref().unwrap_or("this page reads no Azure");
+        return html(fleet_page::fleet_page(&[], Some(note)));
     };
-    let sent = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if !sent.is_some_and(|sent| same_secret(sent, &allowed.token)) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "a valid `Authorization: Bearer TOKEN` is needed\n",
-        )
-            .into_response();
-    }
-    let request = {
+    let runs = {
         let index = shared.feed.index.read().unwrap_or_else(|p| p.into_inner());
-        let Some(entry) = uuid::Uuid::parse_str(&id).ok().and_then(|id| index.run(&id)) else {
-            return (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response();
-        };
-        if entry.summary.state != "running" {
-            return (
-                StatusCode::CONFLICT,
-                format!("the run has already ended ({})\n", entry.summary.state),
-            )
-                .into_response();
-        }
-        let first = &entry.events[0];
-        crate::admission::trunk_event(
-            first.run_id,
-            &first.pipeline,
-            &first.version,
-            first.stage,
-            EventKind::CancelRequested,
-        )
+        KnownRuns(index.running())
     };
-    match allowed.actions.publish(request).await {
-        Ok(()) => (
-            StatusCode::ACCEPTED,
-            "cancel requested: each branch stops at its next step\n",
-        )
-            .into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the cancel request was not published: {error}\n"),
-        )
-            .into_response(),
-    }
-}
-
-/// Whether `sent` is the token, comparing every byte (no early exit on the first difference).
-fn same_secret(sent: &str, token: &str) -> bool {
-    sent.len() == token.len() && sent.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    let fleet = source.current(&runs).await;
+    let note = fleet.is_empty().then_some("no pipeline in the pipelines directory");
+    html(fleet_page::fleet_page(&fleet, note))
 }
 
 /// Each run's summary as it changes: an SSE `run` event with the summary as JSON and the row as

@@ -24,21 +24,31 @@
   });
 })();
 
-// The run page's cancel form (present only when the page may act): the token goes as a header,
-// never in the URL; the server's answer is shown as text.
+// The run page's actions (present only when the page may act): cancel the run, replay a parked
+// message. The token goes as a header, never in the URL; the server's answer is shown as text.
 (function () {
-  const form = document.getElementById("cancel");
-  if (!form) return;
-  form.addEventListener("submit", function (e) {
-    e.preventDefault();
-    const token = form.elements.token.value;
-    fetch("/runs/" + form.dataset.run + "/cancel", {
+  const token = document.getElementById("token");
+  if (!token) return;
+  function act(button, url) {
+    const output = button.parentElement.querySelector("output");
+    fetch(url, {
       method: "POST",
-      headers: { Authorization: "Bearer " + token },
+      headers: { Authorization: "Bearer " + token.value },
     }).then(function (answer) {
       return answer.text().then(function (text) {
-        form.querySelector("output").textContent = answer.status + " " + text;
+        output.textContent = answer.status + " " + text;
       });
+    });
+  }
+  const cancel = document.getElementById("cancel");
+  if (cancel) {
+    cancel.addEventListener("click", function () {
+      act(cancel, "/runs/" + cancel.dataset.run + "/cancel");
+    });
+  }
+  document.querySelectorAll("button.replay").forEach(function (button) {
+    button.addEventListener("click", function () {
+      act(button, "/parked/" + encodeURIComponent(button.dataset.id) + "/replay");
     });
   });
 })();
