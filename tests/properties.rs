@@ -480,3 +480,29 @@ fn the_planner_plans_or_refuses_whatever_spec_parses() {
     eprintln!("{} of {} specs planned", planned.get(), cases());
     assert!(planned.get() > 0, "the generator also makes specs that plan");
 }
+
+/// Whatever text a message or spec carries, the page's escaping leaves no markup: no `<`, `>`,
+/// or quote survives, and every entity decodes back to the text.
+#[test]
+fn page_text_never_carries_markup() {
+    let mut runner = runner();
+    let text = prop_oneof![
+        ".{0,80}",
+        "[<>&\"' a-z=/]{0,80}",
+        Just("<script>alert(1)</script>\"'><img src=x onerror=alert(1)>&amp;".to_string()),
+    ];
+    runner
+        .run(&text, |text| {
+            let escaped = sigrun::ui::pages::escape(&text);
+            prop_assert!(!escaped.contains(['<', '>', '"', '\'']), "{escaped}");
+            let back = escaped
+                .replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&#39;", "'")
+                .replace("&amp;", "&");
+            prop_assert_eq!(back, text);
+            Ok(())
+        })
+        .unwrap();
+}

@@ -110,9 +110,7 @@ async fn serve_page(
     let azure: std::sync::Arc<dyn crate::azure::AzureApi> = session.azure;
     let fleet = std::sync::Arc::new(FleetSource::new(azure, joined.pipelines.dir.clone()));
     let bus = AmqpBus::connect(amqp.clone(), tiers.to_vec()).await?;
-    super::ui::serve(std::sync::Arc::new(bus), listen, token, Some(fleet), None)
-        .await
-        .with_context(|| format!("serving the web page on {listen}"))
+    super::ui::serve(std::sync::Arc::new(bus), listen, token, Some(fleet), None).await
 }
 
 /// The settings a process joining the stack reads: the emulator as Azure (its identity, its CA),

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::{history, input_error};
@@ -127,7 +128,9 @@ pub async fn serve(
             actions: backend as Arc<dyn Actions>,
         }),
     };
-    let server = UiServer::start(listen, feed.clone(), backends).await?;
+    let server = UiServer::start(listen, feed.clone(), backends)
+        .await
+        .with_context(|| format!("serving the web page on {listen} (port 0 takes any free one)"))?;
     let reader = Arc::clone(&bus);
     let follower = tokio::spawn(async move { follow(&reader, &feed).await });
     Ok(Served { server, follower, bus })

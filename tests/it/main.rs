@@ -20,4 +20,5 @@ mod pipeline;
 mod planner;
 mod spec_examples;
 mod stages;
+mod ui;
 mod workers;
