@@ -38,8 +38,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use sigrun::azure::AzureError;
@@ -261,8 +261,19 @@ impl BareLapin {
         (arrived - sent, confirmed - sent)
     }
 
+    /// Cancels the consumer and waits for the broker's cancel-ok before closing anything:
+    /// aborting the consuming task drops lapin's consumer, which cancels it in the background,
+    /// and a cancel-ok that arrives once its channel is closing ends the connection
+    /// (UNEXPECTEDFRAME: "unexpected basic cancel-ok received on channel 2").
     async fn close(self) {
-        self.consuming.abort();
+        self.consumer_channel
+            .basic_cancel("bare".into(), BasicCancelOptions::default())
+            .await
+            .expect("cancel the bare consumer");
+        // Its stream ends with the cancel-ok; the task then returns on its own.
+        if tokio::time::timeout(LIMIT, self.consuming).await.is_err() {
+            panic!("the bare consumer did not end after its cancel");
+        }
         let _ = self.consumer_channel.close(200, "bench done".into()).await;
         self.publisher
             .queue_delete(self.queue.as_str().into(), QueueDeleteOptions::default())

@@ -249,20 +249,14 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
-        let Some(&delay) = self.inner.tiers.get(tier) else {
-            return Err(BusError::NotConfirmed {
-                target: format!("delay tier {tier}"),
-                reason: format!("the bus has {} tiers", self.inner.tiers.len()),
-            });
-        };
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
         {
             let mut state = self.inner.lock();
             state.stats.delayed += 1;
             state.stats.waiting += 1;
         }
-        // Like a TTL queue dead-lettering back to the work exchange: the message returns as a new
-        // one, its delivery count starting again.
+        // Like the relay sending it back to the work exchange once due: the message returns as a
+        // new one, its delivery count starting again.
         let inner = Arc::clone(&self.inner);
         let body = body.to_vec();
         tokio::spawn(async move {
@@ -503,30 +497,27 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_delayed_message_reappears_after_its_tier_and_not_before() {
+    async fn a_delayed_message_reappears_after_its_own_delay_and_not_before() {
         let bus = Arc::new(bus());
         let start = Instant::now();
-        bus.publish_delayed(Stage::Verify, b"later", 1).await.unwrap();
+        // Longer than a tier, shorter than the next: held for all of it, once.
+        bus.publish_delayed(Stage::Verify, b"later", Duration::from_millis(70))
+            .await
+            .unwrap();
         settle_tasks().await;
         assert_eq!(bus.stats().waiting, 1);
 
-        advance(Duration::from_millis(49)).await;
+        advance(Duration::from_millis(69)).await;
         settle_tasks().await;
-        assert!(bus.ready(Stage::Verify).is_empty(), "not before 50 ms");
+        assert!(bus.ready(Stage::Verify).is_empty(), "not before 70 ms");
 
         let d = bus.next(&[Stage::Verify]).await.unwrap();
-        assert_eq!(Instant::now() - start, Duration::from_millis(50));
+        assert_eq!(Instant::now() - start, Duration::from_millis(70));
         assert_eq!(d.body, b"later");
         assert_eq!(d.delivery_count, 1);
         d.acker.ack().await.unwrap();
         let stats = bus.stats();
         assert_eq!((stats.delayed, stats.waiting, stats.published), (1, 0, 0));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_unknown_tier_is_refused() {
-        let err = bus().publish_delayed(Stage::Verify, b"x", 3).await.unwrap_err();
-        assert!(matches!(err, BusError::NotConfirmed { .. }), "{err}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -581,7 +572,9 @@ mod tests {
             }
         });
         settle_tasks().await;
-        bus.publish_delayed(Stage::Verify, b"woken", 0).await.unwrap();
+        bus.publish_delayed(Stage::Verify, b"woken", Duration::from_millis(1))
+            .await
+            .unwrap();
         assert_eq!(consumer.await.unwrap(), b"woken");
     }
 

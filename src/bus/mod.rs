@@ -86,9 +86,10 @@ pub trait HistoryReader: Send {
 pub trait Bus: Send + Sync {
     /// Puts a message on a stage's work queue; returns once the broker has confirmed it.
     async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError>;
-    /// Puts a message on delay tier `tier` (an index into [`Bus::tiers`]); when the tier's delay
-    /// has passed it lands on `stage`'s work queue. Confirmed like `publish`.
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError>;
+    /// Puts a message on the delay tier that fits `delay` ([`tier_for`]), held there until `delay`
+    /// has passed, not just the tier's own: then it lands on `stage`'s work queue. One hop for
+    /// any delay, so a waiting message comes back once, when it is due. Confirmed like `publish`.
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError>;
     /// Parks a message that cannot be processed, with the reason. Confirmed.
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError>;
     /// Appends a record to the history. Confirmed.

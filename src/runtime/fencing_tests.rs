@@ -200,9 +200,9 @@ impl Bus for Unreliable {
         Ok(())
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
         for _ in 0..self.copies() {
-            self.inner.publish_delayed(stage, body, tier).await?;
+            self.inner.publish_delayed(stage, body, delay).await?;
         }
         Ok(())
     }
@@ -363,7 +363,7 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize) -> 
 #[tokio::test(start_paused = true)]
 async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
     for seed in 0..4 {
-        let bus = Unreliable::new(seed, 0.05, 0.05);
+        let bus = Unreliable::new(seed, 0.1, 0.1);
         let handler = nightly();
         let events = drive_runs(bus.clone(), handler.clone(), 3).await;
         let dropped = assert_each_step_once(&handler, &events);

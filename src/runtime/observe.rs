@@ -13,9 +13,12 @@ use crate::stages::{FailureClass, Observation};
 pub enum Handled {
     /// The step succeeded and sent the message(s) on to their next stage (`Outcome::Advance`).
     Advanced,
-    /// The step is waiting on Azure, or the message came back before it was due: it went to a
-    /// delay tier.
+    /// The step is waiting on Azure (or another claim holds the step): it went to a delay tier.
     Waiting,
+    /// The message came back before it was due (published ahead of its time, or by hand): back to
+    /// a delay tier without a step. Each is a broker round trip for nothing; the relay holding a
+    /// delayed message until its own due time keeps them rare.
+    Early,
     /// The branch ended well with this step (`Outcome::Done`).
     Done,
     /// The stage itself said the branch failed (`Outcome::Fail`): the failure event is published,
@@ -32,9 +35,10 @@ pub enum Handled {
 }
 
 impl Handled {
-    pub const ALL: [Handled; 8] = [
+    pub const ALL: [Handled; 9] = [
         Handled::Advanced,
         Handled::Waiting,
+        Handled::Early,
         Handled::Done,
         Handled::Failed,
         Handled::Retried,
@@ -47,6 +51,7 @@ impl Handled {
         match self {
             Handled::Advanced => "advanced",
             Handled::Waiting => "waiting",
+            Handled::Early => "early",
             Handled::Done => "done",
             Handled::Failed => "failed",
             Handled::Retried => "retried",

@@ -24,7 +24,7 @@ use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
 use super::{Clock, Handler, StepError};
 use crate::azure::AzureError;
-use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason, tier_for};
+use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason};
 use crate::events::{Event, EventKind};
 use crate::ledger::record::{Commit, Consumed, Successor};
 use crate::ledger::{ClaimKey, Claimed, Ledger, Standing};
@@ -267,11 +267,10 @@ impl Runtime {
                 self.let_go(message.stage);
                 return;
             }
-            let tier = tier_for(self.bus.tiers(), wait);
-            debug!(wait_ms = wait.as_millis(), tier, "not due yet; back to a delay tier");
-            let published = self.bus.publish_delayed(message.stage, body, tier).await;
+            debug!(wait_ms = wait.as_millis(), "not due yet; back to a delay tier");
+            let published = self.bus.publish_delayed(message.stage, body, wait).await;
             if settle(acker, published).await {
-                self.observe(message.stage, Handled::Waiting);
+                self.observe(message.stage, Handled::Early);
             }
             return;
         }
@@ -401,8 +400,7 @@ impl Runtime {
             return;
         }
         debug!("the step is held by another claim; putting this copy off");
-        let tier = tier_for(self.bus.tiers(), PUT_OFF);
-        let published = self.bus.publish_delayed(message.stage, body, tier).await;
+        let published = self.bus.publish_delayed(message.stage, body, PUT_OFF).await;
         if settle(acker, published).await {
             self.observe(message.stage, Handled::Waiting);
         }
@@ -521,14 +519,11 @@ impl Runtime {
         ledger.commit(commit).await
     }
 
-    /// A message goes to its stage's queue when due, else to the tier that fits its wait.
+    /// A message goes to its stage's queue when due, else to a delay tier until it is.
     async fn route(&self, message: &Envelope, now: OffsetDateTime) -> Result<(), BusError> {
         let body = message.encode();
         match remaining(message.due(), now) {
-            Some(wait) => {
-                let tier = tier_for(self.bus.tiers(), wait);
-                self.bus.publish_delayed(message.stage, &body, tier).await
-            }
+            Some(wait) => self.bus.publish_delayed(message.stage, &body, wait).await,
             None => self.bus.publish(message.stage, &body).await,
         }
     }

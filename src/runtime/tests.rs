@@ -171,7 +171,7 @@ async fn a_wait_comes_back_after_its_delay_and_not_before() {
         calls[1].message.attempt, 0,
         "a successful look resets the failure count"
     );
-    assert_eq!(bus.stats().delayed, 8, "each wait hopped 50, 50, 10, 10 ms");
+    assert_eq!(bus.stats().delayed, 2, "each 120 ms wait one hop, not 50, 50, 10, 10 ms");
     assert_eq!(kinds(&bus).len(), 2);
     assert!(bus.stats().is_idle());
 }
@@ -643,8 +643,8 @@ impl Bus for FlakyBus {
         self.inner.publish(stage, body).await
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
-        self.inner.publish_delayed(stage, body, tier).await
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
+        self.inner.publish_delayed(stage, body, delay).await
     }
 
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {

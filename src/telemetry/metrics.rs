@@ -181,8 +181,9 @@ impl StageMetrics {
                 registry,
                 counter(
                     "sigrun_messages_handled_total",
-                    "Stage messages handled to the end (acked), by stage and outcome: advanced, waiting, done, \
-                     failed (the stage failed the branch), retried, parked, cancelled (the run was cancelled)",
+                    "Stage messages handled to the end (acked), by stage and outcome: advanced, waiting, early \
+                     (back before it was due, no step), done, failed (the stage failed the branch), retried, \
+                     parked, cancelled (the run was cancelled), dropped (a stale copy)",
                     &["stage", "outcome"],
                 ),
             ),

@@ -14,10 +14,12 @@
 //! rabbitmq-server#16652). Plain consume, publish and ack survive a leader change, as the stage
 //! queues show.
 //!
-//! Within a tier every message waits the same delay, so the queue's order is the order they are
-//! due: a relay needs only a window of the oldest [`RELAY_WINDOW`], each released on its own timer
-//! (a message returned after a crash may come back out of order, and is not held up by the one in
-//! front of it). No message is held past [`MAX_HOLD`] (the broker closes a channel that holds a
+//! A message is held until its own due time, not its tier's delay: a wait of 45 s goes to the 30 s
+//! tier and comes back once, after 45 s (a hop per tier crossed would be a delivery, a publish and
+//! an ack for nothing). A tier's messages are due between its delay and the next tier's, so the
+//! queue's order is nearly the order they are due: a relay takes a window of the oldest
+//! [`RELAY_WINDOW`], each released on its own timer (one due later does not hold up the one behind
+//! it once both are in the window). No message is held past [`MAX_HOLD`] (the broker closes a channel that holds a
 //! delivery unacked for its `consumer_timeout`, 30 minutes by default): one due later is put back
 //! on its tier with the same due time.
 
@@ -54,9 +56,11 @@ pub fn now_ms() -> i64 {
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// `headers` with the due time of a message delayed by `delay` from now.
+/// `headers` with the due time of a message delayed by `delay` from now, rounded up to the next
+/// millisecond and one more: released a moment late rather than a moment early, which would send
+/// it round again for the fraction of a millisecond it lacks.
 pub fn with_due(mut headers: FieldTable, delay: Duration) -> FieldTable {
-    let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    let delay_ms = i64::try_from(delay.as_micros().div_ceil(1000).saturating_add(1)).unwrap_or(i64::MAX);
     headers.insert(
         DUE_HEADER.into(),
         AMQPValue::LongLongInt(now_ms().saturating_add(delay_ms)),
@@ -154,7 +158,7 @@ mod tests {
         let headers = with_due(FieldTable::default(), Duration::from_secs(5));
         let properties = BasicProperties::default().with_headers(headers);
         let due = due_ms(&properties);
-        assert!((before + 5000..=now_ms() + 5000).contains(&due), "{due}");
+        assert!((before + 5001..=now_ms() + 5001).contains(&due), "{due}");
 
         let mut table = properties.headers().clone().unwrap();
         table.insert("x-delivery-count".into(), AMQPValue::LongInt(3));

@@ -490,16 +490,16 @@ impl Bus for AmqpBus {
         .await
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], tier: usize) -> Result<(), BusError> {
-        let Some(&delay) = self.tiers.get(tier) else {
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
+        let Some(&tier) = self.tiers.get(crate::bus::tier_for(&self.tiers, delay)) else {
             return Err(BusError::NotConfirmed {
-                target: format!("delay tier {tier}"),
-                reason: format!("the bus has {} tiers", self.tiers.len()),
+                target: "a delay tier".into(),
+                reason: "the bus has no delay tiers".into(),
             });
         };
         // Routing key = the stage: the tier's fanout exchange ignores it and the relay sends the
-        // message back to the work exchange with it once due.
-        let exchange = self.shared.names.tier(delay);
+        // message back to the work exchange with it once due (its own delay, in its header).
+        let exchange = self.shared.names.tier(tier);
         let properties = publisher::stage_properties(body);
         let headers = delays::with_due(properties.headers().clone().unwrap_or_default(), delay);
         publisher::publish(
