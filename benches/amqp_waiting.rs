@@ -467,7 +467,12 @@ async fn follow_events(bus: &AmqpBus) -> mpsc::UnboundedReceiver<Event> {
     let (events, received) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(item) = reader.next().await {
-            let streamed = item.expect("events in the stream parse");
+            let streamed = match item {
+                Ok(streamed) => streamed,
+                // The bench tears the broker connection down at its end: the reading ends too.
+                Err(sigrun::bus::BusError::Connection(_)) => break,
+                Err(error) => panic!("an event in the stream does not parse: {error}"),
+            };
             if events.send(streamed.event).is_err() {
                 break;
             }

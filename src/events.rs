@@ -411,6 +411,31 @@ fn verdict(verified: Vec<PoolRef>, failed: Vec<(PoolRef, String)>, warnings: Vec
     }
 }
 
+/// Whether `run_result` reads events of this kind to decide a run's result (its variant; a
+/// cancelled run's list of what it created also reads `ResourceCreated`). A fold that keeps only
+/// these (`telemetry::runs`) gets the same result in far less memory than the whole history: a
+/// waiting run's looks, retries and resources are most of its events.
+pub fn decides_result(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::RunStarted { .. }
+            | EventKind::RunFailed { .. }
+            | EventKind::Parked { .. }
+            | EventKind::CancelRequested
+            | EventKind::Cancelled
+            | EventKind::TriggerRejected { .. }
+            | EventKind::PoolVerified { .. }
+            | EventKind::PoolFailed { .. }
+            | EventKind::RolloutFinished
+            | EventKind::RegionCompleted { .. }
+            | EventKind::RegionFailed { .. }
+            | EventKind::CleanUpScheduled { .. }
+            | EventKind::CleanUpFinished { .. }
+            | EventKind::RetirementFailed { .. }
+            | EventKind::Replayed { .. }
+    )
+}
+
 /// The events that still count: a branch's failure (`RunFailed`, `PoolFailed`, `Parked`, a
 /// clean-up that gave up) is dropped when a `Replayed` of that branch comes after it.
 /// (Owned, so the rest of `run_result` reads it as it reads any run's events.)

@@ -506,3 +506,211 @@ fn page_text_never_carries_markup() {
         })
         .unwrap();
 }
+
+/// A run's history of any shape: a start (or none), then events of every kind on the trunk, its
+/// pools' branches and its clean-ups, at any stage.
+fn run_history() -> impl Strategy<Value = Vec<sigrun::events::Event>> {
+    use sigrun::events::{DeletedKind, Event, EventKind, PoolRef};
+    use sigrun::model::envelope::{Branch, Intermediate, Stage};
+    let regions = ["westeurope", "eastus"];
+    let pools: Vec<PoolRef> = regions
+        .iter()
+        .map(|r| PoolRef {
+            region: r.to_string(),
+            target: format!("t-{r}"),
+        })
+        .collect();
+    let branch = prop_oneof![
+        Just(Branch::Trunk),
+        (0..2usize).prop_map(|i| Branch::Pool {
+            region: ["westeurope", "eastus"][i].into(),
+            target: format!("t-{}", ["westeurope", "eastus"][i]),
+        }),
+        Just(Branch::CleanUp {
+            what: Intermediate::Snapshots
+        }),
+    ];
+    let region = (0..2usize).prop_map(|i| ["westeurope", "eastus"][i].to_string());
+    let kind = prop_oneof![
+        Just(EventKind::Waiting {
+            what: "replication".into()
+        }),
+        Just(EventKind::Retried {
+            attempt: 1,
+            error: "503".into()
+        }),
+        Just(EventKind::ResourceCreated {
+            id: "/subscriptions/x".into()
+        }),
+        Just(EventKind::ResourceDeleted {
+            what: DeletedKind::Snapshot,
+            id: "/subscriptions/x".into()
+        }),
+        region.clone().prop_map(|region| EventKind::RegionCompleted { region }),
+        region.prop_map(|region| EventKind::RegionFailed {
+            region,
+            reason: "r".into()
+        }),
+        Just(EventKind::PoolVerified { pool_id: "p".into() }),
+        Just(EventKind::PoolFailed {
+            target: "t".into(),
+            reason: "r".into()
+        }),
+        Just(EventKind::RolloutFinished),
+        Just(EventKind::Parked { reason: "r".into() }),
+        Just(EventKind::Replayed {
+            message_id: uuid::Uuid::nil(),
+            error: "e".into()
+        }),
+        Just(EventKind::CleanUpScheduled {
+            what: Intermediate::Snapshots
+        }),
+        Just(EventKind::CleanUpFinished {
+            what: Intermediate::Snapshots,
+            failed: None
+        }),
+        Just(EventKind::RetirementFailed { reason: "r".into() }),
+        Just(EventKind::DuplicateDropped {
+            message_id: uuid::Uuid::nil()
+        }),
+        Just(EventKind::Cancelled),
+        Just(EventKind::RunFailed { reason: "r".into() }),
+        Just(EventKind::CancelRequested),
+    ];
+    let stage = (0..6usize).prop_map(|i| Stage::ALL[i]);
+    let started = prop_oneof![
+        3 => (0..6usize, any::<bool>()).prop_map(move |(i, rollout)| Some((Stage::ALL[i], rollout))),
+        1 => Just(None),
+    ];
+    (started, prop::collection::vec((branch, stage, kind), 0..40)).prop_map(move |(start, rest)| {
+        let event = |branch, stage, kind| Event {
+            run_id: uuid::Uuid::from_u128(7),
+            pipeline: "nightly".into(),
+            version: "1.0.0".into(),
+            stage,
+            branch,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            kind,
+        };
+        let mut events: Vec<Event> = Vec::new();
+        if let Some((entry, rollout)) = start {
+            let kind = EventKind::RunStarted {
+                regions: regions.iter().map(|r| r.to_string()).collect(),
+                pools: pools.clone(),
+                rollout,
+            };
+            events.push(event(Branch::Trunk, entry, kind));
+        }
+        events.extend(rest.into_iter().map(|(b, s, k)| event(b, s, k)));
+        events
+    })
+}
+
+/// The run tracker folds a run into its result-deciding events and each branch's latest stage:
+/// over any history it ends the run exactly when the whole history would, with the same result,
+/// and counts its branches at the same stages after every event.
+#[test]
+fn a_folded_run_agrees_with_its_whole_history() {
+    use sigrun::events::run_result;
+    use sigrun::model::envelope::Stage;
+    use sigrun::telemetry::runs::{RunChange, RunTracker, result_label};
+    let mut runner = TestRunner::new(Config {
+        cases: cases().min(5_000),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&run_history(), |events| {
+            let mut tracker = RunTracker::default();
+            let mut ended = false;
+            for (n, event) in events.iter().enumerate() {
+                let seen = &events[..=n];
+                let started = seen
+                    .iter()
+                    .any(|e| matches!(e.kind, sigrun::events::EventKind::RunStarted { .. }));
+                let changes = tracker.apply(event);
+                let finished = changes.iter().find_map(|c| match c {
+                    RunChange::Finished { result, .. } => Some(*result),
+                    _ => None,
+                });
+                if ended {
+                    prop_assert!(finished.is_none(), "a run ends once");
+                    continue;
+                }
+                let whole = if started { result_label(&run_result(seen)) } else { None };
+                prop_assert_eq!(finished, whole, "after event {}", n);
+                ended = finished.is_some();
+                let expected = if ended { Vec::new() } else { reference_positions(seen) };
+                for stage in Stage::ALL {
+                    let count = expected.iter().filter(|s| **s == stage).count();
+                    prop_assert_eq!(tracker.in_flight(stage), count, "{} after event {}", stage, n);
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// Where each branch of a running run is, read off its whole history (the tracker's oracle: how
+/// `telemetry::runs` computed it before it folded runs).
+fn reference_positions(events: &[sigrun::events::Event]) -> Vec<sigrun::model::envelope::Stage> {
+    use sigrun::events::EventKind;
+    use sigrun::model::envelope::Branch;
+    use sigrun::model::envelope::Stage;
+    let Some((regions, pools, entry)) = events.iter().find_map(|e| match &e.kind {
+        EventKind::RunStarted { regions, pools, .. } => Some((regions, pools, e.stage)),
+        _ => None,
+    }) else {
+        return Vec::new();
+    };
+    // A dropped stale copy says nothing of where its branch is now.
+    let latest = |branch: &Branch| {
+        events
+            .iter()
+            .rev()
+            .find(|e| e.branch == *branch && !matches!(e.kind, EventKind::DuplicateDropped { .. }))
+    };
+    let ends = |e: &sigrun::events::Event| {
+        matches!(
+            e.kind,
+            EventKind::RunFailed { .. }
+                | EventKind::PoolVerified { .. }
+                | EventKind::PoolFailed { .. }
+                | EventKind::Parked { .. }
+                | EventKind::Cancelled
+        )
+    };
+    let region_ended = |name: &String| {
+        events.iter().any(|e| match &e.kind {
+            EventKind::RegionCompleted { region } | EventKind::RegionFailed { region, .. } => region == name,
+            _ => false,
+        })
+    };
+    let mut positions = Vec::new();
+    if entry <= Stage::Replicate {
+        let trunk_ended =
+            events.iter().any(|e| e.branch == Branch::Trunk && ends(e)) || regions.iter().all(region_ended);
+        if !trunk_ended {
+            positions.push(latest(&Branch::Trunk).map_or(entry, |e| e.stage));
+        }
+    }
+    for pool in pools {
+        let started = entry > Stage::Replicate
+            || events
+                .iter()
+                .any(|e| matches!(&e.kind, EventKind::RegionCompleted { region } if *region == pool.region));
+        if !started {
+            continue;
+        }
+        let branch = Branch::Pool {
+            region: pool.region.clone(),
+            target: pool.target.clone(),
+        };
+        if events.iter().any(|e| e.branch == branch && ends(e)) {
+            continue;
+        }
+        let at = latest(&branch).map_or(entry.max(Stage::PoolCreate), |e| e.stage);
+        positions.push(at);
+    }
+    positions
+}

@@ -171,7 +171,11 @@ async fn a_wait_comes_back_after_its_delay_and_not_before() {
         calls[1].message.attempt, 0,
         "a successful look resets the failure count"
     );
-    assert_eq!(bus.stats().delayed, 2, "each 120 ms wait one hop, not 50, 50, 10, 10 ms");
+    assert_eq!(
+        bus.stats().delayed,
+        2,
+        "each 120 ms wait one hop, not 50, 50, 10, 10 ms"
+    );
     assert_eq!(kinds(&bus).len(), 2);
     assert!(bus.stats().is_idle());
 }

@@ -3,6 +3,11 @@
 //! (the ledger tailing the shared events stream, a worker's or `sigrun run`'s)
 //! feeds it events and turns what it reports into metrics. Every worker reads the same stream, so
 //! every worker computes the same values.
+//!
+//! A run is folded, not kept: of its events only those that decide its result
+//! (`events::decides_result`), and the stage of each branch's latest event. A waiting run's looks,
+//! retries and resources (most of its history) cost nothing here, so a worker's memory does not
+//! grow with how long its runs wait; a finished run keeps only that it finished.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -28,8 +33,10 @@ pub enum RunChange {
 #[derive(Default)]
 struct RunState {
     pipeline: String,
-    /// Its events while it runs; dropped once it ended.
+    /// Its events that decide its result, while it runs; dropped once it ended.
     events: Vec<Event>,
+    /// Each branch's stage at its latest event (a dropped stale copy's aside).
+    latest: Vec<(Branch, Stage)>,
     started: bool,
     finished: bool,
     /// Where its unfinished branches are now (each counted once).
@@ -65,8 +72,21 @@ impl RunTracker {
         if run.finished {
             return changes;
         }
-        run.pipeline = event.pipeline.clone();
-        run.events.push(event.clone());
+        if run.pipeline != event.pipeline {
+            run.pipeline = event.pipeline.clone();
+        }
+        if !matches!(event.kind, EventKind::DuplicateDropped { .. }) {
+            match run.latest.iter_mut().find(|(branch, _)| *branch == event.branch) {
+                Some((_, stage)) => *stage = event.stage,
+                None => run.latest.push((event.branch.clone(), event.stage)),
+            }
+        }
+        // Only what decides the result is kept: another kind cannot end the run (it still moves
+        // its branch, through `latest`).
+        let decides = crate::events::decides_result(&event.kind);
+        if decides {
+            run.events.push(event.clone());
+        }
         if matches!(event.kind, EventKind::RunStarted { .. }) && !run.started {
             run.started = true;
             changes.push(RunChange::Started {
@@ -75,7 +95,7 @@ impl RunTracker {
         }
         // Only a started run ends here: a failure before `RunStarted` (possible: the first step
         // runs before it is published) is judged when `RunStarted` comes.
-        let result = if run.started {
+        let result = if run.started && decides {
             result_label(&run_result(&run.events))
         } else {
             None
@@ -84,6 +104,7 @@ impl RunTracker {
             Some(result) => {
                 run.finished = true;
                 run.events = Vec::new();
+                run.latest = Vec::new();
                 changes.push(RunChange::Finished {
                     pipeline: run.pipeline.clone(),
                     result,
@@ -91,7 +112,7 @@ impl RunTracker {
                 });
                 Vec::new()
             }
-            None => branch_positions(&run.events),
+            None => positions_of(&run.events, &run.latest),
         };
         for stage in std::mem::replace(&mut run.positions, positions.clone()) {
             if let Some(count) = self.in_flight.get_mut(&stage) {
@@ -116,19 +137,34 @@ impl RunTracker {
 /// region's replica completed (at once when the run enters after replication) and ends verified,
 /// failed, parked or cancelled.
 pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
+    let mut latest: Vec<(Branch, Stage)> = Vec::new();
+    // A dropped stale copy says nothing of where its branch is now.
+    for e in events
+        .iter()
+        .filter(|e| !matches!(e.kind, EventKind::DuplicateDropped { .. }))
+    {
+        match latest.iter_mut().find(|(branch, _)| *branch == e.branch) {
+            Some((_, stage)) => *stage = e.stage,
+            None => latest.push((e.branch.clone(), e.stage)),
+        }
+    }
+    let deciding: Vec<Event> = events
+        .iter()
+        .filter(|e| crate::events::decides_result(&e.kind))
+        .cloned()
+        .collect();
+    positions_of(&deciding, &latest)
+}
+
+/// [`branch_positions`] from a run's result-deciding events and each branch's latest stage.
+fn positions_of(events: &[Event], latest: &[(Branch, Stage)]) -> Vec<Stage> {
     let Some((regions, pools, entry)) = events.iter().find_map(|e| match &e.kind {
         EventKind::RunStarted { regions, pools, .. } => Some((regions, pools, e.stage)),
         _ => None,
     }) else {
         return Vec::new();
     };
-    // A dropped stale copy says nothing of where its branch is now.
-    let latest = |branch: &Branch| {
-        events
-            .iter()
-            .rev()
-            .find(|e| e.branch == *branch && !matches!(e.kind, EventKind::DuplicateDropped { .. }))
-    };
+    let latest = |branch: &Branch| latest.iter().find(|(b, _)| b == branch).map(|(_, stage)| *stage);
     let ends = |e: &Event| {
         matches!(
             e.kind,
@@ -150,7 +186,7 @@ pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
         let trunk_ended =
             events.iter().any(|e| e.branch == Branch::Trunk && ends(e)) || regions.iter().all(region_ended);
         if !trunk_ended {
-            positions.push(latest(&Branch::Trunk).map_or(entry, |e| e.stage));
+            positions.push(latest(&Branch::Trunk).unwrap_or(entry));
         }
     }
     for pool in pools {
@@ -168,7 +204,7 @@ pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
         if events.iter().any(|e| e.branch == branch && ends(e)) {
             continue;
         }
-        let at = latest(&branch).map_or(entry.max(Stage::PoolCreate), |e| e.stage);
+        let at = latest(&branch).unwrap_or(entry.max(Stage::PoolCreate));
         positions.push(at);
     }
     positions
