@@ -848,6 +848,21 @@ fn report(
             replicate.cpu_window.as_secs_f64() * 1e6 / looks as f64
         );
     }
+    // Beside each other: what a waiting run costs the workers and the broker that holds its message.
+    let worker_cpu: f64 = watched
+        .iter()
+        .filter(|w| w.name.starts_with("worker "))
+        .map(|w| w.cpu_window.as_secs_f64())
+        .sum();
+    if let Some(broker) = watched.iter().find(|w| w.name.starts_with("rabbitmq")) {
+        let per_run_minute = |cpu: f64| 1000.0 * cpu / options.runs as f64 / (secs / 60.0);
+        println!(
+            "CPU per waiting run per minute: workers {:.2} ms, broker {:.2} ms (broker / workers {:.2})",
+            per_run_minute(worker_cpu),
+            per_run_minute(broker.cpu_window.as_secs_f64()),
+            broker.cpu_window.as_secs_f64() / worker_cpu.max(f64::EPSILON)
+        );
+    }
     println!(
         "runs: {} started, {} waiting on replication; unexpected events: {}",
         history.started.len(),

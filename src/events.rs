@@ -123,6 +123,19 @@ pub enum EventKind {
 
 impl EventKind {
     /// The last part of the routing key.
+    /// A branch failing or giving up: what comes before a message is parked (the runtime parks a
+    /// step that failed for good after recording its branch's failure).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            EventKind::RunFailed { .. }
+                | EventKind::PoolFailed { .. }
+                | EventKind::Parked { .. }
+                | EventKind::RetirementFailed { .. }
+                | EventKind::CleanUpFinished { failed: Some(_), .. }
+        )
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             EventKind::RunStarted { .. } => "run_started",
@@ -412,7 +425,8 @@ fn verdict(verified: Vec<PoolRef>, failed: Vec<(PoolRef, String)>, warnings: Vec
 }
 
 /// Whether `run_result` reads events of this kind to decide a run's result (its variant; a
-/// cancelled run's list of what it created also reads `ResourceCreated`). A fold that keeps only
+/// cancelled run's list of what it created also reads `ResourceCreated`), or `Cancelled`, which
+/// ends a branch for `telemetry::runs`' count of branches per stage. A fold that keeps only
 /// these (`telemetry::runs`) gets the same result in far less memory than the whole history: a
 /// waiting run's looks, retries and resources are most of its events.
 pub fn decides_result(kind: &EventKind) -> bool {

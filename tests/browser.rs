@@ -317,6 +317,12 @@ async fn the_pages_in_a_real_browser_live_runs_every_lane_a_replay_with_the_toke
     );
     let description = browser.texts("p.description").await;
     assert_eq!(description, [HOSTILE], "the description shows as the text it is");
+    // The CSP would stop an injected script running anyway: the markup itself must not be there.
+    let source = browser.client.source().await.expect("page source");
+    assert!(
+        source.contains("&lt;script&gt;window.pwned") && !source.contains("<script>window.pwned"),
+        "escaped in the HTML itself"
+    );
     let pwned = browser
         .client
         .execute("return window.pwned === undefined", vec![])

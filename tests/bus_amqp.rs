@@ -259,6 +259,11 @@ async fn a_delayed_message_returns_to_its_stage_after_its_delay_and_not_before()
             assert_eq!((d.stage, d.body.as_slice()), (stage, body.as_bytes()));
             assert_eq!(d.delivery_count, 1);
             assert!(waited >= *delay, "{body} came back after {waited:?}");
+            assert!(
+                waited < *delay + Duration::from_secs(2),
+                "{body} came back {:?} late",
+                waited - *delay
+            );
             lateness.push(waited - *delay);
             d.acker.ack().await.unwrap();
         }

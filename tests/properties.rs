@@ -576,6 +576,11 @@ fn run_history() -> impl Strategy<Value = Vec<sigrun::events::Event>> {
         Just(EventKind::Cancelled),
         Just(EventKind::RunFailed { reason: "r".into() }),
         Just(EventKind::CancelRequested),
+        Just(EventKind::TriggerRejected { reason: "r".into() }),
+        Just(EventKind::CleanUpFinished {
+            what: Intermediate::Snapshots,
+            failed: Some("gave up".into())
+        }),
     ];
     let stage = (0..6usize).prop_map(|i| Stage::ALL[i]);
     let started = prop_oneof![

@@ -68,19 +68,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let config = dir.join("sigrun.toml");
     std::fs::write(&config, config_text(&settings, &amqp, emulator.info())?)
         .with_context(|| format!("writing {}", config.display()))?;
+    // The page first: a port in use (another `sigrun ui` on 8080) stops everything before any
+    // worker starts, and leaves no queues behind.
+    let page = match serve_page(&config, &amqp, &tiers, args.ui_listen, token).await {
+        Ok(page) => page,
+        Err(error) => {
+            emulator.shutdown().await;
+            remove_queues(&amqp, &tiers).await;
+            return Err(error);
+        }
+    };
     let mut workers = Vec::new();
     for n in 1..=args.workers {
         workers.push(spawn_worker(&dir, &config, n)?);
     }
-    let page = serve_page(&config, &amqp, &tiers, args.ui_listen, token).await;
-    let page = match page {
-        Ok(page) => page,
-        Err(error) => {
-            stop_workers(workers).await;
-            emulator.shutdown().await;
-            return Err(error);
-        }
-    };
     println!(
         "{}",
         banner(emulator.info(), &config, &dir, &amqp, args.workers, &page.url())
@@ -90,10 +91,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     page.stop().await;
     stop_workers(workers).await;
     emulator.shutdown().await;
-    if let Err(e) = AmqpBus::delete_topology(&amqp, &tiers).await {
+    remove_queues(&amqp, &tiers).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn remove_queues(amqp: &AmqpSettings, tiers: &[Duration]) {
+    if let Err(e) = AmqpBus::delete_topology(amqp, tiers).await {
         eprintln!("sigrun dev: the queues under {} stay: {e}", amqp.prefix);
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// The web page over the stack's prefix, its fleet page reading the emulator as the workers do

@@ -128,9 +128,14 @@ pub async fn serve(
             actions: backend as Arc<dyn Actions>,
         }),
     };
-    let server = UiServer::start(listen, feed.clone(), backends)
-        .await
-        .with_context(|| format!("serving the web page on {listen} (port 0 takes any free one)"))?;
+    let server = match UiServer::start(listen, feed.clone(), backends).await {
+        Ok(server) => server,
+        Err(error) => {
+            bus.close().await;
+            return Err(anyhow::Error::new(error))
+                .with_context(|| format!("serving the web page on {listen} (port 0 takes any free one)"));
+        }
+    };
     let reader = Arc::clone(&bus);
     let follower = tokio::spawn(async move { follow(&reader, &feed).await });
     Ok(Served { server, follower, bus })
@@ -155,23 +160,30 @@ impl Parking for BusBackend {
         Ok(parked)
     }
 
+    /// Every parked copy of message `id`, as `sigrun dlq replay ID` does.
     async fn replay(&self, id: &str) -> Result<String, ReplayRefused> {
-        let failed = |e: &dyn std::fmt::Display| ReplayRefused::Failed(e.to_string());
-        let mut browser = self.0.browse_parked(PARKED_LIMIT).await.map_err(|e| failed(&e))?;
-        let found = browser.messages().iter().position(|m| m.id == id);
-        let replayed = match found {
-            None => Err(ReplayRefused::NotFound),
-            Some(index) => {
-                let message = browser.messages()[index].clone();
-                let parked = Parked::of(&message);
-                match parked.envelope {
-                    Err(why) => Err(ReplayRefused::NotReplayable(why.to_string())),
-                    Ok(envelope) => crate::dlq::replay(&self.0, &mut browser, index, envelope, &parked.error)
-                        .await
-                        .map_err(|e| failed(&e)),
-                }
+        let mut browser = self
+            .0
+            .browse_parked(PARKED_LIMIT)
+            .await
+            .map_err(|e| ReplayRefused::Failed(e.to_string()))?;
+        let copies: Vec<usize> = (0..browser.messages().len())
+            .filter(|&i| browser.messages()[i].id == id)
+            .collect();
+        let mut replayed = Err(ReplayRefused::NotFound);
+        for index in copies {
+            let message = browser.messages()[index].clone();
+            let parked = Parked::of(&message);
+            replayed = match parked.envelope {
+                Err(why) => Err(ReplayRefused::NotReplayable(why.to_string())),
+                Ok(envelope) => crate::dlq::replay(&self.0, &mut browser, index, envelope, &parked.error)
+                    .await
+                    .map_err(|e| ReplayRefused::Failed(e.to_string())),
+            };
+            if replayed.is_err() {
+                break;
             }
-        };
+        }
         browser.close().await;
         replayed
     }

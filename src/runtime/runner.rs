@@ -261,8 +261,8 @@ impl Runtime {
             }
         }
         if let Some(wait) = remaining(message.due(), now) {
-            // Early (a tier shorter than the wait, or a message published ahead of time): hop
-            // again without a look; the message itself says when it is due.
+            // Early (published ahead of its time, by hand, or released a moment early by a relay
+            // whose clock differs): back to a tier without a look; the message says when it is due.
             if !acker.still_held() {
                 self.let_go(message.stage);
                 return;

@@ -126,7 +126,8 @@ async fn a_run_advances_through_the_stages_and_every_input_is_acked() {
 #[tokio::test(start_paused = true)]
 async fn a_wait_comes_back_after_its_delay_and_not_before() {
     let bus = testkit::bus();
-    // Looks three times, 120 ms apart; the delay falls between tiers, so it hops 50+50+10+10.
+    // Looks three times, 120 ms apart; the delay falls between tiers (50, 10 ms …), and each
+    // wait is still one hop: held on the 50 ms tier for all 120 ms.
     let handler = Script::new(|m| {
         let polls = m.operation.as_ref().map_or(0, |op| op.polls);
         if polls == 2 {
@@ -290,8 +291,8 @@ async fn transient_errors_are_retried_with_growing_delays_then_fail_the_branch()
     for (n, call) in calls.iter().enumerate() {
         assert_eq!(call.message.attempt as usize, n, "the message counts its failures");
         if n > 0 {
-            // Retry n waits base·2^(n-1) plus jitter below as much again; a final tier hop may
-            // overshoot by less than the shortest tier (10 ms).
+            // Retry n waits base·2^(n-1) plus jitter below as much again; a delay is held for
+            // itself, so it comes back within a few ms of its due time (the bound below is loose).
             let floor = Duration::from_millis(100 << (n - 1));
             let gap = call.at - previous;
             assert!(

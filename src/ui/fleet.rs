@@ -2,8 +2,9 @@
 //! gallery (state, the regions holding replicas, which one `latest` is), the pools of its Batch
 //! accounts that use each version, the accounts' quota headroom, and what retention deletes next
 //! and why. Read from Azure with the calls the workers make (`retention::survey`,
-//! `planner::survey_quotas`) and judged by the same `retention::judge`, so the page shows what the
-//! next rollout will do, not a second opinion. [`FleetSource`] reads at most once per
+//! `planner::survey_quotas`) and judged by the same `retention::judge`, as `sigrun prune` judges
+//! (no run's own version to spare, every account of the spec's pools), with the run history's
+//! live runs keeping their versions. [`FleetSource`] reads at most once per
 //! [`FRESH`] however many viewers ask; [`view`] is pure.
 
 use std::collections::HashMap;

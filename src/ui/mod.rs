@@ -186,8 +186,19 @@ async fn run(State(shared): State<Shared>, Path(id): Path<String>) -> Response {
     let Some(run_id) = uuid::Uuid::parse_str(&id).ok() else {
         return (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response();
     };
+    // The parking queue is looked at only for a run that may have something there (a branch of
+    // it failed or was parked): each look returns every parked message to the queue, which
+    // raises its delivery count, and a page anyone may load must not do that at will.
+    let may_have_parked = {
+        let index = shared.feed.index.read().unwrap_or_else(|p| p.into_inner());
+        match index.run(&run_id) {
+            None => return (StatusCode::NOT_FOUND, "no such run in the events stream\n").into_response(),
+            Some(entry) => entry.events.iter().any(|e| e.kind.is_failure()),
+        }
+    };
     let parked = match &shared.parked {
-        Some(cache) => Some(cache.current().await),
+        Some(cache) if may_have_parked => Some(cache.current().await),
+        Some(_) => Some(std::sync::Arc::new(Ok(Vec::new()))),
         None => None,
     };
     let index = shared.feed.index.read().unwrap_or_else(|p| p.into_inner());

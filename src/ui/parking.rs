@@ -12,6 +12,11 @@ use uuid::Uuid;
 
 /// How long one look at the parking queue serves every viewer.
 pub const FRESH: Duration = Duration::from_secs(3);
+/// How long a look may take before the page says the queue could not be read (a connection that
+/// went silent must not hang every run page behind the cache's lock).
+pub const LOOK_LIMIT: Duration = Duration::from_secs(10);
+/// How long a replay may take before the page says it may not have happened.
+pub const REPLAY_LIMIT: Duration = Duration::from_secs(30);
 
 /// One parked message, for a page.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -75,7 +80,11 @@ impl ParkedCache {
         {
             return Arc::clone(parked);
         }
-        let parked = Arc::new(self.source.parked().await);
+        let parked = match tokio::time::timeout(LOOK_LIMIT, self.source.parked()).await {
+            Ok(parked) => parked,
+            Err(_) => Err(format!("no answer from the broker within {} s", LOOK_LIMIT.as_secs())),
+        };
+        let parked = Arc::new(parked);
         *last = Some((Instant::now(), Arc::clone(&parked)));
         parked
     }
@@ -83,7 +92,13 @@ impl ParkedCache {
     /// Replays `id`; the next look reads the queue again.
     pub async fn replay(&self, id: &str) -> Result<String, ReplayRefused> {
         let mut last = self.last.lock().await;
-        let replayed = self.source.replay(id).await;
+        let replayed = match tokio::time::timeout(REPLAY_LIMIT, self.source.replay(id)).await {
+            Ok(replayed) => replayed,
+            Err(_) => Err(ReplayRefused::Failed(format!(
+                "no answer from the broker within {} s; look again before replaying again",
+                REPLAY_LIMIT.as_secs()
+            ))),
+        };
         *last = None;
         replayed
     }

@@ -19,7 +19,12 @@ const TOKEN: &str = "ui-hostile-token";
 struct Recorded {
     published: Mutex<Vec<Event>>,
     replayed: Mutex<Vec<String>>,
+    /// Looks at the parking queue.
+    looks: std::sync::atomic::AtomicUsize,
 }
+
+/// A run that only waits: nothing of it can be parked.
+const QUIET: Uuid = Uuid::from_u128(42);
 
 #[async_trait::async_trait]
 impl Actions for Recorded {
@@ -37,6 +42,7 @@ struct FakeParking {
 #[async_trait::async_trait]
 impl Parking for FakeParking {
     async fn parked(&self) -> Result<Vec<ParkedView>, String> {
+        self.recorded.looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(self.parked.clone())
     }
 
@@ -64,6 +70,20 @@ async fn server(run: Uuid, token: bool) -> (UiServer, Arc<Recorded>) {
         EventKind::Retried {
             attempt: 1,
             error: MARKUP.into(),
+        },
+    ));
+    feed.apply(forged(
+        QUIET,
+        EventKind::Waiting {
+            what: "replication".into(),
+        },
+    ));
+    // A branch failed (so its page looks at the parking queue); the run goes on.
+    feed.apply(forged(
+        run,
+        EventKind::PoolFailed {
+            target: MARKUP.into(),
+            reason: MARKUP.into(),
         },
     ));
     let recorded = Arc::new(Recorded::default());
@@ -122,7 +142,12 @@ async fn forged_text_renders_inert_and_absurd_requests_leave_the_server_answerin
     let client = reqwest::Client::new();
     let get = |path: String| client.get(format!("{base}{path}")).send();
 
+    let quiet = get(format!("/runs/{QUIET}")).await.expect("a quiet run's page");
+    assert_eq!(quiet.status(), StatusCode::OK);
+    let looks = || recorded.looks.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(looks(), 0, "a run with no failed branch has nothing parked to look for");
     let run_page = get(format!("/runs/{run}")).await.expect("run page");
+    assert_eq!(looks(), 1, "a run with a failed branch looks at the parking queue");
     assert_eq!(run_page.status(), StatusCode::OK);
     assert!(run_page.headers().contains_key("content-security-policy"));
     let text = run_page.text().await.expect("text");

@@ -38,6 +38,8 @@
       return answer.text().then(function (text) {
         output.textContent = answer.status + " " + text;
       });
+    }).catch(function (error) {
+      output.textContent = "not sent: " + error;
     });
   }
   const cancel = document.getElementById("cancel");
