@@ -205,6 +205,11 @@ impl Book {
         self.runs.get(&run_id).and_then(|run| run.started)
     }
 
+    /// Whether nothing of run `run_id` is live (its slots and claims forgotten).
+    pub fn is_settled(&self, run_id: Uuid) -> bool {
+        self.runs.get(&run_id).is_some_and(|run| run.settled)
+    }
+
     pub fn is_cancelled(&self, run_id: Uuid) -> bool {
         self.runs.get(&run_id).is_some_and(|run| run.cancelled)
     }

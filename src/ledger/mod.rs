@@ -194,11 +194,20 @@ impl Ledger {
 
     /// What the copy is worth, giving a copy whose state is not known yet a short while for the
     /// commit that makes it live (published just after the copy) to come by.
+    ///
+    /// A copy of a run that has settled (nothing of it live) is stale unless a commit read later
+    /// revives the run: a replay (`sigrun dlq replay`, the web page) publishes that commit just
+    /// before the copy, and the copy may be delivered before this reader has read the commit. So
+    /// such a copy gets the same short while (a stale duplicate of a finished run is dropped
+    /// that much later; a replayed message is no longer dropped as one).
     pub async fn settled_standing(&self, message: &Envelope) -> Standing {
         let standing = |book: &Book| book.standing(message.run_id, message.message_id, message.token, message.made_by);
-        let _ = self
-            .wait_until(|book| standing(book) != Standing::Unknown, UNKNOWN_WAIT)
-            .await;
+        let known = |book: &Book| match standing(book) {
+            Standing::Unknown => false,
+            Standing::Stale => !book.is_settled(message.run_id),
+            Standing::Live | Standing::Unfenced => true,
+        };
+        let _ = self.wait_until(known, UNKNOWN_WAIT).await;
         standing(&self.shared.book())
     }
 

@@ -276,6 +276,97 @@ async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_
     teardown(bus, &setup).await;
 }
 
+/// A replay publishes its history commit, then the message; a worker may be handed the message
+/// before its ledger has read the commit, and the run had settled (nothing of it live) when it
+/// failed. Here the message goes first and the commit 150 ms later, on purpose: the worker must
+/// wait for the commit rather than drop the copy as a stale one of a finished run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_message_delivered_before_its_commit_is_read_carries_the_run_on() {
+    use sigrun::ledger::record::{Commit, Record, Successor};
+    let setup = setup().await;
+    let (bus, _) = test_bus(&setup.config).await;
+    let config = setup.config.display().to_string();
+    setup.emu.set_faults("500:method=PUT,path=/versions/").await;
+    let mut worker = Process::start(
+        &setup.dir,
+        "worker",
+        &["worker", "--all-stages", "--config", &config],
+        &[
+            ("SIGRUN__RUNTIME__RETRY__MAX_ATTEMPTS", "2"),
+            ("SIGRUN__AZURE__CLIENT__RETRY__MAX_ATTEMPTS", "1"),
+        ],
+    );
+    let run_id = setup.submit().await;
+    follow_until(&bus, run_id, &[&worker], |h| run_result(h) != RunResult::Running).await;
+    parked_eventually(&setup, 1, &[&worker]).await;
+    setup.emu.set_faults("").await;
+
+    let mut browser = bus.browse_parked(10).await.expect("browse the parking queue");
+    let mut envelope = Envelope::decode(&browser.messages()[0].body).expect("a parked envelope");
+    let replay = Uuid::new_v4();
+    (envelope.attempt, envelope.not_before) = (0, None);
+    (envelope.token, envelope.made_by) = (Uuid::new_v4(), replay);
+    bus.publish(envelope.stage, &envelope.encode())
+        .await
+        .expect("the message first");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let event = Event {
+        run_id,
+        pipeline: envelope.pipeline.clone(),
+        version: envelope.version.clone(),
+        stage: envelope.stage,
+        branch: envelope.branch.clone(),
+        at: OffsetDateTime::now_utc(),
+        kind: EventKind::Replayed {
+            message_id: envelope.message_id,
+            error: "replayed out of order by the test".into(),
+        },
+    };
+    let commit = Commit {
+        run_id,
+        pipeline: envelope.pipeline.clone(),
+        claim: replay,
+        consumed: None,
+        successors: vec![Successor {
+            message_id: envelope.message_id,
+            token: envelope.token,
+            stage: envelope.stage,
+            branch: envelope.branch.clone(),
+        }],
+        events: vec![event],
+    };
+    bus.publish_record(&Record::Commit(commit))
+        .await
+        .expect("then the commit");
+    browser.remove(0).await.expect("out of parking");
+    browser.close().await;
+
+    let history = follow_until(&bus, run_id, &[&worker], |h| {
+        h.iter().any(|e| matches!(e.kind, EventKind::Replayed { .. })) && run_result(h) != RunResult::Running
+    })
+    .await;
+    assert_eq!(
+        run_result(&history),
+        RunResult::Succeeded,
+        "{history:#?}{}",
+        worker.report()
+    );
+    assert!(
+        !history
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::DuplicateDropped { .. })),
+        "the replayed copy was not dropped: {history:#?}"
+    );
+    worker.signal("TERM");
+    assert_eq!(
+        worker.wait(Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        worker.report()
+    );
+    teardown(bus, &setup).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_messages_end_parked_with_their_reason_and_replay_refuses_them() {
     let setup = setup().await;
