@@ -590,9 +590,11 @@ async fn triggers_go_to_one_consumer_at_a_time_and_keep_their_properties_when_de
         Some("application/cloudevents+json")
     );
 
-    // Put off: back on the triggers queue after the tier, its attempts in a header.
+    // Put off: back on the triggers queue after its delay (between two tiers: held for all of
+    // it), its attempts in a header.
+    let put_off = (tiers()[0] + tiers()[1]) / 2;
     let sent = Instant::now();
-    active.delay_trigger(&one.message, 0, 3).await.unwrap();
+    active.delay_trigger(&one.message, put_off, 3).await.unwrap();
     one.acker.ack().await.unwrap();
     // Parked: reason in the headers, routing key and content type kept.
     active
@@ -602,8 +604,8 @@ async fn triggers_go_to_one_consumer_at_a_time_and_keep_their_properties_when_de
     two.acker.ack().await.unwrap();
     let again = next_trigger(&active).await;
     assert!(
-        sent.elapsed() >= tiers()[0],
-        "back before its tier: {:?}",
+        sent.elapsed() >= put_off,
+        "back before its delay {put_off:?}: {:?}",
         sent.elapsed()
     );
     assert_eq!(

@@ -36,7 +36,7 @@ use uuid::Uuid;
 
 use super::{Begun, PrepareError, RunRequest, begin, entry_stage, trunk_event};
 use crate::azure::AzureApi;
-use crate::bus::{BusError, TriggerDelivery, TriggerMessage, Triggers, tier_for};
+use crate::bus::{BusError, TriggerDelivery, TriggerMessage, Triggers};
 use crate::events::EventKind;
 use crate::ledger::Ledger;
 use crate::model::envelope::Stage;
@@ -275,11 +275,10 @@ impl Admitter {
             Begun::AlreadyStarted => self.duplicate(&named, trigger_id).await,
             Begun::Held => {
                 // Another admitter holds this run's admission and may still commit it.
-                let tier = tier_for(self.bus.tiers(), PUT_OFF);
-                self.bus.delay_trigger(message, tier, message.attempts).await?;
+                self.bus.delay_trigger(message, PUT_OFF, message.attempts).await?;
                 Ok(Admission::Delayed {
                     attempt: message.attempts,
-                    delay: self.bus.tiers()[tier],
+                    delay: PUT_OFF,
                 })
             }
         }
@@ -334,8 +333,7 @@ impl Admitter {
             PrepareError::Invalid(reason) => self.reject(message, named, trigger, reason).await,
             PrepareError::Transient { origin, error } => match retry::decide(&self.retry, message.attempts, &error) {
                 Decision::Retry { attempt, delay, .. } => {
-                    let tier = tier_for(self.bus.tiers(), delay);
-                    self.bus.delay_trigger(message, tier, attempt).await?;
+                    self.bus.delay_trigger(message, delay, attempt).await?;
                     Ok(Admission::Delayed { attempt, delay })
                 }
                 Decision::Fail { reason, .. } => {

@@ -330,13 +330,7 @@ impl Triggers for MemoryBus {
         Ok(())
     }
 
-    async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError> {
-        let Some(&delay) = self.inner.tiers.get(tier) else {
-            return Err(BusError::NotConfirmed {
-                target: format!("delay tier {tier}"),
-                reason: format!("the bus has {} tiers", self.inner.tiers.len()),
-            });
-        };
+    async fn delay_trigger(&self, trigger: &TriggerMessage, delay: Duration, attempts: u32) -> Result<(), BusError> {
         let mut trigger = trigger.clone();
         trigger.attempts = attempts;
         let inner = Arc::clone(&self.inner);

@@ -137,8 +137,9 @@ pub trait Triggers: Bus {
     async fn next_trigger(&self) -> Option<TriggerDelivery>;
     /// Parks a trigger with the reason (confirmed), its content type and message id kept.
     async fn park_trigger(&self, trigger: &TriggerMessage, error: &str) -> Result<(), BusError>;
-    /// Puts a trigger on delay tier `tier`; it comes back carrying `attempts` (confirmed).
-    async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError>;
+    /// Puts a trigger off for `delay` (held on the tier that fits, as `Bus::publish_delayed`
+    /// holds a message); it comes back carrying `attempts` (confirmed).
+    async fn delay_trigger(&self, trigger: &TriggerMessage, delay: Duration, attempts: u32) -> Result<(), BusError>;
 }
 
 /// The tier to wait on for `delay`: the longest that does not overshoot it, or the shortest.

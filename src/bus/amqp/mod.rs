@@ -569,8 +569,8 @@ impl Triggers for AmqpBus {
         AmqpBus::park_trigger(self, trigger, error).await
     }
 
-    async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError> {
-        AmqpBus::delay_trigger(self, trigger, tier, attempts).await
+    async fn delay_trigger(&self, trigger: &TriggerMessage, delay: Duration, attempts: u32) -> Result<(), BusError> {
+        AmqpBus::delay_trigger(self, trigger, delay, attempts).await
     }
 }
 

@@ -114,13 +114,18 @@ impl AmqpBus {
         .await
     }
 
-    /// Puts a trigger on delay tier `tier`; when it expires it is back on the triggers queue,
-    /// carrying `attempts` (confirmed).
-    pub async fn delay_trigger(&self, trigger: &TriggerMessage, tier: usize, attempts: u32) -> Result<(), BusError> {
-        let Some(&delay) = self.tiers.get(tier) else {
+    /// Puts a trigger off for `delay`, held on the tier that fits until then; it is back on the
+    /// triggers queue carrying `attempts` (confirmed).
+    pub async fn delay_trigger(
+        &self,
+        trigger: &TriggerMessage,
+        delay: std::time::Duration,
+        attempts: u32,
+    ) -> Result<(), BusError> {
+        let Some(&tier) = self.tiers.get(crate::bus::tier_for(&self.tiers, delay)) else {
             return Err(BusError::NotConfirmed {
-                target: format!("delay tier {tier}"),
-                reason: format!("the bus has {} tiers", self.tiers.len()),
+                target: "a delay tier".into(),
+                reason: "the bus has no delay tiers".into(),
             });
         };
         let mut table = FieldTable::default();
@@ -141,7 +146,7 @@ impl AmqpBus {
         // back to the work exchange with it, which routes it to the triggers queue.
         publisher::publish(
             &self.shared,
-            &self.shared.names.tier(delay),
+            &self.shared.names.tier(tier),
             TRIGGER_ROUTING_KEY,
             &trigger.body,
             properties,
