@@ -35,20 +35,8 @@ pub async fn run(args: PruneArgs) -> anyhow::Result<ExitCode> {
     let definition = crate::planner::definition_id(&spec).map_err(input_error)?;
     let session = Session::open(args.config.as_deref()).await?;
     let azure: &dyn AzureApi = session.azure.as_ref();
-    let mut accounts = Vec::new();
-    for pool in &spec.pools {
-        accounts.push(azure.get_batch_account(&pool.account).await?.url);
-    }
-    let now = time::OffsetDateTime::now_utc();
-    let survey = retention::survey(azure, &definition, &accounts, now).await?;
-    let policy = Policy {
-        pipeline: spec.name.clone(),
-        keep_versions: spec.retention.keep_versions,
-        pool_grace: spec.retention.pool_grace,
-        ceiling: None,
-        young: retention::young_for(&spec),
-    };
-    let verdicts = retention::judge(&survey, &policy, &NoHistory);
+    let survey = retention::survey_spec(azure, &definition, &spec, time::OffsetDateTime::now_utc()).await?;
+    let verdicts = retention::judge(&survey, &Policy::of(&spec, None), &NoHistory);
     print!("{}", render(&spec, &verdicts, args.dry_run));
     if args.dry_run {
         return Ok(ExitCode::SUCCESS);

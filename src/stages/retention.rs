@@ -47,6 +47,20 @@ pub struct Policy {
     pub young: Duration,
 }
 
+impl Policy {
+    /// `spec`'s `[retention]`, for a run whose own version is `ceiling` (`None` outside a run:
+    /// `sigrun prune`, the fleet page).
+    pub fn of(spec: &crate::model::spec::PipelineSpec, ceiling: Option<ImageVersion>) -> Policy {
+        Policy {
+            pipeline: spec.name.clone(),
+            keep_versions: spec.retention.keep_versions,
+            pool_grace: spec.retention.pool_grace,
+            ceiling,
+            young: young_for(spec),
+        }
+    }
+}
+
 /// How long a version of a run the history does not hold is kept: its run may still be
 /// replicating, creating and verifying pools from it (the verify deadline, and a day for the rest).
 pub fn young_for(spec: &crate::model::spec::PipelineSpec) -> Duration {
@@ -121,6 +135,31 @@ pub async fn survey(
     })
 }
 
+/// [`survey`] of `definition` and the Batch accounts of `spec`'s pools, outside a run (a run's
+/// plan names its accounts' URLs already).
+pub async fn survey_spec(
+    azure: &dyn AzureApi,
+    definition: &GalleryImageId,
+    spec: &crate::model::spec::PipelineSpec,
+    local_now: OffsetDateTime,
+) -> Result<Survey, AzureError> {
+    let mut accounts = Vec::new();
+    for pool in &spec.pools {
+        accounts.push(azure.get_batch_account(&pool.account).await?.url);
+    }
+    survey(azure, definition, &accounts, local_now).await
+}
+
+/// The version `latest` resolves to among `versions`: the highest number not excluded from
+/// latest and not being deleted.
+pub fn latest(versions: &[ListedVersion]) -> Option<ImageVersion> {
+    versions
+        .iter()
+        .filter(|v| v.info.provisioning_state != ProvisioningState::Deleting && !v.info.exclude_from_latest)
+        .filter_map(|v| ImageVersion::parse(&v.name))
+        .max()
+}
+
 /// Every version and every retired pool of the pipeline, judged.
 pub fn judge(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verdict> {
     let mut verdicts = judge_versions(survey, policy, runs);
@@ -160,13 +199,7 @@ fn judge_versions(survey: &Survey, policy: &Policy, runs: &dyn Runs) -> Vec<Verd
         .collect();
     newest.sort_unstable_by(|a, b| b.cmp(a));
     newest.truncate(policy.keep_versions as usize);
-    let latest = survey
-        .versions
-        .iter()
-        .filter(staying)
-        .filter(|v| !v.info.exclude_from_latest)
-        .filter_map(|v| ImageVersion::parse(&v.name))
-        .max();
+    let latest = latest(&survey.versions);
     let definition = survey.definition.to_string();
     survey
         .versions

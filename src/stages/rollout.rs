@@ -88,10 +88,7 @@ async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepConte
     let survey = retention::survey(ctx.azure, &message.plan.definition, &accounts, ctx.now).await?;
     let policy = retention::Policy {
         pipeline: message.pipeline.clone(),
-        keep_versions: message.spec.retention.keep_versions,
-        pool_grace: message.spec.retention.pool_grace,
-        ceiling: ImageVersion::parse(&message.version),
-        young: retention::young_for(&message.spec),
+        ..retention::Policy::of(&message.spec, ImageVersion::parse(&message.version))
     };
     let versions_are_ours = message.plan.pools.first().is_some_and(|p| p.target == *target);
     let verdicts: Vec<retention::Verdict> = retention::judge(&survey, &policy, ctx.runs)

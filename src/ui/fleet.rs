@@ -77,12 +77,7 @@ pub struct PoolUse {
 /// The fleet page's facts from one survey of `spec`'s definition and accounts.
 pub fn view(spec: &PipelineSpec, survey: &Survey, quotas: Vec<QuotaUse>, verdicts: Vec<Verdict>) -> PipelineFleet {
     let definition = survey.definition.to_string();
-    let latest = survey
-        .versions
-        .iter()
-        .filter(|v| v.info.provisioning_state != ProvisioningState::Deleting && !v.info.exclude_from_latest)
-        .filter_map(|v| ImageVersion::parse(&v.name))
-        .max();
+    let latest = retention::latest(&survey.versions);
     let (version_verdicts, retired_pools): (Vec<Verdict>, Vec<Verdict>) =
         verdicts.into_iter().partition(|v| v.kind == DeletedKind::ImageVersion);
     let mut versions: Vec<VersionRow> = survey
@@ -146,15 +141,8 @@ fn host(url: &str) -> String {
 pub async fn look(spec: &PipelineSpec, azure: &dyn AzureApi, runs: &dyn Runs) -> PipelineFleet {
     match read(spec, azure).await {
         Ok((survey, quotas)) => {
-            let policy = Policy {
-                pipeline: spec.name.clone(),
-                keep_versions: spec.retention.keep_versions,
-                pool_grace: spec.retention.pool_grace,
-                ceiling: None,
-                young: retention::young_for(spec),
-            };
             let verdicts = if spec.retention.enabled {
-                retention::judge(&survey, &policy, runs)
+                retention::judge(&survey, &Policy::of(spec, None), runs)
             } else {
                 Vec::new()
             };
@@ -177,15 +165,7 @@ pub async fn look(spec: &PipelineSpec, azure: &dyn AzureApi, runs: &dyn Runs) ->
 
 async fn read(spec: &PipelineSpec, azure: &dyn AzureApi) -> Result<(Survey, Vec<QuotaUse>), String> {
     let definition = crate::planner::definition_id(spec).map_err(|e| e.to_string())?;
-    let mut accounts = Vec::new();
-    for pool in &spec.pools {
-        let account = azure
-            .get_batch_account(&pool.account)
-            .await
-            .map_err(|e| e.to_string())?;
-        accounts.push(account.url);
-    }
-    let survey = retention::survey(azure, &definition, &accounts, OffsetDateTime::now_utc())
+    let survey = retention::survey_spec(azure, &definition, spec, OffsetDateTime::now_utc())
         .await
         .map_err(|e| e.to_string())?;
     let quotas = crate::planner::survey_quotas(spec, azure)
