@@ -75,12 +75,7 @@ impl RunTracker {
         if run.pipeline != event.pipeline {
             run.pipeline = event.pipeline.clone();
         }
-        if !matches!(event.kind, EventKind::DuplicateDropped { .. }) {
-            match run.latest.iter_mut().find(|(branch, _)| *branch == event.branch) {
-                Some((_, stage)) => *stage = event.stage,
-                None => run.latest.push((event.branch.clone(), event.stage)),
-            }
-        }
+        note_latest(&mut run.latest, event);
         // Only what decides the result is kept: another kind cannot end the run (it still moves
         // its branch, through `latest`).
         let decides = crate::events::decides_result(&event.kind);
@@ -138,15 +133,8 @@ impl RunTracker {
 /// failed, parked or cancelled.
 pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
     let mut latest: Vec<(Branch, Stage)> = Vec::new();
-    // A dropped stale copy says nothing of where its branch is now.
-    for e in events
-        .iter()
-        .filter(|e| !matches!(e.kind, EventKind::DuplicateDropped { .. }))
-    {
-        match latest.iter_mut().find(|(branch, _)| *branch == e.branch) {
-            Some((_, stage)) => *stage = e.stage,
-            None => latest.push((e.branch.clone(), e.stage)),
-        }
+    for e in events {
+        note_latest(&mut latest, e);
     }
     let deciding: Vec<Event> = events
         .iter()
@@ -154,6 +142,18 @@ pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
         .cloned()
         .collect();
     positions_of(&deciding, &latest)
+}
+
+/// Records `event`'s stage as its branch's latest; a dropped stale copy says nothing of where its
+/// branch is now.
+fn note_latest(latest: &mut Vec<(Branch, Stage)>, event: &Event) {
+    if matches!(event.kind, EventKind::DuplicateDropped { .. }) {
+        return;
+    }
+    match latest.iter_mut().find(|(branch, _)| *branch == event.branch) {
+        Some((_, stage)) => *stage = event.stage,
+        None => latest.push((event.branch.clone(), event.stage)),
+    }
 }
 
 /// [`branch_positions`] from a run's result-deciding events and each branch's latest stage.

@@ -75,8 +75,13 @@ impl RunIndex {
             entry.summary.stage = event.stage.to_string();
             entry.summary.duration_secs = (event.at - entry.summary.started).whole_seconds().max(0);
         }
+        // Only an event that can decide the result changes the run's state: a waiting run's looks
+        // do not walk its whole history again.
+        let decides = crate::events::decides_result(&event.kind);
         entry.events.push(event);
-        entry.summary.state = run_result(&entry.events).label();
+        if decides {
+            entry.summary.state = run_result(&entry.events).label();
+        }
         entry.summary.clone()
     }
 
