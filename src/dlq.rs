@@ -136,19 +136,11 @@ impl<'a> Parked<'a> {
     }
 }
 
-/// The run's history first (so the branch is reopened before anything of the replay can end it
-/// again), then the message, then the parked copy out. The history gets one ledger commit: the
-/// `Replayed` event, and the replayed message's fresh token made live (the parked copy's own was
-/// spent when it was parked, so without a new one the workers would drop it as stale). A failure
-/// leaves the copy parked; the next replay gives it another token, and a copy sent by the failed
-/// one is then stale.
-pub async fn replay(
-    bus: &AmqpBus,
-    browser: &mut ParkedBrowser,
-    index: usize,
-    mut envelope: Envelope,
-    parked_for: &str,
-) -> Result<String, crate::bus::BusError> {
+/// A parked message made ready to go back: its attempts reset, no hold, a fresh token made by
+/// a new claim; and the history commit that makes that token live and records `Replayed` (the
+/// parked copy's own token was spent when it was parked, so without a new one the workers would
+/// drop it as stale). Publishing them is [`replay`]'s.
+pub fn revived(mut envelope: Envelope, parked_for: &str) -> (Envelope, Record) {
     envelope.attempt = 0;
     envelope.not_before = None;
     let replay = Uuid::new_v4();
@@ -179,7 +171,21 @@ pub async fn replay(
         }],
         events: vec![event],
     };
-    bus.publish_record(&Record::Commit(commit)).await?;
+    (envelope, Record::Commit(commit))
+}
+
+/// The run's history first (so the branch is reopened before anything of the replay can end it
+/// again), then the message, then the parked copy out. A failure leaves the copy parked; the next
+/// replay gives it another token, and a copy sent by the failed one is then stale.
+pub async fn replay(
+    bus: &AmqpBus,
+    browser: &mut ParkedBrowser,
+    index: usize,
+    envelope: Envelope,
+    parked_for: &str,
+) -> Result<String, crate::bus::BusError> {
+    let (envelope, commit) = revived(envelope, parked_for);
+    bus.publish_record(&commit).await?;
     bus.publish(envelope.stage, &envelope.encode()).await?;
     browser.remove(index).await?;
     Ok(format!(

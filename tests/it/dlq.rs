@@ -124,15 +124,12 @@ async fn teardown(bus: AmqpBus, setup: &Setup) {
         .expect("delete the test topology");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_run_once_fixed() {
-    let setup = setup().await;
-    let (bus, _) = test_bus(&setup.config).await;
+/// Every PUT of an image version answers 500, and a worker of every stage that gives up after two
+/// tries (no retries inside the client): gallery-publish fails the trunk and parks its message.
+async fn poisoned_worker(setup: &Setup) -> Process {
     let config = setup.config.display().to_string();
-    // Every PUT of an image version answers 500: gallery-publish tries twice (no retries inside the
-    // client), gives up, fails the trunk and parks its message.
     setup.emu.set_faults("500:method=PUT,path=/versions/").await;
-    let mut worker = Process::start(
+    Process::start(
         &setup.dir,
         "worker",
         &["worker", "--all-stages", "--config", &config],
@@ -140,7 +137,15 @@ async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_
             ("SIGRUN__RUNTIME__RETRY__MAX_ATTEMPTS", "2"),
             ("SIGRUN__AZURE__CLIENT__RETRY__MAX_ATTEMPTS", "1"),
         ],
-    );
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_run_once_fixed() {
+    let setup = setup().await;
+    let (bus, _) = test_bus(&setup.config).await;
+    let config = setup.config.display().to_string();
+    let mut worker = poisoned_worker(&setup).await;
     let run_id = setup.submit().await;
     let history = follow_until(&bus, run_id, &[&worker], |h| run_result(h) != RunResult::Running).await;
     let RunResult::Failed { reason } = run_result(&history) else {
@@ -282,62 +287,22 @@ async fn a_poisoned_step_is_parked_with_its_reason_and_dlq_replay_completes_the_
 /// wait for the commit rather than drop the copy as a stale one of a finished run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_message_delivered_before_its_commit_is_read_carries_the_run_on() {
-    use sigrun::ledger::record::{Commit, Record, Successor};
     let setup = setup().await;
     let (bus, _) = test_bus(&setup.config).await;
-    let config = setup.config.display().to_string();
-    setup.emu.set_faults("500:method=PUT,path=/versions/").await;
-    let mut worker = Process::start(
-        &setup.dir,
-        "worker",
-        &["worker", "--all-stages", "--config", &config],
-        &[
-            ("SIGRUN__RUNTIME__RETRY__MAX_ATTEMPTS", "2"),
-            ("SIGRUN__AZURE__CLIENT__RETRY__MAX_ATTEMPTS", "1"),
-        ],
-    );
+    let mut worker = poisoned_worker(&setup).await;
     let run_id = setup.submit().await;
     follow_until(&bus, run_id, &[&worker], |h| run_result(h) != RunResult::Running).await;
     parked_eventually(&setup, 1, &[&worker]).await;
     setup.emu.set_faults("").await;
 
     let mut browser = bus.browse_parked(10).await.expect("browse the parking queue");
-    let mut envelope = Envelope::decode(&browser.messages()[0].body).expect("a parked envelope");
-    let replay = Uuid::new_v4();
-    (envelope.attempt, envelope.not_before) = (0, None);
-    (envelope.token, envelope.made_by) = (Uuid::new_v4(), replay);
+    let parked = Envelope::decode(&browser.messages()[0].body).expect("a parked envelope");
+    let (envelope, commit) = sigrun::dlq::revived(parked, "replayed out of order by the test");
     bus.publish(envelope.stage, &envelope.encode())
         .await
         .expect("the message first");
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let event = Event {
-        run_id,
-        pipeline: envelope.pipeline.clone(),
-        version: envelope.version.clone(),
-        stage: envelope.stage,
-        branch: envelope.branch.clone(),
-        at: OffsetDateTime::now_utc(),
-        kind: EventKind::Replayed {
-            message_id: envelope.message_id,
-            error: "replayed out of order by the test".into(),
-        },
-    };
-    let commit = Commit {
-        run_id,
-        pipeline: envelope.pipeline.clone(),
-        claim: replay,
-        consumed: None,
-        successors: vec![Successor {
-            message_id: envelope.message_id,
-            token: envelope.token,
-            stage: envelope.stage,
-            branch: envelope.branch.clone(),
-        }],
-        events: vec![event],
-    };
-    bus.publish_record(&Record::Commit(commit))
-        .await
-        .expect("then the commit");
+    bus.publish_record(&commit).await.expect("then the commit");
     browser.remove(0).await.expect("out of parking");
     browser.close().await;
 
