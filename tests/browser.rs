@@ -183,15 +183,9 @@ async fn dev_stack(dir: &Path, config: &Path) -> (Process, String, String) {
 }
 
 async fn submit(dir: &Path, spec: &Path, config: &str) -> String {
-    let spec = spec.display().to_string();
-    let mut submit = Process::start(dir, "submit", &["submit", &spec, "--config", config], &[]);
-    assert_eq!(
-        submit.wait(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        submit.report()
-    );
-    support::run_id_printed(&submit).to_string()
+    support::process::submit_spec(dir, &spec.display().to_string(), config)
+        .await
+        .to_string()
 }
 
 /// The run's events, as `sigrun status --json` reads them from the stream.

@@ -30,15 +30,9 @@ async fn dev_stack(dir: &std::path::Path) -> Process {
 
 /// `sigrun submit` of the nightly on the stack of `config`; the run id it printed.
 async fn submit_nightly(dir: &std::path::Path, config: &str) -> String {
-    let args = ["submit", "pipelines/nightly-ubuntu.toml", "--config", config];
-    let mut submit = Process::start(dir, "submit", &args, &[]);
-    assert_eq!(
-        submit.wait(Duration::from_secs(60)).await,
-        Some(0),
-        "{}",
-        submit.report()
-    );
-    support::run_id_printed(&submit).to_string()
+    support::process::submit_spec(dir, "pipelines/nightly-ubuntu.toml", config)
+        .await
+        .to_string()
 }
 
 /// The value after `label` on the banner's lines (`  config     /path`).

@@ -12,7 +12,6 @@ use std::time::Duration;
 use sigrun::azure::AzureApi;
 use sigrun::azure::client::AzureClient;
 use sigrun::azure::config::{AzureSettings, CloudSettings, CredentialSettings, Secret};
-use sigrun::bus::Bus;
 use sigrun::bus::amqp::{AmqpBus, AmqpSettings};
 use sigrun::config::Settings;
 use sigrun::emulator::{Emulator, EmulatorOptions};

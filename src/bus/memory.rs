@@ -1,5 +1,5 @@
-//! The in-process bus behind `sigrun run` and the tests: one FIFO queue per stage, delay tiers as
-//! tokio timers that put a message back on its stage queue when the tier's delay has passed, a
+//! The in-process bus behind `sigrun run` and the tests: one FIFO queue per stage, delays as
+//! tokio timers that put a message back on its stage queue when its own delay has passed, a
 //! parking list, and an event log with a live broadcast. It keeps the RabbitMQ bus's semantics
 //! where the runtime can tell: a delivery dropped or requeued unsettled goes back to its queue with
 //! its delivery count raised, a delayed message comes back as a new message (count reset), and every
@@ -60,7 +60,6 @@ pub struct MemoryBus {
 }
 
 struct Inner {
-    tiers: Vec<Duration>,
     state: Mutex<State>,
     /// Wakes consumers waiting in `next` when a message lands or the bus shuts down.
     arrivals: Notify,
@@ -115,7 +114,8 @@ impl Inner {
 }
 
 impl MemoryBus {
-    /// A bus with these delay tiers (shortest first).
+    /// A bus built from the same settings as the RabbitMQ bus: its delay tiers (shortest first)
+    /// are checked as that bus's are, though a timer holds any delay exactly and needs none.
     ///
     /// # Panics
     /// When `tiers` is empty, holds a zero delay or is not strictly increasing: a programming error
@@ -128,7 +128,6 @@ impl MemoryBus {
         let (live, _) = broadcast::channel(EVENT_BUFFER);
         MemoryBus {
             inner: Arc::new(Inner {
-                tiers,
                 state: Mutex::new(State::default()),
                 arrivals: Notify::new(),
                 appended: Notify::new(),
@@ -303,10 +302,6 @@ impl Bus for MemoryBus {
 
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
         self.wait_for(|state| self.take(state, stages)).await
-    }
-
-    fn tiers(&self) -> &[Duration] {
-        &self.inner.tiers
     }
 }
 

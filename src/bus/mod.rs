@@ -104,8 +104,6 @@ pub trait Bus: Send + Sync {
     /// Cancel-safe: dropping the future before it completes takes no message (the runtime races
     /// it against its shutdown signal).
     async fn next(&self, stages: &[Stage]) -> Option<Delivery>;
-    /// The delay tiers, shortest first.
-    fn tiers(&self) -> &[Duration];
 }
 
 /// A trigger as it was delivered: the body and the properties the admitter needs.

@@ -229,10 +229,6 @@ impl Bus for Unreliable {
         }
         Some(delivery)
     }
-
-    fn tiers(&self) -> &[Duration] {
-        self.inner.tiers()
-    }
 }
 
 /// A fresh run's first message and its `RunStarted`.

@@ -670,10 +670,6 @@ impl Bus for FlakyBus {
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
         self.inner.next(stages).await
     }
-
-    fn tiers(&self) -> &[Duration] {
-        self.inner.tiers()
-    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -159,6 +159,19 @@ pub async fn submit_run(dir: &Path, config: &Path, version: &str, env: &[(&str, 
     run_id_printed(&submit)
 }
 
+/// `sigrun submit SPEC --config CONFIG` (the version the spec's scheme resolves), which must exit
+/// 0; returns the run id it printed.
+pub async fn submit_spec(dir: &Path, spec: &str, config: &str) -> Uuid {
+    let mut submit = Process::start(dir, "submit", &["submit", spec, "--config", config], &[]);
+    assert_eq!(
+        submit.wait(Duration::from_secs(60)).await,
+        Some(0),
+        "{}",
+        submit.report()
+    );
+    run_id_printed(&submit)
+}
+
 /// The run id a successful submit printed, alone on stdout.
 pub fn run_id_printed(submit: &Process) -> Uuid {
     Uuid::parse_str(submit.stdout_text().trim())

@@ -336,6 +336,11 @@ impl AmqpBus {
         &self.shared.names
     }
 
+    /// The delay tiers it was built with, shortest first.
+    pub fn tiers(&self) -> &[Duration] {
+        &self.tiers
+    }
+
     /// Connected now (false while reconnecting): what a worker's readiness reports.
     pub fn is_connected(&self) -> bool {
         self.shared.link.borrow().is_some()
@@ -542,10 +547,6 @@ impl Bus for AmqpBus {
             unreachable!("only stage queues were asked for")
         };
         Some(consumer::delivery(&self.shared, generation, stage, delivery))
-    }
-
-    fn tiers(&self) -> &[Duration] {
-        &self.tiers
     }
 }
 
