@@ -73,6 +73,9 @@ pub struct AzureSettings {
     pub request_timeout_secs: u64,
     #[serde(default)]
     pub retry: RetrySettings,
+    /// Keeping inside ARM's request budget (`[azure.client.pacing]`).
+    #[serde(default)]
+    pub pacing: super::pacing::PacingSettings,
 }
 
 fn default_request_timeout_secs() -> u64 {
@@ -235,6 +238,7 @@ impl AzureSettings {
             api_versions: ApiVersions::default(),
             request_timeout_secs: default_request_timeout_secs(),
             retry: RetrySettings::default(),
+            pacing: super::pacing::PacingSettings::default(),
         }
     }
 
@@ -308,6 +312,7 @@ impl AzureSettings {
         if self.request_timeout_secs == 0 {
             return Err(SettingsError::new("request_timeout_secs", "must be at least 1"));
         }
+        self.pacing.validate()?;
         if self.retry.max_attempts == 0 {
             return Err(SettingsError::new("retry.max_attempts", "must be at least 1"));
         }

@@ -30,6 +30,9 @@ pub struct AzureError {
     pub retry_after: Option<Duration>,
 }
 
+/// The code of a request this process held back to stay inside the budget.
+const PACED: &str = "SigrunPaced";
+
 /// Azure error codes that mean "try again later" even on a 4xx.
 const RETRYABLE_CODES: &[&str] = &[
     "TooManyRequests",
@@ -52,6 +55,28 @@ impl AzureError {
             request_id: None,
             retry_after: None,
         }
+    }
+
+    /// A request not sent: the subscription's budget (as this process estimates it) has no token
+    /// for it before `wait`. Throttling that never reached Azure: the step is put off, and it
+    /// counts as no failed attempt.
+    pub fn paced(operation: &str, wait: Duration) -> AzureError {
+        AzureError {
+            operation: operation.to_string(),
+            status: Some(429),
+            code: Some(PACED.to_string()),
+            message: format!(
+                "not sent: the subscription's request budget has room for it in {} ms",
+                wait.as_millis()
+            ),
+            request_id: None,
+            retry_after: Some(wait),
+        }
+    }
+
+    /// Whether this is [`AzureError::paced`].
+    pub fn is_paced(&self) -> bool {
+        self.status == Some(429) && self.code.as_deref() == Some(PACED)
     }
 
     /// A failure the pipeline itself detects (a rule broken, a state Azure reports as Failed).

@@ -19,6 +19,7 @@ use serde_json::Value;
 use super::config::{AzureSettings, RetrySettings, SettingsError};
 use super::error::AzureError;
 use super::metrics::AzureMetrics;
+use super::pacing::{self, Admit, Pacer};
 use super::throttles::Throttles;
 
 /// Which API a request goes to; it picks the token scope and the header conventions.
@@ -168,6 +169,10 @@ pub struct Http {
     metrics: OnceLock<Arc<AzureMetrics>>,
     /// Paths Azure asked this process not to ask again yet.
     throttles: Throttles,
+    /// What is left of each subscription's request budget, as far as this process knows.
+    pacer: Pacer,
+    /// Longest a request waits here for its budget before it is handed back.
+    pacing_hold: Duration,
 }
 
 impl Http {
@@ -180,6 +185,8 @@ impl Http {
             retry: settings.retry.clone(),
             metrics: OnceLock::new(),
             throttles: Throttles::default(),
+            pacer: Pacer::new(settings.pacing.clone()),
+            pacing_hold: settings.pacing.hold(),
         }
     }
 
@@ -213,6 +220,10 @@ impl Http {
             .retry(backoff)
             .when(Failure::retry_here)
             .adjust(|failure: &Failure, proposed| {
+                // Held back for the budget: the caller puts the step off (see `paced`).
+                if failure.error().is_paced() {
+                    return None;
+                }
                 // `None` from the backoff means the attempts are used up.
                 let backoff = proposed?;
                 // Azure said when to come back: exactly then, never sooner (nor later, as a
@@ -283,9 +294,32 @@ impl Http {
         request
     }
 
+    /// Waits until the request's budget admits it: here, for at most the pacing hold; longer,
+    /// and inside a step, it is handed back (`AzureError::paced`) so the step is put off on a
+    /// delay tier instead of holding a consumer.
+    async fn paced(&self, call: &Call<'_>, scope: &pacing::Scope) -> Result<(), Failure> {
+        let urgency = pacing::current_urgency();
+        let started = Instant::now();
+        loop {
+            let wait = match self.pacer.admit(scope, urgency, tokio::time::Instant::now()) {
+                Admit::Go => return Ok(()),
+                Admit::Wait(wait) => wait,
+            };
+            let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
+            if handing_back && started.elapsed() + wait > self.pacing_hold {
+                return Err(Failure::Http(AzureError::paced(&call.operation, wait)));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
         if let Some(left) = self.throttles.remaining(call.url.path()) {
             return Err(Failure::Http(Throttles::held_back(&call.operation, left)));
+        }
+        let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
+        if let Some(bucket) = &bucket {
+            self.paced(call, bucket).await?;
         }
         let scope = match call.audience {
             Audience::Arm => &self.arm_scope,
@@ -334,6 +368,10 @@ impl Http {
             sent.elapsed(),
             retry_after(&headers).is_some(),
         );
+        if let Some(bucket) = &bucket {
+            let now = tokio::time::Instant::now();
+            self.pacer.observe(bucket, status, &headers, retry_after(&headers), now);
+        }
         tracing::debug!(
             method = %call.method,
             path = call.url.path(),

@@ -13,6 +13,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 mod http;
+pub mod pacing;
 mod throttles;
 pub use http::{MAX_RETRY_AFTER, hand_back_retry_after};
 pub mod metrics;

@@ -33,6 +33,10 @@ pub struct EmulatorArgs {
     /// Serve plain HTTP instead of HTTPS (Azure SDK credentials refuse a non-https authority).
     #[arg(long)]
     pub plain_http: bool,
+    /// Serve every request: no ARM request budget (token buckets of 250 reads, 200 writes and 200
+    /// deletes, refilled 25, 10 and 10 a second of emulated time, per subscription and principal).
+    #[arg(long)]
+    pub unlimited_requests: bool,
 }
 
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
@@ -48,6 +52,7 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
         faults: args.faults,
         state_dir: args.state_dir,
         plain_http: args.plain_http,
+        budgets: (!args.unlimited_requests).then(crate::emulator::budget::Limits::arm),
     })
     .await?;
     let line = serde_json::to_string(emulator.info())?;

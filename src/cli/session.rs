@@ -67,6 +67,9 @@ impl Session {
                 (azure, Some(emulator), e.time_scale)
             }
         };
+        let mut azure_settings = azure_settings;
+        // The budget refills per Azure second: as fast as the emulator's clock runs.
+        azure_settings.pacing.time_scale = time_scale;
         if time_scale != 1.0 {
             let factor = 1.0 / time_scale;
             stages.azure_time_factor = factor;

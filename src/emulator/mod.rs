@@ -11,6 +11,7 @@ mod arm;
 mod arm_view;
 mod auth;
 mod batch;
+pub mod budget;
 mod clock;
 mod control;
 pub mod faults;
@@ -56,6 +57,8 @@ pub struct EmulatorOptions {
     pub faults: String,
     pub state_dir: Option<PathBuf>,
     pub plain_http: bool,
+    /// ARM's request budget (token buckets, see [`budget`]); `None` serves every request.
+    pub budgets: Option<budget::Limits>,
 }
 
 impl Default for EmulatorOptions {
@@ -68,6 +71,7 @@ impl Default for EmulatorOptions {
             faults: String::new(),
             state_dir: None,
             plain_http: false,
+            budgets: Some(budget::Limits::arm()),
         }
     }
 }
@@ -105,6 +109,7 @@ pub(crate) struct Ctx {
     pub identity_header: String,
     pub seed: u64,
     pub started: Instant,
+    pub budgets: budget::Budgets,
     store: Store,
     seq: AtomicU64,
     rate: Mutex<HashMap<String, u64>>,
@@ -214,6 +219,7 @@ impl Emulator {
             identity_header: identity_header.clone(),
             seed: options.seed,
             started: Instant::now(),
+            budgets: budget::Budgets::new(options.budgets.clone()),
             store,
             seq: AtomicU64::new(0),
             rate: Mutex::new(HashMap::new()),
@@ -386,6 +392,18 @@ pub(crate) fn throttled(api: Api, req: &Request, secs: f64) -> Response {
         ),
     };
     retry_after(resp, secs)
+}
+
+/// A request refused for want of tokens: 429 in its API's shape, `Retry-After` in whole real
+/// seconds (at least 1, as Azure sends it) and `retry-after-ms` exact (at least 1).
+pub(crate) fn over_budget(ctx: &Ctx, api: Api, req: &Request, message: &str, wait_secs: f64) -> Response {
+    let real_ms = (wait_secs * 1000.0 / ctx.clock.scale()).ceil().max(1.0);
+    let resp = match api {
+        Api::Batch => batch::error(req, 429, "TooManyRequests", message, &[]),
+        _ => arm::error(429, "SubscriptionRequestsThrottled", message, None),
+    };
+    resp.with_header("retry-after", format!("{}", (real_ms / 1000.0).ceil() as u64))
+        .with_header("retry-after-ms", format!("{}", real_ms as u64))
 }
 
 /// A server-side failure in the shape of the API that was called.

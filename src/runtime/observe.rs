@@ -19,6 +19,9 @@ pub enum Handled {
     /// a delay tier without a step. Each is a broker round trip for nothing; the relay holding a
     /// delayed message until its own due time keeps them rare.
     Early,
+    /// The step was put off before it reached Azure: the subscription's request budget had no
+    /// room for it yet (`azure::pacing`). Not a failure; it waits on a delay tier.
+    Paced,
     /// The branch ended well with this step (`Outcome::Done`).
     Done,
     /// The stage itself said the branch failed (`Outcome::Fail`): the failure event is published,
@@ -35,10 +38,11 @@ pub enum Handled {
 }
 
 impl Handled {
-    pub const ALL: [Handled; 9] = [
+    pub const ALL: [Handled; 10] = [
         Handled::Advanced,
         Handled::Waiting,
         Handled::Early,
+        Handled::Paced,
         Handled::Done,
         Handled::Failed,
         Handled::Retried,
@@ -52,6 +56,7 @@ impl Handled {
             Handled::Advanced => "advanced",
             Handled::Waiting => "waiting",
             Handled::Early => "early",
+            Handled::Paced => "paced",
             Handled::Done => "done",
             Handled::Failed => "failed",
             Handled::Retried => "retried",

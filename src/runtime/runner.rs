@@ -428,6 +428,23 @@ impl Runtime {
     }
 
     fn effects_of_error(&self, message: &Envelope, error: &AzureError, now: OffsetDateTime) -> Effects {
+        if error.is_paced() {
+            // Never sent: no failure, no event; the look waits for its budget like any wait.
+            let delay = error.retry_after.unwrap_or_default();
+            debug!(
+                delay_ms = delay.as_millis(),
+                "request budget short; the step is put off"
+            );
+            let mut again = message.clone();
+            again.hold_until(now + delay);
+            return Effects {
+                handled: Handled::Paced,
+                events: Vec::new(),
+                messages: vec![again],
+                park: None,
+                measured: Measured::default(),
+            };
+        }
         match retry::decide(&self.settings.retry, message.attempt, error) {
             Decision::Retry { attempt, delay, event } => {
                 warn!(%error, attempt, delay_ms = delay.as_millis(), "step failed; retrying");

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::Handler;
 use crate::azure::{AzureApi, AzureError};
-use crate::model::envelope::Envelope;
+use crate::model::envelope::{Branch, Envelope, Stage};
 use crate::stages::{self, NoHistory, Runs, StageSettings, Step, StepContext};
 
 pub struct StageHandler {
@@ -42,7 +42,19 @@ impl Handler for StageHandler {
             settings: &self.settings,
             runs: self.runs.as_ref(),
         };
+        let urgency = urgency(&message);
         // Throttling comes back to the runtime, which holds the message for the Retry-After.
-        crate::azure::hand_back_retry_after(stages::step(message, &ctx)).await
+        let step = crate::azure::hand_back_retry_after(stages::step(message, &ctx));
+        crate::azure::pacing::with_urgency(urgency, step).await
     }
+}
+
+/// How urgent a message's requests are when the request budget is short: the nearer its run is to
+/// done, the more (verify 1, snapshot 0); clean-up, which no run waits on, least.
+fn urgency(message: &Envelope) -> f64 {
+    if matches!(message.branch, Branch::CleanUp { .. }) {
+        return 0.0;
+    }
+    let position = Stage::ALL.iter().position(|s| *s == message.stage).unwrap_or(0);
+    position as f64 / (Stage::ALL.len() - 1) as f64
 }

@@ -373,6 +373,46 @@ async fn a_throttled_step_is_never_retried_before_retry_after() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_step_held_back_for_the_budget_waits_without_failing_however_often() {
+    let bus = testkit::bus();
+    let held = Arc::new(AtomicUsize::new(0));
+    let handler = Script::new({
+        let held = held.clone();
+        move |_| {
+            // Twice the retry budget's attempts: pacing is no failure, so none of it counts.
+            if held.fetch_add(1, Ordering::SeqCst) < 10 {
+                Err(AzureError::paced("GET pool", Duration::from_millis(300)))
+            } else {
+                step(Outcome::Done)
+            }
+        }
+    });
+    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode())
+        .await
+        .unwrap();
+
+    run_for(
+        &runtime(bus.clone(), handler.clone(), Clock::tokio()),
+        Duration::from_secs(10),
+    )
+    .await;
+
+    let calls = handler.calls();
+    assert_eq!(calls.len(), 11, "ten put off, then the step");
+    for pair in calls.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(300) && gap < Duration::from_millis(310),
+            "{gap:?}"
+        );
+        assert_eq!(pair[1].message.attempt, 0, "no attempt counted");
+    }
+    assert!(kinds(&bus).is_empty(), "no event: {:?}", kinds(&bus));
+    assert!(bus.parked().is_empty());
+    assert!(bus.stats().is_idle());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_permanent_error_fails_a_pool_branch_at_once() {
     let bus = testkit::bus();
     let handler = Script::new(|_| Err(forbidden()));

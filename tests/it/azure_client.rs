@@ -1068,3 +1068,35 @@ async fn secrets_and_tokens_never_show() {
         assert!(!text.contains(token_header), "a token leaked: {text}");
     }
 }
+
+/// Reads that outnumber the subscription's budget, all at once: paced by the client, none meets a
+/// 429 and all succeed; with pacing off, the same burst meets the emulator's 429s.
+#[tokio::test]
+async fn a_burst_beyond_the_budget_is_paced_instead_of_throttled() {
+    let vm = VmId::new(SUB_IMAGING, "rg-imaging", &["build-ubuntu-2204"]).unwrap();
+    for pacing in [true, false] {
+        // 125 reads a real second: the burst outruns the refill.
+        let emu = start(EmulatorOptions {
+            time_scale: 5.0,
+            ..Default::default()
+        })
+        .await;
+        let mut settings = settings_for(&emu, PIPELINE_APP);
+        settings.pacing.time_scale = 5.0;
+        settings.pacing.enabled = pacing;
+        let azure = Arc::new(AzureClient::new(&settings).expect("client"));
+        let reads = (0..400).map(|_| {
+            let (azure, vm) = (azure.clone(), vm.clone());
+            async move { azure.get_vm(&vm).await }
+        });
+        let results = futures_util::future::join_all(reads).await;
+        let answers: Vec<Value> = emu.requests().await.into_iter().filter(|e| e["api"] == "arm").collect();
+        let throttled = answers.iter().filter(|e| e["status"] == 429).count();
+        if pacing {
+            assert_eq!(throttled, 0, "paced: no 429 among {} answers", answers.len());
+            assert!(results.iter().all(Result::is_ok), "every read succeeds");
+        } else {
+            assert!(throttled > 20, "unpaced, the burst is throttled: {throttled} 429s");
+        }
+    }
+}

@@ -13,6 +13,7 @@ mod azure_client;
 mod cli;
 mod dlq;
 mod emulator_auth;
+mod emulator_budget;
 mod emulator_faults;
 mod emulator_lro;
 mod emulator_rules;

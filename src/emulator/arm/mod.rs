@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::Ctx;
 use super::auth::{self, Claims, TokenProblem};
+use super::budget::{self, Draw};
 use super::http::{Request, Response};
 use super::state::{Kind, State};
 
@@ -263,10 +264,22 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
     }
     let caller = Caller { claims };
     let now = ctx.clock.now();
+    let kind = budget::Kind::of(&req.method);
+    let draw = ctx.budgets.draw_arm(&subscription.id, &caller.claims.oid, kind, now);
+    if let Some(Draw::Refused { wait_secs }) = draw {
+        let message = format!(
+            "Number of '{}' requests for subscription '{}' actor '{}' exceeded. Please try again after '{}' seconds after additional tokens are available. Refer to https://aka.ms/arm-throttling for additional information.",
+            kind.singular(),
+            subscription.id,
+            caller.claims.oid,
+            wait_secs.ceil().max(1.0)
+        );
+        return super::over_budget(ctx, super::faults::Api::Arm, req, &message, wait_secs);
+    }
     let mut st = ctx.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     st.purge(now);
     let result = route(ctx, &mut st, req, &caller, &subscription.id);
-    match result {
+    let mut response = match result {
         Ok((response, changed)) => {
             if changed {
                 ctx.save(&st);
@@ -274,7 +287,19 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
             response
         }
         Err(err) => err.response(),
+    };
+    if let Some(Draw::Taken { left, global_left }) = draw {
+        let kind = kind.plural();
+        response.set_header(
+            &format!("x-ms-ratelimit-remaining-subscription-{kind}"),
+            left.to_string(),
+        );
+        if let Some(global) = global_left {
+            let name = format!("x-ms-ratelimit-remaining-subscription-global-{kind}");
+            response.set_header(&name, global.to_string());
+        }
     }
+    response
 }
 
 type Handled = Result<(Response, bool), ArmError>;
@@ -419,14 +444,14 @@ pub fn resource_group<'a>(ctx: &'a Ctx, sub: &str, rg: &str) -> Result<&'a super
         })
 }
 
-/// ARM's per-answer headers: request ids and the remaining-request budgets.
+/// ARM's per-answer headers: request ids and the resource provider's remaining-request counts (the
+/// subscription's budget is stamped by [`handle`], which knows the caller).
 pub fn stamp(ctx: &Ctx, req: &Request, resp: &mut Response) {
     let request_id = uuid::Uuid::new_v4().to_string();
     let correlation = req
         .header("x-ms-correlation-request-id")
         .map(str::to_string)
         .unwrap_or_else(|| request_id.clone());
-    let sub = req.segments.get(1).cloned().unwrap_or_default().to_ascii_lowercase();
     resp.set_header("x-ms-request-id", request_id.clone());
     resp.set_header("x-ms-correlation-request-id", correlation);
     let stamp_time = time::OffsetDateTime::now_utc();
@@ -445,20 +470,7 @@ pub fn stamp(ctx: &Ctx, req: &Request, resp: &mut Response) {
     if let Some(id) = req.header("x-ms-client-request-id") {
         resp.set_header("x-ms-client-request-id", id.to_string());
     }
-    let (bucket, budget) = match req.method.as_str() {
-        "GET" | "HEAD" => ("reads", 12_000),
-        "DELETE" => ("deletes", 15_000),
-        _ => ("writes", 1_200),
-    };
-    let left = ctx.remaining(&format!("{sub}:{bucket}"), budget);
-    resp.set_header(
-        &format!("x-ms-ratelimit-remaining-subscription-{bucket}"),
-        left.to_string(),
-    );
-    resp.set_header(
-        "x-ms-ratelimit-remaining-subscription-global-reads",
-        ctx.remaining(&format!("{sub}:global"), 16_000).to_string(),
-    );
+    let sub = req.segments.get(1).cloned().unwrap_or_default().to_ascii_lowercase();
     if req.path.to_ascii_lowercase().contains("/providers/microsoft.compute/") {
         let policy = if req.method == http::Method::GET {
             format!(

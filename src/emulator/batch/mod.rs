@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::Ctx;
 use super::auth::{self, TokenProblem};
+use super::budget::{Draw, Kind};
 use super::http::{Request, Response};
 use super::world::BatchAccount;
 
@@ -235,6 +236,19 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
                 &[],
             );
         }
+    }
+    let principal = match &caller {
+        BatchCaller::Aad { oid } => oid.as_str(),
+        BatchCaller::SharedKey => "shared-key",
+    };
+    let kind = Kind::of(&req.method);
+    if let Some(Draw::Refused { wait_secs }) = ctx.budgets.draw_batch(&account.name, principal, kind, ctx.clock.now()) {
+        let message = format!(
+            "The server is busy: too many '{}' requests on account '{}'; retry the request later.",
+            kind.singular(),
+            account.name
+        );
+        return super::over_budget(ctx, super::faults::Api::Batch, req, &message, wait_secs);
     }
     pools::route(ctx, req, account, &caller)
 }

@@ -1,0 +1,593 @@
+//! A fleet of pipelines against Azure Resource Manager's enforced request budget.
+//!
+//! Starts the emulator in this process with ARM's token buckets on (reads 250 / 25 a second,
+//! writes and deletes 200 / 10, per subscription and principal; see `emulator::budget`) in a world
+//! of its own: `SIGRUN_FLEET_SUBSCRIPTIONS` subscriptions (default 4), each with a build VM, a
+//! gallery and two Batch accounts. `SIGRUN_FLEET_PIPELINES` pipelines (default 1000) share them
+//! round robin: each builds from its subscription's VM (three disks), publishes its own image
+//! definition's nightly version to one region and verifies one pool of two nodes. All run at once
+//! in this process the way `sigrun run` runs one (in-process bus, ledger, stage consumers), spread
+//! over `SIGRUN_FLEET_WORKERS` runtimes (default 3), each with an Azure client of its own: the
+//! workers share each subscription's budget with no coordinator but the headers Azure sends.
+//!
+//! Printed, all measured in the same run:
+//! - every run's result (the bench fails unless all succeed);
+//! - **throttled share**: 429 answers / all ARM and Batch requests (goal ≤ 1 %);
+//! - **time / bound** (goal ≤ 1.1). The *bound* is what the budget and Azure's own durations allow
+//!   together, the larger of:
+//!   - the longest run's critical path: its snapshots (the longest disk copy) → managed image →
+//!     image definition → version in its region → its pool allocated with both nodes idle, each
+//!     the duration the emulator fixed when the operation started (the shared gallery is left
+//!     out, which only shortens the bound);
+//!   - the budget's time: for each bucket (subscription or Batch account, and kind), every
+//!     distinct request the fleet made on it counted once — a look repeated is not needed, a
+//!     resource never read cannot be known — less the bucket's burst, over its refill rate.
+//!
+//!   The time is emulated seconds from the first run's start to the last run's end.
+//! - requests per run by kind, the paced steps, and process CPU.
+//!
+//! `SIGRUN_FLEET_SCALE` (default 10) is the emulator's clock; `SIGRUN_FLEET_PACING=0` runs the same
+//! fleet with the clients' pacing off, for the side-by-side. `cargo bench --bench fleet`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use sigrun::admission::{self, Begun, Prepared, RunRequest};
+use sigrun::azure::client::AzureClient;
+use sigrun::bus::Bus;
+use sigrun::bus::memory::MemoryBus;
+use sigrun::emulator::budget::Limits;
+use sigrun::emulator::world::{BatchAccount, ResourceGroup, Subscription};
+use sigrun::emulator::{Emulator, EmulatorOptions, World};
+use sigrun::events::{RunResult, run_result};
+use sigrun::ledger::Ledger;
+use sigrun::model::envelope::Stage;
+use sigrun::model::spec::PipelineSpec;
+use sigrun::model::trace::TraceParent;
+use sigrun::runtime::{Clock, Handler, Runtime, StageHandler};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+const GROUP: &str = "rg-fleet";
+const REGION: &str = "westeurope";
+
+struct Fleet {
+    pipelines: usize,
+    subscriptions: usize,
+    workers: usize,
+    scale: f64,
+    /// Pace to the budget (`SIGRUN_FLEET_PACING=0` turns it off, for the side-by-side).
+    pacing: bool,
+}
+
+fn main() {
+    if !common::measuring("fleet") {
+        return;
+    }
+    let fleet = Fleet {
+        pipelines: common::env_or("SIGRUN_FLEET_PIPELINES", 1000),
+        subscriptions: common::env_or("SIGRUN_FLEET_SUBSCRIPTIONS", 4),
+        workers: common::env_or("SIGRUN_FLEET_WORKERS", 3),
+        scale: common::env_or("SIGRUN_FLEET_SCALE", 10.0),
+        pacing: common::env_or("SIGRUN_FLEET_PACING", 1u8) != 0,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(measure(&fleet));
+}
+
+fn subscription_id(i: usize) -> String {
+    format!("f1ee7000-0000-4000-8000-{i:012}")
+}
+
+fn account_name(sub: usize, n: usize) -> String {
+    format!("fleet{sub}x{n}")
+}
+
+/// The default world plus the fleet's subscriptions, each with a build VM (a copy of the default
+/// world's, three disks) and two Batch accounts, the pipeline's app Contributor on each.
+fn fleet_world(subscriptions: usize, pipelines: usize) -> World {
+    let mut world = World::default_world();
+    let tenant = world.tenants[0].id.clone();
+    let vm = world.vms[0].clone();
+    let account = world.batch_accounts[0].clone();
+    for i in 0..subscriptions {
+        let id = subscription_id(i);
+        world.subscriptions.push(Subscription {
+            id: id.clone(),
+            tenant: tenant.clone(),
+            name: format!("fleet-{i}"),
+            registered_providers: vec!["Microsoft.Compute".into(), "Microsoft.Batch".into()],
+            resource_groups: vec![ResourceGroup {
+                name: GROUP.into(),
+                location: REGION.into(),
+            }],
+        });
+        let app = world
+            .apps
+            .iter_mut()
+            .find(|a| a.client_id == common::CLIENT_ID)
+            .expect("the pipeline's app");
+        app.roles.push(sigrun::emulator::world::RoleAssignment {
+            role: "Contributor".into(),
+            scope: format!("/subscriptions/{id}"),
+        });
+        let mut build = vm.clone();
+        build.subscription = id.clone();
+        build.resource_group = GROUP.into();
+        build.name = "build".into();
+        build.location = REGION.into();
+        world.vms.push(build);
+        for n in 0..2 {
+            world.batch_accounts.push(BatchAccount {
+                name: account_name(i, n),
+                subscription: id.clone(),
+                resource_group: GROUP.into(),
+                location: REGION.into(),
+                pool_quota: u32::try_from(pipelines).unwrap_or(u32::MAX).saturating_add(10),
+                dedicated_core_quota: 1_000_000,
+                low_priority_core_quota: 1_000_000,
+                ..account.clone()
+            });
+        }
+    }
+    world
+}
+
+fn pipeline_name(i: usize) -> String {
+    format!("fleet-{i:04}")
+}
+
+fn spec(i: usize, subscriptions: usize) -> PipelineSpec {
+    let sub_index = i % subscriptions;
+    let sub = subscription_id(sub_index);
+    let account = account_name(sub_index, (i / subscriptions) % 2);
+    let name = pipeline_name(i);
+    let text = format!(
+        r#"name = "{name}"
+[source]
+vm = "/subscriptions/{sub}/resourceGroups/{GROUP}/providers/Microsoft.Compute/virtualMachines/build"
+[image]
+resource_group = "{GROUP}"
+region = "{REGION}"
+[gallery]
+id = "/subscriptions/{sub}/resourceGroups/{GROUP}/providers/Microsoft.Compute/galleries/fleet_images"
+create_if_missing = true
+[definition]
+name = "def-{name}"
+os_type = "Linux"
+os_state = "Generalized"
+publisher = "contoso"
+offer = "fleet"
+sku = "{name}"
+hyper_v_generation = "V2"
+[version]
+scheme = "nightly"
+[publish]
+regions = [{{ name = "{REGION}", replicas = 1 }}]
+[[pools]]
+target = "farm"
+account = "/subscriptions/{sub}/resourceGroups/{GROUP}/providers/Microsoft.Batch/batchAccounts/{account}"
+vm_size = "Standard_D4s_v5"
+dedicated_nodes = 2
+node_agent_sku_id = "auto"
+[verify]
+min_idle_share = 1.0
+deadline = "3h"
+[retention]
+intermediates = "delete"
+"#
+    );
+    PipelineSpec::parse(&text, &format!("{name}.toml")).expect("the fleet's spec parses")
+}
+
+/// The settings `sigrun run` would use against an emulator at `scale`, with the client pointed at
+/// `emulator`.
+fn settings(emulator: &Emulator, scale: f64, pacing: bool) -> (sigrun::config::Settings, sigrun::azure::AzureSettings) {
+    let mut settings = common::worker_defaults();
+    settings.emulator.time_scale = scale;
+    let factor = 1.0 / scale;
+    settings.stages.azure_time_factor = factor;
+    settings.runtime.tiers = settings.delay_tiers();
+    settings.runtime.consumers = 64;
+    let retry = &mut settings.runtime.retry;
+    retry.base_delay = retry.base_delay.mul_f64(factor).max(Duration::from_millis(1));
+    retry.max_delay = retry.max_delay.mul_f64(factor).max(Duration::from_millis(2));
+    let mut azure = common::azure_settings(emulator);
+    azure.retry.min_delay_ms = azure.retry.min_delay_ms.min(50);
+    azure.pacing.time_scale = scale;
+    azure.pacing.enabled = pacing;
+    (settings, azure)
+}
+
+async fn measure(fleet: &Fleet) {
+    let world = fleet_world(fleet.subscriptions, fleet.pipelines);
+    let emulator = Emulator::start(EmulatorOptions {
+        world,
+        time_scale: fleet.scale,
+        budgets: Some(Limits::arm()),
+        ..Default::default()
+    })
+    .await
+    .expect("the emulator starts");
+    let (settings, azure_settings) = settings(&emulator, fleet.scale, fleet.pacing);
+    let clients: Vec<Arc<AzureClient>> = (0..fleet.workers.max(1))
+        .map(|_| Arc::new(AzureClient::new(&azure_settings).expect("the Azure client builds")))
+        .collect();
+    let ticks = common::clock_ticks();
+    let cpu_before = common::cpu_time(std::process::id(), ticks);
+
+    let prepared = prepare_all(fleet, &clients[0]).await;
+    // Let the buckets fill again after planning: the fleet's window starts with its bursts.
+    tokio::time::sleep(Duration::from_secs_f64(25.0 / fleet.scale)).await;
+
+    let bus = Arc::new(MemoryBus::new(settings.runtime.tiers.clone()));
+    let ledger = Arc::new(Ledger::start(bus.clone(), settings.runtime.ledger(), None));
+    let mut stops = Vec::new();
+    let mut running = Vec::new();
+    for client in &clients {
+        let handler: Arc<dyn Handler> = Arc::new(
+            StageHandler::new(client.clone(), settings.stages.clone())
+                .with_runs(ledger.clone() as Arc<dyn sigrun::stages::Runs>),
+        );
+        let runtime = Runtime::new(
+            bus.clone() as Arc<dyn Bus>,
+            handler,
+            Stage::ALL.to_vec(),
+            settings.runtime.clone(),
+        )
+        .expect("runtime settings")
+        .with_clock(Clock::System)
+        .with_ledger(ledger.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        stops.push(stop);
+        running.push(tokio::spawn(async move {
+            runtime
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }));
+    }
+
+    let began = Instant::now();
+    let emulated_start = emulator.now();
+    for p in &prepared {
+        let entry = admission::entry_stage(None, p).expect("entry stage");
+        match admission::begin(bus.as_ref(), &ledger, p, entry, &TraceParent::new())
+            .await
+            .expect("begin")
+        {
+            Begun::Started { .. } => {}
+            other => panic!("{}: not started: {other:?}", p.spec.name),
+        }
+    }
+    let runs: BTreeSet<Uuid> = prepared.iter().map(Prepared::run_id).collect();
+    let results = follow(&bus, &runs, Duration::from_secs_f64(6.0 * 3600.0 / fleet.scale)).await;
+    let wall = began.elapsed();
+    if std::env::var_os("SIGRUN_FLEET_TRACE").is_some() {
+        trace_slowest(&bus.events(), fleet.scale);
+    }
+    let emulated_end = emulator.now();
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for task in running {
+        let _ = task.await;
+    }
+    let cpu = common::cpu_time(std::process::id(), ticks) - cpu_before;
+    let log = control(&emulator, "requests").await;
+    let timelines = control(&emulator, "timelines").await;
+    emulator.shutdown().await;
+
+    report(
+        fleet,
+        &results,
+        Window {
+            start: emulated_start,
+            end: emulated_end,
+            wall,
+            cpu,
+        },
+        &log,
+        &timelines,
+        &prepared,
+    );
+}
+
+/// Plans every pipeline, 32 at a time (reads only), as `sigrun submit` would before triggering.
+async fn prepare_all(fleet: &Fleet, azure: &Arc<AzureClient>) -> Vec<Prepared> {
+    let planned = futures_util::stream::iter(0..fleet.pipelines)
+        .map(|i| {
+            let azure = azure.clone();
+            let spec = spec(i, fleet.subscriptions);
+            async move {
+                let origin = format!("{}.toml", spec.name);
+                // Throttled (without pacing it is): try again, as a submitter would.
+                loop {
+                    match admission::prepare(spec.clone(), &origin, &RunRequest::default(), azure.as_ref()).await {
+                        Ok(prepared) => return prepared,
+                        Err(admission::PrepareError::Transient { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => panic!("{origin} does not plan: {e}"),
+                    }
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    println!("planned {} pipelines", planned.len());
+    planned
+}
+
+/// Waits until every run has ended (or `limit` passes): run id → result.
+async fn follow(bus: &MemoryBus, runs: &BTreeSet<Uuid>, limit: Duration) -> BTreeMap<Uuid, RunResult> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut by_run: HashMap<Uuid, Vec<sigrun::events::Event>> = HashMap::new();
+        for event in bus.events() {
+            by_run.entry(event.run_id).or_default().push(event);
+        }
+        let results: BTreeMap<Uuid, RunResult> = runs
+            .iter()
+            .map(|id| (*id, by_run.get(id).map_or(RunResult::Running, |e| run_result(e))))
+            .collect();
+        let open = results.values().filter(|r| **r == RunResult::Running).count();
+        if open == 0 || Instant::now() > deadline {
+            return results;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `SIGRUN_FLEET_TRACE=1`: the five runs that ended last, each event at its emulated second from
+/// the fleet's first event.
+fn trace_slowest(events: &[sigrun::events::Event], scale: f64) {
+    let Some(first) = events.first().map(|e| e.at) else {
+        return;
+    };
+    let mut by_run: BTreeMap<Uuid, Vec<&sigrun::events::Event>> = BTreeMap::new();
+    for event in events {
+        by_run.entry(event.run_id).or_default().push(event);
+    }
+    let mut runs: Vec<_> = by_run.values().collect();
+    runs.sort_by_key(|events| events.last().map(|e| e.at));
+    for events in runs.iter().rev().take(5) {
+        println!("  {}:", events[0].pipeline);
+        for e in events.iter() {
+            let at = (e.at - first).as_seconds_f64() * scale;
+            println!("    {at:>7.0} s  {} {:?} {}", e.stage, e.branch, e.kind.name());
+        }
+    }
+}
+
+async fn control(emulator: &Emulator, what: &str) -> Value {
+    let info = emulator.info();
+    let pem = std::fs::read(info.ca_cert.as_ref().expect("TLS")).expect("read the CA");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("CA"))
+        .build()
+        .expect("client");
+    client
+        .get(format!("{}/{what}", info.control_url))
+        .send()
+        .await
+        .expect("control API")
+        .json()
+        .await
+        .expect("JSON")
+}
+
+struct Window {
+    start: OffsetDateTime,
+    end: OffsetDateTime,
+    wall: Duration,
+    cpu: Duration,
+}
+
+fn stamp(v: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(v.as_str().unwrap_or(""), &Rfc3339).expect("RFC 3339 time")
+}
+
+fn secs(from: OffsetDateTime, to: OffsetDateTime) -> f64 {
+    (to - from).as_seconds_f64()
+}
+
+/// The bucket a logged request drew from: (subscription or account, kind).
+fn bucket(api: &str, method: &str, path: &str) -> Option<(String, &'static str)> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let scope = match api {
+        "arm" => format!("subscription {}", segments.get(1)?.to_ascii_lowercase()),
+        "batch" => format!("account {}", segments.get(1)?.to_ascii_lowercase()),
+        _ => return None,
+    };
+    let kind = match method {
+        "GET" | "HEAD" => "reads",
+        "DELETE" => "deletes",
+        _ => "writes",
+    };
+    Some((scope, kind))
+}
+
+fn limit_of(kind: &str) -> (f64, f64) {
+    let limits = Limits::arm();
+    let limit = match kind {
+        "reads" => limits.reads,
+        "deletes" => limits.deletes,
+        _ => limits.writes,
+    };
+    (limit.burst, limit.refill)
+}
+
+/// Emulated seconds the budget needs for every distinct request of the window, and its bucket.
+fn budget_bound(requests: &[&Value]) -> (f64, String) {
+    let mut distinct: HashMap<(String, &'static str), BTreeSet<(String, String)>> = HashMap::new();
+    for e in requests {
+        let (method, path) = (e["method"].as_str().unwrap_or(""), e["path"].as_str().unwrap_or(""));
+        if let Some(key) = bucket(e["api"].as_str().unwrap_or(""), method, path) {
+            distinct
+                .entry(key)
+                .or_default()
+                .insert((method.to_string(), path.to_ascii_lowercase()));
+        }
+    }
+    distinct
+        .iter()
+        .map(|((scope, kind), set)| {
+            let (burst, refill) = limit_of(kind);
+            let secs = (set.len() as f64 - burst).max(0.0) / refill;
+            (secs, format!("{kind} of {scope}: {} distinct requests", set.len()))
+        })
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .unwrap_or((0.0, "none".into()))
+}
+
+/// The longest critical path of any run, from the durations the emulator fixed (see the header).
+fn critical_path(timelines: &Value, prepared: &[Prepared]) -> (f64, String) {
+    let ops = timelines["operations"].as_array().expect("operations");
+    let pools = timelines["pools"].as_array().expect("pools");
+    let replication = timelines["replication"].as_array().expect("replication");
+    let mut worst = (0.0, String::new());
+    for p in prepared {
+        let name = p.spec.name.to_ascii_lowercase();
+        let put = |what: &str| -> f64 {
+            ops.iter()
+                .filter(|op| op["kind"] == "Put")
+                .filter(|op| {
+                    let id = op["resource"].as_str().unwrap_or("").to_ascii_lowercase();
+                    id.contains(what) && id.contains(&name) && !id.contains("/versions/")
+                })
+                .map(|op| secs(stamp(&op["started"]), stamp(&op["ends"])))
+                .fold(0.0, f64::max)
+        };
+        let version = replication
+            .iter()
+            .filter(|r| {
+                r["resource"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_ascii_lowercase()
+                    .contains(&name)
+            })
+            .flat_map(|r| r["regions"].as_array().cloned().unwrap_or_default())
+            .map(|r| secs(stamp(&r["starts"]), stamp(&r["ends"])))
+            .fold(0.0, f64::max);
+        let pool = pools
+            .iter()
+            .filter(|pool| pool["id"].as_str().unwrap_or("").to_ascii_lowercase().contains(&name))
+            .map(|pool| {
+                let created = stamp(&pool["created"]);
+                let allocated = stamp(&pool["allocation"]["ends"]);
+                let idle = pool["idle_at"].as_array().cloned().unwrap_or_default();
+                let all_idle = idle.iter().map(stamp).max().unwrap_or(allocated);
+                secs(created, allocated.max(all_idle))
+            })
+            .fold(0.0, f64::max);
+        let total = put("/snapshots/") + put("/images/") + put("/galleries/") + version + pool;
+        if total > worst.0 {
+            worst = (total, p.spec.name.clone());
+        }
+    }
+    worst
+}
+
+fn report(
+    fleet: &Fleet,
+    results: &BTreeMap<Uuid, RunResult>,
+    window: Window,
+    log: &Value,
+    timelines: &Value,
+    prepared: &[Prepared],
+) {
+    let mut by_result: BTreeMap<String, usize> = BTreeMap::new();
+    for result in results.values() {
+        *by_result
+            .entry(
+                format!("{result:?}")
+                    .split([' ', '{', '('])
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+            .or_default() += 1;
+    }
+    let all: Vec<&Value> = log["requests"].as_array().expect("requests").iter().collect();
+    let in_window: Vec<&Value> = all
+        .iter()
+        .copied()
+        .filter(|e| e["api"] == "arm" || e["api"] == "batch")
+        .filter(|e| {
+            let at = stamp(&e["emulated_time"]);
+            at >= window.start && at <= window.end
+        })
+        .collect();
+    let throttled = in_window.iter().filter(|e| e["status"] == 429).count();
+    let (budget_secs, budget_bucket) = budget_bound(&in_window);
+    let (path_secs, path_run) = critical_path(timelines, prepared);
+    let bound = budget_secs.max(path_secs);
+    let took = secs(window.start, window.end);
+    let mut kinds: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for e in &in_window {
+        let method = e["method"].as_str().unwrap_or("");
+        if let Some((_, kind)) = bucket(
+            e["api"].as_str().unwrap_or(""),
+            method,
+            e["path"].as_str().unwrap_or(""),
+        ) {
+            *kinds.entry(kind).or_default() += 1;
+        }
+    }
+    let n = fleet.pipelines.max(1) as f64;
+    println!(
+        "fleet: {} pipelines on {} subscriptions ({} accounts), {} workers, clock {}x, ARM budgets enforced, pacing {}",
+        fleet.pipelines,
+        fleet.subscriptions,
+        fleet.subscriptions * 2,
+        fleet.workers,
+        fleet.scale,
+        if fleet.pacing { "on" } else { "off" }
+    );
+    println!("  results: {by_result:?}");
+    println!(
+        "  requests: {} in the window ({:.1} per run: {})",
+        in_window.len(),
+        in_window.len() as f64 / n,
+        kinds
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}", *v as f64 / n))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  throttled answers: {throttled} of {} ({:.2} %, goal <= 1 %)",
+        in_window.len(),
+        100.0 * throttled as f64 / in_window.len().max(1) as f64
+    );
+    println!("  budget's time: {budget_secs:.0} s emulated ({budget_bucket})");
+    println!("  longest critical path: {path_secs:.0} s emulated ({path_run})");
+    println!(
+        "  took {took:.0} s emulated ({:.1} s real); time / bound = {:.3} (goal <= 1.1)",
+        window.wall.as_secs_f64(),
+        took / bound.max(1e-9)
+    );
+    println!(
+        "  process CPU {:.1} s ({:.1} ms per pipeline, emulator included)",
+        window.cpu.as_secs_f64(),
+        window.cpu.as_secs_f64() * 1000.0 / n
+    );
+    let failed = results.values().filter(|r| **r != RunResult::Succeeded).count();
+    assert_eq!(failed, 0, "every run succeeds: {by_result:?}");
+}
