@@ -6,7 +6,7 @@
 //! subscription reads those headers, so each holds the same picture of the shared bucket, a
 //! moment old, and keeps its own estimate between answers: the last count seen, less what it sent
 //! since, plus the refill. A request goes out when the estimate stays above a *reserve* that
-//! shrinks with the request's urgency: the least urgent look leaves half the bucket (by default)
+//! shrinks with the request's urgency: the least urgent look leaves a quarter of the bucket (by default)
 //! to the others, the most urgent (a run's last stage) may take the last token. So when looks
 //! outnumber the refill, the runs nearest to done go first and the rest wait for the refill instead
 //! of meeting 429s. Several processes' estimates lag each other's spending by one answer at most;
@@ -80,7 +80,7 @@ impl Default for PacingSettings {
     fn default() -> Self {
         PacingSettings {
             enabled: true,
-            reserve_share: 0.5,
+            reserve_share: 0.25,
             hold_ms: 5_000,
             time_scale: 1.0,
         }
@@ -276,8 +276,12 @@ pub fn current_urgency() -> f64 {
 mod tests {
     use super::*;
 
+    /// Half a bucket in reserve: round numbers for the arithmetic below.
     fn pacer() -> Pacer {
-        Pacer::new(PacingSettings::default())
+        Pacer::new(PacingSettings {
+            reserve_share: 0.5,
+            ..PacingSettings::default()
+        })
     }
 
     fn remaining(kind: &str, n: u64) -> HeaderMap {
@@ -395,6 +399,7 @@ mod tests {
     fn the_refill_follows_the_azure_clock_and_off_means_go() {
         let fast = Pacer::new(PacingSettings {
             time_scale: 100.0,
+            reserve_share: 0.5,
             ..PacingSettings::default()
         });
         let now = Instant::now();
