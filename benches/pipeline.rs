@@ -37,7 +37,15 @@
 //!   gallery, definition); the version's is replaced by the next item;
 //! - one version read per target region, to learn that its replica completed;
 //! - per pool: one pool read (allocation steady) and one node-count read, plus one pool list per
-//!   pool when the rollout policy retires the previous pool (it has to be found).
+//!   pool when the rollout policy retires the previous pool (it has to be found);
+//! - Azure's values checked before anything is made: the gallery subscription's locations once,
+//!   Batch's VM sizes once per pool region;
+//! - one read confirming each deleted intermediate gone (snapshots, image), when they are deleted;
+//! - retention's one survey: the definition's version list and each account's pool list.
+//!
+//! Not counted, on purpose: the read before each create (a step joins what its own earlier try
+//! made instead of writing twice) and the tag read before each delete (only what carries the
+//! run's tag is deleted); both are sigrun's safety, and the ratio shows their price.
 //!
 //! Also printed: each link's latency on the chain (emulated seconds from an operation's end to
 //! the request that acted on it), and the requests by kind; `SIGRUN_BENCH_TRACE=1` prints every
@@ -52,7 +60,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sigrun::emulator::{Emulator, EmulatorOptions, World};
-use sigrun::model::spec::{PipelineSpec, PreviousPool};
+use sigrun::model::spec::{Intermediates, PipelineSpec, PreviousPool};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -541,12 +549,38 @@ fn analyse(
         } else {
             3
         };
+    // Azure's own values checked before anything is made: the gallery subscription's locations
+    // once, the VM sizes Batch offers once per pool region.
+    let pool_regions: BTreeSet<&String> = spec
+        .pools
+        .iter()
+        .filter_map(|p| accounts.get(&p.account.name().to_ascii_lowercase()))
+        .collect();
+    let azure_values = 1 + pool_regions.len() as u64;
+    // Each intermediate deleted is confirmed gone by one read.
+    let clean_up = if spec.retention.intermediates == Intermediates::Delete {
+        creates
+            .iter()
+            .filter(|c| ["snapshots", "images"].contains(&c.0.as_str()))
+            .count() as u64
+    } else {
+        0
+    };
+    // Retention's one survey: the definition's versions, and the pools of each account.
+    let retention = if spec.retention.enabled {
+        1 + pool_accounts.len() as u64
+    } else {
+        0
+    };
     let min_parts = vec![
         ("preflight", preflight),
+        ("Azure's values", azure_values),
         ("writes", writes),
         ("LRO status", lro_reads),
         ("region completions", regions.len() as u64),
         ("pool reads", pool_reads),
+        ("clean-up confirmations", clean_up),
+        ("retention survey", retention),
     ];
     Measured {
         scale,

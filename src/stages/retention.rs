@@ -112,6 +112,18 @@ pub async fn survey(
         Err(e) if e.is_not_found() => Vec::new(),
         other => other?,
     };
+    let pools = survey_pools(azure, definition, account_urls, local_now).await?;
+    Ok(Survey { versions, ..pools })
+}
+
+/// The pools of `account_urls` alone, without the definition's versions: what a branch that
+/// deletes no version judges (its own target's pools).
+pub async fn survey_pools(
+    azure: &dyn AzureApi,
+    definition: &GalleryImageId,
+    account_urls: &[String],
+    local_now: OffsetDateTime,
+) -> Result<Survey, AzureError> {
     let mut pools = Vec::new();
     let mut as_of = None;
     let mut seen: Vec<&String> = Vec::new();
@@ -129,7 +141,7 @@ pub async fn survey(
     }
     Ok(Survey {
         definition: definition.clone(),
-        versions,
+        versions: Vec::new(),
         pools,
         as_of: as_of.unwrap_or(local_now),
     })

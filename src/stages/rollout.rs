@@ -74,9 +74,10 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     }
 }
 
-/// Retention (`[retention]`), judged by `retention` over the definition's versions and every
-/// account of the run's pools. Each branch deletes its own target's retired pools; the versions
-/// are the first planned pool's branch's to delete, so a run asks for each delete once.
+/// Retention (`[retention]`), judged by `retention`. Each branch deletes its own target's retired
+/// pools; the versions are the first planned pool's branch's to delete, so a run asks for each
+/// delete once. That branch surveys the definition's versions and every account of the run's
+/// pools (a version a pool uses stays); the others only their own account's pools.
 async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepContext<'_>) -> Result<(), AzureError> {
     let (Branch::Pool { target, .. }, Some(own)) = (&message.branch, &message.artifacts.pool) else {
         return Ok(());
@@ -84,13 +85,19 @@ async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepConte
     if !message.spec.retention.enabled {
         return Ok(());
     }
-    let accounts: Vec<String> = message.plan.pools.iter().map(|p| p.account_url.clone()).collect();
-    let survey = retention::survey(ctx.azure, &message.plan.definition, &accounts, ctx.now).await?;
+    let versions_are_ours = message.plan.pools.first().is_some_and(|p| p.target == *target);
+    let definition = &message.plan.definition;
+    let survey = if versions_are_ours {
+        let accounts: Vec<String> = message.plan.pools.iter().map(|p| p.account_url.clone()).collect();
+        retention::survey(ctx.azure, definition, &accounts, ctx.now).await?
+    } else {
+        let own_account = [own.account_url.clone()];
+        retention::survey_pools(ctx.azure, definition, &own_account, ctx.now).await?
+    };
     let policy = retention::Policy {
         pipeline: message.pipeline.clone(),
         ..retention::Policy::of(&message.spec, ImageVersion::parse(&message.version))
     };
-    let versions_are_ours = message.plan.pools.first().is_some_and(|p| p.target == *target);
     let verdicts: Vec<retention::Verdict> = retention::judge(&survey, &policy, ctx.runs)
         .into_iter()
         .filter(|v| match v.kind {
