@@ -29,7 +29,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::Runs;
-use crate::azure::api::{ListedVersion, PoolInfo};
+use crate::azure::api::{ListedVersion, PoolInfo, PoolList};
 use crate::azure::{AllocationState, AzureApi, AzureError, PoolState, ProvisioningState};
 use crate::events::{DeletedKind, EventKind};
 use crate::model::ids::GalleryImageId;
@@ -108,20 +108,26 @@ pub async fn survey(
     account_urls: &[String],
     local_now: OffsetDateTime,
 ) -> Result<Survey, AzureError> {
-    let versions = match azure.list_versions(definition).await {
-        Err(e) if e.is_not_found() => Vec::new(),
-        other => other?,
-    };
-    let pools = survey_pools(azure, definition, account_urls, local_now).await?;
+    let versions = versions_of(azure, definition).await?;
+    let pools = survey_pools(azure, definition, account_urls, None, local_now).await?;
     Ok(Survey { versions, ..pools })
 }
 
-/// The pools of `account_urls` alone, without the definition's versions: what a branch that
-/// deletes no version judges (its own target's pools).
+/// The definition's versions; none when it does not exist.
+pub async fn versions_of(azure: &dyn AzureApi, definition: &GalleryImageId) -> Result<Vec<ListedVersion>, AzureError> {
+    match azure.list_versions(definition).await {
+        Err(e) if e.is_not_found() => Ok(Vec::new()),
+        other => other,
+    }
+}
+
+/// The pools of `account_urls`, without the definition's versions; an account whose list the
+/// caller read already in the same step (`known`: its URL and the list) is not read again.
 pub async fn survey_pools(
     azure: &dyn AzureApi,
     definition: &GalleryImageId,
     account_urls: &[String],
+    mut known: Option<(&str, PoolList)>,
     local_now: OffsetDateTime,
 ) -> Result<Survey, AzureError> {
     let mut pools = Vec::new();
@@ -132,7 +138,10 @@ pub async fn survey_pools(
             continue;
         }
         seen.push(url);
-        let listed = azure.list_pools_dated(url).await?;
+        let listed = match known.take_if(|(read, _)| *read == url.as_str()) {
+            Some((_, listed)) => listed,
+            None => azure.list_pools_dated(url).await?,
+        };
         as_of = as_of.or(listed.as_of);
         pools.extend(listed.pools.into_iter().map(|pool| AccountPool {
             account_url: url.clone(),

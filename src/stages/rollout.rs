@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 
 use super::common::{SideEffectRetry, retry_side_effect, wait};
 use super::{Outcome, Runs, Step, StepContext, retention};
-use crate::azure::api::PoolInfo;
+use crate::azure::api::{PoolInfo, PoolList};
 use crate::azure::{AllocationState, AzureError, PoolState};
 use crate::events::{DeletedKind, EventKind};
 use crate::model::envelope::{Branch, Envelope, Phase};
@@ -50,10 +50,10 @@ pub fn begin(message: Envelope, ctx: &StepContext<'_>) -> Outcome {
 
 pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
     let mut events = Vec::new();
-    let looked = retire_older_pools(&message, &mut events, ctx).await;
-    let looked = match looked {
-        Ok(None) => retain(&message, &mut events, ctx).await.map(|()| None),
-        other => other,
+    let looked = match retire_older_pools(&message, &mut events, ctx).await {
+        Ok((None, listed)) => retain(&message, listed, &mut events, ctx).await.map(|()| None),
+        Ok((resizing, _)) => Ok(resizing),
+        Err(error) => Err(error),
     };
     match looked {
         Ok(None) => Ok(finished(events)),
@@ -78,7 +78,13 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
 /// pools; the versions are the first planned pool's branch's to delete, so a run asks for each
 /// delete once. That branch surveys the definition's versions and every account of the run's
 /// pools (a version a pool uses stays); the others only their own account's pools.
-async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepContext<'_>) -> Result<(), AzureError> {
+/// `listed` is the branch's own account as the rollout read it in the same step.
+async fn retain(
+    message: &Envelope,
+    listed: Option<PoolList>,
+    events: &mut Vec<EventKind>,
+    ctx: &StepContext<'_>,
+) -> Result<(), AzureError> {
     let (Branch::Pool { target, .. }, Some(own)) = (&message.branch, &message.artifacts.pool) else {
         return Ok(());
     };
@@ -87,13 +93,16 @@ async fn retain(message: &Envelope, events: &mut Vec<EventKind>, ctx: &StepConte
     }
     let versions_are_ours = message.plan.pools.first().is_some_and(|p| p.target == *target);
     let definition = &message.plan.definition;
-    let survey = if versions_are_ours {
-        let accounts: Vec<String> = message.plan.pools.iter().map(|p| p.account_url.clone()).collect();
-        retention::survey(ctx.azure, definition, &accounts, ctx.now).await?
+    let accounts: Vec<String> = if versions_are_ours {
+        message.plan.pools.iter().map(|p| p.account_url.clone()).collect()
     } else {
-        let own_account = [own.account_url.clone()];
-        retention::survey_pools(ctx.azure, definition, &own_account, ctx.now).await?
+        vec![own.account_url.clone()]
     };
+    let known = listed.map(|list| (own.account_url.as_str(), list));
+    let mut survey = retention::survey_pools(ctx.azure, definition, &accounts, known, ctx.now).await?;
+    if versions_are_ours {
+        survey.versions = retention::versions_of(ctx.azure, definition).await?;
+    }
     let policy = retention::Policy {
         pipeline: message.pipeline.clone(),
         ..retention::Policy::of(&message.spec, ImageVersion::parse(&message.version))
@@ -130,24 +139,28 @@ enum Judged {
     WaitSteady,
 }
 
-/// Retires what the policy says (into `events`); returns a pool it must wait for.
+/// Retires what the policy says (into `events`); returns a pool it must wait for, and the
+/// account's pools as it read them, less those it retired just now (retention judges that list
+/// instead of reading the account again; a pool retired now is not retention's until its grace).
 async fn retire_older_pools(
     message: &Envelope,
     events: &mut Vec<EventKind>,
     ctx: &StepContext<'_>,
-) -> Result<Option<String>, AzureError> {
+) -> Result<(Option<String>, Option<PoolList>), AzureError> {
     let (Branch::Pool { target, .. }, Some(pool), Some(version)) = (
         &message.branch,
         &message.artifacts.pool,
         ImageVersion::parse(&message.version),
     ) else {
         // Nothing to judge others by: nothing is retired.
-        return Ok(None);
+        return Ok((None, None));
     };
     if message.spec.rollout.previous_pool == PreviousPool::Keep {
-        return Ok(None);
+        return Ok((None, None));
     }
-    let pools = ctx.azure.list_pools(&pool.account_url).await?;
+    let mut listed = ctx.azure.list_pools_dated(&pool.account_url).await?;
+    let pools = &listed.pools;
+    let mut retired_now = Vec::new();
     let own = Own {
         pipeline: &message.pipeline,
         target,
@@ -161,8 +174,8 @@ async fn retire_older_pools(
             .and_then(|p| p.created),
     };
     let mut resizing = None;
-    for previous in pools {
-        match judge(&previous, &own, ctx.runs) {
+    for previous in pools.iter() {
+        match judge(previous, &own, ctx.runs) {
             Judged::Leave => {}
             Judged::WaitSteady => resizing = Some(previous.id.clone()),
             Judged::Retire => {
@@ -187,10 +200,13 @@ async fn retire_older_pools(
                     pool_id: previous.id.clone(),
                     action: action.to_string(),
                 });
+                retired_now.push(previous.id.clone());
             }
         }
     }
-    Ok(resizing)
+    // What changed here is read afresh next time, not judged again from the old list.
+    listed.pools.retain(|p| !retired_now.contains(&p.id));
+    Ok((resizing, Some(listed)))
 }
 
 /// Whether `pool` is one this branch retires now, later, or never.
