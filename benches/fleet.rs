@@ -24,7 +24,7 @@
 //!     resource never read cannot be known — less the bucket's burst, over its refill rate.
 //!
 //!   The time is emulated seconds from the first run's start to the last run's end.
-//! - requests per run by kind, the paced steps, and process CPU.
+//! - requests per run by kind, the time planning took, and process CPU.
 //!
 //! `SIGRUN_FLEET_SCALE` (default 10) is the emulator's clock; `SIGRUN_FLEET_PACING=0` runs the same
 //! fleet with the clients' pacing off, for the side-by-side. `cargo bench --bench fleet`.

@@ -41,7 +41,8 @@
 //! - Azure's values checked before anything is made: the gallery subscription's locations once,
 //!   Batch's VM sizes once per pool region;
 //! - one read confirming each deleted intermediate gone (snapshots, image), when they are deleted;
-//! - retention's one survey: the definition's version list and each account's pool list.
+//! - retention's one survey: the definition's version list and each account's pool list (one
+//!   fewer when the rollout already listed the first pool's account).
 //!
 //! Not counted, on purpose: the read before each create (a step joins what its own earlier try
 //! made instead of writing twice) and the tag read before each delete (only what carries the
@@ -566,9 +567,11 @@ fn analyse(
     } else {
         0
     };
-    // Retention's one survey: the definition's versions, and the pools of each account.
+    // Retention's one survey: the definition's versions, and the pools of each account (the
+    // versions' branch reuses its own account's list when the rollout read it).
+    let reused = u64::from(spec.rollout.previous_pool != PreviousPool::Keep);
     let retention = if spec.retention.enabled {
-        1 + pool_accounts.len() as u64
+        1 + (pool_accounts.len() as u64).saturating_sub(reused)
     } else {
         0
     };

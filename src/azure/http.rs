@@ -294,19 +294,26 @@ impl Http {
         request
     }
 
-    /// Waits until the request's budget admits it: here, for at most the pacing hold; longer,
-    /// and inside a step, it is handed back (`AzureError::paced`) so the step is put off on a
-    /// delay tier instead of holding a consumer.
+    /// Waits until the request's budget admits it: here, for at most the pacing hold inside a
+    /// step (longer, it is handed back as `AzureError::paced` and the step is put off on a delay
+    /// tier instead of holding a consumer), and at most as long as a call may retry outside one
+    /// (longer, the caller gets the paced error, a throttling with its `retry_after`).
     async fn paced(&self, call: &Call<'_>, scope: &pacing::Scope) -> Result<(), Failure> {
         let urgency = pacing::current_urgency();
-        let started = Instant::now();
+        let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
+        let limit = if handing_back {
+            self.pacing_hold
+        } else {
+            self.pacing_hold.max(self.retry.max_total())
+        };
+        let started = tokio::time::Instant::now();
         loop {
-            let wait = match self.pacer.admit(scope, urgency, tokio::time::Instant::now()) {
+            let now = tokio::time::Instant::now();
+            let wait = match self.pacer.admit(scope, urgency, now) {
                 Admit::Go => return Ok(()),
                 Admit::Wait(wait) => wait,
             };
-            let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
-            if handing_back && started.elapsed() + wait > self.pacing_hold {
+            if now.saturating_duration_since(started) + wait > limit {
                 return Err(Failure::Http(AzureError::paced(&call.operation, wait)));
             }
             tokio::time::sleep(wait).await;
@@ -369,8 +376,15 @@ impl Http {
             retry_after(&headers).is_some(),
         );
         if let Some(bucket) = &bucket {
+            // A 429 empties the bucket only when it is the budget's own (ARM says so by its code;
+            // Batch, which sends no counts, by any 429); a per-resource throttle stays with
+            // `throttles`, held for its path alone.
+            let exhausted = status == 429
+                && (call.audience == Audience::Batch
+                    || error_code(&bytes).as_deref() == Some(pacing::BUDGET_THROTTLED));
             let now = tokio::time::Instant::now();
-            self.pacer.observe(bucket, status, &headers, retry_after(&headers), now);
+            self.pacer
+                .observe(bucket, exhausted, &headers, retry_after(&headers), now);
         }
         tracing::debug!(
             method = %call.method,
@@ -494,6 +508,13 @@ pub fn parse_error(operation: &str, status: u16, headers: &HeaderMap, body: &[u8
         request_id: request_id(headers),
         retry_after: retry_after(headers),
     }
+}
+
+/// Azure's error code in an error body, if it has one.
+fn error_code(body: &[u8]) -> Option<String> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|json| error_fields(&json).0)
 }
 
 fn error_fields(json: &Value) -> (Option<String>, String) {

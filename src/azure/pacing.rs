@@ -26,6 +26,9 @@ use tokio::time::Instant;
 
 use super::config::SettingsError;
 
+/// ARM's code for a request refused because its subscription's bucket is empty.
+pub const BUDGET_THROTTLED: &str = "SubscriptionRequestsThrottled";
+
 /// Which bucket a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -60,7 +63,7 @@ impl Kind {
     }
 }
 
-/// `[azure.pacing]`.
+/// `[azure.client.pacing]`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PacingSettings {
@@ -89,6 +92,12 @@ impl Default for PacingSettings {
 
 impl PacingSettings {
     pub fn validate(&self) -> Result<(), SettingsError> {
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return Err(SettingsError::new(
+                "pacing.time_scale",
+                format!("{} is not a positive number", self.time_scale),
+            ));
+        }
         if !(0.0..=0.9).contains(&self.reserve_share) {
             return Err(SettingsError::new(
                 "pacing.reserve_share",
@@ -207,19 +216,20 @@ impl Pacer {
         let reserve = burst * self.settings.reserve_share * (1.0 - urgency.clamp(0.0, 1.0));
         let short = reserve + 1.0 - estimate;
         if short > 0.0 {
-            return Admit::Wait(Duration::from_secs_f64(short / refill).max(Duration::from_micros(100)));
+            let wait = Duration::try_from_secs_f64(short / refill).unwrap_or(super::MAX_RETRY_AFTER);
+            return Admit::Wait(wait.max(Duration::from_micros(100)));
         }
         gauge.tokens = Some(estimate - 1.0);
         gauge.at = now;
         Admit::Go
     }
 
-    /// What an answer from `scope` said: the remaining count (ARM), or a throttling refusal with
-    /// the time Azure gave.
+    /// What an answer from `scope` said: the remaining count (ARM), or that the bucket is empty
+    /// (`exhausted`: a 429 for want of tokens) until the time Azure gave.
     pub fn observe(
         &self,
         scope: &Scope,
-        status: u16,
+        exhausted: bool,
         headers: &HeaderMap,
         retry_after: Option<Duration>,
         now: Instant,
@@ -228,7 +238,7 @@ impl Pacer {
             .get(scope.1.header())
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let throttled = status == 429;
+        let throttled = exhausted;
         if remaining.is_none() && !throttled {
             return;
         }
@@ -252,7 +262,9 @@ impl Pacer {
         if throttled {
             gauge.tokens = Some(0.0);
             gauge.at = now;
-            let until = now + retry_after.unwrap_or(Duration::from_secs(1).div_f64(self.settings.time_scale));
+            let unstated =
+                Duration::try_from_secs_f64(1.0 / self.settings.time_scale).unwrap_or(Duration::from_secs(1));
+            let until = now + retry_after.unwrap_or(unstated);
             gauge.blocked_until = Some(gauge.blocked_until.map_or(until, |u| u.max(until)));
         }
     }
@@ -328,12 +340,12 @@ mod tests {
         }
         assert_eq!(went, 125);
         // An answer says others spent more: its count replaces the estimate.
-        p.observe(&reads(), 200, &remaining("reads", 10), None, now);
+        p.observe(&reads(), false, &remaining("reads", 10), None, now);
         assert!(matches!(p.admit(&reads(), 0.5, now), Admit::Wait(_)));
         assert_eq!(p.admit(&reads(), 1.0, now), Admit::Go);
         // A late answer from before those admissions counts more than is left: it does not raise
         // the estimate (the nine left would be spent twice).
-        p.observe(&reads(), 200, &remaining("reads", 200), None, now);
+        p.observe(&reads(), false, &remaining("reads", 200), None, now);
         let mut went = 0;
         while p.admit(&reads(), 1.0, now) == Admit::Go {
             went += 1;
@@ -345,7 +357,7 @@ mod tests {
     fn the_least_urgent_leave_the_reserve_to_the_most_urgent() {
         let p = pacer();
         let now = Instant::now();
-        p.observe(&reads(), 200, &remaining("reads", 130), None, now);
+        p.observe(&reads(), false, &remaining("reads", 130), None, now);
         // 125 is the least urgent reserve: five go, the sixth waits for a token (40 ms).
         for _ in 0..5 {
             assert_eq!(p.admit(&reads(), 0.0, now), Admit::Go);
@@ -379,7 +391,7 @@ mod tests {
         for _ in 0..1000 {
             assert_eq!(p.admit(&batch, 0.0, now), Admit::Go);
         }
-        p.observe(&batch, 429, &HeaderMap::new(), Some(Duration::from_secs(2)), now);
+        p.observe(&batch, true, &HeaderMap::new(), Some(Duration::from_secs(2)), now);
         assert_eq!(p.admit(&batch, 1.0, now), Admit::Wait(Duration::from_secs(2)));
     }
 
@@ -387,7 +399,7 @@ mod tests {
     fn a_throttled_answer_blocks_the_bucket_for_its_retry_after() {
         let p = pacer();
         let now = Instant::now();
-        p.observe(&reads(), 429, &HeaderMap::new(), Some(Duration::from_secs(3)), now);
+        p.observe(&reads(), true, &HeaderMap::new(), Some(Duration::from_secs(3)), now);
         assert_eq!(p.admit(&reads(), 1.0, now), Admit::Wait(Duration::from_secs(3)));
         assert_eq!(p.admit(&reads(), 1.0, now + Duration::from_secs(3)), Admit::Go);
         // Other kinds and subscriptions are not touched.
@@ -403,7 +415,7 @@ mod tests {
             ..PacingSettings::default()
         });
         let now = Instant::now();
-        fast.observe(&reads(), 200, &remaining("reads", 0), None, now);
+        fast.observe(&reads(), false, &remaining("reads", 0), None, now);
         match fast.admit(&reads(), 1.0, now) {
             Admit::Wait(w) => assert_eq!(w.as_micros(), 400, "{w:?}"),
             other => panic!("{other:?}"),
@@ -412,7 +424,7 @@ mod tests {
             enabled: false,
             ..PacingSettings::default()
         });
-        off.observe(&reads(), 429, &HeaderMap::new(), Some(Duration::from_secs(9)), now);
+        off.observe(&reads(), true, &HeaderMap::new(), Some(Duration::from_secs(9)), now);
         assert_eq!(off.admit(&reads(), 1.0, now), Admit::Go);
     }
 }

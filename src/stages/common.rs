@@ -210,6 +210,11 @@ pub fn retry_side_effect(
     doing: &str,
     ctx: &StepContext<'_>,
 ) -> SideEffectRetry {
+    if error.is_paced() {
+        // Held back for the request budget, never sent: no failure, no event; look again then.
+        let delay = error.retry_after.unwrap_or_default();
+        return SideEffectRetry::Again(Step::new(wait(message, what, Vec::new(), delay, ctx.now)));
+    }
     let failures = message.artifacts.side_effect_failures.saturating_add(1);
     if error.class() == crate::azure::ErrorClass::Permanent || failures >= SIDE_EFFECT_MAX_FAILURES {
         tracing::warn!(%error, failures, "{doing} failed; the run goes on with a warning");

@@ -755,3 +755,36 @@ async fn a_pool_is_added_as_planned_with_the_runs_metadata() {
         added.image
     );
 }
+
+/// A side effect (a clean-up, the rollout) whose request the budget held back: it looks again once
+/// the budget has room, with no `Retried` and no failure counted, however many times it happens
+/// (five counted failures would end a clean-up with its intermediates left behind).
+#[test]
+fn a_side_effect_held_back_for_the_budget_is_no_failure() {
+    use super::common::{SideEffectRetry, retry_side_effect};
+    let mut message = testkit::envelope(Stage::ImageCreate);
+    cleaning_snapshots(&mut message);
+    message.artifacts.side_effect_failures = 4;
+    let azure = FakeAzure::default();
+    let settings = StageSettings::default();
+    let ctx = StepContext {
+        azure: &azure,
+        now: now(),
+        settings: &settings,
+        runs: &NoHistory,
+    };
+    let paced = crate::azure::AzureError::paced("DELETE snapshot s", Duration::from_secs(7));
+    match retry_side_effect(message, Phase::Delete, &paced, "deleting", &ctx) {
+        SideEffectRetry::Again(step) => {
+            assert!(step.events.is_empty(), "no Retried: {:?}", step.events);
+            match step.outcome {
+                Outcome::Wait { message, delay, .. } => {
+                    assert_eq!(delay, Duration::from_secs(7));
+                    assert_eq!(message.artifacts.side_effect_failures, 4, "nothing counted");
+                }
+                other => panic!("{}", summary(&other)),
+            }
+        }
+        SideEffectRetry::GiveUp => panic!("a paced request gave the clean-up up"),
+    }
+}

@@ -140,8 +140,8 @@ enum Judged {
 }
 
 /// Retires what the policy says (into `events`); returns a pool it must wait for, and the
-/// account's pools as it read them, less those it retired just now (retention judges that list
-/// instead of reading the account again; a pool retired now is not retention's until its grace).
+/// account's pools as it read them with what it changed written in (retention judges that list
+/// instead of reading the account again).
 async fn retire_older_pools(
     message: &Envelope,
     events: &mut Vec<EventKind>,
@@ -200,12 +200,24 @@ async fn retire_older_pools(
                     pool_id: previous.id.clone(),
                     action: action.to_string(),
                 });
-                retired_now.push(previous.id.clone());
+                retired_now.push((previous.id.clone(), own.policy == PreviousPool::Delete));
             }
         }
     }
-    // What changed here is read afresh next time, not judged again from the old list.
-    listed.pools.retain(|p| !retired_now.contains(&p.id));
+    // The list as Azure now has it: a pool deleted here is deleting, one scaled to zero is
+    // resizing under the retired mark (still using its version; not retention's until its grace).
+    for (id, deleted) in retired_now {
+        if let Some(listed_pool) = listed.pools.iter_mut().find(|p| p.id == id) {
+            if deleted {
+                listed_pool.state = PoolState::Deleting;
+            } else {
+                listed_pool.target_dedicated = 0;
+                listed_pool.target_low_priority = 0;
+                listed_pool.allocation_state = AllocationState::Resizing;
+                listed_pool.metadata.insert(retention::RETIRED.into(), String::new());
+            }
+        }
+    }
     Ok((resizing, Some(listed)))
 }
 
