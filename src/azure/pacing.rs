@@ -9,8 +9,9 @@
 //! shrinks with the request's urgency: the least urgent look leaves a quarter of the bucket (by default)
 //! to the others, the most urgent (a run's last stage) may take the last token. So when looks
 //! outnumber the refill, the runs nearest to done go first and the rest wait for the refill instead
-//! of meeting 429s. Several processes' estimates lag each other's spending by one answer at most;
-//! the reserve absorbs that.
+//! of meeting 429s. A process's estimate misses what others spent since its last answer and what
+//! its own requests in flight have not yet drawn; the reserve absorbs that for all but the most
+//! urgent requests, which can still meet a 429 (then honoured as Azure's word).
 //!
 //! Batch publishes no such headers: its accounts are paced only by the 429s they send, as is a
 //! subscription whose 429 (`Retry-After`) says it is empty.
@@ -153,11 +154,28 @@ fn counted(scope: &Scope) -> bool {
 /// What is known of one bucket.
 #[derive(Debug, Clone, Copy)]
 struct Gauge {
-    /// Tokens estimated at `at` (`None`: a 429 came before any count).
-    tokens: Option<f64>,
+    /// Tokens estimated at `at`; a bucket not heard of yet is taken as full, so a burst of first
+    /// requests is paced by the bucket's size before any answer tells what others left.
+    tokens: f64,
     at: Instant,
     /// A 429 said nothing is left until then.
     blocked_until: Option<Instant>,
+}
+
+impl Gauge {
+    fn full(kind: Kind, now: Instant) -> Gauge {
+        Gauge {
+            tokens: kind.limit().0,
+            at: now,
+            blocked_until: None,
+        }
+    }
+
+    /// The estimate at `now`: refilled at `refill` a second since `at`, up to the burst.
+    fn estimate(&self, kind: Kind, refill: f64, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.tokens + refill * elapsed).min(kind.limit().0)
+    }
 }
 
 /// Whether a request may go now.
@@ -194,13 +212,7 @@ impl Pacer {
         }
         let (burst, _) = scope.1.limit();
         let mut gauges = self.gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // A bucket not heard of yet is taken as full: a burst of first requests is paced by the
-        // bucket's size before any answer tells what others left.
-        let gauge = gauges.entry(scope.clone()).or_insert(Gauge {
-            tokens: Some(burst),
-            at: now,
-            blocked_until: None,
-        });
+        let gauge = gauges.entry(scope.clone()).or_insert_with(|| Gauge::full(scope.1, now));
         if let Some(until) = gauge.blocked_until {
             if until > now {
                 return Admit::Wait(until - now);
@@ -210,16 +222,15 @@ impl Pacer {
         if !counted(scope) {
             return Admit::Go;
         }
-        let tokens = gauge.tokens.unwrap_or(burst);
         let refill = self.refill(scope.1);
-        let estimate = (tokens + refill * now.saturating_duration_since(gauge.at).as_secs_f64()).min(burst);
+        let estimate = gauge.estimate(scope.1, refill, now);
         let reserve = burst * self.settings.reserve_share * (1.0 - urgency.clamp(0.0, 1.0));
         let short = reserve + 1.0 - estimate;
         if short > 0.0 {
             let wait = Duration::try_from_secs_f64(short / refill).unwrap_or(super::MAX_RETRY_AFTER);
             return Admit::Wait(wait.max(Duration::from_micros(100)));
         }
-        gauge.tokens = Some(estimate - 1.0);
+        gauge.tokens = estimate - 1.0;
         gauge.at = now;
         Admit::Go
     }
@@ -238,29 +249,20 @@ impl Pacer {
             .get(scope.1.header())
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
-        let throttled = exhausted;
-        if remaining.is_none() && !throttled {
+        if remaining.is_none() && !exhausted {
             return;
         }
         let mut gauges = self.gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let gauge = gauges.entry(scope.clone()).or_insert(Gauge {
-            tokens: None,
-            at: now,
-            blocked_until: None,
-        });
+        let gauge = gauges.entry(scope.clone()).or_insert_with(|| Gauge::full(scope.1, now));
         if let Some(left) = remaining {
             // An answer only ever lowers the estimate: requests admitted after this one was sent
             // may not be drawn yet, so a higher count would let them be spent twice. The refill
             // is what raises it.
-            let (burst, _) = scope.1.limit();
-            let refill = self.refill(scope.1);
-            let elapsed = now.saturating_duration_since(gauge.at).as_secs_f64();
-            let estimate = gauge.tokens.map_or(burst, |t| (t + refill * elapsed).min(burst));
-            gauge.tokens = Some(estimate.min(left as f64));
+            gauge.tokens = gauge.estimate(scope.1, self.refill(scope.1), now).min(left as f64);
             gauge.at = now;
         }
-        if throttled {
-            gauge.tokens = Some(0.0);
+        if exhausted {
+            gauge.tokens = 0.0;
             gauge.at = now;
             let unstated =
                 Duration::try_from_secs_f64(1.0 / self.settings.time_scale).unwrap_or(Duration::from_secs(1));

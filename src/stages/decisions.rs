@@ -640,6 +640,16 @@ fn pool_cases() -> Vec<Case> {
     ]
 }
 
+/// What a decision test's step sees: `azure`, the test's `now`, no other runs.
+fn context<'a>(azure: &'a FakeAzure, settings: &'a StageSettings) -> StepContext<'a> {
+    StepContext {
+        azure,
+        now: now(),
+        settings,
+        runs: &NoHistory,
+    }
+}
+
 /// Runs one case's step against its own fake Azure.
 async fn step_of(case: &Case) -> (Step, FakeAzure) {
     let mut message = testkit::envelope(case.stage);
@@ -647,12 +657,7 @@ async fn step_of(case: &Case) -> (Step, FakeAzure) {
     let azure = FakeAzure::default();
     (case.azure)(&mut azure.world(), &message);
     let settings = StageSettings::default();
-    let ctx = StepContext {
-        azure: &azure,
-        now: now(),
-        settings: &settings,
-        runs: &NoHistory,
-    };
+    let ctx = context(&azure, &settings);
     let step = super::step(message, &ctx)
         .await
         .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
@@ -767,12 +772,7 @@ fn a_side_effect_held_back_for_the_budget_is_no_failure() {
     message.artifacts.side_effect_failures = 4;
     let azure = FakeAzure::default();
     let settings = StageSettings::default();
-    let ctx = StepContext {
-        azure: &azure,
-        now: now(),
-        settings: &settings,
-        runs: &NoHistory,
-    };
+    let ctx = context(&azure, &settings);
     let paced = crate::azure::AzureError::paced("DELETE snapshot s", Duration::from_secs(7));
     match retry_side_effect(message, Phase::Delete, &paced, "deleting", &ctx) {
         SideEffectRetry::Again(step) => {
