@@ -74,7 +74,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let bus = Arc::new(MemoryBus::new(session.runtime.tiers.clone()));
     announce(run_id, &prepared, entry, &session);
     let timings = Arc::new(Timings::default());
-    let (outcome, wall) = run_in_process(&bus, &prepared, entry, &session, telemetry, timeout, &timings).await?;
+    let ran = tokio::select! {
+        ran = run_in_process(&bus, &prepared, entry, &session, telemetry, timeout, &timings) => Some(ran?),
+        signal = super::emulator::wait_for_signal() => signal.map(|()| None)?,
+    };
+    let Some((outcome, wall)) = ran else {
+        // Stopped by SIGINT or SIGTERM: the built-in emulator still goes down properly, so its
+        // temporary TLS directory (private key included) does not outlive the process.
+        eprintln!("sigrun: run {run_id} interrupted");
+        endpoints::stop(server).await;
+        if let Some(emulator) = session.emulator {
+            emulator.shutdown().await;
+        }
+        return Ok(ExitCode::from(130));
+    };
     let calls = session.emulator.as_ref().map(azure_calls);
     print!(
         "{}",

@@ -184,6 +184,22 @@ pub fn allowed(world: &World, oid: &str, action: &str, scope: &str) -> bool {
         })
 }
 
+/// Whether the principal `oid` holds any role at `scope` or anywhere under it: what makes a
+/// subscription appear in its Subscriptions – List (a role on one resource group is enough).
+pub fn has_access_within(world: &World, oid: &str, scope: &str) -> bool {
+    let scope = scope.trim_end_matches('/').to_ascii_lowercase();
+    world
+        .apps
+        .iter()
+        .chain(world.managed_identities.iter())
+        .filter(|p| p.object_id.eq_ignore_ascii_case(oid))
+        .flat_map(|p| p.roles.iter())
+        .any(|assignment| {
+            let granted = assignment.scope.trim_end_matches('/').to_ascii_lowercase();
+            granted == scope || granted.starts_with(&format!("{scope}/")) || scope.starts_with(&format!("{granted}/"))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

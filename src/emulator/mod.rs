@@ -305,7 +305,7 @@ pub(crate) fn classify(req: &Request) -> Api {
     let at = |i: usize, v: &str| s.get(i).is_some_and(|x| x.eq_ignore_ascii_case(v));
     if at(0, "_emulator") {
         Api::Control
-    } else if at(0, "subscriptions") {
+    } else if at(0, "subscriptions") || at(0, "tenants") || (at(0, "metadata") && at(1, "endpoints")) {
         Api::Arm
     } else if at(0, "batch") {
         Api::Batch

@@ -1,7 +1,9 @@
-//! The `sigrun` binary itself: its help, the emulator's start-up line and clean exit on SIGTERM,
-//! and the errors it gives for bad input.
+//! The `sigrun` binary itself: its help, the emulator's start-up line and clean exit on SIGTERM
+//! (its temporary TLS directory gone, a state dir kept), a run stopped by a signal, and the errors
+//! it gives for bad input.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,6 +87,99 @@ async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(exit.success(), "exit status {exit:?}");
+    let tls_dir = Path::new(info["ca_cert"].as_str().unwrap()).parent().unwrap();
+    assert!(
+        !tls_dir.exists(),
+        "the emulator left its temporary TLS directory (private key included) at {}",
+        tls_dir.display()
+    );
+}
+
+/// Stops `child` with `signal` and waits (at most 10 s) for its exit status.
+fn stop(child: &mut std::process::Child, signal: &str) -> std::process::ExitStatus {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no exit 10 s after {signal}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The first line `child` prints, as JSON.
+fn start_up_line(child: &mut std::process::Child) -> serde_json::Value {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("start-up line {line:?} is not JSON: {e}"))
+}
+
+#[test]
+fn an_emulator_with_a_state_dir_keeps_its_tls_identity_there_after_sigint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = sigrun()
+        .args(["emulator", "--state-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let info = start_up_line(&mut child);
+    let ca = PathBuf::from(info["ca_cert"].as_str().unwrap());
+    assert!(ca.starts_with(dir.path()), "{}", ca.display());
+    assert!(stop(&mut child, "-INT").success());
+    assert!(ca.exists(), "the state dir lost its CA certificate");
+}
+
+#[test]
+fn a_run_stopped_by_sigterm_exits_130_and_leaves_nothing_in_the_temp_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pipeline = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/nightly-ubuntu.toml");
+    let mut child = sigrun()
+        .arg("run")
+        .arg(&pipeline)
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The run announces itself once its emulator is up and the plan is made.
+    // Read stderr to its end on a thread of its own: a closed pipe would fail the run's next line.
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let (announced, announcement) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.starts_with("run ") {
+                let _ = announced.send(());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    announcement
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the run announced itself within a minute");
+    let exit = stop(&mut child, "-TERM");
+    let said = reader.join().unwrap();
+    assert_eq!(exit.code(), Some(130), "{exit:?}: {said}");
+    assert!(said.contains("interrupted"), "{said}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left in the temp folder: {left:?}");
 }
 
 #[test]

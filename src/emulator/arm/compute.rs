@@ -23,14 +23,14 @@ fn find_vm<'a>(ctx: &'a Ctx, sub: &str, rg: &str, name: &str) -> Option<&'a Vm> 
     })
 }
 
-fn vm_id(vm: &Vm) -> String {
+pub(super) fn vm_id(vm: &Vm) -> String {
     format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/virtualMachines/{}",
         vm.subscription, vm.resource_group, vm.name
     )
 }
 
-fn disk_id(vm: &Vm, disk: &str) -> String {
+pub(super) fn disk_id(vm: &Vm, disk: &str) -> String {
     format!(
         "/subscriptions/{}/resourceGroups/{}/providers/Microsoft.Compute/disks/{disk}",
         vm.subscription, vm.resource_group

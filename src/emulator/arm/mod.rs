@@ -5,10 +5,12 @@
 
 mod catalog;
 mod compute;
+mod disks;
 mod gallery;
 mod lro;
 mod providers;
 mod resources;
+mod tenancy;
 
 use serde_json::json;
 
@@ -75,19 +77,97 @@ pub enum Family {
 }
 
 impl Family {
-    /// The version of the saved spec (accepted with any later stable one up to today), and older
-    /// versions Azure still serves.
+    /// The version of the saved spec (accepted with any later stable one up to today), and the
+    /// older versions Azure still serves whose shapes for what the emulator serves are the same
+    /// (listed in ARCHITECTURE.md): clients pin old versions for years (the Azure CLI 2.91 still
+    /// sends 2021-10-01 for gallery image definitions).
     fn versions(self) -> (&'static str, &'static [&'static str]) {
         match self {
-            Family::Resources => ("2024-07-01", &["2021-04-01", "2022-09-01", "2023-07-01", "2024-03-01"]),
-            Family::Subscriptions => ("2022-12-01", &["2016-06-01", "2020-01-01", "2021-01-01"]),
-            Family::Compute => ("2024-07-01", &["2023-03-01", "2023-07-01", "2023-09-01", "2024-03-01"]),
-            Family::Disk => ("2024-03-02", &["2023-04-02", "2023-10-02", "2024-03-01"]),
-            Family::Gallery => ("2024-03-03", &["2022-03-03", "2022-08-03", "2023-07-03"]),
-            Family::BatchManagement => ("2024-07-01", &["2023-05-01", "2023-11-01", "2024-02-01"]),
+            Family::Resources => ("2024-07-01", RESOURCES_OLDER),
+            Family::Subscriptions => ("2022-12-01", SUBSCRIPTIONS_OLDER),
+            Family::Compute => ("2024-07-01", COMPUTE_OLDER),
+            Family::Disk => ("2024-03-02", DISK_OLDER),
+            Family::Gallery => ("2024-03-03", GALLERY_OLDER),
+            Family::BatchManagement => ("2024-07-01", BATCH_MANAGEMENT_OLDER),
         }
     }
 }
+
+const RESOURCES_OLDER: &[&str] = &[
+    "2019-10-01",
+    "2020-06-01",
+    "2020-10-01",
+    "2021-01-01",
+    "2021-04-01",
+    "2022-09-01",
+    "2023-07-01",
+    "2024-03-01",
+];
+const SUBSCRIPTIONS_OLDER: &[&str] = &[
+    "2016-06-01",
+    "2018-06-01",
+    "2019-06-01",
+    "2019-11-01",
+    "2020-01-01",
+    "2021-01-01",
+];
+/// Since 2019-03-01 an image takes snapshot sources and a Hyper-V generation.
+const COMPUTE_OLDER: &[&str] = &[
+    "2019-03-01",
+    "2019-07-01",
+    "2019-12-01",
+    "2020-06-01",
+    "2020-12-01",
+    "2021-03-01",
+    "2021-04-01",
+    "2021-07-01",
+    "2021-11-01",
+    "2022-03-01",
+    "2022-08-01",
+    "2022-11-01",
+    "2023-03-01",
+    "2023-07-01",
+    "2023-09-01",
+    "2024-03-01",
+];
+/// Since 2019-07-01 a snapshot may be incremental.
+const DISK_OLDER: &[&str] = &[
+    "2019-07-01",
+    "2019-11-01",
+    "2020-05-01",
+    "2020-06-30",
+    "2020-09-30",
+    "2020-12-01",
+    "2021-04-01",
+    "2021-08-01",
+    "2021-12-01",
+    "2022-03-02",
+    "2022-07-02",
+    "2023-01-02",
+    "2023-04-02",
+    "2023-10-02",
+];
+/// Since 2019-12-01 an image version is published from `storageProfile.source` with target
+/// regions and replica counts.
+const GALLERY_OLDER: &[&str] = &[
+    "2019-12-01",
+    "2020-09-30",
+    "2021-07-01",
+    "2021-10-01",
+    "2022-01-03",
+    "2022-03-03",
+    "2022-08-03",
+    "2023-07-03",
+];
+const BATCH_MANAGEMENT_OLDER: &[&str] = &[
+    "2021-06-01",
+    "2022-01-01",
+    "2022-06-01",
+    "2022-10-01",
+    "2023-05-01",
+    "2023-11-01",
+    "2024-02-01",
+];
 
 fn well_formed_date(v: &str) -> bool {
     let b = v.as_bytes();
@@ -231,9 +311,10 @@ pub fn authorize(ctx: &Ctx, caller: &Caller, action: &str, scope: &str) -> Resul
 }
 
 pub fn handle(ctx: &Ctx, req: &Request) -> Response {
-    let Some(subscription_id) = req.segments.get(1) else {
-        return error(404, "NotFound", "The requested resource was not found.", None);
-    };
+    let at = |i: usize, v: &str| req.segments.get(i).is_some_and(|x| x.eq_ignore_ascii_case(v));
+    if at(0, "metadata") && at(1, "endpoints") && req.segments.len() == 2 {
+        return tenancy::cloud_metadata(ctx, req);
+    }
     let default_tenant = &ctx.world.tenants[0].id;
     let claims = match ctx.key.verify(
         req.header("authorization"),
@@ -242,6 +323,27 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         Ok(claims) => claims,
         Err(problem) => return unauthorized(default_tenant, &problem),
     };
+    let caller = Caller { claims };
+    match req.segments.get(1) {
+        Some(subscription_id) => in_subscription(ctx, req, caller, subscription_id),
+        None => tenant_level(ctx, req, &caller),
+    }
+}
+
+/// `/tenants` and `/subscriptions`: what the caller's token reaches across its tenant.
+fn tenant_level(ctx: &Ctx, req: &Request, caller: &Caller) -> Response {
+    let first = req.segments.first().map(|s| s.to_ascii_lowercase());
+    let result = match (req.method.as_str(), first.as_deref()) {
+        ("GET", Some("tenants")) => tenancy::list_tenants(ctx, req, caller),
+        ("GET", Some("subscriptions")) => tenancy::list_subscriptions(ctx, req, caller),
+        _ => Err(not_found_route(req)),
+    };
+    result.unwrap_or_else(|err| err.response())
+}
+
+/// A request under `/subscriptions/{id}`: the subscription must exist and belong to the token's
+/// tenant, and the caller's budget must have a token for it.
+fn in_subscription(ctx: &Ctx, req: &Request, caller: Caller, subscription_id: &str) -> Response {
     let Some(subscription) = ctx
         .world
         .subscriptions
@@ -255,14 +357,13 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
             None,
         );
     };
-    if !claims.tid.eq_ignore_ascii_case(&subscription.tenant) {
+    if !caller.claims.tid.eq_ignore_ascii_case(&subscription.tenant) {
         let problem = TokenProblem::WrongTenant {
-            issuer: claims.iss.clone(),
+            issuer: caller.claims.iss.clone(),
             expected_tenant: subscription.tenant.clone(),
         };
         return unauthorized(&subscription.tenant, &problem);
     }
-    let caller = Caller { claims };
     let now = ctx.clock.now();
     let kind = budget::Kind::of(&req.method);
     let draw = ctx.budgets.draw_arm(&subscription.id, &caller.claims.oid, kind, now);
@@ -289,17 +390,22 @@ pub fn handle(ctx: &Ctx, req: &Request) -> Response {
         Err(err) => err.response(),
     };
     if let Some(Draw::Taken { left, global_left }) = draw {
-        let kind = kind.plural();
-        response.set_header(
-            &format!("x-ms-ratelimit-remaining-subscription-{kind}"),
-            left.to_string(),
-        );
-        if let Some(global) = global_left {
-            let name = format!("x-ms-ratelimit-remaining-subscription-global-{kind}");
-            response.set_header(&name, global.to_string());
-        }
+        stamp_budget(&mut response, kind, left, global_left);
     }
     response
+}
+
+/// What is left of the caller's and the subscription's buckets, on the answer.
+fn stamp_budget(response: &mut Response, kind: budget::Kind, left: u64, global_left: Option<u64>) {
+    let kind = kind.plural();
+    response.set_header(
+        &format!("x-ms-ratelimit-remaining-subscription-{kind}"),
+        left.to_string(),
+    );
+    if let Some(global) = global_left {
+        let name = format!("x-ms-ratelimit-remaining-subscription-global-{kind}");
+        response.set_header(&name, global.to_string());
+    }
 }
 
 type Handled = Result<(Response, bool), ArmError>;
@@ -308,7 +414,19 @@ fn route(ctx: &Ctx, st: &mut State, req: &Request, caller: &Caller, sub: &str) -
     let s: Vec<&str> = req.segments.iter().map(String::as_str).collect();
     let lower: Vec<String> = s.iter().map(|x| x.to_ascii_lowercase()).collect();
     let l: Vec<&str> = lower.iter().map(String::as_str).collect();
+    let get = req.method == http::Method::GET;
     match l.as_slice() {
+        ["subscriptions", _] if get => tenancy::get_subscription(ctx, req, caller, sub).map(|r| (r, false)),
+        ["subscriptions", _, "resourcegroups"] => {
+            tenancy::list_resource_groups(ctx, req, caller, sub).map(|r| (r, false))
+        }
+        ["subscriptions", _, "resourcegroups", _] => {
+            tenancy::get_resource_group(ctx, req, caller, sub, s[3]).map(|r| (r, false))
+        }
+        ["subscriptions", _, "providers", "microsoft.compute", listed] if get => match top_level_kind(listed) {
+            Some(kind) => resources::list_in_scope(ctx, st, req, caller, sub, None, kind).map(|r| (r, false)),
+            None => Err(not_found_route(req)),
+        },
         ["subscriptions", _, "locations"] => catalog::locations(ctx, req, caller, sub).map(|r| (r, false)),
         [
             "subscriptions",
@@ -376,6 +494,11 @@ fn route_compute(
     let rg = s[3];
     let names: Vec<&str> = s[6..].to_vec();
     match rest {
+        [listed] if method == "GET" && top_level_kind(listed).is_some() => {
+            let kind = top_level_kind(listed).expect("checked by the guard");
+            resources::list_in_scope(ctx, st, req, caller, sub, Some(rg), kind).map(|r| (r, false))
+        }
+        ["disks", _] => disks::get_disk(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
         ["virtualmachines", _] => compute::get_vm(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
         ["virtualmachines", _, "instanceview"] => {
             compute::get_instance_view(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false))
@@ -414,6 +537,17 @@ fn route_compute(
             &[names[1], names[3], names[5]],
         ),
         _ => Err(not_found_route(req)),
+    }
+}
+
+/// The Compute types listed by resource group or subscription (`…/galleries`, `…/snapshots`,
+/// `…/images`), from the lower-cased type segment.
+fn top_level_kind(segment: &str) -> Option<Kind> {
+    match segment {
+        "galleries" => Some(Kind::Gallery),
+        "snapshots" => Some(Kind::Snapshot),
+        "images" => Some(Kind::Image),
+        _ => None,
     }
 }
 

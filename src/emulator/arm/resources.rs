@@ -670,6 +670,38 @@ pub fn list(
     Ok(Response::json(200, &json!({ "value": value })))
 }
 
+/// A top-level type's list (galleries, snapshots, images) in a resource group, or in the whole
+/// subscription when `rg` is `None`: what the caller may read, as `{"value": [...]}`.
+pub fn list_in_scope(
+    ctx: &Ctx,
+    st: &State,
+    req: &Request,
+    caller: &Caller,
+    sub: &str,
+    rg: Option<&str>,
+    kind: Kind,
+) -> Result<Response, ArmError> {
+    let mut scope = format!("/subscriptions/{sub}");
+    let mut location = "global".to_string();
+    if let Some(rg) = rg {
+        let group = resource_group(ctx, sub, rg)?;
+        scope = format!("{scope}/resourceGroups/{}", group.name);
+        location = group.location.clone();
+    }
+    check_api_version(req, family(kind), kind.type_name(), &location)?;
+    let prefix = format!("{}/", State::key(&scope));
+    let read = action(kind, "GET");
+    let now = ctx.clock.now();
+    let value: Vec<Value> = st
+        .resources
+        .iter()
+        .filter(|(key, r)| r.kind == kind && key.starts_with(&prefix))
+        .filter(|(_, r)| crate::emulator::auth::allowed(&ctx.world, &caller.claims.oid, &read, &r.id))
+        .map(|(_, r)| render(ctx, st, r, now, false))
+        .collect();
+    Ok(Response::json(200, &json!({ "value": value })))
+}
+
 /// The resource as a GET shows it at `now`.
 pub fn render(ctx: &Ctx, st: &State, r: &Resource, now: EmuTime, expand: bool) -> Value {
     let mut out = r.body.clone();

@@ -3,6 +3,7 @@
 //! (audience `https://batch.core.windows.net/`, tenant of the account's subscription, a role on the
 //! account), refuses Shared Key for gallery-image pools, and answers in Batch's odata error shape.
 
+mod body;
 mod images;
 mod pools;
 mod quota;

@@ -9,6 +9,7 @@ use serde_json::{Map, Value, json};
 use time::Duration;
 use time::format_description::well_known::{Rfc2822, Rfc3339};
 
+use super::body;
 use super::images;
 use super::quota;
 use super::{BatchCaller, account_url, error, ok_json};
@@ -215,17 +216,14 @@ fn missing_property(req: &Request, name: &str) -> Response {
 /// timeline is fixed when the pool is added).
 const MAX_POOL_NODES: u32 = 100_000;
 
-/// A node count as Batch reads it: a whole number, or a string holding one (as `az batch pool
-/// create` sends it); absent means 0. Anything else — negative, fractional, not a number, past
-/// 32 bits — is refused with `InvalidPropertyValue`, never silently read as something else.
+/// A node count from a body [`body::read`] has read (a string holding a number is a number by
+/// now); absent means 0, a negative count is refused with `InvalidPropertyValue`.
 fn node_count(req: &Request, body: &Value, key: &str) -> Result<u32, Response> {
-    let value = match &body[key] {
-        Value::Null => return Ok(0),
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => s.trim().parse::<u64>().ok(),
-        _ => None,
-    };
-    value
+    if body[key].is_null() {
+        return Ok(0);
+    }
+    body[key]
+        .as_u64()
         .and_then(|n| u32::try_from(n).ok())
         .ok_or_else(|| bad_property(req, key, "The value must be a whole number of nodes from 0."))
 }
@@ -383,18 +381,7 @@ fn check_pool_quota(st: &State, req: &Request, account: &BatchAccount) -> Result
 
 /// A pool body is a JSON object, and its optional parts have the shapes Batch reads.
 fn pool_body(req: &Request) -> Result<Value, Response> {
-    let body = match serde_json::from_slice(&req.body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            return Err(error(
-                req,
-                400,
-                "InvalidRequestBody",
-                "The specified Request Body is not syntactically valid.",
-                &[],
-            ));
-        }
-    };
+    let body = Value::Object(body::read(req, body::POOL)?);
     check_pool_shape(req, &body)?;
     Ok(body)
 }
@@ -1100,17 +1087,9 @@ fn delete_pool(st: &mut State, _req: &Request, mut pool: Pool, now: EmuTime) -> 
 }
 
 fn patch_pool(st: &mut State, req: &Request, mut pool: Pool, now: EmuTime) -> (Response, bool) {
-    let Ok(Value::Object(patch)) = serde_json::from_slice::<Value>(&req.body) else {
-        return (
-            error(
-                req,
-                400,
-                "InvalidRequestBody",
-                "The specified Request Body is not syntactically valid.",
-                &[],
-            ),
-            false,
-        );
+    let patch = match body::read(req, body::POOL) {
+        Ok(patch) => patch,
+        Err(refused) => return (refused, false),
     };
     if let Err(refused) = check_pool_shape(req, &Value::Object(patch.clone())) {
         return (refused, false);
@@ -1169,17 +1148,9 @@ fn resize_pool(
             false,
         );
     }
-    let Ok(body @ Value::Object(_)) = serde_json::from_slice::<Value>(&req.body) else {
-        return (
-            error(
-                req,
-                400,
-                "InvalidRequestBody",
-                "The specified Request Body is not syntactically valid.",
-                &[],
-            ),
-            false,
-        );
+    let body = match body::read(req, body::RESIZE) {
+        Ok(body) => Value::Object(body),
+        Err(refused) => return (refused, false),
     };
     let counts = node_count(req, &body, "targetDedicatedNodes")
         .and_then(|dedicated| Ok((dedicated, node_count(req, &body, "targetLowPriorityNodes")?)));
