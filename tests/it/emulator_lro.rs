@@ -76,6 +76,37 @@ async fn a_tiny_time_scale_still_answers_with_a_poll_hint() {
     assert!(hint > 1_000_000, "a wait of ages in real time: {hint}");
 }
 
+/// On a fast clock the time left is a fraction of a real second: `Retry-After` still says 1 (whole
+/// seconds, never 0, which clients read as "no hint" and replace with 30 s), and `retry-after-ms`
+/// carries the exact wait.
+#[tokio::test]
+async fn a_fast_clock_answers_retry_after_1_and_the_exact_wait_in_ms() {
+    let emu = start(EmulatorOptions {
+        time_scale: 100_000.0,
+        ..Default::default()
+    })
+    .await;
+    let token = emu.arm_token().await;
+    let url = compute(SUB_IMAGING, "rg-imaging", "snapshots/fast-clock", DISK_API);
+    let put = emu.put(&url, &token, &snapshot_body()).await;
+    assert_eq!(put.status, 202, "{:?}", put.body);
+    assert_eq!(put.header("retry-after"), Some("1"));
+    let ms: u64 = put
+        .header("retry-after-ms")
+        .and_then(|h| h.parse().ok())
+        .expect("a numeric retry-after-ms");
+    assert!(ms < 1000, "the exact real wait, under a second at 100000x: {ms}");
+    let status = emu
+        .get(
+            put.header("azure-asyncoperation").expect("Azure-AsyncOperation"),
+            &token,
+        )
+        .await;
+    if status.body["status"] == "InProgress" {
+        assert_eq!(status.header("retry-after"), Some("1"));
+    }
+}
+
 #[tokio::test]
 async fn snapshot_put_polls_through_async_operation_and_location() {
     let emu = start(EmulatorOptions::default()).await;
