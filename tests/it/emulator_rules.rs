@@ -551,14 +551,24 @@ async fn api_versions_are_checked_per_provider() {
     expect_arm(&reply, 400, "InvalidApiVersionParameter", None, &["2024-7-1"]);
     let reply = emu.get(&vm("?api-version=latest"), &token).await;
     expect(&reply, 400, "InvalidApiVersionParameter");
-    let reply = emu.get(&vm("?api-version=2019-07-01"), &token).await;
+    // A date no Compute version has.
+    let reply = emu.get(&vm("?api-version=2019-07-02"), &token).await;
     expect_arm(
         &reply,
         400,
         "NoRegisteredProviderFound",
         None,
-        &["2019-07-01", "virtualMachines"],
+        &["2019-07-02", "virtualMachines"],
     );
+    // Older versions Azure still serves, as clients pin them (the Azure CLI 2.91 reads gallery
+    // image definitions at 2021-10-01).
+    let reply = emu.get(&vm("?api-version=2019-07-01"), &token).await;
+    assert_eq!(reply.status, 200, "compute 2019-07-01: {:#}", reply.body);
+    let gallery = format!(
+        "/subscriptions/{SUB_IMAGING}/resourceGroups/rg-gallery/providers/Microsoft.Compute/galleries?api-version=2021-10-01"
+    );
+    let reply = emu.get(&gallery, &token).await;
+    assert_eq!(reply.status, 200, "gallery list at 2021-10-01: {:#}", reply.body);
     // A disk api-version is not a compute one.
     let reply = emu.get(&vm(&format!("?api-version={DISK_API}")), &token).await;
     expect(&reply, 400, "NoRegisteredProviderFound");

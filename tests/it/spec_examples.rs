@@ -41,6 +41,9 @@ const RESOURCES_SPEC: &str = "resources/resource-manager/Microsoft.Resources/sta
 const IMDS_2018_SPEC: &str = "imds/data-plane/Microsoft.InstanceMetadataService/stable/2018-02-01/imds.json";
 const IMDS_2023_SPEC: &str = "imds/data-plane/Microsoft.InstanceMetadataService/stable/2023-07-01/imds.json";
 const BATCH_SPEC: &str = "batch/data-plane/Microsoft.Batch/stable/2024-07-01.20.0/BatchService.json";
+// From the repository's own copies (tests/azure-specs-extra, see its SOURCES.md).
+const SUBSCRIPTIONS_SPEC: &str = "resources/resource-manager/Microsoft.Resources/stable/2022-12-01/subscriptions.json";
+const DISK_SPEC: &str = "compute/resource-manager/Microsoft.Compute/DiskRP/stable/2024-03-02/disk.json";
 
 /// The world the examples need: their subscription and resource groups, the VMs (and so the disks)
 /// they name, the identity of the IMDS example and a Batch account called `account`.
@@ -183,6 +186,18 @@ fn specs_root() -> PathBuf {
     root
 }
 
+/// A spec or example file by its upstream path: in the shared folder, or else in the
+/// repository's own copies of what the shared folder lacks (`tests/azure-specs-extra`).
+fn spec_file(path: &str) -> PathBuf {
+    let shared = specs_root().join(path);
+    if shared.is_file() {
+        return shared;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/azure-specs-extra/specification")
+        .join(path)
+}
+
 fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()))
@@ -232,10 +247,9 @@ impl Example {
     }
 
     fn load(spec: &str, listed_as: &str, example: &str) -> Example {
-        let root = specs_root();
-        let spec_file = root.join(spec);
+        let spec_file = spec_file(spec);
         let spec_doc = read_json(&spec_file);
-        let doc = read_json(&root.join(example));
+        let doc = read_json(&self::spec_file(example));
         let base_path = spec_doc["basePath"]
             .as_str()
             .unwrap_or("")
@@ -1117,6 +1131,178 @@ async fn providers() {
     report.check(&ex, &reply, &["resourceTypes[].locationMappings"]).await;
     if reply.body["namespace"] != "Microsoft.Compute" {
         report.fail(&ex, format!("the provider read is {}", reply.body["namespace"]));
+    }
+    report.finish();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Tenants, subscriptions (Microsoft.Resources 2022-12-01) and resource groups (2024-07-01): what
+// a client reads to log in and to default a location
+
+#[tokio::test]
+async fn subscriptions_and_tenants() {
+    let emu = start_examples().await;
+    let token = emu.arm_token().await;
+    let mut report = Report::new(&emu, &token);
+    // The emulated subscriptions carry no tags and are managed by no other tenant, and a list
+    // comes in one page: the examples' tags, managing tenants and nextLink are not produced.
+    let no_managers = |mut ex: Example, pointer: &str| {
+        if let Some(managers) = ex.doc.pointer_mut(pointer) {
+            *managers = json!([]);
+        }
+        ex
+    };
+    let mut ex = Example::of(SUBSCRIPTIONS_SPEC, "examples/GetSubscriptions.json");
+    for i in 0..2 {
+        ex = no_managers(ex, &format!("/responses/200/body/value/{i}/managedByTenants"));
+    }
+    let reply = report.send(&ex, emu.base()).await;
+    report.check(&ex, &reply, &["value[].tags", "nextLink"]).await;
+    let listed: Vec<&str> = reply.body["value"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|s| s["subscriptionId"].as_str()).collect())
+        .unwrap_or_default();
+    if listed != [SUB, "00000000-0000-0000-0000-000000000000"] {
+        report.fail(
+            &ex,
+            format!("the caller's two subscriptions, in world order, listed as {listed:?}"),
+        );
+    }
+
+    // The example's subscription is the world's.
+    let ex = no_managers(
+        Example::of(SUBSCRIPTIONS_SPEC, "examples/GetSubscription.json").with("subscriptionId", json!(SUB)),
+        "/responses/200/body/managedByTenants",
+    );
+    let reply = report.send(&ex, emu.base()).await;
+    report.check(&ex, &reply, &["tags"]).await;
+
+    // The world's tenant has no country or branding logo.
+    let ex = Example::of(SUBSCRIPTIONS_SPEC, "examples/GetTenants.json");
+    let reply = report.send(&ex, emu.base()).await;
+    report
+        .check(
+            &ex,
+            &reply,
+            &["value[].countryCode", "value[].tenantBrandingLogoUrl", "nextLink"],
+        )
+        .await;
+    if reply.body["value"][0]["tenantId"] != TENANT {
+        report.fail(&ex, format!("the caller's tenant is not listed: {}", reply.body));
+    }
+    report.finish();
+}
+
+/// Resources 2024-07-01 documents no example for Resource Groups – Get; the answer is checked
+/// against the `ResourceGroup` definition's required and read-only fields instead.
+#[tokio::test]
+async fn resource_groups() {
+    let emu = start_examples().await;
+    let token = emu.arm_token().await;
+    let url = format!("/subscriptions/{SUB}/resourcegroups/{RG}?api-version=2024-11-01");
+    let group = emu.get(&url, &token).await;
+    assert_eq!(group.status, 200, "{:?}", group.body);
+    assert_eq!(group.body["name"], RG);
+    assert_eq!(group.body["location"], "westus");
+    assert_eq!(group.body["type"], "Microsoft.Resources/resourceGroups");
+    assert_eq!(group.body["properties"]["provisioningState"], "Succeeded");
+    assert_eq!(
+        group.body["id"],
+        format!("/subscriptions/{SUB}/resourceGroups/{RG}"),
+        "the id spells the type as Azure does"
+    );
+    let missing = emu
+        .get(
+            &format!("/subscriptions/{SUB}/resourcegroups/nope?api-version=2024-11-01"),
+            &token,
+        )
+        .await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.body["error"]["code"], "ResourceGroupNotFound");
+    let list = emu
+        .get(
+            &format!("/subscriptions/{SUB}/resourcegroups?api-version=2024-11-01"),
+            &token,
+        )
+        .await;
+    let names: Vec<&str> = list.body["value"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|g| g["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(names, [RG, "rgcompute"], "{:?}", list.body);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The world's managed disks (DiskRP 2024-03-02)
+
+/// What a disk of this emulator never has: purchase plans, encryption settings, security
+/// profiles, capabilities, hibernation, ownership and creation times (the world's disks have no
+/// history), tags.
+const DISK_NOT_EMULATED: &[&str] = &[
+    "properties.purchasePlan",
+    "properties.supportedCapabilities",
+    "properties.supportsHibernation",
+    "properties.securityProfile",
+    "properties.encryptionSettingsCollection",
+    "properties.LastOwnershipUpdateTime",
+    "properties.timeCreated",
+    "tags",
+];
+
+#[tokio::test]
+async fn disks() {
+    let emu = start_examples().await;
+    let token = emu.arm_token().await;
+    let mut report = Report::new(&emu, &token);
+    let ex = Example::of(DISK_SPEC, "examples/diskExamples/Disk_Get.json");
+    let reply = report.send(&ex, emu.base()).await;
+    report.check(&ex, &reply, DISK_NOT_EMULATED).await;
+    if reply.body["managedBy"]
+        .as_str()
+        .map(|id| id.ends_with("/virtualMachines/myManagedDiskOwner"))
+        != Some(true)
+    {
+        report.fail(&ex, format!("the disk is not its VM's: {}", reply.body));
+    }
+
+    let ex = Example::of(DISK_SPEC, "examples/diskExamples/Disk_ListByResourceGroup.json");
+    let reply = report.send(&ex, emu.base()).await;
+    let in_list: Vec<String> = DISK_NOT_EMULATED
+        .iter()
+        .map(|p| format!("value[].{p}"))
+        // The example lists a copied disk; a world disk was made from an image or empty.
+        .chain(["value[].properties.creationData.sourceResourceId".to_string()])
+        .chain(["nextLink".to_string()])
+        .collect();
+    let in_list: Vec<&str> = in_list.iter().map(String::as_str).collect();
+    report.check(&ex, &reply, &in_list).await;
+    report.finish();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Gallery lists (GalleryRP 2024-03-03)
+
+#[tokio::test]
+async fn gallery_lists() {
+    let emu = start_examples().await;
+    let token = emu.arm_token().await;
+    let mut report = Report::new(&emu, &token);
+    let reply = emu
+        .put(
+            &arm_url("galleries/myGalleryName", "2024-03-03"),
+            &token,
+            &json!({"location": "westus", "properties": {"description": "This is the gallery description."}}),
+        )
+        .await;
+    expect(&reply, &[200, 201], "create myGalleryName");
+    for example in [
+        "examples/galleryExamples/Gallery_ListByResourceGroup.json",
+        "examples/galleryExamples/Gallery_ListBySubscription.json",
+    ] {
+        let ex = Example::of(GALLERY_SPEC, example);
+        let reply = report.send(&ex, emu.base()).await;
+        // One page holds every gallery here.
+        report.check(&ex, &reply, &["nextLink"]).await;
     }
     report.finish();
 }

@@ -1,4 +1,5 @@
-//! The prepared VMs' managed disks as Compute's DiskRP shows them (Disks – Get): read-only, from
+//! The prepared VMs' managed disks as Compute's DiskRP shows them (Disks – Get, List By Resource
+//! Group): read-only, from
 //! the world. They exist as snapshot sources already; serving them lets a client read a disk
 //! before snapshotting it, as `az snapshot create --source <disk id>` does.
 
@@ -6,9 +7,9 @@ use serde_json::{Value, json};
 
 use super::compute::{disk_id, vm_id};
 use super::{ArmError, Caller, Family, authorize, check_api_version, resource_group};
-use crate::emulator::Ctx;
 use crate::emulator::http::{Request, Response};
 use crate::emulator::world::Vm;
+use crate::emulator::{Ctx, auth};
 
 /// One managed disk of a world VM.
 struct WorldDisk<'a> {
@@ -35,6 +36,26 @@ fn world_disks(ctx: &Ctx) -> impl Iterator<Item = WorldDisk<'_>> {
         });
         os.into_iter().chain(data)
     })
+}
+
+/// `GET …/resourceGroups/{rg}/providers/Microsoft.Compute/disks`: the group's disks the caller may
+/// read.
+pub fn list_disks(ctx: &Ctx, req: &Request, caller: &Caller, sub: &str, rg: &str) -> Result<Response, ArmError> {
+    let group = resource_group(ctx, sub, rg)?;
+    check_api_version(req, Family::Disk, "disks", &group.location)?;
+    let value: Vec<Value> = world_disks(ctx)
+        .filter(|d| d.vm.subscription.eq_ignore_ascii_case(sub) && d.vm.resource_group.eq_ignore_ascii_case(rg))
+        .filter(|d| {
+            auth::allowed(
+                &ctx.world,
+                &caller.claims.oid,
+                "Microsoft.Compute/disks/read",
+                &disk_id(d.vm, d.name),
+            )
+        })
+        .map(|d| disk_json(&d))
+        .collect();
+    Ok(Response::json(200, &json!({ "value": value })))
 }
 
 /// `GET …/resourceGroups/{rg}/providers/Microsoft.Compute/disks/{name}`.

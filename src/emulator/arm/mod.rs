@@ -498,6 +498,7 @@ fn route_compute(
             let kind = top_level_kind(listed).expect("checked by the guard");
             resources::list_in_scope(ctx, st, req, caller, sub, Some(rg), kind).map(|r| (r, false))
         }
+        ["disks"] if method == "GET" => disks::list_disks(ctx, req, caller, sub, rg).map(|r| (r, false)),
         ["disks", _] => disks::get_disk(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
         ["virtualmachines", _] => compute::get_vm(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
         ["virtualmachines", _, "instanceview"] => {

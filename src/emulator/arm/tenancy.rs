@@ -75,12 +75,16 @@ pub fn list_tenants(ctx: &Ctx, req: &Request, caller: &Caller) -> Result<Respons
         .iter()
         .filter(|t| t.id.eq_ignore_ascii_case(&caller.claims.tid))
         .map(|t| {
+            // Every Entra tenant has its initial `{name}.onmicrosoft.com` domain.
+            let label = if t.name.is_empty() { &t.id } else { &t.name };
+            let domain = format!("{}.onmicrosoft.com", label.to_ascii_lowercase());
             json!({
                 "id": format!("/tenants/{}", t.id),
                 "tenantId": t.id,
                 "tenantCategory": "Home",
-                "displayName": t.name,
-                "domains": [],
+                "displayName": label,
+                "domains": [domain],
+                "defaultDomain": domain,
                 "tenantType": "AAD",
             })
         })
