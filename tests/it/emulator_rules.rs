@@ -753,6 +753,53 @@ async fn batch_refuses_a_specialized_image() {
     );
 }
 
+/// Batch converts a string to the type its property declares (the Azure CLI 2.91 sends node
+/// counts as strings): the pool is made of what was meant and shows it typed; a string that is
+/// not such a value is refused naming the property and the value, never read as a default.
+#[tokio::test]
+async fn typed_properties_sent_as_strings_are_read_as_their_types_or_refused() {
+    let emu = start_fast().await;
+    let token = emu.arm_token().await;
+    let version = publish_version(&emu, &token, "ubuntu", "Generalized", "1.0.0", &[("westeurope", 1)]).await;
+    until_completed(&emu, &token, &version, "West Europe").await;
+    let batch = emu.batch_token().await;
+
+    let mut body = pool_body("strings", &version, LINUX_SKU);
+    body["targetDedicatedNodes"] = json!(" 3 ");
+    body["taskSlotsPerNode"] = json!("2");
+    body["startTask"] = json!({"commandLine": "/bin/true", "waitForSuccess": "False"});
+    let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &body).await;
+    assert_eq!(reply.status, 201, "{:#}", reply.body);
+    let url = format!("{}/pools/strings?api-version={BATCH_API}", emu.batch_url(ACCOUNT_WEU));
+    let pool = emu.get(&url, &batch).await.body;
+    assert_eq!(pool["targetDedicatedNodes"], 3, "{pool:#}");
+    assert_eq!(pool["taskSlotsPerNode"], 2, "{pool:#}");
+    assert_eq!(pool["startTask"]["waitForSuccess"], false, "{pool:#}");
+
+    for (key, sent) in [
+        ("targetDedicatedNodes", json!("2.5")),
+        ("targetLowPriorityNodes", json!("-")),
+        ("enableInterNodeCommunication", json!("yes")),
+    ] {
+        let mut body = pool_body("refused", &version, LINUX_SKU);
+        body[key] = sent.clone();
+        let reply = add_pool(&emu, ACCOUNT_WEU, &batch, &body).await;
+        expect(&reply, 400, "InvalidPropertyValue");
+        assert_eq!(batch_value(&reply, "PropertyName"), key);
+        assert_eq!(batch_value(&reply, "PropertyValue"), sent.to_string());
+    }
+
+    let resize = format!(
+        "{}/pools/strings/resize?api-version={BATCH_API}",
+        emu.batch_url(ACCOUNT_WEU)
+    );
+    emu.advance(3600.0).await;
+    let reply = emu.post(&resize, &batch, &json!({"targetDedicatedNodes": "1"})).await;
+    assert_eq!(reply.status, 202, "{:#}", reply.body);
+    let pool = emu.get(&url, &batch).await.body;
+    assert_eq!(pool["targetDedicatedNodes"], 1, "{pool:#}");
+}
+
 #[tokio::test]
 async fn the_node_agent_sku_must_fit_the_image() {
     let emu = start_fast().await;

@@ -493,11 +493,13 @@ fn route_compute(
     let method = req.method.as_str();
     let rg = s[3];
     let names: Vec<&str> = s[6..].to_vec();
+    if let [listed] = rest
+        && method == "GET"
+        && let Some(kind) = top_level_kind(listed)
+    {
+        return resources::list_in_scope(ctx, st, req, caller, sub, Some(rg), kind).map(|r| (r, false));
+    }
     match rest {
-        [listed] if method == "GET" && top_level_kind(listed).is_some() => {
-            let kind = top_level_kind(listed).expect("checked by the guard");
-            resources::list_in_scope(ctx, st, req, caller, sub, Some(rg), kind).map(|r| (r, false))
-        }
         ["disks"] if method == "GET" => disks::list_disks(ctx, req, caller, sub, rg).map(|r| (r, false)),
         ["disks", _] => disks::get_disk(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),
         ["virtualmachines", _] => compute::get_vm(ctx, req, caller, sub, rg, names[1]).map(|r| (r, false)),

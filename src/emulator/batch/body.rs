@@ -1,75 +1,127 @@
 //! A Batch request body read as Batch reads it. Batch's OData reader converts a JSON string
 //! literal to the primitive type its property declares, so an int32 property given as `"2"` is
-//! 2: that is what the Azure CLI 2.91 sends (`az batch pool create --target-dedicated-nodes 2`
-//! gives `"targetDedicatedNodes": "2"`, as azure-batch 15 serializes arguments as given). Anything
-//! else in an int32 property — a fraction, words, an exponent, a number past 32 bits, `true` — is
-//! refused with `InvalidPropertyValue` naming the property and the value. A body is never read as
-//! something other than what was sent, and what is stored (and shown by GET) is the number.
+//! 2 and a boolean given as `"false"` is false: the Azure CLI 2.91 sends such strings (`az batch
+//! pool create --target-dedicated-nodes 2` gives `"targetDedicatedNodes": "2"`, as azure-batch 15
+//! serializes arguments as given). Anything else in such a property — a fraction, words, an
+//! exponent, a number past 32 bits, `"yes"` — is refused with `InvalidPropertyValue` naming the
+//! property and the value. A body is never read as something other than what was sent, and what is
+//! stored (and shown by GET) is the typed value.
 
 use serde_json::{Map, Value};
 
 use super::error;
 use crate::emulator::http::{Request, Response};
 
-/// A path of keys to an int32 property; an array met on the way applies the rest of the path to
-/// each of its elements.
-pub type Int32Path = &'static [&'static str];
+/// The primitive types Batch converts a string to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Primitive {
+    Int32,
+    Boolean,
+}
 
-/// The int32 properties of a pool, from the Batch spec's `PoolAddParameter` (its
+/// A typed property: its path of keys, dotted (an array met on the way applies the rest of the
+/// path to each of its elements), and its type.
+pub type Typed = (&'static str, Primitive);
+
+use Primitive::{Boolean, Int32};
+
+/// The int32 and boolean properties of a pool, from the Batch spec's `PoolAddParameter` (its
 /// `PoolPatchParameter` declares a subset of them).
-pub const POOL: &[Int32Path] = &[
-    &["targetDedicatedNodes"],
-    &["targetLowPriorityNodes"],
-    &["taskSlotsPerNode"],
-    &["startTask", "maxTaskRetryCount"],
-    &["virtualMachineConfiguration", "osDisk", "diskSizeGB"],
-    &["virtualMachineConfiguration", "dataDisks", "lun"],
-    &["virtualMachineConfiguration", "dataDisks", "diskSizeGB"],
-    &[
-        "networkConfiguration",
-        "endpointConfiguration",
-        "inboundNATPools",
-        "backendPort",
-    ],
-    &[
-        "networkConfiguration",
-        "endpointConfiguration",
-        "inboundNATPools",
-        "frontendPortRangeStart",
-    ],
-    &[
-        "networkConfiguration",
-        "endpointConfiguration",
-        "inboundNATPools",
-        "frontendPortRangeEnd",
-    ],
-    &[
-        "networkConfiguration",
-        "endpointConfiguration",
-        "inboundNATPools",
-        "networkSecurityGroupRules",
-        "priority",
-    ],
-    &["userAccounts", "linuxUserConfiguration", "uid"],
-    &["userAccounts", "linuxUserConfiguration", "gid"],
-    &["upgradePolicy", "rollingUpgradePolicy", "maxBatchInstancePercent"],
-    &["upgradePolicy", "rollingUpgradePolicy", "maxUnhealthyInstancePercent"],
-    &[
-        "upgradePolicy",
-        "rollingUpgradePolicy",
-        "maxUnhealthyUpgradedInstancePercent",
-    ],
+pub const POOL: &[Typed] = &[
+    ("targetDedicatedNodes", Int32),
+    ("targetLowPriorityNodes", Int32),
+    ("taskSlotsPerNode", Int32),
+    ("enableAutoScale", Boolean),
+    ("enableInterNodeCommunication", Boolean),
+    ("startTask.maxTaskRetryCount", Int32),
+    ("startTask.waitForSuccess", Boolean),
+    (
+        "startTask.containerSettings.containerHostBatchBindMounts.isReadOnly",
+        Boolean,
+    ),
+    ("virtualMachineConfiguration.osDisk.diskSizeGB", Int32),
+    ("virtualMachineConfiguration.osDisk.writeAcceleratorEnabled", Boolean),
+    ("virtualMachineConfiguration.dataDisks.lun", Int32),
+    ("virtualMachineConfiguration.dataDisks.diskSizeGB", Int32),
+    (
+        "virtualMachineConfiguration.windowsConfiguration.enableAutomaticUpdates",
+        Boolean,
+    ),
+    (
+        "virtualMachineConfiguration.extensions.autoUpgradeMinorVersion",
+        Boolean,
+    ),
+    ("virtualMachineConfiguration.extensions.enableAutomaticUpgrade", Boolean),
+    ("virtualMachineConfiguration.securityProfile.encryptionAtHost", Boolean),
+    (
+        "virtualMachineConfiguration.securityProfile.uefiSettings.secureBootEnabled",
+        Boolean,
+    ),
+    (
+        "virtualMachineConfiguration.securityProfile.uefiSettings.vTpmEnabled",
+        Boolean,
+    ),
+    ("networkConfiguration.enableAcceleratedNetworking", Boolean),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools.backendPort",
+        Int32,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools.frontendPortRangeStart",
+        Int32,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools.frontendPortRangeEnd",
+        Int32,
+    ),
+    (
+        "networkConfiguration.endpointConfiguration.inboundNATPools.networkSecurityGroupRules.priority",
+        Int32,
+    ),
+    ("userAccounts.linuxUserConfiguration.uid", Int32),
+    ("userAccounts.linuxUserConfiguration.gid", Int32),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.disableAutomaticRollback",
+        Boolean,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.enableAutomaticOSUpgrade",
+        Boolean,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.useRollingUpgradePolicy",
+        Boolean,
+    ),
+    (
+        "upgradePolicy.automaticOSUpgradePolicy.osRollingUpgradeDeferral",
+        Boolean,
+    ),
+    ("upgradePolicy.rollingUpgradePolicy.enableCrossZoneUpgrade", Boolean),
+    (
+        "upgradePolicy.rollingUpgradePolicy.prioritizeUnhealthyInstances",
+        Boolean,
+    ),
+    (
+        "upgradePolicy.rollingUpgradePolicy.rollbackFailedInstancesOnPolicyBreach",
+        Boolean,
+    ),
+    ("upgradePolicy.rollingUpgradePolicy.maxBatchInstancePercent", Int32),
+    ("upgradePolicy.rollingUpgradePolicy.maxUnhealthyInstancePercent", Int32),
+    (
+        "upgradePolicy.rollingUpgradePolicy.maxUnhealthyUpgradedInstancePercent",
+        Int32,
+    ),
 ];
 
-/// The int32 properties of `PoolResizeParameter`.
-pub const RESIZE: &[Int32Path] = &[&["targetDedicatedNodes"], &["targetLowPriorityNodes"]];
+/// The typed properties of `PoolResizeParameter`.
+pub const RESIZE: &[Typed] = &[("targetDedicatedNodes", Int32), ("targetLowPriorityNodes", Int32)];
 
 /// Most of a refused value shown back in an error (a body may be megabytes).
 const SHOWN_VALUE_CHARS: usize = 64;
 
-/// The JSON object of `req`'s body with its int32 properties (`paths`) read as numbers, or the
-/// answer refusing it.
-pub fn read(req: &Request, paths: &[Int32Path]) -> Result<Map<String, Value>, Response> {
+/// The JSON object of `req`'s body with its typed properties read as their types, or the answer
+/// refusing it.
+pub fn read(req: &Request, typed: &[Typed]) -> Result<Map<String, Value>, Response> {
     let mut body = match serde_json::from_slice(&req.body) {
         Ok(Value::Object(map)) => map,
         _ => {
@@ -82,8 +134,13 @@ pub fn read(req: &Request, paths: &[Int32Path]) -> Result<Map<String, Value>, Re
             ));
         }
     };
-    for path in paths {
-        if let Err(bad) = read_int32_in(&mut body, path) {
+    for &(path, kind) in typed {
+        let keys: Vec<&str> = path.split('.').collect();
+        if let Err(bad) = read_in(&mut body, &keys, kind) {
+            let reason = match kind {
+                Int32 => "The value is not a whole number that fits in 32 bits.",
+                Boolean => "The value is not true or false.",
+            };
             return Err(error(
                 req,
                 400,
@@ -92,7 +149,7 @@ pub fn read(req: &Request, paths: &[Int32Path]) -> Result<Map<String, Value>, Re
                 &[
                     ("PropertyName", &bad.property),
                     ("PropertyValue", &bad.value),
-                    ("Reason", "The value is not a whole number that fits in 32 bits."),
+                    ("Reason", reason),
                 ],
             ));
         }
@@ -100,24 +157,24 @@ pub fn read(req: &Request, paths: &[Int32Path]) -> Result<Map<String, Value>, Re
     Ok(body)
 }
 
-/// An int32 property holding something else.
+/// A typed property holding something else.
 #[derive(Debug, PartialEq, Eq)]
-pub struct BadInt32 {
+pub struct BadValue {
     pub property: String,
     /// The value as sent (JSON text), cut short.
     pub value: String,
 }
 
-/// Reads every value at `path` under `node` as an int32, in place.
-fn read_int32_at(node: &mut Value, path: &[&str]) -> Result<(), BadInt32> {
+/// Reads every value at `path` under `node` as `kind`, in place.
+fn read_at(node: &mut Value, path: &[&str], kind: Primitive) -> Result<(), BadValue> {
     match node {
-        Value::Array(items) => items.iter_mut().try_for_each(|item| read_int32_at(item, path)),
-        Value::Object(map) => read_int32_in(map, path),
+        Value::Array(items) => items.iter_mut().try_for_each(|item| read_at(item, path, kind)),
+        Value::Object(map) => read_in(map, path, kind),
         _ => Ok(()),
     }
 }
 
-fn read_int32_in(map: &mut Map<String, Value>, path: &[&str]) -> Result<(), BadInt32> {
+fn read_in(map: &mut Map<String, Value>, path: &[&str], kind: Primitive) -> Result<(), BadValue> {
     let Some((key, rest)) = path.split_first() else {
         return Ok(());
     };
@@ -125,15 +182,21 @@ fn read_int32_in(map: &mut Map<String, Value>, path: &[&str]) -> Result<(), BadI
         return Ok(());
     };
     if !rest.is_empty() {
-        return read_int32_at(child, rest);
+        return read_at(child, rest, kind);
     }
-    match int32(child) {
-        Some(n) => {
-            *child = Value::from(n);
+    if child.is_null() {
+        return Ok(());
+    }
+    let read = match kind {
+        Int32 => int32(child).map(Value::from),
+        Boolean => boolean(child).map(Value::from),
+    };
+    match read {
+        Some(value) => {
+            *child = value;
             Ok(())
         }
-        None if child.is_null() => Ok(()),
-        None => Err(BadInt32 {
+        None => Err(BadValue {
             property: (*key).to_string(),
             value: child.to_string().chars().take(SHOWN_VALUE_CHARS).collect(),
         }),
@@ -157,12 +220,30 @@ fn int32(value: &Value) -> Option<i32> {
     }
 }
 
+/// A boolean as Batch reads one: `true`/`false`, or a string holding either in any case (as .NET's
+/// `Boolean.Parse`, spaces around it allowed).
+fn boolean(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(b) => Some(*b),
+        Value::String(s) if s.trim().eq_ignore_ascii_case("true") => Some(true),
+        Value::String(s) if s.trim().eq_ignore_ascii_case("false") => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
+
+    fn read_all(body: &mut Value, typed: &[Typed]) -> Result<(), BadValue> {
+        typed.iter().try_for_each(|&(path, kind)| {
+            let keys: Vec<&str> = path.split('.').collect();
+            read_at(body, &keys, kind)
+        })
+    }
 
     #[test]
     fn a_string_holding_a_whole_number_is_that_number() {
@@ -202,18 +283,28 @@ mod tests {
     }
 
     #[test]
+    fn booleans_are_true_or_false_in_any_case_and_nothing_else() {
+        for (sent, read) in [(json!(true), true), (json!("False"), false), (json!(" TRUE "), true)] {
+            assert_eq!(boolean(&sent), Some(read), "{sent}");
+        }
+        for sent in [json!("yes"), json!(1), json!("1"), json!(""), json!(["true"])] {
+            assert_eq!(boolean(&sent), None, "{sent}");
+        }
+    }
+
+    #[test]
     fn paths_reach_into_arrays_and_leave_absent_properties_alone() {
         let mut body = json!({
             "targetDedicatedNodes": "2",
+            "startTask": {"waitForSuccess": "false"},
             "virtualMachineConfiguration": {"dataDisks": [{"lun": "0", "diskSizeGB": 64}, {"lun": 1}]},
         });
-        for path in POOL {
-            read_int32_at(&mut body, path).unwrap();
-        }
+        read_all(&mut body, POOL).unwrap();
         assert_eq!(
             body,
             json!({
                 "targetDedicatedNodes": 2,
+                "startTask": {"waitForSuccess": false},
                 "virtualMachineConfiguration": {"dataDisks": [{"lun": 0, "diskSizeGB": 64}, {"lun": 1}]},
             })
         );
@@ -222,14 +313,21 @@ mod tests {
     #[test]
     fn a_bad_value_is_named_with_its_property() {
         let mut body = json!({"virtualMachineConfiguration": {"dataDisks": [{"lun": 0}, {"lun": "one"}]}});
-        let bad = read_int32_at(&mut body, &["virtualMachineConfiguration", "dataDisks", "lun"]).unwrap_err();
+        let bad = read_all(&mut body, POOL).unwrap_err();
         assert_eq!(
             bad,
-            BadInt32 {
+            BadValue {
                 property: "lun".into(),
                 value: "\"one\"".into()
             }
         );
+    }
+
+    #[test]
+    fn every_path_names_a_property_of_its_parameter() {
+        for &(path, _) in POOL.iter().chain(RESIZE) {
+            assert!(!path.is_empty() && path.split('.').all(|k| !k.is_empty()), "{path:?}");
+        }
     }
 
     proptest! {
@@ -241,17 +339,33 @@ mod tests {
 
         #[test]
         fn any_string_reads_as_the_number_rust_parses_or_not_at_all(s in "\\PC{0,12}") {
-            let expected = s.trim().strip_prefix('+').unwrap_or(s.trim()).parse::<i32>().ok()
-                .filter(|_| !s.trim().starts_with("+-") && !s.trim().starts_with("++"));
+            let trimmed = s.trim();
+            let expected = trimmed
+                .strip_prefix('+')
+                .unwrap_or(trimmed)
+                .parse::<i32>()
+                .ok()
+                .filter(|_| !trimmed.starts_with("+-") && !trimmed.starts_with("++"));
             prop_assert_eq!(int32(&json!(s)), expected);
         }
 
         #[test]
-        fn any_body_is_read_or_refused_without_panicking(body in any::<Vec<u8>>()) {
-            if let Ok(mut value) = serde_json::from_slice::<Value>(&body) {
-                for path in POOL {
-                    let _ = read_int32_at(&mut value, path);
+        fn any_node_count_is_read_or_refused_and_never_changed_into_another(
+            value in prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                "\\PC{0,12}".prop_map(Value::from),
+                any::<bool>().prop_map(Value::from),
+            ]
+        ) {
+            let mut body = json!({"targetDedicatedNodes": value.clone()});
+            match read_all(&mut body, RESIZE) {
+                Ok(()) => {
+                    let read = body["targetDedicatedNodes"].as_i64().expect("read as a number");
+                    let sent = value.as_i64().or_else(|| value.as_str().and_then(|s| s.trim().trim_start_matches('+').parse().ok()));
+                    prop_assert_eq!(Some(read), sent);
                 }
+                Err(bad) => prop_assert_eq!(bad.property, "targetDedicatedNodes"),
             }
         }
     }
