@@ -42,6 +42,7 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let mut stop = super::signals::StopSignals::install().context("catching SIGINT and SIGTERM")?;
     let token = super::ui::checked_token(args.token.as_deref())?;
     let settings = Settings::load(args.config.as_deref()).map_err(input_error)?;
     if settings.azure.mode != Mode::Emulator {
@@ -86,7 +87,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         "{}",
         banner(emulator.info(), &config, &dir, &amqp, args.workers, &page.url())
     );
-    super::emulator::wait_for_signal().await?;
+    stop.wait().await;
     eprintln!("sigrun dev: stopping");
     page.stop().await;
     stop_workers(workers).await;

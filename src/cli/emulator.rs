@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use super::signals::StopSignals;
 use crate::emulator::{Emulator, EmulatorOptions, World};
 
 #[derive(Debug, Args)]
@@ -40,6 +41,7 @@ pub struct EmulatorArgs {
 }
 
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
+    let mut stop = StopSignals::install().context("catching SIGINT and SIGTERM")?;
     let world = match &args.world {
         Some(path) => World::load(path)?,
         None => World::default_world(),
@@ -61,19 +63,8 @@ pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
         writeln!(out, "{line}").context("writing the start-up line")?;
         out.flush()?;
     }
-    wait_for_signal().await?;
+    stop.wait().await;
     tracing::info!("emulator stopping");
     emulator.shutdown().await;
-    Ok(())
-}
-
-/// Until SIGINT (Ctrl-C) or SIGTERM.
-pub(super) async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod plan_view;
 mod prune;
 mod run;
 mod session;
+mod signals;
 mod status;
 mod submit;
 mod ui;

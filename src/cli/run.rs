@@ -62,6 +62,8 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut stop =
+        super::signals::StopSignals::install().map_err(|e| anyhow::anyhow!("catching SIGINT and SIGTERM: {e}"))?;
     let timeout = crate::model::spec::duration::parse(&args.timeout)
         .map_err(|e| input_error(anyhow::anyhow!("--timeout: {e}")))?;
     let session = Session::open(args.config.as_deref()).await?;
@@ -76,7 +78,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let timings = Arc::new(Timings::default());
     let ran = tokio::select! {
         ran = run_in_process(&bus, &prepared, entry, &session, telemetry, timeout, &timings) => Some(ran?),
-        signal = super::emulator::wait_for_signal() => signal.map(|()| None)?,
+        () = stop.wait() => None,
     };
     let Some((outcome, wall)) = ran else {
         // Stopped by SIGINT or SIGTERM: the built-in emulator still goes down properly, so its

@@ -44,6 +44,7 @@ pub struct UiArgs {
 }
 
 pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
+    let mut stop = super::signals::StopSignals::install().context("catching SIGINT and SIGTERM")?;
     let token = checked_token(args.token.as_deref())?;
     let (bus, settings) = history::connect(args.config.as_deref(), "ui").await?;
     let (azure, fleet_note) = match settings.azure.mode {
@@ -74,7 +75,7 @@ pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
         settings.amqp.redacted_url(),
         served.url()
     );
-    super::emulator::wait_for_signal().await?;
+    stop.wait().await;
     served.stop().await;
     Ok(ExitCode::SUCCESS)
 }

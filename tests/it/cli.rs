@@ -141,6 +141,26 @@ fn an_emulator_with_a_state_dir_keeps_its_tls_identity_there_after_sigint() {
     assert!(ca.exists(), "the state dir lost its CA certificate");
 }
 
+/// A harness that stops the emulator the moment it says it is up must still get a proper stop:
+/// the handlers are in place before the start-up line is written.
+#[test]
+fn a_signal_the_moment_the_start_up_line_appears_still_stops_it_cleanly() {
+    for signal in ["-TERM", "-INT", "-TERM", "-INT", "-TERM"] {
+        let mut child = sigrun()
+            .arg("emulator")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let info = start_up_line(&mut child);
+        let exit = stop(&mut child, signal);
+        assert!(exit.success(), "{signal} right after start-up: {exit:?}");
+        let tls_dir = PathBuf::from(info["ca_cert"].as_str().unwrap());
+        let tls_dir = tls_dir.parent().unwrap();
+        assert!(!tls_dir.exists(), "{signal} left {}", tls_dir.display());
+    }
+}
+
 #[test]
 fn a_run_stopped_by_sigterm_exits_130_and_leaves_nothing_in_the_temp_folder() {
     let tmp = tempfile::tempdir().unwrap();
