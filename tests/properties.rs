@@ -583,11 +583,17 @@ fn run_history() -> impl Strategy<Value = Vec<sigrun::events::Event>> {
         }),
     ];
     let stage = (0..6usize).prop_map(|i| Stage::ALL[i]);
+    // Where the start stands among the rest: usually first, sometimes after a failure (the first
+    // step runs before `RunStarted` is published), and sometimes a second `RunStarted` of
+    // another shape (one region, one pool) comes later, which must not count.
     let started = prop_oneof![
-        3 => (0..6usize, any::<bool>()).prop_map(move |(i, rollout)| Some((Stage::ALL[i], rollout))),
+        3 => (0..6usize, any::<bool>(), prop_oneof![3 => Just(0usize), 1 => 0..40usize])
+            .prop_map(move |(i, rollout, at)| Some((Stage::ALL[i], rollout, at))),
         1 => Just(None),
     ];
-    (started, prop::collection::vec((branch, stage, kind), 0..40)).prop_map(move |(start, rest)| {
+    let second = prop::option::weighted(0.2, (0..6usize, 0..40usize));
+    let history = (started, second, prop::collection::vec((branch, stage, kind), 0..40));
+    history.prop_map(move |(start, second, rest)| {
         let event = |branch, stage, kind| Event {
             run_id: uuid::Uuid::from_u128(7),
             pipeline: "nightly".into(),
@@ -597,16 +603,23 @@ fn run_history() -> impl Strategy<Value = Vec<sigrun::events::Event>> {
             at: time::OffsetDateTime::UNIX_EPOCH,
             kind,
         };
-        let mut events: Vec<Event> = Vec::new();
-        if let Some((entry, rollout)) = start {
+        let mut events: Vec<Event> = rest.into_iter().map(|(b, s, k)| event(b, s, k)).collect();
+        if let Some((entry, rollout, at)) = start {
             let kind = EventKind::RunStarted {
                 regions: regions.iter().map(|r| r.to_string()).collect(),
                 pools: pools.clone(),
                 rollout,
             };
-            events.push(event(Branch::Trunk, entry, kind));
+            events.insert(at.min(events.len()), event(Branch::Trunk, entry, kind));
         }
-        events.extend(rest.into_iter().map(|(b, s, k)| event(b, s, k)));
+        if let Some((i, at)) = second {
+            let kind = EventKind::RunStarted {
+                regions: vec![regions[0].to_string()],
+                pools: vec![pools[0].clone()],
+                rollout: false,
+            };
+            events.insert(at.min(events.len()), event(Branch::Trunk, Stage::ALL[i], kind));
+        }
         events
     })
 }

@@ -7,9 +7,12 @@
 //! A run is folded, not kept: of its events only those that decide its result
 //! (`events::decides_result`), and the stage of each branch's latest event. A waiting run's looks,
 //! retries and resources (most of its history) cost nothing here, so a worker's memory does not
-//! grow with how long its runs wait; a finished run keeps only that it finished.
+//! grow with how long its runs wait. Its `RunStarted` — most of what a waiting run holds — is
+//! kept once per shape (regions, pools, entry stage) and shared by every run of that shape, and a
+//! finished run keeps only its id.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -33,20 +36,59 @@ pub enum RunChange {
 #[derive(Default)]
 struct RunState {
     pipeline: String,
-    /// Its events that decide its result, while it runs; dropped once it ended.
-    events: Vec<Event>,
+    /// Its first `RunStarted`, shared with every run of the same shape (see [`Shapes`]).
+    started_as: Option<Arc<Event>>,
+    /// Its other events that decide its result, while it runs (none while it only waits).
+    deciding: Vec<Event>,
     /// Each branch's stage at its latest event (a dropped stale copy's aside).
     latest: Vec<(Branch, Stage)>,
-    started: bool,
-    finished: bool,
     /// Where its unfinished branches are now (each counted once).
     positions: Vec<Stage>,
+}
+
+/// `RunStarted` events without what is particular to one run (its id, pipeline name, version and
+/// time, which the result and the positions never read), one per distinct shape, each shared by
+/// the runs of that shape and dropped with the last of them.
+#[derive(Default)]
+struct Shapes {
+    by_key: HashMap<String, Arc<Event>>,
+}
+
+impl Shapes {
+    fn share(&mut self, started: &Event) -> Arc<Event> {
+        let shape = Event {
+            run_id: Uuid::nil(),
+            pipeline: String::new(),
+            version: String::new(),
+            at: OffsetDateTime::UNIX_EPOCH,
+            ..started.clone()
+        };
+        let key = shape_key(&shape);
+        Arc::clone(self.by_key.entry(key).or_insert_with(|| Arc::new(shape)))
+    }
+
+    /// Lets go of `shape` for a run that ended: the shape goes when no run holds it any more.
+    fn release(&mut self, shape: Arc<Event>) {
+        let key = shape_key(&shape);
+        drop(shape);
+        if self.by_key.get(&key).is_some_and(|kept| Arc::strong_count(kept) == 1) {
+            self.by_key.remove(&key);
+        }
+    }
+}
+
+/// A shape's identity: its serialized form (every field of an event serializes).
+fn shape_key(shape: &Event) -> String {
+    serde_json::to_string(shape).unwrap_or_default()
 }
 
 /// Runs by id, and the branches in flight at each stage over all of them.
 #[derive(Default)]
 pub struct RunTracker {
     runs: HashMap<Uuid, RunState>,
+    /// Runs that ended: nothing after their end changes anything.
+    finished: HashSet<Uuid>,
+    shapes: Shapes,
     in_flight: BTreeMap<Stage, usize>,
 }
 
@@ -68,10 +110,10 @@ impl RunTracker {
     /// Folds in the next event of the stream; says whether a run started or ended with it.
     pub fn apply(&mut self, event: &Event) -> Vec<RunChange> {
         let mut changes = Vec::new();
-        let run = self.runs.entry(event.run_id).or_default();
-        if run.finished {
+        if self.finished.contains(&event.run_id) {
             return changes;
         }
+        let run = self.runs.entry(event.run_id).or_default();
         if run.pipeline != event.pipeline {
             run.pipeline = event.pipeline.clone();
         }
@@ -79,51 +121,79 @@ impl RunTracker {
         // Only what decides the result is kept: another kind cannot end the run (it still moves
         // its branch, through `latest`).
         let decides = crate::events::decides_result(&event.kind);
-        if decides {
-            run.events.push(event.clone());
-        }
-        if matches!(event.kind, EventKind::RunStarted { .. }) && !run.started {
-            run.started = true;
+        if matches!(event.kind, EventKind::RunStarted { .. }) && run.started_as.is_none() {
+            run.started_as = Some(self.shapes.share(event));
             changes.push(RunChange::Started {
                 pipeline: run.pipeline.clone(),
             });
+        } else if decides {
+            run.deciding.push(event.clone());
         }
         // Only a started run ends here: a failure before `RunStarted` (possible: the first step
         // runs before it is published) is judged when `RunStarted` comes.
-        let result = if run.started && decides {
-            result_label(&run_result(&run.events))
-        } else {
-            None
+        let result = match &run.started_as {
+            Some(started) if decides => result_label(&run_result(&decisive_events(started, &run.deciding))),
+            _ => None,
         };
-        let positions = match result {
+        let before = std::mem::take(&mut run.positions);
+        let now = match result {
             Some(result) => {
-                run.finished = true;
-                run.events = Vec::new();
-                run.latest = Vec::new();
                 changes.push(RunChange::Finished {
                     pipeline: run.pipeline.clone(),
                     result,
                     at: event.at,
                 });
+                self.end(event.run_id);
                 Vec::new()
             }
-            None => positions_of(&run.events, &run.latest),
+            None => {
+                let now = positions_of(run.started_as.as_deref(), &run.deciding, &run.latest);
+                run.positions.clone_from(&now);
+                now
+            }
         };
-        for stage in std::mem::replace(&mut run.positions, positions.clone()) {
+        self.move_positions(before, now);
+        changes
+    }
+
+    /// Forgets an ended run but its id.
+    fn end(&mut self, run_id: Uuid) {
+        if let Some(run) = self.runs.remove(&run_id)
+            && let Some(shape) = run.started_as
+        {
+            self.shapes.release(shape);
+        }
+        self.finished.insert(run_id);
+    }
+
+    /// Moves a run's branches from the stages they were at to those they are at now.
+    fn move_positions(&mut self, before: Vec<Stage>, now: Vec<Stage>) {
+        for stage in before {
             if let Some(count) = self.in_flight.get_mut(&stage) {
                 *count = count.saturating_sub(1);
             }
         }
-        for stage in positions {
+        for stage in now {
             *self.in_flight.entry(stage).or_default() += 1;
         }
-        changes
     }
 
     /// Branches of unfinished runs at `stage`.
     pub fn in_flight(&self, stage: Stage) -> usize {
         self.in_flight.get(&stage).copied().unwrap_or(0)
     }
+
+    /// Runs being followed (started or not yet), and distinct `RunStarted` shapes kept for them.
+    pub fn footprint(&self) -> (usize, usize) {
+        (self.runs.len(), self.shapes.by_key.len())
+    }
+}
+
+/// A run's result-deciding events in the order the result reads them: its `RunStarted` first
+/// (only the first one counts, and where it stands among the others does not change the
+/// result), then the rest as they came. Built only when one of them arrives.
+fn decisive_events(started: &Event, deciding: &[Event]) -> Vec<Event> {
+    std::iter::once(started).chain(deciding).cloned().collect()
 }
 
 /// The stage each unfinished branch of a running run is at: that of its latest event (a branch
@@ -136,12 +206,13 @@ pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
     for e in events {
         note_latest(&mut latest, e);
     }
+    let started = events.iter().find(|e| matches!(e.kind, EventKind::RunStarted { .. }));
     let deciding: Vec<Event> = events
         .iter()
         .filter(|e| crate::events::decides_result(&e.kind))
         .cloned()
         .collect();
-    positions_of(&deciding, &latest)
+    positions_of(started, &deciding, &latest)
 }
 
 /// Records `event`'s stage as its branch's latest; a dropped stale copy says nothing of where its
@@ -156,9 +227,10 @@ fn note_latest(latest: &mut Vec<(Branch, Stage)>, event: &Event) {
     }
 }
 
-/// [`branch_positions`] from a run's result-deciding events and each branch's latest stage.
-fn positions_of(events: &[Event], latest: &[(Branch, Stage)]) -> Vec<Stage> {
-    let Some((regions, pools, entry)) = events.iter().find_map(|e| match &e.kind {
+/// [`branch_positions`] from a run's first `RunStarted`, its result-deciding events and each
+/// branch's latest stage.
+fn positions_of(started: Option<&Event>, events: &[Event], latest: &[(Branch, Stage)]) -> Vec<Stage> {
+    let Some((regions, pools, entry)) = started.and_then(|e| match &e.kind {
         EventKind::RunStarted { regions, pools, .. } => Some((regions, pools, e.stage)),
         _ => None,
     }) else {
@@ -346,6 +418,41 @@ mod tests {
                 .apply(&event(1, Stage::Verify, pool("eastus", "cpu"), EventKind::Cancelled))
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn waiting_runs_keep_no_events_share_one_shape_and_an_ended_run_keeps_only_its_id() {
+        let mut tracker = RunTracker::default();
+        for run in [1, 2] {
+            tracker.apply(&started(run));
+            for _ in 0..100 {
+                tracker.apply(&event(
+                    run,
+                    Stage::Replicate,
+                    Branch::Trunk,
+                    EventKind::Waiting {
+                        what: "replication".into(),
+                    },
+                ));
+            }
+        }
+        assert_eq!(tracker.footprint(), (2, 1), "two runs of one shape share it");
+        let waiting = &tracker.runs[&Uuid::from_u128(1)];
+        assert!(waiting.deciding.is_empty() && waiting.latest.len() == 1);
+        let mut other = started(3);
+        if let EventKind::RunStarted { regions, .. } = &mut other.kind {
+            regions.pop();
+        }
+        tracker.apply(&other);
+        assert_eq!(tracker.footprint(), (3, 2), "another shape is kept apart");
+        for run in [1, 2, 3] {
+            let failed = EventKind::RunFailed { reason: "no".into() };
+            let changes = tracker.apply(&event(run, Stage::Replicate, Branch::Trunk, failed));
+            assert!(matches!(changes[..], [RunChange::Finished { result: "failed", .. }]));
+        }
+        assert_eq!(tracker.footprint(), (0, 0), "ended runs keep no state and no shape");
+        assert_eq!(tracker.finished.len(), 3);
+        assert!(Stage::ALL.iter().all(|s| tracker.in_flight(*s) == 0));
     }
 
     #[test]
