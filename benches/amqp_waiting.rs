@@ -107,7 +107,11 @@ struct Options {
 
 async fn bench(options: Options) {
     let began = Instant::now();
-    let nightly = common::nightly(1.0).await;
+    // ARM's request budget off: 10,000 runs in one subscription looked at every 30 s want 333
+    // reads a second, 13 times what ARM allows, so paced they would never all wait at once in the
+    // window. This bench measures what a waiting run costs the workers and the broker; the fleet
+    // bench measures pacing against the budget.
+    let nightly = common::nightly(1.0, None).await;
     let image = make_image(&nightly).await;
     let base = common::plan(&nightly.spec, &nightly.azure, Some(image.clone())).await;
 
@@ -377,6 +381,11 @@ time_scale = 1.0
 credential = {{ kind = "client_secret", tenant_id = "{tenant}", client_id = "{client}", client_secret = "{secret}" }}
 cloud = {{ authority_host = "{base}", resource_manager = "{base}" }}
 extra_ca_cert = "{ca}"
+
+# The emulator's budget is off (see `bench`): pacing to ARM's published rates would hold the
+# looks back to 25 reads a second all the same.
+[azure.client.pacing]
+enabled = false
 
 [runtime]
 shutdown_grace_ms = 5000
@@ -856,11 +865,16 @@ fn report(
         .sum();
     if let Some(broker) = watched.iter().find(|w| w.name.starts_with("rabbitmq")) {
         let per_run_minute = |cpu: f64| 1000.0 * cpu / options.runs as f64 / (secs / 60.0);
+        // Below a clock tick of the workers' CPU a ratio says nothing.
+        let ratio = if worker_cpu >= 0.01 {
+            format!("{:.2}", broker.cpu_window.as_secs_f64() / worker_cpu)
+        } else {
+            "n/a".to_string()
+        };
         println!(
-            "CPU per waiting run per minute: workers {:.2} ms, broker {:.2} ms (broker / workers {:.2})",
+            "CPU per waiting run per minute: workers {:.2} ms, broker {:.2} ms (broker / workers {ratio})",
             per_run_minute(worker_cpu),
             per_run_minute(broker.cpu_window.as_secs_f64()),
-            broker.cpu_window.as_secs_f64() / worker_cpu.max(f64::EPSILON)
         );
     }
     println!(

@@ -139,10 +139,12 @@ pub fn azure_settings(emulator: &Emulator) -> AzureSettings {
     settings
 }
 
-/// Starts the emulator (TLS, default world, seed 0) at `time_scale` and plans the nightly spec.
-pub async fn nightly(time_scale: f64) -> Nightly {
+/// Starts the emulator (TLS, default world, seed 0) at `time_scale`, with ARM's request budget
+/// `budgets` (`None`: every request served), and plans the nightly spec.
+pub async fn nightly(time_scale: f64, budgets: Option<sigrun::emulator::budget::Limits>) -> Nightly {
     let emulator = Emulator::start(EmulatorOptions {
         time_scale,
+        budgets,
         ..Default::default()
     })
     .await
@@ -219,7 +221,7 @@ pub fn run_id(pipeline: &str, version: &str) -> Uuid {
 /// The nightly run's first message (snapshot stage), from a short-lived emulator: what benches
 /// that need a real message's size send.
 pub async fn nightly_envelope() -> Envelope {
-    let nightly = nightly(1.0).await;
+    let nightly = nightly(1.0, Some(sigrun::emulator::budget::Limits::arm())).await;
     let envelope = envelope(&nightly.spec, &nightly.plan, Stage::Snapshot, Artifacts::default());
     nightly.emulator.shutdown().await;
     envelope
