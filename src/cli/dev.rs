@@ -42,7 +42,7 @@ pub struct DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
-    let mut stop = super::signals::StopSignals::install().context("catching SIGINT and SIGTERM")?;
+    let mut stop = super::signals::StopSignals::install()?;
     let token = super::ui::checked_token(args.token.as_deref())?;
     let settings = Settings::load(args.config.as_deref()).map_err(input_error)?;
     if settings.azure.mode != Mode::Emulator {

@@ -41,7 +41,7 @@ pub struct EmulatorArgs {
 }
 
 pub async fn run(args: EmulatorArgs) -> anyhow::Result<()> {
-    let mut stop = StopSignals::install().context("catching SIGINT and SIGTERM")?;
+    let mut stop = StopSignals::install()?;
     let world = match &args.world {
         Some(path) => World::load(path)?,
         None => World::default_world(),

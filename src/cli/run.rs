@@ -62,8 +62,7 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let mut stop =
-        super::signals::StopSignals::install().map_err(|e| anyhow::anyhow!("catching SIGINT and SIGTERM: {e}"))?;
+    let mut stop = super::signals::StopSignals::install()?;
     let timeout = crate::model::spec::duration::parse(&args.timeout)
         .map_err(|e| input_error(anyhow::anyhow!("--timeout: {e}")))?;
     let session = Session::open(args.config.as_deref()).await?;

@@ -3,6 +3,7 @@
 //! signal sent the moment its start-up line appears must still stop it properly (the emulator's
 //! temporary TLS directory, private key included, goes with a proper stop), not kill it outright.
 
+use anyhow::Context;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// Both signals, caught from the moment this is made.
@@ -12,10 +13,11 @@ pub struct StopSignals {
 }
 
 impl StopSignals {
-    pub fn install() -> std::io::Result<StopSignals> {
+    pub fn install() -> anyhow::Result<StopSignals> {
+        let catch = |kind| signal(kind).context("catching SIGINT and SIGTERM");
         Ok(StopSignals {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
+            interrupt: catch(SignalKind::interrupt())?,
+            terminate: catch(SignalKind::terminate())?,
         })
     }
 

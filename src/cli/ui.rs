@@ -44,7 +44,7 @@ pub struct UiArgs {
 }
 
 pub async fn run(args: UiArgs) -> anyhow::Result<ExitCode> {
-    let mut stop = super::signals::StopSignals::install().context("catching SIGINT and SIGTERM")?;
+    let mut stop = super::signals::StopSignals::install()?;
     let token = checked_token(args.token.as_deref())?;
     let (bus, settings) = history::connect(args.config.as_deref(), "ui").await?;
     let (azure, fleet_note) = match settings.azure.mode {

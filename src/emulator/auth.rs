@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
-use super::world::{Principal, World};
+use super::world::{Principal, RoleAssignment, World};
 
 pub const ARM_AUDIENCE: &str = "https://management.azure.com/";
 pub const BATCH_AUDIENCE: &str = "https://batch.core.windows.net/";
@@ -163,20 +163,32 @@ fn action_matches(pattern: &str, action: &str) -> bool {
     super::faults::glob_match(pattern, action)
 }
 
-/// Whether the principal `oid` may perform `action` on `scope` (an ARM id). A role assigned on a
-/// scope applies to everything under it.
-pub fn allowed(world: &World, oid: &str, action: &str, scope: &str) -> bool {
-    let scope = scope.trim_end_matches('/').to_ascii_lowercase();
+/// Every role assignment of the principal `oid` (an app or a managed identity).
+fn assignments_of<'a>(world: &'a World, oid: &'a str) -> impl Iterator<Item = &'a RoleAssignment> {
     world
         .apps
         .iter()
         .chain(world.managed_identities.iter())
-        .filter(|p| p.object_id.eq_ignore_ascii_case(oid))
+        .filter(move |p| p.object_id.eq_ignore_ascii_case(oid))
         .flat_map(|p| p.roles.iter())
-        .filter(|assignment| {
-            let granted = assignment.scope.trim_end_matches('/').to_ascii_lowercase();
-            scope == granted || scope.starts_with(&format!("{granted}/"))
-        })
+}
+
+/// A scope as scopes are compared: lower case, no trailing `/`.
+fn scope_key(scope: &str) -> String {
+    scope.trim_end_matches('/').to_ascii_lowercase()
+}
+
+/// Whether scope `inner` is `outer` or under it (both as [`scope_key`] gives them).
+fn within(inner: &str, outer: &str) -> bool {
+    inner == outer || inner.starts_with(&format!("{outer}/"))
+}
+
+/// Whether the principal `oid` may perform `action` on `scope` (an ARM id). A role assigned on a
+/// scope applies to everything under it.
+pub fn allowed(world: &World, oid: &str, action: &str, scope: &str) -> bool {
+    let scope = scope_key(scope);
+    assignments_of(world, oid)
+        .filter(|assignment| within(&scope, &scope_key(&assignment.scope)))
         .any(|assignment| {
             role_actions(world, &assignment.role)
                 .iter()
@@ -184,20 +196,15 @@ pub fn allowed(world: &World, oid: &str, action: &str, scope: &str) -> bool {
         })
 }
 
-/// Whether the principal `oid` holds any role at `scope` or anywhere under it: what makes a
-/// subscription appear in its Subscriptions – List (a role on one resource group is enough).
+/// Whether the principal `oid` holds any role at `scope`, above it or anywhere under it: what
+/// makes a subscription appear in its Subscriptions – List (a role on one resource group is
+/// enough).
 pub fn has_access_within(world: &World, oid: &str, scope: &str) -> bool {
-    let scope = scope.trim_end_matches('/').to_ascii_lowercase();
-    world
-        .apps
-        .iter()
-        .chain(world.managed_identities.iter())
-        .filter(|p| p.object_id.eq_ignore_ascii_case(oid))
-        .flat_map(|p| p.roles.iter())
-        .any(|assignment| {
-            let granted = assignment.scope.trim_end_matches('/').to_ascii_lowercase();
-            granted == scope || granted.starts_with(&format!("{scope}/")) || scope.starts_with(&format!("{granted}/"))
-        })
+    let scope = scope_key(scope);
+    assignments_of(world, oid).any(|assignment| {
+        let granted = scope_key(&assignment.scope);
+        within(&granted, &scope) || within(&scope, &granted)
+    })
 }
 
 #[cfg(test)]

@@ -397,13 +397,31 @@ pub(crate) fn throttled(api: Api, req: &Request, secs: f64) -> Response {
 /// A request refused for want of tokens: 429 in its API's shape, `Retry-After` in whole real
 /// seconds (at least 1, as Azure sends it) and `retry-after-ms` exact (at least 1).
 pub(crate) fn over_budget(ctx: &Ctx, api: Api, req: &Request, message: &str, wait_secs: f64) -> Response {
-    let real_ms = (wait_secs * 1000.0 / ctx.clock.scale()).ceil().max(1.0);
     let resp = match api {
         Api::Batch => batch::error(req, 429, "TooManyRequests", message, &[]),
         _ => arm::error(429, "SubscriptionRequestsThrottled", message, None),
     };
-    resp.with_header("retry-after", format!("{}", (real_ms / 1000.0).ceil() as u64))
-        .with_header("retry-after-ms", format!("{}", real_ms as u64))
+    let real =
+        std::time::Duration::try_from_secs_f64(wait_secs / ctx.clock.scale()).unwrap_or(std::time::Duration::MAX);
+    with_wait_hint(resp, real)
+}
+
+/// The wait before a client should ask again (a refused request, an operation still running), as
+/// Azure sends it: `Retry-After` in whole seconds rounded up and never 0 (a client reads 0 as "no
+/// hint" and falls back to its own interval, 30 s for the Azure SDKs), and `retry-after-ms`
+/// exact to the millisecond above, at least 1; on a fast clock that is where the real wait is.
+pub(crate) fn with_wait_hint(resp: Response, real: std::time::Duration) -> Response {
+    let (secs, ms) = wait_hint(real);
+    resp.with_header("retry-after", secs.to_string())
+        .with_header("retry-after-ms", ms.to_string())
+}
+
+/// (`Retry-After` seconds, `retry-after-ms`) for a real wait.
+fn wait_hint(real: std::time::Duration) -> (u64, u64) {
+    let ms = u64::try_from(real.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1);
+    (ms.div_ceil(1000), ms)
 }
 
 /// A server-side failure in the shape of the API that was called.
@@ -426,5 +444,22 @@ pub(crate) fn server_error(api: Api, req: &Request, status: u16) -> Response {
             status,
             &serde_json::json!({"error": "server_error", "error_description": message}),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::wait_hint;
+
+    #[test]
+    fn a_wait_hint_is_whole_seconds_rounded_up_never_zero_and_exact_ms() {
+        assert_eq!(wait_hint(Duration::ZERO), (1, 1));
+        assert_eq!(wait_hint(Duration::from_micros(50_001)), (1, 51));
+        assert_eq!(wait_hint(Duration::from_millis(1000)), (1, 1000));
+        assert_eq!(wait_hint(Duration::from_millis(1001)), (2, 1001));
+        assert_eq!(wait_hint(Duration::from_secs(600)), (600, 600_000));
+        assert_eq!(wait_hint(Duration::MAX).1, u64::MAX);
     }
 }

@@ -184,7 +184,8 @@ impl RunTracker {
     }
 
     /// Runs being followed (started or not yet), and distinct `RunStarted` shapes kept for them.
-    pub fn footprint(&self) -> (usize, usize) {
+    #[cfg(test)]
+    fn footprint(&self) -> (usize, usize) {
         (self.runs.len(), self.shapes.by_key.len())
     }
 }

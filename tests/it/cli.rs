@@ -35,11 +35,7 @@ async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_str(&line).expect("start-up line is JSON");
+    let info = start_up_line(&mut child);
     for key in [
         "base_url",
         "ca_cert",
@@ -48,7 +44,7 @@ async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
         "batch_accounts",
         "control_url",
     ] {
-        assert!(info.get(key).is_some(), "start-up line lacks {key}: {line}");
+        assert!(info.get(key).is_some(), "start-up line lacks {key}: {info}");
     }
     let base = info["base_url"].as_str().unwrap();
     assert!(base.starts_with("https://127.0.0.1:"));
@@ -70,22 +66,7 @@ async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
         .unwrap();
     assert_eq!(clock["time_scale"], 3600.0);
 
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let started = Instant::now();
-    let exit = loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "emulator did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exit = stop(&mut child, "-TERM");
     assert!(exit.success(), "exit status {exit:?}");
     let tls_dir = Path::new(info["ca_cert"].as_str().unwrap()).parent().unwrap();
     assert!(

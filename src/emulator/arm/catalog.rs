@@ -5,21 +5,13 @@
 
 use serde_json::{Value, json};
 
-use super::{ArmError, Caller, Family, authorize, check_api_version};
+use super::{ArmError, Caller, Family, authorize, check_api_version, only_get};
 use crate::emulator::Ctx;
 use crate::emulator::http::{Request, Response};
 use crate::emulator::{regions, vm_sizes};
 
 /// Sizes per page when the caller does not ask for fewer (`maxresults`).
 const SKU_PAGE: usize = 20;
-
-fn only_get(req: &Request) -> Result<(), ArmError> {
-    if req.method == http::Method::GET {
-        Ok(())
-    } else {
-        Err(ArmError::new(405, "MethodNotAllowed", "Only GET is allowed here."))
-    }
-}
 
 /// `GET /subscriptions/{sub}/locations`: every region, as `{"value": [...]}`.
 pub fn locations(ctx: &Ctx, req: &Request, caller: &Caller, sub: &str) -> Result<Response, ArmError> {

@@ -38,13 +38,7 @@ pub(super) fn disk_id(vm: &Vm, disk: &str) -> String {
 }
 
 fn vm_not_found(rg: &str, name: &str) -> ArmError {
-    ArmError::new(
-        404,
-        "ResourceNotFound",
-        format!(
-            "The Resource 'Microsoft.Compute/virtualMachines/{name}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
-        ),
-    )
+    super::resource_not_found(&format!("Microsoft.Compute/virtualMachines/{name}"), rg)
 }
 
 /// The world VM a read names, after the checks every VM read shares: resource group, api-version,

@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use super::compute::{disk_id, vm_id};
-use super::{ArmError, Caller, Family, authorize, check_api_version, resource_group};
+use super::{ArmError, Caller, Family, authorize, check_api_version, only_get, resource_group};
 use crate::emulator::http::{Request, Response};
 use crate::emulator::world::Vm;
 use crate::emulator::{Ctx, auth};
@@ -67,13 +67,7 @@ pub fn get_disk(
     rg: &str,
     name: &str,
 ) -> Result<Response, ArmError> {
-    if req.method != http::Method::GET {
-        return Err(ArmError::new(
-            405,
-            "MethodNotAllowed",
-            "The emulator's disks belong to its world's VMs: only GET is served.",
-        ));
-    }
+    only_get(req)?;
     let group = resource_group(ctx, sub, rg)?;
     check_api_version(req, Family::Disk, "disks", &group.location)?;
     let id = format!(
@@ -84,16 +78,7 @@ pub fn get_disk(
     world_disks(ctx)
         .find(|d| disk_id(d.vm, d.name).eq_ignore_ascii_case(&id))
         .map(|d| Response::json(200, &disk_json(&d)))
-        .ok_or_else(|| {
-            ArmError::new(
-                404,
-                "ResourceNotFound",
-                format!(
-                    "The Resource 'Microsoft.Compute/disks/{name}' under resource group '{}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-                    group.name
-                ),
-            )
-        })
+        .ok_or_else(|| super::resource_not_found(&format!("Microsoft.Compute/disks/{name}"), &group.name))
 }
 
 fn disk_json(d: &WorldDisk<'_>) -> Value {

@@ -66,24 +66,12 @@ fn status_url(ctx: &Ctx, op: &Operation, monitor: bool) -> String {
 pub fn headers(ctx: &Ctx, resp: Response, op: &Operation, with_location: bool) -> Response {
     let left = (op.ends - ctx.clock.now()).clamp(MIN_POLL_HINT, MAX_POLL_HINT);
     let hint = ctx.clock.to_real(left);
-    let mut resp = resp
-        .with_header("azure-asyncoperation", status_url(ctx, op, false))
-        .with_header("retry-after", retry_after_secs(hint).to_string())
-        .with_header(
-            "retry-after-ms",
-            format!("{}", u64::try_from(hint.as_millis()).unwrap_or(u64::MAX)),
-        );
+    let resp = resp.with_header("azure-asyncoperation", status_url(ctx, op, false));
+    let mut resp = crate::emulator::with_wait_hint(resp, hint);
     if with_location {
         resp = resp.with_header("location", status_url(ctx, op, true));
     }
     resp
-}
-
-/// `Retry-After` is whole seconds, and an operation not yet done never says 0: a client reads 0
-/// as "no hint" and falls back to its own interval (30 s for the Azure SDKs), and one that takes
-/// it literally would poll without pause. On a fast clock the exact hint is in `retry-after-ms`.
-fn retry_after_secs(hint: std::time::Duration) -> u64 {
-    hint.as_millis().div_ceil(1000).max(1).try_into().unwrap_or(u64::MAX)
 }
 
 fn timestamp(t: EmuTime) -> String {
@@ -167,20 +155,4 @@ pub fn status(
     }
     let resp = Response::json(200, &body);
     Ok(if running { headers(ctx, resp, &op, false) } else { resp })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::retry_after_secs;
-
-    #[test]
-    fn retry_after_is_whole_seconds_rounded_up_and_never_zero() {
-        assert_eq!(retry_after_secs(Duration::from_millis(0)), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(50)), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
-        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
-        assert_eq!(retry_after_secs(Duration::from_secs(600)), 600);
-    }
 }

@@ -228,6 +228,27 @@ pub fn check_api_version(req: &Request, family: Family, type_name: &str, locatio
     Ok(version.to_string())
 }
 
+/// 405 for anything but GET on what the emulator serves read-only.
+pub fn only_get(req: &Request) -> Result<(), ArmError> {
+    if req.method == http::Method::GET {
+        Ok(())
+    } else {
+        Err(ArmError::new(405, "MethodNotAllowed", "Only GET is allowed here."))
+    }
+}
+
+/// ARM's 404 for a resource of the group: `resource` is its type and name chain
+/// (`Microsoft.Compute/disks/{name}`).
+pub fn resource_not_found(resource: &str, rg: &str) -> ArmError {
+    ArmError::new(
+        404,
+        "ResourceNotFound",
+        format!(
+            "The Resource '{resource}' under resource group '{rg}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix"
+        ),
+    )
+}
+
 /// An authenticated caller.
 pub struct Caller {
     pub claims: Claims,

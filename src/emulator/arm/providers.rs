@@ -208,13 +208,7 @@ impl<'a> AccountCall<'a> {
                     && a.resource_group.eq_ignore_ascii_case(self.rg)
                     && a.name.eq_ignore_ascii_case(name)
             })
-            .ok_or_else(|| {
-                ArmError::new(
-                    404,
-                    "ResourceNotFound",
-                    format!("The Resource 'Microsoft.Batch/batchAccounts/{name}' under resource group '{}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix", group.name),
-                )
-            })
+            .ok_or_else(|| super::resource_not_found(&format!("Microsoft.Batch/batchAccounts/{name}"), &group.name))
     }
 }
 

@@ -157,14 +157,7 @@ pub fn not_found(path: &ResPath) -> ArmError {
             path.names[0], path.names[1], path.names[2]
         ),
     };
-    ArmError::new(
-        404,
-        "ResourceNotFound",
-        format!(
-            "The Resource '{chain}' under resource group '{}' was not found. For more details please go to https://aka.ms/ARMResourceNotFoundFix",
-            path.rg
-        ),
-    )
+    super::resource_not_found(&chain, &path.rg)
 }
 
 fn location_of(body: &Value) -> Result<&'static str, ArmError> {

@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use super::{ArmError, Caller, Family, authorize, check_api_version, resource_group};
+use super::{ArmError, Caller, Family, authorize, check_api_version, only_get, resource_group};
 use crate::emulator::Ctx;
 use crate::emulator::auth::{self, ARM_AUDIENCE, BATCH_AUDIENCE};
 use crate::emulator::http::{Request, Response};
@@ -23,8 +23,8 @@ const CLOUD_NAME: &str = "SigrunEmulator";
 /// resource are. Anonymous, as in Azure. The token audiences are Azure's (the emulator issues and
 /// accepts them); every endpoint a client calls is this emulator.
 pub fn cloud_metadata(ctx: &Ctx, req: &Request) -> Response {
-    if req.method != http::Method::GET {
-        return super::error(405, "MethodNotAllowed", "Only GET is allowed here.", None);
+    if let Err(refused) = only_get(req) {
+        return refused.response();
     }
     let supported = || format!("{METADATA_SINGLE}, {}", METADATA_LISTS.join(", "));
     let cloud = cloud(ctx);
@@ -207,16 +207,4 @@ fn group_json(sub: &str, group: &ResourceGroup) -> Value {
         "location": group.location,
         "properties": {"provisioningState": "Succeeded"},
     })
-}
-
-fn only_get(req: &Request) -> Result<(), ArmError> {
-    if req.method == http::Method::GET {
-        Ok(())
-    } else {
-        Err(ArmError::new(
-            405,
-            "MethodNotAllowed",
-            "The emulator's resource groups are fixed by its world file: only GET is served.",
-        ))
-    }
 }
