@@ -54,24 +54,23 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::Value;
 use sigrun::azure::AzureApi;
 use sigrun::azure::api::{DefinitionRequest, ImageRequest, SnapshotRequest, Tags};
 use sigrun::bus::Bus;
-use sigrun::bus::amqp::{AmqpBus, StreamOffset};
+use sigrun::bus::amqp::AmqpBus;
 use sigrun::config::Settings;
 use sigrun::events::{Event, EventKind, PoolRef};
 use sigrun::model::envelope::{Artifacts, Branch, SnapshotArtifact, Stage};
 use sigrun::model::ids::ImageId;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use common::workers::{Worker, broker_pid, follow_events};
+use common::control::Control;
 use common::{Nightly, mib};
 
 /// Each step of the set-up (a worker starting, all runs waiting) must end within this.
@@ -224,7 +223,7 @@ async fn bench(options: Options) {
             worker.check_alive();
         }
     }
-    let control = Control::new(&nightly);
+    let control = Control::new(&nightly.emulator);
     control.clear_log().await;
     let mut watched: Vec<Watched> = measured
         .into_iter()
@@ -263,7 +262,7 @@ async fn bench(options: Options) {
         .iter()
         .map(|(outcome, n)| (outcome.clone(), n - handled_before.get(outcome).copied().unwrap_or(0.0)))
         .collect();
-    let requests = control.requests().await;
+    let requests = requests(&control).await;
     // Whatever the stream still holds from the window.
     while let Ok(event) = events.try_recv() {
         history.add(&event);
@@ -297,7 +296,7 @@ async fn bench(options: Options) {
 /// VM, then the image, the gallery and the definition, the emulated clock jumped past each.
 async fn make_image(nightly: &Nightly) -> ImageId {
     let azure = &nightly.azure;
-    let control = Control::new(nightly);
+    let control = Control::new(&nightly.emulator);
     let build = nightly.plan.build.as_ref().expect("the nightly pipeline builds");
     let tags = Tags::new();
     for snapshot in &build.snapshots {
@@ -363,48 +362,15 @@ async fn make_image(nightly: &Nightly) -> ImageId {
     build.image.clone()
 }
 
-/// The workers' config: azure mode against the emulator (as `tests/it/workers.rs` writes it), the
-/// looks' pace, the broker under this run's prefix.
+/// The workers' config: the emulator's budget is off (see `bench`), so the clients' pacing is too
+/// (pacing to ARM's published rates would hold the looks back to 25 reads a second all the same);
+/// the looks' pace.
 fn write_config(nightly: &Nightly, dir: &Path, prefix: &str, poll_s: u64) -> PathBuf {
-    let info = nightly.emulator.info();
-    let stages = if poll_s == 0 {
-        String::new()
-    } else {
-        format!("\n[stages]\npoll_default = \"{poll_s}s\"\npoll_max = \"{poll_s}s\"\n")
-    };
-    let text = format!(
-        r#"[azure]
-mode = "azure"
-time_scale = 1.0
-
-[azure.client]
-credential = {{ kind = "client_secret", tenant_id = "{tenant}", client_id = "{client}", client_secret = "{secret}" }}
-cloud = {{ authority_host = "{base}", resource_manager = "{base}" }}
-extra_ca_cert = "{ca}"
-
-# The emulator's budget is off (see `bench`): pacing to ARM's published rates would hold the
-# looks back to 25 reads a second all the same.
-[azure.client.pacing]
-enabled = false
-
-[runtime]
-shutdown_grace_ms = 5000
-{stages}
-[amqp]
-url = "{url}"
-prefix = "{prefix}"
-event_max_age = "1h"
-"#,
-        tenant = common::TENANT,
-        client = common::CLIENT_ID,
-        secret = common::CLIENT_SECRET,
-        base = info.base_url,
-        ca = info.ca_cert.as_deref().expect("the emulator serves TLS"),
-        url = common::amqp_url(),
-    );
-    let path = dir.join("sigrun.toml");
-    std::fs::write(&path, text).expect("write the workers' config");
-    path
+    let mut extra = String::from("[azure.client.pacing]\nenabled = false\n");
+    if poll_s != 0 {
+        extra.push_str(&format!("\n[stages]\npoll_default = \"{poll_s}s\"\npoll_max = \"{poll_s}s\"\n"));
+    }
+    common::workers::write_config(&nightly.emulator, dir, prefix, 1.0, &extra)
 }
 
 /// Publishes run `i`: its `RunStarted` event, then its first message at `gallery-publish`.
@@ -466,30 +432,6 @@ async fn start_run(
         .expect("publish the first message");
 }
 
-/// The events stream from its start, read by a task of its own (a reader's `next` must not be
-/// cancelled half-way: it acks what it took) and handed over through a channel.
-async fn follow_events(bus: &AmqpBus) -> mpsc::UnboundedReceiver<Event> {
-    let mut reader = bus
-        .read_events(StreamOffset::First)
-        .await
-        .expect("read the events stream");
-    let (events, received) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(item) = reader.next().await {
-            let streamed = match item {
-                Ok(streamed) => streamed,
-                // The bench tears the broker connection down at its end: the reading ends too.
-                Err(sigrun::bus::BusError::Connection(_)) => break,
-                Err(error) => panic!("an event in the stream does not parse: {error}"),
-            };
-            if events.send(streamed.event).is_err() {
-                break;
-            }
-        }
-        reader.close().await;
-    });
-    received
-}
 
 /// What the events stream said about the runs.
 #[derive(Default)]
@@ -535,132 +477,6 @@ impl History {
     }
 }
 
-/// A `sigrun worker` process for one stage, its output in files.
-struct Worker {
-    stage: Stage,
-    child: Child,
-    stderr: PathBuf,
-}
-
-impl Worker {
-    fn start(stage: Stage, config: &Path, dir: &Path) -> Worker {
-        let stderr = dir.join(format!("worker-{stage}.err"));
-        let child = Command::new(env!("CARGO_BIN_EXE_sigrun"))
-            .args([
-                "worker",
-                "--stage",
-                stage.as_str(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--config",
-            ])
-            .arg(config)
-            .current_dir(common::root())
-            .env_remove("SIGRUN_LOG")
-            .env_remove("SIGRUN__AMQP__URL")
-            .env_remove("SIGRUN__AMQP__PREFIX")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
-            .spawn()
-            .expect("sigrun worker starts");
-        Worker { stage, child, stderr }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its messages handled so far, by outcome (`sigrun_messages_handled_total` of its stage).
-    async fn handled(&self) -> BTreeMap<String, f64> {
-        let output = self.output();
-        let Some(address) = output
-            .lines()
-            .find_map(|l| l.split("metrics on http://").nth(1))
-            .and_then(|rest| rest.split('/').next())
-        else {
-            panic!("worker {} names no metrics address:\n{output}", self.stage);
-        };
-        let text = reqwest::get(format!("http://{address}/metrics"))
-            .await
-            .and_then(|answer| answer.error_for_status())
-            .expect("the worker's metrics")
-            .text()
-            .await
-            .expect("metrics text");
-        let stage = format!("stage=\"{}\"", self.stage);
-        text.lines()
-            .filter(|l| l.starts_with("sigrun_messages_handled_total{") && l.contains(&stage))
-            .filter_map(|l| {
-                let outcome = l.split("outcome=\"").nth(1)?.split('"').next()?;
-                let value = l.rsplit(' ').next()?.parse().ok()?;
-                Some((outcome.to_string(), value))
-            })
-            .collect()
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Until it says it consumes its stage.
-    async fn wait_consuming(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !self.output().contains("sigrun worker: consuming") {
-            self.check_alive();
-            assert!(
-                Instant::now() < deadline,
-                "worker {} did not start consuming:\n{}",
-                self.stage,
-                self.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn check_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().expect("look at the worker") {
-            panic!("worker {} exited ({status}):\n{}", self.stage, self.output());
-        }
-    }
-
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "SIGTERM to worker {}", self.stage);
-    }
-
-    async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the worker") {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                eprintln!(
-                    "worker {} did not stop within {limit:?}:\n{}",
-                    self.stage,
-                    self.output()
-                );
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// A process measured over the window.
 struct Watched {
@@ -705,101 +521,31 @@ impl Watched {
     }
 }
 
-/// The broker's Erlang VM, if one runs here and is readable (`rabbitmqctl` runs a `beam.smp` of
-/// its own: the broker's is the one that boots `rabbit`).
-fn broker_pid() -> Option<u32> {
-    let output = Command::new("pgrep").args(["-x", "beam.smp"]).output().ok()?;
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
-        .find(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("rabbit\0boot"))
-                .unwrap_or(false)
-                && std::fs::metadata(format!("/proc/{pid}/stat")).is_ok()
-        })
-}
 
-/// The emulator's control API.
-struct Control {
-    client: reqwest::Client,
-    url: String,
-}
-
-impl Control {
-    fn new(nightly: &Nightly) -> Control {
-        let info = nightly.emulator.info();
-        let pem = std::fs::read(info.ca_cert.as_deref().expect("TLS")).expect("read the CA");
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .tls_certs_merge(reqwest::Certificate::from_pem_bundle(&pem).expect("the CA parses"))
-            .build()
-            .expect("client");
-        Control {
-            client,
-            url: info.control_url.clone(),
-        }
+/// Requests answered since the log was cleared: (kind, count), kind = method and resource type.
+async fn requests(control: &Control) -> BTreeMap<String, u64> {
+    let mut kinds = BTreeMap::new();
+    for entry in control.requests().await {
+    let method = entry["method"].as_str().unwrap_or("");
+        let path = entry["path"].as_str().unwrap_or("").to_ascii_lowercase();
+        let status = entry["status"].as_u64().unwrap_or(0);
+        let what = if path.contains("/versions/") {
+            "image version"
+        } else if path.contains("/operations/") || path.contains("operations/") {
+            "operation status"
+        } else if path.contains("oauth2") {
+            "token"
+        } else {
+            "other"
+        };
+        let class = if (200..300).contains(&status) {
+            String::new()
+        } else {
+            format!(" ({status})")
+        };
+        *kinds.entry(format!("{method} {what}{class}")).or_default() += 1;
     }
-
-    async fn advance(&self, by: Duration) {
-        let reply = self
-            .client
-            .post(format!("{}/clock", self.url))
-            .json(&serde_json::json!({ "advance_seconds": by.as_secs_f64() }))
-            .send()
-            .await
-            .expect("advance the emulated clock");
-        assert!(
-            reply.status().is_success(),
-            "advance the emulated clock: {}",
-            reply.status()
-        );
-    }
-
-    async fn clear_log(&self) {
-        let reply = self
-            .client
-            .delete(format!("{}/requests", self.url))
-            .send()
-            .await
-            .expect("clear the request log");
-        assert!(reply.status().is_success(), "clear the request log");
-    }
-
-    /// Requests answered since the log was cleared: (kind, count), kind = method and resource type.
-    async fn requests(&self) -> BTreeMap<String, u64> {
-        let log: Value = self
-            .client
-            .get(format!("{}/requests", self.url))
-            .send()
-            .await
-            .expect("read the request log")
-            .json()
-            .await
-            .expect("the request log is JSON");
-        let mut kinds = BTreeMap::new();
-        for entry in log["requests"].as_array().expect("requests") {
-            let method = entry["method"].as_str().unwrap_or("");
-            let path = entry["path"].as_str().unwrap_or("").to_ascii_lowercase();
-            let status = entry["status"].as_u64().unwrap_or(0);
-            let what = if path.contains("/versions/") {
-                "image version"
-            } else if path.contains("/operations/") || path.contains("operations/") {
-                "operation status"
-            } else if path.contains("oauth2") {
-                "token"
-            } else {
-                "other"
-            };
-            let class = if (200..300).contains(&status) {
-                String::new()
-            } else {
-                format!(" ({status})")
-            };
-            *kinds.entry(format!("{method} {what}{class}")).or_default() += 1;
-        }
-        kinds
-    }
+    kinds
 }
 
 /// How many of `replicate`'s deliveries in the window made no Azure call: back before they were

@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod control;
+pub mod workers;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

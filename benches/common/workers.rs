@@ -1,0 +1,216 @@
+//! Stage worker processes for the benches that run sigrun as it is deployed (`amqp_waiting`,
+//! `concurrent`): a `sigrun worker` per stage with its output in a file, its metrics read over
+//! HTTP; the broker's own process; and the events stream read by a task of its own.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sigrun::bus::amqp::{AmqpBus, StreamOffset};
+use sigrun::emulator::Emulator;
+use sigrun::events::Event;
+use sigrun::model::envelope::Stage;
+use tokio::sync::mpsc;
+
+/// The events stream from its start, read by a task of its own (a reader's `next` must not be
+/// cancelled half-way: it acks what it took) and handed over through a channel.
+pub async fn follow_events(bus: &AmqpBus) -> mpsc::UnboundedReceiver<Event> {
+    let mut reader = bus
+        .read_events(StreamOffset::First)
+        .await
+        .expect("read the events stream");
+    let (events, received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(item) = reader.next().await {
+            let streamed = match item {
+                Ok(streamed) => streamed,
+                // The bench tears the broker connection down at its end: the reading ends too.
+                Err(sigrun::bus::BusError::Connection(_)) => break,
+                Err(error) => panic!("an event in the stream does not parse: {error}"),
+            };
+            if events.send(streamed.event).is_err() {
+                break;
+            }
+        }
+        reader.close().await;
+    });
+    received
+}
+
+/// A `sigrun worker` process for one stage, its output in files.
+pub struct Worker {
+    pub stage: Stage,
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Worker {
+    pub fn start(stage: Stage, config: &Path, dir: &Path) -> Worker {
+        let stderr = dir.join(format!("worker-{stage}.err"));
+        let child = Command::new(env!("CARGO_BIN_EXE_sigrun"))
+            .args([
+                "worker",
+                "--stage",
+                stage.as_str(),
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--config",
+            ])
+            .arg(config)
+            .current_dir(super::root())
+            .env_remove("SIGRUN_LOG")
+            .env_remove("SIGRUN__AMQP__URL")
+            .env_remove("SIGRUN__AMQP__PREFIX")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("sigrun worker starts");
+        Worker { stage, child, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its messages handled so far, by outcome (`sigrun_messages_handled_total` of its stage).
+    pub async fn handled(&self) -> BTreeMap<String, f64> {
+        let output = self.output();
+        let Some(address) = output
+            .lines()
+            .find_map(|l| l.split("metrics on http://").nth(1))
+            .and_then(|rest| rest.split('/').next())
+        else {
+            panic!("worker {} names no metrics address:\n{output}", self.stage);
+        };
+        let text = reqwest::get(format!("http://{address}/metrics"))
+            .await
+            .and_then(|answer| answer.error_for_status())
+            .expect("the worker's metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let stage = format!("stage=\"{}\"", self.stage);
+        text.lines()
+            .filter(|l| l.starts_with("sigrun_messages_handled_total{") && l.contains(&stage))
+            .filter_map(|l| {
+                let outcome = l.split("outcome=\"").nth(1)?.split('"').next()?;
+                let value = l.rsplit(' ').next()?.parse().ok()?;
+                Some((outcome.to_string(), value))
+            })
+            .collect()
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Until it says it consumes its stage.
+    pub async fn wait_consuming(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.output().contains("sigrun worker: consuming") {
+            self.check_alive();
+            assert!(
+                Instant::now() < deadline,
+                "worker {} did not start consuming:\n{}",
+                self.stage,
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn check_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().expect("look at the worker") {
+            panic!("worker {} exited ({status}):\n{}", self.stage, self.output());
+        }
+    }
+
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM to worker {}", self.stage);
+    }
+
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the worker") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                eprintln!(
+                    "worker {} did not stop within {limit:?}:\n{}",
+                    self.stage,
+                    self.output()
+                );
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The broker's Erlang VM, if one runs here and is readable (`rabbitmqctl` runs a `beam.smp` of
+/// its own: the broker's is the one that boots `rabbit`).
+pub fn broker_pid() -> Option<u32> {
+    let output = Command::new("pgrep").args(["-x", "beam.smp"]).output().ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("rabbit\0boot"))
+                .unwrap_or(false)
+                && std::fs::metadata(format!("/proc/{pid}/stat")).is_ok()
+        })
+}
+
+/// A config for workers and `sigrun submit`: azure mode against `emulator` at `time_scale` (as
+/// `tests/it/workers.rs` writes it), the broker under `prefix`, and `extra` TOML appended.
+pub fn write_config(emulator: &Emulator, dir: &Path, prefix: &str, time_scale: f64, extra: &str) -> PathBuf {
+    let info = emulator.info();
+    let text = format!(
+        r#"[azure]
+mode = "azure"
+time_scale = {time_scale:?}
+
+[azure.client]
+credential = {{ kind = "client_secret", tenant_id = "{tenant}", client_id = "{client}", client_secret = "{secret}" }}
+cloud = {{ authority_host = "{base}", resource_manager = "{base}" }}
+extra_ca_cert = "{ca}"
+
+[runtime]
+shutdown_grace_ms = 5000
+
+[amqp]
+url = "{url}"
+prefix = "{prefix}"
+event_max_age = "1h"
+
+{extra}"#,
+        tenant = super::TENANT,
+        client = super::CLIENT_ID,
+        secret = super::CLIENT_SECRET,
+        base = info.base_url,
+        ca = info.ca_cert.as_deref().expect("the emulator serves TLS"),
+        url = super::amqp_url(),
+    );
+    let path = dir.join("sigrun.toml");
+    std::fs::write(&path, text).expect("write the workers' config");
+    path
+}
