@@ -69,8 +69,8 @@ use sigrun::model::ids::ImageId;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use common::workers::{Worker, broker_pid, follow_events};
 use common::control::Control;
+use common::workers::{Worker, broker_pid, follow_events};
 use common::{Nightly, mib};
 
 /// Each step of the set-up (a worker starting, all runs waiting) must end within this.
@@ -136,7 +136,7 @@ async fn bench(options: Options) {
 
     let mut workers: Vec<Worker> = Stage::ALL
         .iter()
-        .map(|stage| Worker::start(*stage, &config, dir.path()))
+        .map(|stage| Worker::start(Some(*stage), &config, dir.path()))
         .collect();
     for worker in &mut workers {
         worker.wait_consuming().await;
@@ -148,7 +148,7 @@ async fn bench(options: Options) {
     let me = std::process::id();
     let mut measured: Vec<(String, u32)> = workers
         .iter()
-        .map(|w| (format!("worker {}", w.stage), w.pid()))
+        .map(|w| (format!("worker {}", w.name()), w.pid()))
         .collect();
     if let Some(pid) = broker {
         measured.push(("rabbitmq (beam.smp)".into(), pid));
@@ -232,7 +232,7 @@ async fn bench(options: Options) {
         .collect();
     let replicate = workers
         .iter()
-        .find(|w| w.stage == Stage::Replicate)
+        .find(|w| w.stage == Some(Stage::Replicate))
         .expect("a replicate worker");
     let handled_before = replicate.handled().await;
     let window_started = Instant::now();
@@ -255,7 +255,7 @@ async fn bench(options: Options) {
     }
     let replicate = workers
         .iter()
-        .find(|w| w.stage == Stage::Replicate)
+        .find(|w| w.stage == Some(Stage::Replicate))
         .expect("a replicate worker");
     let handled_after = replicate.handled().await;
     let handled: BTreeMap<String, f64> = handled_after
@@ -274,7 +274,7 @@ async fn bench(options: Options) {
         worker.terminate();
     }
     for worker in &mut workers {
-        exits.push((worker.stage, worker.wait_exit(Duration::from_secs(30)).await));
+        exits.push((worker.name(), worker.wait_exit(Duration::from_secs(30)).await));
     }
     let bus = Arc::into_inner(bus).expect("the publisher let go of the bus");
     common::teardown(bus).await;
@@ -368,7 +368,9 @@ async fn make_image(nightly: &Nightly) -> ImageId {
 fn write_config(nightly: &Nightly, dir: &Path, prefix: &str, poll_s: u64) -> PathBuf {
     let mut extra = String::from("[azure.client.pacing]\nenabled = false\n");
     if poll_s != 0 {
-        extra.push_str(&format!("\n[stages]\npoll_default = \"{poll_s}s\"\npoll_max = \"{poll_s}s\"\n"));
+        extra.push_str(&format!(
+            "\n[stages]\npoll_default = \"{poll_s}s\"\npoll_max = \"{poll_s}s\"\n"
+        ));
     }
     common::workers::write_config(&nightly.emulator, dir, prefix, 1.0, &extra)
 }
@@ -432,7 +434,6 @@ async fn start_run(
         .expect("publish the first message");
 }
 
-
 /// What the events stream said about the runs.
 #[derive(Default)]
 struct History {
@@ -477,7 +478,6 @@ impl History {
     }
 }
 
-
 /// A process measured over the window.
 struct Watched {
     name: String,
@@ -521,12 +521,11 @@ impl Watched {
     }
 }
 
-
 /// Requests answered since the log was cleared: (kind, count), kind = method and resource type.
 async fn requests(control: &Control) -> BTreeMap<String, u64> {
     let mut kinds = BTreeMap::new();
     for entry in control.requests().await {
-    let method = entry["method"].as_str().unwrap_or("");
+        let method = entry["method"].as_str().unwrap_or("");
         let path = entry["path"].as_str().unwrap_or("").to_ascii_lowercase();
         let status = entry["status"].as_u64().unwrap_or(0);
         let what = if path.contains("/versions/") {
@@ -567,7 +566,7 @@ fn report(
     watched: &[Watched],
     requests: &BTreeMap<String, u64>,
     history: &History,
-    exits: &[(Stage, Option<i32>)],
+    exits: &[(&str, Option<i32>)],
     window: Duration,
 ) {
     let secs = window.as_secs_f64();

@@ -61,6 +61,8 @@ struct Options {
     scale: f64,
     sigrun: bool,
     sdk: bool,
+    /// sigrun's workers: one process per stage (as `deploy/` runs them), or one for all six.
+    one_process: bool,
 }
 
 fn main() {
@@ -73,8 +75,12 @@ fn main() {
         scale: common::env_or("SIGRUN_BENCH_SCALE", 200.0),
         sigrun: ways.split(',').any(|w| w.trim() == "sigrun"),
         sdk: ways.split(',').any(|w| w.trim() == "sdk"),
+        one_process: common::env_or("SIGRUN_BENCH_WORKERS", "six".to_string()) == "one",
     };
-    assert!(options.sigrun || options.sdk, "SIGRUN_BENCH_WAYS names neither `sigrun` nor `sdk`: {ways}");
+    assert!(
+        options.sigrun || options.sdk,
+        "SIGRUN_BENCH_WAYS names neither `sigrun` nor `sdk`: {ways}"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -89,6 +95,8 @@ struct Measured {
     parts: Vec<(String, Duration)>,
     wall: Duration,
     requests: Vec<Value>,
+    /// The broker's own counters over the measurement, by name (empty when not read).
+    broker_counts: BTreeMap<String, f64>,
 }
 
 impl Measured {
@@ -123,7 +131,7 @@ async fn bench(options: Options) {
     );
     let control = Control::new(&emulator);
     let sigrun = if options.sigrun {
-        Some(measure_sigrun(&emulator, &control, dir.path(), &specs, options.scale).await)
+        Some(measure_sigrun(&emulator, &control, dir.path(), &specs, &options).await)
     } else {
         None
     };
@@ -137,9 +145,9 @@ async fn bench(options: Options) {
 }
 
 fn sdk_venv() -> PathBuf {
-    std::env::var_os("SIGRUN_SDK_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sigrun/sdk-venv")
-    })
+    std::env::var_os("SIGRUN_SDK_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sigrun/sdk-venv"))
 }
 
 /// The default world, `sigrunweu` able to hold both ways' pools.
@@ -229,13 +237,20 @@ async fn measure_sigrun(
     control: &Control,
     dir: &Path,
     specs: &[(PathBuf, PipelineSpec)],
-    scale: f64,
+    options: &Options,
 ) -> Measured {
     let prefix = common::prefix("concurrent");
-    let config = common::workers::write_config(emulator, dir, &prefix, scale, "");
+    let config = common::workers::write_config(emulator, dir, &prefix, options.scale, "");
     let settings = sigrun::config::Settings::load(Some(&config)).expect("the bench config loads");
     let bus = common::connect(settings.amqp.clone(), settings.delay_tiers()).await;
-    let mut workers: Vec<Worker> = Stage::ALL.iter().map(|stage| Worker::start(*stage, &config, dir)).collect();
+    let mut workers: Vec<Worker> = if options.one_process {
+        vec![Worker::start(None, &config, dir)]
+    } else {
+        Stage::ALL
+            .iter()
+            .map(|stage| Worker::start(Some(*stage), &config, dir))
+            .collect()
+    };
     for worker in &mut workers {
         worker.wait_consuming().await;
     }
@@ -245,6 +260,7 @@ async fn measure_sigrun(
     let broker_before = common::cpu_time(broker, ticks);
     let workers_before: Vec<Duration> = workers.iter().map(|w| common::cpu_time(w.pid(), ticks)).collect();
     let children_before = children_cpu(ticks);
+    let broker_counts_before = broker_counters().await;
     control.clear_log().await;
     let started = Instant::now();
 
@@ -260,7 +276,9 @@ async fn measure_sigrun(
             .await
             .unwrap_or_else(|_| panic!("{} of {} runs ended within {LIMIT:?}", ended.len(), wanted.len()))
             .expect("the events stream is open");
-        let Some(name) = wanted.get(&event.run_id) else { continue };
+        let Some(name) = wanted.get(&event.run_id) else {
+            continue;
+        };
         let run = by_run.entry(event.run_id).or_default();
         run.push(event);
         let result = run_result(run);
@@ -281,25 +299,27 @@ async fn measure_sigrun(
     submits.await.expect("the submits");
     let submits_cpu = children_cpu(ticks).saturating_sub(children_before);
     let requests = control.requests().await;
+    let broker_counts = counted_since(&broker_counts_before, &broker_counters().await);
 
     for worker in &workers {
         worker.terminate();
     }
     for worker in &mut workers {
         let code = worker.wait_exit(Duration::from_secs(30)).await;
-        assert_eq!(code, Some(0), "worker {} exits 0 on SIGTERM", worker.stage);
+        assert_eq!(code, Some(0), "worker {} exits 0 on SIGTERM", worker.name());
     }
     common::teardown(bus).await;
     let failed: Vec<_> = ended.iter().filter(|(_, r)| **r != RunResult::Succeeded).collect();
     assert!(failed.is_empty(), "every sigrun run succeeds: {failed:?}");
     Measured {
         parts: vec![
-            ("six workers".into(), workers_cpu),
+            (format!("{} worker process(es)", workers.len()), workers_cpu),
             ("broker (beam.smp)".into(), broker_cpu),
             (format!("{} submits", specs.len()), submits_cpu),
         ],
         wall,
         requests,
+        broker_counts,
     }
 }
 
@@ -376,6 +396,7 @@ async fn measure_sdk(
         parts: vec![("python (one process, a thread per pipeline)".into(), cpu)],
         wall,
         requests,
+        broker_counts: BTreeMap::new(),
     }
 }
 
@@ -431,6 +452,14 @@ fn report(options: &Options, sigrun: Option<&Measured>, sdk: Option<&Measured>) 
             throttled(&measured.requests)
         );
     }
+    if let Some(sigrun) = sigrun.filter(|m| !m.broker_counts.is_empty()) {
+        let counts: Vec<String> = sigrun
+            .broker_counts
+            .iter()
+            .map(|(kind, count)| format!("{kind} {:.1}", count / n))
+            .collect();
+        println!("\nbroker, messages per pipeline (sigrun): {}", counts.join(", "));
+    }
     let issue = ISSUE_SDK_FIGURE.iter().find(|(scale, _)| *scale == options.scale);
     if let Some(sigrun) = sigrun {
         let per = sigrun.cpu().as_secs_f64() / n;
@@ -445,6 +474,53 @@ fn report(options: &Options, sigrun: Option<&Measured>, sdk: Option<&Measured>) 
             );
         }
     }
+}
+
+/// Where the broker's Prometheus plugin answers (`SIGRUN_BENCH_BROKER_METRICS`).
+fn broker_metrics_url() -> String {
+    common::env_or(
+        "SIGRUN_BENCH_BROKER_METRICS",
+        "http://127.0.0.1:15692/metrics".to_string(),
+    )
+}
+
+/// The broker's global message counters (`rabbitmq_global_messages_*_total`), by name and queue
+/// type; empty, with a note, when the plugin does not answer.
+async fn broker_counters() -> BTreeMap<String, f64> {
+    let url = broker_metrics_url();
+    let text = match reqwest::get(&url).await.and_then(|r| r.error_for_status()) {
+        Ok(answer) => answer.text().await.unwrap_or_default(),
+        Err(error) => {
+            println!("(the broker's counters are not read: {url}: {error})");
+            return BTreeMap::new();
+        }
+    };
+    text.lines()
+        .filter(|l| l.starts_with("rabbitmq_global_messages_"))
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            let short = name.trim_start_matches("rabbitmq_global_messages_");
+            let kind = short.split('{').next()?.trim_end_matches("_total");
+            let queue = short
+                .split("queue_type=\"rabbit_")
+                .nth(1)
+                .and_then(|q| q.split('_').next())
+                .map_or(String::new(), |q| format!(" ({q})"));
+            Some((format!("{kind}{queue}"), value.parse::<f64>().ok()?))
+        })
+        .fold(BTreeMap::new(), |mut sums, (key, value)| {
+            *sums.entry(key).or_default() += value;
+            sums
+        })
+}
+
+/// `after - before` for each counter that moved.
+fn counted_since(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(key, value)| (key.clone(), value - before.get(key).copied().unwrap_or(0.0)))
+        .filter(|(_, moved)| *moved > 0.0)
+        .collect()
 }
 
 /// ", N throttled (429)" when any answer was a 429.

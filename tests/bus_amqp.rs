@@ -443,6 +443,48 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     teardown(bus).await;
 }
 
+/// A reader acks a run of records at once, not each: it must never stop the broker sending, however
+/// many records a reading spans and wherever in a run of acks the stream's head falls.
+#[tokio::test]
+async fn a_reader_reads_far_past_its_window_and_then_each_new_record() {
+    let bus = connect(&prefix()).await;
+    // Several windows (256) and not a whole number of ack runs (128).
+    let sent: Vec<Event> = (0..701u64)
+        .map(|i| {
+            event(EventKind::Throttled {
+                retry_after_ms: Some(i),
+            })
+        })
+        .collect();
+    futures_util::future::try_join_all(sent.iter().map(|e| bus.publish_event(e)))
+        .await
+        .unwrap();
+    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
+    let read = timeout(WAIT, reader.read_to_end(&bus)).await.expect("the end").unwrap();
+    let mut read: Vec<Event> = read.into_iter().map(|e| e.unwrap().event).collect();
+    // Published concurrently, so in any order: the same events, each once.
+    let key = |e: &Event| serde_json::to_string(e).unwrap();
+    read.sort_by_key(key);
+    let mut expected = sent.clone();
+    expected.sort_by_key(key);
+    assert_eq!(read, expected);
+    // At the head, with part of an ack run outstanding: each new record still comes, one by one.
+    for i in 0..3u64 {
+        let next = event(EventKind::Throttled {
+            retry_after_ms: Some(1000 + i),
+        });
+        bus.publish_event(&next).await.unwrap();
+        let got = timeout(WAIT, reader.next())
+            .await
+            .expect("the new event")
+            .expect("open")
+            .unwrap();
+        assert_eq!(got.event, next);
+    }
+    reader.close().await;
+    teardown(bus).await;
+}
+
 #[tokio::test]
 async fn a_second_bus_on_the_same_prefix_redeclares_idempotently_and_shares_the_queues() {
     let prefix = prefix();

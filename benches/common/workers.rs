@@ -38,25 +38,27 @@ pub async fn follow_events(bus: &AmqpBus) -> mpsc::UnboundedReceiver<Event> {
     received
 }
 
-/// A `sigrun worker` process for one stage, its output in files.
+/// A `sigrun worker` process for one stage (or all six), its output in files.
 pub struct Worker {
-    pub stage: Stage,
+    /// `None`: all six stages.
+    pub stage: Option<Stage>,
     child: Child,
     stderr: PathBuf,
 }
 
 impl Worker {
-    pub fn start(stage: Stage, config: &Path, dir: &Path) -> Worker {
-        let stderr = dir.join(format!("worker-{stage}.err"));
+    /// A worker of `stage`, or of all six for `None`.
+    pub fn start(stage: Option<Stage>, config: &Path, dir: &Path) -> Worker {
+        let consumes = match stage {
+            Some(stage) => vec!["--stage", stage.as_str()],
+            None => vec!["--all-stages"],
+        };
+        let name = stage.map_or("all", Stage::as_str);
+        let stderr = dir.join(format!("worker-{name}.err"));
         let child = Command::new(env!("CARGO_BIN_EXE_sigrun"))
-            .args([
-                "worker",
-                "--stage",
-                stage.as_str(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-                "--config",
-            ])
+            .arg("worker")
+            .args(consumes)
+            .args(["--metrics-listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .current_dir(super::root())
             .env_remove("SIGRUN_LOG")
@@ -68,6 +70,11 @@ impl Worker {
             .spawn()
             .expect("sigrun worker starts");
         Worker { stage, child, stderr }
+    }
+
+    /// Its stage's name, or `all`.
+    pub fn name(&self) -> &'static str {
+        self.stage.map_or("all", Stage::as_str)
     }
 
     pub fn pid(&self) -> u32 {
@@ -82,7 +89,7 @@ impl Worker {
             .find_map(|l| l.split("metrics on http://").nth(1))
             .and_then(|rest| rest.split('/').next())
         else {
-            panic!("worker {} names no metrics address:\n{output}", self.stage);
+            panic!("worker {} names no metrics address:\n{output}", self.name());
         };
         let text = reqwest::get(format!("http://{address}/metrics"))
             .await
@@ -91,7 +98,7 @@ impl Worker {
             .text()
             .await
             .expect("metrics text");
-        let stage = format!("stage=\"{}\"", self.stage);
+        let stage = format!("stage=\"{}\"", self.name());
         text.lines()
             .filter(|l| l.starts_with("sigrun_messages_handled_total{") && l.contains(&stage))
             .filter_map(|l| {
@@ -114,7 +121,7 @@ impl Worker {
             assert!(
                 Instant::now() < deadline,
                 "worker {} did not start consuming:\n{}",
-                self.stage,
+                self.name(),
                 self.output()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -123,7 +130,7 @@ impl Worker {
 
     pub fn check_alive(&mut self) {
         if let Some(status) = self.child.try_wait().expect("look at the worker") {
-            panic!("worker {} exited ({status}):\n{}", self.stage, self.output());
+            panic!("worker {} exited ({status}):\n{}", self.name(), self.output());
         }
     }
 
@@ -132,7 +139,7 @@ impl Worker {
             .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("kill runs");
-        assert!(status.success(), "SIGTERM to worker {}", self.stage);
+        assert!(status.success(), "SIGTERM to worker {}", self.name());
     }
 
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
@@ -144,7 +151,7 @@ impl Worker {
             if Instant::now() > deadline {
                 eprintln!(
                     "worker {} did not stop within {limit:?}:\n{}",
-                    self.stage,
+                    self.name(),
                     self.output()
                 );
                 let _ = self.child.kill();

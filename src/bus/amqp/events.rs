@@ -40,6 +40,14 @@ fn offset_argument(offset: &StreamOffset) -> AMQPValue {
     }
 }
 
+/// How many records the broker may send a reader ahead of its acks. A stream keeps what is acked,
+/// so the window only paces the broker: a wide one lets it send a run of records at once.
+const WINDOW: u16 = 256;
+
+/// A reader acks once for every this many records (`multiple`), never letting the window fill: one
+/// ack a record cost the broker as much as the delivery itself, for every reader of every record.
+const ACK_EVERY: u16 = WINDOW / 2;
+
 /// The routing key of a marker on the events exchange (never an event's: those have three parts).
 pub const MARKER_ROUTING_KEY: &str = keys::MARKER;
 
@@ -74,6 +82,8 @@ pub struct EventReader {
     position: Option<u64>,
     /// Events of a commit read but not handed out yet.
     pending: VecDeque<StreamedEvent>,
+    /// Records delivered since the last ack.
+    unacked: u16,
 }
 
 impl EventReader {
@@ -81,12 +91,11 @@ impl EventReader {
         link: &Link,
         watched: watch::Receiver<Option<Arc<Link>>>,
         names: &Names,
-        prefetch: u16,
         offset: StreamOffset,
     ) -> Result<EventReader, BusError> {
         let channel = link.connection.create_channel().await.map_err(connection_error)?;
         channel
-            .basic_qos(prefetch.max(1), BasicQosOptions { global: false })
+            .basic_qos(WINDOW, BasicQosOptions { global: false })
             .await
             .map_err(connection_error)?;
         let mut arguments = FieldTable::default();
@@ -107,6 +116,7 @@ impl EventReader {
             generation: link.generation,
             position: None,
             pending: VecDeque::new(),
+            unacked: 0,
         })
     }
 
@@ -205,8 +215,12 @@ impl EventReader {
             .and_then(|o| u64::try_from(o).ok())
             .unwrap_or_default();
         self.position = Some(offset);
-        if let Err(error) = delivery.acker.ack(BasicAckOptions::default()).await {
-            return Some(Err(connection_error(error)));
+        self.unacked += 1;
+        if self.unacked >= ACK_EVERY {
+            self.unacked = 0;
+            if let Err(error) = delivery.acker.ack(BasicAckOptions { multiple: true }).await {
+                return Some(Err(connection_error(error)));
+            }
         }
         let routing_key = delivery.routing_key.to_string();
         Some(

@@ -429,13 +429,7 @@ impl AmqpBus {
         let link = connection::wait_link(&self.shared, 0, wait).await?;
         // Opening answers within the publish timeout or not at all: on a connection that died
         // before the supervisor noticed, the channel's replies never come.
-        let opening = events::EventReader::open(
-            &link,
-            self.shared.link.subscribe(),
-            &self.shared.names,
-            self.shared.settings.prefetch,
-            offset,
-        );
+        let opening = events::EventReader::open(&link, self.shared.link.subscribe(), &self.shared.names, offset);
         tokio::time::timeout(wait, opening).await.unwrap_or_else(|_| {
             Err(BusError::Connection(format!(
                 "the events stream did not open within {} ms",
