@@ -27,7 +27,10 @@
 //! every pipeline of both ways succeeds and every worker exits 0 on SIGTERM.
 //!
 //! `cargo bench --bench concurrent`; `SIGRUN_BENCH_PIPELINES`, `SIGRUN_BENCH_SCALE`,
-//! `SIGRUN_BENCH_WAYS` (`sigrun,sdk`: either alone to measure one), `SIGRUN_BENCH_AMQP_URL`.
+//! `SIGRUN_BENCH_WAYS` (`sigrun,sdk`: either alone to measure one), `SIGRUN_BENCH_WORKERS` (`six`,
+//! or `one` worker for all stages), `SIGRUN_BENCH_AMQP_URL` with `SIGRUN_BENCH_BROKER_PID` (its
+//! `beam.smp`; default the one that boots `rabbit`) and `SIGRUN_BENCH_BROKER_METRICS` (its
+//! Prometheus plugin's `/metrics`).
 
 mod common;
 
@@ -256,7 +259,11 @@ async fn measure_sigrun(
     }
     let mut events = follow_events(&bus).await;
     let ticks = common::clock_ticks();
-    let broker = broker_pid().expect("the broker's beam.smp process is readable here");
+    let broker = std::env::var("SIGRUN_BENCH_BROKER_PID")
+        .ok()
+        .map(|pid| pid.parse().expect("SIGRUN_BENCH_BROKER_PID is a process id"))
+        .or_else(broker_pid)
+        .expect("the broker's beam.smp process is readable here");
     let broker_before = common::cpu_time(broker, ticks);
     let workers_before: Vec<Duration> = workers.iter().map(|w| common::cpu_time(w.pid(), ticks)).collect();
     let children_before = children_cpu(ticks);
@@ -452,6 +459,11 @@ fn report(options: &Options, sigrun: Option<&Measured>, sdk: Option<&Measured>) 
             throttled(&measured.requests)
         );
     }
+    for (way, measured) in [("sigrun", sigrun), ("SDK way", sdk)] {
+        if let Some(measured) = measured {
+            println!("{way}, requests per pipeline: {}", request_kinds(&measured.requests, n));
+        }
+    }
     if let Some(sigrun) = sigrun.filter(|m| !m.broker_counts.is_empty()) {
         let counts: Vec<String> = sigrun
             .broker_counts
@@ -521,6 +533,51 @@ fn counted_since(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) 
         .map(|(key, value)| (key.clone(), value - before.get(key).copied().unwrap_or(0.0)))
         .filter(|(_, moved)| *moved > 0.0)
         .collect()
+}
+
+/// Requests per pipeline by method and what they were on (the collections named in the path).
+fn request_kinds(requests: &[Value], pipelines: f64) -> String {
+    const COLLECTIONS: &[&str] = &[
+        "subscriptions",
+        "resourcegroups",
+        "virtualmachines",
+        "disks",
+        "snapshots",
+        "images",
+        "galleries",
+        "versions",
+        "operations",
+        "batchaccounts",
+        "pools",
+        "nodes",
+        "nodecounts",
+        "supportedimages",
+        "token",
+        "locations",
+        "skus",
+        "quotas",
+        "usages",
+    ];
+    let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for request in requests {
+        let path = request["path"]
+            .as_str()
+            .unwrap_or("")
+            .split('?')
+            .next()
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let on: Vec<&str> = path.split('/').filter(|s| COLLECTIONS.contains(s)).collect();
+        let kind = format!("{} {}", request["method"].as_str().unwrap_or("?"), on.join("/"));
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let mut sorted: Vec<(String, u64)> = kinds.into_iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(&a.1));
+    sorted
+        .iter()
+        .map(|(kind, n)| format!("{kind} {:.1}", *n as f64 / pipelines))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// ", N throttled (429)" when any answer was a 429.

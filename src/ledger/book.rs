@@ -75,6 +75,14 @@ struct RunBook {
     cancelled: bool,
     /// Nothing of it is live any more; its slots and claims were forgotten.
     settled: bool,
+    /// What fencing keeps, made on a run's first claim, commit or verified pool: a run that has
+    /// none (unfenced, or settled with no pool verified) costs the book a few bytes, not the
+    /// four empty tables it once held inline for each of 10,000 waiting runs.
+    fences: Option<Box<Fences>>,
+}
+
+#[derive(Debug, Default)]
+struct Fences {
     slots: HashMap<Uuid, Slot>,
     /// Claims by the token they hold.
     holds: HashMap<Uuid, Hold>,
@@ -125,25 +133,24 @@ impl Book {
         if message_id == run_id && token == run_id {
             // The admission: open until the run has started.
             let run = self.runs.get(&run_id);
-            let started =
-                run.is_some_and(|run| run.started.is_some() || run.holds.get(&token).is_some_and(|h| h.committed));
+            let started = run.is_some_and(|run| run.started.is_some() || run.hold(&token).is_some_and(|h| h.committed));
             return if started { Standing::Stale } else { Standing::Live };
         }
         let Some(run) = self.runs.get(&run_id) else {
             return Standing::Unknown;
         };
-        if run.holds.get(&token).is_some_and(|h| h.committed) {
+        if run.hold(&token).is_some_and(|h| h.committed) {
             return Standing::Stale;
         }
         if run.settled {
             return Standing::Stale;
         }
-        if run.slots.get(&message_id).is_some_and(|s| s.live == Some(token)) {
+        if run.slot(&message_id).is_some_and(|s| s.live == Some(token)) {
             return Standing::Live;
         }
         // Not live: stale when the step that made it did not make it live (its claim lost, or
         // it committed other successors); otherwise its commit may just not have been read.
-        match run.claims.get(&made_by).and_then(|t| run.holds.get(t)) {
+        match run.claimed(&made_by).and_then(|t| run.hold(t)) {
             Some(hold) if hold.holder != made_by || hold.committed => Standing::Stale,
             _ => Standing::Unknown,
         }
@@ -157,7 +164,7 @@ impl Book {
             Standing::Unfenced => return Verdict::Won,
             Standing::Live => {}
         }
-        let hold = self.runs.get(&claim.run_id).and_then(|run| run.holds.get(&claim.token));
+        let hold = self.runs.get(&claim.run_id).and_then(|run| run.hold(&claim.token));
         match hold {
             // Not read yet (the caller waits for its claim to be read first).
             None => Verdict::Wait,
@@ -175,7 +182,7 @@ impl Book {
     pub fn held(&self, run_id: Uuid, token: Uuid, now: Instant, timeout: Duration) -> bool {
         self.runs
             .get(&run_id)
-            .and_then(|run| run.holds.get(&token))
+            .and_then(|run| run.hold(&token))
             .is_some_and(|hold| {
                 !hold.committed && !hold.released && now.saturating_duration_since(hold.since) <= timeout
             })
@@ -187,17 +194,14 @@ impl Book {
         let Some(run) = self.runs.get(&run_id) else {
             return false;
         };
-        run.claims
-            .get(&made_by)
-            .and_then(|token| run.holds.get(token))
+        run.claimed(&made_by)
+            .and_then(|token| run.hold(token))
             .is_some_and(|hold| hold.holder == made_by && !hold.committed)
     }
 
     /// Whether claim `claim` has been read.
     pub fn has_claim(&self, run_id: Uuid, claim: Uuid) -> bool {
-        self.runs
-            .get(&run_id)
-            .is_some_and(|run| run.claims.contains_key(&claim))
+        self.runs.get(&run_id).is_some_and(|run| run.claimed(&claim).is_some())
     }
 
     /// The stage a run entered at, once its admission is recorded.
@@ -223,11 +227,11 @@ impl Book {
     /// run is not known (its history expired, or it never ran here).
     pub fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
         let run = self.runs.get(&run_id)?;
-        if run.settled || run.verified.contains(target) {
+        if run.settled || run.fences().is_some_and(|f| f.verified.contains(target)) {
             return Some(false);
         }
         Some(
-            run.slots.values().any(|slot| {
+            run.slots().any(|slot| {
                 slot.live.is_some() && matches!(&slot.branch, Branch::Pool { target: t, .. } if t == target)
             }),
         )
@@ -237,16 +241,45 @@ impl Book {
     /// the book does not hold the run.
     pub fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
         let run = self.runs.get(&run_id)?;
-        Some(!run.settled && run.slots.values().any(|slot| slot.live.is_some()))
+        Some(!run.settled && run.slots().any(|slot| slot.live.is_some()))
     }
 
     /// Slots and claims held in memory (for tests and the memory bench).
     pub fn open_records(&self) -> usize {
-        self.runs.values().map(|run| run.slots.len() + run.claims.len()).sum()
+        self.runs
+            .values()
+            .filter_map(|run| run.fences())
+            .map(|f| f.slots.len() + f.claims.len())
+            .sum()
     }
 }
 
 impl RunBook {
+    fn fences(&self) -> Option<&Fences> {
+        self.fences.as_deref()
+    }
+
+    fn fences_mut(&mut self) -> &mut Fences {
+        self.fences.get_or_insert_with(Box::default)
+    }
+
+    fn hold(&self, token: &Uuid) -> Option<&Hold> {
+        self.fences()?.holds.get(token)
+    }
+
+    fn slot(&self, message_id: &Uuid) -> Option<&Slot> {
+        self.fences()?.slots.get(message_id)
+    }
+
+    /// The token claim `claim` claimed, once read.
+    fn claimed(&self, claim: &Uuid) -> Option<&Uuid> {
+        self.fences()?.claims.get(claim)
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &Slot> {
+        self.fences().into_iter().flat_map(|f| f.slots.values())
+    }
+
     fn apply_event(&mut self, event: &Event) {
         match &event.kind {
             EventKind::RunStarted { .. } => {
@@ -255,7 +288,7 @@ impl RunBook {
             EventKind::CancelRequested => self.cancelled = true,
             EventKind::PoolVerified { .. } => {
                 if let Branch::Pool { target, .. } = &event.branch {
-                    self.verified.insert(target.clone());
+                    self.fences_mut().verified.insert(target.clone());
                 }
             }
             _ => {}
@@ -263,10 +296,11 @@ impl RunBook {
     }
 
     fn apply_claim(&mut self, claim: &Claim, now: Instant) {
-        self.claims.insert(claim.claim, claim.token);
-        match self.holds.get_mut(&claim.token) {
+        let fences = self.fences_mut();
+        fences.claims.insert(claim.claim, claim.token);
+        match fences.holds.get_mut(&claim.token) {
             None => {
-                self.holds.insert(
+                fences.holds.insert(
                     claim.token,
                     Hold {
                         holder: claim.claim,
@@ -286,7 +320,8 @@ impl RunBook {
     }
 
     fn apply_release(&mut self, release: &Release) {
-        if let Some(hold) = self.claims.get(&release.claim).and_then(|t| self.holds.get_mut(t))
+        if let Some(fences) = self.fences.as_deref_mut()
+            && let Some(hold) = fences.claims.get(&release.claim).and_then(|t| fences.holds.get_mut(t))
             && hold.holder == release.claim
         {
             hold.released = true;
@@ -294,14 +329,15 @@ impl RunBook {
     }
 
     fn apply_commit(&mut self, commit: &Commit, now: Instant) -> bool {
+        let fences = self.fences_mut();
         if let Some(consumed) = &commit.consumed {
-            match self.holds.get_mut(&consumed.token) {
+            match fences.holds.get_mut(&consumed.token) {
                 Some(hold) if hold.committed || hold.holder != commit.claim => return false,
                 Some(hold) => hold.committed = true,
                 // Its claim is not in the stream any more (retention): the commit stands.
                 None => {
-                    self.claims.insert(commit.claim, consumed.token);
-                    self.holds.insert(
+                    fences.claims.insert(commit.claim, consumed.token);
+                    fences.holds.insert(
                         consumed.token,
                         Hold {
                             holder: commit.claim,
@@ -312,15 +348,14 @@ impl RunBook {
                     );
                 }
             }
-            if let Some(slot) = self.slots.get_mut(&consumed.message_id)
+            if let Some(slot) = fences.slots.get_mut(&consumed.message_id)
                 && slot.live == Some(consumed.token)
             {
                 slot.live = None;
             }
         }
-        self.settled = false;
         for successor in &commit.successors {
-            self.slots.insert(
+            fences.slots.insert(
                 successor.message_id,
                 Slot {
                     live: Some(successor.token),
@@ -328,6 +363,7 @@ impl RunBook {
                 },
             );
         }
+        self.settled = false;
         for event in &commit.events {
             self.apply_event(event);
         }
@@ -335,13 +371,19 @@ impl RunBook {
         true
     }
 
-    /// Forgets the slots and claims of a started run with nothing live left.
+    /// Forgets the slots and claims of a started run with nothing live left (and its fences
+    /// altogether unless a pool verified).
     fn settle(&mut self) {
-        if self.started.is_some() && self.slots.values().all(|slot| slot.live.is_none()) {
-            self.settled = true;
-            self.slots = HashMap::new();
-            self.holds = HashMap::new();
-            self.claims = HashMap::new();
+        if self.started.is_none() || self.slots().any(|slot| slot.live.is_some()) {
+            return;
+        }
+        self.settled = true;
+        let verified = self.fences.take().map(|f| f.verified).unwrap_or_default();
+        if !verified.is_empty() {
+            self.fences = Some(Box::new(Fences {
+                verified,
+                ..Fences::default()
+            }));
         }
     }
 }
@@ -465,6 +507,52 @@ mod tests {
         assert_eq!(run.book.standing(run.id, first, next, a.claim), Standing::Live);
         // A second commit of the same token does not count, even by its holder.
         assert!(!run.commit(&a, Vec::new(), Vec::new()));
+    }
+
+    /// Every worker keeps a record per run the stream retains: one that never had a claim, or has
+    /// settled with no pool verified, holds no tables at all.
+    #[test]
+    fn a_run_without_fences_costs_the_book_a_few_bytes() {
+        assert!(
+            std::mem::size_of::<RunBook>() <= 16,
+            "{}",
+            std::mem::size_of::<RunBook>()
+        );
+        let mut run = Run::new();
+        run.apply(Record::Event(started(run.id)));
+        assert!(run.book.runs[&run.id].fences.is_none(), "an unfenced run has no tables");
+        assert_eq!(run.book.started(run.id), Some(Stage::Snapshot));
+
+        let (first, token, _) = run.admit();
+        assert!(run.book.runs[&run.id].fences.is_some(), "a fenced run has its tables");
+        let last = run.claim(first, token);
+        assert!(run.commit(&last, Vec::new(), Vec::new()));
+        assert!(run.book.is_settled(run.id));
+        assert!(
+            run.book.runs[&run.id].fences.is_none(),
+            "a settled run drops its tables"
+        );
+        assert_eq!(run.book.open_records(), 0);
+        // Still stale after the tables are gone: settled.
+        assert_eq!(run.book.standing(run.id, first, token, last.claim), Standing::Stale);
+
+        // A verified pool is remembered past settling.
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        let verify = run.claim(first, token);
+        let mut verified = started(run.id);
+        verified.branch = pool("render");
+        verified.kind = EventKind::PoolVerified {
+            pool_id: "render-1".into(),
+        };
+        assert!(run.commit(&verify, Vec::new(), vec![verified]));
+        assert!(run.book.is_settled(run.id));
+        let kept = run.book.runs[&run.id]
+            .fences
+            .as_ref()
+            .expect("the verified pool is kept");
+        assert!(kept.verified.contains("render") && kept.slots.is_empty() && kept.claims.is_empty());
+        assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
     }
 
     #[test]

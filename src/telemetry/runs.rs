@@ -40,10 +40,17 @@ struct RunState {
     started_as: Option<Arc<Event>>,
     /// Its other events that decide its result, while it runs (none while it only waits).
     deciding: Vec<Event>,
-    /// Each branch's stage at its latest event (a dropped stale copy's aside).
+    /// Each branch's stage at its latest event (a dropped stale copy's aside). Where its
+    /// unfinished branches are follows from it (`positions_of`), computed when needed rather
+    /// than kept for each of thousands of waiting runs.
     latest: Vec<(Branch, Stage)>,
+}
+
+impl RunState {
     /// Where its unfinished branches are now (each counted once).
-    positions: Vec<Stage>,
+    fn positions(&self) -> Vec<Stage> {
+        positions_of(self.started_as.as_deref(), &self.deciding, &self.latest)
+    }
 }
 
 /// `RunStarted` events without what is particular to one run (its id, pipeline name, version and
@@ -114,6 +121,7 @@ impl RunTracker {
             return changes;
         }
         let run = self.runs.entry(event.run_id).or_default();
+        let before = run.positions();
         if run.pipeline != event.pipeline {
             run.pipeline = event.pipeline.clone();
         }
@@ -135,7 +143,6 @@ impl RunTracker {
             Some(started) if decides => result_label(&run_result(&decisive_events(started, &run.deciding))),
             _ => None,
         };
-        let before = std::mem::take(&mut run.positions);
         let now = match result {
             Some(result) => {
                 changes.push(RunChange::Finished {
@@ -146,11 +153,7 @@ impl RunTracker {
                 self.end(event.run_id);
                 Vec::new()
             }
-            None => {
-                let now = positions_of(run.started_as.as_deref(), &run.deciding, &run.latest);
-                run.positions.clone_from(&now);
-                now
-            }
+            None => run.positions(),
         };
         self.move_positions(before, now);
         changes
