@@ -572,7 +572,7 @@ fn request_kinds(requests: &[Value], pipelines: f64) -> String {
         *kinds.entry(kind).or_default() += 1;
     }
     let mut sorted: Vec<(String, u64)> = kinds.into_iter().collect();
-    sorted.sort_by(|a, b| b.1.cmp(&a.1));
+    sorted.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     sorted
         .iter()
         .map(|(kind, n)| format!("{kind} {:.1}", *n as f64 / pipelines))
