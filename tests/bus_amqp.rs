@@ -443,6 +443,55 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     teardown(bus).await;
 }
 
+/// The frame size each of the bus's connections uses, as the broker lists it (found by the
+/// connection name `sigrun {prefix}` among its client properties).
+fn frame_max_of(prefix: &str) -> Vec<u64> {
+    let output = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "frame_max", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.contains(&format!("sigrun {prefix}")))
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// lapin keeps rings of 32 frames per connection: the bus asks for 32 KiB frames (rings of 1 MiB,
+/// not RabbitMQ's 128 KiB frames' 4 MiB), unless its URL names a size.
+#[tokio::test]
+async fn the_bus_asks_for_small_frames_unless_its_url_names_a_size() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    let sizes = tokio::task::spawn_blocking({
+        let prefix = prefix.clone();
+        move || frame_max_of(&prefix)
+    })
+    .await
+    .unwrap();
+    assert_eq!(sizes, [u64::from(sigrun::bus::amqp::FRAME_MAX)]);
+    // A message larger than a frame goes through in several.
+    let big = vec![b'x'; 3 * sigrun::bus::amqp::FRAME_MAX as usize + 17];
+    bus.publish(Stage::Verify, &big).await.unwrap();
+    let delivery = next(&bus, &[Stage::Verify]).await;
+    assert_eq!(delivery.body, big);
+    delivery.acker.ack().await.unwrap();
+    teardown(bus).await;
+
+    let prefix = self::prefix();
+    let mut named = settings(&prefix);
+    named.url = format!("{}?frame_max=8192", url());
+    let bus = connect_with(named, tiers()).await;
+    let sizes = tokio::task::spawn_blocking({
+        let prefix = prefix.clone();
+        move || frame_max_of(&prefix)
+    })
+    .await
+    .unwrap();
+    assert_eq!(sizes, [8192]);
+    teardown(bus).await;
+}
+
 /// A reader acks a run of records at once, not each: it must never stop the broker sending, however
 /// many records a reading spans and wherever in a run of acks the stream's head falls.
 #[tokio::test]

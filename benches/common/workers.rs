@@ -46,6 +46,24 @@ pub struct Worker {
     stderr: PathBuf,
 }
 
+/// The command a worker runs as: the built binary, or under the profiler
+/// `SIGRUN_BENCH_WORKER_WRAPPER` names for workers of `SIGRUN_BENCH_WRAP_STAGE` (`all`: every one),
+/// e.g. `heaptrack -o /tmp/ht-%s` (`%s`: the stage).
+fn worker_command(name: &str) -> Command {
+    let binary = env!("CARGO_BIN_EXE_sigrun");
+    let wrapper = std::env::var("SIGRUN_BENCH_WORKER_WRAPPER").unwrap_or_default();
+    let wrapped = std::env::var("SIGRUN_BENCH_WRAP_STAGE").is_ok_and(|s| s == name || s == "all");
+    let mut words = wrapper.split_whitespace().map(|w| w.replace("%s", name));
+    match words.next().filter(|_| wrapped) {
+        Some(program) => {
+            let mut command = Command::new(program);
+            command.args(words).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
+}
+
 impl Worker {
     /// A worker of `stage`, or of all six for `None`.
     pub fn start(stage: Option<Stage>, config: &Path, dir: &Path) -> Worker {
@@ -55,7 +73,7 @@ impl Worker {
         };
         let name = stage.map_or("all", Stage::as_str);
         let stderr = dir.join(format!("worker-{name}.err"));
-        let child = Command::new(env!("CARGO_BIN_EXE_sigrun"))
+        let child = worker_command(name)
             .arg("worker")
             .args(consumes)
             .args(["--metrics-listen", "127.0.0.1:0", "--config"])

@@ -45,6 +45,25 @@ pub(super) async fn establish(shared: &Shared, generation: u64) -> Result<Link, 
     Err(BusError::Connection(failures.join("; ")))
 }
 
+/// The frame size asked of the broker unless the URL names one (`?frame_max=`). lapin keeps a
+/// read and a write ring of 32 frames for each connection, all of it resident once traffic has
+/// gone round them: at RabbitMQ's default 128 KiB that was 8 MiB a connection, most of a worker's
+/// memory. 32 KiB frames carry a nightly envelope (about 7 KB) in one frame and make the rings
+/// 2 MiB; a larger message goes in several frames.
+pub const FRAME_MAX: u32 = 32 * 1024;
+
+/// Opens an AMQP connection to `url`, asking for [`FRAME_MAX`] unless the URL says otherwise.
+pub(super) async fn open(url: &str, properties: ConnectionProperties) -> lapin::Result<Connection> {
+    match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(mut uri) => {
+            uri.query.frame_max.get_or_insert(FRAME_MAX);
+            Connection::connect_uri(uri, properties).await
+        }
+        // Checked when the settings loaded; lapin says what is wrong with it.
+        Err(_) => Connection::connect(url, properties).await,
+    }
+}
+
 /// Connects to the node at `url` within the connect timeout.
 async fn establish_on(shared: &Shared, url: &str, generation: u64) -> Result<Link, BusError> {
     let settings = &shared.settings;
@@ -54,7 +73,7 @@ async fn establish_on(shared: &Shared, url: &str, generation: u64) -> Result<Lin
         // `rabbitmqctl list_connections`.
         let properties =
             ConnectionProperties::default().with_connection_name(format!("sigrun {}", shared.names.prefix()).into());
-        let connection = Connection::connect(url, properties).await?;
+        let connection = open(url, properties).await?;
         let publisher = connection.create_channel().await?;
         topology::declare(&publisher, &shared.names, &shared.spec).await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;

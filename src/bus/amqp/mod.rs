@@ -35,6 +35,7 @@ use crate::ledger::record::Record;
 use crate::model::envelope::Stage;
 
 mod connection;
+pub use connection::FRAME_MAX;
 mod consumer;
 pub mod delays;
 pub mod events;
@@ -373,7 +374,7 @@ impl AmqpBus {
     /// (tests, tearing an environment down), on a connection of its own. Close the buses of that
     /// prefix first: a live bus sees its consumers cancelled, reconnects and declares it all again.
     pub async fn delete_topology(settings: &AmqpSettings, tiers: &[Duration]) -> Result<(), BusError> {
-        let connect = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default());
+        let connect = connection::open(&settings.url, lapin::ConnectionProperties::default());
         let connection = tokio::time::timeout(settings.connect_timeout, connect)
             .await
             .map_err(|_| BusError::Connection(format!("{}: no connection", settings.redacted_url())))?
@@ -387,7 +388,7 @@ impl AmqpBus {
     /// Whether the events stream of `settings.prefix` exists, checked passively on a connection of
     /// its own (declaring nothing): a prefix no worker or submit has used has none.
     pub async fn topology_exists(settings: &AmqpSettings) -> Result<bool, BusError> {
-        let connect = lapin::Connection::connect(&settings.url, lapin::ConnectionProperties::default());
+        let connect = connection::open(&settings.url, lapin::ConnectionProperties::default());
         let connection = tokio::time::timeout(settings.connect_timeout, connect)
             .await
             .map_err(|_| BusError::Connection(format!("{}: no connection", settings.redacted_url())))?
