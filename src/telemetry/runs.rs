@@ -35,7 +35,6 @@ pub enum RunChange {
 
 #[derive(Default)]
 struct RunState {
-    pipeline: String,
     /// Its first `RunStarted`, shared with every run of the same shape (see [`Shapes`]).
     started_as: Option<Arc<Event>>,
     /// Its other events that decide its result, while it runs (none while it only waits).
@@ -122,9 +121,6 @@ impl RunTracker {
         }
         let run = self.runs.entry(event.run_id).or_default();
         let before = run.positions();
-        if run.pipeline != event.pipeline {
-            run.pipeline = event.pipeline.clone();
-        }
         note_latest(&mut run.latest, event);
         // Only what decides the result is kept: another kind cannot end the run (it still moves
         // its branch, through `latest`).
@@ -132,7 +128,7 @@ impl RunTracker {
         if matches!(event.kind, EventKind::RunStarted { .. }) && run.started_as.is_none() {
             run.started_as = Some(self.shapes.share(event));
             changes.push(RunChange::Started {
-                pipeline: run.pipeline.clone(),
+                pipeline: event.pipeline.clone(),
             });
         } else if decides {
             run.deciding.push(event.clone());
@@ -146,7 +142,7 @@ impl RunTracker {
         let now = match result {
             Some(result) => {
                 changes.push(RunChange::Finished {
-                    pipeline: run.pipeline.clone(),
+                    pipeline: event.pipeline.clone(),
                     result,
                     at: event.at,
                 });
@@ -227,7 +223,11 @@ fn note_latest(latest: &mut Vec<(Branch, Stage)>, event: &Event) {
     }
     match latest.iter_mut().find(|(branch, _)| *branch == event.branch) {
         Some((_, stage)) => *stage = event.stage,
-        None => latest.push((event.branch.clone(), event.stage)),
+        None => {
+            // One more, not four: a waiting run has one branch, and thousands of runs wait.
+            latest.reserve_exact(1);
+            latest.push((event.branch.clone(), event.stage));
+        }
     }
 }
 
@@ -443,6 +443,14 @@ mod tests {
         assert_eq!(tracker.footprint(), (2, 1), "two runs of one shape share it");
         let waiting = &tracker.runs[&Uuid::from_u128(1)];
         assert!(waiting.deciding.is_empty() && waiting.latest.len() == 1);
+        // What each of thousands of waiting runs costs: three words of vectors and a shared shape,
+        // the one branch it is on allocated for one.
+        assert!(
+            std::mem::size_of::<RunState>() <= 56,
+            "{}",
+            std::mem::size_of::<RunState>()
+        );
+        assert_eq!(waiting.latest.capacity(), 1);
         let mut other = started(3);
         if let EventKind::RunStarted { regions, .. } = &mut other.kind {
             regions.pop();
