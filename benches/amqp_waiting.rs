@@ -145,6 +145,8 @@ async fn bench(options: Options) {
     // CPU time so far of everything measured, so the ramp's share can be told apart.
     let ticks = common::clock_ticks();
     let broker = broker_pid();
+    // The broker's memory before any run: what the runs add is measured above it.
+    let broker_idle = broker.map(|pid| common::status_kib(pid, "VmRSS"));
     let me = std::process::id();
     let mut measured: Vec<(String, u32)> = workers
         .iter()
@@ -281,6 +283,7 @@ async fn bench(options: Options) {
     nightly.emulator.shutdown().await;
 
     report(&options, &watched, &requests, &history, &exits, window);
+    broker_memory_per_run(&watched, broker_idle, options.runs);
     idle_hops(&handled);
     println!("(whole bench {:.0} s)", began.elapsed().as_secs_f64());
     let failed: Vec<_> = exits.iter().filter(|(_, code)| *code != Some(0)).collect();
@@ -545,6 +548,22 @@ async fn requests(control: &Control) -> BTreeMap<String, u64> {
         *kinds.entry(format!("{method} {what}{class}")).or_default() += 1;
     }
     kinds
+}
+
+/// The broker's memory per waiting run: its RSS in the window above its RSS before the first run
+/// (goal ≤ 16 KB). Its peak RSS is no measure on a broker that ran before the bench.
+fn broker_memory_per_run(watched: &[Watched], idle: Option<u64>, runs: usize) {
+    let (Some(idle), Some(broker)) = (idle, watched.iter().find(|w| w.name.starts_with("rabbitmq"))) else {
+        println!("\nbroker memory per waiting run: not measured (no broker process found)");
+        return;
+    };
+    let added = broker.rss_max.saturating_sub(idle);
+    println!(
+        "\nbroker memory: {:.1} MiB before the first run, {:.1} MiB in the window: {:.1} KB per waiting run (goal ≤ 16)",
+        mib(idle),
+        mib(broker.rss_max),
+        added as f64 / 1000.0 / runs.max(1) as f64
+    );
 }
 
 /// How many of `replicate`'s deliveries in the window made no Azure call: back before they were

@@ -259,11 +259,7 @@ async fn measure_sigrun(
     }
     let mut events = follow_events(&bus).await;
     let ticks = common::clock_ticks();
-    let broker = std::env::var("SIGRUN_BENCH_BROKER_PID")
-        .ok()
-        .map(|pid| pid.parse().expect("SIGRUN_BENCH_BROKER_PID is a process id"))
-        .or_else(broker_pid)
-        .expect("the broker's beam.smp process is readable here");
+    let broker = broker_pid().expect("the broker's beam.smp process is readable here");
     let broker_before = common::cpu_time(broker, ticks);
     let workers_before: Vec<Duration> = workers.iter().map(|w| common::cpu_time(w.pid(), ticks)).collect();
     let children_before = children_cpu(ticks);

@@ -190,9 +190,12 @@ impl Drop for Worker {
     }
 }
 
-/// The broker's Erlang VM, if one runs here and is readable (`rabbitmqctl` runs a `beam.smp` of
-/// its own: the broker's is the one that boots `rabbit`).
+/// The broker's Erlang VM: `SIGRUN_BENCH_BROKER_PID` when set (a private node's), else the
+/// `beam.smp` here that boots `rabbit` (`rabbitmqctl` runs one of its own), if readable.
 pub fn broker_pid() -> Option<u32> {
+    if let Ok(pid) = std::env::var("SIGRUN_BENCH_BROKER_PID") {
+        return Some(pid.parse().expect("SIGRUN_BENCH_BROKER_PID is a process id"));
+    }
     let output = Command::new("pgrep").args(["-x", "beam.smp"]).output().ok()?;
     String::from_utf8_lossy(&output.stdout)
         .split_whitespace()
