@@ -443,6 +443,29 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     teardown(bus).await;
 }
 
+/// A stage message's `traceparent` header is the value handed over, whatever the body says (the
+/// bus never reads the body for it); a message published with none has no such header.
+#[tokio::test]
+async fn the_traceparent_header_is_the_value_handed_over_not_read_from_the_body() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = br#"{"traceparent":"00-11111111111111111111111111111111-2222222222222222-01"}"#;
+    let raw = raw().await;
+    let queue = format!("{prefix}.stage.verify");
+    // Not consumed by the bus: read straight off the queue with the properties as the broker has them.
+    bus.publish_traced(Stage::Verify, body, given).await.unwrap();
+    let traced = get_eventually(&raw, &queue).await;
+    let table = traced.delivery.properties.headers().clone().expect("headers");
+    assert_eq!(text(header(&table, headers::TRACEPARENT)), given);
+    bus.publish(Stage::Verify, body).await.unwrap();
+    let plain = get_eventually(&raw, &queue).await;
+    let none = plain.delivery.properties.headers().clone().unwrap_or_default();
+    assert!(!none.contains_key(headers::TRACEPARENT), "{none:?}");
+    let _ = raw.close(200, "done".into()).await;
+    teardown(bus).await;
+}
+
 /// The frame size each of the bus's connections uses, as the broker lists it (found by the
 /// connection name `sigrun {prefix}` among its client properties).
 fn frame_max_of(prefix: &str) -> Vec<u64> {

@@ -320,7 +320,8 @@ pub async fn begin_with(
     }
     let publish = async {
         for first in &firsts {
-            bus.publish(first.stage, &first.encode()).await?;
+            bus.publish_traced(first.stage, &first.encode(), &first.traceparent)
+                .await?;
         }
         ledger
             .commit(Commit {

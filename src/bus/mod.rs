@@ -90,6 +90,23 @@ pub trait Bus: Send + Sync {
     /// has passed, not just the tier's own: then it lands on `stage`'s work queue. One hop for
     /// any delay, so a waiting message comes back once, when it is due. Confirmed like `publish`.
     async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError>;
+    /// [`Bus::publish`] of an envelope, its `traceparent` handed over as a value: a bus that
+    /// carries it beside the body (the AMQP bus, as a header) never reads the body again for it.
+    async fn publish_traced(&self, stage: Stage, body: &[u8], traceparent: &str) -> Result<(), BusError> {
+        let _ = traceparent;
+        self.publish(stage, body).await
+    }
+    /// [`Bus::publish_delayed`] of an envelope, its `traceparent` handed over as a value.
+    async fn publish_delayed_traced(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        traceparent: &str,
+    ) -> Result<(), BusError> {
+        let _ = traceparent;
+        self.publish_delayed(stage, body, delay).await
+    }
     /// Parks a message that cannot be processed, with the reason. Confirmed.
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError>;
     /// Appends a record to the history. Confirmed.

@@ -268,7 +268,10 @@ impl Runtime {
                 return;
             }
             debug!(wait_ms = wait.as_millis(), "not due yet; back to a delay tier");
-            let published = self.bus.publish_delayed(message.stage, body, wait).await;
+            let published = self
+                .bus
+                .publish_delayed_traced(message.stage, body, wait, &message.traceparent)
+                .await;
             if settle(acker, published).await {
                 self.observe(message.stage, Handled::Early);
             }
@@ -400,7 +403,10 @@ impl Runtime {
             return;
         }
         debug!("the step is held by another claim; putting this copy off");
-        let published = self.bus.publish_delayed(message.stage, body, PUT_OFF).await;
+        let published = self
+            .bus
+            .publish_delayed_traced(message.stage, body, PUT_OFF, &message.traceparent)
+            .await;
         if settle(acker, published).await {
             self.observe(message.stage, Handled::Waiting);
         }
@@ -540,8 +546,16 @@ impl Runtime {
     async fn route(&self, message: &Envelope, now: OffsetDateTime) -> Result<(), BusError> {
         let body = message.encode();
         match remaining(message.due(), now) {
-            Some(wait) => self.bus.publish_delayed(message.stage, &body, wait).await,
-            None => self.bus.publish(message.stage, &body).await,
+            Some(wait) => {
+                self.bus
+                    .publish_delayed_traced(message.stage, &body, wait, &message.traceparent)
+                    .await
+            }
+            None => {
+                self.bus
+                    .publish_traced(message.stage, &body, &message.traceparent)
+                    .await
+            }
         }
     }
 

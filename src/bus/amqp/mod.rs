@@ -476,21 +476,22 @@ pub(crate) fn connection_error(error: lapin::Error) -> BusError {
     BusError::Connection(error.to_string())
 }
 
-#[async_trait]
-impl Bus for AmqpBus {
-    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+impl AmqpBus {
+    /// A stage message to its work queue, with its `traceparent` header when it has one.
+    async fn publish_stage(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError> {
         let exchange = self.shared.names.work();
-        publisher::publish(
-            &self.shared,
-            &exchange,
-            stage.as_str(),
-            body,
-            publisher::stage_properties(body),
-        )
-        .await
+        let properties = publisher::stage_properties(traceparent);
+        publisher::publish(&self.shared, &exchange, stage.as_str(), body, properties).await
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
+    /// A stage message to the delay tier that fits `delay`, its due time in a header.
+    async fn publish_tier(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         let Some(&tier) = self.tiers.get(crate::bus::tier_for(&self.tiers, delay)) else {
             return Err(BusError::NotConfirmed {
                 target: "a delay tier".into(),
@@ -500,7 +501,7 @@ impl Bus for AmqpBus {
         // Routing key = the stage: the tier's fanout exchange ignores it and the relay sends the
         // message back to the work exchange with it once due (its own delay, in its header).
         let exchange = self.shared.names.tier(tier);
-        let properties = publisher::stage_properties(body);
+        let properties = publisher::stage_properties(traceparent);
         let headers = delays::with_due(properties.headers().clone().unwrap_or_default(), delay);
         publisher::publish(
             &self.shared,
@@ -510,6 +511,31 @@ impl Bus for AmqpBus {
             properties.with_headers(headers),
         )
         .await
+    }
+}
+
+#[async_trait]
+impl Bus for AmqpBus {
+    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+        self.publish_stage(stage, body, None).await
+    }
+
+    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
+        self.publish_tier(stage, body, delay, None).await
+    }
+
+    async fn publish_traced(&self, stage: Stage, body: &[u8], traceparent: &str) -> Result<(), BusError> {
+        self.publish_stage(stage, body, Some(traceparent)).await
+    }
+
+    async fn publish_delayed_traced(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        traceparent: &str,
+    ) -> Result<(), BusError> {
+        self.publish_tier(stage, body, delay, Some(traceparent)).await
     }
 
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {

@@ -39,27 +39,22 @@ pub(super) fn work_properties() -> BasicProperties {
         .with_content_type("application/json".into())
 }
 
-/// A stage message's properties: those of all work, plus the envelope's W3C `traceparent` as a
-/// header of the same name, so tools that know AMQP and trace context but not the envelope (and
-/// a consumer in another language) follow the run too. A body that is not an envelope gets none.
-pub(super) fn stage_properties(body: &[u8]) -> BasicProperties {
-    #[derive(serde::Deserialize)]
-    struct TraceFields {
-        traceparent: Option<String>,
-    }
+/// A stage message's properties: those of all work, plus the envelope's W3C `traceparent` (handed
+/// over by the caller, never read back out of the body) as a header of the same name, so tools
+/// that know AMQP and trace context but not the envelope (and a consumer in another language)
+/// follow the run too.
+pub(super) fn stage_properties(traceparent: Option<&str>) -> BasicProperties {
     let properties = work_properties();
-    match serde_json::from_slice::<TraceFields>(body) {
-        Ok(TraceFields {
-            traceparent: Some(traceparent),
-        }) => {
+    match traceparent {
+        Some(traceparent) => {
             let mut table = FieldTable::default();
             table.insert(
                 headers::TRACEPARENT.into(),
-                AMQPValue::LongString(LongString::from(traceparent.as_str())),
+                AMQPValue::LongString(LongString::from(traceparent)),
             );
             properties.with_headers(table)
         }
-        _ => properties,
+        None => properties,
     }
 }
 
