@@ -15,7 +15,9 @@
 //! once by its own `sigrun submit` process, as an event producer would, and the events stream
 //! says when each run ended. Counted: the workers' CPU (utime + stime, `/proc/PID/stat`) from the
 //! first submit to the last run's end, the broker's (`beam.smp`) over the same span, and the
-//! submits' (this process's `cutime` + `cstime`, the children it waited for).
+//! submits' (this process's `cutime` + `cstime`, the children it waited for). The broker's share
+//! includes what this bench's own reader of the events stream costs it: one reader beside the
+//! workers' six, as one `sigrun watch` would be.
 //!
 //! **The SDK way.** `benches/sdk_way/nightly.py` runs the same pipelines, planned the same way
 //! (the library's planner, another version) in one Python process with a thread each; its CPU is
