@@ -365,7 +365,7 @@ impl Staged {
         message.message_id = Uuid::new_v4();
         message.run_id = Uuid::new_v4();
         self.bus
-            .publish(Stage::Snapshot, &message.encode())
+            .publish(Stage::Snapshot, &message.encode(), None)
             .await
             .expect("publish the first stage's message");
         let (run, at) = tokio::time::timeout(LIMIT, self.arrivals.recv())

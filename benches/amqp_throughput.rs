@@ -219,7 +219,7 @@ async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelop
         })
         .collect();
     futures_util::stream::iter(bodies.iter())
-        .map(|body| bus.publish(Stage::Snapshot, body))
+        .map(|body| bus.publish(Stage::Snapshot, body, None))
         .buffer_unordered(DEEP)
         .for_each(|published| async move { published.expect("fill the input queue") })
         .await;

@@ -432,7 +432,7 @@ async fn start_run(
         },
     };
     bus.publish_event(&started).await.expect("publish RunStarted");
-    bus.publish(Stage::GalleryPublish, &message.encode())
+    bus.publish(Stage::GalleryPublish, &message.encode(), None)
         .await
         .expect("publish the first message");
 }

@@ -186,7 +186,7 @@ pub async fn replay(
 ) -> Result<String, crate::bus::BusError> {
     let (envelope, commit) = revived(envelope, parked_for);
     bus.publish_record(&commit).await?;
-    bus.publish_traced(envelope.stage, &envelope.encode(), &envelope.traceparent)
+    bus.publish(envelope.stage, &envelope.encode(), Some(&envelope.traceparent))
         .await?;
     browser.remove(index).await?;
     Ok(format!(

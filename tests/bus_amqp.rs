@@ -139,7 +139,7 @@ async fn a_published_message_is_delivered_once_confirmed_and_acked() {
     for i in 0..50 {
         let body = format!("{{\"n\":{i}}}");
         let start = Instant::now();
-        bus.publish(Stage::Snapshot, body.as_bytes()).await.unwrap();
+        bus.publish(Stage::Snapshot, body.as_bytes(), None).await.unwrap();
         let confirmed = start.elapsed();
         let d = next(&bus, &[Stage::Snapshot]).await;
         round_trips.push((confirmed, start.elapsed()));
@@ -172,8 +172,8 @@ async fn a_published_message_is_delivered_once_confirmed_and_acked() {
 #[tokio::test]
 async fn a_consumer_gets_only_the_stages_it_asks_for() {
     let bus = connect(&prefix()).await;
-    bus.publish(Stage::Verify, b"v").await.unwrap();
-    bus.publish(Stage::Replicate, b"r").await.unwrap();
+    bus.publish(Stage::Verify, b"v", None).await.unwrap();
+    bus.publish(Stage::Replicate, b"r", None).await.unwrap();
     let d = next(&bus, &[Stage::Replicate]).await;
     assert_eq!((d.stage, d.body.as_slice()), (Stage::Replicate, b"r".as_slice()));
     d.acker.ack().await.unwrap();
@@ -186,7 +186,7 @@ async fn a_consumer_gets_only_the_stages_it_asks_for() {
 #[tokio::test]
 async fn a_requeued_or_dropped_delivery_comes_back_with_its_count_raised() {
     let bus = connect(&prefix()).await;
-    bus.publish(Stage::ImageCreate, b"again").await.unwrap();
+    bus.publish(Stage::ImageCreate, b"again", None).await.unwrap();
     let first = next(&bus, &[Stage::ImageCreate]).await;
     assert_eq!(first.delivery_count, 1);
     first.acker.requeue().await.unwrap();
@@ -207,7 +207,7 @@ async fn a_requeued_or_dropped_delivery_comes_back_with_its_count_raised() {
 async fn a_message_returned_past_the_delivery_limit_is_parked_by_the_broker() {
     let prefix = prefix();
     let bus = connect(&prefix).await;
-    bus.publish(Stage::Replicate, b"poison").await.unwrap();
+    bus.publish(Stage::Replicate, b"poison", None).await.unwrap();
     // Limit 2: delivered three times, then dead-lettered to parking.
     for count in 1..=3 {
         let d = next(&bus, &[Stage::Replicate]).await;
@@ -252,7 +252,7 @@ async fn a_delayed_message_returns_to_its_stage_after_its_delay_and_not_before()
             let stage = stages[n % stages.len()];
             let body = format!("delay {delay:?} round {round}");
             let start = Instant::now();
-            bus.publish_delayed(stage, body.as_bytes(), *delay).await.unwrap();
+            bus.publish_delayed(stage, body.as_bytes(), *delay, None).await.unwrap();
             let d = next(&bus, &[stage]).await;
             let waited = start.elapsed();
             // Back on the stage it was published for, once: the routing key survived the relay.
@@ -290,7 +290,10 @@ async fn a_delay_held_by_a_relay_that_dies_comes_back_through_another_once() {
     // Consuming anything starts the holder's relays.
     let _ = timeout(Duration::from_millis(50), holder.next(&[Stage::Verify])).await;
     let start = Instant::now();
-    holder.publish_delayed(Stage::Snapshot, b"held", delay).await.unwrap();
+    holder
+        .publish_delayed(Stage::Snapshot, b"held", delay, None)
+        .await
+        .unwrap();
     let queue = holder.names().tier(delay);
     // A passive declare counts the ready messages only: 0 once the relay holds it unacked.
     let looker = raw().await;
@@ -454,11 +457,11 @@ async fn the_traceparent_header_is_the_value_handed_over_not_read_from_the_body(
     let raw = raw().await;
     let queue = format!("{prefix}.stage.verify");
     // Not consumed by the bus: read straight off the queue with the properties as the broker has them.
-    bus.publish_traced(Stage::Verify, body, given).await.unwrap();
+    bus.publish(Stage::Verify, body, Some(given)).await.unwrap();
     let traced = get_eventually(&raw, &queue).await;
     let table = traced.delivery.properties.headers().clone().expect("headers");
     assert_eq!(text(header(&table, headers::TRACEPARENT)), given);
-    bus.publish(Stage::Verify, body).await.unwrap();
+    bus.publish(Stage::Verify, body, None).await.unwrap();
     let plain = get_eventually(&raw, &queue).await;
     let none = plain.delivery.properties.headers().clone().unwrap_or_default();
     assert!(!none.contains_key(headers::TRACEPARENT), "{none:?}");
@@ -495,7 +498,7 @@ async fn the_bus_asks_for_small_frames_unless_its_url_names_a_size() {
     assert_eq!(sizes, [u64::from(sigrun::bus::amqp::FRAME_MAX)]);
     // A message larger than a frame goes through in several.
     let big = vec![b'x'; 3 * sigrun::bus::amqp::FRAME_MAX as usize + 17];
-    bus.publish(Stage::Verify, &big).await.unwrap();
+    bus.publish(Stage::Verify, &big, None).await.unwrap();
     let delivery = next(&bus, &[Stage::Verify]).await;
     assert_eq!(delivery.body, big);
     delivery.acker.ack().await.unwrap();
@@ -562,7 +565,7 @@ async fn a_second_bus_on_the_same_prefix_redeclares_idempotently_and_shares_the_
     let prefix = prefix();
     let first = connect(&prefix).await;
     let second = connect(&prefix).await;
-    first.publish(Stage::Verify, b"shared").await.unwrap();
+    first.publish(Stage::Verify, b"shared", None).await.unwrap();
     let d = next(&second, &[Stage::Verify]).await;
     assert_eq!(d.body, b"shared");
     d.acker.ack().await.unwrap();
@@ -603,7 +606,7 @@ fn close_connections_of(prefix: &str) -> usize {
 async fn a_closed_connection_is_reestablished_and_unacked_deliveries_come_back() {
     let prefix = prefix();
     let bus = connect(&prefix).await;
-    bus.publish(Stage::Snapshot, b"in flight").await.unwrap();
+    bus.publish(Stage::Snapshot, b"in flight", None).await.unwrap();
     let held = next(&bus, &[Stage::Snapshot]).await;
     assert_eq!(bus.generation(), 1);
 
@@ -625,7 +628,7 @@ async fn a_closed_connection_is_reestablished_and_unacked_deliveries_come_back()
     );
     again.acker.ack().await.unwrap();
 
-    bus.publish(Stage::Snapshot, b"after").await.unwrap();
+    bus.publish(Stage::Snapshot, b"after", None).await.unwrap();
     let after = next(&bus, &[Stage::Snapshot]).await;
     assert_eq!((after.body.as_slice(), after.delivery_count), (b"after".as_slice(), 1));
     after.acker.ack().await.unwrap();
@@ -637,7 +640,7 @@ async fn unacked_deliveries_of_a_closed_bus_go_to_another() {
     let prefix = prefix();
     let gone = connect(&prefix).await;
     let other = connect(&prefix).await;
-    gone.publish(Stage::PoolCreate, b"orphan").await.unwrap();
+    gone.publish(Stage::PoolCreate, b"orphan", None).await.unwrap();
     let held = next(&gone, &[Stage::PoolCreate]).await;
     gone.close().await;
     assert!(
@@ -645,7 +648,7 @@ async fn unacked_deliveries_of_a_closed_bus_go_to_another() {
         "a closed bus delivers nothing"
     );
     assert!(matches!(
-        gone.publish(Stage::PoolCreate, b"x").await,
+        gone.publish(Stage::PoolCreate, b"x", None).await,
         Err(BusError::Closed)
     ));
 
@@ -865,7 +868,7 @@ async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
     )
     .unwrap();
     let first = first_message();
-    bus.publish(Stage::Snapshot, &first.encode()).await.unwrap();
+    bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(async move {

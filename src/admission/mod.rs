@@ -320,7 +320,7 @@ pub async fn begin_with(
     }
     let publish = async {
         for first in &firsts {
-            bus.publish_traced(first.stage, &first.encode(), &first.traceparent)
+            bus.publish(first.stage, &first.encode(), Some(&first.traceparent))
                 .await?;
         }
         ledger

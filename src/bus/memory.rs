@@ -243,12 +243,18 @@ impl MemoryBus {
 
 #[async_trait]
 impl Bus for MemoryBus {
-    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+    async fn publish(&self, stage: Stage, body: &[u8], _traceparent: Option<&str>) -> Result<(), BusError> {
         self.inner.enqueue(stage, body.to_vec(), 0, |s| s.published += 1);
         Ok(())
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
+    async fn publish_delayed(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        _traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         {
             let mut state = self.inner.lock();
             state.stats.delayed += 1;
@@ -452,9 +458,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn messages_come_out_oldest_first_across_the_stages_asked_for() {
         let bus = bus();
-        bus.publish(Stage::Replicate, b"r1").await.unwrap();
-        bus.publish(Stage::Snapshot, b"s1").await.unwrap();
-        bus.publish(Stage::Replicate, b"r2").await.unwrap();
+        bus.publish(Stage::Replicate, b"r1", None).await.unwrap();
+        bus.publish(Stage::Snapshot, b"s1", None).await.unwrap();
+        bus.publish(Stage::Replicate, b"r2", None).await.unwrap();
         let stages = [Stage::Snapshot, Stage::Replicate];
         let mut bodies = Vec::new();
         for _ in 0..3 {
@@ -479,7 +485,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_consumer_only_sees_its_stages() {
         let bus = bus();
-        bus.publish(Stage::Verify, b"v").await.unwrap();
+        bus.publish(Stage::Verify, b"v", None).await.unwrap();
         let waited = tokio::time::timeout(Duration::from_secs(60), bus.next(&[Stage::Snapshot])).await;
         assert!(waited.is_err(), "a snapshot consumer must not get a verify message");
         assert_eq!(bus.ready(Stage::Verify), vec![b"v".to_vec()]);
@@ -490,7 +496,7 @@ mod tests {
         let bus = Arc::new(bus());
         let start = Instant::now();
         // Longer than a tier, shorter than the next: held for all of it, once.
-        bus.publish_delayed(Stage::Verify, b"later", Duration::from_millis(70))
+        bus.publish_delayed(Stage::Verify, b"later", Duration::from_millis(70), None)
             .await
             .unwrap();
         settle_tasks().await;
@@ -512,7 +518,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dropped_or_requeued_delivery_returns_with_its_count_raised() {
         let bus = bus();
-        bus.publish(Stage::Snapshot, b"m").await.unwrap();
+        bus.publish(Stage::Snapshot, b"m", None).await.unwrap();
 
         let first = bus.next(&[Stage::Snapshot]).await.unwrap();
         assert_eq!(bus.stats().unacked, 1);
@@ -543,7 +549,7 @@ mod tests {
         settle_tasks().await;
         bus.shutdown();
         assert!(waiting.await.unwrap(), "a waiting consumer gets None");
-        bus.publish(Stage::Snapshot, b"after").await.unwrap();
+        bus.publish(Stage::Snapshot, b"after", None).await.unwrap();
         assert!(bus.next(&[Stage::Snapshot]).await.is_none());
         assert_eq!(bus.ready(Stage::Snapshot).len(), 1, "publishing still works");
     }
@@ -561,7 +567,7 @@ mod tests {
             }
         });
         settle_tasks().await;
-        bus.publish_delayed(Stage::Verify, b"woken", Duration::from_millis(1))
+        bus.publish_delayed(Stage::Verify, b"woken", Duration::from_millis(1), None)
             .await
             .unwrap();
         assert_eq!(consumer.await.unwrap(), b"woken");

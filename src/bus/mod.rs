@@ -84,29 +84,20 @@ pub trait HistoryReader: Send {
 
 #[async_trait]
 pub trait Bus: Send + Sync {
-    /// Puts a message on a stage's work queue; returns once the broker has confirmed it.
-    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError>;
+    /// Puts a message on a stage's work queue; returns once the broker has confirmed it. An
+    /// envelope's `traceparent` is handed over as a value beside its body: a bus that carries it
+    /// (the AMQP bus, as a header) never reads the body again for it.
+    async fn publish(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError>;
     /// Puts a message on the delay tier that fits `delay` ([`tier_for`]), held there until `delay`
     /// has passed, not just the tier's own: then it lands on `stage`'s work queue. One hop for
     /// any delay, so a waiting message comes back once, when it is due. Confirmed like `publish`.
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError>;
-    /// [`Bus::publish`] of an envelope, its `traceparent` handed over as a value: a bus that
-    /// carries it beside the body (the AMQP bus, as a header) never reads the body again for it.
-    async fn publish_traced(&self, stage: Stage, body: &[u8], traceparent: &str) -> Result<(), BusError> {
-        let _ = traceparent;
-        self.publish(stage, body).await
-    }
-    /// [`Bus::publish_delayed`] of an envelope, its `traceparent` handed over as a value.
-    async fn publish_delayed_traced(
+    async fn publish_delayed(
         &self,
         stage: Stage,
         body: &[u8],
         delay: Duration,
-        traceparent: &str,
-    ) -> Result<(), BusError> {
-        let _ = traceparent;
-        self.publish_delayed(stage, body, delay).await
-    }
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError>;
     /// Parks a message that cannot be processed, with the reason. Confirmed.
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError>;
     /// Appends a record to the history. Confirmed.

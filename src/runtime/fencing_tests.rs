@@ -193,16 +193,22 @@ impl Acker for FailingAck {
 
 #[async_trait]
 impl Bus for Unreliable {
-    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+    async fn publish(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError> {
         for _ in 0..self.copies() {
-            self.inner.publish(stage, body).await?;
+            self.inner.publish(stage, body, traceparent).await?;
         }
         Ok(())
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
+    async fn publish_delayed(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
         for _ in 0..self.copies() {
-            self.inner.publish_delayed(stage, body, delay).await?;
+            self.inner.publish_delayed(stage, body, delay, traceparent).await?;
         }
         Ok(())
     }
@@ -401,7 +407,10 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
     let mut orphan = first.next(Stage::ImageCreate, first.stage_started);
     orphan.token = Uuid::new_v4();
     orphan.made_by = dead;
-    bus.inner.publish(Stage::ImageCreate, &orphan.encode()).await.unwrap();
+    bus.inner
+        .publish(Stage::ImageCreate, &orphan.encode(), None)
+        .await
+        .unwrap();
     let began = tokio::time::Instant::now();
 
     let handler = Script::new(|m| match m.stage {

@@ -270,7 +270,7 @@ impl Runtime {
             debug!(wait_ms = wait.as_millis(), "not due yet; back to a delay tier");
             let published = self
                 .bus
-                .publish_delayed_traced(message.stage, body, wait, &message.traceparent)
+                .publish_delayed(message.stage, body, wait, Some(&message.traceparent))
                 .await;
             if settle(acker, published).await {
                 self.observe(message.stage, Handled::Early);
@@ -405,7 +405,7 @@ impl Runtime {
         debug!("the step is held by another claim; putting this copy off");
         let published = self
             .bus
-            .publish_delayed_traced(message.stage, body, PUT_OFF, &message.traceparent)
+            .publish_delayed(message.stage, body, PUT_OFF, Some(&message.traceparent))
             .await;
         if settle(acker, published).await {
             self.observe(message.stage, Handled::Waiting);
@@ -548,14 +548,10 @@ impl Runtime {
         match remaining(message.due(), now) {
             Some(wait) => {
                 self.bus
-                    .publish_delayed_traced(message.stage, &body, wait, &message.traceparent)
+                    .publish_delayed(message.stage, &body, wait, Some(&message.traceparent))
                     .await
             }
-            None => {
-                self.bus
-                    .publish_traced(message.stage, &body, &message.traceparent)
-                    .await
-            }
+            None => self.bus.publish(message.stage, &body, Some(&message.traceparent)).await,
         }
     }
 

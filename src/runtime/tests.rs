@@ -94,7 +94,7 @@ async fn a_run_advances_through_the_stages_and_every_input_is_acked() {
         Stage::Verify => step(Outcome::Done).map(|s| s.with(EventKind::Throttled { retry_after_ms: None })),
     });
     let first = envelope(Stage::Snapshot);
-    bus.publish(Stage::Snapshot, &first.encode()).await.unwrap();
+    bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
 
     let report = run_for(
         &runtime(bus.clone(), handler.clone(), Clock::tokio()),
@@ -150,7 +150,7 @@ async fn a_wait_comes_back_after_its_delay_and_not_before() {
             })
         })
     });
-    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode())
+    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
         .await
         .unwrap();
     let start = Instant::now();
@@ -193,8 +193,10 @@ async fn an_early_message_is_held_back_until_its_not_before() {
     on_operation.operation = Some(op);
     let mut on_envelope = envelope(Stage::Verify);
     on_envelope.not_before = Some(clock.now() + Duration::from_millis(1500));
-    bus.publish(Stage::ImageCreate, &on_operation.encode()).await.unwrap();
-    bus.publish(Stage::Verify, &on_envelope.encode()).await.unwrap();
+    bus.publish(Stage::ImageCreate, &on_operation.encode(), None)
+        .await
+        .unwrap();
+    bus.publish(Stage::Verify, &on_envelope.encode(), None).await.unwrap();
     let start = Instant::now();
 
     run_for(&runtime(bus.clone(), handler.clone(), clock), Duration::from_secs(3)).await;
@@ -237,7 +239,7 @@ async fn a_wait_with_emit_fans_out_branches_at_once() {
         )])),
         _ => step(Outcome::Done),
     });
-    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode())
+    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
         .await
         .unwrap();
     let start = Instant::now();
@@ -275,7 +277,7 @@ async fn transient_errors_are_retried_with_growing_delays_then_fail_the_branch()
     let bus = testkit::bus();
     let handler = Script::new(|_| Err(network_error()));
     let first = envelope(Stage::Snapshot);
-    bus.publish(Stage::Snapshot, &first.encode()).await.unwrap();
+    bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
     let start = Instant::now();
 
     run_for(
@@ -347,7 +349,7 @@ async fn a_throttled_step_is_never_retried_before_retry_after() {
             step(Outcome::Done)
         }
     });
-    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode())
+    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode(), None)
         .await
         .unwrap();
 
@@ -387,7 +389,7 @@ async fn a_step_held_back_for_the_budget_waits_without_failing_however_often() {
             }
         }
     });
-    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode())
+    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode(), None)
         .await
         .unwrap();
 
@@ -419,6 +421,7 @@ async fn a_permanent_error_fails_a_pool_branch_at_once() {
     bus.publish(
         Stage::PoolCreate,
         &on_pool(Stage::PoolCreate, "westeurope", "render").encode(),
+        None,
     )
     .await
     .unwrap();
@@ -455,7 +458,7 @@ async fn a_permanent_error_fails_a_pool_branch_at_once() {
 async fn a_permanent_error_on_the_trunk_fails_the_run() {
     let bus = testkit::bus();
     let handler = Script::new(|_| Err(forbidden()));
-    bus.publish(Stage::GalleryPublish, &envelope(Stage::GalleryPublish).encode())
+    bus.publish(Stage::GalleryPublish, &envelope(Stage::GalleryPublish).encode(), None)
         .await
         .unwrap();
 
@@ -478,7 +481,7 @@ async fn a_permanent_error_on_the_trunk_fails_the_run() {
 async fn a_failed_outcome_fails_the_branch_with_the_steps_reason() {
     let bus = testkit::bus();
     let handler = Script::new(|_| step(Outcome::Fail("3 of 4 nodes in starttaskfailed".into())));
-    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode())
+    bus.publish(Stage::Verify, &on_pool(Stage::Verify, "eastus", "batch").encode(), None)
         .await
         .unwrap();
 
@@ -517,7 +520,7 @@ async fn malformed_messages_are_parked_with_the_reason_and_never_handled() {
         serde_json::to_vec(&broken).unwrap(),
     ];
     for body in &bodies {
-        bus.publish(Stage::Replicate, body).await.unwrap();
+        bus.publish(Stage::Replicate, body, None).await.unwrap();
     }
 
     run_for(
@@ -586,7 +589,7 @@ async fn a_cancelled_runs_branches_stop_at_their_next_step_and_others_go_on() {
     ));
     ledger.catch_up(Duration::from_secs(1)).await.unwrap();
     for message in [&cancelled, &waiting, &other] {
-        bus.publish(message.stage, &message.encode()).await.unwrap();
+        bus.publish(message.stage, &message.encode(), None).await.unwrap();
     }
     let runtime = runtime(bus.clone(), handler.clone(), Clock::tokio()).with_ledger(ledger);
 
@@ -632,10 +635,10 @@ async fn a_panicking_handler_parks_its_message_and_the_consumer_goes_on() {
         }
         step(Outcome::Done)
     });
-    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode())
+    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode(), None)
         .await
         .unwrap();
-    bus.publish(Stage::Snapshot, &envelope(Stage::Snapshot).encode())
+    bus.publish(Stage::Snapshot, &envelope(Stage::Snapshot).encode(), None)
         .await
         .unwrap();
 
@@ -674,7 +677,7 @@ struct FlakyBus {
 
 #[async_trait]
 impl Bus for FlakyBus {
-    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
+    async fn publish(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError> {
         if self
             .failures
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -685,11 +688,17 @@ impl Bus for FlakyBus {
                 reason: "nacked".into(),
             });
         }
-        self.inner.publish(stage, body).await
+        self.inner.publish(stage, body, traceparent).await
     }
 
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
-        self.inner.publish_delayed(stage, body, delay).await
+    async fn publish_delayed(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
+        self.inner.publish_delayed(stage, body, delay, traceparent).await
     }
 
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {
@@ -724,7 +733,7 @@ async fn an_unconfirmed_publish_requeues_the_input_instead_of_acking_it() {
         _ => step(Outcome::Done),
     });
     let first = envelope(Stage::Snapshot);
-    memory.publish(Stage::Snapshot, &first.encode()).await.unwrap();
+    memory.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
 
     run_for(&runtime(bus, handler.clone(), Clock::tokio()), Duration::from_secs(1)).await;
 
@@ -764,13 +773,13 @@ async fn shutdown_lets_in_flight_deliveries_finish_within_the_grace() {
         delay: Some(Duration::from_secs(3)),
         calls: AtomicUsize::new(0),
     });
-    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode())
+    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode(), None)
         .await
         .unwrap();
-    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode())
+    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode(), None)
         .await
         .unwrap();
-    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode())
+    bus.publish(Stage::Verify, &envelope(Stage::Verify).encode(), None)
         .await
         .unwrap();
     let start = Instant::now();
@@ -797,7 +806,7 @@ async fn a_delivery_abandoned_at_shutdown_returns_to_its_queue() {
         calls: AtomicUsize::new(0),
     });
     let first = envelope(Stage::Verify);
-    bus.publish(Stage::Verify, &first.encode()).await.unwrap();
+    bus.publish(Stage::Verify, &first.encode(), None).await.unwrap();
     let start = Instant::now();
 
     let report = run_for(
@@ -903,7 +912,7 @@ async fn run_observed(
         runtime = runtime.with_observer(Arc::clone(observer));
     }
     let publisher = Arc::clone(&bus);
-    let start = async move { publisher.publish(first.stage, &first.encode()).await };
+    let start = async move { publisher.publish(first.stage, &first.encode(), None).await };
     super::complete::drive(bus, runtime, run_id, start, timeout, observer).await
 }
 

@@ -298,7 +298,7 @@ async fn a_replayed_message_delivered_before_its_commit_is_read_carries_the_run_
     let mut browser = bus.browse_parked(10).await.expect("browse the parking queue");
     let parked = Envelope::decode(&browser.messages()[0].body).expect("a parked envelope");
     let (envelope, commit) = sigrun::dlq::revived(parked, "replayed out of order by the test");
-    bus.publish(envelope.stage, &envelope.encode())
+    bus.publish(envelope.stage, &envelope.encode(), None)
         .await
         .expect("the message first");
     tokio::time::sleep(Duration::from_millis(150)).await;

@@ -476,16 +476,15 @@ pub(crate) fn connection_error(error: lapin::Error) -> BusError {
     BusError::Connection(error.to_string())
 }
 
-impl AmqpBus {
-    /// A stage message to its work queue, with its `traceparent` header when it has one.
-    async fn publish_stage(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError> {
+#[async_trait]
+impl Bus for AmqpBus {
+    async fn publish(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError> {
         let exchange = self.shared.names.work();
         let properties = publisher::stage_properties(traceparent);
         publisher::publish(&self.shared, &exchange, stage.as_str(), body, properties).await
     }
 
-    /// A stage message to the delay tier that fits `delay`, its due time in a header.
-    async fn publish_tier(
+    async fn publish_delayed(
         &self,
         stage: Stage,
         body: &[u8],
@@ -511,31 +510,6 @@ impl AmqpBus {
             properties.with_headers(headers),
         )
         .await
-    }
-}
-
-#[async_trait]
-impl Bus for AmqpBus {
-    async fn publish(&self, stage: Stage, body: &[u8]) -> Result<(), BusError> {
-        self.publish_stage(stage, body, None).await
-    }
-
-    async fn publish_delayed(&self, stage: Stage, body: &[u8], delay: Duration) -> Result<(), BusError> {
-        self.publish_tier(stage, body, delay, None).await
-    }
-
-    async fn publish_traced(&self, stage: Stage, body: &[u8], traceparent: &str) -> Result<(), BusError> {
-        self.publish_stage(stage, body, Some(traceparent)).await
-    }
-
-    async fn publish_delayed_traced(
-        &self,
-        stage: Stage,
-        body: &[u8],
-        delay: Duration,
-        traceparent: &str,
-    ) -> Result<(), BusError> {
-        self.publish_tier(stage, body, delay, Some(traceparent)).await
     }
 
     async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {
