@@ -64,12 +64,7 @@ fn main() {
         return;
     }
     let samples: usize = common::env_or("SIGRUN_BENCH_SAMPLES", 2000);
-    // Two worker threads: what a worker process gets on this machine's two cores.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = common::runtime();
     runtime.block_on(bench(samples));
 }
 

@@ -59,11 +59,7 @@ fn main() {
     }
     let messages: usize = common::env_or("SIGRUN_BENCH_MESSAGES", 5000);
     let rounds: usize = common::env_or("SIGRUN_BENCH_ROUNDS", 3);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = common::runtime();
     runtime.block_on(bench(messages, rounds));
 }
 

@@ -87,11 +87,7 @@ fn main() {
         poll_s: common::env_or("SIGRUN_BENCH_POLL_S", 30),
         settle: Duration::from_secs(common::env_or("SIGRUN_BENCH_SETTLE_S", 0)),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = common::runtime();
     runtime.block_on(bench(options));
 }
 

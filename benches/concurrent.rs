@@ -86,11 +86,7 @@ fn main() {
         options.sigrun || options.sdk,
         "SIGRUN_BENCH_WAYS names neither `sigrun` nor `sdk`: {ways}"
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = common::runtime();
     runtime.block_on(bench(options));
 }
 
@@ -226,17 +222,6 @@ fn write_specs(dir: &Path, pipelines: usize) -> Vec<(PathBuf, PipelineSpec)> {
         .collect()
 }
 
-/// CPU time of the children this process has waited for (`cutime` + `cstime`).
-fn children_cpu(ticks: f64) -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    let after = &stat[stat.rfind(')').expect("stat has the command in parentheses") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // cutime and cstime are fields 16 and 17 of the whole line, 14 and 15 after the command.
-    let cutime: f64 = fields[13].parse().expect("cutime");
-    let cstime: f64 = fields[14].parse().expect("cstime");
-    Duration::from_secs_f64((cutime + cstime) / ticks)
-}
-
 async fn measure_sigrun(
     emulator: &Emulator,
     control: &Control,
@@ -264,7 +249,7 @@ async fn measure_sigrun(
     let broker = broker_pid().expect("the broker's beam.smp process is readable here");
     let broker_before = common::cpu_time(broker, ticks);
     let workers_before: Vec<Duration> = workers.iter().map(|w| common::cpu_time(w.pid(), ticks)).collect();
-    let children_before = children_cpu(ticks);
+    let children_before = common::children_cpu_time(ticks);
     let broker_counts_before = broker_counters().await;
     control.clear_log().await;
     let started = Instant::now();
@@ -302,7 +287,7 @@ async fn measure_sigrun(
         .sum();
     let broker_cpu = common::cpu_time(broker, ticks).saturating_sub(broker_before);
     submits.await.expect("the submits");
-    let submits_cpu = children_cpu(ticks).saturating_sub(children_before);
+    let submits_cpu = common::children_cpu_time(ticks).saturating_sub(children_before);
     let requests = control.requests().await;
     let broker_counts = counted_since(&broker_counts_before, &broker_counters().await);
 
@@ -373,7 +358,7 @@ async fn measure_sdk(
     std::fs::write(&job, text).expect("write the SDK way's job");
     let info = emulator.info();
     let ticks = common::clock_ticks();
-    let children_before = children_cpu(ticks);
+    let children_before = common::children_cpu_time(ticks);
     control.clear_log().await;
     let started = Instant::now();
     let child = tokio::process::Command::new(venv.join("bin/python"))
@@ -388,7 +373,7 @@ async fn measure_sdk(
         .unwrap_or_else(|_| panic!("the SDK way did not end within {LIMIT:?}"))
         .expect("the SDK way's Python runs");
     let wall = started.elapsed();
-    let cpu = children_cpu(ticks).saturating_sub(children_before);
+    let cpu = common::children_cpu_time(ticks).saturating_sub(children_before);
     let requests = control.requests().await;
     assert!(
         output.status.success(),

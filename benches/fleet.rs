@@ -78,11 +78,7 @@ fn main() {
         scale: common::env_or("SIGRUN_FLEET_SCALE", 10.0),
         pacing: common::env_or("SIGRUN_FLEET_PACING", 1u8) != 0,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = common::runtime();
     runtime.block_on(measure(&fleet));
 }
 

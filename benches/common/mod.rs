@@ -299,14 +299,39 @@ pub fn clock_ticks() -> f64 {
 
 /// CPU time (user + system) a process has used so far, from `/proc/PID/stat`.
 pub fn cpu_time(pid: u32, ticks: f64) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    // utime and stime: fields 14 and 15.
+    stat_times(&format!("/proc/{pid}/stat"), 14, ticks)
+}
+
+/// CPU time (user + system) of the children this process has waited for (`cutime` + `cstime`).
+pub fn children_cpu_time(ticks: f64) -> Duration {
+    // cutime and cstime: fields 16 and 17.
+    stat_times("/proc/self/stat", 16, ticks)
+}
+
+/// Fields `field` and `field + 1` (numbered from 1, as proc(5) does) of a `stat` file, in clock
+/// ticks, summed as a duration.
+fn stat_times(path: &str, field: usize, ticks: f64) -> Duration {
+    let stat = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
     // The command name (field 2) is in parentheses and may hold spaces: count from after it.
     let after = &stat[stat.rfind(')').expect("stat has the command in parentheses") + 2..];
     let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the command.
-    let utime: f64 = fields[11].parse().expect("utime");
-    let stime: f64 = fields[12].parse().expect("stime");
-    Duration::from_secs_f64((utime + stime) / ticks)
+    let tick = |n: usize| -> f64 {
+        fields[n - 3]
+            .parse()
+            .unwrap_or_else(|e| panic!("{path} field {n}: {e}"))
+    };
+    Duration::from_secs_f64((tick(field) + tick(field + 1)) / ticks)
+}
+
+/// The multi-threaded runtime every bench runs on: two worker threads, what a worker process
+/// gets on this machine's two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
 }
 
 /// A `kB` line of `/proc/PID/status` (`VmHWM`, `VmRSS`) in bytes.
