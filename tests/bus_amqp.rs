@@ -913,3 +913,152 @@ async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
     let bus = Arc::into_inner(bus).expect("the runtime let go of the bus");
     teardown(bus).await;
 }
+
+/// Looks `LOOKS` times, 150 ms apart, at a snapshot that is not done, recording nothing (the
+/// runtime holds such a wait with its delivery), then records the snapshot and is done.
+struct SlowSnapshot {
+    looks: std::sync::atomic::AtomicU32,
+}
+
+const LOOKS: u32 = 6;
+
+#[async_trait]
+impl Handler for SlowSnapshot {
+    async fn handle(&self, message: Envelope, now: time::OffsetDateTime) -> Result<Step, AzureError> {
+        self.looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let polls = message.operation.as_ref().map_or(0, |op| op.polls + 1);
+        if polls >= LOOKS - 1 {
+            return Ok(Step::new(Outcome::Done).with(EventKind::ResourceCreated {
+                id: "/subscriptions/x/snapshot".into(),
+            }));
+        }
+        let mut again = message.clone();
+        again.operation = Some(sigrun::model::envelope::InFlight {
+            what: sigrun::model::envelope::Phase::Snapshots,
+            status_urls: Vec::new(),
+            started: now,
+            not_before: now,
+            polls,
+            progress: Default::default(),
+        });
+        Ok(Step::new(Outcome::Wait {
+            message: Box::new(again),
+            delay: Duration::from_millis(150),
+            emit: Vec::new(),
+        }))
+    }
+}
+
+/// The AMQP bus, counting what goes on a delay tier.
+struct CountingDelays {
+    bus: Arc<AmqpBus>,
+    delayed: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl Bus for CountingDelays {
+    async fn publish(&self, stage: Stage, body: &[u8], traceparent: Option<&str>) -> Result<(), BusError> {
+        self.bus.publish(stage, body, traceparent).await
+    }
+    async fn publish_delayed(
+        &self,
+        stage: Stage,
+        body: &[u8],
+        delay: Duration,
+        traceparent: Option<&str>,
+    ) -> Result<(), BusError> {
+        self.delayed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.bus.publish_delayed(stage, body, delay, traceparent).await
+    }
+    async fn park(&self, body: &[u8], reason: &ParkReason) -> Result<(), BusError> {
+        self.bus.park(body, reason).await
+    }
+    async fn publish_record(&self, record: &sigrun::ledger::record::Record) -> Result<(), BusError> {
+        self.bus.publish_record(record).await
+    }
+    async fn open_history(&self, from: StreamOffset) -> Result<Box<dyn sigrun::bus::HistoryReader>, BusError> {
+        self.bus.open_history(from).await
+    }
+    async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
+        self.bus.next(stages).await
+    }
+}
+
+/// Runs `SlowSnapshot` on the broker until its event is read, closing the bus's connection from
+/// the broker's side after `close_after` looks (0: never). Returns the looks and the tier publishes.
+async fn held_wait_run(close_after: u32) -> (u32, u32) {
+    let prefix = prefix();
+    let bus = Arc::new(connect(&prefix).await);
+    let counting = Arc::new(CountingDelays {
+        bus: Arc::clone(&bus),
+        delayed: Default::default(),
+    });
+    let handler = Arc::new(SlowSnapshot {
+        looks: Default::default(),
+    });
+    let settings = RuntimeSettings {
+        consumers: 2,
+        tiers: tiers(),
+        shutdown_grace: Duration::from_secs(5),
+        ..RuntimeSettings::default()
+    };
+    let runtime = Runtime::new(
+        Arc::clone(&counting) as Arc<dyn Bus>,
+        Arc::clone(&handler) as Arc<dyn Handler>,
+        vec![Stage::Snapshot],
+        settings,
+    )
+    .unwrap();
+    let first = first_message();
+    bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        runtime
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    if close_after > 0 {
+        let looked = timeout(WAIT, async {
+            while handler.looks.load(std::sync::atomic::Ordering::SeqCst) < close_after {
+                sleep(Duration::from_millis(10)).await;
+            }
+        });
+        looked.await.expect("the first looks");
+        assert_eq!(close_connections_of(&prefix), 1);
+        bus.connected(1).await.expect("reconnected");
+    }
+    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
+    let got = timeout(WAIT, reader.next())
+        .await
+        .expect("the snapshot's event")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.event.run_id, first.run_id);
+    assert!(matches!(got.event.kind, EventKind::ResourceCreated { .. }));
+    reader.close().await;
+    let _ = stop.send(());
+    let report = timeout(WAIT, running).await.unwrap().unwrap();
+    assert_eq!(report.abandoned, 0);
+    let delayed = counting.delayed.load(std::sync::atomic::Ordering::SeqCst);
+    drop(counting);
+    let looks = handler.looks.load(std::sync::atomic::Ordering::SeqCst);
+    let bus = Arc::into_inner(bus).expect("the runtime let go of the bus");
+    teardown(bus).await;
+    (looks, delayed)
+}
+
+#[tokio::test]
+async fn a_wait_that_records_nothing_stays_with_its_worker_and_never_goes_round_a_tier() {
+    let (looks, delayed) = held_wait_run(0).await;
+    assert_eq!((looks, delayed), (LOOKS, 0), "every look held with its delivery");
+}
+
+#[tokio::test]
+async fn a_held_wait_whose_connection_closes_is_looked_at_again_from_its_redelivery() {
+    let (looks, delayed) = held_wait_run(3).await;
+    // The redelivered message is as it was published: its looks start over, and the run ends.
+    assert!(looks > LOOKS, "looked {looks} times");
+    assert_eq!(delayed, 0);
+}

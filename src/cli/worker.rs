@@ -20,7 +20,7 @@ use super::endpoints;
 use super::input_error;
 use super::session::Session;
 use crate::admission::Admitter;
-use crate::bus::amqp::AmqpBus;
+use crate::bus::amqp::{AmqpBus, AmqpSettings};
 use crate::bus::{Bus, Triggers};
 use crate::config::{Mode, Settings};
 use crate::ledger::Ledger;
@@ -64,6 +64,16 @@ pub fn bus_settings(config: Option<&std::path::Path>, command: &str) -> anyhow::
     Ok(settings)
 }
 
+/// The bus settings of a worker: every wait the runtime holds for its next look keeps its delivery
+/// (`runtime.held_waits`), so each stage consumer gets that many slots beside `amqp.prefetch` and
+/// held waits never keep due deliveries out.
+fn stage_consumers(session: &Session) -> AmqpSettings {
+    let mut amqp = session.amqp.clone();
+    let held = u16::try_from(session.runtime.held_waits).unwrap_or(u16::MAX);
+    amqp.prefetch = amqp.prefetch.saturating_add(held);
+    amqp
+}
+
 pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let stages = chosen_stages(&args);
     let settings = bus_settings(args.config.as_deref(), "worker")?;
@@ -76,7 +86,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     session.azure.set_metrics(telemetry.azure());
     // The broker may not be there yet (a restart, a node coming back): the bus connects in the
     // background with backoff while /readyz says 503, and the worker never exits for it.
-    let bus = Arc::new(AmqpBus::start(session.amqp.clone(), session.runtime.tiers.clone()));
+    let bus = Arc::new(AmqpBus::start(stage_consumers(&session), session.runtime.tiers.clone()));
     let components = Components::default();
     let server = serve_endpoints(&args, &session, &telemetry, &bus, &components).await?;
     // The ledger reads the whole retained history before anything is taken, so a run cancelled

@@ -301,9 +301,13 @@ fn assert_each_step_once(handler: &Script, events: &[Event]) -> usize {
 }
 
 /// Drives `runs` (each admitted through the ledger, twice over) on `bus` until all have ended.
-async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize) -> Vec<Event> {
+async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, held_waits: usize) -> Vec<Event> {
     let ledger = ledger_on(bus.clone());
-    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), testkit::settings())
+    let settings = RuntimeSettings {
+        held_waits,
+        ..testkit::settings()
+    };
+    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)
         .unwrap()
         .with_clock(Clock::tokio())
         .with_ledger(Arc::clone(&ledger));
@@ -364,10 +368,12 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize) -> 
 
 #[tokio::test(start_paused = true)]
 async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
+    // Waits held for their next look (odd seeds) or each sent round a delay tier (even seeds).
     for seed in 0..4 {
         let bus = Unreliable::new(seed, 0.1, 0.1);
         let handler = nightly();
-        let events = drive_runs(bus.clone(), handler.clone(), 3).await;
+        let held_waits = if seed % 2 == 1 { 4 } else { 0 };
+        let events = drive_runs(bus.clone(), handler.clone(), 5, held_waits).await;
         let dropped = assert_each_step_once(&handler, &events);
         let doubled = bus.doubled.load(Ordering::Relaxed);
         let failed = bus.failed_acks.load(Ordering::Relaxed);
@@ -384,7 +390,7 @@ async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
 async fn without_faults_nothing_is_dropped() {
     let bus = Unreliable::new(7, 0.0, 0.0);
     let handler = nightly();
-    let events = drive_runs(bus, handler.clone(), 2).await;
+    let events = drive_runs(bus, handler.clone(), 2, testkit::settings().held_waits).await;
     assert_eq!(assert_each_step_once(&handler, &events), 0);
 }
 

@@ -4,6 +4,7 @@
 //! park what cannot be decoded, and emit events. It knows nothing of Azure beyond an error's class.
 //!
 //! - [`runner`] — [`Runtime`], the consumers and the handling of one delivery.
+//! - `held` — waits held where they were looked at, instead of going round a delay tier.
 //! - [`retry`] — what follows a failed step (pure).
 //! - [`settings`] — [`RuntimeSettings`].
 //! - [`complete`] — [`complete::drive`], one run driven in-process (what `sigrun run` uses, through
@@ -17,6 +18,7 @@ use crate::model::envelope::Envelope;
 use crate::stages::Step;
 
 pub mod complete;
+mod held;
 pub mod observe;
 pub mod retry;
 pub mod runner;
@@ -25,6 +27,8 @@ pub mod stage_handler;
 
 #[cfg(test)]
 mod fencing_tests;
+#[cfg(test)]
+mod held_tests;
 #[cfg(test)]
 pub(crate) mod testkit;
 #[cfg(test)]

@@ -7,18 +7,20 @@
 //! Stage-agnostic: it sees envelopes, outcomes and error classes, never what a stage does.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::Deserialize;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
+use super::held::HeldWaits;
 use super::observe::{Handled, Observer};
 use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
@@ -45,6 +47,16 @@ pub struct Runtime {
     /// Fences each step (claim, commit) and says which runs were cancelled; `None`: nothing is
     /// fenced and nothing is ever cancelled (tests of the runtime alone).
     ledger: Option<Arc<Ledger>>,
+    /// The waits held here for their next look (`runtime::held`), shared by every clone.
+    held: Arc<HeldWaits>,
+}
+
+/// When a delivery was taken from its queue, and how many times it has been delivered: a wait
+/// held for its next look keeps both.
+#[derive(Debug, Clone, Copy)]
+struct Taken {
+    at: Instant,
+    delivery: u32,
 }
 
 /// How long a copy whose step another claim holds is put off before it is looked at again.
@@ -115,6 +127,7 @@ impl Runtime {
             bus,
             handler,
             stages,
+            held: Arc::new(HeldWaits::new(settings.held_waits)),
             settings,
             clock: Clock::System,
             observer: None,
@@ -168,6 +181,7 @@ impl Runtime {
                 () = &mut shutdown, if deadline.is_none() => {
                     info!("shutting down: no new deliveries, finishing those in flight");
                     let _ = stop.send(true);
+                    self.held.stop();
                     deadline = Some(Instant::now() + self.settings.shutdown_grace);
                 }
                 joined = consumers.join_next() => match joined {
@@ -184,12 +198,30 @@ impl Runtime {
                 }
             }
         }
+        abandoned += self.hand_on_held(deadline).await;
         let report = RuntimeReport {
             handled: handled.load(Ordering::Relaxed),
             abandoned,
         };
         info!(handled = report.handled, abandoned, "runtime stopped");
         report
+    }
+
+    /// Once the consumers have stopped: every held wait hands its message on through a delay tier
+    /// before `deadline` (the shutdown grace; from now if the bus shut down by itself). Returns
+    /// how many were still held when it passed (their deliveries go back unacked).
+    async fn hand_on_held(&self, deadline: Option<Instant>) -> usize {
+        self.held.stop();
+        let deadline = deadline.unwrap_or_else(|| Instant::now() + self.settings.shutdown_grace);
+        if tokio::time::timeout_at(deadline, self.held.drained()).await.is_ok() {
+            return 0;
+        }
+        let held = self.held.held();
+        warn!(
+            held,
+            "shutdown grace ran out with waits still held; they go back to their queues"
+        );
+        held
     }
 
     /// Handles one delivery to the end: it is acked, requeued, or (dropped mid-way) returned.
@@ -200,6 +232,10 @@ impl Runtime {
             delivery_count,
             acker,
         } = delivery;
+        let taken = Taken {
+            at: Instant::now(),
+            delivery: delivery_count,
+        };
         match Envelope::decode(&body) {
             Err(error) => {
                 let span = info_span!("delivery", stage = %queue, delivery = delivery_count);
@@ -210,28 +246,27 @@ impl Runtime {
             Ok(message) => {
                 // This delivery is a span of the run's trace; what it sends names it as the parent.
                 let hop = TraceParent::parse(&message.traceparent).unwrap_or_default().hop();
-                let span = info_span!(
-                    "delivery",
-                    run_id = %message.run_id,
-                    pipeline = %message.pipeline,
-                    stage = %message.stage,
-                    branch = %message.branch.label(),
-                    message_id = %message.message_id,
-                    delivery = delivery_count,
-                    trace_id = %hop.trace_id(),
-                    span_id = %hop.span_id(),
-                );
+                let span = delivery_span(&message, taken, &hop);
                 if message.stage != queue {
                     span.in_scope(
                         || warn!(queue = %queue, "delivered from another stage's queue; handled as its own stage"),
                     );
                 }
-                self.handle_message(message, &body, acker, &hop).instrument(span).await
+                self.handle_message(message, &body, acker, &hop, taken)
+                    .instrument(span)
+                    .await
             }
         }
     }
 
-    async fn handle_message(&self, mut message: Envelope, body: &[u8], acker: Box<dyn Acker>, hop: &TraceParent) {
+    async fn handle_message(
+        &self,
+        mut message: Envelope,
+        body: &[u8],
+        acker: Box<dyn Acker>,
+        hop: &TraceParent,
+        taken: Taken,
+    ) {
         let now = self.clock.now();
         if let Some(ledger) = &self.ledger {
             match ledger.settled_standing(&message).await {
@@ -256,7 +291,7 @@ impl Runtime {
                     park: None,
                     measured: Measured::default(),
                 };
-                self.conclude(&message, body, effects, acker, now).await;
+                self.conclude(&message, body, effects, acker, now, taken).await;
                 return;
             }
         }
@@ -294,7 +329,7 @@ impl Runtime {
         }
         let measured = std::mem::take(&mut effects.measured);
         debug!(handled = effects.handled.as_str(), "stepped");
-        if self.conclude(&message, body, effects, acker, now).await
+        if self.conclude(&message, body, effects, acker, now, taken).await
             && let Some(observer) = &self.observer
         {
             report(observer.as_ref(), &message, handler_time, &measured);
@@ -303,8 +338,9 @@ impl Runtime {
 
     /// Carries out what a delivery caused and settles it. A step that records something is
     /// fenced by the ledger: claimed first, its messages sent with fresh tokens, committed last;
-    /// a copy whose claim loses is dropped, one whose step another claim holds is put off. True
-    /// when the delivery was acked as handled (and the observer told).
+    /// a copy whose claim loses is dropped, one whose step another claim holds is put off. A wait
+    /// that records nothing is held here for its next look when it may be. True when the delivery
+    /// was acked as handled, or held (and the observer told).
     async fn conclude(
         &self,
         message: &Envelope,
@@ -312,6 +348,7 @@ impl Runtime {
         mut effects: Effects,
         acker: Box<dyn Acker>,
         now: OffsetDateTime,
+        taken: Taken,
     ) -> bool {
         let handled = effects.handled;
         let ledger = match &self.ledger {
@@ -321,6 +358,14 @@ impl Runtime {
                 // its next state (that would make a second copy); the redelivery carries on.
                 if !acker.still_held() {
                     return self.let_go(message.stage);
+                }
+                if let Some(slot) = self.may_hold(message, &effects, taken, now) {
+                    let next = effects
+                        .messages
+                        .pop()
+                        .expect("a wait that records nothing has one message");
+                    self.hold(next, acker, taken, slot);
+                    return self.settled(message.stage, handled, true);
                 }
                 let published = self.carry_out(message, body, &effects, now).await;
                 return self.settled(message.stage, handled, settle(acker, published).await);
@@ -361,6 +406,73 @@ impl Runtime {
             ledger.release(message.run_id, &message.pipeline, claim).await;
         }
         self.settled(message.stage, handled, settle(acker, committed).await)
+    }
+
+    /// A slot to hold this step's wait in, if it may be held: it records nothing (one message,
+    /// the same but for when it is due), it is due later, and the delivery's whole hold stays
+    /// within `hold_max`.
+    fn may_hold(
+        &self,
+        message: &Envelope,
+        effects: &Effects,
+        taken: Taken,
+        now: OffsetDateTime,
+    ) -> Option<OwnedSemaphorePermit> {
+        if effects.records_something(message) {
+            return None;
+        }
+        let wait = remaining(effects.messages.first()?.due(), now)?;
+        if taken.at.elapsed().saturating_add(wait) > self.settings.hold_max {
+            return None;
+        }
+        self.held.try_hold()
+    }
+
+    /// Keeps `next`'s delivery unacked until `next` is due, then looks again with it; a runtime
+    /// that stops meanwhile sends it on through a delay tier instead (`runtime::held`).
+    fn hold(&self, next: Envelope, acker: Box<dyn Acker>, taken: Taken, slot: OwnedSemaphorePermit) {
+        debug!("holding the wait here for its next look");
+        let runtime = self.clone();
+        let mut stopping = self.held.stopping();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let stopped = loop {
+                let Some(wait) = remaining(next.due(), runtime.clock.now()) else {
+                    break false;
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stopping.wait_for(|stop| *stop) => break true,
+                }
+            };
+            if !acker.still_held() {
+                // The connection went: the broker has handed the message out again.
+                runtime.let_go(next.stage);
+            } else if stopped {
+                let published = runtime.route(&next, runtime.clock.now()).await;
+                settle(acker, published).await;
+            } else {
+                runtime.look_again(next, acker, taken).await;
+            }
+        });
+    }
+
+    /// The next look of a held wait: handled as its delivery would be, the same delivery held.
+    /// Boxed: a look may hold its wait again, which spawns the next look.
+    fn look_again(
+        self,
+        next: Envelope,
+        acker: Box<dyn Acker>,
+        taken: Taken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let body = next.encode();
+            let hop = TraceParent::parse(&next.traceparent).unwrap_or_default().hop();
+            let span = delivery_span(&next, taken, &hop);
+            self.handle_message(next, &body, acker, &hop, taken)
+                .instrument(span)
+                .await;
+        })
     }
 
     /// A delivery whose connection is gone: nothing is published for it (the broker has given it
@@ -615,6 +727,21 @@ async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, hand
         runtime.handle_delivery(delivery).await;
         handled.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The span of one look at a message: a span of the run's trace.
+fn delivery_span(message: &Envelope, taken: Taken, hop: &TraceParent) -> Span {
+    info_span!(
+        "delivery",
+        run_id = %message.run_id,
+        pipeline = %message.pipeline,
+        stage = %message.stage,
+        branch = %message.branch.label(),
+        message_id = %message.message_id,
+        delivery = taken.delivery,
+        trace_id = %hop.trace_id(),
+        span_id = %hop.span_id(),
+    )
 }
 
 /// Tells the observer what a handled message measured.

@@ -26,6 +26,13 @@ pub struct RuntimeSettings {
     /// copy of its message (its holder died); the holder itself gives up at half of it.
     #[serde(rename = "claim_timeout_ms", deserialize_with = "millis::deserialize")]
     pub claim_timeout: Duration,
+    /// Waits a process holds for their next look instead of sending them round a delay tier
+    /// (`runtime::held`); 0 sends every wait round the broker.
+    pub held_waits: usize,
+    /// The longest one delivery is held across its looks before its message goes on a delay tier
+    /// (below the broker's `consumer_timeout`, 30 minutes by default). Real time, never scaled.
+    #[serde(rename = "hold_max_ms", deserialize_with = "millis::deserialize")]
+    pub hold_max: Duration,
 }
 
 impl Default for RuntimeSettings {
@@ -36,6 +43,8 @@ impl Default for RuntimeSettings {
             retry: RetrySettings::default(),
             shutdown_grace: Duration::from_secs(30),
             claim_timeout: Duration::from_secs(20),
+            held_waits: 64,
+            hold_max: Duration::from_secs(10 * 60),
         }
     }
 }
@@ -113,11 +122,15 @@ impl RuntimeSettings {
         for (key, value, max) in [
             ("shutdown_grace_ms", self.shutdown_grace, Duration::from_secs(3600)),
             ("claim_timeout_ms", self.claim_timeout, Duration::from_secs(3600)),
+            ("hold_max_ms", self.hold_max, Duration::from_secs(25 * 60)),
             ("retry.max_delay_ms", self.retry.max_delay, Duration::from_secs(86_400)),
         ] {
             if value > max {
                 return bad(key, format!("{} ms is above {} ms", value.as_millis(), max.as_millis()));
             }
+        }
+        if self.held_waits > 4096 {
+            return bad("held_waits", format!("{} is above 4096", self.held_waits));
         }
         if self.retry.max_attempts > 1000 {
             return bad(
@@ -247,5 +260,7 @@ mod tests {
         assert_eq!(check("[retry]\nmax_attempts = 0"), "retry.max_attempts");
         assert_eq!(check("[retry]\nfactor = 0.5"), "retry.factor");
         assert_eq!(check("[retry]\nbase_delay_ms = 600000"), "retry.base_delay_ms");
+        assert_eq!(check("held_waits = 5000"), "held_waits");
+        assert_eq!(check("hold_max_ms = 1800000"), "hold_max_ms");
     }
 }

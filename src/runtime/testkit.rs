@@ -147,6 +147,8 @@ pub fn settings() -> RuntimeSettings {
         },
         shutdown_grace: Duration::from_secs(5),
         claim_timeout: Duration::from_secs(2),
+        held_waits: 4,
+        hold_max: Duration::from_secs(60),
     }
 }
 

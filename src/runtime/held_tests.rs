@@ -1,0 +1,238 @@
+//! Waits held for their next look (`runtime::held`), on the in-process bus with tokio's clock
+//! paused: a look that records nothing keeps its delivery and costs the bus nothing, one that
+//! records sends its message on as before, the hold is bounded in slots and in time, and a runtime
+//! that stops hands its held waits on through a delay tier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::testkit::{self, Script, envelope};
+use super::*;
+use crate::bus::Bus;
+use crate::events::EventKind;
+use crate::model::envelope::{Envelope, InFlight, Phase, Stage};
+use crate::stages::{Outcome, Step};
+
+fn runtime(bus: Arc<crate::bus::memory::MemoryBus>, handler: Arc<Script>, settings: RuntimeSettings) -> Runtime {
+    Runtime::new(bus, handler, Stage::ALL.to_vec(), settings)
+        .unwrap()
+        .with_clock(Clock::tokio())
+}
+
+/// Waits on replication every `every` for `looks` looks, then is done. The first wait records
+/// that it waits (an event); the others record nothing.
+fn replication(looks: u32, every: Duration) -> Arc<Script> {
+    Script::new(move |m| {
+        let polls = m.operation.as_ref().map_or(0, |op| op.polls);
+        if m.operation.is_some() && polls + 2 >= looks {
+            return Ok(Step::new(Outcome::Done));
+        }
+        let first = m.operation.is_none();
+        let mut again = m.clone();
+        again.operation = Some(InFlight {
+            what: Phase::Replication,
+            status_urls: Vec::new(),
+            started: m.stage_started,
+            not_before: m.stage_started,
+            polls: if first { 0 } else { polls + 1 },
+            progress: Default::default(),
+        });
+        let step = Step::new(Outcome::Wait {
+            message: Box::new(again),
+            delay: every,
+            emit: Vec::new(),
+        });
+        Ok(if first {
+            step.with(EventKind::Waiting {
+                what: "replication".into(),
+            })
+        } else {
+            step
+        })
+    })
+}
+
+fn looked_at(handler: &Script, start: Instant) -> Vec<u64> {
+    handler
+        .calls()
+        .iter()
+        .map(|c| u64::try_from((c.at - start).as_millis()).unwrap())
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_that_records_nothing_is_held_here_and_costs_the_bus_nothing() {
+    let bus = testkit::bus();
+    let handler = replication(5, Duration::from_millis(120));
+    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let runtime = runtime(bus.clone(), handler.clone(), testkit::settings());
+    let running = tokio::spawn(async move { runtime.run(tokio::time::sleep(Duration::from_secs(2))).await });
+
+    // Between its looks the message is held here: one delivery unacked, nothing on a tier.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let between = bus.stats();
+    assert_eq!((between.unacked, between.waiting, between.ready), (1, 0, 0));
+    let report = running.await.unwrap();
+
+    assert_eq!(
+        looked_at(&handler, start),
+        [0, 120, 240, 360, 480],
+        "each look when due"
+    );
+    let stats = bus.stats();
+    // The first wait records its event and goes round a tier once; the three after it are held.
+    assert_eq!((stats.delayed, stats.delivered, stats.acked), (1, 2, 2));
+    assert_eq!(report.abandoned, 0);
+    assert!(stats.is_idle());
+    assert_eq!(
+        bus.events().iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
+        [EventKind::Waiting {
+            what: "replication".into()
+        }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_slots_every_wait_goes_round_a_delay_tier() {
+    let bus = testkit::bus();
+    let handler = replication(5, Duration::from_millis(120));
+    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let settings = RuntimeSettings {
+        held_waits: 0,
+        ..testkit::settings()
+    };
+
+    runtime(bus.clone(), handler.clone(), settings)
+        .run(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+
+    assert_eq!(looked_at(&handler, start), [0, 120, 240, 360, 480]);
+    let stats = bus.stats();
+    assert_eq!((stats.delayed, stats.delivered, stats.acked), (4, 5, 5));
+    assert!(stats.is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_is_held_no_longer_than_hold_max_in_all() {
+    let bus = testkit::bus();
+    let handler = replication(7, Duration::from_millis(120));
+    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let settings = RuntimeSettings {
+        hold_max: Duration::from_millis(250),
+        ..testkit::settings()
+    };
+
+    runtime(bus.clone(), handler.clone(), settings)
+        .run(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+
+    assert_eq!(looked_at(&handler, start), [0, 120, 240, 360, 480, 600, 720]);
+    // Delivery 1 records its first wait (a tier). Delivery 2, taken at 120, is held at 120 and
+    // 240; at 360 another 120 would hold it 360 ms: a tier. Delivery 3, taken at 480, is held
+    // at 480 and 600 and done at 720.
+    let stats = bus.stats();
+    assert_eq!((stats.delayed, stats.delivered, stats.acked), (2, 3, 3));
+    assert!(stats.is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn waits_beyond_the_slots_go_round_a_tier_and_every_run_ends() {
+    let bus = testkit::bus();
+    let handler = replication(4, Duration::from_millis(100));
+    for _ in 0..3 {
+        bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
+            .await
+            .unwrap();
+    }
+    let settings = RuntimeSettings {
+        held_waits: 1,
+        ..testkit::settings()
+    };
+
+    runtime(bus.clone(), handler.clone(), settings)
+        .run(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+
+    assert_eq!(handler.calls().len(), 12, "three runs, four looks each");
+    let stats = bus.stats();
+    // Three first waits (recorded) go round a tier; of the six that record nothing, one slot held
+    // some and the rest went round too.
+    assert!((4..9).contains(&stats.delayed), "some held, some not: {stats:?}");
+    assert!(stats.is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_runtime_that_stops_hands_its_held_waits_on_through_a_tier() {
+    let bus = testkit::bus();
+    let handler = replication(1000, Duration::from_secs(3));
+    let first = envelope(Stage::Replicate);
+    bus.publish(Stage::Replicate, &first.encode(), None).await.unwrap();
+    let start = Instant::now();
+
+    // Looks at 0 (recorded: a tier) and 3 s (held until 6 s); stops at 4 s.
+    let report = runtime(bus.clone(), handler.clone(), testkit::settings())
+        .run(tokio::time::sleep(Duration::from_secs(4)))
+        .await;
+
+    assert_eq!(Instant::now() - start, Duration::from_secs(4), "no grace spent waiting");
+    assert_eq!(report.abandoned, 0);
+    assert_eq!(looked_at(&handler, start), [0, 3000]);
+    let stats = bus.stats();
+    assert_eq!((stats.delayed, stats.acked, stats.unacked, stats.waiting), (2, 2, 0, 1));
+    // What waits on the tier is the held message as its last look left it: due at 6 s.
+    let again = bus.next(&[Stage::Replicate]).await.unwrap();
+    assert_eq!(Instant::now() - start, Duration::from_secs(6));
+    let waiting = Envelope::decode(&again.body).unwrap();
+    assert_eq!(waiting.message_id, first.message_id);
+    assert_eq!(waiting.operation.map(|op| op.polls), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_wait_of_a_run_cancelled_meanwhile_stops_at_its_next_look() {
+    let bus = testkit::bus();
+    let handler = replication(1000, Duration::from_secs(1));
+    let ledger = Arc::new(crate::ledger::Ledger::start(
+        bus.clone(),
+        testkit::settings().ledger(),
+        None,
+    ));
+    ledger.catch_up(Duration::from_secs(1)).await.unwrap();
+    // A message from before the ledger (no token): the cancel gate alone decides.
+    let mut message = envelope(Stage::Replicate);
+    message.token = uuid::Uuid::nil();
+    bus.publish(Stage::Replicate, &message.encode(), None).await.unwrap();
+    let runtime = runtime(bus.clone(), handler.clone(), testkit::settings()).with_ledger(ledger);
+    let running = tokio::spawn(async move { runtime.run(tokio::time::sleep(Duration::from_secs(10))).await });
+
+    // Held from its look at 1 s until 2 s; cancelled at 1.5 s.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(bus.stats().unacked, 1, "held");
+    let cancel = crate::events::Event {
+        run_id: message.run_id,
+        pipeline: message.pipeline.clone(),
+        version: message.version.clone(),
+        stage: Stage::Replicate,
+        branch: message.branch.clone(),
+        at: OffsetDateTime::now_utc(),
+        kind: EventKind::CancelRequested,
+    };
+    bus.publish_event(&cancel).await.unwrap();
+    running.await.unwrap();
+
+    assert_eq!(handler.calls().len(), 2, "no look once cancelled");
+    let kinds: Vec<EventKind> = bus.events().into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.last(), Some(&EventKind::Cancelled));
+    assert!(bus.stats().is_idle());
+}
