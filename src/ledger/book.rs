@@ -14,6 +14,9 @@
 //! - a commit counts only when made by the holder of the token it consumes;
 //! - a copy whose token is spent, or that was made by a claim that lost, is stale; so is every copy
 //!   of a run with nothing live left (its records are then forgotten, its start and cancel kept).
+//!
+//! What a run's steps leave behind is kept small, since a worker's book holds every unfinished run:
+//! a committed step leaves its claim (claim id → token) and its spent token, not its hold.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -52,12 +55,12 @@ pub enum Verdict {
     TakeOver { holder: Uuid },
 }
 
+/// A claim holding a token that is not spent yet.
 #[derive(Debug)]
 struct Hold {
     holder: Uuid,
     /// When this reader read the holder's claim.
     since: Instant,
-    committed: bool,
     released: bool,
 }
 
@@ -84,10 +87,12 @@ struct RunBook {
 #[derive(Debug, Default)]
 struct Fences {
     slots: HashMap<Uuid, Slot>,
-    /// Claims by the token they hold.
+    /// Claims by the token they hold, until it is spent.
     holds: HashMap<Uuid, Hold>,
     /// Every claim read: claim id → the token it claimed.
     claims: HashMap<Uuid, Uuid>,
+    /// Tokens consumed by a commit that counted.
+    spent: HashSet<Uuid>,
     /// Pool targets whose pool verified.
     verified: HashSet<String>,
 }
@@ -111,7 +116,7 @@ impl Book {
                 self.run(claim.run_id).apply_claim(claim, now);
                 true
             }
-            Record::Commit(commit) => self.run(commit.run_id).apply_commit(commit, now),
+            Record::Commit(commit) => self.run(commit.run_id).apply_commit(commit),
             Record::Release(release) => {
                 self.run(release.run_id).apply_release(release);
                 true
@@ -133,25 +138,24 @@ impl Book {
         if message_id == run_id && token == run_id {
             // The admission: open until the run has started.
             let run = self.runs.get(&run_id);
-            let started = run.is_some_and(|run| run.started.is_some() || run.hold(&token).is_some_and(|h| h.committed));
+            let started = run.is_some_and(|run| run.started.is_some() || run.is_spent(&token));
             return if started { Standing::Stale } else { Standing::Live };
         }
         let Some(run) = self.runs.get(&run_id) else {
             return Standing::Unknown;
         };
-        if run.hold(&token).is_some_and(|h| h.committed) {
-            return Standing::Stale;
-        }
-        if run.settled {
+        if run.is_spent(&token) || run.settled {
             return Standing::Stale;
         }
         if run.slot(&message_id).is_some_and(|s| s.live == Some(token)) {
             return Standing::Live;
         }
-        // Not live: stale when the step that made it did not make it live (its claim lost, or
-        // it committed other successors); otherwise its commit may just not have been read.
-        match run.claimed(&made_by).and_then(|t| run.hold(t)) {
-            Some(hold) if hold.holder != made_by || hold.committed => Standing::Stale,
+        // Not live: stale when the step that made it did not make it live (what it claimed is spent:
+        // by another claim, or by its own commit, which listed other successors; or another claim
+        // holds it); otherwise its commit may just not have been read.
+        match run.claimed(&made_by) {
+            Some(token) if run.is_spent(token) => Standing::Stale,
+            Some(token) if run.hold(token).is_some_and(|hold| hold.holder != made_by) => Standing::Stale,
             _ => Standing::Unknown,
         }
     }
@@ -169,7 +173,6 @@ impl Book {
             // Not read yet (the caller waits for its claim to be read first).
             None => Verdict::Wait,
             Some(hold) if hold.holder == claim.claim => Verdict::Won,
-            Some(hold) if hold.committed => Verdict::Stale,
             Some(hold) if hold.released || now.saturating_duration_since(hold.since) > timeout => {
                 Verdict::TakeOver { holder: hold.holder }
             }
@@ -177,15 +180,13 @@ impl Book {
         }
     }
 
-    /// Whether a claim other than a committed, released or timed-out one holds `token`: a copy of
-    /// that state is put off without a look.
+    /// Whether a claim other than a released or timed-out one holds `token`, not spent yet: a copy
+    /// of that state is put off without a look.
     pub fn held(&self, run_id: Uuid, token: Uuid, now: Instant, timeout: Duration) -> bool {
         self.runs
             .get(&run_id)
             .and_then(|run| run.hold(&token))
-            .is_some_and(|hold| {
-                !hold.committed && !hold.released && now.saturating_duration_since(hold.since) <= timeout
-            })
+            .is_some_and(|hold| !hold.released && now.saturating_duration_since(hold.since) <= timeout)
     }
 
     /// Whether the claim that made a copy has been read and neither committed nor lost: its
@@ -196,7 +197,7 @@ impl Book {
         };
         run.claimed(&made_by)
             .and_then(|token| run.hold(token))
-            .is_some_and(|hold| hold.holder == made_by && !hold.committed)
+            .is_some_and(|hold| hold.holder == made_by)
     }
 
     /// Whether claim `claim` has been read.
@@ -244,12 +245,12 @@ impl Book {
         Some(!run.settled && run.slots().any(|slot| slot.live.is_some()))
     }
 
-    /// Slots and claims held in memory (for tests and the memory bench).
+    /// Slots, claims, holds and spent tokens held in memory (for tests and the memory bench).
     pub fn open_records(&self) -> usize {
         self.runs
             .values()
             .filter_map(|run| run.fences())
-            .map(|f| f.slots.len() + f.claims.len())
+            .map(|f| f.slots.len() + f.claims.len() + f.holds.len() + f.spent.len())
             .sum()
     }
 }
@@ -276,6 +277,10 @@ impl RunBook {
         self.fences()?.claims.get(claim)
     }
 
+    fn is_spent(&self, token: &Uuid) -> bool {
+        self.fences().is_some_and(|f| f.spent.contains(token))
+    }
+
     fn slots(&self) -> impl Iterator<Item = &Slot> {
         self.fences().into_iter().flat_map(|f| f.slots.values())
     }
@@ -297,7 +302,11 @@ impl RunBook {
 
     fn apply_claim(&mut self, claim: &Claim, now: Instant) {
         let fences = self.fences_mut();
+        // Kept even for a spent token: what such a claim sends is stale.
         fences.claims.insert(claim.claim, claim.token);
+        if fences.spent.contains(&claim.token) {
+            return;
+        }
         match fences.holds.get_mut(&claim.token) {
             None => {
                 fences.holds.insert(
@@ -305,12 +314,11 @@ impl RunBook {
                     Hold {
                         holder: claim.claim,
                         since: now,
-                        committed: false,
                         released: false,
                     },
                 );
             }
-            Some(hold) if !hold.committed && claim.supersedes == Some(hold.holder) => {
+            Some(hold) if claim.supersedes == Some(hold.holder) => {
                 hold.holder = claim.claim;
                 hold.since = now;
                 hold.released = false;
@@ -328,26 +336,23 @@ impl RunBook {
         }
     }
 
-    fn apply_commit(&mut self, commit: &Commit, now: Instant) -> bool {
+    fn apply_commit(&mut self, commit: &Commit) -> bool {
         let fences = self.fences_mut();
         if let Some(consumed) = &commit.consumed {
-            match fences.holds.get_mut(&consumed.token) {
-                Some(hold) if hold.committed || hold.holder != commit.claim => return false,
-                Some(hold) => hold.committed = true,
+            if fences.spent.contains(&consumed.token) {
+                return false;
+            }
+            match fences.holds.get(&consumed.token) {
+                Some(hold) if hold.holder != commit.claim => return false,
+                Some(_) => {
+                    fences.holds.remove(&consumed.token);
+                }
                 // Its claim is not in the stream any more (retention): the commit stands.
                 None => {
                     fences.claims.insert(commit.claim, consumed.token);
-                    fences.holds.insert(
-                        consumed.token,
-                        Hold {
-                            holder: commit.claim,
-                            since: now,
-                            committed: true,
-                            released: false,
-                        },
-                    );
                 }
             }
+            fences.spent.insert(consumed.token);
             if let Some(slot) = fences.slots.get_mut(&consumed.message_id)
                 && slot.live == Some(consumed.token)
             {
@@ -507,6 +512,51 @@ mod tests {
         assert_eq!(run.book.standing(run.id, first, next, a.claim), Standing::Live);
         // A second commit of the same token does not count, even by its holder.
         assert!(!run.commit(&a, Vec::new(), Vec::new()));
+    }
+
+    /// A fenced run's book grows with its steps until it settles: a committed step leaves its
+    /// claim and its spent token, never its hold, and copies of what it consumed or sent aside
+    /// stay stale.
+    #[test]
+    fn a_committed_step_leaves_its_claim_and_spent_token_not_its_hold() {
+        let mut run = Run::new();
+        let (first, mut token, _) = run.admit();
+        let mut claims = Vec::new();
+        for _ in 0..20 {
+            let step = run.claim(first, token);
+            let next = Uuid::new_v4();
+            assert!(run.commit(&step, vec![(first, next, Branch::Trunk)], Vec::new()));
+            claims.push((step, token));
+            token = next;
+        }
+        let fences = run.book.runs[&run.id].fences.as_ref().unwrap();
+        assert_eq!(
+            (
+                fences.slots.len(),
+                fences.holds.len(),
+                fences.claims.len(),
+                fences.spent.len()
+            ),
+            (1, 0, 21, 21),
+            "one slot, no holds, the admission's and 20 steps' claims and spent tokens"
+        );
+        for (step, spent) in &claims {
+            assert_eq!(run.book.standing(run.id, first, *spent, Uuid::nil()), Standing::Stale);
+            // A copy the step made but its commit did not list.
+            assert_eq!(
+                run.book.standing(run.id, first, Uuid::new_v4(), step.claim),
+                Standing::Stale
+            );
+            // A claim read after the commit holds nothing and is stale.
+            let late = run.claim(first, *spent);
+            assert_eq!(run.book.verdict(&late, Uuid::nil(), run.now, TIMEOUT), Verdict::Stale);
+            assert!(!run.book.held(run.id, *spent, run.now, TIMEOUT));
+        }
+        assert_eq!(run.book.runs[&run.id].fences.as_ref().unwrap().holds.len(), 0);
+        assert_eq!(
+            run.book.standing(run.id, first, token, claims[19].0.claim),
+            Standing::Live
+        );
     }
 
     /// Every worker keeps a record per run the stream retains: one that never had a claim, or has
