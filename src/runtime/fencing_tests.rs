@@ -279,7 +279,8 @@ fn assert_each_step_once(handler: &Script, events: &[Event]) -> usize {
     let mut dropped = 0;
     for event in events {
         match event.kind {
-            EventKind::Retried { .. } => continue,
+            // A note, not a record: two live copies of a waiting message may both say they wait.
+            EventKind::Retried { .. } | EventKind::Waiting { .. } => continue,
             EventKind::DuplicateDropped { .. } => {
                 dropped += 1;
                 continue;
@@ -373,7 +374,7 @@ async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
         let bus = Unreliable::new(seed, 0.1, 0.1);
         let handler = nightly();
         let held_waits = if seed % 2 == 1 { 4 } else { 0 };
-        let events = drive_runs(bus.clone(), handler.clone(), 5, held_waits).await;
+        let events = drive_runs(bus.clone(), handler.clone(), 8, held_waits).await;
         let dropped = assert_each_step_once(&handler, &events);
         let doubled = bus.doubled.load(Ordering::Relaxed);
         let failed = bus.failed_acks.load(Ordering::Relaxed);

@@ -88,10 +88,13 @@ impl Effects {
     /// Whether the step records something the ledger must fence: events, a park, a branch that
     /// ends (no message goes on), another message, or a change to the run's state. A wait that only
     /// moves its own hold records nothing: its copies may look at Azure side by side until one of
-    /// them records something.
+    /// them records something. Its `Waiting` event, if it has one (the first look at an
+    /// operation), is a note published as it is, not a record: two copies of a waiting message
+    /// may both say they wait, as they may both look.
     fn records_something(&self, message: &Envelope) -> bool {
+        let notes_only = self.events.iter().all(|e| matches!(e, EventKind::Waiting { .. }));
         match self.messages.as_slice() {
-            [next] if self.events.is_empty() && self.park.is_none() => {
+            [next] if notes_only && self.park.is_none() => {
                 next.message_id != message.message_id
                     || next.stage != message.stage
                     || next.branch != message.branch
@@ -360,6 +363,9 @@ impl Runtime {
                     return self.let_go(message.stage);
                 }
                 if let Some(slot) = self.may_hold(message, &effects, taken, now) {
+                    if let Err(error) = self.publish_events(message, &effects.events, now).await {
+                        return self.settled(message.stage, handled, settle(acker, Err(error)).await);
+                    }
                     let next = effects
                         .messages
                         .pop()
@@ -598,14 +604,25 @@ impl Runtime {
         effects: &Effects,
         now: OffsetDateTime,
     ) -> Result<(), BusError> {
-        for kind in &effects.events {
-            self.bus.publish_event(&event_of(message, kind.clone(), now)).await?;
-        }
+        self.publish_events(message, &effects.events, now).await?;
         for next in &effects.messages {
             self.route(next, now).await?;
         }
         if let Some(reason) = &effects.park {
             self.bus.park(body, reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a step's events on their own (not in a commit), in order.
+    async fn publish_events(
+        &self,
+        message: &Envelope,
+        events: &[EventKind],
+        now: OffsetDateTime,
+    ) -> Result<(), BusError> {
+        for kind in events {
+            self.bus.publish_event(&event_of(message, kind.clone(), now)).await?;
         }
         Ok(())
     }

@@ -216,13 +216,14 @@ pub fn branch_positions(events: &[Event]) -> Vec<Stage> {
 }
 
 /// Records `event`'s stage as its branch's latest; a dropped stale copy says nothing of where its
-/// branch is now.
+/// branch is now. A branch only moves forward: a `Waiting` note of a copy that was overtaken
+/// (published unfenced, it may come after the next stage's events) does not move it back.
 fn note_latest(latest: &mut Vec<(Branch, Stage)>, event: &Event) {
     if matches!(event.kind, EventKind::DuplicateDropped { .. }) {
         return;
     }
     match latest.iter_mut().find(|(branch, _)| *branch == event.branch) {
-        Some((_, stage)) => *stage = event.stage,
+        Some((_, stage)) => *stage = (*stage).max(event.stage),
         None => {
             // One more, not four: a waiting run has one branch, and thousands of runs wait.
             latest.reserve_exact(1);
@@ -330,6 +331,32 @@ mod tests {
                 ],
             },
         )
+    }
+
+    /// A `Waiting` note is published unfenced: one from a copy that was overtaken may come after
+    /// the branch's next stage's events, and must not move the branch back.
+    #[test]
+    fn a_late_note_from_an_earlier_stage_does_not_move_a_branch_back() {
+        let waiting =
+            |stage: Stage, what: &str| event(1, stage, Branch::Trunk, EventKind::Waiting { what: what.into() });
+        let mut tracker = RunTracker::default();
+        tracker.apply(&started(1));
+        tracker.apply(&waiting(Stage::ImageCreate, "image"));
+        tracker.apply(&waiting(Stage::GalleryPublish, "gallery"));
+        tracker.apply(&waiting(Stage::ImageCreate, "image"));
+        assert_eq!(
+            (
+                tracker.in_flight(Stage::ImageCreate),
+                tracker.in_flight(Stage::GalleryPublish)
+            ),
+            (0, 1)
+        );
+        let events = [
+            started(1),
+            waiting(Stage::GalleryPublish, "gallery"),
+            waiting(Stage::Snapshot, "snapshots"),
+        ];
+        assert_eq!(branch_positions(&events), [Stage::GalleryPublish]);
     }
 
     #[test]
