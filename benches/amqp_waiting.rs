@@ -49,8 +49,14 @@
 //! whole cycle (`SIGRUN_BENCH_POLL_S=0 SIGRUN_BENCH_WINDOW_S=660`), or start the window later
 //! (`SIGRUN_BENCH_SETTLE_S`, default 0).
 //!
+//! **Fenced runs.** By default the runs are started unfenced (no ledger token), as messages from
+//! before the ledger would be: what a waiting run costs apart from fencing. With
+//! `SIGRUN_BENCH_FENCED=1` each run starts as an admission would start it, with a commit in the
+//! stream that makes its first message live, so every step is claimed and committed and every
+//! worker's ledger keeps the run's slots, claims and spent tokens while it waits.
+//!
 //! `cargo bench --bench amqp_waiting`; `SIGRUN_BENCH_RUNS`, `SIGRUN_BENCH_WINDOW_S`,
-//! `SIGRUN_BENCH_POLL_S`, `SIGRUN_BENCH_SETTLE_S`, `SIGRUN_BENCH_AMQP_URL`.
+//! `SIGRUN_BENCH_POLL_S`, `SIGRUN_BENCH_SETTLE_S`, `SIGRUN_BENCH_FENCED`, `SIGRUN_BENCH_AMQP_URL`.
 
 mod common;
 
@@ -66,6 +72,7 @@ use sigrun::bus::Bus;
 use sigrun::bus::amqp::AmqpBus;
 use sigrun::config::Settings;
 use sigrun::events::{Event, EventKind, PoolRef};
+use sigrun::ledger::record::{Commit, Record, Successor};
 use sigrun::model::envelope::{Artifacts, Branch, SnapshotArtifact, Stage};
 use sigrun::model::ids::ImageId;
 use time::OffsetDateTime;
@@ -88,6 +95,7 @@ fn main() {
         window: Duration::from_secs(common::env_or("SIGRUN_BENCH_WINDOW_S", 60)),
         poll_s: common::env_or("SIGRUN_BENCH_POLL_S", 30),
         settle: Duration::from_secs(common::env_or("SIGRUN_BENCH_SETTLE_S", 0)),
+        fenced: common::env_or("SIGRUN_BENCH_FENCED", 0u8) == 1,
     };
     let runtime = common::runtime();
     runtime.block_on(bench(options));
@@ -100,6 +108,8 @@ struct Options {
     poll_s: u64,
     /// From all runs waiting to the window's start.
     settle: Duration,
+    /// Start each run with an admission's commit, so its steps are fenced by the ledger.
+    fenced: bool,
 }
 
 async fn bench(options: Options) {
@@ -131,6 +141,9 @@ async fn bench(options: Options) {
         options.window.as_secs(),
         options.settle.as_secs()
     );
+    if options.fenced {
+        println!("runs fenced: each started by an admission's commit");
+    }
 
     let mut workers: Vec<Worker> = Stage::ALL
         .iter()
@@ -161,13 +174,13 @@ async fn bench(options: Options) {
     let publisher = {
         let bus = Arc::clone(&bus);
         let spec = nightly.spec.clone();
-        let (base, image, runs) = (base.clone(), image.clone(), options.runs);
+        let (base, image, runs, fenced) = (base.clone(), image.clone(), options.runs, options.fenced);
         tokio::spawn(async move {
             futures_util::stream::iter(1..=runs)
                 .map(|i| {
                     let bus = Arc::clone(&bus);
                     let (spec, base, image) = (&spec, &base, &image);
-                    async move { start_run(bus.as_ref(), spec, base, image, i).await }
+                    async move { start_run(bus.as_ref(), spec, base, image, i, fenced).await }
                 })
                 .buffer_unordered(PUBLISH_IN_FLIGHT)
                 .collect::<Vec<()>>()
@@ -377,12 +390,14 @@ fn write_config(nightly: &Nightly, dir: &Path, prefix: &str, poll_s: u64) -> Pat
 }
 
 /// Publishes run `i`: its `RunStarted` event, then its first message at `gallery-publish`.
+/// Fenced: the event goes in a commit that makes the message live, as an admission's does.
 async fn start_run(
     bus: &AmqpBus,
     spec: &sigrun::model::spec::PipelineSpec,
     base: &sigrun::model::plan::Plan,
     image: &ImageId,
     i: usize,
+    fenced: bool,
 ) {
     let version = format!("2026.1127.{i}");
     let mut plan = common::plan_for_version(base, &version);
@@ -408,7 +423,7 @@ async fn start_run(
         image: Some(image.clone()),
         ..Artifacts::default()
     };
-    let message = common::envelope(spec, &plan, Stage::GalleryPublish, artifacts);
+    let mut message = common::envelope(spec, &plan, Stage::GalleryPublish, artifacts);
     let started = Event {
         run_id: message.run_id,
         pipeline: spec.name.clone(),
@@ -429,7 +444,28 @@ async fn start_run(
                 .collect(),
         },
     };
-    bus.publish_event(&started).await.expect("publish RunStarted");
+    if fenced {
+        let admission = Uuid::new_v4();
+        (message.token, message.made_by, message.admission) = (Uuid::new_v4(), admission, admission);
+        let commit = Commit {
+            run_id: message.run_id,
+            pipeline: spec.name.clone(),
+            claim: admission,
+            consumed: None,
+            successors: vec![Successor {
+                message_id: message.message_id,
+                token: message.token,
+                stage: message.stage,
+                branch: message.branch.clone(),
+            }],
+            events: vec![started],
+        };
+        bus.publish_record(&Record::Commit(commit))
+            .await
+            .expect("publish the admission's commit");
+    } else {
+        bus.publish_event(&started).await.expect("publish RunStarted");
+    }
     bus.publish(Stage::GalleryPublish, &message.encode(), None)
         .await
         .expect("publish the first message");

@@ -297,8 +297,9 @@ impl Http {
     /// Waits until the request's budget admits it: here, for at most the pacing hold inside a
     /// step (longer, it is handed back as `AzureError::paced` and the step is put off on a delay
     /// tier instead of holding a consumer), and at most as long as a call may retry outside one
-    /// (longer, the caller gets the paced error, a throttling with its `retry_after`).
-    async fn paced(&self, call: &Call<'_>, scope: &pacing::Scope) -> Result<(), Failure> {
+    /// (longer, the caller gets the paced error, a throttling with its `retry_after`). The request is
+    /// in flight for the pacer until what this returns is dropped.
+    async fn paced<'a>(&'a self, call: &Call<'_>, scope: &'a pacing::Scope) -> Result<pacing::InFlight<'a>, Failure> {
         let urgency = pacing::current_urgency();
         let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
         let limit = if handing_back {
@@ -310,7 +311,12 @@ impl Http {
         loop {
             let now = tokio::time::Instant::now();
             let wait = match self.pacer.admit(scope, urgency, now) {
-                Admit::Go => return Ok(()),
+                Admit::Go => {
+                    return Ok(pacing::InFlight {
+                        pacer: &self.pacer,
+                        scope,
+                    });
+                }
                 Admit::Wait(wait) => wait,
             };
             if now.saturating_duration_since(started) + wait > limit {
@@ -325,9 +331,11 @@ impl Http {
             return Err(Failure::Http(Throttles::held_back(&call.operation, left)));
         }
         let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
-        if let Some(bucket) = &bucket {
-            self.paced(call, bucket).await?;
-        }
+        // Held until this attempt ends: the pacer counts it in flight until then.
+        let _in_flight = match &bucket {
+            Some(bucket) => Some(self.paced(call, bucket).await?),
+            None => None,
+        };
         let scope = match call.audience {
             Audience::Arm => &self.arm_scope,
             Audience::Batch => &self.batch_scope,

@@ -5,7 +5,9 @@
 //! left (`x-ms-ratelimit-remaining-subscription-{reads,writes,deletes}`). Every worker sharing a
 //! subscription reads those headers, so each holds the same picture of the shared bucket, a
 //! moment old, and keeps its own estimate between answers: the last count seen, less what it sent
-//! since, plus the refill. A request goes out when the estimate stays above a *reserve* that
+//! since, plus the refill — but never more than the bucket's size less its own requests still in
+//! flight: those have not drawn from Azure's bucket yet, which meanwhile may sit full and refill no
+//! further (the first burst of a process waits for its token and connections before any arrives). A request goes out when the estimate stays above a *reserve* that
 //! shrinks with the request's urgency: the least urgent look leaves a quarter of the bucket (by default)
 //! to the others, the most urgent (a run's last stage) may take the last token. So when looks
 //! outnumber the refill, the runs nearest to done go first and the rest wait for the refill instead
@@ -160,6 +162,8 @@ struct Gauge {
     at: Instant,
     /// A 429 said nothing is left until then.
     blocked_until: Option<Instant>,
+    /// Requests admitted and not answered yet (counted buckets only).
+    in_flight: u32,
 }
 
 impl Gauge {
@@ -168,13 +172,15 @@ impl Gauge {
             tokens: kind.limit().0,
             at: now,
             blocked_until: None,
+            in_flight: 0,
         }
     }
 
-    /// The estimate at `now`: refilled at `refill` a second since `at`, up to the burst.
+    /// The estimate at `now`: refilled at `refill` a second since `at`, up to the burst less what
+    /// is in flight (Azure's bucket cannot refill past its size before those requests draw).
     fn estimate(&self, kind: Kind, refill: f64, now: Instant) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        (self.tokens + refill * elapsed).min(kind.limit().0)
+        (self.tokens + refill * elapsed).min(kind.limit().0 - f64::from(self.in_flight))
     }
 }
 
@@ -232,7 +238,20 @@ impl Pacer {
         }
         gauge.tokens = estimate - 1.0;
         gauge.at = now;
+        gauge.in_flight = gauge.in_flight.saturating_add(1);
         Admit::Go
+    }
+
+    /// A request `admit` let go to `scope` was answered, or will never be sent (an error before
+    /// or instead of its answer).
+    pub fn landed(&self, scope: &Scope) {
+        if !counted(scope) {
+            return;
+        }
+        let mut gauges = self.gauges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(gauge) = gauges.get_mut(scope) {
+            gauge.in_flight = gauge.in_flight.saturating_sub(1);
+        }
     }
 
     /// What an answer from `scope` said: the remaining count (ARM), or that the bucket is empty
@@ -269,6 +288,18 @@ impl Pacer {
             let until = now + retry_after.unwrap_or(unstated);
             gauge.blocked_until = Some(gauge.blocked_until.map_or(until, |u| u.max(until)));
         }
+    }
+}
+
+/// A request `admit` let go, until it lands (dropped: answered, failed, or abandoned).
+pub struct InFlight<'a> {
+    pub pacer: &'a Pacer,
+    pub scope: &'a Scope,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.pacer.landed(self.scope);
     }
 }
 
@@ -353,6 +384,38 @@ mod tests {
             went += 1;
         }
         assert_eq!(went, 9);
+    }
+
+    /// The first burst is admitted before any request has a token or a connection: until they
+    /// arrive, Azure's bucket sits full and refills nothing, so the refill must not be counted on
+    /// top of what they will draw.
+    #[test]
+    fn requests_in_flight_keep_the_refill_from_counting_twice() {
+        let p = pacer();
+        let start = Instant::now();
+        let mut went = 0;
+        while p.admit(&reads(), 0.0, start) == Admit::Go {
+            went += 1;
+        }
+        assert_eq!(went, 125, "down to the reserve of 125");
+        // A second later the refill (25) would let 25 more go; none of the 125 has arrived, so
+        // Azure may still hold all 250 and draw the 125 only now: nothing goes.
+        let later = start + Duration::from_secs(1);
+        assert!(matches!(p.admit(&reads(), 0.0, later), Admit::Wait(_)));
+        // Once they have landed, the refill counts.
+        for _ in 0..125 {
+            p.landed(&reads());
+        }
+        let mut went = 0;
+        while p.admit(&reads(), 0.0, later) == Admit::Go {
+            went += 1;
+        }
+        assert_eq!(went, 25);
+        // Landing more than was admitted, or in a scope never admitted, is harmless.
+        for _ in 0..100 {
+            p.landed(&reads());
+        }
+        p.landed(&("batch|h|a".to_string(), Kind::Reads));
     }
 
     #[test]
