@@ -681,12 +681,14 @@ fn reference_positions(events: &[sigrun::events::Event]) -> Vec<sigrun::model::e
     }) else {
         return Vec::new();
     };
-    // A dropped stale copy says nothing of where its branch is now.
-    let latest = |branch: &Branch| {
+    // A dropped stale copy says nothing of where its branch is now; a branch only moves forward
+    // (a `Waiting` note of an overtaken copy may come after the next stage's events).
+    let furthest = |branch: &Branch| {
         events
             .iter()
-            .rev()
-            .find(|e| e.branch == *branch && !matches!(e.kind, EventKind::DuplicateDropped { .. }))
+            .filter(|e| e.branch == *branch && !matches!(e.kind, EventKind::DuplicateDropped { .. }))
+            .map(|e| e.stage)
+            .max()
     };
     let ends = |e: &sigrun::events::Event| {
         matches!(
@@ -709,7 +711,7 @@ fn reference_positions(events: &[sigrun::events::Event]) -> Vec<sigrun::model::e
         let trunk_ended =
             events.iter().any(|e| e.branch == Branch::Trunk && ends(e)) || regions.iter().all(region_ended);
         if !trunk_ended {
-            positions.push(latest(&Branch::Trunk).map_or(entry, |e| e.stage));
+            positions.push(furthest(&Branch::Trunk).unwrap_or(entry));
         }
     }
     for pool in pools {
@@ -727,7 +729,7 @@ fn reference_positions(events: &[sigrun::events::Event]) -> Vec<sigrun::model::e
         if events.iter().any(|e| e.branch == branch && ends(e)) {
             continue;
         }
-        let at = latest(&branch).map_or(entry.max(Stage::PoolCreate), |e| e.stage);
+        let at = furthest(&branch).unwrap_or(entry.max(Stage::PoolCreate));
         positions.push(at);
     }
     positions
