@@ -141,8 +141,9 @@ async fn worker_endpoints_follow_the_broker_connection_and_count_handled_message
         .sum();
 
     worker.stop().await;
-    // The worker's own tally of deliveries handled agrees with what the metrics counted (every
-    // delivery of this run was acked once: none was returned to its queue).
+    // The worker's own tally of messages handled (deliveries, and the further looks of waits it
+    // held) agrees with what the metrics counted (every delivery of this run was acked once: none
+    // was returned to its queue).
     let stderr = worker.stderr_text();
     let handled: f64 = stderr
         .lines()
@@ -155,7 +156,7 @@ async fn worker_endpoints_follow_the_broker_connection_and_count_handled_message
         })
         .unwrap_or_else(|| panic!("the worker says how many deliveries it handled{}", worker.report()));
     assert_eq!(counted, handled, "metrics:\n{metrics}{}", worker.report());
-    eprintln!("run {run_id}: {handled} deliveries handled and counted");
+    eprintln!("run {run_id}: {handled} messages handled and counted");
 
     drop(relay);
     support::delete_topology(bus, &settings).await;

@@ -128,7 +128,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<ExitCode> {
     }
     close(ledger, server, &bus).await;
     eprintln!(
-        "sigrun worker: stopped ({} deliveries handled, {} returned unfinished, {triggers} trigger(s) handled)",
+        "sigrun worker: stopped ({} messages handled, {} returned unfinished, {triggers} trigger(s) handled)",
         report.handled, report.abandoned
     );
     Ok(ExitCode::SUCCESS)

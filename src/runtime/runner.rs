@@ -49,6 +49,8 @@ pub struct Runtime {
     ledger: Option<Arc<Ledger>>,
     /// The waits held here for their next look (`runtime::held`), shared by every clone.
     held: Arc<HeldWaits>,
+    /// Looks handled to the end, shared by every clone (see [`RuntimeReport::handled`]).
+    looks: Arc<AtomicU64>,
 }
 
 /// When a delivery was taken from its queue, and how many times it has been delivered: a wait
@@ -65,7 +67,8 @@ const PUT_OFF: Duration = Duration::from_secs(1);
 /// What a [`Runtime::run`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RuntimeReport {
-    /// Deliveries handled to the end (settled one way or another).
+    /// Looks handled to the end: every delivery taken (settled one way or another) and every
+    /// further look of a wait held here with its delivery.
     pub handled: u64,
     /// Consumers still busy when the shutdown grace ran out; their deliveries went back unacked.
     pub abandoned: usize,
@@ -131,6 +134,7 @@ impl Runtime {
             handler,
             stages,
             held: Arc::new(HeldWaits::new(settings.held_waits)),
+            looks: Arc::new(AtomicU64::new(0)),
             settings,
             clock: Clock::System,
             observer: None,
@@ -167,11 +171,10 @@ impl Runtime {
     /// deliveries and gives the in-flight ones `shutdown_grace` to finish before abandoning them.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> RuntimeReport {
         let runtime = Arc::new(self.clone());
-        let handled = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = watch::channel(false);
         let mut consumers = JoinSet::new();
         for consumer in 0..self.settings.consumers {
-            let task = consume(Arc::clone(&runtime), stopped.clone(), Arc::clone(&handled));
+            let task = consume(Arc::clone(&runtime), stopped.clone());
             consumers.spawn(task.instrument(info_span!("consumer", consumer)));
         }
         info!(consumers = self.settings.consumers, stages = ?self.stages, "runtime started");
@@ -203,7 +206,7 @@ impl Runtime {
         }
         abandoned += self.hand_on_held(deadline).await;
         let report = RuntimeReport {
-            handled: handled.load(Ordering::Relaxed),
+            handled: self.looks.load(Ordering::Relaxed),
             abandoned,
         };
         info!(handled = report.handled, abandoned, "runtime stopped");
@@ -478,6 +481,7 @@ impl Runtime {
             self.handle_message(next, &body, acker, &hop, taken)
                 .instrument(span)
                 .await;
+            self.looks.fetch_add(1, Ordering::Relaxed);
         })
     }
 
@@ -730,7 +734,7 @@ impl Runtime {
     }
 }
 
-async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, handled: Arc<AtomicU64>) {
+async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>) {
     loop {
         let delivery = tokio::select! {
             // Shutdown wins a tie: no delivery is taken once it is asked for (`next` is cancel-safe).
@@ -742,7 +746,7 @@ async fn consume(runtime: Arc<Runtime>, mut stopped: watch::Receiver<bool>, hand
             },
         };
         runtime.handle_delivery(delivery).await;
-        handled.fetch_add(1, Ordering::Relaxed);
+        runtime.looks.fetch_add(1, Ordering::Relaxed);
     }
 }
 
