@@ -344,9 +344,8 @@ impl Runtime {
 
     /// Carries out what a delivery caused and settles it. A step that records something is
     /// fenced by the ledger: claimed first, its messages sent with fresh tokens, committed last;
-    /// a copy whose claim loses is dropped, one whose step another claim holds is put off. A wait
-    /// that records nothing is held here for its next look when it may be. True when the delivery
-    /// was acked as handled, or held (and the observer told).
+    /// a copy whose claim loses is dropped, one whose step another claim holds is put off. True
+    /// when the delivery was acked as handled, or held (and the observer told).
     async fn conclude(
         &self,
         message: &Envelope,
@@ -359,26 +358,7 @@ impl Runtime {
         let handled = effects.handled;
         let ledger = match &self.ledger {
             Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
-            _ => {
-                // Not fenced: a copy whose delivery the broker has taken back must not publish
-                // its next state (that would make a second copy); the redelivery carries on.
-                if !acker.still_held() {
-                    return self.let_go(message.stage);
-                }
-                if let Some(slot) = self.may_hold(message, &effects, taken, now) {
-                    if let Err(error) = self.publish_events(message, &effects.events, now).await {
-                        return self.settled(message.stage, handled, settle(acker, Err(error)).await);
-                    }
-                    let next = effects
-                        .messages
-                        .pop()
-                        .expect("a wait that records nothing has one message");
-                    self.hold(next, acker, taken, slot);
-                    return self.settled(message.stage, handled, true);
-                }
-                let published = self.carry_out(message, body, &effects, now).await;
-                return self.settled(message.stage, handled, settle(acker, published).await);
-            }
+            _ => return self.conclude_unfenced(message, body, effects, acker, now, taken).await,
         };
         let claim = match ledger.claim(&ClaimKey::of(message)).await {
             Ok(Claimed::Won { claim, deadline }) => (claim, deadline),
@@ -415,6 +395,38 @@ impl Runtime {
             ledger.release(message.run_id, &message.pipeline, claim).await;
         }
         self.settled(message.stage, handled, settle(acker, committed).await)
+    }
+
+    /// Carries out a step the ledger does not fence (it records nothing, or its message is from
+    /// before the ledger): a wait that records nothing is held here for its next look when it may
+    /// be; anything else is published, then the delivery settled.
+    async fn conclude_unfenced(
+        &self,
+        message: &Envelope,
+        body: &[u8],
+        mut effects: Effects,
+        acker: Box<dyn Acker>,
+        now: OffsetDateTime,
+        taken: Taken,
+    ) -> bool {
+        let handled = effects.handled;
+        // A copy whose delivery the broker has taken back must not publish its next state (that
+        // would make a second copy); the redelivery carries on.
+        if !acker.still_held() {
+            return self.let_go(message.stage);
+        }
+        // A wait that records nothing has its one message to hold.
+        if let Some(slot) = self.may_hold(message, &effects, taken, now)
+            && let Some(next) = effects.messages.pop()
+        {
+            if let Err(error) = self.publish_events(message, &effects.events, now).await {
+                return self.settled(message.stage, handled, settle(acker, Err(error)).await);
+            }
+            self.hold(next, acker, taken, slot);
+            return self.settled(message.stage, handled, true);
+        }
+        let published = self.carry_out(message, body, &effects, now).await;
+        self.settled(message.stage, handled, settle(acker, published).await)
     }
 
     /// A slot to hold this step's wait in, if it may be held: it records nothing (one message,
