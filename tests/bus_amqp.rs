@@ -829,6 +829,24 @@ fn first_message() -> Envelope {
     }
 }
 
+/// Runs `runtime` until the sender is used (or dropped); the handle gives its report.
+fn start(
+    runtime: Runtime,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<sigrun::runtime::RuntimeReport>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        runtime
+            .run(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    (stop, running)
+}
+
 /// Snapshot → (a short wait on a delay tier) → image-create → done, with an event at each step.
 struct TwoStages;
 
@@ -870,14 +888,7 @@ async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
     let first = first_message();
     bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        runtime
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, running) = start(runtime);
     let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 2 {
@@ -1011,14 +1022,7 @@ async fn held_wait_run(close_after: u32) -> (u32, u32) {
     .unwrap();
     let first = first_message();
     bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        runtime
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let (stop, running) = start(runtime);
     if close_after > 0 {
         let looked = timeout(WAIT, async {
             while handler.looks.load(std::sync::atomic::Ordering::SeqCst) < close_after {

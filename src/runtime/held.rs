@@ -13,8 +13,9 @@
 //! holds a prefetch slot of its stage consumer: the worker adds that many slots beside
 //! `amqp.prefetch`, so held waits never starve the deliveries that are due).
 //!
-//! On shutdown every held wait goes on a delay tier, confirmed, and its delivery is acked: a
-//! stopping worker hands its waits on as they were.
+//! On shutdown every held wait is published as it stands (on a delay tier, or on its stage queue
+//! if it is due), confirmed, and its delivery is acked: a stopping worker hands its waits on as
+//! they were.
 
 use std::sync::Arc;
 

@@ -17,9 +17,7 @@ use crate::model::envelope::{Envelope, InFlight, Phase, Stage};
 use crate::stages::{Outcome, Step};
 
 fn runtime(bus: Arc<crate::bus::memory::MemoryBus>, handler: Arc<Script>, settings: RuntimeSettings) -> Runtime {
-    Runtime::new(bus, handler, Stage::ALL.to_vec(), settings)
-        .unwrap()
-        .with_clock(Clock::tokio())
+    testkit::runtime_with(bus, handler, Clock::tokio(), settings)
 }
 
 /// Waits on replication every `every` for `looks` looks, then is done. The first wait says that

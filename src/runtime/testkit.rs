@@ -152,6 +152,18 @@ pub fn settings() -> RuntimeSettings {
     }
 }
 
+/// A runtime over every stage with `settings` and `clock`.
+pub fn runtime_with(
+    bus: Arc<dyn crate::bus::Bus>,
+    handler: Arc<dyn Handler>,
+    clock: super::Clock,
+    settings: RuntimeSettings,
+) -> super::Runtime {
+    super::Runtime::new(bus, handler, crate::model::envelope::Stage::ALL.to_vec(), settings)
+        .unwrap()
+        .with_clock(clock)
+}
+
 pub fn bus() -> Arc<MemoryBus> {
     Arc::new(MemoryBus::new(settings().tiers))
 }

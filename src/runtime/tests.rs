@@ -30,11 +30,7 @@ fn runtime(bus: Arc<dyn Bus>, handler: Arc<dyn Handler>, clock: Clock) -> Runtim
     runtime_with(bus, handler, clock, testkit::settings())
 }
 
-fn runtime_with(bus: Arc<dyn Bus>, handler: Arc<dyn Handler>, clock: Clock, settings: RuntimeSettings) -> Runtime {
-    Runtime::new(bus, handler, Stage::ALL.to_vec(), settings)
-        .unwrap()
-        .with_clock(clock)
-}
+use testkit::runtime_with;
 
 /// Runs the consumers for `length` of (paused) time, then shuts them down.
 async fn run_for(runtime: &Runtime, length: Duration) -> RuntimeReport {
