@@ -50,10 +50,20 @@ fn watch_readiness(addr: SocketAddr) -> (Transitions, tokio::task::JoinHandle<()
     (transitions, task)
 }
 
-/// Waits until a worker's `/readyz` said 200 after `since`; returns how long after `since`.
+/// Waits until a worker's `/readyz` says 200 at or after `since`; returns how long after `since`.
+/// A worker may connect before the node's start command returns (the node accepts connections
+/// before its last boot step ends): a worker already back at `since` took no time at all.
 async fn ready_after(transitions: &Transitions, since: Instant, worker: &Process, closed_at: Instant) -> Duration {
     loop {
         let seen = transitions.lock().expect("transitions lock").clone();
+        let at_since = seen
+            .iter()
+            .rev()
+            .find(|(at, _)| *at <= since)
+            .map(|(_, status)| *status);
+        if at_since == Some(200) {
+            return Duration::ZERO;
+        }
         if let Some((at, _)) = seen.iter().find(|(at, status)| *at > since && *status == 200) {
             return at.saturating_duration_since(since);
         }

@@ -16,9 +16,11 @@
 //!   of a run with nothing live left (its records are then forgotten, its start and cancel kept).
 //!
 //! What a run's steps leave behind is kept small, since a worker's book holds every unfinished run:
-//! a committed step leaves its claim (claim id → token) and its spent token, not its hold.
+//! a committed step leaves its claim (claim id → token) and its spent token, not its hold; a slot
+//! whose token is consumed without a successor goes; and a run's tables are short vectors kept at
+//! their exact length (see [`Fences`]), not hash tables.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use uuid::Uuid;
@@ -64,10 +66,11 @@ struct Hold {
     released: bool,
 }
 
+/// A message id's live state: the token its next copy must carry. A slot whose token is consumed
+/// without a successor in the same slot is removed.
 #[derive(Debug)]
 struct Slot {
-    /// The live token; `None` once consumed without a successor in the same slot.
-    live: Option<Uuid>,
+    live: Uuid,
     branch: Branch,
 }
 
@@ -84,17 +87,78 @@ struct RunBook {
     fences: Option<Box<Fences>>,
 }
 
+/// What fencing keeps for one run. A run has a few slots and at most tens of claims, and a worker
+/// keeps this for each of thousands of waiting runs: short vectors scanned in order, each at its
+/// exact length, cost a tenth of the hash tables (hasher state and power-of-two capacity each)
+/// they replace, and a scan of tens of entries is as quick as a hash.
 #[derive(Debug, Default)]
 struct Fences {
-    slots: HashMap<Uuid, Slot>,
+    /// Live slots by message id.
+    slots: Vec<(Uuid, Slot)>,
     /// Claims by the token they hold, until it is spent.
-    holds: HashMap<Uuid, Hold>,
+    holds: Vec<(Uuid, Hold)>,
     /// Every claim read: claim id → the token it claimed.
-    claims: HashMap<Uuid, Uuid>,
+    claims: Vec<(Uuid, Uuid)>,
     /// Tokens consumed by a commit that counted.
-    spent: HashSet<Uuid>,
+    spent: Vec<Uuid>,
     /// Pool targets whose pool verified.
-    verified: HashSet<String>,
+    verified: Vec<String>,
+}
+
+impl Fences {
+    fn slot(&self, message_id: &Uuid) -> Option<&Slot> {
+        value_of(&self.slots, message_id)
+    }
+
+    fn hold(&self, token: &Uuid) -> Option<&Hold> {
+        value_of(&self.holds, token)
+    }
+
+    fn hold_mut(&mut self, token: &Uuid) -> Option<&mut Hold> {
+        self.holds.iter_mut().find(|(t, _)| t == token).map(|(_, hold)| hold)
+    }
+
+    fn claimed(&self, claim: &Uuid) -> Option<&Uuid> {
+        value_of(&self.claims, claim)
+    }
+
+    fn drop_hold(&mut self, token: &Uuid) {
+        self.holds.retain(|(t, _)| t != token);
+        if self.holds.is_empty() {
+            self.holds = Vec::new();
+        }
+    }
+
+    /// Bytes these tables take on the heap, the box included (for tests and the memory bench).
+    fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        size_of::<Fences>()
+            + self.slots.capacity() * size_of::<(Uuid, Slot)>()
+            + self.holds.capacity() * size_of::<(Uuid, Hold)>()
+            + self.claims.capacity() * size_of::<(Uuid, Uuid)>()
+            + self.spent.capacity() * size_of::<Uuid>()
+            + self.verified.iter().map(String::capacity).sum::<usize>()
+            + self.verified.capacity() * size_of::<String>()
+    }
+}
+
+fn value_of<'a, K: PartialEq, V>(entries: &'a [(K, V)], key: &K) -> Option<&'a V> {
+    entries.iter().find(|(k, _)| k == key).map(|(_, value)| value)
+}
+
+/// Pushes without the spare room a growing vector keeps: most of a run's tables hold one to a few
+/// entries for as long as the run waits.
+fn push_exact<T>(entries: &mut Vec<T>, entry: T) {
+    entries.reserve_exact(1);
+    entries.push(entry);
+}
+
+/// Sets `key`'s value, in place if it has one.
+fn put<K: PartialEq, V>(entries: &mut Vec<(K, V)>, key: K, value: V) {
+    match entries.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, kept)) => *kept = value,
+        None => push_exact(entries, (key, value)),
+    }
 }
 
 /// The ledger's state over every run the stream retains.
@@ -147,7 +211,7 @@ impl Book {
         if run.is_spent(&token) || run.settled {
             return Standing::Stale;
         }
-        if run.slot(&message_id).is_some_and(|s| s.live == Some(token)) {
+        if run.slot(&message_id).is_some_and(|s| s.live == token) {
             return Standing::Live;
         }
         // Not live: stale when the step that made it did not make it live (what it claimed is spent:
@@ -228,13 +292,12 @@ impl Book {
     /// run is not known (its history expired, or it never ran here).
     pub fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
         let run = self.runs.get(&run_id)?;
-        if run.settled || run.fences().is_some_and(|f| f.verified.contains(target)) {
+        if run.settled || run.fences().is_some_and(|f| f.verified.iter().any(|v| v == target)) {
             return Some(false);
         }
         Some(
-            run.slots().any(|slot| {
-                slot.live.is_some() && matches!(&slot.branch, Branch::Pool { target: t, .. } if t == target)
-            }),
+            run.slots()
+                .any(|slot| matches!(&slot.branch, Branch::Pool { target: t, .. } if t == target)),
         )
     }
 
@@ -242,7 +305,7 @@ impl Book {
     /// the book does not hold the run.
     pub fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
         let run = self.runs.get(&run_id)?;
-        Some(!run.settled && run.slots().any(|slot| slot.live.is_some()))
+        Some(!run.settled && run.slots().next().is_some())
     }
 
     /// Slots, claims, holds and spent tokens held in memory (for tests and the memory bench).
@@ -251,6 +314,15 @@ impl Book {
             .values()
             .filter_map(|run| run.fences())
             .map(|f| f.slots.len() + f.claims.len() + f.holds.len() + f.spent.len())
+            .sum()
+    }
+
+    /// Bytes the fencing tables of every run take on the heap (for tests and the memory bench).
+    pub fn fence_bytes(&self) -> usize {
+        self.runs
+            .values()
+            .filter_map(|run| run.fences())
+            .map(Fences::heap_bytes)
             .sum()
     }
 }
@@ -265,24 +337,27 @@ impl RunBook {
     }
 
     fn hold(&self, token: &Uuid) -> Option<&Hold> {
-        self.fences()?.holds.get(token)
+        self.fences()?.hold(token)
     }
 
     fn slot(&self, message_id: &Uuid) -> Option<&Slot> {
-        self.fences()?.slots.get(message_id)
+        self.fences()?.slot(message_id)
     }
 
     /// The token claim `claim` claimed, once read.
     fn claimed(&self, claim: &Uuid) -> Option<&Uuid> {
-        self.fences()?.claims.get(claim)
+        self.fences()?.claimed(claim)
     }
 
     fn is_spent(&self, token: &Uuid) -> bool {
         self.fences().is_some_and(|f| f.spent.contains(token))
     }
 
+    /// The live slots.
     fn slots(&self) -> impl Iterator<Item = &Slot> {
-        self.fences().into_iter().flat_map(|f| f.slots.values())
+        self.fences()
+            .into_iter()
+            .flat_map(|f| f.slots.iter().map(|(_, slot)| slot))
     }
 
     fn apply_event(&mut self, event: &Event) {
@@ -293,7 +368,10 @@ impl RunBook {
             EventKind::CancelRequested => self.cancelled = true,
             EventKind::PoolVerified { .. } => {
                 if let Branch::Pool { target, .. } = &event.branch {
-                    self.fences_mut().verified.insert(target.clone());
+                    let verified = &mut self.fences_mut().verified;
+                    if !verified.contains(target) {
+                        push_exact(verified, target.clone());
+                    }
                 }
             }
             _ => {}
@@ -303,21 +381,22 @@ impl RunBook {
     fn apply_claim(&mut self, claim: &Claim, now: Instant) {
         let fences = self.fences_mut();
         // Kept even for a spent token: what such a claim sends is stale.
-        fences.claims.insert(claim.claim, claim.token);
+        put(&mut fences.claims, claim.claim, claim.token);
         if fences.spent.contains(&claim.token) {
             return;
         }
-        match fences.holds.get_mut(&claim.token) {
-            None => {
-                fences.holds.insert(
+        match fences.hold_mut(&claim.token) {
+            None => push_exact(
+                &mut fences.holds,
+                (
                     claim.token,
                     Hold {
                         holder: claim.claim,
                         since: now,
                         released: false,
                     },
-                );
-            }
+                ),
+            ),
             Some(hold) if claim.supersedes == Some(hold.holder) => {
                 hold.holder = claim.claim;
                 hold.since = now;
@@ -329,7 +408,8 @@ impl RunBook {
 
     fn apply_release(&mut self, release: &Release) {
         if let Some(fences) = self.fences.as_deref_mut()
-            && let Some(hold) = fences.claims.get(&release.claim).and_then(|t| fences.holds.get_mut(t))
+            && let Some(token) = fences.claimed(&release.claim).copied()
+            && let Some(hold) = fences.hold_mut(&token)
             && hold.holder == release.claim
         {
             hold.released = true;
@@ -342,31 +422,23 @@ impl RunBook {
             if fences.spent.contains(&consumed.token) {
                 return false;
             }
-            match fences.holds.get(&consumed.token) {
+            match fences.hold(&consumed.token) {
                 Some(hold) if hold.holder != commit.claim => return false,
-                Some(_) => {
-                    fences.holds.remove(&consumed.token);
-                }
+                Some(_) => fences.drop_hold(&consumed.token),
                 // Its claim is not in the stream any more (retention): the commit stands.
-                None => {
-                    fences.claims.insert(commit.claim, consumed.token);
-                }
+                None => put(&mut fences.claims, commit.claim, consumed.token),
             }
-            fences.spent.insert(consumed.token);
-            if let Some(slot) = fences.slots.get_mut(&consumed.message_id)
-                && slot.live == Some(consumed.token)
-            {
-                slot.live = None;
-            }
+            push_exact(&mut fences.spent, consumed.token);
+            fences
+                .slots
+                .retain(|(message_id, slot)| !(*message_id == consumed.message_id && slot.live == consumed.token));
         }
         for successor in &commit.successors {
-            fences.slots.insert(
-                successor.message_id,
-                Slot {
-                    live: Some(successor.token),
-                    branch: successor.branch.clone(),
-                },
-            );
+            let slot = Slot {
+                live: successor.token,
+                branch: successor.branch.clone(),
+            };
+            put(&mut fences.slots, successor.message_id, slot);
         }
         self.settled = false;
         for event in &commit.events {
@@ -379,7 +451,7 @@ impl RunBook {
     /// Forgets the slots and claims of a started run with nothing live left (and its fences
     /// altogether unless a pool verified).
     fn settle(&mut self) {
-        if self.started.is_none() || self.slots().any(|slot| slot.live.is_some()) {
+        if self.started.is_none() || self.slots().next().is_some() {
             return;
         }
         self.settled = true;
@@ -559,6 +631,37 @@ mod tests {
         );
     }
 
+    /// A worker keeps a waiting fenced run's tables for as long as it waits, for each of thousands
+    /// of runs: after a few steps they take a few hundred bytes, not the kilobytes of hash tables.
+    #[test]
+    fn a_waiting_fenced_runs_tables_are_a_few_hundred_bytes() {
+        let mut run = Run::new();
+        let (first, mut token, _) = run.admit();
+        let admitted = run.book.fence_bytes();
+        assert!(
+            admitted <= 256,
+            "admitted, waiting at its first stage: {admitted} bytes"
+        );
+
+        // Four steps later, waiting on a pool branch; the trunk has ended.
+        for _ in 0..3 {
+            let step = run.claim(first, token);
+            let next = Uuid::new_v4();
+            assert!(run.commit(&step, vec![(first, next, Branch::Trunk)], Vec::new()));
+            token = next;
+        }
+        let step = run.claim(first, token);
+        let on_pool = Uuid::new_v4();
+        assert!(run.commit(&step, vec![(on_pool, Uuid::new_v4(), pool("render"))], Vec::new()));
+        let fences = run.book.runs[&run.id].fences.as_ref().unwrap();
+        assert_eq!(fences.slots.len(), 1, "the trunk's slot went with its last token");
+        assert_eq!(fences.holds.capacity(), 0, "no hold left: its table is freed");
+        let waiting = run.book.fence_bytes();
+        assert!(waiting <= 512, "five steps in, waiting on a pool: {waiting} bytes");
+        assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(true));
+        assert_eq!(run.book.run_in_progress(run.id), Some(true));
+    }
+
     /// Every worker keeps a record per run the stream retains: one that never had a claim, or has
     /// settled with no pool verified, holds no tables at all.
     #[test]
@@ -601,7 +704,7 @@ mod tests {
             .fences
             .as_ref()
             .expect("the verified pool is kept");
-        assert!(kept.verified.contains("render") && kept.slots.is_empty() && kept.claims.is_empty());
+        assert!(kept.verified == ["render"] && kept.slots.is_empty() && kept.claims.is_empty());
         assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
     }
 
