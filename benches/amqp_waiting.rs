@@ -37,7 +37,8 @@
 //! **The measurement.** Once every run has had its first look (its `Waiting` event for
 //! `replication` is in the events stream), the window starts (`SIGRUN_BENCH_WINDOW_S`, default
 //! 60 s): each worker's CPU time (utime + stime from `/proc/PID/stat`) at both ends, its `VmRSS`
-//! every second, and its `VmHWM` (peak RSS since it started, the ramp included) at the end; the
+//! and `RssAnon` (its own part: the rest is mostly the binary's code, about 18 MiB mapped from the
+//! same file by every worker on a host) every second, and its `VmHWM` (peak RSS since it started, the ramp included) at the end; the
 //! emulator's request log for the window says how many looks there were. The broker's Erlang VM
 //! (`beam.smp`, when it is found) and this process (emulator + event reader) are measured the same
 //! way for context. At the end the events say that no run failed, completed a region or was
@@ -524,6 +525,9 @@ struct Watched {
     /// CPU used from the first run published to the window (the settling time included).
     cpu_ramp: Duration,
     rss_max: u64,
+    /// The most of its RSS that was its own (`RssAnon`): the rest is mostly the binary's code,
+    /// mapped from the same file by every worker on the host and counted in each one's RSS.
+    anon_max: u64,
     cpu_window: Duration,
     share: f64,
     peak: u64,
@@ -540,6 +544,7 @@ impl Watched {
             cpu_before,
             cpu_ramp: cpu_before.saturating_sub(before_ramp),
             rss_max: common::status_kib(pid, "VmRSS"),
+            anon_max: common::status_kib(pid, "RssAnon"),
             cpu_window: Duration::ZERO,
             share: 0.0,
             peak: 0,
@@ -548,6 +553,7 @@ impl Watched {
 
     fn sample(&mut self) {
         self.rss_max = self.rss_max.max(common::status_kib(self.pid, "VmRSS"));
+        self.anon_max = self.anon_max.max(common::status_kib(self.pid, "RssAnon"));
     }
 
     fn finish(&mut self, window: Duration) {
@@ -625,21 +631,24 @@ fn report(
     let secs = window.as_secs_f64();
     println!();
     println!(
-        "{:<34} {:>12} {:>14} {:>12} {:>10} {:>12}",
-        "process", "peak RSS", "RSS in window", "CPU window", "of a core", "CPU ramp"
+        "{:<34} {:>12} {:>14} {:>14} {:>12} {:>10} {:>12}",
+        "process", "peak RSS", "RSS in window", "own in window", "CPU window", "of a core", "CPU ramp"
     );
     for w in watched {
         println!(
-            "{:<34} {:>8.1} MiB {:>10.1} MiB {:>10.2} s {:>9.2} % {:>10.1} s",
+            "{:<34} {:>8.1} MiB {:>10.1} MiB {:>10.1} MiB {:>10.2} s {:>9.2} % {:>10.1} s",
             w.name,
             mib(w.peak),
             mib(w.rss_max),
+            mib(w.anon_max),
             w.cpu_window.as_secs_f64(),
             100.0 * w.share,
             w.cpu_ramp.as_secs_f64()
         );
     }
-    println!("(peak RSS = VmHWM since the process started; CPU ramp = from the first run published to the window)");
+    println!("(peak RSS = VmHWM since the process started; own = RssAnon, the RSS not mapped from a file: the");
+    println!(" rest is mostly the binary's code, shared by every worker on the host; CPU ramp = from the first");
+    println!(" run published to the window)");
     println!("\nemulator requests in the {secs:.1} s window:");
     for (kind, n) in requests {
         println!("  {n:>8}  {kind}  ({:.1}/s)", *n as f64 / secs);

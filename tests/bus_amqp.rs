@@ -446,6 +446,62 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     teardown(bus).await;
 }
 
+/// A reader hands out only the events of commits the ledger counts: not those of a holder that was
+/// superseded and committed anyway, nor those of a second commit of a spent token.
+#[tokio::test]
+async fn a_reader_hands_out_the_events_of_counting_commits_only() {
+    use sigrun::ledger::record::{Claim, Commit, Consumed, Record};
+    let bus = connect(&prefix()).await;
+    let run_id = Uuid::new_v4();
+    let (message_id, token) = (Uuid::new_v4(), Uuid::new_v4());
+    let claim = |supersedes: Option<Uuid>| Claim {
+        run_id,
+        pipeline: "nightly-ubuntu".into(),
+        message_id,
+        token,
+        claim: Uuid::new_v4(),
+        supersedes,
+        at: OffsetDateTime::now_utc(),
+    };
+    let commit = |by: &Claim, retry_after_ms: u64| {
+        let mut said = event(EventKind::Throttled {
+            retry_after_ms: Some(retry_after_ms),
+        });
+        said.run_id = run_id;
+        Record::Commit(Commit {
+            run_id,
+            pipeline: "nightly-ubuntu".into(),
+            claim: by.claim,
+            consumed: Some(Consumed { message_id, token }),
+            successors: Vec::new(),
+            events: vec![said],
+        })
+    };
+    let timed_out = claim(None);
+    let taker = claim(Some(timed_out.claim));
+    for record in [
+        Record::Claim(timed_out.clone()),
+        Record::Claim(taker.clone()),
+        commit(&timed_out, 1),
+        commit(&taker, 2),
+        commit(&taker, 3),
+    ] {
+        bus.publish_record(&record).await.unwrap();
+    }
+    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
+    let read = timeout(WAIT, reader.read_to_end(&bus)).await.expect("the end").unwrap();
+    let said: Vec<EventKind> = read.into_iter().map(|e| e.unwrap().event.kind).collect();
+    assert_eq!(
+        said,
+        [EventKind::Throttled {
+            retry_after_ms: Some(2)
+        }],
+        "only the holder's first commit counts"
+    );
+    reader.close().await;
+    teardown(bus).await;
+}
+
 /// A stage message's `traceparent` header is the value handed over, whatever the body says (the
 /// bus never reads the body for it); a message published with none has no such header.
 #[tokio::test]

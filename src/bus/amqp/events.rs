@@ -9,6 +9,11 @@
 //! published so far" a reader publishes a marker (routing key [`MARKER_ROUTING_KEY`], an id in the
 //! body) and reads up to it; since the stream keeps publish order, every event confirmed before the
 //! marker comes before it. Other readers skip markers.
+//!
+//! A reader hands out the events of the commits that count, as the ledger judges them: it folds
+//! the ledger's records it reads into a [`Book`] of its own, so a commit made by a holder that was
+//! superseded (it held its claim past the timeout, then committed anyway) shows nowhere: not in
+//! `status`, `watch` or the web page, as it counts nowhere in the workers.
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -17,6 +22,7 @@ use lapin::{Channel, Consumer};
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -28,6 +34,7 @@ use super::consumer::integer;
 use super::topology::Names;
 use crate::bus::{BusError, HistoryReader, StreamOffset};
 use crate::events::Event;
+use crate::ledger::Book;
 use crate::ledger::record::{Record, keys};
 
 /// The argument `x-stream-offset` takes for an offset.
@@ -84,6 +91,8 @@ pub struct EventReader {
     pending: VecDeque<StreamedEvent>,
     /// Records delivered since the last ack.
     unacked: u16,
+    /// The ledger's records read so far, folded: which commits count.
+    book: Book,
 }
 
 impl EventReader {
@@ -117,6 +126,7 @@ impl EventReader {
             position: None,
             pending: VecDeque::new(),
             unacked: 0,
+            book: Book::default(),
         })
     }
 
@@ -157,8 +167,8 @@ impl EventReader {
         }
     }
 
-    /// The next item: an event (a commit's events one by one) or a marker; the ledger's other
-    /// records are skipped.
+    /// The next item: an event (a counting commit's events one by one) or a marker; the ledger's
+    /// other records are skipped.
     pub async fn next_item(&mut self) -> Option<Result<StreamItem, BusError>> {
         loop {
             if let Some(event) = self.pending.pop_front() {
@@ -168,6 +178,8 @@ impl EventReader {
                 Ok(read) => read,
                 Err(error) => return Some(Err(error)),
             };
+            // The age of a claim (the book's only use of the time) decides nothing here.
+            let counts = self.book.apply(&record, Instant::now());
             match record {
                 Record::Marker(marker) => return Some(Ok(StreamItem::Marker(marker))),
                 Record::Event(event) => {
@@ -177,14 +189,15 @@ impl EventReader {
                         event,
                     }))));
                 }
-                Record::Commit(commit) => self
-                    .pending
-                    .extend(commit.events.into_iter().map(|event| StreamedEvent {
-                        offset,
-                        routing_key: event.routing_key(),
-                        event,
-                    })),
-                Record::Claim(_) | Record::Release(_) => {}
+                Record::Commit(commit) if counts => {
+                    self.pending
+                        .extend(commit.events.into_iter().map(|event| StreamedEvent {
+                            offset,
+                            routing_key: event.routing_key(),
+                            event,
+                        }))
+                }
+                Record::Commit(_) | Record::Claim(_) | Record::Release(_) => {}
             }
         }
     }
