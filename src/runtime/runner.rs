@@ -61,6 +61,13 @@ struct Taken {
     delivery: u32,
 }
 
+/// Where an encoded message goes: its stage's queue, or a delay tier until it is due.
+struct Sending<'a> {
+    stage: Stage,
+    due: Option<OffsetDateTime>,
+    traceparent: &'a str,
+}
+
 /// How long a copy whose step another claim holds is put off before it is looked at again.
 const PUT_OFF: Duration = Duration::from_secs(1);
 
@@ -451,14 +458,21 @@ impl Runtime {
 
     /// Keeps `next`'s delivery unacked until `next` is due, then looks again with it; a runtime
     /// that stops meanwhile sends it on through a delay tier instead (`runtime::held`).
+    ///
+    /// What waits is `next` encoded: a decoded envelope (its spec and plan) takes several times
+    /// its JSON's bytes in small allocations, and a worker holds up to `held_waits` of them for
+    /// minutes; the next look needs the encoded form anyway.
     fn hold(&self, next: Envelope, acker: Box<dyn Acker>, taken: Taken, slot: OwnedSemaphorePermit) {
         debug!("holding the wait here for its next look");
+        let (due, stage, traceparent) = (next.due(), next.stage, next.traceparent.clone());
+        let body = next.encode().into_boxed_slice();
+        drop(next);
         let runtime = self.clone();
         let mut stopping = self.held.stopping();
         tokio::spawn(async move {
             let _slot = slot;
             let stopped = loop {
-                let Some(wait) = remaining(next.due(), runtime.clock.now()) else {
+                let Some(wait) = remaining(due, runtime.clock.now()) else {
                     break false;
                 };
                 tokio::select! {
@@ -468,12 +482,17 @@ impl Runtime {
             };
             if !acker.still_held() {
                 // The connection went: the broker has handed the message out again.
-                runtime.let_go(next.stage);
+                runtime.let_go(stage);
             } else if stopped {
-                let published = runtime.route(&next, runtime.clock.now()).await;
+                let sending = Sending {
+                    stage,
+                    due,
+                    traceparent: &traceparent,
+                };
+                let published = runtime.route_encoded(&sending, &body, runtime.clock.now()).await;
                 settle(acker, published).await;
             } else {
-                runtime.look_again(next, acker, taken).await;
+                runtime.look_again(stage, body, acker, taken).await;
             }
         });
     }
@@ -482,17 +501,25 @@ impl Runtime {
     /// Boxed: a look may hold its wait again, which spawns the next look.
     fn look_again(
         self,
-        next: Envelope,
+        stage: Stage,
+        body: Box<[u8]>,
         acker: Box<dyn Acker>,
         taken: Taken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move {
-            let body = next.encode();
-            let hop = TraceParent::parse(&next.traceparent).unwrap_or_default().hop();
-            let span = delivery_span(&next, taken, &hop);
-            self.handle_message(next, &body, acker, &hop, taken)
-                .instrument(span)
-                .await;
+            match Envelope::decode(&body) {
+                Ok(next) => {
+                    let hop = TraceParent::parse(&next.traceparent).unwrap_or_default().hop();
+                    let span = delivery_span(&next, taken, &hop);
+                    self.handle_message(next, &body, acker, &hop, taken)
+                        .instrument(span)
+                        .await;
+                }
+                // What this worker encoded itself: only a bug could get here; parked, not lost.
+                Err(error) => {
+                    self.park_undecodable(stage, &body, taken.delivery, error, acker).await;
+                }
+            }
             self.looks.fetch_add(1, Ordering::Relaxed);
         })
     }
@@ -689,14 +716,20 @@ impl Runtime {
 
     /// A message goes to its stage's queue when due, else to a delay tier until it is.
     async fn route(&self, message: &Envelope, now: OffsetDateTime) -> Result<(), BusError> {
-        let body = message.encode();
-        match remaining(message.due(), now) {
-            Some(wait) => {
-                self.bus
-                    .publish_delayed(message.stage, &body, wait, Some(&message.traceparent))
-                    .await
-            }
-            None => self.bus.publish(message.stage, &body, Some(&message.traceparent)).await,
+        let sending = Sending {
+            stage: message.stage,
+            due: message.due(),
+            traceparent: &message.traceparent,
+        };
+        self.route_encoded(&sending, &message.encode(), now).await
+    }
+
+    /// [`Runtime::route`] for a message already encoded.
+    async fn route_encoded(&self, sending: &Sending<'_>, body: &[u8], now: OffsetDateTime) -> Result<(), BusError> {
+        let traceparent = Some(sending.traceparent);
+        match remaining(sending.due, now) {
+            Some(wait) => self.bus.publish_delayed(sending.stage, body, wait, traceparent).await,
+            None => self.bus.publish(sending.stage, body, traceparent).await,
         }
     }
 
