@@ -37,7 +37,7 @@
 //! **The measurement.** Once every run has had its first look (its `Waiting` event for
 //! `replication` is in the events stream), the window starts (`SIGRUN_BENCH_WINDOW_S`, default
 //! 60 s): each worker's CPU time (utime + stime from `/proc/PID/stat`) at both ends, its `VmRSS`
-//! and `RssAnon` (its own part: the rest is mostly the binary's code, about 18 MiB mapped from the
+//! and `RssAnon` (its own part: the rest is mostly the binary's code, about 14 MiB mapped from the
 //! same file by every worker on a host) every second, and its `VmHWM` (peak RSS since it started, the ramp included) at the end; the
 //! emulator's request log for the window says how many looks there were. The broker's Erlang VM
 //! (`beam.smp`, when it is found) and this process (emulator + event reader) are measured the same

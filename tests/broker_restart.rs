@@ -50,25 +50,40 @@ fn watch_readiness(addr: SocketAddr) -> (Transitions, tokio::task::JoinHandle<()
     (transitions, task)
 }
 
-/// Waits until a worker's `/readyz` says 200 at or after `since`; returns how long after `since`.
-/// A worker may connect before the node's start command returns (the node accepts connections
-/// before its last boot step ends): a worker already back at `since` took no time at all.
-async fn ready_after(transitions: &Transitions, since: Instant, worker: &Process, closed_at: Instant) -> Duration {
+/// A node started again: when its start command began, and when it returned.
+struct Restart {
+    starting: Instant,
+    back: Instant,
+}
+
+/// Starts `node` again (off the runtime, which keeps serving the emulator and the probes).
+async fn start_again(node: &Arc<RabbitNode>) -> Restart {
+    let starting = Instant::now();
+    let node = Arc::clone(node);
+    tokio::task::spawn_blocking(move || node.start_again())
+        .await
+        .expect("starting the node again");
+    Restart {
+        starting,
+        back: Instant::now(),
+    }
+}
+
+/// Waits until a worker's `/readyz` turns 200 after the node's start began; returns how long
+/// after the start command returned. The node accepts connections before its last boot step
+/// ends, so a worker may be back a moment before the command returns: that took no time at all.
+/// A 200 from before the start (the worker never noticed the node was gone) does not count.
+async fn ready_after(transitions: &Transitions, restart: &Restart, worker: &Process, closed_at: Instant) -> Duration {
     loop {
         let seen = transitions.lock().expect("transitions lock").clone();
-        let at_since = seen
+        if let Some((at, _)) = seen
             .iter()
-            .rev()
-            .find(|(at, _)| *at <= since)
-            .map(|(_, status)| *status);
-        if at_since == Some(200) {
-            return Duration::ZERO;
-        }
-        if let Some((at, _)) = seen.iter().find(|(at, status)| *at > since && *status == 200) {
-            return at.saturating_duration_since(since);
+            .find(|(at, status)| *at >= restart.starting && *status == 200)
+        {
+            return at.saturating_duration_since(restart.back);
         }
         assert!(
-            since.elapsed() < BACK_WITHIN + Duration::from_secs(20),
+            restart.back.elapsed() < BACK_WITHIN + Duration::from_secs(20),
             "{} never ready again: {:?}{}",
             worker.command,
             relative(&seen, closed_at),
@@ -128,11 +143,8 @@ async fn workers_come_back_after_all_connections_close_and_the_broker_restarts()
     .await
     .expect("closing and stopping the node");
     assert!(!accepts(&node), "the node is down after it was stopped");
-    let starting = Arc::clone(&node);
-    tokio::task::spawn_blocking(move || starting.start_again())
-        .await
-        .expect("starting the node again");
-    let back_at = Instant::now();
+    let restart = start_again(&node).await;
+    let back_at = restart.back;
     eprintln!(
         "broker: connections closed, node stopped in {:.2} s, down {:.2} s in all",
         (stopped_at - stop_began).as_secs_f64(),
@@ -142,7 +154,7 @@ async fn workers_come_back_after_all_connections_close_and_the_broker_restarts()
     // Every worker: not ready while cut off, ready again within BACK_WITHIN of the broker's return.
     let mut slowest = Duration::ZERO;
     for (i, (transitions, _)) in watched.iter().enumerate() {
-        let took = ready_after(transitions, back_at, &workers[i], closed_at).await;
+        let took = ready_after(transitions, &restart, &workers[i], closed_at).await;
         let seen = transitions.lock().expect("transitions lock").clone();
         assert!(
             seen.iter().any(|(at, s)| *at > closed_at && *at < back_at && *s == 503),
@@ -207,12 +219,8 @@ async fn a_worker_started_while_the_broker_is_down_waits_for_it_and_never_exits(
         relative(&seen, started_at)
     );
     let node = Arc::new(node);
-    let starting = Arc::clone(&node);
-    tokio::task::spawn_blocking(move || starting.start_again())
-        .await
-        .expect("starting the node");
-    let back_at = Instant::now();
-    let took = ready_after(&transitions, back_at, &worker, started_at).await;
+    let restart = start_again(&node).await;
+    let took = ready_after(&transitions, &restart, &worker, started_at).await;
     eprintln!(
         "a worker started with the broker down: ready {:.2} s after it came back",
         took.as_secs_f64()

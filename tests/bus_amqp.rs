@@ -446,8 +446,10 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     teardown(bus).await;
 }
 
-/// A reader hands out only the events of commits the ledger counts: not those of a holder that was
-/// superseded and committed anyway, nor those of a second commit of a spent token.
+/// A reader from the first offset hands out only the events of commits the ledger counts: not
+/// those of a holder that was superseded and committed anyway, nor those of a second commit of a
+/// spent token; a reader reopened after it judges on with its book; a reader opened after the
+/// claims, which cannot judge, hands out every commit's events.
 #[tokio::test]
 async fn a_reader_hands_out_the_events_of_counting_commits_only() {
     use sigrun::ledger::record::{Claim, Commit, Consumed, Record};
@@ -477,28 +479,55 @@ async fn a_reader_hands_out_the_events_of_counting_commits_only() {
             events: vec![said],
         })
     };
+    let said = |read: Vec<Result<sigrun::bus::amqp::StreamedEvent, BusError>>| -> Vec<Option<u64>> {
+        read.into_iter()
+            .map(|e| match e.unwrap().event.kind {
+                EventKind::Throttled { retry_after_ms } => retry_after_ms,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    };
     let timed_out = claim(None);
     let taker = claim(Some(timed_out.claim));
-    for record in [
-        Record::Claim(timed_out.clone()),
-        Record::Claim(taker.clone()),
-        commit(&timed_out, 1),
-        commit(&taker, 2),
-        commit(&taker, 3),
-    ] {
+    bus.publish_record(&Record::Claim(timed_out.clone())).await.unwrap();
+    bus.publish_record(&Record::Claim(taker.clone())).await.unwrap();
+    // Read up to here from the first; then the reader is lost and replaced just after it.
+    let mut first = bus.read_events(StreamOffset::First).await.unwrap();
+    let read = timeout(WAIT, first.read_to_end(&bus)).await.expect("the end").unwrap();
+    assert!(read.is_empty(), "claims carry no events");
+    let after_claims = StreamOffset::At(first.position().expect("the marker was read") + 1);
+    let book = first.take_book();
+    assert!(book.is_some(), "a reader from the first judges commits");
+    first.close().await;
+
+    for record in [commit(&timed_out, 1), commit(&taker, 2), commit(&taker, 3)] {
         bus.publish_record(&record).await.unwrap();
     }
-    let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
-    let read = timeout(WAIT, reader.read_to_end(&bus)).await.expect("the end").unwrap();
-    let said: Vec<EventKind> = read.into_iter().map(|e| e.unwrap().event.kind).collect();
+    let mut from_first = bus.read_events(StreamOffset::First).await.unwrap();
+    let read = timeout(WAIT, from_first.read_to_end(&bus))
+        .await
+        .expect("the end")
+        .unwrap();
+    assert_eq!(said(read), [Some(2)], "only the holder's first commit counts");
+    from_first.close().await;
+
+    let mut reopened = bus.read_events(after_claims.clone()).await.unwrap().with_book(book);
+    let read = timeout(WAIT, reopened.read_to_end(&bus))
+        .await
+        .expect("the end")
+        .unwrap();
+    assert_eq!(said(read), [Some(2)], "the reopened reader judges on");
+    reopened.close().await;
+
+    let mut blind = bus.read_events(after_claims).await.unwrap();
+    assert!(blind.take_book().is_none(), "a reader from an offset cannot judge");
+    let read = timeout(WAIT, blind.read_to_end(&bus)).await.expect("the end").unwrap();
     assert_eq!(
-        said,
-        [EventKind::Throttled {
-            retry_after_ms: Some(2)
-        }],
-        "only the holder's first commit counts"
+        said(read),
+        [Some(1), Some(2), Some(3)],
+        "it hands out every commit's events"
     );
-    reader.close().await;
+    blind.close().await;
     teardown(bus).await;
 }
 

@@ -20,7 +20,9 @@ use sigrun::telemetry::runs::RunTracker;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-/// The system allocator, counting the bytes live.
+/// The system allocator, counting the bytes live in the whole process: this binary holds one test,
+/// so nothing else allocates while it counts (a second test here would run beside it and count
+/// into the same total).
 struct Counting;
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -44,9 +46,13 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(signed(new_size) - signed(layout.size()), Ordering::Relaxed);
         // SAFETY: as above.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        let moved = unsafe { System.realloc(ptr, layout, new_size) };
+        // A failed realloc leaves the old block as it was.
+        if !moved.is_null() {
+            LIVE.fetch_add(signed(new_size) - signed(layout.size()), Ordering::Relaxed);
+        }
+        moved
     }
 }
 

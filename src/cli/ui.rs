@@ -211,10 +211,12 @@ fn view(parked: &Parked<'_>) -> ParkedView {
 /// lost is reopened just after the last event it gave.
 async fn follow(bus: &AmqpBus, feed: &Feed) {
     let mut from = StreamOffset::First;
+    // What the reader judged commits by, carried on to the one that replaces it.
+    let mut judged = None;
     let mut delay = Duration::from_millis(100);
     loop {
         let mut reader = match bus.read_events(from.clone()).await {
-            Ok(reader) => reader,
+            Ok(reader) => reader.with_book(judged.take()),
             Err(error) => {
                 tracing::warn!(%error, "ui: opening the events stream failed; trying again");
                 tokio::time::sleep(delay).await;
@@ -236,6 +238,7 @@ async fn follow(bus: &AmqpBus, feed: &Feed) {
         if let Some(offset) = reader.position() {
             from = StreamOffset::At(offset + 1);
         }
+        judged = reader.take_book();
         reader.close().await;
     }
 }

@@ -121,7 +121,7 @@ pub async fn run(args: WatchArgs) -> anyhow::Result<ExitCode> {
 /// long as it takes for the bus to reconnect. `None` when a signal came first.
 async fn reopen(
     bus: &AmqpBus,
-    old: EventReader,
+    mut old: EventReader,
     start: &StreamOffset,
     why: &str,
     term: &mut Signal,
@@ -131,6 +131,8 @@ async fn reopen(
         Some(offset) => StreamOffset::At(offset + 1),
         None => start.clone(),
     };
+    // Commits are judged on as the old reader judged them (it read from the first, if it judges).
+    let book = old.take_book();
     old.close().await;
     let place = match &from {
         StreamOffset::At(offset) => format!("offset {offset}"),
@@ -146,7 +148,7 @@ async fn reopen(
             opened = bus.read_events(from.clone()) => opened,
         };
         match opened {
-            Ok(reader) => return Some(reader),
+            Ok(reader) => return Some(reader.with_book(book)),
             Err(error) => eprintln!("sigrun watch: reopening failed ({error}); trying again"),
         }
         tokio::select! {

@@ -134,11 +134,24 @@ impl Fences {
         use std::mem::size_of;
         size_of::<Fences>()
             + self.slots.capacity() * size_of::<(Uuid, Slot)>()
+            + self
+                .slots
+                .iter()
+                .map(|(_, slot)| branch_bytes(&slot.branch))
+                .sum::<usize>()
             + self.holds.capacity() * size_of::<(Uuid, Hold)>()
             + self.claims.capacity() * size_of::<(Uuid, Uuid)>()
             + self.spent.capacity() * size_of::<Uuid>()
             + self.verified.iter().map(String::capacity).sum::<usize>()
             + self.verified.capacity() * size_of::<String>()
+    }
+}
+
+/// The heap bytes of a branch's names.
+fn branch_bytes(branch: &Branch) -> usize {
+    match branch {
+        Branch::Pool { region, target } => region.capacity() + target.capacity(),
+        Branch::Trunk | Branch::CleanUp { .. } => 0,
     }
 }
 

@@ -517,7 +517,10 @@ impl Runtime {
                 }
                 // What this worker encoded itself: only a bug could get here; parked, not lost.
                 Err(error) => {
-                    self.park_undecodable(stage, &body, taken.delivery, error, acker).await;
+                    let span = info_span!("delivery", stage = %stage, delivery = taken.delivery);
+                    self.park_undecodable(stage, &body, taken.delivery, error, acker)
+                        .instrument(span)
+                        .await;
                 }
             }
             self.looks.fetch_add(1, Ordering::Relaxed);

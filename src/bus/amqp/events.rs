@@ -10,10 +10,13 @@
 //! body) and reads up to it; since the stream keeps publish order, every event confirmed before the
 //! marker comes before it. Other readers skip markers.
 //!
-//! A reader hands out the events of the commits that count, as the ledger judges them: it folds
-//! the ledger's records it reads into a [`Book`] of its own, so a commit made by a holder that was
-//! superseded (it held its claim past the timeout, then committed anyway) shows nowhere: not in
-//! `status`, `watch` or the web page, as it counts nowhere in the workers.
+//! A reader opened at the first offset hands out the events of the commits that count, as the
+//! workers' ledgers judge them: it folds the ledger's records into a [`Book`] of its own, so a
+//! commit made by a holder that was superseded (it held its claim past the timeout, then committed
+//! anyway) shows nowhere — not in `status`, `watch --from-start` or the web page — as it counts
+//! nowhere in the workers. A reader that replaces it after a reconnect carries its book on
+//! ([`EventReader::take_book`], [`EventReader::with_book`]). A reader opened anywhere else has not
+//! read the claims before its offset, so it cannot judge: it hands out every commit's events.
 
 use futures_util::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -91,8 +94,9 @@ pub struct EventReader {
     pending: VecDeque<StreamedEvent>,
     /// Records delivered since the last ack.
     unacked: u16,
-    /// The ledger's records read so far, folded: which commits count.
-    book: Book,
+    /// The ledger's records read so far, folded: which commits count. Only for a reader that
+    /// has read everything before its position (see the module's doc).
+    book: Option<Book>,
 }
 
 impl EventReader {
@@ -126,7 +130,7 @@ impl EventReader {
             position: None,
             pending: VecDeque::new(),
             unacked: 0,
-            book: Book::default(),
+            book: matches!(offset, StreamOffset::First).then(Book::default),
         })
     }
 
@@ -179,7 +183,10 @@ impl EventReader {
                 Err(error) => return Some(Err(error)),
             };
             // The age of a claim (the book's only use of the time) decides nothing here.
-            let counts = self.book.apply(&record, Instant::now());
+            let counts = self
+                .book
+                .as_mut()
+                .is_none_or(|book| book.apply(&record, Instant::now()));
             match record {
                 Record::Marker(marker) => return Some(Ok(StreamItem::Marker(marker))),
                 Record::Event(event) => {
@@ -246,6 +253,23 @@ impl EventReader {
     /// The offset of the last item read (an event or a marker), if any.
     pub fn position(&self) -> Option<u64> {
         self.position
+    }
+
+    /// What this reader judged commits by, for the reader that goes on just after its
+    /// [`position`](Self::position) (or where it began, if it read nothing); `None` for a reader
+    /// that does not judge.
+    pub fn take_book(&mut self) -> Option<Book> {
+        self.book.take()
+    }
+
+    /// Makes a reader opened just after another's position (or where that one began, having read
+    /// nothing) judge commits as that one did, with the book it took from it.
+    #[must_use]
+    pub fn with_book(mut self, book: Option<Book>) -> EventReader {
+        if book.is_some() {
+            self.book = book;
+        }
+        self
     }
 
     /// Stops reading and closes the reader's channel; on a connection gone silent the close-ok
