@@ -254,13 +254,18 @@ fn assert_retry_after_honoured(log: &[Value]) {
             continue;
         }
         let wait = e["retry_after_ms"].as_f64().unwrap_or(0.0);
-        let Some(next) = log[i + 1..]
-            .iter()
-            .find(|n| n["path"] == e["path"] && n["user_agent"] == e["user_agent"])
-        else {
+        // The process's next request of the path that arrived after the 429 was sent: one that
+        // arrived before it (slowed by a fault, or just in flight beside it) was on its way
+        // before the process could read the 429.
+        let answered = e["elapsed_ms"].as_f64().unwrap_or(0.0);
+        let Some(next) = log[i + 1..].iter().find(|n| {
+            n["path"] == e["path"]
+                && n["user_agent"] == e["user_agent"]
+                && n["received_ms"].as_f64().unwrap_or(0.0) >= answered
+        }) else {
             continue;
         };
-        let gap = next["elapsed_ms"].as_f64().unwrap_or(0.0) - e["elapsed_ms"].as_f64().unwrap_or(0.0);
+        let gap = next["received_ms"].as_f64().unwrap_or(0.0) - answered;
         assert!(
             gap >= wait,
             "{path} asked again by {} {gap:.1} ms after a 429 with Retry-After {wait} ms",

@@ -14,8 +14,11 @@ pub struct LogEntry {
     pub seq: u64,
     /// Real time the answer was sent (RFC 3339).
     pub time: String,
-    /// Real milliseconds since the emulator started (monotonic).
+    /// Real milliseconds since the emulator started (monotonic), at the answer.
     pub elapsed_ms: f64,
+    /// The same when the request arrived: a request that arrived before an earlier answer was
+    /// sent was on its way before the client could read that answer.
+    pub received_ms: f64,
     pub api: Api,
     pub method: String,
     pub path: String,
@@ -35,6 +38,7 @@ pub struct LogEntry {
 impl LogEntry {
     pub fn new(
         ctx: &Ctx,
+        received_ms: f64,
         api: Api,
         request: &Request,
         status: u16,
@@ -54,6 +58,7 @@ impl LogEntry {
             seq: ctx.next_seq(),
             time: OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default(),
             elapsed_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+            received_ms,
             api,
             method: request.method.to_string(),
             path: request.path.clone(),

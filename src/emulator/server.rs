@@ -89,6 +89,7 @@ where
 }
 
 async fn exchange(ctx: Arc<Ctx>, req: hyper::Request<Incoming>, reset: Arc<Notify>) -> hyper::Response<Full<Bytes>> {
+    let received_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -133,6 +134,7 @@ async fn exchange(ctx: Arc<Ctx>, req: hyper::Request<Incoming>, reset: Arc<Notif
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(LogEntry::new(
                 &ctx,
+                received_ms,
                 api,
                 &request,
                 if reset_now { 0 } else { response.status.as_u16() },
