@@ -789,16 +789,20 @@ async fn nightly_run_survives_faults_and_honours_retry_after() {
             log.len()
         ),
     );
-    // After a 429, the same path is asked again no sooner than Retry-After. Both times are when
-    // the emulator answered; the retry was answered after it arrived, the 429 before the client
-    // read it, so the comparison leans the client's way by no more than the handling time.
+    // After a 429, the same path is asked again no sooner than Retry-After: from when the 429
+    // was sent to when the next request of the path arrived (one that arrived before it was on
+    // its way before the client could read the 429).
     for (i, e) in log.iter().enumerate().filter(|(_, e)| e["status"] == 429) {
         let wait = e["retry_after_ms"].as_f64().unwrap_or(0.0);
         run.check(wait > 0.0, format_args!("a 429 carries Retry-After: {e}"));
-        let Some(next) = log[i + 1..].iter().find(|n| n["path"] == e["path"]) else {
+        let answered = e["elapsed_ms"].as_f64().unwrap_or(0.0);
+        let Some(next) = log[i + 1..]
+            .iter()
+            .find(|n| n["path"] == e["path"] && n["received_ms"].as_f64().unwrap_or(0.0) >= answered)
+        else {
             continue;
         };
-        let gap = next["elapsed_ms"].as_f64().unwrap_or(0.0) - e["elapsed_ms"].as_f64().unwrap_or(0.0);
+        let gap = next["received_ms"].as_f64().unwrap_or(0.0) - answered;
         run.check(
             gap >= wait,
             format_args!(
