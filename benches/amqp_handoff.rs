@@ -314,8 +314,7 @@ struct Staged {
     bus: Arc<AmqpBus>,
     relay: Arc<Relay>,
     arrivals: mpsc::UnboundedReceiver<(Uuid, Instant)>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    running: tokio::task::JoinHandle<sigrun::runtime::RuntimeReport>,
+    running: sigrun::runtime::Running,
 }
 
 impl Staged {
@@ -335,19 +334,11 @@ impl Staged {
             defaults.runtime.clone(),
         )
         .expect("the default runtime settings are valid");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let running = tokio::spawn(async move {
-            runtime
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
+        let running = runtime.spawn();
         Staged {
             bus,
             relay,
             arrivals,
-            stop,
             running,
         }
     }
@@ -379,8 +370,7 @@ impl Staged {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(());
-        let report = self.running.await.expect("the runtime stops");
+        let report = self.running.stop().await.expect("the runtime stops");
         assert_eq!(report.abandoned, 0, "nothing left unfinished");
         drop(self.relay);
         let bus = Arc::into_inner(self.bus).expect("the runtime let go of the bus");

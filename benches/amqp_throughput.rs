@@ -233,14 +233,7 @@ async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelop
     )
     .expect("the default runtime settings are valid");
     let cpu_before = common::cpu_time(std::process::id(), ticks);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        runtime
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = runtime.spawn();
     let deadline = Instant::now() + LIMIT;
     loop {
         if ready(&channel, &output).await as usize >= n {
@@ -254,8 +247,7 @@ async fn through_stage(prefix: &str, raw: &lapin::Connection, envelope: &Envelop
     }
     let done = Instant::now();
     let cpu = common::cpu_time(std::process::id(), ticks) - cpu_before;
-    let _ = stop.send(());
-    let report = running.await.expect("the runtime stops");
+    let report = running.stop().await.expect("the runtime stops");
     assert_eq!(report.abandoned, 0, "nothing left unfinished");
     assert_eq!(ready(&channel, &input).await, 0, "every input was taken");
     assert!(

@@ -446,6 +446,17 @@ async fn read_to_end_returns_everything_published_before_it_and_skips_other_mark
     teardown(bus).await;
 }
 
+/// The `retry_after_ms` of each `Throttled` event `reader` reads up to the stream's end.
+async fn throttle_waits_to_end(reader: &mut sigrun::bus::amqp::EventReader, bus: &AmqpBus) -> Vec<Option<u64>> {
+    let read = timeout(WAIT, reader.read_to_end(bus)).await.expect("the end").unwrap();
+    read.into_iter()
+        .map(|e| match e.unwrap().event.kind {
+            EventKind::Throttled { retry_after_ms } => retry_after_ms,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect()
+}
+
 /// A reader from the first offset hands out only the events of commits the ledger counts: not
 /// those of a holder that was superseded and committed anyway, nor those of a second commit of a
 /// spent token; a reader reopened after it judges on with its book; a reader opened after the
@@ -479,14 +490,6 @@ async fn a_reader_hands_out_the_events_of_counting_commits_only() {
             events: vec![said],
         })
     };
-    let said = |read: Vec<Result<sigrun::bus::amqp::StreamedEvent, BusError>>| -> Vec<Option<u64>> {
-        read.into_iter()
-            .map(|e| match e.unwrap().event.kind {
-                EventKind::Throttled { retry_after_ms } => retry_after_ms,
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect()
-    };
     let timed_out = claim(None);
     let taker = claim(Some(timed_out.claim));
     bus.publish_record(&Record::Claim(timed_out.clone())).await.unwrap();
@@ -504,26 +507,25 @@ async fn a_reader_hands_out_the_events_of_counting_commits_only() {
         bus.publish_record(&record).await.unwrap();
     }
     let mut from_first = bus.read_events(StreamOffset::First).await.unwrap();
-    let read = timeout(WAIT, from_first.read_to_end(&bus))
-        .await
-        .expect("the end")
-        .unwrap();
-    assert_eq!(said(read), [Some(2)], "only the holder's first commit counts");
+    assert_eq!(
+        throttle_waits_to_end(&mut from_first, &bus).await,
+        [Some(2)],
+        "only the holder's first commit counts"
+    );
     from_first.close().await;
 
     let mut reopened = bus.read_events(after_claims.clone()).await.unwrap().with_book(book);
-    let read = timeout(WAIT, reopened.read_to_end(&bus))
-        .await
-        .expect("the end")
-        .unwrap();
-    assert_eq!(said(read), [Some(2)], "the reopened reader judges on");
+    assert_eq!(
+        throttle_waits_to_end(&mut reopened, &bus).await,
+        [Some(2)],
+        "the reopened reader judges on"
+    );
     reopened.close().await;
 
     let mut blind = bus.read_events(after_claims).await.unwrap();
     assert!(blind.take_book().is_none(), "a reader from an offset cannot judge");
-    let read = timeout(WAIT, blind.read_to_end(&bus)).await.expect("the end").unwrap();
     assert_eq!(
-        said(read),
+        throttle_waits_to_end(&mut blind, &bus).await,
         [Some(1), Some(2), Some(3)],
         "it hands out every commit's events"
     );
@@ -914,24 +916,6 @@ fn first_message() -> Envelope {
     }
 }
 
-/// Runs `runtime` until the sender is used (or dropped); the handle gives its report.
-fn start(
-    runtime: Runtime,
-) -> (
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<sigrun::runtime::RuntimeReport>,
-) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        runtime
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    (stop, running)
-}
-
 /// Snapshot → (a short wait on a delay tier) → image-create → done, with an event at each step.
 struct TwoStages;
 
@@ -973,7 +957,7 @@ async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
     let first = first_message();
     bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
 
-    let (stop, running) = start(runtime);
+    let running = runtime.spawn();
     let mut reader = bus.read_events(StreamOffset::First).await.unwrap();
     let mut seen = Vec::new();
     while seen.len() < 2 {
@@ -986,8 +970,7 @@ async fn the_runtime_runs_a_message_through_two_stages_on_rabbitmq() {
         seen.push((got.routing_key, got.event.kind));
     }
     reader.close().await;
-    let _ = stop.send(());
-    let report = timeout(WAIT, running).await.unwrap().unwrap();
+    let report = timeout(WAIT, running.stop()).await.unwrap().unwrap();
     assert_eq!(
         seen,
         vec![
@@ -1107,7 +1090,7 @@ async fn held_wait_run(close_after: u32) -> (u32, u32) {
     .unwrap();
     let first = first_message();
     bus.publish(Stage::Snapshot, &first.encode(), None).await.unwrap();
-    let (stop, running) = start(runtime);
+    let running = runtime.spawn();
     if close_after > 0 {
         let looked = timeout(WAIT, async {
             while handler.looks.load(std::sync::atomic::Ordering::SeqCst) < close_after {
@@ -1127,8 +1110,7 @@ async fn held_wait_run(close_after: u32) -> (u32, u32) {
     assert_eq!(got.event.run_id, first.run_id);
     assert!(matches!(got.event.kind, EventKind::ResourceCreated { .. }));
     reader.close().await;
-    let _ = stop.send(());
-    let report = timeout(WAIT, running).await.unwrap().unwrap();
+    let report = timeout(WAIT, running.stop()).await.unwrap().unwrap();
     assert_eq!(report.abandoned, 0);
     let delayed = counting.delayed.load(std::sync::atomic::Ordering::SeqCst);
     drop(counting);

@@ -312,14 +312,7 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, hel
         .unwrap()
         .with_clock(Clock::tokio())
         .with_ledger(Arc::clone(&ledger));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        runtime
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let running = runtime.spawn();
     let mut ids = Vec::new();
     for _ in 0..runs {
         let (first, started) = fresh_run();
@@ -351,8 +344,7 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, hel
     .await;
     // Let stale copies still on the tiers come back and be dropped.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    let _ = stop.send(());
-    running.await.unwrap();
+    running.stop().await.unwrap();
     assert!(ended.is_ok(), "the runs did not end: {:#?}", bus.inner.events());
     let events = bus.inner.events();
     for id in &ids {

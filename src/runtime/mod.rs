@@ -36,7 +36,7 @@ mod tests;
 
 pub use complete::{RunError, RunOutcome};
 pub use observe::{Handled, Observer};
-pub use runner::{Runtime, RuntimeReport};
+pub use runner::{Running, Runtime, RuntimeReport};
 pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
 pub use stage_handler::StageHandler;
 

@@ -71,6 +71,20 @@ struct Sending<'a> {
 /// How long a copy whose step another claim holds is put off before it is looked at again.
 const PUT_OFF: Duration = Duration::from_secs(1);
 
+/// A runtime started by [`Runtime::spawn`].
+pub struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: JoinHandle<RuntimeReport>,
+}
+
+impl Running {
+    /// Shuts the runtime down as `run`'s shutdown future would, and waits for its report.
+    pub async fn stop(self) -> Result<RuntimeReport, tokio::task::JoinError> {
+        let _ = self.stop.send(());
+        self.task.await
+    }
+}
+
 /// What a [`Runtime::run`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RuntimeReport {
@@ -172,6 +186,18 @@ impl Runtime {
     pub fn with_ledger(mut self, ledger: Arc<Ledger>) -> Runtime {
         self.ledger = Some(ledger);
         self
+    }
+
+    /// [`Runtime::run`] on a task of its own, until [`Running::stop`].
+    pub fn spawn(self) -> Running {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            self.run(async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        Running { stop, task }
     }
 
     /// Runs the consumers until `shutdown` resolves (or the bus shuts down), then stops taking
