@@ -1,5 +1,6 @@
 //! What several stages share: tags for created resources, turning a wait into an outcome, settling
-//! a set of Azure operations, and converting Azure-time estimates into real delays.
+//! a set of Azure operations, converting Azure-time estimates into real delays, and timing a look
+//! from two progress readings.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use super::{Outcome, StageSettings, Step, StepContext};
 use crate::azure::AzureError;
 use crate::azure::api::{OperationStatus, Tags, TargetRegion};
 use crate::events::EventKind;
-use crate::model::envelope::{Envelope, InFlight, Phase};
+use crate::model::envelope::{Envelope, InFlight, Phase, Progress};
 use crate::model::plan::Plan;
 
 /// The tag (and pool metadata) key naming the admission of the run that made a resource.
@@ -170,6 +171,35 @@ pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration 
     hint.unwrap_or_else(|| settings.default_poll())
 }
 
+/// The slowest pace (percent per second) two readings allow. Azure's percents are whole and
+/// floored: a reading of `p` means somewhere in [p, p + 1), so `g` points gained may be as few as
+/// `g - 1`. With a single point gained that bound is no pace at all, and the point itself is
+/// taken. `None` when the readings show no progress to time.
+pub fn slowest_pace(before: Progress, now: Progress) -> Option<f64> {
+    let elapsed = (now.at - before.at).as_seconds_f64();
+    let gained = now.percent.checked_sub(before.percent).filter(|g| *g > 0)?;
+    (elapsed > 0.0).then(|| f64::from(gained.saturating_sub(1).max(1)) / elapsed)
+}
+
+/// The latest moment, from now, at which `goal` percent may be reached at the slowest pace the two
+/// readings allow, with as much left as the latest reading allows. A look timed by it comes after
+/// the goal rather than before: an early look is a read that finds nothing and needs another.
+pub fn latest_reach(before: Progress, now: Progress, goal: f64) -> Option<Duration> {
+    let pace = slowest_pace(before, now)?;
+    let left = (goal - f64::from(now.percent)).max(0.0) / pace;
+    Duration::try_from_secs_f64(left).ok()
+}
+
+/// The moment, from now, at which `goal` percent is most likely reached: at the pace the two
+/// readings show, from the middle of the latest one's point. For a look whose lateness is the
+/// run's (the last one before a verdict), where the latest bound would cost minutes.
+pub fn likely_reach(before: Progress, now: Progress, goal: f64) -> Option<Duration> {
+    let elapsed = (now.at - before.at).as_seconds_f64();
+    let gained = now.percent.checked_sub(before.percent).filter(|g| *g > 0)?;
+    let pace = (elapsed > 0.0).then(|| f64::from(gained) / elapsed)?;
+    Duration::try_from_secs_f64((goal - f64::from(now.percent) - 0.5).max(0.0) / pace).ok()
+}
+
 pub fn fail(reason: impl Into<String>) -> Step {
     Step::new(Outcome::Fail(reason.into()))
 }
@@ -232,4 +262,76 @@ pub fn retry_side_effect(
             error: format!("{doing}: {error}"),
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    fn reading(start: OffsetDateTime, secs: f64, pace: f64) -> Progress {
+        Progress {
+            at: start + time::Duration::seconds_f64(secs),
+            percent: (secs * pace).floor().min(100.0) as u8,
+        }
+    }
+
+    proptest! {
+        /// Progress at a steady pace, read as Azure reads it (whole percents, floored), twice:
+        /// the look timed by the two readings never comes before the end, and comes at most a
+        /// bounded while after it.
+        #[test]
+        fn a_look_timed_by_two_readings_comes_after_the_end_not_before(
+            total_secs in 60.0f64..20_000.0,
+            first in 0.01f64..0.8,
+            gap in 0.05f64..0.9,
+        ) {
+            let start = OffsetDateTime::UNIX_EPOCH;
+            let pace = 100.0 / total_secs;
+            let (t1, t2) = (first * total_secs, (first + gap * (1.0 - first)) * total_secs);
+            let (before, now) = (reading(start, t1, pace), reading(start, t2, pace));
+            prop_assume!(now.percent < 100 && now.percent >= before.percent + 2);
+            let eta = latest_reach(before, now, 100.0).expect("a pace").as_secs_f64();
+            let truth = total_secs - t2;
+            prop_assert!(eta >= truth - 1e-6, "early: {eta} s against {truth} s");
+            // Floored readings cost at most two points of pace and one of progress.
+            let gained = f64::from(now.percent - before.percent);
+            let bound = truth * (gained + 1.0) / (gained - 1.0) + 1.0 / pace * (gained + 1.0) / (gained - 1.0);
+            prop_assert!(eta <= bound, "{eta} s is past {bound} s (truth {truth} s)");
+        }
+    }
+
+    #[test]
+    fn readings_without_progress_time_nothing() {
+        let start = OffsetDateTime::UNIX_EPOCH;
+        let at = |secs: i64, percent: u8| Progress {
+            at: start + time::Duration::seconds(secs),
+            percent,
+        };
+        assert_eq!(slowest_pace(at(0, 40), at(60, 40)), None, "nothing gained");
+        assert_eq!(slowest_pace(at(60, 40), at(0, 50)), None, "out of order");
+        assert_eq!(slowest_pace(at(0, 50), at(60, 40)), None, "gone back");
+        assert_eq!(
+            slowest_pace(at(0, 40), at(60, 41)),
+            Some(1.0 / 60.0),
+            "one point is taken"
+        );
+        assert_eq!(slowest_pace(at(0, 40), at(60, 43)), Some(2.0 / 60.0));
+        assert_eq!(
+            latest_reach(at(0, 40), at(60, 43), 100.0),
+            Some(Duration::from_secs(1710))
+        );
+        assert_eq!(
+            latest_reach(at(0, 90), at(60, 99), 95.0),
+            Some(Duration::ZERO),
+            "past the goal"
+        );
+        assert_eq!(
+            likely_reach(at(0, 40), at(60, 43), 100.0),
+            Some(Duration::from_secs(1130))
+        );
+        assert_eq!(likely_reach(at(0, 40), at(60, 40), 100.0), None, "nothing gained");
+    }
 }

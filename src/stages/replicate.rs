@@ -5,13 +5,14 @@
 //! failed: its pools are not created and the run's result names it. Several regions failing in one
 //! look are removed together (one write), and neither a removal nor a re-add ever puts back a
 //! region that waits to be re-added or that failed for good. The next look is timed from the
-//! progress seen so far.
+//! progress seen so far, at the latest end it allows; the first waits a poll after the version's
+//! PUT (gallery-publish holds the message), since a look at once finds nothing to time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::clean_up;
-use super::common::{fail, target_regions, wait};
+use super::common::{fail, latest_reach, target_regions, wait};
 use super::{Observation, Outcome, Step, StepContext};
 use crate::azure::api::RegionStatus;
 use crate::azure::{AzureError, ReplicationState};
@@ -36,6 +37,7 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
             .as_ref()
             .map(|op| op.progress.clone())
             .unwrap_or_default(),
+        start: first_look(&message).then(|| replication_start(&message)),
         ..Look::default()
     };
     for region in &plan.regions {
@@ -101,9 +103,31 @@ async fn remove_failing(message: &Envelope, plan: &Plan, ctx: &StepContext<'_>) 
         .map(|_| ())
 }
 
+/// Whether this is the branch's first look at the replication.
+fn first_look(message: &Envelope) -> bool {
+    message.operation.as_ref().is_none_or(|op| op.what != WHAT)
+}
+
+/// The source region's replica starts with the version's write, when gallery-publish handed the
+/// message over: a reading of 0 % then, so the first look's reading alone times the next. (Had
+/// it started earlier, a version joined by a replay, the pace is overrated and the look comes
+/// early: a read too many, never a late one.) Other regions start after the source region's
+/// replica, at a moment no reading says.
+fn replication_start(message: &Envelope) -> (String, Progress) {
+    let plan = &message.plan;
+    let source = plan.build.as_ref().map_or(&plan.gallery_region, |b| &b.region);
+    let start = Progress {
+        at: message.stage_started,
+        percent: 0,
+    };
+    (source.clone(), start)
+}
+
 /// What one look at the version's replication found.
 #[derive(Default)]
 struct Look {
+    /// On the first look: the source region and a reading of 0 % when its replica started.
+    start: Option<(String, Progress)>,
     events: Vec<EventKind>,
     /// The pool-create messages of regions that completed in this look.
     emit: Vec<Envelope>,
@@ -140,7 +164,10 @@ impl Look {
                 let details = status.map(|s| s.details.clone()).unwrap_or_default();
                 self.failed(message, name, details, ctx);
             }
-            Some(_) | None => match status.and_then(|s| estimate(&mut self.progress, s, ctx)) {
+            Some(_) | None => match status.and_then(|s| {
+                let start = self.start_of(name);
+                estimate(&mut self.progress, s, start, ctx)
+            }) {
                 Some(eta) => self.pending_eta = Some(self.pending_eta.map_or(eta, |p| p.min(eta))),
                 // Not started (`Unknown`): Azure replicates to the other regions once the source
                 // region is done, so such a region waits on one that replicates; it needs no look
@@ -149,6 +176,14 @@ impl Look {
                 None => self.unknown_pending = true,
             },
         }
+    }
+
+    /// The reading of 0 % when `region`'s replica started, where that is known.
+    fn start_of(&self, region: &str) -> Option<Progress> {
+        self.start
+            .as_ref()
+            .filter(|(r, _)| r == region)
+            .map(|(_, start)| *start)
     }
 
     /// The region's replica is there: its pools start now.
@@ -197,7 +232,7 @@ impl Look {
             (Some(eta), true) => ctx.settings.clamp(eta.min(ctx.settings.default_poll())),
             (None, _) => ctx.settings.default_poll(),
         };
-        let first = message.operation.as_ref().is_none_or(|op| op.what != WHAT);
+        let first = first_look(&message);
         let mut outcome = wait(message, WHAT, Vec::new(), delay, ctx.now);
         if let Outcome::Wait { message, emit: out, .. } = &mut outcome {
             if let Some(op) = message.operation.as_mut() {
@@ -243,10 +278,13 @@ fn replication_ratios(plan: &Plan, statuses: &[RegionStatus], message: &Envelope
         .collect()
 }
 
-/// When a replicating region should be done, from two progress readings; records this reading.
+/// When a replicating region should be done at the latest, from two progress readings (the
+/// first may be its `start`; a look then finds it done rather than one point short); records
+/// this reading.
 fn estimate(
     progress: &mut BTreeMap<String, Progress>,
     status: &RegionStatus,
+    start: Option<Progress>,
     ctx: &StepContext<'_>,
 ) -> Option<Duration> {
     // A region that has not started (`Unknown`) reads 0% without replicating: no reading to time from.
@@ -261,12 +299,5 @@ fn estimate(
     if before.is_none_or(|b| b.percent != now.percent) {
         progress.insert(status.region.clone(), now);
     }
-    let before = before?;
-    let gained = now.percent.checked_sub(before.percent).filter(|g| *g > 0)? as f64;
-    let elapsed = (now.at - before.at).as_seconds_f64();
-    if elapsed <= 0.0 {
-        return None;
-    }
-    let left = (100 - now.percent.min(100)) as f64 * elapsed / gained;
-    Some(Duration::from_secs_f64(left))
+    latest_reach(before.or(start)?, now, 100.0)
 }

@@ -5,13 +5,13 @@
 //!
 //! Batch gives no hint when to look. The first look waits out the documented 15 minutes per 1000
 //! nodes (at most `poll_max`); later looks are timed from the pace at which nodes joined the pool
-//! (the fastest pace two readings allow, so a look comes early rather than late), and once the
-//! allocation is steady only the node counts are read.
+//! (the slowest pace two readings allow, so a look finds what it waits for rather than coming one
+//! read too early), and once the allocation is steady only the node counts are read.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::common::{fail, wait_step};
+use super::common::{fail, latest_reach, likely_reach, slowest_pace, wait_step};
 use super::{FailureClass, Observation, Outcome, Step, StepContext, rollout};
 use crate::azure::{AllocationState, AzureError};
 use crate::events::EventKind;
@@ -123,8 +123,9 @@ async fn look_at_allocation(
             .observe(Observation::Failure(FailureClass::Allocation))
         }));
     }
-    // Nodes join the pool as it allocates: once two looks have seen them arrive, the earliest end
-    // their pace allows comes first.
+    // Nodes join the pool as it allocates: once two looks have seen them arrive, the latest end
+    // their pace allows (a look then finds the allocation over, and nodes turn idle minutes
+    // later, so coming late costs no time on the way to verified).
     let mut delay = left.max(ctx.settings.default_poll());
     let present = info.current_dedicated + info.current_low_priority;
     let reading = Progress {
@@ -134,13 +135,13 @@ async fn look_at_allocation(
     if reading.percent > 0 {
         let first = *progress.entry(ALLOCATED_FIRST.to_string()).or_insert(reading);
         progress.insert(ALLOCATED_LAST.to_string(), reading);
-        if let Some(eta) = earliest(first, reading, 100.0) {
+        if let Some(eta) = latest_reach(first, reading, 100.0) {
             delay = delay.min(eta);
         }
         // Nearly allocated: nodes turn idle minutes after they join, so the next look also waits
         // for enough of them, at the pace they joined.
         if present as f64 >= goal.required
-            && let Some(percent_per_sec) = pace(first, reading)
+            && let Some(percent_per_sec) = slowest_pace(first, reading)
         {
             let idle = ctx
                 .azure
@@ -207,8 +208,9 @@ async fn look_at_nodes(
     .observe(nodes_seen)))
 }
 
-/// When to look again for idle nodes: nodes turn idle at about the pace they joined, so by that
-/// pace, else by two readings of the idle nodes, else after the default poll.
+/// When to look again for idle nodes: by two readings of the idle nodes (the likely moment their
+/// pace gives), else at the pace nodes joined (they turn idle at about that pace), else after the
+/// default poll.
 fn until_idle(goal: &Goal, idle: f64, progress: &mut Readings, ctx: &StepContext<'_>) -> Duration {
     let target_nodes = goal.nodes as f64;
     let reading = Progress {
@@ -216,17 +218,18 @@ fn until_idle(goal: &Goal, idle: f64, progress: &mut Readings, ctx: &StepContext
         percent: percent_of(idle as u32, goal.nodes),
     };
     let joined = match (progress.get(ALLOCATED_FIRST), progress.get(ALLOCATED_LAST)) {
-        (Some(first), Some(last)) => pace(*first, *last),
+        (Some(first), Some(last)) => slowest_pace(*first, *last),
         _ => None,
     };
     let first_idle = (reading.percent > 0).then(|| *progress.entry(IDLE_FIRST.to_string()).or_insert(reading));
-    let eta = match (joined, first_idle) {
-        (Some(percent_per_sec), _) => Some(Duration::from_secs_f64(
-            (goal.required - idle) * 100.0 / target_nodes / percent_per_sec,
-        )),
-        (None, Some(first)) => earliest(first, reading, goal.required * 100.0 / target_nodes),
-        (None, None) => None,
-    };
+    // A look timed by the pace nodes joined found too few idle: two readings of the idle nodes
+    // themselves time the next. This look ends the wait, so it aims at the likely moment, not
+    // the latest.
+    let by_idle = first_idle.and_then(|first| likely_reach(first, reading, goal.required * 100.0 / target_nodes));
+    let by_joining = joined.map(|percent_per_sec| {
+        Duration::from_secs_f64((goal.required - idle) * 100.0 / target_nodes / percent_per_sec)
+    });
+    let eta = by_idle.or(by_joining);
     eta.map_or_else(|| ctx.settings.default_poll(), |eta| ctx.settings.clamp(eta))
 }
 
@@ -291,20 +294,4 @@ fn wait_with(message: Envelope, what: Phase, delay: Duration, progress: Readings
 
 fn percent_of(part: u32, whole: u32) -> u8 {
     (part as u64 * 100 / whole.max(1) as u64).min(100) as u8
-}
-
-/// The fastest pace (percent per second) two readings allow: a reading of `p` percent means
-/// somewhere in [p, p + 1).
-fn pace(before: Progress, now: Progress) -> Option<f64> {
-    let elapsed = (now.at - before.at).as_seconds_f64();
-    (before.percent > 0 && now.percent > before.percent && elapsed > 0.0)
-        .then(|| (now.percent as f64 + 1.0 - before.percent as f64) / elapsed)
-}
-
-/// The earliest moment `goal` percent can be reached at that pace, from now: a look timed by it
-/// comes before the goal, never after it.
-fn earliest(before: Progress, now: Progress, goal: f64) -> Option<Duration> {
-    let pace = pace(before, now)?;
-    let left = (goal - (now.percent as f64 + 1.0)).max(0.0) / pace;
-    Some(Duration::from_secs_f64(left))
 }

@@ -169,6 +169,20 @@ fn assert_read_only(log: &[Value]) {
     }
 }
 
+/// Planning reads nothing twice (two checks that need one list share one read): every ARM and
+/// Batch request of the log is to a path and query of its own.
+fn assert_reads_each_once(log: &[Value]) {
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in log
+        .iter()
+        .filter(|e| matches!(e["api"].as_str(), Some("arm" | "batch")))
+    {
+        let read = format!("{} {}", entry["path"], entry["query"]);
+        eprintln!("READ {read}");
+        assert!(seen.insert(read.clone()), "planning read {read} twice");
+    }
+}
+
 /// Plans `spec` with `inputs` (version defaults to 1.0.0), checking that nothing was written.
 async fn plan_with(emu: &TestEmulator, spec: &Spec, mut inputs: PlanInputs) -> Result<Plan, PlanError> {
     if inputs.version.is_empty() {
@@ -964,7 +978,9 @@ async fn the_shipped_nightly_pipeline_plans_with_the_documented_numbers() {
     clear_log(&emu).await;
     let now = OffsetDateTime::now_utc();
     let plan = planner::plan(&spec, &inputs, &client, now).await.expect("plan");
-    assert_read_only(&emu.requests().await);
+    let log = emu.requests().await;
+    assert_read_only(&log);
+    assert_reads_each_once(&log);
 
     let build = plan.build.as_ref().expect("a build");
     assert_eq!(build.vm, Some(VmId::parse(&vm_id("build-ubuntu-2204")).unwrap()));
