@@ -39,7 +39,10 @@
 //! - per pool: one pool read (allocation steady) and one node-count read, plus one pool list per
 //!   pool when the rollout policy retires the previous pool (it has to be found);
 //! - Azure's values checked before anything is made: the gallery subscription's locations once,
-//!   Batch's VM sizes once per pool region;
+//!   Batch's VM sizes once per pool region: every page Azure serves of that list (counted as the
+//!   distinct page requests in the log: a correct client reads each page once);
+//! - the Batch quotas checked before anything is made (DESIGN §8: pools and cores in use): each
+//!   pool account's pool list once (the default world's accounts state their quotas);
 //! - one read confirming each deleted intermediate gone (snapshots, image), when they are deleted;
 //! - retention's one survey: the definition's version list and each account's pool list (one
 //!   fewer when the rollout already listed the first pool's account).
@@ -551,13 +554,19 @@ fn analyse(
             3
         };
     // Azure's own values checked before anything is made: the gallery subscription's locations
-    // once, the VM sizes Batch offers once per pool region.
+    // once, the VM sizes Batch offers once per pool region (each of the list's pages).
     let pool_regions: BTreeSet<&String> = spec
         .pools
         .iter()
         .filter_map(|p| accounts.get(&p.account.name().to_ascii_lowercase()))
         .collect();
-    let azure_values = 1 + pool_regions.len() as u64;
+    let sku_pages: BTreeSet<(String, String)> = azure
+        .iter()
+        .filter(|e| e.method == "GET" && e.path.to_ascii_lowercase().ends_with("/virtualmachineskus"))
+        .map(|e| (e.path.to_ascii_lowercase(), e.query.clone()))
+        .collect();
+    let azure_values = 1 + (sku_pages.len() as u64).max(pool_regions.len() as u64);
+    let quota_lists = pool_accounts.len() as u64;
     // Each intermediate deleted is confirmed gone by one read.
     let clean_up = if spec.retention.intermediates == Intermediates::Delete {
         creates
@@ -578,6 +587,7 @@ fn analyse(
     let min_parts = vec![
         ("preflight", preflight),
         ("Azure's values", azure_values),
+        ("quota check", quota_lists),
         ("writes", writes),
         ("LRO status", lro_reads),
         ("region completions", regions.len() as u64),
