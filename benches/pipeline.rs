@@ -39,8 +39,8 @@
 //! - per pool: one pool read (allocation steady) and one node-count read, plus one pool list per
 //!   pool when the rollout policy retires the previous pool (it has to be found);
 //! - Azure's values checked before anything is made: the gallery subscription's locations once,
-//!   Batch's VM sizes once per pool region: every page Azure serves of that list (counted as the
-//!   distinct page requests in the log: a correct client reads each page once);
+//!   Batch's VM sizes once per pool region: every page the emulator serves of that list
+//!   (`emulator::vm_size_list_pages`: a correct client reads each page once);
 //! - the Batch quotas checked before anything is made (DESIGN §8: pools and cores in use): each
 //!   pool account's pool list once (the default world's accounts state their quotas);
 //! - one read confirming each deleted intermediate gone (snapshots, image), when they are deleted;
@@ -560,12 +560,8 @@ fn analyse(
         .iter()
         .filter_map(|p| accounts.get(&p.account.name().to_ascii_lowercase()))
         .collect();
-    let sku_pages: BTreeSet<(String, String)> = azure
-        .iter()
-        .filter(|e| e.method == "GET" && e.path.to_ascii_lowercase().ends_with("/virtualmachineskus"))
-        .map(|e| (e.path.to_ascii_lowercase(), e.query.clone()))
-        .collect();
-    let azure_values = 1 + (sku_pages.len() as u64).max(pool_regions.len() as u64);
+    let sku_pages = sigrun::emulator::vm_size_list_pages() as u64;
+    let azure_values = 1 + sku_pages * pool_regions.len() as u64;
     let quota_lists = pool_accounts.len() as u64;
     // Each intermediate deleted is confirmed gone by one read.
     let clean_up = if spec.retention.intermediates == Intermediates::Delete {

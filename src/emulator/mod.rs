@@ -45,6 +45,12 @@ use self::http::{Request, Response};
 use self::state::{State, Store};
 pub use self::world::World;
 
+/// The pages this emulator serves of Batch's VM size list in a region, unasked for fewer: what a
+/// correct client must read (the nightly bench's minimum).
+pub fn vm_size_list_pages() -> usize {
+    vm_sizes::rendered().len().div_ceil(arm::catalog::SKU_PAGE)
+}
+
 /// How to run an emulator.
 #[derive(Debug, Clone)]
 pub struct EmulatorOptions {

@@ -173,12 +173,12 @@ pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration 
 
 /// The slowest pace (percent per second) two readings allow. Azure's percents are whole and
 /// floored: a reading of `p` means somewhere in [p, p + 1), so `g` points gained may be as few as
-/// `g - 1`. With a single point gained that bound is no pace at all, and the point itself is
-/// taken. `None` when the readings show no progress to time.
+/// `g - 1`. `None` when that bound is no progress at all (fewer than two points gained): such
+/// readings cannot promise a look that is not early.
 pub fn slowest_pace(before: Progress, now: Progress) -> Option<f64> {
     let elapsed = (now.at - before.at).as_seconds_f64();
-    let gained = now.percent.checked_sub(before.percent).filter(|g| *g > 0)?;
-    (elapsed > 0.0).then(|| f64::from(gained.saturating_sub(1).max(1)) / elapsed)
+    let gained = now.percent.checked_sub(before.percent).filter(|g| *g >= 2)?;
+    (elapsed > 0.0).then(|| f64::from(gained - 1) / elapsed)
 }
 
 /// The latest moment, from now, at which `goal` percent may be reached at the slowest pace the two
@@ -315,8 +315,8 @@ mod tests {
         assert_eq!(slowest_pace(at(0, 50), at(60, 40)), None, "gone back");
         assert_eq!(
             slowest_pace(at(0, 40), at(60, 41)),
-            Some(1.0 / 60.0),
-            "one point is taken"
+            None,
+            "one point may be almost none"
         );
         assert_eq!(slowest_pace(at(0, 40), at(60, 43)), Some(2.0 / 60.0));
         assert_eq!(

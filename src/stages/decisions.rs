@@ -788,25 +788,3 @@ fn a_side_effect_held_back_for_the_budget_is_no_failure() {
         SideEffectRetry::GiveUp => panic!("a paced request gave the clean-up up"),
     }
 }
-
-/// A version just written has nothing to time its replication by: the replicate message is due a
-/// poll later, not at once (a look at once is a read that learns nothing).
-#[tokio::test]
-async fn replication_is_first_looked_at_a_poll_after_the_versions_write() {
-    let case = replicate_handoff();
-    let (step, azure) = step_of(&case).await;
-    assert_eq!(azure.world().writes, ["put_version 2026.1126.0"]);
-    let Outcome::Advance(next) = &step.outcome else {
-        panic!("{}", summary(&step.outcome));
-    };
-    let poll = StageSettings::default().default_poll();
-    assert_eq!(next[0].stage, Stage::Replicate);
-    assert_eq!(next[0].due(), Some(now() + poll), "held for a poll");
-}
-
-fn replicate_handoff() -> Case {
-    gallery_rule_cases()
-        .into_iter()
-        .find(|c| c.name == "gallery-publish: the version is put and replicate takes over")
-        .expect("the hand-off case")
-}

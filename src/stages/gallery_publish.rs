@@ -239,8 +239,6 @@ async fn put_version(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Ado
     let accepted = ctx.azure.put_version(&plan.version_id, &request).await?;
     let mut next = message.next(Stage::Replicate, ctx.now);
     next.artifacts.image_version = Some(plan.version_id.clone());
-    // Replication starts with the write: a look at once would find nothing to time it by.
-    next.not_before = Some(ctx.now + ctx.settings.default_poll());
     let step = Step::new(Outcome::Advance(vec![next]));
     Ok(if accepted.created && existing.is_none() {
         step.with(EventKind::ResourceCreated {

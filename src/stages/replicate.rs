@@ -5,8 +5,7 @@
 //! failed: its pools are not created and the run's result names it. Several regions failing in one
 //! look are removed together (one write), and neither a removal nor a re-add ever puts back a
 //! region that waits to be re-added or that failed for good. The next look is timed from the
-//! progress seen so far, at the latest end it allows; the first waits a poll after the version's
-//! PUT (gallery-publish holds the message), since a look at once finds nothing to time.
+//! progress seen so far, at the latest end it allows.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -37,7 +36,6 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
             .as_ref()
             .map(|op| op.progress.clone())
             .unwrap_or_default(),
-        start: first_look(&message).then(|| replication_start(&message)),
         ..Look::default()
     };
     for region in &plan.regions {
@@ -108,26 +106,9 @@ fn first_look(message: &Envelope) -> bool {
     message.operation.as_ref().is_none_or(|op| op.what != WHAT)
 }
 
-/// The source region's replica starts with the version's write, when gallery-publish handed the
-/// message over: a reading of 0 % then, so the first look's reading alone times the next. (Had
-/// it started earlier, a version joined by a replay, the pace is overrated and the look comes
-/// early: a read too many, never a late one.) Other regions start after the source region's
-/// replica, at a moment no reading says.
-fn replication_start(message: &Envelope) -> (String, Progress) {
-    let plan = &message.plan;
-    let source = plan.build.as_ref().map_or(&plan.gallery_region, |b| &b.region);
-    let start = Progress {
-        at: message.stage_started,
-        percent: 0,
-    };
-    (source.clone(), start)
-}
-
 /// What one look at the version's replication found.
 #[derive(Default)]
 struct Look {
-    /// On the first look: the source region and a reading of 0 % when its replica started.
-    start: Option<(String, Progress)>,
     events: Vec<EventKind>,
     /// The pool-create messages of regions that completed in this look.
     emit: Vec<Envelope>,
@@ -164,10 +145,7 @@ impl Look {
                 let details = status.map(|s| s.details.clone()).unwrap_or_default();
                 self.failed(message, name, details, ctx);
             }
-            Some(_) | None => match status.and_then(|s| {
-                let start = self.start_of(name);
-                estimate(&mut self.progress, s, start, ctx)
-            }) {
+            Some(_) | None => match status.and_then(|s| estimate(&mut self.progress, s, ctx)) {
                 Some(eta) => self.pending_eta = Some(self.pending_eta.map_or(eta, |p| p.min(eta))),
                 // Not started (`Unknown`): Azure replicates to the other regions once the source
                 // region is done, so such a region waits on one that replicates; it needs no look
@@ -176,14 +154,6 @@ impl Look {
                 None => self.unknown_pending = true,
             },
         }
-    }
-
-    /// The reading of 0 % when `region`'s replica started, where that is known.
-    fn start_of(&self, region: &str) -> Option<Progress> {
-        self.start
-            .as_ref()
-            .filter(|(r, _)| r == region)
-            .map(|(_, start)| *start)
     }
 
     /// The region's replica is there: its pools start now.
@@ -278,13 +248,11 @@ fn replication_ratios(plan: &Plan, statuses: &[RegionStatus], message: &Envelope
         .collect()
 }
 
-/// When a replicating region should be done at the latest, from two progress readings (the
-/// first may be its `start`; a look then finds it done rather than one point short); records
-/// this reading.
+/// When a replicating region should be done at the latest, from two progress readings (a look
+/// then finds it done rather than one point short); records this reading.
 fn estimate(
     progress: &mut BTreeMap<String, Progress>,
     status: &RegionStatus,
-    start: Option<Progress>,
     ctx: &StepContext<'_>,
 ) -> Option<Duration> {
     // A region that has not started (`Unknown`) reads 0% without replicating: no reading to time from.
@@ -299,5 +267,5 @@ fn estimate(
     if before.is_none_or(|b| b.percent != now.percent) {
         progress.insert(status.region.clone(), now);
     }
-    latest_reach(before.or(start)?, now, 100.0)
+    latest_reach(before?, now, 100.0)
 }

@@ -6,7 +6,9 @@
 //! Batch gives no hint when to look. The first look waits out the documented 15 minutes per 1000
 //! nodes (at most `poll_max`); later looks are timed from the pace at which nodes joined the pool
 //! (the slowest pace two readings allow, so a look finds what it waits for rather than coming one
-//! read too early), and once the allocation is steady only the node counts are read.
+//! read too early), and once the allocation is steady only the node counts are read: at the pace
+//! nodes joined, then at the likely moment two readings of the idle nodes give (this look's
+//! lateness is the run's).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

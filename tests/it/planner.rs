@@ -178,7 +178,6 @@ fn assert_reads_each_once(log: &[Value]) {
         .filter(|e| matches!(e["api"].as_str(), Some("arm" | "batch")))
     {
         let read = format!("{} {}", entry["path"], entry["query"]);
-        eprintln!("READ {read}");
         assert!(seen.insert(read.clone()), "planning read {read} twice");
     }
 }

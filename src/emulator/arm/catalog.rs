@@ -11,7 +11,7 @@ use crate::emulator::http::{Request, Response};
 use crate::emulator::{regions, vm_sizes};
 
 /// Sizes per page when the caller does not ask for fewer (`maxresults`).
-const SKU_PAGE: usize = 20;
+pub(in crate::emulator) const SKU_PAGE: usize = 20;
 
 /// `GET /subscriptions/{sub}/locations`: every region, as `{"value": [...]}`.
 pub fn locations(ctx: &Ctx, req: &Request, caller: &Caller, sub: &str) -> Result<Response, ArmError> {

@@ -3,7 +3,7 @@
 //! resource provider's, and the caller's role on the scope, then routes to the resource handlers.
 //! Answers carry ARM's error body and its `x-ms-*` headers.
 
-mod catalog;
+pub(super) mod catalog;
 mod compute;
 mod disks;
 mod gallery;
