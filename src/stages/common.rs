@@ -176,9 +176,16 @@ pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration 
 /// `g - 1`. `None` when that bound is no progress at all (fewer than two points gained): such
 /// readings cannot promise a look that is not early.
 pub fn slowest_pace(before: Progress, now: Progress) -> Option<f64> {
+    let (gained, elapsed) = gained_over(before, now).filter(|(gained, _)| *gained >= 2)?;
+    Some(f64::from(gained - 1) / elapsed)
+}
+
+/// The points gained between two readings and the seconds between them; `None` unless both are
+/// positive (nothing gained, gone back, or out of order).
+fn gained_over(before: Progress, now: Progress) -> Option<(u8, f64)> {
     let elapsed = (now.at - before.at).as_seconds_f64();
-    let gained = now.percent.checked_sub(before.percent).filter(|g| *g >= 2)?;
-    (elapsed > 0.0).then(|| f64::from(gained - 1) / elapsed)
+    let gained = now.percent.checked_sub(before.percent).filter(|g| *g > 0)?;
+    (elapsed > 0.0).then_some((gained, elapsed))
 }
 
 /// The latest moment, from now, at which `goal` percent may be reached at the slowest pace the two
@@ -194,9 +201,8 @@ pub fn latest_reach(before: Progress, now: Progress, goal: f64) -> Option<Durati
 /// readings show, from the middle of the latest one's point. For a look whose lateness is the
 /// run's (the last one before a verdict), where the latest bound would cost minutes.
 pub fn likely_reach(before: Progress, now: Progress, goal: f64) -> Option<Duration> {
-    let elapsed = (now.at - before.at).as_seconds_f64();
-    let gained = now.percent.checked_sub(before.percent).filter(|g| *g > 0)?;
-    let pace = (elapsed > 0.0).then(|| f64::from(gained) / elapsed)?;
+    let (gained, elapsed) = gained_over(before, now)?;
+    let pace = f64::from(gained) / elapsed;
     Duration::try_from_secs_f64((goal - f64::from(now.percent) - 0.5).max(0.0) / pace).ok()
 }
 

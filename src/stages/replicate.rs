@@ -101,11 +101,6 @@ async fn remove_failing(message: &Envelope, plan: &Plan, ctx: &StepContext<'_>) 
         .map(|_| ())
 }
 
-/// Whether this is the branch's first look at the replication.
-fn first_look(message: &Envelope) -> bool {
-    message.operation.as_ref().is_none_or(|op| op.what != WHAT)
-}
-
 /// What one look at the version's replication found.
 #[derive(Default)]
 struct Look {
@@ -202,7 +197,7 @@ impl Look {
             (Some(eta), true) => ctx.settings.clamp(eta.min(ctx.settings.default_poll())),
             (None, _) => ctx.settings.default_poll(),
         };
-        let first = first_look(&message);
+        let first = message.operation.as_ref().is_none_or(|op| op.what != WHAT);
         let mut outcome = wait(message, WHAT, Vec::new(), delay, ctx.now);
         if let Outcome::Wait { message, emit: out, .. } = &mut outcome {
             if let Some(op) = message.operation.as_mut() {

@@ -228,10 +228,11 @@ fn until_idle(goal: &Goal, idle: f64, progress: &mut Readings, ctx: &StepContext
     // themselves time the next. This look ends the wait, so it aims at the likely moment, not
     // the latest.
     let by_idle = first_idle.and_then(|first| likely_reach(first, reading, goal.required * 100.0 / target_nodes));
-    let by_joining = joined.map(|percent_per_sec| {
-        Duration::from_secs_f64((goal.required - idle) * 100.0 / target_nodes / percent_per_sec)
+    let eta = by_idle.or_else(|| {
+        joined.map(|percent_per_sec| {
+            Duration::from_secs_f64((goal.required - idle) * 100.0 / target_nodes / percent_per_sec)
+        })
     });
-    let eta = by_idle.or(by_joining);
     eta.map_or_else(|| ctx.settings.default_poll(), |eta| ctx.settings.clamp(eta))
 }
 
