@@ -334,26 +334,24 @@ impl Http {
         }
     }
 
-    async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
-        if let Some(left) = self.throttles.remaining(call.url.path()) {
-            return Err(Failure::Http(Throttles::held_back(&call.operation, left)));
+    /// Held back, as Azure's own 429 would, while a Retry-After on the call's path runs.
+    fn not_throttled(&self, call: &Call<'_>) -> Result<(), Failure> {
+        match self.throttles.remaining(call.url.path()) {
+            Some(left) => Err(Failure::Http(Throttles::held_back(&call.operation, left))),
+            None => Ok(()),
         }
-        let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
-        // Held until this attempt ends: the pacer counts it in flight until then.
-        let _in_flight = match &bucket {
-            Some(bucket) => Some(self.paced(call, bucket).await?),
-            None => None,
-        };
-        let scope = match call.audience {
-            Audience::Arm => &self.arm_scope,
-            Audience::Batch => &self.batch_scope,
-        };
-        let token = self
-            .credential
-            .get_token(&[scope.as_str()], None)
-            .await
-            .map_err(|e| Failure::Token(token_error(scope, e)))?;
-        let request = self.request(call, token.token.secret(), client_request_id);
+    }
+
+    /// Sends one request and reads its whole answer: status, headers, body, and when it was sent.
+    /// A network failure is recorded and handed back as one.
+    async fn exchange(
+        &self,
+        call: &Call<'_>,
+        token: &str,
+        client_request_id: &str,
+        attempt: u32,
+    ) -> Result<(u16, HeaderMap, bytes::Bytes, Instant), Failure> {
+        let request = self.request(call, token, client_request_id);
         let sent = Instant::now();
         let log_failure = |message: &str| {
             tracing::debug!(
@@ -385,6 +383,33 @@ impl Http {
                 return Err(Failure::Http(AzureError::network(call.operation.clone(), message)));
             }
         };
+        Ok((status, headers, bytes, sent))
+    }
+
+    async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
+        self.not_throttled(call)?;
+        let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
+        // Held until this attempt ends: the pacer counts it in flight until then.
+        let _in_flight = match &bucket {
+            Some(bucket) => Some(self.paced(call, bucket).await?),
+            None => None,
+        };
+        let scope = match call.audience {
+            Audience::Arm => &self.arm_scope,
+            Audience::Batch => &self.batch_scope,
+        };
+        let token = self
+            .credential
+            .get_token(&[scope.as_str()], None)
+            .await
+            .map_err(|e| Failure::Token(token_error(scope, e)))?;
+        // Checked again at the last moment, one request of the path at a time: a 429 answered
+        // while this one waited for its budget, its token or its lane holds it back.
+        let _lane = self.throttles.one_at_a_time(call.url.path()).await;
+        self.not_throttled(call)?;
+        let (status, headers, bytes, sent) = self
+            .exchange(call, token.token.secret(), client_request_id, attempt)
+            .await?;
         self.record_attempt(
             call.audience,
             Some(status),

@@ -4,11 +4,18 @@
 //! asks next (two runs retiring the same old pool, a step retried by another delivery). A request
 //! held back this way is answered here as the throttling it would have met, with the time left as
 //! its `Retry-After`, so the caller waits or reschedules exactly as for Azure's own answer.
+//!
+//! Requests of one path go one at a time (`one_at_a_time`): a request that went out beside
+//! another of the same path, before that one's 429 came back, would ask Azure again inside the
+//! Retry-After it was about to give. Holding the second until the first is answered makes the
+//! rule exact, at the cost of one round trip for the rare pair (two pools' verify reading their
+//! version at the same moment).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 
 use super::AzureError;
@@ -17,6 +24,8 @@ use super::AzureError;
 pub struct Throttles {
     /// Lower-cased path (ARM and Batch ids are case-insensitive) → when it may be asked again.
     until: Mutex<HashMap<String, Instant>>,
+    /// Lower-cased path → the lane its requests queue in, while one is in flight or waiting.
+    lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Throttles {
@@ -38,6 +47,18 @@ impl Throttles {
         let at = now + retry_after;
         let entry = until.entry(path.to_ascii_lowercase()).or_insert(at);
         *entry = (*entry).max(at);
+    }
+
+    /// Waits until no other request of this process is out on `path`; the guard holds the path
+    /// until the request it covers is answered (and any Retry-After recorded). Lanes nobody holds
+    /// or waits for are dropped as others are taken, so the map holds only what is in flight.
+    pub async fn one_at_a_time(&self, path: &str) -> OwnedMutexGuard<()> {
+        let lane = {
+            let mut lanes = self.lanes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            lanes.retain(|_, lane| Arc::strong_count(lane) > 1);
+            Arc::clone(lanes.entry(path.to_ascii_lowercase()).or_default())
+        };
+        lane.lock_owned().await
     }
 
     /// The answer for a request held back: Azure's throttling, with the time left.
@@ -79,5 +100,32 @@ mod tests {
             (error.status, error.retry_after),
             (Some(429), Some(Duration::from_millis(300)))
         );
+    }
+
+    #[tokio::test]
+    async fn a_path_is_asked_one_request_at_a_time_and_its_lane_goes_when_unused() {
+        let throttles = Arc::new(Throttles::default());
+        let first = throttles.one_at_a_time("/subscriptions/S/pools/P").await;
+        let waiting = {
+            let throttles = Arc::clone(&throttles);
+            tokio::spawn(async move {
+                let _second = throttles.one_at_a_time("/SUBSCRIPTIONS/s/pools/p").await;
+                throttles.remaining("/subscriptions/S/pools/P")
+            })
+        };
+        // Another path is not held up by this one.
+        drop(throttles.one_at_a_time("/subscriptions/S/pools/other").await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a second request of the path waits for the first"
+        );
+        // The first is answered with a 429: the second, let go, sees its Retry-After.
+        throttles.record("/subscriptions/S/pools/P", Duration::from_secs(60));
+        drop(first);
+        let seen = waiting.await.unwrap();
+        assert!(seen.is_some_and(|left| left > Duration::from_secs(59)), "{seen:?}");
+        drop(throttles.one_at_a_time("/x").await);
+        assert_eq!(throttles.lanes.lock().unwrap().len(), 1, "unused lanes are dropped");
     }
 }

@@ -801,6 +801,29 @@ async fn throttling_is_retried_no_sooner_than_retry_after() {
     assert!(agent.starts_with("sigrun/") && agent.contains("(instance "), "{agent}");
 }
 
+/// Requests of one resource that a process makes at the same moment (two pools' verify reading
+/// their version, two copies of a message) go one at a time: the first's 429 holds back the rest
+/// before they leave, so Azure is not asked again inside the Retry-After it just gave.
+#[tokio::test]
+async fn concurrent_requests_of_a_throttled_resource_wait_for_its_answer_and_are_held_back() {
+    let emu = start_fast().await;
+    let azure = client_for_app(&emu, PIPELINE_APP);
+    let vm = VmId::new(SUB_IMAGING, "rg-imaging", &["build-ubuntu-2204"]).unwrap();
+    azure.get_vm(&vm).await.unwrap();
+    clear_log(&emu).await;
+
+    emu.set_faults("429:p=1,retry_after=120,times=1").await;
+    let reads = (0..16).map(|_| azure.get_vm(&vm));
+    let results = futures_util::future::join_all(reads).await;
+    let throttled = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.status == Some(429) && e.retry_after.is_some()))
+        .count();
+    assert_eq!(throttled, 16, "each read is answered with the throttling: {results:?}");
+    let sent: Vec<u64> = timeline(&emu, "arm").await.iter().map(|t| t.0).collect();
+    assert_eq!(sent, vec![429], "one request went out; the rest waited for its 429");
+}
+
 #[tokio::test]
 async fn server_errors_and_dropped_connections_are_retried() {
     let emu = start_fast().await;
