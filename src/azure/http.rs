@@ -388,6 +388,12 @@ impl Http {
 
     async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
         self.not_throttled(call)?;
+        // One request of the path at a time, checked again once it is this one's turn: a 429
+        // that came back while it waited holds it back before it takes any of the budget. Only
+        // a request of this path records its Retry-After, so none can appear while the lane is
+        // held.
+        let _lane = self.throttles.one_at_a_time(call.url.path()).await;
+        self.not_throttled(call)?;
         let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
         // Held until this attempt ends: the pacer counts it in flight until then.
         let _in_flight = match &bucket {
@@ -403,10 +409,6 @@ impl Http {
             .get_token(&[scope.as_str()], None)
             .await
             .map_err(|e| Failure::Token(token_error(scope, e)))?;
-        // Checked again at the last moment, one request of the path at a time: a 429 answered
-        // while this one waited for its budget, its token or its lane holds it back.
-        let _lane = self.throttles.one_at_a_time(call.url.path()).await;
-        self.not_throttled(call)?;
         let (status, headers, bytes, sent) = self
             .exchange(call, token.token.secret(), client_request_id, attempt)
             .await?;

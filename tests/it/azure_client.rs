@@ -1092,11 +1092,11 @@ async fn secrets_and_tokens_never_show() {
     }
 }
 
-/// Reads that outnumber the subscription's budget, all at once: paced by the client, none meets a
-/// 429 and all succeed; with pacing off, the same burst meets the emulator's 429s.
+/// Reads that outnumber the subscription's budget, all at once, each of its own resource (reads
+/// of one resource go one at a time anyway): paced by the client, none meets a 429 and all
+/// succeed; with pacing off, the same burst meets the emulator's 429s.
 #[tokio::test]
 async fn a_burst_beyond_the_budget_is_paced_instead_of_throttled() {
-    let vm = VmId::new(SUB_IMAGING, "rg-imaging", &["build-ubuntu-2204"]).unwrap();
     for pacing in [true, false] {
         // 125 reads a real second: the burst outruns the refill.
         let emu = start(EmulatorOptions {
@@ -1108,9 +1108,10 @@ async fn a_burst_beyond_the_budget_is_paced_instead_of_throttled() {
         settings.pacing.time_scale = 5.0;
         settings.pacing.enabled = pacing;
         let azure = Arc::new(AzureClient::new(&settings).expect("client"));
-        let reads = (0..400).map(|_| {
-            let (azure, vm) = (azure.clone(), vm.clone());
-            async move { azure.get_vm(&vm).await }
+        let reads = (0..400).map(|i| {
+            let azure = azure.clone();
+            let gallery = GalleryId::new(SUB_IMAGING, "rg-gallery", &[&format!("burst_{i}")]).unwrap();
+            async move { azure.get_gallery(&gallery).await }
         });
         let results = futures_util::future::join_all(reads).await;
         let answers: Vec<Value> = emu.requests().await.into_iter().filter(|e| e["api"] == "arm").collect();
