@@ -103,6 +103,8 @@ struct Fences {
     spent: Vec<Uuid>,
     /// Pool targets whose pool verified.
     verified: Vec<String>,
+    /// A verdict of the run promoted its version (`Promoted`).
+    promoted: bool,
 }
 
 impl Fences {
@@ -314,6 +316,13 @@ impl Book {
         )
     }
 
+    /// Whether a verdict of run `run_id` promoted its version; `None` when the book does not hold
+    /// the run.
+    pub fn version_promoted(&self, run_id: Uuid) -> Option<bool> {
+        let run = self.runs.get(&run_id)?;
+        Some(run.fences().is_some_and(|f| f.promoted))
+    }
+
     /// Whether run `run_id` still has a message live (anything of it may still act); `None` when
     /// the book does not hold the run.
     pub fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
@@ -379,6 +388,7 @@ impl RunBook {
                 self.started.get_or_insert(event.stage);
             }
             EventKind::CancelRequested => self.cancelled = true,
+            EventKind::Promoted { .. } => self.fences_mut().promoted = true,
             EventKind::PoolVerified { .. } => {
                 if let Branch::Pool { target, .. } = &event.branch {
                     let verified = &mut self.fences_mut().verified;
@@ -719,6 +729,21 @@ mod tests {
             .expect("the verified pool is kept");
         assert!(kept.verified == ["render"] && kept.slots.is_empty() && kept.claims.is_empty());
         assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
+    }
+
+    #[test]
+    fn a_runs_promotion_is_known_from_its_verdicts_commit() {
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        assert_eq!(run.book.version_promoted(run.id), Some(false));
+        assert_eq!(run.book.version_promoted(Uuid::new_v4()), None, "a run not in the book");
+        let verify = run.claim(first, token);
+        let mut promoted = started(run.id);
+        promoted.branch = pool("render");
+        promoted.kind = EventKind::Promoted { version_id: "v".into() };
+        let next = (first, Uuid::new_v4(), pool("render"));
+        assert!(run.commit(&verify, vec![next], vec![promoted]));
+        assert_eq!(run.book.version_promoted(run.id), Some(true));
     }
 
     #[test]

@@ -338,6 +338,12 @@ impl Ledger {
         self.shared.book().run_in_progress(run_id)
     }
 
+    /// Whether a verdict of run `run_id` promoted its version (`None`: the run is not in the
+    /// retained history).
+    pub fn version_promoted(&self, run_id: Uuid) -> Option<bool> {
+        self.shared.book().version_promoted(run_id)
+    }
+
     /// Records read so far.
     pub fn records_read(&self) -> u64 {
         *self.shared.read.borrow()
@@ -448,5 +454,9 @@ impl crate::stages::Runs for Ledger {
 
     fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
         Ledger::run_in_progress(self, run_id)
+    }
+
+    fn version_promoted(&self, run_id: Uuid) -> Option<bool> {
+        Ledger::version_promoted(self, run_id)
     }
 }

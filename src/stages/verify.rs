@@ -261,18 +261,11 @@ async fn verified(
         pool_id: pool.pool_id.clone(),
     }];
     let plan = &message.plan;
-    if plan.publish_excluded && !plan.final_excluded {
-        let promoted = ctx
-            .azure
-            .get_version(&plan.version_id, false)
-            .await?
-            .is_some_and(|v| !v.exclude_from_latest);
-        if !promoted {
-            ctx.azure.set_exclude_from_latest(&plan.version_id, false).await?;
-            events.push(EventKind::Promoted {
-                version_id: plan.version_id.to_string(),
-            });
-        }
+    if plan.publish_excluded && !plan.final_excluded && !already_promoted(&message, ctx).await? {
+        ctx.azure.set_exclude_from_latest(&plan.version_id, false).await?;
+        events.push(EventKind::Promoted {
+            version_id: plan.version_id.to_string(),
+        });
     }
     // The rollout policy and retention are effects of their own (their own retries; their
     // failure never fails this branch): the message goes on in the retire phase.
@@ -282,6 +275,17 @@ async fn verified(
         events,
         observations: vec![nodes_seen],
     })
+}
+
+/// Whether the run's version is latest already. The run's history says so without a request:
+/// another pool's verdict recorded `Promoted`, or none did and the flip (idempotent) is this
+/// verdict's. Azure is asked only when this process does not hold the run's history.
+async fn already_promoted(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool, AzureError> {
+    if let Some(promoted) = ctx.runs.version_promoted(message.run_id) {
+        return Ok(promoted);
+    }
+    let version = ctx.azure.get_version(&message.plan.version_id, false).await?;
+    Ok(version.is_some_and(|v| !v.exclude_from_latest))
 }
 
 /// A wait that keeps the progress readings (a new `what` would start them over).

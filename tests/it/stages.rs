@@ -148,9 +148,10 @@ struct Sim {
 }
 
 /// A run history in which the runs listed are still making their pools and every other run has
-/// ended.
+/// ended; whether a run's version was promoted is what the second field says (`None`: the history
+/// does not say, as for a process that does not hold the run).
 #[derive(Default)]
-struct LiveRuns(std::sync::Mutex<Vec<Uuid>>);
+struct LiveRuns(std::sync::Mutex<Vec<Uuid>>, std::sync::Mutex<Option<bool>>);
 
 impl Runs for LiveRuns {
     fn pool_in_progress(&self, run_id: Uuid, _target: &str) -> Option<bool> {
@@ -159,6 +160,10 @@ impl Runs for LiveRuns {
 
     fn run_in_progress(&self, run_id: Uuid) -> Option<bool> {
         Some(self.0.lock().unwrap().contains(&run_id))
+    }
+
+    fn version_promoted(&self, _run_id: Uuid) -> Option<bool> {
+        *self.1.lock().unwrap()
     }
 }
 
@@ -1751,6 +1756,47 @@ async fn verifying_trunk(sim: &mut Sim, trunk: Envelope, target: &str) -> (Envel
     let message = pools.iter().find(|m| branch_of(m).1 == target).unwrap().clone();
     let step = sim.drive(&message).await;
     (only_advanced(&step).clone(), pools)
+}
+
+/// With the run's history at hand, the verdicts promote without reading the version: the first
+/// flips it (no `Promoted` in the history yet), the second leaves it (the history has it).
+#[tokio::test]
+async fn verify_promotes_by_the_runs_history_without_reading_the_version() {
+    let mut sim = Sim::new().await;
+    let (message, pools) = verifying(&mut sim, NIGHTLY, "render").await;
+    let version_path = format!("/versions/{}", message.plan.version_id.name());
+    let reads_and_writes = |log: &[Value]| {
+        let of_version = |e: &&Value| e["path"].as_str().is_some_and(|p| p.ends_with(&version_path));
+        let reads = log.iter().filter(of_version).filter(|e| e["method"] == "GET").count();
+        let writes = log.iter().filter(|e| is_put_or_patch_of(e, &version_path)).count();
+        (reads, writes)
+    };
+
+    *sim.live_runs.1.lock().unwrap() = Some(false);
+    let mark = sim.mark().await;
+    let steps = sim.settle(&message, 60.0).await;
+    let verified = &steps[steps.len() - 2];
+    assert_eq!(event_names(verified), vec!["pool_verified", "promoted"]);
+    assert_eq!(reads_and_writes(&sim.since(mark).await), (0, 1), "one PATCH, no read");
+    let version = sim
+        .azure
+        .get_version(&message.plan.version_id, false)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!version.exclude_from_latest, "promoted to latest");
+
+    *sim.live_runs.1.lock().unwrap() = Some(true);
+    let tools = pools.iter().find(|m| branch_of(m).1 == "tools").unwrap();
+    let verify = only_advanced(&sim.drive(tools).await).clone();
+    let mark = sim.mark().await;
+    let steps = sim.settle(&verify, 60.0).await;
+    assert_eq!(event_names(&steps[steps.len() - 2]), vec!["pool_verified"]);
+    assert_eq!(
+        reads_and_writes(&sim.since(mark).await),
+        (0, 0),
+        "neither read nor PATCH"
+    );
 }
 
 #[tokio::test]
