@@ -19,8 +19,8 @@
 //!   over the pools; converted to real time by dividing by the time scale. (Gallery and definition
 //!   do not need the image; taking them off the chain, as a dependency graph would, shortens it by
 //!   their ~30 s. The chain follows the brief and the stage order. Each duration is the one this
-//!   run got: the emulator draws some of them with the start time in the seed, so runs differ a
-//!   little.)
+//!   run got: the emulator draws them from its seed with the resource's name, some also with the
+//!   operation's start time, so runs differ a little.)
 //! - The *wall time* is real time from the run's first write request to its last request (both
 //!   from the request log's `elapsed_ms`), so process start, settings and the preflight reads are
 //!   outside it (they are printed too: `process` is the whole `sigrun run` from spawn to exit).
@@ -58,8 +58,10 @@
 //! **Seeds.** The emulator draws each operation's duration from its seed and the resource's name,
 //! and the nightly's names carry the date: one seed measures one night, and a delete that takes
 //! 31 s instead of 29 s costs a second look. So each scale runs once per emulator seed
-//! (`SIGRUN_BENCH_SEEDS`, default `0,1,2,3`) and the summary gives every night's ratios and their
-//! mean; the full report is printed for the first seed.
+//! (`SIGRUN_BENCH_SEEDS`, default `0,1,2,3`; a list that names no seed is refused) and the
+//! summary gives every night's ratios and their mean; the full report is printed for the first
+//! seed. A seed gives the same nights only with the same date and toolchain (the emulator hashes
+//! with the standard library's hasher).
 //!
 //! `cargo bench --bench pipeline` (never run by `cargo test`).
 
@@ -102,6 +104,10 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![0, 1, 2, 3]);
+    assert!(
+        !seeds.is_empty(),
+        "SIGRUN_BENCH_SEEDS names no seed (numbers, comma-separated)"
+    );
     let mut results = Vec::new();
     for &scale in &scales {
         for (i, &seed) in seeds.iter().enumerate() {
@@ -340,7 +346,7 @@ min_delay_ms = 50
             emulated: stamp(&e["emulated_time"]),
         })
         .collect();
-    analyse(spec, (scale, seed), exit, wall_process, &entries, &timelines)
+    analyse(spec, scale, seed, exit, wall_process, &entries, &timelines)
 }
 
 fn stamp(v: &Value) -> OffsetDateTime {
@@ -387,7 +393,8 @@ fn is_write(e: &Entry) -> bool {
 
 fn analyse(
     spec: &PipelineSpec,
-    (scale, seed): (f64, u64),
+    scale: f64,
+    seed: u64,
     exit: String,
     wall_process: Duration,
     entries: &[Entry],

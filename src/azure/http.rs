@@ -15,6 +15,8 @@ use backon::{ExponentialBuilder, Retryable};
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap};
 use reqwest::{Method, Url};
 use serde_json::Value;
+use tokio::sync::OwnedMutexGuard;
+use url::Position;
 
 use super::config::{AzureSettings, RetrySettings, SettingsError};
 use super::error::AzureError;
@@ -309,12 +311,7 @@ impl Http {
     /// in flight for the pacer until what this returns is dropped.
     async fn paced<'a>(&'a self, call: &Call<'_>, scope: &'a pacing::Scope) -> Result<pacing::InFlight<'a>, Failure> {
         let urgency = pacing::current_urgency();
-        let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
-        let limit = if handing_back {
-            self.pacing_hold
-        } else {
-            self.pacing_hold.max(self.retry.max_total())
-        };
+        let limit = self.wait_limit();
         let started = tokio::time::Instant::now();
         loop {
             let now = tokio::time::Instant::now();
@@ -334,26 +331,55 @@ impl Http {
         }
     }
 
-    /// Held back, as Azure's own 429 would, while a Retry-After on the call's path runs.
+    /// Held back, as Azure's own 429 would, while a Retry-After on the call's resource runs.
     fn not_throttled(&self, call: &Call<'_>) -> Result<(), Failure> {
-        match self.throttles.remaining(call.url.path()) {
+        match self.throttles.remaining(resource_of(&call.url)) {
             Some(left) => Err(Failure::Http(Throttles::held_back(&call.operation, left))),
             None => Ok(()),
         }
     }
 
-    /// Sends one request and reads its whole answer: status, headers, body, and when it was sent.
-    /// A network failure is recorded and handed back as one.
+    /// The longest a request waits in this process, for its lane and again for its budget:
+    /// inside a step the pacing hold (longer, it is handed back as `AzureError::paced` and the
+    /// step is put off on a delay tier instead of holding a consumer); outside one as long as a
+    /// call may retry.
+    fn wait_limit(&self) -> Duration {
+        let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
+        if handing_back {
+            self.pacing_hold
+        } else {
+            self.pacing_hold.max(self.retry.max_total())
+        }
+    }
+
+    /// The call's turn on its resource: one request of it at a time in this process, checked
+    /// again once it is this one's turn (a 429 that came back while it waited holds it back
+    /// before it takes any of the budget; only a request of this resource records its
+    /// Retry-After, so none can appear while the lane is held). A turn that does not come within
+    /// the wait limit is handed back as paced, never sent.
+    async fn turn(&self, call: &Call<'_>) -> Result<OwnedMutexGuard<()>, Failure> {
+        let limit = self.wait_limit();
+        let lane = tokio::time::timeout(limit, self.throttles.one_at_a_time(resource_of(&call.url)))
+            .await
+            .map_err(|_| Failure::Http(AzureError::paced(&call.operation, limit)))?;
+        self.not_throttled(call)?;
+        Ok(lane)
+    }
+
+    /// Sends one request and reads its whole answer. A throttling's Retry-After is remembered as
+    /// soon as its headers are read, so it holds even when the body is lost; a network failure is
+    /// recorded and handed back as one.
     async fn exchange(
         &self,
         call: &Call<'_>,
         token: &str,
         client_request_id: &str,
         attempt: u32,
-    ) -> Result<(u16, HeaderMap, bytes::Bytes, Instant), Failure> {
+    ) -> Result<Answer, Failure> {
         let request = self.request(call, token, client_request_id);
         let sent = Instant::now();
-        let log_failure = |message: &str| {
+        let failed = |err: reqwest::Error| {
+            let message = describe(&err);
             tracing::debug!(
                 method = %call.method,
                 path = call.url.path(),
@@ -362,44 +388,27 @@ impl Http {
                 error = message,
                 "azure request failed"
             );
+            self.record_attempt(call.audience, None, sent.elapsed(), false);
+            Failure::Http(AzureError::network(call.operation.clone(), message))
         };
-        let response = match request.send().await {
-            Ok(response) => response,
-            Err(err) => {
-                let message = describe(&err);
-                log_failure(&message);
-                self.record_attempt(call.audience, None, sent.elapsed(), false);
-                return Err(Failure::Http(AzureError::network(call.operation.clone(), message)));
-            }
-        };
+        let response = request.send().await.map_err(failed)?;
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let bytes = match response.bytes().await {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                let message = describe(&err);
-                log_failure(&message);
-                self.record_attempt(call.audience, None, sent.elapsed(), false);
-                return Err(Failure::Http(AzureError::network(call.operation.clone(), message)));
-            }
-        };
-        Ok((status, headers, bytes, sent))
+        if let (429 | 503, Some(wait)) = (status, retry_after(&headers)) {
+            self.throttles.record(resource_of(&call.url), wait);
+        }
+        let body = response.bytes().await.map_err(failed)?;
+        Ok(Answer {
+            status,
+            headers,
+            body,
+            sent,
+        })
     }
 
     async fn attempt(&self, call: &Call<'_>, client_request_id: &str, attempt: u32) -> Result<Reply, Failure> {
         self.not_throttled(call)?;
-        // One request of the path at a time, checked again once it is this one's turn: a 429
-        // that came back while it waited holds it back before it takes any of the budget. Only
-        // a request of this path records its Retry-After, so none can appear while the lane is
-        // held.
-        let _lane = self.throttles.one_at_a_time(call.url.path()).await;
-        self.not_throttled(call)?;
-        let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
-        // Held until this attempt ends: the pacer counts it in flight until then.
-        let _in_flight = match &bucket {
-            Some(bucket) => Some(self.paced(call, bucket).await?),
-            None => None,
-        };
+        // The token first: it costs no budget and never reaches the resource.
         let scope = match call.audience {
             Audience::Arm => &self.arm_scope,
             Audience::Batch => &self.batch_scope,
@@ -409,58 +418,92 @@ impl Http {
             .get_token(&[scope.as_str()], None)
             .await
             .map_err(|e| Failure::Token(token_error(scope, e)))?;
-        let (status, headers, bytes, sent) = self
+        let _lane = self.turn(call).await?;
+        let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
+        // Held until this attempt ends: the pacer counts it in flight until then.
+        let _in_flight = match &bucket {
+            Some(bucket) => Some(self.paced(call, bucket).await?),
+            None => None,
+        };
+        let answer = self
             .exchange(call, token.token.secret(), client_request_id, attempt)
             .await?;
+        let Answer {
+            status, headers, sent, ..
+        } = &answer;
         self.record_attempt(
             call.audience,
-            Some(status),
+            Some(*status),
             sent.elapsed(),
-            retry_after(&headers).is_some(),
+            retry_after(headers).is_some(),
         );
         if let Some(bucket) = &bucket {
-            // A 429 empties the bucket only when it is the budget's own (ARM says so by its code;
-            // Batch, which sends no counts, by any 429); a per-resource throttle stays with
-            // `throttles`, held for its path alone.
-            let exhausted = status == 429
-                && (call.audience == Audience::Batch
-                    || error_code(&bytes).as_deref() == Some(pacing::BUDGET_THROTTLED));
-            let now = tokio::time::Instant::now();
-            self.pacer
-                .observe(bucket, exhausted, &headers, retry_after(&headers), now);
+            self.observe_budget(call, bucket, &answer);
         }
         tracing::debug!(
             method = %call.method,
             path = call.url.path(),
             status,
-            request_id = request_id(&headers).as_deref(),
+            request_id = request_id(headers).as_deref(),
             attempt,
             elapsed_ms = sent.elapsed().as_millis() as u64,
             "azure request"
         );
-        if status >= 400 {
-            let error = parse_error(&call.operation, status, &headers, &bytes);
-            if let (429 | 503, Some(wait)) = (status, error.retry_after) {
-                self.throttles.record(call.url.path(), wait);
-            }
-            return Err(Failure::Http(error));
-        }
-        let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).map_err(|e| {
-                Failure::Http(AzureError {
-                    operation: call.operation.clone(),
-                    status: Some(status),
-                    code: Some("UnexpectedResponse".into()),
-                    message: format!("the answer is not JSON: {e}"),
-                    request_id: request_id(&headers),
-                    retry_after: None,
-                })
-            })?
-        };
-        Ok(Reply { status, headers, body })
+        reply(call, answer)
     }
+
+    /// What an answer tells the pacer about the budget. A 429 empties the bucket only when it is
+    /// the budget's own (ARM says so by its code; Batch, which sends no counts, by any 429); a
+    /// per-resource throttle stays with `throttles`, held for its resource alone.
+    fn observe_budget(&self, call: &Call<'_>, bucket: &pacing::Scope, answer: &Answer) {
+        let exhausted = answer.status == 429
+            && (call.audience == Audience::Batch
+                || error_code(&answer.body).as_deref() == Some(pacing::BUDGET_THROTTLED));
+        let now = tokio::time::Instant::now();
+        let headers = &answer.headers;
+        self.pacer
+            .observe(bucket, exhausted, headers, retry_after(headers), now);
+    }
+}
+
+/// One answer, whole: status, headers, body, and when its request was sent.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: bytes::Bytes,
+    sent: Instant,
+}
+
+/// The answer as the caller takes it: Azure's error, or the body as JSON (`null` when empty).
+fn reply(call: &Call<'_>, answer: Answer) -> Result<Reply, Failure> {
+    let Answer {
+        status, headers, body, ..
+    } = answer;
+    if status >= 400 {
+        return Err(Failure::Http(parse_error(&call.operation, status, &headers, &body)));
+    }
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            Failure::Http(AzureError {
+                operation: call.operation.clone(),
+                status: Some(status),
+                code: Some("UnexpectedResponse".into()),
+                message: format!("the answer is not JSON: {e}"),
+                request_id: request_id(&headers),
+                retry_after: None,
+            })
+        })?
+    };
+    Ok(Reply { status, headers, body })
+}
+
+/// What a Retry-After is remembered for and what requests queue on: the host (with its port) and
+/// the path, so a Batch account's `/pools/p` is not another account's, and the resource's reads
+/// with different queries (`$expand`, `api-version`) are one.
+fn resource_of(url: &Url) -> &str {
+    &url[Position::BeforeHost..Position::AfterPath]
 }
 
 /// A reqwest failure as text: what went wrong and its causes, without the URL (its query is
@@ -673,6 +716,23 @@ mod tests {
 
     use super::*;
     use crate::azure::ErrorClass;
+
+    #[test]
+    fn a_resource_is_its_host_and_path_whatever_the_query() {
+        let url = |u: &str| Url::parse(u).unwrap();
+        let a = url("https://a.westeurope.batch.azure.com/pools/p?api-version=2024-07-01.20.0");
+        let b = url("https://b.westeurope.batch.azure.com/pools/p?api-version=2024-07-01.20.0");
+        assert_eq!(resource_of(&a), "a.westeurope.batch.azure.com/pools/p");
+        assert_ne!(
+            resource_of(&a),
+            resource_of(&b),
+            "another account's pool of the same name"
+        );
+        let version = "https://management.azure.com/subscriptions/s/versions/1.0.0";
+        let expanded = url(&format!("{version}?api-version=2024-03-03&$expand=ReplicationStatus"));
+        assert_eq!(resource_of(&expanded), resource_of(&url(version)));
+        assert_eq!(resource_of(&url("https://127.0.0.1:8443/x")), "127.0.0.1:8443/x");
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -1,15 +1,17 @@
-//! Azure's `Retry-After` remembered per resource, for the whole process. Azure throttles a
-//! principal, not one call: after a 429 (or a 503 with `Retry-After`) on a path, no request of this
-//! process goes to that path before the time Azure gave — whichever run, step or copy of a message
-//! asks next (two runs retiring the same old pool, a step retried by another delivery). A request
-//! held back this way is answered here as the throttling it would have met, with the time left as
-//! its `Retry-After`, so the caller waits or reschedules exactly as for Azure's own answer.
+//! Azure's `Retry-After` remembered per resource (its host and path: the caller names it), for the
+//! whole process. Azure throttles a principal, not one call: after a 429 (or a 503 with
+//! `Retry-After`) on a resource, no request of this process goes to it before the time Azure
+//! gave — whichever run, step or copy of a message asks next (two runs retiring the same old
+//! pool, a step retried by another delivery). A request held back this way is answered here as
+//! the throttling it would have met, with the time left as its `Retry-After`, so the caller waits
+//! or reschedules exactly as for Azure's own answer.
 //!
-//! Requests of one path go one at a time (`one_at_a_time`): a request that went out beside
-//! another of the same path, before that one's 429 came back, would ask Azure again inside the
-//! Retry-After it was about to give. Holding the second until the first is answered makes the
-//! rule exact, at the cost of one round trip for the rare pair (two pools' verify reading their
-//! version at the same moment).
+//! Requests of one resource go one at a time (`one_at_a_time`): a request that went out beside
+//! another of the same resource, before that one's 429 came back, would ask Azure again inside
+//! the Retry-After it was about to give. Holding the second until the first is answered makes
+//! the rule exact, at the cost of a round trip where two requests of one resource coincide (two
+//! pools' verify reading their version, two pools' node counts read from one Batch account's
+//! `/nodecounts`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,9 +24,9 @@ use super::AzureError;
 
 #[derive(Default)]
 pub struct Throttles {
-    /// Lower-cased path (ARM and Batch ids are case-insensitive) → when it may be asked again.
+    /// Lower-cased resource (ARM and Batch ids are case-insensitive) → when it may be asked again.
     until: Mutex<HashMap<String, Instant>>,
-    /// Lower-cased path → the lane its requests queue in, while one is in flight or waiting.
+    /// Lower-cased resource → the lane its requests queue in, while one is in flight or waiting.
     lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 

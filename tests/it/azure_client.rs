@@ -824,6 +824,44 @@ async fn concurrent_requests_of_a_throttled_resource_wait_for_its_answer_and_are
     assert_eq!(sent, vec![429], "one request went out; the rest waited for its 429");
 }
 
+/// A request whose resource is held by another that does not come back is not queued behind it
+/// without end: past the wait limit it is handed back as paced, never sent.
+#[tokio::test]
+async fn a_request_behind_a_slow_one_of_its_resource_is_handed_back_after_the_wait_limit() {
+    let emu = start_fast().await;
+    let mut settings = settings_for(&emu, PIPELINE_APP);
+    settings.pacing.hold_ms = 200;
+    settings.retry.max_total_secs = 1;
+    let azure = AzureClient::new(&settings).expect("client");
+    let vm = VmId::new(SUB_IMAGING, "rg-imaging", &["build-ubuntu-2204"]).unwrap();
+    azure.get_vm(&vm).await.unwrap();
+    clear_log(&emu).await;
+
+    emu.set_faults("slow:p=1,delay_ms=4000,times=1").await;
+    let started = Instant::now();
+    let slow = azure.get_vm(&vm);
+    let behind = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let result = azure.get_vm(&vm).await;
+        (result, started.elapsed())
+    };
+    let (slow, (behind, waited)) = tokio::join!(slow, behind);
+    assert!(slow.is_ok(), "{slow:?}");
+    let error = behind.expect_err("handed back");
+    assert!(error.is_paced(), "{error:?}");
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_millis(3500),
+        "handed back at the wait limit (1 s), not after the slow answer: {waited:?}"
+    );
+    // The slow read, then its VM's extensions (`get_vm` reads both): the one behind, never.
+    let vm_reads = logged(&emu, "arm")
+        .await
+        .iter()
+        .filter(|e| e["path"].as_str().is_some_and(|p| p.ends_with("/build-ubuntu-2204")))
+        .count();
+    assert_eq!(vm_reads, 1, "the one behind was never sent");
+}
+
 #[tokio::test]
 async fn server_errors_and_dropped_connections_are_retried() {
     let emu = start_fast().await;
@@ -1093,8 +1131,9 @@ async fn secrets_and_tokens_never_show() {
 }
 
 /// Reads that outnumber the subscription's budget, all at once, each of its own resource (reads
-/// of one resource go one at a time anyway): paced by the client, none meets a 429 and all
-/// succeed; with pacing off, the same burst meets the emulator's 429s.
+/// of one resource go one at a time anyway): 400 galleries that do not exist, whose 404s draw on
+/// the budget as any read does (answered `Ok(None)`). Paced by the client, none meets a 429 and
+/// all succeed; with pacing off, the same burst meets the emulator's 429s.
 #[tokio::test]
 async fn a_burst_beyond_the_budget_is_paced_instead_of_throttled() {
     for pacing in [true, false] {
