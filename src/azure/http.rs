@@ -339,10 +339,9 @@ impl Http {
         }
     }
 
-    /// The longest a request waits in this process, for its lane and again for its budget:
-    /// inside a step the pacing hold (longer, it is handed back as `AzureError::paced` and the
-    /// step is put off on a delay tier instead of holding a consumer); outside one as long as a
-    /// call may retry.
+    /// The longest a request waits here for its budget: inside a step the pacing hold (longer,
+    /// it is handed back as `AzureError::paced` and the step is put off on a delay tier instead of
+    /// holding a consumer); outside one as long as a call may retry.
     fn wait_limit(&self) -> Duration {
         let handing_back = HAND_BACK_RETRY_AFTER.try_with(|h| *h).unwrap_or(false);
         if handing_back {
@@ -355,11 +354,13 @@ impl Http {
     /// The call's turn on its resource: one request of it at a time in this process, checked
     /// again once it is this one's turn (a 429 that came back while it waited holds it back
     /// before it takes any of the budget; only a request of this resource records its
-    /// Retry-After, so none can appear while the lane is held). A turn that does not come within
-    /// the wait limit is handed back as paced, never sent.
+    /// Retry-After, so none can appear while the lane is held). A lane is held for one round
+    /// trip, which the request timeout bounds, not for Azure time (the pacing hold, which a fast
+    /// emulated clock makes milliseconds): a turn that does not come within as long as a call may
+    /// retry is handed back as paced, never sent.
     async fn turn(&self, call: &Call<'_>) -> Result<OwnedMutexGuard<()>, Failure> {
-        let limit = self.wait_limit();
-        let lane = tokio::time::timeout(limit, self.throttles.one_at_a_time(resource_of(&call.url)))
+        let limit = self.pacing_hold.max(self.retry.max_total());
+        let lane = tokio::time::timeout(limit, self.throttles.one_at_a_time(&lane_of(&call.url)))
             .await
             .map_err(|_| Failure::Http(AzureError::paced(&call.operation, limit)))?;
         self.not_throttled(call)?;
@@ -504,6 +505,17 @@ fn reply(call: &Call<'_>, answer: Answer) -> Result<Reply, Failure> {
 /// with different queries (`$expand`, `api-version`) are one.
 fn resource_of(url: &Url) -> &str {
     &url[Position::BeforeHost..Position::AfterPath]
+}
+
+/// What requests queue on: the resource, and the `$filter` of a read that picks within a
+/// collection (each pool's `/nodecounts?$filter=poolId eq '…'` is a question of its own, and one
+/// Batch account's pools should not wait on each other's).
+fn lane_of(url: &Url) -> String {
+    let resource = resource_of(url);
+    match url.query_pairs().find(|(key, _)| key == "$filter") {
+        Some((_, filter)) => format!("{resource}?$filter={filter}"),
+        None => resource.to_string(),
+    }
 }
 
 /// A reqwest failure as text: what went wrong and its causes, without the URL (its query is
@@ -732,6 +744,14 @@ mod tests {
         let expanded = url(&format!("{version}?api-version=2024-03-03&$expand=ReplicationStatus"));
         assert_eq!(resource_of(&expanded), resource_of(&url(version)));
         assert_eq!(resource_of(&url("https://127.0.0.1:8443/x")), "127.0.0.1:8443/x");
+        // Each pool's node counts are their own lane; a version's reads share one.
+        let counts = |pool: &str| {
+            url(&format!(
+                "https://a.b.batch.azure.com/nodecounts?$filter=poolId eq '{pool}'"
+            ))
+        };
+        assert_ne!(lane_of(&counts("p1")), lane_of(&counts("p2")));
+        assert_eq!(lane_of(&expanded), resource_of(&expanded));
     }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
