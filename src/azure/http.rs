@@ -352,12 +352,11 @@ impl Http {
     }
 
     /// The call's turn on its resource: one request of it at a time in this process, checked
-    /// again once it is this one's turn (a 429 that came back while it waited holds it back
-    /// before it takes any of the budget; only a request of this resource records its
-    /// Retry-After, so none can appear while the lane is held). A lane is held for one round
-    /// trip, which the request timeout bounds, not for Azure time (the pacing hold, which a fast
-    /// emulated clock makes milliseconds): a turn that does not come within as long as a call may
-    /// retry is handed back as paced, never sent.
+    /// again once it is this one's turn (a 429 that came back while it waited holds it back, never
+    /// sent; only a request of this resource records its Retry-After, so none can appear while the
+    /// lane is held). A lane is held for one round trip, which the request timeout bounds, not for
+    /// Azure time (the pacing hold, which a fast emulated clock makes milliseconds): a turn that
+    /// does not come within as long as a call may retry is handed back as paced, never sent.
     async fn turn(&self, call: &Call<'_>) -> Result<OwnedMutexGuard<()>, Failure> {
         let limit = self.pacing_hold.max(self.retry.max_total());
         let lane = tokio::time::timeout(limit, self.throttles.one_at_a_time(&lane_of(&call.url)))
@@ -419,13 +418,15 @@ impl Http {
             .get_token(&[scope.as_str()], None)
             .await
             .map_err(|e| Failure::Token(token_error(scope, e)))?;
-        let _lane = self.turn(call).await?;
         let bucket = pacing::scope_of(&call.method, &call.url, call.audience == Audience::Arm);
         // Held until this attempt ends: the pacer counts it in flight until then.
         let _in_flight = match &bucket {
             Some(bucket) => Some(self.paced(call, bucket).await?),
             None => None,
         };
+        // The lane last, so it is held for the exchange alone: a request waiting for its budget
+        // holds up no other request of its resource.
+        let _lane = self.turn(call).await?;
         let answer = self
             .exchange(call, token.token.secret(), client_request_id, attempt)
             .await?;
