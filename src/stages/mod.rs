@@ -196,8 +196,8 @@ pub trait Runs: Send + Sync {
     /// Whether run `run_id` may still act (a message of it is live); `None` when the run is not
     /// in the history this process reads.
     fn run_in_progress(&self, run_id: uuid::Uuid) -> Option<bool>;
-    /// Whether a verdict of run `run_id` has promoted its version; `None` when the run is not in
-    /// the history this process reads (then Azure is asked).
+    /// Whether a verdict of run `run_id` has promoted its version, as far as the history this
+    /// process reads says; `None` when the run is not in it. Only `Some(true)` spares a request.
     fn version_promoted(&self, _run_id: uuid::Uuid) -> Option<bool> {
         None
     }

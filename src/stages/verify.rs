@@ -277,12 +277,13 @@ async fn verified(
     })
 }
 
-/// Whether the run's version is latest already. The run's history says so without a request:
-/// another pool's verdict recorded `Promoted`, or none did and the flip (idempotent) is this
-/// verdict's. Azure is asked only when this process does not hold the run's history.
+/// Whether the run's version is latest already. When the run's history holds another pool's
+/// `Promoted`, it is, without a request. Otherwise Azure is asked: a history without one does not
+/// say the version is excluded (the same version run again in a new history, a history past its
+/// retention, a promotion whose commit is not read yet).
 async fn already_promoted(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool, AzureError> {
-    if let Some(promoted) = ctx.runs.version_promoted(message.run_id) {
-        return Ok(promoted);
+    if ctx.runs.version_promoted(message.run_id) == Some(true) {
+        return Ok(true);
     }
     let version = ctx.azure.get_version(&message.plan.version_id, false).await?;
     Ok(version.is_some_and(|v| !v.exclude_from_latest))
