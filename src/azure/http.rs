@@ -347,8 +347,13 @@ impl Http {
         if handing_back {
             self.pacing_hold
         } else {
-            self.pacing_hold.max(self.retry.max_total())
+            self.longest_wait()
         }
+    }
+
+    /// As long as a call may retry (and never shorter than the pacing hold).
+    fn longest_wait(&self) -> Duration {
+        self.pacing_hold.max(self.retry.max_total())
     }
 
     /// The call's turn on its resource: one request of it at a time in this process, checked
@@ -358,7 +363,7 @@ impl Http {
     /// Azure time (the pacing hold, which a fast emulated clock makes milliseconds): a turn that
     /// does not come within as long as a call may retry is handed back as paced, never sent.
     async fn turn(&self, call: &Call<'_>) -> Result<OwnedMutexGuard<()>, Failure> {
-        let limit = self.pacing_hold.max(self.retry.max_total());
+        let limit = self.longest_wait();
         let lane = tokio::time::timeout(limit, self.throttles.one_at_a_time(&lane_of(&call.url)))
             .await
             .map_err(|_| Failure::Http(AzureError::paced(&call.operation, limit)))?;

@@ -10,8 +10,8 @@
 //! another of the same resource, before that one's 429 came back, would ask Azure again inside
 //! the Retry-After it was about to give. Holding the second until the first is answered makes
 //! the rule exact, at the cost of a round trip where two requests of one resource coincide (two
-//! pools' verify reading their version, two pools' node counts read from one Batch account's
-//! `/nodecounts`).
+//! pools' verify reading their version, two runs adding pools to one Batch account). The caller
+//! names the lane; `http::lane_of` gives a read that picks by `$filter` a lane of its own.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -27,7 +27,7 @@ use sigrun::events::EventKind;
 use sigrun::model::envelope::{
     Artifacts, Branch, ENVELOPE_VERSION, Envelope, Intermediate, SnapshotArtifact, Stage, new_traceparent,
 };
-use sigrun::model::ids::SnapshotId;
+use sigrun::model::ids::{GalleryImageVersionId, SnapshotId};
 use sigrun::model::spec::PipelineSpec;
 use sigrun::planner::{self, PlanInputs};
 use sigrun::stages::{self, Outcome, Runs, StageSettings, Step, StepContext};
@@ -286,6 +286,12 @@ impl Sim {
             runs: &self.live_runs,
         };
         stages::step(message.clone(), &ctx).await
+    }
+
+    /// Whether the version is in "latest" (not `excludeFromLatest`), as Azure answers now.
+    async fn is_latest(&self, version: &GalleryImageVersionId) -> bool {
+        let version = self.azure.get_version(version, false).await.unwrap();
+        !version.expect("the version exists").exclude_from_latest
     }
 
     /// One step of the message's stage.
@@ -1779,13 +1785,7 @@ async fn a_later_verdict_knows_the_promotion_from_the_runs_history() {
     let verified = &steps[steps.len() - 2];
     assert_eq!(event_names(verified), vec!["pool_verified", "promoted"]);
     assert_eq!(reads_and_writes(&sim.since(mark).await), (1, 1), "one read, one PATCH");
-    let version = sim
-        .azure
-        .get_version(&message.plan.version_id, false)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!version.exclude_from_latest, "promoted to latest");
+    assert!(sim.is_latest(&message.plan.version_id).await, "promoted to latest");
 
     *sim.live_runs.1.lock().unwrap() = Some(true);
     let tools = pools.iter().find(|m| branch_of(m).1 == "tools").unwrap();
@@ -1871,13 +1871,7 @@ async fn verify_waits_for_allocation_then_promotes_once_and_scales_the_previous_
             EventKind::RolloutFinished,
         ]
     );
-    let version = sim
-        .azure
-        .get_version(&message.plan.version_id, false)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(!version.exclude_from_latest, "promoted to latest");
+    assert!(sim.is_latest(&message.plan.version_id).await, "promoted to latest");
     let log = sim.since(mark).await;
     let version_path = format!("/versions/{}", message.plan.version_id.name());
     let patches: Vec<&Value> = log.iter().filter(|e| is_put_or_patch_of(e, &version_path)).collect();
