@@ -221,8 +221,10 @@ pub struct Artifacts {
     pub regions_to_readd: Vec<String>,
     #[serde(default)]
     pub pool: Option<PoolArtifact>,
-    /// Resources this run recorded as created (their `ResourceCreated` went out) among those it
-    /// looks at on several steps (the gallery, the definition): what a repeat adopts only once.
+    /// Resources this run recorded as created (their `ResourceCreated` went out) among those a
+    /// later step acts on: the gallery and the definition (what a repeat adopts only once), and
+    /// the snapshots and the image until the trunk hands them to their clean-up (deleted without
+    /// reading their tags first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recorded: Vec<String>,
     /// Looks in a row at a side effect that failed: retiring previous pools (verify's rollout

@@ -5,10 +5,13 @@
 //! on the queue of the stage that scheduled it, so a slow or failing delete never holds up the
 //! trunk, and its retries are its own.
 //!
-//! Every look reads each intermediate: one this run made (its `sigrun-run` tag: a resource
-//! someone else made under the same name is never touched) that is still there is deleted (unless
-//! already deleting) and remembered in `artifacts.deleting`; one remembered there that Azure no
-//! longer finds is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
+//! The first look deletes each intermediate the trunk made in this admission (`artifacts.recorded`:
+//! its `ResourceCreated` went out, so its tags were the run's when it was made) without reading it
+//! first, and remembers it in `artifacts.deleting`. Any other intermediate (one the run found made
+//! by an earlier admission, or one named by a run that started past its stage) is read first and
+//! deleted only when it carries the run's `sigrun-run` tag: a resource someone else made under the
+//! same name is never touched. Later looks read what is being deleted: one that Azure no longer
+//! finds is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
 //! nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
 //! backoff and, when they persist, when Azure refuses, or when deletes do not finish within
 //! `GIVE_UP_AFTER`, the branch ends with `CleanUpFinished { failed }`, a warning in the run's
@@ -83,7 +86,20 @@ async fn look(
     let mut left = 0;
     for resource in intermediates(message, what) {
         let id = resource.id();
-        let deleting = &mut message.artifacts.deleting;
+        let artifacts = &mut message.artifacts;
+        if let Some(at) = artifacts.recorded.iter().position(|r| *r == id) {
+            // Made in this admission: its tags need no second look. It moves from `recorded` to
+            // `deleting`, so the reads after the delete confirm it gone and nothing deletes it
+            // twice.
+            resource.delete(ctx).await?;
+            artifacts.recorded.remove(at);
+            if !artifacts.deleting.contains(&id) {
+                artifacts.deleting.push(id);
+            }
+            left += 1;
+            continue;
+        }
+        let deleting = &mut artifacts.deleting;
         match resource.read(ctx).await? {
             None => {
                 if let Some(at) = deleting.iter().position(|d| *d == id) {
@@ -142,6 +158,21 @@ impl Resource {
             Resource::Image(id) => ctx.azure.delete_image(id).await,
         }
     }
+}
+
+/// Marks `id` as made in this admission (its `ResourceCreated` goes out with the step): its
+/// clean-up deletes it without reading its tags first.
+pub fn made_here(message: &mut Envelope, id: String) {
+    if !message.artifacts.recorded.contains(&id) {
+        message.artifacts.recorded.push(id);
+    }
+}
+
+/// The trunk, having handed `what` to its clean-up (or keeping it), no longer carries which of
+/// those it made: the ids stay with the clean-up branch alone, so later messages stay small.
+pub fn hand_over(trunk: &mut Envelope, what: Intermediate) {
+    let ids: Vec<String> = intermediates(trunk, what).iter().map(Resource::id).collect();
+    trunk.artifacts.recorded.retain(|id| !ids.contains(id));
 }
 
 /// What the branch deletes, from what the trunk recorded.

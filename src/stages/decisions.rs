@@ -743,6 +743,55 @@ async fn a_clean_up_reports_each_resource_confirmed_gone_and_then_finishes() {
     );
 }
 
+/// Snapshots this admission made are deleted at once, each exactly once, whatever order their
+/// deletes end in: one confirmed gone on one look is not deleted again on the next.
+#[tokio::test]
+async fn a_clean_up_deletes_what_its_admission_made_once_and_confirms_each_gone() {
+    use crate::events::EventKind;
+    let mut message = testkit::envelope(Stage::ImageCreate);
+    cleaning_snapshots(&mut message);
+    let ids = snapshot_ids(&message);
+    message.artifacts.recorded = ids.iter().map(ToString::to_string).collect();
+    let azure = FakeAzure::default();
+    let settings = StageSettings::default();
+    let ctx = context(&azure, &settings);
+    let mut gone = 0;
+    // What each look finds: both there; the second gone and the first still deleting; both gone.
+    let looks = [
+        vec![ProvisioningState::Succeeded, ProvisioningState::Succeeded],
+        vec![ProvisioningState::Deleting],
+        vec![],
+    ];
+    for there in looks {
+        azure.world().resources.clear();
+        for (id, state) in ids.iter().zip(there) {
+            azure.world().resource(id, state, run_tags(&message));
+        }
+        let step = super::step(message.clone(), &ctx).await.expect("a look");
+        gone += step
+            .events
+            .iter()
+            .filter(|e| matches!(e, EventKind::ResourceDeleted { .. }))
+            .count();
+        match step.outcome {
+            Outcome::Wait { message: next, .. } => message = *next,
+            Outcome::Done => break,
+            other => panic!("a wait or the end, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        azure.world().writes,
+        ["delete_snapshot nightly-os", "delete_snapshot nightly-data0"],
+        "each deleted once, without a look at tags the trunk vouched for"
+    );
+    assert_eq!(gone, 2);
+    assert!(
+        message.artifacts.recorded.is_empty(),
+        "{:?}",
+        message.artifacts.recorded
+    );
+}
+
 #[tokio::test]
 async fn a_pool_is_added_as_planned_with_the_runs_metadata() {
     let case = &pool_cases()[0];

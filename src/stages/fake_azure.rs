@@ -37,7 +37,7 @@ pub struct World {
     pub refused_deletes: Vec<String>,
 }
 
-fn key(id: &impl ToString) -> String {
+pub(crate) fn key(id: &impl ToString) -> String {
     id.to_string().to_ascii_lowercase()
 }
 

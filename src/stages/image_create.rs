@@ -49,6 +49,10 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 Some(accepted) => (accepted.status_url.into_iter().collect(), accepted.retry_after),
                 None => (Vec::new(), None),
             };
+            let mut message = message;
+            if created {
+                clean_up::made_here(&mut message, build.image.to_string());
+            }
             let mut step = follow(message, WHAT, urls, hint, ctx);
             if created {
                 step = step.with(EventKind::ResourceCreated {
@@ -76,7 +80,9 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
 /// cleaned up beside it.
 fn advance(mut message: Envelope, ctx: &StepContext<'_>) -> Step {
     message.artifacts.image = message.plan.build.as_ref().map(|b| b.image.clone());
-    let mut next = vec![message.next(Stage::GalleryPublish, ctx.now)];
+    let mut trunk = message.next(Stage::GalleryPublish, ctx.now);
+    clean_up::hand_over(&mut trunk, Intermediate::Snapshots);
+    let mut next = vec![trunk];
     let mut events = Vec::new();
     if let Some((clean_up, scheduled)) = clean_up::schedule(&message, Intermediate::Snapshots, ctx) {
         next.push(clean_up);

@@ -7,6 +7,7 @@
 //! whose version this run already published (the run again, its intermediates cleaned up) copies
 //! nothing and goes on to gallery-publish, which joins the version.
 
+use super::clean_up;
 use super::common::{Settled, awaited, fail, follow, look_again, made_by_run, made_in_admission, settle, tags};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::{Accepted, SnapshotRequest};
@@ -34,6 +35,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             Ok(Step::new(Outcome::Advance(vec![next])))
         }
         None => {
+            let mut made = Vec::new();
             let mut urls = Vec::new();
             let mut hint = None;
             let mut events = Vec::new();
@@ -46,6 +48,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 };
                 let put = put_or_join(&snapshot.id, &request, &message, ctx).await?;
                 if put.record {
+                    made.push(snapshot.id.to_string());
                     events.push(EventKind::ResourceCreated {
                         id: snapshot.id.to_string(),
                     });
@@ -61,6 +64,10 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             // A snapshot joined under way has no operation to follow: read them all instead.
             if joined {
                 urls.clear();
+            }
+            let mut message = message;
+            for id in made {
+                clean_up::made_here(&mut message, id);
             }
             let mut step = follow(message, WHAT, urls, hint, ctx);
             step.events.splice(0..0, events);

@@ -862,12 +862,34 @@ async fn the_snapshots_clean_up_deletes_them_once_the_image_exists_and_confirms_
         .expect("the snapshots' clean-up goes out with the image")
         .clone();
     assert_eq!(clean_up.stage, Stage::ImageCreate, "it steps on its scheduler's queue");
+    // The snapshots this admission made travel to the clean-up, and leave the trunk.
+    let made: Vec<String> = clean_up.artifacts.snapshots.iter().map(|s| s.id.to_string()).collect();
+    assert!(
+        made.iter().all(|id| clean_up.artifacts.recorded.contains(id)),
+        "{:?}",
+        clean_up.artifacts.recorded
+    );
+    let trunk_next = only_advanced(done);
+    assert!(
+        made.iter().all(|id| !trunk_next.artifacts.recorded.contains(id)),
+        "{:?}",
+        trunk_next.artifacts.recorded
+    );
 
     let mark = sim.mark().await;
     let steps = sim.settle(&clean_up, 60.0).await;
     assert_eq!(kind(&steps.last().unwrap().outcome), "done");
-    let deletes = statuses(&sim.since(mark).await, "DELETE", "/snapshots/");
+    let log = sim.since(mark).await;
+    let deletes = statuses(&log, "DELETE", "/snapshots/");
     assert_eq!(deletes, vec![202, 202, 202], "each snapshot deleted once");
+    // Made in this admission: deleted without a read of their tags first; each confirmed gone by
+    // reads after its delete.
+    let first_delete = log.iter().position(|e| e["method"] == "DELETE").expect("a delete");
+    assert_eq!(
+        statuses(&log[..first_delete], "GET", "/snapshots/"),
+        Vec::<u64>::new(),
+        "no read before the deletes"
+    );
     let deleted: Vec<&String> = all_events(&steps)
         .into_iter()
         .filter_map(|e| match e {
@@ -895,6 +917,58 @@ async fn the_snapshots_clean_up_deletes_them_once_the_image_exists_and_confirms_
     // The image they made is still there: only what it replaced goes.
     let image = clean_up.artifacts.image.clone().expect("the image");
     assert!(sim.azure.get_image(&image).await.unwrap().is_some());
+}
+
+/// A clean-up of snapshots the run did not make in this admission (a run started at image-create
+/// names them from its plan) reads each first, and leaves one that another run made.
+#[tokio::test]
+async fn a_clean_up_reads_what_this_admission_did_not_make_and_leaves_anothers() {
+    let mut sim = Sim::new().await;
+    let trunk = sim.trunk(NIGHTLY, Stage::Snapshot).await;
+    let steps = sim.settle(&trunk, 300.0).await;
+    let message = only_advanced(steps.last().unwrap()).clone();
+    let steps = sim.settle(&message, 300.0).await;
+    let mut clean_up = advanced(steps.last().unwrap())
+        .iter()
+        .find(|m| matches!(m.branch, Branch::CleanUp { .. }))
+        .expect("the snapshots' clean-up")
+        .clone();
+    // As a run that entered past the snapshot stage would carry it: nothing recorded as made, and
+    // the OS snapshot retagged as another run's.
+    clean_up.artifacts.recorded.clear();
+    let os = clean_up
+        .artifacts
+        .snapshots
+        .iter()
+        .find(|s| s.lun.is_none())
+        .unwrap()
+        .id
+        .clone();
+    let found = sim.arm_get(&os.to_string(), DISK_API).await;
+    let made_from = &found["properties"]["creationData"];
+    let body = json!({"location": found["location"], "tags": {"sigrun-run": "someone-else"},
+        "properties": {"creationData": {
+            "createOption": made_from["createOption"], "sourceResourceId": made_from["sourceResourceId"]}}});
+    sim.arm_put(&os.to_string(), DISK_API, &body).await;
+
+    let mark = sim.mark().await;
+    let steps = sim.settle(&clean_up, 60.0).await;
+    assert_eq!(kind(&steps.last().unwrap().outcome), "done");
+    let log = sim.since(mark).await;
+    assert_eq!(
+        statuses(&log, "DELETE", "/snapshots/"),
+        vec![202, 202],
+        "another run's stays"
+    );
+    for (at, delete) in log.iter().enumerate().filter(|(_, e)| e["method"] == "DELETE") {
+        let before = &log[at - 1];
+        assert_eq!(
+            (&before["method"], &before["path"]),
+            (&json!("GET"), &delete["path"]),
+            "read first"
+        );
+    }
+    assert!(sim.azure.get_snapshot(&os).await.unwrap().is_some());
 }
 
 #[tokio::test]
