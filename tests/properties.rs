@@ -335,7 +335,7 @@ impl AzureApi for World {
     async fn get_snapshot(&self, _: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
         Err(unused("get_snapshot"))
     }
-    async fn delete_snapshot(&self, _: &SnapshotId) -> Result<(), AzureError> {
+    async fn delete_snapshot(&self, _: &SnapshotId) -> Result<Option<std::time::Duration>, AzureError> {
         Err(unused("delete_snapshot"))
     }
     async fn put_image(&self, _: &ImageId, _: &ImageRequest) -> Result<Accepted, AzureError> {
@@ -344,7 +344,7 @@ impl AzureApi for World {
     async fn get_image(&self, _: &ImageId) -> Result<Option<ResourceState>, AzureError> {
         Err(unused("get_image"))
     }
-    async fn delete_image(&self, _: &ImageId) -> Result<(), AzureError> {
+    async fn delete_image(&self, _: &ImageId) -> Result<Option<std::time::Duration>, AzureError> {
         Err(unused("delete_image"))
     }
     async fn get_gallery(&self, _: &GalleryId) -> Result<Option<ResourceState>, AzureError> {

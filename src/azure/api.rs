@@ -281,13 +281,15 @@ pub trait AzureApi: Send + Sync {
 
     async fn put_snapshot(&self, id: &SnapshotId, request: &SnapshotRequest) -> Result<Accepted, AzureError>;
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError>;
-    /// Starts deleting the snapshot; it is gone once `get_snapshot` no longer finds it.
-    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError>;
+    /// Starts deleting the snapshot; it is gone once `get_snapshot` no longer finds it. Returns
+    /// Azure's `Retry-After`, when it gave one: when to look.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<Option<std::time::Duration>, AzureError>;
 
     async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError>;
     async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError>;
-    /// Starts deleting the image; it is gone once `get_image` no longer finds it.
-    async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError>;
+    /// Starts deleting the image; it is gone once `get_image` no longer finds it. Returns Azure's
+    /// `Retry-After`, when it gave one: when to look.
+    async fn delete_image(&self, id: &ImageId) -> Result<Option<std::time::Duration>, AzureError>;
 
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError>;
     async fn put_gallery(&self, id: &GalleryId, location: &str, tags: &Tags) -> Result<Accepted, AzureError>;

@@ -450,27 +450,30 @@ impl Arm {
         .await
     }
 
-    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<Option<std::time::Duration>, AzureError> {
         let url = self.url(&id.to_string(), &self.versions.disk, &[]);
         self.delete(url, format!("DELETE snapshot {}", id.name())).await
     }
 
-    pub async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError> {
+    pub async fn delete_image(&self, id: &ImageId) -> Result<Option<std::time::Duration>, AzureError> {
         let url = self.url(&id.to_string(), &self.versions.compute, &[]);
         self.delete(url, format!("DELETE image {}", id.name())).await
     }
 
     pub async fn delete_version(&self, id: &GalleryImageVersionId) -> Result<(), AzureError> {
         let url = self.url(&id.to_string(), &self.versions.gallery, &[]);
-        self.delete(url, format!("DELETE image version {}", id.name())).await
+        self.delete(url, format!("DELETE image version {}", id.name()))
+            .await
+            .map(|_| ())
     }
 
     /// Starts a delete. Azure answers 200/204 (gone) or 202 (deleting: the caller confirms by
-    /// reading the resource until it is not found); already gone is what a delete wants.
-    async fn delete(&self, url: Url, operation: String) -> Result<(), AzureError> {
+    /// reading the resource until it is not found, no sooner than the `Retry-After` returned);
+    /// already gone is what a delete wants.
+    async fn delete(&self, url: Url, operation: String) -> Result<Option<std::time::Duration>, AzureError> {
         match self.send(Method::DELETE, url, operation, None).await {
-            Err(e) if e.is_not_found() => Ok(()),
-            other => other.map(|_| ()),
+            Err(e) if e.is_not_found() => Ok(None),
+            other => other.map(|reply| reply.retry_after()),
         }
     }
 

@@ -140,7 +140,7 @@ impl AzureApi for AzureClient {
         named("get_snapshot", self.arm.get_snapshot(id)).await
     }
 
-    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<Option<std::time::Duration>, AzureError> {
         named("delete_snapshot", self.arm.delete_snapshot(id)).await
     }
 
@@ -152,7 +152,7 @@ impl AzureApi for AzureClient {
         named("get_image", self.arm.get_image(id)).await
     }
 
-    async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError> {
+    async fn delete_image(&self, id: &ImageId) -> Result<Option<std::time::Duration>, AzureError> {
         named("delete_image", self.arm.delete_image(id)).await
     }
 

@@ -10,8 +10,9 @@
 //! first, and remembers it in `artifacts.deleting`. Any other intermediate (one the run found made
 //! by an earlier admission, or one named by a run that started past its stage) is read first and
 //! deleted only when it carries the run's `sigrun-run` tag: a resource someone else made under the
-//! same name is never touched. Later looks read what is being deleted: one that Azure no longer
-//! finds is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
+//! same name is never touched. The next look comes when the slowest delete's `Retry-After` says
+//! (the default poll without one) and reads what is being deleted: one that Azure no longer finds
+//! is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
 //! nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
 //! backoff and, when they persist, when Azure refuses, or when deletes do not finish within
 //! `GIVE_UP_AFTER`, the branch ends with `CleanUpFinished { failed }`, a warning in the run's
@@ -19,7 +20,7 @@
 
 use std::time::Duration;
 
-use super::common::{SideEffectRetry, retry_side_effect, wait_step};
+use super::common::{SideEffectRetry, after_hint, retry_side_effect, wait_step};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::ResourceState;
 use crate::azure::{AzureError, ProvisioningState};
@@ -62,8 +63,8 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     let mut gone = Vec::new();
     let looked = look(&mut message, what, &mut gone, ctx).await;
     let mut step = match looked {
-        Ok(0) => finished(what, None),
-        Ok(_) => keep_waiting(message, what, ctx),
+        Ok(Looked { left: 0, .. }) => finished(what, None),
+        Ok(Looked { hint, .. }) => keep_waiting(message, what, hint, ctx),
         Err(error) => failed(message, what, &error, ctx),
     };
     let confirmed = gone.into_iter().map(|r| EventKind::ResourceDeleted {
@@ -74,16 +75,25 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
     Ok(step)
 }
 
+/// What one look found.
+struct Looked {
+    /// Intermediates still there.
+    left: usize,
+    /// The longest `Retry-After` of the deletes this look asked for: when all of them may be gone.
+    hint: Option<Duration>,
+}
+
 /// One look at every intermediate: deletes what this run made and is still there, confirms gone
-/// what it deleted before (into `gone`); returns how many are still there.
+/// what it deleted before (into `gone`).
 async fn look(
     message: &mut Envelope,
     what: Intermediate,
     gone: &mut Vec<Resource>,
     ctx: &StepContext<'_>,
-) -> Result<usize, AzureError> {
+) -> Result<Looked, AzureError> {
     let run = message.run_id.to_string();
     let mut left = 0;
+    let mut hint = None;
     for resource in intermediates(message, what) {
         let id = resource.id();
         let artifacts = &mut message.artifacts;
@@ -91,7 +101,7 @@ async fn look(
             // Made in this admission: its tags need no second look. It moves from `recorded` to
             // `deleting`, so the reads after the delete confirm it gone and nothing deletes it
             // twice.
-            resource.delete(ctx).await?;
+            hint = hint.max(resource.delete(ctx).await?);
             artifacts.recorded.remove(at);
             if !artifacts.deleting.contains(&id) {
                 artifacts.deleting.push(id);
@@ -109,7 +119,7 @@ async fn look(
             }
             Some(found) if found.tags.get("sigrun-run") == Some(&run) => {
                 if found.provisioning_state != ProvisioningState::Deleting {
-                    resource.delete(ctx).await?;
+                    hint = hint.max(resource.delete(ctx).await?);
                 }
                 if !deleting.contains(&id) {
                     deleting.push(id);
@@ -119,7 +129,7 @@ async fn look(
             Some(_) => tracing::warn!(%id, "intermediate not deleted: another run made it"),
         }
     }
-    Ok(left)
+    Ok(Looked { left, hint })
 }
 
 /// A resource of the run's intermediates.
@@ -152,7 +162,8 @@ impl Resource {
         }
     }
 
-    async fn delete(&self, ctx: &StepContext<'_>) -> Result<(), AzureError> {
+    /// Asks for its delete; returns Azure's `Retry-After`, if it gave one.
+    async fn delete(&self, ctx: &StepContext<'_>) -> Result<Option<Duration>, AzureError> {
         match self {
             Resource::Snapshot(id) => ctx.azure.delete_snapshot(id).await,
             Resource::Image(id) => ctx.azure.delete_image(id).await,
@@ -188,8 +199,9 @@ fn intermediates(message: &Envelope, what: Intermediate) -> Vec<Resource> {
     }
 }
 
-/// Deletes under way: look again, unless they have taken longer than `GIVE_UP_AFTER`.
-fn keep_waiting(mut message: Envelope, what: Intermediate, ctx: &StepContext<'_>) -> Step {
+/// Deletes under way: look again when Azure's hint says (the default poll without one), unless
+/// they have taken longer than `GIVE_UP_AFTER`.
+fn keep_waiting(mut message: Envelope, what: Intermediate, hint: Option<Duration>, ctx: &StepContext<'_>) -> Step {
     let waited = message
         .operation
         .as_ref()
@@ -204,7 +216,7 @@ fn keep_waiting(mut message: Envelope, what: Intermediate, ctx: &StepContext<'_>
         return finished(what, Some(reason));
     }
     message.artifacts.side_effect_failures = 0;
-    wait_step(message, WHAT, Vec::new(), ctx.settings.default_poll(), ctx.now)
+    wait_step(message, WHAT, Vec::new(), after_hint(ctx.settings, hint), ctx.now)
 }
 
 /// The branch ends; `failed` is the warning when it gave up.

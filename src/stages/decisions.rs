@@ -792,6 +792,38 @@ async fn a_clean_up_deletes_what_its_admission_made_once_and_confirms_each_gone(
     );
 }
 
+/// The look after the deletes comes when Azure says the slowest of them may be done: one look
+/// confirms them all; without a hint, after the default poll.
+#[tokio::test]
+async fn a_clean_up_looks_again_when_its_slowest_delete_may_be_done() {
+    let mut message = testkit::envelope(Stage::ImageCreate);
+    cleaning_snapshots(&mut message);
+    let ids = snapshot_ids(&message);
+    let settings = StageSettings::default();
+    for (hints, expected) in [
+        (vec![24, 36], Duration::from_secs(36)),
+        (vec![], settings.default_poll()),
+    ] {
+        let azure = FakeAzure::default();
+        for (id, secs) in ids.iter().zip(&hints) {
+            let hint = Duration::from_secs(*secs);
+            azure.world().delete_hints.insert(id.name().to_string(), hint);
+        }
+        for id in &ids {
+            azure
+                .world()
+                .resource(id, ProvisioningState::Succeeded, run_tags(&message));
+        }
+        let step = super::step(message.clone(), &context(&azure, &settings))
+            .await
+            .expect("a look");
+        match step.outcome {
+            Outcome::Wait { delay, .. } => assert_eq!(delay, expected, "hints {hints:?}"),
+            other => panic!("a wait, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_pool_is_added_as_planned_with_the_runs_metadata() {
     let case = &pool_cases()[0];

@@ -35,6 +35,8 @@ pub struct World {
     pub added_pools: Vec<PoolRequest>,
     /// Names (a version's, a pool's id) whose delete Azure refuses (409 `OperationNotAllowed`).
     pub refused_deletes: Vec<String>,
+    /// The `Retry-After` a snapshot's or an image's delete answers with, by name.
+    pub delete_hints: BTreeMap<String, std::time::Duration>,
 }
 
 pub(crate) fn key(id: &impl ToString) -> String {
@@ -144,9 +146,10 @@ impl AzureApi for FakeAzure {
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
         Ok(self.resource(id))
     }
-    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AzureError> {
-        self.world().writes.push(format!("delete_snapshot {}", id.name()));
-        Ok(())
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<Option<std::time::Duration>, AzureError> {
+        let mut world = self.world();
+        world.writes.push(format!("delete_snapshot {}", id.name()));
+        Ok(world.delete_hints.get(id.name()).copied())
     }
     async fn put_image(&self, id: &ImageId, request: &ImageRequest) -> Result<Accepted, AzureError> {
         Ok(self.put("put_image", key(id), id.name(), &request.tags))
@@ -154,9 +157,10 @@ impl AzureApi for FakeAzure {
     async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError> {
         Ok(self.resource(id))
     }
-    async fn delete_image(&self, id: &ImageId) -> Result<(), AzureError> {
-        self.world().writes.push(format!("delete_image {}", id.name()));
-        Ok(())
+    async fn delete_image(&self, id: &ImageId) -> Result<Option<std::time::Duration>, AzureError> {
+        let mut world = self.world();
+        world.writes.push(format!("delete_image {}", id.name()));
+        Ok(world.delete_hints.get(id.name()).copied())
     }
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
         Ok(self.resource(id))

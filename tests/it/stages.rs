@@ -890,6 +890,15 @@ async fn the_snapshots_clean_up_deletes_them_once_the_image_exists_and_confirms_
         Vec::<u64>::new(),
         "no read before the deletes"
     );
+    // The look after the deletes is timed by their Retry-After (the emulator's: the time left),
+    // not the default poll.
+    let (_, delay, _) = waited(&steps[0]);
+    assert_ne!(delay, sim.settings.default_poll(), "timed by Azure's hint");
+    assert_eq!(
+        statuses(&log, "GET", "/snapshots/"),
+        vec![404, 404, 404],
+        "one look confirms all"
+    );
     let deleted: Vec<&String> = all_events(&steps)
         .into_iter()
         .filter_map(|e| match e {
