@@ -239,8 +239,13 @@ async fn put_version(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Ado
     let accepted = ctx.azure.put_version(&plan.version_id, &request).await?;
     let mut next = message.next(Stage::Replicate, ctx.now);
     next.artifacts.image_version = Some(plan.version_id.clone());
+    let created = accepted.created && existing.is_none();
+    if created {
+        // verify promotes a version its admission made without reading it first.
+        next.artifacts.recorded.push(plan.version_id.to_string());
+    }
     let step = Step::new(Outcome::Advance(vec![next]));
-    Ok(if accepted.created && existing.is_none() {
+    Ok(if created {
         step.with(EventKind::ResourceCreated {
             id: plan.version_id.to_string(),
         })

@@ -277,13 +277,22 @@ async fn verified(
     })
 }
 
-/// Whether the run's version is latest already. When the run's history holds another pool's
-/// `Promoted`, it is, without a request. Otherwise Azure is asked: a history without one does not
-/// say the version is excluded (the same version run again in a new history, a history past its
-/// retention, a promotion whose commit is not read yet).
+/// Whether the run's version is latest already, asking Azure only when the run cannot say.
+/// - The run's history holds another pool's `Promoted`: it is.
+/// - This admission made the version (published excluded: `artifacts.recorded`) and the history
+///   holds the run without a `Promoted`: it is not. Only another pool's verdict whose commit is
+///   not read yet could have promoted it, and promoting it again changes nothing.
+/// - Otherwise Azure is asked: the same version run again in a new history, or a history past its
+///   retention, says nothing of what an earlier admission did.
 async fn already_promoted(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool, AzureError> {
-    if ctx.runs.version_promoted(message.run_id) == Some(true) {
-        return Ok(true);
+    let made_here = message
+        .artifacts
+        .recorded
+        .contains(&message.plan.version_id.to_string());
+    match ctx.runs.version_promoted(message.run_id) {
+        Some(true) => return Ok(true),
+        Some(false) if made_here => return Ok(false),
+        _ => {}
     }
     let version = ctx.azure.get_version(&message.plan.version_id, false).await?;
     Ok(version.is_some_and(|v| !v.exclude_from_latest))

@@ -1847,9 +1847,10 @@ async fn verifying_trunk(sim: &mut Sim, trunk: Envelope, target: &str) -> (Envel
     (only_advanced(&step).clone(), pools)
 }
 
-/// A verdict reads the version before flipping it while the run's history holds no `Promoted`
-/// (the version may have been promoted where this history cannot see); once it holds one, a later
-/// verdict neither reads nor writes.
+/// A verdict reads the version before flipping it unless the run can say: a version this
+/// admission made is excluded while the history holds no `Promoted` (flipped without a read), and
+/// once the history holds one, a later verdict neither reads nor writes. A version the message
+/// does not say its admission made may have been promoted where this history cannot see: read.
 #[tokio::test]
 async fn a_later_verdict_knows_the_promotion_from_the_runs_history() {
     let mut sim = Sim::new().await;
@@ -1862,17 +1863,40 @@ async fn a_later_verdict_knows_the_promotion_from_the_runs_history() {
         (reads, writes)
     };
 
+    let version = message.plan.version_id.to_string();
+    assert!(
+        message.artifacts.recorded.contains(&version),
+        "this admission made the version"
+    );
+
+    // A version the message does not say this admission made (an earlier admission's, the same
+    // version run again): Azure is asked.
     *sim.live_runs.1.lock().unwrap() = Some(false);
+    let mut unowned = message.clone();
+    unowned.artifacts.recorded.retain(|id| *id != version);
     let mark = sim.mark().await;
-    let steps = sim.settle(&message, 60.0).await;
+    let steps = sim.settle(&unowned, 60.0).await;
     let verified = &steps[steps.len() - 2];
     assert_eq!(event_names(verified), vec!["pool_verified", "promoted"]);
     assert_eq!(reads_and_writes(&sim.since(mark).await), (1, 1), "one read, one PATCH");
     assert!(sim.is_latest(&message.plan.version_id).await, "promoted to latest");
 
-    *sim.live_runs.1.lock().unwrap() = Some(true);
+    // This admission made it and the history holds no `Promoted`: promoted without a read (here
+    // a second promotion, as by a pool whose verdict raced another's: it changes nothing).
     let tools = pools.iter().find(|m| branch_of(m).1 == "tools").unwrap();
     let verify = only_advanced(&sim.drive(tools).await).clone();
+    let mark = sim.mark().await;
+    let steps = sim.settle(&verify, 60.0).await;
+    assert_eq!(event_names(&steps[steps.len() - 2]), vec!["pool_verified", "promoted"]);
+    assert_eq!(
+        reads_and_writes(&sim.since(mark).await),
+        (0, 1),
+        "a PATCH without a read"
+    );
+    assert!(sim.is_latest(&message.plan.version_id).await, "still latest");
+
+    // The history holds another pool's `Promoted`: neither read nor PATCH.
+    *sim.live_runs.1.lock().unwrap() = Some(true);
     let mark = sim.mark().await;
     let steps = sim.settle(&verify, 60.0).await;
     assert_eq!(event_names(&steps[steps.len() - 2]), vec!["pool_verified"]);
