@@ -166,9 +166,13 @@ pub async fn settle(ctx: &StepContext<'_>, urls: &[String]) -> Result<Settled, A
     })
 }
 
-/// The delay after an Azure hint: the hint itself (never sooner), else the default poll.
+/// The delay after an Azure hint: the hint itself (never sooner, but never past `poll_max`: a
+/// Retry-After of hours would otherwise park the look), else the default poll.
 pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration {
-    hint.unwrap_or_else(|| settings.default_poll())
+    hint.map_or_else(
+        || settings.default_poll(),
+        |hint| hint.min(settings.real(settings.poll_max)),
+    )
 }
 
 /// The slowest pace (percent per second) two readings allow. Azure's percents are whole and

@@ -793,7 +793,7 @@ async fn a_clean_up_deletes_what_its_admission_made_once_and_confirms_each_gone(
 }
 
 /// The look after the deletes comes when Azure says the slowest of them may be done: one look
-/// confirms them all; without a hint, after the default poll.
+/// confirms them all; without a hint, after the default poll; a hint of a day, after `poll_max`.
 #[tokio::test]
 async fn a_clean_up_looks_again_when_its_slowest_delete_may_be_done() {
     let mut message = testkit::envelope(Stage::ImageCreate);
@@ -803,6 +803,7 @@ async fn a_clean_up_looks_again_when_its_slowest_delete_may_be_done() {
     for (hints, expected) in [
         (vec![24, 36], Duration::from_secs(36)),
         (vec![], settings.default_poll()),
+        (vec![86_400, 5], settings.poll_max),
     ] {
         let azure = FakeAzure::default();
         for (id, secs) in ids.iter().zip(&hints) {

@@ -197,7 +197,8 @@ pub trait Runs: Send + Sync {
     /// in the history this process reads.
     fn run_in_progress(&self, run_id: uuid::Uuid) -> Option<bool>;
     /// Whether a verdict of run `run_id` has promoted its version, as far as the history this
-    /// process reads says; `None` when the run is not in it. Only `Some(true)` spares a request.
+    /// process reads says; `None` when the run is not in it. `Some(true)` spares verify's read of
+    /// the version; `Some(false)` spares it only for a version the verdict's admission made.
     fn version_promoted(&self, _run_id: uuid::Uuid) -> Option<bool> {
         None
     }
