@@ -472,16 +472,18 @@ impl RunBook {
     }
 
     /// Forgets the slots and claims of a started run with nothing live left (and its fences
-    /// altogether unless a pool verified).
+    /// altogether unless a pool verified or the version was promoted: a replayed verdict still
+    /// asks both).
     fn settle(&mut self) {
         if self.started.is_none() || self.slots().next().is_some() {
             return;
         }
         self.settled = true;
-        let verified = self.fences.take().map(|f| f.verified).unwrap_or_default();
-        if !verified.is_empty() {
+        let (verified, promoted) = self.fences.take().map(|f| (f.verified, f.promoted)).unwrap_or_default();
+        if !verified.is_empty() || promoted {
             self.fences = Some(Box::new(Fences {
                 verified,
+                promoted,
                 ..Fences::default()
             }));
         }
@@ -742,7 +744,14 @@ mod tests {
         promoted.branch = pool("render");
         promoted.kind = EventKind::Promoted { version_id: "v".into() };
         let next = (first, Uuid::new_v4(), pool("render"));
+        let (next_id, next_token) = (next.0, next.1);
         assert!(run.commit(&verify, vec![next], vec![promoted]));
+        assert_eq!(run.book.version_promoted(run.id), Some(true));
+
+        // Remembered past settling: a verdict replayed later must not promote again unread.
+        let rollout = run.claim(next_id, next_token);
+        assert!(run.commit(&rollout, Vec::new(), Vec::new()));
+        assert!(run.book.is_settled(run.id));
         assert_eq!(run.book.version_promoted(run.id), Some(true));
     }
 

@@ -222,9 +222,9 @@ pub struct Artifacts {
     #[serde(default)]
     pub pool: Option<PoolArtifact>,
     /// Resources this run recorded as created (their `ResourceCreated` went out) among those a
-    /// later step acts on: the gallery and the definition (what a repeat adopts only once), and
-    /// the snapshots and the image until the trunk hands them to their clean-up (deleted without
-    /// reading their tags first).
+    /// later step acts on: the gallery and the definition (what a repeat adopts only once), the
+    /// image version (verify promotes it without reading it first), and the snapshots until the
+    /// trunk hands them to their clean-up (deleted without reading their tags first).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recorded: Vec<String>,
     /// Looks in a row at a side effect that failed: retiring previous pools (verify's rollout

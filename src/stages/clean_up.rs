@@ -5,12 +5,12 @@
 //! on the queue of the stage that scheduled it, so a slow or failing delete never holds up the
 //! trunk, and its retries are its own.
 //!
-//! The first look deletes each intermediate the trunk made in this admission (`artifacts.recorded`:
-//! its `ResourceCreated` went out, so its tags were the run's when it was made) without reading it
-//! first, and remembers it in `artifacts.deleting`. Any other intermediate (one the run found made
-//! by an earlier admission, or one named by a run that started past its stage) is read first and
-//! deleted only when it carries the run's `sigrun-run` tag: a resource someone else made under the
-//! same name is never touched. The next look comes when the slowest delete's `Retry-After` says
+//! The first look deletes each snapshot the trunk made in this admission (`artifacts.recorded`: its
+//! `ResourceCreated` went out minutes ago, so its tags were the run's) without reading it first,
+//! and remembers it in `artifacts.deleting`. Any other intermediate (the image, made hours before
+//! its clean-up; one the run found made by an earlier admission; one named by a run that started
+//! past its stage) is read first and deleted only when it carries the run's `sigrun-run` tag: a
+//! resource someone else made under the same name is never touched. The next look comes when the slowest delete's `Retry-After` says
 //! (the default poll without one) and reads what is being deleted: one that Azure no longer finds
 //! is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
 //! nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
@@ -83,53 +83,81 @@ struct Looked {
     hint: Option<Duration>,
 }
 
-/// One look at every intermediate: deletes what this run made and is still there, confirms gone
-/// what it deleted before (into `gone`).
+/// One look at every intermediate: deletes the run's that are still there and confirms gone what
+/// it deleted before (into `gone`).
 async fn look(
     message: &mut Envelope,
     what: Intermediate,
     gone: &mut Vec<Resource>,
     ctx: &StepContext<'_>,
 ) -> Result<Looked, AzureError> {
-    let run = message.run_id.to_string();
-    let mut left = 0;
-    let mut hint = None;
+    let mut looked = Looked { left: 0, hint: None };
     for resource in intermediates(message, what) {
-        let id = resource.id();
-        let artifacts = &mut message.artifacts;
-        if let Some(at) = artifacts.recorded.iter().position(|r| *r == id) {
-            // Made in this admission: its tags need no second look. It moves from `recorded` to
-            // `deleting`, so the reads after the delete confirm it gone and nothing deletes it
-            // twice.
-            hint = hint.max(resource.delete(ctx).await?);
-            artifacts.recorded.remove(at);
-            if !artifacts.deleting.contains(&id) {
-                artifacts.deleting.push(id);
-            }
-            left += 1;
-            continue;
-        }
-        let deleting = &mut artifacts.deleting;
-        match resource.read(ctx).await? {
-            None => {
-                if let Some(at) = deleting.iter().position(|d| *d == id) {
-                    deleting.remove(at);
-                    gone.push(resource);
-                }
-            }
-            Some(found) if found.tags.get("sigrun-run") == Some(&run) => {
-                if found.provisioning_state != ProvisioningState::Deleting {
-                    hint = hint.max(resource.delete(ctx).await?);
-                }
-                if !deleting.contains(&id) {
-                    deleting.push(id);
-                }
-                left += 1;
-            }
-            Some(_) => tracing::warn!(%id, "intermediate not deleted: another run made it"),
+        if !delete_made_here(message, &resource, &mut looked, ctx).await? {
+            read_then_delete(message, resource, gone, &mut looked, ctx).await?;
         }
     }
-    Ok(Looked { left, hint })
+    Ok(looked)
+}
+
+/// Deletes a snapshot this admission made without reading it first: its tags were the run's when
+/// it was made, minutes ago (only the image was made since). It moves from `recorded` to
+/// `deleting`, so the reads after the delete confirm it gone and nothing deletes it twice. The
+/// image is always read first: the hours of replication since its making leave time for a
+/// same-named one of someone else's to take its place. Returns whether it was deleted here.
+async fn delete_made_here(
+    message: &mut Envelope,
+    resource: &Resource,
+    looked: &mut Looked,
+    ctx: &StepContext<'_>,
+) -> Result<bool, AzureError> {
+    let id = resource.id();
+    let artifacts = &mut message.artifacts;
+    let made_here = artifacts.recorded.iter().position(|r| *r == id);
+    let (Resource::Snapshot(_), Some(at)) = (resource, made_here) else {
+        return Ok(false);
+    };
+    looked.hint = looked.hint.max(resource.delete(ctx).await?);
+    artifacts.recorded.remove(at);
+    if !artifacts.deleting.contains(&id) {
+        artifacts.deleting.push(id);
+    }
+    looked.left += 1;
+    Ok(true)
+}
+
+/// Reads an intermediate: deletes it when it carries the run's tag and is not being deleted
+/// already (a resource someone else made under the same name is never touched), confirms it gone
+/// when a delete was asked for and Azure no longer finds it.
+async fn read_then_delete(
+    message: &mut Envelope,
+    resource: Resource,
+    gone: &mut Vec<Resource>,
+    looked: &mut Looked,
+    ctx: &StepContext<'_>,
+) -> Result<(), AzureError> {
+    let id = resource.id();
+    let run = message.run_id.to_string();
+    let deleting = &mut message.artifacts.deleting;
+    match resource.read(ctx).await? {
+        None => {
+            if let Some(at) = deleting.iter().position(|d| *d == id) {
+                deleting.remove(at);
+                gone.push(resource);
+            }
+        }
+        Some(found) if found.tags.get("sigrun-run") == Some(&run) => {
+            if found.provisioning_state != ProvisioningState::Deleting {
+                looked.hint = looked.hint.max(resource.delete(ctx).await?);
+            }
+            if !deleting.contains(&id) {
+                deleting.push(id);
+            }
+            looked.left += 1;
+        }
+        Some(_) => tracing::warn!(%id, "intermediate not deleted: another run made it"),
+    }
+    Ok(())
 }
 
 /// A resource of the run's intermediates.
@@ -171,8 +199,8 @@ impl Resource {
     }
 }
 
-/// Marks `id` as made in this admission (its `ResourceCreated` goes out with the step): its
-/// clean-up deletes it without reading its tags first.
+/// Marks snapshot `id` as made in this admission (its `ResourceCreated` goes out with the step):
+/// its clean-up deletes it without reading its tags first.
 pub fn made_here(message: &mut Envelope, id: String) {
     if !message.artifacts.recorded.contains(&id) {
         message.artifacts.recorded.push(id);

@@ -166,13 +166,10 @@ pub async fn settle(ctx: &StepContext<'_>, urls: &[String]) -> Result<Settled, A
     })
 }
 
-/// The delay after an Azure hint: the hint itself (never sooner, but never past `poll_max`: a
-/// Retry-After of hours would otherwise park the look), else the default poll.
+/// The delay after an Azure hint: the hint itself within the poll bounds (a Retry-After of 0
+/// would poll without a pause, one of hours would park the look), else the default poll.
 pub fn after_hint(settings: &StageSettings, hint: Option<Duration>) -> Duration {
-    hint.map_or_else(
-        || settings.default_poll(),
-        |hint| hint.min(settings.real(settings.poll_max)),
-    )
+    hint.map_or_else(|| settings.default_poll(), |hint| settings.clamp(hint))
 }
 
 /// The slowest pace (percent per second) two readings allow. Azure's percents are whole and

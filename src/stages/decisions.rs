@@ -757,15 +757,20 @@ async fn a_clean_up_deletes_what_its_admission_made_once_and_confirms_each_gone(
     let ctx = context(&azure, &settings);
     let mut gone = 0;
     // What each look finds: both there; the second gone and the first still deleting; both gone.
+    // The first look finds them tagged as another run's: deleted all the same, so it never read
+    // the tags the trunk vouched for.
     let looks = [
-        vec![ProvisioningState::Succeeded, ProvisioningState::Succeeded],
-        vec![ProvisioningState::Deleting],
-        vec![],
+        (
+            vec![ProvisioningState::Succeeded, ProvisioningState::Succeeded],
+            other_run_tags(),
+        ),
+        (vec![ProvisioningState::Deleting], run_tags(&message)),
+        (vec![], run_tags(&message)),
     ];
-    for there in looks {
+    for (there, tags) in looks {
         azure.world().resources.clear();
         for (id, state) in ids.iter().zip(there) {
-            azure.world().resource(id, state, run_tags(&message));
+            azure.world().resource(id, state, tags.clone());
         }
         let step = super::step(message.clone(), &ctx).await.expect("a look");
         gone += step
@@ -792,18 +797,22 @@ async fn a_clean_up_deletes_what_its_admission_made_once_and_confirms_each_gone(
     );
 }
 
-/// The look after the deletes comes when Azure says the slowest of them may be done: one look
-/// confirms them all; without a hint, after the default poll; a hint of a day, after `poll_max`.
+/// The look after the deletes comes when Azure says the slowest of them may be done, whether the
+/// snapshot was deleted unread (made here) or read first: one look confirms them all; without a
+/// hint, after the default poll; a hint of a day, after `poll_max`; of nothing, after `poll_min`.
 #[tokio::test]
 async fn a_clean_up_looks_again_when_its_slowest_delete_may_be_done() {
     let mut message = testkit::envelope(Stage::ImageCreate);
     cleaning_snapshots(&mut message);
     let ids = snapshot_ids(&message);
+    message.artifacts.recorded = vec![ids[0].to_string()];
     let settings = StageSettings::default();
     for (hints, expected) in [
         (vec![24, 36], Duration::from_secs(36)),
+        (vec![36, 24], Duration::from_secs(36)),
         (vec![], settings.default_poll()),
         (vec![86_400, 5], settings.poll_max),
+        (vec![0, 0], settings.poll_min),
     ] {
         let azure = FakeAzure::default();
         for (id, secs) in ids.iter().zip(&hints) {

@@ -39,7 +39,7 @@ pub struct World {
     pub delete_hints: BTreeMap<String, std::time::Duration>,
 }
 
-pub(crate) fn key(id: &impl ToString) -> String {
+fn key(id: &impl ToString) -> String {
     id.to_string().to_ascii_lowercase()
 }
 

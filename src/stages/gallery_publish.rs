@@ -242,7 +242,7 @@ async fn put_version(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Ado
     let created = accepted.created && existing.is_none();
     if created {
         // verify promotes a version its admission made without reading it first.
-        next.artifacts.recorded.push(plan.version_id.to_string());
+        adopted.recorded.push(plan.version_id.to_string());
     }
     let step = Step::new(Outcome::Advance(vec![next]));
     Ok(if created {

@@ -49,10 +49,6 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
                 Some(accepted) => (accepted.status_url.into_iter().collect(), accepted.retry_after),
                 None => (Vec::new(), None),
             };
-            let mut message = message;
-            if created {
-                clean_up::made_here(&mut message, build.image.to_string());
-            }
             let mut step = follow(message, WHAT, urls, hint, ctx);
             if created {
                 step = step.with(EventKind::ResourceCreated {

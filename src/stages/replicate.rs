@@ -158,9 +158,8 @@ impl Look {
             region: name.to_string(),
         });
         for pool in plan.pools_in(name) {
-            let mut branch = message.for_pool(Stage::PoolCreate, name, &pool.target, ctx.now);
-            clean_up::hand_over(&mut branch, Intermediate::Image);
-            self.emit.push(branch);
+            self.emit
+                .push(message.for_pool(Stage::PoolCreate, name, &pool.target, ctx.now));
         }
         self.progress.remove(name);
     }
