@@ -842,13 +842,19 @@ async fn image_create_makes_the_image_with_the_data_luns_and_waits_for_it() {
     assert_eq!(only_advanced(&sim.drive(replayed).await).stage, Stage::GalleryPublish);
 }
 
-#[tokio::test]
-async fn the_snapshots_clean_up_deletes_them_once_the_image_exists_and_confirms_each_gone() {
-    let mut sim = Sim::new().await;
+/// The nightly run from its snapshots to its image made: image-create's steps, the last of which
+/// schedules the snapshots' clean-up.
+async fn image_made(sim: &mut Sim) -> Vec<Step> {
     let trunk = sim.trunk(NIGHTLY, Stage::Snapshot).await;
     let steps = sim.settle(&trunk, 300.0).await;
     let message = only_advanced(steps.last().unwrap()).clone();
-    let steps = sim.settle(&message, 300.0).await;
+    sim.settle(&message, 300.0).await
+}
+
+#[tokio::test]
+async fn the_snapshots_clean_up_deletes_them_once_the_image_exists_and_confirms_each_gone() {
+    let mut sim = Sim::new().await;
+    let steps = image_made(&mut sim).await;
     let done = steps.last().unwrap();
     assert!(done.events.contains(&EventKind::CleanUpScheduled {
         what: Intermediate::Snapshots
@@ -938,10 +944,7 @@ async fn the_snapshots_clean_up_deletes_them_once_the_image_exists_and_confirms_
 #[tokio::test]
 async fn a_clean_up_reads_what_this_admission_did_not_make_and_leaves_anothers() {
     let mut sim = Sim::new().await;
-    let trunk = sim.trunk(NIGHTLY, Stage::Snapshot).await;
-    let steps = sim.settle(&trunk, 300.0).await;
-    let message = only_advanced(steps.last().unwrap()).clone();
-    let steps = sim.settle(&message, 300.0).await;
+    let steps = image_made(&mut sim).await;
     let mut clean_up = advanced(steps.last().unwrap())
         .iter()
         .find(|m| matches!(m.branch, Branch::CleanUp { .. }))
