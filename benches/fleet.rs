@@ -257,6 +257,7 @@ async fn measure(fleet: &Fleet) {
     }
 
     let began = Instant::now();
+    let began_at = OffsetDateTime::now_utc();
     let emulated_start = emulator.now();
     for p in &prepared {
         let entry = admission::entry_stage(None, p).expect("entry stage");
@@ -269,8 +270,13 @@ async fn measure(fleet: &Fleet) {
         }
     }
     let runs: BTreeSet<Uuid> = prepared.iter().map(Prepared::run_id).collect();
+    let admitted = began.elapsed();
     let results = follow(&bus, &runs, Duration::from_secs_f64(6.0 * 3600.0 / fleet.scale)).await;
     let wall = began.elapsed();
+    let events = bus.events();
+    let spans = run_spans(&events, began_at, fleet.scale);
+    let last_kinds = last_kinds(&events);
+    drop(events);
     if std::env::var_os("SIGRUN_FLEET_TRACE").is_some() {
         trace_slowest(&bus.events(), fleet.scale);
     }
@@ -294,6 +300,9 @@ async fn measure(fleet: &Fleet) {
             end: emulated_end,
             wall,
             cpu,
+            admitted,
+            spans,
+            last_kinds,
         },
         &log,
         &timelines,
@@ -397,6 +406,41 @@ struct Window {
     end: OffsetDateTime,
     wall: Duration,
     cpu: Duration,
+    /// Real time the admissions took, from the first to the last.
+    admitted: Duration,
+    /// Each pipeline's run: when it started and ended, emulated seconds from the first admission.
+    spans: BTreeMap<String, (f64, f64)>,
+    /// How many runs ended with each kind of event (a run whose clean-up ended last waited on it).
+    last_kinds: BTreeMap<&'static str, usize>,
+}
+
+/// How many runs ended with each kind of event.
+fn last_kinds(events: &[sigrun::events::Event]) -> BTreeMap<&'static str, usize> {
+    let mut last: HashMap<Uuid, &sigrun::events::Event> = HashMap::new();
+    for event in events {
+        let entry = last.entry(event.run_id).or_insert(event);
+        if event.at >= entry.at {
+            *entry = event;
+        }
+    }
+    let mut kinds = BTreeMap::new();
+    for event in last.values() {
+        *kinds.entry(event.kind.name()).or_default() += 1;
+    }
+    kinds
+}
+
+/// When each pipeline's run started (its first event) and ended (its last), in emulated seconds
+/// from `began_at`.
+fn run_spans(events: &[sigrun::events::Event], began_at: OffsetDateTime, scale: f64) -> BTreeMap<String, (f64, f64)> {
+    let mut spans: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for event in events {
+        let at = (event.at - began_at).as_seconds_f64() * scale;
+        let span = spans.entry(event.pipeline.clone()).or_insert((at, at));
+        span.0 = span.0.min(at);
+        span.1 = span.1.max(at);
+    }
+    spans
 }
 
 fn stamp(v: &Value) -> OffsetDateTime {
@@ -456,12 +500,12 @@ fn budget_bound(requests: &[&Value]) -> (f64, String) {
         .unwrap_or((0.0, "none".into()))
 }
 
-/// The longest critical path of any run, from the durations the emulator fixed (see the header).
-fn critical_path(timelines: &Value, prepared: &[Prepared]) -> (f64, String) {
+/// Each run's critical path by pipeline, from the durations the emulator fixed (see the header).
+fn critical_paths(timelines: &Value, prepared: &[Prepared]) -> BTreeMap<String, f64> {
     let ops = timelines["operations"].as_array().expect("operations");
     let pools = timelines["pools"].as_array().expect("pools");
     let replication = timelines["replication"].as_array().expect("replication");
-    let mut worst = (0.0, String::new());
+    let mut paths = BTreeMap::new();
     for p in prepared {
         let name = p.spec.name.to_ascii_lowercase();
         let put = |what: &str| -> f64 {
@@ -498,11 +542,215 @@ fn critical_path(timelines: &Value, prepared: &[Prepared]) -> (f64, String) {
             })
             .fold(0.0, f64::max);
         let total = put("/snapshots/") + put("/images/") + put("/galleries/") + version + pool;
-        if total > worst.0 {
-            worst = (total, p.spec.name.clone());
+        paths.insert(p.spec.name.clone(), total);
+    }
+    paths
+}
+
+/// Each run's delay at every link of its chain, in emulated seconds: from the fleet's start to its
+/// first snapshot PUT, from each operation's end to the write that acts on it (snapshots → image,
+/// image → definition, definition → version, replica → pool), and from its pool being idle to the
+/// verdict (the pool's metadata PATCH), and from the verdict to the run's end (its rollout and
+/// clean-up). Printed as median, 90th percentile and worst over the runs:
+/// where the runs' time past their own critical paths goes.
+fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &Window) {
+    let start = window.start;
+    let tracing = std::env::var_os("SIGRUN_FLEET_TRACE").is_some();
+    let last = window
+        .spans
+        .iter()
+        .max_by(|a, b| a.1.1.total_cmp(&b.1.1))
+        .map(|(name, _)| name);
+    let requests = log["requests"].as_array().expect("requests");
+    // Each run's requests, by the pipeline name in their path (the name is the runs' own prefix).
+    let mut by_run: HashMap<&str, Vec<&Value>> = HashMap::new();
+    for e in requests {
+        if let Some(name) = run_named_in(e["path"].as_str().unwrap_or("")) {
+            by_run.entry(name).or_default().push(e);
         }
     }
-    worst
+    let ops = timelines["operations"].as_array().expect("operations");
+    let first_request = |method: &str, name: &str, what: &dyn Fn(&str) -> bool| -> Option<OffsetDateTime> {
+        by_run
+            .get(run_named_in(name)?)?
+            .iter()
+            .filter(|e| e["method"] == method)
+            .filter(|e| {
+                let path = e["path"].as_str().unwrap_or("").to_ascii_lowercase();
+                path.contains(name) && what(&path)
+            })
+            .map(|e| stamp(&e["emulated_time"]))
+            .min()
+    };
+    let op_end = |name: &str, what: &dyn Fn(&str) -> bool| -> Option<OffsetDateTime> {
+        ops.iter()
+            .filter(|op| op["kind"] == "Put")
+            .filter(|op| {
+                let id = op["resource"].as_str().unwrap_or("").to_ascii_lowercase();
+                id.contains(name) && what(&id)
+            })
+            .map(|op| stamp(&op["ends"]))
+            .max()
+    };
+    let snapshots = |p: &str| p.contains("/snapshots/");
+    let image = |p: &str| p.contains("/images/") && !p.contains("/galleries/");
+    let definition = |p: &str| p.contains("/galleries/") && p.contains("/images/") && !p.contains("/versions/");
+    let version = |p: &str| p.contains("/versions/");
+    let pool_of = |name: &str| {
+        timelines["pools"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .find(|pool| pool["id"].as_str().unwrap_or("").to_ascii_lowercase().contains(name))
+            .cloned()
+    };
+    let replica_end = |name: &str| {
+        timelines["replication"]
+            .as_array()
+            .expect("replication")
+            .iter()
+            .filter(|r| r["resource"].as_str().unwrap_or("").to_ascii_lowercase().contains(name))
+            .flat_map(|r| r["regions"].as_array().cloned().unwrap_or_default())
+            .map(|r| stamp(&r["ends"]))
+            .max()
+    };
+    let names = [
+        "start → snapshots",
+        "snapshots → image",
+        "image → definition",
+        "definition → version",
+        "replica → pool",
+        "idle → verified",
+        "verified → run's end",
+    ];
+    let mut delays: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for p in prepared {
+        let name = p.spec.name.to_ascii_lowercase();
+        let pool = pool_of(&name);
+        let idle = pool.as_ref().map(|pool| {
+            let allocated = stamp(&pool["allocation"]["ends"]);
+            let idle = pool["idle_at"].as_array().cloned().unwrap_or_default();
+            idle.iter().map(stamp).max().unwrap_or(allocated).max(allocated)
+        });
+        let pool_id = pool
+            .as_ref()
+            .and_then(|pool| pool["id"].as_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let verified = first_request("PATCH", &pool_id, &|p| p.contains("/pools/"));
+        // The run's end as its last event (emulated seconds from the admissions' start), on the
+        // emulator's clock: the window starts with the admissions.
+        let run_end = window
+            .spans
+            .get(&p.spec.name)
+            .map(|(_, end)| start + time::Duration::seconds_f64(*end));
+        let links = [
+            (Some(start), first_request("PUT", &name, &snapshots)),
+            (op_end(&name, &snapshots), first_request("PUT", &name, &image)),
+            (op_end(&name, &image), first_request("PUT", &name, &definition)),
+            (op_end(&name, &definition), first_request("PUT", &name, &version)),
+            (replica_end(&name), pool.as_ref().map(|pool| stamp(&pool["created"]))),
+            (idle, verified),
+            (verified, run_end),
+        ];
+        if tracing && last.is_some_and(|last| *last == p.spec.name) {
+            trace_run(&name, requests, &links, start);
+        }
+        for (i, link) in links.iter().enumerate() {
+            if let (Some(from), Some(to)) = link {
+                delays[i].push(secs(*from, *to));
+            }
+        }
+    }
+    let line: Vec<String> = names
+        .iter()
+        .zip(&mut delays)
+        .map(|(name, d)| {
+            d.sort_by(f64::total_cmp);
+            let at = |q: f64| {
+                d.get(((d.len() as f64 - 1.0) * q).round() as usize)
+                    .copied()
+                    .unwrap_or(0.0)
+            };
+            format!("{name} {:.0} / {:.0} / {:.0}", at(0.5), at(0.9), at(1.0))
+        })
+        .collect();
+    println!(
+        "  delay at each link, median / 90th percentile / worst (emulated s): {}",
+        line.join(", ")
+    );
+}
+
+/// The pipeline whose name (`fleet-NNNN`, [`pipeline_name`]) a path holds.
+fn run_named_in(path: &str) -> Option<&str> {
+    path.match_indices("fleet-").find_map(|(at, _)| {
+        let name = path.get(at..at + 10)?;
+        name[6..].bytes().all(|b| b.is_ascii_digit()).then_some(name)
+    })
+}
+
+/// `SIGRUN_FLEET_TRACE=1`: the run that ended last, each of its requests and each link's ends at
+/// emulated seconds from the fleet's start.
+fn trace_run(
+    name: &str,
+    requests: &[Value],
+    links: &[(Option<OffsetDateTime>, Option<OffsetDateTime>)],
+    start: OffsetDateTime,
+) {
+    println!("  requests of {name} (emulated s from the fleet's start):");
+    for e in requests {
+        let path = e["path"].as_str().unwrap_or("").to_ascii_lowercase();
+        if path.contains(name) || e["query"].as_str().unwrap_or("").to_ascii_lowercase().contains(name) {
+            let at = secs(start, stamp(&e["emulated_time"]));
+            println!(
+                "    {at:>7.0} s  {} {} {}",
+                e["method"].as_str().unwrap_or(""),
+                path,
+                e["status"]
+            );
+        }
+    }
+    let at = |t: &Option<OffsetDateTime>| t.map_or("-".to_string(), |t| format!("{:.0}", secs(start, t)));
+    let ends: Vec<String> = links
+        .iter()
+        .map(|(from, to)| format!("{} → {}", at(from), at(to)))
+        .collect();
+    println!("    links: {}", ends.join(", "));
+}
+
+/// Where the time beyond the longest critical path went: the admissions' span, and for the run
+/// that ended last, when it started and how far it ran past its own critical path; and over all
+/// runs, how far each ran past its own (median, 90th percentile, worst).
+fn where_the_time_went(window: &Window, paths: &BTreeMap<String, f64>, scale: f64) {
+    let over: Vec<(f64, &String)> = {
+        let mut over: Vec<(f64, &String)> = window
+            .spans
+            .iter()
+            .filter_map(|(name, (start, end))| Some((end - start - paths.get(name)?, name)))
+            .collect();
+        over.sort_by(|a, b| a.0.total_cmp(&b.0));
+        over
+    };
+    let at = |q: f64| {
+        over.get(((over.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |o| o.0)
+    };
+    println!(
+        "  admissions took {:.0} s emulated; runs' time past their own critical path: median {:.0} s, 90th percentile {:.0} s, worst {:.0} s ({})",
+        window.admitted.as_secs_f64() * scale,
+        at(0.5),
+        at(0.9),
+        at(1.0),
+        over.last().map_or("none", |o| o.1.as_str())
+    );
+    println!("  runs by their last event: {:?}", window.last_kinds);
+    if let Some((name, (start, end))) = window.spans.iter().max_by(|a, b| a.1.1.total_cmp(&b.1.1)) {
+        let path = paths.get(name).copied().unwrap_or(0.0);
+        println!(
+            "  ended last: {name}, started at {start:.0} s, critical path {path:.0} s, ended at {end:.0} s ({:.0} s past its path)",
+            end - start - path
+        );
+    }
 }
 
 fn report(
@@ -537,7 +785,11 @@ fn report(
         .collect();
     let throttled = in_window.iter().filter(|e| e["status"] == 429).count();
     let (budget_secs, budget_bucket) = budget_bound(&in_window);
-    let (path_secs, path_run) = critical_path(timelines, prepared);
+    let paths = critical_paths(timelines, prepared);
+    let (path_run, path_secs) = paths
+        .iter()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(("none".to_string(), 0.0), |(name, secs)| (name.clone(), *secs));
     let bound = budget_secs.max(path_secs);
     let took = secs(window.start, window.end);
     let mut kinds: BTreeMap<&'static str, usize> = BTreeMap::new();
@@ -584,6 +836,8 @@ fn report(
         window.wall.as_secs_f64(),
         took / bound.max(1e-9)
     );
+    where_the_time_went(&window, &paths, fleet.scale);
+    link_delays(log, timelines, prepared, &window);
     println!(
         "  process CPU {:.1} s ({:.1} ms per pipeline, emulator included)",
         window.cpu.as_secs_f64(),

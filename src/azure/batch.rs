@@ -72,6 +72,14 @@ pub struct Batch {
     arm_base: Url,
 }
 
+/// The `$select` of every pool read: the fields [`CloudPool`] reads, and no others. A pool as
+/// Batch renders it carries its start task, network and scheduling settings besides; an account's
+/// list of a hundred pools is then hundreds of kilobytes that every rollout, retention survey and
+/// quota check would fetch and parse (Batch's advice for lists: select what is used).
+const POOL_SELECT: &str = "id,vmSize,state,allocationState,allocationStateTransitionTime,creationTime,\
+currentDedicatedNodes,currentLowPriorityNodes,targetDedicatedNodes,targetLowPriorityNodes,resizeErrors,metadata,\
+virtualMachineConfiguration";
+
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CloudPool {
@@ -400,7 +408,7 @@ impl Batch {
         let account = self.account(account_url)?;
         self.check_pool_id(pool_id)?;
         let operation = format!("get pool {pool_id}");
-        let url = self.url(&account, &format!("/pools/{pool_id}"), &[]);
+        let url = self.url(&account, &format!("/pools/{pool_id}"), &[("$select", POOL_SELECT)]);
         let reply = match self.send(Method::GET, url, operation.clone(), None).await {
             Ok(reply) => reply,
             // A missing account is a configuration mistake, not a missing pool.
@@ -416,7 +424,11 @@ impl Batch {
         let account = self.account(account_url)?;
         let operation = "list pools";
         let (items, as_of) = self
-            .list_dated(&account, self.url(&account, "/pools", &[]), operation)
+            .list_dated(
+                &account,
+                self.url(&account, "/pools", &[("$select", POOL_SELECT)]),
+                operation,
+            )
             .await?;
         let pools = items
             .into_iter()

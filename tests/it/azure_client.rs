@@ -454,7 +454,26 @@ async fn the_whole_chain_from_vm_to_pool_and_back() {
     assert_eq!(counts.total, 3);
     assert_eq!(counts.get("starttaskfailed"), 0);
     let listed = azure.list_pools(&account.url).await.unwrap();
-    assert!(listed.iter().any(|p| p.id == pool_id));
+    let listed_pool = listed.iter().find(|p| p.id == pool_id).expect("the pool is listed");
+    assert_eq!(
+        listed_pool, &pool,
+        "a listed pool reads as the pool itself: the $select leaves out nothing the client reads"
+    );
+    // Every pool read and list asks Batch only for what the client reads.
+    let pool_reads: Vec<Value> = emu
+        .requests()
+        .await
+        .into_iter()
+        .filter(|e| {
+            e["method"] == "GET" && e["api"] == "batch" && e["path"].as_str().is_some_and(|p| p.contains("/pools"))
+        })
+        .filter(|e| !e["path"].as_str().unwrap_or("").ends_with("/nodes"))
+        .collect();
+    assert!(!pool_reads.is_empty());
+    for read in &pool_reads {
+        let query = read["query"].as_str().unwrap_or("");
+        assert!(query.contains("$select=id") && query.contains("metadata"), "{read}");
+    }
 
     azure.resize_pool(&account.url, pool_id, 5, 0).await.expect("resize");
     let pool = azure.get_pool(&account.url, pool_id).await.unwrap().unwrap();

@@ -659,6 +659,55 @@ async fn node_counts(emu: &TestEmulator, token: &str, pool: &str) -> Value {
 }
 
 #[tokio::test]
+async fn a_pool_read_or_list_with_select_carries_only_the_named_fields_on_every_page() {
+    let emu = start_frozen().await;
+    let arm = emu.arm_token().await;
+    let batch = emu.batch_token().await;
+    let image = replicated_version(&emu, &arm, "1.0.0", 1).await;
+    for id in ["pool-a", "pool-b", "pool-c"] {
+        let add = emu
+            .post(&pools_url(&emu), &batch, &gallery_pool_body(id, &image, 1, None))
+            .await;
+        assert_eq!(add.status, 201, "{:?}", add.body);
+    }
+    let keys = |v: &Value| -> Vec<String> {
+        let mut keys: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+        keys.sort();
+        keys
+    };
+
+    let whole = emu.get(&pool_url(&emu, "pool-a"), &batch).await;
+    assert!(whole.body.get("startTask").is_some() && whole.body.get("eTag").is_some());
+    let one = emu
+        .get(
+            &format!("{}&$select=id,vmSize,allocationState", pool_url(&emu, "pool-a")),
+            &batch,
+        )
+        .await;
+    assert_eq!(one.status, 200, "{:?}", one.body);
+    assert_eq!(keys(&one.body), ["allocationState", "id", "vmSize"]);
+    assert_eq!(one.body["id"], "pool-a");
+
+    // Pages of one pool each: the next link keeps the $select.
+    let mut url = format!("{}&$select=id,state&maxresults=1", pools_url(&emu));
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let page = emu.get(&url, &batch).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        for pool in page.body["value"].as_array().expect("a value array") {
+            assert_eq!(keys(pool), ["id", "state"], "{pool}");
+            seen.push(pool["id"].as_str().unwrap_or("").to_string());
+        }
+        match page.body["odata.nextLink"].as_str() {
+            Some(next) => url = next.to_string(),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["pool-a", "pool-b", "pool-c"]);
+}
+
+#[tokio::test]
 async fn pool_of_2000_nodes_allocates_boots_resizes_and_deletes() {
     let emu = start_frozen().await;
     let arm = emu.arm_token().await;

@@ -50,7 +50,7 @@ pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCal
                 } else {
                     match method {
                         "GET" => (
-                            ok_json(200, &render_pool(ctx, &pool, now))
+                            ok_json(200, &selected(req, render_pool(ctx, &pool, now)))
                                 .with_header("etag", etag(&pool))
                                 .with_header("last-modified", rfc1123(pool.last_modified)),
                             false,
@@ -181,11 +181,13 @@ fn page(req: &Request, items: Vec<Value>, path: &str) -> Response {
             account_url(&req.base_url, &account),
             skip + max
         );
-        if let Some(filter) = req.query("$filter") {
-            link.push_str(&format!(
-                "&$filter={}",
-                percent_encoding::utf8_percent_encode(filter, percent_encoding::NON_ALPHANUMERIC)
-            ));
+        for kept in ["$filter", "$select"] {
+            if let Some(value) = req.query(kept) {
+                link.push_str(&format!(
+                    "&{kept}={}",
+                    percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+                ));
+            }
         }
         body["odata.nextLink"] = json!(link);
     }
@@ -970,9 +972,27 @@ fn list_pools(ctx: &Ctx, st: &State, req: &Request, account: &BatchAccount, now:
         .pools
         .iter()
         .filter(|(k, _)| k.starts_with(&prefix))
-        .map(|(_, p)| render_pool(ctx, p, now))
+        .map(|(_, p)| selected(req, render_pool(ctx, p, now)))
         .collect();
     page(req, pools, "pools")
+}
+
+/// A rendered entity cut to the request's `$select` (OData: the top-level properties named,
+/// comma-separated; a name the entity lacks selects nothing), or whole without one.
+fn selected(req: &Request, entity: Value) -> Value {
+    let Some(select) = req.query("$select") else {
+        return entity;
+    };
+    let Value::Object(fields) = entity else {
+        return entity;
+    };
+    let wanted: Vec<&str> = select.split(',').map(str::trim).collect();
+    Value::Object(
+        fields
+            .into_iter()
+            .filter(|(name, _)| wanted.iter().any(|w| w.eq_ignore_ascii_case(name)))
+            .collect(),
+    )
 }
 
 fn find_pool<'a>(st: &'a State, account: &BatchAccount, id: &str) -> Option<&'a Pool> {
