@@ -591,6 +591,7 @@ fn delete(
         failure: None,
     });
     st.resources.insert(State::key(&id), resource);
+    st.deletion_started(now + duration);
     Ok((lro::headers(ctx, Response::empty(202), &op, true), true))
 }
 

@@ -1096,6 +1096,7 @@ fn node_counts(st: &State, account: &BatchAccount, now: EmuTime) -> Response {
 fn delete_pool(st: &mut State, _req: &Request, mut pool: Pool, now: EmuTime) -> (Response, bool) {
     if pool.deleting.is_none() {
         pool.deleting = Some(now);
+        st.deletion_started(now + POOL_DELETE);
         pool.last_modified = now;
         pool.etag_counter = st.serial();
         for node in pool.nodes.iter_mut().filter(|n| n.removed.is_none()) {
