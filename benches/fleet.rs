@@ -430,6 +430,13 @@ fn last_kinds(events: &[sigrun::events::Event]) -> BTreeMap<&'static str, usize>
     kinds
 }
 
+impl Window {
+    /// The run that ended last, with its span.
+    fn ended_last(&self) -> Option<(&String, &(f64, f64))> {
+        self.spans.iter().max_by(|a, b| a.1.1.total_cmp(&b.1.1))
+    }
+}
+
 /// When each pipeline's run started (its first event) and ended (its last), in emulated seconds
 /// from `began_at`.
 fn run_spans(events: &[sigrun::events::Event], began_at: OffsetDateTime, scale: f64) -> BTreeMap<String, (f64, f64)> {
@@ -504,7 +511,6 @@ fn budget_bound(requests: &[&Value]) -> (f64, String) {
 fn critical_paths(timelines: &Value, prepared: &[Prepared]) -> BTreeMap<String, f64> {
     let ops = timelines["operations"].as_array().expect("operations");
     let pools = timelines["pools"].as_array().expect("pools");
-    let replication = timelines["replication"].as_array().expect("replication");
     let mut paths = BTreeMap::new();
     for p in prepared {
         let name = p.spec.name.to_ascii_lowercase();
@@ -518,33 +524,47 @@ fn critical_paths(timelines: &Value, prepared: &[Prepared]) -> BTreeMap<String, 
                 .map(|op| secs(stamp(&op["started"]), stamp(&op["ends"])))
                 .fold(0.0, f64::max)
         };
-        let version = replication
-            .iter()
-            .filter(|r| {
-                r["resource"]
-                    .as_str()
-                    .unwrap_or("")
-                    .to_ascii_lowercase()
-                    .contains(&name)
-            })
-            .flat_map(|r| r["regions"].as_array().cloned().unwrap_or_default())
+        let version = replica_regions(timelines, &name)
             .map(|r| secs(stamp(&r["starts"]), stamp(&r["ends"])))
             .fold(0.0, f64::max);
         let pool = pools
             .iter()
             .filter(|pool| pool["id"].as_str().unwrap_or("").to_ascii_lowercase().contains(&name))
-            .map(|pool| {
-                let created = stamp(&pool["created"]);
-                let allocated = stamp(&pool["allocation"]["ends"]);
-                let idle = pool["idle_at"].as_array().cloned().unwrap_or_default();
-                let all_idle = idle.iter().map(stamp).max().unwrap_or(allocated);
-                secs(created, allocated.max(all_idle))
-            })
+            .map(|pool| secs(stamp(&pool["created"]), pool_ready(pool)))
             .fold(0.0, f64::max);
         let total = put("/snapshots/") + put("/images/") + put("/galleries/") + version + pool;
         paths.insert(p.spec.name.clone(), total);
     }
     paths
+}
+
+/// The regions of the versions whose id holds `name`, as the emulator's timelines show them.
+fn replica_regions<'a>(timelines: &'a Value, name: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    timelines["replication"]
+        .as_array()
+        .expect("replication")
+        .iter()
+        .filter(move |r| r["resource"].as_str().unwrap_or("").to_ascii_lowercase().contains(name))
+        .flat_map(|r| r["regions"].as_array().into_iter().flatten())
+}
+
+/// When a pool was ready: its allocation over and its last node idle.
+fn pool_ready(pool: &Value) -> OffsetDateTime {
+    let allocated = stamp(&pool["allocation"]["ends"]);
+    let idle = pool["idle_at"].as_array().into_iter().flatten().map(stamp).max();
+    idle.map_or(allocated, |idle| idle.max(allocated))
+}
+
+/// The median, 90th percentile and worst of `values` (nearest rank; zeros when there are none).
+fn spread(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        values
+            .get(((values.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (at(0.5), at(0.9), at(1.0))
 }
 
 /// Each run's delay at every link of its chain, in emulated seconds: from the fleet's start to its
@@ -556,11 +576,7 @@ fn critical_paths(timelines: &Value, prepared: &[Prepared]) -> BTreeMap<String, 
 fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &Window) {
     let start = window.start;
     let tracing = std::env::var_os("SIGRUN_FLEET_TRACE").is_some();
-    let last = window
-        .spans
-        .iter()
-        .max_by(|a, b| a.1.1.total_cmp(&b.1.1))
-        .map(|(name, _)| name);
+    let last = window.ended_last().map(|(name, _)| name);
     let requests = log["requests"].as_array().expect("requests");
     // Each run's requests, by the pipeline name in their path (the name is the runs' own prefix).
     let mut by_run: HashMap<&str, Vec<&Value>> = HashMap::new();
@@ -604,16 +620,7 @@ fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &W
             .find(|pool| pool["id"].as_str().unwrap_or("").to_ascii_lowercase().contains(name))
             .cloned()
     };
-    let replica_end = |name: &str| {
-        timelines["replication"]
-            .as_array()
-            .expect("replication")
-            .iter()
-            .filter(|r| r["resource"].as_str().unwrap_or("").to_ascii_lowercase().contains(name))
-            .flat_map(|r| r["regions"].as_array().cloned().unwrap_or_default())
-            .map(|r| stamp(&r["ends"]))
-            .max()
-    };
+    let replica_end = |name: &str| replica_regions(timelines, name).map(|r| stamp(&r["ends"])).max();
     let names = [
         "start → snapshots",
         "snapshots → image",
@@ -627,11 +634,7 @@ fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &W
     for p in prepared {
         let name = p.spec.name.to_ascii_lowercase();
         let pool = pool_of(&name);
-        let idle = pool.as_ref().map(|pool| {
-            let allocated = stamp(&pool["allocation"]["ends"]);
-            let idle = pool["idle_at"].as_array().cloned().unwrap_or_default();
-            idle.iter().map(stamp).max().unwrap_or(allocated).max(allocated)
-        });
+        let idle = pool.as_ref().map(pool_ready);
         let pool_id = pool
             .as_ref()
             .and_then(|pool| pool["id"].as_str())
@@ -666,13 +669,8 @@ fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &W
         .iter()
         .zip(&mut delays)
         .map(|(name, d)| {
-            d.sort_by(f64::total_cmp);
-            let at = |q: f64| {
-                d.get(((d.len() as f64 - 1.0) * q).round() as usize)
-                    .copied()
-                    .unwrap_or(0.0)
-            };
-            format!("{name} {:.0} / {:.0} / {:.0}", at(0.5), at(0.9), at(1.0))
+            let (median, p90, worst) = spread(d);
+            format!("{name} {median:.0} / {p90:.0} / {worst:.0}")
         })
         .collect();
     println!(
@@ -722,29 +720,25 @@ fn trace_run(
 /// that ended last, when it started and how far it ran past its own critical path; and over all
 /// runs, how far each ran past its own (median, 90th percentile, worst).
 fn where_the_time_went(window: &Window, paths: &BTreeMap<String, f64>, scale: f64) {
-    let over: Vec<(f64, &String)> = {
-        let mut over: Vec<(f64, &String)> = window
-            .spans
-            .iter()
-            .filter_map(|(name, (start, end))| Some((end - start - paths.get(name)?, name)))
-            .collect();
-        over.sort_by(|a, b| a.0.total_cmp(&b.0));
-        over
-    };
-    let at = |q: f64| {
-        over.get(((over.len() as f64 - 1.0) * q).round() as usize)
-            .map_or(0.0, |o| o.0)
-    };
+    let over_path = |name: &String, (start, end): &(f64, f64)| Some(end - start - paths.get(name)?);
+    let mut over: Vec<f64> = window
+        .spans
+        .iter()
+        .filter_map(|(name, span)| over_path(name, span))
+        .collect();
+    let worst = window
+        .spans
+        .iter()
+        .filter_map(|(name, span)| Some((over_path(name, span)?, name)))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map_or("none", |(_, name)| name.as_str());
+    let (median, p90, most) = spread(&mut over);
     println!(
-        "  admissions took {:.0} s emulated; runs' time past their own critical path: median {:.0} s, 90th percentile {:.0} s, worst {:.0} s ({})",
+        "  admissions took {:.0} s emulated; runs' time past their own critical path: median {median:.0} s, 90th percentile {p90:.0} s, worst {most:.0} s ({worst})",
         window.admitted.as_secs_f64() * scale,
-        at(0.5),
-        at(0.9),
-        at(1.0),
-        over.last().map_or("none", |o| o.1.as_str())
     );
     println!("  runs by their last event: {:?}", window.last_kinds);
-    if let Some((name, (start, end))) = window.spans.iter().max_by(|a, b| a.1.1.total_cmp(&b.1.1)) {
+    if let Some((name, (start, end))) = window.ended_last() {
         let path = paths.get(name).copied().unwrap_or(0.0);
         println!(
             "  ended last: {name}, started at {start:.0} s, critical path {path:.0} s, ended at {end:.0} s ({:.0} s past its path)",

@@ -10,10 +10,10 @@
 //! and remembers it in `artifacts.deleting`. Any other intermediate (the image, made hours before
 //! its clean-up; one the run found made by an earlier admission; one named by a run that started
 //! past its stage) is read first and deleted only when it carries the run's `sigrun-run` tag: a
-//! resource someone else made under the same name is never touched. The next look comes when the slowest delete's `Retry-After` says
-//! (the default poll without one) and reads what is being deleted: one that Azure no longer finds
-//! is confirmed gone (`ResourceDeleted`). The branch ends with `CleanUpFinished` once
-//! nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
+//! resource someone else made under the same name is never touched. The next look comes when the
+//! slowest delete's `Retry-After` says (the default poll without one) and reads what is being
+//! deleted: one that Azure no longer finds is confirmed gone (`ResourceDeleted`). The branch ends
+//! with `CleanUpFinished` once nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
 //! backoff and, when they persist, when Azure refuses, or when deletes do not finish within
 //! `GIVE_UP_AFTER`, the branch ends with `CleanUpFinished { failed }`, a warning in the run's
 //! result naming what stayed.
@@ -83,6 +83,16 @@ struct Looked {
     hint: Option<Duration>,
 }
 
+impl Looked {
+    /// `id` is still there and being deleted: the next look reads it to confirm it gone.
+    fn still_deleting(&mut self, deleting: &mut Vec<String>, id: String) {
+        if !deleting.contains(&id) {
+            deleting.push(id);
+        }
+        self.left += 1;
+    }
+}
+
 /// One look at every intermediate: deletes the run's that are still there and confirms gone what
 /// it deleted before (into `gone`).
 async fn look(
@@ -119,10 +129,7 @@ async fn delete_made_here(
     };
     looked.hint = looked.hint.max(resource.delete(ctx).await?);
     artifacts.recorded.remove(at);
-    if !artifacts.deleting.contains(&id) {
-        artifacts.deleting.push(id);
-    }
-    looked.left += 1;
+    looked.still_deleting(&mut artifacts.deleting, id);
     Ok(true)
 }
 
@@ -150,10 +157,7 @@ async fn read_then_delete(
             if found.provisioning_state != ProvisioningState::Deleting {
                 looked.hint = looked.hint.max(resource.delete(ctx).await?);
             }
-            if !deleting.contains(&id) {
-                deleting.push(id);
-            }
-            looked.left += 1;
+            looked.still_deleting(deleting, id);
         }
         Some(_) => tracing::warn!(%id, "intermediate not deleted: another run made it"),
     }
