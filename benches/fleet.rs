@@ -27,9 +27,29 @@
 //! - requests per run by kind, the time planning took, and process CPU.
 //!
 //! `SIGRUN_FLEET_SCALE` (default 10) is the emulator's clock; `SIGRUN_FLEET_PACING=0` runs the same
-//! fleet with the clients' pacing off, for the side-by-side. `cargo bench --bench fleet`.
+//! fleet with the clients' pacing off, for the side-by-side. `SIGRUN_FLEET_TRACE=1` prints where
+//! the run that ended last spent its time (`=fleet-0100,fleet-0500` adds those runs).
+//! `cargo bench --bench fleet`.
+//!
+//! The process allocates with jemalloc: the emulator's work (in Azure, not ours to pay for) churns
+//! JSON values, and glibc's malloc took about a third of the process's CPU at it, in a measure
+//! that changed from run to run (80–88 s, at times 45–60). The surges then fell behind the clock,
+//! and the time measured the allocator more than sigrun's pacing.
+//! `--features fleet-system-allocator` builds the bench on the system allocator, for the
+//! side-by-side.
 
 mod common;
+
+#[cfg(not(feature = "fleet-system-allocator"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Which allocator the process runs on, for the bench's first line.
+const ALLOCATOR_NAME: &str = if cfg!(feature = "fleet-system-allocator") {
+    "system allocator"
+} else {
+    "jemalloc"
+};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -278,7 +298,7 @@ async fn measure(fleet: &Fleet) {
     let last_kinds = last_kinds(&events);
     drop(events);
     if std::env::var_os("SIGRUN_FLEET_TRACE").is_some() {
-        trace_slowest(&bus.events(), fleet.scale);
+        trace_runs(&bus.events(), fleet.scale);
     }
     let emulated_end = emulator.now();
     for stop in stops {
@@ -345,15 +365,24 @@ async fn prepare_all(fleet: &Fleet, azure: &Arc<AzureClient>) -> Vec<Prepared> {
 /// Waits until every run has ended (or `limit` passes): run id → result.
 async fn follow(bus: &MemoryBus, runs: &BTreeSet<Uuid>, limit: Duration) -> BTreeMap<Uuid, RunResult> {
     let deadline = Instant::now() + limit;
+    // Each look reads only the records since the last: copying the whole history four times a
+    // second would cost the fleet's own process CPU that grows with the run.
+    let mut read = 0;
+    let mut by_run: HashMap<Uuid, Vec<sigrun::events::Event>> = HashMap::new();
+    let mut results: BTreeMap<Uuid, RunResult> = runs.iter().map(|id| (*id, RunResult::Running)).collect();
     loop {
-        let mut by_run: HashMap<Uuid, Vec<sigrun::events::Event>> = HashMap::new();
-        for event in bus.events() {
+        let records = bus.records_since(read);
+        read += records.len();
+        let mut changed = BTreeSet::new();
+        for event in records.iter().flat_map(|record| record.events().iter().cloned()) {
+            changed.insert(event.run_id);
             by_run.entry(event.run_id).or_default().push(event);
         }
-        let results: BTreeMap<Uuid, RunResult> = runs
-            .iter()
-            .map(|id| (*id, by_run.get(id).map_or(RunResult::Running, |e| run_result(e))))
-            .collect();
+        for id in changed {
+            if let (Some(result), Some(events)) = (results.get_mut(&id), by_run.get(&id)) {
+                *result = run_result(events);
+            }
+        }
         let open = results.values().filter(|r| **r == RunResult::Running).count();
         if open == 0 || Instant::now() > deadline {
             return results;
@@ -362,9 +391,19 @@ async fn follow(bus: &MemoryBus, runs: &BTreeSet<Uuid>, limit: Duration) -> BTre
     }
 }
 
-/// `SIGRUN_FLEET_TRACE=1`: the five runs that ended last, each event at its emulated second from
-/// the fleet's first event.
-fn trace_slowest(events: &[sigrun::events::Event], scale: f64) {
+/// The runs `SIGRUN_FLEET_TRACE` names (`fleet-0100,fleet-0500`), beside the run that ended last.
+fn traced_runs() -> Vec<String> {
+    let names = std::env::var("SIGRUN_FLEET_TRACE").unwrap_or_default();
+    names
+        .split(',')
+        .filter(|name| run_named_in(name).is_some())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `SIGRUN_FLEET_TRACE`: the five runs that ended last and the runs it names, each event at its
+/// emulated second from the fleet's first event.
+fn trace_runs(events: &[sigrun::events::Event], scale: f64) {
     let Some(first) = events.first().map(|e| e.at) else {
         return;
     };
@@ -374,7 +413,12 @@ fn trace_slowest(events: &[sigrun::events::Event], scale: f64) {
     }
     let mut runs: Vec<_> = by_run.values().collect();
     runs.sort_by_key(|events| events.last().map(|e| e.at));
-    for events in runs.iter().rev().take(5) {
+    let named = traced_runs();
+    let chosen = runs
+        .iter()
+        .filter(|events| named.contains(&events[0].pipeline))
+        .chain(runs.iter().rev().take(5));
+    for events in chosen {
         println!("  {}:", events[0].pipeline);
         for e in events.iter() {
             let at = (e.at - first).as_seconds_f64() * scale;
@@ -577,6 +621,7 @@ fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &W
     let start = window.start;
     let tracing = std::env::var_os("SIGRUN_FLEET_TRACE").is_some();
     let last = window.ended_last().map(|(name, _)| name);
+    let traced = traced_runs();
     let requests = log["requests"].as_array().expect("requests");
     // Each run's requests, by the pipeline name in their path (the name is the runs' own prefix).
     let mut by_run: HashMap<&str, Vec<&Value>> = HashMap::new();
@@ -656,7 +701,7 @@ fn link_delays(log: &Value, timelines: &Value, prepared: &[Prepared], window: &W
             (idle, verified),
             (verified, run_end),
         ];
-        if tracing && last.is_some_and(|last| *last == p.spec.name) {
+        if tracing && (last.is_some_and(|last| *last == p.spec.name) || traced.contains(&p.spec.name)) {
             trace_run(&name, requests, &links, start);
         }
         for (i, link) in links.iter().enumerate() {
@@ -687,7 +732,7 @@ fn run_named_in(path: &str) -> Option<&str> {
     })
 }
 
-/// `SIGRUN_FLEET_TRACE=1`: the run that ended last, each of its requests and each link's ends at
+/// `SIGRUN_FLEET_TRACE`: the run that ended last and the runs it names, each of its requests and each link's ends at
 /// emulated seconds from the fleet's start.
 fn trace_run(
     name: &str,
@@ -799,13 +844,14 @@ fn report(
     }
     let n = fleet.pipelines.max(1) as f64;
     println!(
-        "fleet: {} pipelines on {} subscriptions ({} accounts), {} workers, clock {}x, ARM budgets enforced, pacing {}",
+        "fleet: {} pipelines on {} subscriptions ({} accounts), {} workers, clock {}x, ARM budgets enforced, pacing {}, {}",
         fleet.pipelines,
         fleet.subscriptions,
         fleet.subscriptions * 2,
         fleet.workers,
         fleet.scale,
-        if fleet.pacing { "on" } else { "off" }
+        if fleet.pacing { "on" } else { "off" },
+        ALLOCATOR_NAME,
     );
     println!("  results: {by_result:?}");
     println!(

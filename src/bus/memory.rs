@@ -147,6 +147,13 @@ impl MemoryBus {
         self.inner.lock().records.clone()
     }
 
+    /// The records after the first `from`, in order: a follower keeps how many it has read and
+    /// copies each record once, not the whole history on every look.
+    pub fn records_since(&self, from: usize) -> Vec<Record> {
+        let state = self.inner.lock();
+        state.records.get(from..).map(<[Record]>::to_vec).unwrap_or_default()
+    }
+
     /// Parked triggers with the reason, oldest first.
     pub fn parked_triggers(&self) -> Vec<(TriggerMessage, String)> {
         self.inner.lock().parked_triggers.clone()
@@ -599,5 +606,33 @@ mod tests {
         assert_eq!(live.recv().await.unwrap(), event);
         assert_eq!(bus.events(), vec![event]);
         assert_eq!((bus.stats().parked, bus.stats().events), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_follower_reads_each_record_once_from_where_it_left_off() {
+        let bus = bus();
+        let event = |pipeline: &str| Event {
+            run_id: Uuid::nil(),
+            pipeline: pipeline.into(),
+            version: "1.0.0".into(),
+            stage: Stage::Snapshot,
+            branch: Branch::Trunk,
+            at: OffsetDateTime::UNIX_EPOCH,
+            kind: EventKind::RolloutFinished,
+        };
+        let pipelines = |records: Vec<Record>| -> Vec<String> {
+            records
+                .iter()
+                .flat_map(|r| r.events().iter().map(|e| e.pipeline.clone()))
+                .collect()
+        };
+        bus.publish_event(&event("a")).await.unwrap();
+        bus.publish_event(&event("b")).await.unwrap();
+        assert_eq!(pipelines(bus.records_since(0)), ["a", "b"]);
+        assert_eq!(pipelines(bus.records_since(1)), ["b"]);
+        assert!(bus.records_since(2).is_empty(), "nothing new");
+        assert!(bus.records_since(7).is_empty(), "past the end is nothing, not a panic");
+        bus.publish_event(&event("c")).await.unwrap();
+        assert_eq!(pipelines(bus.records_since(2)), ["c"]);
     }
 }
