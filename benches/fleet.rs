@@ -31,7 +31,7 @@
 //! the run that ended last spent its time (`=fleet-0100,fleet-0500` adds those runs).
 //! `cargo bench --bench fleet`.
 //!
-//! The process allocates with jemalloc: the emulator's work (in Azure, not ours to pay for) churns
+//! The process allocates with jemalloc, as the `sigrun` binary does: the emulator's work (in Azure, not ours to pay for) churns
 //! JSON values, and glibc's malloc took about a third of the process's CPU at it, in a measure
 //! that changed from run to run (80–88 s, at times 45–60). The surges then fell behind the clock,
 //! and the time measured the allocator more than sigrun's pacing.

@@ -19,6 +19,26 @@ fn help_lists_the_subcommands() {
     assert!(text.contains("emulator"), "{text}");
 }
 
+/// The binary allocates with jemalloc configured as `src/main.rs` says: its statistics, printed at
+/// exit on request, show the one arena and the decay times (a renamed configuration symbol would
+/// leave jemalloc's defaults, and a lost `#[global_allocator]` would print nothing).
+#[test]
+fn the_binary_allocates_with_jemalloc_and_its_settings() {
+    let out = sigrun()
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stats = String::from_utf8_lossy(&out.stderr);
+    for option in ["opt.narenas: 1", "opt.dirty_decay_ms: 1000", "opt.muzzy_decay_ms: 0"] {
+        assert!(
+            stats.contains(option),
+            "{option} missing from jemalloc's statistics:\n{stats}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn emulator_prints_one_json_line_serves_and_exits_zero_on_sigterm() {
     let mut child = sigrun()
