@@ -20,7 +20,7 @@ fn help_lists_the_subcommands() {
 }
 
 /// The binary allocates with jemalloc configured as `src/main.rs` says: its statistics, printed at
-/// exit on request, show the one arena and the decay times (a renamed configuration symbol would
+/// exit on request, show the one arena, no thread caches and the decay times (a renamed configuration symbol would
 /// leave jemalloc's defaults, and a lost `#[global_allocator]` would print nothing).
 #[test]
 fn the_binary_allocates_with_jemalloc_and_its_settings() {
@@ -31,7 +31,13 @@ fn the_binary_allocates_with_jemalloc_and_its_settings() {
         .unwrap();
     assert!(out.status.success());
     let stats = String::from_utf8_lossy(&out.stderr);
-    for option in ["opt.narenas: 1", "opt.dirty_decay_ms: 1000", "opt.muzzy_decay_ms: 0"] {
+    let options = [
+        "opt.narenas: 1",
+        "opt.tcache: false",
+        "opt.dirty_decay_ms: 1000",
+        "opt.muzzy_decay_ms: 0",
+    ];
+    for option in options {
         assert!(
             stats.contains(option),
             "{option} missing from jemalloc's statistics:\n{stats}"
