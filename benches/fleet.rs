@@ -31,7 +31,8 @@
 //! the run that ended last spent its time (`=fleet-0100,fleet-0500` adds those runs).
 //! `cargo bench --bench fleet`.
 //!
-//! The process allocates with jemalloc, as the `sigrun` binary does: the emulator's work (in Azure, not ours to pay for) churns
+//! The process allocates with jemalloc (its default settings: this process has many threads; the
+//! `sigrun` binary sets one arena). The emulator's work (in Azure, not ours to pay for) churns
 //! JSON values, and glibc's malloc took about a third of the process's CPU at it, in a measure
 //! that changed from run to run (80–88 s, at times 45–60). The surges then fell behind the clock,
 //! and the time measured the allocator more than sigrun's pacing.
@@ -296,10 +297,10 @@ async fn measure(fleet: &Fleet) {
     let events = bus.events();
     let spans = run_spans(&events, began_at, fleet.scale);
     let last_kinds = last_kinds(&events);
-    drop(events);
     if std::env::var_os("SIGRUN_FLEET_TRACE").is_some() {
-        trace_runs(&bus.events(), fleet.scale);
+        trace_runs(&events, fleet.scale);
     }
+    drop(events);
     let emulated_end = emulator.now();
     for stop in stops {
         let _ = stop.send(());
@@ -414,11 +415,12 @@ fn trace_runs(events: &[sigrun::events::Event], scale: f64) {
     let mut runs: Vec<_> = by_run.values().collect();
     runs.sort_by_key(|events| events.last().map(|e| e.at));
     let named = traced_runs();
+    // In the order they ended, each once: the named ones, and the last five.
     let chosen = runs
         .iter()
-        .filter(|events| named.contains(&events[0].pipeline))
-        .chain(runs.iter().rev().take(5));
-    for events in chosen {
+        .enumerate()
+        .filter(|(i, events)| i + 5 >= runs.len() || named.contains(&events[0].pipeline));
+    for (_, events) in chosen {
         println!("  {}:", events[0].pipeline);
         for e in events.iter() {
             let at = (e.at - first).as_seconds_f64() * scale;
@@ -732,8 +734,8 @@ fn run_named_in(path: &str) -> Option<&str> {
     })
 }
 
-/// `SIGRUN_FLEET_TRACE`: the run that ended last and the runs it names, each of its requests and each link's ends at
-/// emulated seconds from the fleet's start.
+/// `SIGRUN_FLEET_TRACE`: the run that ended last and the runs it names, each of its requests and
+/// each link's ends at emulated seconds from the fleet's start.
 fn trace_run(
     name: &str,
     requests: &[Value],

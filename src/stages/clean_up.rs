@@ -13,10 +13,10 @@
 //! resource someone else made under the same name is never touched. The next look comes when the
 //! slowest delete's `Retry-After` says (the default poll without one) and reads what is being
 //! deleted: one that Azure no longer finds is confirmed gone (`ResourceDeleted`). The branch ends
-//! with `CleanUpFinished` once nothing is left. Like the rollout, a clean-up never fails its run: failures are retried with
-//! backoff and, when they persist, when Azure refuses, or when deletes do not finish within
-//! `GIVE_UP_AFTER`, the branch ends with `CleanUpFinished { failed }`, a warning in the run's
-//! result naming what stayed.
+//! with `CleanUpFinished` once nothing is left. Like the rollout, a clean-up never fails its run:
+//! failures are retried with backoff and, when they persist, when Azure refuses, or when deletes do
+//! not finish within `GIVE_UP_AFTER`, the branch ends with `CleanUpFinished { failed }`, a warning
+//! in the run's result naming what stayed.
 
 use std::time::Duration;
 

@@ -20,8 +20,9 @@ fn help_lists_the_subcommands() {
 }
 
 /// The binary allocates with jemalloc configured as `src/main.rs` says: its statistics, printed at
-/// exit on request, show the one arena, no thread caches and the decay times (a renamed configuration symbol would
-/// leave jemalloc's defaults, and a lost `#[global_allocator]` would print nothing).
+/// exit on request, show the one arena, no thread caches and the decay times (a renamed
+/// configuration symbol would leave jemalloc's defaults, and a lost `#[global_allocator]` would
+/// print nothing).
 #[test]
 fn the_binary_allocates_with_jemalloc_and_its_settings() {
     let out = sigrun()
