@@ -288,7 +288,12 @@ struct Relay {
 
 #[async_trait]
 impl Handler for Relay {
-    async fn handle(&self, message: Envelope, _now: time::OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(
+        &self,
+        message: Envelope,
+        _now: time::OffsetDateTime,
+        _: sigrun::stages::Tried,
+    ) -> Result<Step, AzureError> {
         match message.stage {
             Stage::Snapshot => {
                 let next = message.next(Stage::ImageCreate, OffsetDateTime::now_utc());

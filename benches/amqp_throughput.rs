@@ -182,7 +182,12 @@ struct Pass {
 
 #[async_trait]
 impl Handler for Pass {
-    async fn handle(&self, message: Envelope, _now: time::OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(
+        &self,
+        message: Envelope,
+        _now: time::OffsetDateTime,
+        _: sigrun::stages::Tried,
+    ) -> Result<Step, AzureError> {
         self.first_call.get_or_init(Instant::now);
         self.calls.fetch_add(1, Ordering::Relaxed);
         let next = message.next(Stage::ImageCreate, OffsetDateTime::now_utc());

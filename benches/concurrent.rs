@@ -398,6 +398,7 @@ async fn sdk_job(emulator: &Emulator, specs: &[(PathBuf, PipelineSpec)], scale: 
         version: SDK_VERSION.into(),
         existing_version: false,
         existing_image: None,
+        version_absent: false,
     };
     let mut pipelines = Vec::new();
     for (_, spec) in specs {

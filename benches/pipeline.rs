@@ -47,9 +47,10 @@
 //! - retention's one survey: the definition's version list and each account's pool list (one
 //!   fewer when the rollout already listed the first pool's account).
 //!
-//! Not counted, on purpose: the read before each create (a step joins what its own earlier try
-//! made instead of writing twice) and the tag read before each delete (only what carries the
-//! run's tag is deleted); both are sigrun's safety, and the ratio shows their price.
+//! Not counted, on purpose: the read before a create after an earlier try (a step joins what
+//! that try made instead of writing twice; a first try writes at once) and the tag read before
+//! each delete (only what carries the run's tag is deleted); both are sigrun's safety, and the
+//! ratio shows their price.
 //!
 //! Also printed: each link's latency on the chain (emulated seconds from an operation's end to
 //! the request that acted on it), and the requests by kind; `SIGRUN_BENCH_TRACE=1` prints every

@@ -136,13 +136,16 @@ impl<'a> Parked<'a> {
     }
 }
 
-/// A parked message made ready to go back: its attempts reset, no hold, a fresh token made by
-/// a new claim; and the history commit that makes that token live and records `Replayed` (the
-/// parked copy's own token was spent when it was parked, so without a new one the workers would
-/// drop it as stale). Publishing them is [`replay`]'s.
+/// A parked message made ready to go back: its attempts reset, no hold, the planner's reading of
+/// Azure forgotten, a fresh token made by a new claim; and the history commit that makes that
+/// token live and records `Replayed` (the parked copy's own token was spent when it was parked,
+/// so without a new one the workers would drop it as stale). Publishing them is [`replay`]'s.
 pub fn revived(mut envelope: Envelope, parked_for: &str) -> (Envelope, Record) {
     envelope.attempt = 0;
     envelope.not_before = None;
+    // What the planner saw may be long out of date (and the run may have gone on without this
+    // copy): the revived branch reads Azure again instead.
+    envelope.plan.seen = Default::default();
     let replay = Uuid::new_v4();
     envelope.token = Uuid::new_v4();
     envelope.made_by = replay;
@@ -197,4 +200,34 @@ pub async fn replay(
         envelope.branch.label(),
         envelope.stage
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::envelope::Stage;
+    use crate::model::plan::{Presence, Seen};
+    use crate::runtime::testkit;
+
+    /// A replayed copy starts afresh: no failed tries, a new state made by the replay's commit,
+    /// and no trust in what the planner read of Azure (it may be days old).
+    #[test]
+    fn a_revived_message_forgets_its_tries_its_hold_and_the_planners_reading() {
+        let mut parked = testkit::envelope(Stage::GalleryPublish);
+        parked.attempt = 3;
+        parked.plan.seen = Seen {
+            definition: Presence::Present,
+            version: Presence::Absent,
+        };
+        let (revived, record) = revived(parked.clone(), "gave up after 3 attempts");
+        assert_eq!(revived.attempt, 0);
+        assert_eq!(revived.plan.seen, Seen::default());
+        assert_ne!(revived.token, parked.token);
+        let Record::Commit(commit) = record else {
+            panic!("a replay is recorded by a commit: {record:?}")
+        };
+        assert_eq!(commit.claim, revived.made_by);
+        assert!(commit.consumed.is_none());
+        assert_eq!(commit.successors[0].token, revived.token);
+    }
 }

@@ -900,6 +900,7 @@ fn first_message() -> Envelope {
             end_of_life: None,
             register_batch_in: Vec::new(),
             quota_use: Vec::new(),
+            seen: Default::default(),
             warnings: Vec::new(),
         },
         spec,
@@ -921,7 +922,12 @@ struct TwoStages;
 
 #[async_trait]
 impl Handler for TwoStages {
-    async fn handle(&self, message: Envelope, _now: time::OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(
+        &self,
+        message: Envelope,
+        _now: time::OffsetDateTime,
+        _: sigrun::stages::Tried,
+    ) -> Result<Step, AzureError> {
         let now = OffsetDateTime::now_utc();
         Ok(match message.stage {
             Stage::Snapshot => {
@@ -1003,7 +1009,12 @@ const LOOKS: u32 = 6;
 
 #[async_trait]
 impl Handler for SlowSnapshot {
-    async fn handle(&self, message: Envelope, now: time::OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(
+        &self,
+        message: Envelope,
+        now: time::OffsetDateTime,
+        _: sigrun::stages::Tried,
+    ) -> Result<Step, AzureError> {
         self.looks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let polls = message.operation.as_ref().map_or(0, |op| op.polls + 1);
         if polls >= LOOKS - 1 {

@@ -451,7 +451,9 @@ fn the_planner_plans_or_refuses_whatever_spec_parses() {
             };
             let now = time::OffsetDateTime::now_utc();
             let result = tokio.block_on(async {
-                let version = planner::resolve_version(&spec, version.as_deref(), &World, now.date()).await?;
+                let version = planner::resolve_version(&spec, version.as_deref(), &World, now.date())
+                    .await?
+                    .name;
                 let inputs = PlanInputs {
                     version,
                     ..PlanInputs::default()

@@ -183,6 +183,7 @@ pub async fn plan(spec: &PipelineSpec, azure: &dyn AzureApi, image: Option<sigru
         version: BASE_VERSION.into(),
         existing_version: false,
         existing_image: image,
+        version_absent: false,
     };
     planner::plan(spec, &inputs, azure, OffsetDateTime::now_utc())
         .await

@@ -125,9 +125,11 @@ pub async fn resolve(
             Some(ImageId::parse(image).map_err(|e| PrepareError::Invalid(format!("image id: {e}")))?);
     }
     let today = OffsetDateTime::now_utc().date();
-    inputs.version = planner::resolve_version(spec, requested.as_deref(), azure, today)
+    let resolved = planner::resolve_version(spec, requested.as_deref(), azure, today)
         .await
         .map_err(|e| PrepareError::of_plan(origin, e))?;
+    inputs.version = resolved.name;
+    inputs.version_absent = resolved.absent;
     Ok(inputs)
 }
 

@@ -30,7 +30,7 @@ use crate::ledger::Ledger;
 use crate::model::envelope::{Envelope, Stage};
 use crate::model::trace::TraceParent;
 use crate::runtime::{Clock, Handler, RunOutcome, StageHandler};
-use crate::stages::Step;
+use crate::stages::{Step, Tried};
 use crate::telemetry::{Readiness, Telemetry};
 
 #[derive(Debug, Args)]
@@ -235,10 +235,10 @@ struct Timed {
 
 #[async_trait]
 impl Handler for Timed {
-    async fn handle(&self, message: Envelope, now: time::OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, now: time::OffsetDateTime, tried: Tried) -> Result<Step, AzureError> {
         let stage = message.stage;
         let began = Instant::now();
-        let result = self.inner.handle(message, now).await;
+        let result = self.inner.handle(message, now, tried).await;
         let ended = Instant::now();
         let mut timings = self.timings.0.lock().expect("timings lock");
         let entry = timings.entry(stage).or_insert((began, ended, 0));

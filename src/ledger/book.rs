@@ -268,6 +268,15 @@ impl Book {
             .is_some_and(|hold| !hold.released && now.saturating_duration_since(hold.since) <= timeout)
     }
 
+    /// Whether no try of a copy's state can have begun before, as far as this book has read: the
+    /// step that sent it on claimed it in the open (a replay's commit names no claim read here),
+    /// and no claim on the state itself has been read (held, released or lost).
+    pub fn untried(&self, run_id: Uuid, token: Uuid, made_by: Uuid) -> bool {
+        self.runs
+            .get(&run_id)
+            .is_some_and(|run| run.claimed(&made_by).is_some() && run.hold(&token).is_none() && !run.is_spent(&token))
+    }
+
     /// Whether the claim that made a copy has been read and neither committed nor lost: its
     /// copies are not live until it commits (or are orphans, if it never does).
     pub fn maker_pending(&self, run_id: Uuid, made_by: Uuid) -> bool {
@@ -806,6 +815,49 @@ mod tests {
             run.book.verdict(&other, taker.claim, run.now, TIMEOUT),
             Verdict::TakeOver { holder: holder.claim }
         );
+    }
+
+    /// A state is untried until a claim on it is read (held, released or lost), and never when
+    /// a replay made it (its commit names no claim read here: the parked copy may have written).
+    #[test]
+    fn a_state_is_untried_until_claimed_and_never_when_a_replay_made_it() {
+        let mut run = Run::new();
+        let (first, token, made_by) = run.admit();
+        assert!(
+            run.book.untried(run.id, token, made_by),
+            "the admission's first message"
+        );
+        let step = run.claim(first, token);
+        assert!(!run.book.untried(run.id, token, made_by), "claimed: a try began");
+        let next = Uuid::new_v4();
+        assert!(run.commit(&step, vec![(first, next, Branch::Trunk)], Vec::new()));
+        assert!(!run.book.untried(run.id, token, made_by), "spent");
+        assert!(run.book.untried(run.id, next, step.claim), "its successor");
+        // A claim that is released still says a try began.
+        let held = run.claim(first, next);
+        run.apply(Record::Release(Release {
+            run_id: run.id,
+            pipeline: "p".into(),
+            claim: held.claim,
+        }));
+        assert!(!run.book.untried(run.id, next, step.claim));
+        // A replay: a commit consuming nothing, by a claim never read.
+        let (replay, revived) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(run.apply(Record::Commit(Commit {
+            run_id: run.id,
+            pipeline: "p".into(),
+            claim: replay,
+            consumed: None,
+            successors: vec![Successor {
+                message_id: Uuid::new_v4(),
+                token: revived,
+                stage: Stage::ImageCreate,
+                branch: Branch::Trunk,
+            }],
+            events: Vec::new(),
+        })));
+        assert!(!run.book.untried(run.id, revived, replay));
+        assert!(!run.book.untried(Uuid::new_v4(), next, step.claim), "a run not read");
     }
 
     #[test]

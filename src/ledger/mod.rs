@@ -217,6 +217,13 @@ impl Ledger {
         self.shared.book().maker_pending(message.run_id, message.made_by)
     }
 
+    /// Whether no try of the copy's state can have begun before (no IO; see [`Book::untried`]).
+    pub fn untried(&self, message: &Envelope) -> bool {
+        self.shared
+            .book()
+            .untried(message.run_id, message.token, message.made_by)
+    }
+
     /// Whether another claim holds the copy's live state and may still commit (no IO): such a copy
     /// is put off without a look.
     pub fn held_elsewhere(&self, message: &Envelope) -> bool {

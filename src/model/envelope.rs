@@ -490,6 +490,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
                 end_of_life: None,
                 register_batch_in: Vec::new(),
                 quota_use: Vec::new(),
+                seen: Default::default(),
                 warnings: Vec::new(),
             },
             spec,

@@ -37,8 +37,36 @@ pub struct Plan {
     /// Each Batch account quota the plan was held to: what is in use and what the plan adds.
     #[serde(default)]
     pub quota_use: Vec<QuotaUse>,
+    /// What the planner read of the image definition and of the version. A step's first try
+    /// (nothing of its message's state can have reached Azure before) need not read again what
+    /// no try of this run can have changed since. Unknown in plans from before it.
+    #[serde(default)]
+    pub seen: Seen,
     #[serde(default)]
     pub warnings: Vec<String>,
+}
+
+/// What the planner found in Azure, for the steps that would otherwise read it again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Seen {
+    /// The image definition: `Present` once it was read and fits the spec.
+    #[serde(default)]
+    pub definition: Presence,
+    /// The version: `Absent` when its name was chosen as the next nightly number, from the
+    /// definition's version list.
+    #[serde(default)]
+    pub version: Presence,
+}
+
+/// Whether the planner found a resource: `Unknown` when it did not look (or the plan is older).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    #[default]
+    Unknown,
+    Absent,
+    Present,
 }
 
 /// One quota of one Batch account as the planner found it (`poolQuota`, `dedicatedCoreQuota`, ...).

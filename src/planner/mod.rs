@@ -19,9 +19,9 @@ use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
 use crate::azure::api::{BatchAccountInfo, SupportedImage};
-use crate::azure::{AzureApi, AzureError, RegistrationState};
+use crate::azure::{AzureApi, AzureError, ProvisioningState, RegistrationState};
 use crate::model::ids::{GalleryImageId, ImageId};
-use crate::model::plan::{BuildPlan, Plan, PoolPlan};
+use crate::model::plan::{BuildPlan, Plan, PoolPlan, Presence, Seen};
 use crate::model::rules;
 use crate::model::spec::{PipelineSpec, VersionScheme};
 
@@ -62,13 +62,23 @@ pub fn next_nightly(existing: &[String], today: time::Date) -> String {
     format!("{prefix}{next}")
 }
 
+/// The version a run publishes (or rolls out), as [`resolve_version`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedVersion {
+    pub name: String,
+    /// Not among the definition's versions when they were listed (a nightly number is chosen
+    /// past them); false when it was not looked for.
+    pub absent: bool,
+}
+
 /// Resolves the version this run publishes (or rolls out).
 pub async fn resolve_version(
     spec: &PipelineSpec,
     requested: Option<&str>,
     azure: &dyn AzureApi,
     today: time::Date,
-) -> Result<String, PlanError> {
+) -> Result<ResolvedVersion, PlanError> {
+    let named = |name: String| ResolvedVersion { name, absent: false };
     if let Some(v) = requested {
         if !crate::model::ids::version_name_ok(v) {
             return Err(rule(
@@ -76,7 +86,7 @@ pub async fn resolve_version(
                 format!("`{v}` must be Major.Minor.Patch with 32-bit integer parts"),
             ));
         }
-        return Ok(v.to_string());
+        return Ok(named(v.to_string()));
     }
     match spec.version.scheme {
         VersionScheme::Explicit | VersionScheme::Existing => {
@@ -88,6 +98,7 @@ pub async fn resolve_version(
             spec.version
                 .value
                 .clone()
+                .map(named)
                 .ok_or_else(|| rule("version.value", format!("the `{scheme}` scheme names its version")))
         }
         VersionScheme::Nightly => {
@@ -99,7 +110,10 @@ pub async fn resolve_version(
                 .into_iter()
                 .map(|v| v.name)
                 .collect();
-            Ok(next_nightly(&existing, today))
+            Ok(ResolvedVersion {
+                name: next_nightly(&existing, today),
+                absent: true,
+            })
         }
     }
 }
@@ -116,6 +130,8 @@ pub fn definition_id(spec: &PipelineSpec) -> Result<GalleryImageId, PlanError> {
 pub struct PlanInputs {
     /// The version (resolved by [`resolve_version`]).
     pub version: String,
+    /// The version was not among the definition's when it was resolved.
+    pub version_absent: bool,
     /// Roll out this existing version instead of building (`--image-version-id`).
     pub existing_version: bool,
     /// Publish from this existing managed image (entry at gallery-publish).
@@ -140,7 +156,7 @@ pub async fn plan(
     } else {
         Some(build::plan_build(spec, inputs, azure, &supported, &mut warnings).await?)
     };
-    check_existing_definition(spec, &definition, rollout_only, azure).await?;
+    let definition_seen = check_existing_definition(spec, &definition, rollout_only, azure).await?;
     let source_region = build.as_ref().map(|b| b.region.clone()).unwrap_or_default();
     let gallery_region = spec
         .gallery
@@ -182,6 +198,14 @@ pub async fn plan(
             .and_then(|d| now.checked_add(time::Duration::try_from(d).ok()?)),
         register_batch_in,
         quota_use,
+        seen: Seen {
+            definition: definition_seen,
+            version: if inputs.version_absent {
+                Presence::Absent
+            } else {
+                Presence::Unknown
+            },
+        },
         warnings,
     })
 }
@@ -207,13 +231,13 @@ async fn read_accounts(
 }
 
 /// The existing definition must agree with the spec (Batch refuses specialized images); a rollout
-/// needs it to exist.
+/// needs it to exist. Returns whether it exists.
 async fn check_existing_definition(
     spec: &PipelineSpec,
     definition: &GalleryImageId,
     rollout_only: bool,
     azure: &dyn AzureApi,
-) -> Result<(), PlanError> {
+) -> Result<Presence, PlanError> {
     // The existing definition must agree with the spec; Batch refuses specialized images.
     if let Some(existing) = azure.get_definition(definition).await? {
         rules::definition_fits(&existing.os_state, &existing.os_type, spec.definition.os_type.as_str())
@@ -230,14 +254,20 @@ async fn check_existing_definition(
                 ),
             ));
         }
-    } else if rollout_only {
+        // Ready for a version: no step need read it again (a first try trusts this reading).
+        return Ok(if existing.provisioning_state == ProvisioningState::Succeeded {
+            Presence::Present
+        } else {
+            Presence::Unknown
+        });
+    }
+    if rollout_only {
         return Err(rule(
             "definition",
             format!("{definition} does not exist; nothing to roll out"),
         ));
     }
-
-    Ok(())
+    Ok(Presence::Absent)
 }
 
 /// A gallery in another subscription than a pool's account needs Microsoft.Batch registered

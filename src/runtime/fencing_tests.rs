@@ -25,7 +25,7 @@ use crate::events::{Event, EventKind, PoolRef, RunResult, run_result};
 use crate::ledger::record::Record;
 use crate::ledger::{ClaimKey, Claimed, Ledger};
 use crate::model::envelope::{Branch, Envelope, InFlight, Phase, Stage};
-use crate::stages::{Outcome, Step};
+use crate::stages::{Outcome, Step, Tried};
 
 fn step(outcome: Outcome) -> Result<Step, AzureError> {
     Ok(Step::new(outcome))
@@ -385,6 +385,50 @@ async fn without_faults_nothing_is_dropped() {
     let handler = nightly();
     let events = drive_runs(bus, handler.clone(), 2, testkit::settings().held_waits).await;
     assert_eq!(assert_each_step_once(&handler, &events), 0);
+    let again: Vec<_> = handler
+        .calls()
+        .into_iter()
+        .filter(|c| c.tried != Tried::Never)
+        .collect();
+    assert!(again.is_empty(), "without faults every try is a first one: {again:?}");
+}
+
+/// A step writes without first looking for an earlier try's work only on its state's first try:
+/// not once its delivery came back (a worker died before its claim), nor after a failed try.
+#[tokio::test(start_paused = true)]
+async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
+    let bus = Unreliable::new(4, 0.0, 0.0);
+    let ledger = ledger_on(bus.clone());
+    let (first, started) = fresh_run();
+    assert!(matches!(
+        begin_with(bus.as_ref(), &ledger, vec![first.clone()], started).await,
+        Ok(Begun::Started { .. })
+    ));
+    // A worker took the snapshot message and died before its claim: the broker hands it out again.
+    drop(bus.inner.next(&[Stage::Snapshot]).await.unwrap());
+    let image_tries = AtomicU64::new(0);
+    let handler = Script::new(move |m| match m.stage {
+        Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
+        Stage::ImageCreate if image_tries.fetch_add(1, Ordering::Relaxed) == 0 => {
+            Err(AzureError::network("PUT image i", "connection reset"))
+        }
+        _ => step(Outcome::Fail("stop here".into())),
+    });
+    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), testkit::settings())
+        .unwrap()
+        .with_clock(Clock::tokio())
+        .with_ledger(Arc::clone(&ledger));
+    runtime.run(tokio::time::sleep(Duration::from_secs(60))).await;
+
+    let tries: Vec<(Stage, Tried)> = handler.calls().iter().map(|c| (c.message.stage, c.tried)).collect();
+    assert_eq!(
+        tries,
+        [
+            (Stage::Snapshot, Tried::Maybe),
+            (Stage::ImageCreate, Tried::Never),
+            (Stage::ImageCreate, Tried::Maybe),
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -425,6 +469,11 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
     let calls = handler.calls();
     let snapshot: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::Snapshot).collect();
     assert_eq!(snapshot.len(), 1, "the snapshot step is worked once, by the taker");
+    assert_eq!(
+        snapshot[0].tried,
+        Tried::Maybe,
+        "the taker looks for what the dead holder made"
+    );
     assert!(
         snapshot[0].at - began >= testkit::settings().claim_timeout,
         "not before the dead holder's claim timed out"
@@ -432,6 +481,7 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
     let image: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::ImageCreate).collect();
     assert_eq!(image.len(), 1, "the orphan is never worked: {image:?}");
     assert_ne!(image[0].message.token, orphan.token);
+    assert_eq!(image[0].tried, Tried::Never, "the taker's successor is new");
     let events = bus.inner.events();
     let dropped: Vec<&Event> = events
         .iter()

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 
 use crate::azure::AzureError;
 use crate::model::envelope::Envelope;
-use crate::stages::Step;
+use crate::stages::{Step, Tried};
 
 pub mod complete;
 mod held;
@@ -41,10 +41,11 @@ pub use settings::{RetrySettings, RuntimeSettings, SettingsError};
 pub use stage_handler::StageHandler;
 
 /// What handles a decoded message. Production: the stages; tests: anything. `now` is the
-/// runtime's clock (so a test with tokio's time paused steps in step with its delay tiers).
+/// runtime's clock (so a test with tokio's time paused steps in step with its delay tiers);
+/// `tried`, whether an earlier try of the message's state may have reached Azure.
 #[async_trait]
 pub trait Handler: Send + Sync {
-    async fn handle(&self, message: Envelope, now: OffsetDateTime) -> Result<Step, AzureError>;
+    async fn handle(&self, message: Envelope, now: OffsetDateTime, tried: Tried) -> Result<Step, AzureError>;
 }
 
 /// Why a step produced no outcome: Azure (classified for retry by [`retry::decide`]), or the

@@ -32,7 +32,7 @@ use crate::ledger::record::{Commit, Consumed, Successor};
 use crate::ledger::{ClaimKey, Claimed, Ledger, Standing};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Phase, Stage};
 use crate::model::trace::TraceParent;
-use crate::stages::{FailureClass, Observation, Outcome, Step};
+use crate::stages::{FailureClass, Observation, Outcome, Step, Tried};
 
 /// Consumes `stages` from a bus and hands each message to a handler. Cloning shares the bus and
 /// the handler.
@@ -355,7 +355,8 @@ impl Runtime {
         message.not_before = None;
         let began = std::time::Instant::now();
         // Read again: the ledger's checks above may have waited for a commit to come by.
-        let result = self.call_handler(message.clone(), self.clock.now()).await;
+        let tried = self.tried(&message, taken);
+        let result = self.call_handler(message.clone(), self.clock.now(), tried).await;
         let handler_time = began.elapsed();
         let now = self.clock.now();
         let mut effects = match result {
@@ -605,9 +606,19 @@ impl Runtime {
     /// Runs the handler as its own task, so a panic in it becomes an error here (the message is
     /// parked with it, the branch fails) instead of taking the consumer down with the delivery
     /// unsettled.
-    async fn call_handler(&self, message: Envelope, now: OffsetDateTime) -> Result<Step, StepError> {
+    /// Whether an earlier try of the copy's state may have reached Azure: its first delivery, no
+    /// failed try, and a state the ledger knows as untried is a first try. Without a ledger it
+    /// cannot be known.
+    fn tried(&self, message: &Envelope, taken: Taken) -> Tried {
+        match &self.ledger {
+            Some(ledger) if taken.delivery <= 1 && message.attempt == 0 && ledger.untried(message) => Tried::Never,
+            _ => Tried::Maybe,
+        }
+    }
+
+    async fn call_handler(&self, message: Envelope, now: OffsetDateTime, tried: Tried) -> Result<Step, StepError> {
         let handler = Arc::clone(&self.handler);
-        let task = tokio::spawn(async move { handler.handle(message, now).await }.instrument(Span::current()));
+        let task = tokio::spawn(async move { handler.handle(message, now, tried).await }.instrument(Span::current()));
         // If this delivery is abandoned (shutdown), the handler stops with it.
         let mut task = AbortOnDrop(task);
         match (&mut task.0).await {

@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::Handler;
 use crate::azure::{AzureApi, AzureError};
 use crate::model::envelope::{Branch, Envelope, Stage};
-use crate::stages::{self, NoHistory, Runs, StageSettings, Step, StepContext};
+use crate::stages::{self, NoHistory, Runs, StageSettings, Step, StepContext, Tried};
 
 pub struct StageHandler {
     azure: Arc<dyn AzureApi>,
@@ -35,12 +35,13 @@ impl StageHandler {
 
 #[async_trait]
 impl Handler for StageHandler {
-    async fn handle(&self, message: Envelope, now: OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, now: OffsetDateTime, tried: Tried) -> Result<Step, AzureError> {
         let ctx = StepContext {
             azure: self.azure.as_ref(),
             now,
             settings: &self.settings,
             runs: self.runs.as_ref(),
+            tried,
         };
         let urgency = urgency(&message);
         // Throttling comes back to the runtime, which holds the message for the Retry-After.

@@ -20,7 +20,7 @@ use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, Stag
 use crate::model::ids::{BatchAccountId, GalleryId, GalleryImageId, GalleryImageVersionId};
 use crate::model::plan::{Plan, PoolPlan, RegionPlan};
 use crate::model::spec::PipelineSpec;
-use crate::stages::Step;
+use crate::stages::{Step, Tried};
 
 pub use crate::model::spec::tests::NIGHTLY;
 
@@ -103,6 +103,7 @@ fn plan() -> Plan {
         end_of_life: None,
         register_batch_in: Vec::new(),
         quota_use: Vec::new(),
+        seen: Default::default(),
         warnings: Vec::new(),
     }
 }
@@ -173,6 +174,8 @@ pub fn bus() -> Arc<MemoryBus> {
 pub struct Call {
     pub at: Instant,
     pub message: Envelope,
+    /// What the runtime said of the try.
+    pub tried: Tried,
 }
 
 type Respond = dyn Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync;
@@ -198,10 +201,11 @@ impl Script {
 
 #[async_trait]
 impl Handler for Script {
-    async fn handle(&self, message: Envelope, _now: OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(&self, message: Envelope, _now: OffsetDateTime, tried: Tried) -> Result<Step, AzureError> {
         self.calls.lock().unwrap().push(Call {
             at: Instant::now(),
             message: message.clone(),
+            tried,
         });
         (self.respond)(&message)
     }

@@ -757,7 +757,7 @@ struct Slow {
 
 #[async_trait]
 impl Handler for Slow {
-    async fn handle(&self, _: Envelope, _: OffsetDateTime) -> Result<Step, AzureError> {
+    async fn handle(&self, _: Envelope, _: OffsetDateTime, _: crate::stages::Tried) -> Result<Step, AzureError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         match self.delay {
             Some(delay) => tokio::time::sleep(delay).await,

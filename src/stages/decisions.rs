@@ -8,14 +8,15 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use super::fake_azure::{FakeAzure, World};
-use super::{NoHistory, Outcome, StageSettings, Step, StepContext};
+use super::{NoHistory, Outcome, StageSettings, Step, StepContext, Tried};
 use crate::azure::api::{
     DefinitionInfo, NodeCounts, OperationStatus, PoolInfo, RegionStatus, ResizeError, VersionInfo,
 };
 use crate::azure::{AllocationState, PoolState, ProvisioningState, RegistrationState, ReplicationState};
-use crate::model::envelope::{Branch, Envelope, InFlight, Intermediate, Phase, PoolArtifact, Stage};
+use crate::events::EventKind;
+use crate::model::envelope::{Branch, Envelope, InFlight, Intermediate, Phase, PoolArtifact, Progress, Stage};
 use crate::model::ids::{DiskId, ImageId, SnapshotId};
-use crate::model::plan::{BuildPlan, SnapshotPlan};
+use crate::model::plan::{BuildPlan, Presence, Seen, SnapshotPlan};
 use crate::runtime::testkit;
 
 /// What a case expects of the step.
@@ -647,6 +648,7 @@ fn context<'a>(azure: &'a FakeAzure, settings: &'a StageSettings) -> StepContext
         now: now(),
         settings,
         runs: &NoHistory,
+        tried: Tried::Maybe,
     }
 }
 
@@ -715,9 +717,244 @@ async fn every_stage_decides_as_its_rules_say() {
     );
 }
 
+/// A case of what a step reads before it writes, on its state's first try or after one.
+struct TryCase {
+    name: &'static str,
+    stage: Stage,
+    tried: Tried,
+    message: fn(&mut Envelope),
+    azure: fn(&mut World, &Envelope),
+    reads: &'static [&'static str],
+    writes: &'static [&'static str],
+}
+
+/// The image-create message the snapshot stage sends on.
+fn snapshotted(message: &mut Envelope) {
+    with_build(message);
+    message.artifacts.snapshots = message.plan.build.as_ref().unwrap().snapshot_artifacts();
+}
+
+/// A nightly run: its version was absent when planned, its definition there and ready.
+fn as_planned_nightly(message: &mut Envelope) {
+    message.plan.seen = Seen {
+        definition: Presence::Present,
+        version: Presence::Absent,
+    };
+}
+
+fn try_cases() -> Vec<TryCase> {
+    vec![
+        TryCase {
+            name: "snapshot, first try of a nightly: every disk is copied without a read",
+            stage: Stage::Snapshot,
+            tried: Tried::Never,
+            message: |m| {
+                with_build(m);
+                as_planned_nightly(m);
+            },
+            azure: empty,
+            reads: &[],
+            writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
+        },
+        TryCase {
+            name: "snapshot, first try of a version named by hand: it may be published already",
+            stage: Stage::Snapshot,
+            tried: Tried::Never,
+            message: with_build,
+            azure: empty,
+            reads: &["get_version 2026.1126.0"],
+            writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
+        },
+        TryCase {
+            name: "snapshot, after a try: the version and each snapshot are looked for first",
+            stage: Stage::Snapshot,
+            tried: Tried::Maybe,
+            message: |m| {
+                with_build(m);
+                as_planned_nightly(m);
+            },
+            azure: empty,
+            reads: &[
+                "get_version 2026.1126.0",
+                "get_snapshot nightly-os",
+                "get_snapshot nightly-data0",
+            ],
+            writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
+        },
+        TryCase {
+            name: "image-create, first try: the image is written without a read",
+            stage: Stage::ImageCreate,
+            tried: Tried::Never,
+            message: snapshotted,
+            azure: empty,
+            reads: &[],
+            writes: &["put_image nightly"],
+        },
+        TryCase {
+            name: "image-create, after a try: the image is looked for first",
+            stage: Stage::ImageCreate,
+            tried: Tried::Maybe,
+            message: snapshotted,
+            azure: empty,
+            reads: &["get_image nightly"],
+            writes: &["put_image nightly"],
+        },
+        TryCase {
+            name: "gallery-publish, first try of a nightly: the planner's reading stands",
+            stage: Stage::GalleryPublish,
+            tried: Tried::Never,
+            message: |m| {
+                at_gallery_publish(m);
+                as_planned_nightly(m);
+            },
+            azure: published_up_to_the_version,
+            reads: &[],
+            writes: &["put_version 2026.1126.0"],
+        },
+        TryCase {
+            name: "gallery-publish, first try, no definition when planned: created without a read",
+            stage: Stage::GalleryPublish,
+            tried: Tried::Never,
+            message: |m| {
+                at_gallery_publish(m);
+                m.plan.seen.definition = Presence::Absent;
+            },
+            azure: |world, message| {
+                world.resource(&message.plan.gallery, ProvisioningState::Succeeded, Default::default());
+            },
+            reads: &["get_gallery sigrun_gallery"],
+            writes: &["put_definition ubuntu-2204-batch"],
+        },
+        TryCase {
+            name: "gallery-publish, first try after a look at the definition: it is read again",
+            stage: Stage::GalleryPublish,
+            tried: Tried::Never,
+            message: |m| {
+                at_gallery_publish(m);
+                m.plan.seen.definition = Presence::Absent;
+                waiting_on(m, Phase::Definition, &[]);
+            },
+            azure: published_up_to_the_version,
+            reads: &[
+                "get_gallery sigrun_gallery",
+                "get_definition ubuntu-2204-batch",
+                "get_version 2026.1126.0",
+            ],
+            writes: &["put_version 2026.1126.0"],
+        },
+        TryCase {
+            name: "gallery-publish, after a try: everything is read again",
+            stage: Stage::GalleryPublish,
+            tried: Tried::Maybe,
+            message: |m| {
+                at_gallery_publish(m);
+                as_planned_nightly(m);
+            },
+            azure: published_up_to_the_version,
+            reads: &[
+                "get_gallery sigrun_gallery",
+                "get_definition ubuntu-2204-batch",
+                "get_version 2026.1126.0",
+            ],
+            writes: &["put_version 2026.1126.0"],
+        },
+    ]
+}
+
+/// A step reads before it writes only what an earlier try, or a change since the plan, could
+/// have made: on a first try it trusts the planner's reading and writes at once.
+#[tokio::test]
+async fn a_first_try_writes_without_reading_what_no_try_can_have_made() {
+    let mut wrong = Vec::new();
+    for case in try_cases() {
+        let mut message = testkit::envelope(case.stage);
+        (case.message)(&mut message);
+        let azure = FakeAzure::default();
+        (case.azure)(&mut azure.world(), &message);
+        let settings = StageSettings::default();
+        let ctx = StepContext {
+            tried: case.tried,
+            ..context(&azure, &settings)
+        };
+        super::step(message, &ctx)
+            .await
+            .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
+        let world = azure.world();
+        if world.reads != case.reads || world.writes != case.writes {
+            wrong.push(format!(
+                "{}\n  expected reads {:?} writes {:?}\n  got reads {:?} writes {:?}",
+                case.name, case.reads, case.writes, world.reads, world.writes
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} cases read otherwise:\n{}",
+        wrong.len(),
+        wrong.join("\n")
+    );
+}
+
+/// The first look at a version the run has just made reads nothing: its source region's 0 % at
+/// the moment it was made is the first reading, and the next look comes a poll later. After a
+/// try, or at a version the run found rather than made, it reads.
+#[tokio::test]
+async fn replicates_first_look_at_a_version_just_made_takes_its_0_percent_as_read() {
+    let settings = StageSettings::default();
+    let mut message = testkit::envelope(Stage::Replicate);
+    message.artifacts.recorded.push(message.plan.version_id.to_string());
+    let azure = FakeAzure::default();
+    let ctx = StepContext {
+        tried: Tried::Never,
+        ..context(&azure, &settings)
+    };
+    let step = super::step(message.clone(), &ctx).await.unwrap();
+    assert!(azure.world().reads.is_empty(), "{:?}", azure.world().reads);
+    let Outcome::Wait {
+        message: next, delay, ..
+    } = &step.outcome
+    else {
+        panic!("a wait, not {}", summary(&step.outcome))
+    };
+    assert_eq!(*delay, settings.default_poll());
+    let op = next.operation.as_ref().expect("the look's operation");
+    assert_eq!(op.what, Phase::Replication);
+    let made = Progress {
+        at: message.stage_started,
+        percent: 0,
+    };
+    assert_eq!(op.progress.get("westeurope"), Some(&made), "the source region");
+    assert_eq!(op.progress.len(), 1, "the other regions have not started");
+    assert!(
+        step.events
+            .iter()
+            .any(|e| matches!(e, EventKind::Waiting { what } if what == "replication")),
+        "the branch is said to wait on replication: {:?}",
+        step.events
+    );
+
+    for (tried, made_here) in [(Tried::Maybe, true), (Tried::Never, false)] {
+        let mut message = testkit::envelope(Stage::Replicate);
+        if made_here {
+            message.artifacts.recorded.push(message.plan.version_id.to_string());
+        }
+        let azure = FakeAzure::default();
+        let ctx = StepContext {
+            tried,
+            ..context(&azure, &settings)
+        };
+        let _ = super::step(message, &ctx).await.unwrap();
+        assert_eq!(
+            azure.world().reads,
+            ["get_version 2026.1126.0"],
+            "{tried:?}, made here: {made_here}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_clean_up_reports_each_resource_confirmed_gone_and_then_finishes() {
-    use crate::events::{DeletedKind, EventKind};
+    use crate::events::DeletedKind;
     let case = &clean_up_cases()[3];
     let (step, _) = step_of(case).await;
     let deleted: Vec<&EventKind> = step

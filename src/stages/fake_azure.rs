@@ -31,6 +31,8 @@ pub struct World {
     pub node_counts: BTreeMap<String, NodeCounts>,
     /// Every write, as `"<call> <resource name>"`, in order.
     pub writes: Vec<String>,
+    /// Every read of a snapshot, an image, the gallery, a definition or a version, the same way.
+    pub reads: Vec<String>,
     /// Pools added, as sent.
     pub added_pools: Vec<PoolRequest>,
     /// Names (a version's, a pool's id) whose delete Azure refuses (409 `OperationNotAllowed`).
@@ -76,6 +78,10 @@ impl FakeAzure {
             status_url: created.then_some(status_url),
             retry_after: None,
         }
+    }
+
+    fn read(&self, call: &str, name: &str) {
+        self.world().reads.push(format!("{call} {name}"));
     }
 
     fn resource(&self, id: &impl ToString) -> Option<ResourceState> {
@@ -144,6 +150,7 @@ impl AzureApi for FakeAzure {
         Ok(self.put("put_snapshot", key(id), id.name(), &request.tags))
     }
     async fn get_snapshot(&self, id: &SnapshotId) -> Result<Option<ResourceState>, AzureError> {
+        self.read("get_snapshot", id.name());
         Ok(self.resource(id))
     }
     async fn delete_snapshot(&self, id: &SnapshotId) -> Result<Option<std::time::Duration>, AzureError> {
@@ -155,6 +162,7 @@ impl AzureApi for FakeAzure {
         Ok(self.put("put_image", key(id), id.name(), &request.tags))
     }
     async fn get_image(&self, id: &ImageId) -> Result<Option<ResourceState>, AzureError> {
+        self.read("get_image", id.name());
         Ok(self.resource(id))
     }
     async fn delete_image(&self, id: &ImageId) -> Result<Option<std::time::Duration>, AzureError> {
@@ -163,12 +171,14 @@ impl AzureApi for FakeAzure {
         Ok(world.delete_hints.get(id.name()).copied())
     }
     async fn get_gallery(&self, id: &GalleryId) -> Result<Option<ResourceState>, AzureError> {
+        self.read("get_gallery", id.name());
         Ok(self.resource(id))
     }
     async fn put_gallery(&self, id: &GalleryId, _: &str, tags: &Tags) -> Result<Accepted, AzureError> {
         Ok(self.put("put_gallery", key(id), id.name(), tags))
     }
     async fn get_definition(&self, id: &GalleryImageId) -> Result<Option<DefinitionInfo>, AzureError> {
+        self.read("get_definition", id.name());
         Ok(self.world().definitions.get(&key(id)).cloned())
     }
     async fn put_definition(&self, id: &GalleryImageId, request: &DefinitionRequest) -> Result<Accepted, AzureError> {
@@ -195,6 +205,7 @@ impl AzureApi for FakeAzure {
         Ok(self.put("put_version", key(id), id.name(), &request.tags))
     }
     async fn get_version(&self, id: &GalleryImageVersionId, _: bool) -> Result<Option<VersionInfo>, AzureError> {
+        self.read("get_version", id.name());
         Ok(self.world().versions.get(&key(id)).cloned())
     }
     async fn set_exclude_from_latest(&self, id: &GalleryImageVersionId, exclude: bool) -> Result<Accepted, AzureError> {

@@ -13,6 +13,7 @@ use crate::azure::api::{Accepted, DefinitionRequest, VersionRequest};
 use crate::azure::{AzureError, ProvisioningState, RegistrationState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Phase, Stage};
+use crate::model::plan::Presence;
 use crate::model::rules;
 
 /// Resources this step found made by its own run but not recorded yet (an earlier try created
@@ -58,14 +59,17 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
         Ok(finished) => finished,
         Err(step) => return Ok(step),
     };
-    // The gallery is known to exist once its creation, or the definition's, has finished.
+    let planned = definition_as_planned(&message, ctx, finished);
+    // The gallery is known to exist once its creation, or the definition's, has finished, or
+    // when the planner found the definition in it.
     if !matches!(finished, Some(Phase::Gallery | Phase::Definition))
+        && planned != Some(Presence::Present)
         && let Some(step) = ensure_gallery(&message, ctx, adopted).await?
     {
         return Ok(step);
     }
     if finished != Some(Phase::Definition)
-        && let Some(step) = ensure_definition(&message, ctx, adopted).await?
+        && let Some(step) = ensure_definition(&message, ctx, adopted, planned).await?
     {
         return Ok(step);
     }
@@ -73,6 +77,21 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
         return Ok(step);
     }
     put_version(message, ctx, adopted).await
+}
+
+/// What a first try may take from the planner's reading of the image definition instead of
+/// reading it again: it was ready (and so was its gallery), or it was absent and no earlier state
+/// of this stage has got as far as writing it (this is the stage's first state, or the one after
+/// the gallery it made). `None`: read it.
+fn definition_as_planned(message: &Envelope, ctx: &StepContext<'_>, finished: Option<Phase>) -> Option<Presence> {
+    if !ctx.first_try() {
+        return None;
+    }
+    match message.plan.seen.definition {
+        Presence::Present => Some(Presence::Present),
+        Presence::Absent if message.operation.is_none() || finished == Some(Phase::Gallery) => Some(Presence::Absent),
+        _ => None,
+    }
 }
 
 /// The operation this stage started last time: what it finished (which needs no second look),
@@ -136,10 +155,20 @@ async fn ensure_gallery(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut
 }
 
 /// The image definition exists, is Generalized and of the pipeline's OS, and has succeeded; or
-/// is created from the spec.
-async fn ensure_definition(message: &Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted) -> Part {
+/// is created from the spec. `planned`: what [`definition_as_planned`] lets this try take as read.
+async fn ensure_definition(
+    message: &Envelope,
+    ctx: &StepContext<'_>,
+    adopted: &mut Adopted,
+    planned: Option<Presence>,
+) -> Part {
     let (plan, spec) = (&message.plan, &message.spec.definition);
-    let Some(existing) = ctx.azure.get_definition(&plan.definition).await? else {
+    let existing = match planned {
+        Some(Presence::Present) => return Ok(None),
+        Some(Presence::Absent) => None,
+        _ => ctx.azure.get_definition(&plan.definition).await?,
+    };
+    let Some(existing) = existing else {
         let request = DefinitionRequest {
             location: plan.gallery_region.clone(),
             os_type: spec.os_type.as_str().to_string(),
@@ -200,7 +229,13 @@ async fn put_version(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Ado
     // A version that exists already is this run's (a replay) or someone else's (refused: versions
     // are immutable). A replay changes nothing: not its end of life, and not "latest" after
     // verify promoted it.
-    let existing = ctx.azure.get_version(&plan.version_id, false).await?;
+    // A first try of a run planned with its version absent has nothing to find: only this step
+    // makes it.
+    let existing = if ctx.first_try() && plan.seen.version == Presence::Absent {
+        None
+    } else {
+        ctx.azure.get_version(&plan.version_id, false).await?
+    };
     if let Some(version) = &existing {
         adopted.ours(plan.version_id.to_string(), &version.tags, &message);
         let same_source = version.source.as_deref().is_some_and(|s| {

@@ -37,7 +37,13 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             };
             // This run's image may be there already: an earlier try made it (killed before its
             // commit), or another copy of the message is making it. Joined, not written again.
-            let (accepted, created) = match ctx.azure.get_image(&build.image).await? {
+            // A first try has no earlier try to look for.
+            let found = if ctx.first_try() {
+                None
+            } else {
+                ctx.azure.get_image(&build.image).await?
+            };
+            let (accepted, created) = match found {
                 Some(found) if made_by_run(&found.tags, &message) => (None, made_in_admission(&found.tags, &message)),
                 _ => {
                     let accepted = ctx.azure.put_image(&build.image, &request).await?;

@@ -217,6 +217,19 @@ impl Runs for NoHistory {
     }
 }
 
+/// Whether an earlier try of a message's state may have reached Azure: the runtime knows (from
+/// the delivery and the ledger), the step does not. A create looks for what an earlier try made
+/// (to join it, and to record it as this run's) only after one; on a first try it writes at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tried {
+    /// The state's first delivery, no failed try before it, sent on by a step whose claim the
+    /// ledger read (not a replay), and claimed by no copy yet. A copy of it handled at the same
+    /// moment may write too: Azure takes the same PUT twice as one.
+    Never,
+    /// Anything else, or not known (no ledger).
+    Maybe,
+}
+
 /// What a step may use besides its message.
 pub struct StepContext<'a> {
     pub azure: &'a dyn AzureApi,
@@ -225,6 +238,15 @@ pub struct StepContext<'a> {
     pub settings: &'a StageSettings,
     /// The other runs, as the history says (the rollout leaves their pools alone while they live).
     pub runs: &'a dyn Runs,
+    /// Whether an earlier try of this message's state may have written to Azure.
+    pub tried: Tried,
+}
+
+impl StepContext<'_> {
+    /// Whether this is the state's first try: nothing of it can have reached Azure before.
+    pub fn first_try(&self) -> bool {
+        self.tried == Tried::Never
+    }
 }
 
 /// Runs one step of `message`'s stage. Azure failures come back as `Err` for the runtime to

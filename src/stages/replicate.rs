@@ -5,7 +5,8 @@
 //! failed: its pools are not created and the run's result names it. Several regions failing in one
 //! look are removed together (one write), and neither a removal nor a re-add ever puts back a
 //! region that waits to be re-added or that failed for good. The next look is timed from the
-//! progress seen so far, at the latest end it allows.
+//! progress seen so far, at the latest end it allows. The first look at a version the run has
+//! just made reads nothing: the version is at 0 % then, and that is the first reading.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -22,6 +23,9 @@ use crate::model::plan::Plan;
 const WHAT: Phase = Phase::Replication;
 
 pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+    if just_made(&message, ctx) {
+        return Ok(first_look_as_made(message, ctx));
+    }
     let plan = message.plan.clone();
     let Some(version) = ctx.azure.get_version(&plan.version_id, true).await? else {
         return Ok(fail(format!("image version {} does not exist", plan.version_id)));
@@ -72,6 +76,32 @@ pub async fn step(mut message: Envelope, ctx: &StepContext<'_>) -> Result<Step, 
         });
     }
     Ok(look.wait(message, observations, ctx))
+}
+
+/// Whether this is the first try of the first look at a version this run's gallery-publish made
+/// (and recorded) as it sent this message on: Azure has had no time to replicate any of it.
+fn just_made(message: &Envelope, ctx: &StepContext<'_>) -> bool {
+    let version = message.plan.version_id.to_string();
+    message.operation.is_none() && ctx.first_try() && message.artifacts.recorded.contains(&version)
+}
+
+/// The first look at a version just made, without a read: its source region reads 0 % (the
+/// other regions have not started), taken at the moment it was made. The next look, a poll
+/// later, times the rest from this reading and its own, as two reads would.
+fn first_look_as_made(message: Envelope, ctx: &StepContext<'_>) -> Step {
+    let plan = &message.plan;
+    let source = plan.build.as_ref().map_or(&plan.gallery_region, |b| &b.region);
+    let made = Progress {
+        at: message.stage_started,
+        percent: 0,
+    };
+    let look = Look {
+        progress: BTreeMap::from([(source.clone(), made)]),
+        unknown_pending: true,
+        ..Look::default()
+    };
+    let observations = replication_ratios(plan, &[], &message);
+    look.wait(message, observations, ctx)
 }
 
 /// Puts back every planned region except those that failed for good, and waits.

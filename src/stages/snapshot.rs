@@ -15,7 +15,7 @@ use crate::azure::{AzureError, ProvisioningState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Phase, Stage};
 use crate::model::ids::SnapshotId;
-use crate::model::plan::BuildPlan;
+use crate::model::plan::{BuildPlan, Presence};
 
 const WHAT: Phase = Phase::Snapshots;
 
@@ -26,10 +26,11 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
         ));
     };
     match awaited(&message, WHAT) {
-        None if published_already(&message, ctx).await? => {
+        None if may_be_published(&message, ctx) && published_already(&message, ctx).await? => {
             // This run's version exists already (the run again, after its clean-up deleted the
             // snapshots and the image): nothing to copy; gallery-publish joins the version.
             let mut next = message.next(Stage::GalleryPublish, ctx.now);
+            next.plan.seen.version = Presence::Present;
             next.artifacts.snapshots = build.snapshot_artifacts();
             next.artifacts.image = Some(build.image.clone());
             Ok(Step::new(Outcome::Advance(vec![next])))
@@ -87,6 +88,12 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
     }
 }
 
+/// Whether this run's version may exist already. Not on a first try of a run planned with its
+/// version absent: nothing but this run's own gallery-publish, which comes later, can have made it.
+fn may_be_published(message: &Envelope, ctx: &StepContext<'_>) -> bool {
+    !(ctx.first_try() && message.plan.seen.version == Presence::Absent)
+}
+
 /// Whether this run's image version exists, made by this run and provisioned: what the snapshots
 /// and the image were for is done.
 async fn published_already(message: &Envelope, ctx: &StepContext<'_>) -> Result<bool, AzureError> {
@@ -104,14 +111,16 @@ struct Put {
 /// PUTs one snapshot unless this run's is there already: an earlier try of the step (killed
 /// before its commit, or a second copy of its message) may have made it, and may still be copying
 /// it. A snapshot found is joined without a write, and recorded as created when the same admission
-/// of the run made it (an earlier run of the same version made the other ones).
+/// of the run made it (an earlier run of the same version made the other ones). A first try has
+/// no earlier try to look for: it writes at once.
 async fn put_or_join(
     id: &SnapshotId,
     request: &SnapshotRequest,
     message: &Envelope,
     ctx: &StepContext<'_>,
 ) -> Result<Put, AzureError> {
-    if let Some(found) = ctx.azure.get_snapshot(id).await?
+    if !ctx.first_try()
+        && let Some(found) = ctx.azure.get_snapshot(id).await?
         && made_by_run(&found.tags, message)
     {
         return Ok(Put {

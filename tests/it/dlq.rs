@@ -592,6 +592,7 @@ fn envelope(stage: Stage) -> Envelope {
             end_of_life: None,
             register_batch_in: Vec::new(),
             quota_use: Vec::new(),
+            seen: Default::default(),
             warnings: Vec::new(),
         },
         spec,

@@ -822,6 +822,45 @@ async fn nightly_run_survives_faults_and_honours_retry_after() {
     }
 }
 
+/// A snapshot whose PUT took effect but whose answer was lost (the connection cut after the
+/// work), on the step's first try (no read before it): the client sends it again and Azure
+/// answers 200, not 201, so the step cannot say it made it. It is still this run's snapshot: the
+/// clean-up finds it by its tags and deletes it with the others.
+#[tokio::test]
+async fn a_snapshot_whose_answer_was_lost_is_still_recorded_and_cleaned_up() {
+    let az = azure(7, "reset:api=arm,method=PUT,path=/snapshots/,at=1").await;
+    let run = az.run(NIGHTLY, &["--version", "2026.1126.8"]).await;
+    run.code(0).stdout_has(": succeeded");
+    az.emu.set_faults("").await;
+
+    let log = az.log_since(0).await;
+    let snapshot_puts: Vec<&Value> = log
+        .iter()
+        .filter(|e| e["method"] == "PUT" && e["path"].as_str().is_some_and(|p| p.contains("/snapshots/")))
+        .collect();
+    let lost = snapshot_puts.iter().filter(|e| e["fault"] == "reset").count();
+    run.check(lost == 1, format_args!("one snapshot PUT lost its answer: {snapshot_puts:?}"));
+    run.check(
+        snapshot_puts.len() == 4,
+        format_args!("three snapshots, one of them sent twice: {snapshot_puts:?}"),
+    );
+    let state = az.state().await;
+    let left: Vec<&str> = state["resources"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["id"].as_str())
+        .filter(|id| id.contains("/snapshots/"))
+        .collect();
+    run.check(left.is_empty(), format_args!("every snapshot is deleted: {left:?}"));
+    let deleted = run
+        .stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("snapshot /"))
+        .count();
+    run.check(deleted == 3, "the summary lists the 3 snapshots deleted");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. A region that cannot replicate
 

@@ -14,7 +14,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use sigrun::azure::{AzureClient, AzureSettings, CredentialSettings, Secret};
 use sigrun::model::ids::{BatchAccountId, GalleryImageId, VmId};
-use sigrun::model::plan::Plan;
+use sigrun::model::plan::{Plan, Presence, Seen};
 use sigrun::model::spec::PipelineSpec;
 use sigrun::planner::{self, PlanError, PlanInputs};
 use time::OffsetDateTime;
@@ -914,7 +914,8 @@ async fn nightly_versions_count_up_per_day_from_the_existing_ones() {
     clear_log(&emu).await;
     let version = planner::resolve_version(&parsed, None, &client, today).await.unwrap();
     assert_read_only(&emu.requests().await);
-    assert_eq!(version, "2026.1126.0");
+    assert_eq!(version.name, "2026.1126.0");
+    assert!(version.absent, "a nightly number is chosen past the listed versions");
 
     for v in ["2026.1125.4", "2026.1126.0", "2026.1126.1"] {
         publish_version(
@@ -930,24 +931,33 @@ async fn nightly_versions_count_up_per_day_from_the_existing_ones() {
     clear_log(&emu).await;
     let version = planner::resolve_version(&parsed, None, &client, today).await.unwrap();
     assert_read_only(&emu.requests().await);
-    assert_eq!(version, "2026.1126.2");
+    assert_eq!(version.name, "2026.1126.2");
     let next_day = planner::resolve_version(&parsed, None, &client, date!(2026 - 11 - 27))
         .await
         .unwrap();
-    assert_eq!(next_day, "2026.1127.0");
+    assert_eq!(next_day.name, "2026.1127.0");
 
     // The plan names everything after it.
     let plan = plan_with(
         &emu,
         &spec,
         PlanInputs {
-            version: version.clone(),
+            version: version.name.clone(),
+            version_absent: version.absent,
             ..Default::default()
         },
     )
     .await
     .expect("plan");
     assert_eq!(plan.version, "2026.1126.2");
+    // What the planner read travels with the run: a first try need not read it again.
+    assert_eq!(
+        plan.seen,
+        Seen {
+            definition: Presence::Present,
+            version: Presence::Absent
+        }
+    );
     assert_eq!(plan.version_id.name(), "2026.1126.2");
     assert_eq!(plan.pools[0].pool_id, "plan-it-render-2026-1126-2");
     assert_eq!(plan.build.as_ref().unwrap().image.name(), "plan-it-2026-1126-2");

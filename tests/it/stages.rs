@@ -30,7 +30,7 @@ use sigrun::model::envelope::{
 use sigrun::model::ids::{GalleryImageVersionId, SnapshotId};
 use sigrun::model::spec::PipelineSpec;
 use sigrun::planner::{self, PlanInputs};
-use sigrun::stages::{self, Outcome, Runs, StageSettings, Step, StepContext};
+use sigrun::stages::{self, Outcome, Runs, StageSettings, Step, StepContext, Tried};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -145,6 +145,8 @@ struct Sim {
     now: OffsetDateTime,
     /// The run history as the rollout sees it: these runs are live, every other one has ended.
     live_runs: LiveRuns,
+    /// What the runtime would say of each step's try (`Maybe` unless a test sets it).
+    tried: Tried,
 }
 
 /// A run history in which the runs listed are still making their pools and every other run has
@@ -198,6 +200,7 @@ impl Sim {
             },
             now: OffsetDateTime::now_utc(),
             live_runs: LiveRuns::default(),
+            tried: Tried::Maybe,
         }
     }
 
@@ -212,7 +215,8 @@ impl Sim {
         let spec = PipelineSpec::parse(spec_text, "nightly-ubuntu.toml").expect("spec parses");
         let version = planner::resolve_version(&spec, Some(VERSION), &self.azure, self.now.date())
             .await
-            .expect("version");
+            .expect("version")
+            .name;
         let inputs = PlanInputs {
             version,
             ..Default::default()
@@ -284,6 +288,7 @@ impl Sim {
             now: self.now,
             settings: &self.settings,
             runs: &self.live_runs,
+            tried: self.tried,
         };
         stages::step(message.clone(), &ctx).await
     }

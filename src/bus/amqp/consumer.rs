@@ -174,7 +174,10 @@ pub(super) fn delivery(
     stage: Stage,
     delivery: lapin::message::Delivery,
 ) -> Delivery {
-    let delivery_count = delivery_count(delivery.properties.headers().as_ref());
+    // A message handed out again says so even where the broker keeps no count for its return
+    // (a step's first try is told apart by this count).
+    let returned = if delivery.redelivered { 2 } else { 1 };
+    let delivery_count = delivery_count(delivery.properties.headers().as_ref()).max(returned);
     Delivery {
         stage,
         body: delivery.data,
