@@ -668,15 +668,7 @@ async fn step_of(case: &Case) -> (Step, FakeAzure) {
 
 /// How `step` differs from what `case` expects, if it does.
 fn mismatch(case: &Case, step: &Step, azure: &FakeAzure) -> Option<String> {
-    let outcome_ok = match (&case.expect, &step.outcome) {
-        (Expect::Advance(stages), Outcome::Advance(next)) => next.iter().map(|m| m.stage).eq(stages.iter().copied()),
-        (Expect::Wait(phase), Outcome::Wait { message, .. }) => {
-            message.operation.as_ref().map(|op| op.what) == Some(*phase)
-        }
-        (Expect::Fail(reason), Outcome::Fail(said)) => said.contains(reason),
-        (Expect::Done, Outcome::Done) => true,
-        _ => false,
-    };
+    let outcome_ok = decided_as(&case.expect, &step.outcome);
     let writes = &azure.world().writes;
     let writes_ok = case.writes == ["*"] || writes.iter().map(String::as_str).eq(case.writes.iter().copied());
     (!outcome_ok || !writes_ok).then(|| {
@@ -688,6 +680,19 @@ fn mismatch(case: &Case, step: &Step, azure: &FakeAzure) -> Option<String> {
             summary(&step.outcome)
         )
     })
+}
+
+/// Whether `outcome` is what `expect` says.
+fn decided_as(expect: &Expect, outcome: &Outcome) -> bool {
+    match (expect, outcome) {
+        (Expect::Advance(stages), Outcome::Advance(next)) => next.iter().map(|m| m.stage).eq(stages.iter().copied()),
+        (Expect::Wait(phase), Outcome::Wait { message, .. }) => {
+            message.operation.as_ref().map(|op| op.what) == Some(*phase)
+        }
+        (Expect::Fail(reason), Outcome::Fail(said)) => said.contains(reason),
+        (Expect::Done, Outcome::Done) => true,
+        _ => false,
+    }
 }
 
 /// An outcome in the words of [`Expect`] (a whole envelope is pages long).
@@ -724,6 +729,9 @@ struct TryCase {
     tried: Tried,
     message: fn(&mut Envelope),
     azure: fn(&mut World, &Envelope),
+    expect: Expect,
+    /// Whether the step records a resource it created.
+    records: bool,
     reads: &'static [&'static str],
     writes: &'static [&'static str],
 }
@@ -753,6 +761,8 @@ fn try_cases() -> Vec<TryCase> {
                 as_planned_nightly(m);
             },
             azure: empty,
+            expect: Expect::Wait(Phase::Snapshots),
+            records: true,
             reads: &[],
             writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
         },
@@ -762,6 +772,8 @@ fn try_cases() -> Vec<TryCase> {
             tried: Tried::Never,
             message: with_build,
             azure: empty,
+            expect: Expect::Wait(Phase::Snapshots),
+            records: true,
             reads: &["get_version 2026.1126.0"],
             writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
         },
@@ -774,6 +786,8 @@ fn try_cases() -> Vec<TryCase> {
                 as_planned_nightly(m);
             },
             azure: empty,
+            expect: Expect::Wait(Phase::Snapshots),
+            records: true,
             reads: &[
                 "get_version 2026.1126.0",
                 "get_snapshot nightly-os",
@@ -787,6 +801,8 @@ fn try_cases() -> Vec<TryCase> {
             tried: Tried::Never,
             message: snapshotted,
             azure: empty,
+            expect: Expect::Wait(Phase::Image),
+            records: true,
             reads: &[],
             writes: &["put_image nightly"],
         },
@@ -796,6 +812,8 @@ fn try_cases() -> Vec<TryCase> {
             tried: Tried::Maybe,
             message: snapshotted,
             azure: empty,
+            expect: Expect::Wait(Phase::Image),
+            records: true,
             reads: &["get_image nightly"],
             writes: &["put_image nightly"],
         },
@@ -808,6 +826,8 @@ fn try_cases() -> Vec<TryCase> {
                 as_planned_nightly(m);
             },
             azure: published_up_to_the_version,
+            expect: Expect::Advance(&[Stage::Replicate]),
+            records: true,
             reads: &[],
             writes: &["put_version 2026.1126.0"],
         },
@@ -822,6 +842,8 @@ fn try_cases() -> Vec<TryCase> {
             azure: |world, message| {
                 world.resource(&message.plan.gallery, ProvisioningState::Succeeded, Default::default());
             },
+            expect: Expect::Wait(Phase::Definition),
+            records: true,
             reads: &["get_gallery sigrun_gallery"],
             writes: &["put_definition ubuntu-2204-batch"],
         },
@@ -835,6 +857,8 @@ fn try_cases() -> Vec<TryCase> {
                 waiting_on(m, Phase::Definition, &[]);
             },
             azure: published_up_to_the_version,
+            expect: Expect::Advance(&[Stage::Replicate]),
+            records: true,
             reads: &[
                 "get_gallery sigrun_gallery",
                 "get_definition ubuntu-2204-batch",
@@ -851,12 +875,31 @@ fn try_cases() -> Vec<TryCase> {
                 as_planned_nightly(m);
             },
             azure: published_up_to_the_version,
+            expect: Expect::Advance(&[Stage::Replicate]),
+            records: true,
             reads: &[
                 "get_gallery sigrun_gallery",
                 "get_definition ubuntu-2204-batch",
                 "get_version 2026.1126.0",
             ],
             writes: &["put_version 2026.1126.0"],
+        },
+        TryCase {
+            name: "gallery-publish, first try, a definition made since the plan: looked at again, not recorded",
+            stage: Stage::GalleryPublish,
+            tried: Tried::Never,
+            message: |m| {
+                at_gallery_publish(m);
+                m.plan.seen.definition = Presence::Absent;
+            },
+            azure: |world, message| {
+                published_up_to_the_version(world, message);
+                world.resource(&message.plan.definition, ProvisioningState::Succeeded, other_run_tags());
+            },
+            expect: Expect::Wait(Phase::Definition),
+            records: false,
+            reads: &["get_gallery sigrun_gallery"],
+            writes: &["put_definition ubuntu-2204-batch"],
         },
     ]
 }
@@ -876,14 +919,29 @@ async fn a_first_try_writes_without_reading_what_no_try_can_have_made() {
             tried: case.tried,
             ..context(&azure, &settings)
         };
-        super::step(message, &ctx)
+        let step = super::step(message, &ctx)
             .await
             .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
         let world = azure.world();
-        if world.reads != case.reads || world.writes != case.writes {
+        let recorded = step
+            .events
+            .iter()
+            .any(|e| matches!(e, EventKind::ResourceCreated { .. }));
+        if !decided_as(&case.expect, &step.outcome)
+            || recorded != case.records
+            || world.reads != case.reads
+            || world.writes != case.writes
+        {
             wrong.push(format!(
-                "{}\n  expected reads {:?} writes {:?}\n  got reads {:?} writes {:?}",
-                case.name, case.reads, case.writes, world.reads, world.writes
+                "{}\n  expected {:?} (records: {}), reads {:?} writes {:?}\n  got {} (records: {recorded}), reads {:?} writes {:?}",
+                case.name,
+                case.expect,
+                case.records,
+                case.reads,
+                case.writes,
+                summary(&step.outcome),
+                world.reads,
+                world.writes
             ));
         }
     }

@@ -180,6 +180,11 @@ async fn ensure_definition(
             tags: tags(message),
         };
         let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
+        if !accepted.created {
+            // It was there after all (made since it was read, or this PUT's own answer was lost
+            // and it was sent again): the next look reads what it is, and whose.
+            return Ok(Some(look_again(message.clone(), Phase::Definition, ctx)));
+        }
         let id = plan.definition.to_string();
         return Ok(Some(created(message, Phase::Definition, id, accepted, ctx, adopted)));
     };

@@ -839,7 +839,10 @@ async fn a_snapshot_whose_answer_was_lost_is_still_recorded_and_cleaned_up() {
         .filter(|e| e["method"] == "PUT" && e["path"].as_str().is_some_and(|p| p.contains("/snapshots/")))
         .collect();
     let lost = snapshot_puts.iter().filter(|e| e["fault"] == "reset").count();
-    run.check(lost == 1, format_args!("one snapshot PUT lost its answer: {snapshot_puts:?}"));
+    run.check(
+        lost == 1,
+        format_args!("one snapshot PUT lost its answer: {snapshot_puts:?}"),
+    );
     run.check(
         snapshot_puts.len() == 4,
         format_args!("three snapshots, one of them sent twice: {snapshot_puts:?}"),
