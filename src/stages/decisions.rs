@@ -730,8 +730,8 @@ struct TryCase {
     message: fn(&mut Envelope),
     azure: fn(&mut World, &Envelope),
     expect: Expect,
-    /// Whether the step records a resource it created.
-    records: bool,
+    /// The names of the resources the step records as created.
+    created: &'static [&'static str],
     reads: &'static [&'static str],
     writes: &'static [&'static str],
 }
@@ -762,7 +762,7 @@ fn try_cases() -> Vec<TryCase> {
             },
             azure: empty,
             expect: Expect::Wait(Phase::Snapshots),
-            records: true,
+            created: &["nightly-os", "nightly-data0"],
             reads: &[],
             writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
         },
@@ -773,7 +773,7 @@ fn try_cases() -> Vec<TryCase> {
             message: with_build,
             azure: empty,
             expect: Expect::Wait(Phase::Snapshots),
-            records: true,
+            created: &["nightly-os", "nightly-data0"],
             reads: &["get_version 2026.1126.0"],
             writes: &["put_snapshot nightly-os", "put_snapshot nightly-data0"],
         },
@@ -787,7 +787,7 @@ fn try_cases() -> Vec<TryCase> {
             },
             azure: empty,
             expect: Expect::Wait(Phase::Snapshots),
-            records: true,
+            created: &["nightly-os", "nightly-data0"],
             reads: &[
                 "get_version 2026.1126.0",
                 "get_snapshot nightly-os",
@@ -802,7 +802,7 @@ fn try_cases() -> Vec<TryCase> {
             message: snapshotted,
             azure: empty,
             expect: Expect::Wait(Phase::Image),
-            records: true,
+            created: &["nightly"],
             reads: &[],
             writes: &["put_image nightly"],
         },
@@ -813,7 +813,7 @@ fn try_cases() -> Vec<TryCase> {
             message: snapshotted,
             azure: empty,
             expect: Expect::Wait(Phase::Image),
-            records: true,
+            created: &["nightly"],
             reads: &["get_image nightly"],
             writes: &["put_image nightly"],
         },
@@ -827,7 +827,7 @@ fn try_cases() -> Vec<TryCase> {
             },
             azure: published_up_to_the_version,
             expect: Expect::Advance(&[Stage::Replicate]),
-            records: true,
+            created: &["2026.1126.0"],
             reads: &[],
             writes: &["put_version 2026.1126.0"],
         },
@@ -843,7 +843,7 @@ fn try_cases() -> Vec<TryCase> {
                 world.resource(&message.plan.gallery, ProvisioningState::Succeeded, Default::default());
             },
             expect: Expect::Wait(Phase::Definition),
-            records: true,
+            created: &["ubuntu-2204-batch"],
             reads: &["get_gallery sigrun_gallery"],
             writes: &["put_definition ubuntu-2204-batch"],
         },
@@ -858,7 +858,7 @@ fn try_cases() -> Vec<TryCase> {
             },
             azure: published_up_to_the_version,
             expect: Expect::Advance(&[Stage::Replicate]),
-            records: true,
+            created: &["2026.1126.0"],
             reads: &[
                 "get_gallery sigrun_gallery",
                 "get_definition ubuntu-2204-batch",
@@ -876,7 +876,7 @@ fn try_cases() -> Vec<TryCase> {
             },
             azure: published_up_to_the_version,
             expect: Expect::Advance(&[Stage::Replicate]),
-            records: true,
+            created: &["2026.1126.0"],
             reads: &[
                 "get_gallery sigrun_gallery",
                 "get_definition ubuntu-2204-batch",
@@ -885,7 +885,7 @@ fn try_cases() -> Vec<TryCase> {
             writes: &["put_version 2026.1126.0"],
         },
         TryCase {
-            name: "gallery-publish, first try, a definition made since the plan: looked at again, not recorded",
+            name: "gallery-publish, first try, a definition made since the plan: read after its PUT, not recorded",
             stage: Stage::GalleryPublish,
             tried: Tried::Never,
             message: |m| {
@@ -896,10 +896,14 @@ fn try_cases() -> Vec<TryCase> {
                 published_up_to_the_version(world, message);
                 world.resource(&message.plan.definition, ProvisioningState::Succeeded, other_run_tags());
             },
-            expect: Expect::Wait(Phase::Definition),
-            records: false,
-            reads: &["get_gallery sigrun_gallery"],
-            writes: &["put_definition ubuntu-2204-batch"],
+            expect: Expect::Advance(&[Stage::Replicate]),
+            created: &["2026.1126.0"],
+            reads: &[
+                "get_gallery sigrun_gallery",
+                "get_definition ubuntu-2204-batch",
+                "get_version 2026.1126.0",
+            ],
+            writes: &["put_definition ubuntu-2204-batch", "put_version 2026.1126.0"],
         },
     ]
 }
@@ -923,20 +927,24 @@ async fn a_first_try_writes_without_reading_what_no_try_can_have_made() {
             .await
             .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
         let world = azure.world();
-        let recorded = step
+        let recorded: Vec<&str> = step
             .events
             .iter()
-            .any(|e| matches!(e, EventKind::ResourceCreated { .. }));
+            .filter_map(|e| match e {
+                EventKind::ResourceCreated { id } => id.rsplit('/').next(),
+                _ => None,
+            })
+            .collect();
         if !decided_as(&case.expect, &step.outcome)
-            || recorded != case.records
+            || recorded != case.created
             || world.reads != case.reads
             || world.writes != case.writes
         {
             wrong.push(format!(
-                "{}\n  expected {:?} (records: {}), reads {:?} writes {:?}\n  got {} (records: {recorded}), reads {:?} writes {:?}",
+                "{}\n  expected {:?} (created {:?}), reads {:?} writes {:?}\n  got {} (created {recorded:?}), reads {:?} writes {:?}",
                 case.name,
                 case.expect,
-                case.records,
+                case.created,
                 case.reads,
                 case.writes,
                 summary(&step.outcome),

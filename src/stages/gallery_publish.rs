@@ -168,25 +168,24 @@ async fn ensure_definition(
         Some(Presence::Absent) => None,
         _ => ctx.azure.get_definition(&plan.definition).await?,
     };
-    let Some(existing) = existing else {
-        let request = DefinitionRequest {
-            location: plan.gallery_region.clone(),
-            os_type: spec.os_type.as_str().to_string(),
-            os_state: spec.os_state.clone(),
-            hyper_v_generation: spec.hyper_v_generation.clone(),
-            publisher: spec.publisher.clone(),
-            offer: spec.offer.clone(),
-            sku: spec.sku.clone(),
-            tags: tags(message),
-        };
-        let accepted = ctx.azure.put_definition(&plan.definition, &request).await?;
-        if !accepted.created {
+    let existing = match existing {
+        Some(existing) => existing,
+        None => {
+            let accepted = ctx
+                .azure
+                .put_definition(&plan.definition, &definition_request(message))
+                .await?;
+            if accepted.created {
+                let id = plan.definition.to_string();
+                return Ok(Some(created(message, Phase::Definition, id, accepted, ctx, adopted)));
+            }
             // It was there after all (made since it was read, or this PUT's own answer was lost
-            // and it was sent again): the next look reads what it is, and whose.
-            return Ok(Some(look_again(message.clone(), Phase::Definition, ctx)));
+            // and it was sent again): read what it is, and whose.
+            match ctx.azure.get_definition(&plan.definition).await? {
+                Some(existing) => existing,
+                None => return Ok(Some(look_again(message.clone(), Phase::Definition, ctx))),
+            }
         }
-        let id = plan.definition.to_string();
-        return Ok(Some(created(message, Phase::Definition, id, accepted, ctx, adopted)));
     };
     adopted.ours(plan.definition.to_string(), &existing.tags, message);
     if let Err(mismatch) = rules::definition_fits(&existing.os_state, &existing.os_type, spec.os_type.as_str()) {
@@ -197,6 +196,21 @@ async fn ensure_definition(
         ProvisioningState::Failed => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
         _ => Some(look_again(message.clone(), Phase::Definition, ctx)),
     })
+}
+
+/// The image definition as the spec describes it, tagged as this run's.
+fn definition_request(message: &Envelope) -> DefinitionRequest {
+    let spec = &message.spec.definition;
+    DefinitionRequest {
+        location: message.plan.gallery_region.clone(),
+        os_type: spec.os_type.as_str().to_string(),
+        os_state: spec.os_state.clone(),
+        hyper_v_generation: spec.hyper_v_generation.clone(),
+        publisher: spec.publisher.clone(),
+        offer: spec.offer.clone(),
+        sku: spec.sku.clone(),
+        tags: tags(message),
+    }
 }
 
 /// `Microsoft.Batch` registered in the gallery's subscription where a pool's account lives in
