@@ -395,11 +395,7 @@ async fn follow(bus: &MemoryBus, runs: &BTreeSet<Uuid>, limit: Duration) -> BTre
 /// The runs `SIGRUN_FLEET_TRACE` names (`fleet-0100,fleet-0500`), beside the run that ended last.
 fn traced_runs() -> Vec<String> {
     let names = std::env::var("SIGRUN_FLEET_TRACE").unwrap_or_default();
-    names
-        .split(',')
-        .filter(|name| run_named_in(name).is_some())
-        .map(str::to_string)
-        .collect()
+    names.split(',').filter_map(run_named_in).map(str::to_string).collect()
 }
 
 /// `SIGRUN_FLEET_TRACE`: the five runs that ended last and the runs it names, each event at its

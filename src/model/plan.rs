@@ -59,7 +59,8 @@ pub struct Seen {
     pub version: Presence,
 }
 
-/// Whether the planner found a resource: `Unknown` when it did not look (or the plan is older).
+/// Whether the planner found a resource ready: `Unknown` when it did not look, found it not ready,
+/// or the plan is older (a step reads it then).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Presence {

@@ -231,7 +231,8 @@ async fn read_accounts(
 }
 
 /// The existing definition must agree with the spec (Batch refuses specialized images); a rollout
-/// needs it to exist. Returns whether it exists.
+/// needs it to exist. Returns what a step may take as read: `Present` when it exists and is
+/// ready, `Absent`, or `Unknown` while it is still being made (or is in trouble).
 async fn check_existing_definition(
     spec: &PipelineSpec,
     definition: &GalleryImageId,

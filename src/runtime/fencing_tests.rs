@@ -262,6 +262,25 @@ fn ledger_on(bus: Arc<dyn Bus>) -> Arc<Ledger> {
     Arc::new(Ledger::start(bus, testkit::settings().ledger(), None))
 }
 
+/// A new run admitted through `ledger`: its first message (snapshot), published.
+async fn started_run(bus: &Arc<Unreliable>, ledger: &Ledger) -> Envelope {
+    let (first, started) = fresh_run();
+    assert!(matches!(
+        begin_with(bus.as_ref(), ledger, vec![first.clone()], started).await,
+        Ok(Begun::Started { .. })
+    ));
+    first
+}
+
+/// Every stage worked by `handler` on `bus`, fenced by `ledger`, for `window` of tokio's time.
+async fn run_fenced(bus: &Arc<Unreliable>, handler: &Arc<Script>, ledger: &Arc<Ledger>, window: Duration) {
+    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), testkit::settings())
+        .unwrap()
+        .with_clock(Clock::tokio())
+        .with_ledger(Arc::clone(ledger));
+    runtime.run(tokio::time::sleep(window)).await;
+}
+
 /// Every step's message id must be one per (run, branch, stage), and no event may be recorded
 /// twice for a branch (retries and dropped copies aside). Returns the dropped copies.
 fn assert_each_step_once(handler: &Script, events: &[Event]) -> usize {
@@ -399,11 +418,7 @@ async fn without_faults_nothing_is_dropped() {
 async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
     let bus = Unreliable::new(4, 0.0, 0.0);
     let ledger = ledger_on(bus.clone());
-    let (first, started) = fresh_run();
-    assert!(matches!(
-        begin_with(bus.as_ref(), &ledger, vec![first.clone()], started).await,
-        Ok(Begun::Started { .. })
-    ));
+    started_run(&bus, &ledger).await;
     // A worker took the snapshot message and died before its claim: the broker hands it out again.
     drop(bus.inner.next(&[Stage::Snapshot]).await.unwrap());
     let image_tries = AtomicU64::new(0);
@@ -414,11 +429,7 @@ async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
         }
         _ => step(Outcome::Fail("stop here".into())),
     });
-    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), testkit::settings())
-        .unwrap()
-        .with_clock(Clock::tokio())
-        .with_ledger(Arc::clone(&ledger));
-    runtime.run(tokio::time::sleep(Duration::from_secs(60))).await;
+    run_fenced(&bus, &handler, &ledger, Duration::from_secs(60)).await;
 
     let tries: Vec<(Stage, Tried)> = handler.calls().iter().map(|c| (c.message.stage, c.tried)).collect();
     assert_eq!(
@@ -435,11 +446,7 @@ async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
 async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_claim_timeout() {
     let bus = Unreliable::new(1, 0.0, 0.0);
     let ledger = ledger_on(bus.clone());
-    let (first, started) = fresh_run();
-    assert!(matches!(
-        begin_with(bus.as_ref(), &ledger, vec![first.clone()], started).await,
-        Ok(Begun::Started { .. })
-    ));
+    let first = started_run(&bus, &ledger).await;
     // Another worker claimed the snapshot step, sent its successor on, and died before its
     // commit; the broker then gave the snapshot message to this worker.
     ledger.catch_up(Duration::from_secs(1)).await.unwrap();
@@ -460,11 +467,7 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
         Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
         _ => step(Outcome::Fail("stop here".into())),
     });
-    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), testkit::settings())
-        .unwrap()
-        .with_clock(Clock::tokio())
-        .with_ledger(Arc::clone(&ledger));
-    runtime.run(tokio::time::sleep(Duration::from_secs(10))).await;
+    run_fenced(&bus, &handler, &ledger, Duration::from_secs(10)).await;
 
     let calls = handler.calls();
     let snapshot: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::Snapshot).collect();

@@ -603,9 +603,6 @@ impl Runtime {
         }
     }
 
-    /// Runs the handler as its own task, so a panic in it becomes an error here (the message is
-    /// parked with it, the branch fails) instead of taking the consumer down with the delivery
-    /// unsettled.
     /// Whether an earlier try of the copy's state may have reached Azure: its first delivery, no
     /// failed try, and a state the ledger knows as untried is a first try. Without a ledger it
     /// cannot be known.
@@ -616,6 +613,9 @@ impl Runtime {
         }
     }
 
+    /// Runs the handler as its own task, so a panic in it becomes an error here (the message is
+    /// parked with it, the branch fails) instead of taking the consumer down with the delivery
+    /// unsettled.
     async fn call_handler(&self, message: Envelope, now: OffsetDateTime, tried: Tried) -> Result<Step, StepError> {
         let handler = Arc::clone(&self.handler);
         let task = tokio::spawn(async move { handler.handle(message, now, tried).await }.instrument(Span::current()));

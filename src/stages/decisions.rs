@@ -654,15 +654,30 @@ fn context<'a>(azure: &'a FakeAzure, settings: &'a StageSettings) -> StepContext
 
 /// Runs one case's step against its own fake Azure.
 async fn step_of(case: &Case) -> (Step, FakeAzure) {
-    let mut message = testkit::envelope(case.stage);
-    (case.message)(&mut message);
+    run_step(case.name, case.stage, case.message, case.azure, Tried::Maybe).await
+}
+
+/// Runs one step of `stage` on the message `shape` makes, against a fake Azure holding what
+/// `world` puts there, told `tried`.
+async fn run_step(
+    name: &str,
+    stage: Stage,
+    shape: fn(&mut Envelope),
+    world: fn(&mut World, &Envelope),
+    tried: Tried,
+) -> (Step, FakeAzure) {
+    let mut message = testkit::envelope(stage);
+    shape(&mut message);
     let azure = FakeAzure::default();
-    (case.azure)(&mut azure.world(), &message);
+    world(&mut azure.world(), &message);
     let settings = StageSettings::default();
-    let ctx = context(&azure, &settings);
+    let ctx = StepContext {
+        tried,
+        ..context(&azure, &settings)
+    };
     let step = super::step(message, &ctx)
         .await
-        .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
+        .unwrap_or_else(|e| panic!("{name}: the step failed on Azure: {e}"));
     (step, azure)
 }
 
@@ -750,6 +765,18 @@ fn as_planned_nightly(message: &mut Envelope) {
     };
 }
 
+/// A nightly's first message: the build, as planned.
+fn nightly_build(message: &mut Envelope) {
+    with_build(message);
+    as_planned_nightly(message);
+}
+
+/// A nightly at gallery-publish, as planned.
+fn nightly_at_gallery_publish(message: &mut Envelope) {
+    at_gallery_publish(message);
+    as_planned_nightly(message);
+}
+
 /// snapshot's and image-create's reads before their writes.
 fn create_try_cases() -> Vec<TryCase> {
     vec![
@@ -757,10 +784,7 @@ fn create_try_cases() -> Vec<TryCase> {
             name: "snapshot, first try of a nightly: every disk is copied without a read",
             stage: Stage::Snapshot,
             tried: Tried::Never,
-            message: |m| {
-                with_build(m);
-                as_planned_nightly(m);
-            },
+            message: nightly_build,
             azure: empty,
             expect: Expect::Wait(Phase::Snapshots),
             created: &["nightly-os", "nightly-data0"],
@@ -782,10 +806,7 @@ fn create_try_cases() -> Vec<TryCase> {
             name: "snapshot, after a try: the version and each snapshot are looked for first",
             stage: Stage::Snapshot,
             tried: Tried::Maybe,
-            message: |m| {
-                with_build(m);
-                as_planned_nightly(m);
-            },
+            message: nightly_build,
             azure: empty,
             expect: Expect::Wait(Phase::Snapshots),
             created: &["nightly-os", "nightly-data0"],
@@ -828,10 +849,7 @@ fn gallery_try_cases() -> Vec<TryCase> {
             name: "gallery-publish, first try of a nightly: the planner's reading stands",
             stage: Stage::GalleryPublish,
             tried: Tried::Never,
-            message: |m| {
-                at_gallery_publish(m);
-                as_planned_nightly(m);
-            },
+            message: nightly_at_gallery_publish,
             azure: published_up_to_the_version,
             expect: Expect::Advance(&[Stage::Replicate]),
             created: &["2026.1126.0"],
@@ -877,10 +895,7 @@ fn gallery_try_cases() -> Vec<TryCase> {
             name: "gallery-publish, after a try: everything is read again",
             stage: Stage::GalleryPublish,
             tried: Tried::Maybe,
-            message: |m| {
-                at_gallery_publish(m);
-                as_planned_nightly(m);
-            },
+            message: nightly_at_gallery_publish,
             azure: published_up_to_the_version,
             expect: Expect::Advance(&[Stage::Replicate]),
             created: &["2026.1126.0"],
@@ -921,18 +936,7 @@ fn gallery_try_cases() -> Vec<TryCase> {
 async fn a_first_try_writes_without_reading_what_no_try_can_have_made() {
     let mut wrong = Vec::new();
     for case in create_try_cases().into_iter().chain(gallery_try_cases()) {
-        let mut message = testkit::envelope(case.stage);
-        (case.message)(&mut message);
-        let azure = FakeAzure::default();
-        (case.azure)(&mut azure.world(), &message);
-        let settings = StageSettings::default();
-        let ctx = StepContext {
-            tried: case.tried,
-            ..context(&azure, &settings)
-        };
-        let step = super::step(message, &ctx)
-            .await
-            .unwrap_or_else(|e| panic!("{}: the step failed on Azure: {e}", case.name));
+        let (step, azure) = run_step(case.name, case.stage, case.message, case.azure, case.tried).await;
         let world = azure.world();
         let recorded: Vec<&str> = step
             .events

@@ -3,13 +3,15 @@
 //! and generation, since Batch refuses anything else), registers `Microsoft.Batch` where a pool's
 //! account lives in another subscription than the gallery, then PUTs the image version with its
 //! target regions, replica counts, storage type, end of life and `excludeFromLatest` (true while
-//! promotion is gated). Each step re-reads Azure, so a replay picks up wherever the last one was;
-//! what it finds there that its own run made (the tags say) and did not record — an earlier try was
-//! killed before its commit — it records as created then (once: the message remembers).
+//! promotion is gated). Each step after an earlier try re-reads Azure, so a replay picks up
+//! wherever the last one was; what it finds there that its own run made (the tags say) and did not
+//! record — an earlier try was killed before its commit — it records as created then (once: the
+//! message remembers). A first try takes the planner's reading of the definition and of a new
+//! nightly version as read (`Plan::seen`).
 
 use super::common::{Settled, fail, follow, look_again, made_in_admission, settle, tags, target_regions};
 use super::{Outcome, Step, StepContext};
-use crate::azure::api::{Accepted, DefinitionRequest, VersionRequest};
+use crate::azure::api::{Accepted, DefinitionInfo, DefinitionRequest, VersionRequest};
 use crate::azure::{AzureError, ProvisioningState, RegistrationState};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Phase, Stage};
@@ -63,7 +65,7 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
     // The gallery is known to exist once its creation, or the definition's, has finished, or
     // when the planner found the definition in it.
     if !matches!(finished, Some(Phase::Gallery | Phase::Definition))
-        && planned != Some(Presence::Present)
+        && planned != Presence::Present
         && let Some(step) = ensure_gallery(&message, ctx, adopted).await?
     {
         return Ok(step);
@@ -79,18 +81,15 @@ async fn publish(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Adopted
     put_version(message, ctx, adopted).await
 }
 
-/// What a first try may take from the planner's reading of the image definition instead of
-/// reading it again: it was ready (and so was its gallery), or it was absent and no earlier state
-/// of this stage has got as far as writing it (this is the stage's first state, or the one after
-/// the gallery it made). `None`: read it.
-fn definition_as_planned(message: &Envelope, ctx: &StepContext<'_>, finished: Option<Phase>) -> Option<Presence> {
-    if !ctx.first_try() {
-        return None;
-    }
-    match message.plan.seen.definition {
-        Presence::Present => Some(Presence::Present),
-        Presence::Absent if message.operation.is_none() || finished == Some(Phase::Gallery) => Some(Presence::Absent),
-        _ => None,
+/// What this try may take from the planner's reading of the image definition instead of reading
+/// it again ([`StepContext::as_planned`]): it was ready (and so was its gallery), or it was absent
+/// and no earlier state of this stage has got as far as writing it (this is the stage's first
+/// state, or the one after the gallery it made). `Unknown`: read it.
+fn definition_as_planned(message: &Envelope, ctx: &StepContext<'_>, finished: Option<Phase>) -> Presence {
+    let written_since = message.operation.is_some() && finished != Some(Phase::Gallery);
+    match ctx.as_planned(message.plan.seen.definition) {
+        Presence::Absent if written_since => Presence::Unknown,
+        planned => planned,
     }
 }
 
@@ -160,32 +159,20 @@ async fn ensure_definition(
     message: &Envelope,
     ctx: &StepContext<'_>,
     adopted: &mut Adopted,
-    planned: Option<Presence>,
+    planned: Presence,
 ) -> Part {
     let (plan, spec) = (&message.plan, &message.spec.definition);
-    let existing = match planned {
-        Some(Presence::Present) => return Ok(None),
-        Some(Presence::Absent) => None,
-        _ => ctx.azure.get_definition(&plan.definition).await?,
+    let found = match planned {
+        Presence::Present => return Ok(None),
+        Presence::Absent => None,
+        Presence::Unknown => ctx.azure.get_definition(&plan.definition).await?,
     };
-    let existing = match existing {
+    let existing = match found {
         Some(existing) => existing,
-        None => {
-            let accepted = ctx
-                .azure
-                .put_definition(&plan.definition, &definition_request(message))
-                .await?;
-            if accepted.created {
-                let id = plan.definition.to_string();
-                return Ok(Some(created(message, Phase::Definition, id, accepted, ctx, adopted)));
-            }
-            // It was there after all (made since it was read, or this PUT's own answer was lost
-            // and it was sent again): read what it is, and whose.
-            match ctx.azure.get_definition(&plan.definition).await? {
-                Some(existing) => existing,
-                None => return Ok(Some(look_again(message.clone(), Phase::Definition, ctx))),
-            }
-        }
+        None => match create_definition(message, ctx, adopted).await? {
+            Ok(existing) => existing,
+            Err(step) => return Ok(Some(step)),
+        },
     };
     adopted.ours(plan.definition.to_string(), &existing.tags, message);
     if let Err(mismatch) = rules::definition_fits(&existing.os_state, &existing.os_type, spec.os_type.as_str()) {
@@ -195,6 +182,32 @@ async fn ensure_definition(
         ProvisioningState::Succeeded => None,
         ProvisioningState::Failed => Some(fail(format!("image definition {} is in state Failed", plan.definition))),
         _ => Some(look_again(message.clone(), Phase::Definition, ctx)),
+    })
+}
+
+/// PUTs the definition: the step that waits for it once created; or, when Azure answers that it
+/// was there after all (made since it was read, or this PUT's own answer was lost and it was sent
+/// again), the definition as it is, read back to judge what it is and whose.
+async fn create_definition(
+    message: &Envelope,
+    ctx: &StepContext<'_>,
+    adopted: &mut Adopted,
+) -> Result<Result<DefinitionInfo, Step>, AzureError> {
+    let id = &message.plan.definition;
+    let accepted = ctx.azure.put_definition(id, &definition_request(message)).await?;
+    if accepted.created {
+        return Ok(Err(created(
+            message,
+            Phase::Definition,
+            id.to_string(),
+            accepted,
+            ctx,
+            adopted,
+        )));
+    }
+    Ok(match ctx.azure.get_definition(id).await? {
+        Some(existing) => Ok(existing),
+        None => Err(look_again(message.clone(), Phase::Definition, ctx)),
     })
 }
 
@@ -250,7 +263,7 @@ async fn put_version(message: Envelope, ctx: &StepContext<'_>, adopted: &mut Ado
     // verify promoted it.
     // A first try of a run planned with its version absent has nothing to find: only this step
     // makes it.
-    let existing = if ctx.first_try() && plan.seen.version == Presence::Absent {
+    let existing = if ctx.as_planned(plan.seen.version) == Presence::Absent {
         None
     } else {
         ctx.azure.get_version(&plan.version_id, false).await?

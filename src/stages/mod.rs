@@ -25,6 +25,7 @@ use time::OffsetDateTime;
 use crate::azure::{AzureApi, AzureError};
 use crate::events::EventKind;
 use crate::model::envelope::{Envelope, Stage};
+use crate::model::plan::Presence;
 
 /// What a step decided.
 #[derive(Debug, Clone, PartialEq)]
@@ -246,6 +247,12 @@ impl StepContext<'_> {
     /// Whether this is the state's first try: nothing of it can have reached Azure before.
     pub fn first_try(&self) -> bool {
         self.tried == Tried::Never
+    }
+
+    /// What this try may take as read from the planner's reading `seen` (`Plan::seen`): all of it
+    /// on a first try, nothing (`Unknown`: read Azure) after one.
+    pub fn as_planned(&self, seen: Presence) -> Presence {
+        if self.first_try() { seen } else { Presence::Unknown }
     }
 }
 

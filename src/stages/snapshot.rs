@@ -91,7 +91,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
 /// Whether this run's version may exist already. Not on a first try of a run planned with its
 /// version absent: nothing but this run's own gallery-publish, which comes later, can have made it.
 fn may_be_published(message: &Envelope, ctx: &StepContext<'_>) -> bool {
-    !(ctx.first_try() && message.plan.seen.version == Presence::Absent)
+    ctx.as_planned(message.plan.seen.version) != Presence::Absent
 }
 
 /// Whether this run's image version exists, made by this run and provisioned: what the snapshots
