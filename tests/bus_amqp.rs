@@ -668,6 +668,70 @@ async fn a_second_bus_on_the_same_prefix_redeclares_idempotently_and_shares_the_
     teardown(first).await;
 }
 
+/// Whether `queue` exists, looked at passively on a channel of its own.
+async fn queue_exists(connection: &Connection, queue: &str) -> bool {
+    let channel = connection.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .is_ok();
+    if found {
+        let _ = channel.close(200, "looked".into()).await;
+    }
+    found
+}
+
+#[tokio::test]
+async fn a_publishing_bus_declares_the_topology_only_where_there_is_none() {
+    let prefix = prefix();
+    let names = sigrun::bus::amqp::topology::Names::new(&prefix);
+    let look = raw().await;
+    // A prefix nobody used: the publisher declares it all, and its trigger lands for the admitter.
+    let publisher = AmqpBus::connect_to_publish(settings(&prefix), tiers())
+        .await
+        .expect("a publishing bus connects");
+    assert!(AmqpBus::topology_exists(&settings(&prefix)).await.unwrap());
+    publisher
+        .publish_trigger(b"{\"v\":1}", "application/json", Some("t-1"))
+        .await
+        .expect("the trigger is confirmed");
+    publisher.close().await;
+    let worker = connect(&prefix).await;
+    let trigger = next_trigger(&worker).await;
+    assert_eq!(trigger.message.message_id.as_deref(), Some("t-1"));
+    trigger.acker.ack().await.unwrap();
+    worker.close().await;
+
+    // On a declared prefix it declares nothing: a queue deleted behind its back stays deleted,
+    // where a worker's connection declares it again.
+    let tier = names.tier(tiers()[0]);
+    let channel = look.create_channel().await.unwrap();
+    channel
+        .queue_delete(tier.as_str().into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let publisher = AmqpBus::connect_to_publish(settings(&prefix), tiers()).await.unwrap();
+    publisher
+        .publish_trigger(b"{\"v\":1}", "application/json", Some("t-2"))
+        .await
+        .unwrap();
+    publisher.close().await;
+    assert!(!queue_exists(&look, &tier).await, "the publisher declared {tier}");
+    let worker = connect(&prefix).await;
+    assert!(
+        queue_exists(&look, &tier).await,
+        "a worker's connection declares {tier} again"
+    );
+    let trigger = next_trigger(&worker).await;
+    assert_eq!(trigger.message.message_id.as_deref(), Some("t-2"));
+    trigger.acker.ack().await.unwrap();
+    teardown(worker).await;
+}
+
 /// Force-closes this test's connections (named `sigrun {prefix}`) from the broker's side, as an
 /// operator's `rabbitmqctl close_all_connections` would, without touching other tests' connections.
 fn close_connections_of(prefix: &str) -> usize {

@@ -71,7 +71,7 @@ pub async fn run(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let message_id = Uuid::new_v4().to_string();
 
     let url = session.amqp.redacted_url();
-    let bus = AmqpBus::connect(session.amqp.clone(), session.runtime.tiers.clone())
+    let bus = AmqpBus::connect_to_publish(session.amqp.clone(), session.runtime.tiers.clone())
         .await
         .map_err(|e| anyhow::anyhow!("RabbitMQ at {url}: {e}"))?;
     let published = bus.publish_trigger(&body, CONTENT_TYPE_JSON, Some(&message_id)).await;

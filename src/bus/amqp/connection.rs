@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep, timeout};
 use tracing::{info, warn};
 
-use super::{Shared, connection_error, consumer, delays, topology};
+use super::{Declaring, Shared, connection_error, consumer, delays, topology};
 use crate::bus::BusError;
 
 /// How long closing a connection may take before it is abandoned.
@@ -74,8 +74,7 @@ async fn establish_on(shared: &Shared, url: &str, generation: u64) -> Result<Lin
         let properties =
             ConnectionProperties::default().with_connection_name(format!("sigrun {}", shared.names.prefix()).into());
         let connection = open(url, properties).await?;
-        let publisher = connection.create_channel().await?;
-        topology::declare(&publisher, &shared.names, &shared.spec).await?;
+        let publisher = declared_channel(&connection, shared).await?;
         publisher.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok::<_, lapin::Error>(Link {
             generation,
@@ -94,6 +93,20 @@ async fn establish_on(shared: &Shared, url: &str, generation: u64) -> Result<Lin
             settings.connect_timeout.as_millis()
         ))),
     }
+}
+
+/// A channel on `connection` once the topology is declared, as `shared.declaring` says: always, or
+/// only when the prefix has none (the passive look that finds none costs its channel).
+async fn declared_channel(connection: &Connection, shared: &Shared) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    let channel = match shared.declaring {
+        Declaring::Always => channel,
+        Declaring::WhenAbsent if topology::declared(&channel, &shared.names).await? => return Ok(channel),
+        // The look that found nothing closed its channel (404).
+        Declaring::WhenAbsent => connection.create_channel().await?,
+    };
+    topology::declare(&channel, &shared.names, &shared.spec).await?;
+    Ok(channel)
 }
 
 /// Waits up to `wait` for a live link whose generation is not `not_generation` (0: any link).

@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use serde::Deserialize;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -225,10 +224,20 @@ mod millis {
 }
 
 /// What the bus's handle, its supervisor task and its consumer tasks share.
+/// When a connection declares the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Declaring {
+    /// On every connect: workers and commands that consume.
+    Always,
+    /// Only where the prefix has none yet: one-shot publishers.
+    WhenAbsent,
+}
+
 struct Shared {
     settings: AmqpSettings,
     names: Names,
     spec: TopologySpec,
+    declaring: Declaring,
     /// The live connection, `None` while reconnecting. Publishers wait on it.
     link: watch::Sender<Option<Arc<Link>>>,
     /// Generation of the live connection (0: none), for dropping stale buffered deliveries.
@@ -273,7 +282,24 @@ impl AmqpBus {
     /// When `tiers` is empty, holds a zero delay or is not strictly increasing (configured tiers
     /// are checked by `RuntimeSettings::check`).
     pub async fn connect(settings: AmqpSettings, tiers: Vec<Duration>) -> Result<AmqpBus, BusError> {
-        let (shared, broken_rx) = AmqpBus::shared(settings, &tiers);
+        AmqpBus::connect_declaring(settings, tiers, Declaring::Always).await
+    }
+
+    /// As [`AmqpBus::connect`], but declares the topology only when the prefix has none yet (its
+    /// events stream, declared last, is missing). For one-shot publishers such as `sigrun submit`:
+    /// declaring everything again is some thirty broker operations, which cost the broker more
+    /// than the publish itself; a passive look at the stream is one. What this bus does not declare
+    /// is the workers' to keep (they declare all of it on every connect).
+    pub async fn connect_to_publish(settings: AmqpSettings, tiers: Vec<Duration>) -> Result<AmqpBus, BusError> {
+        AmqpBus::connect_declaring(settings, tiers, Declaring::WhenAbsent).await
+    }
+
+    async fn connect_declaring(
+        settings: AmqpSettings,
+        tiers: Vec<Duration>,
+        declaring: Declaring,
+    ) -> Result<AmqpBus, BusError> {
+        let (shared, broken_rx) = AmqpBus::shared(settings, &tiers, declaring);
         let first = connection::establish(&shared, 1).await?;
         Ok(AmqpBus::supervised(shared, tiers, Some(first), broken_rx))
     }
@@ -286,11 +312,15 @@ impl AmqpBus {
     /// # Panics
     /// As [`AmqpBus::connect`].
     pub fn start(settings: AmqpSettings, tiers: Vec<Duration>) -> AmqpBus {
-        let (shared, broken_rx) = AmqpBus::shared(settings, &tiers);
+        let (shared, broken_rx) = AmqpBus::shared(settings, &tiers, Declaring::Always);
         AmqpBus::supervised(shared, tiers, None, broken_rx)
     }
 
-    fn shared(settings: AmqpSettings, tiers: &[Duration]) -> (Arc<Shared>, mpsc::UnboundedReceiver<u64>) {
+    fn shared(
+        settings: AmqpSettings,
+        tiers: &[Duration],
+        declaring: Declaring,
+    ) -> (Arc<Shared>, mpsc::UnboundedReceiver<u64>) {
         assert!(
             !tiers.is_empty() && tiers[0] > Duration::ZERO && tiers.windows(2).all(|w| w[0] < w[1]),
             "delay tiers must be non-empty, non-zero and strictly increasing: {tiers:?}"
@@ -303,6 +333,7 @@ impl AmqpBus {
                 tiers: tiers.to_vec(),
                 event_max_age: settings.event_max_age.clone(),
             },
+            declaring,
             settings,
             link: watch::Sender::new(None),
             generation: AtomicU64::new(0),
@@ -394,25 +425,9 @@ impl AmqpBus {
             .map_err(|_| BusError::Connection(format!("{}: no connection", settings.redacted_url())))?
             .map_err(|e| BusError::Connection(format!("{}: {e}", settings.redacted_url())))?;
         let channel = connection.create_channel().await.map_err(connection_error)?;
-        let passive = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..lapin::options::QueueDeclareOptions::default()
-        };
-        let events = Names::new(&settings.prefix).events();
-        // A missing queue closes the channel with 404; any other failure is the broker's.
-        let exists = match channel
-            .queue_declare(events.as_str().into(), passive, lapin::types::FieldTable::default())
+        let exists = topology::declared(&channel, &Names::new(&settings.prefix))
             .await
-        {
-            Ok(_) => Ok(true),
-            Err(error)
-                if matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
-                    if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
-            {
-                Ok(false)
-            }
-            Err(error) => Err(connection_error(error)),
-        };
+            .map_err(connection_error);
         let _ = connection.close(200, "checked".into()).await;
         exists
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, ExchangeKind};
 
@@ -248,6 +249,29 @@ pub async fn declare(channel: &Channel, names: &Names, spec: &TopologySpec) -> l
         .await?;
     bind(channel, &events, &events, "#").await?;
     Ok(())
+}
+
+/// Whether [`declare`] has completed under these names: its last declaration, the events stream,
+/// exists (looked at passively, declaring nothing). A missing stream closes `channel` (404); any
+/// other failure is the broker's.
+pub async fn declared(channel: &Channel, names: &Names) -> lapin::Result<bool> {
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel
+        .queue_declare(names.events().as_str().into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(error)
+            if matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp)
+                if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+        {
+            Ok(false)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Deletes everything [`declare`] made under these names, messages included. For tests and for
