@@ -1,0 +1,289 @@
+//! What each kind of broker operation sigrun uses costs RabbitMQ's CPU, one kind at a time, so a
+//! change to how sigrun talks to the broker can be priced before it is made. Printed per
+//! operation: the broker's CPU (`beam.smp`'s utime + stime over the timed part, less what it
+//! spent idle over as long just before), and then the nightly pipeline's bill as
+//! `cargo bench --bench concurrent` counts its operations, beside what that bench measures.
+//!
+//! - **connect (declaring)**: `AmqpBus::connect` on a declared prefix and `close`: what a worker
+//!   or command pays per connection (open, the whole topology declared again, close).
+//! - **connect (to publish)**: `AmqpBus::connect_to_publish` on the same prefix and `close`: what
+//!   `sigrun submit` pays (open, one passive look, close).
+//! - **quorum message**: a persistent nightly-sized body (7.7 KB) published with a confirm to a
+//!   quorum queue, one at a time as a stage's consumer does, then delivered and acked one by one:
+//!   a stage hand-off.
+//! - **stream record**: a ledger-sized record (600 bytes) published with a confirm to a stream,
+//!   one at a time: a claim, a commit or a note.
+//! - **stream delivery**: one reader taking those records from the first, with the events
+//!   reader's window (prefetch 256, acks 128 at a time): what each reader of the history costs.
+//!
+//! `cargo bench --bench broker_costs`; `SIGRUN_BENCH_MESSAGES` (default 2000; connections a
+//! twentieth of it), `SIGRUN_BENCH_AMQP_URL`, `SIGRUN_BENCH_BROKER_PID`. Uses its own prefix and
+//! deletes it at the end.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sigrun::bus::amqp::AmqpBus;
+
+/// A nightly envelope's size, and a ledger record's.
+const ENVELOPE_BYTES: usize = 7_700;
+const RECORD_BYTES: usize = 600;
+const PERSISTENT: u8 = 2;
+
+/// What the concurrent bench counts per nightly pipeline (its broker counters, 2026-12-06).
+const PIPELINE_QUORUM_MESSAGES: f64 = 25.0;
+const PIPELINE_STREAM_RECORDS: f64 = 35.0;
+const PIPELINE_STREAM_DELIVERIES: f64 = 245.0;
+const PIPELINE_SUBMITS: f64 = 1.0;
+
+fn main() {
+    if !common::measuring("broker_costs") {
+        return;
+    }
+    let messages: usize = common::env_or("SIGRUN_BENCH_MESSAGES", 2000);
+    let broker = common::workers::broker_pid().expect(
+        "no RabbitMQ beam.smp found to measure: start it with `rabbitmq-server -detached`, or set \
+         SIGRUN_BENCH_BROKER_PID",
+    );
+    common::runtime().block_on(bench(broker, messages));
+}
+
+/// The broker's CPU over `work`, less its idle rate over a span as long just before, per item.
+struct Meter {
+    broker: u32,
+    ticks: f64,
+}
+
+impl Meter {
+    async fn per_item<F: Future<Output = ()>>(&self, items: usize, work: F) -> Duration {
+        let idle = self.idle(Duration::from_millis(500)).await;
+        let before = common::cpu_time(self.broker, self.ticks);
+        let started = Instant::now();
+        work.await;
+        let wall = started.elapsed();
+        let spent = common::cpu_time(self.broker, self.ticks).saturating_sub(before);
+        let idle_share = idle.mul_f64(wall.as_secs_f64() / 0.5);
+        spent.saturating_sub(idle_share) / u32::try_from(items).expect("a count that fits")
+    }
+
+    async fn idle(&self, span: Duration) -> Duration {
+        let before = common::cpu_time(self.broker, self.ticks);
+        tokio::time::sleep(span).await;
+        common::cpu_time(self.broker, self.ticks).saturating_sub(before)
+    }
+}
+
+async fn bench(broker: u32, messages: usize) {
+    let meter = Meter {
+        broker,
+        ticks: common::clock_ticks(),
+    };
+    let prefix = common::prefix("broker-costs");
+    let settings = common::amqp_settings(&prefix);
+    let tiers = common::worker_defaults().runtime.tiers;
+    println!(
+        "== the broker's CPU per operation ({messages} messages, {} connections; {})",
+        messages / 20,
+        common::machine()
+    );
+    // Declared once, so both connects meet a declared prefix.
+    AmqpBus::connect(settings.clone(), tiers.clone())
+        .await
+        .expect("RabbitMQ answers: start it with `rabbitmq-server -detached`")
+        .close()
+        .await;
+    let connections = (messages / 20).max(1);
+    let declaring = meter
+        .per_item(connections, async {
+            for _ in 0..connections {
+                AmqpBus::connect(settings.clone(), tiers.clone())
+                    .await
+                    .unwrap()
+                    .close()
+                    .await;
+            }
+        })
+        .await;
+    let publishing = meter
+        .per_item(connections, async {
+            for _ in 0..connections {
+                let bus = AmqpBus::connect_to_publish(settings.clone(), tiers.clone())
+                    .await
+                    .unwrap();
+                bus.close().await;
+            }
+        })
+        .await;
+
+    let connection = Connection::connect(&settings.url, ConnectionProperties::default())
+        .await
+        .expect("a plain connection");
+    let (quorum, quorum_delivery) = queue_costs(&meter, &connection, &prefix, messages).await;
+    let (record, delivery) = stream_costs(&meter, &connection, &prefix, messages).await;
+    let _ = connection.close(200, "measured".into()).await;
+    AmqpBus::delete_topology(&settings, &tiers)
+        .await
+        .expect("delete the bench topology");
+
+    let rows = [
+        ("connect (declaring), per connection", declaring),
+        ("connect (to publish), per connection", publishing),
+        ("quorum message: publish, confirmed", quorum),
+        ("quorum message: delivery and ack", quorum_delivery),
+        ("stream record: publish, confirmed", record),
+        ("stream delivery, per reader", delivery),
+    ];
+    println!("\n{:<48}{:>12}", "", "broker CPU");
+    for (name, cost) in rows {
+        println!("{name:<48}{:>9.3} ms", ms(cost));
+    }
+    let bill = [
+        (
+            "quorum messages",
+            PIPELINE_QUORUM_MESSAGES,
+            ms(quorum) + ms(quorum_delivery),
+        ),
+        ("stream records", PIPELINE_STREAM_RECORDS, ms(record)),
+        ("stream deliveries", PIPELINE_STREAM_DELIVERIES, ms(delivery)),
+        ("submit connections", PIPELINE_SUBMITS, ms(publishing)),
+    ];
+    println!("\na nightly pipeline's operations (as `concurrent` counts them), priced:");
+    let mut total = 0.0;
+    for (name, count, each) in bill {
+        total += count * each;
+        println!("  {count:>5.0} {name:<20}{:>9.1} ms", count * each);
+    }
+    println!(
+        "  {:<26}{total:>9.1} ms (concurrent measured 51-58 ms on 2026-12-06)",
+        "all"
+    );
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+async fn confirm_channel(connection: &Connection) -> Channel {
+    let channel = connection.create_channel().await.unwrap();
+    channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    channel
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+fn queue_type(kind: &str) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
+    arguments
+}
+
+/// Publishes `count` bodies of `bytes` to `queue` one at a time, each confirmed.
+async fn publish_each(channel: &Channel, queue: &str, count: usize, bytes: usize) {
+    let body = vec![b'x'; bytes];
+    for _ in 0..count {
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                BasicProperties::default().with_delivery_mode(PERSISTENT),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack(), "the broker refused a publish to {queue}");
+    }
+}
+
+/// A quorum queue's publish, then its delivery and ack, per message.
+async fn queue_costs(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> (Duration, Duration) {
+    let queue = format!("{prefix}.quorum");
+    let channel = confirm_channel(connection).await;
+    channel
+        .queue_declare(queue.as_str().into(), durable(), queue_type("quorum"))
+        .await
+        .unwrap();
+    let publish = meter
+        .per_item(count, publish_each(&channel, &queue, count, ENVELOPE_BYTES))
+        .await;
+    channel.basic_qos(10, BasicQosOptions::default()).await.unwrap();
+    let deliver = meter
+        .per_item(count, async {
+            let mut consumer = channel
+                .basic_consume(
+                    queue.as_str().into(),
+                    "bench".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+            for _ in 0..count {
+                let delivery = consumer.next().await.expect("a delivery").unwrap();
+                delivery.ack(BasicAckOptions::default()).await.unwrap();
+            }
+        })
+        .await;
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    (publish, deliver)
+}
+
+/// A stream's publish per record, then one reader's delivery per record (the events reader's
+/// window: 256 unacked, acked 128 at a time).
+async fn stream_costs(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> (Duration, Duration) {
+    let stream = format!("{prefix}.stream");
+    let channel = confirm_channel(connection).await;
+    channel
+        .queue_declare(stream.as_str().into(), durable(), queue_type("stream"))
+        .await
+        .unwrap();
+    let publish = meter
+        .per_item(count, publish_each(&channel, &stream, count, RECORD_BYTES))
+        .await;
+    let reader = connection.create_channel().await.unwrap();
+    reader.basic_qos(256, BasicQosOptions::default()).await.unwrap();
+    let deliver = meter
+        .per_item(count, async {
+            let mut from = FieldTable::default();
+            from.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
+            let mut consumer = reader
+                .basic_consume(
+                    stream.as_str().into(),
+                    "reader".into(),
+                    BasicConsumeOptions::default(),
+                    from,
+                )
+                .await
+                .unwrap();
+            for n in 1..=count {
+                let delivery = consumer.next().await.expect("a record").unwrap();
+                if n % 128 == 0 || n == count {
+                    delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
+                }
+            }
+        })
+        .await;
+    channel
+        .queue_delete(stream.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    (publish, deliver)
+}
