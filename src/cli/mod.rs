@@ -90,6 +90,21 @@ pub fn input_error(err: impl Into<anyhow::Error>) -> anyhow::Error {
 }
 
 /// Runs a parsed command line to completion.
+/// The async runtime a command runs on. A stage worker and `submit` get one thread: they wait on
+/// the broker and on Azure and compute little, and on one thread no task is handed between
+/// threads, which cost more than the work itself (at 100 concurrent pipelines, measured by
+/// `benches/concurrent.rs`: with jemalloc's thread caches, a worker's CPU down by a fifth, a
+/// submit's by a sixth). Workers scale out as processes (`deploy/`: replicas per stage).
+/// The other commands keep a thread per core: `run` (six stages and the emulator in one
+/// process), the emulator, the web page, `dev`, and the operator's commands as they were.
+pub fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        Command::Worker(_) | Command::Submit(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}
+
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Run(args) => run::run(args).await,
@@ -113,5 +128,36 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
         ExitCode::from(2)
     } else {
         ExitCode::FAILURE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::{Cli, runtime_for};
+
+    fn flavor(args: &[&str]) -> RuntimeFlavor {
+        let cli = Cli::try_parse_from(args).expect("the arguments parse");
+        runtime_for(&cli.command).expect("a runtime").handle().runtime_flavor()
+    }
+
+    #[test]
+    fn workers_and_submits_run_on_one_thread_and_the_rest_on_a_thread_per_core() {
+        assert_eq!(
+            flavor(&["sigrun", "worker", "--all-stages"]),
+            RuntimeFlavor::CurrentThread
+        );
+        assert_eq!(
+            flavor(&["sigrun", "worker", "--stage", "replicate"]),
+            RuntimeFlavor::CurrentThread
+        );
+        assert_eq!(flavor(&["sigrun", "submit", "p.toml"]), RuntimeFlavor::CurrentThread);
+        assert_eq!(
+            flavor(&["sigrun", "run", "pipelines/nightly-ubuntu.toml"]),
+            RuntimeFlavor::MultiThread
+        );
+        assert_eq!(flavor(&["sigrun", "emulator"]), RuntimeFlavor::MultiThread);
     }
 }

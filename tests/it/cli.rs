@@ -20,7 +20,7 @@ fn help_lists_the_subcommands() {
 }
 
 /// The binary allocates with jemalloc configured as `src/main.rs` says: its statistics, printed at
-/// exit on request, show the one arena, no thread caches and the decay times (a renamed
+/// exit on request, show the one arena, the thread caches on and the decay times (a renamed
 /// configuration symbol would leave jemalloc's defaults, and a lost `#[global_allocator]` would
 /// print nothing).
 #[test]
@@ -34,7 +34,7 @@ fn the_binary_allocates_with_jemalloc_and_its_settings() {
     let stats = String::from_utf8_lossy(&out.stderr);
     let options = [
         "opt.narenas: 1",
-        "opt.tcache: false",
+        "opt.tcache: true",
         "opt.dirty_decay_ms: 1000",
         "opt.muzzy_decay_ms: 0",
     ];
