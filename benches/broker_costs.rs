@@ -15,6 +15,10 @@
 //!   one at a time: a claim, a commit or a note.
 //! - **stream delivery**: one reader taking those records from the first, with the events
 //!   reader's window (prefetch 256, acks 128 at a time): what each reader of the history costs.
+//! - **stream record, trickled**: seven readers following the stream live (six workers and a
+//!   watcher, as in `concurrent`) while records are published one every 2 ms, as the steps of
+//!   100 pipelines come: a record's publish and its seven deliveries, beside the same priced
+//!   back to back (the rows above).
 //!
 //! `cargo bench --bench broker_costs`; `SIGRUN_BENCH_MESSAGES` (default 2000; connections a
 //! twentieth of it), `SIGRUN_BENCH_AMQP_URL`, `SIGRUN_BENCH_BROKER_PID`. Uses its own prefix and
@@ -37,6 +41,8 @@ use sigrun::bus::amqp::AmqpBus;
 const ENVELOPE_BYTES: usize = 7_700;
 const RECORD_BYTES: usize = 600;
 const PERSISTENT: u8 = 2;
+/// The history's readers in `concurrent`: six workers and the bench's own.
+const READERS: u16 = 7;
 
 /// What the concurrent bench counts per nightly pipeline (its broker counters, 2026-12-06).
 const PIPELINE_QUORUM_MESSAGES: f64 = 25.0;
@@ -128,6 +134,7 @@ async fn bench(broker: u32, messages: usize) {
         .expect("a plain connection");
     let (quorum, quorum_delivery) = queue_costs(&meter, &connection, &prefix, messages).await;
     let (record, delivery) = stream_costs(&meter, &connection, &prefix, messages).await;
+    let trickled = trickled_record(&meter, &connection, &prefix, messages / 4).await;
     let _ = connection.close(200, "measured".into()).await;
     AmqpBus::delete_topology(&settings, &tiers)
         .await
@@ -140,30 +147,39 @@ async fn bench(broker: u32, messages: usize) {
         ("quorum message: delivery and ack", quorum_delivery),
         ("stream record: publish, confirmed", record),
         ("stream delivery, per reader", delivery),
+        ("stream record, trickled, with 7 live readers", trickled),
     ];
     println!("\n{:<48}{:>12}", "", "broker CPU");
     for (name, cost) in rows {
         println!("{name:<48}{:>9.3} ms", ms(cost));
     }
-    let bill = [
-        (
-            "quorum messages",
-            PIPELINE_QUORUM_MESSAGES,
-            ms(quorum) + ms(quorum_delivery),
-        ),
-        ("stream records", PIPELINE_STREAM_RECORDS, ms(record)),
-        ("stream deliveries", PIPELINE_STREAM_DELIVERIES, ms(delivery)),
-        ("submit connections", PIPELINE_SUBMITS, ms(publishing)),
-    ];
+    println!(
+        "(a trickled record with its deliveries / the same back to back: {:.2})",
+        ms(trickled) / (ms(record) + f64::from(READERS) * ms(delivery))
+    );
     println!("\na nightly pipeline's operations (as `concurrent` counts them), priced:");
-    let mut total = 0.0;
-    for (name, count, each) in bill {
-        total += count * each;
-        println!("  {count:>5.0} {name:<20}{:>9.1} ms", count * each);
+    let quorum_bill = PIPELINE_QUORUM_MESSAGES * (ms(quorum) + ms(quorum_delivery));
+    let submit_bill = PIPELINE_SUBMITS * ms(publishing);
+    let back_to_back = PIPELINE_STREAM_RECORDS * ms(record) + PIPELINE_STREAM_DELIVERIES * ms(delivery);
+    let trickle = PIPELINE_STREAM_RECORDS * ms(trickled);
+    let lines = [
+        (format!("{PIPELINE_QUORUM_MESSAGES:.0} quorum messages"), quorum_bill),
+        (format!("{PIPELINE_SUBMITS:.0} submit's connection"), submit_bill),
+        (
+            format!(
+                "{PIPELINE_STREAM_RECORDS:.0} stream records, {PIPELINE_STREAM_DELIVERIES:.0} deliveries, back to back"
+            ),
+            back_to_back,
+        ),
+        ("the same records trickled".to_string(), trickle),
+    ];
+    for (name, cost) in &lines {
+        println!("  {name:<56}{cost:>7.1} ms");
     }
     println!(
-        "  {:<26}{total:>9.1} ms (concurrent measured 51-58 ms on 2026-12-06)",
-        "all"
+        "  all: {:.1} ms back to back, {:.1} ms trickled (concurrent measured 51-63 ms on 2026-12-06)",
+        quorum_bill + submit_bill + back_to_back,
+        quorum_bill + submit_bill + trickle
     );
 }
 
@@ -286,4 +302,68 @@ async fn stream_costs(meter: &Meter, connection: &Connection, prefix: &str, coun
         .await
         .unwrap();
     (publish, deliver)
+}
+
+/// A record published every 2 ms to a stream seven readers follow live: the broker's CPU per
+/// record, its deliveries included.
+async fn trickled_record(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> Duration {
+    let stream = format!("{prefix}.trickle");
+    let channel = confirm_channel(connection).await;
+    channel
+        .queue_declare(stream.as_str().into(), durable(), queue_type("stream"))
+        .await
+        .unwrap();
+    let mut readers = Vec::new();
+    for n in 0..READERS {
+        let reader = connection.create_channel().await.unwrap();
+        reader.basic_qos(256, BasicQosOptions::default()).await.unwrap();
+        let mut from = FieldTable::default();
+        from.insert("x-stream-offset".into(), AMQPValue::LongString("next".into()));
+        let mut consumer = reader
+            .basic_consume(
+                stream.as_str().into(),
+                format!("reader-{n}").as_str().into(),
+                BasicConsumeOptions::default(),
+                from,
+            )
+            .await
+            .unwrap();
+        readers.push(tokio::spawn(async move {
+            for n in 1..=count {
+                let delivery = consumer.next().await.expect("a record").unwrap();
+                if n % 128 == 0 || n == count {
+                    delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
+                }
+            }
+            reader
+        }));
+    }
+    let cost = meter
+        .per_item(count, async {
+            let body = vec![b'x'; RECORD_BYTES];
+            for _ in 0..count {
+                channel
+                    .basic_publish(
+                        "".into(),
+                        stream.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default().with_delivery_mode(PERSISTENT),
+                    )
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            for reader in readers {
+                reader.await.expect("a reader got every record");
+            }
+        })
+        .await;
+    channel
+        .queue_delete(stream.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    cost
 }
