@@ -34,7 +34,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use sigrun::bus::amqp::AmqpBus;
 
 /// A nightly envelope's size, and a ledger record's.
@@ -70,14 +70,22 @@ struct Meter {
 
 impl Meter {
     async fn per_item<F: Future<Output = ()>>(&self, items: usize, work: F) -> Duration {
+        self.per_item_keeping(items, work).await.0
+    }
+
+    /// As [`Meter::per_item`], handing back what `work` returns. Consumers come back this way so
+    /// they outlive their queue: dropped, lapin cancels them, and RabbitMQ 3.10 here once crashed
+    /// the channel on a quorum consumer's cancel, taking the connection with it.
+    async fn per_item_keeping<T, F: Future<Output = T>>(&self, items: usize, work: F) -> (Duration, T) {
         let idle = self.idle(Duration::from_millis(500)).await;
         let before = common::cpu_time(self.broker, self.ticks);
         let started = Instant::now();
-        work.await;
+        let kept = work.await;
         let wall = started.elapsed();
         let spent = common::cpu_time(self.broker, self.ticks).saturating_sub(before);
         let idle_share = idle.mul_f64(wall.as_secs_f64() / 0.5);
-        spent.saturating_sub(idle_share) / u32::try_from(items).expect("a count that fits")
+        let each = spent.saturating_sub(idle_share) / u32::try_from(items).expect("a count that fits");
+        (each, kept)
     }
 
     async fn idle(&self, span: Duration) -> Duration {
@@ -206,8 +214,18 @@ fn queue_type(kind: &str) -> FieldTable {
     arguments
 }
 
-/// Publishes `count` bodies of `bytes` to `queue` one at a time, each confirmed.
-async fn publish_each(channel: &Channel, queue: &str, count: usize, bytes: usize) {
+/// A confirm channel on which `queue` (of `kind`: quorum or stream) is declared.
+async fn declared(connection: &Connection, queue: &str, kind: &str) -> Channel {
+    let channel = confirm_channel(connection).await;
+    channel
+        .queue_declare(queue.into(), durable(), queue_type(kind))
+        .await
+        .unwrap();
+    channel
+}
+
+/// Publishes `count` bodies of `bytes` to `queue` one at a time, each confirmed, `gap` apart.
+async fn publish_each(channel: &Channel, queue: &str, count: usize, bytes: usize, gap: Duration) {
     let body = vec![b'x'; bytes];
     for _ in 0..count {
         let confirm = channel
@@ -223,23 +241,55 @@ async fn publish_each(channel: &Channel, queue: &str, count: usize, bytes: usize
             .await
             .unwrap();
         assert!(confirm.is_ack(), "the broker refused a publish to {queue}");
+        if !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
     }
+}
+
+/// A reader of `stream` from `offset` (`first`, `next`) with the events reader's window: 256
+/// unacked, acked 128 at a time.
+async fn follow(connection: &Connection, stream: &str, offset: &str, tag: &str) -> Consumer {
+    let reader = connection.create_channel().await.unwrap();
+    reader.basic_qos(256, BasicQosOptions::default()).await.unwrap();
+    let mut from = FieldTable::default();
+    from.insert("x-stream-offset".into(), AMQPValue::LongString(offset.into()));
+    reader
+        .basic_consume(stream.into(), tag.into(), BasicConsumeOptions::default(), from)
+        .await
+        .unwrap()
+}
+
+/// Takes `count` records from `consumer`, acking 128 at a time.
+async fn read_records(consumer: &mut Consumer, count: usize) {
+    for n in 1..=count {
+        let delivery = consumer.next().await.expect("a record").unwrap();
+        if n % 128 == 0 || n == count {
+            delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
+        }
+    }
+}
+
+async fn delete(channel: &Channel, queue: &str) {
+    channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
 }
 
 /// A quorum queue's publish, then its delivery and ack, per message.
 async fn queue_costs(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> (Duration, Duration) {
     let queue = format!("{prefix}.quorum");
-    let channel = confirm_channel(connection).await;
-    channel
-        .queue_declare(queue.as_str().into(), durable(), queue_type("quorum"))
-        .await
-        .unwrap();
+    let channel = declared(connection, &queue, "quorum").await;
     let publish = meter
-        .per_item(count, publish_each(&channel, &queue, count, ENVELOPE_BYTES))
+        .per_item(
+            count,
+            publish_each(&channel, &queue, count, ENVELOPE_BYTES, Duration::ZERO),
+        )
         .await;
     channel.basic_qos(10, BasicQosOptions::default()).await.unwrap();
-    let deliver = meter
-        .per_item(count, async {
+    let (deliver, consumer) = meter
+        .per_item_keeping(count, async {
             let mut consumer = channel
                 .basic_consume(
                     queue.as_str().into(),
@@ -253,54 +303,33 @@ async fn queue_costs(meter: &Meter, connection: &Connection, prefix: &str, count
                 let delivery = consumer.next().await.expect("a delivery").unwrap();
                 delivery.ack(BasicAckOptions::default()).await.unwrap();
             }
+            consumer
         })
         .await;
-    channel
-        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete(&channel, &queue).await;
+    drop(consumer);
     (publish, deliver)
 }
 
-/// A stream's publish per record, then one reader's delivery per record (the events reader's
-/// window: 256 unacked, acked 128 at a time).
+/// A stream's publish per record, then one reader's delivery per record.
 async fn stream_costs(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> (Duration, Duration) {
     let stream = format!("{prefix}.stream");
-    let channel = confirm_channel(connection).await;
-    channel
-        .queue_declare(stream.as_str().into(), durable(), queue_type("stream"))
-        .await
-        .unwrap();
+    let channel = declared(connection, &stream, "stream").await;
     let publish = meter
-        .per_item(count, publish_each(&channel, &stream, count, RECORD_BYTES))
+        .per_item(
+            count,
+            publish_each(&channel, &stream, count, RECORD_BYTES, Duration::ZERO),
+        )
         .await;
-    let reader = connection.create_channel().await.unwrap();
-    reader.basic_qos(256, BasicQosOptions::default()).await.unwrap();
-    let deliver = meter
-        .per_item(count, async {
-            let mut from = FieldTable::default();
-            from.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-            let mut consumer = reader
-                .basic_consume(
-                    stream.as_str().into(),
-                    "reader".into(),
-                    BasicConsumeOptions::default(),
-                    from,
-                )
-                .await
-                .unwrap();
-            for n in 1..=count {
-                let delivery = consumer.next().await.expect("a record").unwrap();
-                if n % 128 == 0 || n == count {
-                    delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
-                }
-            }
+    let (deliver, consumer) = meter
+        .per_item_keeping(count, async {
+            let mut consumer = follow(connection, &stream, "first", "reader").await;
+            read_records(&mut consumer, count).await;
+            consumer
         })
         .await;
-    channel
-        .queue_delete(stream.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete(&channel, &stream).await;
+    drop(consumer);
     (publish, deliver)
 }
 
@@ -308,62 +337,26 @@ async fn stream_costs(meter: &Meter, connection: &Connection, prefix: &str, coun
 /// record, its deliveries included.
 async fn trickled_record(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> Duration {
     let stream = format!("{prefix}.trickle");
-    let channel = confirm_channel(connection).await;
-    channel
-        .queue_declare(stream.as_str().into(), durable(), queue_type("stream"))
-        .await
-        .unwrap();
+    let channel = declared(connection, &stream, "stream").await;
     let mut readers = Vec::new();
     for n in 0..READERS {
-        let reader = connection.create_channel().await.unwrap();
-        reader.basic_qos(256, BasicQosOptions::default()).await.unwrap();
-        let mut from = FieldTable::default();
-        from.insert("x-stream-offset".into(), AMQPValue::LongString("next".into()));
-        let mut consumer = reader
-            .basic_consume(
-                stream.as_str().into(),
-                format!("reader-{n}").as_str().into(),
-                BasicConsumeOptions::default(),
-                from,
-            )
-            .await
-            .unwrap();
+        let mut consumer = follow(connection, &stream, "next", &format!("reader-{n}")).await;
         readers.push(tokio::spawn(async move {
-            for n in 1..=count {
-                let delivery = consumer.next().await.expect("a record").unwrap();
-                if n % 128 == 0 || n == count {
-                    delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
-                }
-            }
-            reader
+            read_records(&mut consumer, count).await;
+            consumer
         }));
     }
-    let cost = meter
-        .per_item(count, async {
-            let body = vec![b'x'; RECORD_BYTES];
-            for _ in 0..count {
-                channel
-                    .basic_publish(
-                        "".into(),
-                        stream.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        BasicProperties::default().with_delivery_mode(PERSISTENT),
-                    )
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+    let (cost, consumers) = meter
+        .per_item_keeping(count, async {
+            publish_each(&channel, &stream, count, RECORD_BYTES, Duration::from_millis(2)).await;
+            let mut consumers = Vec::new();
             for reader in readers {
-                reader.await.expect("a reader got every record");
+                consumers.push(reader.await.expect("a reader got every record"));
             }
+            consumers
         })
         .await;
-    channel
-        .queue_delete(stream.as_str().into(), QueueDeleteOptions::default())
-        .await
-        .unwrap();
+    delete(&channel, &stream).await;
+    drop(consumers);
     cost
 }
