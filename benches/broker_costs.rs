@@ -14,7 +14,8 @@
 //! - **stream record**: a ledger-sized record (600 bytes) published with a confirm to a stream,
 //!   one at a time: a claim, a commit or a note.
 //! - **stream delivery**: one reader taking those records from the first, with the events
-//!   reader's window (prefetch 256, acks 128 at a time): what each reader of the history costs.
+//!   reader's window (`events::WINDOW` unacked, acked `ACK_EVERY` at a time): what each reader of
+//!   the history costs.
 //! - **stream record, trickled**: seven readers following the stream live (six workers and a
 //!   watcher, as in `concurrent`) while records are published one every 2 ms, as the steps of
 //!   100 pipelines come: a record's publish and its seven deliveries, beside the same priced
@@ -36,10 +37,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use sigrun::bus::amqp::AmqpBus;
+use sigrun::bus::amqp::events::{ACK_EVERY, WINDOW};
 
-/// A nightly envelope's size, and a ledger record's.
-const ENVELOPE_BYTES: usize = 7_700;
-const RECORD_BYTES: usize = 600;
 const PERSISTENT: u8 = 2;
 /// The history's readers in `concurrent`: six workers and the bench's own.
 const READERS: u16 = 7;
@@ -140,8 +139,8 @@ async fn bench(broker: u32, messages: usize) {
     let connection = Connection::connect(&settings.url, ConnectionProperties::default())
         .await
         .expect("a plain connection");
-    let (quorum, quorum_delivery) = queue_costs(&meter, &connection, &prefix, messages).await;
-    let (record, delivery) = stream_costs(&meter, &connection, &prefix, messages).await;
+    let (quorum, quorum_delivery) = publish_then_take(&meter, &connection, &prefix, Kind::Quorum, messages).await;
+    let (record, delivery) = publish_then_take(&meter, &connection, &prefix, Kind::Stream, messages).await;
     let trickled = trickled_record(&meter, &connection, &prefix, messages / 4).await;
     let _ = connection.close(200, "measured".into()).await;
     AmqpBus::delete_topology(&settings, &tiers)
@@ -185,7 +184,7 @@ async fn bench(broker: u32, messages: usize) {
         println!("  {name:<56}{cost:>7.1} ms");
     }
     println!(
-        "  all: {:.1} ms back to back, {:.1} ms trickled (concurrent measured 51-63 ms on 2026-12-06)",
+        "  all: {:.1} ms back to back, {:.1} ms trickled (set beside `concurrent`'s broker share)",
         quorum_bill + submit_bill + back_to_back,
         quorum_bill + submit_bill + trickle
     );
@@ -208,19 +207,53 @@ fn durable() -> QueueDeclareOptions {
     }
 }
 
-fn queue_type(kind: &str) -> FieldTable {
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString(kind.into()));
-    arguments
+/// The two kinds of queue sigrun's messages go through, as its own code uses them.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    /// A stage's quorum queue: nightly envelopes (7.7 KB), taken with a stage consumer's prefetch
+    /// and acked one by one.
+    Quorum,
+    /// The history stream: ledger records (600 bytes), taken with the events reader's window and
+    /// acked [`ACK_EVERY`] at a time.
+    Stream,
 }
 
-/// A confirm channel on which `queue` (of `kind`: quorum or stream) is declared.
-async fn declared(connection: &Connection, queue: &str, kind: &str) -> Channel {
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Quorum => "quorum",
+            Kind::Stream => "stream",
+        }
+    }
+
+    fn body_bytes(self) -> usize {
+        match self {
+            Kind::Quorum => 7_700,
+            Kind::Stream => 600,
+        }
+    }
+
+    fn prefetch(self) -> u16 {
+        match self {
+            Kind::Quorum => common::worker_defaults().amqp.prefetch,
+            Kind::Stream => WINDOW,
+        }
+    }
+
+    fn ack_every(self) -> usize {
+        match self {
+            Kind::Quorum => 1,
+            Kind::Stream => usize::from(ACK_EVERY),
+        }
+    }
+}
+
+/// A confirm channel on which `queue` of `kind` is declared.
+async fn declared(connection: &Connection, queue: &str, kind: Kind) -> Channel {
     let channel = confirm_channel(connection).await;
-    channel
-        .queue_declare(queue.into(), durable(), queue_type(kind))
-        .await
-        .unwrap();
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString(kind.name().into()));
+    channel.queue_declare(queue.into(), durable(), arguments).await.unwrap();
     channel
 }
 
@@ -247,25 +280,31 @@ async fn publish_each(channel: &Channel, queue: &str, count: usize, bytes: usize
     }
 }
 
-/// A reader of `stream` from `offset` (`first`, `next`) with the events reader's window: 256
-/// unacked, acked 128 at a time.
-async fn follow(connection: &Connection, stream: &str, offset: &str, tag: &str) -> Consumer {
-    let reader = connection.create_channel().await.unwrap();
-    reader.basic_qos(256, BasicQosOptions::default()).await.unwrap();
-    let mut from = FieldTable::default();
-    from.insert("x-stream-offset".into(), AMQPValue::LongString(offset.into()));
-    reader
-        .basic_consume(stream.into(), tag.into(), BasicConsumeOptions::default(), from)
+/// A consumer of `queue` as `kind`'s consumers take it; a stream is read from `offset` (`first`,
+/// `next`).
+async fn consume(connection: &Connection, queue: &str, kind: Kind, offset: &str, tag: &str) -> Consumer {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .basic_qos(kind.prefetch(), BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut arguments = FieldTable::default();
+    if let Kind::Stream = kind {
+        arguments.insert("x-stream-offset".into(), AMQPValue::LongString(offset.into()));
+    }
+    channel
+        .basic_consume(queue.into(), tag.into(), BasicConsumeOptions::default(), arguments)
         .await
         .unwrap()
 }
 
-/// Takes `count` records from `consumer`, acking 128 at a time.
-async fn read_records(consumer: &mut Consumer, count: usize) {
+/// Takes `count` deliveries from `consumer`, acking as `kind`'s consumers do.
+async fn take(consumer: &mut Consumer, kind: Kind, count: usize) {
+    let every = kind.ack_every();
     for n in 1..=count {
-        let delivery = consumer.next().await.expect("a record").unwrap();
-        if n % 128 == 0 || n == count {
-            delivery.ack(BasicAckOptions { multiple: true }).await.unwrap();
+        let delivery = consumer.next().await.expect("a delivery").unwrap();
+        if n % every == 0 || n == count {
+            delivery.ack(BasicAckOptions { multiple: every > 1 }).await.unwrap();
         }
     }
 }
@@ -277,32 +316,25 @@ async fn delete(channel: &Channel, queue: &str) {
         .unwrap();
 }
 
-/// A quorum queue's publish, then its delivery and ack, per message.
-async fn queue_costs(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> (Duration, Duration) {
-    let queue = format!("{prefix}.quorum");
-    let channel = declared(connection, &queue, "quorum").await;
+/// A queue of `kind`: the broker's CPU per confirmed publish, one at a time as a stage's
+/// consumer publishes, then per delivery to one consumer.
+async fn publish_then_take(
+    meter: &Meter,
+    connection: &Connection,
+    prefix: &str,
+    kind: Kind,
+    count: usize,
+) -> (Duration, Duration) {
+    let queue = format!("{prefix}.{}", kind.name());
+    let channel = declared(connection, &queue, kind).await;
+    let bytes = kind.body_bytes();
     let publish = meter
-        .per_item(
-            count,
-            publish_each(&channel, &queue, count, ENVELOPE_BYTES, Duration::ZERO),
-        )
+        .per_item(count, publish_each(&channel, &queue, count, bytes, Duration::ZERO))
         .await;
-    channel.basic_qos(10, BasicQosOptions::default()).await.unwrap();
     let (deliver, consumer) = meter
         .per_item_keeping(count, async {
-            let mut consumer = channel
-                .basic_consume(
-                    queue.as_str().into(),
-                    "bench".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .unwrap();
-            for _ in 0..count {
-                let delivery = consumer.next().await.expect("a delivery").unwrap();
-                delivery.ack(BasicAckOptions::default()).await.unwrap();
-            }
+            let mut consumer = consume(connection, &queue, kind, "first", "bench").await;
+            take(&mut consumer, kind, count).await;
             consumer
         })
         .await;
@@ -311,44 +343,23 @@ async fn queue_costs(meter: &Meter, connection: &Connection, prefix: &str, count
     (publish, deliver)
 }
 
-/// A stream's publish per record, then one reader's delivery per record.
-async fn stream_costs(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> (Duration, Duration) {
-    let stream = format!("{prefix}.stream");
-    let channel = declared(connection, &stream, "stream").await;
-    let publish = meter
-        .per_item(
-            count,
-            publish_each(&channel, &stream, count, RECORD_BYTES, Duration::ZERO),
-        )
-        .await;
-    let (deliver, consumer) = meter
-        .per_item_keeping(count, async {
-            let mut consumer = follow(connection, &stream, "first", "reader").await;
-            read_records(&mut consumer, count).await;
-            consumer
-        })
-        .await;
-    delete(&channel, &stream).await;
-    drop(consumer);
-    (publish, deliver)
-}
-
 /// A record published every 2 ms to a stream seven readers follow live: the broker's CPU per
 /// record, its deliveries included.
 async fn trickled_record(meter: &Meter, connection: &Connection, prefix: &str, count: usize) -> Duration {
     let stream = format!("{prefix}.trickle");
-    let channel = declared(connection, &stream, "stream").await;
+    let channel = declared(connection, &stream, Kind::Stream).await;
     let mut readers = Vec::new();
     for n in 0..READERS {
-        let mut consumer = follow(connection, &stream, "next", &format!("reader-{n}")).await;
+        let mut consumer = consume(connection, &stream, Kind::Stream, "next", &format!("reader-{n}")).await;
         readers.push(tokio::spawn(async move {
-            read_records(&mut consumer, count).await;
+            take(&mut consumer, Kind::Stream, count).await;
             consumer
         }));
     }
+    let bytes = Kind::Stream.body_bytes();
     let (cost, consumers) = meter
         .per_item_keeping(count, async {
-            publish_each(&channel, &stream, count, RECORD_BYTES, Duration::from_millis(2)).await;
+            publish_each(&channel, &stream, count, bytes, Duration::from_millis(2)).await;
             let mut consumers = Vec::new();
             for reader in readers {
                 consumers.push(reader.await.expect("a reader got every record"));

@@ -94,7 +94,7 @@ pub fn input_error(err: impl Into<anyhow::Error>) -> anyhow::Error {
 /// the broker and on Azure and compute little, and on one thread no task is handed between
 /// threads, which cost more than the work itself (at 100 concurrent pipelines, measured by
 /// `benches/concurrent.rs`: with jemalloc's thread caches, a worker's CPU down by a fifth, a
-/// submit's by a sixth). Workers scale out as processes (`deploy/`: replicas per stage).
+/// submit's by an eighth). Workers scale out as processes (`deploy/`: replicas per stage).
 /// The other commands keep a thread per core: `run` (six stages and the emulator in one
 /// process), the emulator, the web page, `dev`, and the operator's commands as they were.
 pub fn runtime_for(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {

@@ -9,6 +9,8 @@
 //! message remembers). A first try takes the planner's reading of the definition and of a new
 //! nightly version as read (`Plan::seen`).
 
+use std::ops::ControlFlow;
+
 use super::common::{Settled, fail, follow, look_again, made_in_admission, settle, tags, target_regions};
 use super::{Outcome, Step, StepContext};
 use crate::azure::api::{Accepted, DefinitionInfo, DefinitionRequest, VersionRequest};
@@ -170,8 +172,8 @@ async fn ensure_definition(
     let existing = match found {
         Some(existing) => existing,
         None => match create_definition(message, ctx, adopted).await? {
-            Ok(existing) => existing,
-            Err(step) => return Ok(Some(step)),
+            ControlFlow::Continue(existing) => existing,
+            ControlFlow::Break(step) => return Ok(Some(step)),
         },
     };
     adopted.ours(plan.definition.to_string(), &existing.tags, message);
@@ -185,29 +187,23 @@ async fn ensure_definition(
     })
 }
 
-/// PUTs the definition: the step that waits for it once created; or, when Azure answers that it
-/// was there after all (made since it was read, or this PUT's own answer was lost and it was sent
-/// again), the definition as it is, read back to judge what it is and whose.
+/// PUTs the definition: the step that waits for it once created (`Break`); or, when Azure answers
+/// that it was there after all (made since it was read, or this PUT's own answer was lost and it
+/// was sent again), the definition as it is, read back to judge what it is and whose (`Continue`).
 async fn create_definition(
     message: &Envelope,
     ctx: &StepContext<'_>,
     adopted: &mut Adopted,
-) -> Result<Result<DefinitionInfo, Step>, AzureError> {
+) -> Result<ControlFlow<Step, DefinitionInfo>, AzureError> {
     let id = &message.plan.definition;
     let accepted = ctx.azure.put_definition(id, &definition_request(message)).await?;
     if accepted.created {
-        return Ok(Err(created(
-            message,
-            Phase::Definition,
-            id.to_string(),
-            accepted,
-            ctx,
-            adopted,
-        )));
+        let step = created(message, Phase::Definition, id.to_string(), accepted, ctx, adopted);
+        return Ok(ControlFlow::Break(step));
     }
     Ok(match ctx.azure.get_definition(id).await? {
-        Some(existing) => Ok(existing),
-        None => Err(look_again(message.clone(), Phase::Definition, ctx)),
+        Some(existing) => ControlFlow::Continue(existing),
+        None => ControlFlow::Break(look_again(message.clone(), Phase::Definition, ctx)),
     })
 }
 

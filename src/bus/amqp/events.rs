@@ -52,11 +52,11 @@ fn offset_argument(offset: &StreamOffset) -> AMQPValue {
 
 /// How many records the broker may send a reader ahead of its acks. A stream keeps what is acked,
 /// so the window only paces the broker: a wide one lets it send a run of records at once.
-const WINDOW: u16 = 256;
+pub const WINDOW: u16 = 256;
 
 /// A reader acks once for every this many records (`multiple`), never letting the window fill: one
 /// ack a record cost the broker as much as the delivery itself, for every reader of every record.
-const ACK_EVERY: u16 = WINDOW / 2;
+pub const ACK_EVERY: u16 = WINDOW / 2;
 
 /// The routing key of a marker on the events exchange (never an event's: those have three parts).
 pub const MARKER_ROUTING_KEY: &str = keys::MARKER;
