@@ -977,6 +977,7 @@ fn first_message() -> Envelope {
         traceparent: new_traceparent(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        made_from: Uuid::nil(),
         admission: Uuid::nil(),
     }
 }

@@ -226,6 +226,7 @@ pub fn envelope(spec: &PipelineSpec, plan: &Plan, stage: Stage, artifacts: Artif
         traceparent: new_traceparent(),
         token: Uuid::nil(),
         made_by: Uuid::nil(),
+        made_from: Uuid::nil(),
         admission: Uuid::nil(),
     }
 }

@@ -26,7 +26,7 @@ use crate::azure::{AzureApi, AzureError, ErrorClass};
 use crate::bus::{Bus, BusError};
 use crate::events::{Event, EventKind, PoolRef};
 use crate::ledger::record::{Commit, Consumed, Successor};
-use crate::ledger::{ClaimKey, Claimed, Ledger};
+use crate::ledger::{ClaimKey, Claimed, Fencing, Ledger, Standing};
 use crate::model::envelope::{Artifacts, Branch, ENVELOPE_VERSION, Envelope, Stage, message_id};
 use crate::model::ids::{GalleryImageVersionId, ImageId};
 use crate::model::plan::Plan;
@@ -225,6 +225,7 @@ pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) ->
         traceparent: trace.to_string(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        made_from: Uuid::nil(),
         admission: Uuid::nil(),
     };
     if entry == Stage::PoolCreate {
@@ -288,10 +289,11 @@ pub enum Begun {
     Held,
 }
 
-/// Starts the run `prepared` describes at `entry`, once however many admitters try: claims the
-/// admission in the ledger, publishes the first messages (made live by the claim), then commits
-/// `RunStarted` with them. A publish that is not confirmed, or a claim that runs out of time,
-/// releases the claim and fails (the caller returns its trigger to the queue).
+/// Starts the run `prepared` describes at `entry`, once however many admitters try, fenced as the
+/// ledger's settings say: claim the admission, publish the first messages, commit `RunStarted`
+/// with them; or publish them and commit at once, the first commit read starting the run. A
+/// publish that is not confirmed, or a claim that runs out of time, fails (a claim is released;
+/// the caller returns its trigger to the queue).
 pub async fn begin(
     bus: &dyn Bus,
     ledger: &Ledger,
@@ -305,6 +307,18 @@ pub async fn begin(
 
 /// [`begin`] for first messages and a `RunStarted` event made already (all of one run).
 pub async fn begin_with(
+    bus: &dyn Bus,
+    ledger: &Ledger,
+    firsts: Vec<Envelope>,
+    started: Event,
+) -> Result<Begun, BusError> {
+    match ledger.settings().fencing {
+        Fencing::ClaimFirst => begin_claimed(bus, ledger, firsts, started).await,
+        Fencing::CommitFirst => begin_committing_first(bus, ledger, firsts, started).await,
+    }
+}
+
+async fn begin_claimed(
     bus: &dyn Bus,
     ledger: &Ledger,
     mut firsts: Vec<Envelope>,
@@ -321,31 +335,8 @@ pub async fn begin_with(
         first.admission = claim;
     }
     let publish = async {
-        for first in &firsts {
-            bus.publish(first.stage, &first.encode(), Some(&first.traceparent))
-                .await?;
-        }
-        ledger
-            .commit(Commit {
-                run_id,
-                pipeline: pipeline.clone(),
-                claim,
-                consumed: Some(Consumed {
-                    message_id: run_id,
-                    token: run_id,
-                }),
-                successors: firsts
-                    .iter()
-                    .map(|first| Successor {
-                        message_id: first.message_id,
-                        token: first.token,
-                        stage: first.stage,
-                        branch: first.branch.clone(),
-                    })
-                    .collect(),
-                events: vec![started],
-            })
-            .await
+        publish_firsts(bus, &firsts).await?;
+        ledger.commit(admission_commit(&firsts, started, claim)).await
     };
     let published = tokio::time::timeout_at(deadline.into(), publish)
         .await
@@ -355,4 +346,72 @@ pub async fn begin_with(
         return Err(error);
     }
     Ok(Begun::Started { messages: firsts.len() })
+}
+
+/// The admission committed first: an admitter racing this one publishes its own first messages
+/// too, but only the first commit read starts the run; the other's messages name the admission
+/// as the state their maker consumed, so they are stale once it is spent.
+async fn begin_committing_first(
+    bus: &dyn Bus,
+    ledger: &Ledger,
+    mut firsts: Vec<Envelope>,
+    started: Event,
+) -> Result<Begun, BusError> {
+    let (run_id, pipeline) = (started.run_id, started.pipeline.clone());
+    match ledger.may_commit(&ClaimKey::admission(run_id, &pipeline)).await {
+        Standing::Stale => return Ok(Begun::AlreadyStarted),
+        // Not so for an admission (its standing is known from the run's start alone).
+        Standing::Unknown => return Ok(Begun::Held),
+        Standing::Live | Standing::Unfenced => {}
+    }
+    let admission = Uuid::new_v4();
+    for first in &mut firsts {
+        // Its own states, whatever the caller made: a racing admitter's are then told apart.
+        first.token = Uuid::new_v4();
+        first.made_by = admission;
+        first.made_from = run_id;
+        first.admission = admission;
+    }
+    publish_firsts(bus, &firsts).await?;
+    if ledger
+        .commit_first(admission_commit(&firsts, started, admission))
+        .await?
+    {
+        Ok(Begun::Started { messages: firsts.len() })
+    } else {
+        Ok(Begun::AlreadyStarted)
+    }
+}
+
+async fn publish_firsts(bus: &dyn Bus, firsts: &[Envelope]) -> Result<(), BusError> {
+    for first in firsts {
+        bus.publish(first.stage, &first.encode(), Some(&first.traceparent))
+            .await?;
+    }
+    Ok(())
+}
+
+/// The admission's commit by `step`: it consumes the admission (slot and token: the run id),
+/// makes the first messages live, and records `RunStarted`.
+fn admission_commit(firsts: &[Envelope], started: Event, step: Uuid) -> Commit {
+    let run_id = started.run_id;
+    Commit {
+        run_id,
+        pipeline: started.pipeline.clone(),
+        claim: step,
+        consumed: Some(Consumed {
+            message_id: run_id,
+            token: run_id,
+        }),
+        successors: firsts
+            .iter()
+            .map(|first| Successor {
+                message_id: first.message_id,
+                token: first.token,
+                stage: first.stage,
+                branch: first.branch.clone(),
+            })
+            .collect(),
+        events: vec![started],
+    }
 }

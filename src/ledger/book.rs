@@ -42,6 +42,25 @@ pub enum Standing {
     Unknown,
 }
 
+/// The step that sent a copy on, as the copy names it: the id of its claim (or, for a step that
+/// committed first, of its commit) and the state it consumed (nil for a step that claimed first,
+/// a replay, or a copy from before `made_from`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Maker {
+    pub step: Uuid,
+    pub consumed: Uuid,
+}
+
+impl Maker {
+    /// A maker that claimed first (or is not known by what it consumed).
+    pub fn claimed(step: Uuid) -> Maker {
+        Maker {
+            step,
+            consumed: Uuid::nil(),
+        }
+    }
+}
+
 /// The answer to a claim, once the claim itself has been read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -208,9 +227,9 @@ impl Book {
         self.runs.entry(run_id).or_default()
     }
 
-    /// What the copy of `message_id` carrying `token`, made by claim `made_by`, is worth. The
+    /// What the copy of `message_id` carrying `token`, sent on by `maker`, is worth. The
     /// admission of run `r` is the slot `r` with token `r`.
-    pub fn standing(&self, run_id: Uuid, message_id: Uuid, token: Uuid, made_by: Uuid) -> Standing {
+    pub fn standing(&self, run_id: Uuid, message_id: Uuid, token: Uuid, maker: Maker) -> Standing {
         if token.is_nil() {
             return Standing::Unfenced;
         }
@@ -231,17 +250,20 @@ impl Book {
         }
         // Not live: stale when the step that made it did not make it live (what it claimed is spent:
         // by another claim, or by its own commit, which listed other successors; or another claim
-        // holds it); otherwise its commit may just not have been read.
-        match run.claimed(&made_by) {
+        // holds it); otherwise its commit may just not have been read. A maker that committed first
+        // is known once its commit counted; before that, what it consumed being spent means another
+        // step's commit came first, and the maker's can no longer count.
+        match run.claimed(&maker.step) {
             Some(token) if run.is_spent(token) => Standing::Stale,
-            Some(token) if run.hold(token).is_some_and(|hold| hold.holder != made_by) => Standing::Stale,
+            Some(token) if run.hold(token).is_some_and(|hold| hold.holder != maker.step) => Standing::Stale,
+            None if !maker.consumed.is_nil() && run.is_spent(&maker.consumed) => Standing::Stale,
             _ => Standing::Unknown,
         }
     }
 
     /// The verdict on `claim` (already read) for the copy it was made for.
-    pub fn verdict(&self, claim: &Claim, made_by: Uuid, now: Instant, timeout: Duration) -> Verdict {
-        match self.standing(claim.run_id, claim.message_id, claim.token, made_by) {
+    pub fn verdict(&self, claim: &Claim, maker: Maker, now: Instant, timeout: Duration) -> Verdict {
+        match self.standing(claim.run_id, claim.message_id, claim.token, maker) {
             Standing::Stale => return Verdict::Stale,
             Standing::Unknown => return Verdict::Unknown,
             Standing::Unfenced => return Verdict::Won,
@@ -277,15 +299,18 @@ impl Book {
             .is_some_and(|run| run.claimed(&made_by).is_some() && run.hold(&token).is_none() && !run.is_spent(&token))
     }
 
-    /// Whether the claim that made a copy has been read and neither committed nor lost: its
-    /// copies are not live until it commits (or are orphans, if it never does).
-    pub fn maker_pending(&self, run_id: Uuid, made_by: Uuid) -> bool {
+    /// Whether the step that made a copy may still commit it: its claim has been read and neither
+    /// committed nor lost, or (a step committing first) its commit has not been read and what it
+    /// consumed is not spent. Its copies are not live until it commits (or are orphans, if it
+    /// never does: then another copy of its own message steps, and spends what it consumed).
+    pub fn maker_pending(&self, run_id: Uuid, maker: Maker) -> bool {
         let Some(run) = self.runs.get(&run_id) else {
             return false;
         };
-        run.claimed(&made_by)
-            .and_then(|token| run.hold(token))
-            .is_some_and(|hold| hold.holder == made_by)
+        match run.claimed(&maker.step) {
+            Some(token) => run.hold(token).is_some_and(|hold| hold.holder == maker.step),
+            None => !run.settled && !maker.consumed.is_nil() && !run.is_spent(&maker.consumed),
+        }
     }
 
     /// Whether claim `claim` has been read.
@@ -449,6 +474,12 @@ impl RunBook {
     }
 
     fn apply_commit(&mut self, commit: &Commit) -> bool {
+        // A settled run has nothing live, and has forgotten what it spent: a commit consuming
+        // something of it is a late copy's (one that stepped before the run settled and committed
+        // first, after). Only a replay, which consumes nothing, revives it.
+        if self.settled && commit.consumed.is_some() {
+            return false;
+        }
         let fences = self.fences_mut();
         if let Some(consumed) = &commit.consumed {
             if fences.spent.contains(&consumed.token) {
@@ -497,6 +528,18 @@ impl RunBook {
             }));
         }
     }
+}
+
+/// The events of `records` that count, in order, as a reader folding them from the first record
+/// judges them: a commit that did not count (its step's copy lost) shows nowhere.
+pub fn counted_events<'a>(records: impl IntoIterator<Item = &'a Record>) -> Vec<Event> {
+    let mut book = Book::default();
+    let now = Instant::now();
+    records
+        .into_iter()
+        .filter(|record| book.apply(record, now))
+        .flat_map(|record| record.events().iter().cloned())
+        .collect()
 }
 
 #[cfg(test)]
@@ -603,21 +646,102 @@ mod tests {
     fn the_first_claim_wins_and_its_commit_spends_the_token() {
         let mut run = Run::new();
         let (first, token, made_by) = run.admit();
-        assert_eq!(run.book.standing(run.id, first, token, made_by), Standing::Live);
+        assert_eq!(
+            run.book.standing(run.id, first, token, Maker::claimed(made_by)),
+            Standing::Live
+        );
         let a = run.claim(first, token);
         let b = run.claim(first, token);
-        assert_eq!(run.book.verdict(&a, made_by, run.now, TIMEOUT), Verdict::Won);
-        assert_eq!(run.book.verdict(&b, made_by, run.now, TIMEOUT), Verdict::Wait);
+        assert_eq!(
+            run.book.verdict(&a, Maker::claimed(made_by), run.now, TIMEOUT),
+            Verdict::Won
+        );
+        assert_eq!(
+            run.book.verdict(&b, Maker::claimed(made_by), run.now, TIMEOUT),
+            Verdict::Wait
+        );
         assert!(run.book.held(run.id, token, run.now, TIMEOUT));
         let next = Uuid::new_v4();
         assert!(run.commit(&a, vec![(first, next, Branch::Trunk)], Vec::new()));
         assert!(!run.book.held(run.id, token, run.now, TIMEOUT));
         // The loser's copy is stale now; the successor state is live.
-        assert_eq!(run.book.verdict(&b, made_by, run.now, TIMEOUT), Verdict::Stale);
-        assert_eq!(run.book.standing(run.id, first, token, made_by), Standing::Stale);
-        assert_eq!(run.book.standing(run.id, first, next, a.claim), Standing::Live);
+        assert_eq!(
+            run.book.verdict(&b, Maker::claimed(made_by), run.now, TIMEOUT),
+            Verdict::Stale
+        );
+        assert_eq!(
+            run.book.standing(run.id, first, token, Maker::claimed(made_by)),
+            Standing::Stale
+        );
+        assert_eq!(
+            run.book.standing(run.id, first, next, Maker::claimed(a.claim)),
+            Standing::Live
+        );
         // A second commit of the same token does not count, even by its holder.
         assert!(!run.commit(&a, Vec::new(), Vec::new()));
+    }
+
+    /// A step committing without a claim: the first commit read that consumes a state counts; what
+    /// another sent is stale as soon as that state is spent, before its own commit is read; and a
+    /// claim held meanwhile (a fleet changing fencing) keeps the state from a commit without one.
+    #[test]
+    fn a_commit_without_a_claim_counts_when_it_is_first_and_what_another_sent_is_stale() {
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        // Claims made but never read: the commits name them as their steps.
+        let (a, b) = (claim(run.id, first, token, None), claim(run.id, first, token, None));
+        let (next_a, next_b) = (Uuid::new_v4(), Uuid::new_v4());
+        let maker = |step: &Claim| Maker {
+            step: step.claim,
+            consumed: token,
+        };
+        assert_eq!(run.book.standing(run.id, first, next_a, maker(&a)), Standing::Unknown);
+        assert!(run.book.maker_pending(run.id, maker(&a)));
+        assert!(run.commit(&a, vec![(first, next_a, Branch::Trunk)], Vec::new()));
+        assert_eq!(run.book.standing(run.id, first, next_a, maker(&a)), Standing::Live);
+        assert!(
+            run.book.untried(run.id, next_a, a.claim),
+            "the winner's successor is a first try"
+        );
+        // The other copy's commit is not read yet, but it can no longer count.
+        assert_eq!(run.book.standing(run.id, first, next_b, maker(&b)), Standing::Stale);
+        assert!(!run.book.maker_pending(run.id, maker(&b)));
+        assert!(!run.commit(&b, vec![(first, next_b, Branch::Trunk)], Vec::new()));
+        assert_eq!(run.book.standing(run.id, first, next_b, maker(&b)), Standing::Stale);
+        assert_eq!(run.book.standing(run.id, first, next_a, maker(&a)), Standing::Live);
+
+        let held = run.claim(first, next_a);
+        let unclaimed = claim(run.id, first, next_a, None);
+        assert!(!run.commit(&unclaimed, vec![(first, Uuid::new_v4(), Branch::Trunk)], Vec::new()));
+        assert!(run.commit(&held, vec![(first, Uuid::new_v4(), Branch::Trunk)], Vec::new()));
+    }
+
+    /// A copy that stepped before its run settled and committed (first) after: its commit consumes
+    /// what the settled run no longer remembers spending, and must not count; a replay's does.
+    #[test]
+    fn a_commit_consuming_a_state_of_a_settled_run_does_not_count() {
+        let mut run = Run::new();
+        let (first, token, _) = run.admit();
+        let (a, late) = (claim(run.id, first, token, None), claim(run.id, first, token, None));
+        assert!(run.commit(&a, Vec::new(), Vec::new()));
+        assert!(run.book.is_settled(run.id));
+        assert!(!run.commit(&late, vec![(first, Uuid::new_v4(), Branch::Trunk)], Vec::new()));
+        assert!(run.book.is_settled(run.id));
+        let replay = Commit {
+            run_id: run.id,
+            pipeline: "p".into(),
+            claim: Uuid::new_v4(),
+            consumed: None,
+            successors: vec![Successor {
+                message_id: first,
+                token: Uuid::new_v4(),
+                stage: Stage::Verify,
+                branch: Branch::Trunk,
+            }],
+            events: Vec::new(),
+        };
+        assert!(run.apply(Record::Commit(replay)));
+        assert!(!run.book.is_settled(run.id));
     }
 
     /// A fenced run's book grows with its steps until it settles: a committed step leaves its
@@ -647,20 +771,28 @@ mod tests {
             "one slot, no holds, the admission's and 20 steps' claims and spent tokens"
         );
         for (step, spent) in &claims {
-            assert_eq!(run.book.standing(run.id, first, *spent, Uuid::nil()), Standing::Stale);
+            assert_eq!(
+                run.book.standing(run.id, first, *spent, Maker::claimed(Uuid::nil())),
+                Standing::Stale
+            );
             // A copy the step made but its commit did not list.
             assert_eq!(
-                run.book.standing(run.id, first, Uuid::new_v4(), step.claim),
+                run.book
+                    .standing(run.id, first, Uuid::new_v4(), Maker::claimed(step.claim)),
                 Standing::Stale
             );
             // A claim read after the commit holds nothing and is stale.
             let late = run.claim(first, *spent);
-            assert_eq!(run.book.verdict(&late, Uuid::nil(), run.now, TIMEOUT), Verdict::Stale);
+            assert_eq!(
+                run.book.verdict(&late, Maker::claimed(Uuid::nil()), run.now, TIMEOUT),
+                Verdict::Stale
+            );
             assert!(!run.book.held(run.id, *spent, run.now, TIMEOUT));
         }
         assert_eq!(run.book.runs[&run.id].fences.as_ref().unwrap().holds.len(), 0);
         assert_eq!(
-            run.book.standing(run.id, first, token, claims[19].0.claim),
+            run.book
+                .standing(run.id, first, token, Maker::claimed(claims[19].0.claim)),
             Standing::Live
         );
     }
@@ -721,7 +853,10 @@ mod tests {
         );
         assert_eq!(run.book.open_records(), 0);
         // Still stale after the tables are gone: settled.
-        assert_eq!(run.book.standing(run.id, first, token, last.claim), Standing::Stale);
+        assert_eq!(
+            run.book.standing(run.id, first, token, Maker::claimed(last.claim)),
+            Standing::Stale
+        );
 
         // A verified pool is remembered past settling.
         let mut run = Run::new();
@@ -780,10 +915,13 @@ mod tests {
         let (first, token, made_by) = run.admit();
         let dead = run.claim(first, token);
         let waiting = run.claim(first, token);
-        assert_eq!(run.book.verdict(&waiting, made_by, run.now, TIMEOUT), Verdict::Wait);
+        assert_eq!(
+            run.book.verdict(&waiting, Maker::claimed(made_by), run.now, TIMEOUT),
+            Verdict::Wait
+        );
         let later = run.now + TIMEOUT + Duration::from_millis(1);
         assert_eq!(
-            run.book.verdict(&waiting, made_by, later, TIMEOUT),
+            run.book.verdict(&waiting, Maker::claimed(made_by), later, TIMEOUT),
             Verdict::TakeOver { holder: dead.claim }
         );
         // Two takers supersede the same holder: the first read wins.
@@ -792,16 +930,28 @@ mod tests {
         let second = claim(run.id, first, token, Some(dead.claim));
         run.apply(Record::Claim(taker.clone()));
         run.apply(Record::Claim(second.clone()));
-        assert_eq!(run.book.verdict(&taker, made_by, later, TIMEOUT), Verdict::Won);
-        assert_eq!(run.book.verdict(&second, made_by, later, TIMEOUT), Verdict::Wait);
+        assert_eq!(
+            run.book.verdict(&taker, Maker::claimed(made_by), later, TIMEOUT),
+            Verdict::Won
+        );
+        assert_eq!(
+            run.book.verdict(&second, Maker::claimed(made_by), later, TIMEOUT),
+            Verdict::Wait
+        );
         // What the dead holder sent on before dying is stale: its claim lost.
         let orphan = Uuid::new_v4();
-        assert_eq!(run.book.standing(run.id, first, orphan, dead.claim), Standing::Stale);
+        assert_eq!(
+            run.book.standing(run.id, first, orphan, Maker::claimed(dead.claim)),
+            Standing::Stale
+        );
         // The dead holder's late commit does not count; the taker's does.
         assert!(!run.commit(&dead, vec![(first, orphan, Branch::Trunk)], Vec::new()));
         let next = Uuid::new_v4();
         assert!(run.commit(&taker, vec![(first, next, Branch::Trunk)], Vec::new()));
-        assert_eq!(run.book.standing(run.id, first, next, taker.claim), Standing::Live);
+        assert_eq!(
+            run.book.standing(run.id, first, next, Maker::claimed(taker.claim)),
+            Standing::Live
+        );
 
         // A released claim can be taken over at once.
         let holder = run.claim(first, next);
@@ -812,7 +962,7 @@ mod tests {
             claim: holder.claim,
         }));
         assert_eq!(
-            run.book.verdict(&other, taker.claim, run.now, TIMEOUT),
+            run.book.verdict(&other, Maker::claimed(taker.claim), run.now, TIMEOUT),
             Verdict::TakeOver { holder: holder.claim }
         );
     }
@@ -867,7 +1017,8 @@ mod tests {
         let a = run.claim(first, token);
         let (pool_message, pool_token) = (Uuid::new_v4(), Uuid::new_v4());
         assert_eq!(
-            run.book.standing(run.id, pool_message, pool_token, a.claim),
+            run.book
+                .standing(run.id, pool_message, pool_token, Maker::claimed(a.claim)),
             Standing::Unknown
         );
         assert!(run.commit(
@@ -879,12 +1030,14 @@ mod tests {
             Vec::new()
         ));
         assert_eq!(
-            run.book.standing(run.id, pool_message, pool_token, a.claim),
+            run.book
+                .standing(run.id, pool_message, pool_token, Maker::claimed(a.claim)),
             Standing::Live
         );
         // A copy the same step made but did not commit (a twin with another token) is stale.
         assert_eq!(
-            run.book.standing(run.id, pool_message, Uuid::new_v4(), a.claim),
+            run.book
+                .standing(run.id, pool_message, Uuid::new_v4(), Maker::claimed(a.claim)),
             Standing::Stale
         );
     }
@@ -892,18 +1045,30 @@ mod tests {
     #[test]
     fn the_admission_is_one_slot_and_a_second_admission_is_stale() {
         let mut run = Run::new();
-        assert_eq!(run.book.standing(run.id, run.id, run.id, Uuid::nil()), Standing::Live);
+        assert_eq!(
+            run.book.standing(run.id, run.id, run.id, Maker::claimed(Uuid::nil())),
+            Standing::Live
+        );
         let a = run.claim(run.id, run.id);
         let b = run.claim(run.id, run.id);
-        assert_eq!(run.book.standing(run.id, run.id, run.id, Uuid::nil()), Standing::Live);
-        assert_eq!(run.book.verdict(&a, Uuid::nil(), run.now, TIMEOUT), Verdict::Won);
+        assert_eq!(
+            run.book.standing(run.id, run.id, run.id, Maker::claimed(Uuid::nil())),
+            Standing::Live
+        );
+        assert_eq!(
+            run.book.verdict(&a, Maker::claimed(Uuid::nil()), run.now, TIMEOUT),
+            Verdict::Won
+        );
         assert!(run.commit(
             &a,
             vec![(Uuid::new_v4(), Uuid::new_v4(), Branch::Trunk)],
             vec![started(run.id)]
         ));
         assert_eq!(run.book.started(run.id), Some(Stage::Snapshot));
-        assert_eq!(run.book.verdict(&b, Uuid::nil(), run.now, TIMEOUT), Verdict::Stale);
+        assert_eq!(
+            run.book.verdict(&b, Maker::claimed(Uuid::nil()), run.now, TIMEOUT),
+            Verdict::Stale
+        );
     }
 
     #[test]
@@ -922,10 +1087,13 @@ mod tests {
         assert_eq!(run.book.started(run.id), Some(Stage::Snapshot));
         assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
         // Any copy of a finished run is stale.
-        assert_eq!(run.book.standing(run.id, first, token, made_by), Standing::Stale);
+        assert_eq!(
+            run.book.standing(run.id, first, token, Maker::claimed(made_by)),
+            Standing::Stale
+        );
         assert_eq!(
             run.book
-                .standing(run.id, Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4()),
+                .standing(run.id, Uuid::new_v4(), Uuid::new_v4(), Maker::claimed(Uuid::new_v4())),
             Standing::Stale
         );
         assert_eq!(run.book.pool_in_progress(Uuid::new_v4(), "render"), None);
@@ -952,7 +1120,7 @@ mod tests {
     fn copies_without_a_token_are_not_fenced() {
         let book = Book::default();
         assert_eq!(
-            book.standing(Uuid::new_v4(), Uuid::new_v4(), Uuid::nil(), Uuid::nil()),
+            book.standing(Uuid::new_v4(), Uuid::new_v4(), Uuid::nil(), Maker::claimed(Uuid::nil())),
             Standing::Unfenced
         );
     }

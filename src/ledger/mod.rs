@@ -14,6 +14,12 @@
 //! before its commit is superseded after the claim timeout (or at once when it released its claim);
 //! it gives up its own claim halfway through that timeout, so two holders never both commit.
 //!
+//! Or, by default ([`Fencing::CommitFirst`]), a step commits without claiming: it sends its
+//! messages on, each naming the token it consumed (`made_from`), and publishes its commit; the
+//! first commit read that consumes a token counts, and what a later one's step sent is stale once
+//! the token is spent. A step that dies before its commit leaves its delivery to another copy,
+//! which steps again. One record a step instead of two, for every reader of the history.
+//!
 //! - [`record`] — the records: claims, commits, releases, markers, events.
 //! - [`book`] — the pure fold and the rules.
 //!
@@ -33,7 +39,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use uuid::Uuid;
 
-pub use book::{Book, Standing, Verdict};
+pub use book::{Book, Maker, Standing, Verdict};
 use record::{Claim, Commit, Record, Release};
 
 use crate::bus::{Bus, BusError, StreamOffset};
@@ -47,6 +53,23 @@ const REOPEN_DELAY: Duration = Duration::from_millis(200);
 /// copy off (the commit is published just after the messages it lists, so this is short).
 const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
 
+/// How a step that records something is fenced. Both kinds of writer agree on every record, so a
+/// fleet may run both at once while it changes from one to the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fencing {
+    /// Claim the copy's state, wait for the claim to come by, then send on and commit: a copy
+    /// whose step another claim holds is put off, so two copies seldom both send on. Two records
+    /// a step.
+    ClaimFirst,
+    /// Send on, then commit: the first commit read that consumes the state wins, and what a losing
+    /// copy sent names the state its maker consumed (`made_from`), so it is stale once that state is
+    /// spent. One record a step: every reader of the history reads half as many. Messages carry
+    /// `made_from`, which workers from before it park (upgrade them first, with `claim_first`).
+    #[default]
+    CommitFirst,
+}
+
 /// The ledger's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LedgerSettings {
@@ -55,6 +78,7 @@ pub struct LedgerSettings {
     pub claim_timeout: Duration,
     /// How long a claimant waits for its claim to come by in the stream before it gives up.
     pub read_limit: Duration,
+    pub fencing: Fencing,
 }
 
 impl Default for LedgerSettings {
@@ -62,6 +86,7 @@ impl Default for LedgerSettings {
         LedgerSettings {
             claim_timeout: Duration::from_secs(20),
             read_limit: Duration::from_secs(30),
+            fencing: Fencing::default(),
         }
     }
 }
@@ -85,6 +110,7 @@ pub struct ClaimKey {
     pub message_id: Uuid,
     pub token: Uuid,
     pub made_by: Uuid,
+    pub made_from: Uuid,
 }
 
 impl ClaimKey {
@@ -95,6 +121,7 @@ impl ClaimKey {
             message_id: message.message_id,
             token: message.token,
             made_by: message.made_by,
+            made_from: message.made_from,
         }
     }
 
@@ -106,7 +133,28 @@ impl ClaimKey {
             message_id: run_id,
             token: run_id,
             made_by: Uuid::nil(),
+            made_from: Uuid::nil(),
         }
+    }
+
+    /// What the book says of this copy.
+    fn standing(&self, book: &Book) -> Standing {
+        book.standing(self.run_id, self.message_id, self.token, self.maker())
+    }
+
+    fn maker(&self) -> Maker {
+        Maker {
+            step: self.made_by,
+            consumed: self.made_from,
+        }
+    }
+}
+
+/// The step that sent a copy on, as the copy names it.
+fn maker_of(message: &Envelope) -> Maker {
+    Maker {
+        step: message.made_by,
+        consumed: message.made_from,
     }
 }
 
@@ -115,6 +163,8 @@ struct Shared {
     /// Records read so far; bumped after each is folded in, so waiters can look again.
     read: watch::Sender<u64>,
     markers: Mutex<HashMap<Uuid, oneshot::Sender<()>>>,
+    /// Steps waiting to learn whether their commit (by its id) counted.
+    commits: Mutex<HashMap<Uuid, oneshot::Sender<bool>>>,
     /// Told when a catch-up's marker was not read in time: the tail's reader, whatever it waits
     /// on, is given up and the history opened again where it left off.
     reopen: tokio::sync::Notify,
@@ -143,6 +193,7 @@ impl Ledger {
             book: Mutex::new(Book::default()),
             read: watch::Sender::new(0),
             markers: Mutex::new(HashMap::new()),
+            commits: Mutex::new(HashMap::new()),
             reopen: tokio::sync::Notify::new(),
         });
         let tail = tokio::spawn(tail(Arc::clone(&bus), Arc::clone(&shared), observer));
@@ -189,7 +240,7 @@ impl Ledger {
     pub fn standing(&self, message: &Envelope) -> Standing {
         self.shared
             .book()
-            .standing(message.run_id, message.message_id, message.token, message.made_by)
+            .standing(message.run_id, message.message_id, message.token, maker_of(message))
     }
 
     /// What the copy is worth, giving a copy whose state is not known yet a short while for the
@@ -201,7 +252,8 @@ impl Ledger {
     /// such a copy gets the same short while (a stale duplicate of a finished run is dropped
     /// that much later; a replayed message is no longer dropped as one).
     pub async fn settled_standing(&self, message: &Envelope) -> Standing {
-        let standing = |book: &Book| book.standing(message.run_id, message.message_id, message.token, message.made_by);
+        let standing =
+            |book: &Book| book.standing(message.run_id, message.message_id, message.token, maker_of(message));
         let known = |book: &Book| match standing(book) {
             Standing::Unknown => false,
             Standing::Stale => !book.is_settled(message.run_id),
@@ -211,10 +263,11 @@ impl Ledger {
         standing(&self.shared.book())
     }
 
-    /// Whether the step that sent this copy on holds its claim without having committed: until it
-    /// does, the copy may be an orphan of a holder that died.
+    /// Whether the step that sent this copy on may still commit it: it holds its claim without
+    /// having committed, or (committing first) what it consumed is not spent yet. Until then the
+    /// copy may be an orphan of a step that died.
     pub fn maker_pending(&self, message: &Envelope) -> bool {
-        self.shared.book().maker_pending(message.run_id, message.made_by)
+        self.shared.book().maker_pending(message.run_id, maker_of(message))
     }
 
     /// Whether no try of the copy's state can have begun before (no IO; see [`Book::untried`]).
@@ -228,7 +281,7 @@ impl Ledger {
     /// is put off without a look.
     pub fn held_elsewhere(&self, message: &Envelope) -> bool {
         let book = self.shared.book();
-        book.standing(message.run_id, message.message_id, message.token, message.made_by) == Standing::Live
+        book.standing(message.run_id, message.message_id, message.token, maker_of(message)) == Standing::Live
             && book.held(message.run_id, message.token, now(), self.settings.claim_timeout)
     }
 
@@ -236,11 +289,10 @@ impl Ledger {
     /// not live (stale, or its state not known yet) claims nothing: a claim that could not commit
     /// would only hold the step up for others until it timed out.
     pub async fn claim(&self, key: &ClaimKey) -> Result<Claimed, BusError> {
-        let standing = |book: &Book| book.standing(key.run_id, key.message_id, key.token, key.made_by);
         let _ = self
-            .wait_until(|book| standing(book) != Standing::Unknown, UNKNOWN_WAIT)
+            .wait_until(|book| key.standing(book) != Standing::Unknown, UNKNOWN_WAIT)
             .await;
-        match standing(&self.shared.book()) {
+        match key.standing(&self.shared.book()) {
             Standing::Stale => return Ok(Claimed::Stale),
             Standing::Unknown => return Ok(Claimed::Wait),
             Standing::Live | Standing::Unfenced => {}
@@ -269,7 +321,7 @@ impl Ledger {
                     self.settings.read_limit.as_millis()
                 ))
             })?;
-            let verdict = self.verdict(&claim, key.made_by).await;
+            let verdict = self.verdict(&claim, key.maker()).await;
             debug!(run_id = %key.run_id, message_id = %key.message_id, ?verdict, "claimed");
             match verdict {
                 Verdict::Won => {
@@ -291,9 +343,9 @@ impl Ledger {
 
     /// The verdict on a claim that has been read; a copy whose state is not known yet gets a
     /// short while for the commit that makes it live to come by.
-    async fn verdict(&self, claim: &Claim, made_by: Uuid) -> Verdict {
+    async fn verdict(&self, claim: &Claim, maker: Maker) -> Verdict {
         let timeout = self.settings.claim_timeout;
-        let decide = |book: &Book| book.verdict(claim, made_by, now(), timeout);
+        let decide = |book: &Book| book.verdict(claim, maker, now(), timeout);
         let known = self
             .wait_until(|book| decide(book) != Verdict::Unknown, UNKNOWN_WAIT)
             .await;
@@ -306,6 +358,41 @@ impl Ledger {
     /// Publishes a step's commit (confirmed).
     pub async fn commit(&self, commit: Commit) -> Result<(), BusError> {
         self.bus.publish_record(&Record::Commit(commit)).await
+    }
+
+    /// What a copy committing first may do now: commit if its state is live (or unfenced); a copy
+    /// whose state is not known yet gets the same short while as a claim's.
+    pub async fn may_commit(&self, key: &ClaimKey) -> Standing {
+        let _ = self
+            .wait_until(|book| key.standing(book) != Standing::Unknown, UNKNOWN_WAIT)
+            .await;
+        key.standing(&self.shared.book())
+    }
+
+    /// Publishes a commit made without a claim (confirmed) and waits until it comes by in the
+    /// history: true when it counted (it consumed its state first), false when another step's
+    /// commit had. A commit not read within the read limit is an error, like a claim's.
+    pub async fn commit_first(&self, commit: Commit) -> Result<bool, BusError> {
+        let id = commit.claim;
+        let (outcome, counted) = oneshot::channel();
+        // Waiting before publishing: the tail may read the commit before the publish returns.
+        lock(&self.shared.commits).insert(id, outcome);
+        let read = async {
+            self.bus.publish_record(&Record::Commit(commit)).await?;
+            match tokio::time::timeout(self.settings.read_limit, counted).await {
+                Ok(Ok(counts)) => Ok(counts),
+                Ok(Err(_)) => Err(BusError::Closed),
+                Err(_) => Err(BusError::Connection(format!(
+                    "the commit did not come by in the history within {} ms",
+                    self.settings.read_limit.as_millis()
+                ))),
+            }
+        }
+        .await;
+        if read.is_err() {
+            lock(&self.shared.commits).remove(&id);
+        }
+        read
     }
 
     /// Gives up a claim that cannot be carried out (best effort: a release that is lost only makes
@@ -438,6 +525,11 @@ fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record) {
         let _ = reached.send(());
     }
     let counts = shared.book().apply(record, now());
+    if let Record::Commit(commit) = record
+        && let Some(waiter) = lock(&shared.commits).remove(&commit.claim)
+    {
+        let _ = waiter.send(counts);
+    }
     if !counts {
         warn!(run_id = ?record.run_id(), "ledger: a commit by a claim that did not hold its step is ignored");
     }

@@ -6,7 +6,8 @@
 //! A message's *slot* is its deterministic id (one per run, stage and branch, see
 //! [`crate::model::envelope::message_id`]); its *token* names the state a copy carries and is new
 //! after every step that records something. The first claim on a token in stream order holds it;
-//! the holder's commit consumes the token and makes its successors' tokens live.
+//! the holder's commit consumes the token and makes its successors' tokens live. A step may also
+//! commit without a claim: then the first commit read that consumes a token counts.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -60,7 +61,8 @@ pub struct Consumed {
 pub struct Commit {
     pub run_id: Uuid,
     pub pipeline: String,
-    /// The claim that held the consumed token.
+    /// The claim that held the consumed token; for a step that committed without claiming first
+    /// (`Fencing::CommitFirst`), the step's own id, which its messages name as their maker.
     pub claim: Uuid,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumed: Option<Consumed>,

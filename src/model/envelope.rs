@@ -304,6 +304,11 @@ pub struct Envelope {
     /// The claim of the step that sent this state on (nil: none, or from before the ledger).
     #[serde(default, skip_serializing_if = "Uuid::is_nil")]
     pub made_by: Uuid,
+    /// The state the step that sent this one on consumed, when that step committed without
+    /// claiming first (nil otherwise): once another step has spent that state, this copy is an
+    /// orphan (the ledger's `Fencing::CommitFirst`).
+    #[serde(default, skip_serializing_if = "Uuid::is_nil")]
+    pub made_from: Uuid,
     /// The claim that admitted the run (nil: from before the ledger). What the run makes is tagged
     /// with it, so a repeated step tells what this admission made from what an earlier run of the
     /// same version made.
@@ -510,6 +515,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
             traceparent: new_traceparent(),
             token: Uuid::new_v4(),
             made_by: Uuid::new_v4(),
+            made_from: Uuid::new_v4(),
             admission: Uuid::new_v4(),
         }
     }

@@ -22,8 +22,9 @@ use crate::azure::AzureError;
 use crate::bus::memory::MemoryBus;
 use crate::bus::{Acker, Bus, BusError, Delivery, HistoryReader, ParkReason, StreamOffset};
 use crate::events::{Event, EventKind, PoolRef, RunResult, run_result};
-use crate::ledger::record::Record;
-use crate::ledger::{ClaimKey, Claimed, Ledger};
+use crate::ledger::book::counted_events;
+use crate::ledger::record::{Commit, Consumed, Record, Successor};
+use crate::ledger::{ClaimKey, Claimed, Fencing, Ledger, Standing};
 use crate::model::envelope::{Branch, Envelope, InFlight, Phase, Stage};
 use crate::stages::{Outcome, Step, Tried};
 
@@ -259,22 +260,37 @@ fn fresh_run() -> (Envelope, Event) {
 }
 
 fn ledger_on(bus: Arc<dyn Bus>) -> Arc<Ledger> {
-    Arc::new(Ledger::start(bus, testkit::settings().ledger(), None))
+    fenced_by(bus, testkit::settings().fencing)
 }
 
-/// A new run admitted through `ledger`: its first message (snapshot), published.
+fn fenced_by(bus: Arc<dyn Bus>, fencing: Fencing) -> Arc<Ledger> {
+    Arc::new(Ledger::start(bus, settings_with(fencing).ledger(), None))
+}
+
+fn settings_with(fencing: Fencing) -> RuntimeSettings {
+    RuntimeSettings {
+        fencing,
+        ..testkit::settings()
+    }
+}
+
+/// A new run admitted through `ledger`: its first message (snapshot), as published.
 async fn started_run(bus: &Arc<Unreliable>, ledger: &Ledger) -> Envelope {
     let (first, started) = fresh_run();
     assert!(matches!(
-        begin_with(bus.as_ref(), ledger, vec![first.clone()], started).await,
+        begin_with(bus.as_ref(), ledger, vec![first], started).await,
         Ok(Begun::Started { .. })
     ));
-    first
+    let published = bus.inner.ready(Stage::Snapshot);
+    assert_eq!(published.len(), 1);
+    Envelope::decode(&published[0]).unwrap()
 }
 
-/// Every stage worked by `handler` on `bus`, fenced by `ledger`, for `window` of tokio's time.
+/// Every stage worked by `handler` on `bus`, fenced by `ledger` (as its settings say), for
+/// `window` of tokio's time.
 async fn run_fenced(bus: &Arc<Unreliable>, handler: &Arc<Script>, ledger: &Arc<Ledger>, window: Duration) {
-    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), testkit::settings())
+    let settings = settings_with(ledger.settings().fencing);
+    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), settings)
         .unwrap()
         .with_clock(Clock::tokio())
         .with_ledger(Arc::clone(ledger));
@@ -320,26 +336,40 @@ fn assert_each_step_once(handler: &Script, events: &[Event]) -> usize {
     dropped
 }
 
-/// Drives `runs` (each admitted through the ledger, twice over) on `bus` until all have ended.
-async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, held_waits: usize) -> Vec<Event> {
-    let ledger = ledger_on(bus.clone());
-    let settings = RuntimeSettings {
-        held_waits,
-        ..testkit::settings()
-    };
-    let runtime = Runtime::new(bus.clone(), handler, Stage::ALL.to_vec(), settings)
-        .unwrap()
-        .with_clock(Clock::tokio())
-        .with_ledger(Arc::clone(&ledger));
-    let running = runtime.spawn();
+/// Drives `runs` (each admitted through the ledger, twice over) on `bus` until all have ended,
+/// with a worker for each of `fleet` (one fencing each, every stage) and an admitter of each of
+/// the first two.
+async fn drive_runs(
+    bus: Arc<Unreliable>,
+    handler: Arc<Script>,
+    runs: usize,
+    held_waits: usize,
+    fleet: &[Fencing],
+) -> Vec<Event> {
+    let ledgers: Vec<Arc<Ledger>> = fleet.iter().map(|f| fenced_by(bus.clone(), *f)).collect();
+    let running: Vec<_> = ledgers
+        .iter()
+        .map(|ledger| {
+            let settings = RuntimeSettings {
+                held_waits,
+                ..settings_with(ledger.settings().fencing)
+            };
+            Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), settings)
+                .unwrap()
+                .with_clock(Clock::tokio())
+                .with_ledger(Arc::clone(ledger))
+                .spawn()
+        })
+        .collect();
+    let ledger = &ledgers[0];
     let mut ids = Vec::new();
     for _ in 0..runs {
         let (first, started) = fresh_run();
         ids.push(first.run_id);
         // A duplicate trigger of each run, admitted by a second admitter of its own.
-        let other = ledger_on(bus.clone());
+        let other = fenced_by(bus.clone(), *fleet.last().unwrap());
         let (a, b) = tokio::join!(
-            begin_with(bus.as_ref(), &ledger, vec![first.clone()], started.clone()),
+            begin_with(bus.as_ref(), ledger, vec![first.clone()], started.clone()),
             begin_with(bus.as_ref(), &other, vec![first.clone()], started.clone()),
         );
         let begun = [a.unwrap(), b.unwrap()];
@@ -348,7 +378,7 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, hel
     }
     let ended = tokio::time::timeout(Duration::from_secs(3600), async {
         loop {
-            let events = bus.inner.events();
+            let events = counted_events(&bus.inner.records());
             let all_ended = ids.iter().all(|id| {
                 let own: Vec<Event> = events.iter().filter(|e| e.run_id == *id).cloned().collect();
                 run_result(&own) != RunResult::Running
@@ -363,9 +393,15 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, hel
     .await;
     // Let stale copies still on the tiers come back and be dropped.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    running.stop().await.unwrap();
-    assert!(ended.is_ok(), "the runs did not end: {:#?}", bus.inner.events());
-    let events = bus.inner.events();
+    for running in running {
+        running.stop().await.unwrap();
+    }
+    assert!(
+        ended.is_ok(),
+        "the runs did not end: {:#?}",
+        counted_events(&bus.inner.records())
+    );
+    let events = counted_events(&bus.inner.records());
     for id in &ids {
         let own: Vec<Event> = events.iter().filter(|e| e.run_id == *id).cloned().collect();
         assert_eq!(run_result(&own), RunResult::Succeeded, "{own:#?}");
@@ -378,31 +414,78 @@ async fn drive_runs(bus: Arc<Unreliable>, handler: Arc<Script>, runs: usize, hel
     events
 }
 
+/// Each fleet the tests drive: either fencing alone, and both at once (a fleet changing over).
+const FLEETS: [&[Fencing]; 3] = [
+    &[Fencing::CommitFirst],
+    &[Fencing::ClaimFirst],
+    &[Fencing::ClaimFirst, Fencing::CommitFirst],
+];
+
+/// Seeds of the fault tests: `SIGRUN_FENCING_SEEDS` (default 6, what CI runs; more on demand).
+fn seeds() -> u64 {
+    std::env::var("SIGRUN_FENCING_SEEDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6)
+}
+
 #[tokio::test(start_paused = true)]
 async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
     // Waits held for their next look (odd seeds) or each sent round a delay tier (even seeds).
-    for seed in 0..4 {
+    for (seed, fleet) in (0..seeds()).zip(FLEETS.iter().cycle()) {
         let bus = Unreliable::new(seed, 0.1, 0.1);
         let handler = nightly();
         let held_waits = if seed % 2 == 1 { 4 } else { 0 };
-        let events = drive_runs(bus.clone(), handler.clone(), 8, held_waits).await;
+        let events = drive_runs(bus.clone(), handler.clone(), 8, held_waits, fleet).await;
         let dropped = assert_each_step_once(&handler, &events);
         let doubled = bus.doubled.load(Ordering::Relaxed);
         let failed = bus.failed_acks.load(Ordering::Relaxed);
         assert!(
             doubled > 2 && failed > 2,
-            "seed {seed}: the faults happened ({doubled}, {failed})"
+            "seed {seed} ({fleet:?}): the faults happened ({doubled}, {failed})"
         );
-        assert!(dropped > 0, "seed {seed}: stale copies were dropped with an event");
+        assert!(
+            dropped > 0,
+            "seed {seed} ({fleet:?}): stale copies were dropped with an event"
+        );
         assert!(bus.inner.parked().is_empty(), "nothing parked");
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn without_faults_nothing_is_dropped() {
+    for fleet in FLEETS {
+        let bus = Unreliable::new(7, 0.0, 0.0);
+        let handler = nightly();
+        let events = drive_runs(bus, handler.clone(), 2, testkit::settings().held_waits, fleet).await;
+        let dropped = assert_each_step_once(&handler, &events);
+        if fleet.contains(&Fencing::CommitFirst) {
+            // Two admitters committing first may both publish a first message: the loser's drop.
+            assert!(dropped <= 2, "{fleet:?}: {dropped} dropped");
+        } else {
+            assert_eq!(dropped, 0, "{fleet:?}");
+        }
+        let again: Vec<_> = handler
+            .calls()
+            .into_iter()
+            .filter(|c| c.tried != Tried::Never)
+            .collect();
+        assert!(
+            again.is_empty(),
+            "{fleet:?}: without faults every try is a first one: {again:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_faults_or_a_racing_admitter_nothing_is_dropped_and_a_step_writes_one_record() {
     let bus = Unreliable::new(7, 0.0, 0.0);
     let handler = nightly();
-    let events = drive_runs(bus, handler.clone(), 2, testkit::settings().held_waits).await;
+    let ledger = ledger_on(bus.clone());
+    started_run(&bus, &ledger).await;
+    run_fenced(&bus, &handler, &ledger, Duration::from_secs(60)).await;
+    let events = counted_events(&bus.inner.records());
+    assert_eq!(run_result(&events), RunResult::Succeeded, "{events:#?}");
     assert_eq!(assert_each_step_once(&handler, &events), 0);
     let again: Vec<_> = handler
         .calls()
@@ -410,6 +493,13 @@ async fn without_faults_nothing_is_dropped() {
         .filter(|c| c.tried != Tried::Never)
         .collect();
     assert!(again.is_empty(), "without faults every try is a first one: {again:?}");
+    let records = bus.inner.records();
+    let claims = records.iter().filter(|r| matches!(r, Record::Claim(_))).count();
+    let commits = records.iter().filter(|r| matches!(r, Record::Commit(_))).count();
+    assert_eq!(claims, 0, "committing first, no step claims");
+    // The admission, snapshot, the image's first look and its end, publish, replicate's region
+    // and its pools, each pool's creation and verdict: every step that records something.
+    assert!(commits >= 8, "{commits} commits: {records:#?}");
 }
 
 /// A step writes without first looking for an earlier try's work only on its state's first try:
@@ -445,7 +535,7 @@ async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
 #[tokio::test(start_paused = true)]
 async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_claim_timeout() {
     let bus = Unreliable::new(1, 0.0, 0.0);
-    let ledger = ledger_on(bus.clone());
+    let ledger = fenced_by(bus.clone(), Fencing::ClaimFirst);
     let first = started_run(&bus, &ledger).await;
     // Another worker claimed the snapshot step, sent its successor on, and died before its
     // commit; the broker then gave the snapshot message to this worker.
@@ -485,7 +575,7 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
     assert_eq!(image.len(), 1, "the orphan is never worked: {image:?}");
     assert_ne!(image[0].message.token, orphan.token);
     assert_eq!(image[0].tried, Tried::Never, "the taker's successor is new");
-    let events = bus.inner.events();
+    let events = counted_events(&bus.inner.records());
     let dropped: Vec<&Event> = events
         .iter()
         .filter(|e| matches!(e.kind, EventKind::DuplicateDropped { .. }))
@@ -498,12 +588,12 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
 async fn an_admission_held_by_a_dead_admitter_is_taken_over_and_a_duplicate_starts_nothing() {
     let bus = Unreliable::new(2, 0.0, 0.0);
     let (first, started) = fresh_run();
-    let dead = ledger_on(bus.clone());
+    let dead = fenced_by(bus.clone(), Fencing::ClaimFirst);
     assert!(matches!(
         dead.claim(&ClaimKey::admission(first.run_id, &first.pipeline)).await,
         Ok(Claimed::Won { .. })
     ));
-    let ledger = ledger_on(bus.clone());
+    let ledger = fenced_by(bus.clone(), Fencing::ClaimFirst);
     let began = tokio::time::Instant::now();
     let again = || begin_with(bus.as_ref(), &ledger, vec![first.clone()], started.clone());
     assert_eq!(again().await.unwrap(), Begun::Held, "the holder may still commit");
@@ -519,4 +609,109 @@ async fn an_admission_held_by_a_dead_admitter_is_taken_over_and_a_duplicate_star
         .count();
     assert_eq!(started_events, 1);
     assert_eq!(bus.inner.ready(Stage::Snapshot).len(), 1, "one set of first messages");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_step_whose_maker_died_before_its_commit_is_stepped_again_at_once_and_its_orphan_dropped() {
+    let bus = Unreliable::new(1, 0.0, 0.0);
+    let ledger = fenced_by(bus.clone(), Fencing::CommitFirst);
+    let first = started_run(&bus, &ledger).await;
+    // Another worker took the snapshot message, stepped it, sent its successor on and died
+    // before its commit: the broker hands the snapshot message out again.
+    drop(bus.inner.next(&[Stage::Snapshot]).await.unwrap());
+    let mut orphan = first.next(Stage::ImageCreate, first.stage_started);
+    orphan.token = Uuid::new_v4();
+    orphan.made_by = Uuid::new_v4();
+    orphan.made_from = first.token;
+    bus.inner
+        .publish(Stage::ImageCreate, &orphan.encode(), None)
+        .await
+        .unwrap();
+    let began = tokio::time::Instant::now();
+
+    let handler = Script::new(|m| match m.stage {
+        Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
+        _ => step(Outcome::Fail("stop here".into())),
+    });
+    run_fenced(&bus, &handler, &ledger, Duration::from_secs(10)).await;
+
+    let calls = handler.calls();
+    let snapshot: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::Snapshot).collect();
+    assert_eq!(snapshot.len(), 1, "the snapshot step is worked once more");
+    assert_eq!(snapshot[0].tried, Tried::Maybe, "it looks for what the dead try made");
+    assert!(
+        snapshot[0].at - began < testkit::settings().claim_timeout,
+        "nothing to time out: the returned delivery steps at once"
+    );
+    let image: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::ImageCreate).collect();
+    assert_eq!(image.len(), 1, "the orphan is never worked: {image:?}");
+    assert_ne!(image[0].message.token, orphan.token);
+    assert_eq!(image[0].message.made_from, first.token);
+    assert_eq!(image[0].tried, Tried::Never, "the new successor is untried");
+    let events = counted_events(&bus.inner.records());
+    let dropped: Vec<&Event> = events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::DuplicateDropped { .. }))
+        .collect();
+    assert_eq!(dropped.len(), 1, "the orphan is dropped with an event: {events:#?}");
+    assert_eq!(dropped[0].stage, Stage::ImageCreate);
+    let claims = bus
+        .inner
+        .records()
+        .iter()
+        .filter(|r| matches!(r, Record::Claim(_)))
+        .count();
+    assert_eq!(claims, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn of_two_copies_committing_first_the_first_commit_read_counts_and_what_the_other_sent_is_stale() {
+    let bus = Unreliable::new(3, 0.0, 0.0);
+    let ledger = fenced_by(bus.clone(), Fencing::CommitFirst);
+    let first = started_run(&bus, &ledger).await;
+    ledger.catch_up(Duration::from_secs(1)).await.unwrap();
+    // Two copies of the snapshot message stepped at once; each sent its successor on.
+    let copies: Vec<(Envelope, Commit)> = (0..2)
+        .map(|_| {
+            let step = Uuid::new_v4();
+            let mut next = first.next(Stage::ImageCreate, first.stage_started);
+            next.token = Uuid::new_v4();
+            next.made_by = step;
+            next.made_from = first.token;
+            let commit = Commit {
+                run_id: first.run_id,
+                pipeline: first.pipeline.clone(),
+                claim: step,
+                consumed: Some(Consumed {
+                    message_id: first.message_id,
+                    token: first.token,
+                }),
+                successors: vec![Successor {
+                    message_id: next.message_id,
+                    token: next.token,
+                    stage: next.stage,
+                    branch: next.branch.clone(),
+                }],
+                events: Vec::new(),
+            };
+            (next, commit)
+        })
+        .collect();
+    for (next, _) in &copies {
+        assert_eq!(ledger.standing(next), Standing::Unknown, "not committed yet");
+        assert!(ledger.maker_pending(next), "its maker may still commit");
+    }
+    assert!(
+        ledger.commit_first(copies[0].1.clone()).await.unwrap(),
+        "the first commit counts"
+    );
+    assert!(
+        !ledger.commit_first(copies[1].1.clone()).await.unwrap(),
+        "the second does not"
+    );
+    assert_eq!(ledger.standing(&copies[0].0), Standing::Live);
+    assert_eq!(ledger.standing(&copies[1].0), Standing::Stale, "the loser's successor");
+    assert!(!ledger.maker_pending(&copies[1].0));
+    assert_eq!(ledger.standing(&first), Standing::Stale, "the consumed state");
+    assert!(ledger.untried(&copies[0].0), "the winner's successor is a first try");
 }

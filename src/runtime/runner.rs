@@ -29,7 +29,7 @@ use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason};
 use crate::events::{Event, EventKind};
 use crate::ledger::record::{Commit, Consumed, Successor};
-use crate::ledger::{ClaimKey, Claimed, Ledger, Standing};
+use crate::ledger::{ClaimKey, Claimed, Fencing, Ledger, Standing};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Phase, Stage};
 use crate::model::trace::TraceParent;
 use crate::stages::{FailureClass, Observation, Outcome, Step, Tried};
@@ -377,23 +377,42 @@ impl Runtime {
     }
 
     /// Carries out what a delivery caused and settles it. A step that records something is
-    /// fenced by the ledger: claimed first, its messages sent with fresh tokens, committed last;
-    /// a copy whose claim loses is dropped, one whose step another claim holds is put off. True
-    /// when the delivery was acked as handled, or held (and the observer told).
+    /// fenced by the ledger (as its settings say: claimed first, or committed first). True when
+    /// the delivery was acked as handled, or held (and the observer told).
     async fn conclude(
         &self,
+        message: &Envelope,
+        body: &[u8],
+        effects: Effects,
+        acker: Box<dyn Acker>,
+        now: OffsetDateTime,
+        taken: Taken,
+    ) -> bool {
+        let ledger = match &self.ledger {
+            Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
+            _ => return self.conclude_unfenced(message, body, effects, acker, now, taken).await,
+        };
+        match ledger.settings().fencing {
+            Fencing::ClaimFirst => self.conclude_claimed(ledger, message, body, effects, acker, now).await,
+            Fencing::CommitFirst => {
+                self.conclude_committing_first(ledger, message, body, effects, acker, now)
+                    .await
+            }
+        }
+    }
+
+    /// A step fenced by a claim: claimed first, its messages sent with fresh tokens, committed
+    /// last; a copy whose claim loses is dropped, one whose step another claim holds is put off.
+    async fn conclude_claimed(
+        &self,
+        ledger: &Ledger,
         message: &Envelope,
         body: &[u8],
         mut effects: Effects,
         acker: Box<dyn Acker>,
         now: OffsetDateTime,
-        taken: Taken,
     ) -> bool {
         let handled = effects.handled;
-        let ledger = match &self.ledger {
-            Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
-            _ => return self.conclude_unfenced(message, body, effects, acker, now, taken).await,
-        };
         let claim = match ledger.claim(&ClaimKey::of(message)).await {
             Ok(Claimed::Won { claim, deadline }) => (claim, deadline),
             Ok(Claimed::Stale) => {
@@ -414,10 +433,10 @@ impl Runtime {
             next.token = Uuid::new_v4();
             next.made_by = claim;
         }
-        let committed = tokio::time::timeout_at(
-            deadline.into(),
-            self.carry_out_committed(ledger, message, body, &effects, claim, now),
-        )
+        let committed = tokio::time::timeout_at(deadline.into(), async {
+            self.send_on(body, &effects, now).await?;
+            ledger.commit(commit_of(message, &effects, claim, now)).await
+        })
         .await
         .unwrap_or_else(|_| {
             Err(BusError::Connection(
@@ -429,6 +448,58 @@ impl Runtime {
             ledger.release(message.run_id, &message.pipeline, claim).await;
         }
         self.settled(message.stage, handled, settle(acker, committed).await)
+    }
+
+    /// A step fenced by its commit alone: a copy whose state is live sends its messages on with
+    /// fresh tokens (each naming the state it consumed), then commits; the first commit read that
+    /// consumes the state counts. A copy whose commit came second is dropped as stale (what it
+    /// sent is stale too), one whose state is not known yet is put off.
+    async fn conclude_committing_first(
+        &self,
+        ledger: &Ledger,
+        message: &Envelope,
+        body: &[u8],
+        mut effects: Effects,
+        acker: Box<dyn Acker>,
+        now: OffsetDateTime,
+    ) -> bool {
+        match ledger.may_commit(&ClaimKey::of(message)).await {
+            Standing::Stale => {
+                self.drop_stale(message, acker, now).await;
+                return false;
+            }
+            Standing::Unknown => {
+                self.put_off(message, body, acker).await;
+                return false;
+            }
+            Standing::Live | Standing::Unfenced => {}
+        }
+        // The broker has handed this delivery to another consumer: that copy steps instead.
+        if !acker.still_held() {
+            return self.let_go(message.stage);
+        }
+        let step = Uuid::new_v4();
+        for next in &mut effects.messages {
+            next.token = Uuid::new_v4();
+            next.made_by = step;
+            next.made_from = message.token;
+        }
+        let counted = async {
+            self.send_on(body, &effects, now).await?;
+            ledger.commit_first(commit_of(message, &effects, step, now)).await
+        }
+        .await;
+        match counted {
+            Ok(true) => self.settled(message.stage, effects.handled, settle(acker, Ok(())).await),
+            Ok(false) => {
+                self.drop_stale(message, acker, now).await;
+                false
+            }
+            Err(error) => {
+                settle(acker, Err(error)).await;
+                false
+            }
+        }
     }
 
     /// Carries out a step the ledger does not fence (it records nothing, or its message is from
@@ -710,48 +781,16 @@ impl Runtime {
         Ok(())
     }
 
-    /// Publishes what a claimed step caused: its messages, the parked copy, then the commit that
-    /// records them with the step's events. Stops at the first publish that is not confirmed.
-    async fn carry_out_committed(
-        &self,
-        ledger: &Ledger,
-        message: &Envelope,
-        body: &[u8],
-        effects: &Effects,
-        claim: Uuid,
-        now: OffsetDateTime,
-    ) -> Result<(), BusError> {
+    /// Publishes what a fenced step caused before its commit: its messages, then the parked copy.
+    /// Stops at the first publish that is not confirmed.
+    async fn send_on(&self, body: &[u8], effects: &Effects, now: OffsetDateTime) -> Result<(), BusError> {
         for next in &effects.messages {
             self.route(next, now).await?;
         }
         if let Some(reason) = &effects.park {
             self.bus.park(body, reason).await?;
         }
-        let commit = Commit {
-            run_id: message.run_id,
-            pipeline: message.pipeline.clone(),
-            claim,
-            consumed: Some(Consumed {
-                message_id: message.message_id,
-                token: message.token,
-            }),
-            successors: effects
-                .messages
-                .iter()
-                .map(|next| Successor {
-                    message_id: next.message_id,
-                    token: next.token,
-                    stage: next.stage,
-                    branch: next.branch.clone(),
-                })
-                .collect(),
-            events: effects
-                .events
-                .iter()
-                .map(|kind| event_of(message, kind.clone(), now))
-                .collect(),
-        };
-        ledger.commit(commit).await
+        Ok(())
     }
 
     /// A message goes to its stage's queue when due, else to a delay tier until it is.
@@ -990,6 +1029,35 @@ fn failure(branch: &Branch, reason: String) -> EventKind {
             what: *what,
             failed: Some(reason),
         },
+    }
+}
+
+/// The commit of a fenced step by `step` (its claim, or its own id when it commits first): the
+/// state it consumed, the messages it made live, and its events.
+fn commit_of(message: &Envelope, effects: &Effects, step: Uuid, now: OffsetDateTime) -> Commit {
+    Commit {
+        run_id: message.run_id,
+        pipeline: message.pipeline.clone(),
+        claim: step,
+        consumed: Some(Consumed {
+            message_id: message.message_id,
+            token: message.token,
+        }),
+        successors: effects
+            .messages
+            .iter()
+            .map(|next| Successor {
+                message_id: next.message_id,
+                token: next.token,
+                stage: next.stage,
+                branch: next.branch.clone(),
+            })
+            .collect(),
+        events: effects
+            .events
+            .iter()
+            .map(|kind| event_of(message, kind.clone(), now))
+            .collect(),
     }
 }
 

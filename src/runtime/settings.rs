@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ledger::Fencing;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeSettings {
@@ -26,6 +28,9 @@ pub struct RuntimeSettings {
     /// copy of its message (its holder died); the holder itself gives up at half of it.
     #[serde(rename = "claim_timeout_ms", deserialize_with = "millis::deserialize")]
     pub claim_timeout: Duration,
+    /// How a step that records something is fenced: `commit_first` (one history record a step) or
+    /// `claim_first` (a claim and a commit; what workers from before `commit_first` understand).
+    pub fencing: Fencing,
     /// Waits a process holds for their next look instead of sending them round a delay tier
     /// (`runtime::held`); 0 sends every wait round the broker.
     pub held_waits: usize,
@@ -43,6 +48,7 @@ impl Default for RuntimeSettings {
             retry: RetrySettings::default(),
             shutdown_grace: Duration::from_secs(30),
             claim_timeout: Duration::from_secs(20),
+            fencing: Fencing::default(),
             held_waits: 64,
             hold_max: Duration::from_secs(10 * 60),
         }
@@ -107,6 +113,7 @@ impl RuntimeSettings {
         crate::ledger::LedgerSettings {
             claim_timeout: self.claim_timeout,
             read_limit: Duration::from_secs(30),
+            fencing: self.fencing,
         }
     }
 

@@ -130,6 +130,7 @@ pub fn envelope(stage: Stage) -> Envelope {
         traceparent: new_traceparent(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        made_from: Uuid::nil(),
         admission: Uuid::nil(),
     }
 }
@@ -148,6 +149,7 @@ pub fn settings() -> RuntimeSettings {
         },
         shutdown_grace: Duration::from_secs(5),
         claim_timeout: Duration::from_secs(2),
+        fencing: crate::ledger::Fencing::CommitFirst,
         held_waits: 4,
         hold_max: Duration::from_secs(60),
     }

@@ -605,6 +605,7 @@ fn envelope(stage: Stage) -> Envelope {
         traceparent: new_traceparent(),
         token: Uuid::new_v4(),
         made_by: Uuid::nil(),
+        made_from: Uuid::nil(),
         admission: Uuid::nil(),
     }
 }

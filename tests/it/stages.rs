@@ -267,6 +267,7 @@ impl Sim {
             traceparent: new_traceparent(),
             token: Uuid::new_v4(),
             made_by: Uuid::nil(),
+            made_from: Uuid::nil(),
             admission: Uuid::new_v4(),
         }
     }
