@@ -2,7 +2,8 @@
 //! two worker processes per stage, against the emulator injecting about one fault in five (429
 //! with Retry-After, 500, 503, connections reset after the request took effect), while workers are
 //! killed with SIGKILL every few seconds (and replaced), every broker connection is closed, and the
-//! broker node is restarted — on a private RabbitMQ node of the test's own. Then the same on a
+//! broker node is restarted — on a private RabbitMQ node of the test's own, with a fleet changing
+//! fencing (at each stage one worker claims first, the other commits first). Then the same on a
 //! three-node cluster of private nodes (quorum queues replicated on all three), one node killed
 //! mid-run and started again. A `sigrun submit` that fails on an injected fault (its reads outlast
 //! the client's retries) is tried again, as a producer would.
@@ -54,20 +55,21 @@ struct Disturbed {
     nodes_killed: usize,
 }
 
-/// The workers, two per stage, and the replacements of the killed ones.
+/// The workers, two per stage, and the replacements of the killed ones; each started with the
+/// next of `configs` in turn (one per fencing, so a mixed fleet has both at every stage).
 struct Fleet {
     setup: Arc<Setup>,
-    config: std::path::PathBuf,
+    configs: Vec<std::path::PathBuf>,
     alive: Vec<(Stage, Process)>,
     dead: Vec<Process>,
     started: usize,
 }
 
 impl Fleet {
-    fn start(setup: Arc<Setup>, config: std::path::PathBuf) -> Fleet {
+    fn start(setup: Arc<Setup>, configs: Vec<std::path::PathBuf>) -> Fleet {
         let mut fleet = Fleet {
             setup,
-            config,
+            configs,
             alive: Vec::new(),
             dead: Vec::new(),
             started: 0,
@@ -91,7 +93,8 @@ impl Fleet {
             "--log-format",
             "json",
         ];
-        let process = self.setup.worker_with_config(&name, &self.config, &args);
+        let config = &self.configs[self.started % self.configs.len()];
+        let process = self.setup.worker_with_config(&name, config, &args);
         self.alive.push((stage, process));
     }
 
@@ -325,15 +328,18 @@ async fn parked(bus: &sigrun::bus::amqp::AmqpBus) -> usize {
     n
 }
 
-/// A config for the chaos runs: short claim timeout (a killed holder's step is taken over soon),
-/// and the cluster's other nodes.
-fn chaos_config(setup: &Setup, url: &str, others: &[String]) -> std::path::PathBuf {
+/// A config for the chaos runs: the fencing, a short claim timeout (a killed holder's step is
+/// taken over soon, claiming first), and the cluster's other nodes.
+fn chaos_config(setup: &Setup, url: &str, others: &[String], fencing: &str) -> std::path::PathBuf {
     let base = setup.write_config("chaos-base.toml", url, helpers::PIPELINE_APP.1);
     let mut text = std::fs::read_to_string(&base).expect("the base config");
-    text = text.replace("[runtime]\n", "[runtime]\nclaim_timeout_ms = 5000\n");
+    text = text.replace(
+        "[runtime]\n",
+        &format!("[runtime]\nclaim_timeout_ms = 5000\nfencing = \"{fencing}\"\n"),
+    );
     let cluster: Vec<String> = others.iter().map(|u| format!("\"{u}\"")).collect();
     text.push_str(&format!("cluster_urls = [{}]\n", cluster.join(", ")));
-    let path = setup.dir.join("chaos.toml");
+    let path = setup.dir.join(format!("chaos-{fencing}.toml"));
     std::fs::write(&path, text).expect("write the chaos config");
     path
 }
@@ -345,12 +351,14 @@ struct BrokerHooks<R, S> {
     restore: S,
 }
 
-/// Runs the scenario: `disturb` is called every kill interval with the elapsed share of the
-/// expected run time, and does the broker's part.
+/// Runs the scenario with a fleet of the `fencings` given (the first also reads the results):
+/// `disturb` is called every kill interval with the elapsed share of the expected run time, and
+/// does the broker's part.
 async fn scenario(
     name: &str,
     url: String,
     others: Vec<String>,
+    fencings: &[&str],
     mut disturb: impl FnMut(f64, &mut Disturbed),
     broker: BrokerHooks<impl Fn() -> String, impl FnOnce()>,
 ) {
@@ -359,9 +367,12 @@ async fn scenario(
     let seed = env_number("SIGRUN_CHAOS_SEED", 7);
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let setup = Arc::new(support::setup_scaled_on(FAULTS, &url, 100.0).await);
-    let config = chaos_config(&setup, &url, &others);
-    let (bus, settings) = support::test_bus(&config).await;
-    let mut fleet = Fleet::start(Arc::clone(&setup), config);
+    let configs: Vec<_> = fencings
+        .iter()
+        .map(|fencing| chaos_config(&setup, &url, &others, fencing))
+        .collect();
+    let (bus, settings) = support::test_bus(&configs[0]).await;
+    let mut fleet = Fleet::start(Arc::clone(&setup), configs);
     let versions: Vec<String> = (1..=runs).map(|n| format!("2026.1126.{n}")).collect();
     let began = Instant::now();
     let run_ids = submit_all(&setup, &versions).await;
@@ -409,7 +420,7 @@ async fn scenario(
         "every worker exits 0 on SIGTERM: {exit_codes:?}"
     );
     eprintln!(
-        "chaos {name} (seed {seed}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} parked",
+        "chaos {name} (seed {seed}, fencing {fencings:?}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} parked",
         figures.succeeded,
         runs,
         took.as_secs_f64(),
@@ -437,10 +448,12 @@ async fn chaos_on_one_node() {
     let url = node.url();
     let report_node = Arc::clone(&node);
     let (mut closed, mut restarted) = (false, false);
+    // A fleet changing over: at every stage one worker claims first and one commits first.
     scenario(
         "on one node",
         url,
         Vec::new(),
+        &["commit_first", "claim_first"],
         |share, disturbed| {
             if share > 0.3 && !closed {
                 closed = true;
@@ -488,6 +501,7 @@ async fn chaos_on_a_three_node_cluster_with_a_node_killed() {
         "on a three-node cluster",
         url,
         others,
+        &["commit_first"],
         move |share, disturbed| {
             // The node the workers connect to first (and where the queues were declared) dies.
             if share > 0.3 && !killed {
