@@ -312,9 +312,13 @@ pub async fn begin_with(
     firsts: Vec<Envelope>,
     started: Event,
 ) -> Result<Begun, BusError> {
+    let admission = ClaimKey::admission(started.run_id, &started.pipeline);
+    // An admission a claim holds (or held and left) is taken over only by a claim naming its holder.
     match ledger.settings().fencing {
-        Fencing::ClaimFirst => begin_claimed(bus, ledger, firsts, started).await,
-        Fencing::CommitFirst => begin_committing_first(bus, ledger, firsts, started).await,
+        Fencing::CommitFirst if !ledger.claimed_unspent(&admission) => {
+            begin_committing_first(bus, ledger, firsts, started).await
+        }
+        Fencing::ClaimFirst | Fencing::CommitFirst => begin_claimed(bus, ledger, firsts, started).await,
     }
 }
 
@@ -378,8 +382,11 @@ async fn begin_committing_first(
         .await?
     {
         Ok(Begun::Started { messages: firsts.len() })
-    } else {
+    } else if ledger.spent(&ClaimKey::admission(run_id, &pipeline)) {
         Ok(Begun::AlreadyStarted)
+    } else {
+        // A claiming admitter's claim came first: it may still commit.
+        Ok(Begun::Held)
     }
 }
 

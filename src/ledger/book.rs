@@ -299,6 +299,19 @@ impl Book {
             .is_some_and(|run| run.claimed(&made_by).is_some() && run.hold(&token).is_none() && !run.is_spent(&token))
     }
 
+    /// Whether a claim has been read on `token` and not spent (held, released or timed out): a
+    /// step committing first cannot take such a state over, only a claim naming its holder can.
+    pub fn claimed_unspent(&self, run_id: Uuid, token: Uuid) -> bool {
+        self.runs.get(&run_id).is_some_and(|run| run.hold(&token).is_some())
+    }
+
+    /// Whether `token` can no longer be consumed: spent, or its run settled.
+    pub fn spent(&self, run_id: Uuid, token: Uuid) -> bool {
+        self.runs
+            .get(&run_id)
+            .is_some_and(|run| run.settled || run.is_spent(&token))
+    }
+
     /// Whether the step that made a copy may still commit it: its claim has been read and neither
     /// committed nor lost, or (a step committing first) its commit has not been read and what it
     /// consumed is not spent. Its copies are not live until it commits (or are orphans, if it

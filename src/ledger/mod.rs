@@ -360,6 +360,18 @@ impl Ledger {
         self.bus.publish_record(&Record::Commit(commit)).await
     }
 
+    /// Whether a claim was read on the copy's state and has not been spent: a fleet changing
+    /// fencing has a step that claims first under way, or dead. Such a state is taken over only by
+    /// a claim naming its holder, so a step committing first claims it instead.
+    pub fn claimed_unspent(&self, key: &ClaimKey) -> bool {
+        self.shared.book().claimed_unspent(key.run_id, key.token)
+    }
+
+    /// Whether the copy's state can no longer be consumed (spent, or its run settled).
+    pub fn spent(&self, key: &ClaimKey) -> bool {
+        self.shared.book().spent(key.run_id, key.token)
+    }
+
     /// What a copy committing first may do now: commit if its state is live (or unfenced); a copy
     /// whose state is not known yet gets the same short while as a claim's.
     pub async fn may_commit(&self, key: &ClaimKey) -> Standing {

@@ -534,13 +534,23 @@ async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
 
 #[tokio::test(start_paused = true)]
 async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_claim_timeout() {
+    // The worker taking over claims first, or commits first (a fleet changing over): a state a
+    // claim holds is taken over by a claim either way.
+    for fencing in [Fencing::ClaimFirst, Fencing::CommitFirst] {
+        holder_died_before_its_commit(fencing).await;
+    }
+}
+
+async fn holder_died_before_its_commit(fencing: Fencing) {
     let bus = Unreliable::new(1, 0.0, 0.0);
-    let ledger = fenced_by(bus.clone(), Fencing::ClaimFirst);
+    let ledger = fenced_by(bus.clone(), fencing);
     let first = started_run(&bus, &ledger).await;
     // Another worker claimed the snapshot step, sent its successor on, and died before its
     // commit; the broker then gave the snapshot message to this worker.
+    let holder = fenced_by(bus.clone(), Fencing::ClaimFirst);
+    holder.catch_up(Duration::from_secs(1)).await.unwrap();
     ledger.catch_up(Duration::from_secs(1)).await.unwrap();
-    let dead = match ledger.claim(&ClaimKey::of(&first)).await.unwrap() {
+    let dead = match holder.claim(&ClaimKey::of(&first)).await.unwrap() {
         Claimed::Won { claim, .. } => claim,
         other => panic!("{other:?}"),
     };
@@ -586,6 +596,12 @@ async fn a_step_whose_holder_died_before_its_commit_is_taken_over_after_the_clai
 
 #[tokio::test(start_paused = true)]
 async fn an_admission_held_by_a_dead_admitter_is_taken_over_and_a_duplicate_starts_nothing() {
+    for fencing in [Fencing::ClaimFirst, Fencing::CommitFirst] {
+        admitter_died_before_its_commit(fencing).await;
+    }
+}
+
+async fn admitter_died_before_its_commit(fencing: Fencing) {
     let bus = Unreliable::new(2, 0.0, 0.0);
     let (first, started) = fresh_run();
     let dead = fenced_by(bus.clone(), Fencing::ClaimFirst);
@@ -593,7 +609,9 @@ async fn an_admission_held_by_a_dead_admitter_is_taken_over_and_a_duplicate_star
         dead.claim(&ClaimKey::admission(first.run_id, &first.pipeline)).await,
         Ok(Claimed::Won { .. })
     ));
-    let ledger = fenced_by(bus.clone(), Fencing::ClaimFirst);
+    let ledger = fenced_by(bus.clone(), fencing);
+    // As a worker does before it admits anything.
+    ledger.catch_up(Duration::from_secs(1)).await.unwrap();
     let began = tokio::time::Instant::now();
     let again = || begin_with(bus.as_ref(), &ledger, vec![first.clone()], started.clone());
     assert_eq!(again().await.unwrap(), Begun::Held, "the holder may still commit");

@@ -392,11 +392,14 @@ impl Runtime {
             Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
             _ => return self.conclude_unfenced(message, body, effects, acker, now, taken).await,
         };
+        // A state a claim holds (or held and left) is taken over only by a claim naming its holder.
         match ledger.settings().fencing {
-            Fencing::ClaimFirst => self.conclude_claimed(ledger, message, body, effects, acker, now).await,
-            Fencing::CommitFirst => {
+            Fencing::CommitFirst if !ledger.claimed_unspent(&ClaimKey::of(message)) => {
                 self.conclude_committing_first(ledger, message, body, effects, acker, now)
                     .await
+            }
+            Fencing::ClaimFirst | Fencing::CommitFirst => {
+                self.conclude_claimed(ledger, message, body, effects, acker, now).await
             }
         }
     }
@@ -491,8 +494,15 @@ impl Runtime {
         .await;
         match counted {
             Ok(true) => self.settled(message.stage, effects.handled, settle(acker, Ok(())).await),
-            Ok(false) => {
+            // Another step's commit consumed the state first.
+            Ok(false) if ledger.spent(&ClaimKey::of(message)) => {
                 self.drop_stale(message, acker, now).await;
+                false
+            }
+            // A claim read before this commit holds the state: its holder may commit, or die and
+            // be taken over; this copy comes back and claims.
+            Ok(false) => {
+                self.put_off(message, body, acker).await;
                 false
             }
             Err(error) => {
