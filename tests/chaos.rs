@@ -16,7 +16,8 @@
 //! The figures are printed.
 //!
 //! Sizes: `SIGRUN_CHAOS_RUNS` (default 4: what CI runs), `SIGRUN_CHAOS_KILL_EVERY_MS` (default
-//! 2500), `SIGRUN_CHAOS_SEED`. `SIGRUN_CHAOS_RUNS=20` is the size the closing notes quote.
+//! 2500), `SIGRUN_CHAOS_SEED`; `SIGRUN_CHAOS_FENCING` the cluster's fencing (default
+//! `claim_first`, the shipped one). `SIGRUN_CHAOS_RUNS=20` is the size the closing notes quote.
 
 #[path = "it/helpers.rs"]
 mod helpers;
@@ -114,6 +115,25 @@ impl Fleet {
 
     fn report(&self) -> String {
         self.alive.iter().map(|(_, p)| p.report()).collect()
+    }
+
+    /// For a stall: each worker's last log lines about copies it put off or dropped, where a
+    /// message that cycles without end shows itself.
+    fn put_off_report(&self) -> String {
+        let mut report = String::new();
+        for process in self.all() {
+            let text = process.stdout_text() + &process.stderr_text();
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("putting this copy off") || l.contains("stale copy"))
+                .collect();
+            report.push_str(&format!("\n== {} ({} lines)\n", process.stdout.display(), lines.len()));
+            for line in lines.iter().rev().take(4).rev() {
+                report.push_str(&line.chars().take(700).collect::<String>());
+                report.push('\n');
+            }
+        }
+        report
     }
 }
 
@@ -391,9 +411,10 @@ async fn scenario(
             // Runs this late are stuck somewhere: say where the broker holds their messages.
             reported_stall = true;
             eprintln!(
-                "chaos {name}: runs not ended after {:?}; the broker's queues:\n{}",
+                "chaos {name}: runs not ended after {:?}; the broker's queues:\n{}\nthe workers' put-off and dropped copies:{}",
                 began.elapsed(),
-                (broker.report)()
+                (broker.report)(),
+                fleet.put_off_report()
             );
         }
         if share < 1.5 {
@@ -497,11 +518,14 @@ async fn chaos_on_a_three_node_cluster_with_a_node_killed() {
     let others = vec![nodes[1].url(), nodes[2].url()];
     let (mut killed, mut back) = (false, false);
     let cluster = Arc::clone(&nodes);
+    // The shipped fencing, or the one `SIGRUN_CHAOS_FENCING` names (`commit_first` stalled here
+    // once in five runs of 20, not understood yet).
+    let fencing = std::env::var("SIGRUN_CHAOS_FENCING").unwrap_or_else(|_| "claim_first".into());
     scenario(
         "on a three-node cluster",
         url,
         others,
-        &["commit_first"],
+        &[fencing.as_str()],
         move |share, disturbed| {
             // The node the workers connect to first (and where the queues were declared) dies.
             if share > 0.3 && !killed {

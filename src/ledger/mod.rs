@@ -14,7 +14,7 @@
 //! before its commit is superseded after the claim timeout (or at once when it released its claim);
 //! it gives up its own claim halfway through that timeout, so two holders never both commit.
 //!
-//! Or, by default ([`Fencing::CommitFirst`]), a step commits without claiming: it sends its
+//! Or, when configured so ([`Fencing::CommitFirst`]), a step commits without claiming: it sends its
 //! messages on, each naming the token it consumed (`made_from`), and publishes its commit; the
 //! first commit read that consumes a token counts, and what a later one's step sent is stale once
 //! the token is spent. A step that dies before its commit leaves its delivery to another copy,
@@ -60,13 +60,15 @@ const UNKNOWN_WAIT: Duration = Duration::from_millis(500);
 pub enum Fencing {
     /// Claim the copy's state, wait for the claim to come by, then send on and commit: a copy
     /// whose step another claim holds is put off, so two copies seldom both send on. Two records
-    /// a step.
+    /// a step. The default.
+    #[default]
     ClaimFirst,
     /// Send on, then commit: the first commit read that consumes the state wins, and what a losing
     /// copy sent names the state its maker consumed (`made_from`), so it is stale once that state is
     /// spent. One record a step: every reader of the history reads half as many. Messages carry
     /// `made_from`, which workers from before it park (upgrade them first, with `claim_first`).
-    #[default]
+    /// Opt-in: the cluster chaos scenario stalled once in five runs of 20 with it, not understood
+    /// yet.
     CommitFirst,
 }
 

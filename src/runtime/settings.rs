@@ -28,8 +28,9 @@ pub struct RuntimeSettings {
     /// copy of its message (its holder died); the holder itself gives up at half of it.
     #[serde(rename = "claim_timeout_ms", deserialize_with = "millis::deserialize")]
     pub claim_timeout: Duration,
-    /// How a step that records something is fenced: `commit_first` (one history record a step) or
-    /// `claim_first` (a claim and a commit; what workers from before `commit_first` understand).
+    /// How a step that records something is fenced: `claim_first` (a claim and a commit, the
+    /// default) or `commit_first` (one history record a step; workers from before it cannot read
+    /// its messages).
     pub fencing: Fencing,
     /// Waits a process holds for their next look instead of sending them round a delay tier
     /// (`runtime::held`); 0 sends every wait round the broker.
