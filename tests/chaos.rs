@@ -518,8 +518,8 @@ async fn chaos_on_a_three_node_cluster_with_a_node_killed() {
     let others = vec![nodes[1].url(), nodes[2].url()];
     let (mut killed, mut back) = (false, false);
     let cluster = Arc::clone(&nodes);
-    // The shipped fencing, or the one `SIGRUN_CHAOS_FENCING` names (`commit_first` stalled here
-    // once in five runs of 20, not understood yet).
+    // The shipped fencing, or the one `SIGRUN_CHAOS_FENCING` names: a run stalled here once with
+    // each, and once on one node, not understood yet.
     let fencing = std::env::var("SIGRUN_CHAOS_FENCING").unwrap_or_else(|_| "claim_first".into());
     scenario(
         "on a three-node cluster",

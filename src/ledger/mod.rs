@@ -67,8 +67,8 @@ pub enum Fencing {
     /// copy sent names the state its maker consumed (`made_from`), so it is stale once that state is
     /// spent. One record a step: every reader of the history reads half as many. Messages carry
     /// `made_from`, which workers from before it park (upgrade them first, with `claim_first`).
-    /// Opt-in: the cluster chaos scenario stalled once in five runs of 20 with it, not understood
-    /// yet.
+    /// Opt-in until a chaos stall seen with both fencings (once with this one alone) is
+    /// understood.
     CommitFirst,
 }
 
