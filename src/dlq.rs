@@ -149,6 +149,9 @@ pub fn revived(mut envelope: Envelope, parked_for: &str) -> (Envelope, Record) {
     let replay = Uuid::new_v4();
     envelope.token = Uuid::new_v4();
     envelope.made_by = replay;
+    // Made by the replay, which consumes nothing: the state a committing-first maker consumed is
+    // spent, and naming it would make the revived copy stale before its commit is read.
+    envelope.made_from = Uuid::nil();
     let event = Event {
         run_id: envelope.run_id,
         pipeline: envelope.pipeline.clone(),
@@ -166,12 +169,7 @@ pub fn revived(mut envelope: Envelope, parked_for: &str) -> (Envelope, Record) {
         pipeline: envelope.pipeline.clone(),
         claim: replay,
         consumed: None,
-        successors: vec![Successor {
-            message_id: envelope.message_id,
-            token: envelope.token,
-            stage: envelope.stage,
-            branch: envelope.branch.clone(),
-        }],
+        successors: vec![Successor::of(&envelope)],
         events: vec![event],
     };
     (envelope, Record::Commit(commit))
@@ -215,6 +213,8 @@ mod tests {
     fn a_revived_message_forgets_its_tries_its_hold_and_the_planners_reading() {
         let mut parked = testkit::envelope(Stage::GalleryPublish);
         parked.attempt = 3;
+        // Parked by a step that committed first.
+        parked.made_from = Uuid::new_v4();
         parked.plan.seen = Seen {
             definition: Presence::Present,
             version: Presence::Absent,
@@ -227,6 +227,7 @@ mod tests {
             panic!("a replay is recorded by a commit: {record:?}")
         };
         assert_eq!(commit.claim, revived.made_by);
+        assert!(revived.made_from.is_nil(), "a replay consumed nothing");
         assert!(commit.consumed.is_none());
         assert_eq!(commit.successors[0].token, revived.token);
     }

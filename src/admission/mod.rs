@@ -313,23 +313,20 @@ pub async fn begin_with(
     started: Event,
 ) -> Result<Begun, BusError> {
     let admission = ClaimKey::admission(started.run_id, &started.pipeline);
-    // An admission a claim holds (or held and left) is taken over only by a claim naming its holder.
-    match ledger.settings().fencing {
-        Fencing::CommitFirst if !ledger.claimed_unspent(&admission) => {
-            begin_committing_first(bus, ledger, firsts, started).await
-        }
-        Fencing::ClaimFirst | Fencing::CommitFirst => begin_claimed(bus, ledger, firsts, started).await,
+    match ledger.fencing_for(&admission) {
+        Fencing::CommitFirst => begin_committing_first(bus, ledger, &admission, firsts, started).await,
+        Fencing::ClaimFirst => begin_claimed(bus, ledger, &admission, firsts, started).await,
     }
 }
 
 async fn begin_claimed(
     bus: &dyn Bus,
     ledger: &Ledger,
+    admission: &ClaimKey,
     mut firsts: Vec<Envelope>,
     started: Event,
 ) -> Result<Begun, BusError> {
-    let (run_id, pipeline) = (started.run_id, started.pipeline.clone());
-    let (claim, deadline) = match ledger.claim(&ClaimKey::admission(run_id, &pipeline)).await? {
+    let (claim, deadline) = match ledger.claim(admission).await? {
         Claimed::Won { claim, deadline } => (claim, deadline),
         Claimed::Stale => return Ok(Begun::AlreadyStarted),
         Claimed::Wait => return Ok(Begun::Held),
@@ -346,7 +343,7 @@ async fn begin_claimed(
         .await
         .unwrap_or_else(|_| Err(BusError::Connection("the admission's claim ran out of time".into())));
     if let Err(error) = published {
-        ledger.release(run_id, &pipeline, claim).await;
+        ledger.release(admission.run_id, &admission.pipeline, claim).await;
         return Err(error);
     }
     Ok(Begun::Started { messages: firsts.len() })
@@ -358,11 +355,11 @@ async fn begin_claimed(
 async fn begin_committing_first(
     bus: &dyn Bus,
     ledger: &Ledger,
+    key: &ClaimKey,
     mut firsts: Vec<Envelope>,
     started: Event,
 ) -> Result<Begun, BusError> {
-    let (run_id, pipeline) = (started.run_id, started.pipeline.clone());
-    match ledger.may_commit(&ClaimKey::admission(run_id, &pipeline)).await {
+    match ledger.may_commit(key).await {
         Standing::Stale => return Ok(Begun::AlreadyStarted),
         // Not so for an admission (its standing is known from the run's start alone).
         Standing::Unknown => return Ok(Begun::Held),
@@ -373,7 +370,7 @@ async fn begin_committing_first(
         // Its own states, whatever the caller made: a racing admitter's are then told apart.
         first.token = Uuid::new_v4();
         first.made_by = admission;
-        first.made_from = run_id;
+        first.made_from = key.token;
         first.admission = admission;
     }
     publish_firsts(bus, &firsts).await?;
@@ -382,7 +379,7 @@ async fn begin_committing_first(
         .await?
     {
         Ok(Begun::Started { messages: firsts.len() })
-    } else if ledger.spent(&ClaimKey::admission(run_id, &pipeline)) {
+    } else if ledger.spent(key) {
         Ok(Begun::AlreadyStarted)
     } else {
         // A claiming admitter's claim came first: it may still commit.
@@ -410,15 +407,7 @@ fn admission_commit(firsts: &[Envelope], started: Event, step: Uuid) -> Commit {
             message_id: run_id,
             token: run_id,
         }),
-        successors: firsts
-            .iter()
-            .map(|first| Successor {
-                message_id: first.message_id,
-                token: first.token,
-                stage: first.stage,
-                branch: first.branch.clone(),
-            })
-            .collect(),
+        successors: firsts.iter().map(Successor::of).collect(),
         events: vec![started],
     }
 }

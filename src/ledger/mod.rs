@@ -160,6 +160,11 @@ fn maker_of(message: &Envelope) -> Maker {
     }
 }
 
+/// What `book` says of the copy `message`.
+fn standing_of(book: &Book, message: &Envelope) -> Standing {
+    book.standing(message.run_id, message.message_id, message.token, maker_of(message))
+}
+
 struct Shared {
     book: Mutex<Book>,
     /// Records read so far; bumped after each is folded in, so waiters can look again.
@@ -240,9 +245,7 @@ impl Ledger {
 
     /// What the copy is worth now, from what has been read (no IO).
     pub fn standing(&self, message: &Envelope) -> Standing {
-        self.shared
-            .book()
-            .standing(message.run_id, message.message_id, message.token, maker_of(message))
+        standing_of(&self.shared.book(), message)
     }
 
     /// What the copy is worth, giving a copy whose state is not known yet a short while for the
@@ -254,8 +257,7 @@ impl Ledger {
     /// such a copy gets the same short while (a stale duplicate of a finished run is dropped
     /// that much later; a replayed message is no longer dropped as one).
     pub async fn settled_standing(&self, message: &Envelope) -> Standing {
-        let standing =
-            |book: &Book| book.standing(message.run_id, message.message_id, message.token, maker_of(message));
+        let standing = |book: &Book| standing_of(book, message);
         let known = |book: &Book| match standing(book) {
             Standing::Unknown => false,
             Standing::Stale => !book.is_settled(message.run_id),
@@ -283,7 +285,7 @@ impl Ledger {
     /// is put off without a look.
     pub fn held_elsewhere(&self, message: &Envelope) -> bool {
         let book = self.shared.book();
-        book.standing(message.run_id, message.message_id, message.token, maker_of(message)) == Standing::Live
+        standing_of(&book, message) == Standing::Live
             && book.held(message.run_id, message.token, now(), self.settings.claim_timeout)
     }
 
@@ -362,11 +364,15 @@ impl Ledger {
         self.bus.publish_record(&Record::Commit(commit)).await
     }
 
-    /// Whether a claim was read on the copy's state and has not been spent: a fleet changing
-    /// fencing has a step that claims first under way, or dead. Such a state is taken over only by
-    /// a claim naming its holder, so a step committing first claims it instead.
-    pub fn claimed_unspent(&self, key: &ClaimKey) -> bool {
-        self.shared.book().claimed_unspent(key.run_id, key.token)
+    /// How the step of the copy `key` names is fenced: as the settings say, except that a state
+    /// on which a claim was read and not spent (a fleet changing fencing has a step that claims
+    /// first under way, or dead) is taken over only by a claim naming its holder, so it is
+    /// claimed whatever the settings say.
+    pub fn fencing_for(&self, key: &ClaimKey) -> Fencing {
+        match self.settings.fencing {
+            Fencing::CommitFirst if !self.shared.book().claimed_unspent(key.run_id, key.token) => Fencing::CommitFirst,
+            Fencing::ClaimFirst | Fencing::CommitFirst => Fencing::ClaimFirst,
+        }
     }
 
     /// Whether the copy's state can no longer be consumed (spent, or its run settled).

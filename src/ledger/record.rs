@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::events::Event;
-use crate::model::envelope::{Branch, Stage};
+use crate::model::envelope::{Branch, Envelope, Stage};
 
 /// A claim on the step of one message state: "I am about to carry out what state `token` of slot
 /// `message_id` leads to". The first claim read for a token holds it; a later one holds it only
@@ -43,6 +43,18 @@ pub struct Successor {
     pub token: Uuid,
     pub stage: Stage,
     pub branch: Branch,
+}
+
+impl Successor {
+    /// The state `message` carries, as a commit lists it.
+    pub fn of(message: &Envelope) -> Successor {
+        Successor {
+            message_id: message.message_id,
+            token: message.token,
+            stage: message.stage,
+            branch: message.branch.clone(),
+        }
+    }
 }
 
 /// The slot and token a commit consumed.

@@ -301,7 +301,8 @@ pub struct Envelope {
     /// wait that records nothing keeps it). Nil in a message from before the ledger (not fenced).
     #[serde(default, skip_serializing_if = "Uuid::is_nil")]
     pub token: Uuid,
-    /// The claim of the step that sent this state on (nil: none, or from before the ledger).
+    /// The step that sent this state on: its claim, or its commit's id when it committed first
+    /// (nil: none, or from before the ledger).
     #[serde(default, skip_serializing_if = "Uuid::is_nil")]
     pub made_by: Uuid,
     /// The state the step that sent this one on consumed, when that step committed without

@@ -392,23 +392,26 @@ impl Runtime {
             Some(ledger) if !message.token.is_nil() && effects.records_something(message) => ledger,
             _ => return self.conclude_unfenced(message, body, effects, acker, now, taken).await,
         };
-        // A state a claim holds (or held and left) is taken over only by a claim naming its holder.
-        match ledger.settings().fencing {
-            Fencing::CommitFirst if !ledger.claimed_unspent(&ClaimKey::of(message)) => {
-                self.conclude_committing_first(ledger, message, body, effects, acker, now)
+        let key = ClaimKey::of(message);
+        match ledger.fencing_for(&key) {
+            Fencing::CommitFirst => {
+                self.conclude_committing_first(ledger, &key, message, body, effects, acker, now)
                     .await
             }
-            Fencing::ClaimFirst | Fencing::CommitFirst => {
-                self.conclude_claimed(ledger, message, body, effects, acker, now).await
+            Fencing::ClaimFirst => {
+                self.conclude_claimed(ledger, &key, message, body, effects, acker, now)
+                    .await
             }
         }
     }
 
     /// A step fenced by a claim: claimed first, its messages sent with fresh tokens, committed
     /// last; a copy whose claim loses is dropped, one whose step another claim holds is put off.
+    #[allow(clippy::too_many_arguments)]
     async fn conclude_claimed(
         &self,
         ledger: &Ledger,
+        key: &ClaimKey,
         message: &Envelope,
         body: &[u8],
         mut effects: Effects,
@@ -416,7 +419,7 @@ impl Runtime {
         now: OffsetDateTime,
     ) -> bool {
         let handled = effects.handled;
-        let claim = match ledger.claim(&ClaimKey::of(message)).await {
+        let claim = match ledger.claim(key).await {
             Ok(Claimed::Won { claim, deadline }) => (claim, deadline),
             Ok(Claimed::Stale) => {
                 self.drop_stale(message, acker, now).await;
@@ -457,16 +460,18 @@ impl Runtime {
     /// fresh tokens (each naming the state it consumed), then commits; the first commit read that
     /// consumes the state counts. A copy whose commit came second is dropped as stale (what it
     /// sent is stale too), one whose state is not known yet is put off.
+    #[allow(clippy::too_many_arguments)]
     async fn conclude_committing_first(
         &self,
         ledger: &Ledger,
+        key: &ClaimKey,
         message: &Envelope,
         body: &[u8],
         mut effects: Effects,
         acker: Box<dyn Acker>,
         now: OffsetDateTime,
     ) -> bool {
-        match ledger.may_commit(&ClaimKey::of(message)).await {
+        match ledger.may_commit(key).await {
             Standing::Stale => {
                 self.drop_stale(message, acker, now).await;
                 return false;
@@ -495,7 +500,7 @@ impl Runtime {
         match counted {
             Ok(true) => self.settled(message.stage, effects.handled, settle(acker, Ok(())).await),
             // Another step's commit consumed the state first.
-            Ok(false) if ledger.spent(&ClaimKey::of(message)) => {
+            Ok(false) if ledger.spent(key) => {
                 self.drop_stale(message, acker, now).await;
                 false
             }
@@ -1053,16 +1058,7 @@ fn commit_of(message: &Envelope, effects: &Effects, step: Uuid, now: OffsetDateT
             message_id: message.message_id,
             token: message.token,
         }),
-        successors: effects
-            .messages
-            .iter()
-            .map(|next| Successor {
-                message_id: next.message_id,
-                token: next.token,
-                stage: next.stage,
-                branch: next.branch.clone(),
-            })
-            .collect(),
+        successors: effects.messages.iter().map(Successor::of).collect(),
         events: effects
             .events
             .iter()
