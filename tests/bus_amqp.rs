@@ -336,6 +336,98 @@ async fn a_delay_held_by_a_relay_that_dies_comes_back_through_another_once() {
     teardown(other).await;
 }
 
+/// A broker policy refusing publishes to one queue once it holds a message (`max-length` 0 with
+/// `reject-publish`: each publish is nacked), cleared when dropped, so a failing test leaves the
+/// broker as it was.
+struct Refusing {
+    name: String,
+    pattern: String,
+}
+
+impl Refusing {
+    fn publishes_to(queue: &str) -> Refusing {
+        let refusing = Refusing {
+            name: format!("refuse-{queue}"),
+            pattern: format!("^{}$", queue.replace('.', "\\.")),
+        };
+        refusing.limit(0);
+        refusing
+    }
+
+    /// The queue takes publishes again. Only a limit it is under lifts a quorum queue's refusal
+    /// (checked as messages leave it); with no limit at all it goes on refusing.
+    fn lift(&self) {
+        self.limit(1_000_000);
+    }
+
+    fn limit(&self, max_length: u64) {
+        let definition = format!(r#"{{"max-length":{max_length},"overflow":"reject-publish"}}"#);
+        let args = ["-q", "set_policy", "--apply-to", "queues", "--priority", "100"];
+        let status = Command::new("rabbitmqctl")
+            .args(args)
+            .args([&self.name, &self.pattern, &definition])
+            .status()
+            .expect("rabbitmqctl runs");
+        assert!(status.success(), "rabbitmqctl set_policy {}", self.name);
+    }
+}
+
+impl Drop for Refusing {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["-q", "clear_policy", &self.name])
+            .status();
+    }
+}
+
+/// A relay whose release the broker refuses (its nack, as a full or leaderless queue sends) puts
+/// the message back on its tier and sends it on once the broker takes it: it is never left held,
+/// unacked, on a connection that stays up.
+#[tokio::test]
+async fn a_due_message_the_broker_refuses_goes_back_on_its_tier_and_on_once_taken() {
+    let prefix = prefix();
+    let bus = connect(&prefix).await;
+    let stage_queue = bus.names().stage_queue(Stage::Snapshot);
+    // Consuming anything starts the relays; the stage itself is not consumed until the end.
+    let _ = timeout(Duration::from_millis(50), bus.next(&[Stage::Verify])).await;
+    let refusing = Refusing::publishes_to(&stage_queue);
+    // A quorum queue refuses once it holds more than its limit: probes land until one is
+    // refused, and wait on the queue with the refusal in force.
+    let deadline = Instant::now() + WAIT;
+    let mut probes = 0;
+    while bus.publish(Stage::Snapshot, b"probe", None).await.is_ok() {
+        probes += 1;
+        assert!(
+            Instant::now() < deadline,
+            "the policy refuses publishes to {stage_queue}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    let delay = bus.tiers()[0];
+    bus.publish_delayed(Stage::Snapshot, b"refused at first", delay, None)
+        .await
+        .unwrap();
+    // Due, released, refused at least once (put back and taken again), and not sent on.
+    sleep(delay + Duration::from_secs(2)).await;
+    refusing.lift();
+    for _ in 0..probes {
+        let probe = next(&bus, &[Stage::Snapshot]).await;
+        assert_eq!(probe.body, b"probe", "nothing got past a refusing queue");
+        probe.acker.ack().await.unwrap();
+    }
+    let d = next(&bus, &[Stage::Snapshot]).await;
+    assert_eq!(d.body, b"refused at first");
+    d.acker.ack().await.unwrap();
+    assert!(
+        timeout(Duration::from_secs(2), bus.next(&[Stage::Snapshot]))
+            .await
+            .is_err(),
+        "sent on once"
+    );
+    drop(refusing);
+    teardown(bus).await;
+}
+
 #[tokio::test]
 async fn park_puts_the_message_and_its_reason_in_the_parking_queue() {
     let prefix = prefix();

@@ -118,17 +118,18 @@ impl Fleet {
     }
 
     /// For a stall: each worker's last log lines about copies it put off or dropped, where a
-    /// message that cycles without end shows itself.
+    /// message that cycles without end shows itself, and its last warnings (a relay that could not
+    /// send a due message on, a connection lost).
     fn put_off_report(&self) -> String {
         let mut report = String::new();
         for process in self.all() {
             let text = process.stdout_text() + &process.stderr_text();
             let lines: Vec<&str> = text
                 .lines()
-                .filter(|l| l.contains("putting this copy off") || l.contains("stale copy"))
+                .filter(|l| l.contains("putting this copy off") || l.contains("stale copy") || l.contains("\"WARN\""))
                 .collect();
             report.push_str(&format!("\n== {} ({} lines)\n", process.stdout.display(), lines.len()));
-            for line in lines.iter().rev().take(4).rev() {
+            for line in lines.iter().rev().take(8).rev() {
                 report.push_str(&line.chars().take(700).collect::<String>());
                 report.push('\n');
             }

@@ -6,6 +6,7 @@
 //! (confirmed) to the work exchange with its routing key and properties, then acks it. A relay
 //! that dies or loses its connection first leaves the message with the broker, which hands it to
 //! another relay: at least once, as everything here, and a copy too many is the ledger's to drop.
+//! One whose publish fails puts the message back on its tier, so no failure leaves a message held.
 //!
 //! Why not the broker's own message TTL with dead-lettering back to `work`: a quorum queue's
 //! at-least-once dead-lettering runs on its leader, and when the leader's node dies RabbitMQ can
@@ -30,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use lapin::BasicProperties;
 use lapin::message::Delivery;
-use lapin::options::BasicAckOptions;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
@@ -45,6 +46,9 @@ pub const DUE_HEADER: &str = "x-sigrun-due-ms";
 pub const RELAY_WINDOW: u16 = 256;
 /// The longest a relay holds one delivery before putting it back on its tier.
 pub const MAX_HOLD: Duration = Duration::from_secs(10 * 60);
+/// How long a delivery whose release failed waits before it goes back on its tier: the relay
+/// takes it again at once, and a broker refusing every publish would otherwise be asked in a loop.
+const PUT_BACK_PAUSE: Duration = Duration::from_secs(1);
 
 /// Headers the broker sets on a delivery that must not travel on with the released message (the
 /// stage queue counts its own deliveries).
@@ -129,8 +133,27 @@ async fn release_when_due(shared: Arc<Shared>, link: Arc<Link>, delay: Duration,
                 debug!(%error, "ack of a relayed delay failed; the broker returns it and the copy is dropped later");
             }
         }
-        // Unacked, it goes back to the tier queue with the connection (or at once, if nacked).
-        Err(error) => warn!(%error, %exchange, "a due message could not be sent on; it stays on its tier"),
+        Err(error) => {
+            warn!(%error, %exchange, "a due message could not be sent on; it goes back on its tier");
+            put_back(&shared, &link, delivery).await;
+        }
+    }
+}
+
+/// Returns a delivery whose release failed to its tier, after [`PUT_BACK_PAUSE`]. Left unacked on
+/// a connection that stays up (a publish the broker refused, say), it would be held until that
+/// connection closed: a run stalled for good with its next step on a relay nobody releases.
+async fn put_back(shared: &Shared, link: &Link, delivery: Delivery) {
+    tokio::time::sleep(PUT_BACK_PAUSE).await;
+    if shared.generation.load(Ordering::SeqCst) != link.generation {
+        return;
+    }
+    let requeue = BasicNackOptions {
+        multiple: false,
+        requeue: true,
+    };
+    if let Err(error) = delivery.acker.nack(requeue).await {
+        debug!(%error, "requeue of an unreleased delay failed; the broker returns it with its channel");
     }
 }
 
