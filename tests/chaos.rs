@@ -9,7 +9,8 @@
 //! the client's retries) is tried again, as a producer would.
 //!
 //! What must hold, whatever happened: every run succeeds; one run per version (one `run_started`);
-//! nothing created twice (the emulator's log); in each account exactly the pools the runs planned;
+//! nothing created twice (the emulator's log; with workers committing first, twice by two
+//! processes at most, two copies of a step stepping at once); in each account exactly the pools the runs planned;
 //! no process asks a run's resource again before the Retry-After its 429 gave that process;
 //! nothing parked; each (run, branch, stage) worked from one message id (the workers' logs); no
 //! event recorded twice for a branch but retries; every worker still running exits 0 on SIGTERM.
@@ -172,6 +173,7 @@ async fn check(
     runs: &BTreeMap<String, Uuid>,
     ended: &BTreeMap<String, (RunResult, Vec<Event>)>,
     fleet: &Fleet,
+    copies_overlap: bool,
 ) -> Figures {
     let mut figures = Figures::default();
     for (version, (result, history)) in ended {
@@ -201,7 +203,15 @@ async fn check(
     let log = setup.emu.requests().await;
     figures.requests = log.len();
     figures.faults = log.iter().filter(|e| !e["fault"].is_null()).count();
-    assert_nothing_created_twice(&log);
+    figures.put_back = fleet
+        .all()
+        .map(|p| {
+            (p.stdout_text() + &p.stderr_text())
+                .matches("could not be sent on")
+                .count()
+        })
+        .sum();
+    assert_nothing_created_twice(&log, copies_overlap);
     assert_retry_after_honoured(&log);
     assert_pools_as_planned(setup, runs.len()).await;
     assert_one_message_per_step(fleet);
@@ -215,6 +225,9 @@ struct Figures {
     duplicate_triggers: usize,
     requests: usize,
     faults: usize,
+    /// Due messages a relay could not send on (the broker refused or the link broke) and put
+    /// back on their tier, from the workers' logs.
+    put_back: usize,
 }
 
 fn assert_each_event_once(version: &str, history: &[Event]) {
@@ -243,9 +256,14 @@ fn assert_each_event_once(version: &str, history: &[Event]) {
     assert!(repeated.is_empty(), "{version}: recorded more than once: {repeated:#?}");
 }
 
-/// Each resource PUT answered "created" at most once, each pool added once.
-fn assert_nothing_created_twice(log: &[Value]) {
-    let mut created: BTreeMap<String, usize> = BTreeMap::new();
+/// Each resource PUT answered "created" at most once, each pool added once. A fleet with workers
+/// committing first (`copies_overlap`) is allowed one exception per resource: two copies of one
+/// step, delivered to two processes at the same time, may both step, and both ask Azure to make
+/// what the step makes (claiming first is what keeps a second copy from stepping while one does).
+/// Even then a resource is made by at most two requests, from two different processes: a process
+/// making a resource twice is a repeated step that did not find what its earlier try made.
+fn assert_nothing_created_twice(log: &[Value], copies_overlap: bool) {
+    let mut created: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for entry in log {
         let path = entry["path"].as_str().unwrap_or_default().to_ascii_lowercase();
         let status = entry["status"].as_u64().unwrap_or(0);
@@ -257,11 +275,20 @@ fn assert_nothing_created_twice(log: &[Value]) {
             } else {
                 path
             };
-            *created.entry(key).or_default() += 1;
+            let by = entry["user_agent"].as_str().unwrap_or_default().to_string();
+            created.entry(key).or_default().push(by);
         }
     }
-    let twice: Vec<_> = created.iter().filter(|(_, n)| **n > 1).collect();
+    let overlapping = |by: &Vec<String>| by.len() == 2 && by[0] != by[1];
+    let twice: Vec<_> = created
+        .iter()
+        .filter(|(_, by)| by.len() > 1 && !(copies_overlap && overlapping(by)))
+        .collect();
     assert!(twice.is_empty(), "created twice: {twice:#?}");
+    let overlapped = created.values().filter(|by| by.len() > 1).count();
+    if overlapped > 0 {
+        eprintln!("chaos: {overlapped} resources made by two copies of one step stepping at once");
+    }
 }
 
 /// After a 429 on a run's own resource (its version, snapshots, image, pools, operations), the
@@ -428,7 +455,8 @@ async fn scenario(
     drop(following);
     // The broker whole again (a node killed late may not be back yet) before checking and cleaning up.
     (broker.restore)();
-    let figures = check(&setup, &run_ids, &ended, &fleet).await;
+    let copies_overlap = fencings.contains(&"commit_first");
+    let figures = check(&setup, &run_ids, &ended, &fleet, copies_overlap).await;
     let left_parked = parked(&bus).await;
     assert_eq!(left_parked, 0, "nothing parked");
     let took = began.elapsed();
@@ -442,7 +470,7 @@ async fn scenario(
         "every worker exits 0 on SIGTERM: {exit_codes:?}"
     );
     eprintln!(
-        "chaos {name} (seed {seed}, fencing {fencings:?}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} parked",
+        "chaos {name} (seed {seed}, fencing {fencings:?}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} due messages put back on their tier by a relay; {} parked",
         figures.succeeded,
         runs,
         took.as_secs_f64(),
@@ -454,6 +482,7 @@ async fn scenario(
         figures.duplicate_triggers,
         figures.faults,
         figures.requests,
+        figures.put_back,
         left_parked,
     );
     support::delete_topology(bus, &settings).await;
@@ -519,8 +548,8 @@ async fn chaos_on_a_three_node_cluster_with_a_node_killed() {
     let others = vec![nodes[1].url(), nodes[2].url()];
     let (mut killed, mut back) = (false, false);
     let cluster = Arc::clone(&nodes);
-    // The shipped fencing, or the one `SIGRUN_CHAOS_FENCING` names: a run stalled here once with
-    // each, and once on one node, not understood yet.
+    // The shipped fencing, or the one `SIGRUN_CHAOS_FENCING` names (the one-node scenario runs
+    // both at once).
     let fencing = std::env::var("SIGRUN_CHAOS_FENCING").unwrap_or_else(|_| "claim_first".into());
     scenario(
         "on a three-node cluster",

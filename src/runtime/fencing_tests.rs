@@ -289,12 +289,7 @@ async fn started_run(bus: &Arc<Unreliable>, ledger: &Ledger) -> Envelope {
 /// Every stage worked by `handler` on `bus`, fenced by `ledger` (as its settings say), for
 /// `window` of tokio's time.
 async fn run_fenced(bus: &Arc<Unreliable>, handler: &Arc<Script>, ledger: &Arc<Ledger>, window: Duration) {
-    let settings = settings_with(ledger.settings().fencing);
-    let runtime = Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), settings)
-        .unwrap()
-        .with_clock(Clock::tokio())
-        .with_ledger(Arc::clone(ledger));
-    runtime.run(tokio::time::sleep(window)).await;
+    run_stages(bus, handler, ledger, Stage::ALL.to_vec(), window).await;
 }
 
 /// Every step's message id must be one per (run, branch, stage), and no event may be recorded
@@ -680,6 +675,76 @@ async fn a_step_whose_maker_died_before_its_commit_is_stepped_again_at_once_and_
         .filter(|r| matches!(r, Record::Claim(_)))
         .count();
     assert_eq!(claims, 0);
+}
+
+/// Works `stages` of `bus` with `handler`, fenced by `ledger`, for `window` of tokio's time.
+async fn run_stages(
+    bus: &Arc<Unreliable>,
+    handler: &Arc<Script>,
+    ledger: &Arc<Ledger>,
+    stages: Vec<Stage>,
+    window: Duration,
+) {
+    let settings = settings_with(ledger.settings().fencing);
+    let runtime = Runtime::new(bus.clone(), handler.clone(), stages, settings)
+        .unwrap()
+        .with_clock(Clock::tokio())
+        .with_ledger(Arc::clone(ledger));
+    runtime.run(tokio::time::sleep(window)).await;
+}
+
+/// A step that claims first names its claim as its maker and nothing it consumed. Its successors
+/// are built from the copy it stepped, and that copy, sent on by a step that committed first,
+/// names the state its maker consumed (spent by that maker's own commit). Carried on, it made a
+/// reader that had not read the claim yet (one reopening the history after a reconnect) take the
+/// successor for an orphan and drop it: the run's only message, and the run never ended (the
+/// chaos test, a mixed fleet, a connection closed).
+#[tokio::test(start_paused = true)]
+async fn a_step_claiming_first_after_one_committing_first_sends_nothing_a_reader_behind_its_claim_drops() {
+    let bus = Unreliable::new(1, 0.0, 0.0);
+    let committing = fenced_by(bus.clone(), Fencing::CommitFirst);
+    let claiming = fenced_by(bus.clone(), Fencing::ClaimFirst);
+    let first = started_run(&bus, &committing).await;
+    let handler = Script::new(|m| match m.stage {
+        Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
+        _ => step(Outcome::Advance(vec![m.next(Stage::GalleryPublish, m.stage_started)])),
+    });
+    let window = Duration::from_secs(5);
+    run_stages(&bus, &handler, &committing, vec![Stage::Snapshot], window).await;
+    let image = Envelope::decode(&bus.inner.ready(Stage::ImageCreate)[0]).unwrap();
+    assert_eq!(
+        image.made_from, first.token,
+        "committed first: it names what its maker consumed"
+    );
+    run_stages(&bus, &handler, &claiming, vec![Stage::ImageCreate], window).await;
+
+    let gallery = bus.inner.ready(Stage::GalleryPublish);
+    assert_eq!(gallery.len(), 1, "the image step sent its successor on");
+    let gallery = Envelope::decode(&gallery[0]).unwrap();
+    assert!(
+        gallery.made_from.is_nil(),
+        "a step claiming first consumed nothing it names"
+    );
+    let records = bus.inner.records();
+    let claim_at = records
+        .iter()
+        .position(|r| matches!(r, Record::Claim(c) if c.claim == gallery.made_by))
+        .expect("the image step's claim is in the history");
+    // A reader that has read everything before that claim: the successor is not known yet.
+    let mut behind = crate::ledger::book::Book::default();
+    for record in &records[..claim_at] {
+        behind.apply(record, std::time::Instant::now());
+    }
+    let maker = crate::ledger::book::Maker {
+        step: gallery.made_by,
+        consumed: gallery.made_from,
+    };
+    assert_eq!(
+        behind.standing(gallery.run_id, gallery.message_id, gallery.token, maker),
+        Standing::Unknown,
+        "put off until the claim and commit are read, not dropped"
+    );
+    assert_eq!(claiming.standing(&gallery), Standing::Live, "once read, it is live");
 }
 
 #[tokio::test(start_paused = true)]

@@ -438,6 +438,10 @@ impl Runtime {
         for next in &mut effects.messages {
             next.token = Uuid::new_v4();
             next.made_by = claim;
+            // A successor is built from the copy it follows: a `made_from` left over from a step
+            // that committed first (spent by that step's own commit) would make a reader that has
+            // not read this claim yet take the successor for an orphan, and drop it.
+            next.made_from = Uuid::nil();
         }
         let committed = tokio::time::timeout_at(deadline.into(), async {
             self.send_on(body, &effects, now).await?;
