@@ -144,6 +144,8 @@ struct Unreliable {
     rng: Mutex<ChaCha8Rng>,
     twice: f64,
     ack_fails: f64,
+    /// The chance that a ledger's reader pauses before a record (see [`Lagging`]).
+    lag: f64,
     doubled: AtomicU64,
     failed_acks: Arc<AtomicU64>,
 }
@@ -155,9 +157,17 @@ impl Unreliable {
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             twice,
             ack_fails,
+            lag: 0.0,
             doubled: AtomicU64::new(0),
             failed_acks: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The same, with every ledger's reader falling behind now and then.
+    fn lagging(seed: u64, twice: f64, ack_fails: f64, lag: f64) -> Arc<Unreliable> {
+        let mut bus = Arc::into_inner(Unreliable::new(seed, twice, ack_fails)).expect("not shared yet");
+        bus.lag = lag;
+        Arc::new(bus)
     }
 
     fn roll(&self, p: f64) -> bool {
@@ -223,7 +233,13 @@ impl Bus for Unreliable {
     }
 
     async fn open_history(&self, from: StreamOffset) -> Result<Box<dyn HistoryReader>, BusError> {
-        self.inner.open_history(from).await
+        let inner = self.inner.open_history(from).await?;
+        let seed = self.rng.lock().unwrap().random();
+        Ok(Box::new(Lagging {
+            inner,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            lag: self.lag,
+        }))
     }
 
     async fn next(&self, stages: &[Stage]) -> Option<Delivery> {
@@ -235,6 +251,30 @@ impl Bus for Unreliable {
             });
         }
         Some(delivery)
+    }
+}
+
+/// A ledger's history reader that falls behind now and then, as a worker's does while it opens
+/// the stream again after a reconnect: before a record, with probability `lag`, it pauses up to
+/// 300 ms. Each reader lags on its own, so workers judge a copy from different points of the
+/// history, as they do on a real broker.
+struct Lagging {
+    inner: Box<dyn HistoryReader>,
+    rng: ChaCha8Rng,
+    lag: f64,
+}
+
+#[async_trait]
+impl HistoryReader for Lagging {
+    async fn next_record(&mut self) -> Option<Result<(u64, Record), BusError>> {
+        if self.lag > 0.0 && self.rng.random_bool(self.lag) {
+            tokio::time::sleep(Duration::from_millis(self.rng.random_range(1..300))).await;
+        }
+        self.inner.next_record().await
+    }
+
+    async fn close(self: Box<Self>) {
+        self.inner.close().await;
     }
 }
 
@@ -428,7 +468,7 @@ fn seeds() -> u64 {
 async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
     // Waits held for their next look (odd seeds) or each sent round a delay tier (even seeds).
     for (seed, fleet) in (0..seeds()).zip(FLEETS.iter().cycle()) {
-        let bus = Unreliable::new(seed, 0.1, 0.1);
+        let bus = Unreliable::lagging(seed, 0.1, 0.1, 0.05);
         let handler = nightly();
         let held_waits = if seed % 2 == 1 { 4 } else { 0 };
         let events = drive_runs(bus.clone(), handler.clone(), 8, held_waits, fleet).await;

@@ -229,6 +229,12 @@ pub fn target_regions(plan: &Plan, except: &[&str]) -> Vec<TargetRegion> {
 /// intermediates) gives up with a warning.
 const SIDE_EFFECT_MAX_FAILURES: u32 = 5;
 
+/// How long (Azure time, from its stage's start) a side effect's throttled looks are waited out
+/// without counting as failures. Azure's 429 says "not now", not "no": five of them in a row
+/// under a busy subscription would leave a run's snapshots behind. Past this, they count again, so
+/// a subscription throttled without end still ends the effect.
+const SIDE_EFFECT_THROTTLED_FOR: Duration = Duration::from_secs(3600);
+
 /// What follows a side effect's failed look.
 pub enum SideEffectRetry {
     /// Azure refused for good, or it failed too many times in a row: report it and end.
@@ -237,9 +243,18 @@ pub enum SideEffectRetry {
     Again(Step),
 }
 
+/// A side effect's backoff after `failures` failed looks: doubling from a quarter of the default
+/// poll.
+fn side_effect_backoff(ctx: &StepContext<'_>, failures: u32) -> Duration {
+    ctx.settings
+        .default_poll()
+        .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0)
+}
+
 /// The one retry rule of the side effects that never fail their branch (`doing` names the effect
 /// in the `Retried` event): backoff doubling from a quarter of the default poll, counted in
-/// `artifacts.side_effect_failures`.
+/// `artifacts.side_effect_failures`. A throttled look waits out Azure's Retry-After with a
+/// `Throttled` event and is not counted, for [`SIDE_EFFECT_THROTTLED_FOR`].
 pub fn retry_side_effect(
     mut message: Envelope,
     what: Phase,
@@ -252,17 +267,23 @@ pub fn retry_side_effect(
         let delay = error.retry_after.unwrap_or_default();
         return SideEffectRetry::Again(Step::new(wait(message, what, Vec::new(), delay, ctx.now)));
     }
+    if let crate::azure::ErrorClass::Throttled { retry_after } = error.class()
+        && ctx.now - message.stage_started < ctx.settings.real(SIDE_EFFECT_THROTTLED_FOR)
+    {
+        let backoff = side_effect_backoff(ctx, message.artifacts.side_effect_failures.max(1));
+        let delay = backoff.max(retry_after.unwrap_or_default());
+        let retry_after_ms = retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        return SideEffectRetry::Again(
+            Step::new(wait(message, what, Vec::new(), delay, ctx.now)).with(EventKind::Throttled { retry_after_ms }),
+        );
+    }
     let failures = message.artifacts.side_effect_failures.saturating_add(1);
     if error.class() == crate::azure::ErrorClass::Permanent || failures >= SIDE_EFFECT_MAX_FAILURES {
         tracing::warn!(%error, failures, "{doing} failed; the run goes on with a warning");
         return SideEffectRetry::GiveUp;
     }
     message.artifacts.side_effect_failures = failures;
-    let backoff = ctx
-        .settings
-        .default_poll()
-        .mul_f64(f64::from(1u32 << failures.min(6)) / 4.0);
-    let delay = backoff.max(error.retry_after.unwrap_or_default());
+    let delay = side_effect_backoff(ctx, failures).max(error.retry_after.unwrap_or_default());
     SideEffectRetry::Again(
         Step::new(wait(message, what, Vec::new(), delay, ctx.now)).with(EventKind::Retried {
             attempt: failures,

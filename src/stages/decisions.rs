@@ -1166,6 +1166,53 @@ async fn a_pool_is_added_as_planned_with_the_runs_metadata() {
     );
 }
 
+/// A side effect throttled by Azure (a 429 with Retry-After) waits the Retry-After out with a
+/// `Throttled` event and counts no failure, so a busy subscription does not end a clean-up with
+/// its intermediates left behind; an hour (Azure time) into its stage, throttles count again.
+#[test]
+fn a_side_effect_throttled_waits_without_counting_until_an_hour_into_its_stage() {
+    use super::common::{SideEffectRetry, retry_side_effect};
+    let mut message = testkit::envelope(Stage::ImageCreate);
+    cleaning_snapshots(&mut message);
+    message.artifacts.side_effect_failures = 4;
+    let azure = FakeAzure::default();
+    let settings = StageSettings::default();
+    let ctx = context(&azure, &settings);
+    message.stage_started = ctx.now - time::Duration::minutes(59);
+    let throttled = crate::azure::AzureError {
+        operation: "GET snapshot s".into(),
+        status: Some(429),
+        code: Some("TooManyRequests".into()),
+        message: "The request is being throttled.".into(),
+        request_id: None,
+        retry_after: Some(Duration::from_secs(17)),
+    };
+    match retry_side_effect(message.clone(), Phase::Delete, &throttled, "deleting", &ctx) {
+        SideEffectRetry::Again(step) => {
+            assert_eq!(
+                step.events.iter().map(EventKind::name).collect::<Vec<_>>(),
+                ["throttled"]
+            );
+            match step.outcome {
+                Outcome::Wait { message, delay, .. } => {
+                    assert!(delay >= Duration::from_secs(17), "{delay:?}");
+                    assert_eq!(message.artifacts.side_effect_failures, 4, "nothing counted");
+                }
+                other => panic!("{}", summary(&other)),
+            }
+        }
+        SideEffectRetry::GiveUp => panic!("a throttle gave the clean-up up"),
+    }
+    message.stage_started = ctx.now - time::Duration::minutes(61);
+    assert!(
+        matches!(
+            retry_side_effect(message, Phase::Delete, &throttled, "deleting", &ctx),
+            SideEffectRetry::GiveUp
+        ),
+        "an hour in, the fifth throttle in a row counts and ends it"
+    );
+}
+
 /// A side effect (a clean-up, the rollout) whose request the budget held back: it looks again once
 /// the budget has room, with no `Retried` and no failure counted, however many times it happens
 /// (five counted failures would end a clean-up with its intermediates left behind).
