@@ -67,8 +67,8 @@ pub enum Fencing {
     /// copy sent names the state its maker consumed (`made_from`), so it is stale once that state is
     /// spent. One record a step: every reader of the history reads half as many. Messages carry
     /// `made_from`, which workers from before it park (upgrade them first, with `claim_first`).
-    /// Opt-in until a chaos stall seen with both fencings (once with this one alone) is
-    /// understood.
+    /// Opt-in: two copies of one state delivered at once both step (both ask Azure for what the
+    /// step makes; one's commit counts), where a claim lets one step at a time.
     CommitFirst,
 }
 

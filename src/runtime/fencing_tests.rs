@@ -152,22 +152,20 @@ struct Unreliable {
 
 impl Unreliable {
     fn new(seed: u64, twice: f64, ack_fails: f64) -> Arc<Unreliable> {
+        Unreliable::lagging(seed, twice, ack_fails, 0.0)
+    }
+
+    /// The same, with every ledger's reader falling behind now and then (`lag`: see [`Lagging`]).
+    fn lagging(seed: u64, twice: f64, ack_fails: f64, lag: f64) -> Arc<Unreliable> {
         Arc::new(Unreliable {
             inner: testkit::bus(),
             rng: Mutex::new(ChaCha8Rng::seed_from_u64(seed)),
             twice,
             ack_fails,
-            lag: 0.0,
+            lag,
             doubled: AtomicU64::new(0),
             failed_acks: Arc::new(AtomicU64::new(0)),
         })
-    }
-
-    /// The same, with every ledger's reader falling behind now and then.
-    fn lagging(seed: u64, twice: f64, ack_fails: f64, lag: f64) -> Arc<Unreliable> {
-        let mut bus = Arc::into_inner(Unreliable::new(seed, twice, ack_fails)).expect("not shared yet");
-        bus.lag = lag;
-        Arc::new(bus)
     }
 
     fn roll(&self, p: f64) -> bool {

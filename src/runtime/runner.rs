@@ -28,6 +28,7 @@ use super::{Clock, Handler, StepError};
 use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason};
 use crate::events::{Event, EventKind};
+use crate::ledger::book::Maker;
 use crate::ledger::record::{Commit, Consumed, Successor};
 use crate::ledger::{ClaimKey, Claimed, Fencing, Ledger, Standing};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Phase, Stage};
@@ -435,14 +436,7 @@ impl Runtime {
             }
         };
         let (claim, deadline) = claim;
-        for next in &mut effects.messages {
-            next.token = Uuid::new_v4();
-            next.made_by = claim;
-            // A successor is built from the copy it follows: a `made_from` left over from a step
-            // that committed first (spent by that step's own commit) would make a reader that has
-            // not read this claim yet take the successor for an orphan, and drop it.
-            next.made_from = Uuid::nil();
-        }
+        stamp(&mut effects.messages, Maker::claimed(claim));
         let committed = tokio::time::timeout_at(deadline.into(), async {
             self.send_on(body, &effects, now).await?;
             ledger.commit(commit_of(message, &effects, claim, now)).await
@@ -491,11 +485,13 @@ impl Runtime {
             return self.let_go(message.stage);
         }
         let step = Uuid::new_v4();
-        for next in &mut effects.messages {
-            next.token = Uuid::new_v4();
-            next.made_by = step;
-            next.made_from = message.token;
-        }
+        stamp(
+            &mut effects.messages,
+            Maker {
+                step,
+                consumed: message.token,
+            },
+        );
         let counted = async {
             self.send_on(body, &effects, now).await?;
             ledger.commit_first(commit_of(message, &effects, step, now)).await
@@ -1048,6 +1044,19 @@ fn failure(branch: &Branch, reason: String) -> EventKind {
             what: *what,
             failed: Some(reason),
         },
+    }
+}
+
+/// Gives each message a fenced step sends on a fresh state and names its maker: the step, and
+/// what it consumed when it commits first (nil when it claimed: a successor is built from the copy
+/// it follows, and a `made_from` left over from a step that committed first, spent by that step's
+/// own commit, would make a reader not yet past this step's claim take it for an orphan and drop
+/// it).
+fn stamp(messages: &mut [Envelope], maker: Maker) {
+    for next in messages {
+        next.token = Uuid::new_v4();
+        next.made_by = maker.step;
+        next.made_from = maker.consumed;
     }
 }
 

@@ -1166,15 +1166,21 @@ async fn a_pool_is_added_as_planned_with_the_runs_metadata() {
     );
 }
 
+/// A snapshot clean-up whose last four looks failed: one more counted failure ends it.
+fn cleaning_after_four_failures() -> Envelope {
+    let mut message = testkit::envelope(Stage::ImageCreate);
+    cleaning_snapshots(&mut message);
+    message.artifacts.side_effect_failures = 4;
+    message
+}
+
 /// A side effect throttled by Azure (a 429 with Retry-After) waits the Retry-After out with a
 /// `Throttled` event and counts no failure, so a busy subscription does not end a clean-up with
 /// its intermediates left behind; an hour (Azure time) into its stage, throttles count again.
 #[test]
 fn a_side_effect_throttled_waits_without_counting_until_an_hour_into_its_stage() {
     use super::common::{SideEffectRetry, retry_side_effect};
-    let mut message = testkit::envelope(Stage::ImageCreate);
-    cleaning_snapshots(&mut message);
-    message.artifacts.side_effect_failures = 4;
+    let mut message = cleaning_after_four_failures();
     let azure = FakeAzure::default();
     let settings = StageSettings::default();
     let ctx = context(&azure, &settings);
@@ -1219,9 +1225,7 @@ fn a_side_effect_throttled_waits_without_counting_until_an_hour_into_its_stage()
 #[test]
 fn a_side_effect_held_back_for_the_budget_is_no_failure() {
     use super::common::{SideEffectRetry, retry_side_effect};
-    let mut message = testkit::envelope(Stage::ImageCreate);
-    cleaning_snapshots(&mut message);
-    message.artifacts.side_effect_failures = 4;
+    let message = cleaning_after_four_failures();
     let azure = FakeAzure::default();
     let settings = StageSettings::default();
     let ctx = context(&azure, &settings);
