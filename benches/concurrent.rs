@@ -30,7 +30,8 @@
 //!
 //! `cargo bench --bench concurrent`; `SIGRUN_BENCH_PIPELINES`, `SIGRUN_BENCH_SCALE`,
 //! `SIGRUN_BENCH_WAYS` (`sigrun,sdk`: either alone to measure one), `SIGRUN_BENCH_WORKERS` (`six`,
-//! or `one` worker for all stages), `SIGRUN_BENCH_AMQP_URL` with `SIGRUN_BENCH_BROKER_PID` (its
+//! one process per stage as `deploy/` runs them; `all:N`, N processes each consuming every stage,
+//! `sigrun worker --all-stages`; `one` for `all:1`), `SIGRUN_BENCH_AMQP_URL` with `SIGRUN_BENCH_BROKER_PID` (its
 //! `beam.smp`; default the one that boots `rabbit`) and `SIGRUN_BENCH_BROKER_METRICS` (its
 //! Prometheus plugin's `/metrics`).
 
@@ -66,8 +67,21 @@ struct Options {
     scale: f64,
     sigrun: bool,
     sdk: bool,
-    /// sigrun's workers: one process per stage (as `deploy/` runs them), or one for all six.
-    one_process: bool,
+    /// sigrun's workers: one process per stage (as `deploy/` runs them) when `None`, or this many
+    /// processes each consuming all six stages.
+    all_stages: Option<usize>,
+}
+
+/// `SIGRUN_BENCH_WORKERS`: `six` (`None`), or how many all-stages workers (`all:N`, `one`).
+fn workers_option(text: &str) -> Option<usize> {
+    match text {
+        "six" => None,
+        "one" => Some(1),
+        _ => match text.strip_prefix("all:").and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => panic!("SIGRUN_BENCH_WORKERS is `six`, `one` or `all:N` (N > 0), not `{text}`"),
+        },
+    }
 }
 
 fn main() {
@@ -80,7 +94,7 @@ fn main() {
         scale: common::env_or("SIGRUN_BENCH_SCALE", 200.0),
         sigrun: ways.split(',').any(|w| w.trim() == "sigrun"),
         sdk: ways.split(',').any(|w| w.trim() == "sdk"),
-        one_process: common::env_or("SIGRUN_BENCH_WORKERS", "six".to_string()) == "one",
+        all_stages: workers_option(&common::env_or("SIGRUN_BENCH_WORKERS", "six".to_string())),
     };
     assert!(
         options.sigrun || options.sdk,
@@ -98,6 +112,8 @@ struct Measured {
     requests: Vec<Value>,
     /// The broker's own counters over the measurement, by name (empty when not read).
     broker_counts: BTreeMap<String, f64>,
+    /// sigrun's deliveries by stage and outcome (`sigrun_messages_handled_total`; empty for the SDK way).
+    handled: BTreeMap<(String, String), f64>,
 }
 
 impl Measured {
@@ -125,9 +141,13 @@ async fn bench(options: Options) {
     let dir = tempfile::tempdir().expect("temp dir");
     let specs = write_specs(dir.path(), options.pipelines);
     println!(
-        "== {} concurrent nightly pipelines, emulator at {}x, ARM's budget enforced ({})",
+        "== {} concurrent nightly pipelines, emulator at {}x, ARM's budget enforced, sigrun's workers: {} ({})",
         options.pipelines,
         options.scale,
+        match options.all_stages {
+            None => "one process per stage".to_string(),
+            Some(n) => format!("{n} process(es) of all six stages"),
+        },
         common::machine()
     );
     let control = Control::new(&emulator);
@@ -233,8 +253,10 @@ async fn measure_sigrun(
     let config = common::workers::write_config(emulator, dir, &prefix, options.scale, "");
     let settings = sigrun::config::Settings::load(Some(&config)).expect("the bench config loads");
     let bus = common::connect(settings.amqp.clone(), settings.delay_tiers()).await;
-    let mut workers: Vec<Worker> = if options.one_process {
-        vec![Worker::start(None, &config, dir)]
+    let mut workers: Vec<Worker> = if let Some(replicas) = options.all_stages {
+        (0..replicas)
+            .map(|replica| Worker::start_replica(None, replica, &config, dir))
+            .collect()
     } else {
         Stage::ALL
             .iter()
@@ -290,6 +312,12 @@ async fn measure_sigrun(
     let submits_cpu = common::children_cpu_time(ticks).saturating_sub(children_before);
     let requests = control.requests().await;
     let broker_counts = counted_since(&broker_counts_before, &broker_counters().await);
+    let mut handled: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for worker in &workers {
+        for (key, n) in worker.handled_by_stage().await {
+            *handled.entry(key).or_default() += n;
+        }
+    }
 
     for worker in &workers {
         worker.terminate();
@@ -310,6 +338,7 @@ async fn measure_sigrun(
         wall,
         requests,
         broker_counts,
+        handled,
     }
 }
 
@@ -387,6 +416,7 @@ async fn measure_sdk(
         wall,
         requests,
         broker_counts: BTreeMap::new(),
+        handled: BTreeMap::new(),
     }
 }
 
@@ -455,6 +485,18 @@ fn report(options: &Options, sigrun: Option<&Measured>, sdk: Option<&Measured>) 
             .map(|(kind, count)| format!("{kind} {:.1}", count / n))
             .collect();
         println!("\nbroker, messages per pipeline (sigrun): {}", counts.join(", "));
+    }
+    if let Some(sigrun) = sigrun {
+        let counts: Vec<String> = sigrun
+            .handled
+            .iter()
+            .filter(|(_, count)| **count > 0.0)
+            .map(|((stage, outcome), count)| format!("{stage} {outcome} {:.2}", count / n))
+            .collect();
+        println!(
+            "\nsigrun, deliveries per pipeline by stage and outcome: {}",
+            counts.join(", ")
+        );
     }
     let issue = ISSUE_SDK_FIGURE.iter().find(|(scale, _)| *scale == options.scale);
     if let Some(sigrun) = sigrun {

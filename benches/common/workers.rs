@@ -67,12 +67,17 @@ fn worker_command(name: &str) -> Command {
 impl Worker {
     /// A worker of `stage`, or of all six for `None`.
     pub fn start(stage: Option<Stage>, config: &Path, dir: &Path) -> Worker {
+        Worker::start_replica(stage, 0, config, dir)
+    }
+
+    /// The same, for one of several workers of the same stages (`replica` names its log file).
+    pub fn start_replica(stage: Option<Stage>, replica: usize, config: &Path, dir: &Path) -> Worker {
         let consumes = match stage {
             Some(stage) => vec!["--stage", stage.as_str()],
             None => vec!["--all-stages"],
         };
         let name = stage.map_or("all", Stage::as_str);
-        let stderr = dir.join(format!("worker-{name}.err"));
+        let stderr = dir.join(format!("worker-{name}-{replica}.err"));
         let child = worker_command(name)
             .arg("worker")
             .args(consumes)
@@ -101,6 +106,17 @@ impl Worker {
 
     /// Its messages handled so far, by outcome (`sigrun_messages_handled_total` of its stage).
     pub async fn handled(&self) -> BTreeMap<String, f64> {
+        let stage = self.name();
+        self.handled_by_stage()
+            .await
+            .into_iter()
+            .filter(|((s, _), _)| s == stage)
+            .map(|((_, outcome), n)| (outcome, n))
+            .collect()
+    }
+
+    /// Its messages handled so far, by stage and outcome (`sigrun_messages_handled_total`).
+    pub async fn handled_by_stage(&self) -> BTreeMap<(String, String), f64> {
         let output = self.output();
         let Some(address) = output
             .lines()
@@ -116,13 +132,15 @@ impl Worker {
             .text()
             .await
             .expect("metrics text");
-        let stage = format!("stage=\"{}\"", self.name());
+        let label = |line: &str, name: &str| {
+            let value = line.split(&format!("{name}=\"")).nth(1)?.split('"').next()?;
+            Some(value.to_string())
+        };
         text.lines()
-            .filter(|l| l.starts_with("sigrun_messages_handled_total{") && l.contains(&stage))
+            .filter(|l| l.starts_with("sigrun_messages_handled_total{"))
             .filter_map(|l| {
-                let outcome = l.split("outcome=\"").nth(1)?.split('"').next()?;
                 let value = l.rsplit(' ').next()?.parse().ok()?;
-                Some((outcome.to_string(), value))
+                Some(((label(l, "stage")?, label(l, "outcome")?), value))
             })
             .collect()
     }

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use uuid::Uuid;
 
-use super::testkit::{self, Script, envelope, pools, regions};
+use super::testkit::{self, Script, fresh_run, pools};
 use super::*;
 use crate::admission::{Begun, begin_with};
 use crate::azure::AzureError;
@@ -25,7 +25,7 @@ use crate::events::{Event, EventKind, PoolRef, RunResult, run_result};
 use crate::ledger::book::counted_events;
 use crate::ledger::record::{Commit, Consumed, Record, Successor};
 use crate::ledger::{ClaimKey, Claimed, Fencing, Ledger, Standing};
-use crate::model::envelope::{Branch, Envelope, InFlight, Phase, Stage};
+use crate::model::envelope::{Envelope, InFlight, Phase, Stage};
 use crate::stages::{Outcome, Step, Tried};
 
 fn step(outcome: Outcome) -> Result<Step, AzureError> {
@@ -277,26 +277,6 @@ impl HistoryReader for Lagging {
 }
 
 /// A fresh run's first message and its `RunStarted`.
-fn fresh_run() -> (Envelope, Event) {
-    let first = envelope(Stage::Snapshot);
-    let started = Event {
-        run_id: first.run_id,
-        pipeline: first.pipeline.clone(),
-        version: first.version.clone(),
-        stage: Stage::Snapshot,
-        branch: Branch::Trunk,
-        at: first.stage_started,
-        kind: EventKind::RunStarted {
-            rollout: false,
-            regions: regions(),
-            pools: pools(),
-        },
-    };
-    let mut first = first;
-    first.message_id = crate::model::envelope::message_id(first.run_id, Stage::Snapshot, &Branch::Trunk);
-    (first, started)
-}
-
 fn ledger_on(bus: Arc<dyn Bus>) -> Arc<Ledger> {
     fenced_by(bus, testkit::settings().fencing)
 }

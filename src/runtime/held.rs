@@ -47,6 +47,11 @@ impl HeldWaits {
         Arc::clone(&self.permits).try_acquire_owned().ok()
     }
 
+    /// Whether a slot is free now (and the runtime not stopping): a hint, not a reservation.
+    pub(super) fn has_room(&self) -> bool {
+        !*self.stop.borrow() && self.permits.available_permits() > 0
+    }
+
     /// Resolves once the runtime is stopping (at once if it is already).
     pub(super) fn stopping(&self) -> watch::Receiver<bool> {
         self.stop.subscribe()

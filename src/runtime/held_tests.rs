@@ -137,11 +137,12 @@ async fn a_delivery_is_held_no_longer_than_hold_max_in_all() {
         .await;
 
     assert_eq!(looked_at(&handler, start), [0, 120, 240, 360, 480, 600, 720]);
-    // Delivery 1 is held at 0 and 120; at 240 another 120 would hold it 360 ms: a tier.
-    // Delivery 2, taken at 360, is held at 360 and 480, and goes round a tier at 600. Delivery 3,
-    // taken at 720, is done.
+    // Delivery 1 is held at 0 and 120; at 240 another 120 would hold it 360 ms in all, so its
+    // next state is sent on, ahead of its time, straight to its queue (not round a tier).
+    // Delivery 2, taken at 240, is held until 360 and at 360; at 480 it is sent on again.
+    // Delivery 3, taken at 480, is held until 600, at 600, and done at 720.
     let stats = bus.stats();
-    assert_eq!((stats.delayed, stats.delivered, stats.acked), (2, 3, 3));
+    assert_eq!((stats.delayed, stats.delivered, stats.acked), (0, 3, 3));
     assert!(stats.is_idle());
 }
 
@@ -232,4 +233,141 @@ async fn a_held_wait_of_a_run_cancelled_meanwhile_stops_at_its_next_look() {
     let kinds: Vec<EventKind> = bus.events().into_iter().map(|e| e.kind).collect();
     assert_eq!(kinds.last(), Some(&EventKind::Cancelled));
     assert!(bus.stats().is_idle());
+}
+
+/// Records something (a resource made, its next state carrying it), then waits `every` on it and
+/// is done at the next look.
+fn made_then_waits(every: Duration) -> Arc<Script> {
+    Script::new(move |m| {
+        if !m.artifacts.recorded.is_empty() {
+            return Ok(Step::new(Outcome::Done));
+        }
+        let mut again = m.clone();
+        again.artifacts.recorded.push("snapshot-os".into());
+        let step = Step::new(Outcome::Wait {
+            message: Box::new(again),
+            delay: every,
+            emit: Vec::new(),
+        });
+        Ok(step.with(EventKind::ResourceCreated {
+            id: "snapshot-os".into(),
+        }))
+    })
+}
+
+/// Runs `handler` over one fenced run's first message for 2 s: the bus after, and when it began.
+async fn fenced_run(handler: Arc<Script>, settings: RuntimeSettings) -> (Arc<crate::bus::memory::MemoryBus>, Instant) {
+    let bus = testkit::bus();
+    let ledger = Arc::new(crate::ledger::Ledger::start(bus.clone(), settings.ledger(), None));
+    ledger.catch_up(Duration::from_secs(1)).await.unwrap();
+    let (first, started) = testkit::fresh_run();
+    crate::admission::begin_with(bus.as_ref(), &ledger, vec![first], started)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    runtime(bus.clone(), handler, settings)
+        .with_ledger(ledger)
+        .run(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+    (bus, start)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_next_state_due_later_goes_straight_to_its_queue_and_waits_there_for_its_time() {
+    for fencing in [crate::ledger::Fencing::CommitFirst, crate::ledger::Fencing::ClaimFirst] {
+        let handler = made_then_waits(Duration::from_millis(300));
+        let settings = RuntimeSettings {
+            fencing,
+            ..testkit::settings()
+        };
+
+        let (bus, start) = fenced_run(handler.clone(), settings).await;
+
+        assert_eq!(
+            looked_at(&handler, start),
+            [0, 300],
+            "{fencing:?}: the next look when due"
+        );
+        let stats = bus.stats();
+        // Sent on unchanged but for its state, taken at once, held by its taker until due: one
+        // publish and one delivery, nothing round a tier.
+        assert_eq!((stats.delayed, stats.delivered, stats.acked), (0, 2, 2), "{fencing:?}");
+        assert!(stats.is_idle(), "{fencing:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_no_slot_free_a_next_state_due_later_goes_round_a_tier() {
+    let handler = made_then_waits(Duration::from_millis(300));
+    let settings = RuntimeSettings {
+        held_waits: 0,
+        ..testkit::settings()
+    };
+
+    let (bus, start) = fenced_run(handler.clone(), settings).await;
+
+    assert_eq!(looked_at(&handler, start), [0, 300]);
+    let stats = bus.stats();
+    assert_eq!((stats.delayed, stats.delivered, stats.acked), (1, 2, 2));
+    assert!(stats.is_idle());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_delivery_waits_where_it_was_taken_and_round_a_tier_only_without_a_slot() {
+    for (slots, round_a_tier) in [(4, 0), (0, 1)] {
+        let bus = testkit::bus();
+        let handler = Script::new(|_| Ok(Step::new(Outcome::Done)));
+        // Published ahead of its time, by hand: due in 700 ms.
+        let mut early = envelope(Stage::Verify);
+        early.not_before = Some(Clock::tokio().now() + Duration::from_millis(700));
+        bus.publish(Stage::Verify, &early.encode(), None).await.unwrap();
+        let start = Instant::now();
+        let settings = RuntimeSettings {
+            held_waits: slots,
+            ..testkit::settings()
+        };
+
+        runtime(bus.clone(), handler.clone(), settings)
+            .run(tokio::time::sleep(Duration::from_secs(2)))
+            .await;
+
+        assert_eq!(looked_at(&handler, start), [700], "{slots} slots: looked at when due");
+        let stats = bus.stats();
+        assert_eq!(stats.delayed, round_a_tier, "{slots} slots");
+        assert!(stats.is_idle());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_put_off_before_its_step_waits_here_not_round_a_tier() {
+    let bus = testkit::bus();
+    let settings = testkit::settings();
+    let ledger = Arc::new(crate::ledger::Ledger::start(bus.clone(), settings.ledger(), None));
+    let (first, started) = testkit::fresh_run();
+    crate::admission::begin_with(bus.as_ref(), &ledger, vec![first], started)
+        .await
+        .unwrap();
+    let first = Envelope::decode(&bus.ready(Stage::Snapshot)[0]).unwrap();
+    // Another worker holds the step's claim (and has not committed): every copy is put off.
+    let holder = Arc::new(crate::ledger::Ledger::start(bus.clone(), settings.ledger(), None));
+    holder.catch_up(Duration::from_secs(1)).await.unwrap();
+    let claimed = holder.claim(&crate::ledger::ClaimKey::of(&first)).await.unwrap();
+    assert!(matches!(claimed, crate::ledger::Claimed::Won { .. }), "{claimed:?}");
+    let handler = Script::new(|_| Ok(Step::new(Outcome::Done)));
+    let runtime = runtime(bus.clone(), handler.clone(), settings.clone()).with_ledger(ledger);
+    let window = settings.claim_timeout - Duration::from_millis(300);
+    let running = tokio::spawn(async move { runtime.run(tokio::time::sleep(window)).await });
+
+    // Put off at once and again at 1 s, each time held here with its one delivery.
+    tokio::time::sleep(window - Duration::from_millis(200)).await;
+    assert!(handler.calls().is_empty(), "not stepped while another claim holds it");
+    let stats = bus.stats();
+    assert_eq!(
+        (stats.delayed, stats.delivered, stats.unacked),
+        (0, 1, 1),
+        "put off here, never round a tier: {stats:?}"
+    );
+    running.await.unwrap();
+    // A runtime that stops hands what it holds on through a tier.
+    assert_eq!((bus.stats().delayed, bus.stats().unacked), (1, 0));
 }

@@ -69,6 +69,23 @@ struct Sending<'a> {
     traceparent: &'a str,
 }
 
+/// A delivery held here: its stage, when to handle it again, and its trace parent.
+struct Holding {
+    stage: Stage,
+    until: Option<OffsetDateTime>,
+    traceparent: String,
+}
+
+impl Holding {
+    fn of(message: &Envelope, until: Option<OffsetDateTime>) -> Holding {
+        Holding {
+            stage: message.stage,
+            until,
+            traceparent: message.traceparent.clone(),
+        }
+    }
+}
+
 /// How long a copy whose step another claim holds is put off before it is looked at again.
 const PUT_OFF: Duration = Duration::from_secs(1);
 
@@ -308,16 +325,30 @@ impl Runtime {
         taken: Taken,
     ) {
         let now = self.clock.now();
+        // Not due yet (sent ahead of its time, `route_encoded`): held here until it is, then
+        // judged as any delivery; what the ledger says now may have changed by then.
+        if let Some(wait) = remaining(message.due(), now)
+            && let Some(slot) = self.slot_for(wait, taken)
+        {
+            if !acker.still_held() {
+                self.let_go(message.stage);
+                return;
+            }
+            debug!(wait_ms = wait.as_millis(), "not due yet; held here until it is");
+            let holding = Holding::of(&message, message.due());
+            self.hold_encoded(holding, body.into(), acker, taken, slot);
+            return;
+        }
         if let Some(ledger) = &self.ledger {
             match ledger.settled_standing(&message).await {
                 Standing::Stale => return self.drop_stale(&message, acker, now).await,
                 // Another copy's step is under way, or the step that sent this copy on has not
                 // committed it (and may never: an orphan of a holder that died).
                 Standing::Live if ledger.held_elsewhere(&message) => {
-                    return self.put_off(&message, body, acker).await;
+                    return self.put_off_before_step(&message, body, acker, taken).await;
                 }
                 Standing::Unknown if ledger.maker_pending(&message) => {
-                    return self.put_off(&message, body, acker).await;
+                    return self.put_off_before_step(&message, body, acker, taken).await;
                 }
                 _ => {}
             }
@@ -336,8 +367,9 @@ impl Runtime {
             }
         }
         if let Some(wait) = remaining(message.due(), now) {
-            // Early (published ahead of its time, by hand, or released a moment early by a relay
-            // whose clock differs): back to a tier without a look; the message says when it is due.
+            // Early with no slot to hold it in (sent ahead, published by hand, or released a
+            // moment early by a relay whose clock differs): back to a tier without a look; the
+            // message says when it is due.
             if !acker.still_held() {
                 self.let_go(message.stage);
                 return;
@@ -563,6 +595,12 @@ impl Runtime {
             return None;
         }
         let wait = remaining(effects.messages.first()?.due(), now)?;
+        self.slot_for(wait, taken)
+    }
+
+    /// A slot to hold a delivery in for `wait` more, if one is free and the delivery's whole hold
+    /// stays within `hold_max`.
+    fn slot_for(&self, wait: Duration, taken: Taken) -> Option<OwnedSemaphorePermit> {
         if taken.at.elapsed().saturating_add(wait) > self.settings.hold_max {
             return None;
         }
@@ -577,9 +615,27 @@ impl Runtime {
     /// minutes; the next look needs the encoded form anyway.
     fn hold(&self, next: Envelope, acker: Box<dyn Acker>, taken: Taken, slot: OwnedSemaphorePermit) {
         debug!("holding the wait here for its next look");
-        let (due, stage, traceparent) = (next.due(), next.stage, next.traceparent.clone());
+        let holding = Holding::of(&next, next.due());
         let body = next.encode().into_boxed_slice();
         drop(next);
+        self.hold_encoded(holding, body, acker, taken, slot);
+    }
+
+    /// Keeps a delivery unacked until `holding.until`, then handles `body` again with it (a
+    /// runtime that stops meanwhile publishes `body` as it stands and acks).
+    fn hold_encoded(
+        &self,
+        holding: Holding,
+        body: Box<[u8]>,
+        acker: Box<dyn Acker>,
+        taken: Taken,
+        slot: OwnedSemaphorePermit,
+    ) {
+        let Holding {
+            stage,
+            until: due,
+            traceparent,
+        } = holding;
         let runtime = self.clone();
         let mut stopping = self.held.stopping();
         tokio::spawn(async move {
@@ -670,6 +726,23 @@ impl Runtime {
         if settle(acker, published).await {
             self.observe(message.stage, Handled::Dropped);
         }
+    }
+
+    /// A copy put off before its step: held here for `PUT_OFF` when a slot is free (no broker
+    /// traffic; a successor sent the moment before its maker's commit is read waits here for it),
+    /// else put off through a delay tier.
+    async fn put_off_before_step(&self, message: &Envelope, body: &[u8], acker: Box<dyn Acker>, taken: Taken) {
+        let Some(slot) = self.slot_for(PUT_OFF, taken) else {
+            return self.put_off(message, body, acker).await;
+        };
+        if !acker.still_held() {
+            self.let_go(message.stage);
+            return;
+        }
+        debug!("the step is held by another claim or its maker's commit is not read yet; holding this copy a moment");
+        let until = self.clock.now() + PUT_OFF;
+        self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot);
+        self.observe(message.stage, Handled::Waiting);
     }
 
     /// A copy whose step another claim holds (or whose state is not known yet): back on a delay
@@ -822,9 +895,21 @@ impl Runtime {
     async fn route_encoded(&self, sending: &Sending<'_>, body: &[u8], now: OffsetDateTime) -> Result<(), BusError> {
         let traceparent = Some(sending.traceparent);
         match remaining(sending.due, now) {
-            Some(wait) => self.bus.publish_delayed(sending.stage, body, wait, traceparent).await,
-            None => self.bus.publish(sending.stage, body, traceparent).await,
+            Some(wait) if !self.sends_ahead(sending.stage, wait) => {
+                self.bus.publish_delayed(sending.stage, body, wait, traceparent).await
+            }
+            _ => self.bus.publish(sending.stage, body, traceparent).await,
         }
+    }
+
+    /// Whether a message due in `wait` goes to its stage's queue now, to be held by the worker
+    /// that takes it until it is due, rather than round a delay tier (two confirmed publishes,
+    /// two deliveries and two acks on quorum queues instead of one each): when this runtime
+    /// consumes that stage and has a slot free to hold it, the best guess that its taker (most
+    /// often this worker) will have one, and the wait fits in a hold. A taker with no slot free
+    /// sends it round a tier after all.
+    fn sends_ahead(&self, stage: Stage, wait: Duration) -> bool {
+        wait < self.settings.hold_max && self.stages.contains(&stage) && self.held.has_room()
     }
 
     /// A message that is not a v1 envelope is parked at once (retrying cannot fix it) and acked.

@@ -135,6 +135,27 @@ pub fn envelope(stage: Stage) -> Envelope {
     }
 }
 
+/// A fresh run's first message (its id as the admission makes it) and its `RunStarted`.
+pub fn fresh_run() -> (Envelope, crate::events::Event) {
+    let first = envelope(Stage::Snapshot);
+    let started = crate::events::Event {
+        run_id: first.run_id,
+        pipeline: first.pipeline.clone(),
+        version: first.version.clone(),
+        stage: Stage::Snapshot,
+        branch: Branch::Trunk,
+        at: first.stage_started,
+        kind: crate::events::EventKind::RunStarted {
+            rollout: false,
+            regions: regions(),
+            pools: pools(),
+        },
+    };
+    let mut first = first;
+    first.message_id = crate::model::envelope::message_id(first.run_id, Stage::Snapshot, &Branch::Trunk);
+    (first, started)
+}
+
 /// Tiny tiers and delays, so paused-time tests stay readable.
 pub fn settings() -> RuntimeSettings {
     RuntimeSettings {
