@@ -13,6 +13,11 @@
 //! holds a prefetch slot of its stage consumer: the worker adds that many slots beside
 //! `amqp.prefetch`, so held waits never starve the deliveries that are due).
 //!
+//! The same slots hold deliveries that are not due yet: a message sent ahead of its time straight
+//! to its stage's queue (`Runtime::sends_ahead`: a step's next state due later, when the sender
+//! consumes that stage and has a slot free), one that came early, and a copy put off before its
+//! step for a moment. Each would otherwise go round a delay tier and back.
+//!
 //! On shutdown every held wait is published as it stands (on a delay tier, or on its stage queue
 //! if it is due), confirmed, and its delivery is acked: a stopping worker hands its waits on as
 //! they were.
