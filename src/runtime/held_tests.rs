@@ -314,7 +314,8 @@ async fn with_no_slot_free_a_next_state_due_later_goes_round_a_tier() {
 
 #[tokio::test(start_paused = true)]
 async fn an_early_delivery_waits_where_it_was_taken_and_round_a_tier_only_without_a_slot() {
-    for (slots, round_a_tier) in [(4, 0), (0, 1)] {
+    // With a slot, one look (the one when due); without, an early one back to a tier, then it.
+    for (slots, round_a_tier, looks) in [(4, 0, 1), (0, 1, 2)] {
         let bus = testkit::bus();
         let handler = Script::new(|_| Ok(Step::new(Outcome::Done)));
         // Published ahead of its time, by hand: due in 700 ms.
@@ -327,11 +328,12 @@ async fn an_early_delivery_waits_where_it_was_taken_and_round_a_tier_only_withou
             ..testkit::settings()
         };
 
-        runtime(bus.clone(), handler.clone(), settings)
+        let report = runtime(bus.clone(), handler.clone(), settings)
             .run(tokio::time::sleep(Duration::from_secs(2)))
             .await;
 
         assert_eq!(looked_at(&handler, start), [700], "{slots} slots: looked at when due");
+        assert_eq!(report.handled, looks, "{slots} slots: looks counted");
         let stats = bus.stats();
         assert_eq!(stats.delayed, round_a_tier, "{slots} slots");
         assert!(stats.is_idle());

@@ -74,6 +74,10 @@ struct Holding {
     stage: Stage,
     until: Option<OffsetDateTime>,
     traceparent: String,
+    /// Taken before it was due and not looked at yet: its look is the one when it is due (the
+    /// delivery was counted as taken, so that look is not counted again), and a runtime that
+    /// stops meanwhile hands it on as early.
+    unlooked: bool,
 }
 
 impl Holding {
@@ -82,6 +86,14 @@ impl Holding {
             stage: message.stage,
             until,
             traceparent: message.traceparent.clone(),
+            unlooked: false,
+        }
+    }
+
+    fn not_due(message: &Envelope) -> Holding {
+        Holding {
+            unlooked: true,
+            ..Holding::of(message, message.due())
         }
     }
 }
@@ -335,8 +347,7 @@ impl Runtime {
                 return;
             }
             debug!(wait_ms = wait.as_millis(), "not due yet; held here until it is");
-            let holding = Holding::of(&message, message.due());
-            self.hold_encoded(holding, body.into(), acker, taken, slot);
+            self.hold_encoded(Holding::not_due(&message), body.into(), acker, taken, slot);
             return;
         }
         if let Some(ledger) = &self.ledger {
@@ -635,6 +646,7 @@ impl Runtime {
             stage,
             until: due,
             traceparent,
+            unlooked,
         } = holding;
         let runtime = self.clone();
         let mut stopping = self.held.stopping();
@@ -659,21 +671,25 @@ impl Runtime {
                     traceparent: &traceparent,
                 };
                 let published = runtime.route_encoded(&sending, &body, runtime.clock.now()).await;
-                settle(acker, published).await;
+                if settle(acker, published).await && unlooked {
+                    runtime.observe(stage, Handled::Early);
+                }
             } else {
-                runtime.look_again(stage, body, acker, taken).await;
+                runtime.look_again(stage, body, acker, taken, !unlooked).await;
             }
         });
     }
 
     /// The next look of a held wait: handled as its delivery would be, the same delivery held.
-    /// Boxed: a look may hold its wait again, which spawns the next look.
+    /// Counted as a look unless it is the delivery's first (`counts`: false for one taken before
+    /// it was due). Boxed: a look may hold its wait again, which spawns the next look.
     fn look_again(
         self,
         stage: Stage,
         body: Box<[u8]>,
         acker: Box<dyn Acker>,
         taken: Taken,
+        counts: bool,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(async move {
             match Envelope::decode(&body) {
@@ -692,7 +708,9 @@ impl Runtime {
                         .await;
                 }
             }
-            self.looks.fetch_add(1, Ordering::Relaxed);
+            if counts {
+                self.looks.fetch_add(1, Ordering::Relaxed);
+            }
         })
     }
 
