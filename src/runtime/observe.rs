@@ -13,11 +13,13 @@ use crate::stages::{FailureClass, Observation};
 pub enum Handled {
     /// The step succeeded and sent the message(s) on to their next stage (`Outcome::Advance`).
     Advanced,
-    /// The step is waiting on Azure (or another claim holds the step): it went to a delay tier.
+    /// The step is waiting on Azure (or another claim holds the step): held here for its next
+    /// look when a slot is free, else on a delay tier.
     Waiting,
-    /// The message came back before it was due (published ahead of its time, or by hand): back to
-    /// a delay tier without a step. Each is a broker round trip for nothing; the relay holding a
-    /// delayed message until its own due time keeps them rare.
+    /// The message came before it was due with no slot free to hold it in (or was held and its
+    /// runtime stopped): back to a delay tier without a step. Each is a broker round trip for
+    /// nothing; held slots and the relay holding a delayed message until its own due time keep
+    /// them rare.
     Early,
     /// The step was put off before it reached Azure: the subscription's request budget had no
     /// room for it yet (`azure::pacing`). Not a failure; it waits on a delay tier.

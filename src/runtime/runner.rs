@@ -342,10 +342,6 @@ impl Runtime {
         if let Some(wait) = remaining(message.due(), now)
             && let Some(slot) = self.slot_for(wait, taken)
         {
-            if !acker.still_held() {
-                self.let_go(message.stage);
-                return;
-            }
             debug!(wait_ms = wait.as_millis(), "not due yet; held here until it is");
             self.hold_encoded(Holding::not_due(&message), body.into(), acker, taken, slot);
             return;
@@ -633,7 +629,8 @@ impl Runtime {
     }
 
     /// Keeps a delivery unacked until `holding.until`, then handles `body` again with it (a
-    /// runtime that stops meanwhile publishes `body` as it stands and acks).
+    /// runtime that stops meanwhile publishes `body` as it stands and acks). False, and nothing
+    /// held, when the broker has taken the delivery back already.
     fn hold_encoded(
         &self,
         holding: Holding,
@@ -641,7 +638,10 @@ impl Runtime {
         acker: Box<dyn Acker>,
         taken: Taken,
         slot: OwnedSemaphorePermit,
-    ) {
+    ) -> bool {
+        if !acker.still_held() {
+            return self.let_go(holding.stage);
+        }
         let Holding {
             stage,
             until: due,
@@ -678,6 +678,7 @@ impl Runtime {
                 runtime.look_again(stage, body, acker, taken, !unlooked).await;
             }
         });
+        true
     }
 
     /// The next look of a held wait: handled as its delivery would be, the same delivery held.
@@ -753,14 +754,11 @@ impl Runtime {
         let Some(slot) = self.slot_for(PUT_OFF, taken) else {
             return self.put_off(message, body, acker).await;
         };
-        if !acker.still_held() {
-            self.let_go(message.stage);
-            return;
-        }
         debug!("the step is held by another claim or its maker's commit is not read yet; holding this copy a moment");
         let until = self.clock.now() + PUT_OFF;
-        self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot);
-        self.observe(message.stage, Handled::Waiting);
+        if self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot) {
+            self.observe(message.stage, Handled::Waiting);
+        }
     }
 
     /// A copy whose step another claim holds (or whose state is not known yet): back on a delay
