@@ -9,9 +9,9 @@
 //! unacked, and the broker hands the message out again in the state of its last publish (its
 //! looks since then are looked again: a wait records nothing). A delivery is held at most
 //! `hold_max` in all (the broker closes a channel holding a delivery unacked for its
-//! `consumer_timeout`, 30 minutes by default) and at most `held_waits` at once per process (each
-//! holds a prefetch slot of its stage consumer: the worker adds that many slots beside
-//! `amqp.prefetch`, so held waits never starve the deliveries that are due).
+//! `consumer_timeout`, 30 minutes by default) and at most `held_waits` at once per stage the
+//! process consumes (each holds a prefetch slot of its stage's consumer: the worker adds that many
+//! slots beside `amqp.prefetch`, so held waits never starve the deliveries that are due).
 //!
 //! The same slots hold deliveries that are not due yet: a message sent ahead of its time straight
 //! to its stage's queue (`Runtime::sends_ahead`: a step's next state due later, when the sender
@@ -26,35 +26,53 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-/// The waits one runtime holds: a permit each, and the signal that it is shutting down.
+use crate::model::envelope::Stage;
+
+/// The waits one runtime holds: a permit each from the slots of the delivery's stage, and the
+/// signal that it is shutting down. Slots are per stage because a held delivery keeps a prefetch
+/// slot of its own stage's consumer: one shared count would let a busy stage hold more than its
+/// consumer has slots for, and keep that stage's due deliveries out.
 pub(super) struct HeldWaits {
-    permits: Arc<Semaphore>,
-    capacity: u32,
+    slots: Vec<(Stage, Arc<Semaphore>)>,
+    per_stage: u32,
     stop: watch::Sender<bool>,
 }
 
 impl HeldWaits {
-    pub(super) fn new(capacity: usize) -> HeldWaits {
+    /// `per_stage` slots for each of `stages`.
+    pub(super) fn new(per_stage: usize, stages: &[Stage]) -> HeldWaits {
         // Settings bound it far below both limits.
-        let capacity = u32::try_from(capacity.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let per_stage = u32::try_from(per_stage.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+        let mut slots: Vec<(Stage, Arc<Semaphore>)> = Vec::with_capacity(stages.len());
+        for &stage in stages {
+            if !slots.iter().any(|(s, _)| *s == stage) {
+                slots.push((stage, Arc::new(Semaphore::new(per_stage as usize))));
+            }
+        }
         HeldWaits {
-            permits: Arc::new(Semaphore::new(capacity as usize)),
-            capacity,
+            slots,
+            per_stage,
             stop: watch::channel(false).0,
         }
     }
 
-    /// Room for one more held wait, unless the runtime is stopping or every slot is taken.
-    pub(super) fn try_hold(&self) -> Option<OwnedSemaphorePermit> {
+    fn of(&self, stage: Stage) -> Option<&Arc<Semaphore>> {
+        self.slots.iter().find(|(s, _)| *s == stage).map(|(_, permits)| permits)
+    }
+
+    /// Room for one more held delivery of `stage`, unless the runtime is stopping, does not
+    /// consume that stage, or every slot of it is taken.
+    pub(super) fn try_hold(&self, stage: Stage) -> Option<OwnedSemaphorePermit> {
         if *self.stop.borrow() {
             return None;
         }
-        Arc::clone(&self.permits).try_acquire_owned().ok()
+        Arc::clone(self.of(stage)?).try_acquire_owned().ok()
     }
 
-    /// Whether a slot is free now (and the runtime not stopping): a hint, not a reservation.
-    pub(super) fn has_room(&self) -> bool {
-        !*self.stop.borrow() && self.permits.available_permits() > 0
+    /// Whether a slot of `stage` is free now (and the runtime not stopping): a hint, not a
+    /// reservation.
+    pub(super) fn has_room(&self, stage: Stage) -> bool {
+        !*self.stop.borrow() && self.of(stage).is_some_and(|permits| permits.available_permits() > 0)
     }
 
     /// Resolves once the runtime is stopping (at once if it is already).
@@ -67,16 +85,22 @@ impl HeldWaits {
         self.stop.send_replace(true);
     }
 
-    /// How many waits are held now.
+    /// How many deliveries are held now, over every stage.
     pub(super) fn held(&self) -> usize {
-        (self.capacity as usize).saturating_sub(self.permits.available_permits())
+        self.slots
+            .iter()
+            .map(|(_, permits)| (self.per_stage as usize).saturating_sub(permits.available_permits()))
+            .sum()
     }
 
     /// Resolves once no wait is held any more.
     pub(super) async fn drained(&self) {
-        if self.capacity > 0 {
+        if self.per_stage == 0 {
+            return;
+        }
+        for (_, permits) in &self.slots {
             // The semaphore is never closed; every permit comes back when its wait ends.
-            let _all = self.permits.acquire_many(self.capacity).await;
+            let _all = permits.acquire_many(self.per_stage).await;
         }
     }
 }
@@ -87,17 +111,20 @@ mod tests {
 
     #[tokio::test]
     async fn slots_run_out_come_back_and_none_are_given_once_stopping() {
-        let held = HeldWaits::new(2);
-        let first = held.try_hold().expect("a slot");
-        let second = held.try_hold().expect("a second slot");
-        assert!(held.try_hold().is_none(), "only two slots");
+        let held = HeldWaits::new(2, &[Stage::Replicate]);
+        let first = held.try_hold(Stage::Replicate).expect("a slot");
+        let second = held.try_hold(Stage::Replicate).expect("a second slot");
+        assert!(held.try_hold(Stage::Replicate).is_none(), "only two slots");
         assert_eq!(held.held(), 2);
         drop(first);
         assert_eq!(held.held(), 1);
         let mut stopping = held.stopping();
         assert!(!*stopping.borrow_and_update());
         held.stop();
-        assert!(held.try_hold().is_none(), "nothing is held once stopping");
+        assert!(
+            held.try_hold(Stage::Replicate).is_none(),
+            "nothing is held once stopping"
+        );
         stopping.wait_for(|s| *s).await.unwrap();
         let drained = held.drained();
         tokio::pin!(drained);
@@ -109,8 +136,23 @@ mod tests {
 
     #[tokio::test]
     async fn no_slots_means_nothing_is_held_and_drained_is_immediate() {
-        let held = HeldWaits::new(0);
-        assert!(held.try_hold().is_none());
+        let held = HeldWaits::new(0, &[Stage::Replicate]);
+        assert!(held.try_hold(Stage::Replicate).is_none());
+        held.drained().await;
+    }
+
+    #[tokio::test]
+    async fn each_stage_has_slots_of_its_own_and_none_for_a_stage_not_consumed() {
+        let held = HeldWaits::new(1, &[Stage::Replicate, Stage::Verify]);
+        let replicate = held.try_hold(Stage::Replicate).expect("a replicate slot");
+        assert!(!held.has_room(Stage::Replicate), "replicate's one slot is taken");
+        assert!(held.try_hold(Stage::Replicate).is_none());
+        assert!(held.has_room(Stage::Verify), "verify's slot is its own");
+        let verify = held.try_hold(Stage::Verify).expect("a verify slot");
+        assert_eq!(held.held(), 2);
+        assert!(!held.has_room(Stage::Snapshot) && held.try_hold(Stage::Snapshot).is_none());
+        drop((replicate, verify));
+        assert_eq!(held.held(), 0);
         held.drained().await;
     }
 }

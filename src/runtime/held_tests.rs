@@ -172,6 +172,31 @@ async fn waits_beyond_the_slots_go_round_a_tier_and_every_run_ends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn each_stage_a_runtime_consumes_has_slots_of_its_own() {
+    // Two slots per stage (a held wait takes its next slot before it gives back the one it has):
+    // a replicate wait and a verify wait are both held throughout, as each would be in a worker
+    // of its stage alone. Two slots shared by the process would send them round a tier.
+    let bus = testkit::bus();
+    let handler = replication(4, Duration::from_millis(100));
+    for stage in [Stage::Replicate, Stage::Verify] {
+        bus.publish(stage, &envelope(stage).encode(), None).await.unwrap();
+    }
+    let settings = RuntimeSettings {
+        held_waits: 2,
+        ..testkit::settings()
+    };
+
+    runtime(bus.clone(), handler.clone(), settings)
+        .run(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+
+    assert_eq!(handler.calls().len(), 8, "two runs, four looks each");
+    let stats = bus.stats();
+    assert_eq!(stats.delayed, 0, "both waits held, none round a tier: {stats:?}");
+    assert!(stats.is_idle());
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_runtime_that_stops_hands_its_held_waits_on_through_a_tier() {
     let bus = testkit::bus();
     let handler = replication(1000, Duration::from_secs(3));

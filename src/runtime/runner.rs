@@ -183,8 +183,8 @@ impl Runtime {
         Ok(Runtime {
             bus,
             handler,
+            held: Arc::new(HeldWaits::new(settings.held_waits, &stages)),
             stages,
-            held: Arc::new(HeldWaits::new(settings.held_waits)),
             looks: Arc::new(AtomicU64::new(0)),
             settings,
             clock: Clock::System,
@@ -340,7 +340,7 @@ impl Runtime {
         // Not due yet (sent ahead of its time, `route_encoded`): held here until it is, then
         // judged as any delivery; what the ledger says now may have changed by then.
         if let Some(wait) = remaining(message.due(), now)
-            && let Some(slot) = self.slot_for(wait, taken)
+            && let Some(slot) = self.slot_for(message.stage, wait, taken)
         {
             debug!(wait_ms = wait.as_millis(), "not due yet; held here until it is");
             self.hold_encoded(Holding::not_due(&message), body.into(), acker, taken, slot);
@@ -602,16 +602,16 @@ impl Runtime {
             return None;
         }
         let wait = remaining(effects.messages.first()?.due(), now)?;
-        self.slot_for(wait, taken)
+        self.slot_for(message.stage, wait, taken)
     }
 
-    /// A slot to hold a delivery in for `wait` more, if one is free and the delivery's whole hold
-    /// stays within `hold_max`.
-    fn slot_for(&self, wait: Duration, taken: Taken) -> Option<OwnedSemaphorePermit> {
+    /// A slot of `stage` to hold a delivery in for `wait` more, if one is free and the delivery's
+    /// whole hold stays within `hold_max`.
+    fn slot_for(&self, stage: Stage, wait: Duration, taken: Taken) -> Option<OwnedSemaphorePermit> {
         if taken.at.elapsed().saturating_add(wait) > self.settings.hold_max {
             return None;
         }
-        self.held.try_hold()
+        self.held.try_hold(stage)
     }
 
     /// Keeps `next`'s delivery unacked until `next` is due, then looks again with it; a runtime
@@ -751,7 +751,7 @@ impl Runtime {
     /// traffic; a successor sent the moment before its maker's commit is read waits here for it),
     /// else put off through a delay tier.
     async fn put_off_before_step(&self, message: &Envelope, body: &[u8], acker: Box<dyn Acker>, taken: Taken) {
-        let Some(slot) = self.slot_for(PUT_OFF, taken) else {
+        let Some(slot) = self.slot_for(message.stage, PUT_OFF, taken) else {
             return self.put_off(message, body, acker).await;
         };
         debug!("the step is held by another claim or its maker's commit is not read yet; holding this copy a moment");
@@ -925,7 +925,7 @@ impl Runtime {
     /// often this worker) will have one, and the wait fits in a hold. A taker with no slot free
     /// sends it round a tier after all.
     fn sends_ahead(&self, stage: Stage, wait: Duration) -> bool {
-        wait < self.settings.hold_max && self.stages.contains(&stage) && self.held.has_room()
+        wait < self.settings.hold_max && self.held.has_room(stage)
     }
 
     /// A message that is not a v1 envelope is parked at once (retrying cannot fix it) and acked.

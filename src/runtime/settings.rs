@@ -32,8 +32,9 @@ pub struct RuntimeSettings {
     /// default) or `commit_first` (one history record a step; workers from before it cannot read
     /// its messages).
     pub fencing: Fencing,
-    /// Waits a process holds for their next look instead of sending them round a delay tier
-    /// (`runtime::held`); 0 sends every wait round the broker.
+    /// Deliveries a process holds per stage it consumes (waits for their next look, messages not
+    /// due yet) instead of sending them round a delay tier (`runtime::held`); 0 sends every wait
+    /// round the broker.
     pub held_waits: usize,
     /// The longest one delivery is held across its looks before its message goes on a delay tier
     /// (below the broker's `consumer_timeout`, 30 minutes by default). Real time, never scaled.
