@@ -33,7 +33,8 @@
 //! one process per stage as `deploy/` runs them; `all:N`, N processes each consuming every stage,
 //! `sigrun worker --all-stages`; `one` for `all:1`), `SIGRUN_BENCH_AMQP_URL` with `SIGRUN_BENCH_BROKER_PID` (its
 //! `beam.smp`; default the one that boots `rabbit`) and `SIGRUN_BENCH_BROKER_METRICS` (its
-//! Prometheus plugin's `/metrics`).
+//! Prometheus plugin's `/metrics`). The workers take settings from the environment as any worker
+//! does (e.g. `SIGRUN__RUNTIME__FENCING=commit_first`); the header prints their fencing.
 
 mod common;
 
@@ -141,13 +142,16 @@ async fn bench(options: Options) {
     let dir = tempfile::tempdir().expect("temp dir");
     let specs = write_specs(dir.path(), options.pipelines);
     println!(
-        "== {} concurrent nightly pipelines, emulator at {}x, ARM's budget enforced, sigrun's workers: {} ({})",
+        "== {} concurrent nightly pipelines, emulator at {}x, ARM's budget enforced, sigrun's workers: {}, \
+         fencing {:?} ({})",
         options.pipelines,
         options.scale,
         match options.all_stages {
             None => "one process per stage".to_string(),
             Some(n) => format!("{n} process(es) of all six stages"),
         },
+        // What the workers read: the shipped settings under this process's environment.
+        common::worker_defaults().runtime.fencing,
         common::machine()
     );
     let control = Control::new(&emulator);
