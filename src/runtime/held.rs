@@ -22,11 +22,43 @@
 //! if it is due), confirmed, and its delivery is acked: a stopping worker hands its waits on as
 //! they were.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::model::envelope::Stage;
+
+tokio::task_local! {
+    /// The slot of the held delivery whose next look runs in this task: its next hold takes the
+    /// slot over instead of asking for a second one, and a look that does not hold again gives it
+    /// back when it ends (so a delivery in its look still counts as held).
+    static LOOKING: RefCell<Option<(Stage, OwnedSemaphorePermit)>>;
+}
+
+/// Runs `look`, the next look of a delivery held in `slot` of `stage`, handing the slot on to
+/// the look's own hold if it holds again ([`HeldWaits::try_hold`]).
+pub(super) async fn looking_in<F: Future>(stage: Stage, slot: OwnedSemaphorePermit, look: F) -> F::Output {
+    LOOKING.scope(RefCell::new(Some((stage, slot))), look).await
+}
+
+/// The slot of the delivery being looked at in this task, if it is of `stage` and not taken yet.
+fn slot_of_the_look(stage: Stage) -> Option<OwnedSemaphorePermit> {
+    LOOKING
+        .try_with(|looking| {
+            let mut looking = looking.borrow_mut();
+            match looking.take() {
+                Some((of, slot)) if of == stage => Some(slot),
+                other => {
+                    *looking = other;
+                    None
+                }
+            }
+        })
+        .ok()
+        .flatten()
+}
 
 /// The waits one runtime holds: a permit each from the slots of the delivery's stage, and the
 /// signal that it is shutting down. Slots are per stage because a held delivery keeps a prefetch
@@ -61,12 +93,13 @@ impl HeldWaits {
     }
 
     /// Room for one more held delivery of `stage`, unless the runtime is stopping, does not
-    /// consume that stage, or every slot of it is taken.
+    /// consume that stage, or every slot of it is taken. A held delivery's next look that holds it
+    /// again keeps the slot it had: a wait already held stays held when its stage's slots are full.
     pub(super) fn try_hold(&self, stage: Stage) -> Option<OwnedSemaphorePermit> {
         if *self.stop.borrow() {
             return None;
         }
-        Arc::clone(self.of(stage)?).try_acquire_owned().ok()
+        slot_of_the_look(stage).or_else(|| Arc::clone(self.of(stage)?).try_acquire_owned().ok())
     }
 
     /// Whether a slot of `stage` is free now (and the runtime not stopping): a hint, not a

@@ -53,6 +53,17 @@ fn replication(looks: u32, every: Duration) -> Arc<Script> {
     })
 }
 
+/// Runs a runtime of every stage with `slots` held slots a stage for two seconds.
+async fn run_with_slots(bus: &Arc<crate::bus::memory::MemoryBus>, handler: &Arc<Script>, slots: usize) {
+    let settings = RuntimeSettings {
+        held_waits: slots,
+        ..testkit::settings()
+    };
+    runtime(bus.clone(), handler.clone(), settings)
+        .run(tokio::time::sleep(Duration::from_secs(2)))
+        .await;
+}
+
 fn looked_at(handler: &Script, start: Instant) -> Vec<u64> {
     handler
         .calls()
@@ -155,14 +166,7 @@ async fn waits_beyond_the_slots_go_round_a_tier_and_every_run_ends() {
             .await
             .unwrap();
     }
-    let settings = RuntimeSettings {
-        held_waits: 1,
-        ..testkit::settings()
-    };
-
-    runtime(bus.clone(), handler.clone(), settings)
-        .run(tokio::time::sleep(Duration::from_secs(2)))
-        .await;
+    run_with_slots(&bus, &handler, 1).await;
 
     assert_eq!(handler.calls().len(), 12, "three runs, four looks each");
     let stats = bus.stats();
@@ -172,23 +176,34 @@ async fn waits_beyond_the_slots_go_round_a_tier_and_every_run_ends() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_held_wait_keeps_its_slot_from_look_to_look() {
+    // One slot: the wait holds it at its first look and its later looks hold it again with the
+    // same slot (taking a second one first would find none and go round a tier at every look).
+    let bus = testkit::bus();
+    let handler = replication(5, Duration::from_millis(100));
+    bus.publish(Stage::Replicate, &envelope(Stage::Replicate).encode(), None)
+        .await
+        .unwrap();
+    run_with_slots(&bus, &handler, 1).await;
+
+    assert_eq!(handler.calls().len(), 5);
+    let stats = bus.stats();
+    assert_eq!(stats.delayed, 0, "held from look to look in its one slot: {stats:?}");
+    assert_eq!((stats.delivered, stats.acked), (1, 1), "{stats:?}");
+    assert!(stats.is_idle());
+}
+
+#[tokio::test(start_paused = true)]
 async fn each_stage_a_runtime_consumes_has_slots_of_its_own() {
-    // Two slots per stage (a held wait takes its next slot before it gives back the one it has):
-    // a replicate wait and a verify wait are both held throughout, as each would be in a worker
-    // of its stage alone. Two slots shared by the process would send them round a tier.
+    // One slot per stage: a replicate wait and a verify wait are both held throughout, as each
+    // would be in a worker of its stage alone. One slot shared by the process would send one of
+    // them round a tier.
     let bus = testkit::bus();
     let handler = replication(4, Duration::from_millis(100));
     for stage in [Stage::Replicate, Stage::Verify] {
         bus.publish(stage, &envelope(stage).encode(), None).await.unwrap();
     }
-    let settings = RuntimeSettings {
-        held_waits: 2,
-        ..testkit::settings()
-    };
-
-    runtime(bus.clone(), handler.clone(), settings)
-        .run(tokio::time::sleep(Duration::from_secs(2)))
-        .await;
+    run_with_slots(&bus, &handler, 1).await;
 
     assert_eq!(handler.calls().len(), 8, "two runs, four looks each");
     let stats = bus.stats();

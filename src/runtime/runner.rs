@@ -20,7 +20,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{Instrument, Span, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
-use super::held::HeldWaits;
+use super::held::{self, HeldWaits};
 use super::observe::{Handled, Observer};
 use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
@@ -651,7 +651,6 @@ impl Runtime {
         let runtime = self.clone();
         let mut stopping = self.held.stopping();
         tokio::spawn(async move {
-            let _slot = slot;
             let stopped = loop {
                 let Some(wait) = remaining(due, runtime.clock.now()) else {
                     break false;
@@ -675,7 +674,10 @@ impl Runtime {
                     runtime.observe(stage, Handled::Early);
                 }
             } else {
-                runtime.look_again(stage, body, acker, taken, !unlooked).await;
+                // The slot goes with the look: kept if it holds the delivery again, given back
+                // when it ends otherwise. Any other way, it is given back once this task ends.
+                let look = runtime.look_again(stage, body, acker, taken, !unlooked);
+                held::looking_in(stage, slot, look).await;
             }
         });
         true
