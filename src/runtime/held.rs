@@ -34,27 +34,25 @@ tokio::task_local! {
     /// The slot of the held delivery whose next look runs in this task: its next hold takes the
     /// slot over instead of asking for a second one, and a look that does not hold again gives it
     /// back when it ends (so a delivery in its look still counts as held).
-    static LOOKING: RefCell<Option<(Stage, OwnedSemaphorePermit)>>;
+    static LOOKING: RefCell<Option<OwnedSemaphorePermit>>;
 }
 
-/// Runs `look`, the next look of a delivery held in `slot` of `stage`, handing the slot on to
-/// the look's own hold if it holds again ([`HeldWaits::try_hold`]).
-pub(super) async fn looking_in<F: Future>(stage: Stage, slot: OwnedSemaphorePermit, look: F) -> F::Output {
-    LOOKING.scope(RefCell::new(Some((stage, slot))), look).await
+/// Runs `look`, the next look of a delivery held in `slot`, handing the slot on to the look's own
+/// hold if it holds again ([`HeldWaits::try_hold`]).
+pub(super) async fn looking_in<F: Future>(slot: OwnedSemaphorePermit, look: F) -> F::Output {
+    LOOKING.scope(RefCell::new(Some(slot)), look).await
 }
 
-/// The slot of the delivery being looked at in this task, if it is of `stage` and not taken yet.
-fn slot_of_the_look(stage: Stage) -> Option<OwnedSemaphorePermit> {
+/// The slot of the delivery being looked at in this task, if it is one of `slots` and not taken
+/// yet.
+fn slot_of_the_look(slots: &Arc<Semaphore>) -> Option<OwnedSemaphorePermit> {
     LOOKING
         .try_with(|looking| {
             let mut looking = looking.borrow_mut();
-            match looking.take() {
-                Some((of, slot)) if of == stage => Some(slot),
-                other => {
-                    *looking = other;
-                    None
-                }
-            }
+            let ours = looking
+                .as_ref()
+                .is_some_and(|slot| Arc::ptr_eq(slot.semaphore(), slots));
+            if ours { looking.take() } else { None }
         })
         .ok()
         .flatten()
@@ -99,7 +97,8 @@ impl HeldWaits {
         if *self.stop.borrow() {
             return None;
         }
-        slot_of_the_look(stage).or_else(|| Arc::clone(self.of(stage)?).try_acquire_owned().ok())
+        let slots = self.of(stage)?;
+        slot_of_the_look(slots).or_else(|| Arc::clone(slots).try_acquire_owned().ok())
     }
 
     /// Whether a slot of `stage` is free now (and the runtime not stopping): a hint, not a
@@ -128,9 +127,6 @@ impl HeldWaits {
 
     /// Resolves once no wait is held any more.
     pub(super) async fn drained(&self) {
-        if self.per_stage == 0 {
-            return;
-        }
         for (_, permits) in &self.slots {
             // The semaphore is never closed; every permit comes back when its wait ends.
             let _all = permits.acquire_many(self.per_stage).await;

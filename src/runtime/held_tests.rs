@@ -54,14 +54,18 @@ fn replication(looks: u32, every: Duration) -> Arc<Script> {
 }
 
 /// Runs a runtime of every stage with `slots` held slots a stage for two seconds.
-async fn run_with_slots(bus: &Arc<crate::bus::memory::MemoryBus>, handler: &Arc<Script>, slots: usize) {
+async fn run_with_slots(
+    bus: &Arc<crate::bus::memory::MemoryBus>,
+    handler: &Arc<Script>,
+    slots: usize,
+) -> RuntimeReport {
     let settings = RuntimeSettings {
         held_waits: slots,
         ..testkit::settings()
     };
     runtime(bus.clone(), handler.clone(), settings)
         .run(tokio::time::sleep(Duration::from_secs(2)))
-        .await;
+        .await
 }
 
 fn looked_at(handler: &Script, start: Instant) -> Vec<u64> {
@@ -115,14 +119,8 @@ async fn with_no_slots_every_wait_goes_round_a_delay_tier() {
         .await
         .unwrap();
     let start = Instant::now();
-    let settings = RuntimeSettings {
-        held_waits: 0,
-        ..testkit::settings()
-    };
 
-    runtime(bus.clone(), handler.clone(), settings)
-        .run(tokio::time::sleep(Duration::from_secs(2)))
-        .await;
+    run_with_slots(&bus, &handler, 0).await;
 
     assert_eq!(looked_at(&handler, start), [0, 120, 240, 360, 480]);
     let stats = bus.stats();
@@ -363,14 +361,8 @@ async fn an_early_delivery_waits_where_it_was_taken_and_round_a_tier_only_withou
         early.not_before = Some(Clock::tokio().now() + Duration::from_millis(700));
         bus.publish(Stage::Verify, &early.encode(), None).await.unwrap();
         let start = Instant::now();
-        let settings = RuntimeSettings {
-            held_waits: slots,
-            ..testkit::settings()
-        };
 
-        let report = runtime(bus.clone(), handler.clone(), settings)
-            .run(tokio::time::sleep(Duration::from_secs(2)))
-            .await;
+        let report = run_with_slots(&bus, &handler, slots).await;
 
         assert_eq!(looked_at(&handler, start), [700], "{slots} slots: looked at when due");
         assert_eq!(report.handled, looks, "{slots} slots: looks counted");

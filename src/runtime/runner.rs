@@ -677,7 +677,7 @@ impl Runtime {
                 // The slot goes with the look: kept if it holds the delivery again, given back
                 // when it ends otherwise. Any other way, it is given back once this task ends.
                 let look = runtime.look_again(stage, body, acker, taken, !unlooked);
-                held::looking_in(stage, slot, look).await;
+                held::looking_in(slot, look).await;
             }
         });
         true
