@@ -2,8 +2,9 @@
 """Checks what the compose-spec schema cannot about deploy/compose.yaml and the files it mounts:
 
 - every bind-mounted file exists; `depends_on` and `network_mode: service:X` name real services;
-- one worker per stage (`sigrun worker --stage S --config F --metrics-listen 0.0.0.0:P`), distinct
-  ports, each published and scraped by the Prometheus job `sigrun-worker`;
+- every stage consumed by exactly one worker service (`sigrun worker --all-stages` or
+  `--stage S …`, with `--config F --metrics-listen 0.0.0.0:P`), distinct ports, each published and
+  scraped by the Prometheus job `sigrun-worker`;
 - Prometheus scrapes RabbitMQ's plugin on 15692 at /metrics and /metrics/per-object, and RabbitMQ
   enables rabbitmq_management and rabbitmq_prometheus; every `rule_files` pattern finds files through
   the Prometheus service's mounts;
@@ -33,6 +34,13 @@ def seconds(text):
         return None
     value, unit = int(match[1]), match[2]
     return value / 1000 if unit == "ms" else value * (60 if unit == "m" else 1)
+
+
+def consumed_stages(command):
+    """The stages a worker's command consumes: every one with `--all-stages`, else each `--stage S`."""
+    if "--all-stages" in command:
+        return list(STAGES)
+    return [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--stage"]
 
 
 def flag(command, name):
@@ -99,8 +107,8 @@ def check(compose, base, files):
         command = service.get("command") or []
         if command[:1] != ["worker"]:
             continue
-        stage = flag(command, "--stage")
-        stages_seen.setdefault(stage, []).append(name)
+        for stage in consumed_stages(command):
+            stages_seen.setdefault(stage, []).append(name)
         if service.get("network_mode") != "service:emulator":
             problems.append(f"{name}: must share the emulator's network namespace (network_mode: service:emulator)")
         listen_metrics = flag(command, "--metrics-listen") or ""
@@ -189,12 +197,22 @@ def self_test(compose, base):
     def service(name):
         return lambda c: c["services"][name]
 
+    def split_off(compose, stage, port):
+        """A second worker service, consuming `stage`, with its metrics on `port`."""
+        extra = copy.deepcopy(compose["services"]["worker"])
+        extra["command"] = ["worker", "--stage", stage] + extra["command"][2:-1] + [f"0.0.0.0:{port}"]
+        return extra
+
     cases = [
-        ("a stage without a worker", lambda c: c["services"].pop("worker-replicate") and {}, "stage replicate"),
-        ("two workers on one port",
-         lambda c: service("worker-verify")(c)["command"].__setitem__(-1, "0.0.0.0:9464") or {}, "port 9464 is taken"),
-        ("a worker Prometheus does not scrape", lambda c: edit(prometheus, '"emulator:9467"', '"emulator:9470"'),
-         "does not scrape emulator:9467"),
+        ("a stage without a worker",
+         lambda c: service("worker")(c)["command"].__setitem__(1, "--stage") or service("worker")(c)["command"].insert(2, "verify") or {},
+         "stage replicate"),
+        ("a stage with two workers", lambda c: c["services"].update(extra=split_off(c, "replicate", 9465)) or {},
+         "stage replicate: expected one worker service, found ['worker', 'extra']"),
+        ("two workers on one port", lambda c: c["services"].update(extra=split_off(c, "verify", 9464)) or {},
+         "port 9464 is taken"),
+        ("a worker Prometheus does not scrape", lambda c: edit(prometheus, '"emulator:9464"', '"emulator:9470"'),
+         "does not scrape emulator:9464"),
         ("per-object metrics not scraped", lambda c: edit(prometheus, "metrics_path: /metrics/per-object", "metrics_path: /metrics"),
          "job rabbitmq must scrape rabbitmq:15692/metrics/per-object"),
         ("time scale out of step", lambda c: edit(settings, "time_scale = 200.0", "time_scale = 100.0"), "differs from the emulator"),
@@ -202,9 +220,9 @@ def self_test(compose, base):
          "cloud.authority_host must be https://127.0.0.1:9443"),
         ("CA outside the state volume", lambda c: edit(settings, "/var/lib/sigrun/emulator-ca.pem", "/tmp/ca.pem"),
          "extra_ca_cert must be"),
-        ("short stop grace", lambda c: service("worker-snapshot")(c).update(stop_grace_period="20s") or {}, "stop_grace_period 20s"),
+        ("short stop grace", lambda c: service("worker")(c).update(stop_grace_period="20s") or {}, "stop_grace_period 20s"),
         ("worker outside the emulator's namespace",
-         lambda c: service("worker-verify")(c).pop("network_mode") and {}, "must share the emulator's network namespace"),
+         lambda c: service("worker")(c).pop("network_mode") and {}, "must share the emulator's network namespace"),
         ("alert rules not mounted",
          lambda c: service("prometheus")(c)["volumes"].remove("./prometheus/rules:/etc/prometheus/rules:ro") or {},
          "rule_files /etc/prometheus/rules/*.yml matches no file"),

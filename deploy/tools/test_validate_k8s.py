@@ -19,8 +19,12 @@ def first(objects, kind, name_part=""):
     return next(o for o in objects if o["kind"] == kind and name_part in o["metadata"]["name"])
 
 
-def worker(objects, stage="verify"):
-    return first(objects, "Deployment", stage)["spec"]["template"]["spec"]
+def worker(objects):
+    return first(objects, "Deployment", "sigrun-worker")["spec"]["template"]["spec"]
+
+
+def args(objects):
+    return worker(objects)["containers"][0]["args"]
 
 
 def set_settings(objects, old, new):
@@ -34,8 +38,14 @@ CASES = [
     ("misspelt ScaledObject field",
      lambda o: first(o, "ScaledObject")["spec"].update(maxReplicas=3), "'maxReplicas' was unexpected"),
     ("ScaledObject on the wrong queue",
-     lambda o: first(o, "ScaledObject", "replicate")["spec"]["triggers"][0]["metadata"].update(queueName="sigrun.stage.verify"),
-     "queue sigrun.stage.replicate"),
+     lambda o: first(o, "ScaledObject")["spec"]["triggers"][3]["metadata"].update(queueName="sigrun.stage.verify"),
+     "sigrun.stage.replicate"),
+    ("ScaledObject missing a stage's queue",
+     lambda o: first(o, "ScaledObject")["spec"]["triggers"].pop(0), "sigrun.stage.snapshot"),
+    ("ScaledObject on a queue its workers do not consume",
+     lambda o: args(o).__setitem__(slice(1, 2), ["--stage", "snapshot", "--stage", "image-create", "--stage", "gallery-publish",
+                                                "--stage", "replicate", "--stage", "pool-create"]),
+     "expected one rabbitmq trigger on each of the queues"),
     ("min above max replicas",
      lambda o: first(o, "ScaledObject")["spec"].update(minReplicaCount=20, maxReplicaCount=2), "minReplicaCount 20 > maxReplicaCount 2"),
     ("TriggerAuthentication with an unknown field",
@@ -49,7 +59,7 @@ CASES = [
     ("drain bound raised in the settings only",
      lambda o: set_settings(o, "shutdown_grace_ms = 30000", "shutdown_grace_ms = 90000"), "must exceed runtime.shutdown_grace_ms 90000"),
     ("prefix changed in the settings only",
-     lambda o: set_settings(o, 'prefix = "sigrun"', 'prefix = "nightly"'), "queue nightly.stage."),
+     lambda o: set_settings(o, 'prefix = "sigrun"', 'prefix = "nightly"'), "queues nightly.stage."),
     ("readiness on the wrong path",
      lambda o: worker(o)["containers"][0]["readinessProbe"]["httpGet"].update(path="/healthz"), "readinessProbe must GET /readyz"),
     ("writable root filesystem",
@@ -59,10 +69,12 @@ CASES = [
     ("no seccomp profile",
      lambda o: worker(o)["securityContext"].pop("seccompProfile"), "seccompProfile.type must be RuntimeDefault"),
     ("workload identity label missing",
-     lambda o: first(o, "Deployment", "snapshot")["spec"]["template"]["metadata"]["labels"].pop("azure.workload.identity/use"),
+     lambda o: first(o, "Deployment")["spec"]["template"]["metadata"]["labels"].pop("azure.workload.identity/use"),
      "azure.workload.identity/use"),
     ("a stage without workers",
-     lambda o: o.remove(first(o, "Deployment", "pool-create")), "no worker Deployment for stage(s) pool-create"),
+     lambda o: args(o).__setitem__(slice(1, 2), ["--stage", "verify"]), "no worker Deployment for stage(s) snapshot"),
+    ("no worker Deployment at all",
+     lambda o: o.remove(first(o, "Deployment")), "no worker Deployment for stage(s) snapshot, image-create"),
     ("broker URL as a literal",
      lambda o: worker(o)["containers"][0]["env"][0].update(value="amqp://x", valueFrom=None) or worker(o)["containers"][0]["env"][0].pop("valueFrom"),
      "SIGRUN__AMQP__URL must come from a Secret"),
@@ -71,8 +83,8 @@ CASES = [
     ("CronJob pipeline not in the ConfigMap",
      lambda o: first(o, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"].__setitem__(1, "pipelines/nope.toml"),
      "pipelines/nope.toml is not a file of a mounted ConfigMap"),
-    ("PDB selecting nothing of a stage",
-     lambda o: first(o, "PodDisruptionBudget", "verify")["spec"]["selector"]["matchLabels"].update({"sigrun.io/stage": "x"}),
+    ("PDB selecting nothing of the workers",
+     lambda o: first(o, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].update({"sigrun.io/stage": "x"}),
      "expected one PodDisruptionBudget"),
 ]
 

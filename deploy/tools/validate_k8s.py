@@ -6,10 +6,11 @@ Two passes over every object:
    the given Kubernetes version; KEDA ScaledObject/TriggerAuthentication and the Prometheus Operator
    PodMonitor against the CRD schemas in deploy/schemas (see its README for their source). A kind
    with no schema is an error, not a warning.
-2. sigrun's deployment rules, which no schema knows: one worker Deployment per stage with the probes,
-   security context, resources, identity and drain time the workers need; a ScaledObject per stage on
-   `{amqp.prefix}.stage.{stage}`; a PodDisruptionBudget and the PodMonitor selecting each stage's
-   pods; the nightly CronJob's pipeline present in the pipelines ConfigMap.
+2. sigrun's deployment rules, which no schema knows: every stage consumed by exactly one worker
+   Deployment (`worker --all-stages`, as shipped, or `--stage S …`) with the probes, security
+   context, resources, identity and drain time the workers need; its ScaledObject triggering on
+   `{amqp.prefix}.stage.{stage}` of exactly the stages it consumes; a PodDisruptionBudget and the
+   PodMonitor selecting its pods; the nightly CronJob's pipeline present in the pipelines ConfigMap.
 
 Usage: validate_k8s.py --kubernetes-version 1.32 --schemas deploy/schemas RENDERED.yaml [...]
 Prints one line per problem (file, kind/name, path) and exits 1 if there is any.
@@ -141,6 +142,13 @@ def check_pod(obj, pod, report, settings, config_maps, accounts):
     return mounts_by_volume, volumes
 
 
+def consumed_stages(args):
+    """The stages a worker's arguments consume: every one with `--all-stages`, else each `--stage S`."""
+    if "--all-stages" in args:
+        return list(STAGES)
+    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--stage"]
+
+
 def check_rules(objects, report):
     settings, config_maps = settings_of(objects, report)
     by_kind = {}
@@ -167,14 +175,14 @@ def check_rules(objects, report):
         pod = deployment["spec"]["template"]
         container = pod["spec"]["containers"][0]
         args = container.get("args") or []
-        stages = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--stage"]
-        if args[:1] != ["worker"] or len(stages) != 1:
-            report.add(deployment, f"expected `worker --stage S …`, got {args}")
+        stages = consumed_stages(args)
+        if args[:1] != ["worker"] or not stages:
+            report.add(deployment, f"expected `worker --all-stages …` or `worker --stage S …`, got {args}")
             continue
-        stage = stages[0]
-        if stage in workers:
-            report.add(deployment, f"a second Deployment for stage {stage}")
-        workers[stage] = deployment
+        for stage in stages:
+            if stage in workers:
+                report.add(deployment, f"a second Deployment for stage {stage}")
+            workers[stage] = deployment
         check_pod(deployment, pod, report, settings, config_maps, accounts)
         listen = args[args.index("--metrics-listen") + 1] if "--metrics-listen" in args else None
         if listen != f"0.0.0.0:{METRICS_PORT}":
@@ -210,9 +218,9 @@ def check_rules(objects, report):
         if low > high:
             report.add(so, f"minReplicaCount {low} > maxReplicaCount {high}")
         triggers = [t for t in so["spec"]["triggers"] if t["type"] == "rabbitmq"]
-        queue = f"{prefix}.stage.{stage}"
-        if [t["metadata"].get("queueName") for t in triggers] != [queue]:
-            report.add(so, f"expected one rabbitmq trigger on queue {queue}")
+        queues = sorted(f"{prefix}.stage.{stage}" for stage in stages)
+        if sorted(t["metadata"].get("queueName") for t in triggers) != queues:
+            report.add(so, f"expected one rabbitmq trigger on each of the queues {', '.join(queues)}")
         for trigger in triggers:
             auth = auths.get((trigger.get("authenticationRef") or {}).get("name"))
             if auth is None:
