@@ -57,7 +57,7 @@ fn waiting_on(message: &Envelope, what: Phase, delay: Duration) -> Result<Step, 
 /// A run in miniature with a step of every kind: a wait recorded once (the image), waits that
 /// record nothing (replication before its region completes), a wait that sends pool branches on
 /// and records their region (replicate), a creation that records a resource, and a branch end.
-fn nightly() -> Arc<Script> {
+pub(super) fn nightly() -> Arc<Script> {
     Script::new(|m| {
         let now = m.stage_started;
         let next = |stage| step(Outcome::Advance(vec![m.next(stage, now)]));
@@ -305,9 +305,11 @@ async fn started_run(bus: &Arc<Unreliable>, ledger: &Ledger) -> Envelope {
 }
 
 /// Every stage worked by `handler` on `bus`, fenced by `ledger` (as its settings say), for
-/// `window` of tokio's time.
-async fn run_fenced(bus: &Arc<Unreliable>, handler: &Arc<Script>, ledger: &Arc<Ledger>, window: Duration) {
-    run_stages(bus, handler, ledger, Stage::ALL.to_vec(), window).await;
+/// `window` of tokio's time, with stepping on off: each successor goes through its queue and is
+/// delivered as a state of its own, as between workers of different stages (what the tests of
+/// one delivery's fate look at; `step_on_tests` look at stepping on).
+async fn run_hop_by_hop(bus: &Arc<Unreliable>, handler: &Arc<Script>, ledger: &Arc<Ledger>, window: Duration) {
+    run_stages(bus, handler, ledger, Stage::ALL.to_vec(), window, false).await;
 }
 
 /// Every step's message id must be one per (run, branch, stage), and no event may be recorded
@@ -496,7 +498,7 @@ async fn without_faults_or_a_racing_admitter_nothing_is_dropped_and_a_step_write
     let handler = nightly();
     let ledger = ledger_on(bus.clone());
     started_run(&bus, &ledger).await;
-    run_fenced(&bus, &handler, &ledger, Duration::from_secs(60)).await;
+    run_hop_by_hop(&bus, &handler, &ledger, Duration::from_secs(60)).await;
     let events = counted_events(&bus.inner.records());
     assert_eq!(run_result(&events), RunResult::Succeeded, "{events:#?}");
     assert_eq!(assert_each_step_once(&handler, &events), 0);
@@ -532,7 +534,7 @@ async fn a_state_is_a_first_try_until_its_delivery_returns_or_a_try_fails() {
         }
         _ => step(Outcome::Fail("stop here".into())),
     });
-    run_fenced(&bus, &handler, &ledger, Duration::from_secs(60)).await;
+    run_hop_by_hop(&bus, &handler, &ledger, Duration::from_secs(60)).await;
 
     let tries: Vec<(Stage, Tried)> = handler.calls().iter().map(|c| (c.message.stage, c.tried)).collect();
     assert_eq!(
@@ -580,7 +582,7 @@ async fn holder_died_before_its_commit(fencing: Fencing) {
         Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
         _ => step(Outcome::Fail("stop here".into())),
     });
-    run_fenced(&bus, &handler, &ledger, Duration::from_secs(10)).await;
+    run_hop_by_hop(&bus, &handler, &ledger, Duration::from_secs(10)).await;
 
     let calls = handler.calls();
     let snapshot: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::Snapshot).collect();
@@ -664,7 +666,7 @@ async fn a_step_whose_maker_died_before_its_commit_is_stepped_again_at_once_and_
         Stage::Snapshot => step(Outcome::Advance(vec![m.next(Stage::ImageCreate, m.stage_started)])),
         _ => step(Outcome::Fail("stop here".into())),
     });
-    run_fenced(&bus, &handler, &ledger, Duration::from_secs(10)).await;
+    run_hop_by_hop(&bus, &handler, &ledger, Duration::from_secs(10)).await;
 
     let calls = handler.calls();
     let snapshot: Vec<_> = calls.iter().filter(|c| c.message.stage == Stage::Snapshot).collect();
@@ -695,15 +697,20 @@ async fn a_step_whose_maker_died_before_its_commit_is_stepped_again_at_once_and_
     assert_eq!(claims, 0);
 }
 
-/// Works `stages` of `bus` with `handler`, fenced by `ledger`, for `window` of tokio's time.
+/// Works `stages` of `bus` with `handler`, fenced by `ledger`, for `window` of tokio's time,
+/// stepping on as `step_on` says.
 async fn run_stages(
     bus: &Arc<Unreliable>,
     handler: &Arc<Script>,
     ledger: &Arc<Ledger>,
     stages: Vec<Stage>,
     window: Duration,
+    step_on: bool,
 ) {
-    let settings = settings_with(ledger.settings().fencing);
+    let settings = RuntimeSettings {
+        step_on,
+        ..settings_with(ledger.settings().fencing)
+    };
     let runtime = Runtime::new(bus.clone(), handler.clone(), stages, settings)
         .unwrap()
         .with_clock(Clock::tokio())
@@ -728,13 +735,13 @@ async fn a_step_claiming_first_after_one_committing_first_sends_nothing_a_reader
         _ => step(Outcome::Advance(vec![m.next(Stage::GalleryPublish, m.stage_started)])),
     });
     let window = Duration::from_secs(5);
-    run_stages(&bus, &handler, &committing, vec![Stage::Snapshot], window).await;
+    run_stages(&bus, &handler, &committing, vec![Stage::Snapshot], window, true).await;
     let image = Envelope::decode(&bus.inner.ready(Stage::ImageCreate)[0]).unwrap();
     assert_eq!(
         image.made_from, first.token,
         "committed first: it names what its maker consumed"
     );
-    run_stages(&bus, &handler, &claiming, vec![Stage::ImageCreate], window).await;
+    run_stages(&bus, &handler, &claiming, vec![Stage::ImageCreate], window, true).await;
 
     let gallery = bus.inner.ready(Stage::GalleryPublish);
     assert_eq!(gallery.len(), 1, "the image step sent its successor on");

@@ -130,15 +130,39 @@ struct Effects {
     /// What became of the message, for the observer.
     handled: Handled,
     events: Vec<EventKind>,
+    /// Events of the steps taken before the one `events` come from, within this delivery's step
+    /// (`Runtime::step_on`), each as its own stage and branch say; recorded before `events`.
+    recorded: Vec<Event>,
     /// Each goes to its own stage: now, or on a delay tier when it is not due yet.
     messages: Vec<Envelope>,
     /// Park the input message (a branch that failed for good, kept for inspection and replay).
     park: Option<ParkReason>,
+    /// What is parked instead of the delivery's body: the message of a step taken on.
+    parked_body: Option<Vec<u8>>,
     /// What the observer is told besides `handled`, once the delivery is acked.
     measured: Measured,
 }
 
+/// A step taken on within a delivery's step (`Runtime::step_on`), for the observer once the
+/// delivery is settled.
+struct SteppedOn {
+    message: Envelope,
+    handled: Handled,
+    handler_time: Duration,
+    measured: Measured,
+}
+
+/// At most this many steps are taken on within one delivery's step: one per stage.
+const STEP_ON_MAX: usize = Stage::ALL.len();
+
 impl Effects {
+    /// Moves `events` into `recorded` as `stepped`'s, the step they came from.
+    fn record_events_of(&mut self, stepped: &Envelope, now: OffsetDateTime) {
+        let events = std::mem::take(&mut self.events);
+        self.recorded
+            .extend(events.into_iter().map(|kind| event_of(stepped, kind, now)));
+    }
+
     /// Whether the step records something the ledger must fence: events, a park, a branch that
     /// ends (no message goes on), another message, or a change to the run's state. A wait that only
     /// moves its own hold records nothing: its copies may look at Azure side by side until one of
@@ -146,6 +170,9 @@ impl Effects {
     /// operation), is a note published as it is, not a record: two copies of a waiting message
     /// may both say they wait, as they may both look.
     fn records_something(&self, message: &Envelope) -> bool {
+        if !self.recorded.is_empty() {
+            return true;
+        }
         let notes_only = self.events.iter().all(|e| matches!(e, EventKind::Waiting { .. }));
         match self.messages.as_slice() {
             [next] if notes_only && self.park.is_none() => {
@@ -367,6 +394,8 @@ impl Runtime {
                     events: vec![EventKind::Cancelled],
                     messages: Vec::new(),
                     park: None,
+                    recorded: Vec::new(),
+                    parked_body: None,
                     measured: Measured::default(),
                 };
                 self.conclude(&message, body, effects, acker, now, taken).await;
@@ -393,27 +422,101 @@ impl Runtime {
         }
         // Its hold has passed; clear it so nothing derived from this message inherits it.
         message.not_before = None;
-        let began = std::time::Instant::now();
         // Read again: the ledger's checks above may have waited for a commit to come by.
         let tried = self.tried(&message, taken);
+        let (mut effects, handler_time) = self.step(&message, tried, hop).await;
+        let measured = std::mem::take(&mut effects.measured);
+        debug!(handled = effects.handled.as_str(), "stepped");
+        let stepped_on = self.step_on(&message, &mut effects, tried, hop).await;
+        let now = self.clock.now();
+        if self.conclude(&message, body, effects, acker, now, taken).await {
+            if let Some(observer) = &self.observer {
+                report(observer.as_ref(), &message, handler_time, &measured);
+            }
+            for step in &stepped_on {
+                self.observe(step.message.stage, step.handled);
+                if let Some(observer) = &self.observer {
+                    report(observer.as_ref(), &step.message, step.handler_time, &step.measured);
+                }
+            }
+        }
+    }
+
+    /// Runs the handler on `message` and says what the runtime is to do about it, and how long
+    /// the handler took. What it sends on names `hop` as its trace parent.
+    async fn step(&self, message: &Envelope, tried: Tried, hop: &TraceParent) -> (Effects, Duration) {
+        let began = std::time::Instant::now();
         let result = self.call_handler(message.clone(), self.clock.now(), tried).await;
         let handler_time = began.elapsed();
         let now = self.clock.now();
         let mut effects = match result {
-            Ok(step) => effects_of_step(&message, step, now),
-            Err(StepError::Azure(error)) => self.effects_of_error(&message, &error, now),
-            Err(StepError::Broken(why)) => broken(&message, &why),
+            Ok(step) => effects_of_step(message, step, now),
+            Err(StepError::Azure(error)) => self.effects_of_error(message, &error, now),
+            Err(StepError::Broken(why)) => broken(message, &why),
         };
         for next in &mut effects.messages {
             next.traceparent = hop.to_string();
         }
-        let measured = std::mem::take(&mut effects.measured);
-        debug!(handled = effects.handled.as_str(), "stepped");
-        if self.conclude(&message, body, effects, acker, now, taken).await
-            && let Some(observer) = &self.observer
+        (effects, handler_time)
+    }
+
+    /// Steps on at once, within the delivery's own step, while what the last step sent on is one
+    /// message due now, of a stage this runtime consumes (`runtime.step_on`): a stage hop then
+    /// costs no quorum message and no history record of its own. The delivery's step stays one
+    /// fenced step: `effects` keeps its outcome (for its stage) and takes on what the last step
+    /// sends and parks, and every step's events in order, each as its own stage and branch say.
+    /// Nothing of a step taken on is published before the delivery's claim or commit, so a copy
+    /// that loses, or a worker that dies first, leaves nothing behind: the delivery is stepped
+    /// again from where it was, as any step that did not commit. A step taken on may have reached
+    /// Azure before only if the delivery's own step may have (`tried`).
+    async fn step_on(&self, root: &Envelope, effects: &mut Effects, tried: Tried, hop: &TraceParent) -> Vec<SteppedOn> {
+        let mut stepped_on: Vec<SteppedOn> = Vec::new();
+        let mut last_handled = effects.handled;
+        while stepped_on.len() < STEP_ON_MAX
+            && let Some(next) = self.to_step_on(root, effects, last_handled)
         {
-            report(observer.as_ref(), &message, handler_time, &measured);
+            let span = info_span!("stepped on", stage = %next.stage, branch = %next.branch.label());
+            let (mut taken_on, handler_time) = self.step(&next, tried, hop).instrument(span).await;
+            let now = self.clock.now();
+            let stepped = stepped_on.last().map_or(root, |s| &s.message);
+            effects.record_events_of(stepped, now);
+            effects.messages = std::mem::take(&mut taken_on.messages);
+            effects.park = taken_on.park.take();
+            effects.parked_body = effects.park.is_some().then(|| next.encode());
+            effects.events = std::mem::take(&mut taken_on.events);
+            last_handled = taken_on.handled;
+            debug!(stage = %next.stage, handled = last_handled.as_str(), "stepped on");
+            stepped_on.push(SteppedOn {
+                message: next,
+                handled: taken_on.handled,
+                handler_time,
+                measured: taken_on.measured,
+            });
         }
+        if let Some(last) = stepped_on.last() {
+            effects.record_events_of(&last.message, self.clock.now());
+        }
+        stepped_on
+    }
+
+    /// The message to step on to, taken out of `effects`, if there is one (see `step_on`): the
+    /// last step advanced to one message, due now, of a stage consumed here, in a run going on,
+    /// and the delivery's step is fenced (stepping on defers what the hop would have recorded to
+    /// the delivery's commit).
+    fn to_step_on(&self, root: &Envelope, effects: &mut Effects, last: Handled) -> Option<Envelope> {
+        let ledger = self
+            .ledger
+            .as_ref()
+            .filter(|_| self.settings.step_on && !root.token.is_nil())?;
+        let [next] = effects.messages.as_slice() else {
+            return None;
+        };
+        let ready = last == Handled::Advanced
+            && effects.park.is_none()
+            && self.stages.contains(&next.stage)
+            && remaining(next.due(), self.clock.now()).is_none()
+            && !ledger.is_cancelled(root.run_id);
+        ready.then(|| effects.messages.pop()).flatten()
     }
 
     /// Carries out what a delivery caused and settles it. A step that records something is
@@ -826,6 +929,8 @@ impl Runtime {
                 events: Vec::new(),
                 messages: vec![again],
                 park: None,
+                recorded: Vec::new(),
+                parked_body: None,
                 measured: Measured::default(),
             };
         }
@@ -840,6 +945,8 @@ impl Runtime {
                     events: vec![event],
                     messages: vec![again],
                     park: None,
+                    recorded: Vec::new(),
+                    parked_body: None,
                     measured: Measured::default(),
                 }
             }
@@ -864,14 +971,11 @@ impl Runtime {
         effects: &Effects,
         now: OffsetDateTime,
     ) -> Result<(), BusError> {
+        for event in &effects.recorded {
+            self.bus.publish_event(event).await?;
+        }
         self.publish_events(message, &effects.events, now).await?;
-        for next in &effects.messages {
-            self.route(next, now).await?;
-        }
-        if let Some(reason) = &effects.park {
-            self.bus.park(body, reason).await?;
-        }
-        Ok(())
+        self.send_on(body, effects, now).await
     }
 
     /// Publishes a step's events on their own (not in a commit), in order.
@@ -894,7 +998,9 @@ impl Runtime {
             self.route(next, now).await?;
         }
         if let Some(reason) = &effects.park {
-            self.bus.park(body, reason).await?;
+            self.bus
+                .park(effects.parked_body.as_deref().unwrap_or(body), reason)
+                .await?;
         }
         Ok(())
     }
@@ -1074,6 +1180,8 @@ fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effec
         events,
         messages: Vec::new(),
         park: None,
+        recorded: Vec::new(),
+        parked_body: None,
         measured,
     };
     match outcome {
@@ -1126,6 +1234,8 @@ fn parked_failure(message: &Envelope, reason: &str, class: FailureClass) -> Effe
             attempts: message.attempt.saturating_add(1),
             message_id: Some(message.message_id.to_string()),
         }),
+        recorded: Vec::new(),
+        parked_body: None,
         measured: Measured {
             failures: vec![class],
             ..Measured::default()
@@ -1176,9 +1286,10 @@ fn commit_of(message: &Envelope, effects: &Effects, step: Uuid, now: OffsetDateT
         }),
         successors: effects.messages.iter().map(Successor::of).collect(),
         events: effects
-            .events
+            .recorded
             .iter()
-            .map(|kind| event_of(message, kind.clone(), now))
+            .cloned()
+            .chain(effects.events.iter().map(|kind| event_of(message, kind.clone(), now)))
             .collect(),
     }
 }

@@ -40,6 +40,11 @@ pub struct RuntimeSettings {
     /// (below the broker's `consumer_timeout`, 30 minutes by default). Real time, never scaled.
     #[serde(rename = "hold_max_ms", deserialize_with = "millis::deserialize")]
     pub hold_max: Duration,
+    /// A step whose one successor is due now and of a stage this process consumes steps it on at
+    /// once, within its own fenced step, instead of sending it through that stage's queue: no
+    /// quorum message and no history record for the hop. False sends every successor through its
+    /// queue.
+    pub step_on: bool,
 }
 
 impl Default for RuntimeSettings {
@@ -53,6 +58,7 @@ impl Default for RuntimeSettings {
             fencing: Fencing::default(),
             held_waits: 64,
             hold_max: Duration::from_secs(10 * 60),
+            step_on: true,
         }
     }
 }

@@ -173,6 +173,7 @@ pub fn settings() -> RuntimeSettings {
         fencing: crate::ledger::Fencing::CommitFirst,
         held_waits: 4,
         hold_max: Duration::from_secs(60),
+        step_on: true,
     }
 }
 
