@@ -1,9 +1,10 @@
-//! What six stage workers cost while 10,000 runs wait on Azure: each worker's peak memory and its
-//! share of a core (goals: ≤ 256 MiB and ≤ 5 % of a core per worker).
+//! What the workers cost while 10,000 runs wait on Azure: each worker's peak memory and its share
+//! of a core (goals: ≤ 32 MiB and ≤ 5 % of a core per worker).
 //!
 //! **Set-up.** An emulator runs in this process over real sockets (TLS, default world, time scale
-//! 1: Azure's own durations in real time). Six `sigrun worker --stage X` processes of the built
-//! binary, one per stage, read a config like the one `tests/it/workers.rs` writes (azure mode
+//! 1: Azure's own durations in real time). The built binary's `sigrun worker`s, laid out as
+//! `SIGRUN_BENCH_WORKERS` says (`one`, the default: one `--all-stages` process, as `deploy/` runs
+//! them; `all:N`; `six`: `--stage X`, one per stage), read a config like the one `tests/it/workers.rs` writes (azure mode
 //! against the emulator, the broker under a prefix of this run's own). The nightly pipeline's
 //! managed image is made once beforehand (snapshots, image, gallery, definition, through the
 //! library's Azure client, with the emulated clock jumped past each operation), and every run
@@ -57,7 +58,8 @@
 //! worker's ledger keeps the run's slots, claims and spent tokens while it waits.
 //!
 //! `cargo bench --bench amqp_waiting`; `SIGRUN_BENCH_RUNS`, `SIGRUN_BENCH_WINDOW_S`,
-//! `SIGRUN_BENCH_POLL_S`, `SIGRUN_BENCH_SETTLE_S`, `SIGRUN_BENCH_FENCED`, `SIGRUN_BENCH_AMQP_URL`.
+//! `SIGRUN_BENCH_POLL_S`, `SIGRUN_BENCH_SETTLE_S`, `SIGRUN_BENCH_FENCED`, `SIGRUN_BENCH_WORKERS`,
+//! `SIGRUN_BENCH_AMQP_URL`.
 
 mod common;
 
@@ -97,6 +99,7 @@ fn main() {
         poll_s: common::env_or("SIGRUN_BENCH_POLL_S", 30),
         settle: Duration::from_secs(common::env_or("SIGRUN_BENCH_SETTLE_S", 0)),
         fenced: common::env_or("SIGRUN_BENCH_FENCED", 0u8) == 1,
+        all_stages: common::workers::layout(),
     };
     let runtime = common::runtime();
     runtime.block_on(bench(options));
@@ -111,6 +114,8 @@ struct Options {
     settle: Duration,
     /// Start each run with an admission's commit, so its steps are fenced by the ledger.
     fenced: bool,
+    /// The workers' layout (`common::workers::layout`).
+    all_stages: Option<usize>,
 }
 
 async fn bench(options: Options) {
@@ -129,7 +134,14 @@ async fn bench(options: Options) {
     let settings = Settings::load(Some(&config)).expect("the bench config loads");
     let bus = Arc::new(common::connect(settings.amqp.clone(), settings.delay_tiers()).await);
 
-    println!("== six stage workers while runs wait on Azure ({})", common::machine());
+    println!(
+        "== the workers while runs wait on Azure: {} ({})",
+        match options.all_stages {
+            Some(n) => format!("{n} process(es) of all six stages"),
+            None => "one process per stage".to_string(),
+        },
+        common::machine()
+    );
     println!(
         "broker {} (prefix {prefix}); {} runs; looks {}; window {} s after {} s",
         settings.amqp.redacted_url(),
@@ -146,13 +158,7 @@ async fn bench(options: Options) {
         println!("runs fenced: each started by an admission's commit");
     }
 
-    let mut workers: Vec<Worker> = Stage::ALL
-        .iter()
-        .map(|stage| Worker::start(Some(*stage), &config, dir.path()))
-        .collect();
-    for worker in &mut workers {
-        worker.wait_consuming().await;
-    }
+    let mut workers = Worker::start_layout(options.all_stages, &config, dir.path()).await;
 
     // CPU time so far of everything measured, so the ramp's share can be told apart.
     let ticks = common::clock_ticks();
@@ -246,9 +252,9 @@ async fn bench(options: Options) {
         .collect();
     let replicate = workers
         .iter()
-        .find(|w| w.stage == Some(Stage::Replicate))
+        .find(|w| w.consumes(Stage::Replicate))
         .expect("a replicate worker");
-    let handled_before = replicate.handled().await;
+    let handled_before = replicate.handled(Stage::Replicate).await;
     let window_started = Instant::now();
     while window_started.elapsed() < options.window {
         // Keep reading the stream meanwhile, so a run that fails or finishes in the window shows.
@@ -269,9 +275,9 @@ async fn bench(options: Options) {
     }
     let replicate = workers
         .iter()
-        .find(|w| w.stage == Some(Stage::Replicate))
+        .find(|w| w.consumes(Stage::Replicate))
         .expect("a replicate worker");
-    let handled_after = replicate.handled().await;
+    let handled_after = replicate.handled(Stage::Replicate).await;
     let handled: BTreeMap<String, f64> = handled_after
         .iter()
         .map(|(outcome, n)| (outcome.clone(), n - handled_before.get(outcome).copied().unwrap_or(0.0)))
@@ -654,11 +660,14 @@ fn report(
         println!("  {n:>8}  {kind}  ({:.1}/s)", *n as f64 / secs);
     }
     let looks = requests.get("GET image version").copied().unwrap_or(0);
-    if let Some(replicate) = watched.iter().find(|w| w.name == "worker replicate")
+    // The worker that looks: `replicate`'s own, or the one consuming every stage.
+    let looker = ["worker replicate", "worker all"];
+    if let Some(replicate) = watched.iter().find(|w| looker.contains(&w.name.as_str()))
         && looks > 0
     {
         println!(
-            "replicate: {looks} looks ({:.1}/s for {} runs), {:.0} µs of CPU per look",
+            "{}: {looks} looks ({:.1}/s for {} runs), {:.0} µs of CPU per look",
+            replicate.name,
             looks as f64 / secs,
             options.runs,
             replicate.cpu_window.as_secs_f64() * 1e6 / looks as f64

@@ -1,5 +1,6 @@
-//! CPU per pipeline at 100 concurrent nightly pipelines: sigrun as deployed (six stage workers on
-//! RabbitMQ, the broker and every `sigrun submit` counted) beside the SDK way (the official Azure
+//! CPU per pipeline at 100 concurrent nightly pipelines: sigrun as deployed (one worker consuming
+//! every stage on RabbitMQ, as `deploy/` runs it at rest; the broker and every `sigrun submit`
+//! counted) beside the SDK way (the official Azure
 //! SDKs for Python, a thread per pipeline, `begin_*().result()` pollers). Goal: sigrun ≤ 0.2× the
 //! SDK way.
 //!
@@ -10,14 +11,15 @@
 //! three disks, a managed image, the shared gallery, the version replicated to two regions,
 //! intermediates deleted, one pool of two nodes verified with every node idle.
 //!
-//! **sigrun.** Six `sigrun worker` processes (azure mode against the emulator, shipped settings,
-//! the broker under a prefix of this run's own) start first. Then every pipeline is submitted at
+//! **sigrun.** The workers (by default one `sigrun worker --all-stages`, as `deploy/` runs them:
+//! one Deployment for every stage, KEDA's minimum of one replica; azure mode against the emulator,
+//! shipped settings, the broker under a prefix of this run's own) start first. Then every pipeline is submitted at
 //! once by its own `sigrun submit` process, as an event producer would, and the events stream
 //! says when each run ended. Counted: the workers' CPU (utime + stime, `/proc/PID/stat`) from the
 //! first submit to the last run's end, the broker's (`beam.smp`) over the same span, and the
 //! submits' (this process's `cutime` + `cstime`, the children it waited for). The broker's share
 //! includes what this bench's own reader of the events stream costs it: one reader beside the
-//! workers' six, as one `sigrun watch` would be.
+//! workers', as one `sigrun watch` would be.
 //!
 //! **The SDK way.** `benches/sdk_way/nightly.py` runs the same pipelines, planned the same way
 //! (the library's planner, another version) in one Python process with a thread each; its CPU is
@@ -29,9 +31,9 @@
 //! every pipeline of both ways succeeds and every worker exits 0 on SIGTERM.
 //!
 //! `cargo bench --bench concurrent`; `SIGRUN_BENCH_PIPELINES`, `SIGRUN_BENCH_SCALE`,
-//! `SIGRUN_BENCH_WAYS` (`sigrun,sdk`: either alone to measure one), `SIGRUN_BENCH_WORKERS` (`six`,
-//! one process per stage as `deploy/` runs them; `all:N`, N processes each consuming every stage,
-//! `sigrun worker --all-stages`; `one` for `all:1`), `SIGRUN_BENCH_AMQP_URL` with `SIGRUN_BENCH_BROKER_PID` (its
+//! `SIGRUN_BENCH_WAYS` (`sigrun,sdk`: either alone to measure one), `SIGRUN_BENCH_WORKERS` (`one`,
+//! the default: one `sigrun worker --all-stages`; `all:N`, N such processes, as KEDA scales them
+//! out; `six`, one process per stage), `SIGRUN_BENCH_AMQP_URL` with `SIGRUN_BENCH_BROKER_PID` (its
 //! `beam.smp`; default the one that boots `rabbit`) and `SIGRUN_BENCH_BROKER_METRICS` (its
 //! Prometheus plugin's `/metrics`). The workers take settings from the environment as any worker
 //! does (e.g. `SIGRUN__RUNTIME__FENCING=commit_first`); the header prints their fencing.
@@ -46,7 +48,6 @@ use serde_json::{Value, json};
 use sigrun::azure::client::AzureClient;
 use sigrun::emulator::{Emulator, EmulatorOptions, World};
 use sigrun::events::{Event, RunResult, run_result};
-use sigrun::model::envelope::Stage;
 use sigrun::model::spec::PipelineSpec;
 use sigrun::planner::{self, PlanInputs};
 use time::OffsetDateTime;
@@ -68,21 +69,9 @@ struct Options {
     scale: f64,
     sigrun: bool,
     sdk: bool,
-    /// sigrun's workers: one process per stage (as `deploy/` runs them) when `None`, or this many
-    /// processes each consuming all six stages.
+    /// sigrun's workers: one process per stage when `None`, or this many processes each consuming
+    /// all six stages (one, as `deploy/` runs them at rest).
     all_stages: Option<usize>,
-}
-
-/// `SIGRUN_BENCH_WORKERS`: `six` (`None`), or how many all-stages workers (`all:N`, `one`).
-fn workers_option(text: &str) -> Option<usize> {
-    match text {
-        "six" => None,
-        "one" => Some(1),
-        _ => match text.strip_prefix("all:").and_then(|n| n.parse().ok()) {
-            Some(n) if n > 0 => Some(n),
-            _ => panic!("SIGRUN_BENCH_WORKERS is `six`, `one` or `all:N` (N > 0), not `{text}`"),
-        },
-    }
 }
 
 fn main() {
@@ -95,7 +84,7 @@ fn main() {
         scale: common::env_or("SIGRUN_BENCH_SCALE", 200.0),
         sigrun: ways.split(',').any(|w| w.trim() == "sigrun"),
         sdk: ways.split(',').any(|w| w.trim() == "sdk"),
-        all_stages: workers_option(&common::env_or("SIGRUN_BENCH_WORKERS", "six".to_string())),
+        all_stages: common::workers::layout(),
     };
     assert!(
         options.sigrun || options.sdk,
@@ -257,19 +246,7 @@ async fn measure_sigrun(
     let config = common::workers::write_config(emulator, dir, &prefix, options.scale, "");
     let settings = sigrun::config::Settings::load(Some(&config)).expect("the bench config loads");
     let bus = common::connect(settings.amqp.clone(), settings.delay_tiers()).await;
-    let mut workers: Vec<Worker> = if let Some(replicas) = options.all_stages {
-        (0..replicas)
-            .map(|replica| Worker::start_replica(None, replica, &config, dir))
-            .collect()
-    } else {
-        Stage::ALL
-            .iter()
-            .map(|stage| Worker::start(Some(*stage), &config, dir))
-            .collect()
-    };
-    for worker in &mut workers {
-        worker.wait_consuming().await;
-    }
+    let mut workers = Worker::start_layout(options.all_stages, &config, dir).await;
     let mut events = follow_events(&bus).await;
     let ticks = common::clock_ticks();
     let broker = broker_pid().expect("the broker's beam.smp process is readable here");

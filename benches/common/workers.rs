@@ -64,7 +64,45 @@ fn worker_command(name: &str) -> Command {
     }
 }
 
+/// `SIGRUN_BENCH_WORKERS`, the layout of sigrun's workers: `one` (the default: one `sigrun worker
+/// --all-stages`, as `deploy/` runs them at rest) or `all:N` (N of them, as KEDA scales them out):
+/// `Some(N)`; `six` (a process per stage): `None`.
+pub fn layout() -> Option<usize> {
+    let text = std::env::var("SIGRUN_BENCH_WORKERS").unwrap_or_else(|_| "one".to_string());
+    match text.as_str() {
+        "six" => None,
+        "one" => Some(1),
+        _ => match text.strip_prefix("all:").and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => panic!("SIGRUN_BENCH_WORKERS is `one`, `all:N` (N > 0) or `six`, not `{text}`"),
+        },
+    }
+}
+
 impl Worker {
+    /// The workers of a `layout()`, each consuming once started: `replicas` all-stages ones, or
+    /// one for each stage (`None`).
+    pub async fn start_layout(replicas: Option<usize>, config: &Path, dir: &Path) -> Vec<Worker> {
+        let mut workers: Vec<Worker> = match replicas {
+            Some(replicas) => (0..replicas)
+                .map(|replica| Worker::start_replica(None, replica, config, dir))
+                .collect(),
+            None => Stage::ALL
+                .iter()
+                .map(|stage| Worker::start(Some(*stage), config, dir))
+                .collect(),
+        };
+        for worker in &mut workers {
+            worker.wait_consuming().await;
+        }
+        workers
+    }
+
+    /// Whether it consumes `stage`.
+    pub fn consumes(&self, stage: Stage) -> bool {
+        self.stage.is_none_or(|own| own == stage)
+    }
+
     /// A worker of `stage`, or of all six for `None`.
     pub fn start(stage: Option<Stage>, config: &Path, dir: &Path) -> Worker {
         Worker::start_replica(stage, 0, config, dir)
@@ -104,9 +142,9 @@ impl Worker {
         self.child.id()
     }
 
-    /// Its messages handled so far, by outcome (`sigrun_messages_handled_total` of its stage).
-    pub async fn handled(&self) -> BTreeMap<String, f64> {
-        let stage = self.name();
+    /// Its messages of `stage` handled so far, by outcome (`sigrun_messages_handled_total`).
+    pub async fn handled(&self, stage: Stage) -> BTreeMap<String, f64> {
+        let stage = stage.as_str();
         self.handled_by_stage()
             .await
             .into_iter()
