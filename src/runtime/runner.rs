@@ -118,8 +118,9 @@ impl Running {
 /// What a [`Runtime::run`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RuntimeReport {
-    /// Looks handled to the end: every delivery taken (settled one way or another) and every
-    /// further look of a wait held here with its delivery.
+    /// Looks handled to the end: every delivery taken (settled one way or another), every
+    /// further look of a wait held here with its delivery, and every step taken on within a
+    /// delivery's step (`runtime.step_on`) once that delivery is settled.
     pub handled: u64,
     /// Consumers still busy when the shutdown grace ran out; their deliveries went back unacked.
     pub abandoned: usize,
@@ -433,6 +434,8 @@ impl Runtime {
             if let Some(observer) = &self.observer {
                 report(observer.as_ref(), &message, handler_time, &measured);
             }
+            // Each step taken on is a message handled, as it would have been as a delivery.
+            self.looks.fetch_add(stepped_on.len() as u64, Ordering::Relaxed);
             for step in &stepped_on {
                 self.observe(step.message.stage, step.handled);
                 if let Some(observer) = &self.observer {

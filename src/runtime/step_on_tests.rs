@@ -65,6 +65,7 @@ struct Worked {
     bus: Arc<MemoryBus>,
     handler: Arc<Script>,
     run_id: Uuid,
+    report: RuntimeReport,
 }
 
 async fn work(handler: Arc<Script>, stages: &[Stage], fencing: Fencing, step_on: bool) -> Worked {
@@ -95,13 +96,18 @@ async fn work_for(
     if returned {
         drop(bus.next(&[Stage::Snapshot]).await.unwrap());
     }
-    Runtime::new(bus.clone(), handler.clone(), stages.to_vec(), settings)
+    let report = Runtime::new(bus.clone(), handler.clone(), stages.to_vec(), settings)
         .unwrap()
         .with_clock(Clock::tokio())
         .with_ledger(ledger)
         .run(tokio::time::sleep(window))
         .await;
-    Worked { bus, handler, run_id }
+    Worked {
+        bus,
+        handler,
+        run_id,
+        report,
+    }
 }
 
 impl Worked {
@@ -189,6 +195,10 @@ async fn a_hop_to_a_stage_consumed_here_is_stepped_on_within_one_fenced_step() {
             "{fencing:?}: each step's events as its own stage's, in order"
         );
         assert!(worked.bus.stats().is_idle(), "{fencing:?}: nothing left in the bus");
+        assert_eq!(
+            worked.report.handled, 2,
+            "{fencing:?}: the delivery and the step taken on are each a message handled"
+        );
     }
 }
 
