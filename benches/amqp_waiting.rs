@@ -712,10 +712,10 @@ fn report(
     let peak = workers.iter().map(|w| w.peak).max().unwrap_or(0);
     let share = workers.iter().map(|w| w.share).fold(0.0, f64::max);
     println!(
-        "\nWORKERS: highest peak RSS {:.1} MiB (goal ≤ 256), highest CPU {:.2} % of a core (goal ≤ 5): {}",
+        "\nWORKERS: highest peak RSS {:.1} MiB (goal ≤ 32), highest CPU {:.2} % of a core (goal ≤ 5): {}",
         mib(peak),
         100.0 * share,
-        if mib(peak) <= 256.0 && share <= 0.05 {
+        if mib(peak) <= 32.0 && share <= 0.05 {
             "met"
         } else {
             "NOT MET"

@@ -1,9 +1,10 @@
-//! Chaos: overlapping runs of the nightly pipeline (distinct versions, some triggered twice) on
-//! two worker processes per stage, against the emulator injecting about one fault in five (429
+//! Chaos: overlapping runs of the nightly pipeline (distinct versions, some triggered twice) on a
+//! worker process per stage and two consuming every stage (which step on within themselves, as
+//! `deploy/` runs them), against the emulator injecting about one fault in five (429
 //! with Retry-After, 500, 503, connections reset after the request took effect), while workers are
 //! killed with SIGKILL every few seconds (and replaced), every broker connection is closed, and the
 //! broker node is restarted — on a private RabbitMQ node of the test's own, with a fleet changing
-//! fencing (at each stage one worker claims first, the other commits first). Then the same on a
+//! fencing (the workers started claim first and commit first in turn). Then the same on a
 //! three-node cluster of private nodes (quorum queues replicated on all three), one node killed
 //! mid-run and started again. A `sigrun submit` that fails on an injected fault (its reads outlast
 //! the client's retries) is tried again, as a producer would.
@@ -57,12 +58,14 @@ struct Disturbed {
     nodes_killed: usize,
 }
 
-/// The workers, two per stage, and the replacements of the killed ones; each started with the
-/// next of `configs` in turn (one per fencing, so a mixed fleet has both at every stage).
+/// The workers and the replacements of the killed ones: one per stage, and two consuming every
+/// stage (as `deploy/` runs them, stepping on within a process); each started with the next of
+/// `configs` in turn (one per fencing, so a mixed fleet has both at every stage). A killed worker
+/// is replaced by one of its own kind (`None`: all stages).
 struct Fleet {
     setup: Arc<Setup>,
     configs: Vec<std::path::PathBuf>,
-    alive: Vec<(Stage, Process)>,
+    alive: Vec<(Option<Stage>, Process)>,
     dead: Vec<Process>,
     started: usize,
 }
@@ -77,24 +80,22 @@ impl Fleet {
             started: 0,
         };
         for stage in Stage::ALL {
-            for _ in 0..2 {
-                fleet.spawn(stage);
-            }
+            fleet.spawn(Some(stage));
+        }
+        for _ in 0..2 {
+            fleet.spawn(None);
         }
         fleet
     }
 
-    fn spawn(&mut self, stage: Stage) {
+    fn spawn(&mut self, stage: Option<Stage>) {
         self.started += 1;
-        let name = format!("{}-{}", stage.as_str(), self.started);
-        let args = [
-            "--stage",
-            stage.as_str(),
-            "--log",
-            "warn,sigrun::runtime=debug",
-            "--log-format",
-            "json",
-        ];
+        let mut args = match stage {
+            Some(stage) => vec!["--stage", stage.as_str()],
+            None => vec!["--all-stages"],
+        };
+        args.extend(["--log", "warn,sigrun::runtime=debug", "--log-format", "json"]);
+        let name = format!("{}-{}", stage.map_or("all", Stage::as_str), self.started);
         let config = &self.configs[self.started % self.configs.len()];
         let process = self.setup.worker_with_config(&name, config, &args);
         self.alive.push((stage, process));

@@ -478,17 +478,23 @@ impl Runtime {
         while stepped_on.len() < STEP_ON_MAX
             && let Some(next) = self.to_step_on(root, effects, last_handled)
         {
-            let span = info_span!("stepped on", stage = %next.stage, branch = %next.branch.label());
-            let (mut taken_on, handler_time) = self.step(&next, tried, hop).instrument(span).await;
-            let now = self.clock.now();
+            // What the step before recorded, as of when it was stepped.
             let stepped = stepped_on.last().map_or(root, |s| &s.message);
-            effects.record_events_of(stepped, now);
+            effects.record_events_of(stepped, self.clock.now());
+            // Its own stage, branch and message id over the delivery's, in its log lines.
+            let span = info_span!(
+                "stepped on",
+                stage = %next.stage,
+                branch = %next.branch.label(),
+                message_id = %next.message_id,
+            );
+            let (mut taken_on, handler_time) = self.step(&next, tried, hop).instrument(span.clone()).await;
+            span.in_scope(|| debug!(handled = taken_on.handled.as_str(), "stepped"));
             effects.messages = std::mem::take(&mut taken_on.messages);
             effects.park = taken_on.park.take();
             effects.parked_body = effects.park.is_some().then(|| next.encode());
             effects.events = std::mem::take(&mut taken_on.events);
             last_handled = taken_on.handled;
-            debug!(stage = %next.stage, handled = last_handled.as_str(), "stepped on");
             stepped_on.push(SteppedOn {
                 message: next,
                 handled: taken_on.handled,
