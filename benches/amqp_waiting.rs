@@ -136,10 +136,7 @@ async fn bench(options: Options) {
 
     println!(
         "== the workers while runs wait on Azure: {} ({})",
-        match options.all_stages {
-            Some(n) => format!("{n} process(es) of all six stages"),
-            None => "one process per stage".to_string(),
-        },
+        common::workers::describe_layout(options.all_stages),
         common::machine()
     );
     println!(

@@ -135,10 +135,7 @@ async fn bench(options: Options) {
          fencing {:?} ({})",
         options.pipelines,
         options.scale,
-        match options.all_stages {
-            None => "one process per stage".to_string(),
-            Some(n) => format!("{n} process(es) of all six stages"),
-        },
+        common::workers::describe_layout(options.all_stages),
         // What the workers read: the shipped settings under this process's environment.
         common::worker_defaults().runtime.fencing,
         common::machine()

@@ -79,6 +79,14 @@ pub fn layout() -> Option<usize> {
     }
 }
 
+/// A `layout()` in words, for a bench's header.
+pub fn describe_layout(replicas: Option<usize>) -> String {
+    match replicas {
+        Some(n) => format!("{n} process(es) of all six stages"),
+        None => "one process per stage".to_string(),
+    }
+}
+
 impl Worker {
     /// The workers of a `layout()`, each consuming once started: `replicas` all-stages ones, or
     /// one for each stage (`None`).

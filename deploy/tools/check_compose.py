@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-STAGES = ["snapshot", "image-create", "gallery-publish", "replicate", "pool-create", "verify"]
+from workers import STAGES, consumed_stages
+
 
 
 def seconds(text):
@@ -34,13 +35,6 @@ def seconds(text):
         return None
     value, unit = int(match[1]), match[2]
     return value / 1000 if unit == "ms" else value * (60 if unit == "m" else 1)
-
-
-def consumed_stages(command):
-    """The stages a worker's command consumes: every one with `--all-stages`, else each `--stage S`."""
-    if "--all-stages" in command:
-        return list(STAGES)
-    return [command[i + 1] for i, arg in enumerate(command[:-1]) if arg == "--stage"]
 
 
 def flag(command, name):

@@ -27,7 +27,8 @@ import jsonschema
 import kubernetes_validate
 import yaml
 
-STAGES = ["snapshot", "image-create", "gallery-publish", "replicate", "pool-create", "verify"]
+from workers import STAGES, consumed_stages
+
 METRICS_PORT = 9464
 CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobject_v1alpha1.json",
@@ -140,13 +141,6 @@ def check_pod(obj, pod, report, settings, config_maps, accounts):
         if want not in mounted:
             report.add(obj, f"pipelines.dir {want!r} is not where the pipelines ConfigMap is mounted ({sorted(mounted)})")
     return mounts_by_volume, volumes
-
-
-def consumed_stages(args):
-    """The stages a worker's arguments consume: every one with `--all-stages`, else each `--stage S`."""
-    if "--all-stages" in args:
-        return list(STAGES)
-    return [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--stage"]
 
 
 def check_rules(objects, report):

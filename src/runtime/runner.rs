@@ -474,9 +474,8 @@ impl Runtime {
     /// Azure before only if the delivery's own step may have (`tried`).
     async fn step_on(&self, root: &Envelope, effects: &mut Effects, tried: Tried, hop: &TraceParent) -> Vec<SteppedOn> {
         let mut stepped_on: Vec<SteppedOn> = Vec::new();
-        let mut last_handled = effects.handled;
         while stepped_on.len() < STEP_ON_MAX
-            && let Some(next) = self.to_step_on(root, effects, last_handled)
+            && let Some(next) = self.to_step_on(root, effects, stepped_on.last().map_or(effects.handled, |s| s.handled))
         {
             // What the step before recorded, as of when it was stepped.
             let stepped = stepped_on.last().map_or(root, |s| &s.message);
@@ -494,7 +493,6 @@ impl Runtime {
             effects.park = taken_on.park.take();
             effects.parked_body = effects.park.is_some().then(|| next.encode());
             effects.events = std::mem::take(&mut taken_on.events);
-            last_handled = taken_on.handled;
             stepped_on.push(SteppedOn {
                 message: next,
                 handled: taken_on.handled,
@@ -980,9 +978,8 @@ impl Runtime {
         effects: &Effects,
         now: OffsetDateTime,
     ) -> Result<(), BusError> {
-        for event in &effects.recorded {
-            self.bus.publish_event(event).await?;
-        }
+        // Steps taken on are always fenced (`to_step_on`): their events go in the commit.
+        debug_assert!(effects.recorded.is_empty(), "a step taken on concluded unfenced");
         self.publish_events(message, &effects.events, now).await?;
         self.send_on(body, effects, now).await
     }
