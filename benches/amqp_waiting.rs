@@ -21,9 +21,9 @@
 //! target regions, four replicas in the source region), `replicate` reads its replication status,
 //! and each run then **waits on a real Azure operation**: the version's replication, about 17
 //! minutes of emulated (= real) time in its source region, longer in the others. Up to
-//! `runtime.held_waits` waiting runs (64) stay with `replicate`, their deliveries unacked, and are
-//! looked at again from there; every other one sits on a delay tier on the broker, and each time
-//! it comes back `replicate` reads the version again (a GET with `$expand=ReplicationStatus` to the
+//! `runtime.held_waits` waiting runs (64) stay with the worker consuming `replicate` that looked,
+//! their deliveries unacked, and are looked at again from there; every other one sits on a delay
+//! tier on the broker, and each time it comes back that stage reads the version again (a GET with `$expand=ReplicationStatus` to the
 //! emulator), publishes it back to a tier and acks. `SIGRUN__RUNTIME__HELD_WAITS=0` sends every
 //! wait round the broker.
 //!
