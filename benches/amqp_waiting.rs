@@ -452,6 +452,7 @@ async fn start_run(
         let admission = Uuid::new_v4();
         (message.token, message.made_by, message.admission) = (Uuid::new_v4(), admission, admission);
         let commit = Commit {
+            kept: None,
             run_id: message.run_id,
             pipeline: spec.name.clone(),
             claim: admission,

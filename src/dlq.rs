@@ -165,6 +165,7 @@ pub fn revived(mut envelope: Envelope, parked_for: &str) -> (Envelope, Record) {
         },
     };
     let commit = Commit {
+        kept: None,
         run_id: envelope.run_id,
         pipeline: envelope.pipeline.clone(),
         claim: replay,

@@ -574,6 +574,7 @@ async fn a_reader_hands_out_the_events_of_counting_commits_only() {
         });
         said.run_id = run_id;
         Record::Commit(Commit {
+            kept: None,
             run_id,
             pipeline: "nightly-ubuntu".into(),
             claim: by.claim,

@@ -103,6 +103,7 @@ fn waiting_run() -> Vec<Record> {
     );
     vec![
         Record::Commit(Commit {
+            kept: None,
             run_id,
             pipeline: PIPELINE.into(),
             claim: admission,
@@ -120,6 +121,7 @@ fn waiting_run() -> Vec<Record> {
             at: OffsetDateTime::now_utc(),
         }),
         Record::Commit(Commit {
+            kept: None,
             run_id,
             pipeline: PIPELINE.into(),
             claim: step,

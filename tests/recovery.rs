@@ -9,6 +9,11 @@
 //! standby, answered by ARM's idempotent 200 for what already existed, every resource PUT answered
 //! "created" (201; 202 for a snapshot, which Azure creates as a long-running operation) at most
 //! once, and at most one pool added per Batch account (the nightly plans one in each).
+//!
+//! And a worker killed while it keeps a wait with its delivery (`runtime.keep_waits`: the wait's
+//! state is in the step's commit, not in any queue): the broker hands the delivery back, the next
+//! worker reads the kept state back from the history and carries the wait on, and the run
+//! completes with every resource recorded once.
 
 #[path = "it/helpers.rs"]
 mod helpers;
@@ -19,7 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sigrun::bus::amqp::topology::Names;
+use sigrun::bus::{Bus, StreamOffset};
 use sigrun::events::{EventKind, RunResult};
+use sigrun::ledger::record::Record;
 use sigrun::model::envelope::Stage;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -213,5 +220,107 @@ async fn a_worker_killed_holding_an_unacked_create_step_loses_nothing_and_create
     );
 
     standby.stop().await;
+    support::delete_topology(bus, &settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_it_keeps_a_wait_leaves_it_to_the_next_worker() {
+    let setup = support::setup("").await;
+    let (bus, settings) = support::test_bus(&setup.config).await;
+    // The workers wait ten times longer than the emulator's pace asks: a kept wait lasts long
+    // enough (hundreds of milliseconds) to be caught in it.
+    let text = std::fs::read_to_string(&setup.config).expect("the test config");
+    assert!(text.contains("time_scale = 400.0"), "{text}");
+    let config = setup.dir.join("slower-waits.toml");
+    std::fs::write(&config, text.replace("time_scale = 400.0", "time_scale = 40.0")).expect("write config");
+    let logs = [
+        "--all-stages",
+        "--log",
+        "warn,sigrun::runtime=info",
+        "--log-format",
+        "json",
+    ];
+
+    let mut doomed = setup.worker_with_config("doomed", &config, &logs);
+    let doomed_addr = doomed.metrics_addr().await;
+    support::wait_for_status(doomed_addr, "/readyz", 200, Duration::from_secs(30), "the worker").await;
+    let mut history = bus.open_history(StreamOffset::Next).await.expect("open the history");
+    let run_id = setup.submit().await;
+
+    // Killed as soon as a step of the run has committed a wait kept with its delivery.
+    let kept = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match history.next_record().await {
+                Some(Ok((_, Record::Commit(commit)))) if commit.run_id == run_id && commit.kept.is_some() => {
+                    return commit;
+                }
+                Some(Ok(_)) => {}
+                other => panic!("the history ended: {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no step kept a wait{}", doomed.report()));
+    doomed.signal("KILL");
+    assert_eq!(
+        doomed.wait(Duration::from_secs(10)).await,
+        None,
+        "killed{}",
+        doomed.report()
+    );
+    history.close().await;
+    let kept_stage = kept.successors[0].stage;
+
+    let mut next = setup.worker_with_config("next", &config, &logs);
+    let (result, events) = support::wait_for_run(&bus, run_id, std::slice::from_ref(&next)).await;
+    assert_eq!(
+        result,
+        RunResult::Succeeded,
+        "events: {events:#?}{}{}",
+        doomed.report(),
+        next.report()
+    );
+    let carried_on = next
+        .stderr_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|entry| {
+            entry["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("carrying on the wait"))
+        })
+        .map(|entry| entry["stage"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        carried_on,
+        [kept_stage.to_string()],
+        "the next worker carried the kept {kept_stage} wait on from the history{}",
+        next.report()
+    );
+    let mut reported: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &events {
+        if let EventKind::ResourceCreated { id } = &event.kind {
+            *reported.entry(id.to_ascii_lowercase()).or_default() += 1;
+        }
+    }
+    assert!(
+        !reported.is_empty() && reported.values().all(|n| *n == 1),
+        "every resource recorded once: {reported:#?}"
+    );
+    let log = setup.emu.requests().await;
+    let created = log.iter().filter(|e| e["method"] == "PUT" && is_created(e)).count();
+    let puts: BTreeMap<String, usize> =
+        log.iter()
+            .filter(|e| e["method"] == "PUT" && is_created(e))
+            .fold(BTreeMap::new(), |mut seen, e| {
+                *seen
+                    .entry(e["path"].as_str().unwrap_or_default().to_ascii_lowercase())
+                    .or_default() += 1;
+                seen
+            });
+    assert_eq!(created, puts.len(), "no resource created twice: {puts:#?}");
+    eprintln!("kept {kept_stage} wait carried on by the next worker; {created} resources created once each");
+
+    next.stop().await;
     support::delete_topology(bus, &settings).await;
 }

@@ -400,6 +400,7 @@ async fn publish_firsts(bus: &dyn Bus, firsts: &[Envelope]) -> Result<(), BusErr
 fn admission_commit(firsts: &[Envelope], started: Event, step: Uuid) -> Commit {
     let run_id = started.run_id;
     Commit {
+        kept: None,
         run_id,
         pipeline: started.pipeline.clone(),
         claim: step,

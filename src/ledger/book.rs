@@ -120,10 +120,28 @@ struct Fences {
     claims: Vec<(Uuid, Uuid)>,
     /// Tokens consumed by a commit that counted.
     spent: Vec<Uuid>,
+    /// What its verdicts said, once one did (rare: boxed, so a waiting run does not pay for it).
+    verdicts: Option<Box<Verdicts>>,
+    /// Successors kept with a delivery instead of published: the carrier's token → the kept
+    /// state and where its commit is in the stream, while that state is not spent.
+    kept: Vec<(Uuid, KeptAt)>,
+}
+
+/// What a run's verdicts said: kept past its settling, as a replayed verdict still asks.
+#[derive(Debug, Default)]
+struct Verdicts {
     /// Pool targets whose pool verified.
     verified: Vec<String>,
     /// A verdict of the run promoted its version (`Promoted`).
     promoted: bool,
+}
+
+/// A successor kept with its delivery: its token, and the stream offset of the commit that holds
+/// its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeptAt {
+    token: Uuid,
+    offset: u64,
 }
 
 impl Fences {
@@ -141,6 +159,15 @@ impl Fences {
 
     fn claimed(&self, claim: &Uuid) -> Option<&Uuid> {
         value_of(&self.claims, claim)
+    }
+
+    /// Pool targets whose pool verified.
+    fn verified(&self) -> &[String] {
+        self.verdicts.as_deref().map_or(&[], |v| &v.verified)
+    }
+
+    fn verdicts_mut(&mut self) -> &mut Verdicts {
+        self.verdicts.get_or_insert_with(Box::default)
     }
 
     fn drop_hold(&mut self, token: &Uuid) {
@@ -163,8 +190,12 @@ impl Fences {
             + self.holds.capacity() * size_of::<(Uuid, Hold)>()
             + self.claims.capacity() * size_of::<(Uuid, Uuid)>()
             + self.spent.capacity() * size_of::<Uuid>()
-            + self.verified.iter().map(String::capacity).sum::<usize>()
-            + self.verified.capacity() * size_of::<String>()
+            + self.verdicts.as_ref().map_or(0, |v| {
+                size_of::<Verdicts>()
+                    + v.verified.iter().map(String::capacity).sum::<usize>()
+                    + v.verified.capacity() * size_of::<String>()
+            })
+            + self.kept.capacity() * size_of::<(Uuid, KeptAt)>()
     }
 }
 
@@ -205,6 +236,12 @@ impl Book {
     /// Folds in the next record of the stream, read at `now`. Returns false for a commit that
     /// does not count (not made by the holder of what it consumes), whose events are to be ignored.
     pub fn apply(&mut self, record: &Record, now: Instant) -> bool {
+        self.apply_at(record, None, now)
+    }
+
+    /// As [`Book::apply`], for a record read at stream offset `offset`: a commit that kept its
+    /// successor with its delivery is then found again by [`Book::kept_at`].
+    pub fn apply_at(&mut self, record: &Record, offset: Option<u64>, now: Instant) -> bool {
         match record {
             Record::Event(event) => {
                 self.run(event.run_id).apply_event(event);
@@ -214,7 +251,7 @@ impl Book {
                 self.run(claim.run_id).apply_claim(claim, now);
                 true
             }
-            Record::Commit(commit) => self.run(commit.run_id).apply_commit(commit),
+            Record::Commit(commit) => self.run(commit.run_id).apply_commit(commit, offset),
             Record::Release(release) => {
                 self.run(release.run_id).apply_release(release);
                 true
@@ -299,6 +336,17 @@ impl Book {
             .is_some_and(|run| run.claimed(&made_by).is_some() && run.hold(&token).is_none() && !run.is_spent(&token))
     }
 
+    /// Where the commit is that kept a successor with the delivery of the copy carrying `carrier`
+    /// (a spent state), while that successor is live: the delivery came back, so the successor
+    /// is carried on from that commit.
+    pub fn kept_at(&self, run_id: Uuid, carrier: Uuid) -> Option<u64> {
+        let run = self.runs.get(&run_id)?;
+        let fences = run.fences()?;
+        let kept = value_of(&fences.kept, &carrier)?;
+        let live = fences.slots.iter().any(|(_, slot)| slot.live == kept.token);
+        live.then_some(kept.offset)
+    }
+
     /// Whether a claim has been read on `token` and not spent (held, released or timed out): a
     /// step committing first cannot take such a state over, only a claim naming its holder can.
     pub fn claimed_unspent(&self, run_id: Uuid, token: Uuid) -> bool {
@@ -354,7 +402,7 @@ impl Book {
     /// run is not known (its history expired, or it never ran here).
     pub fn pool_in_progress(&self, run_id: Uuid, target: &str) -> Option<bool> {
         let run = self.runs.get(&run_id)?;
-        if run.settled || run.fences().is_some_and(|f| f.verified.iter().any(|v| v == target)) {
+        if run.settled || run.fences().is_some_and(|f| f.verified().iter().any(|v| v == target)) {
             return Some(false);
         }
         Some(
@@ -367,7 +415,10 @@ impl Book {
     /// the run.
     pub fn version_promoted(&self, run_id: Uuid) -> Option<bool> {
         let run = self.runs.get(&run_id)?;
-        Some(run.fences().is_some_and(|f| f.promoted))
+        Some(
+            run.fences()
+                .is_some_and(|f| f.verdicts.as_ref().is_some_and(|v| v.promoted)),
+        )
     }
 
     /// Whether run `run_id` still has a message live (anything of it may still act); `None` when
@@ -435,10 +486,10 @@ impl RunBook {
                 self.started.get_or_insert(event.stage);
             }
             EventKind::CancelRequested => self.cancelled = true,
-            EventKind::Promoted { .. } => self.fences_mut().promoted = true,
+            EventKind::Promoted { .. } => self.fences_mut().verdicts_mut().promoted = true,
             EventKind::PoolVerified { .. } => {
                 if let Branch::Pool { target, .. } = &event.branch {
-                    let verified = &mut self.fences_mut().verified;
+                    let verified = &mut self.fences_mut().verdicts_mut().verified;
                     if !verified.contains(target) {
                         push_exact(verified, target.clone());
                     }
@@ -486,7 +537,7 @@ impl RunBook {
         }
     }
 
-    fn apply_commit(&mut self, commit: &Commit) -> bool {
+    fn apply_commit(&mut self, commit: &Commit, offset: Option<u64>) -> bool {
         // A settled run has nothing live, and has forgotten what it spent: a commit consuming
         // something of it is a late copy's (one that stepped before the run settled and committed
         // first, after). Only a replay, which consumes nothing, revives it.
@@ -505,6 +556,7 @@ impl RunBook {
                 None => put(&mut fences.claims, commit.claim, consumed.token),
             }
             push_exact(&mut fences.spent, consumed.token);
+            fences.kept.retain(|(_, kept)| kept.token != consumed.token);
             fences
                 .slots
                 .retain(|(message_id, slot)| !(*message_id == consumed.message_id && slot.live == consumed.token));
@@ -515,6 +567,13 @@ impl RunBook {
                 branch: successor.branch.clone(),
             };
             put(&mut fences.slots, successor.message_id, slot);
+        }
+        if let (Some(kept), Some(offset)) = (&commit.kept, offset) {
+            let at = KeptAt {
+                token: kept.token,
+                offset,
+            };
+            put(&mut fences.kept, kept.carrier, at);
         }
         self.settled = false;
         for event in &commit.events {
@@ -532,11 +591,9 @@ impl RunBook {
             return;
         }
         self.settled = true;
-        let (verified, promoted) = self.fences.take().map(|f| (f.verified, f.promoted)).unwrap_or_default();
-        if !verified.is_empty() || promoted {
+        if let Some(verdicts) = self.fences.take().and_then(|f| f.verdicts) {
             self.fences = Some(Box::new(Fences {
-                verified,
-                promoted,
+                verdicts: Some(verdicts),
                 ..Fences::default()
             }));
         }
@@ -626,6 +683,7 @@ mod tests {
 
         fn commit(&mut self, claim: &Claim, successors: Vec<(Uuid, Uuid, Branch)>, events: Vec<Event>) -> bool {
             self.apply(Record::Commit(Commit {
+                kept: None,
                 run_id: self.id,
                 pipeline: "p".into(),
                 claim: claim.claim,
@@ -652,6 +710,109 @@ mod tests {
             let (first, token) = (Uuid::new_v4(), Uuid::new_v4());
             assert!(self.commit(&admission, vec![(first, token, Branch::Trunk)], vec![started(self.id)]));
             (first, token, admission.claim)
+        }
+    }
+
+    /// A commit by `claim` keeping its one successor `(message_id, token)` with the delivery of
+    /// the copy carrying `carrier`, read at `offset`.
+    fn keeping(run: &mut Run, claim: &Claim, next: (Uuid, Uuid), carrier: Uuid, offset: u64) -> bool {
+        let mut message = crate::runtime::testkit::envelope(Stage::Replicate);
+        (message.message_id, message.token) = next;
+        let commit = Commit {
+            kept: Some(crate::ledger::record::Kept::new(carrier, &message)),
+            successors: vec![Successor::of(&message)],
+            ..claim_commit(run, claim)
+        };
+        run.book.apply_at(&Record::Commit(commit), Some(offset), run.now)
+    }
+
+    #[test]
+    fn a_kept_successor_is_found_by_its_carrier_while_it_is_live() {
+        let mut run = Run::new();
+        let (first, carrier, _) = run.admit();
+        assert_eq!(run.book.kept_at(run.id, carrier), None, "nothing kept yet");
+        // The first step keeps its wait with the first message's delivery...
+        let claim = run.claim(first, carrier);
+        let waiting = Uuid::new_v4();
+        assert!(keeping(&mut run, &claim, (first, waiting), carrier, 7));
+        assert_eq!(run.book.kept_at(run.id, carrier), Some(7));
+        assert_eq!(
+            run.book.kept_at(run.id, waiting),
+            None,
+            "found by its carrier, not itself"
+        );
+        // ...its look keeps the next state with the same delivery: found there instead...
+        let claim = run.claim(first, waiting);
+        let later = Uuid::new_v4();
+        assert!(keeping(&mut run, &claim, (first, later), carrier, 12));
+        assert_eq!(run.book.kept_at(run.id, carrier), Some(12));
+        // ...and once a step consumes the kept state without keeping another, nothing is.
+        let claim = run.claim(first, later);
+        assert!(run.commit(
+            &claim,
+            vec![(Uuid::new_v4(), Uuid::new_v4(), Branch::Trunk)],
+            Vec::new()
+        ));
+        assert_eq!(run.book.kept_at(run.id, carrier), None);
+        assert_eq!(run.book.runs[&run.id].fences().unwrap().kept.len(), 0);
+    }
+
+    #[test]
+    fn a_kept_successor_no_longer_live_is_not_found() {
+        let mut run = Run::new();
+        let (first, carrier, _) = run.admit();
+        let claim = run.claim(first, carrier);
+        let waiting = Uuid::new_v4();
+        assert!(keeping(&mut run, &claim, (first, waiting), carrier, 3));
+        // A replay makes another state of the same slot live: the kept one is not.
+        assert!(run.apply(Record::Commit(replay(run.id, first))));
+        assert_eq!(run.book.kept_at(run.id, carrier), None);
+        // Nor in a book that folds without offsets (a reader that only shows the history).
+        let mut other = Run::new();
+        let (first, carrier, _) = other.admit();
+        let claim = other.claim(first, carrier);
+        let commit = Commit {
+            kept: Some(crate::ledger::record::Kept::new(
+                carrier,
+                &crate::runtime::testkit::envelope(Stage::Replicate),
+            )),
+            ..claim_commit(&other, &claim)
+        };
+        assert!(other.apply(Record::Commit(commit)));
+        assert_eq!(other.book.kept_at(other.id, carrier), None);
+    }
+
+    /// A replay's commit: it consumes nothing and makes a new state of `message_id` live.
+    fn replay(run_id: Uuid, message_id: Uuid) -> Commit {
+        Commit {
+            kept: None,
+            run_id,
+            pipeline: "p".into(),
+            claim: Uuid::new_v4(),
+            consumed: None,
+            successors: vec![Successor {
+                message_id,
+                token: Uuid::new_v4(),
+                stage: Stage::Verify,
+                branch: Branch::Trunk,
+            }],
+            events: Vec::new(),
+        }
+    }
+
+    /// A commit by `claim` consuming what it claimed, with nothing else.
+    fn claim_commit(run: &Run, claim: &Claim) -> Commit {
+        Commit {
+            kept: None,
+            run_id: run.id,
+            pipeline: "p".into(),
+            claim: claim.claim,
+            consumed: Some(Consumed {
+                message_id: claim.message_id,
+                token: claim.token,
+            }),
+            successors: Vec::new(),
+            events: Vec::new(),
         }
     }
 
@@ -740,19 +901,7 @@ mod tests {
         assert!(run.book.is_settled(run.id));
         assert!(!run.commit(&late, vec![(first, Uuid::new_v4(), Branch::Trunk)], Vec::new()));
         assert!(run.book.is_settled(run.id));
-        let replay = Commit {
-            run_id: run.id,
-            pipeline: "p".into(),
-            claim: Uuid::new_v4(),
-            consumed: None,
-            successors: vec![Successor {
-                message_id: first,
-                token: Uuid::new_v4(),
-                stage: Stage::Verify,
-                branch: Branch::Trunk,
-            }],
-            events: Vec::new(),
-        };
+        let replay = replay(run.id, first);
         assert!(run.apply(Record::Commit(replay)));
         assert!(!run.book.is_settled(run.id));
     }
@@ -886,7 +1035,7 @@ mod tests {
             .fences
             .as_ref()
             .expect("the verified pool is kept");
-        assert!(kept.verified == ["render"] && kept.slots.is_empty() && kept.claims.is_empty());
+        assert!(kept.verified() == ["render"] && kept.slots.is_empty() && kept.claims.is_empty());
         assert_eq!(run.book.pool_in_progress(run.id, "render"), Some(false));
     }
 
@@ -1007,6 +1156,7 @@ mod tests {
         // A replay: a commit consuming nothing, by a claim never read.
         let (replay, revived) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(run.apply(Record::Commit(Commit {
+            kept: None,
             run_id: run.id,
             pipeline: "p".into(),
             claim: replay,

@@ -415,6 +415,57 @@ impl Ledger {
         read
     }
 
+    /// Where the successor kept with this copy's delivery is recorded, when the copy's state is
+    /// spent and what that step kept with it is still live (no IO): the delivery came back.
+    pub fn kept_with(&self, message: &Envelope) -> Option<u64> {
+        if message.token.is_nil() {
+            return None;
+        }
+        self.shared.book().kept_at(message.run_id, message.token)
+    }
+
+    /// The successor the commit at `offset` kept with the delivery of the copy carrying
+    /// `carrier`, read back from the history.
+    pub async fn read_kept(&self, offset: u64, carrier: Uuid) -> Result<Envelope, BusError> {
+        let mut reader = tokio::time::timeout(
+            self.settings.read_limit,
+            self.bus.open_history(StreamOffset::At(offset)),
+        )
+        .await
+        .map_err(|_| BusError::Connection("the history did not open in time".into()))??;
+        // A stream may hand out its chunk from the start: the records before `offset` are skipped.
+        let read = tokio::time::timeout(self.settings.read_limit, async {
+            loop {
+                match reader.next_record().await {
+                    Some(Ok((at, _))) if at < offset => {}
+                    Some(Ok((at, record))) if at == offset => return Ok(record),
+                    Some(Ok(_)) => return Err(BusError::Malformed(format!("no record at offset {offset}"))),
+                    Some(Err(BusError::Malformed(_))) => {}
+                    Some(Err(error)) => return Err(error),
+                    None => return Err(BusError::Closed),
+                }
+            }
+        })
+        .await;
+        reader.close().await;
+        let record = read.map_err(|_| {
+            BusError::Connection(format!(
+                "the record at offset {offset} was not read within {} ms",
+                self.settings.read_limit.as_millis()
+            ))
+        })??;
+        match record {
+            Record::Commit(Commit { kept: Some(kept), .. }) if kept.carrier == carrier => {
+                kept.message().map_err(|why| {
+                    BusError::Malformed(format!("the successor kept at offset {offset} does not decode: {why}"))
+                })
+            }
+            _ => Err(BusError::Malformed(format!(
+                "the record at offset {offset} keeps no successor for state {carrier}"
+            ))),
+        }
+    }
+
     /// Gives up a claim that cannot be carried out (best effort: a release that is lost only makes
     /// the next claimant wait for the timeout).
     pub async fn release(&self, run_id: Uuid, pipeline: &str, claim: Uuid) {
@@ -522,7 +573,7 @@ async fn tail(bus: Arc<dyn Bus>, shared: Arc<Shared>, observer: Option<Arc<dyn O
                 None => break,
                 Some(Ok((at, record))) => {
                     offset = StreamOffset::At(at + 1);
-                    read_one(&shared, observer.as_deref(), &record);
+                    read_one(&shared, observer.as_deref(), &record, at);
                 }
                 // Another build's record, say: not ours to judge; the rest of the stream counts.
                 Some(Err(BusError::Malformed(reason))) => debug!(%reason, "ledger: skipped a record"),
@@ -538,13 +589,13 @@ async fn tail(bus: Arc<dyn Bus>, shared: Arc<Shared>, observer: Option<Arc<dyn O
 }
 
 /// Folds one record in, tells the observer its events (those that count), wakes the waiters.
-fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record) {
+fn read_one(shared: &Shared, observer: Option<&dyn Observer>, record: &Record, offset: u64) {
     if let Record::Marker(marker) = record
         && let Some(reached) = lock(&shared.markers).remove(marker)
     {
         let _ = reached.send(());
     }
-    let counts = shared.book().apply(record, now());
+    let counts = shared.book().apply_at(record, Some(offset), now());
     if let Record::Commit(commit) = record
         && let Some(waiter) = lock(&shared.commits).remove(&commit.claim)
     {

@@ -82,6 +82,49 @@ pub struct Commit {
     pub successors: Vec<Successor>,
     #[serde(default)]
     pub events: Vec<Event>,
+    /// The one successor this step did not publish but kept with its delivery (a wait due later,
+    /// `runtime.keep_waits`): whoever the broker hands that delivery to next carries it on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<Kept>,
+}
+
+/// A successor kept with the delivery that made it, unpublished: a wait then costs the broker no
+/// message of its own. The delivery the broker holds unacked for it carries `carrier` (an older
+/// state of the same branch, spent); should that delivery come back (its worker died, its
+/// connection dropped), the ledger finds this commit by the carrier's token and the successor is
+/// carried on from here, exactly as it was kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kept {
+    /// The token of the message whose delivery holds the successor.
+    pub carrier: Uuid,
+    /// The successor's token (it is among the commit's successors).
+    pub token: Uuid,
+    /// The successor as it would have been published (its JSON, not parsed by readers that only
+    /// fold the history).
+    pub message: Box<serde_json::value::RawValue>,
+}
+
+impl Kept {
+    pub fn new(carrier: Uuid, message: &Envelope) -> Kept {
+        let json = String::from_utf8(message.encode()).expect("an envelope encodes as UTF-8 JSON");
+        Kept {
+            carrier,
+            token: message.token,
+            message: serde_json::value::RawValue::from_string(json).expect("an envelope encodes as JSON"),
+        }
+    }
+
+    /// The successor, decoded.
+    pub fn message(&self) -> Result<Envelope, String> {
+        Envelope::decode(self.message.get().as_bytes()).map_err(|e| e.to_string())
+    }
+}
+
+impl PartialEq for Kept {
+    fn eq(&self, other: &Kept) -> bool {
+        self.carrier == other.carrier && self.token == other.token && self.message.get() == other.message.get()
+    }
 }
 
 /// A claim given up before its commit (its holder could not finish): the next claim may hold.
@@ -197,6 +240,7 @@ mod tests {
     #[test]
     fn every_record_reads_back_as_itself_from_its_key_and_body() {
         let run_id = Uuid::new_v4();
+        let kept = crate::runtime::testkit::envelope(Stage::Replicate);
         let records = [
             Record::Event(event()),
             Record::Claim(Claim {
@@ -209,6 +253,7 @@ mod tests {
                 at: OffsetDateTime::UNIX_EPOCH,
             }),
             Record::Commit(Commit {
+                kept: None,
                 run_id,
                 pipeline: "nightly".into(),
                 claim: Uuid::new_v4(),
@@ -227,6 +272,15 @@ mod tests {
                 }],
                 events: vec![event(), event()],
             }),
+            Record::Commit(Commit {
+                kept: Some(Kept::new(Uuid::new_v4(), &kept)),
+                run_id,
+                pipeline: "nightly".into(),
+                claim: Uuid::new_v4(),
+                consumed: None,
+                successors: vec![Successor::of(&kept)],
+                events: Vec::new(),
+            }),
             Record::Release(Release {
                 run_id,
                 pipeline: "nightly".into(),
@@ -238,6 +292,21 @@ mod tests {
             let back = Record::decode(&record.routing_key(), &record.encode()).unwrap();
             assert_eq!(back, record);
         }
+        // What a commit keeps is the successor itself.
+        let commit = Record::Commit(Commit {
+            kept: Some(Kept::new(Uuid::new_v4(), &kept)),
+            run_id,
+            pipeline: "nightly".into(),
+            claim: Uuid::new_v4(),
+            consumed: None,
+            successors: Vec::new(),
+            events: Vec::new(),
+        });
+        let Record::Commit(back) = Record::decode(keys::COMMIT, &commit.encode()).unwrap() else {
+            panic!("a commit reads back as a commit");
+        };
+        let back = back.kept.unwrap().message().unwrap();
+        assert_eq!(back.encode(), kept.encode());
         let error = Record::decode(keys::COMMIT, b"{\"run_id\": 3}").unwrap_err();
         assert!(error.contains("ledger.commit"), "{error}");
     }
@@ -245,6 +314,7 @@ mod tests {
     #[test]
     fn a_commit_carries_its_events_and_a_claim_none() {
         let commit = Record::Commit(Commit {
+            kept: None,
             run_id: Uuid::nil(),
             pipeline: "p".into(),
             claim: Uuid::nil(),

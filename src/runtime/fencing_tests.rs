@@ -787,6 +787,7 @@ async fn of_two_copies_committing_first_the_first_commit_read_counts_and_what_th
             next.made_by = step;
             next.made_from = first.token;
             let commit = Commit {
+                kept: None,
                 run_id: first.run_id,
                 pipeline: first.pipeline.clone(),
                 claim: step,

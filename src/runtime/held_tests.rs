@@ -314,8 +314,10 @@ async fn fenced_run(handler: Arc<Script>, settings: RuntimeSettings) -> (Arc<cra
 async fn a_next_state_due_later_goes_straight_to_its_queue_and_waits_there_for_its_time() {
     for fencing in [crate::ledger::Fencing::CommitFirst, crate::ledger::Fencing::ClaimFirst] {
         let handler = made_then_waits(Duration::from_millis(300));
+        // Kept with its delivery instead is `keep_tests`'.
         let settings = RuntimeSettings {
             fencing,
+            keep_waits: false,
             ..testkit::settings()
         };
 

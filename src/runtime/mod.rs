@@ -30,6 +30,8 @@ mod fencing_tests;
 #[cfg(test)]
 mod held_tests;
 #[cfg(test)]
+mod keep_tests;
+#[cfg(test)]
 mod step_on_tests;
 #[cfg(test)]
 pub(crate) mod testkit;

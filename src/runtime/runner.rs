@@ -29,7 +29,7 @@ use crate::azure::AzureError;
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason};
 use crate::events::{Event, EventKind};
 use crate::ledger::book::Maker;
-use crate::ledger::record::{Commit, Consumed, Successor};
+use crate::ledger::record::{self, Commit, Consumed, Successor};
 use crate::ledger::{ClaimKey, Claimed, Fencing, Ledger, Standing};
 use crate::model::envelope::{Branch, Envelope, EnvelopeError, MAX_ENVELOPE_BYTES, Phase, Stage};
 use crate::model::trace::TraceParent;
@@ -60,6 +60,26 @@ pub struct Runtime {
 struct Taken {
     at: Instant,
     delivery: u32,
+    /// The token of the message the broker holds for this delivery, when the message handled is
+    /// a successor kept with it (`runtime.keep_waits`); nil when it is the delivery's own.
+    carrier: Uuid,
+}
+
+impl Taken {
+    /// The token of the message whose delivery carries `message`.
+    fn carrier_of(&self, message: &Envelope) -> Uuid {
+        if self.carrier.is_nil() {
+            message.token
+        } else {
+            self.carrier
+        }
+    }
+}
+
+/// A committed step's successor kept with its delivery, and the slot it is held in.
+struct KeptWait {
+    next: Envelope,
+    slot: OwnedSemaphorePermit,
 }
 
 /// Where an encoded message goes: its stage's queue, or a delay tier until it is due.
@@ -332,6 +352,7 @@ impl Runtime {
         let taken = Taken {
             at: Instant::now(),
             delivery: delivery_count,
+            carrier: Uuid::nil(),
         };
         match Envelope::decode(&body) {
             Err(error) => {
@@ -376,6 +397,10 @@ impl Runtime {
         }
         if let Some(ledger) = &self.ledger {
             match ledger.settled_standing(&message).await {
+                // Its step kept its successor with this delivery, which came back: carry that on.
+                Standing::Stale if let Some(offset) = ledger.kept_with(&message) => {
+                    return self.carry_kept(ledger, &message, offset, acker, taken).await;
+                }
                 Standing::Stale => return self.drop_stale(&message, acker, now).await,
                 // Another copy's step is under way, or the step that sent this copy on has not
                 // committed it (and may never: an orphan of a holder that died).
@@ -545,11 +570,11 @@ impl Runtime {
         let key = ClaimKey::of(message);
         match ledger.fencing_for(&key) {
             Fencing::CommitFirst => {
-                self.conclude_committing_first(ledger, &key, message, body, effects, acker, now)
+                self.conclude_committing_first(ledger, &key, message, body, effects, acker, now, taken)
                     .await
             }
             Fencing::ClaimFirst => {
-                self.conclude_claimed(ledger, &key, message, body, effects, acker, now)
+                self.conclude_claimed(ledger, &key, message, body, effects, acker, now, taken)
                     .await
             }
         }
@@ -567,6 +592,7 @@ impl Runtime {
         mut effects: Effects,
         acker: Box<dyn Acker>,
         now: OffsetDateTime,
+        taken: Taken,
     ) -> bool {
         let handled = effects.handled;
         let claim = match ledger.claim(key).await {
@@ -586,9 +612,10 @@ impl Runtime {
         };
         let (claim, deadline) = claim;
         stamp(&mut effects.messages, Maker::claimed(claim));
+        let (commit, kept) = self.commit_keeping(message, &mut effects, claim, taken, now);
         let committed = tokio::time::timeout_at(deadline.into(), async {
             self.send_on(body, &effects, now).await?;
-            ledger.commit(commit_of(message, &effects, claim, now)).await
+            ledger.commit(commit).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -600,7 +627,10 @@ impl Runtime {
             // Whatever was sent stays unlisted: the next claimant may take the step over at once.
             ledger.release(message.run_id, &message.pipeline, claim).await;
         }
-        self.settled(message.stage, handled, settle(acker, committed).await)
+        match kept {
+            Some(kept) if committed.is_ok() => self.hold_kept(message, handled, kept, acker, taken),
+            _ => self.settled(message.stage, handled, settle(acker, committed).await),
+        }
     }
 
     /// A step fenced by its commit alone: a copy whose state is live sends its messages on with
@@ -617,6 +647,7 @@ impl Runtime {
         mut effects: Effects,
         acker: Box<dyn Acker>,
         now: OffsetDateTime,
+        taken: Taken,
     ) -> bool {
         match ledger.may_commit(key).await {
             Standing::Stale => {
@@ -641,13 +672,17 @@ impl Runtime {
                 consumed: message.token,
             },
         );
+        let (commit, kept) = self.commit_keeping(message, &mut effects, step, taken, now);
         let counted = async {
             self.send_on(body, &effects, now).await?;
-            ledger.commit_first(commit_of(message, &effects, step, now)).await
+            ledger.commit_first(commit).await
         }
         .await;
         match counted {
-            Ok(true) => self.settled(message.stage, effects.handled, settle(acker, Ok(())).await),
+            Ok(true) => match kept {
+                Some(kept) => self.hold_kept(message, effects.handled, kept, acker, taken),
+                None => self.settled(message.stage, effects.handled, settle(acker, Ok(())).await),
+            },
             // Another step's commit consumed the state first.
             Ok(false) if ledger.spent(key) => {
                 self.drop_stale(message, acker, now).await;
@@ -696,6 +731,89 @@ impl Runtime {
         }
         let published = self.carry_out(message, body, &effects, now).await;
         self.settled(message.stage, handled, settle(acker, published).await)
+    }
+
+    /// The commit of a fenced step, and the successor it keeps with the delivery, taken out of
+    /// `effects` so it is not published (`runtime.keep_waits`): the step's one message, a wait of
+    /// a stage consumed here, due later, with a slot free to hold it in within `hold_max`. The
+    /// commit lists it as live and holds it whole, under the token of the message the delivery
+    /// carries.
+    fn commit_keeping(
+        &self,
+        message: &Envelope,
+        effects: &mut Effects,
+        step: Uuid,
+        taken: Taken,
+        now: OffsetDateTime,
+    ) -> (Commit, Option<KeptWait>) {
+        let slot = self.may_keep(effects, taken, now);
+        let mut commit = commit_of(message, effects, step, now);
+        let kept = slot.and_then(|slot| {
+            let next = effects.messages.pop()?;
+            commit.kept = Some(record::Kept::new(taken.carrier_of(message), &next));
+            Some(KeptWait { next, slot })
+        });
+        (commit, kept)
+    }
+
+    /// A slot to keep this step's one successor in with its delivery, if it may be kept (see
+    /// `commit_keeping`).
+    fn may_keep(&self, effects: &Effects, taken: Taken, now: OffsetDateTime) -> Option<OwnedSemaphorePermit> {
+        if !self.settings.keep_waits || effects.park.is_some() {
+            return None;
+        }
+        let [next] = effects.messages.as_slice() else {
+            return None;
+        };
+        let wait = remaining(next.due(), now)?;
+        if !self.stages.contains(&next.stage) {
+            return None;
+        }
+        self.slot_for(next.stage, wait, taken)
+    }
+
+    /// Holds the successor a committed step kept, with the delivery that carries it, until it is
+    /// due (the delivery stays unacked); told to the observer as handled.
+    fn hold_kept(
+        &self,
+        message: &Envelope,
+        handled: Handled,
+        kept: KeptWait,
+        acker: Box<dyn Acker>,
+        taken: Taken,
+    ) -> bool {
+        debug!("the wait is kept with its delivery until it is due");
+        let taken = Taken {
+            carrier: taken.carrier_of(message),
+            ..taken
+        };
+        self.hold(kept.next, acker, taken, kept.slot);
+        self.settled(message.stage, handled, true)
+    }
+
+    /// A delivery that came back (its worker died, or let it go) whose step kept its successor
+    /// with it: the successor, read back from the commit that kept it, is carried on with this
+    /// delivery as if it had been delivered. One the history cannot give back yet is requeued.
+    async fn carry_kept(&self, ledger: &Ledger, carrier: &Envelope, offset: u64, acker: Box<dyn Acker>, taken: Taken) {
+        match ledger.read_kept(offset, carrier.token).await {
+            Ok(kept) => {
+                info!(
+                    offset,
+                    "the delivery came back; carrying on the wait its step kept with it"
+                );
+                let body = kept.encode();
+                let hop = TraceParent::parse(&kept.traceparent).unwrap_or_default().hop();
+                let taken = Taken {
+                    carrier: carrier.token,
+                    ..taken
+                };
+                Box::pin(self.handle_message(kept, &body, acker, &hop, taken)).await;
+            }
+            Err(error) => {
+                warn!(%error, offset, "the wait kept with this delivery cannot be read back yet; requeued");
+                settle(acker, Err(error)).await;
+            }
+        }
     }
 
     /// A slot to hold this step's wait in, if it may be held: it records nothing (one message,
@@ -1283,6 +1401,7 @@ fn stamp(messages: &mut [Envelope], maker: Maker) {
 /// state it consumed, the messages it made live, and its events.
 fn commit_of(message: &Envelope, effects: &Effects, step: Uuid, now: OffsetDateTime) -> Commit {
     Commit {
+        kept: None,
         run_id: message.run_id,
         pipeline: message.pipeline.clone(),
         claim: step,

@@ -45,6 +45,12 @@ pub struct RuntimeSettings {
     /// quorum message and no history record for the hop. False sends every successor through its
     /// queue.
     pub step_on: bool,
+    /// A fenced step whose one successor is a wait of a stage this process consumes, due later,
+    /// keeps that successor with its own delivery (unacked, held here until due) instead of
+    /// publishing it: the commit holds the successor, so if the delivery comes back (this worker
+    /// died) its next taker carries the wait on. No quorum message for the wait. Workers from
+    /// before it cannot read such commits: switch only once none is left.
+    pub keep_waits: bool,
 }
 
 impl Default for RuntimeSettings {
@@ -59,6 +65,7 @@ impl Default for RuntimeSettings {
             held_waits: 64,
             hold_max: Duration::from_secs(10 * 60),
             step_on: true,
+            keep_waits: true,
         }
     }
 }

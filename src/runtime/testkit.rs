@@ -174,6 +174,7 @@ pub fn settings() -> RuntimeSettings {
         held_waits: 4,
         hold_max: Duration::from_secs(60),
         step_on: true,
+        keep_waits: true,
     }
 }
 
