@@ -204,14 +204,14 @@ async fn check(
     let log = setup.emu.requests().await;
     figures.requests = log.len();
     figures.faults = log.iter().filter(|e| !e["fault"].is_null()).count();
-    figures.put_back = fleet
-        .all()
-        .map(|p| {
-            (p.stdout_text() + &p.stderr_text())
-                .matches("could not be sent on")
-                .count()
-        })
-        .sum();
+    let logged = |what: &str| -> usize {
+        fleet
+            .all()
+            .map(|p| (p.stdout_text() + &p.stderr_text()).matches(what).count())
+            .sum()
+    };
+    figures.put_back = logged("could not be sent on");
+    figures.carried_back = logged("carrying on the wait its step kept");
     assert_nothing_created_twice(&log, copies_overlap);
     assert_retry_after_honoured(&log);
     assert_pools_as_planned(setup, runs.len()).await;
@@ -229,6 +229,8 @@ struct Figures {
     /// Due messages a relay could not send on (the broker refused or the link broke) and put
     /// back on their tier, from the workers' logs.
     put_back: usize,
+    /// Waits kept with a delivery that came back, carried on from the history by its next taker.
+    carried_back: usize,
 }
 
 fn assert_each_event_once(version: &str, history: &[Event]) {
@@ -471,7 +473,7 @@ async fn scenario(
         "every worker exits 0 on SIGTERM: {exit_codes:?}"
     );
     eprintln!(
-        "chaos {name} (seed {seed}, fencing {fencings:?}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} due messages put back on their tier by a relay; {} parked",
+        "chaos {name} (seed {seed}, fencing {fencings:?}): {}/{} runs succeeded in {:.0} s; {} workers killed and replaced, {} connection closes, {} node restarts, {} nodes killed; {} stale copies dropped, {} duplicate triggers; {} of {} requests faulted; {} due messages put back on their tier by a relay; {} kept waits carried on after their delivery came back; {} parked",
         figures.succeeded,
         runs,
         took.as_secs_f64(),
@@ -484,6 +486,7 @@ async fn scenario(
         figures.faults,
         figures.requests,
         figures.put_back,
+        figures.carried_back,
         left_parked,
     );
     support::delete_topology(bus, &settings).await;

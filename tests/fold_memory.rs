@@ -5,8 +5,8 @@
 //!
 //! Each run is folded from the records a fenced nightly run leaves while it waits on replication:
 //! the admission's commit (its `RunStarted` and first message), the `gallery-publish` step's claim
-//! and commit (the version created, a successor at `replicate`), and the first look's `Waiting`
-//! note. The live heap is counted before and after 4,000 such runs.
+//! and commit (the version created, a successor at `replicate` kept with the step's delivery, as
+//! `runtime.keep_waits` keeps it), and the first look's `Waiting` note. The live heap is counted before and after 4,000 such runs.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sigrun::events::{Event, EventKind, PoolRef};
 use sigrun::ledger::Book;
-use sigrun::ledger::record::{Claim, Commit, Consumed, Record, Successor};
+use sigrun::ledger::record::{Claim, Commit, Consumed, Kept, Record, Successor};
 use sigrun::model::envelope::{Branch, Stage};
 use sigrun::telemetry::runs::RunTracker;
 use time::OffsetDateTime;
@@ -121,7 +121,12 @@ fn waiting_run() -> Vec<Record> {
             at: OffsetDateTime::now_utc(),
         }),
         Record::Commit(Commit {
-            kept: None,
+            // The book keeps where this is, not the message: a stand-in body will do.
+            kept: Some(Kept {
+                carrier: first,
+                token: second,
+                message: serde_json::value::RawValue::from_string("{}".into()).unwrap(),
+            }),
             run_id,
             pipeline: PIPELINE.into(),
             claim: step,
@@ -149,8 +154,8 @@ fn waiting_run() -> Vec<Record> {
 /// Folds `records` as a worker's ledger does: every record into the book, the events of those
 /// that count into the run tracker.
 fn fold(book: &mut Book, tracker: &mut RunTracker, records: &[Record]) {
-    for record in records {
-        if book.apply(record, Instant::now()) {
+    for (offset, record) in (0u64..).zip(records) {
+        if book.apply_at(record, Some(offset), Instant::now()) {
             for event in record.events() {
                 tracker.apply(event);
             }
@@ -176,6 +181,13 @@ fn a_waiting_fenced_run_costs_a_workers_folds_a_few_hundred_bytes() {
     assert!(
         book.run_in_progress(runs[0][0].run_id().expect("a run's record")) == Some(true),
         "the runs are waiting, not settled"
+    );
+    let Record::Claim(claim) = &runs[0][1] else {
+        panic!("the second record is the step's claim")
+    };
+    assert!(
+        book.kept_at(claim.run_id, claim.token).is_some(),
+        "the book knows where each run's kept wait is"
     );
     // Hash tables grow by doubling: 4,001 runs are just past a doubling (a table of 4,096
     // buckets holds 3,584), where a run's share of the tables is at its largest.

@@ -415,13 +415,13 @@ impl Ledger {
         read
     }
 
-    /// Where the successor kept with this copy's delivery is recorded, when the copy's state is
-    /// spent and what that step kept with it is still live (no IO): the delivery came back.
-    pub fn kept_with(&self, message: &Envelope) -> Option<u64> {
-        if message.token.is_nil() {
+    /// Where the successor kept with the delivery of the copy carrying `carrier` is recorded, while
+    /// it is live (no IO): that delivery came back.
+    pub fn kept_with(&self, run_id: Uuid, carrier: Uuid) -> Option<u64> {
+        if carrier.is_nil() {
             return None;
         }
-        self.shared.book().kept_at(message.run_id, message.token)
+        self.shared.book().kept_at(run_id, carrier)
     }
 
     /// The successor the commit at `offset` kept with the delivery of the copy carrying

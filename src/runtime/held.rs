@@ -7,10 +7,13 @@
 //!
 //! Crash-safe as the delay tiers are: a process that dies holding a wait leaves its delivery
 //! unacked, and the broker hands the message out again in the state of its last publish (its
-//! looks since then are looked again: a wait records nothing). A delivery is held at most
+//! looks since then are looked again: a wait records nothing; a wait a step kept with its delivery,
+//! `runtime.keep_waits`, is read back from that step's commit, see `Runtime::carry_kept`). A
+//! delivery is held at most
 //! `hold_max` in all (the broker closes a channel holding a delivery unacked for its
 //! `consumer_timeout`, 30 minutes by default) and at most `held_waits` at once per stage the
-//! process consumes (each holds a prefetch slot of its stage's consumer: the worker adds that many
+//! process consumes, counted against the queue the delivery came from (each holds a prefetch slot
+//! of that stage's consumer: the worker adds that many
 //! slots beside `amqp.prefetch`, so held waits never starve the deliveries that are due).
 //!
 //! The same slots hold deliveries that are not due yet: a message sent ahead of its time straight

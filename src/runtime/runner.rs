@@ -60,9 +60,15 @@ pub struct Runtime {
 struct Taken {
     at: Instant,
     delivery: u32,
+    /// The queue it came from: the consumer whose prefetch window it takes, so the slot that
+    /// holds it is that stage's, whatever the stage of the message it carries now.
+    queue: Stage,
     /// The token of the message the broker holds for this delivery, when the message handled is
     /// a successor kept with it (`runtime.keep_waits`); nil when it is the delivery's own.
     carrier: Uuid,
+    /// The successor handled was read back from the history after the delivery came back: an
+    /// earlier try of it may have reached Azure.
+    carried_back: bool,
 }
 
 impl Taken {
@@ -352,7 +358,9 @@ impl Runtime {
         let taken = Taken {
             at: Instant::now(),
             delivery: delivery_count,
+            queue,
             carrier: Uuid::nil(),
+            carried_back: false,
         };
         match Envelope::decode(&body) {
             Err(error) => {
@@ -389,7 +397,7 @@ impl Runtime {
         // Not due yet (sent ahead of its time, `route_encoded`): held here until it is, then
         // judged as any delivery; what the ledger says now may have changed by then.
         if let Some(wait) = remaining(message.due(), now)
-            && let Some(slot) = self.slot_for(message.stage, wait, taken)
+            && let Some(slot) = self.slot_for(wait, taken)
         {
             debug!(wait_ms = wait.as_millis(), "not due yet; held here until it is");
             self.hold_encoded(Holding::not_due(&message), body.into(), acker, taken, slot);
@@ -397,11 +405,7 @@ impl Runtime {
         }
         if let Some(ledger) = &self.ledger {
             match ledger.settled_standing(&message).await {
-                // Its step kept its successor with this delivery, which came back: carry that on.
-                Standing::Stale if let Some(offset) = ledger.kept_with(&message) => {
-                    return self.carry_kept(ledger, &message, offset, acker, taken).await;
-                }
-                Standing::Stale => return self.drop_stale(&message, acker, now).await,
+                Standing::Stale => return self.drop_stale(&message, body, acker, taken, now).await,
                 // Another copy's step is under way, or the step that sent this copy on has not
                 // committed it (and may never: an orphan of a holder that died).
                 Standing::Live if ledger.held_elsewhere(&message) => {
@@ -598,7 +602,7 @@ impl Runtime {
         let claim = match ledger.claim(key).await {
             Ok(Claimed::Won { claim, deadline }) => (claim, deadline),
             Ok(Claimed::Stale) => {
-                self.drop_stale(message, acker, now).await;
+                self.drop_stale(message, body, acker, taken, now).await;
                 return false;
             }
             Ok(Claimed::Wait) => {
@@ -628,7 +632,7 @@ impl Runtime {
             ledger.release(message.run_id, &message.pipeline, claim).await;
         }
         match kept {
-            Some(kept) if committed.is_ok() => self.hold_kept(message, handled, kept, acker, taken),
+            Some(kept) if committed.is_ok() => self.hold_kept(message, handled, kept, acker, taken).await,
             _ => self.settled(message.stage, handled, settle(acker, committed).await),
         }
     }
@@ -651,7 +655,7 @@ impl Runtime {
     ) -> bool {
         match ledger.may_commit(key).await {
             Standing::Stale => {
-                self.drop_stale(message, acker, now).await;
+                self.drop_stale(message, body, acker, taken, now).await;
                 return false;
             }
             Standing::Unknown => {
@@ -680,12 +684,12 @@ impl Runtime {
         .await;
         match counted {
             Ok(true) => match kept {
-                Some(kept) => self.hold_kept(message, effects.handled, kept, acker, taken),
+                Some(kept) => self.hold_kept(message, effects.handled, kept, acker, taken).await,
                 None => self.settled(message.stage, effects.handled, settle(acker, Ok(())).await),
             },
             // Another step's commit consumed the state first.
             Ok(false) if ledger.spent(key) => {
-                self.drop_stale(message, acker, now).await;
+                self.drop_stale(message, body, acker, taken, now).await;
                 false
             }
             // A claim read before this commit holds the state: its holder may commit, or die and
@@ -769,12 +773,12 @@ impl Runtime {
         if !self.stages.contains(&next.stage) {
             return None;
         }
-        self.slot_for(next.stage, wait, taken)
+        self.slot_for(wait, taken)
     }
 
     /// Holds the successor a committed step kept, with the delivery that carries it, until it is
     /// due (the delivery stays unacked); told to the observer as handled.
-    fn hold_kept(
+    async fn hold_kept(
         &self,
         message: &Envelope,
         handled: Handled,
@@ -782,6 +786,17 @@ impl Runtime {
         acker: Box<dyn Acker>,
         taken: Taken,
     ) -> bool {
+        if !acker.still_held() {
+            // The delivery went back to the broker meanwhile: its next taker may have read the
+            // history before this commit. Published, the wait cannot be lost; a second copy of
+            // it is fenced as any.
+            let published = self.route(&kept.next, self.clock.now()).await;
+            debug!(
+                published = published.is_ok(),
+                "the delivery went back; the kept wait is sent on instead"
+            );
+            return false;
+        }
         debug!("the wait is kept with its delivery until it is due");
         let taken = Taken {
             carrier: taken.carrier_of(message),
@@ -793,25 +808,60 @@ impl Runtime {
 
     /// A delivery that came back (its worker died, or let it go) whose step kept its successor
     /// with it: the successor, read back from the commit that kept it, is carried on with this
-    /// delivery as if it had been delivered. One the history cannot give back yet is requeued.
-    async fn carry_kept(&self, ledger: &Ledger, carrier: &Envelope, offset: u64, acker: Box<dyn Acker>, taken: Taken) {
-        match ledger.read_kept(offset, carrier.token).await {
+    /// delivery as if it had been delivered, as one an earlier try may have reached Azure with.
+    /// One the history cannot give back now is held a moment (requeued without a slot), never
+    /// published again: a copy published anew would carry nothing.
+    async fn carry_kept(
+        &self,
+        ledger: &Ledger,
+        message: &Envelope,
+        body: &[u8],
+        offset: u64,
+        acker: Box<dyn Acker>,
+        taken: Taken,
+    ) {
+        let carrier = taken.carrier_of(message);
+        match ledger.read_kept(offset, carrier).await {
             Ok(kept) => {
-                info!(
-                    offset,
-                    "the delivery came back; carrying on the wait its step kept with it"
-                );
                 let body = kept.encode();
                 let hop = TraceParent::parse(&kept.traceparent).unwrap_or_default().hop();
                 let taken = Taken {
-                    carrier: carrier.token,
+                    carrier,
+                    carried_back: true,
                     ..taken
                 };
-                Box::pin(self.handle_message(kept, &body, acker, &hop, taken)).await;
+                let span = delivery_span(&kept, taken, &hop);
+                span.in_scope(|| {
+                    info!(
+                        offset,
+                        "the delivery came back; carrying on the wait its step kept with it"
+                    )
+                });
+                Box::pin(self.handle_message(kept, &body, acker, &hop, taken).instrument(span)).await;
+            }
+            Err(BusError::Malformed(why)) => {
+                // Only a bug (or a newer build's message) can get here: parked, with why.
+                error!(offset, %why, "the wait kept with this delivery cannot be read back; parking it");
+                let reason = ParkReason {
+                    stage: Some(message.stage),
+                    error: crate::model::text::bounded(&format!(
+                        "the wait kept with this message at history offset {offset} cannot be read back: {why}"
+                    )),
+                    attempts: taken.delivery,
+                    message_id: Some(message.message_id.to_string()),
+                };
+                let parked = self.bus.park(body, &reason).await;
+                if settle(acker, parked).await {
+                    self.observe(message.stage, Handled::Parked);
+                }
             }
             Err(error) => {
-                warn!(%error, offset, "the wait kept with this delivery cannot be read back yet; requeued");
-                settle(acker, Err(error)).await;
+                warn!(%error, offset, "the wait kept with this delivery cannot be read back yet; holding it a moment");
+                if let Some(slot) = self.slot_for(PUT_OFF, taken) {
+                    let until = self.clock.now() + PUT_OFF;
+                    self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot);
+                }
+                // Else dropped unsettled: the broker hands it out again.
             }
         }
     }
@@ -830,16 +880,17 @@ impl Runtime {
             return None;
         }
         let wait = remaining(effects.messages.first()?.due(), now)?;
-        self.slot_for(message.stage, wait, taken)
+        self.slot_for(wait, taken)
     }
 
-    /// A slot of `stage` to hold a delivery in for `wait` more, if one is free and the delivery's
-    /// whole hold stays within `hold_max`.
-    fn slot_for(&self, stage: Stage, wait: Duration, taken: Taken) -> Option<OwnedSemaphorePermit> {
+    /// A slot to hold the delivery `taken` in for `wait` more, if one of its queue's is free (its
+    /// consumer's prefetch window has room for each) and the delivery's whole hold stays within
+    /// `hold_max`.
+    fn slot_for(&self, wait: Duration, taken: Taken) -> Option<OwnedSemaphorePermit> {
         if taken.at.elapsed().saturating_add(wait) > self.settings.hold_max {
             return None;
         }
-        self.held.try_hold(stage)
+        self.held.try_hold(taken.queue)
     }
 
     /// Keeps `next`'s delivery unacked until `next` is due, then looks again with it; a runtime
@@ -961,8 +1012,22 @@ impl Runtime {
     }
 
     /// A copy the ledger knows is stale (its step taken by another copy, or its run finished): it
-    /// takes no step; the run's history says it was dropped, and it is acked.
-    async fn drop_stale(&self, message: &Envelope, acker: Box<dyn Acker>, now: OffsetDateTime) {
+    /// takes no step; the run's history says it was dropped, and it is acked. Unless its delivery
+    /// carries a successor that a step kept with it and is still live (the delivery came back from
+    /// a worker that died, or let it go): that successor is carried on instead.
+    async fn drop_stale(
+        &self,
+        message: &Envelope,
+        body: &[u8],
+        acker: Box<dyn Acker>,
+        taken: Taken,
+        now: OffsetDateTime,
+    ) {
+        if let Some(ledger) = &self.ledger
+            && let Some(offset) = ledger.kept_with(message.run_id, taken.carrier_of(message))
+        {
+            return self.carry_kept(ledger, message, body, offset, acker, taken).await;
+        }
         info!("a stale copy of this step; dropping it");
         let event = event_of(
             message,
@@ -981,7 +1046,7 @@ impl Runtime {
     /// traffic; a successor sent the moment before its maker's commit is read waits here for it),
     /// else put off through a delay tier.
     async fn put_off_before_step(&self, message: &Envelope, body: &[u8], acker: Box<dyn Acker>, taken: Taken) {
-        let Some(slot) = self.slot_for(message.stage, PUT_OFF, taken) else {
+        let Some(slot) = self.slot_for(PUT_OFF, taken) else {
             return self.put_off(message, body, acker).await;
         };
         debug!("the step is held by another claim or its maker's commit is not read yet; holding this copy a moment");
@@ -1013,7 +1078,11 @@ impl Runtime {
     /// cannot be known.
     fn tried(&self, message: &Envelope, taken: Taken) -> Tried {
         match &self.ledger {
-            Some(ledger) if taken.delivery <= 1 && message.attempt == 0 && ledger.untried(message) => Tried::Never,
+            Some(ledger)
+                if taken.delivery <= 1 && !taken.carried_back && message.attempt == 0 && ledger.untried(message) =>
+            {
+                Tried::Never
+            }
             _ => Tried::Maybe,
         }
     }
