@@ -719,7 +719,7 @@ mod tests {
         let mut message = crate::runtime::testkit::envelope(Stage::Replicate);
         (message.message_id, message.token) = next;
         let commit = Commit {
-            kept: Some(crate::ledger::record::Kept::new(carrier, &message)),
+            kept: Some(crate::ledger::record::Kept::new(carrier, &message).unwrap()),
             successors: vec![Successor::of(&message)],
             ..claim_commit(run, claim)
         };
@@ -772,10 +772,10 @@ mod tests {
         let (first, carrier, _) = other.admit();
         let claim = other.claim(first, carrier);
         let commit = Commit {
-            kept: Some(crate::ledger::record::Kept::new(
-                carrier,
-                &crate::runtime::testkit::envelope(Stage::Replicate),
-            )),
+            kept: Some(
+                crate::ledger::record::Kept::new(carrier, &crate::runtime::testkit::envelope(Stage::Replicate))
+                    .unwrap(),
+            ),
             ..claim_commit(&other, &claim)
         };
         assert!(other.apply(Record::Commit(commit)));

@@ -106,13 +106,13 @@ pub struct Kept {
 }
 
 impl Kept {
-    pub fn new(carrier: Uuid, message: &Envelope) -> Kept {
-        let json = String::from_utf8(message.encode()).expect("an envelope encodes as UTF-8 JSON");
-        Kept {
+    /// The successor `message` kept with the delivery of the copy carrying `carrier`.
+    pub fn new(carrier: Uuid, message: &Envelope) -> Result<Kept, serde_json::Error> {
+        Ok(Kept {
             carrier,
             token: message.token,
-            message: serde_json::value::RawValue::from_string(json).expect("an envelope encodes as JSON"),
-        }
+            message: serde_json::value::to_raw_value(message)?,
+        })
     }
 
     /// The successor, decoded.
@@ -273,7 +273,7 @@ mod tests {
                 events: vec![event(), event()],
             }),
             Record::Commit(Commit {
-                kept: Some(Kept::new(Uuid::new_v4(), &kept)),
+                kept: Some(Kept::new(Uuid::new_v4(), &kept).unwrap()),
                 run_id,
                 pipeline: "nightly".into(),
                 claim: Uuid::new_v4(),
@@ -294,7 +294,7 @@ mod tests {
         }
         // What a commit keeps is the successor itself.
         let commit = Record::Commit(Commit {
-            kept: Some(Kept::new(Uuid::new_v4(), &kept)),
+            kept: Some(Kept::new(Uuid::new_v4(), &kept).unwrap()),
             run_id,
             pipeline: "nightly".into(),
             claim: Uuid::new_v4(),

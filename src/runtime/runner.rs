@@ -753,8 +753,10 @@ impl Runtime {
         let slot = self.may_keep(effects, taken, now);
         let mut commit = commit_of(message, effects, step, now);
         let kept = slot.and_then(|slot| {
+            // An envelope always serializes; were it not to, the successor is published instead.
+            let kept = record::Kept::new(taken.carrier_of(message), effects.messages.last()?).ok()?;
             let next = effects.messages.pop()?;
-            commit.kept = Some(record::Kept::new(taken.carrier_of(message), &next));
+            commit.kept = Some(kept);
             Some(KeptWait { next, slot })
         });
         (commit, kept)
