@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use sigrun::bus::amqp::AmqpBus;
 use sigrun::bus::amqp::topology::Names;
 use sigrun::bus::{Bus, StreamOffset};
 use sigrun::events::{EventKind, RunResult};
@@ -323,4 +324,9 @@ async fn a_worker_killed_while_it_keeps_a_wait_leaves_it_to_the_next_worker() {
 
     next.stop().await;
     support::delete_topology(bus, &settings).await;
+    // The workers' delay tiers are scaled by their own time scale: theirs go too.
+    let slower = sigrun::config::Settings::load(Some(&config)).expect("the slower config loads");
+    AmqpBus::delete_topology(&slower.amqp, &slower.delay_tiers())
+        .await
+        .expect("delete the workers' delay tiers");
 }
