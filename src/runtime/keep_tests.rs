@@ -52,13 +52,15 @@ fn made_then_waited_on() -> Arc<Script> {
     })
 }
 
-/// A run admitted on `bus` through `ledger`.
-async fn admitted(bus: &MemoryBus, ledger: &Ledger) -> Uuid {
+/// A fresh bus with one run admitted on it (by a ledger fenced as `fencing` says, gone after).
+async fn admitted(fencing: Fencing) -> (Arc<MemoryBus>, Uuid) {
+    let bus = testkit::bus();
+    let ledger = Ledger::start(bus.clone(), settings(fencing, true).ledger(), None);
     let (first, started) = fresh_run();
     let run_id = first.run_id;
-    let begun = begin_with(bus, ledger, vec![first], started).await;
+    let begun = begin_with(bus.as_ref(), &ledger, vec![first], started).await;
     assert!(matches!(begun, Ok(Begun::Started { .. })), "{begun:?}");
-    run_id
+    (bus, run_id)
 }
 
 /// Works the bus for `window` of tokio's time with a fresh ledger, as a worker would.
@@ -125,9 +127,7 @@ fn worker_runtime() -> tokio::runtime::Runtime {
 #[tokio::test(start_paused = true)]
 async fn a_wait_due_later_is_kept_with_its_delivery_and_costs_the_bus_no_message() {
     for fencing in [Fencing::ClaimFirst, Fencing::CommitFirst] {
-        let bus = testkit::bus();
-        let ledger = Ledger::start(bus.clone(), settings(fencing, true).ledger(), None);
-        let run_id = admitted(&bus, &ledger).await;
+        let (bus, run_id) = admitted(fencing).await;
         let handler = made_then_waited_on();
 
         work(
@@ -170,9 +170,7 @@ async fn a_wait_due_later_is_kept_with_its_delivery_and_costs_the_bus_no_message
 
 #[tokio::test(start_paused = true)]
 async fn with_keep_waits_off_each_wait_goes_through_its_queue() {
-    let bus = testkit::bus();
-    let ledger = Ledger::start(bus.clone(), settings(Fencing::ClaimFirst, false).ledger(), None);
-    let run_id = admitted(&bus, &ledger).await;
+    let (bus, run_id) = admitted(Fencing::ClaimFirst).await;
     let handler = made_then_waited_on();
 
     work(
@@ -200,13 +198,10 @@ async fn with_keep_waits_off_each_wait_goes_through_its_queue() {
 #[test]
 fn a_kept_wait_whose_worker_died_is_carried_on_by_the_next_worker() {
     for fencing in [Fencing::ClaimFirst, Fencing::CommitFirst] {
-        let bus = testkit::bus();
         let handler = made_then_waited_on();
         // The first worker steps snapshot, keeps its wait, and dies 5 s into it.
-        let run_id = worker_runtime().block_on(async {
-            let ledger = Ledger::start(bus.clone(), settings(fencing, true).ledger(), None);
-            let run_id = admitted(&bus, &ledger).await;
-            drop(ledger);
+        let (bus, run_id) = worker_runtime().block_on(async {
+            let (bus, run_id) = admitted(fencing).await;
             let working = work(
                 bus.clone(),
                 handler.clone(),
@@ -217,7 +212,7 @@ fn a_kept_wait_whose_worker_died_is_carried_on_by_the_next_worker() {
                 tokio::time::timeout(Duration::from_secs(5), working).await.is_err(),
                 "the first worker was still at work"
             );
-            run_id
+            (bus, run_id)
         });
         assert_eq!(handler.calls().len(), 1, "{fencing:?}: snapshot stepped, its wait kept");
         assert!(
@@ -272,9 +267,7 @@ fn a_kept_wait_whose_worker_died_is_carried_on_by_the_next_worker() {
 
 #[tokio::test(start_paused = true)]
 async fn a_runtime_that_stops_hands_a_kept_wait_on_as_its_own_message() {
-    let bus = testkit::bus();
-    let ledger = Ledger::start(bus.clone(), settings(Fencing::ClaimFirst, true).ledger(), None);
-    let run_id = admitted(&bus, &ledger).await;
+    let (bus, run_id) = admitted(Fencing::ClaimFirst).await;
     let handler = made_then_waited_on();
 
     // Stops 5 s into snapshot's wait: the kept state goes on through a tier, the delivery is acked.

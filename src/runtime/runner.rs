@@ -82,9 +82,11 @@ impl Taken {
     }
 }
 
-/// A committed step's successor kept with its delivery, and the slot it is held in.
+/// A committed step's successor kept with its delivery: the message, its JSON as the commit holds
+/// it (what is held is encoded, and it is encoded once), and the slot it is held in.
 struct KeptWait {
     next: Envelope,
+    body: Box<[u8]>,
     slot: OwnedSemaphorePermit,
 }
 
@@ -756,8 +758,9 @@ impl Runtime {
             // An envelope always serializes; were it not to, the successor is published instead.
             let kept = record::Kept::new(taken.carrier_of(message), effects.messages.last()?).ok()?;
             let next = effects.messages.pop()?;
+            let body = kept.message.get().as_bytes().into();
             commit.kept = Some(kept);
-            Some(KeptWait { next, slot })
+            Some(KeptWait { next, body, slot })
         });
         (commit, kept)
     }
@@ -804,7 +807,8 @@ impl Runtime {
             carrier: taken.carrier_of(message),
             ..taken
         };
-        self.hold(kept.next, acker, taken, kept.slot);
+        let holding = Holding::of(&kept.next, kept.next.due());
+        self.hold_encoded(holding, kept.body, acker, taken, kept.slot);
         self.settled(message.stage, handled, true)
     }
 
@@ -859,11 +863,8 @@ impl Runtime {
             }
             Err(error) => {
                 warn!(%error, offset, "the wait kept with this delivery cannot be read back yet; holding it a moment");
-                if let Some(slot) = self.slot_for(PUT_OFF, taken) {
-                    let until = self.clock.now() + PUT_OFF;
-                    self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot);
-                }
-                // Else dropped unsettled: the broker hands it out again.
+                // Without a slot, dropped unsettled: the broker hands it out again.
+                let _ = self.hold_a_moment(message, body, acker, taken);
             }
         }
     }
@@ -1048,14 +1049,28 @@ impl Runtime {
     /// traffic; a successor sent the moment before its maker's commit is read waits here for it),
     /// else put off through a delay tier.
     async fn put_off_before_step(&self, message: &Envelope, body: &[u8], acker: Box<dyn Acker>, taken: Taken) {
-        let Some(slot) = self.slot_for(PUT_OFF, taken) else {
-            return self.put_off(message, body, acker).await;
-        };
         debug!("the step is held by another claim or its maker's commit is not read yet; holding this copy a moment");
-        let until = self.clock.now() + PUT_OFF;
-        if self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot) {
-            self.observe(message.stage, Handled::Waiting);
+        match self.hold_a_moment(message, body, acker, taken) {
+            Ok(true) => self.observe(message.stage, Handled::Waiting),
+            Ok(false) => {}
+            Err(acker) => self.put_off(message, body, acker).await,
         }
+    }
+
+    /// Holds the delivery here for `PUT_OFF`, then handles `message` again; whether it was held
+    /// (false: the broker has it back already), or the acker back when no slot is free.
+    fn hold_a_moment(
+        &self,
+        message: &Envelope,
+        body: &[u8],
+        acker: Box<dyn Acker>,
+        taken: Taken,
+    ) -> Result<bool, Box<dyn Acker>> {
+        let Some(slot) = self.slot_for(PUT_OFF, taken) else {
+            return Err(acker);
+        };
+        let until = self.clock.now() + PUT_OFF;
+        Ok(self.hold_encoded(Holding::of(message, Some(until)), body.into(), acker, taken, slot))
     }
 
     /// A copy whose step another claim holds (or whose state is not known yet): back on a delay
