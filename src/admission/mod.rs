@@ -22,6 +22,7 @@
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::azure::writes::Writes;
 use crate::azure::{AzureApi, AzureError, ErrorClass};
 use crate::bus::{Bus, BusError};
 use crate::events::{Event, EventKind, PoolRef};
@@ -313,7 +314,8 @@ pub async fn begin_with(
     started: Event,
 ) -> Result<Begun, BusError> {
     let admission = ClaimKey::admission(started.run_id, &started.pipeline);
-    match ledger.fencing_for(&admission) {
+    // An admission sends Azure nothing: it commits first (see `Ledger::fencing_for`).
+    match ledger.fencing_for(&admission, Writes::None) {
         Fencing::CommitFirst => begin_committing_first(bus, ledger, &admission, firsts, started).await,
         Fencing::ClaimFirst => begin_claimed(bus, ledger, &admission, firsts, started).await,
     }

@@ -432,6 +432,7 @@ impl Http {
         // The lane last, so it is held for the exchange alone: a request waiting for its budget
         // holds up no other request of its resource.
         let _lane = self.turn(call).await?;
+        super::writes::note_sent(&call.method);
         let answer = self
             .exchange(call, token.token.secret(), client_request_id, attempt)
             .await?;

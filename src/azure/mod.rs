@@ -2,7 +2,8 @@
 //! classifies failures. The REST client behind the trait is the only code that knows reqwest and
 //! azure_identity: `client::AzureClient`, configured by `config::AzureSettings`, built from `auth`
 //! (the credential), `http` (tokens, errors, retries) and the `arm` and `batch` operations;
-//! `metrics` counts its requests when given a registry.
+//! `metrics` counts its requests when given a registry; `writes` tells the runtime whether a step
+//! sent anything that may change Azure.
 
 pub mod api;
 mod arm;
@@ -18,6 +19,7 @@ mod throttles;
 pub use http::{MAX_RETRY_AFTER, hand_back_retry_after};
 pub mod metrics;
 pub mod states;
+pub mod writes;
 
 pub use api::AzureApi;
 pub use client::AzureClient;

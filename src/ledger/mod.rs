@@ -42,6 +42,7 @@ use uuid::Uuid;
 pub use book::{Book, Maker, Standing, Verdict};
 use record::{Claim, Commit, Record, Release};
 
+use crate::azure::writes::Writes;
 use crate::bus::{Bus, BusError, StreamOffset};
 use crate::model::envelope::{Envelope, Stage};
 use crate::runtime::Observer;
@@ -364,14 +365,20 @@ impl Ledger {
         self.bus.publish_record(&Record::Commit(commit)).await
     }
 
-    /// How the step of the copy `key` names is fenced: as the settings say, except that a state
-    /// on which a claim was read and not spent (a fleet changing fencing has a step that claims
-    /// first under way, or dead) is taken over only by a claim naming its holder, so it is
-    /// claimed whatever the settings say.
-    pub fn fencing_for(&self, key: &ClaimKey) -> Fencing {
-        match self.settings.fencing {
-            Fencing::CommitFirst if !self.shared.book().claimed_unspent(key.run_id, key.token) => Fencing::CommitFirst,
-            Fencing::ClaimFirst | Fencing::CommitFirst => Fencing::ClaimFirst,
+    /// How the step of the copy `key` names is fenced, given what it sent Azure. A claim keeps two
+    /// copies of one state from both writing to Azure; a step that only read (or an admission,
+    /// which reads nothing) has nothing to keep apart, so it commits first whatever the settings
+    /// say: one history record instead of a claim and a commit. A step that wrote is fenced as
+    /// the settings say. Either way, a state on which a claim was read and not spent (a fleet
+    /// changing fencing has a step that claims first under way, or dead) is taken over only by a
+    /// claim naming its holder, so it is claimed.
+    pub fn fencing_for(&self, key: &ClaimKey, writes: Writes) -> Fencing {
+        if self.shared.book().claimed_unspent(key.run_id, key.token) {
+            return Fencing::ClaimFirst;
+        }
+        match (self.settings.fencing, writes) {
+            (Fencing::ClaimFirst, Writes::Sent) => Fencing::ClaimFirst,
+            (Fencing::CommitFirst, _) | (_, Writes::None) => Fencing::CommitFirst,
         }
     }
 

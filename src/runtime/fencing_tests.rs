@@ -57,32 +57,46 @@ fn waiting_on(message: &Envelope, what: Phase, delay: Duration) -> Result<Step, 
 /// A run in miniature with a step of every kind: a wait recorded once (the image), waits that
 /// record nothing (replication before its region completes), a wait that sends pool branches on
 /// and records their region (replicate), a creation that records a resource, and a branch end.
+/// Every step writes to Azure.
 pub(super) fn nightly() -> Arc<Script> {
-    Script::new(|m| {
-        let now = m.stage_started;
-        let next = |stage| step(Outcome::Advance(vec![m.next(stage, now)]));
-        match m.stage {
-            Stage::Snapshot => next(Stage::ImageCreate).map(|s| {
-                s.with(EventKind::ResourceCreated {
-                    id: format!("snapshot-{}", m.run_id),
-                })
-            }),
-            Stage::ImageCreate if m.operation.is_none() => waiting_on(m, Phase::Image, Duration::from_secs(3)),
-            Stage::ImageCreate => next(Stage::GalleryPublish),
-            Stage::GalleryPublish => next(Stage::Replicate),
-            Stage::Replicate => replicate(m),
-            Stage::PoolCreate => next(Stage::Verify).map(|s| {
-                s.with(EventKind::PoolCreated {
-                    pool_id: m.branch.label(),
-                })
-            }),
-            Stage::Verify => step(Outcome::Done).map(|s| {
-                s.with(EventKind::PoolVerified {
-                    pool_id: m.branch.label(),
-                })
-            }),
-        }
+    Script::new(nightly_step)
+}
+
+/// The same run as a real one reads and writes: the image's look, replication and verify only
+/// read, so under claiming first they commit first (`Ledger::fencing_for`), beside steps that
+/// claim.
+pub(super) fn nightly_reading() -> Arc<Script> {
+    Script::with_reads(nightly_step, |m| match m.stage {
+        Stage::ImageCreate => m.operation.is_some(),
+        Stage::Replicate | Stage::Verify => true,
+        Stage::Snapshot | Stage::GalleryPublish | Stage::PoolCreate => false,
     })
+}
+
+fn nightly_step(m: &Envelope) -> Result<Step, AzureError> {
+    let now = m.stage_started;
+    let next = |stage| step(Outcome::Advance(vec![m.next(stage, now)]));
+    match m.stage {
+        Stage::Snapshot => next(Stage::ImageCreate).map(|s| {
+            s.with(EventKind::ResourceCreated {
+                id: format!("snapshot-{}", m.run_id),
+            })
+        }),
+        Stage::ImageCreate if m.operation.is_none() => waiting_on(m, Phase::Image, Duration::from_secs(3)),
+        Stage::ImageCreate => next(Stage::GalleryPublish),
+        Stage::GalleryPublish => next(Stage::Replicate),
+        Stage::Replicate => replicate(m),
+        Stage::PoolCreate => next(Stage::Verify).map(|s| {
+            s.with(EventKind::PoolCreated {
+                pool_id: m.branch.label(),
+            })
+        }),
+        Stage::Verify => step(Outcome::Done).map(|s| {
+            s.with(EventKind::PoolVerified {
+                pool_id: m.branch.label(),
+            })
+        }),
+    }
 }
 
 /// westeurope completes on the first look, eastus on a look at least 30 s after the stage began.
@@ -361,14 +375,23 @@ async fn drive_runs(
     held_waits: usize,
     fleet: &[Fencing],
 ) -> Vec<Event> {
+    let tune = |settings| RuntimeSettings { held_waits, ..settings };
+    drive_runs_tuned(bus, handler, runs, fleet, tune).await
+}
+
+/// [`drive_runs`], each runtime's settings as `tune` makes them from the fleet's.
+async fn drive_runs_tuned(
+    bus: Arc<Unreliable>,
+    handler: Arc<Script>,
+    runs: usize,
+    fleet: &[Fencing],
+    tune: impl Fn(RuntimeSettings) -> RuntimeSettings,
+) -> Vec<Event> {
     let ledgers: Vec<Arc<Ledger>> = fleet.iter().map(|f| fenced_by(bus.clone(), *f)).collect();
     let running: Vec<_> = ledgers
         .iter()
         .map(|ledger| {
-            let settings = RuntimeSettings {
-                held_waits,
-                ..settings_with(ledger.settings().fencing)
-            };
+            let settings = tune(settings_with(ledger.settings().fencing));
             Runtime::new(bus.clone(), handler.clone(), Stage::ALL.to_vec(), settings)
                 .unwrap()
                 .with_clock(Clock::tokio())
@@ -453,7 +476,12 @@ async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
         let held_waits = if seed % 2 == 1 { 4 } else { 0 };
         let twice = if held_waits > 0 { 0.3 } else { 0.1 };
         let bus = Unreliable::lagging(seed, twice, 0.1, 0.05);
-        let handler = nightly();
+        // Every step writing, or (every other pair of seeds) the looks only reading.
+        let handler = if seed / 2 % 2 == 1 {
+            nightly_reading()
+        } else {
+            nightly()
+        };
         let events = drive_runs(bus.clone(), handler.clone(), 8, held_waits, fleet).await;
         let dropped = assert_each_step_once(&handler, &events);
         let doubled = bus.doubled.load(Ordering::Relaxed);
@@ -472,17 +500,16 @@ async fn every_step_happens_once_when_publishes_land_twice_and_acks_fail() {
 
 #[tokio::test(start_paused = true)]
 async fn without_faults_nothing_is_dropped() {
-    for fleet in FLEETS {
+    for (fleet, handler) in FLEETS
+        .iter()
+        .flat_map(|fleet| [(fleet, nightly()), (fleet, nightly_reading())])
+    {
         let bus = Unreliable::new(7, 0.0, 0.0);
-        let handler = nightly();
         let events = drive_runs(bus, handler.clone(), 2, testkit::settings().held_waits, fleet).await;
         let dropped = assert_each_step_once(&handler, &events);
-        if fleet.contains(&Fencing::CommitFirst) {
-            // Two admitters committing first may both publish a first message: the loser's drop.
-            assert!(dropped <= 2, "{fleet:?}: {dropped} dropped");
-        } else {
-            assert_eq!(dropped, 0, "{fleet:?}");
-        }
+        // Admissions commit first in every fleet (they send Azure nothing): two admitters may
+        // both publish a first message, and the loser's is dropped. Nothing else is.
+        assert!(dropped <= 2, "{fleet:?}: {dropped} dropped");
         let again: Vec<_> = handler
             .calls()
             .into_iter()
@@ -826,4 +853,68 @@ async fn of_two_copies_committing_first_the_first_commit_read_counts_and_what_th
     assert!(!ledger.maker_pending(&copies[1].0));
     assert_eq!(ledger.standing(&first), Standing::Stale, "the consumed state");
     assert!(ledger.untried(&copies[0].0), "the winner's successor is a first try");
+}
+
+/// Claiming first, a step that wrote to Azure claims before its commit; one that only read (and
+/// an admission) commits without a claim: one history record, not two. What a reading step sends
+/// on is still a first try, and every step is recorded once.
+#[tokio::test(start_paused = true)]
+async fn claiming_first_a_step_that_only_read_commits_without_a_claim() {
+    // Claims and the steps' commits (not the admissions': a racing admitter's counts nowhere).
+    let count = |records: &[Record]| {
+        let claims = records.iter().filter(|r| matches!(r, Record::Claim(_))).count();
+        let commits = records
+            .iter()
+            .filter(|r| matches!(r, Record::Commit(c) if c.consumed.as_ref().is_some_and(|c| c.message_id != c.token)))
+            .count();
+        (claims, commits)
+    };
+    // Every hop through its queue, so each step is fenced on its own (a step taken on within a
+    // reading one would make it write).
+    let hop_by_hop = |settings| RuntimeSettings {
+        step_on: false,
+        ..settings
+    };
+    let writing = Unreliable::new(3, 0.0, 0.0);
+    drive_runs_tuned(writing.clone(), nightly(), 1, &[Fencing::ClaimFirst], hop_by_hop).await;
+    let reading_bus = Unreliable::new(3, 0.0, 0.0);
+    let reading = nightly_reading();
+    let events = drive_runs_tuned(
+        reading_bus.clone(),
+        reading.clone(),
+        1,
+        &[Fencing::ClaimFirst],
+        hop_by_hop,
+    )
+    .await;
+    assert_each_step_once(&reading, &events);
+
+    let (claims, commits) = count(&writing.inner.records());
+    assert_eq!(claims, commits, "every step claims");
+    let records = reading_bus.inner.records();
+    let (read_claims, read_commits) = count(&records);
+    assert_eq!(read_commits, commits, "the same steps are recorded");
+    // Replication's looks only read: none of them claimed.
+    let looks: BTreeSet<Uuid> = reading
+        .calls()
+        .into_iter()
+        .filter(|call| call.message.stage == Stage::Replicate)
+        .map(|call| call.message.token)
+        .collect();
+    assert!(!looks.is_empty());
+    let claimed_looks = records
+        .iter()
+        .filter(|r| matches!(r, Record::Claim(c) if looks.contains(&c.token)))
+        .count();
+    assert_eq!(claimed_looks, 0, "a look at replication claimed");
+    assert!(
+        read_claims < claims && read_claims > 0,
+        "reads commit first, writes claim: {read_claims} of {claims} claims left"
+    );
+    let again: Vec<_> = reading
+        .calls()
+        .into_iter()
+        .filter(|c| c.tried != Tried::Never)
+        .collect();
+    assert!(again.is_empty(), "every try is a first one: {again:?}");
 }

@@ -26,6 +26,7 @@ use super::retry::{self, Decision};
 use super::settings::{RuntimeSettings, SettingsError};
 use super::{Clock, Handler, StepError};
 use crate::azure::AzureError;
+use crate::azure::writes::{self, Writes};
 use crate::bus::{Acker, Bus, BusError, Delivery, ParkReason};
 use crate::events::{Event, EventKind};
 use crate::ledger::book::Maker;
@@ -170,6 +171,9 @@ struct Effects {
     parked_body: Option<Vec<u8>>,
     /// What the observer is told besides `handled`, once the delivery is acked.
     measured: Measured,
+    /// Whether the step (with every step taken on within it) may have changed Azure: a step
+    /// that only read commits without claiming first (`Ledger::fencing_for`).
+    writes: Writes,
 }
 
 /// A step taken on within a delivery's step (`Runtime::step_on`), for the observer once the
@@ -429,6 +433,7 @@ impl Runtime {
                     recorded: Vec::new(),
                     parked_body: None,
                     measured: Measured::default(),
+                    writes: Writes::None,
                 };
                 self.conclude(&message, body, effects, acker, now, taken).await;
                 return;
@@ -480,7 +485,7 @@ impl Runtime {
     /// the handler took. What it sends on names `hop` as its trace parent.
     async fn step(&self, message: &Envelope, tried: Tried, hop: &TraceParent) -> (Effects, Duration) {
         let began = std::time::Instant::now();
-        let result = self.call_handler(message.clone(), self.clock.now(), tried).await;
+        let (result, writes) = self.call_handler(message.clone(), self.clock.now(), tried).await;
         let handler_time = began.elapsed();
         let now = self.clock.now();
         let mut effects = match result {
@@ -488,6 +493,7 @@ impl Runtime {
             Err(StepError::Azure(error)) => self.effects_of_error(message, &error, now),
             Err(StepError::Broken(why)) => broken(message, &why),
         };
+        effects.writes = writes;
         for next in &mut effects.messages {
             next.traceparent = hop.to_string();
         }
@@ -520,6 +526,7 @@ impl Runtime {
             );
             let (mut taken_on, handler_time) = self.step(&next, tried, hop).instrument(span.clone()).await;
             span.in_scope(|| debug!(handled = taken_on.handled.as_str(), "stepped"));
+            effects.writes = effects.writes.and(taken_on.writes);
             effects.messages = std::mem::take(&mut taken_on.messages);
             effects.park = taken_on.park.take();
             effects.parked_body = effects.park.is_some().then(|| next.encode());
@@ -538,9 +545,10 @@ impl Runtime {
     }
 
     /// The message to step on to, taken out of `effects`, if there is one (see `step_on`): the
-    /// last step advanced to one message, due now, of a stage consumed here, in a run going on,
-    /// and the delivery's step is fenced (stepping on defers what the hop would have recorded to
-    /// the delivery's commit).
+    /// last step advanced, or waits no time (a new phase of its stage, as verify's rollout after
+    /// its verdict), to one message, due now, of a stage consumed here, in a run going on, and the
+    /// delivery's step is fenced (stepping on defers what the hop would have recorded to the
+    /// delivery's commit).
     fn to_step_on(&self, root: &Envelope, effects: &mut Effects, last: Handled) -> Option<Envelope> {
         let ledger = self
             .ledger
@@ -549,12 +557,15 @@ impl Runtime {
         let [next] = effects.messages.as_slice() else {
             return None;
         };
-        let ready = last == Handled::Advanced
+        let ready = matches!(last, Handled::Advanced | Handled::Waiting)
             && effects.park.is_none()
             && self.stages.contains(&next.stage)
             && remaining(next.due(), self.clock.now()).is_none()
             && !ledger.is_cancelled(root.run_id);
-        ready.then(|| effects.messages.pop()).flatten()
+        let mut next = ready.then(|| effects.messages.pop()).flatten()?;
+        // Its hold (a wait of no time) has passed, as a delivery's would have.
+        next.not_before = None;
+        Some(next)
     }
 
     /// Carries out what a delivery caused and settles it. A step that records something is
@@ -574,7 +585,7 @@ impl Runtime {
             _ => return self.conclude_unfenced(message, body, effects, acker, now, taken).await,
         };
         let key = ClaimKey::of(message);
-        match ledger.fencing_for(&key) {
+        match ledger.fencing_for(&key, effects.writes) {
             Fencing::CommitFirst => {
                 self.conclude_committing_first(ledger, &key, message, body, effects, acker, now, taken)
                     .await
@@ -1107,21 +1118,31 @@ impl Runtime {
     /// Runs the handler as its own task, so a panic in it becomes an error here (the message is
     /// parked with it, the branch fails) instead of taking the consumer down with the delivery
     /// unsettled.
-    async fn call_handler(&self, message: Envelope, now: OffsetDateTime, tried: Tried) -> Result<Step, StepError> {
+    /// Also says whether the step sent Azure anything that may change it (not known, so assumed,
+    /// when it panicked).
+    async fn call_handler(
+        &self,
+        message: Envelope,
+        now: OffsetDateTime,
+        tried: Tried,
+    ) -> (Result<Step, StepError>, Writes) {
         let handler = Arc::clone(&self.handler);
-        let task = tokio::spawn(async move { handler.handle(message, now, tried).await }.instrument(Span::current()));
+        let step = async move { handler.handle(message, now, tried).await };
+        let task = tokio::spawn(writes::watched(step).instrument(Span::current()));
         // If this delivery is abandoned (shutdown), the handler stops with it.
         let mut task = AbortOnDrop(task);
         match (&mut task.0).await {
-            Ok(result) => Ok(result?),
+            Ok((result, writes)) => (result.map_err(StepError::from), writes),
             Err(join) if join.is_panic() => {
                 let what = crate::model::text::panic_message(&*join.into_panic());
                 error!(panic = %what, "the handler panicked; parking the message");
-                Err(StepError::Broken(format!(
-                    "the step panicked (a bug in sigrun): {what}"
-                )))
+                let broken = StepError::Broken(format!("the step panicked (a bug in sigrun): {what}"));
+                (Err(broken), Writes::Sent)
             }
-            Err(_) => Err(StepError::Broken("the step's task was cancelled".into())),
+            Err(_) => (
+                Err(StepError::Broken("the step's task was cancelled".into())),
+                Writes::Sent,
+            ),
         }
     }
 
@@ -1143,6 +1164,7 @@ impl Runtime {
                 recorded: Vec::new(),
                 parked_body: None,
                 measured: Measured::default(),
+                writes: Writes::None,
             };
         }
         match retry::decide(&self.settings.retry, message.attempt, error) {
@@ -1159,6 +1181,7 @@ impl Runtime {
                     recorded: Vec::new(),
                     parked_body: None,
                     measured: Measured::default(),
+                    writes: Writes::None,
                 }
             }
             Decision::Fail { reason, give_up } => {
@@ -1393,6 +1416,7 @@ fn effects_of_step(message: &Envelope, step: Step, now: OffsetDateTime) -> Effec
         recorded: Vec::new(),
         parked_body: None,
         measured,
+        writes: Writes::None,
     };
     match outcome {
         Outcome::Advance(next) => {
@@ -1450,6 +1474,7 @@ fn parked_failure(message: &Envelope, reason: &str, class: FailureClass) -> Effe
             failures: vec![class],
             ..Measured::default()
         },
+        writes: Writes::None,
     }
 }
 

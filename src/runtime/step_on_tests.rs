@@ -202,6 +202,67 @@ async fn a_hop_to_a_stage_consumed_here_is_stepped_on_within_one_fenced_step() {
     }
 }
 
+/// Image-create first waits no time (a new phase of its stage, as verify's rollout after its
+/// verdict), then records its image and ends the branch.
+fn image_in_two_phases(m: &Envelope) -> Result<Step, AzureError> {
+    if m.operation.is_some() {
+        return image_made(m);
+    }
+    let mut next = m.clone();
+    next.operation = Some(crate::model::envelope::InFlight {
+        what: crate::model::envelope::Phase::Retire,
+        status_urls: Vec::new(),
+        started: m.stage_started,
+        not_before: m.stage_started,
+        polls: 0,
+        progress: Default::default(),
+    });
+    let wait = Outcome::Wait {
+        message: Box::new(next),
+        delay: Duration::ZERO,
+        emit: Vec::new(),
+    };
+    Ok(Step::new(wait).with(EventKind::ResourceCreated { id: "phase".into() }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_of_no_time_is_stepped_on_too() {
+    let worked = work(
+        snapshot_then(image_in_two_phases, None),
+        &Stage::ALL,
+        Fencing::ClaimFirst,
+        true,
+    )
+    .await;
+    assert_eq!(
+        worked.calls(),
+        [
+            (Stage::Snapshot, Tried::Never),
+            (Stage::ImageCreate, Tried::Never),
+            (Stage::ImageCreate, Tried::Never)
+        ],
+    );
+    assert_eq!(
+        worked.bus.stats().published,
+        1,
+        "only the admission's message went through a queue"
+    );
+    assert_eq!(worked.step_commits().len(), 1, "one commit for the three steps");
+    assert_eq!(
+        worked.recorded(),
+        [
+            created(Stage::Snapshot, "snapshot"),
+            created(Stage::ImageCreate, "phase"),
+            created(Stage::ImageCreate, "image")
+        ],
+    );
+    let held = worked.handler.calls();
+    assert_eq!(
+        held[2].message.not_before, None,
+        "the wait's hold has passed when it is stepped"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn with_step_on_off_every_hop_goes_through_its_queue() {
     let worked = work(snapshot_then(image_made, None), &Stage::ALL, Fencing::ClaimFirst, false).await;

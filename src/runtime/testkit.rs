@@ -204,17 +204,29 @@ pub struct Call {
 }
 
 type Respond = dyn Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync;
+type Reads = dyn Fn(&Envelope) -> bool + Send + Sync;
 
-/// A handler answering with a closure and keeping every call.
+/// A handler answering with a closure and keeping every call. Each step writes to Azure (it
+/// notes a PUT sent, as the REST client would), unless the script says the step only reads.
 pub struct Script {
     respond: Box<Respond>,
+    reads: Box<Reads>,
     calls: Mutex<Vec<Call>>,
 }
 
 impl Script {
     pub fn new(respond: impl Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync + 'static) -> Arc<Script> {
+        Script::with_reads(respond, |_| false)
+    }
+
+    /// A script whose steps of the messages `reads` picks only read Azure.
+    pub fn with_reads(
+        respond: impl Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync + 'static,
+        reads: impl Fn(&Envelope) -> bool + Send + Sync + 'static,
+    ) -> Arc<Script> {
         Arc::new(Script {
             respond: Box::new(respond),
+            reads: Box::new(reads),
             calls: Mutex::new(Vec::new()),
         })
     }
@@ -232,6 +244,9 @@ impl Handler for Script {
             message: message.clone(),
             tried,
         });
+        if !(self.reads)(&message) {
+            crate::azure::writes::note_sent(&reqwest::Method::PUT);
+        }
         (self.respond)(&message)
     }
 }

@@ -16,6 +16,7 @@ use sigrun::azure::api::{
     Accepted, DefinitionRequest, ImageRequest, OperationStatus, PoolCreated, PoolRequest, SnapshotRequest, Tags,
     TargetRegion, VersionRequest,
 };
+use sigrun::azure::writes::{Writes, watched};
 use sigrun::azure::{AzureApi, AzureClient, AzureSettings, CredentialSettings, ErrorClass, RegistrationState, Secret};
 use sigrun::emulator::EmulatorOptions;
 use sigrun::model::ids::{
@@ -641,6 +642,28 @@ async fn missing_resources_read_as_none_but_missing_scopes_do_not() {
         .unwrap_err();
     assert_eq!((err.status, err.code.as_deref()), (Some(404), Some("ResourceNotFound")));
     assert_eq!(err.class(), ErrorClass::Permanent);
+}
+
+/// The runtime fences a step that wrote to Azure by a claim, and lets one that only read commit
+/// first: the client says which by what it sent (`azure::writes`), an answer of 404 included.
+#[tokio::test]
+async fn the_client_tells_a_step_that_only_read_from_one_that_sent_a_write() {
+    let emu = start_fast().await;
+    let azure = client_for_app(&emu, PIPELINE_APP);
+    let snap = SnapshotId::new(SUB_IMAGING, "rg-imaging", &["nothing"]).unwrap();
+    let account = emu.batch_url("sigrunweu");
+    let (_, reads) = watched(async {
+        assert_eq!(azure.get_snapshot(&snap).await.unwrap(), None);
+        assert_eq!(azure.get_pool(&account, "no-such-pool").await.unwrap(), None);
+    })
+    .await;
+    assert_eq!(reads, Writes::None);
+    let (deleted, delete) = watched(azure.delete_snapshot(&snap)).await;
+    assert!(deleted.is_ok(), "a delete of nothing is done: {deleted:?}");
+    assert_eq!(delete, Writes::Sent);
+    let (refused, metadata) = watched(azure.set_pool_metadata(&account, "no-such-pool", &Default::default())).await;
+    assert!(refused.is_err(), "no such pool");
+    assert_eq!(metadata, Writes::Sent, "sent, whatever the answer");
 }
 
 #[tokio::test]
