@@ -82,7 +82,7 @@ pub struct Commit {
     pub successors: Vec<Successor>,
     #[serde(default)]
     pub events: Vec<Event>,
-    /// The one successor this step did not publish but kept with its delivery (a wait due later,
+    /// The successor this step did not publish but kept with its delivery (a wait due later,
     /// `runtime.keep_waits`): whoever the broker hands that delivery to next carries it on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kept: Option<Kept>,

@@ -1,4 +1,4 @@
-//! Waits kept with their delivery (`runtime.keep_waits`): a fenced step whose one successor is a
+//! Waits kept with their delivery (`runtime.keep_waits`): a fenced step with a successor that is a
 //! wait due later, of a stage the runtime consumes, commits that successor (whole, in the commit)
 //! and holds it with its own delivery instead of publishing it. What must hold: the wait costs the
 //! bus no message; the run records what it would have; and a worker that dies while it keeps a

@@ -500,9 +500,10 @@ impl Runtime {
         (effects, handler_time)
     }
 
-    /// Steps on at once, within the delivery's own step, while what the last step sent on is one
+    /// Steps on at once, within the delivery's own step, while what the last step sent on holds a
     /// message due now, of a stage this runtime consumes (`runtime.step_on`): a stage hop then
-    /// costs no quorum message and no history record of its own. The delivery's step stays one
+    /// costs no quorum message and no history record of its own. What else a step sends on (a
+    /// branch, a wait) goes out with the delivery's step as before. The delivery's step stays one
     /// fenced step: `effects` keeps its outcome (for its stage) and takes on what the last step
     /// sends and parks, and every step's events in order, each as its own stage and branch say.
     /// Nothing of a step taken on is published before the delivery's claim or commit, so a copy
@@ -511,8 +512,14 @@ impl Runtime {
     /// Azure before only if the delivery's own step may have (`tried`).
     async fn step_on(&self, root: &Envelope, effects: &mut Effects, tried: Tried, hop: &TraceParent) -> Vec<SteppedOn> {
         let mut stepped_on: Vec<SteppedOn> = Vec::new();
+        let mut sent_besides: Vec<Envelope> = Vec::new();
         while stepped_on.len() < STEP_ON_MAX
-            && let Some(next) = self.to_step_on(root, effects, stepped_on.last().map_or(effects.handled, |s| s.handled))
+            && let Some(next) = self.to_step_on(
+                root,
+                effects,
+                stepped_on.last().map_or(effects.handled, |s| s.handled),
+                &mut sent_besides,
+            )
         {
             // What the step before recorded, as of when it was stepped.
             let stepped = stepped_on.last().map_or(root, |s| &s.message);
@@ -541,28 +548,35 @@ impl Runtime {
         if let Some(last) = stepped_on.last() {
             effects.record_events_of(&last.message, self.clock.now());
         }
+        effects.messages.append(&mut sent_besides);
         stepped_on
     }
 
     /// The message to step on to, taken out of `effects`, if there is one (see `step_on`): the
-    /// last step advanced, or waits no time (a new phase of its stage, as verify's rollout after
-    /// its verdict), to one message, due now, of a stage consumed here, in a run going on, and the
-    /// delivery's step is fenced (stepping on defers what the hop would have recorded to the
-    /// delivery's commit).
-    fn to_step_on(&self, root: &Envelope, effects: &mut Effects, last: Handled) -> Option<Envelope> {
+    /// last step advanced, or waits (a wait of no time is a new phase of its stage, as verify's
+    /// rollout after its verdict), to messages of which one is due now, of a stage consumed here,
+    /// in a run going on, and the delivery's step is fenced (stepping on defers what the hop would
+    /// have recorded to the delivery's commit). The last step's other messages are moved to
+    /// `besides`.
+    fn to_step_on(
+        &self,
+        root: &Envelope,
+        effects: &mut Effects,
+        last: Handled,
+        besides: &mut Vec<Envelope>,
+    ) -> Option<Envelope> {
         let ledger = self
             .ledger
             .as_ref()
             .filter(|_| self.settings.step_on && !root.token.is_nil())?;
-        let [next] = effects.messages.as_slice() else {
-            return None;
-        };
+        let now = self.clock.now();
         let ready = matches!(last, Handled::Advanced | Handled::Waiting)
             && effects.park.is_none()
-            && self.stages.contains(&next.stage)
-            && remaining(next.due(), self.clock.now()).is_none()
             && !ledger.is_cancelled(root.run_id);
-        let mut next = ready.then(|| effects.messages.pop()).flatten()?;
+        let due_here = |next: &Envelope| self.stages.contains(&next.stage) && remaining(next.due(), now).is_none();
+        let at = effects.messages.iter().position(due_here).filter(|_| ready)?;
+        let mut next = effects.messages.remove(at);
+        besides.append(&mut effects.messages);
         // Its hold (a wait of no time) has passed, as a delivery's would have.
         next.not_before = None;
         Some(next)
@@ -751,8 +765,9 @@ impl Runtime {
     }
 
     /// The commit of a fenced step, and the successor it keeps with the delivery, taken out of
-    /// `effects` so it is not published (`runtime.keep_waits`): the step's one message, a wait of
-    /// a stage consumed here, due later, with a slot free to hold it in within `hold_max`. The
+    /// `effects` so it is not published (`runtime.keep_waits`): a wait of a stage consumed here,
+    /// due later, with a slot free to hold it in within `hold_max` (the step's other messages are
+    /// published as before). The
     /// commit lists it as live and holds it whole, under the token of the message the delivery
     /// carries.
     fn commit_keeping(
@@ -763,12 +778,12 @@ impl Runtime {
         taken: Taken,
         now: OffsetDateTime,
     ) -> (Commit, Option<KeptWait>) {
-        let slot = self.may_keep(effects, taken, now);
+        let keeping = self.may_keep(effects, taken, now);
         let mut commit = commit_of(message, effects, step, now);
-        let kept = slot.and_then(|slot| {
+        let kept = keeping.and_then(|(at, slot)| {
             // An envelope always serializes; were it not to, the successor is published instead.
-            let kept = record::Kept::new(taken.carrier_of(message), effects.messages.last()?).ok()?;
-            let next = effects.messages.pop()?;
+            let kept = record::Kept::new(taken.carrier_of(message), effects.messages.get(at)?).ok()?;
+            let next = effects.messages.remove(at);
             let body = kept.message.get().as_bytes().into();
             commit.kept = Some(kept);
             Some(KeptWait { next, body, slot })
@@ -776,20 +791,19 @@ impl Runtime {
         (commit, kept)
     }
 
-    /// A slot to keep this step's one successor in with its delivery, if it may be kept (see
-    /// `commit_keeping`).
-    fn may_keep(&self, effects: &Effects, taken: Taken, now: OffsetDateTime) -> Option<OwnedSemaphorePermit> {
+    /// Which of this step's successors to keep with its delivery, and a slot to keep it in, if
+    /// one may be kept (see `commit_keeping`): of the waits due later of a stage consumed here,
+    /// the one due last (the others are published).
+    fn may_keep(&self, effects: &Effects, taken: Taken, now: OffsetDateTime) -> Option<(usize, OwnedSemaphorePermit)> {
         if !self.settings.keep_waits || effects.park.is_some() {
             return None;
         }
-        let [next] = effects.messages.as_slice() else {
-            return None;
-        };
-        let wait = remaining(next.due(), now)?;
-        if !self.stages.contains(&next.stage) {
-            return None;
-        }
-        self.slot_for(wait, taken)
+        let waits = effects.messages.iter().enumerate().filter_map(|(at, next)| {
+            let wait = remaining(next.due(), now)?;
+            self.stages.contains(&next.stage).then_some((at, wait))
+        });
+        let (at, wait) = waits.max_by_key(|(_, wait)| *wait)?;
+        Some((at, self.slot_for(wait, taken)?))
     }
 
     /// Holds the successor a committed step kept, with the delivery that carries it, until it is

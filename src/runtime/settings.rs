@@ -40,13 +40,13 @@ pub struct RuntimeSettings {
     /// (below the broker's `consumer_timeout`, 30 minutes by default). Real time, never scaled.
     #[serde(rename = "hold_max_ms", deserialize_with = "millis::deserialize")]
     pub hold_max: Duration,
-    /// A step whose one successor is due now and of a stage this process consumes steps it on at
-    /// once, within its own fenced step, instead of sending it through that stage's queue: no
-    /// quorum message and no history record for the hop. False sends every successor through its
-    /// queue.
+    /// A step with a successor due now of a stage this process consumes steps it on at once,
+    /// within its own fenced step, instead of sending it through that stage's queue: no quorum
+    /// message and no history record for the hop (the step's other successors go on as before).
+    /// False sends every successor through its queue.
     pub step_on: bool,
-    /// A fenced step whose one successor is a wait of a stage this process consumes, due later,
-    /// keeps that successor with its own delivery (unacked, held here until due) instead of
+    /// A fenced step with a successor that is a wait of a stage this process consumes, due later,
+    /// keeps that successor (the one due last, if several are) with its own delivery (unacked, held here until due) instead of
     /// publishing it: the commit holds the successor, so if the delivery comes back (this worker
     /// died) its next taker carries the wait on. No quorum message for the wait. Workers from
     /// before it cannot read such commits: switch only once none is left.

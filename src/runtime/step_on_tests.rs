@@ -1,4 +1,4 @@
-//! Stepping on (`runtime.step_on`): a step whose one successor is due now and of a stage the
+//! Stepping on (`runtime.step_on`): a step with a successor due now and of a stage the
 //! runtime consumes steps that successor at once, within its own fenced step. What must hold: the
 //! hop costs no stage message and no claim or commit of its own; every step's events are recorded
 //! as that step's stage and branch say, in order, in the delivery's one commit; what a step taken
@@ -261,6 +261,92 @@ async fn a_wait_of_no_time_is_stepped_on_too() {
         held[2].message.not_before, None,
         "the wait's hold has passed when it is stepped"
     );
+}
+
+/// Snapshot records its snapshot and waits 20 s for it, sending image-create on now beside the
+/// wait; image-create records its image and ends its branch; snapshot's next look ends the run.
+fn snapshot_waits_beside_image(m: &Envelope) -> Result<Step, AzureError> {
+    match (m.stage, m.artifacts.recorded.is_empty()) {
+        (Stage::Snapshot, true) => {
+            let mut again = m.clone();
+            again.artifacts.recorded.push("looked".into());
+            let image = m.next(Stage::ImageCreate, m.stage_started);
+            let wait = Outcome::Wait {
+                message: Box::new(again),
+                delay: Duration::from_secs(20),
+                emit: vec![image],
+            };
+            Ok(Step::new(wait).with(EventKind::ResourceCreated { id: "snapshot".into() }))
+        }
+        (Stage::Snapshot, false) => Ok(Step::new(Outcome::Done)),
+        (Stage::ImageCreate, _) => image_made(m),
+        (other, _) => panic!("no step of {other} in this run"),
+    }
+}
+
+/// Of a step's several messages, the one due now is stepped on and the wait beside it is kept
+/// with the delivery (or, without keeping, sent on): neither costs the bus a message of its own
+/// when both may be saved.
+#[tokio::test(start_paused = true)]
+async fn of_several_messages_one_due_now_is_stepped_on_and_the_rest_go_on_as_before() {
+    let script = || Script::new(snapshot_waits_beside_image);
+    let worked = work_for(
+        script(),
+        &Stage::ALL,
+        Fencing::ClaimFirst,
+        true,
+        Duration::from_secs(60),
+        false,
+    )
+    .await;
+    assert_eq!(
+        worked.calls(),
+        [
+            (Stage::Snapshot, Tried::Never),
+            (Stage::ImageCreate, Tried::Never),
+            (Stage::Snapshot, Tried::Never)
+        ],
+    );
+    let stats = worked.bus.stats();
+    assert_eq!(
+        (stats.published, stats.delayed),
+        (1, 0),
+        "image-create stepped on, the wait kept: {stats:?}"
+    );
+    assert_eq!(
+        worked.step_commits().len(),
+        2,
+        "the first look with image-create, then the second look"
+    );
+    assert_eq!(
+        worked.recorded(),
+        [
+            created(Stage::Snapshot, "snapshot"),
+            created(Stage::ImageCreate, "image")
+        ]
+    );
+    assert!(worked.bus.stats().is_idle(), "the run ended: {:?}", worked.bus.stats());
+
+    // Image-create not consumed here: it goes through its queue, and the wait is still kept.
+    let worked = work_for(
+        script(),
+        &[Stage::Snapshot],
+        Fencing::ClaimFirst,
+        true,
+        Duration::from_secs(60),
+        false,
+    )
+    .await;
+    assert_eq!(
+        worked.calls(),
+        [(Stage::Snapshot, Tried::Never), (Stage::Snapshot, Tried::Never)]
+    );
+    assert_eq!(
+        worked.bus.stats().published,
+        2,
+        "the admission's message and image-create's"
+    );
+    assert_eq!(worked.bus.ready(Stage::ImageCreate).len(), 1);
 }
 
 #[tokio::test(start_paused = true)]
