@@ -146,9 +146,12 @@ async fn a_run_across_workers_is_one_trace_and_every_line_of_it_names_run_pipeli
         parents.insert(parsed.span_id().to_string());
         messages += 1;
     }
-    assert!(messages >= 6, "the run's stage messages went by the tap: {messages}");
+    // At least every hop between the workers (a hop within one is stepped on, a wait kept with
+    // its delivery): the first message, gallery-publish's, and a pool-create for each of the two
+    // pools, sent by three steps at least.
+    assert!(messages >= 4, "the run's stage messages went by the tap: {messages}");
     assert!(
-        parents.len() >= 6,
+        parents.len() >= 3,
         "each hop names its own parent span: {} parents over {messages} messages",
         parents.len()
     );
