@@ -207,7 +207,7 @@ type Respond = dyn Fn(&Envelope) -> Result<Step, AzureError> + Send + Sync;
 type Reads = dyn Fn(&Envelope) -> bool + Send + Sync;
 
 /// A handler answering with a closure and keeping every call. Each step writes to Azure (it
-/// notes a PUT sent, as the REST client would), unless the script says the step only reads.
+/// notes a write, as the REST client would), unless the script says the step only reads.
 pub struct Script {
     respond: Box<Respond>,
     reads: Box<Reads>,
@@ -245,7 +245,7 @@ impl Handler for Script {
             tried,
         });
         if !(self.reads)(&message) {
-            crate::azure::writes::note_sent(&reqwest::Method::PUT);
+            crate::azure::writes::note_write();
         }
         (self.respond)(&message)
     }
