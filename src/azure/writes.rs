@@ -13,8 +13,8 @@ use std::future::Future;
 
 use reqwest::Method;
 
-/// What a step sent Azure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a step sent Azure (ordered: a step that wrote anything wrote).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum Writes {
     /// Reads alone, or nothing.
     #[default]
@@ -26,11 +26,7 @@ pub enum Writes {
 impl Writes {
     /// Both steps' writes, as one step's.
     pub fn and(self, other: Writes) -> Writes {
-        if self == Writes::Sent || other == Writes::Sent {
-            Writes::Sent
-        } else {
-            Writes::None
-        }
+        self.max(other)
     }
 }
 

@@ -569,12 +569,15 @@ impl Runtime {
             .ledger
             .as_ref()
             .filter(|_| self.settings.step_on && !root.token.is_nil())?;
-        let now = self.clock.now();
         let ready = matches!(last, Handled::Advanced | Handled::Waiting)
             && effects.park.is_none()
             && !ledger.is_cancelled(root.run_id);
+        if !ready {
+            return None;
+        }
+        let now = self.clock.now();
         let due_here = |next: &Envelope| self.stages.contains(&next.stage) && remaining(next.due(), now).is_none();
-        let at = effects.messages.iter().position(due_here).filter(|_| ready)?;
+        let at = effects.messages.iter().position(due_here)?;
         let mut next = effects.messages.remove(at);
         besides.append(&mut effects.messages);
         // Its hold (a wait of no time) has passed, as a delivery's would have.
@@ -767,9 +770,8 @@ impl Runtime {
     /// The commit of a fenced step, and the successor it keeps with the delivery, taken out of
     /// `effects` so it is not published (`runtime.keep_waits`): a wait of a stage consumed here,
     /// due later, with a slot free to hold it in within `hold_max` (the step's other messages are
-    /// published as before). The
-    /// commit lists it as live and holds it whole, under the token of the message the delivery
-    /// carries.
+    /// published as before). The commit lists it as live and holds it whole, under the token of
+    /// the message the delivery carries.
     fn commit_keeping(
         &self,
         message: &Envelope,

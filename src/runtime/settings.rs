@@ -28,9 +28,10 @@ pub struct RuntimeSettings {
     /// copy of its message (its holder died); the holder itself gives up at half of it.
     #[serde(rename = "claim_timeout_ms", deserialize_with = "millis::deserialize")]
     pub claim_timeout: Duration,
-    /// How a step that records something is fenced: `claim_first` (a claim and a commit, the
-    /// default) or `commit_first` (one history record a step; workers from before it cannot read
-    /// its messages).
+    /// How a step that records something and wrote to Azure is fenced: `claim_first` (a claim
+    /// and a commit, the default) or `commit_first` (one history record a step; workers from
+    /// before it cannot read its messages). A step that only read, and an admission, commit first
+    /// either way (`Ledger::fencing_for`).
     pub fencing: Fencing,
     /// Deliveries a process holds per stage it consumes (waits for their next look, messages not
     /// due yet) instead of sending them round a delay tier (`runtime::held`); 0 sends every wait
