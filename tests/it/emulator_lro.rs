@@ -707,6 +707,60 @@ async fn a_pool_read_or_list_with_select_carries_only_the_named_fields_on_every_
     assert_eq!(seen, ["pool-a", "pool-b", "pool-c"]);
 }
 
+/// `/nodecounts` as Batch serves it: ten pools a page at most, one pool with `poolId eq '…'`, and a
+/// filter it does not support refused with a 400 that names it.
+#[tokio::test]
+async fn node_counts_come_ten_a_page_and_one_pool_with_its_filter() {
+    let emu = start_frozen().await;
+    let arm = emu.arm_token().await;
+    let batch = emu.batch_token().await;
+    let image = replicated_version(&emu, &arm, "1.0.0", 1).await;
+    let ids: Vec<String> = (0..12).map(|i| format!("pool-{i:02}")).collect();
+    for id in &ids {
+        let add = emu
+            .post(&pools_url(&emu), &batch, &gallery_pool_body(id, &image, 1, None))
+            .await;
+        assert_eq!(add.status, 201, "{:?}", add.body);
+    }
+    let counts_url = format!("{}/nodecounts?api-version={BATCH_API}", emu.batch_url("sigrunweu"));
+
+    let (mut url, mut seen, mut pages) = (counts_url.clone(), Vec::new(), 0);
+    loop {
+        let page = emu.get(&url, &batch).await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let value = page.body["value"].as_array().cloned().unwrap_or_default();
+        assert!(value.len() <= 10, "at most ten a page: {}", value.len());
+        seen.extend(value.iter().map(|p| p["poolId"].as_str().unwrap_or("").to_string()));
+        pages += 1;
+        match page.body["odata.nextLink"].as_str() {
+            Some(next) if pages < 5 => url = next.to_string(),
+            Some(next) => panic!("more pages than twelve pools need: {next}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!((seen, pages), (ids.clone(), 2));
+
+    let one = emu
+        .get(&format!("{counts_url}&$filter=poolId%20eq%20'POOL-07'"), &batch)
+        .await;
+    assert_eq!(one.status, 200, "{:?}", one.body);
+    let value = one.body["value"].as_array().expect("a value array");
+    assert_eq!(value.len(), 1, "{value:?}");
+    assert_eq!(value[0]["poolId"], "pool-07");
+    assert!(one.body.get("odata.nextLink").is_none());
+
+    let bad = emu
+        .get(&format!("{counts_url}&$filter=state%20eq%20'idle'"), &batch)
+        .await;
+    assert_eq!(bad.status, 400, "{:?}", bad.body);
+    let text = bad.body.to_string();
+    assert!(
+        text.contains("InvalidQueryParameterValue") && text.contains("$filter"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn pool_of_2000_nodes_allocates_boots_resizes_and_deletes() {
     let emu = start_frozen().await;

@@ -26,6 +26,8 @@ const NODES_PER_REPLICA: f64 = 600.0;
 const MINUTES_PER_1000_NODES: f64 = 12.0;
 const ALLOCATION_START: Duration = Duration::minutes(1);
 const PAGE_MAX: usize = 1000;
+/// Node counts come 10 a page at most (the specification's `maxresults` for this list).
+const NODE_COUNTS_PAGE_MAX: usize = 10;
 
 pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCaller) -> Response {
     let s: Vec<&str> = req.segments.iter().skip(2).map(String::as_str).collect();
@@ -35,7 +37,7 @@ pub fn route(ctx: &Ctx, req: &Request, account: &BatchAccount, caller: &BatchCal
     st.purge(now);
     let (resp, changed) = match (method, s.as_slice()) {
         ("GET", ["supportedimages"]) => (supported_images(req, account), false),
-        ("GET", ["nodecounts"]) => (node_counts(&st, account, now), false),
+        ("GET", ["nodecounts"]) => (node_counts(&st, req, account, now), false),
         ("POST", ["pools"]) => match add_pool(ctx, &mut st, req, account, caller, now) {
             Ok(created) => (created, true),
             Err(refused) => (refused, false),
@@ -161,11 +163,17 @@ fn supported_images(req: &Request, _account: &BatchAccount) -> Response {
 
 /// One page of `items` with `odata.nextLink` when more remain.
 fn page(req: &Request, items: Vec<Value>, path: &str) -> Response {
+    page_of(req, items, path, PAGE_MAX)
+}
+
+/// One page of at most `page_max` of `items` (fewer when `maxresults` asks), with
+/// `odata.nextLink` when more remain.
+fn page_of(req: &Request, items: Vec<Value>, path: &str, page_max: usize) -> Response {
     let max = req
         .query("maxresults")
         .and_then(|m| m.parse::<usize>().ok())
-        .unwrap_or(PAGE_MAX)
-        .clamp(1, PAGE_MAX);
+        .unwrap_or(page_max)
+        .clamp(1, page_max);
     let skip = req
         .query("$skiptoken")
         .and_then(|s| s.parse::<usize>().ok())
@@ -1066,31 +1074,67 @@ const COUNT_STATES: &[(&str, &str)] = &[
     ("upgradingOS", "upgradingos"),
 ];
 
-fn node_counts(st: &State, account: &BatchAccount, now: EmuTime) -> Response {
+/// Pools' node counts, 10 a page as Batch gives them (`maxresults` at most 10), of one pool when
+/// `$filter` is `poolId eq '…'` (the filter Batch documents for this list): a worker looking at its
+/// pool reads one entry, not every pool of the account.
+fn node_counts(st: &State, req: &Request, account: &BatchAccount, now: EmuTime) -> Response {
+    let wanted = match req.query("$filter") {
+        None => None,
+        Some(filter) => match pool_id_filter(filter) {
+            Some(id) => Some(id),
+            None => return bad_filter(req, filter),
+        },
+    };
     let prefix = format!("{}/", account.name.to_ascii_lowercase());
     let value: Vec<Value> = st
         .pools
         .iter()
         .filter(|(k, _)| k.starts_with(&prefix))
-        .map(|(_, pool)| {
-            let nodes = present_nodes(pool, now, None);
-            let counts = |dedicated: bool| {
-                let mut m = Map::new();
-                let mine: Vec<&str> = nodes
-                    .iter()
-                    .filter(|(_, n, _)| n.dedicated == dedicated)
-                    .map(|(_, _, s)| *s)
-                    .collect();
-                for (name, state) in COUNT_STATES {
-                    m.insert(name.to_string(), json!(mine.iter().filter(|s| *s == state).count()));
-                }
-                m.insert("total".into(), json!(mine.len()));
-                Value::Object(m)
-            };
-            json!({"poolId": pool.id, "dedicated": counts(true), "lowPriority": counts(false)})
-        })
+        .filter(|(_, pool)| wanted.is_none_or(|id| pool.id.eq_ignore_ascii_case(id)))
+        .map(|(_, pool)| pool_node_counts(pool, now))
         .collect();
-    ok_json(200, &json!({ "value": value }))
+    page_of(req, value, "nodecounts", NODE_COUNTS_PAGE_MAX)
+}
+
+/// The pool id of a `poolId eq '…'` filter.
+fn pool_id_filter(filter: &str) -> Option<&str> {
+    filter
+        .trim()
+        .strip_prefix("poolId eq '")
+        .and_then(|rest| rest.strip_suffix('\''))
+        .filter(|id| !id.contains('\''))
+}
+
+fn bad_filter(req: &Request, filter: &str) -> Response {
+    error(
+        req,
+        400,
+        "InvalidQueryParameterValue",
+        "Value for one of the query parameters specified in the request URI is invalid.",
+        &[
+            ("QueryParameterName", "$filter"),
+            ("QueryParameterValue", filter),
+            ("Reason", "The only filter supported here is poolId eq '<id>'."),
+        ],
+    )
+}
+
+fn pool_node_counts(pool: &Pool, now: EmuTime) -> Value {
+    let nodes = present_nodes(pool, now, None);
+    let counts = |dedicated: bool| {
+        let mut m = Map::new();
+        let mine: Vec<&str> = nodes
+            .iter()
+            .filter(|(_, n, _)| n.dedicated == dedicated)
+            .map(|(_, _, s)| *s)
+            .collect();
+        for (name, state) in COUNT_STATES {
+            m.insert(name.to_string(), json!(mine.iter().filter(|s| *s == state).count()));
+        }
+        m.insert("total".into(), json!(mine.len()));
+        Value::Object(m)
+    };
+    json!({"poolId": pool.id, "dedicated": counts(true), "lowPriority": counts(false)})
 }
 
 fn delete_pool(st: &mut State, _req: &Request, mut pool: Pool, now: EmuTime) -> (Response, bool) {
