@@ -2,6 +2,8 @@
 //! why it is parked and since when, whether it can go back), and putting one back on its stage's
 //! queue. Shared by `sigrun dlq` and the web page's replay action, so both replay by one rule.
 
+use std::sync::Arc;
+
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -145,7 +147,7 @@ pub fn revived(mut envelope: Envelope, parked_for: &str) -> (Envelope, Record) {
     envelope.not_before = None;
     // What the planner saw may be long out of date (and the run may have gone on without this
     // copy): the revived branch reads Azure again instead.
-    envelope.plan.seen = Default::default();
+    Arc::make_mut(&mut envelope.plan).seen = Default::default();
     let replay = Uuid::new_v4();
     envelope.token = Uuid::new_v4();
     envelope.made_by = replay;
@@ -216,7 +218,7 @@ mod tests {
         parked.attempt = 3;
         // Parked by a step that committed first.
         parked.made_from = Uuid::new_v4();
-        parked.plan.seen = Seen {
+        std::sync::Arc::make_mut(&mut parked.plan).seen = Seen {
             definition: Presence::Present,
             version: Presence::Absent,
         };

@@ -1042,7 +1042,7 @@ fn first_message() -> Envelope {
         version: "1.0.0".into(),
         stage: Stage::Snapshot,
         branch: Branch::Trunk,
-        plan: Plan {
+        plan: std::sync::Arc::new(Plan {
             version: "1.0.0".into(),
             build: None,
             gallery: GalleryId::new(sub, "rg", &["g"]).unwrap(),
@@ -1059,8 +1059,8 @@ fn first_message() -> Envelope {
             quota_use: Vec::new(),
             seen: Default::default(),
             warnings: Vec::new(),
-        },
-        spec,
+        }),
+        spec: std::sync::Arc::new(spec),
         artifacts: Default::default(),
         operation: None,
         not_before: None,

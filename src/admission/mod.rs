@@ -19,6 +19,8 @@
 //! Errors tell bad input (a rule broken, a bad id, Azure refusing a read for good — nothing was
 //! created, and retrying cannot help) from Azure being unreadable just now (worth another try).
 
+use std::sync::Arc;
+
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -215,8 +217,8 @@ pub fn first_messages(prepared: &Prepared, entry: Stage, trace: &TraceParent) ->
         version: prepared.plan.version.clone(),
         stage: entry,
         branch: Branch::Trunk,
-        spec: prepared.spec.clone(),
-        plan: prepared.plan.clone(),
+        spec: Arc::new(prepared.spec.clone()),
+        plan: Arc::new(prepared.plan.clone()),
         artifacts,
         operation: None,
         attempt: 0,

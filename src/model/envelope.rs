@@ -5,6 +5,7 @@
 //! messages are parked as another version by this build, and this build's by one of version 1).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -271,10 +272,10 @@ pub struct Envelope {
     pub version: String,
     pub stage: Stage,
     pub branch: Branch,
-    /// The pipeline as written.
-    pub spec: PipelineSpec,
-    /// What the planner resolved (replicas, timeouts, SKUs, names).
-    pub plan: Plan,
+    /// The pipeline as written; shared, not copied, by the messages made from one another.
+    pub spec: Arc<PipelineSpec>,
+    /// What the planner resolved (replicas, timeouts, SKUs, names); shared as `spec` is.
+    pub plan: Arc<Plan>,
     #[serde(default)]
     pub artifacts: Artifacts,
     #[serde(default)]
@@ -481,7 +482,7 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
                 region: "westeurope".into(),
                 target: "t".into(),
             },
-            plan: Plan {
+            plan: Arc::new(Plan {
                 version: "1.0.0".into(),
                 build: None,
                 gallery,
@@ -498,8 +499,8 @@ node_agent_sku_id = "batch.node.ubuntu 22.04"
                 quota_use: Vec::new(),
                 seen: Default::default(),
                 warnings: Vec::new(),
-            },
-            spec,
+            }),
+            spec: Arc::new(spec),
             artifacts: Artifacts::default(),
             operation: Some(InFlight {
                 what: Phase::Allocation,

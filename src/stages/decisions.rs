@@ -61,7 +61,7 @@ fn with_build(message: &mut Envelope) {
     let sub = sub(message);
     let disk = |name: &str| DiskId::new(&sub, "rg-imaging", &[name]).unwrap();
     let snapshot = |name: &str| SnapshotId::new(&sub, "rg-imaging", &[name]).unwrap();
-    message.plan.build = Some(BuildPlan {
+    std::sync::Arc::make_mut(&mut message.plan).build = Some(BuildPlan {
         vm: None,
         snapshots: vec![
             SnapshotPlan {
@@ -424,7 +424,8 @@ fn image_and_gallery_cases() -> Vec<Case> {
             stage: Stage::ImageCreate,
             message: |message| {
                 imaging(message);
-                message.spec.retention.intermediates = crate::model::spec::Intermediates::Keep;
+                std::sync::Arc::make_mut(&mut message.spec).retention.intermediates =
+                    crate::model::spec::Intermediates::Keep;
             },
             azure: |world, message| {
                 let image = &message.plan.build.as_ref().unwrap().image;
@@ -438,7 +439,7 @@ fn image_and_gallery_cases() -> Vec<Case> {
             stage: Stage::GalleryPublish,
             message: |m| {
                 at_gallery_publish(m);
-                m.plan.create_gallery = false;
+                std::sync::Arc::make_mut(&mut m.plan).create_gallery = false;
             },
             azure: empty,
             expect: Expect::Fail("does not exist and the spec does not allow creating it"),
@@ -505,7 +506,7 @@ fn gallery_rule_cases() -> Vec<Case> {
             stage: Stage::GalleryPublish,
             message: |m| {
                 at_gallery_publish(m);
-                m.plan.register_batch_in = vec![sub(m)];
+                std::sync::Arc::make_mut(&mut m.plan).register_batch_in = vec![sub(m)];
             },
             azure: |world, message| {
                 published_up_to_the_version(world, message);
@@ -759,7 +760,7 @@ fn snapshotted(message: &mut Envelope) {
 
 /// A nightly run: its version was absent when planned, its definition there and ready.
 fn as_planned_nightly(message: &mut Envelope) {
-    message.plan.seen = Seen {
+    std::sync::Arc::make_mut(&mut message.plan).seen = Seen {
         definition: Presence::Present,
         version: Presence::Absent,
     };
@@ -862,7 +863,7 @@ fn gallery_try_cases() -> Vec<TryCase> {
             tried: Tried::Never,
             message: |m| {
                 at_gallery_publish(m);
-                m.plan.seen.definition = Presence::Absent;
+                std::sync::Arc::make_mut(&mut m.plan).seen.definition = Presence::Absent;
             },
             azure: |world, message| {
                 world.resource(&message.plan.gallery, ProvisioningState::Succeeded, Default::default());
@@ -878,7 +879,7 @@ fn gallery_try_cases() -> Vec<TryCase> {
             tried: Tried::Never,
             message: |m| {
                 at_gallery_publish(m);
-                m.plan.seen.definition = Presence::Absent;
+                std::sync::Arc::make_mut(&mut m.plan).seen.definition = Presence::Absent;
                 waiting_on(m, Phase::Definition, &[]);
             },
             azure: published_up_to_the_version,
@@ -912,7 +913,7 @@ fn gallery_try_cases() -> Vec<TryCase> {
             tried: Tried::Never,
             message: |m| {
                 at_gallery_publish(m);
-                m.plan.seen.definition = Presence::Absent;
+                std::sync::Arc::make_mut(&mut m.plan).seen.definition = Presence::Absent;
             },
             azure: |world, message| {
                 published_up_to_the_version(world, message);

@@ -19,6 +19,7 @@ mod verify;
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
@@ -258,17 +259,21 @@ impl StepContext<'_> {
 
 /// Runs one step of `message`'s stage. Azure failures come back as `Err` for the runtime to
 /// classify (retry, back off, or fail the branch).
-pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, AzureError> {
+///
+/// The step is on the heap: a stage's future is kilobytes (the envelope and what its requests
+/// hold across awaits), and every layer a step goes through (the handler, its urgency and
+/// throttling scopes, the runtime's watch and span) would otherwise move the largest by value.
+pub fn step<'a>(message: Envelope, ctx: &'a StepContext<'_>) -> BoxFuture<'a, Result<Step, AzureError>> {
     if clean_up::is_clean_up(&message) {
-        return clean_up::step(message, ctx).await;
+        return Box::pin(clean_up::step(message, ctx));
     }
     match message.stage {
-        Stage::Snapshot => snapshot::step(message, ctx).await,
-        Stage::ImageCreate => image_create::step(message, ctx).await,
-        Stage::GalleryPublish => gallery_publish::step(message, ctx).await,
-        Stage::Replicate => replicate::step(message, ctx).await,
-        Stage::PoolCreate => pool_create::step(message, ctx).await,
-        Stage::Verify if rollout::is_retiring(&message) => rollout::step(message, ctx).await,
-        Stage::Verify => verify::step(message, ctx).await,
+        Stage::Snapshot => Box::pin(snapshot::step(message, ctx)),
+        Stage::ImageCreate => Box::pin(image_create::step(message, ctx)),
+        Stage::GalleryPublish => Box::pin(gallery_publish::step(message, ctx)),
+        Stage::Replicate => Box::pin(replicate::step(message, ctx)),
+        Stage::PoolCreate => Box::pin(pool_create::step(message, ctx)),
+        Stage::Verify if rollout::is_retiring(&message) => Box::pin(rollout::step(message, ctx)),
+        Stage::Verify => Box::pin(verify::step(message, ctx)),
     }
 }

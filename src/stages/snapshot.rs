@@ -7,6 +7,8 @@
 //! whose version this run already published (the run again, its intermediates cleaned up) copies
 //! nothing and goes on to gallery-publish, which joins the version.
 
+use std::sync::Arc;
+
 use super::clean_up;
 use super::common::{Settled, awaited, fail, follow, look_again, made_by_run, made_in_admission, settle, tags};
 use super::{Outcome, Step, StepContext};
@@ -30,7 +32,7 @@ pub async fn step(message: Envelope, ctx: &StepContext<'_>) -> Result<Step, Azur
             // This run's version exists already (the run again, after its clean-up deleted the
             // snapshots and the image): nothing to copy; gallery-publish joins the version.
             let mut next = message.next(Stage::GalleryPublish, ctx.now);
-            next.plan.seen.version = Presence::Present;
+            Arc::make_mut(&mut next.plan).seen.version = Presence::Present;
             next.artifacts.snapshots = build.snapshot_artifacts();
             next.artifacts.image = Some(build.image.clone());
             Ok(Step::new(Outcome::Advance(vec![next])))

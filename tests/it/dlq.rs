@@ -577,7 +577,7 @@ fn envelope(stage: Stage) -> Envelope {
         version: "1.0.0".into(),
         stage,
         branch: Branch::Trunk,
-        plan: Plan {
+        plan: std::sync::Arc::new(Plan {
             version: "1.0.0".into(),
             build: None,
             gallery: GalleryId::new(sub, "rg", &["g"]).expect("id"),
@@ -594,8 +594,8 @@ fn envelope(stage: Stage) -> Envelope {
             quota_use: Vec::new(),
             seen: Default::default(),
             warnings: Vec::new(),
-        },
-        spec,
+        }),
+        spec: std::sync::Arc::new(spec),
         artifacts: Default::default(),
         operation: None,
         not_before: Some(now + Duration::from_secs(3600)),

@@ -256,8 +256,8 @@ impl Sim {
             version: plan.version.clone(),
             stage: entry,
             branch: Branch::Trunk,
-            spec,
-            plan,
+            spec: std::sync::Arc::new(spec),
+            plan: std::sync::Arc::new(plan),
             artifacts,
             operation: None,
             attempt: 0,
@@ -2244,7 +2244,11 @@ async fn verify_fails_when_too_few_replicas_let_the_allocation_time_out() {
     let mut sim = Sim::new().await;
     let spec = nightly(&[("dedicated_nodes = 400", "dedicated_nodes = 2000")]);
     let mut trunk = sim.trunk(&spec, Stage::Snapshot).await;
-    let westeurope = trunk.plan.regions.iter_mut().find(|r| r.name == "westeurope").unwrap();
+    let westeurope = std::sync::Arc::make_mut(&mut trunk.plan)
+        .regions
+        .iter_mut()
+        .find(|r| r.name == "westeurope")
+        .unwrap();
     assert_eq!(westeurope.replicas, 4, "the planner asks for one replica per 600 nodes");
     // Published with a single replica (as an older plan or a hand edit would): 2000 nodes from one
     // replica cannot allocate within the 30-minute resize timeout.
