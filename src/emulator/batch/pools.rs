@@ -1262,7 +1262,35 @@ fn resize_pool(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// Any pool id (no quote in it) comes back out of its `poolId eq '…'` filter.
+        #[test]
+        fn a_pool_id_filter_gives_its_id_back(id in "[^']{0,40}", pad in "[ ]{0,2}") {
+            let filter = format!("{pad}poolId eq '{id}'{pad}");
+            prop_assert_eq!(pool_id_filter(&filter), Some(id.as_str()));
+        }
+
+        /// Any other text is no pool id filter, or one whose id holds no quote; never a panic.
+        #[test]
+        fn any_filter_text_is_read_without_a_quote_in_the_id(filter in "\\PC{0,60}") {
+            if let Some(id) = pool_id_filter(&filter) {
+                prop_assert!(!id.contains('\''));
+                prop_assert!(filter.trim().starts_with("poolId eq '"));
+            }
+        }
+    }
+
+    #[test]
+    fn only_a_pool_id_is_a_node_counts_filter() {
+        assert_eq!(pool_id_filter("poolId eq 'render-1'"), Some("render-1"));
+        assert_eq!(pool_id_filter("state eq 'idle'"), None);
+        assert_eq!(pool_id_filter("poolId eq 'a' or poolId eq 'b'"), None);
+        assert_eq!(pool_id_filter("poolId eq 'unclosed"), None);
+    }
 
     #[test]
     fn iso_durations() {
