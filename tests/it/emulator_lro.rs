@@ -689,19 +689,11 @@ async fn a_pool_read_or_list_with_select_carries_only_the_named_fields_on_every_
     assert_eq!(one.body["id"], "pool-a");
 
     // Pages of one pool each: the next link keeps the $select.
-    let mut url = format!("{}&$select=id,state&maxresults=1", pools_url(&emu));
+    let url = format!("{}&$select=id,state&maxresults=1", pools_url(&emu));
     let mut seen = Vec::new();
-    for _ in 0..10 {
-        let page = emu.get(&url, &batch).await;
-        assert_eq!(page.status, 200, "{:?}", page.body);
-        for pool in page.body["value"].as_array().expect("a value array") {
-            assert_eq!(keys(pool), ["id", "state"], "{pool}");
-            seen.push(pool["id"].as_str().unwrap_or("").to_string());
-        }
-        match page.body["odata.nextLink"].as_str() {
-            Some(next) => url = next.to_string(),
-            None => break,
-        }
+    for pool in batch_pages(&emu, &url, &batch, 10).await.iter().flatten() {
+        assert_eq!(keys(pool), ["id", "state"], "{pool}");
+        seen.push(pool["id"].as_str().unwrap_or("").to_string());
     }
     seen.sort();
     assert_eq!(seen, ["pool-a", "pool-b", "pool-c"]);
@@ -724,22 +716,17 @@ async fn node_counts_come_ten_a_page_and_one_pool_with_its_filter() {
     }
     let counts_url = format!("{}/nodecounts?api-version={BATCH_API}", emu.batch_url("sigrunweu"));
 
-    let (mut url, mut seen, mut pages) = (counts_url.clone(), Vec::new(), 0);
-    loop {
-        let page = emu.get(&url, &batch).await;
-        assert_eq!(page.status, 200, "{:?}", page.body);
-        let value = page.body["value"].as_array().cloned().unwrap_or_default();
-        assert!(value.len() <= 10, "at most ten a page: {}", value.len());
-        seen.extend(value.iter().map(|p| p["poolId"].as_str().unwrap_or("").to_string()));
-        pages += 1;
-        match page.body["odata.nextLink"].as_str() {
-            Some(next) if pages < 5 => url = next.to_string(),
-            Some(next) => panic!("more pages than twelve pools need: {next}"),
-            None => break,
-        }
+    let pages = batch_pages(&emu, &counts_url, &batch, 5).await;
+    for page in &pages {
+        assert!(page.len() <= 10, "at most ten a page: {}", page.len());
     }
+    let mut seen: Vec<String> = pages
+        .iter()
+        .flatten()
+        .map(|p| p["poolId"].as_str().unwrap_or("").to_string())
+        .collect();
     seen.sort();
-    assert_eq!((seen, pages), (ids.clone(), 2));
+    assert_eq!((seen, pages.len()), (ids.clone(), 2));
 
     let one = emu
         .get(&format!("{counts_url}&$filter=poolId%20eq%20'POOL-07'"), &batch)

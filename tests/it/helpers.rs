@@ -308,6 +308,22 @@ pub fn gallery_pool_body(id: &str, image_id: &str, dedicated: u32, resize_timeou
     body
 }
 
+/// The items of every page of a Batch list, page by page, from `url` on, following
+/// `odata.nextLink` (each page a 200); panics past `max_pages`, a next link that never ends.
+pub async fn batch_pages(emu: &TestEmulator, url: &str, token: &str, max_pages: usize) -> Vec<Vec<Value>> {
+    let (mut url, mut pages) = (url.to_string(), Vec::new());
+    loop {
+        let reply = emu.get(&url, token).await;
+        assert_eq!(reply.status, 200, "{url}: {:?}", reply.body);
+        pages.push(reply.body["value"].as_array().cloned().unwrap_or_default());
+        match reply.body["odata.nextLink"].as_str() {
+            Some(next) if pages.len() < max_pages => url = next.to_string(),
+            Some(next) => panic!("more than {max_pages} pages: {next}"),
+            None => return pages,
+        }
+    }
+}
+
 /// Every node of a pool, following `odata.nextLink` with pages of `page_size`; also returns the
 /// number of pages read.
 pub async fn list_all_nodes(
@@ -317,26 +333,19 @@ pub async fn list_all_nodes(
     pool: &str,
     page_size: u32,
 ) -> (Vec<Value>, usize) {
-    let mut url = format!(
+    let url = format!(
         "{}/pools/{pool}/nodes?api-version={BATCH_API}&maxresults={page_size}",
         emu.batch_url(account)
     );
-    let (mut nodes, mut pages) = (Vec::new(), 0);
-    loop {
-        let reply = emu.get(&url, token).await;
-        assert_eq!(reply.status, 200, "list nodes: {:?}", reply.body);
-        pages += 1;
-        let page = reply.body["value"].as_array().cloned().unwrap_or_default();
+    let pages = batch_pages(emu, &url, token, usize::MAX).await;
+    for page in &pages {
         assert!(
             page.len() <= page_size as usize,
             "a page holds at most {page_size} nodes"
         );
-        nodes.extend(page);
-        match reply.body["odata.nextLink"].as_str() {
-            Some(next) => url = next.to_string(),
-            None => return (nodes, pages),
-        }
     }
+    let count = pages.len();
+    (pages.into_iter().flatten().collect(), count)
 }
 
 /// Like [`TestEmulator::call`], with extra request headers (Batch's `client-request-id`/`ocp-date`,
